@@ -1,0 +1,1 @@
+"""Plain PyTorch example models (no fraccompile import in model files)."""

@@ -1,0 +1,68 @@
+"""``fraccompile.compile``: capture → passes → FracModel. Orchestration only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import META_CAPTURE, capture
+from .config import FracConfig
+from .errors import ConfigError
+from .model import FracModel
+from .passes.pipeline import get_pipeline, run_passes
+
+
+def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+            config: FracConfig | None = None, **overrides: Any) -> FracModel:
+    """Compile ``model`` into a FracModel that trains with FracTrain semantics.
+
+    Args:
+        model: any ``nn.Module``; its parameters are shared with the result, not copied (deep-copy
+            the model first to keep an untouched original).
+        example_inputs: a tensor or a tuple of tensors the model accepts; shapes are specialized to
+            them (MACs and costs are per step at this batch size).
+        config: a :class:`FracConfig`; keyword ``overrides`` replace its fields
+            (``compile(m, x, a=4, w=4, g=8)``).
+    """
+    if config is None:
+        config = FracConfig()
+    if not isinstance(config, FracConfig):
+        raise ConfigError(f"config must be a FracConfig, got {type(config).__name__}")
+    if overrides:
+        try:
+            config = config.replace(**overrides)
+        except TypeError as err:
+            raise ConfigError(f"unknown compile option: {err}") from None
+    passes = get_pipeline(config.pipeline, config)  # fail on a bad name before capturing
+    gm = capture(model, example_inputs, leaf_modules=config.leaf_modules, method=config.capture)
+    gm = run_passes(gm, passes)
+    frac = FracModel(gm, gm.graph, class_name=f"Frac{type(model).__name__}")
+    frac.frac_config = config
+    frac.meta[META_CAPTURE] = gm.meta[META_CAPTURE]
+    _attach_missing_state(frac, model)
+    frac.train(model.training)
+    return frac
+
+
+def _attach_missing_state(frac: nn.Module, model: nn.Module) -> None:
+    """Parameters and buffers the graph never reads (so fx did not copy them) are attached at
+    their original paths, so the state_dict keys equal the original model's."""
+    have = frac.state_dict(keep_vars=True)
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key in have:
+            continue
+        *path, leaf = key.split(".")
+        owner = frac
+        for part in path:
+            child = getattr(owner, part, None)
+            if not isinstance(child, nn.Module):
+                child = nn.Module()
+                owner.add_module(part, child)
+            owner = child
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(leaf, value)
+        else:
+            owner.register_buffer(leaf, value)

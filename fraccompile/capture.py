@@ -1,0 +1,199 @@
+"""Graph capture: torch.fx symbolic tracing first, torch.export (non-strict, training IR) second.
+
+``capture(model, example_inputs)`` returns a ``torch.fx.GraphModule`` that shares the model's
+parameters and buffers (nothing is copied), with every node's output shape in
+``node.meta["tensor_meta"]`` and the capture method in ``gm.meta["frac_capture"]``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import CaptureError, ShapeError
+
+META_CAPTURE = "frac_capture"
+
+
+class FracTracer(fx.Tracer):
+    """A tracer that also keeps user-named modules opaque: ``leaf_modules`` holds class names,
+    module paths or fnmatch patterns of module paths."""
+
+    def __init__(self, leaf_modules: Sequence[str] = ()):
+        super().__init__()
+        self.leaf_patterns = tuple(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        for pat in self.leaf_patterns:
+            if type(m).__name__ == pat or type(m).__qualname__ == pat \
+                    or fnmatch.fnmatchcase(module_qualified_name, pat):
+                return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
+            leaf_modules: Sequence[str] = (), method: str = "auto") -> fx.GraphModule:
+    """Capture ``model`` as a shape-annotated GraphModule.
+
+    ``method`` is ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``. Raises
+    :class:`CaptureError` naming the module and source line where tracing broke, and
+    :class:`ShapeError` when the example inputs do not fit the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
+    example_inputs = _as_tuple(example_inputs)
+    fx_error: BaseException | None = None
+    if method in ("auto", "fx"):
+        try:
+            gm = _trace_fx(model, leaf_modules)
+        except Exception as err:  # noqa: BLE001 - any tracing failure means "try the fallback"
+            fx_error = err
+        else:
+            _propagate_shapes(gm, example_inputs)
+            gm.meta[META_CAPTURE] = "fx"
+            return gm
+    if method in ("auto", "export"):
+        _check_runs(model, example_inputs)
+        try:
+            gm = _trace_export(model, example_inputs)
+        except Exception as err:  # noqa: BLE001
+            raise CaptureError(_capture_message(model, fx_error, err, leaf_modules)) from err
+        gm.meta[META_CAPTURE] = "export"
+        return gm
+    if method == "fx":
+        raise CaptureError(_capture_message(model, fx_error, None, leaf_modules)) from fx_error
+    raise CaptureError(f"unknown capture method {method!r}: choose auto, fx or export")
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _trace_fx(model: nn.Module, leaf_modules: Sequence[str]) -> fx.GraphModule:
+    tracer = FracTracer(leaf_modules)
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _trace_export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    was_training = model.training
+    try:
+        ep = torch.export.export(model, example_inputs, strict=False)
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    # ep.module() forbids train()/eval(); our GraphModule is rebuilt from its graph later, and the
+    # training-IR graph keeps the train/eval behaviour the model had when it was exported.
+    return gm
+
+
+def _snapshot_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(b, b.detach().clone()) for b in model.buffers()]
+
+
+def _run_quietly(fn):
+    """Run ``fn`` without touching the model's buffers (BN statistics) or the global RNG."""
+
+    def wrapped(model: nn.Module, *args):
+        saved = _snapshot_buffers(model)
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                return fn(model, *args)
+        finally:
+            for buf, value in saved:
+                buf.copy_(value)
+
+    return wrapped
+
+
+@_run_quietly
+def _shape_prop(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    ShapeProp(gm).propagate(*example_inputs)
+
+
+@_run_quietly
+def _plain_run(model: nn.Module, example_inputs: tuple) -> None:
+    model(*example_inputs)
+
+
+def _shape_message(example_inputs: tuple, err: BaseException) -> str:
+    shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                       for t in example_inputs)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"example input of shape {shapes} does not fit the model: {first}"
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    try:
+        _shape_prop(gm, example_inputs)
+    except Exception as err:  # noqa: BLE001
+        cause = err.__cause__ or err
+        raise ShapeError(_shape_message(example_inputs, cause)) from err
+
+
+def _check_runs(model: nn.Module, example_inputs: tuple) -> None:
+    """Run the model eagerly once, so a shape mismatch is reported as such, not as a capture error."""
+    try:
+        _plain_run(model, example_inputs)
+    except Exception as err:  # noqa: BLE001
+        raise ShapeError(_shape_message(example_inputs, err)) from err
+
+
+def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame outside torch and fraccompile: the user's line that broke."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__), sys.prefix + os.sep + "lib")
+    frames = traceback.extract_tb(err.__traceback__)
+    user = [f for f in frames if not f.filename.startswith(skip)]
+    return user[-1] if user else None
+
+
+def _failing_module(model: nn.Module, err: BaseException) -> str | None:
+    """The path of the innermost module whose ``forward`` was running when ``err`` was raised."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and id(candidate) in paths:
+            found = paths[id(candidate)]
+        tb = tb.tb_next
+    return found
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _capture_message(model: nn.Module, fx_error: BaseException | None,
+                     export_error: BaseException | None, leaf_modules: Sequence[str]) -> str:
+    parts = [f"cannot capture {type(model).__name__}"]
+    where_err = fx_error or export_error
+    module_path = _failing_module(model, where_err) if where_err is not None else None
+    frame = _user_frame(where_err) if where_err is not None else None
+    if module_path is not None:
+        mod = model.get_submodule(module_path) if module_path else model
+        parts.append(f"in module '{module_path or '<root>'}' ({type(mod).__name__})")
+    if frame is not None:
+        parts.append(f"at {frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`")
+    reasons = []
+    if fx_error is not None:
+        reasons.append(f"torch.fx: {_first_line(fx_error)}")
+    if export_error is not None:
+        reasons.append(f"torch.export: {_first_line(export_error)}")
+    hint = ""
+    if module_path:
+        name = type(model.get_submodule(module_path)).__name__
+        hint = f"; keep that module opaque with leaf_modules=[\"{name}\"] (CLI: --leaf {name})"
+    elif not leaf_modules:
+        hint = "; keep the offending submodule opaque with leaf_modules=[...] (CLI: --leaf NAME)"
+    return " ".join(parts) + " (" + "; ".join(reasons) + ")" + hint

@@ -1,0 +1,163 @@
+"""Validated, versioned, serializable configuration.
+
+``FracConfig`` is the one typed object that says how a model is compiled. Every field is checked in
+``__post_init__``; a bad value raises :class:`~fraccompile.errors.ConfigError` naming the field and the
+allowed values. It round-trips losslessly through ``to_dict``/``from_dict`` and TOML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+SCHEMES = ("sbm", "symmetric")
+BACKENDS = ("reference", "tvm")
+CAPTURE_METHODS = ("auto", "fx", "export")
+OP_KINDS = ("conv", "linear", "matmul")
+MIN_BITS, MAX_BITS = 2, 16
+# Selectors understood in ``full_precision`` besides fnmatch patterns of site names.
+FIRST_CONV, LAST_LINEAR = "@first_conv", "@last_linear"
+
+
+def check_bits(field_name: str, value: Any) -> int:
+    """Return ``value`` as a precision, or raise: 0 means full precision, else MIN_BITS..MAX_BITS."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{field_name} = {value!r} must be an integer precision in bits "
+                          f"(0 = full precision, or {MIN_BITS}..{MAX_BITS})")
+    if value != 0 and not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(f"{field_name} = {value} is out of range: allowed 0 (full precision) "
+                          f"or {MIN_BITS}..{MAX_BITS}")
+    return value
+
+
+def _check_choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field_name} = {value!r} is not allowed: choose one of {', '.join(allowed)}")
+
+
+def _check_str_tuple(field_name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{field_name} = {value!r} must be a list of strings")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class FracConfig:
+    """How to compile a model for FracTrain-style quantized training.
+
+    Attributes:
+        a, w, g: initial precisions (bits) of input activations, weights and output gradients of
+            every site; 0 keeps that tensor in full precision. The controller changes them later.
+        scheme: ``"sbm"`` (FracTrain's asymmetric min/max quantizer) or ``"symmetric"`` (zero point
+            0, maps onto int8 kernels).
+        full_precision: sites kept as the original op: fnmatch patterns of site names, plus the
+            selectors ``@first_conv`` and ``@last_linear`` (the paper keeps both in fp32).
+        ops: which op kinds become sites (``conv``, ``linear``, ``matmul``).
+        backend: ``"reference"`` (torch) or ``"tvm"`` (integer kernels; a later release).
+        capture: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
+        leaf_modules: module class names or module paths that tracing keeps opaque.
+        pipeline: name of the pass pipeline (see ``fraccompile.passes.PIPELINES``).
+        act_momentum: EMA momentum of the running activation range used in eval mode
+            (torch BatchNorm convention: ``new = (1 - m) * old + m * batch``).
+    """
+
+    a: int = 8
+    w: int = 8
+    g: int = 8
+    scheme: str = "sbm"
+    full_precision: tuple[str, ...] = (FIRST_CONV, LAST_LINEAR)
+    ops: tuple[str, ...] = OP_KINDS
+    backend: str = "reference"
+    capture: str = "auto"
+    leaf_modules: tuple[str, ...] = ()
+    pipeline: str = "default"
+    act_momentum: float = 0.1
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("a", "w", "g"):
+            check_bits(f"FracConfig.{name}", getattr(self, name))
+        _check_choice("FracConfig.scheme", self.scheme, SCHEMES)
+        _check_choice("FracConfig.backend", self.backend, BACKENDS)
+        _check_choice("FracConfig.capture", self.capture, CAPTURE_METHODS)
+        object.__setattr__(self, "full_precision",
+                           _check_str_tuple("FracConfig.full_precision", self.full_precision))
+        object.__setattr__(self, "leaf_modules",
+                           _check_str_tuple("FracConfig.leaf_modules", self.leaf_modules))
+        ops = _check_str_tuple("FracConfig.ops", self.ops)
+        for op in ops:
+            _check_choice("FracConfig.ops entry", op, OP_KINDS)
+        object.__setattr__(self, "ops", ops)
+        if not isinstance(self.pipeline, str) or not self.pipeline:
+            raise ConfigError(f"FracConfig.pipeline = {self.pipeline!r} must be a pipeline name")
+        if isinstance(self.act_momentum, bool) or not isinstance(self.act_momentum, (int, float)) \
+                or not 0.0 < self.act_momentum <= 1.0:
+            raise ConfigError(f"FracConfig.act_momentum = {self.act_momentum!r} is out of range: "
+                              "allowed 0 < act_momentum <= 1")
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"FracConfig.version = {self.version!r} is not supported: "
+                              f"this fraccompile reads version {CONFIG_VERSION}")
+
+    def replace(self, **changes: Any) -> FracConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- serialization ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FracConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a FracConfig must be a table/dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown FracConfig field(s) {', '.join(unknown)}: "
+                              f"valid fields are {', '.join(sorted(known))}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
+
+    def to_toml(self) -> str:
+        lines = ["[fraccompile]"]
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_toml(cls, text: str) -> FracConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config is not valid TOML: {err}") from None
+        # Accept both a bare table and one under [fraccompile].
+        return cls.from_dict(data.get("fraccompile", data))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml())
+
+    @classmethod
+    def load(cls, path: str | Path) -> FracConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return cls.from_toml(path.read_text())
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,125 @@
+"""FracTrain's quantizers (SBM-style, Banner et al. 2018) and a symmetric variant.
+
+All functions here are pure tensor math with no autograd: the straight-through estimator and the
+gradient quantization live in :mod:`fraccompile.ops.functions`. ``bits == 0`` always means "leave the
+tensor as it is".
+
+Quantization grid (both schemes): ``q = clamp(round((x - zero) / scale), qmin, qmax)`` and the
+fake-quantized value is ``q * scale + zero``.
+
+* ``sbm``: ``zero = min``, ``scale = (max - min) / (2**bits - 1)``, unsigned grid ``qmin = 0``.
+* ``symmetric``: ``zero = 0``; non-negative tensors use the unsigned grid ``0..2**bits-1`` with
+  ``scale = max / (2**bits - 1)``; others the signed grid ``-(2**(bits-1)-1)..2**(bits-1)-1`` with
+  ``scale = max|x| / (2**(bits-1) - 1)`` (restricted range, so ``-x`` quantizes like ``x``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Floor of the quantization step, as in SBM: a zero-range (constant) tensor quantizes exactly.
+MIN_SCALE = 1e-8
+
+
+class QParams(NamedTuple):
+    """Affine quantization parameters; ``scale``/``zero`` broadcast against the tensor."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    qmin: float
+    qmax: float
+
+
+def _grid(bits: int, signed: bool) -> tuple[float, float]:
+    if signed:
+        half = float(2 ** (bits - 1) - 1)
+        return -half, half
+    return 0.0, float(2**bits - 1)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: str) -> QParams:
+    """Quantization parameters covering ``[lo, hi]`` (tensors of any broadcastable shape)."""
+    lo = lo.float()
+    hi = hi.float()
+    if scheme == "sbm":
+        qmin, qmax = _grid(bits, signed=False)
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(MIN_SCALE)
+        return QParams(scale, lo, qmin, qmax)
+    if scheme == "symmetric":
+        signed = bool((lo < 0).any())
+        qmin, qmax = _grid(bits, signed)
+        peak = torch.maximum(hi.abs(), lo.abs()) if signed else hi.clamp_min(0)
+        scale = (peak / qmax).clamp_min(MIN_SCALE)
+        return QParams(scale, torch.zeros_like(scale), qmin, qmax)
+    raise ValueError(f"unknown quantization scheme {scheme!r}")
+
+
+def tensor_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor ``(min, max)``: SBM takes per-sample extremes and then the extreme over the batch,
+    which is the extreme of the whole tensor."""
+    lo, hi = torch.aminmax(x.detach())
+    return lo, hi
+
+
+def channel_range(w: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(min, max)`` along ``dim`` (output channels of a weight), shaped to broadcast."""
+    w = w.detach()
+    moved = w.movedim(dim, 0).reshape(w.shape[dim], -1)
+    lo, hi = torch.aminmax(moved, dim=1)
+    shape = [1] * w.dim()
+    shape[dim] = w.shape[dim]
+    return lo.view(shape), hi.view(shape)
+
+
+def quantize_to_int(x: torch.Tensor, qp: QParams, *, stochastic: bool = False,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer codes (as float tensor) of ``x`` on the grid ``qp``.
+
+    Stochastic rounding adds uniform noise in [-0.5, 0.5) before rounding (as SBM does), which makes
+    the dequantized value unbiased inside the range.
+    """
+    t = (x.float() - qp.zero) / qp.scale
+    if stochastic:
+        noise = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+        t = t + (noise - 0.5)
+    return t.round_().clamp_(qp.qmin, qp.qmax)
+
+
+def dequantize(q: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q * qp.scale + qp.zero).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, qp: QParams, *, stochastic: bool = False,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round ``x`` onto the grid ``qp`` and map it back to ``x``'s dtype."""
+    return dequantize(quantize_to_int(x, qp, stochastic=stochastic, generator=generator), qp, x.dtype)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
+    """Per-output-channel (dim 0) range, round to nearest."""
+    if not bits:
+        return w
+    lo, hi = channel_range(w, 0)
+    return fake_quantize(w, qparams_from_range(lo, hi, bits, scheme))
+
+
+def quantize_activation(x: torch.Tensor, bits: int, scheme: str,
+                        lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-tensor range (the batch's, or a given running range in eval), round to nearest."""
+    if not bits:
+        return x
+    if lo is None or hi is None:
+        lo, hi = tensor_range(x)
+    return fake_quantize(x, qparams_from_range(lo, hi, bits, scheme))
+
+
+def quantize_gradient(g: torch.Tensor, bits: int, scheme: str,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-tensor range, stochastic rounding."""
+    if not bits:
+        return g
+    lo, hi = tensor_range(g)
+    return fake_quantize(g, qparams_from_range(lo, hi, bits, scheme), stochastic=True,
+                         generator=generator)
