@@ -7,7 +7,10 @@ parameters and buffers (nothing is copied), with every node's output shape in
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
+import logging
 import os
 import sys
 import traceback
@@ -15,7 +18,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import CaptureError, ShapeError
 
@@ -84,10 +88,24 @@ def _trace_fx(model: nn.Module, leaf_modules: Sequence[str]) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """torch.export prints partial graphs and symbolic-shape warnings to stderr when it fails; the
+    CaptureError we raise says what matters in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def _trace_export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     was_training = model.training
     try:
-        ep = torch.export.export(model, example_inputs, strict=False)
+        with _quiet():
+            ep = torch.export.export(model, example_inputs, strict=False)
     finally:
         model.train(was_training)
     gm = ep.module()
@@ -115,9 +133,23 @@ def _run_quietly(fn):
     return wrapped
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Records each node's output as ``meta["tensor_meta"]`` (what torch's ShapeProp does, without
+    its printing a traceback to stderr when a node fails)."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        meta = map_aggregate(result, lambda r: _extract_tensor_metadata(r)
+                             if isinstance(r, torch.Tensor) else None)
+        if meta is not None and not (isinstance(meta, (tuple, list)) and all(m is None for m in meta)):
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
 @_run_quietly
 def _shape_prop(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    ShapeProp(gm).propagate(*example_inputs)
+    _ShapeRecorder(gm).run(*example_inputs)
 
 
 @_run_quietly

@@ -91,5 +91,8 @@ class PrecisionController:
             extra = sorted(set(sites) - set(self._prec))
             raise ConfigError(f"precision state does not match this model's sites "
                               f"(missing: {missing or 'none'}; unknown: {extra or 'none'})")
-        for name, prec in sites.items():
-            self.set_site(name, prec)
+        checked = {}
+        for name, prec in sites.items():  # validate everything before changing anything
+            a, w, g = prec
+            checked[name] = Precision(check_bits("a", a), check_bits("w", w), check_bits("g", g))
+        self._prec.update(checked)

@@ -8,9 +8,10 @@ Quantization grid (both schemes): ``q = clamp(round((x - zero) / scale), qmin, q
 fake-quantized value is ``q * scale + zero``.
 
 * ``sbm``: ``zero = min``, ``scale = (max - min) / (2**bits - 1)``, unsigned grid ``qmin = 0``.
-* ``symmetric``: ``zero = 0``; non-negative tensors use the unsigned grid ``0..2**bits-1`` with
-  ``scale = max / (2**bits - 1)``; others the signed grid ``-(2**(bits-1)-1)..2**(bits-1)-1`` with
-  ``scale = max|x| / (2**(bits-1) - 1)`` (restricted range, so ``-x`` quantizes like ``x``).
+* ``symmetric``: ``zero = 0``; weights (per channel) and gradients use the signed grid
+  ``-(2**(bits-1)-1)..2**(bits-1)-1`` with ``scale = max|x| / (2**(bits-1) - 1)`` (restricted range,
+  so ``-x`` quantizes like ``x``); activations use it too unless they are non-negative, in which
+  case they use the unsigned grid ``0..2**bits-1`` with ``scale = max / (2**bits - 1)``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import NamedTuple
 
 import torch
 
-# Floor of the quantization step, as in SBM: a zero-range (constant) tensor quantizes exactly.
-MIN_SCALE = 1e-8
+# Floor of the quantization step, only there to avoid dividing by zero: a zero-range (constant)
+# tensor then quantizes exactly. SBM floors at 1e-8, which flushes tensors whose whole range is below
+# ~1e-6 (deep gradients can be) to their minimum; the smallest normal float keeps them.
+MIN_SCALE = float(torch.finfo(torch.float32).tiny)
 
 
 class QParams(NamedTuple):
@@ -39,16 +42,22 @@ def _grid(bits: int, signed: bool) -> tuple[float, float]:
     return 0.0, float(2**bits - 1)
 
 
-def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: str) -> QParams:
-    """Quantization parameters covering ``[lo, hi]`` (tensors of any broadcastable shape)."""
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: str,
+                       signed: bool | None = None) -> QParams:
+    """Quantization parameters covering ``[lo, hi]`` (tensors of any broadcastable shape).
+
+    ``signed`` only matters for ``symmetric``: True/False force the signed/unsigned grid, None picks
+    unsigned when the range is non-negative (activations after ReLU)."""
     lo = lo.float()
     hi = hi.float()
     if scheme == "sbm":
         qmin, qmax = _grid(bits, signed=False)
-        scale = ((hi - lo) / (qmax - qmin)).clamp_min(MIN_SCALE)
+        # hi/q - lo/q rather than (hi - lo)/q: the difference of two huge floats can overflow
+        scale = (hi / qmax - lo / qmax).clamp_min(MIN_SCALE)
         return QParams(scale, lo, qmin, qmax)
     if scheme == "symmetric":
-        signed = bool((lo < 0).any())
+        if signed is None:
+            signed = bool((lo < 0).any())
         qmin, qmax = _grid(bits, signed)
         peak = torch.maximum(hi.abs(), lo.abs()) if signed else hi.clamp_min(0)
         scale = (peak / qmax).clamp_min(MIN_SCALE)
@@ -75,34 +84,36 @@ def channel_range(w: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Te
 
 def quantize_to_int(x: torch.Tensor, qp: QParams, *, stochastic: bool = False,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integer codes (as float tensor) of ``x`` on the grid ``qp``.
+    """Integer codes (as a float tensor) of ``x`` on the grid ``qp``.
 
-    Stochastic rounding adds uniform noise in [-0.5, 0.5) before rounding (as SBM does), which makes
-    the dequantized value unbiased inside the range.
+    Stochastic rounding is ``floor(t + u)`` with ``u ~ U[0, 1)``, i.e. SBM's ``round(t + U[-0.5, 0.5))``, which
+    makes the dequantized value unbiased inside the range.
     """
-    t = (x.float() - qp.zero) / qp.scale
+    t = torch.sub(x.float(), qp.zero).div_(qp.scale)  # exact 0 for x == zero (constants)
     if stochastic:
-        noise = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
-        t = t + (noise - 0.5)
-    return t.round_().clamp_(qp.qmin, qp.qmax)
+        t.add_(torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)).floor_()
+    else:
+        t.round_()
+    return t.clamp_(qp.qmin, qp.qmax)
 
 
 def dequantize(q: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q * qp.scale + qp.zero).to(dtype)
+    return torch.addcmul(qp.zero, q, qp.scale).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, qp: QParams, *, stochastic: bool = False,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Round ``x`` onto the grid ``qp`` and map it back to ``x``'s dtype."""
-    return dequantize(quantize_to_int(x, qp, stochastic=stochastic, generator=generator), qp, x.dtype)
+    q = quantize_to_int(x, qp, stochastic=stochastic, generator=generator)
+    return torch.addcmul(qp.zero, q, qp.scale, out=q).to(x.dtype)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
-    """Per-output-channel (dim 0) range, round to nearest."""
+    """Per-output-channel (dim 0) range, round to nearest (symmetric: the signed grid)."""
     if not bits:
         return w
     lo, hi = channel_range(w, 0)
-    return fake_quantize(w, qparams_from_range(lo, hi, bits, scheme))
+    return fake_quantize(w, qparams_from_range(lo, hi, bits, scheme, signed=True))
 
 
 def quantize_activation(x: torch.Tensor, bits: int, scheme: str,
@@ -117,9 +128,9 @@ def quantize_activation(x: torch.Tensor, bits: int, scheme: str,
 
 def quantize_gradient(g: torch.Tensor, bits: int, scheme: str,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-tensor range, stochastic rounding."""
+    """Per-tensor range, stochastic rounding (symmetric: the signed grid)."""
     if not bits:
         return g
     lo, hi = tensor_range(g)
-    return fake_quantize(g, qparams_from_range(lo, hi, bits, scheme), stochastic=True,
+    return fake_quantize(g, qparams_from_range(lo, hi, bits, scheme, signed=True), stochastic=True,
                          generator=generator)
