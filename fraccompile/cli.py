@@ -73,21 +73,173 @@ def transform(
         console.print(f"wrote {path}")
 
 
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    from .errors import ConfigError
+
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise ConfigError(f"{option} {text!r} must be comma-separated bit widths, e.g. 3,4,6,8")
+    return values
+
+
+def _make_schedule(kind: str, fw: str, bw: str, iters: int, pfq_every: int, eps: float,
+                   alpha: float, cycles: int):
+    from .control import PFQ, Cyclic, Static
+    from .errors import ConfigError
+
+    fws, bws = _int_list("--fw", fw), _int_list("--bw", bw)
+    if kind == "static":
+        return Static(fws[0], fws[0], bws[0])
+    if kind == "pfq":
+        return PFQ(fws, bws, eval_every=pfq_every, eps=eps, alpha=alpha)
+    if kind == "cyclic":
+        return Cyclic(min(fws), max(fws), cycles=cycles, total_iters=iters, g=bws[0])
+    raise ConfigError(f"--schedule {kind!r} is not known: choose static, pfq or cyclic")
+
+
+def _make_data(spec: str, batch_size: int, block_size: int, train_limit, test_limit, seed: int):
+    from .data import CharDataset, ClassificationData
+    from .errors import ConfigError
+
+    kind, _, where = spec.partition(":")
+    try:
+        if kind == "cifar10":
+            return ClassificationData.from_source(where or "bundled", batch_size=batch_size,
+                                                  train_limit=train_limit,
+                                                  test_limit=test_limit, seed=seed)
+        if kind == "shakespeare":
+            if not where:
+                raise ConfigError("--data shakespeare:PATH needs the path of the text file")
+            return CharDataset.from_file(where, block_size=block_size, batch_size=batch_size,
+                                         seed=seed)
+    except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"--data {spec}: {err}") from None
+    raise ConfigError(f"--data {spec!r}: use cifar10:PATH (npz, pickle folder, image folder or "
+                      "'bundled') or shakespeare:PATH")
+
+
+@app.command()
+@_one_line_errors
+def train(
+    model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
+    data: Annotated[str, typer.Option(help="cifar10:PATH|bundled or shakespeare:PATH")] = "cifar10:bundled",
+    schedule: Annotated[str, typer.Option(help="static, pfq or cyclic")] = "pfq",
+    fw: Annotated[str, typer.Option(help="activation/weight bits (PFQ: one per stage; "
+                                          "cyclic: low,high)")] = "3,4,6,8",
+    bw: Annotated[str, typer.Option(help="gradient bits (PFQ: one per stage)")] = "6,6,8,8",
+    iters: Annotated[int, typer.Option(min=1)] = 1000,
+    out: Annotated[Path, typer.Option(help="run directory (log.jsonl, checkpoint.pt, plots)")] = Path("runs/train"),
+    resume: Annotated[Optional[Path], typer.Option(help="checkpoint to continue from")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    lr: Annotated[float, typer.Option()] = 0.1,
+    lr_schedule: Annotated[str, typer.Option(help="cosine, piecewise or constant")] = "cosine",
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = "sgd",
+    eval_every: Annotated[int, typer.Option(min=1, help="log/eval/checkpoint period")] = 100,
+    pfq_every: Annotated[int, typer.Option(min=1, help="PFQ indicator period (iterations)")] = 100,
+    eps: Annotated[float, typer.Option(help="PFQ threshold")] = 0.05,
+    alpha: Annotated[float, typer.Option(help="PFQ threshold decay")] = 0.3,
+    cycles: Annotated[int, typer.Option(min=1, help="cyclic: number of cycles")] = 8,
+    block_size: Annotated[int, typer.Option(min=2, help="shakespeare: context length")] = 64,
+    train_limit: Annotated[Optional[int], typer.Option(help="random training subset size")] = None,
+    test_limit: Annotated[Optional[int], typer.Option(help="random test subset size")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    deterministic: Annotated[bool, typer.Option(help="torch deterministic algorithms")] = False,
+) -> None:
+    """Train a model with a precision schedule; logs, checkpoints and plots go to --out."""
+    import json
+
+    import torch
+
+    from .api import compile as frac_compile
+    from .errors import ConfigError
+    from .loading import load_model
+    from .train import LR_SCHEDULES, fit
+
+    if lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"--lr-schedule {lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}")
+    sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles)
+    cfg = _load_config(config, [], None)
+    dataset = _make_data(data, batch_size, block_size, train_limit, test_limit, seed)
+    torch.manual_seed(seed)
+    model = load_model(model_spec)
+    x, _ = next(iter(dataset.batches(0)))
+    vocab = getattr(dataset, "vocab_size", None)
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    if vocab is not None and embeddings and embeddings[0].num_embeddings < vocab:
+        raise ConfigError(f"the model's embedding has {embeddings[0].num_embeddings} tokens but "
+                          f"{data} has a vocabulary of {vocab}")
+    fmodel = frac_compile(model, x, cfg)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(fmodel.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
+                              nesterov=True)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(fmodel.parameters(), lr=lr, weight_decay=0.01)
+    else:
+        raise ConfigError(f"--optimizer {optimizer!r}: choose sgd or adamw")
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        (out / "run.json").write_text(json.dumps(
+            {"model": model_spec, "data": data, "schedule": schedule, "fw": fw, "bw": bw,
+             "iters": iters, "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
+             "optimizer": optimizer, "eval_every": eval_every, "pfq_every": pfq_every,
+             "eps": eps, "alpha": alpha, "cycles": cycles, "seed": seed,
+             "config": cfg.to_dict()}, indent=1))
+    console.print(f"training {model_spec} on {data}: {sched.describe()}, {iters} iterations")
+    try:
+        result = fit(fmodel, dataset, iters=iters, schedule=sched, optimizer=opt,
+                     lr_schedule=lr_schedule, eval_every=eval_every, out_dir=out, resume=resume,
+                     seed=seed, deterministic=deterministic, console=console,
+                     model_name=model_spec)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    meter = fmodel.frac_meter
+    turning = [e["iter"] for e in result.events if e.get("event") == "turning_point"]
+    console.print(f"done: {result.iterations} iterations; precision switches at {turning or 'none'}; "
+                  f"bit-cost {meter.total / meter.fp32:.2%} of fp32 training, "
+                  f"{1 - meter.total / meter.sbm:.1%} saved against static 8/8/8 (SBM)")
+    from .plots import render_report
+
+    for path in render_report(out):
+        console.print(f"wrote {path}")
+
+
+@app.command()
+@_one_line_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory with log.jsonl")],
+    out: Annotated[Optional[Path], typer.Option(help="where to write (default: RUN_DIR)")] = None,
+) -> None:
+    """Render loss/accuracy curves, the precision timeline and the cost plot of a training run."""
+    from .errors import ConfigError
+    from .plots import render_report
+
+    try:
+        paths = render_report(run_dir, out)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
 @app.command()
 @_one_line_errors
 def demo(
-    steps: Annotated[int, typer.Option(min=1, help="training steps")] = 80,
+    iters: Annotated[int, typer.Option(min=1, help="training iterations")] = 90,
     batch_size: Annotated[int, typer.Option(min=1, help="batch size")] = 64,
-    a: Annotated[int, typer.Option(help="activation bits (0 = fp32)")] = 8,
-    w: Annotated[int, typer.Option(help="weight bits")] = 8,
-    g: Annotated[int, typer.Option(help="gradient bits")] = 8,
     scheme: Annotated[str, typer.Option(help="sbm or symmetric")] = "sbm",
+    out: Annotated[Optional[Path], typer.Option(help="also write log.jsonl and checkpoint here")] = None,
 ) -> None:
-    """Compile the bundled ResNet-20 and train it a few steps on the bundled CIFAR-10 subset."""
+    """Compile the bundled ResNet-20 and train it with PFQ on the bundled CIFAR-10 subset."""
     from .config import FracConfig
     from .demo import run_demo
 
-    run_demo(steps, batch_size, FracConfig(a=a, w=w, g=g, scheme=scheme), console=console)
+    run_demo(iters, batch_size, FracConfig(scheme=scheme), out_dir=out, console=console)
 
 
 def main() -> None:

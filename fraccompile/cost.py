@@ -46,7 +46,9 @@ class SiteCost:
         return self.total / (3 * self.macs) if self.macs else 1.0
 
 
-def site_cost(name: str, macs: int, prec: Precision, full_precision: bool = False) -> SiteCost:
+def site_cost(name: str, macs: int, prec: Precision | tuple[int, int, int],
+              full_precision: bool = False) -> SiteCost:
+    prec = Precision(*prec)
     a, w, g = (_bits(b) for b in prec)
     scale = FULL * FULL
     return SiteCost(name, macs, prec.a, prec.w, prec.g, macs * a * w / scale, macs * g * w / scale,
@@ -105,3 +107,35 @@ class CostReport:
 
 def cost_report(entries: Iterable[tuple[str, int, Precision, bool]]) -> CostReport:
     return CostReport(tuple(site_cost(*e) for e in entries))
+
+
+@dataclass
+class CostMeter:
+    """Cumulative bit-cost of a training run, next to what fp32 and static 8/8/8 (SBM) training
+    would have spent on the same steps (all in fp32-MAC units)."""
+
+    steps: int = 0
+    fw: float = 0.0
+    eb: float = 0.0
+    gc: float = 0.0
+    fp32: float = 0.0
+    sbm: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.fw + self.eb + self.gc
+
+    def add(self, step: CostReport, sbm: CostReport) -> None:
+        self.steps += 1
+        self.fw += step.fw
+        self.eb += step.eb
+        self.gc += step.gc
+        self.fp32 += step.fp32_total
+        self.sbm += sbm.total
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

@@ -1,68 +1,53 @@
-"""``fraccompile demo``: compile the bundled ResNet-20, train it briefly on the bundled CIFAR-10
-subset, and show what the compiler did and what it saves."""
+"""``fraccompile demo``: compile the bundled ResNet-20, train it briefly with FracTrain's PFQ on the
+bundled CIFAR-10 subset, and show the rewritten layers, the precision switches and the saving."""
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from .api import compile as frac_compile
 from .config import FracConfig
-from .data import batches, load_bundled_cifar10
+from .control import PFQ
+from .data import ClassificationData
 from .examples.resnet_cifar import resnet20
 from .report import sites_table
+from .train import fit
 
 
-def _accuracy(model, images, labels, batch_size=250) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for x, y in batches(images, labels, batch_size, shuffle=False):
-            correct += (model(x).argmax(1) == y).sum().item()
-    model.train()
-    return correct / len(labels)
-
-
-def run_demo(steps: int = 80, batch_size: int = 64, config: FracConfig | None = None,
-             lr: float = 0.05, seed: int = 0, console: Console | None = None) -> dict:
+def run_demo(iters: int = 90, batch_size: int = 64, config: FracConfig | None = None,
+             schedule=None, lr: float = 0.05, seed: int = 0, out_dir=None,
+             console: Console | None = None) -> dict:
+    """PFQ by default with FracTrain's public-code indicator settings (threshold 0.15, decay 0.4)
+    over short periods, so the switches show within a short run."""
     console = console or Console()
-    config = config or FracConfig(a=8, w=8, g=8)
+    config = config or FracConfig()
+    schedule = schedule or PFQ((3, 4, 6, 8), (6, 6, 8, 8), eval_every=3, eps=0.15, alpha=0.4)
+    data = ClassificationData.from_source("bundled", batch_size=batch_size, seed=seed)
     torch.manual_seed(seed)
-    train_x, train_y = load_bundled_cifar10("train")
-    test_x, test_y = load_bundled_cifar10("test")
-    model = resnet20()
-    example = torch.zeros(batch_size, 3, 32, 32)
     t0 = time.perf_counter()
-    fmodel = frac_compile(copy.deepcopy(model), example, config)
-    compile_s = time.perf_counter() - t0
-    console.print(sites_table(fmodel, title=f"ResNet-20 compiled in {compile_s:.2f} s "
-                                            f"(capture: torch.{fmodel.meta['frac_capture']})"))
-    opt = torch.optim.SGD(fmodel.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    step, losses, t0 = 0, [], time.perf_counter()
-    while step < steps:
-        for x, y in batches(train_x, train_y, batch_size, seed=seed + step, augment=True,
-                            drop_last=True):
-            loss = F.cross_entropy(fmodel(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-            if step % 10 == 0 or step == steps:
-                console.print(f"step {step:4d}  loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
-            if step == steps:
-                break
-    train_s = time.perf_counter() - t0
-    acc = _accuracy(fmodel, test_x, test_y)
-    cost = fmodel.cost()
-    console.print(f"trained {steps} steps (batch {batch_size}, a/w/g {config.a}/{config.w}/"
-                  f"{config.g}) in {train_s:.1f} s ({1000 * train_s / steps:.0f} ms/step); "
-                  f"test accuracy on the bundled 500-image split: {100 * acc:.1f}%")
-    console.print(f"cost of one step: {cost.summary()}")
-    console.print(f"saving against fp32 training: {100 * (1 - cost.cp):.1f}% of bit-operations")
-    return {"losses": losses, "accuracy": acc, "cp": cost.cp, "compile_s": compile_s,
-            "train_s": train_s}
+    fmodel = frac_compile(resnet20(), torch.zeros(batch_size, 3, 32, 32), config)
+    console.print(sites_table(fmodel, title=f"ResNet-20 compiled in {time.perf_counter() - t0:.2f} s"
+                                            f" (capture: torch.{fmodel.meta['frac_capture']})"))
+    console.print(f"training {iters} iterations on the bundled CIFAR-10 subset "
+                  f"({len(data.train_labels)} train / {len(data.test_labels)} test images): "
+                  f"{schedule.describe()}")
+    result = fit(fmodel, data, iters=iters, schedule=schedule, lr=lr, eval_every=max(iters // 3, 1),
+                 out_dir=out_dir, seed=seed, console=console, model_name="ResNet-20")
+    meter = fmodel.frac_meter
+    switches = [(e["iter"], e["precision"]) for e in result.events
+                if e.get("event") == "turning_point"]
+    for it, p in switches:
+        console.print(f"precision switch at iteration {it}: a/w/g -> {p['a']}/{p['w']}/{p['g']}")
+    if not switches:
+        console.print("no precision switch fired (the loss had not plateaued)")
+    saving_fp32 = 1 - meter.total / meter.fp32
+    saving_sbm = 1 - meter.total / meter.sbm
+    console.print(f"bit-cost of the run: {meter.total / meter.fp32:.2%} of fp32 training "
+                  f"({saving_fp32:.1%} saved), {saving_sbm:.1%} saved against static 8/8/8 (SBM); "
+                  f"final test accuracy {100 * (result.final.get('test_acc') or 0):.1f}% "
+                  f"on the {len(data.test_labels)} bundled test images")
+    return {"switches": switches, "saving_fp32": saving_fp32, "saving_sbm": saving_sbm,
+            "final": result.final, "periods": result.periods}

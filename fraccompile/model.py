@@ -3,13 +3,15 @@ precision-control nodes and (later) gates, plus views of them for people and too
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
+import torch
 from torch import fx
 
 from .config import FracConfig
 from .control.controller import PrecisionController
-from .cost import CostReport, cost_report
+from .cost import CostMeter, CostReport, cost_report
 from .ops.spec import Precision
 from .passes.base import META_FP_LAYER, META_SITE, SiteInfo
 from .passes.quantize_insertion import PRECISION_MODULE
@@ -46,6 +48,8 @@ class FracModel(fx.GraphModule):
     """
 
     frac_config: FracConfig
+    frac_schedule = None  # set by use_schedule
+    frac_iteration = 0  # training iterations counted by frac_step
 
     @property
     def precision(self) -> PrecisionController:
@@ -77,7 +81,54 @@ class FracModel(fx.GraphModule):
         (layers kept in full precision included at 32 bits)."""
         return cost_report((s.name, s.macs, s.precision, s.full_precision) for s in self.sites)
 
+    def sbm_cost(self) -> CostReport:
+        """Cost of one step of static 8/8/8 training (FracTrain's SBM baseline) of this model."""
+        sbm = Precision(8, 8, 8)
+        return cost_report((s.name, s.macs, Precision() if s.full_precision else sbm,
+                            s.full_precision) for s in self.sites)
+
+    # -- training-time hooks ----------------------------------------------------------------------
+    @property
+    def frac_meter(self) -> CostMeter:
+        if "_frac_meter" not in self.__dict__:
+            self.__dict__["_frac_meter"] = CostMeter()
+        return self.__dict__["_frac_meter"]
+
+    def use_schedule(self, schedule) -> FracModel:
+        """Let ``schedule`` (see :mod:`fraccompile.control.schedules`) drive the precisions; it is
+        applied now for iteration ``frac_iteration``."""
+        if not (hasattr(schedule, "apply") and hasattr(schedule, "observe")):
+            raise TypeError(f"{type(schedule).__name__} is not a schedule: it needs "
+                            "apply(controller, iteration) and observe(iteration, loss)")
+        self.frac_schedule = schedule
+        schedule.apply(self.precision, self.frac_iteration)
+        return self
+
+    def frac_step(self, loss) -> list[dict]:
+        """Call once per training iteration, after the step: counts the step's bit-cost at the
+        precision it ran with, feeds the loss to the schedule and applies the schedule for the next
+        iteration. Returns the schedule's events (e.g. PFQ turning points)."""
+        self.frac_meter.add(self.cost(), self._sbm_cost())
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().item()
+        events: list[dict] = []
+        if self.frac_schedule is not None:
+            events = self.frac_schedule.observe(self.frac_iteration, float(loss))
+        self.frac_iteration += 1
+        if self.frac_schedule is not None:
+            self.frac_schedule.apply(self.precision, self.frac_iteration)
+        return events
+
+    def _sbm_cost(self) -> CostReport:
+        cached = self.__dict__.get("_sbm_cost_cache")
+        if cached is None:
+            cached = self.__dict__["_sbm_cost_cache"] = self.sbm_cost()
+        return cached
+
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
         res.frac_config = replace(self.frac_config)
+        res.frac_schedule = copy.deepcopy(self.frac_schedule, memo)
+        res.frac_iteration = self.frac_iteration
+        res.frac_meter.load_state_dict(self.frac_meter.state_dict())
         return res

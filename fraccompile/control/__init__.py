@@ -1,5 +1,6 @@
-"""Precision control: the controller every site reads from (schedules and gates come later)."""
+"""Precision control: the controller every site reads from, and the schedules that drive it."""
 
 from .controller import PrecisionController
+from .schedules import PFQ, Cyclic, Schedule, Static
 
-__all__ = ["PrecisionController"]
+__all__ = ["PFQ", "Cyclic", "PrecisionController", "Schedule", "Static"]

@@ -1,0 +1,124 @@
+"""Accuracy against bit-cost on real CIFAR-10: fp32, static 8/8/8 (SBM), PFQ and CPT training of
+ResNet-20 under one fixed protocol sized for about an hour on 2 CPU cores.
+
+Protocol (defaults): the full CIFAR-10 training set (50,000 JPEG-decoded images from
+../shared/data/cifar10-jpeg.npz), random crop (padding 4) + horizontal flip, batch 128, SGD
+(momentum 0.9, Nesterov, weight decay 5e-4), LR 0.1 with a cosine decay over 1,200 iterations
+(about 3 epochs), evaluation every 100 iterations on 2,000 test images and at the end on the full
+10,000-image test set. Same seed (model init and data order) for every run.
+
+    python bench/accuracy_cifar10.py                    # train every run, then report
+    python bench/accuracy_cifar10.py --runs pfq cpt     # some runs only
+    python bench/accuracy_cifar10.py --report-only      # table + plots from finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from _common import header, machine
+from rich.console import Console
+
+import fraccompile
+from fraccompile.control import PFQ, Cyclic, Static
+from fraccompile.data import ClassificationData
+from fraccompile.examples.resnet_cifar import resnet20
+from fraccompile.train import evaluate, fit
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_DATA = ROOT.parent.parent / "shared" / "data" / "cifar10-jpeg.npz"
+RUNS = ("fp32", "sbm", "pfq", "cpt")
+
+
+def make_schedule(name: str, iters: int, pfq_every: int):
+    if name == "fp32":
+        return Static(0, 0, 0)
+    if name == "sbm":
+        return Static(8, 8, 8)
+    if name == "pfq":
+        return PFQ((3, 4, 6, 8), (6, 6, 8, 8), eval_every=pfq_every, eps=0.05, alpha=0.3)
+    if name == "cpt":
+        return Cyclic(3, 8, cycles=8, total_iters=iters, g=8)
+    raise ValueError(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--iters", type=int, default=1200)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--pfq-every", type=int, default=40, help="PFQ indicator period")
+    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--period-test", type=int, default=2000)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "accuracy_cifar10"))
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    header("Accuracy vs bit-cost, ResNet-20 on CIFAR-10")
+    if not args.report_only:
+        full = ClassificationData.from_source(args.data, batch_size=args.batch,
+                                              train_limit=args.train_limit,
+                                              test_limit=10_000, seed=0)  # a shuffled test order
+        periodic = copy.copy(full)
+        periodic.test_images, periodic.test_labels = (full.test_images[: args.period_test],
+                                                      full.test_labels[: args.period_test])
+        for name in args.runs:
+            torch.manual_seed(0)
+            model = resnet20()
+            fm = fraccompile.compile(model, torch.zeros(args.batch, 3, 32, 32))
+            run_dir = out / name
+            print(f"== {name}: {make_schedule(name, args.iters, args.pfq_every).describe()}")
+            result = fit(fm, periodic, iters=args.iters, lr=args.lr,
+                         schedule=make_schedule(name, args.iters, args.pfq_every),
+                         eval_every=args.eval_every, out_dir=run_dir, progress=False, seed=0,
+                         model_name="ResNet-20", console=Console(width=160))
+            final = evaluate(fm, full.test_batches(500))
+            (run_dir / "final.json").write_text(json.dumps(
+                {**final, "test_images": len(full.test_labels), "iters": args.iters,
+                 "turning_points": [e["iter"] for e in result.events
+                                    if e.get("event") == "turning_point"],
+                 "cum_cost": fm.frac_meter.total, "cum_sbm": fm.frac_meter.sbm,
+                 "cum_fp32": fm.frac_meter.fp32, "wall": result.final.get("wall"),
+                 "machine": machine(), "protocol": vars(args)}, indent=1))
+            print(f"== {name}: final test accuracy {100 * final['test_acc']:.2f}% on "
+                  f"{len(full.test_labels)} images")
+    report(out, [r for r in RUNS if (out / r / "final.json").exists()])
+
+
+def report(out: Path, runs: list[str]) -> None:
+    rows = []
+    for name in runs:
+        fin = json.loads((out / name / "final.json").read_text())
+        rows.append((name, fin))
+    if not rows:
+        print("no finished runs")
+        return
+    sbm = dict(rows).get("sbm")
+    print("| run | final test acc (10k) | total cost (fp32 steps) | saving vs fp32 | saving vs SBM "
+          "| turning points | wall |")
+    print("|---|---|---|---|---|---|---|")
+    for name, fin in rows:
+        steps = fin["cum_cost"] / (fin["cum_fp32"] / fin["iters"])
+        vs_sbm = f"{100 * (1 - fin['cum_cost'] / fin['cum_sbm']):.1f}%" if sbm else "-"
+        print(f"| {name} | {100 * fin['test_acc']:.2f}% | {steps:.1f} | "
+              f"{100 * (1 - fin['cum_cost'] / fin['cum_fp32']):.1f}% | {vs_sbm} | "
+              f"{fin['turning_points'] or '-'} | {fin['wall'] / 60:.1f} min |")
+    try:
+        from fraccompile.plots import compare_runs, render_report
+    except ImportError:
+        return
+    for name, _ in rows:
+        render_report(out / name)
+    path = compare_runs([out / name for name, _ in rows], out / "accuracy_vs_cost.png")
+    print(f"\nplots: {path} and {out}/<run>/*.png")
+
+
+if __name__ == "__main__":
+    main()

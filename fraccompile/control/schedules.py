@@ -1,0 +1,237 @@
+"""Precision schedules: what drives the :class:`PrecisionController` over training time.
+
+The schedule protocol (any object with these two methods is a schedule)::
+
+    apply(controller, iteration)   # set the precisions for the coming iteration
+    observe(iteration, loss) -> list[dict]   # after the iteration: its training loss; returns the
+                                             # events it produced (e.g. a PFQ turning point)
+
+``state_dict()`` / ``load_state_dict(state)`` are optional; a schedule that has them is checkpointed
+and resumes exactly. ``describe()`` (optional) gives a one-line summary for logs.
+
+* :class:`Static` — fixed precision (SBM-style 8/8 training is ``Static(8, 8, 8)``).
+* :class:`PFQ` — FracTrain's progressive fractional quantization (Algorithm 1, as its public code
+  runs it).
+* :class:`Cyclic` — CPT (Fu et al., ICLR 2021): cosine-cyclic forward precision, fixed gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ..config import check_bits
+from ..errors import ConfigError
+from .controller import PrecisionController
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    def apply(self, controller: PrecisionController, iteration: int) -> None: ...
+
+    def observe(self, iteration: int, loss: float) -> list[dict]: ...
+
+
+def _bits_list(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(values)
+    if not values:
+        raise ConfigError(f"{name} must list at least one precision")
+    return tuple(check_bits(f"{name} entry", v) for v in values)
+
+
+class Static:
+    """Fixed precision for every site (``w`` defaults to ``a``)."""
+
+    def __init__(self, a: int = 8, w: int | None = None, g: int = 8):
+        self.a = check_bits("a", a)
+        self.w = check_bits("w", a if w is None else w)
+        self.g = check_bits("g", g)
+
+    def apply(self, controller: PrecisionController, iteration: int) -> None:
+        controller.set(a=self.a, w=self.w, g=self.g)
+
+    def observe(self, iteration: int, loss: float) -> list[dict]:
+        return []
+
+    def current(self) -> tuple[int, int, int]:
+        return self.a, self.w, self.g
+
+    def describe(self) -> str:
+        return f"static a/w/g = {self.a}/{self.w}/{self.g}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "static", "a": self.a, "w": self.w, "g": self.g}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__init__(state["a"], state["w"], state["g"])
+
+
+class PFQ:
+    """Progressive fractional quantization (FracTrain Alg. 1).
+
+    Training runs in evaluation periods of ``eval_every`` iterations. The mean training loss of each
+    period enters a window of the last ``window`` (5) period losses. The loss normalizer is the mean
+    period loss over the first ``normalizer_periods`` (10) periods (the running mean until then). A
+    turning point fires when every normalized difference ``|L_newest - L_i| / normalizer`` between
+    the newest loss and the ``window - 1`` earlier ones is at most the threshold ``eps``; then the
+    window is cleared, ``eps`` is multiplied by ``alpha`` after the first and second turning points,
+    and precision moves to the next entry of ``fw`` (activations and weights) and ``bw``
+    (gradients). At most ``turning_points`` (default ``len(fw) - 1``) fire.
+    """
+
+    def __init__(self, fw: Sequence[int] = (3, 4, 6, 8), bw: Sequence[int] = (6, 6, 8, 8), *,
+                 eval_every: int = 100, eps: float = 0.05, alpha: float = 0.3,
+                 turning_points: int | None = None, window: int = 5,
+                 normalizer_periods: int = 10):
+        self.fw = _bits_list("PFQ fw", fw)
+        self.bw = _bits_list("PFQ bw", bw)
+        if len(self.fw) != len(self.bw):
+            raise ConfigError(f"PFQ fw {list(self.fw)} and bw {list(self.bw)} must have the same "
+                              "number of entries")
+        if turning_points is None:
+            turning_points = len(self.fw) - 1
+        if not 0 <= turning_points <= len(self.fw) - 1:
+            raise ConfigError(f"PFQ turning_points = {turning_points} is out of range: allowed "
+                              f"0..{len(self.fw) - 1} (one fewer than the schedule's entries)")
+        if eval_every < 1:
+            raise ConfigError(f"PFQ eval_every = {eval_every} must be at least 1")
+        if not eps > 0 or not 0 < alpha <= 1:
+            raise ConfigError(f"PFQ eps = {eps} must be > 0 and alpha = {alpha} in (0, 1]")
+        if window < 2 or normalizer_periods < 1:
+            raise ConfigError("PFQ window must be at least 2 and normalizer_periods at least 1")
+        self.eval_every = int(eval_every)
+        self.eps0 = float(eps)
+        self.alpha = float(alpha)
+        self.max_turning_points = int(turning_points)
+        self.window_size = int(window)
+        self.normalizer_periods = int(normalizer_periods)
+        self.reset()
+
+    def reset(self) -> None:
+        self.eps = self.eps0
+        self.stage = 0
+        self.window: list[float] = []
+        self.period_sum = 0.0
+        self.period_count = 0
+        self.periods = 0
+        self.normalizer_sum = 0.0
+        self.normalizer = 1.0
+        self.turning_points: list[int] = []  # iterations at which they fired
+
+    # -- protocol ---------------------------------------------------------------------------------
+    def current(self) -> tuple[int, int, int]:
+        return self.fw[self.stage], self.fw[self.stage], self.bw[self.stage]
+
+    def apply(self, controller: PrecisionController, iteration: int) -> None:
+        a, w, g = self.current()
+        controller.set(a=a, w=w, g=g)
+
+    def observe(self, iteration: int, loss: float) -> list[dict]:
+        self.period_sum += float(loss)
+        self.period_count += 1
+        if self.period_count < self.eval_every:
+            return []
+        return self.end_period(iteration, self.period_sum / self.period_count)
+
+    def end_period(self, iteration: int, period_loss: float) -> list[dict]:
+        """Feed one period's mean loss (``observe`` calls this every ``eval_every`` iterations)."""
+        self.period_sum, self.period_count = 0.0, 0
+        self.periods += 1
+        if self.periods <= self.normalizer_periods:
+            self.normalizer_sum += period_loss
+            self.normalizer = self.normalizer_sum / self.periods
+        if len(self.turning_points) >= self.max_turning_points:
+            return []
+        self.window.append(period_loss)
+        if len(self.window) > self.window_size:
+            self.window.pop(0)
+        if len(self.window) < self.window_size:
+            return []
+        newest = self.window[-1]
+        diffs = [abs(newest - earlier) / self.normalizer for earlier in self.window[:-1]]
+        if any(d > self.eps for d in diffs):
+            return []
+        self.turning_points.append(iteration)
+        count = len(self.turning_points)
+        event = {"event": "turning_point", "index": count, "iter": iteration, "eps": self.eps,
+                 "diffs": diffs, "normalizer": self.normalizer}
+        if count in (1, 2):
+            self.eps *= self.alpha
+        self.window = []
+        self.stage = min(self.stage + 1, len(self.fw) - 1)
+        a, w, g = self.current()
+        event["precision"] = {"a": a, "w": w, "g": g}
+        return [event]
+
+    def describe(self) -> str:
+        return (f"PFQ fw {','.join(map(str, self.fw))} / bw {','.join(map(str, self.bw))}, "
+                f"eval_every {self.eval_every}, eps {self.eps0}, alpha {self.alpha}")
+
+    # -- state ------------------------------------------------------------------------------------
+    _STATE = ("eps", "stage", "window", "period_sum", "period_count", "periods", "normalizer_sum",
+              "normalizer", "turning_points")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {k: getattr(self, k) for k in self._STATE}
+        state["window"] = list(self.window)
+        state["turning_points"] = list(self.turning_points)
+        state["config"] = {"fw": list(self.fw), "bw": list(self.bw), "eval_every": self.eval_every,
+                           "eps": self.eps0, "alpha": self.alpha,
+                           "turning_points": self.max_turning_points, "window": self.window_size,
+                           "normalizer_periods": self.normalizer_periods}
+        state["kind"] = "pfq"
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["config"])
+        for k in self._STATE:
+            value = state[k]
+            setattr(self, k, list(value) if isinstance(value, list) else value)
+
+
+class Cyclic:
+    """CPT (cyclic precision training): within each of ``cycles`` equal cycles over ``total_iters``
+    iterations, the forward precision (activations and weights) rises from ``low`` to ``high`` along
+    a cosine, ``ceil(low + (high - low) * (1 - cos(pi * t / T)) / 2)``; gradients stay at ``g``."""
+
+    def __init__(self, low: int = 3, high: int = 8, *, cycles: int = 8, total_iters: int,
+                 g: int = 8):
+        self.low = check_bits("Cyclic low", low)
+        self.high = check_bits("Cyclic high", high)
+        self.g = check_bits("Cyclic g", g)
+        if not self.low or not self.high or self.low > self.high:
+            raise ConfigError(f"Cyclic bounds low = {low}, high = {high}: need 0 < low <= high")
+        if cycles < 1 or total_iters < cycles:
+            raise ConfigError(f"Cyclic needs cycles >= 1 and total_iters >= cycles "
+                              f"(got {cycles}, {total_iters})")
+        self.cycles = int(cycles)
+        self.total_iters = int(total_iters)
+        self.period = self.total_iters / self.cycles
+
+    def bits_at(self, iteration: int) -> int:
+        t = math.fmod(iteration, self.period)
+        value = self.low + 0.5 * (self.high - self.low) * (1 - math.cos(math.pi * t / self.period))
+        return min(self.high, math.ceil(value - 1e-9))
+
+    def current_at(self, iteration: int) -> tuple[int, int, int]:
+        b = self.bits_at(iteration)
+        return b, b, self.g
+
+    def apply(self, controller: PrecisionController, iteration: int) -> None:
+        a, w, g = self.current_at(iteration)
+        controller.set(a=a, w=w, g=g)
+
+    def observe(self, iteration: int, loss: float) -> list[dict]:
+        return []
+
+    def describe(self) -> str:
+        return f"cyclic {self.low}..{self.high} bits over {self.cycles} cycles, g = {self.g}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "cyclic", "low": self.low, "high": self.high, "cycles": self.cycles,
+                "total_iters": self.total_iters, "g": self.g}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__init__(state["low"], state["high"], cycles=state["cycles"],
+                      total_iters=state["total_iters"], g=state["g"])

@@ -1,0 +1,243 @@
+"""Plots and summaries of training logs (fraccompile.plots), on synthetic log.jsonl files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fraccompile.plots import compare_runs, read_log, render_report, summary_table
+
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+FP32_STEP = 3.0e6  # fp32-MAC units per fp32 training step (3 * 1e6 MACs)
+SBM_STEP = FP32_STEP * (8 * 8) / (32 * 32)
+
+
+def _write(run_dir: Path, records: list, tail: str = "") -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records) + tail
+    (run_dir / "log.jsonl").write_text(text)
+    return run_dir
+
+
+def _start(schedule: str, kind: str, iters: int = 100) -> dict:
+    return {"event": "start", "time": 1.7e9, "model": "resnet20", "schedule": schedule,
+            "schedule_kind": kind, "config": {"a": 8}, "iters": iters, "eval_every": 10,
+            "batch_size": 128,
+            "sites": [{"name": "conv", "macs": 1_000_000, "full_precision": False}],
+            "cost_per_step": {"fp32": FP32_STEP, "sbm": SBM_STEP}, "future_key": [1, 2]}
+
+
+def _run(iters: int, bits_at, accs, end: bool = True, step_cost=None) -> list[dict]:
+    """Periods every 10 iterations; ``bits_at(i)`` gives (a, g) for iteration i."""
+    recs, cum = [], 0.0
+    for k, i in enumerate(range(10, iters + 1, 10)):
+        a, g = bits_at(i)
+        cum += 10 * FP32_STEP * (a * a + g * a + a * g) / (3 * 32 * 32)
+        recs.append({"event": "period", "iter": i, "epoch": i / 50, "lr": 0.1,
+                     "train_loss": 2.0 / (k + 1), "train_acc": None, "test_loss": 2.2 / (k + 1),
+                     "test_acc": accs[k], "precision": {"a": a, "w": a, "g": g}, "cp": 0.1,
+                     "cum_cost": cum, "cum_fp32": i * FP32_STEP, "cum_sbm": i * SBM_STEP,
+                     "wall": float(i), "step_ms": 10.0, "dfq_histogram": {"4": 3}})
+    if end:
+        last = recs[-1]
+        recs.append({"event": "end", "iter": iters, "test_acc": last["test_acc"],
+                     "cum_cost": last["cum_cost"], "cum_fp32": last["cum_fp32"],
+                     "cum_sbm": last["cum_sbm"], "wall": 100.0})
+    return recs
+
+
+PFQ_ACCS = [0.30, 0.45, 0.55, 0.62, 0.70, 0.78, 0.85, 0.9123, 0.905, 0.9087]
+
+
+def _pfq_bits(i: int) -> tuple[int, int]:
+    return (3, 6) if i <= 30 else (4, 6) if i <= 60 else (6, 8)
+
+
+@pytest.fixture
+def pfq_dir(tmp_path):
+    recs = _run(100, _pfq_bits, PFQ_ACCS)
+    tp1 = {"event": "turning_point", "iter": 30, "index": 1, "precision": {"a": 4, "w": 4, "g": 6},
+           "eps": 0.05, "diffs": [0.1, 0.02], "normalizer": 1.5}
+    tp2 = dict(tp1, iter=60, index=2, precision={"a": 6, "w": 6, "g": 8}, eps=0.025)
+    recs = recs[:3] + [tp1, {"event": "dfq_block_hist", "iter": 35, "hist": [1, 2]}] + recs[3:6] \
+        + [tp2] + recs[6:]
+    return _write(tmp_path / "pfq", [_start("PFQ a 3->4->6, g 6->6->8", "pfq")] + recs)
+
+
+@pytest.fixture
+def static_dir(tmp_path):
+    accs = [0.3 + 0.06 * k for k in range(10)]
+    return _write(tmp_path / "sbm", [_start("static 8/8/8", "static")]
+                  + _run(100, lambda i: (8, 8), accs))
+
+
+@pytest.fixture
+def unfinished_dir(tmp_path):
+    accs = [0.2, 0.4, None, 0.5]
+    return _write(tmp_path / "cpt", [_start("CPT cyclic a 3..8, g 8", "cyclic")]
+                  + _run(40, lambda i: (3 + i % 6, 8), accs, end=False))
+
+
+def _check_png(path: Path) -> None:
+    assert path.stat().st_size > 5000
+    assert path.read_bytes()[:8] == PNG_SIG
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert 600 <= im.width <= 2000 and 300 <= im.height <= 1500
+        im.verify()
+
+
+def _expected(run_dir: Path) -> dict:
+    """Final figures computed straight from the log, independently of fraccompile.plots."""
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    periods = [r for r in recs if r["event"] == "period"]
+    ends = [r for r in recs if r["event"] == "end"]
+    last = ends[-1] if ends else periods[-1]
+    final = ends[-1]["test_acc"] if ends else [p["test_acc"] for p in periods
+                                               if p["test_acc"] is not None][-1]
+    def pct(x: float) -> str:
+        return f"{x:.1f}%".replace("-0.0%", "0.0%")
+
+    best = max(p["test_acc"] for p in periods if p["test_acc"] is not None)
+    return {"final": f"{100 * final:.2f}%", "best": f"{100 * best:.2f}%",
+            "steps": f"{last['cum_cost'] / FP32_STEP:.1f}",
+            "fp32": pct(100 * (1 - last["cum_cost"] / last["cum_fp32"])),
+            "sbm": pct(100 * (1 - last["cum_cost"] / last["cum_sbm"]))}
+
+
+def test_read_log_ignores_unknown_events_and_keys(pfq_dir):
+    log = read_log(pfq_dir)  # a run directory or the file itself
+    assert read_log(pfq_dir / "log.jsonl").periods == log.periods
+    assert log.start["model"] == "resnet20" and log.finished
+    assert len(log.periods) == 10 and [t["iter"] for t in log.turning_points] == [30, 60]
+    assert log.resumes == [] and log.end["iter"] == 100
+    assert log.final_test_acc == 0.9087 and log.best_test_acc == 0.9123
+
+
+def test_render_report_writes_valid_pngs(pfq_dir, tmp_path):
+    out = tmp_path / "report"
+    paths = render_report(pfq_dir, out)
+    assert [p.name for p in paths] == ["curves.png", "precision.png", "cost.png", "summary.md"]
+    assert all(p.parent == out for p in paths)
+    for p in paths[:3]:
+        _check_png(p)
+
+
+def test_summary_md_figures(pfq_dir):
+    paths = render_report(pfq_dir)  # default: into the run directory
+    assert paths[-1] == pfq_dir / "summary.md"
+    md = paths[-1].read_text()
+    exp = _expected(pfq_dir)
+    assert exp["final"] == "90.87%" and exp["best"] == "91.23%"
+    assert f"final test accuracy: {exp['final']}" in md
+    assert f"best test accuracy: {exp['best']}" in md
+    assert f"total cost: {exp['steps']} fp32 training steps" in md
+    assert f"saving vs fp32: {exp['fp32']}" in md and f"saving vs SBM: {exp['sbm']}" in md
+    assert "resnet20" in md and "PFQ a 3->4->6" in md and "iterations: 100 of 100" in md
+    assert "| 1 | 30 | 4/4/6 | 0.05 |" in md and "| 2 | 60 | 6/6/8 | 0.025 |" in md
+    for name in ("curves", "precision", "cost"):
+        assert f"![{name}]({name}.png)" in md
+
+
+def test_static_run(static_dir):
+    paths = render_report(static_dir)
+    for p in paths[:3]:
+        _check_png(p)
+    md = paths[-1].read_text()
+    exp = _expected(static_dir)
+    assert exp["sbm"] == "0.0%" and 93.7 <= float(exp["fp32"][:-1]) <= 93.8
+    assert f"saving vs SBM: {exp['sbm']}" in md and f"saving vs fp32: {exp['fp32']}" in md
+    assert "## Turning points\n\nnone" in md
+
+
+def test_unfinished_run(unfinished_dir):
+    log = read_log(unfinished_dir)
+    assert not log.finished and log.last_iter == 40 and log.final_test_acc == 0.5
+    paths = render_report(unfinished_dir)
+    for p in paths[:3]:
+        _check_png(p)
+    md = paths[-1].read_text()
+    exp = _expected(unfinished_dir)
+    assert "unfinished (last logged iteration 40)" in md and "iterations: 40 of 100" in md
+    assert f"final test accuracy: {exp['final']}" in md and exp["final"] == "50.00%"
+    assert f"total cost: {exp['steps']} fp32 training steps" in md
+    assert f"saving vs fp32: {exp['fp32']}" in md
+
+
+def test_resume_drops_replayed_records(tmp_path):
+    recs = _run(100, _pfq_bits, PFQ_ACCS)
+    tp = {"event": "turning_point", "iter": 60, "index": 1, "precision": {"a": 6, "w": 6, "g": 8}}
+    # the first attempt got to iteration 70 (with a turning point at 60), then resumed from 50
+    lines = [_start("PFQ", "pfq")] + recs[:5] + [tp] + recs[5:7] + [{"event": "resume", "iter": 50}]
+    run = _write(tmp_path / "resumed", lines + recs[5:])
+    log = read_log(run)
+    assert [p["iter"] for p in log.periods] == list(range(10, 101, 10))
+    assert log.turning_points == [] and [r["iter"] for r in log.resumes] == [50] and log.finished
+    assert "resumed at iteration(s): 50" in render_report(run)[-1].read_text()
+
+
+def test_missing_log_names_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        read_log(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="log.jsonl"):
+        render_report(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_empty_log_names_file(tmp_path, text):
+    (tmp_path / "log.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=r"log\.jsonl.*empty"):
+        read_log(tmp_path)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "event"),
+    ('{"iter": 3}', "event"),
+    ('{"event": "period", "iter": "ten"}', "iter"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, bad, msg):
+    recs = _run(30, _pfq_bits, PFQ_ACCS)
+    _write(tmp_path, [_start("PFQ", "pfq"), recs[0], bad, recs[1]])
+    with pytest.raises(ValueError, match=rf"log\.jsonl:3: .*{msg}"):
+        read_log(tmp_path)
+
+
+def test_event_before_start_and_partial_last_line(tmp_path):
+    recs = _run(30, _pfq_bits, PFQ_ACCS, end=False)
+    _write(tmp_path / "a", [recs[0], _start("PFQ", "pfq")])
+    with pytest.raises(ValueError, match=r"log\.jsonl:1: .*before"):
+        read_log(tmp_path / "a")
+    # a run being written: its last line may be cut short (no trailing newline) and is skipped
+    run = _write(tmp_path / "b", [_start("PFQ", "pfq")] + recs, tail='{"event": "per')
+    assert len(read_log(run).periods) == 3
+
+
+def test_compare_runs_and_summary_table(pfq_dir, static_dir, unfinished_dir, tmp_path):
+    runs = [pfq_dir, static_dir, unfinished_dir]
+    out = compare_runs(runs, tmp_path / "cmp" / "compare.png")
+    assert out == tmp_path / "cmp" / "compare.png"
+    _check_png(out)
+    table = summary_table(runs).splitlines()
+    assert len(table) == 2 + len(runs) and table[0].startswith("| run | schedule |")
+    for run, row in zip(runs, table[2:]):
+        exp = _expected(run)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0].startswith(run.name)
+        assert cells[2:] == [exp["final"].rstrip("%"), exp["steps"], exp["sbm"].rstrip("%"),
+                             exp["fp32"].rstrip("%")]
+    assert "(unfinished)" in table[4] and "CPT cyclic" in table[4]
+
+
+def test_no_pyplot(pfq_dir, tmp_path):
+    """Rendering must not import pyplot (global backend state of other users)."""
+    code = ("import sys; from fraccompile.plots import render_report, compare_runs; "
+            f"render_report({str(pfq_dir)!r}, {str(tmp_path / 'o')!r}); "
+            f"compare_runs([{str(pfq_dir)!r}], {str(tmp_path / 'c.png')!r}); "
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
