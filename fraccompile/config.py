@@ -65,6 +65,11 @@ class FracConfig:
         pipeline: name of the pass pipeline (see ``fraccompile.passes.PIPELINES``).
         act_momentum: EMA momentum of the running activation range used in eval mode
             (torch BatchNorm convention: ``new = (1 - m) * old + m * batch``).
+        gate_a, gate_g: DFQ candidate (activation, gradient) precision pairs (pipeline ``dfq``;
+            FracTrain's CIFAR default a in 3,4,4,6,6 with g in 6,6,8,8,12).
+        gate_mode: ``"routed"`` (each sample runs at its chosen precision only) or ``"dense"``
+            (every candidate computed and masked, as FracTrain's public code does).
+        gate_hidden: width of the gates' feature extractors and shared LSTM.
     """
 
     a: int = 8
@@ -78,6 +83,10 @@ class FracConfig:
     leaf_modules: tuple[str, ...] = ()
     pipeline: str = "default"
     act_momentum: float = 0.1
+    gate_a: tuple[int, ...] = (3, 4, 4, 6, 6)
+    gate_g: tuple[int, ...] = (6, 6, 8, 8, 12)
+    gate_mode: str = "routed"
+    gate_hidden: int = 32
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -100,6 +109,18 @@ class FracConfig:
                 or not 0.0 < self.act_momentum <= 1.0:
             raise ConfigError(f"FracConfig.act_momentum = {self.act_momentum!r} is out of range: "
                               "allowed 0 < act_momentum <= 1")
+        gate_a = tuple(check_bits("FracConfig.gate_a entry", b) for b in self.gate_a)
+        gate_g = tuple(check_bits("FracConfig.gate_g entry", b) for b in self.gate_g)
+        if len(gate_a) != len(gate_g) or not gate_a or 0 in gate_a + gate_g:
+            raise ConfigError(f"FracConfig.gate_a {list(gate_a)} and gate_g {list(gate_g)} must "
+                              "pair up one to one, with quantized (non-zero) precisions")
+        object.__setattr__(self, "gate_a", gate_a)
+        object.__setattr__(self, "gate_g", gate_g)
+        _check_choice("FracConfig.gate_mode", self.gate_mode, ("dense", "routed"))
+        if isinstance(self.gate_hidden, bool) or not isinstance(self.gate_hidden, int) \
+                or not 1 <= self.gate_hidden <= 4096:
+            raise ConfigError(f"FracConfig.gate_hidden = {self.gate_hidden!r} is out of range: "
+                              "allowed 1..4096")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"FracConfig.version = {self.version!r} is not supported: "
                               f"this fraccompile reads version {CONFIG_VERSION}")

@@ -15,7 +15,7 @@ import torch
 from torch.autograd import Function
 
 from .backend import KernelBackend
-from .quantizers import quantize_gradient
+from .quantizers import quantize_gradient, quantize_gradient_rows
 from .spec import SiteSpec
 
 
@@ -42,8 +42,38 @@ class SiteGemm(Function):
     def backward(ctx, dy: torch.Tensor):
         qx, qw = ctx.saved_tensors
         spec, backend = ctx.spec, ctx.backend
-        dyq = quantize_gradient(dy, ctx.g_bits, ctx.scheme)
+        if isinstance(ctx.g_bits, torch.Tensor):  # per-sample precisions (routed DFQ)
+            dyq = quantize_gradient_rows(dy, ctx.g_bits, ctx.scheme)
+        else:
+            dyq = quantize_gradient(dy, ctx.g_bits, ctx.scheme)
         dx = backend.grad_input(spec, dyq, qx, qw) if ctx.needs_input_grad[0] else None
         dw = backend.grad_weight(spec, qx, dyq, qw) if ctx.needs_input_grad[1] else None
         db = backend.grad_bias(spec, dyq) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None
+
+
+class GateProbe(Function):
+    """Identity on the (per-sample quantized) site input ``qx``; its backward gives the gate of a
+    routed site the gradient it would get in dense mode without running the other candidates.
+
+    In dense mode ``y_i = sum_k onehot_ik * op(q_k(x)_i, w)``, so ``dL/d onehot_ik = <dy_i, y_ik>``.
+    The op is linear in its input, hence ``y_ik = y_i + op(q_k(x_i) - qx_i, w)`` and
+    ``<dy_i, y_ik> = <dy_i, y_i> + <dqx_i, q_k(x_i) - qx_i>`` where ``dqx = op^T(dy, w)`` is the
+    error-backprop GEMM the backward pass computes anyway. The first term is the same for every k
+    and cancels in the softmax's backward, so the gate receives ``<dqx_i, q_k(x_i) - qx_i>``: exact
+    up to the quantization of dy, for the cost of K elementwise quantizations.
+    """
+
+    @staticmethod
+    def forward(ctx, qx, onehot, x, quantize_at: Callable[[torch.Tensor, int], torch.Tensor],
+                candidates: tuple[int, ...]):
+        ctx.save_for_backward(x, qx)
+        ctx.quantize_at, ctx.candidates = quantize_at, candidates
+        return qx.view_as(qx)
+
+    @staticmethod
+    def backward(ctx, dqx):
+        x, qx = ctx.saved_tensors
+        dims = list(range(1, x.dim()))
+        grads = [(dqx * (ctx.quantize_at(x, bits) - qx)).sum(dims) for bits in ctx.candidates]
+        return dqx, torch.stack(grads, 1), None, None, None

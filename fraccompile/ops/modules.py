@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import KernelBackend, get_backend
-from .functions import SiteGemm, STEQuantize
-from .quantizers import quantize_activation, quantize_weight, tensor_range
+from ..control.gates import GateDecision
+from .functions import GateProbe, SiteGemm, STEQuantize
+from .quantizers import (qparams_from_range, quantize_activation, quantize_rows, quantize_weight,
+                         tensor_range)
 from .spec import Precision, SiteSpec
 
 
@@ -81,31 +83,60 @@ class FracOp(nn.Module):
             (w,), b = operands, None
         else:
             w, b = operands[0], (operands[1] if len(operands) > 1 else None)
+        if isinstance(prec, GateDecision):
+            return self.run_gated(x, w, b, prec)
         return self.run(x, w, b, Precision(*prec))
 
-    def _quantize_input(self, x: torch.Tensor, bits: int, rng: RunningRange) -> torch.Tensor:
+    def _range(self, x: torch.Tensor, rng: RunningRange):
+        """The activation range: the batch's (and update the running one) in training, the running
+        one in eval."""
+        return rng.observe(x) if self.training else rng.current()
+
+    def _quantize_input(self, x: torch.Tensor, bits: int, rng: RunningRange,
+                        lo_hi=None) -> torch.Tensor:
         if not bits:
             return x
-        if self.training:
-            lo, hi = rng.observe(x)
-        else:
-            lo, hi = rng.current()
+        lo, hi = lo_hi if lo_hi is not None else self._range(x, rng)
         return STEQuantize.apply(x, functools.partial(quantize_activation, bits=bits,
                                                       scheme=self.scheme, lo=lo, hi=hi))
 
+    def _quantize_weight(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+        if self.spec.kind == "matmul":
+            return self._quantize_input(w, bits, self.rhs_range)
+        if not bits:
+            return w
+        return STEQuantize.apply(w, functools.partial(quantize_weight, bits=bits,
+                                                      scheme=self.scheme))
+
     def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-            prec: Precision) -> torch.Tensor:
-        spec = self.spec
+            prec: Precision, lo_hi=None) -> torch.Tensor:
         if prec.is_full:
-            return spec.fp_forward(x, w, b)
-        qx = self._quantize_input(x, prec.a, self.act_range)
-        if spec.kind == "matmul":
-            qw = self._quantize_input(w, prec.w, self.rhs_range)
-        elif prec.w:
-            qw = STEQuantize.apply(w, functools.partial(quantize_weight, bits=prec.w,
-                                                        scheme=self.scheme))
-        else:
-            qw = w
+            return self.spec.fp_forward(x, w, b)
+        qx = self._quantize_input(x, prec.a, self.act_range, lo_hi)
+        return self._gemm(qx, self._quantize_weight(w, prec.w), w, b, prec.g)
+
+    def run_gated(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                  d: GateDecision) -> torch.Tensor:
+        """Per-sample precisions from a DFQ gate, in the gate's execution mode."""
+        lo_hi = self._range(x, self.act_range)
+        if d.mode == "dense":  # every candidate on the whole batch, mixed by the one-hot
+            ys = [self.run(x, w, b, Precision(a, d.w, g), lo_hi) for a, g in zip(d.a, d.g)]
+            mix = d.onehot.reshape(d.onehot.shape + (1,) * (ys[0].dim() - 1))
+            return (mix * torch.stack(ys, 1)).sum(1)
+        lo, hi = lo_hi if lo_hi[0] is not None else tensor_range(x)
+        bits = torch.tensor(d.a, device=x.device)[d.choice]
+
+        def quantize_at(t: torch.Tensor, b: int) -> torch.Tensor:
+            return quantize_activation(t, b, self.scheme, lo=lo, hi=hi)
+
+        qx = STEQuantize.apply(x, lambda t: quantize_rows(
+            t, bits, lambda k: qparams_from_range(lo, hi, k, self.scheme)))
+        qx = GateProbe.apply(qx, d.onehot, x.detach(), quantize_at, d.a)
+        g_bits = torch.tensor(d.g, device=x.device)[d.choice]
+        return self._gemm(qx, self._quantize_weight(w, d.w), w, b, g_bits)
+
+    def _gemm(self, qx, qw, w, b, g_bits) -> torch.Tensor:
+        spec = self.spec
         if spec.kind == "conv":
             if spec.pre_pad:
                 mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
@@ -113,7 +144,7 @@ class FracOp(nn.Module):
             extra = spec.same_extra_pad(tuple(w.shape))
             if extra:
                 qx = F.pad(qx, extra)
-        return SiteGemm.apply(qx, qw, b, spec, prec.g, self.scheme, self.backend)
+        return SiteGemm.apply(qx, qw, b, spec, g_bits, self.scheme, self.backend)
 
 
 class PrecisionReader(nn.Module):
@@ -124,5 +155,8 @@ class PrecisionReader(nn.Module):
         super().__init__()
         self.controller = controller
 
-    def forward(self, site: str) -> Precision:
-        return self.controller[site]
+    def forward(self, site: str, gate=None):
+        prec = self.controller[site]
+        if gate is None:
+            return prec
+        return gate.bank.decision(gate, prec.w)

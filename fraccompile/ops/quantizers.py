@@ -134,3 +134,22 @@ def quantize_gradient(g: torch.Tensor, bits: int, scheme: str,
     lo, hi = tensor_range(g)
     return fake_quantize(g, qparams_from_range(lo, hi, bits, scheme, signed=True), stochastic=True,
                          generator=generator)
+
+
+def quantize_rows(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochastic: bool = False,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Quantize each sample (row along dim 0) of ``x`` at its own precision ``row_bits[i]``, with
+    ``qp_for_bits(bits)`` giving the grid (one shared range, so rows differ only in step size)."""
+    out = torch.empty_like(x)
+    for bits in torch.unique(row_bits).tolist():
+        rows = (row_bits == bits).nonzero().flatten()
+        out[rows] = fake_quantize(x[rows], qp_for_bits(int(bits)), stochastic=stochastic,
+                                  generator=generator)
+    return out
+
+
+def quantize_gradient_rows(g: torch.Tensor, row_bits: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per-tensor range, stochastic rounding, each sample at its own precision."""
+    lo, hi = tensor_range(g)
+    return quantize_rows(g, row_bits, lambda b: qparams_from_range(lo, hi, b, scheme, signed=True),
+                         stochastic=True)

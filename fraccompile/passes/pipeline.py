@@ -8,11 +8,15 @@ from ..config import FracConfig
 from ..errors import PassError
 from .base import Pass
 from .cost_annotation import CostAnnotation
+from .gating_insertion import GatingInsertion
 from .quantize_insertion import QuantizeInsertion
+from .region_discovery import RegionDiscovery
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (QuantizeInsertion, CostAnnotation)}
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (QuantizeInsertion, CostAnnotation,
+                                                     RegionDiscovery, GatingInsertion)}
 PIPELINES: dict[str, tuple[str, ...]] = {
     "default": ("quantize-insertion", "cost-annotation"),
+    "dfq": ("quantize-insertion", "cost-annotation", "region-discovery", "gating-insertion"),
     "cost-only": ("cost-annotation",),
 }
 
