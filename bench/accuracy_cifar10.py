@@ -1,11 +1,12 @@
 """Accuracy against bit-cost on real CIFAR-10: fp32, static 8/8/8 (SBM), PFQ and CPT training of
-ResNet-20 under one fixed protocol sized for about an hour on 2 CPU cores.
+ResNet-20 under one fixed protocol sized for well under an hour on 2 CPU cores.
 
 Protocol (defaults): the full CIFAR-10 training set (50,000 JPEG-decoded images from
 ../shared/data/cifar10-jpeg.npz), random crop (padding 4) + horizontal flip, batch 128, SGD
-(momentum 0.9, Nesterov, weight decay 5e-4), LR 0.1 with a cosine decay over 1,200 iterations
-(about 3 epochs), evaluation every 100 iterations on 2,000 test images and at the end on the full
-10,000-image test set. Same seed (model init and data order) for every run.
+(momentum 0.9, Nesterov, weight decay 5e-4), LR 0.1 with a cosine decay over 600 iterations
+(about 1.5 epochs), evaluation every 100 iterations on 1,000 test images and at the end on the full
+10,000-image test set; PFQ's indicator period is 20 iterations (30 periods). Same seed (model init
+and data order) for every run.
 
     python bench/accuracy_cifar10.py                    # train every run, then report
     python bench/accuracy_cifar10.py --runs pfq cpt     # some runs only
@@ -50,13 +51,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=RUNS)
-    parser.add_argument("--iters", type=int, default=1200)
+    parser.add_argument("--iters", type=int, default=600)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--pfq-every", type=int, default=40, help="PFQ indicator period")
+    parser.add_argument("--pfq-every", type=int, default=20, help="PFQ indicator period")
     parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--period-test", type=int, default=2000)
+    parser.add_argument("--period-test", type=int, default=1000)
     parser.add_argument("--out", default=str(ROOT / "runs" / "accuracy_cifar10"))
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
