@@ -56,6 +56,7 @@ def transform(
     leaf: Annotated[list[str], typer.Option(help="module class/path kept opaque (repeatable)")] = [],  # noqa: B006
     capture: Annotated[Optional[str], typer.Option(help="auto, fx or export")] = None,
     dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
+    pipeline: Annotated[Optional[str], typer.Option(help="pass pipeline: default or dfq")] = None,
 ) -> None:
     """Compile a model and write transformed.py, graph.json and report.md."""
     from .api import compile as frac_compile
@@ -64,6 +65,8 @@ def transform(
 
     shape = parse_shape(input_shape)
     cfg = _load_config(config, leaf, capture)
+    if pipeline:
+        cfg = cfg.replace(pipeline=pipeline)
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
     console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
@@ -85,11 +88,20 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
     return values
 
 
+SCHEDULES = ("static", "pfq", "cyclic", "dfq", "fractrain")
+
+
 def _make_schedule(kind: str, fw: str, bw: str, iters: int, pfq_every: int, eps: float,
-                   alpha: float, cycles: int):
-    from .control import PFQ, Cyclic, Static
+                   alpha: float, cycles: int, cp: float = 3.0, cp_step: float = 0.5,
+                   beta: float = 2.0):
+    from .control import DFQ, PFQ, Cyclic, FracTrain, Static
     from .errors import ConfigError
 
+    if kind == "dfq":
+        return DFQ(cp / 100, beta=beta)
+    if kind == "fractrain":
+        return FracTrain(cp / 100, cp_step / 100, beta=beta, eval_every=pfq_every, eps=eps,
+                         alpha=alpha)
     fws, bws = _int_list("--fw", fw), _int_list("--bw", bw)
     if kind == "static":
         return Static(fws[0], fws[0], bws[0])
@@ -97,7 +109,7 @@ def _make_schedule(kind: str, fw: str, bw: str, iters: int, pfq_every: int, eps:
         return PFQ(fws, bws, eval_every=pfq_every, eps=eps, alpha=alpha)
     if kind == "cyclic":
         return Cyclic(min(fws), max(fws), cycles=cycles, total_iters=iters, g=bws[0])
-    raise ConfigError(f"--schedule {kind!r} is not known: choose static, pfq or cyclic")
+    raise ConfigError(f"--schedule {kind!r} is not known: choose {', '.join(SCHEDULES)}")
 
 
 def _make_data(spec: str, batch_size: int, block_size: int, train_limit, test_limit, seed: int):
@@ -128,7 +140,7 @@ def _make_data(spec: str, batch_size: int, block_size: int, train_limit, test_li
 def train(
     model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
     data: Annotated[str, typer.Option(help="cifar10:PATH|bundled or shakespeare:PATH")] = "cifar10:bundled",
-    schedule: Annotated[str, typer.Option(help="static, pfq or cyclic")] = "pfq",
+    schedule: Annotated[str, typer.Option(help="static, pfq, cyclic, dfq or fractrain")] = "pfq",
     fw: Annotated[str, typer.Option(help="activation/weight bits (PFQ: one per stage; "
                                           "cyclic: low,high)")] = "3,4,6,8",
     bw: Annotated[str, typer.Option(help="gradient bits (PFQ: one per stage)")] = "6,6,8,8",
@@ -144,6 +156,10 @@ def train(
     eps: Annotated[float, typer.Option(help="PFQ threshold")] = 0.05,
     alpha: Annotated[float, typer.Option(help="PFQ threshold decay")] = 0.3,
     cycles: Annotated[int, typer.Option(min=1, help="cyclic: number of cycles")] = 8,
+    cp: Annotated[float, typer.Option(help="dfq/fractrain: target cost, % of fp32")] = 3.0,
+    cp_step: Annotated[float, typer.Option(help="fractrain: target raise per turning point, %")] = 0.5,
+    beta: Annotated[float, typer.Option(help="dfq/fractrain: cost regularizer weight")] = 2.0,
+    gate_mode: Annotated[str, typer.Option(help="dfq/fractrain: routed or dense")] = "routed",
     block_size: Annotated[int, typer.Option(min=2, help="shakespeare: context length")] = 64,
     train_limit: Annotated[Optional[int], typer.Option(help="random training subset size")] = None,
     test_limit: Annotated[Optional[int], typer.Option(help="random test subset size")] = None,
@@ -163,8 +179,11 @@ def train(
 
     if lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"--lr-schedule {lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}")
-    sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles)
+    sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step,
+                           beta)
     cfg = _load_config(config, [], None)
+    if schedule in ("dfq", "fractrain"):
+        cfg = cfg.replace(pipeline="dfq", gate_mode=gate_mode)
     dataset = _make_data(data, batch_size, block_size, train_limit, test_limit, seed)
     torch.manual_seed(seed)
     model = load_model(model_spec)

@@ -55,6 +55,17 @@ def site_cost(name: str, macs: int, prec: Precision | tuple[int, int, int],
                     macs * a * g / scale, full_precision)
 
 
+def mixed_site_cost(name: str, macs: int, mixture, full_precision: bool = False) -> SiteCost:
+    """Expected cost of a gated site: ``mixture`` lists (share of samples, precision) pairs. The
+    row's a/w/g are the share-weighted mean precisions."""
+    parts = [(float(share), site_cost(name, macs, prec)) for share, prec in mixture]
+    mean = [sum(share * float(b) for share, b in zip((s for s, _ in parts), bits))
+            for bits in zip(*(Precision(*prec) for _, prec in mixture))]
+    return SiteCost(name, macs, *mean, sum(s * c.fw for s, c in parts),
+                    sum(s * c.eb for s, c in parts), sum(s * c.gc for s, c in parts),
+                    full_precision)
+
+
 @dataclass(frozen=True)
 class CostReport:
     """Per-site costs of one training step at the captured batch size, and totals."""

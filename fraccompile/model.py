@@ -11,9 +11,10 @@ from torch import fx
 
 from .config import FracConfig
 from .control.controller import PrecisionController
-from .cost import CostMeter, CostReport, cost_report
+from .cost import CostMeter, CostReport, cost_report, mixed_site_cost, site_cost
 from .ops.spec import Precision
-from .passes.base import META_FP_LAYER, META_SITE, SiteInfo
+from .passes.base import META_FP_LAYER, META_PRECISION_NODE, META_SITE, SiteInfo
+from .passes.gating_insertion import META_GATE
 from .passes.quantize_insertion import PRECISION_MODULE
 
 
@@ -78,8 +79,51 @@ class FracModel(fx.GraphModule):
 
     def cost(self) -> CostReport:
         """FW/EB/GC bit-cost of one training step at the captured batch size, per site and total
-        (layers kept in full precision included at 32 bits)."""
-        return cost_report((s.name, s.macs, s.precision, s.full_precision) for s in self.sites)
+        (layers kept in full precision included at 32 bits). Gated (DFQ) sites count at the
+        candidates chosen in the latest forward, weighted by their share of the batch."""
+        bank, regions = self._gates(), self._site_regions()
+        rows = []
+        for s in self.sites:
+            region = regions.get(s.name)
+            if bank is not None and region in bank.last:
+                shares = bank.fractions(region).detach().tolist()
+                mixture = [(f, (a, s.precision.w, g)) for f, a, g in zip(shares, bank.a, bank.g)]
+                rows.append(mixed_site_cost(s.name, s.macs, mixture))
+            else:
+                rows.append(site_cost(s.name, s.macs, s.precision, s.full_precision))
+        return CostReport(tuple(rows))
+
+    def gate_cp(self) -> torch.Tensor:
+        """The expected cost ratio ``cp`` of the latest forward as a differentiable function of the
+        gates' decisions (straight-through), for the DFQ cost regularizer."""
+        bank, regions = self._gates(), self._site_regions()
+        if bank is None or not bank.last:
+            raise RuntimeError("gate_cp() needs a model compiled with pipeline='dfq' and a forward")
+        total, fixed = 0.0, 0.0
+        terms = []
+        for s in self.sites:
+            total += 3 * s.macs
+            region = regions.get(s.name)
+            if region in bank.last:
+                w = s.precision.w or 32
+                per_candidate = torch.tensor([(a * w + g * w + a * g) / 1024
+                                              for a, g in zip(bank.a, bank.g)])
+                terms.append(s.macs * (bank.fractions(region) * per_candidate).sum())
+            else:
+                fixed += site_cost(s.name, s.macs, s.precision).total
+        return (sum(terms) + fixed) / total
+
+    def _gates(self):
+        return getattr(self, "frac_gates", None)
+
+    def _site_regions(self) -> dict[str, str]:
+        """site -> region of the gate feeding its precision node (DFQ), from the graph."""
+        out = {}
+        for node in self.graph.nodes:
+            site = node.meta.get(META_PRECISION_NODE)
+            if site is not None and len(node.args) > 1 and node.args[1] is not None:
+                out[site] = node.args[1].meta[META_GATE]
+        return out
 
     def sbm_cost(self) -> CostReport:
         """Cost of one step of static 8/8/8 training (FracTrain's SBM baseline) of this model."""
@@ -127,6 +171,7 @@ class FracModel(fx.GraphModule):
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
+        res.__class__.__name__ = type(self).__name__
         res.frac_config = replace(self.frac_config)
         res.frac_schedule = copy.deepcopy(self.frac_schedule, memo)
         res.frac_iteration = self.frac_iteration

@@ -126,6 +126,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def schedule_precision(model: FracModel) -> dict[str, int]:
     """The precision the schedule runs at now (or the most common one among the sites)."""
     sched = model.frac_schedule
+    gates = getattr(model, "frac_gates", None)
+    if gates is not None and gates.last:  # DFQ: the share-weighted mean of the gates' choices
+        rows = [r for r in model.cost().rows if not isinstance(r.a, int)]
+        if rows:
+            return {k: round(sum(getattr(r, k) for r in rows) / len(rows), 2) for k in "awg"}
     if sched is not None and hasattr(sched, "current"):
         a, w, g = sched.current()
     elif sched is not None and hasattr(sched, "current_at"):
@@ -238,6 +243,7 @@ def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr
     result = FitResult(iterations=start, run_dir=run_dir)
     wall0 = time.perf_counter() - (state["wall"] if state is not None else 0.0)
     period_loss, period_correct, period_count, period_steps, period_t = 0.0, 0, 0, 0, 0.0
+    gate_shares: dict[str, torch.Tensor] = {}
     steps = data.steps_per_epoch
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
@@ -252,8 +258,11 @@ def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr
                 t0 = time.perf_counter()
                 out = model(x)
                 loss = loss_fn(out, y)
+                total = loss
+                if hasattr(model.frac_schedule, "regularizer"):  # DFQ / FracTrain cost term
+                    total = loss + model.frac_schedule.regularizer(model)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                total.backward()
                 optimizer.step()
                 scheduler.step()
                 loss_value = loss.item()
@@ -263,13 +272,19 @@ def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr
                 period_correct += correct_count(out.detach(), y)
                 period_count += y.numel()
                 period_steps += 1
+                gates = getattr(model, "frac_gates", None)
+                if gates is not None and gates.last:  # DFQ: which candidate each region chose
+                    for region in gates.last:
+                        share = gates.fractions(region).detach()
+                        gate_shares[region] = gate_shares.get(region, 0) + share
                 it += 1
                 for event in events:
                     event = {**event, "iter": it}
                     log.write(event)
                     result.events.append(event)
-                    console.print(f"iter {it}: turning point {event.get('index', '')} -> "
-                                  f"precision {event.get('precision')}")
+                    change = (f"target cp {100 * event['target_cp']:.2f}%" if "target_cp" in event
+                              else f"precision {event.get('precision')}")
+                    console.print(f"iter {it}: turning point {event.get('index', '')} -> {change}")
                 prec = schedule_precision(model)
                 meter = model.frac_meter
                 bar.update(task, completed=it, status=(
@@ -287,6 +302,11 @@ def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr
                               "cum_cost": meter.total, "cum_fp32": meter.fp32,
                               "cum_sbm": meter.sbm, "wall": time.perf_counter() - wall0,
                               "step_ms": 1000 * period_t / period_steps}
+                    if gate_shares:
+                        record["gates"] = {r: (s / period_steps).tolist()
+                                           for r, s in gate_shares.items()}
+                        record["gate_candidates"] = [list(p) for p in zip(gates.a, gates.g)]
+                        gate_shares = {}
                     log.write(record)
                     result.periods.append(record)
                     acc = record["test_acc"]

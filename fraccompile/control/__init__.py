@@ -1,6 +1,7 @@
 """Precision control: the controller every site reads from, and the schedules that drive it."""
 
 from .controller import PrecisionController
-from .schedules import PFQ, Cyclic, Schedule, Static
+from .schedules import DFQ, PFQ, Cyclic, FracTrain, Schedule, Static, cost_regularizer
 
-__all__ = ["PFQ", "Cyclic", "PrecisionController", "Schedule", "Static"]
+__all__ = ["DFQ", "PFQ", "Cyclic", "FracTrain", "PrecisionController", "Schedule", "Static",
+           "cost_regularizer"]

@@ -235,3 +235,88 @@ class Cyclic:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__init__(state["low"], state["high"], cycles=state["cycles"],
                       total_iters=state["total_iters"], g=state["g"])
+
+
+def cost_regularizer(cp, target: float, beta: float, relax: float):
+    """FracTrain's sign-switched cost term: ``beta * s * cp`` with ``s`` = 1 above
+    ``target + relax``, 0.1 in ``[target, target + relax)``, -0.1 in ``[target - relax, target)``
+    and -1 below, so the gates are pushed toward the target from either side."""
+    c = float(cp.detach()) if hasattr(cp, "detach") else float(cp)
+    if c >= target + relax:
+        sign = 1.0
+    elif c >= target:
+        sign = 0.1
+    elif c >= target - relax:
+        sign = -0.1
+    else:
+        sign = -1.0
+    return beta * sign * cp
+
+
+class DFQ:
+    """Dynamic fractional quantization under a budget: the gates (pipeline ``dfq``) choose each
+    sample's (a, g); this schedule keeps weights at ``w`` bits and adds the cost regularizer that
+    pulls the expected cost ratio toward ``target_cp`` (a fraction: 0.03 = 3% of fp32 training)."""
+
+    def __init__(self, target_cp: float = 0.03, *, beta: float = 2.0, relax: float = 0.002,
+                 w: int = 8):
+        if not 0 < target_cp <= 1:
+            raise ConfigError(f"DFQ target cp = {target_cp} must be a fraction in (0, 1]")
+        self.target_cp = float(target_cp)
+        self.beta, self.relax = float(beta), float(relax)
+        self.w = check_bits("DFQ w", w)
+
+    def apply(self, controller: PrecisionController, iteration: int) -> None:
+        controller.set(w=self.w)
+
+    def observe(self, iteration: int, loss: float) -> list[dict]:
+        return []
+
+    def regularizer(self, model):
+        return cost_regularizer(model.gate_cp(), self.target_cp, self.beta, self.relax)
+
+    def describe(self) -> str:
+        return f"DFQ target cp {100 * self.target_cp:.2f}%, beta {self.beta}, w {self.w}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "dfq", "target_cp": self.target_cp, "beta": self.beta,
+                "relax": self.relax, "w": self.w}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target_cp = state["target_cp"]
+        self.beta, self.relax, self.w = state["beta"], state["relax"], state["w"]
+
+
+class FracTrain(DFQ):
+    """FracTrain = PFQ + DFQ: DFQ's gates under a cost target that the PFQ indicator raises by
+    ``cp_step`` at each of its turning points (e.g. 1.5%, then 2%, 2.5%, 3%)."""
+
+    def __init__(self, target_cp: float = 0.015, cp_step: float = 0.005, *, beta: float = 2.0,
+                 relax: float = 0.002, w: int = 8, eval_every: int = 100, eps: float = 0.05,
+                 alpha: float = 0.3, turning_points: int = 3):
+        super().__init__(target_cp, beta=beta, relax=relax, w=w)
+        self.cp0, self.cp_step = self.target_cp, float(cp_step)
+        stages = (w,) * (turning_points + 1)
+        self.indicator = PFQ(stages, stages, eval_every=eval_every, eps=eps, alpha=alpha,
+                             turning_points=turning_points)
+
+    def observe(self, iteration: int, loss: float) -> list[dict]:
+        events = self.indicator.observe(iteration, loss)
+        for event in events:
+            self.target_cp = self.cp0 + self.cp_step * len(self.indicator.turning_points)
+            event["target_cp"] = self.target_cp
+            event.pop("precision", None)
+        return events
+
+    def describe(self) -> str:
+        return (f"FracTrain target cp {100 * self.cp0:.2f}% + {100 * self.cp_step:.2f}% per PFQ "
+                f"turning point ({self.indicator.describe()})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "kind": "fractrain", "cp0": self.cp0,
+                "cp_step": self.cp_step, "indicator": self.indicator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.cp0, self.cp_step = state["cp0"], state["cp_step"]
+        self.indicator.load_state_dict(state["indicator"])
