@@ -5,6 +5,11 @@ A run directory holds ``log.jsonl``: one JSON object per line with an ``"event"`
 and keys are ignored, and a run may be unfinished (no ``end``). Costs are in fp32-MAC units; the
 plots and tables show them in "fp32 training steps" (``cum / start.cost_per_step.fp32``).
 
+DFQ/FracTrain runs add ``gates`` (per region, the share of samples that chose each candidate) and
+``gate_candidates`` (each candidate's ``[a, g]`` bits) to their periods, may log share-weighted
+mean (float) bits as ``precision``, and their turning points carry ``target_cp`` (a fraction)
+instead of a ``precision``; such runs also get ``gates.png`` and a per-region table.
+
 Figures are drawn with :class:`matplotlib.figure.Figure` on an Agg canvas, never through pyplot, so
 rendering touches no global matplotlib state and works without a display.
 """
@@ -12,10 +17,13 @@ rendering touches no global matplotlib state and works without a display.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -157,9 +165,21 @@ def read_log(path: str | Path) -> RunLog:
     return log
 
 
-def _bits(prec: dict | None, key: str) -> int:
+def _bits(prec: dict | None, key: str) -> float:
     v = (prec or {}).get(key)
     return v if v else FULL_BITS
+
+
+def _awg(prec: dict | None) -> str:
+    """``a/w/g`` bits, e.g. ``4/4/6``; DFQ's share-weighted mean bits print as ``4.37``."""
+    return "/".join(f"{_bits(prec, k):.4g}" for k in "awg")
+
+
+def _tp_change(tp: dict) -> str:
+    """What a turning point switched to: ``4/4/6`` (PFQ) or ``cp 2.00%`` (FracTrain's target)."""
+    if tp.get("target_cp") is not None and tp.get("precision") is None:
+        return f"cp {100 * tp['target_cp']:.2f}%"
+    return _awg(tp.get("precision"))
 
 
 def _fmt(v: float | None, spec: str = ".2f", suffix: str = "") -> str:
@@ -190,8 +210,7 @@ def _mark_events(ax, log: RunLog, text: bool = False) -> None:
     for tp in log.turning_points:
         ax.axvline(tp["iter"], color="tab:red", ls="--", lw=0.9, alpha=0.7)
         if text:
-            p = tp.get("precision")
-            ax.annotate(f"TP{tp.get('index', '')}: {_bits(p, 'a')}/{_bits(p, 'w')}/{_bits(p, 'g')}",
+            ax.annotate(f"TP{tp.get('index', '')}: {_tp_change(tp)}",
                         (tp["iter"], 1), xycoords=("data", "axes fraction"), xytext=(3, -4),
                         textcoords="offset points", va="top", rotation=90, fontsize=8,
                         color="tab:red")
@@ -226,8 +245,10 @@ def _plot_curves(log: RunLog, out: Path) -> None:
 def _plot_precision(log: RunLog, out: Path) -> None:
     # (iter, precision) from the periods and turning points; a turning point sorts after a period
     # at the same iteration since it is the switch. Cyclic schedules are only sampled per period.
+    # FracTrain's turning points change the cost target, not the precision: they are no points.
     pts = sorted([(p["iter"], 0, p.get("precision")) for p in log.periods]
-                 + [(t["iter"], 1, t.get("precision")) for t in log.turning_points],
+                 + [(t["iter"], 1, t.get("precision")) for t in log.turning_points
+                    if t.get("precision") is not None or t.get("target_cp") is None],
                  key=lambda x: x[:2])
     fig, (ax,) = _new_figure()
     if pts:
@@ -267,8 +288,131 @@ def _plot_cost(log: RunLog, out: Path) -> None:
     fig.savefig(out)
 
 
+@dataclass
+class GateStats:
+    """The gates' choices of a DFQ run: candidates ``(a, g)`` in increasing order, regions in log
+    order, and per region the candidate shares averaged over the run (each period weighted by its
+    iterations) plus per gated period (``iters``) its mean activation bits (NaN if not logged)."""
+
+    candidates: list[tuple[float, float]]
+    regions: list[str]
+    shares: dict[str, list[float]]
+    iters: list[int]
+    a_bits: dict[str, list[float]]
+
+    def mean_bits(self, region: str) -> tuple[float, float]:
+        """Share-weighted mean (a, g) bits of ``region`` over the run."""
+        sh = self.shares[region]
+        return (sum(s * a for s, (a, _) in zip(sh, self.candidates)),
+                sum(s * g for s, (_, g) in zip(sh, self.candidates)))
+
+
+def gate_stats(log: RunLog) -> GateStats | None:
+    """Per-region gate statistics of a run, or ``None`` when no period logs usable ``gates``.
+
+    A period without ``gate_candidates`` uses the latest ones logged before it; a region whose
+    share list does not match the candidates is left out of that period.
+    """
+    cols: list[tuple[int, int, dict[str, dict[tuple, float]]]] = []
+    prev, cands = 0, None
+    for p in log.periods:
+        weight, prev = max(p["iter"] - prev, 1), p["iter"]
+        if isinstance(p.get("gate_candidates"), list) and p["gate_candidates"]:
+            cands = [tuple(c) for c in p["gate_candidates"]]
+        gates = p.get("gates")
+        if not isinstance(gates, dict) or not cands:
+            continue
+        col = {str(r): {c: float(s or 0.0) for c, s in zip(cands, sh)}
+               for r, sh in gates.items() if isinstance(sh, list) and len(sh) == len(cands)}
+        if col:
+            cols.append((p["iter"], weight, col))
+    if not cols:
+        return None
+    regions = list(dict.fromkeys(r for _, _, col in cols for r in col))
+    candidates = sorted({c for _, _, col in cols for sh in col.values() for c in sh})
+    shares, a_bits = {}, {}
+    for r in regions:
+        present = [(w, col[r]) for _, w, col in cols if r in col]
+        total = sum(w for w, _ in present)
+        shares[r] = [sum(w * sh.get(c, 0.0) for w, sh in present) / total for c in candidates]
+        a_bits[r] = [sum(s * c[0] for c, s in col[r].items()) if r in col else math.nan
+                     for _, _, col in cols]
+    return GateStats(candidates, regions, shares, [i for i, _, _ in cols], a_bits)
+
+
+def _short(name: str, n: int = 24) -> str:
+    """``name`` cut in the middle to at most ``n`` characters (both ends tell regions apart)."""
+    return name if len(name) <= n else name[:n // 2 - 1] + "\u2026" + name[-(n - n // 2):]
+
+
+def _plot_gates(log: RunLog, stats: GateStats, out: Path) -> None:
+    regions, cands = stats.regions, stats.candidates
+    n_reg, n_col = len(regions), len(stats.iters)
+    h_heat = max(2.2, 0.28 * n_reg + 1.3)
+    fig = Figure(figsize=(9, min(3.6 + h_heat, 12.0)), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_bar, ax_heat = fig.subplots(2, 1, height_ratios=[3.6, h_heat])
+    cmap = colormaps["YlGnBu"]
+
+    # (1) candidate shares per region over the whole run, low precision (light) at the bottom
+    x = np.arange(n_reg)
+    bottom = np.zeros(n_reg)
+    colours = cmap(np.linspace(0.2, 0.95, len(cands)))
+    for k, (c, colour) in enumerate(zip(cands, colours)):
+        vals = np.array([100.0 * stats.shares[r][k] for r in regions])
+        ax_bar.bar(x, vals, 0.75, bottom=bottom, color=colour, edgecolor="white", lw=0.5,
+                   label=f"a/g = {c[0]:g}/{c[1]:g}")
+        if n_reg <= 12:
+            for xi, v, b in zip(x, vals, bottom):
+                if v >= 8:
+                    ax_bar.text(xi, b + v / 2, f"{v:.0f}%", ha="center", va="center", fontsize=7,
+                                color="white" if k >= len(cands) / 2 else "black")
+        bottom += vals
+    rotate = n_reg > 6 or max(len(r) for r in regions) > 10
+    ax_bar.set_xticks(x, [_short(r) for r in regions], rotation=45 if rotate else 0,
+                      ha="right" if rotate else "center", fontsize=8 if n_reg <= 24 else 6)
+    ax_bar.set_xlim(-0.6, n_reg - 0.4)
+    ax_bar.set_ylim(0, 100)
+    ax_bar.set_ylabel("share of samples (%)")
+    fig.suptitle(f"Precision chosen by the gates per region - {log.schedule}", fontsize=10)
+    ax_bar.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(cands), 6),
+                  fontsize=8, frameon=False, title_fontsize=9,
+                  title=f"candidate shares, averaged over iterations 1-{stats.iters[-1]}")
+    ax_bar.grid(axis="y", alpha=0.3)
+
+    # (2) mean activation bits per region (rows) and period (columns)
+    lo, hi = min(c[0] for c in cands), max(c[0] for c in cands)
+    data = np.ma.masked_invalid(np.array([stats.a_bits[r] for r in regions], dtype=float))
+    heat_cmap = cmap.with_extremes(bad="lightgray")
+    im = ax_heat.imshow(data, aspect="auto", interpolation="nearest", cmap=heat_cmap,
+                        vmin=lo, vmax=hi if hi > lo else lo + 1)
+    step = max(1, math.ceil(n_col / 12))
+    ticks = list(range(0, n_col, step))
+    ax_heat.set_xticks(ticks, [str(stats.iters[j]) for j in ticks], fontsize=8)
+    rstep = max(1, math.ceil(n_reg / 40))
+    ax_heat.set_yticks(range(0, n_reg, rstep), [_short(regions[i]) for i in range(0, n_reg, rstep)],
+                       fontsize=8 if n_reg <= 24 else 6)
+    if n_col <= 16 and n_reg <= 16:
+        for i, r in enumerate(regions):
+            for j, v in enumerate(stats.a_bits[r]):
+                if not math.isnan(v):
+                    dark = (v - lo) / ((hi - lo) or 1) > 0.55
+                    ax_heat.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                                 color="white" if dark else "black")
+    for tp in log.turning_points:  # the switch takes effect from the first period after it
+        after = [j for j, it in enumerate(stats.iters) if it > tp["iter"]]
+        if after and after[0] > 0:
+            ax_heat.axvline(after[0] - 0.5, color="tab:red", ls="--", lw=1.2)
+    ax_heat.set_xlabel("iteration (end of period)")
+    ax_heat.set_ylabel("region")
+    ax_heat.set_title("Mean activation bits chosen per region and period", fontsize=10)
+    fig.colorbar(im, ax=ax_heat, label="mean a bits", fraction=0.05, pad=0.02)
+    fig.savefig(out)
+
+
 def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write ``curves.png``, ``precision.png``, ``cost.png`` and ``summary.md`` for one run.
+    """Write ``curves.png``, ``precision.png``, ``cost.png`` and ``summary.md`` for one run, and
+    ``gates.png`` (after ``cost.png``) when the run logs DFQ gate choices.
 
     Returns the written paths (images first). ``out_dir`` defaults to the run directory.
     """
@@ -278,6 +422,10 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
     paths = [out / "curves.png", out / "precision.png", out / "cost.png"]
     for draw, p in zip((_plot_curves, _plot_precision, _plot_cost), paths):
         draw(log, p)
+    gates = gate_stats(log)
+    if gates is not None:
+        paths.append(out / "gates.png")
+        _plot_gates(log, gates, paths[-1])
     total = log.cum()
     iters = log.start.get("iters")
     status = "finished" if log.finished else f"unfinished (last logged iteration {log.last_iter})"
@@ -294,14 +442,22 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
         lines.append(f"- resumed at iteration(s): {', '.join(str(r['iter']) for r in log.resumes)}")
     lines += ["", "## Turning points", ""]
     if log.turning_points:
-        lines += ["| # | iteration | a/w/g | eps |", "|---|---|---|---|"]
+        targets = [tp.get("target_cp") is not None and tp.get("precision") is None
+                   for tp in log.turning_points]
+        head = "target cp" if all(targets) else "a/w/g or target cp" if any(targets) else "a/w/g"
+        lines += [f"| # | iteration | {head} | eps |", "|---|---|---|---|"]
         for tp in log.turning_points:
-            p = tp.get("precision")
-            lines.append(f"| {tp.get('index', '')} | {tp['iter']} | "
-                         f"{_bits(p, 'a')}/{_bits(p, 'w')}/{_bits(p, 'g')} | "
+            lines.append(f"| {tp.get('index', '')} | {tp['iter']} | {_tp_change(tp)} | "
                          f"{_fmt(tp.get('eps'), '.4g')} |")
     else:
         lines.append("none")
+    if gates is not None:
+        lines += ["", "## Gates (per-region precision)", "",
+                  "Bits chosen by each region's gate, share-weighted and averaged over the run "
+                  "(see gates.png).", "", "| region | mean a bits | mean g bits |", "|---|---|---|"]
+        for r in gates.regions:
+            a, g = gates.mean_bits(r)
+            lines.append(f"| {r.replace('|', '/')} | {a:.2f} | {g:.2f} |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in paths] + [""]
     md = out / "summary.md"
     md.write_text("\n".join(lines), encoding="utf-8")

@@ -218,6 +218,94 @@ def test_event_before_start_and_partial_last_line(tmp_path):
     assert len(read_log(run).periods) == 3
 
 
+GATE_CANDS = [[3, 6], [4, 6], [4, 8], [6, 8], [6, 12]]
+# per period (iterations 10, 20, 30, 35: the last one is short), per region: candidate shares
+GATE_SHARES = [
+    {"stem": [0.5, 0.3, 0.1, 0.1, 0.0], "layer1.0": [0.2, 0.2, 0.2, 0.2, 0.2],
+     "layer2.0": [0.0, 0.0, 0.25, 0.25, 0.5]},
+    {"stem": [0.6, 0.2, 0.1, 0.1, 0.0], "layer1.0": [0.4, 0.3, 0.2, 0.1, 0.0],
+     "layer2.0": [0.0, 0.1, 0.2, 0.3, 0.4]},
+    {"stem": [0.1, 0.2, 0.3, 0.2, 0.2], "layer1.0": [0.1, 0.1, 0.1, 0.3, 0.4],
+     "layer2.0": [0.05, 0.05, 0.1, 0.2, 0.6]},
+    {"stem": [0.0, 0.1, 0.2, 0.3, 0.4], "layer1.0": [0.0, 0.0, 0.2, 0.3, 0.5],
+     "layer2.0": [0.0, 0.0, 0.0, 0.2, 0.8]},
+]
+DFQ_ITERS = [10, 20, 30, 35]
+
+
+@pytest.fixture
+def dfq_dir(tmp_path):
+    """A FracTrain run: gate shares per region, float (share-weighted) precisions, and a turning
+    point that raises the cost target instead of switching a precision."""
+    recs, cum, prev = [], 0.0, 0
+    for k, (i, gates) in enumerate(zip(DFQ_ITERS, GATE_SHARES)):
+        a = sum(s * c[0] for sh in gates.values() for s, c in zip(sh, GATE_CANDS)) / 3
+        g = sum(s * c[1] for sh in gates.values() for s, c in zip(sh, GATE_CANDS)) / 3
+        cum += (i - prev) * FP32_STEP * (a * 8 + g * 8 + a * g) / (3 * 32 * 32)
+        prev = i
+        recs.append({"event": "period", "iter": i, "epoch": i / 50, "lr": 0.1,
+                     "train_loss": 2.0 / (k + 1), "train_acc": 0.2 + 0.1 * k,
+                     "test_loss": 2.1 / (k + 1), "test_acc": 0.25 + 0.1 * k,
+                     "precision": {"a": round(a, 2), "w": 8, "g": round(g, 2)}, "cp": 0.02,
+                     "cum_cost": cum, "cum_fp32": i * FP32_STEP, "cum_sbm": i * SBM_STEP,
+                     "wall": float(i), "step_ms": 12.0, "gates": gates,
+                     "gate_candidates": GATE_CANDS})
+    tp = {"event": "turning_point", "iter": 20, "index": 1, "eps": 0.05, "diffs": [0.1, 0.03],
+          "normalizer": 1.2, "target_cp": 0.02}
+    end = {"event": "end", "iter": 35, "test_acc": recs[-1]["test_acc"],
+           "cum_cost": cum, "cum_fp32": 35 * FP32_STEP, "cum_sbm": 35 * SBM_STEP, "wall": 40.0}
+    start = _start("FracTrain target cp 1.50% + 0.50% per PFQ turning point", "fractrain", 35)
+    return _write(tmp_path / "dfq", [start] + recs[:2] + [tp] + recs[2:] + [end])
+
+
+def _expected_gate_bits(run_dir: Path) -> dict[str, tuple[float, float]]:
+    """Per region: mean (a, g) bits over the run, each period weighted by its iterations."""
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    sums: dict[str, list[float]] = {}
+    prev = 0
+    for r in recs:
+        if r["event"] != "period":
+            continue
+        w, prev = r["iter"] - prev, r["iter"]
+        for region, shares in r["gates"].items():
+            acc = sums.setdefault(region, [0.0, 0.0, 0.0])
+            acc[0] += w * sum(s * a for s, (a, _) in zip(shares, r["gate_candidates"]))
+            acc[1] += w * sum(s * g for s, (_, g) in zip(shares, r["gate_candidates"]))
+            acc[2] += w
+    return {region: (a / w, g / w) for region, (a, g, w) in sums.items()}
+
+
+def test_dfq_run_gates_report(dfq_dir, tmp_path):
+    out = tmp_path / "report"
+    paths = render_report(dfq_dir, out)
+    assert [p.name for p in paths] == ["curves.png", "precision.png", "cost.png", "gates.png",
+                                       "summary.md"]
+    for p in paths[:4]:  # float precisions in the periods do not break precision.png
+        _check_png(p)
+    md = paths[-1].read_text()
+    assert "![gates](gates.png)" in md
+    exp = _expected_gate_bits(dfq_dir)
+    assert list(exp) == ["stem", "layer1.0", "layer2.0"]
+    for region, (a, g) in exp.items():
+        assert f"| {region} | {a:.2f} | {g:.2f} |" in md
+    # by hand: layer2.0 chose 5.5, 5.4, 5.55 and 6 a bits in periods of 10, 10, 10 and 5
+    # iterations: (55 + 54 + 55.5 + 30) / 35 = 5.557 (an unweighted mean would give 5.61)
+    assert f"{exp['layer2.0'][0]:.2f}" == "5.56" and "| layer2.0 | 5.56 |" in md
+    # FracTrain's turning point raises the cost target; its row shows the target, not 32/32/32
+    assert "| # | iteration | target cp | eps |" in md and "| 1 | 20 | cp 2.00% | 0.05 |" in md
+    assert "32/32/32" not in md
+    assert f"final test accuracy: {100 * (0.25 + 0.3):.2f}%" in md
+
+
+def test_run_without_gates_has_no_gates_png(pfq_dir, static_dir, tmp_path):
+    for run in (pfq_dir, static_dir):
+        out = tmp_path / run.name
+        paths = render_report(run, out)
+        assert "gates.png" not in [p.name for p in paths] and not (out / "gates.png").exists()
+        md = paths[-1].read_text()
+        assert "gates" not in md.lower() and "a/w/g or target" not in md
+
+
 def test_compare_runs_and_summary_table(pfq_dir, static_dir, unfinished_dir, tmp_path):
     runs = [pfq_dir, static_dir, unfinished_dir]
     out = compare_runs(runs, tmp_path / "cmp" / "compare.png")
