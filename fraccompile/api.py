@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import META_CAPTURE, capture
+from .capture import capture
 from .config import FracConfig
 from .errors import ConfigError
 from .model import FracModel
@@ -41,7 +41,7 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     gm = run_passes(gm, passes)
     frac = FracModel(gm, gm.graph, class_name=f"Frac{type(model).__name__}")
     frac.frac_config = config
-    frac.meta[META_CAPTURE] = gm.meta[META_CAPTURE]
+    frac.meta.update(gm.meta)  # capture method, regions (dfq)
     _attach_missing_state(frac, model)
     frac.train(model.training)
     return frac

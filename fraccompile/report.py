@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .model import FracModel
 from .passes.base import META_FP_LAYER, META_PRECISION_NODE, META_SITE, node_shape
+from .passes.region_discovery import GM_REGIONS
 
 _HEADERS = ("site", "op", "input", "weight", "output", "MACs", "a/w/g", "backend")
 
@@ -45,6 +46,17 @@ def sites_markdown(fm: FracModel) -> str:
     return "\n".join(lines)
 
 
+def regions_markdown(fm: FracModel) -> str:
+    """The DFQ regions and their gates (empty without the dfq pipeline)."""
+    regions = fm.meta.get(GM_REGIONS) or []
+    if not regions:
+        return ""
+    lines = ["## DFQ gates\n", "| region | kind | gate input | sites | skippable |", "|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.kind} | {r.entry} | {', '.join(r.sites)} | {r.skippable} |"
+              for r in regions]
+    return "\n".join(lines) + "\n\n"
+
+
 def graph_dict(fm: FracModel) -> dict:
     """Nodes, edges and sites of the transformed graph (JSON-serializable)."""
     nodes, edges = [], []
@@ -60,8 +72,10 @@ def graph_dict(fm: FracModel) -> dict:
         nodes.append(entry)
         edges += [[src.name, node.name] for src in node.all_input_nodes]
     sites = [asdict(s) | {"precision": list(s.precision)} for s in fm.sites]
+    regions = [asdict(r) for r in fm.meta.get(GM_REGIONS, [])]
     return {"capture": fm.meta.get("frac_capture"), "config": fm.frac_config.to_dict(),
-            "nodes": nodes, "edges": edges, "sites": sites, "cost": fm.cost().to_dict()}
+            "nodes": nodes, "edges": edges, "sites": sites, "regions": regions,
+            "cost": fm.cost().to_dict()}
 
 
 def _target_name(target) -> str:
@@ -87,7 +101,8 @@ def write_transform_outputs(fm: FracModel, out_dir: str | Path, source: str) -> 
         f"# fraccompile transform: {source}\n\n"
         f"Captured with torch.{fm.meta.get('frac_capture')}; {n_sites} sites, "
         f"{len(fm.sites) - n_sites} layers kept in full precision.\n\n"
-        f"{sites_markdown(fm)}\n\n## Cost of one training step\n\n{cost.summary()}\n")
+        f"{sites_markdown(fm)}\n\n{regions_markdown(fm)}## Cost of one training step\n\n"
+        f"{cost.summary()}\n")
     return paths
 
 

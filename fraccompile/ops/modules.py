@@ -119,8 +119,10 @@ class FracOp(nn.Module):
                   d: GateDecision) -> torch.Tensor:
         """Per-sample precisions from a DFQ gate, in the gate's execution mode."""
         lo_hi = self._range(x, self.act_range)
+        qw = self._quantize_weight(w, d.w)
         if d.mode == "dense":  # every candidate on the whole batch, mixed by the one-hot
-            ys = [self.run(x, w, b, Precision(a, d.w, g), lo_hi) for a, g in zip(d.a, d.g)]
+            ys = [self._gemm(self._quantize_input(x, a, self.act_range, lo_hi), qw, w, b, g)
+                  for a, g in zip(d.a, d.g)]
             mix = d.onehot.reshape(d.onehot.shape + (1,) * (ys[0].dim() - 1))
             return (mix * torch.stack(ys, 1)).sum(1)
         lo, hi = lo_hi if lo_hi[0] is not None else tensor_range(x)
@@ -133,7 +135,7 @@ class FracOp(nn.Module):
             t, bits, lambda k: qparams_from_range(lo, hi, k, self.scheme)))
         qx = GateProbe.apply(qx, d.onehot, x.detach(), quantize_at, d.a)
         g_bits = torch.tensor(d.g, device=x.device)[d.choice]
-        return self._gemm(qx, self._quantize_weight(w, d.w), w, b, g_bits)
+        return self._gemm(qx, qw, w, b, g_bits)
 
     def _gemm(self, qx, qw, w, b, g_bits) -> torch.Tensor:
         spec = self.spec
