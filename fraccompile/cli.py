@@ -125,8 +125,10 @@ def _make_data(spec: str, batch_size: int, block_size: int, train_limit, test_li
         if kind == "shakespeare":
             if not where:
                 raise ConfigError("--data shakespeare:PATH needs the path of the text file")
-            return CharDataset.from_file(where, block_size=block_size, batch_size=batch_size,
+            data = CharDataset.from_file(where, block_size=block_size, batch_size=batch_size,
                                          seed=seed)
+            data.max_test_windows = test_limit or 256  # evaluation windows per period
+            return data
     except (FileNotFoundError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
@@ -162,7 +164,8 @@ def train(
     gate_mode: Annotated[str, typer.Option(help="dfq/fractrain: routed or dense")] = "routed",
     block_size: Annotated[int, typer.Option(min=2, help="shakespeare: context length")] = 64,
     train_limit: Annotated[Optional[int], typer.Option(help="random training subset size")] = None,
-    test_limit: Annotated[Optional[int], typer.Option(help="random test subset size")] = None,
+    test_limit: Annotated[Optional[int], typer.Option(
+        help="random test subset size (shakespeare: validation windows, default 256)")] = None,
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     deterministic: Annotated[bool, typer.Option(help="torch deterministic algorithms")] = False,

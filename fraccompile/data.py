@@ -411,6 +411,7 @@ class CharDataset:
         self._codes = np.array([ord(c) for c in self.vocab], dtype=np.uint32)
         self.block_size, self.batch_size, self.steps_per_epoch = block_size, batch_size, steps_per_epoch
         self.seed = seed
+        self.max_test_windows: int | None = None  # cap for test_batches() (None: every window)
         data = self.encode(text)
         n_train = int(len(data) * split_fraction)
         self.train_data, self.val_data = data[:n_train], data[n_train:]
@@ -469,10 +470,11 @@ class CharDataset:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the validation windows at offsets ``0, block_size, 2 * block_size, ...`` in order.
 
-        At most ``max_windows`` windows (all that fit by default); the last batch may be short.
+        At most ``max_windows`` windows (default ``self.max_test_windows``, None = all that fit);
+        the last batch may be short.
         """
         offsets = torch.arange(0, max(len(self.val_data) - self.block_size, 0), self.block_size)
-        offsets = offsets[:max_windows]
+        offsets = offsets[:max_windows if max_windows is not None else self.max_test_windows]
         size = self.batch_size if batch_size is None else batch_size
         for i in range(0, len(offsets), size):
             yield self._windows(self.val_data, offsets[i : i + size])

@@ -254,17 +254,17 @@ def test_transform_console_script(out_root):
 
 # -- demo and help ---------------------------------------------------------------------------------
 def test_demo_runs_and_prints_a_cost_line():
-    res = invoke("demo", "--steps", "2", "--batch-size", "8")
+    res = invoke("demo", "--iters", "6", "--batch-size", "8")
     assert res.exit_code == 0, res.output
     assert "Traceback" not in res.output
-    assert re.search(r"step\s+2\s+loss \d+\.\d+", res.stdout)
-    cost = [ln for ln in res.stdout.splitlines() if ln.startswith("cost of one step:")]
-    assert len(cost) == 1 and re.search(r"cp = 0\.\d+", cost[0]), res.stdout
-    assert "test accuracy" in res.stdout and "saving against fp32 training" in res.stdout
+    assert re.search(r"iter\s+6\s+train loss \d+\.\d+", res.stdout)
+    cost = [ln for ln in res.stdout.splitlines() if ln.startswith("bit-cost of the run:")]
+    assert len(cost) == 1 and re.search(r"\d+\.\d+% saved against static 8/8/8", cost[0]), res.stdout
+    assert "final test accuracy" in res.stdout
 
 
 def test_demo_bad_scheme_is_one_line():
-    res = invoke("demo", "--steps", "1", "--batch-size", "4", "--scheme", "bogus")
+    res = invoke("demo", "--iters", "1", "--batch-size", "4", "--scheme", "bogus")
     assert res.exit_code == 2
     assert res.stderr.strip().splitlines() == [_error_line(res.stderr)]
     assert "FracConfig.scheme" in res.stderr

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import fraccompile
 from fraccompile.cli import app
 from fraccompile.control import DFQ, FracTrain, cost_regularizer
-from fraccompile.examples import resnet_cifar, transformer_lm
+from fraccompile.examples import functional_model, resnet_cifar, transformer_lm
 
 
 def _pair(factory, x, **kw):
@@ -22,13 +22,15 @@ def _pair(factory, x, **kw):
 
 
 @pytest.mark.parametrize("factory, x", [
-    (resnet_cifar.resnet20, torch.randn(4, 3, 32, 32)),
+    (resnet_cifar.resnet20, torch.randn(2, 3, 32, 32)),
     (transformer_lm.model, torch.randint(0, 65, (4, 16))),
 ])
 def test_dense_forced_to_one_candidate_equals_static(factory, x):
     gated, static = _pair(factory, x, gate_mode="dense")
     bank = gated.frac_gates
     for k, (a, g) in enumerate(zip(bank.a, bank.g)):
+        if factory is resnet_cifar.resnet20 and k not in (0, len(bank.a) - 1):
+            continue  # the transformer case covers every candidate; keep the ResNet one short
         bank.forced = k
         static.precision.set(a=a, w=8, g=g)
         assert torch.equal(gated(x), static(x)), k
@@ -121,11 +123,11 @@ def test_fit_with_dfq_logs_gate_shares(tmp_path):
     from fraccompile.train import fit
 
     data = ClassificationData.from_source("bundled", batch_size=8, train_limit=32, test_limit=8)
-    fm, _ = _pair(resnet_cifar.resnet20, torch.zeros(8, 3, 32, 32))
+    fm, _ = _pair(functional_model.model, torch.zeros(8, 3, 32, 32))
     result = fit(fm, data, iters=4, schedule=DFQ(0.03), eval_every=2, progress=False,
                  out_dir=tmp_path)
     shares = result.periods[-1]["gates"]
-    assert len(shares) == 9 and all(sum(s) == pytest.approx(1.0) for s in shares.values())
+    assert len(shares) == 3 and all(sum(s) == pytest.approx(1.0) for s in shares.values())
     assert result.periods[-1]["gate_candidates"] == [[3, 6], [4, 6], [4, 8], [6, 8], [6, 12]]
 
 

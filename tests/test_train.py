@@ -1,6 +1,7 @@
 """fit(): logs, exact resume, atomic checkpoints; the three-line hook; `fraccompile train/report`."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -143,12 +144,14 @@ def test_cli_train_transformer_on_shakespeare_loss_falls(tmp_path):
     out = tmp_path / "lm"
     res = CliRunner().invoke(app, [
         "train", str(REPO / "examples" / "transformer_lm.py"), "--data", f"shakespeare:{text_path}",
-        "--schedule", "static", "--fw", "8", "--bw", "8", "--iters", "60", "--eval-every", "20",
-        "--batch-size", "16", "--block-size", "32", "--optimizer", "adamw", "--lr", "0.003",
-        "--lr-schedule", "constant", "--out", str(out)])
+        "--schedule", "static", "--fw", "8", "--bw", "8", "--iters", "80", "--eval-every", "40",
+        "--batch-size", "8", "--block-size", "32", "--optimizer", "adamw", "--lr", "0.003",
+        "--lr-schedule", "constant", "--test-limit", "64", "--out", str(out)])
     assert res.exit_code == 0, res.output
     periods = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
                if '"period"' in line]
-    assert len(periods) == 3
-    assert periods[-1]["train_loss"] < periods[0]["train_loss"] - 0.3
-    assert periods[-1]["test_loss"] < 3.5  # uniform guessing over 65 characters is ln 65 = 4.17
+    assert len(periods) == 2
+    # an untrained model starts at about ln(vocab size) = ln 65 = 4.17
+    assert periods[-1]["train_loss"] < periods[0]["train_loss"] - 0.15
+    assert periods[-1]["train_loss"] < math.log(65) - 0.8
+    assert periods[-1]["test_loss"] < 3.5
