@@ -9,7 +9,7 @@
 from .api import compile
 from .capture import capture
 from .config import FracConfig
-from .control import PrecisionController
+from .control import DFQ, PFQ, Cyclic, FracTrain, PrecisionController, Static
 from .cost import CostReport
 from .errors import CaptureError, ConfigError, FracCompileError, ModelLoadError, PassError, ShapeError
 from .model import FracModel, Site
@@ -17,6 +17,6 @@ from .ops import Precision
 
 __version__ = "0.1.0"
 
-__all__ = ["CaptureError", "ConfigError", "CostReport", "FracCompileError", "FracConfig",
-           "FracModel", "ModelLoadError", "PassError", "Precision", "PrecisionController",
-           "ShapeError", "Site", "capture", "compile"]
+__all__ = ["DFQ", "PFQ", "CaptureError", "ConfigError", "CostReport", "Cyclic", "FracCompileError",
+           "FracConfig", "FracModel", "FracTrain", "ModelLoadError", "PassError", "Precision",
+           "PrecisionController", "ShapeError", "Site", "Static", "capture", "compile"]
