@@ -117,12 +117,18 @@ class FracModel(fx.GraphModule):
         return getattr(self, "frac_gates", None)
 
     def _site_regions(self) -> dict[str, str]:
-        """site -> region of the gate feeding its precision node (DFQ), from the graph."""
+        """site -> region of the gate feeding its precision node (DFQ), from the graph. Cached:
+        cost() runs every training step and the graph does not change after compile."""
+        key = (id(self.graph), len(self.graph.nodes))
+        cached = self.__dict__.get("_site_regions_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         out = {}
         for node in self.graph.nodes:
             site = node.meta.get(META_PRECISION_NODE)
             if site is not None and len(node.args) > 1 and node.args[1] is not None:
                 out[site] = node.args[1].meta[META_GATE]
+        self.__dict__["_site_regions_cache"] = (key, out)
         return out
 
     def sbm_cost(self) -> CostReport:
