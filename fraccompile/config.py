@@ -59,7 +59,9 @@ class FracConfig:
         full_precision: sites kept as the original op: fnmatch patterns of site names, plus the
             selectors ``@first_conv`` and ``@last_linear`` (the paper keeps both in fp32).
         ops: which op kinds become sites (``conv``, ``linear``, ``matmul``).
-        backend: ``"reference"`` (torch) or ``"tvm"`` (integer kernels; a later release).
+        backend: ``"reference"`` (torch on fake-quantized values) or ``"tvm"`` (integer TVM kernels
+            for sites that can run them — symmetric scheme, 1..8 bits; the others run on the
+            reference backend with the reason in ``.sites``).
         capture: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
         leaf_modules: module class names or module paths that tracing keeps opaque.
         pipeline: name of the pass pipeline (see ``fraccompile.passes.PIPELINES``).

@@ -12,6 +12,7 @@ from torch import fx
 from .config import FracConfig
 from .control.controller import PrecisionController
 from .cost import CostMeter, CostReport, cost_report, mixed_site_cost, site_cost
+from .ops.modules import FracOp
 from .ops.spec import Precision
 from .passes.base import META_FP_LAYER, META_PRECISION_NODE, META_SITE, SiteInfo
 from .passes.gating_insertion import META_GATE
@@ -68,12 +69,16 @@ class FracModel(fx.GraphModule):
     def sites(self) -> list[Site]:
         """Every quantizable op in graph order; ``full_precision`` ones are not quantized."""
         ctrl = self.precision
+        ops = {m.site: m for m in self.modules() if isinstance(m, FracOp)}
         out = []
         for i in self._infos():
             prec = Precision() if i.full_precision else ctrl[i.name]
+            backend, reason = "torch", None
+            if not i.full_precision:
+                backend, reason = (ops[i.name].kernel_status(prec) if i.name in ops
+                                   else (i.backend, i.fallback_reason))
             out.append(Site(i.name, i.kind, i.op, i.input_shape, i.weight_shape, i.output_shape,
-                            i.macs, prec, i.full_precision,
-                            "torch" if i.full_precision else i.backend, i.fallback_reason,
+                            i.macs, prec, i.full_precision, backend, reason,
                             i.module_path, i.source, i.calls))
         return out
 

@@ -19,9 +19,18 @@ from .spec import CONV_FNS, SiteSpec
 class KernelBackend(ABC):
     name: str = "abstract"
 
-    def unsupported_reason(self, spec: SiteSpec) -> str | None:
-        """Why this backend cannot run ``spec`` (None when it can)."""
+    def unsupported_reason(self, spec: SiteSpec, prec=None, scheme: str = "sbm") -> str | None:
+        """Why this backend cannot run ``spec`` at precision ``prec`` with ``scheme`` (None when it
+        can). Sites it cannot run go through the float methods below (the reference semantics)."""
         return None
+
+    # A backend is a process-wide service (the TVM one holds compiled kernels): copies and pickles
+    # of a model share it, and unpickling looks it up by name.
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return get_backend, (self.name,)
 
     @abstractmethod
     def forward(self, spec: SiteSpec, x: torch.Tensor, w: torch.Tensor,
@@ -76,11 +85,31 @@ class ReferenceBackend(KernelBackend):
         return x.mT.matmul(dy).sum_to_size(w.shape)
 
 
+class UnavailableBackend(ReferenceBackend):
+    """Stands in for a backend that cannot load (TVM missing or broken): every site runs on the
+    reference backend and reports ``reason``."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def unsupported_reason(self, spec, prec=None, scheme="sbm"):
+        return self.reason
+
+
 _BACKENDS: dict[str, KernelBackend] = {"reference": ReferenceBackend()}
 
 
 def get_backend(name: str) -> KernelBackend:
+    """The backend called ``name``; ``tvm`` is created on first use (this imports TVM)."""
+    if name == "tvm" and name not in _BACKENDS:
+        from ..targets import tvm_unavailable_reason
+        reason = tvm_unavailable_reason()
+        if reason is None:
+            from ..targets.backend import TVMBackend
+            _BACKENDS[name] = TVMBackend()
+        else:
+            _BACKENDS[name] = UnavailableBackend(name, reason)
     try:
         return _BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}: available {', '.join(_BACKENDS)}") from None
+        raise ValueError(f"unknown backend {name!r}: available reference, tvm") from None

@@ -68,6 +68,7 @@ class FracOp(nn.Module):
             self.weight = weight
             self.bias = bias
         self.act_range = RunningRange(momentum)
+        self.last_fallback: str | None = None  # why the last gated call left the backend
         if spec.kind == "matmul":  # the second operand is an activation too
             self.rhs_range = RunningRange(momentum)
 
@@ -108,16 +109,32 @@ class FracOp(nn.Module):
         return STEQuantize.apply(w, functools.partial(quantize_weight, bits=bits,
                                                       scheme=self.scheme))
 
+    def kernel_status(self, prec: Precision) -> tuple[str, str | None]:
+        """``(backend that runs this site at prec, why not the configured one)``."""
+        reason = self.backend.unsupported_reason(self.spec, prec, self.scheme)
+        if reason is None and self.last_fallback and self.backend.name != "reference":
+            reason = self.last_fallback
+        return ("reference" if reason else self.backend.name), reason
+
     def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
             prec: Precision, lo_hi=None) -> torch.Tensor:
         if prec.is_full:
             return self.spec.fp_forward(x, w, b)
+        run_site = getattr(self.backend, "run_site", None)  # integer kernels (the tvm backend)
+        if run_site is not None and self.backend.unsupported_reason(self.spec, prec,
+                                                                    self.scheme) is None:
+            if lo_hi is None:
+                lo_hi = self._range(x, self.act_range)
+            return run_site(self, x, w, b, prec, lo_hi)
         qx = self._quantize_input(x, prec.a, self.act_range, lo_hi)
         return self._gemm(qx, self._quantize_weight(w, prec.w), w, b, prec.g)
 
     def run_gated(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                   d: GateDecision) -> torch.Tensor:
-        """Per-sample precisions from a DFQ gate, in the gate's execution mode."""
+        """Per-sample precisions from a DFQ gate, in the gate's execution mode (float kernels: a
+        batch mixing precisions has no single integer grid)."""
+        if self.backend.name != "reference":
+            self.last_fallback = "per-sample precisions of a DFQ gate run on the reference backend"
         lo_hi = self._range(x, self.act_range)
         qw = self._quantize_weight(w, d.w)
         if d.mode == "dense":  # every candidate on the whole batch, mixed by the one-hot

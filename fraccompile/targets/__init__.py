@@ -1,0 +1,24 @@
+"""Lowering through Apache TVM. This package is the only place that imports ``tvm``.
+
+Importing ``fraccompile.targets`` itself stays cheap: the submodules import tvm when they are used.
+
+* :mod:`.host` — detect the CPU and build the TVM target (AVX-512 VNNI, AVX-512 BW or AVX2);
+* :mod:`.intrin` — the VNNI dot-product tensor intrinsic that builds with TVM's bundled LLVM 22;
+* :mod:`.gemm` — the integer GEMM every site role lowers to: ``C[g] = A[g] · B[g]ᵀ``, u8 × s8 → s32;
+* :mod:`.cache` — the on-disk kernel cache (atomic, shared by processes);
+* :mod:`.backend` — the ``tvm`` backend: quantize, pack, call the kernels, dequantize.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def tvm_unavailable_reason() -> str | None:
+    """None when TVM imports and can build for this host, else a one-line reason."""
+    try:
+        from . import host  # noqa: F401  (imports tvm)
+    except Exception as e:  # ImportError, or a broken install raising anything
+        return f"TVM is not usable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None

@@ -1,0 +1,289 @@
+"""The ``tvm`` backend: every site's GEMMs as integer kernels.
+
+A site runs here when the scheme is ``symmetric`` (zero point 0, so integer products need no
+zero-point terms beyond the sign shift below), its three precisions are 1..8 bits, and its op has
+a kernel (conv without pre-padding, linear, matmul/bmm). Anything else runs on the reference
+backend, and :meth:`TVMBackend.unsupported_reason` says why (shown in ``.sites`` and by
+``fraccompile transform``). The numerics are the reference backend's: the same integer codes (same
+quantizer code, same random numbers for the gradient), and the products differ only by fp32
+rounding of the reference (the integer sums here are exact).
+
+Roles, as one batched GEMM ``C[g] = A[g]·B[g]ᵀ`` with A u8 and B s8 (see :mod:`.gemm`):
+
+============  =====================================  ==============================================
+role          linear / conv (im2col ``cols``)        matmul ``x @ y``
+============  =====================================  ==============================================
+forward FW    A = x codes, B = w codes               A = x, B = yᵀ
+backprop EB   fp32 GEMM on the dequantized codes     A = dy, B = y         (``dx``)
+weight GC     A = xᵀ (colsᵀ), B = dyᵀ → ``dwᵀ``      A = xᵀ, B = dyᵀ       (``dy`` of ``y``)
+============  =====================================  ==============================================
+
+EB of a weight site is not an integer GEMM: the weights have one scale per output channel, and EB
+sums over output channels, so the scales cannot be taken out of the sum; it runs as an fp32 GEMM
+on exactly the reference backend's operands (DESIGN.md section 2 fixes per-channel weights).
+
+Signs: a signed A (activations with negatives, gradients) is shifted by +128 into u8 (an XOR of
+the sign bit) and an unsigned 8-bit B by -128 into s8; ``C = C' + β·Σa - α·Σb + αβK`` undoes it.
+Only the quantized codes (int8/uint8) are saved for backward, not fp32 copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from ..ops.backend import ReferenceBackend
+from ..ops.quantizers import channel_range, qparams_from_range, quantize_to_int, tensor_range
+from ..ops.spec import Precision, SiteSpec
+from . import gemm
+from .cache import KernelCache
+
+log = logging.getLogger("fraccompile.targets")
+
+MAX_BITS = 8
+MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
+
+
+class IntCodes:
+    """Integer codes of a tensor with their scale: ``value = codes * scale`` (``scale`` broadcasts)."""
+
+    __slots__ = ("codes", "scale", "signed")
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, signed: bool):
+        self.codes, self.scale, self.signed = codes, scale, signed
+
+    def dequantize(self) -> torch.Tensor:
+        # the reference's fake-quantized value: addcmul(zero=0, q, scale) in fp32
+        return self.codes.float() * self.scale
+
+
+def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False) -> IntCodes:
+    q = quantize_to_int(x, qp, stochastic=stochastic)
+    signed = qp.qmin < 0
+    return IntCodes(q.to(torch.int8 if signed else torch.uint8), qp.scale, signed)
+
+
+class TVMBackend(ReferenceBackend):
+    """Integer kernels built with TVM (falls back to :class:`ReferenceBackend` per site)."""
+
+    name = "tvm"
+
+    def __init__(self, cache: KernelCache | None = None):
+        self._cache = cache
+
+    @property
+    def cache(self) -> KernelCache:
+        if self._cache is None:
+            self._cache = KernelCache()
+        return self._cache
+
+    # -- what runs here ------------------------------------------------------------------------------
+    def unsupported_reason(self, spec: SiteSpec, prec: Precision | None = None,
+                           scheme: str = "symmetric") -> str | None:
+        if scheme != "symmetric":
+            return f"scheme {scheme!r} has float zero points; integer kernels need 'symmetric'"
+        if spec.kind == "conv" and (spec.pre_pad or spec.padding == "same"
+                                    or spec.padding_mode != "zeros"):
+            return "conv with pre-padding (padding_mode or padding='same') has no kernel"
+        if prec is not None:
+            if prec.is_full:
+                return None  # full precision runs the original op on every backend
+            for name, bits in zip("awg", prec):
+                if not 1 <= bits <= MAX_BITS:
+                    what = "full precision" if bits == 0 else f"{bits} bits"
+                    return f"{name}={what}: integer kernels take 1..{MAX_BITS} bits"
+        return None
+
+    # -- the integer GEMM ----------------------------------------------------------------------------
+    def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Exact ``a @ bᵀ`` per group for int8/uint8 codes ``a (G, M, K)`` and ``b (G, N, K)``,
+        as int32 ``(G, M, N)``."""
+        G, M, K = a.shape
+        N = b.shape[1]
+        if K > MAX_K:
+            raise ValueError(f"reduction of {K} elements could overflow int32")
+        shape = gemm.padded(G, M, N, K)
+        alpha = 128 if a.dtype == torch.int8 else 0
+        beta = 128 if b.dtype == torch.uint8 else 0
+        a_u8 = a.view(torch.uint8)
+        if alpha:
+            a_u8 = a_u8.bitwise_xor(0x80)  # int8 x -> uint8 x+128
+        if (shape.m, shape.k) != (M, K) or not a_u8.is_contiguous():
+            A = a_u8.new_zeros((G, shape.m, shape.k))
+            A[:, :M, :K] = a_u8
+        else:
+            A = a_u8
+        b_s8 = b.view(torch.uint8).bitwise_xor(0x80).view(torch.int8) if beta else b.view(torch.int8)
+        if (shape.n, shape.k) != (N, K):
+            Bfull = b_s8.new_zeros((G, shape.n, shape.k))
+            Bfull[:, :N, :K] = b_s8
+        else:
+            Bfull = b_s8
+        Bp = Bfull.view(G, shape.n // 16, 16, shape.k // 4, 4).permute(0, 1, 3, 2, 4).contiguous()
+        C = torch.empty((G, shape.m, shape.n), dtype=torch.int32)
+        self.cache.get(shape)(A, Bp, C)
+        C = C[:, :M, :N]
+        if alpha or beta:
+            if beta:
+                C += beta * a.sum(-1, dtype=torch.int32).unsqueeze(-1)
+            if alpha:
+                C -= alpha * b.sum(-1, dtype=torch.int32).unsqueeze(-2)
+            if alpha and beta:
+                C += alpha * beta * K
+        return C
+
+    # -- one site ------------------------------------------------------------------------------------
+    def run_site(self, op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                 prec: Precision, lo_hi) -> torch.Tensor:
+        """``op``'s output with integer kernels (``op`` is the :class:`FracOp`: its spec, scheme,
+        and running range of a matmul's second operand)."""
+        spec = op.spec
+        lo, hi = lo_hi if lo_hi is not None and lo_hi[0] is not None else tensor_range(x)
+        xq = _to_codes(x.detach(), qparams_from_range(lo, hi, prec.a, "symmetric"))
+        if spec.kind == "matmul":
+            ylo, yhi = op._range(w, op.rhs_range)
+            if ylo is None:
+                ylo, yhi = tensor_range(w)
+            wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, "symmetric"))
+        else:
+            wlo, whi = channel_range(w, 0)
+            wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, "symmetric",
+                                                          signed=True))
+        return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self)
+
+    # -- the three roles per op kind -----------------------------------------------------------------
+    def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
+        if spec.kind == "linear":
+            K = x_shape[-1]
+            C = self.gemm(xq.codes.reshape(1, -1, K), wq.codes.unsqueeze(0))[0]
+            y = C.float() * (xq.scale * wq.scale.reshape(1, -1))
+            return y.reshape(*x_shape[:-1], w_shape[0])
+        if spec.kind == "matmul":
+            xb, yb, batch = _matmul_batches(xq.codes, wq.codes)
+            C = self.gemm(xb, yb.mT)
+            return (C.float() * (xq.scale * wq.scale)).reshape(*batch, C.shape[-2], C.shape[-1])
+        cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, Cg·k)
+        G = spec.groups
+        wg = wq.codes.reshape(G, w_shape[0] // G, -1)              # (G, OCg, Cg·k)
+        C = self.gemm(cols, wg)                                     # (G, M, OCg)
+        n = x_shape[0]
+        y = C.reshape(G, n, math.prod(out_sp), -1).permute(1, 0, 3, 2)
+        y = y.reshape(n, w_shape[0], *out_sp).float()
+        return y * (xq.scale * wq.scale.reshape(1, -1, *([1] * len(out_sp))))
+
+    def eb(self, spec: SiteSpec, dyq: IntCodes, xq: IntCodes, wq: IntCodes, x_shape, w_shape):
+        if spec.kind == "matmul":
+            dyb, yb, _ = _matmul_batches(dyq.codes, wq.codes)
+            C = self.gemm(dyb, yb)                                 # (G, M, K)
+            dx = C.float() * (dyq.scale * wq.scale)
+            return dx.reshape(*_bcast_batch(x_shape, w_shape), *dx.shape[-2:]).sum_to_size(x_shape)
+        # per-channel weight scales sit on the reduction axis: fp32 on the reference's operands
+        dy, w = dyq.dequantize(), wq.dequantize()
+        if spec.kind == "linear":
+            return dy.matmul(w)
+        n = spec.conv_dims
+        return torch.ops.aten.convolution_backward(
+            dy, torch.empty(x_shape), w, None, list(spec.stride), list(spec.gemm_padding(w.shape)),
+            list(spec.dilation), False, [0] * n, spec.groups, [True, False, False])[0]
+
+    def gc(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
+        scale = xq.scale * dyq.scale
+        if spec.kind == "linear":
+            K, N = x_shape[-1], w_shape[0]
+            xt = xq.codes.reshape(-1, K).t().unsqueeze(0)          # (1, K, M)
+            dyt = dyq.codes.reshape(-1, N).t().unsqueeze(0)        # (1, N, M)
+            return (self.gemm(xt, dyt)[0].t().float() * scale)
+        if spec.kind == "matmul":
+            xb, dyb, _ = _matmul_batches(xq.codes, dyq.codes)
+            C = self.gemm(xb.mT, dyb.mT)                           # (G, K, N)
+            dw = C.float() * scale
+            return dw.reshape(*_bcast_batch(x_shape, w_shape), *dw.shape[-2:]).sum_to_size(w_shape)
+        cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, Cg·k)
+        G, OC = spec.groups, w_shape[0]
+        dyg = dyq.codes.reshape(x_shape[0], G, OC // G, -1).permute(1, 2, 0, 3)
+        dyg = dyg.reshape(G, OC // G, -1)                          # (G, OCg, M)
+        C = self.gemm(cols.mT, dyg)                                # (G, Cg·k, OCg)
+        return (C.mT.float() * scale).reshape(w_shape)
+
+
+def _bcast_batch(x_shape, y_shape) -> tuple[int, ...]:
+    return tuple(torch.broadcast_shapes(tuple(x_shape[:-2]), tuple(y_shape[:-2])))
+
+
+def _matmul_batches(x: torch.Tensor, y: torch.Tensor):
+    """``x (..., M, K)`` and ``y (..., K, N)`` broadcast and flattened to ``(G, M, K)``,
+    ``(G, K, N)``; also returns the batch shape."""
+    if x.dim() < 2 or y.dim() < 2:
+        raise ValueError("matmul kernels need operands of at least 2 dimensions")
+    batch = _bcast_batch(x.shape, y.shape)
+    xb = x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+    yb = y.expand(*batch, *y.shape[-2:]).reshape(-1, *y.shape[-2:])
+    return xb, yb, batch
+
+
+def _im2col(codes: torch.Tensor, spec: SiteSpec, w_shape) -> tuple[torch.Tensor, list[int]]:
+    """Patches of ``codes (N, C, *spatial)`` as ``(G, N·P, Cg·k)`` in the order of
+    ``w.reshape(OC, -1)``; zero padding is code 0 (symmetric scheme)."""
+    n = spec.conv_dims
+    pad = spec.gemm_padding(w_shape)
+    ks = w_shape[2:]
+    if any(pad):
+        flat = []
+        for p in reversed(pad):
+            flat += [p, p]
+        codes = F.pad(codes, flat)
+    x = codes
+    for d in range(n):
+        span = spec.dilation[d] * (ks[d] - 1) + 1
+        x = x.unfold(2 + d, span, spec.stride[d])
+    if any(dl != 1 for dl in spec.dilation):
+        x = x[(...,) + tuple(slice(None, None, dl) for dl in spec.dilation)]
+    N, C = x.shape[:2]
+    out_sp = list(x.shape[2:2 + n])
+    G = spec.groups
+    # (N, C, O..., k...) -> (G, N, O..., Cg, k...)
+    x = x.reshape(N, G, C // G, *out_sp, *ks)
+    perm = [1, 0] + list(range(3, 3 + n)) + [2] + list(range(3 + n, 3 + 2 * n))
+    cols = x.permute(*perm).reshape(G, N * math.prod(out_sp), (C // G) * math.prod(ks))
+    return cols, out_sp
+
+
+class IntSiteGemm(Function):
+    """Forward: the site's output from integer codes; backward: ``dy`` quantized once (stochastic
+    rounding, the reference's random numbers) and fed to EB and GC. The straight-through estimator
+    of the reference (``STEQuantize``) is built in: gradients w.r.t. ``x``/``w`` are those w.r.t.
+    their quantized values."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, xq: IntCodes, wq: IntCodes, spec: SiteSpec, g_bits: int,
+                backend: TVMBackend):
+        y = backend.fw(spec, xq, wq, tuple(x.shape), tuple(w.shape))
+        if bias is not None:
+            y = y + (bias.reshape(1, -1, *([1] * (y.dim() - 2))) if spec.kind == "conv" else bias)
+        ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale)
+        ctx.signs = (xq.signed, wq.signed)
+        ctx.spec, ctx.g_bits, ctx.backend = spec, g_bits, backend
+        ctx.shapes = (tuple(x.shape), tuple(w.shape))
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, wc, xs, ws = ctx.saved_tensors
+        xq, wq = IntCodes(xc, xs, ctx.signs[0]), IntCodes(wc, ws, ctx.signs[1])
+        spec, backend = ctx.spec, ctx.backend
+        x_shape, w_shape = ctx.shapes
+        lo, hi = tensor_range(dy)
+        dyq = _to_codes(dy, qparams_from_range(lo, hi, ctx.g_bits, "symmetric", signed=True),
+                        stochastic=True)
+        dx = backend.eb(spec, dyq, xq, wq, x_shape, w_shape) if ctx.needs_input_grad[0] else None
+        dw = backend.gc(spec, xq, dyq, x_shape, w_shape) if ctx.needs_input_grad[1] else None
+        db = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dims = [d for d in range(dy.dim()) if d != (1 if spec.kind == "conv" else dy.dim() - 1)]
+            db = dyq.codes.sum(dims, dtype=torch.int64).float() * dyq.scale
+        return dx, dw, db, None, None, None, None, None

@@ -1,0 +1,138 @@
+"""The on-disk kernel cache.
+
+A kernel is stored as ``<dir>/<shape name>-<key hash>.so`` where the hash covers the target (CPU
+name, instruction set, TVM version), the padded shape and tile, the dtypes and the hash of the
+kernel source (:func:`fraccompile.targets.gemm.source_hash`). The directory is
+``$FRACCOMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fraccompile/kernels``, else
+``~/.cache/fraccompile/kernels``.
+
+Concurrency: a builder takes an exclusive ``flock`` on ``<file>.lock``, re-checks the file, builds
+into a temporary file in the same directory and ``os.replace``-s it into place, so a reader sees
+either no file or a complete one, and two processes never build the same kernel at once.
+Linking a shared library needs a C compiler (TVM calls ``cc``); without one kernels are built in
+memory for the process and a warning says so once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import pathlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import tvm
+
+from . import gemm
+from .host import HostTarget, detect
+
+log = logging.getLogger("fraccompile.targets")
+DTYPES = "u8s8s32"
+
+
+def cache_dir() -> pathlib.Path:
+    env = os.environ.get("FRACCOMPILE_CACHE_DIR")
+    if env:
+        return pathlib.Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "fraccompile" / "kernels"
+
+
+def kernel_key(shape: gemm.GemmShape, host: HostTarget) -> str:
+    text = "|".join([host.key, shape.name, DTYPES, gemm.source_hash()])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@dataclass
+class BuildStats:
+    """What the cache did in this process (the benchmarks and tests read it)."""
+
+    built: int = 0
+    loaded: int = 0
+    build_seconds: list[float] = field(default_factory=list)
+    load_seconds: list[float] = field(default_factory=list)
+
+
+class KernelCache:
+    def __init__(self, directory: str | os.PathLike | None = None, host: HostTarget | None = None):
+        self.host = host or detect()
+        self.directory = pathlib.Path(directory) if directory else cache_dir()
+        self._mem: dict[gemm.GemmShape, object] = {}
+        self._modules: list = []  # keep loaded libraries alive as long as their functions
+        self.stats = BuildStats()
+        self._warned = False
+
+    def path(self, shape: gemm.GemmShape) -> pathlib.Path:
+        return self.directory / f"{shape.name}-{kernel_key(shape, self.host)}.so"
+
+    def get(self, shape: gemm.GemmShape):
+        """The packed function ``main(A, B, C)`` for ``shape``: from memory, disk, or built."""
+        fn = self._mem.get(shape)
+        if fn is None:
+            fn = self._mem[shape] = self._load_or_build(shape)
+        return fn
+
+    def _load(self, path: pathlib.Path):
+        t0 = time.perf_counter()
+        mod = tvm.runtime.load_module(str(path))
+        fn = mod["main"]
+        self._modules.append(mod)
+        self.stats.loaded += 1
+        self.stats.load_seconds.append(time.perf_counter() - t0)
+        return mod, fn
+
+    def _load_or_build(self, shape: gemm.GemmShape):
+        path = self.path(shape)
+        if path.exists():
+            try:
+                return self._load(path)[1]
+            except Exception as e:  # a foreign or damaged file: rebuild it
+                log.warning("kernel cache: cannot load %s (%s); rebuilding", path, e)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock = open(str(path) + ".lock", "a+")
+        except OSError as e:
+            return self._build_in_memory(shape, f"cache directory not writable: {e}")
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if path.exists():  # another process built it while we waited
+                    return self._load(path)[1]
+                t0 = time.perf_counter()
+                lib = gemm.build(shape, self.host)
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=self.directory)
+                os.close(fd)
+                try:
+                    lib.export_library(tmp)
+                    os.replace(tmp, path)
+                except Exception as e:
+                    pathlib.Path(tmp).unlink(missing_ok=True)
+                    self._warn(f"cannot write a shared library ({e}); kernels are built in memory "
+                               "for this process only")
+                    self._record_build(t0)
+                    self._modules.append(lib)
+                    return lib["main"]
+                self._record_build(t0)
+                return self._load(path)[1]
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _record_build(self, t0: float) -> None:
+        self.stats.built += 1
+        self.stats.build_seconds.append(time.perf_counter() - t0)
+
+    def _build_in_memory(self, shape, why: str):
+        self._warn(why)
+        t0 = time.perf_counter()
+        lib = gemm.build(shape, self.host)
+        self._record_build(t0)
+        self._modules.append(lib)
+        return lib["main"]
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            log.warning("kernel cache: %s", message)
+            self._warned = True

@@ -1,0 +1,129 @@
+"""The integer GEMM every site role lowers to, as a TE definition and a hand-written TIR schedule.
+
+``C[g, m, n] = sum_k A[g, m, k] * B[g, n, k]`` with ``A`` u8, ``B`` s8 and ``C`` s32 (exact: the
+callers keep ``K`` under 2**31 / (255·128)). ``B`` is passed packed as ``(G, N/16, K/4, 16, 4)`` —
+the layout the 16x4 VNNI instruction reads in one load. Shapes are padded to the tile sizes by the
+caller (zeros in A and B add nothing), so one kernel is built per padded shape and tile.
+
+Schedule (VNNI): the ``m`` axis in blocks of ``mb`` rows and ``n`` in ``nb`` vectors of 16, so the
+``mb × nb`` int32x16 accumulators live in registers (24 of the 32 zmm registers at 6×4); ``k`` in
+blocks of ``kb``; the (group, n-block, m-block) loop is fused and parallel over the cores. Without
+VNNI the same loop nest is vectorized over ``n`` by LLVM (correct, several times slower).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+from dataclasses import dataclass
+
+import tvm
+import tvm.s_tir as s_tir
+from tvm import te
+
+from . import intrin
+from .host import HostTarget, detect
+
+
+@dataclass(frozen=True)
+class Tile:
+    mb: int = 6   # rows of A per register block
+    nb: int = 4   # 16-wide column vectors per register block
+    kb: int = 64  # reduction block (a multiple of 4)
+
+    def __post_init__(self):
+        if self.mb < 1 or self.nb < 1 or self.kb < 4 or self.kb % 4:
+            raise ValueError(f"bad tile {self}")
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """A padded problem: every size a multiple of its tile."""
+
+    groups: int
+    m: int
+    n: int
+    k: int
+    tile: Tile
+
+    @property
+    def name(self) -> str:
+        t = self.tile
+        return f"gemm_g{self.groups}_m{self.m}_n{self.n}_k{self.k}_t{t.mb}x{t.nb}x{t.kb}"
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def default_tile(m: int, n: int, k: int) -> Tile:
+    """A tile for an (unpadded) problem: a 6-, 4- or 8-row register block, whichever pads fewest
+    rows (ties: the first), and ``nb``/``kb`` dividing the 16- and 4-padded sizes."""
+    mb = m if m < 4 else min((6, 4, 8), key=lambda b: _round_up(m, b) - m)
+    n16 = _round_up(n, 16) // 16
+    nb = next(b for b in (4, 3, 2, 1) if n16 % b == 0)
+    k4 = _round_up(k, 4)
+    kb = next(b for b in (64, 48, 32, 16, 8, 4) if k4 % b == 0)
+    return Tile(mb, nb, kb)
+
+
+def padded(groups: int, m: int, n: int, k: int, tile: Tile | None = None) -> GemmShape:
+    tile = tile or default_tile(m, n, k)
+    return GemmShape(groups, _round_up(m, tile.mb), _round_up(n, 16 * tile.nb),
+                     _round_up(k, tile.kb), tile)
+
+
+def source_hash() -> str:
+    """Hash of the code that defines the kernels: part of every cache key."""
+    h = hashlib.sha256()
+    here = pathlib.Path(__file__).parent
+    for name in ("gemm.py", "intrin.py", "host.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def definition(shape: GemmShape):
+    g, m, n, k = shape.groups, shape.m, shape.n, shape.k
+    A = te.placeholder((g, m, k), "uint8", name="A")
+    B = te.placeholder((g, n // 16, k // 4, 16, 4), "int8", name="B")
+    r = te.reduce_axis((0, k), name="k")
+    C = te.compute(
+        (g, m, n),
+        lambda b, i, j: te.sum(A[b, i, r].astype("int32")
+                               * B[b, j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r),
+        name="C")
+    return te.create_prim_func([A, B, C]).with_attr("global_symbol", "main")
+
+
+def schedule(shape: GemmShape, isa: str) -> s_tir.Schedule:
+    t = shape.tile
+    sch = s_tir.Schedule(definition(shape))
+    blk = sch.get_sblock("C")
+    b, i, j, kk = sch.get_loops(blk)
+    io, ii = sch.split(i, [None, t.mb])
+    jo, jn, ji = sch.split(j, [None, t.nb, 16])
+    ko, kin, ki = sch.split(kk, [None, t.kb // 4, 4])
+    sch.reorder(b, jo, io, ko, kin, ii, jn, ji, ki)
+    if isa == "avx512-vnni":
+        inner = sch.blockize(ji)
+        acc = sch.cache_write(inner, 0, "global")
+        sch.reverse_compute_at(acc, io)
+        sch.parallel(sch.fuse(b, jo, io))
+        sch.decompose_reduction(inner, ko)
+        sch.tensorize(inner, intrin.register())
+        sch.unroll(jn)
+        sch.unroll(ii)
+        sch.vectorize(sch.get_loops(acc)[-1])
+    else:  # no integer dot instruction: k outside, LLVM vectorizes the 16 contiguous lanes of n
+        sch.reorder(b, jo, io, ko, kin, ki, ii, jn, ji)
+        sch.parallel(sch.fuse(b, jo, io))
+        sch.decompose_reduction(blk, ko)
+        sch.unroll(jn)
+        sch.unroll(ii)
+    return sch
+
+
+def build(shape: GemmShape, host: HostTarget | None = None):
+    """Compile one kernel; returns the TVM executable (``lib["main"](A, B, C)``)."""
+    host = host or detect()
+    return tvm.compile(schedule(shape, host.isa).mod, target=host.target())
