@@ -57,6 +57,8 @@ def transform(
     capture: Annotated[Optional[str], typer.Option(help="auto, fx or export")] = None,
     dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
     pipeline: Annotated[Optional[str], typer.Option(help="pass pipeline: default or dfq")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")] = None,
+    scheme: Annotated[Optional[str], typer.Option(help="sbm or symmetric")] = None,
 ) -> None:
     """Compile a model and write transformed.py, graph.json and report.md."""
     from .api import compile as frac_compile
@@ -67,6 +69,7 @@ def transform(
     cfg = _load_config(config, leaf, capture)
     if pipeline:
         cfg = cfg.replace(pipeline=pipeline)
+    cfg = _override(cfg, backend=backend, scheme=scheme)
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
     console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
@@ -74,6 +77,12 @@ def transform(
     console.print(fmodel.cost().summary())
     for path in write_transform_outputs(fmodel, out, model_spec):
         console.print(f"wrote {path}")
+
+
+def _override(cfg, **fields):
+    """``cfg`` with the command-line options that were given."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    return cfg.replace(**given) if given else cfg
 
 
 def _int_list(option: str, text: str) -> tuple[int, ...]:
@@ -167,6 +176,8 @@ def train(
     test_limit: Annotated[Optional[int], typer.Option(
         help="random test subset size (shakespeare: validation windows, default 256)")] = None,
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")] = None,
+    scheme: Annotated[Optional[str], typer.Option(help="sbm or symmetric")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     deterministic: Annotated[bool, typer.Option(help="torch deterministic algorithms")] = False,
 ) -> None:
@@ -184,7 +195,7 @@ def train(
         raise ConfigError(f"--lr-schedule {lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}")
     sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step,
                            beta)
-    cfg = _load_config(config, [], None)
+    cfg = _override(_load_config(config, [], None), backend=backend, scheme=scheme)
     if schedule in ("dfq", "fractrain"):
         cfg = cfg.replace(pipeline="dfq", gate_mode=gate_mode)
     dataset = _make_data(data, batch_size, block_size, train_limit, test_limit, seed)

@@ -44,3 +44,13 @@ def example(request):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def pytest_configure(config):
+    """Kernels built by the tests go to a per-run cache, not the user's (set before any backend
+    is created; an explicit FRACCOMPILE_CACHE_DIR is respected)."""
+    import os
+    import tempfile
+
+    if "FRACCOMPILE_CACHE_DIR" not in os.environ:
+        os.environ["FRACCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fraccompile-test-kernels-")

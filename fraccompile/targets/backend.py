@@ -29,6 +29,7 @@ Only the quantized codes (int8/uint8) are saved for backward, not fp32 copies.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -101,11 +102,15 @@ class TVMBackend(ReferenceBackend):
     # -- the integer GEMM ----------------------------------------------------------------------------
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Exact ``a @ bᵀ`` per group for int8/uint8 codes ``a (G, M, K)`` and ``b (G, N, K)``,
-        as int32 ``(G, M, N)``."""
+        as int32 ``(G, M, N)`` (int64 when ``K`` is split into int32-safe chunks)."""
         G, M, K = a.shape
         N = b.shape[1]
-        if K > MAX_K:
-            raise ValueError(f"reduction of {K} elements could overflow int32")
+        if K > MAX_K:  # split the reduction so no int32 partial sum can overflow
+            out = None
+            for k0 in range(0, K, MAX_K):
+                part = self.gemm(a[..., k0:k0 + MAX_K], b[..., k0:k0 + MAX_K]).long()
+                out = part if out is None else out.add_(part)
+            return out
         shape = gemm.padded(G, M, N, K)
         alpha = 128 if a.dtype == torch.int8 else 0
         beta = 128 if b.dtype == torch.uint8 else 0
@@ -166,14 +171,15 @@ class TVMBackend(ReferenceBackend):
             xb, yb, batch = _matmul_batches(xq.codes, wq.codes)
             C = self.gemm(xb, yb.mT)
             return (C.float() * (xq.scale * wq.scale)).reshape(*batch, C.shape[-2], C.shape[-1])
-        cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, Cg·k)
-        G = spec.groups
-        wg = wq.codes.reshape(G, w_shape[0] // G, -1)              # (G, OCg, Cg·k)
-        C = self.gemm(cols, wg)                                     # (G, M, OCg)
+        cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, k·Cg)
+        G, OC = spec.groups, w_shape[0]
+        C = self.gemm(cols, _weight_rows(wq.codes, G))             # (G, M, OCg)
         n = x_shape[0]
-        y = C.reshape(G, n, math.prod(out_sp), -1).permute(1, 0, 3, 2)
-        y = y.reshape(n, w_shape[0], *out_sp).float()
-        return y * (xq.scale * wq.scale.reshape(1, -1, *([1] * len(out_sp))))
+        # (N, O..., OC) in memory, returned as an (N, OC, O...) view: channels-last, which the
+        # next conv's im2col reads without a transpose
+        C = C[0] if G == 1 else C.permute(1, 0, 2)
+        y = C.reshape(n, *out_sp, OC).float() * (xq.scale * wq.scale.reshape(-1))
+        return y.permute(0, len(out_sp) + 1, *range(1, len(out_sp) + 1))
 
     def eb(self, spec: SiteSpec, dyq: IntCodes, xq: IntCodes, wq: IntCodes, x_shape, w_shape):
         if spec.kind == "matmul":
@@ -202,12 +208,15 @@ class TVMBackend(ReferenceBackend):
             C = self.gemm(xb.mT, dyb.mT)                           # (G, K, N)
             dw = C.float() * scale
             return dw.reshape(*_bcast_batch(x_shape, w_shape), *dw.shape[-2:]).sum_to_size(w_shape)
-        cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, Cg·k)
+        cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, k·Cg)
         G, OC = spec.groups, w_shape[0]
-        dyg = dyq.codes.reshape(x_shape[0], G, OC // G, -1).permute(1, 2, 0, 3)
-        dyg = dyg.reshape(G, OC // G, -1)                          # (G, OCg, M)
-        C = self.gemm(cols.mT, dyg)                                # (G, Cg·k, OCg)
-        return (C.mT.float() * scale).reshape(w_shape)
+        n = spec.conv_dims
+        dyl = dyq.codes.permute(0, *range(2, 2 + n), 1).reshape(-1, G, OC // G)  # (M, G, OCg)
+        C = self.gemm(cols.mT, dyl.permute(1, 2, 0))               # (G, k·Cg, OCg)
+        ks = list(w_shape[2:])
+        dw = C.reshape(G, *ks, w_shape[1], OC // G)                # (G, k..., Cg, OCg)
+        dw = dw.permute(0, n + 2, n + 1, *range(1, n + 1))         # (G, OCg, Cg, k...)
+        return dw.reshape(w_shape).float() * scale
 
 
 def _bcast_batch(x_shape, y_shape) -> tuple[int, ...]:
@@ -225,30 +234,43 @@ def _matmul_batches(x: torch.Tensor, y: torch.Tensor):
     return xb, yb, batch
 
 
+def _weight_rows(codes: torch.Tensor, groups: int) -> torch.Tensor:
+    """Conv weight codes ``(OC, Cg, k...)`` as GEMM rows ``(G, OCg, k·Cg)`` in im2col's order."""
+    n = codes.dim() - 2
+    w = codes.permute(0, *range(2, 2 + n), 1)                      # (OC, k..., Cg)
+    return w.reshape(groups, codes.shape[0] // groups, -1)
+
+
 def _im2col(codes: torch.Tensor, spec: SiteSpec, w_shape) -> tuple[torch.Tensor, list[int]]:
-    """Patches of ``codes (N, C, *spatial)`` as ``(G, N·P, Cg·k)`` in the order of
-    ``w.reshape(OC, -1)``; zero padding is code 0 (symmetric scheme)."""
+    """Patches of ``codes (N, C, *spatial)`` as ``(G, N·P, k·Cg)``: channels innermost, so each
+    kernel offset copies whole channel vectors (a strided NCHW im2col of int8 is ~8x slower);
+    the zero padding is code 0 (symmetric scheme)."""
     n = spec.conv_dims
-    pad = spec.gemm_padding(w_shape)
-    ks = w_shape[2:]
-    if any(pad):
-        flat = []
-        for p in reversed(pad):
-            flat += [p, p]
-        codes = F.pad(codes, flat)
-    x = codes
-    for d in range(n):
-        span = spec.dilation[d] * (ks[d] - 1) + 1
-        x = x.unfold(2 + d, span, spec.stride[d])
-    if any(dl != 1 for dl in spec.dilation):
-        x = x[(...,) + tuple(slice(None, None, dl) for dl in spec.dilation)]
-    N, C = x.shape[:2]
-    out_sp = list(x.shape[2:2 + n])
+    pad, ks = spec.gemm_padding(w_shape), list(w_shape[2:])
+    N, C, *size = codes.shape
+    xl = codes.permute(0, *range(2, 2 + n), 1)                      # (N, S..., C) view
+    out_sp = [(size[d] + 2 * pad[d] - spec.dilation[d] * (ks[d] - 1) - 1) // spec.stride[d] + 1
+              for d in range(n)]
+    make = torch.zeros if any(pad) else torch.empty
+    cols = make((N, *out_sp, *ks, C), dtype=codes.dtype)
+    for offset in itertools.product(*(range(k) for k in ks)):
+        dst, src = [slice(None)], [slice(None)]
+        for d, i in enumerate(offset):
+            s_, dl, p, o = spec.stride[d], spec.dilation[d], pad[d], out_sp[d]
+            first = max(0, -(-(p - i * dl) // s_))                  # first output reading >= 0
+            last = min(o - 1, (size[d] - 1 + p - i * dl) // s_)     # last reading < size
+            if last < first:
+                break
+            start = first * s_ + i * dl - p
+            dst.append(slice(first, last + 1))
+            src.append(slice(start, start + (last - first) * s_ + 1, s_))
+        else:
+            cols[(*dst, *offset)] = xl[tuple(src)]
     G = spec.groups
-    # (N, C, O..., k...) -> (G, N, O..., Cg, k...)
-    x = x.reshape(N, G, C // G, *out_sp, *ks)
-    perm = [1, 0] + list(range(3, 3 + n)) + [2] + list(range(3 + n, 3 + 2 * n))
-    cols = x.permute(*perm).reshape(G, N * math.prod(out_sp), (C // G) * math.prod(ks))
+    M, kp = N * math.prod(out_sp), math.prod(ks)
+    if G == 1:
+        return cols.view(1, M, kp * C), out_sp
+    cols = cols.view(M, kp, G, C // G).permute(2, 0, 1, 3).reshape(G, M, kp * (C // G))
     return cols, out_sp
 
 

@@ -89,8 +89,9 @@ class KernelCache:
         if path.exists():
             try:
                 return self._load(path)[1]
-            except Exception as e:  # a foreign or damaged file: rebuild it
-                log.warning("kernel cache: cannot load %s (%s); rebuilding", path, e)
+            except Exception as e:  # a damaged or foreign file: rebuilt below, under the lock
+                log.warning("kernel cache: cannot load %s (%s); rebuilding", path,
+                            str(e).splitlines()[0])
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             lock = open(str(path) + ".lock", "a+")
@@ -99,8 +100,11 @@ class KernelCache:
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if path.exists():  # another process built it while we waited
-                    return self._load(path)[1]
+                if path.exists():  # another process built it while we waited, or it is damaged
+                    try:
+                        return self._load(path)[1]
+                    except Exception:
+                        path.unlink(missing_ok=True)
                 t0 = time.perf_counter()
                 lib = gemm.build(shape, self.host)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=self.directory)

@@ -1,0 +1,393 @@
+"""The TVM backend: exact integer GEMMs, every kernel role against the reference backend, the
+kernel cache across processes, fallbacks and their reasons."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fraccompile
+from fraccompile import FracConfig
+from fraccompile.ops.backend import get_backend
+from fraccompile.ops.modules import FracOp
+from fraccompile.ops.spec import Precision, SiteSpec
+from fraccompile.targets import tvm_unavailable_reason
+
+pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
+                                reason=str(tvm_unavailable_reason()))
+
+TOL = 1e-5
+
+
+def rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return ((ref - got).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def tvm_backend():
+    return get_backend("tvm")
+
+
+# -- the integer GEMM ---------------------------------------------------------------------------------
+def _codes(shape, dtype, gen):
+    lo, hi = (0, 256) if dtype == torch.uint8 else (-127, 128)
+    return torch.randint(lo, hi, shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("g,m,n,k", [(1, 1, 1, 1), (1, 7, 5, 3), (2, 37, 50, 23), (3, 64, 48, 96),
+                                     (1, 130, 17, 257), (4, 5, 33, 1000)])
+@pytest.mark.parametrize("a_dtype,b_dtype", [(torch.uint8, torch.int8), (torch.int8, torch.int8),
+                                             (torch.uint8, torch.uint8), (torch.int8, torch.uint8)])
+def test_gemm_is_exact(tvm_backend, g, m, n, k, a_dtype, b_dtype):
+    gen = torch.Generator().manual_seed(g * 1000 + m + n + k)
+    a, b = _codes((g, m, k), a_dtype, gen), _codes((g, n, k), b_dtype, gen)
+    got = tvm_backend.gemm(a, b)
+    assert got.dtype in (torch.int32, torch.int64)
+    assert torch.equal(got.long(), a.long() @ b.long().mT)
+
+
+def test_gemm_non_contiguous_operands(tvm_backend):
+    gen = torch.Generator().manual_seed(1)
+    a = _codes((2, 40, 30), torch.int8, gen)
+    b = _codes((2, 40, 24), torch.uint8, gen)
+    got = tvm_backend.gemm(a.mT, b.mT)  # (2, 30, 40) x (2, 24, 40)
+    assert torch.equal(got.long(), a.mT.long() @ b.long())
+
+
+def test_gemm_splits_long_reductions(tvm_backend, monkeypatch):
+    from fraccompile.targets import backend as tb
+
+    monkeypatch.setattr(tb, "MAX_K", 64)  # exercise the int32-safe split with a small K
+    gen = torch.Generator().manual_seed(2)
+    a, b = _codes((1, 9, 200), torch.uint8, gen), _codes((1, 20, 200), torch.int8, gen)
+    got = tvm_backend.gemm(a, b)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, a.long() @ b.long().mT)
+
+
+def test_kernel_without_vnni_is_exact():
+    """The generic (AVX2-only) schedule builds and computes the same products."""
+    from fraccompile.targets import gemm
+
+    shape = gemm.padded(2, 13, 40, 36)
+    host = gemm.detect()
+    lib = gemm.tvm.compile(gemm.schedule(shape, "avx2").mod, target=host.target())
+    gen = torch.Generator().manual_seed(3)
+    A = _codes((2, shape.m, shape.k), torch.uint8, gen)
+    B = _codes((2, shape.n, shape.k), torch.int8, gen)
+    Bp = B.view(2, shape.n // 16, 16, shape.k // 4, 4).permute(0, 1, 3, 2, 4).contiguous()
+    C = torch.empty(2, shape.m, shape.n, dtype=torch.int32)
+    lib["main"](A, Bp, C)
+    assert torch.equal(C.long(), A.long() @ B.long().mT)
+
+
+def test_bad_tile_is_refused():
+    from fraccompile.targets import gemm
+
+    with pytest.raises(ValueError, match="bad tile"):
+        gemm.Tile(mb=4, nb=2, kb=6)
+
+
+# -- every role of one site against the reference backend ----------------------------------------------
+def _site_roles(op: FracOp, args, backend_name: str, seed: int = 3):
+    """Output, and gradients of every float input and parameter, of ``op`` (a copy) on ``args``."""
+    o = copy.deepcopy(op)
+    o.backend = get_backend(backend_name)
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
+              and a.is_floating_point() else a for a in args[:-1]]
+    y = o(*leaves, args[-1])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(seed)  # the gradient's stochastic rounding: the same draws on both backends
+    y.backward(dy)
+    grads = [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads += [p.grad for p in o.parameters() if p.grad is not None]
+    return [y.detach()] + grads
+
+
+def _compare(op, args):
+    ref, got = _site_roles(op, args, "reference"), _site_roles(op, args, "tvm")
+    assert len(ref) == len(got)
+    errs = [rel(r, g) for r, g in zip(ref, got)]
+    assert max(errs) < TOL, (op.site, op.spec.describe(), errs)
+    return errs
+
+
+def _module_site(module: torch.nn.Module, x: torch.Tensor, prec=Precision(8, 8, 8)):
+    fm = fraccompile.compile(torch.nn.Sequential(module), x,
+                             FracConfig(scheme="symmetric", full_precision=()))
+    (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
+    return op, (x, tuple(prec))
+
+
+C2 = torch.nn.Conv2d
+CONVS = [
+    (C2(5, 20, 3, padding=1), (3, 5, 11, 9)),
+    (C2(20, 33, 3, stride=2, padding=1), (2, 20, 16, 15)),
+    (C2(8, 16, 1), (2, 8, 5, 5)),
+    (C2(8, 16, 3, dilation=2, padding=2, groups=2), (2, 8, 9, 9)),
+    (C2(12, 12, 3, padding=1, groups=12), (2, 12, 8, 8)),  # depthwise
+    (C2(6, 10, (3, 1), stride=(1, 2), padding=(2, 0), bias=False), (2, 6, 7, 8)),
+    (torch.nn.Conv1d(7, 9, 5, stride=2, padding=3), (3, 7, 30)),
+    (torch.nn.Conv3d(4, 8, 3, padding=1, stride=(1, 2, 2)), (2, 4, 5, 6, 6)),
+]
+
+
+@pytest.mark.parametrize("idx", range(len(CONVS)))
+@pytest.mark.parametrize("signed_input", [False, True])
+def test_conv_roles_match_reference(idx, signed_input):
+    module, shape = CONVS[idx]
+    torch.manual_seed(idx)
+    x = torch.randn(*shape)
+    if not signed_input:
+        x = x.relu()
+    _compare(*_module_site(copy.deepcopy(module), x))
+
+
+@pytest.mark.parametrize("bits", [(4, 4, 6), (8, 8, 8), (2, 3, 5)])
+@pytest.mark.parametrize("shape", [(6, 33), (2, 5, 33), (130, 33)])
+def test_linear_roles_match_reference(bits, shape):
+    torch.manual_seed(len(shape))
+    _compare(*_module_site(torch.nn.Linear(33, 19), torch.randn(*shape), Precision(*bits)))
+
+
+class _MatMul(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, y):
+        return self.fn(x, y)
+
+
+@pytest.mark.parametrize("xs,ys,fn", [
+    ((2, 3, 9, 16), (2, 3, 16, 7), torch.matmul),
+    ((4, 10, 12), (4, 12, 5), torch.bmm),
+    ((2, 3, 9, 16), (16, 7), torch.matmul),          # broadcast second operand
+    ((5, 8), (8, 21), torch.matmul),
+])
+def test_matmul_roles_match_reference(xs, ys, fn):
+    torch.manual_seed(0)
+    x, y = torch.randn(*xs), torch.randn(*ys).relu()  # a signed and an unsigned operand
+    fm = fraccompile.compile(_MatMul(fn), (x, y), FracConfig(scheme="symmetric",
+                                                             full_precision=()))
+    (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
+    _compare(op, (x, y, (8, 8, 8)))
+
+
+def test_every_site_of_each_example_matches_reference(example):
+    """Each site of each example model, on the inputs it sees in the model: output, input/weight/
+    bias gradients within 1e-5 of the reference backend (same codes, same rounding draws)."""
+    _, model, x, kwargs, _ = example
+    fm = fraccompile.compile(model, x, FracConfig(a=8, w=8, g=8, scheme="symmetric", **kwargs))
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args)))
+             for m in fm.modules() if isinstance(m, FracOp)]
+    fm(x)
+    for h in hooks:
+        h.remove()
+    assert calls
+    for op, args in calls:
+        _compare(op, args)
+
+
+def test_training_step_close_to_reference():
+    """A whole step of a small CNN: same loss and gradients within 1e-5.
+
+    (Deeper models can differ by more in a whole step: a 1e-7 fp32 difference that moves a value
+    across a rounding boundary changes its code, which batch norm then amplifies — hence the
+    site-by-site test above on every example.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(C2(3, 16, 3, padding=1), torch.nn.ReLU(), C2(16, 32, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(32, 10))
+    x, y = torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,))
+    out = {}
+    for be in ("reference", "tvm"):
+        m = copy.deepcopy(model)
+        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend=be))
+        torch.manual_seed(1)
+        loss = F.cross_entropy(fm(x), y)
+        loss.backward()
+        out[be] = (loss.detach(), [p.grad for p in m.parameters()])
+        assert all(s.backend == be for s in fm.sites if not s.full_precision)
+    assert rel(out["reference"][0], out["tvm"][0]) < TOL
+    for r, g in zip(out["reference"][1], out["tvm"][1]):
+        assert rel(r, g) < TOL
+
+
+def test_backward_keeps_int8_codes_not_float_copies():
+    torch.manual_seed(0)
+    conv = C2(16, 16, 3, padding=1)
+    x = torch.randn(4, 16, 8, 8).relu()
+    fm = fraccompile.compile(conv, x, FracConfig(scheme="symmetric", backend="tvm",
+                                                 full_precision=()))
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fm(x.requires_grad_())
+    big = [(d, n) for d, n in saved if n >= x.numel()]
+    assert big and all(d in (torch.uint8, torch.int8) for d, _ in big), saved
+
+
+# -- fallbacks ----------------------------------------------------------------------------------------
+def _tiny():
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                               torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def test_sbm_scheme_falls_back_with_reason_and_reference_numerics():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    m = _tiny()
+    ref = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="sbm"))
+    tvm = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="sbm", backend="tvm"))
+    sites = [s for s in tvm.sites if not s.full_precision]
+    assert len(sites) == 2
+    assert all(s.backend == "reference" and "symmetric" in s.fallback_reason for s in sites)
+    assert torch.equal(ref(x), tvm(x))
+
+
+def test_wide_precision_falls_back_and_comes_back():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    m = _tiny()
+    fm = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="symmetric", backend="tvm"))
+    fm.precision.set(a=8, w=16, g=8)
+    sites = [s for s in fm.sites if not s.full_precision]
+    assert all(s.backend == "reference" and "w=16 bits" in s.fallback_reason for s in sites)
+    ref = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="symmetric"))
+    ref.precision.set(a=8, w=16, g=8)
+    assert torch.equal(fm(x), ref(x))  # the fallback is the reference computation
+    fm.precision.set(a=8, w=8, g=8)
+    assert [s.backend for s in fm.sites if not s.full_precision] == ["tvm", "tvm"]
+    fm.precision.set(a=0, w=8, g=8)
+    assert "a=full precision" in fm.sites[0].fallback_reason
+
+
+def test_gated_sites_report_reference_fallback():
+    from fraccompile.examples import resnet_cifar
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    fm = fraccompile.compile(resnet_cifar.resnet20(), x,
+                             FracConfig(scheme="symmetric", backend="tvm", pipeline="dfq"))
+    fm(x)
+    reasons = {s.fallback_reason for s in fm.sites if not s.full_precision}
+    assert any(r and "DFQ gate" in r for r in reasons)
+
+
+def test_missing_tvm_falls_back_everywhere(monkeypatch):
+    from fraccompile.ops import backend as ob
+
+    monkeypatch.setitem(ob._BACKENDS, "tvm", ob.UnavailableBackend(
+        "tvm", "TVM is not usable: ImportError: No module named 'tvm'"))
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    m = _tiny()
+    fm = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="symmetric", backend="tvm"))
+    ref = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="symmetric"))
+    assert all(s.backend == "reference" and "No module named 'tvm'" in s.fallback_reason
+               for s in fm.sites if not s.full_precision)
+    assert torch.equal(fm(x), ref(x))
+
+
+def test_transform_cli_shows_backend_and_reason(tmp_path):
+    from typer.testing import CliRunner
+
+    from fraccompile.cli import app
+
+    from fraccompile.examples import functional_model
+
+    args = ["transform", f"{functional_model.__file__}:model", "--input-shape",
+            "2,3,32,32", "--backend", "tvm", "--out", str(tmp_path)]
+    res = CliRunner().invoke(app, args + ["--scheme", "symmetric"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "tvm" in res.output and "float zero points" not in res.output
+    res = CliRunner().invoke(app, args, terminal_width=200)
+    assert res.exit_code == 0 and "float zero points" in res.output
+
+
+def test_model_with_tvm_backend_deepcopies_and_pickles():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    fm = fraccompile.compile(_tiny(), x, FracConfig(scheme="symmetric", backend="tvm"))
+    clone = copy.deepcopy(fm)
+    again = pickle.loads(pickle.dumps(fm.state_dict()))
+    assert torch.equal(fm(x), clone(x))
+    assert again.keys() == fm.state_dict().keys()
+
+
+# -- the kernel cache ---------------------------------------------------------------------------------
+_CHILD = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    from fraccompile.targets import gemm
+    from fraccompile.targets.cache import KernelCache
+    cache = KernelCache()
+    shape = gemm.padded(1, 30, 20, 40)
+    t0 = time.perf_counter()
+    fn = cache.get(shape)
+    seconds = time.perf_counter() - t0
+    A = torch.ones(1, shape.m, shape.k, dtype=torch.uint8)
+    B = torch.ones(1, shape.n // 16, shape.k // 4, 16, 4, dtype=torch.int8)
+    C = torch.empty(1, shape.m, shape.n, dtype=torch.int32)
+    fn(A, B, C)
+    print(json.dumps({"built": cache.stats.built, "loaded": cache.stats.loaded,
+                      "seconds": seconds, "c": int(C[0, 0, 0])}))
+""")
+
+
+def _child(cache_dir, wait=True):
+    env = dict(os.environ, FRACCOMPILE_CACHE_DIR=str(cache_dir))
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return _result(proc) if wait else proc
+
+
+def _result(proc):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_second_process_reuses_the_cache(tmp_path):
+    first = _child(tmp_path)
+    assert first["built"] == 1 and first["c"] == 40
+    second = _child(tmp_path)
+    assert second == {**second, "built": 0, "loaded": 1, "c": 40}
+    assert second["seconds"] < 0.1  # warm-cache load per kernel
+    assert len(list(tmp_path.glob("*.so"))) == 1
+
+
+def test_concurrent_builders_do_not_corrupt_the_cache(tmp_path):
+    procs = [_child(tmp_path, wait=False) for _ in range(3)]
+    results = [_result(p) for p in procs]
+    assert sum(r["built"] for r in results) == 1  # the others waited for the lock, then loaded
+    assert all(r["c"] == 40 for r in results)
+    assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob("tmp*"))
+
+
+def test_damaged_cache_file_is_rebuilt(tmp_path):
+    from fraccompile.targets import gemm
+    from fraccompile.targets.cache import KernelCache
+
+    cache = KernelCache(tmp_path)
+    shape = gemm.padded(1, 8, 16, 8)
+    cache.path(shape).parent.mkdir(parents=True, exist_ok=True)
+    cache.path(shape).write_bytes(b"not a shared library")
+    cache.get(shape)
+    assert cache.stats.built == 1
+    assert KernelCache(tmp_path).get(shape) is not None
