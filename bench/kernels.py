@@ -24,7 +24,7 @@ the per-GEMM median times:
 * int_mm: ``torch._int_mm`` (int8 x int8 -> int32, oneDNN) on pre-padded 2-D operands
   (M > 16, K and N multiples of 8), one call per group.
 
-    python bench/kernels.py [--repeats 10] [--models resnet20,mobilenetv2,transformer] [--verbose]
+    python bench/kernels.py [--repeats 5] [--models resnet20,mobilenetv2,transformer] [--verbose]
                             [--cold]
 """
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from _common import header, median_ms, print_table
 import fraccompile
 from fraccompile.examples import mobilenetv2_cifar, resnet_cifar, transformer_lm
 from fraccompile.ops.modules import FracOp
-from fraccompile.ops.spec import Precision
+from fraccompile.ops.spec import Precision, SiteSpec
 
 MODELS = {
     "resnet20": ("ResNet-20", resnet_cifar.resnet20, lambda: torch.randn(128, 3, 32, 32)),
@@ -90,7 +91,7 @@ class Gemm:
         return f"{self.G}x{self.M}x{self.N}x{self.K}"
 
 
-# -- the GEMMs of a model ---------------------------------------------------------------------------
+# -- the GEMMs of a model --------------------------------------------------------------------------
 def site_signs(fm, x) -> dict[str, tuple[bool, bool]]:
     """Whether each site's input (and a matmul's second operand) has negative values: the codes
     are then int8, else uint8 (symmetric scheme)."""
@@ -117,7 +118,7 @@ def model_gemms(key: str) -> collections.Counter:
     fm = fraccompile.compile(make(), x, config=cfg)
     ops = {m.site: m for m in fm.modules() if isinstance(m, FracOp)}
     signs = site_signs(fm, x)
-    probe = TVMBackend.__new__(TVMBackend)
+    probe = TVMBackend()  # its kernel cache is created on first use only
     out = collections.Counter()
     for s in fm.sites:
         if s.full_precision or s.name not in ops:
@@ -153,11 +154,24 @@ def site_gemms(spec, x_shape, w_shape, y_shape, x_neg: bool, y_neg: bool) -> lis
             Gemm("GC", "matmul", B, K, N, M, x_neg, True, "km", "kn")]
 
 
-# -- operands ---------------------------------------------------------------------------------------
+# -- operands --------------------------------------------------------------------------------------
+_POOL: dict = {}
+
+
+def rand_int(shape, dtype: torch.dtype, lo: int, hi: int) -> torch.Tensor:
+    """Random integers in ``[lo, hi)``: 1 MiB of ``torch.randint`` tiled (the GEMMs' speed does
+    not depend on the values, and ``randint`` of the largest operands takes seconds)."""
+    pool = _POOL.get((dtype, lo, hi))
+    if pool is None:
+        pool = _POOL[(dtype, lo, hi)] = torch.randint(lo, hi, (1 << 20,), dtype=dtype)
+    n = math.prod(shape)
+    return pool.repeat(-(-n // pool.numel()))[:n].view(shape)
+
+
 def codes(shape, signed: bool) -> torch.Tensor:
     if signed:
-        return torch.randint(-127, 128, shape, dtype=torch.int8)
-    return torch.randint(0, 256, shape, dtype=torch.uint8)
+        return rand_int(shape, torch.int8, -127, 128)
+    return rand_int(shape, torch.uint8, 0, 256)
 
 
 def chunks(K: int) -> list[int]:
@@ -170,8 +184,8 @@ def kernel_fn(g: Gemm, cache: KernelCache):
     calls = []
     for k in chunks(g.K):
         shape = tgemm.padded(g.G, g.M, g.N, k)
-        A = torch.randint(0, 256, (g.G, shape.m, shape.k), dtype=torch.uint8)
-        B = torch.randint(-127, 128, (g.G, shape.n // 16, shape.k // 4, 16, 4), dtype=torch.int8)
+        A = codes((g.G, shape.m, shape.k), False)
+        B = codes((g.G, shape.n // 16, shape.k // 4, 16, 4), True)
         C = torch.empty((g.G, shape.m, shape.n), dtype=torch.int32)
         calls.append((cache.get(shape), A, B, C))
 
@@ -199,7 +213,6 @@ def backend_fn(g: Gemm, backend: TVMBackend):
 
 
 def backend_eb_fp32(g: Gemm, backend: TVMBackend):
-    from fraccompile.ops.spec import SiteSpec
     if g.kind == "conv":
         x_shape, w_shape, stride, padding, dilation, groups = g.conv
         spec = SiteSpec.conv(len(stride), stride, padding, dilation, groups)
@@ -218,8 +231,8 @@ def backend_eb_fp32(g: Gemm, backend: TVMBackend):
 
 def conv_out_shape(conv) -> tuple:
     x_shape, w_shape, stride, padding, dilation, _ = conv
-    sp = [(x_shape[2 + d] + 2 * padding[d] - dilation[d] * (w_shape[2 + d] - 1) - 1) // stride[d] + 1
-          for d in range(len(stride))]
+    sp = [(x_shape[2 + d] + 2 * padding[d] - dilation[d] * (w_shape[2 + d] - 1) - 1)
+          // stride[d] + 1 for d in range(len(stride))]
     return (x_shape[0], w_shape[0], *sp)
 
 
@@ -247,8 +260,7 @@ def int_mm_fn(g: Gemm):
     if g.role == "EB fp32":
         return None
     m, k, n = max(g.M, 17), -(-g.K // 8) * 8, -(-g.N // 8) * 8
-    A = torch.randint(-127, 128, (g.G, m, k), dtype=torch.int8)
-    B = torch.randint(-127, 128, (g.G, k, n), dtype=torch.int8)
+    A, B = codes((g.G, m, k), True), codes((g.G, k, n), True)
     pairs = list(zip(A.unbind(0), B.unbind(0)))
     try:
         torch._int_mm(*pairs[0])
@@ -262,16 +274,19 @@ def int_mm_fn(g: Gemm):
     return run
 
 
-# -- measuring --------------------------------------------------------------------------------------
+# -- measuring -------------------------------------------------------------------------------------
 def measure(g: Gemm, cache, backend, repeats: int) -> dict[str, float | None]:
     """Median ms of the four columns for one GEMM (None where the column does not apply)."""
-    int_role = g.role != "EB fp32"
-    fns = {"kernel": kernel_fn(g, cache) if int_role else None,
-           "packing": backend_fn(g, backend),
-           "fp32": fp32_fn(g),
-           "int_mm": int_mm_fn(g)}
-    return {k: (median_ms(f, repeats, warmup=1) if f is not None else None)
-            for k, f in fns.items()}
+    makers = {"kernel": lambda: kernel_fn(g, cache) if g.role != "EB fp32" else None,
+              "packing": lambda: backend_fn(g, backend),
+              "fp32": lambda: fp32_fn(g),
+              "int_mm": lambda: int_mm_fn(g)}
+    out = {}
+    for k, make in makers.items():  # one at a time: the operands of a column are freed after it
+        f = make()
+        out[k] = median_ms(f, repeats, warmup=1) if f is not None else None
+        del f
+    return out
 
 
 def gops(ops: float, ms: float | None) -> str:
@@ -284,7 +299,7 @@ def ratio(num: float | None, den: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--verbose", action="store_true", help="also print every distinct GEMM")
@@ -296,6 +311,7 @@ def main() -> None:
         if k not in MODELS:
             parser.error(f"unknown model {k!r}; choose from {', '.join(MODELS)}")
     header("GEMM throughput per role: TVM int8 kernels vs torch fp32 and torch._int_mm")
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
     tmp = tempfile.TemporaryDirectory(prefix="fraccompile-kernels-") if args.cold else None
     cache = KernelCache(tmp.name if tmp else None)
@@ -342,9 +358,9 @@ def main() -> None:
     print(f"\nkernel cache ({tmp.name if tmp else cache_dir()}): {len(shapes)} kernels; "
           f"{st.built} built in {sum(st.build_seconds):.1f} s (cold), {st.loaded - st.built} "
           f"loaded from disk in {sum(st.load_seconds):.2f} s; warm-up took {warm_s:.1f} s")
-    print("EB fp32: EB of conv/linear weight sites runs in fp32 in this backend (per-channel weight "
-          "scales sit on its reduction axis); 'kernel+packing' is the backend's EB (dequantize + "
-          "fp32 op)")
+    print("EB fp32: EB of conv/linear weight sites runs in fp32 in this backend (per-channel "
+          "weight scales sit on its reduction axis); 'kernel+packing' is the backend's EB "
+          "(dequantize + fp32 op)")
     if args.verbose:
         print()
         print_table(["model", "role", "site", "GxMxNxK", "count", *cols], detail)

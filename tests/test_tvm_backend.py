@@ -90,6 +90,30 @@ def test_kernel_without_vnni_is_exact():
     assert torch.equal(C.long(), A.long() @ B.long().mT)
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_fused_quantize_gives_the_reference_codes(stochastic, layout):
+    from fraccompile.ops.quantizers import qparams_from_range, quantize_to_int
+    from fraccompile.targets.backend import _to_codes
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 7, 9, generator=gen)
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 2.5])  # ties: round half to even
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[:, :, ::2]
+    for signed in (True, False):
+        xs = x if signed else x.clamp_min(0)
+        qp = qparams_from_range(xs.min(), xs.max(), 8, "symmetric")
+        torch.manual_seed(9)
+        ref = quantize_to_int(xs, qp, stochastic=stochastic)
+        torch.manual_seed(9)
+        got = _to_codes(xs, qp, stochastic=stochastic)
+        assert got.codes.dtype == (torch.int8 if signed else torch.uint8)
+        assert torch.equal(got.codes.float(), ref)
+
+
 def test_bad_tile_is_refused():
     from fraccompile.targets import gemm
 

@@ -40,7 +40,7 @@ from torch.autograd import Function
 from ..ops.backend import ReferenceBackend
 from ..ops.quantizers import channel_range, qparams_from_range, quantize_to_int, tensor_range
 from ..ops.spec import Precision, SiteSpec
-from . import gemm
+from . import gemm, quantize
 from .cache import KernelCache
 
 log = logging.getLogger("fraccompile.targets")
@@ -62,10 +62,36 @@ class IntCodes:
         return self.codes.float() * self.scale
 
 
+def _dense_perm(x: torch.Tensor) -> list[int] | None:
+    """A dim order in which ``x`` is contiguous (identity, or channels-last), else None."""
+    identity = list(range(x.dim()))
+    if x.is_contiguous():
+        return identity
+    if x.dim() >= 3:
+        last = [0, *range(2, x.dim()), 1]
+        if x.permute(*last).is_contiguous():
+            return last
+    return None
+
+
 def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False) -> IntCodes:
-    q = quantize_to_int(x, qp, stochastic=stochastic)
+    """``x``'s integer codes on the grid ``qp`` — the reference quantizer's codes exactly, from one
+    fused TVM kernel when the scale is per tensor (activations, gradients), else torch."""
     signed = qp.qmin < 0
-    return IntCodes(q.to(torch.int8 if signed else torch.uint8), qp.scale, signed)
+    dtype = torch.int8 if signed else torch.uint8
+    perm = _dense_perm(x) if x.dtype == torch.float32 and qp.scale.numel() == 1 else None
+    if perm is None:
+        q = quantize_to_int(x, qp, stochastic=stochastic)
+        return IntCodes(q.to(dtype), qp.scale, signed)
+    xd = x.permute(*perm)
+    flat = xd.reshape(-1)
+    args = [flat, qp.scale.reshape(1).float(), torch.tensor([qp.qmin, qp.qmax])]
+    if stochastic:  # the reference's draws, in logical order, laid out like x
+        args.append(torch.rand(x.shape).permute(*perm).reshape(-1))
+    codes = torch.empty(flat.shape, dtype=dtype)
+    quantize.kernel(str(dtype).removeprefix("torch."), stochastic)(*args, codes)
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed)
 
 
 class TVMBackend(ReferenceBackend):

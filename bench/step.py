@@ -1,0 +1,204 @@
+"""Training-step time and memory: the original fp32 model vs the compiled model (a=w=g=8,
+symmetric) on the reference and the TVM backend.
+
+One step = zero_grad, forward, cross-entropy loss (the Transformer: next-token), backward, SGD
+update. Each (model, mode) runs in a fresh child process (``sys.executable``), which reports:
+
+* step ms: the median over ``--repeats`` steps after 2 warm-up steps (the TVM kernels are built
+  or loaded from the on-disk cache in the first one);
+* peak RSS: ``ru_maxrss`` of the child at the end (imports, model, warm-up and timed steps);
+* saved for backward: the bytes of the distinct storages autograd saves during one forward (and
+  the loss), parameters excluded (``torch.autograd.graph.saved_tensors_hooks``).
+
+    python bench/step.py [--repeats 5] [--models resnet20,transformer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ("fp32", "reference", "tvm")
+MODELS = {
+    "resnet20": "ResNet-20, batch 128, 3x32x32",
+    "transformer": "Transformer d512 (2 layers), batch 32 x 64 tokens",
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# -- the child: one configuration ------------------------------------------------------------------
+def make_case(key: str):
+    import torch
+    import torch.nn.functional as F
+
+    from fraccompile.examples import resnet_cifar, transformer_lm
+
+    torch.manual_seed(0)
+    if key == "resnet20":
+        return (resnet_cifar.resnet20(), torch.randn(128, 3, 32, 32),
+                torch.randint(0, 10, (128,)), F.cross_entropy)
+    tokens = torch.randint(0, 65, (32, 65))
+    return (transformer_lm.model_d512(), tokens[:, :-1], tokens[:, 1:],
+            lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+
+
+def saved_bytes(model, x, y, loss_fn) -> int:
+    """Bytes of the distinct storages autograd saves in one forward + loss, parameters excluded."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model(x), y)
+    loss.backward()  # free the graph (the gradients are not used)
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def child(key: str, mode: str, repeats: int) -> dict:
+    if mode in ("tvm", "import-tvm"):  # sets TVM_NUM_THREADS, imports tvm: before torch work
+        import fraccompile.targets.backend  # noqa: F401
+    if mode.startswith("import"):  # the baseline: what the imports alone cost
+        import torch  # noqa: F401
+
+        import fraccompile  # noqa: F401
+        from fraccompile.examples import resnet_cifar, transformer_lm  # noqa: F401
+        return {"rss_mb": peak_rss_mb()}
+    import torch
+
+    import fraccompile
+    from fraccompile.ops.modules import FracOp
+
+    model, x, y, loss_fn = make_case(key)
+    info: dict = {}
+    if mode != "fp32":
+        cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric", backend=mode)
+        model = fraccompile.compile(model, x, config=cfg)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    warm = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        step()
+        warm.append(1000 * (time.perf_counter() - t0))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - t0))
+    info.update(step_ms=statistics.median(times), warmup_ms=warm,
+                saved_mb=saved_bytes(model, x, y, loss_fn) / 2**20)
+    if mode != "fp32":
+        sites = model.sites
+        info["sites"] = {
+            "tvm": sum(s.backend == "tvm" for s in sites),
+            "reference": sum(not s.full_precision and s.backend != "tvm" for s in sites),
+            "fp32": sum(s.full_precision for s in sites),
+            "reasons": sorted({s.fallback_reason for s in sites if s.fallback_reason}),
+        }
+        caches = {id(b.cache): b.cache for m in model.modules() if isinstance(m, FracOp)
+                  for b in [m.backend] if hasattr(b, "cache") and mode == "tvm"}
+        if caches:
+            st = [c.stats for c in caches.values()]
+            info["kernels"] = {"built": sum(s.built for s in st),
+                               "build_s": sum(sum(s.build_seconds) for s in st),
+                               "loaded": sum(s.loaded - s.built for s in st)}
+    info["rss_mb"] = peak_rss_mb()
+    return info
+
+
+def run_child(key: str, mode: str, repeats: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode,
+           "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        return {"error": f"child exited with {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the parent: the table -------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.repeats)))
+        return
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    for k in keys:
+        if k not in MODELS:
+            parser.error(f"unknown model {k!r}; choose from {', '.join(MODELS)}")
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import header, print_table
+    header("Training step: time and memory, fp32 vs compiled a=w=g=8 symmetric "
+           "(reference and TVM backends)")
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    base = {m: run_child("-", m, 0).get("rss_mb") for m in ("import", "import-tvm")}
+    rows, notes = [], []
+    for key in keys:
+        res = {mode: run_child(key, mode, args.repeats) for mode in MODES}
+        fp = res["fp32"]
+        for mode in MODES:
+            r = res[mode]
+            if "error" in r:
+                rows.append([MODELS[key], mode, r["error"], "-", "-", "-", "-"])
+                continue
+            rows.append([MODELS[key], mode, f"{r['step_ms']:.1f}",
+                         f"{r['step_ms'] / fp['step_ms']:.2f}x" if "step_ms" in fp else "-",
+                         f"{r['rss_mb']:.0f}", f"{r['saved_mb']:.1f}",
+                         f"{r['saved_mb'] / fp['saved_mb']:.2f}x" if "saved_mb" in fp else "-"])
+            warm = ", ".join(f"{w:.0f}" for w in r["warmup_ms"])
+            note = f"{MODELS[key]}, {mode}: warm-up steps {warm} ms"
+            if "sites" in r:
+                s = r["sites"]
+                ref = "fallback to reference" if mode == "tvm" else "on reference"
+                note += (f"; sites: {s['tvm']} on tvm, {s['reference']} {ref}, "
+                         f"{s['fp32']} kept fp32 (full_precision)")
+                if s["reasons"]:
+                    note += f" ({'; '.join(s['reasons'])})"
+            if "kernels" in r:
+                k = r["kernels"]
+                note += (f"; kernels: {k['built']} built ({k['build_s']:.1f} s), "
+                         f"{k['loaded']} loaded from the disk cache")
+            notes.append(note)
+    print(f"median ms per step over {args.repeats} steps (after 2 warm-up steps); each row in a "
+          "fresh process")
+    print_table(["model", "mode", "step ms", "vs fp32", "peak RSS MB", "saved-for-backward MB",
+                 "vs fp32"], rows)
+    print()
+    if base["import"] and base["import-tvm"]:
+        print(f"peak RSS of a child that only imports torch and fraccompile: {base['import']:.0f} "
+              f"MB, and TVM too (as the tvm rows do): {base['import-tvm']:.0f} MB")
+    for n in notes:
+        print(f"- {n}")
+
+
+if __name__ == "__main__":
+    main()
