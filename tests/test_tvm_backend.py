@@ -313,6 +313,19 @@ def test_gated_sites_report_reference_fallback():
     assert any(r and "DFQ gate" in r for r in reasons)
 
 
+def test_depthwise_convs_fall_back_with_reason():
+    from fraccompile.examples import mobilenetv2_cifar
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    fm = fraccompile.compile(mobilenetv2_cifar.model(), x,
+                             FracConfig(scheme="symmetric", backend="tvm"))
+    sites = [s for s in fm.sites if not s.full_precision]
+    dw = [s for s in sites if s.weight_shape[1] == 1]
+    assert dw and all("depthwise" in s.fallback_reason for s in dw)
+    assert all(s.backend == "tvm" for s in sites if s not in dw)
+
+
 def test_missing_tvm_falls_back_everywhere(monkeypatch):
     from fraccompile.ops import backend as ob
 

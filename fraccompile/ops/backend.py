@@ -19,7 +19,8 @@ from .spec import CONV_FNS, SiteSpec
 class KernelBackend(ABC):
     name: str = "abstract"
 
-    def unsupported_reason(self, spec: SiteSpec, prec=None, scheme: str = "sbm") -> str | None:
+    def unsupported_reason(self, spec: SiteSpec, prec=None, scheme: str = "sbm",
+                           weight_shape=None) -> str | None:
         """Why this backend cannot run ``spec`` at precision ``prec`` with ``scheme`` (None when it
         can). Sites it cannot run go through the float methods below (the reference semantics)."""
         return None
@@ -92,7 +93,7 @@ class UnavailableBackend(ReferenceBackend):
     def __init__(self, name: str, reason: str):
         self.name, self.reason = name, reason
 
-    def unsupported_reason(self, spec, prec=None, scheme="sbm"):
+    def unsupported_reason(self, spec, prec=None, scheme="sbm", weight_shape=None):
         return self.reason
 
 

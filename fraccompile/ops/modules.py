@@ -69,6 +69,7 @@ class FracOp(nn.Module):
             self.bias = bias
         self.act_range = RunningRange(momentum)
         self.last_fallback: str | None = None  # why the last gated call left the backend
+        self.weight_shape = tuple(weight.shape) if weight is not None else None
         if spec.kind == "matmul":  # the second operand is an activation too
             self.rhs_range = RunningRange(momentum)
 
@@ -111,7 +112,7 @@ class FracOp(nn.Module):
 
     def kernel_status(self, prec: Precision) -> tuple[str, str | None]:
         """``(backend that runs this site at prec, why not the configured one)``."""
-        reason = self.backend.unsupported_reason(self.spec, prec, self.scheme)
+        reason = self.backend.unsupported_reason(self.spec, prec, self.scheme, self.weight_shape)
         if reason is None and self.last_fallback and self.backend.name != "reference":
             reason = self.last_fallback
         return ("reference" if reason else self.backend.name), reason
@@ -121,8 +122,10 @@ class FracOp(nn.Module):
         if prec.is_full:
             return self.spec.fp_forward(x, w, b)
         run_site = getattr(self.backend, "run_site", None)  # integer kernels (the tvm backend)
-        if run_site is not None and self.backend.unsupported_reason(self.spec, prec,
-                                                                    self.scheme) is None:
+        if run_site is not None:
+            self.weight_shape = tuple(w.shape)
+        if run_site is not None and self.backend.unsupported_reason(
+                self.spec, prec, self.scheme, self.weight_shape) is None:
             if lo_hi is None:
                 lo_hi = self._range(x, self.act_range)
             return run_site(self, x, w, b, prec, lo_hi)

@@ -15,7 +15,7 @@ role          linear / conv (im2col ``cols``)        matmul ``x @ y``
 ============  =====================================  ==============================================
 forward FW    A = x codes, B = w codes               A = x, B = yᵀ
 backprop EB   fp32 GEMM on the dequantized codes     A = dy, B = y         (``dx``)
-weight GC     A = xᵀ (colsᵀ), B = dyᵀ → ``dwᵀ``      A = xᵀ, B = dyᵀ       (``dy`` of ``y``)
+weight GC     A = dyᵀ, B = xᵀ (colsᵀ) → ``dw``      A = xᵀ, B = dyᵀ       (``dy`` of ``y``)
 ============  =====================================  ==============================================
 
 EB of a weight site is not an integer GEMM: the weights have one scale per output channel, and EB
@@ -40,12 +40,13 @@ from torch.autograd import Function
 from ..ops.backend import ReferenceBackend
 from ..ops.quantizers import channel_range, qparams_from_range, quantize_to_int, tensor_range
 from ..ops.spec import Precision, SiteSpec
-from . import gemm, quantize
+from . import gemm, pack, quantize
 from .cache import KernelCache
 
 log = logging.getLogger("fraccompile.targets")
 
 MAX_BITS = 8
+MIN_GROUP_WIDTH = 8  # narrower groups waste most of the 16 int32 lanes of a VNNI instruction
 MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
 
 
@@ -110,12 +111,16 @@ class TVMBackend(ReferenceBackend):
 
     # -- what runs here ------------------------------------------------------------------------------
     def unsupported_reason(self, spec: SiteSpec, prec: Precision | None = None,
-                           scheme: str = "symmetric") -> str | None:
+                           scheme: str = "symmetric", weight_shape=None) -> str | None:
         if scheme != "symmetric":
             return f"scheme {scheme!r} has float zero points; integer kernels need 'symmetric'"
         if spec.kind == "conv" and (spec.pre_pad or spec.padding == "same"
                                     or spec.padding_mode != "zeros"):
             return "conv with pre-padding (padding_mode or padding='same') has no kernel"
+        if spec.kind == "conv" and spec.groups > 1 and weight_shape is not None \
+                and weight_shape[0] // spec.groups < MIN_GROUP_WIDTH:
+            return (f"grouped conv with {weight_shape[0] // spec.groups} output channel(s) per "
+                    f"group (depthwise): the GEMM form pads them to 16 lanes")
         if prec is not None:
             if prec.is_full:
                 return None  # full precision runs the original op on every backend
@@ -137,33 +142,22 @@ class TVMBackend(ReferenceBackend):
                 part = self.gemm(a[..., k0:k0 + MAX_K], b[..., k0:k0 + MAX_K]).long()
                 out = part if out is None else out.add_(part)
             return out
-        shape = gemm.padded(G, M, N, K)
         alpha = 128 if a.dtype == torch.int8 else 0
         beta = 128 if b.dtype == torch.uint8 else 0
-        a_u8 = a.view(torch.uint8)
-        if alpha:
-            a_u8 = a_u8.bitwise_xor(0x80)  # int8 x -> uint8 x+128
-        if (shape.m, shape.k) != (M, K) or not a_u8.is_contiguous():
-            A = a_u8.new_zeros((G, shape.m, shape.k))
-            A[:, :M, :K] = a_u8
-        else:
-            A = a_u8
-        b_s8 = b.view(torch.uint8).bitwise_xor(0x80).view(torch.int8) if beta else b.view(torch.int8)
-        if (shape.n, shape.k) != (N, K):
-            Bfull = b_s8.new_zeros((G, shape.n, shape.k))
-            Bfull[:, :N, :K] = b_s8
-        else:
-            Bfull = b_s8
-        Bp = Bfull.view(G, shape.n // 16, 16, shape.k // 4, 4).permute(0, 1, 3, 2, 4).contiguous()
+        # with a shifted A, an extra row of ones in A makes the kernel return B's row sums
+        shape = gemm.padded(G, M + 1 if alpha else M, N, K)
+        A = _pack_a(a.view(torch.uint8), alpha, shape.m, shape.k)
+        Bp = _pack_b(b.view(torch.uint8), beta, shape.n, shape.k)
         C = torch.empty((G, shape.m, shape.n), dtype=torch.int32)
         self.cache.get(shape)(A, Bp, C)
+        if alpha:  # sum_k (b - beta) = C[M]  ->  sum_k b = C[M] + beta*K
+            b_sums = C[:, M:M + 1, :N] + beta * K
         C = C[:, :M, :N]
-        if alpha or beta:
+        if beta:
+            C += beta * a.sum(-1, dtype=torch.int32).unsqueeze(-1)
+        if alpha:
+            C -= alpha * b_sums
             if beta:
-                C += beta * a.sum(-1, dtype=torch.int32).unsqueeze(-1)
-            if alpha:
-                C -= alpha * b.sum(-1, dtype=torch.int32).unsqueeze(-2)
-            if alpha and beta:
                 C += alpha * beta * K
         return C
 
@@ -224,11 +218,13 @@ class TVMBackend(ReferenceBackend):
 
     def gc(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
         scale = xq.scale * dyq.scale
+        # dw = dyᵀ·x: A = dyᵀ (the smaller operand is transposed by the pack kernel), B = xᵀ,
+        # which the pack kernel reads in 16-byte rows of x — no transpose of the activations
         if spec.kind == "linear":
             K, N = x_shape[-1], w_shape[0]
-            xt = xq.codes.reshape(-1, K).t().unsqueeze(0)          # (1, K, M)
             dyt = dyq.codes.reshape(-1, N).t().unsqueeze(0)        # (1, N, M)
-            return (self.gemm(xt, dyt)[0].t().float() * scale)
+            xt = xq.codes.reshape(-1, K).t().unsqueeze(0)          # (1, K, M)
+            return self.gemm(dyt, xt)[0].float() * scale
         if spec.kind == "matmul":
             xb, dyb, _ = _matmul_batches(xq.codes, dyq.codes)
             C = self.gemm(xb.mT, dyb.mT)                           # (G, K, N)
@@ -238,11 +234,45 @@ class TVMBackend(ReferenceBackend):
         G, OC = spec.groups, w_shape[0]
         n = spec.conv_dims
         dyl = dyq.codes.permute(0, *range(2, 2 + n), 1).reshape(-1, G, OC // G)  # (M, G, OCg)
-        C = self.gemm(cols.mT, dyl.permute(1, 2, 0))               # (G, k·Cg, OCg)
+        C = self.gemm(dyl.permute(1, 2, 0), cols.mT)               # (G, OCg, k·Cg)
         ks = list(w_shape[2:])
-        dw = C.reshape(G, *ks, w_shape[1], OC // G)                # (G, k..., Cg, OCg)
-        dw = dw.permute(0, n + 2, n + 1, *range(1, n + 1))         # (G, OCg, Cg, k...)
-        return dw.reshape(w_shape).float() * scale
+        dw = C.reshape(OC, *ks, w_shape[1])                        # (OC, k..., Cg)
+        return dw.permute(0, n + 1, *range(1, n + 1)).float() * scale
+
+
+def _flip(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.uint8)
+
+
+def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int) -> torch.Tensor:
+    """``A (G, mp, kp)`` u8 for the GEMM from the (G, M, K) byte view ``a`` (no copy when it is
+    already that)."""
+    G, M, K = a.shape
+    if a.is_contiguous() and not flip and (M, K) == (mp, kp):
+        return a
+    if a.is_contiguous():
+        layout, src = "mk", a
+    elif a.mT.is_contiguous():
+        layout, src = "km", a.mT
+    else:
+        layout, src = "mk", a.contiguous()
+    out = torch.empty((G, mp, kp), dtype=torch.uint8)
+    pack.a_kernel(layout)(src, _flip(flip), out)
+    return out
+
+
+def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int) -> torch.Tensor:
+    """``B (G, np/16, kp/4, 16, 4)`` s8 from the (G, N, K) byte view ``b``."""
+    G = b.shape[0]
+    if b.is_contiguous():
+        layout, src = "nk", b
+    elif b.mT.is_contiguous():
+        layout, src = "kn", b.mT
+    else:
+        layout, src = "nk", b.contiguous()
+    out = torch.empty((G, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
+    pack.b_kernel(layout)(src, _flip(flip), out)
+    return out.view(torch.int8)
 
 
 def _bcast_batch(x_shape, y_shape) -> tuple[int, ...]:
