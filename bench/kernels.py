@@ -9,7 +9,7 @@ role     conv (im2col, P output positions)           linear (R rows) / matmul ``
 =======  ==========================================  =============================================
 FW       G, M=N·P, N=OC/G, K=C/G·kh·kw               (1, R, out, in) / (B, M, N, K)
 EB       fp32 (per-channel weight scales)            fp32 for linear / (B, M, N=K, K=N)
-GC       G, M=C/G·kh·kw, N=OC/G, K=N·P               (1, in, out, R) / (B, M=K, N, K=M)
+GC       G, M=OC/G, N=C/G·kh·kw, K=N·P  (dw = dyᵀ·x)  (1, out, in, R) / (B, M=K, N, K=M)
 =======  ==========================================  =============================================
 
 Columns, each total ops (2·G·M·N·K per GEMM, summed over the model's sites) over the total of
@@ -65,9 +65,9 @@ ROLES = ("FW", "EB", "EB fp32", "GC")
 class Gemm:
     """One GEMM ``C[g] = A[g] @ B[g]^T`` as the backend runs it, with what the other columns need.
 
-    ``a_layout``: ``mk`` (A contiguous) or ``km`` (A a transposed view of a (G, K, M) tensor);
-    ``b_layout``: ``nk``, ``kn`` (transposed view of (G, K, N)) or ``kgn`` (``permute(1, 2, 0)``
-    of a (K, G, N) tensor: conv GC's ``dy``). ``conv``: (x shape, w shape, stride, padding,
+    ``a_layout``: ``mk`` (A contiguous), ``km`` (A a transposed view of a (G, K, M) tensor) or
+    ``kgm`` (``permute(1, 2, 0)`` of a (K, G, M) tensor: conv GC's ``dy``); ``b_layout``: ``nk``,
+    ``kn`` (transposed view of (G, K, N)) or ``kgn`` (``permute(1, 2, 0)`` of (K, G, N)). ``conv``: (x shape, w shape, stride, padding,
     dilation, groups) of a conv site, for the fp32 column."""
 
     role: str
@@ -124,7 +124,8 @@ def model_gemms(key: str) -> collections.Counter:
         if s.full_precision or s.name not in ops:
             continue
         spec = ops[s.name].spec
-        if probe.unsupported_reason(spec, Precision(8, 8, 8), "symmetric") is not None:
+        if probe.unsupported_reason(spec, Precision(8, 8, 8), "symmetric",
+                                    tuple(s.weight_shape)) is not None:
             continue
         x_neg, y_neg = signs[s.name]
         for g in site_gemms(spec, s.input_shape, s.weight_shape, s.output_shape, x_neg, y_neg):
@@ -141,12 +142,12 @@ def site_gemms(spec, x_shape, w_shape, y_shape, x_neg: bool, y_neg: bool) -> lis
                 tuple(spec.gemm_padding(w_shape)), tuple(spec.dilation), G)
         return [Gemm("FW", "conv", G, N * P, OCg, kc, x_neg, True, "mk", "nk", conv),
                 Gemm("EB fp32", "conv", G, N * P, kc, OCg, conv=conv),
-                Gemm("GC", "conv", G, kc, OCg, N * P, x_neg, True, "km", "kgn", conv)]
+                Gemm("GC", "conv", G, OCg, kc, N * P, True, x_neg, "kgm", "kn", conv)]
     if spec.kind == "linear":
         R, cin, cout = math.prod(x_shape[:-1]), x_shape[-1], w_shape[0]
         return [Gemm("FW", "linear", 1, R, cout, cin, x_neg, True, "mk", "nk"),
                 Gemm("EB fp32", "linear", 1, R, cin, cout, out_shape=tuple(y_shape)),
-                Gemm("GC", "linear", 1, cin, cout, R, x_neg, True, "km", "kn")]
+                Gemm("GC", "linear", 1, cout, cin, R, True, x_neg, "km", "kn")]
     batch = torch.broadcast_shapes(tuple(x_shape[:-2]), tuple(w_shape[:-2]))
     B, M, K, N = math.prod(batch), x_shape[-2], x_shape[-1], w_shape[-1]
     return [Gemm("FW", "matmul", B, M, N, K, x_neg, y_neg, "mk", "kn"),
@@ -201,8 +202,12 @@ def backend_fn(g: Gemm, backend: TVMBackend):
     fp32 EB the backend's ``eb`` (dequantize + fp32 op)."""
     if g.role == "EB fp32":
         return backend_eb_fp32(g, backend)
-    a = codes((g.G, g.M, g.K), g.a_signed) if g.a_layout == "mk" else \
-        codes((g.G, g.K, g.M), g.a_signed).mT
+    if g.a_layout == "mk":
+        a = codes((g.G, g.M, g.K), g.a_signed)
+    elif g.a_layout == "km":
+        a = codes((g.G, g.K, g.M), g.a_signed).mT
+    else:  # kgm: conv GC's dyᵀ, a permute(1, 2, 0) of (K, G, M)
+        a = codes((g.K, g.G, g.M), g.a_signed).permute(1, 2, 0)
     if g.b_layout == "nk":
         b = codes((g.G, g.N, g.K), g.b_signed)
     elif g.b_layout == "kn":

@@ -144,17 +144,20 @@ class TVMBackend(ReferenceBackend):
             return out
         alpha = 128 if a.dtype == torch.int8 else 0
         beta = 128 if b.dtype == torch.uint8 else 0
-        # with a shifted A, an extra row of ones in A makes the kernel return B's row sums
-        shape = gemm.padded(G, M + 1 if alpha else M, N, K)
+        # the sign corrections need B's row sums (A shifted) and A's (B shifted): an extra row of
+        # ones in A, resp. in B, makes the kernel return them with the product
+        shape = gemm.padded(G, M + 1 if alpha else M, N + 1 if beta else N, K)
         A = _pack_a(a.view(torch.uint8), alpha, shape.m, shape.k)
         Bp = _pack_b(b.view(torch.uint8), beta, shape.n, shape.k)
         C = torch.empty((G, shape.m, shape.n), dtype=torch.int32)
         self.cache.get(shape)(A, Bp, C)
-        if alpha:  # sum_k (b - beta) = C[M]  ->  sum_k b = C[M] + beta*K
+        if alpha:  # row M: sum_k (b - beta)  ->  sum_k b = C[M] + beta*K
             b_sums = C[:, M:M + 1, :N] + beta * K
+        if beta:   # column N: sum_k (a + alpha)  ->  sum_k a = C[:, :, N] - alpha*K
+            a_sums = C[:, :M, N:N + 1] - alpha * K
         C = C[:, :M, :N]
         if beta:
-            C += beta * a.sum(-1, dtype=torch.int32).unsqueeze(-1)
+            C += beta * a_sums
         if alpha:
             C -= alpha * b_sums
             if beta:

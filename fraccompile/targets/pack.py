@@ -5,7 +5,8 @@
   along the batch axis), zero-padded, with the sign bit flipped for signed codes (int8 ``x`` ->
   uint8 ``x + 128``).
 * :func:`pack_b` — ``B (G, Np/16, Kp/4, 16, 4)`` s8 from ``(G, N, K)`` or ``(G, K, N)``,
-  zero-padded, sign bit flipped for unsigned codes (uint8 ``x`` -> int8 ``x - 128``).
+  zero-padded, sign bit flipped for unsigned codes (uint8 ``x`` -> int8 ``x - 128``); row ``N``
+  is ones when there is room, so the GEMM also returns A's row sums.
 
 torch does the same with strided byte copies, several times slower (a 131072×144 uint8 transpose:
 ~40 ms in torch, ~8 ms here on 2 cores). Shapes are symbolic: one kernel per layout.
@@ -48,11 +49,12 @@ def _b_definition(layout: str):
     src = te.placeholder(shape, "uint8", name="src")
     flip = te.placeholder((1,), "uint8", name="flip")
 
-    def value(g, nb, kb, ni, ki):
+    def value(g, nb, kb, ni, ki):  # row N (when there is room) is ones: A's row sums
         n, k = nb * 16 + ni, kb * 4 + ki
         v = src[g, n, k] if layout == "nk" else src[g, k, n]
-        return tirx.if_then_else(tirx.all(n < N, k < K), tirx.bitwise_xor(v, flip[0]),
-                                 tirx.const(0, "uint8"))
+        zero, one = tirx.const(0, "uint8"), tirx.const(1, "uint8")
+        pad = tirx.if_then_else(tirx.all(n == N, k < K), one, zero)
+        return tirx.if_then_else(tirx.all(n < N, k < K), tirx.bitwise_xor(v, flip[0]), pad)
 
     out = te.compute((G, NB, KB, 16, 4), value, name="out")
     return te.create_prim_func([src, flip, out]).with_attr("global_symbol", "main")
@@ -79,9 +81,11 @@ def a_kernel(layout: str):
 def b_kernel(layout: str):
     sch = s_tir.Schedule(_b_definition(layout))
     g, nb, kb, ni, ki = sch.get_loops(sch.get_sblock("out"))
-    kbo, kbi = sch.split(kb, [None, 16])
-    sch.reorder(g, nb, kbo, kbi, ki, ni)  # 16 contiguous source bytes per store (3x faster than
-    sch.parallel(sch.fuse(g, nb, kbo))     # vectorizing the 64-byte tile, which gathers bytes)
+    if layout == "kn":  # whole source rows per step: 4 rows x 16 bytes per store
+        sch.reorder(g, kb, nb, ki, ni)
+        sch.parallel(sch.fuse(g, kb))
+    else:
+        sch.parallel(sch.fuse(g, nb))
     sch.vectorize(ni)
     sch.unroll(ki)
     return tvm.compile(sch.mod, target=detect().target())["main"]
