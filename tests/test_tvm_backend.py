@@ -19,7 +19,7 @@ import fraccompile
 from fraccompile import FracConfig
 from fraccompile.ops.backend import get_backend
 from fraccompile.ops.modules import FracOp
-from fraccompile.ops.spec import Precision, SiteSpec
+from fraccompile.ops.spec import Precision
 from fraccompile.targets import tvm_unavailable_reason
 
 pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
@@ -358,13 +358,15 @@ def test_transform_cli_shows_backend_and_reason(tmp_path):
 
 
 def test_model_with_tvm_backend_deepcopies_and_pickles():
+    """Copies share the process's backend (its compiled kernels are not copied or pickled)."""
     torch.manual_seed(0)
     x = torch.randn(4, 8)
     fm = fraccompile.compile(_tiny(), x, FracConfig(scheme="symmetric", backend="tvm"))
-    clone = copy.deepcopy(fm)
-    again = pickle.loads(pickle.dumps(fm.state_dict()))
-    assert torch.equal(fm(x), clone(x))
-    assert again.keys() == fm.state_dict().keys()
+    y = fm(x)
+    for clone in (copy.deepcopy(fm), pickle.loads(pickle.dumps(fm))):
+        assert torch.equal(clone(x), y)
+        backends = {m.backend for m in clone.modules() if isinstance(m, FracOp)}
+        assert backends == {get_backend("tvm")}
 
 
 # -- the kernel cache ---------------------------------------------------------------------------------

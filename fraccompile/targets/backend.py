@@ -30,11 +30,9 @@ Only the quantized codes (int8/uint8) are saved for backward, not fp32 copies.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.autograd import Function
 
 from ..ops.backend import ReferenceBackend
@@ -42,8 +40,6 @@ from ..ops.quantizers import channel_range, qparams_from_range, quantize_to_int,
 from ..ops.spec import Precision, SiteSpec
 from . import gemm, pack, quantize
 from .cache import KernelCache
-
-log = logging.getLogger("fraccompile.targets")
 
 MAX_BITS = 8
 MIN_GROUP_WIDTH = 8  # narrower groups waste most of the 16 int32 lanes of a VNNI instruction
@@ -247,18 +243,23 @@ def _flip(value: int) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.uint8)
 
 
+def _source(t: torch.Tensor, direct: str, transposed: str) -> tuple[str, torch.Tensor]:
+    """A dense tensor holding the 3-D view ``t`` and its layout name: ``t`` itself, the tensor
+    ``t`` is a transposed view of (the pack kernels read either), or a contiguous copy."""
+    if t.is_contiguous():
+        return direct, t
+    if t.mT.is_contiguous():
+        return transposed, t.mT
+    return direct, t.contiguous()
+
+
 def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int) -> torch.Tensor:
     """``A (G, mp, kp)`` u8 for the GEMM from the (G, M, K) byte view ``a`` (no copy when it is
     already that)."""
     G, M, K = a.shape
     if a.is_contiguous() and not flip and (M, K) == (mp, kp):
         return a
-    if a.is_contiguous():
-        layout, src = "mk", a
-    elif a.mT.is_contiguous():
-        layout, src = "km", a.mT
-    else:
-        layout, src = "mk", a.contiguous()
+    layout, src = _source(a, "mk", "km")
     out = torch.empty((G, mp, kp), dtype=torch.uint8)
     pack.a_kernel(layout)(src, _flip(flip), out)
     return out
@@ -267,12 +268,7 @@ def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int) -> torch.Tensor:
 def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int) -> torch.Tensor:
     """``B (G, np/16, kp/4, 16, 4)`` s8 from the (G, N, K) byte view ``b``."""
     G = b.shape[0]
-    if b.is_contiguous():
-        layout, src = "nk", b
-    elif b.mT.is_contiguous():
-        layout, src = "kn", b.mT
-    else:
-        layout, src = "nk", b.contiguous()
+    layout, src = _source(b, "nk", "kn")
     out = torch.empty((G, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
     pack.b_kernel(layout)(src, _flip(flip), out)
     return out.view(torch.int8)
