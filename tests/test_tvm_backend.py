@@ -357,6 +357,22 @@ def test_transform_cli_shows_backend_and_reason(tmp_path):
     assert res.exit_code == 0 and "float zero points" in res.output
 
 
+def test_train_cli_on_the_tvm_backend(tmp_path):
+    from typer.testing import CliRunner
+
+    from fraccompile.cli import app
+    from fraccompile.examples import resnet_cifar
+
+    res = CliRunner().invoke(app, [
+        "train", resnet_cifar.__file__, "--schedule", "static", "--fw", "8", "--bw", "8",
+        "--backend", "tvm", "--scheme", "symmetric", "--iters", "2", "--eval-every", "2",
+        "--batch-size", "8", "--test-limit", "16", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["backend"] == "tvm" and run["config"]["scheme"] == "symmetric"
+    assert (tmp_path / "log.jsonl").read_text().count('"iter"') >= 1
+
+
 def test_model_with_tvm_backend_deepcopies_and_pickles():
     """Copies share the process's backend (its compiled kernels are not copied or pickled)."""
     torch.manual_seed(0)
