@@ -130,21 +130,33 @@ class TVMBackend(ReferenceBackend):
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Exact ``a @ bᵀ`` per group for int8/uint8 codes ``a (G, M, K)`` and ``b (G, N, K)``,
         as int32 ``(G, M, N)`` (int64 when ``K`` is split into int32-safe chunks)."""
-        G, M, K = a.shape
-        N = b.shape[1]
+        alpha = 128 if a.dtype == torch.int8 else 0
+        beta = 128 if b.dtype == torch.uint8 else 0
+        a8, b8 = a.view(torch.uint8), b.view(torch.uint8)
+        return self._gemm(
+            a.shape[0], a.shape[1], alpha,
+            lambda k0, kc, mp, kp: _pack_a(a8[..., k0:k0 + kc], alpha, mp, kp),
+            b.shape[1], b.shape[2], beta,
+            lambda k0, kc, np_, kp: _pack_b(b8[..., k0:k0 + kc], beta, np_, kp))
+
+    def _gemm(self, G: int, M: int, alpha: int, pack_a, N: int, K: int, beta: int,
+              pack_b) -> torch.Tensor:
+        """:meth:`gemm` with the operands given by packers ``pack_a(k0, kc, Mp, Kp)`` and
+        ``pack_b(k0, kc, Np, Kp)``: reduction columns ``k0 .. k0+kc``, padded, sign-flipped by
+        ``alpha`` / ``beta``, with a ones row at ``M`` / ``N`` when there is room."""
         if K > MAX_K:  # split the reduction so no int32 partial sum can overflow
             out = None
             for k0 in range(0, K, MAX_K):
-                part = self.gemm(a[..., k0:k0 + MAX_K], b[..., k0:k0 + MAX_K]).long()
-                out = part if out is None else out.add_(part)
+                kc = min(MAX_K, K - k0)
+                part = self._gemm(G, M, alpha, lambda j0, jc, mp, kp, k0=k0: pack_a(k0 + j0, jc, mp, kp),
+                                  N, kc, beta, lambda j0, jc, np_, kp, k0=k0: pack_b(k0 + j0, jc, np_, kp))
+                out = part.long() if out is None else out.add_(part)
             return out
-        alpha = 128 if a.dtype == torch.int8 else 0
-        beta = 128 if b.dtype == torch.uint8 else 0
         # the sign corrections need B's row sums (A shifted) and A's (B shifted): an extra row of
         # ones in A, resp. in B, makes the kernel return them with the product
         shape = gemm.padded(G, M + 1 if alpha else M, N + 1 if beta else N, K)
-        A = _pack_a(a.view(torch.uint8), alpha, shape.m, shape.k)
-        Bp = _pack_b(b.view(torch.uint8), beta, shape.n, shape.k)
+        A = pack_a(0, K, shape.m, shape.k)
+        Bp = pack_b(0, K, shape.n, shape.k)
         C = torch.empty((G, shape.m, shape.n), dtype=torch.int32)
         self.cache.get(shape)(A, Bp, C)
         if alpha:  # row M: sum_k (b - beta)  ->  sum_k b = C[M] + beta*K
@@ -229,14 +241,42 @@ class TVMBackend(ReferenceBackend):
             C = self.gemm(xb.mT, dyb.mT)                           # (G, K, N)
             dw = C.float() * scale
             return dw.reshape(*_bcast_batch(x_shape, w_shape), *dw.shape[-2:]).sum_to_size(w_shape)
-        cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, k·Cg)
         G, OC = spec.groups, w_shape[0]
         n = spec.conv_dims
         dyl = dyq.codes.permute(0, *range(2, 2 + n), 1).reshape(-1, G, OC // G)  # (M, G, OCg)
-        C = self.gemm(dyl.permute(1, 2, 0), cols.mT)               # (G, OCg, k·Cg)
+        xl = xq.codes.permute(0, *range(2, 2 + n), 1)
+        if n == 2 and G == 1 and xl.is_contiguous():  # patches packed straight from x
+            a = dyl.permute(1, 2, 0).view(torch.uint8)              # (1, OC, M), dy int8
+            flip = 0 if xq.signed else 128
+            C = self._gemm(1, OC, 128, lambda k0, kc, mp, kp: _pack_a(a[..., k0:k0 + kc], 128, mp, kp),
+                           w_shape[1] * math.prod(w_shape[2:]), dyl.shape[0], flip,
+                           _conv_patch_packer(spec, xl, w_shape, flip))
+        else:
+            cols, _ = _im2col(xq.codes, spec, w_shape)              # (G, M, k·Cg)
+            C = self.gemm(dyl.permute(1, 2, 0), cols.mT)            # (G, OCg, k·Cg)
         ks = list(w_shape[2:])
-        dw = C.reshape(OC, *ks, w_shape[1])                        # (OC, k..., Cg)
+        dw = C.reshape(OC, *ks, w_shape[1])                         # (OC, k..., Cg)
         return dw.permute(0, n + 1, *range(1, n + 1)).float() * scale
+
+
+def _conv_patch_packer(spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
+    """``pack_b`` for a 2-D conv's weight gradient: B = the im2col patches of the channels-last
+    codes ``xl (N, H, W, C)``, built and packed by one TVM kernel per chunk."""
+    N, H, W, C = xl.shape
+    kh, kw = w_shape[2:]
+    (sh, sw), (dh, dw), (ph, pw) = spec.stride, spec.dilation, spec.gemm_padding(w_shape)
+    oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    src = xl.view(torch.uint8)
+
+    def pack_b(k0, kc, np_, kp):
+        fn = pack.conv_b_kernel(N, H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, k0, kc,
+                                np_ // 16, kp // 4)
+        out = torch.empty((1, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
+        fn(src, _flip(flip), out)
+        return out.view(torch.int8)
+
+    return pack_b
 
 
 def _flip(value: int) -> torch.Tensor:

@@ -89,3 +89,42 @@ def b_kernel(layout: str):
     sch.vectorize(ni)
     sch.unroll(ki)
     return tvm.compile(sch.mod, target=detect().target())["main"]
+
+
+def _conv_b_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, k0, kc, nb_, kb_):
+    x = te.placeholder((n, h, w, c), "uint8", name="x")
+    flip = te.placeholder((1,), "uint8", name="flip")
+    ck = kh * kw * c
+
+    def value(g, nb, kb, ni, ki):
+        row, col = nb * 16 + ni, kb * 4 + ki          # row: (i, j, channel); col: output position
+        m = col + k0
+        b, r = m // (oh * ow), m % (oh * ow)
+        ij, ch = row // c, row % c
+        y = (r // ow) * sh + (ij // kw) * dh - ph
+        z = (r % ow) * sw + (ij % kw) * dw - pw
+        inside = tirx.all(y >= 0, y < h, z >= 0, z < w)
+        yc, zc = tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(z, w - 1), 0)
+        zero, one = tirx.const(0, "uint8"), tirx.const(1, "uint8")
+        v = tirx.bitwise_xor(tirx.if_then_else(inside, x[b, yc, zc, ch], zero), flip[0])
+        pad = tirx.if_then_else(tirx.all(row == ck, col < kc), one, zero)
+        return tirx.if_then_else(tirx.all(row < ck, col < kc), v, pad)
+
+    out = te.compute((1, nb_, kb_, 16, 4), value, name="out")
+    return te.create_prim_func([x, flip, out]).with_attr("global_symbol", "main")
+
+
+@functools.lru_cache(maxsize=None)
+def conv_b_kernel(*shape_args):
+    """B of a 2-D conv's weight gradient straight from channels-last activation codes: the im2col
+    patches of output positions ``k0 .. k0+kc`` packed in the 16x4 layout (row N of ones), one
+    pass instead of an im2col copy and a pack (a 131072x144 chunk: ~3 ms against ~30 ms).
+    ``shape_args``: N, H, W, C, kh, kw, stride, padding, dilation (per axis), OH, OW, k0, kc and
+    the packed extents; static, so built once per conv and chunk (~0.3 s)."""
+    sch = s_tir.Schedule(_conv_b_definition(*shape_args))
+    g, nb, kb, ni, ki = sch.get_loops(sch.get_sblock("out"))
+    sch.reorder(g, kb, nb, ki, ni)
+    sch.parallel(sch.fuse(g, kb))
+    sch.vectorize(ni)
+    sch.unroll(ki)
+    return tvm.compile(sch.mod, target=detect().target())["main"]
