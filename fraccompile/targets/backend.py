@@ -259,21 +259,26 @@ class TVMBackend(ReferenceBackend):
         return dw.permute(0, n + 1, *range(1, n + 1)).float() * scale
 
 
-def _conv_patch_packer(spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
-    """``pack_b`` for a 2-D conv's weight gradient: B = the im2col patches of the channels-last
-    codes ``xl (N, H, W, C)``, built and packed by one TVM kernel per chunk."""
+def _conv2d_geometry(spec: SiteSpec, xl: torch.Tensor, w_shape) -> tuple[int, ...]:
+    """N, H, W, C, kh, kw, strides, paddings, dilations, OH, OW of a 2-D conv on ``xl (N, H, W, C)``
+    (the static arguments of the conv pack kernels)."""
     N, H, W, C = xl.shape
     kh, kw = w_shape[2:]
     (sh, sw), (dh, dw), (ph, pw) = spec.stride, spec.dilation, spec.gemm_padding(w_shape)
     oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return N, H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow
+
+
+def _conv_patch_packer(spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
+    """``pack_b`` for a 2-D conv's weight gradient: B = the im2col patches of the channels-last
+    codes ``xl (N, H, W, C)``, built and packed by one TVM kernel per chunk."""
+    geo = _conv2d_geometry(spec, xl, w_shape)
     src = xl.view(torch.uint8)
 
     def pack_b(k0, kc, np_, kp):
-        fn = pack.conv_b_kernel(N, H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, k0, kc,
-                                np_ // 16, kp // 4)
         out = torch.empty((1, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
-        fn(src, _flip(flip), out)
+        pack.conv_b_kernel(*geo, k0, kc, np_ // 16, kp // 4)(src, _flip(flip), out)
         return out.view(torch.int8)
 
     return pack_b
