@@ -17,8 +17,9 @@ the per-GEMM median times:
 
 * kernel: the TVM kernel alone on operands already padded and packed;
 * kernel+packing: ``TVMBackend.gemm`` on int8/uint8 codes in the layout the backend passes them
-  (sign shift, padding, packing of B, sign corrections); for the fp32 EB rows, the backend's EB
-  (dequantize + the fp32 op);
+  (sign shift, padding, packing of B, sign corrections); for a 2-D conv's GC, the backend's ``gc``
+  on channels-last codes (patches packed straight from the activations); for the fp32 EB rows,
+  the backend's EB (dequantize + the fp32 op);
 * torch fp32: what fp32 training runs for the role (conv: ``F.conv2d`` / ``convolution_backward``
   on the original conv shapes; linear and matmul: ``torch.matmul`` of the GEMM);
 * int_mm: ``torch._int_mm`` (int8 x int8 -> int32, oneDNN) on pre-padded 2-D operands
@@ -202,6 +203,8 @@ def backend_fn(g: Gemm, backend: TVMBackend):
     fp32 EB the backend's ``eb`` (dequantize + fp32 op)."""
     if g.role == "EB fp32":
         return backend_eb_fp32(g, backend)
+    if g.role == "GC" and g.kind == "conv" and g.G == 1 and len(g.conv[2]) == 2:
+        return backend_conv_gc(g, backend)
     if g.a_layout == "mk":
         a = codes((g.G, g.M, g.K), g.a_signed)
     elif g.a_layout == "km":
@@ -215,6 +218,19 @@ def backend_fn(g: Gemm, backend: TVMBackend):
     else:
         b = codes((g.K, g.G, g.N), g.b_signed).permute(1, 2, 0)
     return lambda: backend.gemm(a, b)
+
+
+def backend_conv_gc(g: Gemm, backend: TVMBackend):
+    """A 2-D conv's weight gradient as the backend runs it: patches packed straight from the
+    channels-last activation codes by a TVM kernel (no im2col), then the GEMM."""
+    x_shape, w_shape, stride, padding, dilation, groups = g.conv
+    spec = SiteSpec.conv(2, stride, padding, dilation, groups)
+    y_shape = conv_out_shape(g.conv)
+    cl = torch.channels_last
+    xq = IntCodes(codes(x_shape, g.b_signed).contiguous(memory_format=cl), torch.tensor(0.01),
+                  g.b_signed)
+    dyq = IntCodes(codes(y_shape, True).contiguous(memory_format=cl), torch.tensor(0.01), True)
+    return lambda: backend.gc(spec, xq, dyq, x_shape, w_shape)
 
 
 def backend_eb_fp32(g: Gemm, backend: TVMBackend):
