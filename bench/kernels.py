@@ -67,8 +67,8 @@ class Gemm:
     """One GEMM ``C[g] = A[g] @ B[g]^T`` as the backend runs it, with what the other columns need.
 
     ``a_layout``: ``mk`` (A contiguous), ``km`` (A a transposed view of a (G, K, M) tensor) or
-    ``kgm`` (``permute(1, 2, 0)`` of a (K, G, M) tensor: conv GC's ``dy``); ``b_layout``: ``nk``,
-    ``kn`` (transposed view of (G, K, N)) or ``kgn`` (``permute(1, 2, 0)`` of (K, G, N)). ``conv``: (x shape, w shape, stride, padding,
+    ``kgm`` (``permute(1, 2, 0)`` of a (K, G, M) tensor: conv GC's ``dy``); ``b_layout``: ``nk``
+    or ``kn`` (transposed view of (G, K, N)). ``conv``: (x shape, w shape, stride, padding,
     dilation, groups) of a conv site, for the fp32 column."""
 
     role: str
@@ -213,10 +213,8 @@ def backend_fn(g: Gemm, backend: TVMBackend):
         a = codes((g.K, g.G, g.M), g.a_signed).permute(1, 2, 0)
     if g.b_layout == "nk":
         b = codes((g.G, g.N, g.K), g.b_signed)
-    elif g.b_layout == "kn":
+    else:  # kn
         b = codes((g.G, g.K, g.N), g.b_signed).mT
-    else:
-        b = codes((g.K, g.G, g.N), g.b_signed).permute(1, 2, 0)
     return lambda: backend.gemm(a, b)
 
 

@@ -37,7 +37,7 @@ def tvm_backend():
     return get_backend("tvm")
 
 
-# -- the integer GEMM ---------------------------------------------------------------------------------
+# -- the integer GEMM ------------------------------------------------------------------------------
 def _codes(shape, dtype, gen):
     lo, hi = (0, 256) if dtype == torch.uint8 else (-127, 128)
     return torch.randint(lo, hi, shape, generator=gen).to(dtype)
@@ -121,7 +121,7 @@ def test_bad_tile_is_refused():
         gemm.Tile(mb=4, nb=2, kb=6)
 
 
-# -- every role of one site against the reference backend ----------------------------------------------
+# -- every role of one site against the reference backend ------------------------------------------
 def _site_roles(op: FracOp, args, backend_name: str, seed: int = 3):
     """Output, and gradients of every float input and parameter, of ``op`` (a copy) on ``args``."""
     o = copy.deepcopy(op)
@@ -278,7 +278,7 @@ def test_backward_keeps_int8_codes_not_float_copies():
     assert big and all(d in (torch.uint8, torch.int8) for d, _ in big), saved
 
 
-# -- fallbacks ----------------------------------------------------------------------------------------
+# -- fallbacks -------------------------------------------------------------------------------------
 def _tiny():
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
                                torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -397,7 +397,7 @@ def test_model_with_tvm_backend_deepcopies_and_pickles():
         assert backends == {get_backend("tvm")}
 
 
-# -- the kernel cache ---------------------------------------------------------------------------------
+# -- the kernel cache ------------------------------------------------------------------------------
 _CHILD = textwrap.dedent("""
     import json, sys, time
     import torch

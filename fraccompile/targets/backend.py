@@ -47,7 +47,8 @@ MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
 
 
 class IntCodes:
-    """Integer codes of a tensor with their scale: ``value = codes * scale`` (``scale`` broadcasts)."""
+    """Integer codes of a tensor with their scale: ``value = codes * scale`` (``scale``
+    broadcasts)."""
 
     __slots__ = ("codes", "scale", "signed")
 
@@ -105,7 +106,7 @@ class TVMBackend(ReferenceBackend):
             self._cache = KernelCache()
         return self._cache
 
-    # -- what runs here ------------------------------------------------------------------------------
+    # -- what runs here ----------------------------------------------------------------------------
     def unsupported_reason(self, spec: SiteSpec, prec: Precision | None = None,
                            scheme: str = "symmetric", weight_shape=None) -> str | None:
         if scheme != "symmetric":
@@ -126,18 +127,11 @@ class TVMBackend(ReferenceBackend):
                     return f"{name}={what}: integer kernels take 1..{MAX_BITS} bits"
         return None
 
-    # -- the integer GEMM ----------------------------------------------------------------------------
+    # -- the integer GEMM --------------------------------------------------------------------------
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Exact ``a @ bᵀ`` per group for int8/uint8 codes ``a (G, M, K)`` and ``b (G, N, K)``,
         as int32 ``(G, M, N)`` (int64 when ``K`` is split into int32-safe chunks)."""
-        alpha = 128 if a.dtype == torch.int8 else 0
-        beta = 128 if b.dtype == torch.uint8 else 0
-        a8, b8 = a.view(torch.uint8), b.view(torch.uint8)
-        return self._gemm(
-            a.shape[0], a.shape[1], alpha,
-            lambda k0, kc, mp, kp: _pack_a(a8[..., k0:k0 + kc], alpha, mp, kp),
-            b.shape[1], b.shape[2], beta,
-            lambda k0, kc, np_, kp: _pack_b(b8[..., k0:k0 + kc], beta, np_, kp))
+        return self._gemm(*a.shape[:2], *_a_packer(a), *b.shape[1:], *_b_packer(b))
 
     def _gemm(self, G: int, M: int, alpha: int, pack_a, N: int, K: int, beta: int,
               pack_b) -> torch.Tensor:
@@ -148,8 +142,9 @@ class TVMBackend(ReferenceBackend):
             out = None
             for k0 in range(0, K, MAX_K):
                 kc = min(MAX_K, K - k0)
-                part = self._gemm(G, M, alpha, lambda j0, jc, mp, kp, k0=k0: pack_a(k0 + j0, jc, mp, kp),
-                                  N, kc, beta, lambda j0, jc, np_, kp, k0=k0: pack_b(k0 + j0, jc, np_, kp))
+                part = self._gemm(
+                    G, M, alpha, lambda j0, jc, mp, kp, k0=k0: pack_a(k0 + j0, jc, mp, kp),
+                    N, kc, beta, lambda j0, jc, np_, kp, k0=k0: pack_b(k0 + j0, jc, np_, kp))
                 out = part.long() if out is None else out.add_(part)
             return out
         # the sign corrections need B's row sums (A shifted) and A's (B shifted): an extra row of
@@ -172,7 +167,7 @@ class TVMBackend(ReferenceBackend):
                 C += alpha * beta * K
         return C
 
-    # -- one site ------------------------------------------------------------------------------------
+    # -- one site ----------------------------------------------------------------------------------
     def run_site(self, op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                  prec: Precision, lo_hi) -> torch.Tensor:
         """``op``'s output with integer kernels (``op`` is the :class:`FracOp`: its spec, scheme,
@@ -191,7 +186,7 @@ class TVMBackend(ReferenceBackend):
                                                           signed=True))
         return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self)
 
-    # -- the three roles per op kind -----------------------------------------------------------------
+    # -- the three roles per op kind ---------------------------------------------------------------
     def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
         if spec.kind == "linear":
             K = x_shape[-1]
@@ -246,9 +241,8 @@ class TVMBackend(ReferenceBackend):
         dyl = dyq.codes.permute(0, *range(2, 2 + n), 1).reshape(-1, G, OC // G)  # (M, G, OCg)
         xl = xq.codes.permute(0, *range(2, 2 + n), 1)
         if n == 2 and G == 1 and xl.is_contiguous():  # patches packed straight from x
-            a = dyl.permute(1, 2, 0).view(torch.uint8)              # (1, OC, M), dy int8
             flip = 0 if xq.signed else 128
-            C = self._gemm(1, OC, 128, lambda k0, kc, mp, kp: _pack_a(a[..., k0:k0 + kc], 128, mp, kp),
+            C = self._gemm(1, OC, *_a_packer(dyl.permute(1, 2, 0)),  # A = dyᵀ (1, OC, M)
                            w_shape[1] * math.prod(w_shape[2:]), dyl.shape[0], flip,
                            _conv_patch_packer(spec, xl, w_shape, flip))
         else:
@@ -259,15 +253,20 @@ class TVMBackend(ReferenceBackend):
         return dw.permute(0, n + 1, *range(1, n + 1)).float() * scale
 
 
+def _out_sizes(spec: SiteSpec, size, w_shape) -> list[int]:
+    """Output spatial sizes of a conv on input spatial sizes ``size``."""
+    pad, ks = spec.gemm_padding(w_shape), w_shape[2:]
+    return [(size[d] + 2 * pad[d] - spec.dilation[d] * (ks[d] - 1) - 1) // spec.stride[d] + 1
+            for d in range(spec.conv_dims)]
+
+
 def _conv2d_geometry(spec: SiteSpec, xl: torch.Tensor, w_shape) -> tuple[int, ...]:
     """N, H, W, C, kh, kw, strides, paddings, dilations, OH, OW of a 2-D conv on ``xl (N, H, W, C)``
     (the static arguments of the conv pack kernels)."""
     N, H, W, C = xl.shape
-    kh, kw = w_shape[2:]
     (sh, sw), (dh, dw), (ph, pw) = spec.stride, spec.dilation, spec.gemm_padding(w_shape)
-    oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return N, H, W, C, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow
+    return (N, H, W, C, *w_shape[2:], sh, sw, ph, pw, dh, dw,
+            *_out_sizes(spec, (H, W), w_shape))
 
 
 def _conv_patch_packer(spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
@@ -282,6 +281,21 @@ def _conv_patch_packer(spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
         return out.view(torch.int8)
 
     return pack_b
+
+
+def _a_packer(a: torch.Tensor):
+    """``(alpha, pack_a)`` for int8/uint8 codes ``a (G, M, K)``: signed codes are shifted by 128."""
+    alpha = 128 if a.dtype == torch.int8 else 0
+    a8 = a.view(torch.uint8)
+    return alpha, lambda k0, kc, mp, kp: _pack_a(a8[..., k0:k0 + kc], alpha, mp, kp)
+
+
+def _b_packer(b: torch.Tensor):
+    """``(beta, pack_b)`` for int8/uint8 codes ``b (G, N, K)``: unsigned codes are shifted by
+    -128."""
+    beta = 128 if b.dtype == torch.uint8 else 0
+    b8 = b.view(torch.uint8)
+    return beta, lambda k0, kc, np_, kp: _pack_b(b8[..., k0:k0 + kc], beta, np_, kp)
 
 
 def _flip(value: int) -> torch.Tensor:
@@ -349,8 +363,7 @@ def _im2col(codes: torch.Tensor, spec: SiteSpec, w_shape) -> tuple[torch.Tensor,
     pad, ks = spec.gemm_padding(w_shape), list(w_shape[2:])
     N, C, *size = codes.shape
     xl = codes.permute(0, *range(2, 2 + n), 1)                      # (N, S..., C) view
-    out_sp = [(size[d] + 2 * pad[d] - spec.dilation[d] * (ks[d] - 1) - 1) // spec.stride[d] + 1
-              for d in range(n)]
+    out_sp = _out_sizes(spec, size, w_shape)
     make = torch.zeros if any(pad) else torch.empty
     cols = make((N, *out_sp, *ks, C), dtype=codes.dtype)
     for offset in itertools.product(*(range(k) for k in ks)):

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 # The TVM thread pool defaults to what it takes for the physical cores, which on some VMs is one:
 # use every core this process may run on unless the user said otherwise. Must precede ``import tvm``.
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))
-                                             if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+os.environ.setdefault("TVM_NUM_THREADS", str(_CORES))
 
 import tvm  # noqa: E402
 from tvm.target import codegen  # noqa: E402
