@@ -242,6 +242,138 @@ def train(
         console.print(f"wrote {path}")
 
 
+def _kernel_model(model_spec: str, input_shape: str, config, dtype: str, target: str):
+    """Load and compile a model for the tvm backend (scheme symmetric unless the config says
+    otherwise) and make its example input: the common part of ``tune`` and ``export``."""
+    from .api import compile as frac_compile
+    from .errors import ConfigError
+    from .loading import example_input, load_model, parse_shape
+
+    if target not in ("cpu", "cuda"):
+        raise ConfigError(f"--target {target!r}: choose cpu or cuda")
+    cfg = _load_config(config, [], None)
+    if config is None:
+        cfg = cfg.replace(scheme="symmetric")
+    cfg = cfg.replace(backend="tvm", kernels="", kernels_fallback=False)
+    model = load_model(model_spec)
+    x = example_input(model, parse_shape(input_shape), dtype)
+    return frac_compile(model, x, cfg), x, cfg
+
+
+def _targets_error(message: str):
+    from .errors import ConfigError
+
+    return ConfigError(message)
+
+
+@app.command()
+@_one_line_errors
+def tune(
+    model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
+    input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 128,3,32,32")],
+    db: Annotated[Path, typer.Option(help="tuning database directory (reused and extended)")] = Path("fraccompile_tuning"),
+    target: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    trials: Annotated[int, typer.Option(min=1, help="tiles measured per GEMM problem")] = 16,
+    time_budget: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
+    rpc: Annotated[Optional[str], typer.Option(help="measure on an RPC tracker's server: HOST:PORT:KEY")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
+    dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed of the tile sampling")] = 0,
+) -> None:
+    """Tune every distinct integer GEMM of a compiled model for this machine (a measured search
+    over the kernel template's tiles); results go to --db, which later runs reuse."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .targets import tvm_unavailable_reason
+
+    if target == "cuda":
+        raise _targets_error("--target cuda: tuning measures kernels on an NVIDIA GPU through "
+                             "TVM's runtime, and the apache-tvm wheel has no CUDA runtime; the "
+                             "CUDA kernels use their default tiles (see the README)")
+    reason = tvm_unavailable_reason()
+    if reason:
+        raise _targets_error(reason)
+    from .targets.export import record
+    from .targets.tuning import LocalRunner, RPCRunner, TuningDB, TuningDBError, parse_rpc, tune
+
+    try:
+        if rpc:
+            parse_rpc(rpc)
+        database = TuningDB(db)
+    except (ValueError, TuningDBError) as err:
+        raise _targets_error(str(err)) from None
+    fmodel, x, _ = _kernel_model(model_spec, input_shape, config, dtype, target)
+    rec = record(fmodel, x)
+    problems = sorted(rec.problems)
+    runner = RPCRunner(rpc) if rpc else LocalRunner()
+    console.print(f"tuning {len(problems)} GEMM problems of {model_spec} ({trials} trials each, "
+                  f"measured {'on ' + rpc if rpc else 'here'}; database {db})")
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("tuning", total=len(problems))
+
+        def progress(i, result):
+            r = result.record
+            bar.update(task, advance=1, description=f"G{r.problem[0]} M{r.problem[1]} "
+                       f"N{r.problem[2]} K{r.problem[3]}: {r.gops:.0f} GOPS")
+
+        results = tune(problems, database, runner, trials, time_budget, seed, progress)
+    table = Table(title=f"tuned GEMMs ({database.path})")
+    for col in ("G,M,N,K", "sites", "default tile", "tuned tile", "default GOPS", "tuned GOPS",
+                "speedup", "trials", "seconds", ""):
+        table.add_column(col, justify="right" if "GOPS" in col or col in
+                         ("speedup", "trials", "seconds") else "left")
+    for res in results:
+        r = res.record
+        sites = sorted({s for s, _ in rec.problems[tuple(r.problem)].where})
+        table.add_row(",".join(map(str, r.problem)),
+                      sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),
+                      "x".join(map(str, r.default_tile)), "x".join(map(str, r.tile)),
+                      f"{r.default_gops:.0f}", f"{r.gops:.0f}", f"{r.speedup:.2f}x",
+                      str(r.trials), f"{r.seconds:.1f}", "reused" if res.reused else "new")
+    console.print(table)
+    new = [r for r in results if not r.reused]
+    skipped = len(problems) - len(results)
+    console.print(f"{len(new)} tuned, {len(results) - len(new)} reused from the database"
+                  + (f", {skipped} left at the default tile (time budget)" if skipped else ""))
+
+
+@app.command()
+@_one_line_errors
+def export(
+    model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
+    input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 128,3,32,32")],
+    out: Annotated[Path, typer.Option(help="output directory (library + manifest.json)")] = Path("fraccompile_kernels"),
+    target: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    db: Annotated[Optional[Path], typer.Option(help="tuning database to take tiles from")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
+    dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
+) -> None:
+    """Build every kernel a compiled model needs into one shared library plus manifest.json;
+    train on it with FracConfig(backend="tvm", kernels=OUT)."""
+    from .targets import tvm_unavailable_reason
+
+    reason = tvm_unavailable_reason()
+    if reason:
+        raise _targets_error(reason)
+    from .targets.export import export as export_kernels
+    from .targets.tuning import TuningDB, TuningDBError
+
+    try:
+        database = TuningDB(db) if db is not None else None
+    except TuningDBError as err:
+        raise _targets_error(str(err)) from None
+    fmodel, x, _ = _kernel_model(model_spec, input_shape, config, dtype, target)
+    manifest = export_kernels(fmodel, x, out, target=target, tuning=database, model=model_spec)
+    info = manifest["targets"][target]
+    console.print(f"exported {len(manifest['kernels'])} kernels ({len(manifest['problems'])} GEMM "
+                  f"problems) for {info['host']}")
+    console.print(f"wrote {out / info['library']}")
+    console.print(f"wrote {out / 'manifest.json'}")
+
+
 @app.command()
 @_one_line_errors
 def report(

@@ -72,6 +72,13 @@ class FracConfig:
         gate_mode: ``"routed"`` (each sample runs at its chosen precision only) or ``"dense"``
             (every candidate computed and masked, as FracTrain's public code does).
         gate_hidden: width of the gates' feature extractors and shared LSTM.
+        kernels: directory written by ``fraccompile export`` (backend ``tvm``): every kernel comes
+            from its library and nothing is built; a library that does not match the model or
+            this machine is refused with the reason ("" = build kernels on first use).
+        tuning_db: directory of a ``fraccompile tune`` database (backend ``tvm``): kernels built
+            on first use take the tiles it chose ("" = default tiles).
+        kernels_fallback: with ``kernels``, build what the library lacks or cannot serve (with a
+            warning) instead of refusing.
     """
 
     a: int = 8
@@ -89,6 +96,9 @@ class FracConfig:
     gate_g: tuple[int, ...] = (6, 6, 8, 8, 12)
     gate_mode: str = "routed"
     gate_hidden: int = 32
+    kernels: str = ""
+    tuning_db: str = ""
+    kernels_fallback: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -123,9 +133,30 @@ class FracConfig:
                 or not 1 <= self.gate_hidden <= 4096:
             raise ConfigError(f"FracConfig.gate_hidden = {self.gate_hidden!r} is out of range: "
                               "allowed 1..4096")
+        for name in ("kernels", "tuning_db"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ConfigError(f"FracConfig.{name} = {value!r} must be a directory path")
+            if value and self.backend != "tvm":
+                raise ConfigError(f"FracConfig.{name} = {value!r} needs backend='tvm' "
+                                  f"(backend is {self.backend!r})")
+        if not isinstance(self.kernels_fallback, bool):
+            raise ConfigError(f"FracConfig.kernels_fallback = {self.kernels_fallback!r} must be "
+                              "true or false")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"FracConfig.version = {self.version!r} is not supported: "
                               f"this fraccompile reads version {CONFIG_VERSION}")
+
+    @property
+    def backend_options(self) -> dict[str, Any]:
+        """The options :func:`fraccompile.ops.get_backend` takes for this config's backend."""
+        if self.backend != "tvm":
+            return {}
+        opts = {"kernels": self.kernels, "tuning_db": self.tuning_db}
+        opts = {k: v for k, v in opts.items() if v}
+        if self.kernels and self.kernels_fallback:
+            opts["kernels_fallback"] = True
+        return opts
 
     def replace(self, **changes: Any) -> FracConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -97,20 +97,26 @@ class UnavailableBackend(ReferenceBackend):
         return self.reason
 
 
-_BACKENDS: dict[str, KernelBackend] = {"reference": ReferenceBackend()}
+_BACKENDS: dict = {"reference": ReferenceBackend()}
 
 
-def get_backend(name: str) -> KernelBackend:
-    """The backend called ``name``; ``tvm`` is created on first use (this imports TVM)."""
-    if name == "tvm" and name not in _BACKENDS:
+def get_backend(name: str, options: dict | None = None, **kwargs) -> KernelBackend:
+    """The backend called ``name``, one per distinct ``options`` (``tvm``: ``kernels``,
+    ``tuning_db``, ``kernels_fallback``; see :class:`~fraccompile.FracConfig`). ``tvm`` is created
+    on first use (this imports TVM)."""
+    opts = tuple(sorted({**(options or {}), **kwargs}.items()))
+    key = (name, opts) if opts else name
+    if name == "tvm" and key not in _BACKENDS:
         from ..targets import tvm_unavailable_reason
         reason = tvm_unavailable_reason()
         if reason is None:
-            from ..targets.backend import TVMBackend
-            _BACKENDS[name] = TVMBackend()
+            from ..targets.backend import make_tvm_backend
+            _BACKENDS[key] = make_tvm_backend(dict(opts))
         else:
-            _BACKENDS[name] = UnavailableBackend(name, reason)
+            _BACKENDS[key] = UnavailableBackend(name, reason)
+    if opts and name != "tvm":
+        raise ValueError(f"backend {name!r} takes no options (got {dict(opts)})")
     try:
-        return _BACKENDS[name]
+        return _BACKENDS[key]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}: available reference, tvm") from None

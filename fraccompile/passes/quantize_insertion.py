@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from ..config import FIRST_CONV, LAST_LINEAR
 from ..control.controller import PrecisionController
+from ..ops.backend import get_backend
 from ..ops.modules import FracOp, PrecisionReader
 from ..ops.spec import Precision, SiteSpec
 from .base import (META_CALL_SHAPES, META_FP_LAYER, META_PRECISION_NODE, META_SITE, Pass,
@@ -94,6 +95,10 @@ def _constant(value):
     if isinstance(value, fx.Node):
         raise _NotASite("a conv hyper-parameter is computed in the graph")
     return value
+
+
+def _backend(cfg):
+    return get_backend(cfg.backend, **cfg.backend_options)
 
 
 class _NotASite(Exception):
@@ -250,7 +255,7 @@ class QuantizeInsertion(Pass):
         if m.source == "module":
             if not isinstance(gm.get_submodule(node.target), FracOp):  # first call: swap it in
                 op = FracOp(m.name, m.spec, scheme=cfg.scheme, momentum=cfg.act_momentum,
-                            backend=cfg.backend, weight=m.module.weight, bias=m.module.bias)
+                            backend=_backend(cfg), weight=m.module.weight, bias=m.module.bias)
                 parent, _, leaf = str(node.target).rpartition(".")
                 setattr(gm.get_submodule(parent) if parent else gm, leaf, op)
             node.args, node.kwargs = (m.operands[0], prec), {}
@@ -258,7 +263,7 @@ class QuantizeInsertion(Pass):
             return
         target = f"{SITES_MODULE}.{safe}"
         gm.add_submodule(target, FracOp(m.name, m.spec, scheme=cfg.scheme,
-                                        momentum=cfg.act_momentum, backend=cfg.backend))
+                                        momentum=cfg.act_momentum, backend=_backend(cfg)))
         info.module_path = target
         with graph.inserting_before(node):
             new = graph.create_node("call_module", target, (*m.operands, prec), {},

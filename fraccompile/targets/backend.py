@@ -38,8 +38,8 @@ from torch.autograd import Function
 from ..ops.backend import ReferenceBackend
 from ..ops.quantizers import channel_range, qparams_from_range, quantize_to_int, tensor_range
 from ..ops.spec import Precision, SiteSpec
-from . import gemm, pack, quantize
 from .cache import KernelCache
+from .kernels import JitKernels, KernelRef, Recorder
 
 MAX_BITS = 8
 MIN_GROUP_WIDTH = 8  # narrower groups waste most of the 16 int32 lanes of a VNNI instruction
@@ -72,9 +72,21 @@ def _dense_perm(x: torch.Tensor) -> list[int] | None:
     return None
 
 
-def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False) -> IntCodes:
+_JIT: JitKernels | None = None
+
+
+def _jit_kernel(ref: KernelRef):
+    """The process's default kernel provider (builds on first use)."""
+    global _JIT
+    if _JIT is None:
+        _JIT = JitKernels()
+    return _JIT.get(ref)
+
+
+def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, kernel=_jit_kernel) -> IntCodes:
     """``x``'s integer codes on the grid ``qp`` — the reference quantizer's codes exactly, from one
-    fused TVM kernel when the scale is per tensor (activations, gradients), else torch."""
+    fused TVM kernel when the scale is per tensor (activations, gradients), else torch. ``kernel``
+    maps a :class:`KernelRef` to its compiled function."""
     signed = qp.qmin < 0
     dtype = torch.int8 if signed else torch.uint8
     perm = _dense_perm(x) if x.dtype == torch.float32 and qp.scale.numel() == 1 else None
@@ -87,7 +99,7 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False) -> IntCodes:
     if stochastic:  # the reference's draws, in logical order, laid out like x
         args.append(torch.rand(x.shape).permute(*perm).reshape(-1))
     codes = torch.empty(flat.shape, dtype=dtype)
-    quantize.kernel(str(dtype).removeprefix("torch."), stochastic)(*args, codes)
+    kernel(KernelRef.quantize(str(dtype).removeprefix("torch."), stochastic))(*args, codes)
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
     return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed)
 
@@ -97,14 +109,28 @@ class TVMBackend(ReferenceBackend):
 
     name = "tvm"
 
-    def __init__(self, cache: KernelCache | None = None):
-        self._cache = cache
+    def __init__(self, cache: KernelCache | None = None, kernels=None, options=()):
+        """``kernels``: the kernel provider (default: :class:`JitKernels` over ``cache``);
+        ``options``: the ``(key, value)`` pairs :func:`~fraccompile.ops.backend.get_backend` made
+        this backend for (kept for pickling)."""
+        self.kernels = kernels if kernels is not None else JitKernels(cache)
+        self.options = tuple(options)
+        self.recorder: Recorder | None = None  # set by tune/export to enumerate a run's kernels
+        self.where: tuple[str, str] | None = None  # (site, role) being computed, for messages
+
+    def __reduce__(self):
+        from ..ops.backend import get_backend
+        return get_backend, (self.name, dict(self.options))
 
     @property
     def cache(self) -> KernelCache:
-        if self._cache is None:
-            self._cache = KernelCache()
-        return self._cache
+        return self.kernels.cache
+
+    def kernel(self, ref: KernelRef):
+        """The compiled function of ``ref`` from this backend's provider."""
+        if self.recorder is not None:
+            self.recorder.kernel(ref, self.where)
+        return self.kernels.get(ref, self.where)
 
     # -- what runs here ----------------------------------------------------------------------------
     def unsupported_reason(self, spec: SiteSpec, prec: Precision | None = None,
@@ -131,7 +157,7 @@ class TVMBackend(ReferenceBackend):
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Exact ``a @ bᵀ`` per group for int8/uint8 codes ``a (G, M, K)`` and ``b (G, N, K)``,
         as int32 ``(G, M, N)`` (int64 when ``K`` is split into int32-safe chunks)."""
-        return self._gemm(*a.shape[:2], *_a_packer(a), *b.shape[1:], *_b_packer(b))
+        return self._gemm(*a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b))
 
     def _gemm(self, G: int, M: int, alpha: int, pack_a, N: int, K: int, beta: int,
               pack_b) -> torch.Tensor:
@@ -149,11 +175,15 @@ class TVMBackend(ReferenceBackend):
             return out
         # the sign corrections need B's row sums (A shifted) and A's (B shifted): an extra row of
         # ones in A, resp. in B, makes the kernel return them with the product
-        shape = gemm.padded(G, M + 1 if alpha else M, N + 1 if beta else N, K)
+        problem = (G, M + 1 if alpha else M, N + 1 if beta else N, K)
+        if self.recorder is not None:  # the other signs: a ones row more or less on either side
+            self._variants = [(G, M + i, N + j, K) for i in (0, 1) for j in (0, 1)]
+            self.recorder.problem(problem, self._variants, self.where)
+        shape = self.kernels.gemm_shape(*problem, where=self.where)
         A = pack_a(0, K, shape.m, shape.k)
         Bp = pack_b(0, K, shape.n, shape.k)
         C = torch.empty((G, shape.m, shape.n), dtype=torch.int32)
-        self.cache.get(shape)(A, Bp, C)
+        self.kernel(KernelRef.gemm(shape))(A, Bp, C)
         if alpha:  # row M: sum_k (b - beta)  ->  sum_k b = C[M] + beta*K
             b_sums = C[:, M:M + 1, :N] + beta * K
         if beta:   # column N: sum_k (a + alpha)  ->  sum_k a = C[:, :, N] - alpha*K
@@ -174,17 +204,20 @@ class TVMBackend(ReferenceBackend):
         and running range of a matmul's second operand)."""
         spec = op.spec
         lo, hi = lo_hi if lo_hi is not None and lo_hi[0] is not None else tensor_range(x)
-        xq = _to_codes(x.detach(), qparams_from_range(lo, hi, prec.a, "symmetric"))
+        self.where = (op.site, "quantize")
+        xq = _to_codes(x.detach(), qparams_from_range(lo, hi, prec.a, "symmetric"),
+                       kernel=self.kernel)
         if spec.kind == "matmul":
             ylo, yhi = op._range(w, op.rhs_range)
             if ylo is None:
                 ylo, yhi = tensor_range(w)
-            wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, "symmetric"))
+            wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, "symmetric"),
+                           kernel=self.kernel)
         else:
             wlo, whi = channel_range(w, 0)
             wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, "symmetric",
-                                                          signed=True))
-        return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self)
+                                                          signed=True), kernel=self.kernel)
+        return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self, op.site)
 
     # -- the three roles per op kind ---------------------------------------------------------------
     def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
@@ -242,15 +275,51 @@ class TVMBackend(ReferenceBackend):
         xl = xq.codes.permute(0, *range(2, 2 + n), 1)
         if n == 2 and G == 1 and xl.is_contiguous():  # patches packed straight from x
             flip = 0 if xq.signed else 128
-            C = self._gemm(1, OC, *_a_packer(dyl.permute(1, 2, 0)),  # A = dyᵀ (1, OC, M)
+            C = self._gemm(1, OC, *self._a_packer(dyl.permute(1, 2, 0)),  # A = dyᵀ (1, OC, M)
                            w_shape[1] * math.prod(w_shape[2:]), dyl.shape[0], flip,
-                           _conv_patch_packer(spec, xl, w_shape, flip))
+                           self._conv_patch_packer(spec, xl, w_shape, flip))
         else:
             cols, _ = _im2col(xq.codes, spec, w_shape)              # (G, M, k·Cg)
             C = self.gemm(dyl.permute(1, 2, 0), cols.mT)            # (G, OCg, k·Cg)
         ks = list(w_shape[2:])
         dw = C.reshape(OC, *ks, w_shape[1])                         # (OC, k..., Cg)
         return dw.permute(0, n + 1, *range(1, n + 1)).float() * scale
+
+
+    # -- operand packers ---------------------------------------------------------------------------
+    def _conv_patch_packer(self, spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
+        """``pack_b`` for a 2-D conv's weight gradient: B = the im2col patches of the channels-last
+        codes ``xl (N, H, W, C)``, built and packed by one TVM kernel per chunk."""
+        geo = _conv2d_geometry(spec, xl, w_shape)
+        src = xl.view(torch.uint8)
+
+        def pack_b(k0, kc, np_, kp):
+            out = torch.empty((1, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
+            ref = KernelRef("pack_conv_b", (*geo, k0, kc, np_ // 16, kp // 4))
+            if self.recorder is not None:  # A = dyᵀ is always signed: only B's sign varies
+                m = self._variants[-1][1]
+                self.recorder.conv_pack(geo, k0, kc, [v for v in self._variants if v[1] == m],
+                                        self.where)
+            self.kernel(ref)(src, _flip(flip), out)
+            return out.view(torch.int8)
+
+        return pack_b
+
+    def _a_packer(self, a: torch.Tensor):
+        """``(alpha, pack_a)`` for int8/uint8 codes ``a (G, M, K)``: signed codes are shifted by
+        128."""
+        alpha = 128 if a.dtype == torch.int8 else 0
+        a8 = a.view(torch.uint8)
+        return alpha, lambda k0, kc, mp, kp: _pack_a(a8[..., k0:k0 + kc], alpha, mp, kp,
+                                                     self.kernel)
+
+    def _b_packer(self, b: torch.Tensor):
+        """``(beta, pack_b)`` for int8/uint8 codes ``b (G, N, K)``: unsigned codes are shifted by
+        -128."""
+        beta = 128 if b.dtype == torch.uint8 else 0
+        b8 = b.view(torch.uint8)
+        return beta, lambda k0, kc, np_, kp: _pack_b(b8[..., k0:k0 + kc], beta, np_, kp,
+                                                     self.kernel)
 
 
 def _out_sizes(spec: SiteSpec, size, w_shape) -> list[int]:
@@ -269,35 +338,6 @@ def _conv2d_geometry(spec: SiteSpec, xl: torch.Tensor, w_shape) -> tuple[int, ..
             *_out_sizes(spec, (H, W), w_shape))
 
 
-def _conv_patch_packer(spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
-    """``pack_b`` for a 2-D conv's weight gradient: B = the im2col patches of the channels-last
-    codes ``xl (N, H, W, C)``, built and packed by one TVM kernel per chunk."""
-    geo = _conv2d_geometry(spec, xl, w_shape)
-    src = xl.view(torch.uint8)
-
-    def pack_b(k0, kc, np_, kp):
-        out = torch.empty((1, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
-        pack.conv_b_kernel(*geo, k0, kc, np_ // 16, kp // 4)(src, _flip(flip), out)
-        return out.view(torch.int8)
-
-    return pack_b
-
-
-def _a_packer(a: torch.Tensor):
-    """``(alpha, pack_a)`` for int8/uint8 codes ``a (G, M, K)``: signed codes are shifted by 128."""
-    alpha = 128 if a.dtype == torch.int8 else 0
-    a8 = a.view(torch.uint8)
-    return alpha, lambda k0, kc, mp, kp: _pack_a(a8[..., k0:k0 + kc], alpha, mp, kp)
-
-
-def _b_packer(b: torch.Tensor):
-    """``(beta, pack_b)`` for int8/uint8 codes ``b (G, N, K)``: unsigned codes are shifted by
-    -128."""
-    beta = 128 if b.dtype == torch.uint8 else 0
-    b8 = b.view(torch.uint8)
-    return beta, lambda k0, kc, np_, kp: _pack_b(b8[..., k0:k0 + kc], beta, np_, kp)
-
-
 def _flip(value: int) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.uint8)
 
@@ -312,7 +352,7 @@ def _source(t: torch.Tensor, direct: str, transposed: str) -> tuple[str, torch.T
     return direct, t.contiguous()
 
 
-def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int) -> torch.Tensor:
+def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int, kernel=_jit_kernel) -> torch.Tensor:
     """``A (G, mp, kp)`` u8 for the GEMM from the (G, M, K) byte view ``a`` (no copy when it is
     already that)."""
     G, M, K = a.shape
@@ -320,16 +360,16 @@ def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int) -> torch.Tensor:
         return a
     layout, src = _source(a, "mk", "km")
     out = torch.empty((G, mp, kp), dtype=torch.uint8)
-    pack.a_kernel(layout)(src, _flip(flip), out)
+    kernel(KernelRef("pack_a", (layout,)))(src, _flip(flip), out)
     return out
 
 
-def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int) -> torch.Tensor:
+def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int, kernel=_jit_kernel) -> torch.Tensor:
     """``B (G, np/16, kp/4, 16, 4)`` s8 from the (G, N, K) byte view ``b``."""
     G = b.shape[0]
     layout, src = _source(b, "nk", "kn")
     out = torch.empty((G, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
-    pack.b_kernel(layout)(src, _flip(flip), out)
+    kernel(KernelRef("pack_b", (layout,)))(src, _flip(flip), out)
     return out.view(torch.int8)
 
 
@@ -395,13 +435,14 @@ class IntSiteGemm(Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, xq: IntCodes, wq: IntCodes, spec: SiteSpec, g_bits: int,
-                backend: TVMBackend):
+                backend: TVMBackend, site: str):
+        backend.where = (site, "fw")
         y = backend.fw(spec, xq, wq, tuple(x.shape), tuple(w.shape))
         if bias is not None:
             y = y + (bias.reshape(1, -1, *([1] * (y.dim() - 2))) if spec.kind == "conv" else bias)
         ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale)
         ctx.signs = (xq.signed, wq.signed)
-        ctx.spec, ctx.g_bits, ctx.backend = spec, g_bits, backend
+        ctx.spec, ctx.g_bits, ctx.backend, ctx.site = spec, g_bits, backend, site
         ctx.shapes = (tuple(x.shape), tuple(w.shape))
         ctx.has_bias = bias is not None
         return y
@@ -413,12 +454,37 @@ class IntSiteGemm(Function):
         spec, backend = ctx.spec, ctx.backend
         x_shape, w_shape = ctx.shapes
         lo, hi = tensor_range(dy)
+        backend.where = (ctx.site, "quantize")
         dyq = _to_codes(dy, qparams_from_range(lo, hi, ctx.g_bits, "symmetric", signed=True),
-                        stochastic=True)
-        dx = backend.eb(spec, dyq, xq, wq, x_shape, w_shape) if ctx.needs_input_grad[0] else None
-        dw = backend.gc(spec, xq, dyq, x_shape, w_shape) if ctx.needs_input_grad[1] else None
+                        stochastic=True, kernel=backend.kernel)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            backend.where = (ctx.site, "eb")
+            dx = backend.eb(spec, dyq, xq, wq, x_shape, w_shape)
+        if ctx.needs_input_grad[1]:
+            backend.where = (ctx.site, "gc")
+            dw = backend.gc(spec, xq, dyq, x_shape, w_shape)
         db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dims = [d for d in range(dy.dim()) if d != (1 if spec.kind == "conv" else dy.dim() - 1)]
             db = dyq.codes.sum(dims, dtype=torch.int64).float() * dyq.scale
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def make_tvm_backend(options: dict) -> TVMBackend:
+    """The backend for :func:`fraccompile.ops.get_backend` options (``kernels``, ``tuning_db``,
+    ``kernels_fallback``; see :class:`fraccompile.FracConfig`)."""
+    unknown = set(options) - {"kernels", "tuning_db", "kernels_fallback"}
+    if unknown:
+        raise ValueError(f"unknown tvm backend option(s) {sorted(unknown)}")
+    tuning = None
+    if options.get("tuning_db"):
+        from .tuning import TuningDB
+        tuning = TuningDB(options["tuning_db"])
+    if options.get("kernels"):
+        from .export import ExportedKernels
+        provider = ExportedKernels(options["kernels"], bool(options.get("kernels_fallback")),
+                                   tuning=tuning)
+    else:
+        provider = JitKernels(tuning=tuning)
+    return TVMBackend(kernels=provider, options=sorted(options.items()))

@@ -125,6 +125,11 @@ def schedule(shape: GemmShape, isa: str) -> s_tir.Schedule:
     return sch
 
 
+def scheduled(shape: GemmShape, isa: str, name: str = "main"):
+    """The scheduled PrimFunc of ``shape``, exported under the symbol ``name``."""
+    return schedule(shape, isa).mod["main"].with_attr("global_symbol", name)
+
+
 def build(shape: GemmShape, host: HostTarget | None = None):
     """Compile one kernel; returns the TVM executable (``lib["main"](A, B, C)``)."""
     host = host or detect()

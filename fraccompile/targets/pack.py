@@ -60,8 +60,31 @@ def _b_definition(layout: str):
     return te.create_prim_func([src, flip, out]).with_attr("global_symbol", "main")
 
 
+def _compile(sch):
+    return tvm.compile(sch.mod, target=detect().target())["main"]
+
+
 @functools.lru_cache(maxsize=None)
 def a_kernel(layout: str):
+    return _compile(a_schedule(layout))
+
+
+@functools.lru_cache(maxsize=None)
+def b_kernel(layout: str):
+    return _compile(b_schedule(layout))
+
+
+@functools.lru_cache(maxsize=None)
+def conv_b_kernel(*shape_args):
+    """B of a 2-D conv's weight gradient straight from channels-last activation codes: the im2col
+    patches of output positions ``k0 .. k0+kc`` packed in the 16x4 layout (row N of ones), one
+    pass instead of an im2col copy and a pack (a 131072x144 chunk: ~3 ms against ~30 ms).
+    ``shape_args``: N, H, W, C, kh, kw, stride, padding, dilation (per axis), OH, OW, k0, kc and
+    the packed extents; static, so built once per conv and chunk (~0.3 s)."""
+    return _compile(conv_b_schedule(*shape_args))
+
+
+def a_schedule(layout: str) -> s_tir.Schedule:
     sch = s_tir.Schedule(_a_definition(layout))
     g, m, k = sch.get_loops(sch.get_sblock("out"))
     if layout == "mk":
@@ -74,11 +97,10 @@ def a_kernel(layout: str):
         sch.reorder(g, mo, ko, mi, ki)
         sch.parallel(sch.fuse(g, mo, ko))
         sch.vectorize(ki)
-    return tvm.compile(sch.mod, target=detect().target())["main"]
+    return sch
 
 
-@functools.lru_cache(maxsize=None)
-def b_kernel(layout: str):
+def b_schedule(layout: str) -> s_tir.Schedule:
     sch = s_tir.Schedule(_b_definition(layout))
     g, nb, kb, ni, ki = sch.get_loops(sch.get_sblock("out"))
     if layout == "kn":  # whole source rows per step: 4 rows x 16 bytes per store
@@ -88,7 +110,7 @@ def b_kernel(layout: str):
         sch.parallel(sch.fuse(g, nb))
     sch.vectorize(ni)
     sch.unroll(ki)
-    return tvm.compile(sch.mod, target=detect().target())["main"]
+    return sch
 
 
 def _conv_b_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, k0, kc, nb_, kb_):
@@ -114,17 +136,11 @@ def _conv_b_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, k0, k
     return te.create_prim_func([x, flip, out]).with_attr("global_symbol", "main")
 
 
-@functools.lru_cache(maxsize=None)
-def conv_b_kernel(*shape_args):
-    """B of a 2-D conv's weight gradient straight from channels-last activation codes: the im2col
-    patches of output positions ``k0 .. k0+kc`` packed in the 16x4 layout (row N of ones), one
-    pass instead of an im2col copy and a pack (a 131072x144 chunk: ~3 ms against ~30 ms).
-    ``shape_args``: N, H, W, C, kh, kw, stride, padding, dilation (per axis), OH, OW, k0, kc and
-    the packed extents; static, so built once per conv and chunk (~0.3 s)."""
+def conv_b_schedule(*shape_args) -> s_tir.Schedule:
     sch = s_tir.Schedule(_conv_b_definition(*shape_args))
     g, nb, kb, ni, ki = sch.get_loops(sch.get_sblock("out"))
     sch.reorder(g, kb, nb, ki, ni)
     sch.parallel(sch.fuse(g, kb))
     sch.vectorize(ni)
     sch.unroll(ki)
-    return tvm.compile(sch.mod, target=detect().target())["main"]
+    return sch

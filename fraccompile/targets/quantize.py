@@ -38,13 +38,16 @@ def definition(out_dtype: str, stochastic: bool):
     return te.create_prim_func(args + [q]).with_attr("global_symbol", "main")
 
 
-@functools.lru_cache(maxsize=None)
-def kernel(out_dtype: str, stochastic: bool):
-    """The compiled quantizer ``main(x, scale, bounds[, u], q)`` (built once per process: ~0.1 s)."""
+def schedule(out_dtype: str, stochastic: bool) -> s_tir.Schedule:
     sch = s_tir.Schedule(definition(out_dtype, stochastic))
     (i,) = sch.get_loops(sch.get_sblock("q"))
     outer, inner = sch.split(i, [None, 64])
     sch.parallel(outer)
     sch.vectorize(inner)
-    host = detect()
-    return tvm.compile(sch.mod, target=host.target())["main"]
+    return sch
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(out_dtype: str, stochastic: bool):
+    """The compiled quantizer ``main(x, scale, bounds[, u], q)`` (built once per process: ~0.1 s)."""
+    return tvm.compile(schedule(out_dtype, stochastic).mod, target=detect().target())["main"]

@@ -1,0 +1,159 @@
+"""Every kernel the ``tvm`` backend calls, by name, and where the compiled code comes from.
+
+A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
+quantizer of one dtype and rounding mode, an operand pack kernel of one layout, or the conv patch
+packer of one conv geometry. Its :attr:`~KernelRef.name` is the symbol it has in an exported
+library. Providers turn references into callables:
+
+* :class:`JitKernels` builds on first use (GEMMs through the on-disk cache, with the tile a tuning
+  database chose for the problem when one is given);
+* :class:`fraccompile.targets.export.ExportedKernels` reads an exported library and builds nothing.
+
+A :class:`Recorder` attached to the backend notes each GEMM problem and kernel a run asks for, with
+the site and role that asked: ``fraccompile tune`` and ``fraccompile export`` enumerate a model's
+kernels by running one training step with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+from dataclasses import dataclass, field
+
+from . import gemm, pack, quantize
+from .cache import KernelCache
+from .host import HostTarget, detect
+
+KINDS = ("gemm", "quantize", "pack_a", "pack_b", "pack_conv_b")
+KERNEL_FILES = ("gemm.py", "intrin.py", "host.py", "pack.py", "quantize.py")
+
+
+def source_hash() -> str:
+    """Hash of the code of every CPU kernel (the GEMMs, packers and quantizers)."""
+    h = hashlib.sha256()
+    here = pathlib.Path(__file__).parent
+    for name in KERNEL_FILES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KernelRef:
+    kind: str
+    args: tuple
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kernel kind {self.kind!r}")
+
+    @classmethod
+    def gemm(cls, shape: gemm.GemmShape) -> KernelRef:
+        t = shape.tile
+        return cls("gemm", (shape.groups, shape.m, shape.n, shape.k, t.mb, t.nb, t.kb))
+
+    @classmethod
+    def quantize(cls, dtype: str, stochastic: bool) -> KernelRef:
+        return cls("quantize", (dtype, bool(stochastic)))
+
+    @property
+    def gemm_shape(self) -> gemm.GemmShape:
+        g, m, n, k, mb, nb, kb = self.args
+        return gemm.GemmShape(g, m, n, k, gemm.Tile(mb, nb, kb))
+
+    @property
+    def name(self) -> str:
+        if self.kind == "gemm":
+            return self.gemm_shape.name
+        if self.kind == "quantize":
+            dtype, stochastic = self.args
+            return f"quantize_{dtype}_{'sr' if stochastic else 'rn'}"
+        return "_".join([self.kind, *map(str, self.args)])
+
+    def schedule(self, isa: str):
+        if self.kind == "gemm":
+            return gemm.schedule(self.gemm_shape, isa)
+        if self.kind == "quantize":
+            return quantize.schedule(*self.args)
+        if self.kind == "pack_a":
+            return pack.a_schedule(*self.args)
+        if self.kind == "pack_b":
+            return pack.b_schedule(*self.args)
+        return pack.conv_b_schedule(*self.args)
+
+    def primfunc(self, isa: str):
+        """The scheduled PrimFunc under the symbol :attr:`name` (for a library of many)."""
+        return self.schedule(isa).mod["main"].with_attr("global_symbol", self.name)
+
+
+# The symbolic-shape kernels every model may call, whatever its shapes.
+GENERIC = tuple([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
+                + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
+                + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")])
+
+
+@dataclass
+class Use:
+    """Where a kernel or GEMM problem was needed: ``(site, role)`` pairs."""
+
+    where: set = field(default_factory=set)
+
+
+class Recorder:
+    """Collects what a run asks of the backend, with the ``(site, role)`` that asked:
+
+    * ``problems``: GEMM problems ``(G, M, N, K)`` (ones rows included), and per problem its
+      ``variants`` — the same GEMM with the other signs of its operands, which other batches may
+      produce;
+    * ``kernels``: every kernel requested;
+    * ``conv_packs``: the conv patch packers, as ``(geometry, k0, kc, variants)`` (their packed
+      extents depend on the GEMM tile, so they are re-derived per variant when exporting).
+    """
+
+    def __init__(self):
+        self.problems: dict[tuple, Use] = {}
+        self.variants: dict[tuple, tuple] = {}
+        self.kernels: dict[KernelRef, Use] = {}
+        self.conv_packs: dict[tuple, set] = {}
+
+    def problem(self, key, variants, where) -> None:
+        self.problems.setdefault(key, Use()).where.add(where)
+        self.variants[key] = tuple(sorted(set(variants) | {key}))
+
+    def kernel(self, ref: KernelRef, where) -> None:
+        self.kernels.setdefault(ref, Use()).where.add(where)
+
+    def conv_pack(self, geometry, k0, kc, variants, where) -> None:
+        self.conv_packs.setdefault((tuple(geometry), k0, kc, tuple(variants)), set()).add(where)
+
+
+class JitKernels:
+    """Builds kernels on first use. GEMM problems take the tile of ``tuning`` (a
+    :class:`~fraccompile.targets.tuning.TuningDB`) when it has one for this host, else the default
+    tile."""
+
+    def __init__(self, cache: KernelCache | None = None, tuning=None,
+                 host: HostTarget | None = None):
+        self.host = host or detect()
+        self._cache = cache
+        self.tuning = tuning
+
+    @property
+    def cache(self) -> KernelCache:
+        if self._cache is None:
+            self._cache = KernelCache(host=self.host)
+        return self._cache
+
+    def gemm_shape(self, G: int, M: int, N: int, K: int, where=None) -> gemm.GemmShape:
+        tile = self.tuning.tile(self.host, (G, M, N, K)) if self.tuning is not None else None
+        return gemm.padded(G, M, N, K, tile)
+
+    def get(self, ref: KernelRef, where=None):
+        if ref.kind == "gemm":
+            return self.cache.get(ref.gemm_shape)
+        if ref.kind == "quantize":
+            return quantize.kernel(*ref.args)
+        if ref.kind == "pack_a":
+            return pack.a_kernel(*ref.args)
+        if ref.kind == "pack_b":
+            return pack.b_kernel(*ref.args)
+        return pack.conv_b_kernel(*ref.args)
