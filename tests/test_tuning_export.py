@@ -1,0 +1,404 @@
+"""Tuning (the tile search and its database), exported kernel libraries (export, load in a fresh
+process, every refusal), the tune/export commands, and measurement through a loopback RPC
+tracker."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import fraccompile
+from fraccompile import FracConfig
+from fraccompile.targets import tvm_unavailable_reason
+
+pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
+                                reason=str(tvm_unavailable_reason()))
+
+MODEL_SRC = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+            self.conv2 = nn.Conv2d(16, 16, 3, padding=1)  # channels-last input: fused GC packing
+            self.proj = nn.Linear(16, 32)
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(torch.relu(self.stem(x))))
+            x = torch.relu(self.conv2(x))
+            h = self.proj(x.mean((2, 3)))
+            h = h + (h.unsqueeze(1) @ h.unsqueeze(2)).squeeze(2) * 1e-3
+            return self.head(torch.relu(h))
+
+    def model():
+        torch.manual_seed(0)
+        return Small()
+""")
+SHAPE = (4, 3, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "small.py"
+    path.write_text(MODEL_SRC)
+    return path
+
+
+def _small(model_file, **cfg):
+    from fraccompile.loading import load_model
+    torch.manual_seed(0)
+    model = load_model(str(model_file))
+    x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(1))
+    config = FracConfig(backend="tvm", scheme="symmetric", **cfg)
+    return fraccompile.compile(model, x, config), model, x
+
+
+@pytest.fixture(scope="module")
+def exported(model_file, tmp_path_factory):
+    from fraccompile.targets.export import export
+    out = tmp_path_factory.mktemp("kernels")
+    fm, _, x = _small(model_file)
+    manifest = export(fm, x, out, model="small")
+    return out, manifest
+
+
+# -- the search space and the database ---------------------------------------------------------------
+def test_space_fits_the_register_file_and_starts_with_the_default():
+    from fraccompile.targets import gemm, tuning
+    problem = (1, 100, 70, 300)
+    tiles = tuning.space(problem)
+    assert len(tiles) > 50
+    assert all(t.mb * t.nb + t.nb + 1 <= tuning.MAX_ZMM and t.kb % 4 == 0 for t in tiles)
+    cands = tuning.candidates(problem, 8, seed=3)
+    assert cands[0] == gemm.default_tile(100, 70, 300) and len(set(cands)) == 8
+    assert cands == tuning.candidates(problem, 8, seed=3)  # seeded
+
+
+class FakeRunner:
+    """Times from a formula (no building): tile 2x2x16 is fastest, the default 1.0 s."""
+
+    def __init__(self, fast=(2, 2, 16), ratio=0.5):
+        from fraccompile.targets.host import detect
+        self.host, self.fast, self.ratio, self.calls = detect(), fast, ratio, 0
+
+    def time(self, shape):
+        self.calls += 1
+        t = shape.tile
+        return self.ratio if (t.mb, t.nb, t.kb) == self.fast else 1.0 + 0.01 * t.mb
+
+
+def _space_with(problem, tile):
+    from fraccompile.targets import gemm, tuning
+    return gemm.Tile(*tile) in tuning.space(problem)
+
+
+def test_tune_keeps_the_faster_tile_and_the_database_is_reused(tmp_path):
+    from fraccompile.targets import tuning
+    problems = [(1, 40, 48, 64), (1, 24, 32, 96)]
+    assert all(_space_with(p, (2, 2, 16)) for p in problems)
+    db = tuning.TuningDB(tmp_path)
+    runner = FakeRunner()
+    size = len(tuning.space(problems[0]))
+    results = tuning.tune(problems, db, runner, trials=size)
+    assert [r.reused for r in results] == [False, False]
+    for r in results:
+        assert r.record.tile == (2, 2, 16) and r.record.speedup > 1.5
+        assert r.record.trials == min(size, len(tuning.space(r.record.problem)))
+    # a new process reads it back; a second call measures nothing it already has
+    db2 = tuning.TuningDB(tmp_path)
+    assert db2.tile(runner.host, problems[0]).kb == 16
+    runner2 = FakeRunner()
+    again = tuning.tune(problems + [(1, 8, 16, 32)], db2, runner2, trials=4)
+    assert [r.reused for r in again] == [True, True, False]
+    assert runner2.calls <= 4 + 6  # only the new problem (search + confirmation)
+
+
+def test_tune_never_records_a_tile_slower_than_the_default(tmp_path):
+    from fraccompile.targets import tuning
+
+    class Noisy(FakeRunner):
+        """The candidate wins once in the search, then loses every confirmation."""
+
+        def time(self, shape):
+            self.calls += 1
+            t = shape.tile
+            if (t.mb, t.nb, t.kb) == self.fast:
+                return 0.5 if self.calls <= 3 else 2.0
+            return 1.0
+
+    problem = (1, 40, 48, 64)
+    rec = tuning.tune_problem(problem, Noisy(), trials=len(tuning.space(problem)), seed=0)
+    assert rec.tile == rec.default_tile and rec.gops == rec.default_gops
+
+
+def test_real_measurement_and_tuned_tiles_reach_the_backend(tmp_path, model_file):
+    """A measured search on a real kernel; a backend given the database pads with the tuned tile
+    and stays exact."""
+    from fraccompile.ops.backend import get_backend
+    from fraccompile.targets import tuning
+    db = tuning.TuningDB(tmp_path)
+    problem = (1, 33, 40, 72)
+    res = tuning.tune([problem], db, tuning.LocalRunner(repeat=2, min_repeat_ms=5), trials=3)[0]
+    rec = res.record
+    assert rec.gops >= rec.default_gops > 0 and rec.trials == 3
+    db.records.clear()
+    rec.tile = (3, 1, 8)  # force a non-default tile to see it used
+    db.put(rec)
+    backend = get_backend("tvm", tuning_db=str(tmp_path))
+    shape = backend.kernels.gemm_shape(*problem)
+    assert (shape.tile.mb, shape.tile.nb, shape.tile.kb) == (3, 1, 8)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (1, 32, 72), generator=gen).to(torch.int8)  # M+1 = 33 (ones row)
+    b = torch.randint(-127, 128, (1, 40, 72), generator=gen).to(torch.int8)
+    assert torch.equal(backend.gemm(a, b).long(), a.long() @ b.long().mT)
+
+
+def test_damaged_database_is_refused(tmp_path):
+    from fraccompile.targets import tuning
+    (tmp_path / tuning.DB_FILE).write_text("{not json")
+    with pytest.raises(tuning.TuningDBError, match="damaged"):
+        tuning.TuningDB(tmp_path)
+    (tmp_path / tuning.DB_FILE).write_text(json.dumps({"format": 99, "records": []}))
+    with pytest.raises(tuning.TuningDBError, match="format 99"):
+        tuning.TuningDB(tmp_path)
+
+
+def test_bad_rpc_address_is_refused():
+    from fraccompile.targets.tuning import parse_rpc
+    assert parse_rpc("127.0.0.1:9190:cpu") == ("127.0.0.1", 9190, "cpu")
+    for bad in ("127.0.0.1:9190", "host:port:key", ":9190:k"):
+        with pytest.raises(ValueError, match="HOST:PORT:KEY"):
+            parse_rpc(bad)
+
+
+# -- export -----------------------------------------------------------------------------------------
+def test_manifest_describes_every_kernel(exported):
+    out, manifest = exported
+    from fraccompile.targets.kernels import source_hash
+    info = manifest["targets"]["cpu"]
+    assert (out / info["library"]).is_file() and info["source_hash"] == source_hash()
+    import tvm
+    assert info["tvm"] == tvm.__version__
+    kinds = {k["kind"] for k in manifest["kernels"]}
+    assert kinds >= {"gemm", "quantize", "pack_a", "pack_b", "pack_conv_b"}
+    gemms = [k for k in manifest["kernels"] if k["kind"] == "gemm"]
+    roles = {s["role"] for k in gemms for s in k["sites"]}
+    assert roles == {"fw", "eb", "gc"}  # eb: the matmul's integer backprop
+    for k in gemms:
+        assert k["dtypes"] == "u8s8s32" and k["function"].startswith("gemm_")
+        assert set(k["shapes"]) == {"A", "B", "C"} and k["problems"]
+    # the library loads with TVM alone and holds every function the manifest names
+    lib = tvm.runtime.load_module(str(out / info["library"]))
+    for k in manifest["kernels"]:
+        assert lib.implements_function(k["function"], query_imports=True), k["function"]
+
+
+def _step(fm, x, seed=5):
+    fm.train()
+    torch.manual_seed(seed)
+    loss = fm(x).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in fm.named_parameters()
+                           if p.grad is not None}
+
+
+CHILD = textwrap.dedent("""
+    import json, sys, torch
+    import fraccompile
+    from fraccompile import FracConfig
+    from fraccompile.loading import load_model
+    from fraccompile.targets import pack, quantize
+    from fraccompile.targets.export import tvm_backends
+    model_file, kernels, state, out = sys.argv[1:5]
+    model = load_model(model_file)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    fm = fraccompile.compile(model, x, FracConfig(backend="tvm", scheme="symmetric",
+                                                  kernels=kernels))
+    fm.load_state_dict(torch.load(state))
+    fm.train()
+    torch.manual_seed(5)
+    loss = fm(x).square().mean()
+    loss.backward()
+    cache = tvm_backends(fm)[0].cache.stats
+    built = (cache.built + cache.loaded + pack.a_kernel.cache_info().currsize
+             + pack.b_kernel.cache_info().currsize + pack.conv_b_kernel.cache_info().currsize
+             + quantize.kernel.cache_info().currsize)
+    torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in fm.named_parameters()
+                                                 if p.grad is not None}, "built": built}, out)
+""")
+
+
+def test_exported_library_trains_in_a_fresh_process_like_the_jit_backend(exported, model_file,
+                                                                          tmp_path):
+    out, _ = exported
+    fm, _, x = _small(model_file)
+    state = tmp_path / "state.pt"
+    torch.save(fm.state_dict(), state)
+    loss, grads = _step(fm, x)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    res = tmp_path / "res.pt"
+    subprocess.run([sys.executable, str(script), str(model_file), str(out), str(state), str(res)],
+                   check=True, timeout=300)
+    child = torch.load(res)
+    assert child["built"] == 0  # every kernel came from the library
+    assert torch.equal(child["loss"], loss)
+    assert child["grads"].keys() == grads.keys()
+    for name, g in grads.items():
+        assert torch.equal(child["grads"][name], g), name
+
+
+def _copy_export(exported, tmp_path):
+    import shutil
+    out, _ = exported
+    dst = tmp_path / "k"
+    shutil.copytree(out, dst)
+    return dst
+
+
+def _edit_manifest(path, **fields):
+    m = json.loads((path / "manifest.json").read_text())
+    m["targets"]["cpu"].update(fields)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("mcpu", "znver4", "mcpu 'znver4'"),
+    ("isa", "avx2", "isa 'avx2'"),
+    ("tvm", "0.19.0", "tvm '0.19.0'"),
+    ("source_hash", "0" * 16, "source_hash"),
+])
+def test_manifest_of_another_target_or_version_is_refused(exported, tmp_path, field, value, match):
+    from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+    d = _copy_export(exported, tmp_path)
+    _edit_manifest(d, **{field: value})
+    with pytest.raises(KernelLibraryError, match=match):
+        ExportedKernels(d)
+
+
+def test_tampered_missing_or_damaged_files_are_refused(exported, tmp_path):
+    from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+    d = _copy_export(exported, tmp_path)
+    lib = d / "kernels-cpu.so"
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(KernelLibraryError, match="does not match the sha256"):
+        ExportedKernels(d)
+    lib.unlink()
+    with pytest.raises(KernelLibraryError, match="kernels-cpu.so is missing"):
+        ExportedKernels(d)
+    (d / "manifest.json").write_text('{"format": 1, "targ')
+    with pytest.raises(KernelLibraryError, match="damaged"):
+        ExportedKernels(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(KernelLibraryError, match="no manifest.json"):
+        ExportedKernels(d)
+    with pytest.raises(KernelLibraryError, match="not 'cuda'"):
+        ExportedKernels(exported[0], target="cuda")
+
+
+def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, model_file, tmp_path,
+                                                                  caplog):
+    d = _copy_export(exported, tmp_path)
+    _edit_manifest(d, mcpu="znver4")
+    with pytest.raises(fraccompile.errors.FracCompileError, match="mcpu 'znver4'"):
+        _small(model_file, kernels=str(d))
+    fm, _, x = _small(model_file, kernels=str(d), kernels_fallback=True)
+    assert "building kernels instead" in caplog.text
+    fm(x).sum().backward()
+
+
+def test_other_input_shapes_are_refused_naming_the_site(exported, model_file):
+    from fraccompile.targets.export import KernelLibraryError
+    out, _ = exported
+    fm, model, _ = _small(model_file, kernels=str(out))
+    x = torch.randn(9, 3, 8, 8)  # exported for batch 4
+    with pytest.raises(KernelLibraryError, match=r"no kernel for the GEMM problem .*site 'conv'"):
+        fm(x)
+    ok, _, _ = _small(model_file, kernels=str(out), kernels_fallback=True)
+    y = ok(x)
+    ref, _, _ = _small(model_file)
+    assert torch.equal(y, ref(x))
+
+
+def test_kernel_options_need_the_tvm_backend():
+    with pytest.raises(fraccompile.errors.ConfigError, match="needs backend='tvm'"):
+        FracConfig(kernels="somewhere")
+    with pytest.raises(fraccompile.errors.ConfigError, match="kernels_fallback"):
+        FracConfig(backend="tvm", kernels_fallback="yes")
+    cfg = FracConfig(backend="tvm", kernels="k", tuning_db="db", kernels_fallback=True)
+    assert FracConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.backend_options == {"kernels": "k", "tuning_db": "db", "kernels_fallback": True}
+
+
+def test_pickled_model_keeps_its_kernel_library(exported, model_file):
+    import pickle
+    out, _ = exported
+    fm, _, x = _small(model_file, kernels=str(out))
+    copy_ = pickle.loads(pickle.dumps(fm))
+    from fraccompile.targets.export import tvm_backends
+    (backend,) = tvm_backends(copy_)
+    assert backend is tvm_backends(fm)[0] and dict(backend.options)["kernels"] == str(out)
+    assert copy.deepcopy(fm) is not None
+
+
+# -- the commands -------------------------------------------------------------------------------------
+def test_tune_and_export_commands(model_file, tmp_path):
+    from fraccompile.cli import app
+    runner = CliRunner()
+    db = tmp_path / "db"
+    args = ["tune", str(model_file), "--input-shape", "4,3,8,8", "--db", str(db), "--trials", "2"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "tuned GEMMs" in first.output and " 0 reused" in first.output
+    n = json.loads((db / "tuning.json").read_text())["records"]
+    assert len(n) >= 3
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0 and f"0 tuned, {len(n)} reused" in second.output
+    out = tmp_path / "k"
+    res = runner.invoke(app, ["export", str(model_file), "--input-shape", "4,3,8,8", "--db",
+                              str(db), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    tiles = {tuple(r["problem"]): r["tile"] for r in n}
+    for k in manifest["kernels"]:  # the export took the tuned tiles
+        for p in k.get("problems", []):
+            if tuple(p) in tiles:
+                assert k["tile"] == tiles[tuple(p)]
+    bad = runner.invoke(app, ["tune", str(model_file), "--input-shape", "4,3,8,8", "--rpc", "x"])
+    assert bad.exit_code == 2 and "HOST:PORT:KEY" in bad.output
+    cuda = runner.invoke(app, ["tune", str(model_file), "--input-shape", "4,3,8,8", "--target",
+                               "cuda"])
+    assert cuda.exit_code == 2 and "CUDA runtime" in cuda.output
+
+
+def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
+    """A local tracker and server (TVM's RPC): a kernel is built here, uploaded and timed there."""
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    from fraccompile.targets import gemm, tuning
+    tracker = Tracker("127.0.0.1", port=9190, port_end=9990, silent=True)
+    server = rpc.Server("127.0.0.1", port=10000, port_end=10990, key="fctest",
+                        tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        runner = tuning.RPCRunner(f"127.0.0.1:{tracker.port}:fctest", repeat=2, min_repeat_ms=5)
+        assert 0 < runner.time(gemm.padded(1, 64, 64, 64)) < 1
+        db = tuning.TuningDB(tmp_path)
+        res = tuning.tune([(1, 24, 32, 40)], db, runner, trials=2)
+        assert res[0].record.gops > 0 and not res[0].reused
+    finally:
+        server.terminate()
+        tracker.terminate()
