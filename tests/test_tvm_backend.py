@@ -74,6 +74,14 @@ def test_gemm_splits_long_reductions(tvm_backend, monkeypatch):
     assert torch.equal(got, a.long() @ b.long().mT)
 
 
+def test_unsigned_by_unsigned_sums_past_int32_are_exact(tvm_backend):
+    """255·255·40000 > 2**31: two unsigned operands split K earlier than signed ones."""
+    a = torch.full((1, 3, 40_000), 255, dtype=torch.uint8)
+    b = torch.full((1, 2, 40_000), 255, dtype=torch.uint8)
+    got = tvm_backend.gemm(a, b)
+    assert torch.equal(got.long(), a.long() @ b.long().mT)
+
+
 def test_kernel_without_vnni_is_exact():
     """The generic (AVX2-only) schedule builds and computes the same products."""
     from fraccompile.targets import gemm
@@ -458,3 +466,60 @@ def test_damaged_cache_file_is_rebuilt(tmp_path):
     cache.get(shape)
     assert cache.stats.built == 1
     assert KernelCache(tmp_path).get(shape) is not None
+
+
+class _StandInGemm:
+    """Stands in for the CUDA GEMM on CPU tensors: exact, and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def gemm(self, a, b):
+        self.calls += 1
+        return a.long() @ b.long().mT
+
+
+def test_gpu_path_glue_matches_reference_with_a_stand_in_gemm(monkeypatch):
+    """The device path of the backend (torch quantizer, no CPU pack kernels, the CUDA GEMM for
+    every integer role) run on CPU tensors with an exact stand-in GEMM: same loss and gradients
+    as the reference backend. On a GPU the stand-in is the TVM dp4a kernel (tests/test_cuda.py)."""
+    from fraccompile.targets.backend import TVMBackend
+    monkeypatch.setattr(TVMBackend, "on_gpu", staticmethod(lambda t: True))
+    backend = TVMBackend()
+    backend._cuda = _StandInGemm()
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = C2(3, 16, 3, padding=1)
+            self.b = C2(16, 16, 3, padding=1, stride=2)
+            self.fc = torch.nn.Linear(16, 24)
+            self.out = torch.nn.Linear(24, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3))
+            h = self.fc(h)
+            h = h + (h.unsqueeze(2) @ h.unsqueeze(1)).mean(2)  # a matmul site
+            return self.out(h)
+
+    model = Net()
+    x, y = torch.randn(6, 3, 10, 10), torch.randint(0, 10, (6,))
+    out = {}
+    for be in ("reference", "tvm"):
+        m = copy.deepcopy(model)
+        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="reference",
+                                                  full_precision=("out",)))
+        if be == "tvm":
+            for op in fm.modules():
+                if isinstance(op, FracOp):
+                    op.backend = backend
+        torch.manual_seed(1)
+        loss = F.cross_entropy(fm(x), y)
+        loss.backward()
+        out[be] = (loss.detach(), [p.grad for p in m.parameters()])
+    # fw + gc of 3 conv/linear sites (eb: fp32), fw + eb + gc of the matmul
+    assert backend._cuda.calls == 3 * 2 + 3
+    assert rel(out["reference"][0], out["tvm"][0]) < TOL
+    for r, g in zip(out["reference"][1], out["tvm"][1]):
+        assert rel(r, g) < TOL

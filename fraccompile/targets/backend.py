@@ -44,6 +44,7 @@ from .kernels import JitKernels, KernelRef, Recorder
 MAX_BITS = 8
 MIN_GROUP_WIDTH = 8  # narrower groups waste most of the 16 int32 lanes of a VNNI instruction
 MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
+MAX_K_UNSIGNED = 33_025  # both operands unsigned: the sum itself (<= 255²·K) must fit
 
 
 class IntCodes:
@@ -86,10 +87,11 @@ def _jit_kernel(ref: KernelRef):
 def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, kernel=_jit_kernel) -> IntCodes:
     """``x``'s integer codes on the grid ``qp`` — the reference quantizer's codes exactly, from one
     fused TVM kernel when the scale is per tensor (activations, gradients), else torch. ``kernel``
-    maps a :class:`KernelRef` to its compiled function."""
+    maps a :class:`KernelRef` to its compiled function (None: torch, as for GPU tensors)."""
     signed = qp.qmin < 0
     dtype = torch.int8 if signed else torch.uint8
-    perm = _dense_perm(x) if x.dtype == torch.float32 and qp.scale.numel() == 1 else None
+    fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1
+    perm = _dense_perm(x) if fused else None
     if perm is None:
         q = quantize_to_int(x, qp, stochastic=stochastic)
         return IntCodes(q.to(dtype), qp.scale, signed)
@@ -117,6 +119,7 @@ class TVMBackend(ReferenceBackend):
         self.options = tuple(options)
         self.recorder: Recorder | None = None  # set by tune/export to enumerate a run's kernels
         self.where: tuple[str, str] | None = None  # (site, role) being computed, for messages
+        self._cuda = None  # the CUDA GEMM, created for the first GPU tensor
 
     def __reduce__(self):
         from ..ops.backend import get_backend
@@ -125,6 +128,23 @@ class TVMBackend(ReferenceBackend):
     @property
     def cache(self) -> KernelCache:
         return self.kernels.cache
+
+    # -- devices: CPU tensors run the TVM CPU kernels, CUDA tensors the TVM CUDA GEMM (cuda.py) ----
+    @staticmethod
+    def on_gpu(t: torch.Tensor) -> bool:
+        return t.is_cuda
+
+    @property
+    def cuda(self):
+        if self._cuda is None:
+            from .cuda_driver import CudaGemm
+            self._cuda = CudaGemm()
+        return self._cuda
+
+    def quantize_kernel(self, x: torch.Tensor):
+        """The ``kernel`` argument of :func:`_to_codes` for ``x``: the fused CPU quantizer, or
+        None (torch's quantizer, on the GPU)."""
+        return None if self.on_gpu(x) else self.kernel
 
     def kernel(self, ref: KernelRef):
         """The compiled function of ``ref`` from this backend's provider."""
@@ -157,6 +177,8 @@ class TVMBackend(ReferenceBackend):
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Exact ``a @ bᵀ`` per group for int8/uint8 codes ``a (G, M, K)`` and ``b (G, N, K)``,
         as int32 ``(G, M, N)`` (int64 when ``K`` is split into int32-safe chunks)."""
+        if self.on_gpu(a):
+            return self.cuda.gemm(a, b)
         return self._gemm(*a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b))
 
     def _gemm(self, G: int, M: int, alpha: int, pack_a, N: int, K: int, beta: int,
@@ -164,10 +186,11 @@ class TVMBackend(ReferenceBackend):
         """:meth:`gemm` with the operands given by packers ``pack_a(k0, kc, Mp, Kp)`` and
         ``pack_b(k0, kc, Np, Kp)``: reduction columns ``k0 .. k0+kc``, padded, sign-flipped by
         ``alpha`` / ``beta``, with a ones row at ``M`` / ``N`` when there is room."""
-        if K > MAX_K:  # split the reduction so no int32 partial sum can overflow
+        max_k = MAX_K_UNSIGNED if beta and not alpha else MAX_K
+        if K > max_k:  # split the reduction so no int32 partial sum can overflow
             out = None
-            for k0 in range(0, K, MAX_K):
-                kc = min(MAX_K, K - k0)
+            for k0 in range(0, K, max_k):
+                kc = min(max_k, K - k0)
                 part = self._gemm(
                     G, M, alpha, lambda j0, jc, mp, kp, k0=k0: pack_a(k0 + j0, jc, mp, kp),
                     N, kc, beta, lambda j0, jc, np_, kp, k0=k0: pack_b(k0 + j0, jc, np_, kp))
@@ -205,18 +228,19 @@ class TVMBackend(ReferenceBackend):
         spec = op.spec
         lo, hi = lo_hi if lo_hi is not None and lo_hi[0] is not None else tensor_range(x)
         self.where = (op.site, "quantize")
+        kernel = self.quantize_kernel(x)
         xq = _to_codes(x.detach(), qparams_from_range(lo, hi, prec.a, "symmetric"),
-                       kernel=self.kernel)
+                       kernel=kernel)
         if spec.kind == "matmul":
             ylo, yhi = op._range(w, op.rhs_range)
             if ylo is None:
                 ylo, yhi = tensor_range(w)
             wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, "symmetric"),
-                           kernel=self.kernel)
+                           kernel=kernel)
         else:
             wlo, whi = channel_range(w, 0)
             wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, "symmetric",
-                                                          signed=True), kernel=self.kernel)
+                                                          signed=True), kernel=kernel)
         return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self, op.site)
 
     # -- the three roles per op kind ---------------------------------------------------------------
@@ -252,7 +276,7 @@ class TVMBackend(ReferenceBackend):
             return dy.matmul(w)
         n = spec.conv_dims
         return torch.ops.aten.convolution_backward(
-            dy, torch.empty(x_shape), w, None, list(spec.stride), list(spec.gemm_padding(w.shape)),
+            dy, dy.new_empty(x_shape), w, None, list(spec.stride), list(spec.gemm_padding(w.shape)),
             list(spec.dilation), False, [0] * n, spec.groups, [True, False, False])[0]
 
     def gc(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
@@ -273,7 +297,7 @@ class TVMBackend(ReferenceBackend):
         n = spec.conv_dims
         dyl = dyq.codes.permute(0, *range(2, 2 + n), 1).reshape(-1, G, OC // G)  # (M, G, OCg)
         xl = xq.codes.permute(0, *range(2, 2 + n), 1)
-        if n == 2 and G == 1 and xl.is_contiguous():  # patches packed straight from x
+        if n == 2 and G == 1 and xl.is_contiguous() and not self.on_gpu(xl):  # packed from x
             flip = 0 if xq.signed else 128
             C = self._gemm(1, OC, *self._a_packer(dyl.permute(1, 2, 0)),  # A = dyᵀ (1, OC, M)
                            w_shape[1] * math.prod(w_shape[2:]), dyl.shape[0], flip,
@@ -405,7 +429,7 @@ def _im2col(codes: torch.Tensor, spec: SiteSpec, w_shape) -> tuple[torch.Tensor,
     xl = codes.permute(0, *range(2, 2 + n), 1)                      # (N, S..., C) view
     out_sp = _out_sizes(spec, size, w_shape)
     make = torch.zeros if any(pad) else torch.empty
-    cols = make((N, *out_sp, *ks, C), dtype=codes.dtype)
+    cols = make((N, *out_sp, *ks, C), dtype=codes.dtype, device=codes.device)
     for offset in itertools.product(*(range(k) for k in ks)):
         dst, src = [slice(None)], [slice(None)]
         for d, i in enumerate(offset):
@@ -456,7 +480,7 @@ class IntSiteGemm(Function):
         lo, hi = tensor_range(dy)
         backend.where = (ctx.site, "quantize")
         dyq = _to_codes(dy, qparams_from_range(lo, hi, ctx.g_bits, "symmetric", signed=True),
-                        stochastic=True, kernel=backend.kernel)
+                        stochastic=True, kernel=backend.quantize_kernel(dy))
         dx = dw = None
         if ctx.needs_input_grad[0]:
             backend.where = (ctx.site, "eb")
