@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import statistics
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def remeasure(problem, tiles, runner, repeats: int) -> list[float]:
     times = {t: [] for t in tiles}
     for _ in range(repeats):
         for t in tiles:
-            times[t].append(runner.time(gemm.padded(*problem, gemm.Tile(*t))))
+            times[t].append(runner.time(gemm.padded(*problem, gemm.Tile(*t)), confirm=True))
     return [statistics.median(times[t]) for t in tiles]
 
 
@@ -115,7 +116,7 @@ def bench_metaschedule(args) -> None:
     arrays = [tvm.runtime.tensor(x, dev) for x in _operands(shape)]
 
     def measure(lib):
-        f = lib.time_evaluator("main", dev, number=1, repeat=args.repeats, min_repeat_ms=40)
+        f = lib.mod.time_evaluator("main", dev, number=1, repeat=args.repeats, min_repeat_ms=40)
         return statistics.median(f(*arrays).results)
 
     rows = []
@@ -128,8 +129,12 @@ def bench_metaschedule(args) -> None:
         ms_s = time.perf_counter() - t0
         sch = ms.tir_integration.compile_tir(db, mod, target)
         ms_t = measure(tvm.compile(sch.mod, target=target)) if sch is not None else None
+        failed = sum(log.read_text(errors="replace").count("Error in building")
+                     for log in pathlib.Path(wd, "logs").glob("*.log"))
     rows.append(["MetaSchedule tune_tir", str(args.ms_trials), f"{ms_s:.0f}",
                  f"{gops(problem, ms_t):.0f}" if ms_t else "no valid schedule"])
+    if failed:
+        print(f"MetaSchedule: {failed} of {args.ms_trials} candidates failed to build")
     t0 = time.perf_counter()
     rec = tune([problem], TuningDB(tempfile.mkdtemp()), LocalRunner(), args.trials)[0].record
     tpl_s = time.perf_counter() - t0

@@ -178,6 +178,8 @@ def train(
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
     backend: Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")] = None,
     scheme: Annotated[Optional[str], typer.Option(help="sbm or symmetric")] = None,
+    kernels: Annotated[Optional[Path], typer.Option(help="tvm: kernels written by `export`")] = None,
+    tuning_db: Annotated[Optional[Path], typer.Option(help="tvm: a `tune` database")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     deterministic: Annotated[bool, typer.Option(help="torch deterministic algorithms")] = False,
 ) -> None:
@@ -195,7 +197,9 @@ def train(
         raise ConfigError(f"--lr-schedule {lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}")
     sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step,
                            beta)
-    cfg = _override(_load_config(config, [], None), backend=backend, scheme=scheme)
+    cfg = _override(_load_config(config, [], None), backend=backend, scheme=scheme,
+                    kernels=str(kernels) if kernels else None,
+                    tuning_db=str(tuning_db) if tuning_db else None)
     if schedule in ("dfq", "fractrain"):
         cfg = cfg.replace(pipeline="dfq", gate_mode=gate_mode)
     dataset = _make_data(data, batch_size, block_size, train_limit, test_limit, seed)
@@ -260,12 +264,6 @@ def _kernel_model(model_spec: str, input_shape: str, config, dtype: str, target:
     return frac_compile(model, x, cfg), x, cfg
 
 
-def _targets_error(message: str):
-    from .errors import ConfigError
-
-    return ConfigError(message)
-
-
 @app.command()
 @_one_line_errors
 def tune(
@@ -285,15 +283,16 @@ def tune(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from .errors import ConfigError
     from .targets import tvm_unavailable_reason
 
     if target == "cuda":
-        raise _targets_error("--target cuda: tuning measures kernels on an NVIDIA GPU through "
+        raise ConfigError("--target cuda: tuning measures kernels on an NVIDIA GPU through "
                              "TVM's runtime, and the apache-tvm wheel has no CUDA runtime; the "
                              "CUDA kernels use their default tiles (see the README)")
     reason = tvm_unavailable_reason()
     if reason:
-        raise _targets_error(reason)
+        raise ConfigError(reason)
     from .targets.export import record
     from .targets.tuning import LocalRunner, RPCRunner, TuningDB, TuningDBError, parse_rpc, tune
 
@@ -302,7 +301,7 @@ def tune(
             parse_rpc(rpc)
         database = TuningDB(db)
     except (ValueError, TuningDBError) as err:
-        raise _targets_error(str(err)) from None
+        raise ConfigError(str(err)) from None
     fmodel, x, _ = _kernel_model(model_spec, input_shape, config, dtype, target)
     rec = record(fmodel, x)
     problems = sorted(rec.problems)
@@ -353,23 +352,25 @@ def export(
 ) -> None:
     """Build every kernel a compiled model needs into one shared library plus manifest.json;
     train on it with FracConfig(backend="tvm", kernels=OUT)."""
+    from .errors import ConfigError
     from .targets import tvm_unavailable_reason
 
     reason = tvm_unavailable_reason()
     if reason:
-        raise _targets_error(reason)
+        raise ConfigError(reason)
     from .targets.export import export as export_kernels
     from .targets.tuning import TuningDB, TuningDBError
 
     try:
         database = TuningDB(db) if db is not None else None
     except TuningDBError as err:
-        raise _targets_error(str(err)) from None
+        raise ConfigError(str(err)) from None
     fmodel, x, _ = _kernel_model(model_spec, input_shape, config, dtype, target)
     manifest = export_kernels(fmodel, x, out, target=target, tuning=database, model=model_spec)
     info = manifest["targets"][target]
-    console.print(f"exported {len(manifest['kernels'])} kernels ({len(manifest['problems'])} GEMM "
-                  f"problems) for {info['host']}")
+    kernels = [k for k in manifest["kernels"] if k["target"] == target]
+    where = info.get("host") or ", ".join(info.get("archs", []))
+    console.print(f"exported {len(kernels)} {target} kernels for {where}")
     console.print(f"wrote {out / info['library']}")
     console.print(f"wrote {out / 'manifest.json'}")
 

@@ -499,3 +499,46 @@ def test_gpu_extremes_and_stream():
         c = CudaGemm().gemm(a.cuda(), b.cuda())
     s.synchronize()
     assert torch.equal(c.cpu().long(), reference(a, b))
+
+
+@gpu
+def test_gpu_training_step_matches_the_reference_backend():
+    """A step of a small conv + linear + matmul model on the GPU: the tvm backend (dp4a GEMMs)
+    gives the reference backend's loss and gradients (TF32 off, so the reference is plain fp32)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    import fraccompile
+    from fraccompile import FracConfig
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.b = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.fc = torch.nn.Linear(16, 24)
+            self.out = torch.nn.Linear(24, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3))
+            h = self.fc(h)
+            return self.out(h + (h.unsqueeze(2) @ h.unsqueeze(1)).mean(2))
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(6, 3, 10, 10), torch.randint(0, 10, (6,))
+    out = {}
+    for be in ("reference", "tvm"):
+        m = copy.deepcopy(model)
+        cfg = FracConfig(scheme="symmetric", backend=be, full_precision=("out",))
+        fm = fraccompile.compile(m, x, cfg).cuda()
+        torch.manual_seed(1)
+        loss = F.cross_entropy(fm(x.cuda()), y.cuda())
+        loss.backward()
+        out[be] = (loss.detach().cpu(), [p.grad.cpu() for p in m.parameters()])
+    assert torch.allclose(out["reference"][0], out["tvm"][0], rtol=1e-4)
+    for r, g in zip(out["reference"][1], out["tvm"][1]):
+        assert ((r - g).norm() / r.norm().clamp_min(1e-30)) < 1e-4

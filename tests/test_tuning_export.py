@@ -92,7 +92,7 @@ class FakeRunner:
         from fraccompile.targets.host import detect
         self.host, self.fast, self.ratio, self.calls = detect(), fast, ratio, 0
 
-    def time(self, shape):
+    def time(self, shape, confirm=False):
         self.calls += 1
         t = shape.tile
         return self.ratio if (t.mb, t.nb, t.kb) == self.fast else 1.0 + 0.01 * t.mb
@@ -132,7 +132,7 @@ def test_tune_never_records_a_tile_slower_than_the_default(tmp_path):
     class Noisy(FakeRunner):
         """The candidate wins the search, then loses the confirmation (a lucky measurement)."""
 
-        def time(self, shape):
+        def time(self, shape, confirm=False):
             self.calls += 1
             t = shape.tile
             if (t.mb, t.nb, t.kb) == self.fast:
@@ -308,8 +308,10 @@ def test_tampered_missing_or_damaged_files_are_refused(exported, tmp_path):
     (d / "manifest.json").unlink()
     with pytest.raises(KernelLibraryError, match="no manifest.json"):
         ExportedKernels(d)
-    with pytest.raises(KernelLibraryError, match="not 'cuda'"):
-        ExportedKernels(exported[0], target="cuda")
+    from fraccompile.targets import cuda
+    lib = ExportedKernels(exported[0]).cuda_library  # a cpu-only export has no GPU kernels
+    with pytest.raises(KernelLibraryError, match="no cuda target"):
+        lib.kernel(cuda.padded(1, 64, 64, 64), "sm_90")
 
 
 def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, model_file, tmp_path,
@@ -405,3 +407,95 @@ def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
     finally:
         server.terminate()
         tracker.terminate()
+
+
+# -- the CUDA target (code generation and nvcc; running needs a GPU) ---------------------------------
+def _nvcc_reason():
+    from fraccompile.targets import cuda
+    return cuda.nvcc_unavailable_reason()
+
+
+@pytest.fixture(scope="module")
+def exported_both(exported, tmp_path_factory, model_file):
+    """The cpu export plus a cuda export into the same directory."""
+    import shutil
+
+    from fraccompile.targets.export import export
+    if _nvcc_reason():
+        pytest.skip(_nvcc_reason())
+    out = tmp_path_factory.mktemp("both") / "k"
+    shutil.copytree(exported[0], out)
+    fm, _, x = _small(model_file)
+    return out, export(fm, x, out, target="cuda", model="small")
+
+
+def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
+    from fraccompile.targets import cuda
+    from fraccompile.targets.export import ExportedKernels
+    out, manifest = exported_both
+    assert set(manifest["targets"]) == {"cpu", "cuda"}
+    info = manifest["targets"]["cuda"]
+    fatbin = (out / info["library"]).read_bytes()
+    assert fatbin[:4] == bytes.fromhex("50ed55ba")  # the fatbin magic
+    assert info["archs"] == ["sm_80", "sm_90"] and info["source_hash"] == cuda.source_hash()
+    kernels = [k for k in manifest["kernels"] if k["target"] == "cuda"]
+    assert len(kernels) == len(info["kernels"]) >= 3
+    assert {s["role"] for k in kernels for s in k["sites"]} == {"fw", "eb", "gc"}
+    assert any(k["target"] == "cpu" for k in manifest["kernels"])
+    # a backend on this directory: CPU kernels from the .so, GPU kernels from the fatbin, with the
+    # launch geometry TVM's schedule gives
+    provider = ExportedKernels(out)
+    assert provider.module is not None
+    for name, entry in info["kernels"].items():
+        g, m, n, k, *_ = [int(p[1:]) for p in name.split("_")[2:6]] + [0]
+        shape = cuda.padded(g, m, n, k)
+        assert shape.name == name
+        image, fn, params, grid, block = provider.cuda_library.kernel(shape, "sm_80")
+        assert image == fatbin and fn == entry["function"]
+        assert (grid, block, params) == cuda.launch_config(shape)[:2] + (cuda.launch_config(shape)[3],)
+    missing = cuda.padded(1, 8, 8, 4096)
+    from fraccompile.targets.export import KernelLibraryError
+    with pytest.raises(KernelLibraryError, match="no CUDA kernel for " + missing.name):
+        provider.cuda_library.kernel(missing, "sm_90")
+    assert ExportedKernels(out, fallback=True).cuda_library.kernel(missing, "sm_90") is None
+
+
+def test_tampered_fatbin_is_refused(exported_both, tmp_path):
+    import shutil
+
+    from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+    out, _ = exported_both
+    d = tmp_path / "k"
+    shutil.copytree(out, d)
+    lib = d / "kernels-cuda.fatbin"
+    lib.write_bytes(lib.read_bytes()[:-16])
+    with pytest.raises(KernelLibraryError, match="kernels-cuda.fatbin does not match the sha256"):
+        ExportedKernels(d)
+
+
+def test_backend_on_an_export_takes_gpu_kernels_from_it(exported_both):
+    from fraccompile.ops.backend import get_backend
+    out, _ = exported_both
+    backend = get_backend("tvm", kernels=str(out))
+    assert backend.cuda.library.info is not None
+    assert backend.cuda.library.directory == out
+
+
+def test_train_command_on_exported_kernels(model_file, tmp_path):
+    """`fraccompile train --kernels DIR` trains on an export made for its batch shape, and refuses
+    (one line, exit 2) when the batch shape differs from the export's."""
+    from fraccompile.cli import app
+    runner = CliRunner()
+    out = tmp_path / "k"
+    res = runner.invoke(app, ["export", str(model_file), "--input-shape", "4,3,32,32",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    common = ["train", str(model_file), "--schedule", "static", "--fw", "8", "--bw", "8",
+              "--iters", "2", "--eval-every", "2", "--test-limit", "8", "--train-limit", "16",
+              "--backend", "tvm", "--scheme", "symmetric", "--kernels", str(out)]
+    ok = runner.invoke(app, common + ["--batch-size", "4", "--out", str(tmp_path / "run")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "run" / "log.jsonl").exists()
+    bad = runner.invoke(app, common + ["--batch-size", "8", "--out", str(tmp_path / "run2")])
+    assert bad.exit_code == 2
+    assert "no kernel for the GEMM problem" in bad.output

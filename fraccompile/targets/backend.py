@@ -511,4 +511,8 @@ def make_tvm_backend(options: dict) -> TVMBackend:
                                    tuning=tuning)
     else:
         provider = JitKernels(tuning=tuning)
-    return TVMBackend(kernels=provider, options=sorted(options.items()))
+    backend = TVMBackend(kernels=provider, options=sorted(options.items()))
+    if options.get("kernels"):  # GPU tensors take their kernels from the same directory
+        from .cuda_driver import CudaGemm
+        backend._cuda = CudaGemm(library=provider.cuda_library)
+    return backend

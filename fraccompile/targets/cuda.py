@@ -375,3 +375,24 @@ def compile_cubin(shape: CudaGemmShape, arch: str) -> bytes:
 def compile_ptx(shape: CudaGemmShape, arch: str) -> bytes:
     """The kernel as PTX for ``arch`` (the driver JIT-compiles it for newer GPUs)."""
     return compile_source(generate_source(shape, arch), arch, "ptx")
+
+
+def compile_fatbin(source: str) -> bytes:
+    """CUDA C compiled by nvcc into one fatbin: a cubin per arch of :data:`ARCHS` and PTX of the
+    newest (which the driver compiles at load time for newer GPUs). ``fraccompile export --target
+    cuda`` ships all of a model's kernels in one such file."""
+    reason = nvcc_unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
+    gencode = [f"-gencode=arch=compute_{a[3:]},code=sm_{a[3:]}" for a in ARCHS]
+    newest = ARCHS[-1][3:]
+    gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    with tempfile.TemporaryDirectory(prefix="fraccompile-nvcc-") as tmp:
+        src, out = os.path.join(tmp, "kernels.cu"), os.path.join(tmp, "kernels.fatbin")
+        with open(src, "w") as f:
+            f.write(source)
+        cmd = [nvcc_path(), "--fatbin", "-O3", "-w", *gencode, "-o", out, src]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr or proc.stdout}")
+        return pathlib.Path(out).read_bytes()

@@ -254,10 +254,13 @@ class CudaGemm:
     ``max_k``: the K chunk length (at most :data:`MAX_K`); ``cache_dir``: where cubins are kept.
     """
 
-    def __init__(self, tile=None, max_k: int = MAX_K, cache_dir: str | os.PathLike | None = None):
+    def __init__(self, tile=None, max_k: int = MAX_K, cache_dir: str | os.PathLike | None = None,
+                 library=None):
+        """``library``: an exported CUDA library (:class:`.export.CudaLibrary`) to take kernels
+        from instead of building them."""
         if not 1 <= max_k <= MAX_K:
             raise ValueError(f"max_k={max_k}: must be in 1..{MAX_K}")
-        self.tile, self.max_k = tile, max_k
+        self.tile, self.max_k, self.library = tile, max_k, library
         self.cache_dir = pathlib.Path(cache_dir) if cache_dir else None
         self._kernels: dict[tuple, _LoadedKernel] = {}
         self._lock = threading.Lock()
@@ -349,6 +352,11 @@ class CudaGemm:
         from . import cuda
 
         arch, fmt = arch_for(torch.cuda.get_device_capability(index))
+        if self.library is not None:
+            found = self.library.kernel(shape, arch)
+            if found is not None:
+                image, name, params, grid, block = found
+                return _LoadedKernel(index, image, name, params, grid, block)
         image = load_or_build(shape, arch, fmt, self.cache_dir)
         grid, block, name, params = cuda.launch_config(shape, arch)
         return _LoadedKernel(index, image, name, params, grid, block)

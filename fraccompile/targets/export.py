@@ -1,21 +1,27 @@
-"""Exported kernels: every kernel a compiled model needs, in one shared library with a manifest.
+"""Exported kernels: every kernel a compiled model needs, in one library per target with a manifest.
 
 ``export`` runs one training step of the model with a :class:`~.kernels.Recorder` on its ``tvm``
 backend (every site at 8 bits, so sites a schedule starts in full precision are included) to learn
-the GEMM problems and kernels it calls, adds the sign variants of each GEMM problem (a tensor's
-codes are unsigned when a batch has no negative value, which adds a ones row to the GEMM), builds
-them all into one module and writes::
+the GEMM problems and kernels it calls, and writes::
 
-    DIR/kernels-cpu.so    one shared library (tvm.runtime.load_module loads it)
-    DIR/manifest.json     the target, TVM version, source hash, library sha256, and per kernel its
-                          function name, kind, shapes, dtypes, precision, and the sites and roles
-                          that call it
+    DIR/kernels-cpu.so        --target cpu: one shared library (tvm.runtime.load_module loads it)
+                              with the GEMMs in every sign variant of each problem (a tensor's
+                              codes are unsigned when a batch has no negative value, which adds a
+                              ones row to the GEMM), the quantizers and the pack kernels
+    DIR/kernels-cuda.fatbin   --target cuda: the dp4a GEMMs (cubins for sm_80 and sm_90, PTX of
+                              sm_90); the pip TVM has no CUDA runtime, so the CUDA driver loads it
+                              (:mod:`.cuda_driver`)
+    DIR/manifest.json         per target: the library's sha256, TVM version, kernel-source hash
+                              (and CPU/instruction set, or archs); per kernel: function name,
+                              kind, shapes, dtypes, precision, target, and the sites and roles
+                              that call it. Exporting the other target into DIR adds its section.
 
 :class:`ExportedKernels` serves a backend from such a directory and builds nothing. It refuses, with
-a :class:`KernelLibraryError` naming the mismatch, a manifest of another target, CPU, TVM version
-or kernel source, a missing or damaged library, a library whose bytes differ from the manifest's
-hash, and (at the call) a GEMM problem the library does not hold — unless the user asked for the
-fallback, which builds what is missing, with a warning.
+a :class:`KernelLibraryError` naming the mismatch, a manifest of another CPU, instruction set, TVM
+version or kernel source, a missing or damaged library, a library whose bytes differ from the
+manifest's hash, and (at the call, naming the site and role) a GEMM the library does not hold or a
+target it was not exported for — unless the user asked for the fallback, which builds what is
+missing, with a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import logging
 import os
 import pathlib
 import tempfile
+from collections.abc import Callable
 
 import torch
 import tvm
@@ -40,6 +47,7 @@ from .kernels import GENERIC, JitKernels, KernelRef, Recorder, source_hash
 
 log = logging.getLogger("fraccompile.targets")
 MANIFEST = "manifest.json"
+CUDA_LIBRARY = "kernels-cuda.fatbin"
 FORMAT = 1
 TARGETS = ("cpu", "cuda")
 
@@ -150,23 +158,59 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
     return entry
 
 
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+
+
+def _merge_manifest(out: pathlib.Path, target: str, section: dict, kernels: list, shapes,
+                    model: str) -> dict:
+    """The manifest of ``out`` with ``target``'s section and kernels replaced: exporting the other
+    target into the same directory (same input shapes) keeps its section."""
+    manifest = {"format": FORMAT, "fraccompile": __version__, "model": model,
+                "input_shapes": shapes, "targets": {}, "kernels": []}
+    try:
+        old = json.loads((out / MANIFEST).read_text())
+        if old.get("format") == FORMAT and old.get("input_shapes") == shapes:
+            manifest["targets"] = {t: v for t, v in old["targets"].items() if t != target}
+            manifest["kernels"] = [k for k in old["kernels"] if k.get("target") != target]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    manifest["targets"][target] = section
+    manifest["kernels"] += kernels
+    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
 def export(fmodel, inputs, out: str | os.PathLike, target: str = "cpu", tuning=None,
            model: str = "") -> dict:
-    """Build every kernel ``fmodel`` needs on ``inputs`` into ``out`` (see the module docstring);
-    ``tuning`` is a :class:`~.tuning.TuningDB` whose tiles are used. Returns the manifest."""
-    if target != "cpu":
-        raise KernelLibraryError(f"export --target {target!r}: the integer CUDA kernels are "
-                                 "exported with fraccompile.targets.cuda (see the README); the "
-                                 "training backend exports 'cpu'")
-    host = detect()
+    """Build every kernel ``fmodel`` needs on ``inputs`` for ``target`` (``cpu`` or ``cuda``) into
+    ``out`` (see the module docstring); ``tuning`` is a :class:`~.tuning.TuningDB` whose tiles are
+    used (CPU). Returns the manifest."""
+    if target not in TARGETS:
+        raise KernelLibraryError(f"export target {target!r}: choose {' or '.join(TARGETS)}")
     rec = record(fmodel, inputs)
-    provider = JitKernels(tuning=tuning, host=host)
-    refs = kernel_refs(rec, provider)
-    mod = tvm.IRModule({ref.name: ref.primfunc(host.isa) for ref in refs})
-    lib = tvm.compile(mod, target=host.target())
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / library_name(target)
+    shapes = [list(t.shape) for t in (inputs if isinstance(inputs, tuple) else (inputs,))]
+    if target == "cuda":
+        section, kernels = _build_cuda(rec, out)
+    else:
+        section, kernels = _build_cpu(rec, out, tuning)
+    return _merge_manifest(out, target, section, kernels, shapes, model)
+
+
+def _build_cpu(rec: Recorder, out: pathlib.Path, tuning) -> tuple[dict, list]:
+    host = detect()
+    refs = kernel_refs(rec, JitKernels(tuning=tuning, host=host))
+    mod = tvm.IRModule({ref.name: ref.primfunc(host.isa) for ref in refs})
+    lib = tvm.compile(mod, target=host.target())
+    path = out / library_name("cpu")
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out)
     os.close(fd)
     try:
@@ -174,97 +218,188 @@ def export(fmodel, inputs, out: str | os.PathLike, target: str = "cpu", tuning=N
         os.replace(tmp, path)
     finally:
         pathlib.Path(tmp).unlink(missing_ok=True)
-    shapes = [list(t.shape) for t in (inputs if isinstance(inputs, tuple) else (inputs,))]
-    manifest = {
-        "format": FORMAT, "fraccompile": __version__, "model": model, "input_shapes": shapes,
-        "targets": {target: {"library": path.name, "sha256": _sha256(path), "host": host.key,
-                             "mcpu": host.mcpu, "isa": host.isa, "tvm": tvm.__version__,
-                             "source_hash": source_hash()}},
-        "problems": {_problem_key(p): refs_name
-                     for ref in refs if ref.kind == "gemm"
-                     for refs_name in [ref.name] for p in refs[ref]["problems"]},
-        "kernels": [_entry(ref, refs[ref], target, host.key) for ref in refs],
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return manifest
+    section = {"library": path.name, "sha256": _sha256(path), "host": host.key,
+               "mcpu": host.mcpu, "isa": host.isa, "tvm": tvm.__version__,
+               "source_hash": source_hash(),
+               "problems": {_problem_key(p): ref.name for ref in refs if ref.kind == "gemm"
+                            for p in refs[ref]["problems"]}}
+    return section, [_entry(ref, refs[ref], "cpu", host.key) for ref in refs]
+
+
+def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
+    """The CUDA GEMMs of ``rec``'s problems (signs are corrected around the s8·s8 kernel, so a
+    problem's base shape is all it needs; K in the chunks :class:`.cuda_driver.CudaGemm` uses),
+    all in one CUDA source compiled by nvcc into one fatbin for every arch of :data:`.cuda.ARCHS`
+    (plus PTX of the newest, which the driver compiles for newer GPUs)."""
+    from . import cuda
+    from .cuda_driver import MAX_K
+
+    reason = cuda.nvcc_unavailable_reason()
+    if reason:
+        raise KernelLibraryError(f"export --target cuda needs nvcc: {reason}")
+    uses: dict = {}
+    for problem, use in rec.problems.items():
+        G, M, N, K = rec.variants[problem][0]  # no ones rows: the base problem
+        for k0 in range(0, K, MAX_K):
+            shape = cuda.padded(G, M, N, min(MAX_K, K - k0))
+            uses.setdefault(shape, set()).update(w for w in use.where if w)
+    shapes = sorted(uses, key=lambda s: s.name)
+    mod = tvm.IRModule({s.name: cuda.schedule(s).mod["main"].with_attr("global_symbol", s.name)
+                        for s in shapes})
+    source = tvm.compile(mod, target=cuda.target(cuda.ARCHS[-1])).mod.imports[0].inspect_source()
+    fatbin = cuda.compile_fatbin(source)
+    path = out / CUDA_LIBRARY
+    _write_atomic(path, fatbin)
+    kernels, table = [], {}
+    for s in shapes:
+        grid, block, _, params = cuda.launch_config(s)
+        name = f"{s.name}_kernel"
+        if name not in source:
+            raise KernelLibraryError(f"generated CUDA source lacks {name}")
+        table[s.name] = {"function": name, "params": list(params), "grid": list(grid),
+                         "block": list(block)}
+        kernels.append({"function": name, "kind": "gemm", "target": "cuda",
+                        "archs": list(cuda.ARCHS), "tvm": tvm.__version__,
+                        "source_hash": cuda.source_hash(), "dtypes": "s8s8s32",
+                        "precision": "1..8 bits (s8 codes; u8 shifted)",
+                        "shapes": {"A": [s.groups, s.m, s.k], "B": [s.groups, s.n, s.k],
+                                   "C": [s.groups, s.m, s.n]},
+                        "grid": list(grid), "block": list(block),
+                        "sites": [{"site": a, "role": b} for a, b in sorted(uses[s])]})
+    section = {"library": path.name, "sha256": _sha256(path), "archs": list(cuda.ARCHS),
+               "tvm": tvm.__version__, "source_hash": cuda.source_hash(), "kernels": table}
+    return section, kernels
 
 
 # -- loading ----------------------------------------------------------------------------------------
+def _refusal(directory) -> Callable[[str], KernelLibraryError]:
+    return lambda what: KernelLibraryError(f"exported kernels in {directory}: {what}")
+
+
+def _read_manifest(directory: pathlib.Path) -> dict:
+    refuse = _refusal(directory)
+    path = directory / MANIFEST
+    if not path.exists():
+        raise refuse(f"no {MANIFEST} (write one with `fraccompile export`)")
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest["targets"], dict) or not manifest["targets"]:
+            raise ValueError("no targets")
+    except (ValueError, KeyError, TypeError) as e:
+        raise refuse(f"{MANIFEST} is damaged ({type(e).__name__}: {e})") from None
+    if manifest.get("format") != FORMAT:
+        raise refuse(f"manifest format {manifest.get('format')!r}, this fraccompile reads {FORMAT}")
+    return manifest
+
+
+def _check_library(directory: pathlib.Path, info: dict, expected: dict) -> pathlib.Path:
+    refuse = _refusal(directory)
+    for field, mine in expected.items():
+        if info.get(field) != mine:
+            raise refuse(f"built for {field} {info.get(field)!r}, this machine/install has "
+                         f"{mine!r}; export again here")
+    lib = directory / str(info.get("library", ""))
+    if not lib.is_file():
+        raise refuse(f"the library {lib.name} is missing")
+    if _sha256(lib) != info.get("sha256"):
+        raise refuse(f"{lib.name} does not match the sha256 in {MANIFEST} (modified or truncated "
+                     "after export); export again")
+    return lib
+
+
+class CudaLibrary:
+    """The CUDA kernels of an exported directory, for :class:`.cuda_driver.CudaGemm`. ``info``
+    None: the directory has no CUDA target (refused at the first GPU GEMM unless ``fallback``)."""
+
+    def __init__(self, directory: pathlib.Path, info: dict | None, fallback: bool = False):
+        self.directory, self.info, self.fallback = directory, info, fallback
+        self.image = None
+        if info is not None:
+            from . import cuda
+            lib = _check_library(directory, info, {"tvm": tvm.__version__,
+                                                    "source_hash": cuda.source_hash()})
+            self.image = lib.read_bytes()
+
+    def kernel(self, shape, arch: str):
+        """``(image, name, params, grid, block)`` of ``shape``'s kernel, or None: build it."""
+        refuse = _refusal(self.directory)
+        if self.info is None:
+            if self.fallback:
+                return None
+            raise refuse("no cuda target (export with --target cuda), and kernels_fallback is "
+                         "not set")
+        entry = self.info["kernels"].get(shape.name)
+        if entry is None or arch not in self.info["archs"]:
+            what = (f"no CUDA kernel for {shape.name}" if entry is None
+                    else f"no code for {arch} (has {', '.join(self.info['archs'])})")
+            if self.fallback:
+                log.warning("exported kernels: %s; building it", what)
+                return None
+            raise refuse(f"{what}; export again for these shapes, or set kernels_fallback=True")
+        return (self.image, entry["function"], tuple(entry["params"]), tuple(entry["grid"]),
+                tuple(entry["block"]))
+
+
 class ExportedKernels:
-    """A kernel provider over an exported directory (see the module docstring)."""
+    """A kernel provider over an exported directory (see the module docstring). The CPU library
+    serves CPU tensors; :attr:`cuda_library` the CUDA GEMM of GPU tensors."""
 
     def __init__(self, directory: str | os.PathLike, fallback: bool = False, tuning=None,
-                 host: HostTarget | None = None, target: str = "cpu"):
+                 host: HostTarget | None = None):
         self.directory = pathlib.Path(directory)
         self.host = host or detect()
         self.fallback = fallback
         self._jit = JitKernels(tuning=tuning, host=self.host)
         self._fns: dict[str, object] = {}
+        self.manifest, self.module, self.problems = None, None, {}
+        self.cuda_library = CudaLibrary(self.directory, None, fallback)
         try:
-            self.manifest, self.module = self._open(target)
+            self.manifest = _read_manifest(self.directory)
+            targets = self.manifest["targets"]
+            if "cpu" in targets:
+                self.module = self._open_cpu(targets["cpu"])
+                self.problems = targets["cpu"].get("problems", {})
+            if "cuda" in targets:
+                self.cuda_library = CudaLibrary(self.directory, targets["cuda"], fallback)
         except KernelLibraryError as e:
             if not fallback:
                 raise
             log.warning("%s; kernels_fallback is set: building kernels instead", e)
-            self.manifest, self.module = None, None
-        self.problems = (self.manifest or {}).get("problems", {})
+            self.manifest, self.module, self.problems = None, None, {}
+            self.cuda_library = CudaLibrary(self.directory, None, fallback)
 
     @property
     def cache(self):
         return self._jit.cache
 
     def _refuse(self, what: str) -> KernelLibraryError:
-        return KernelLibraryError(f"exported kernels in {self.directory}: {what}")
+        return _refusal(self.directory)(what)
 
-    def _open(self, target: str):
-        path = self.directory / MANIFEST
-        if not path.exists():
-            raise self._refuse(f"no {MANIFEST} (write one with `fraccompile export`)")
+    def _open_cpu(self, info: dict):
+        lib = _check_library(self.directory, info, {
+            "tvm": tvm.__version__, "mcpu": self.host.mcpu, "isa": self.host.isa,
+            "source_hash": source_hash()})
         try:
-            manifest = json.loads(path.read_text())
-            info = manifest["targets"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise self._refuse(f"{MANIFEST} is damaged ({type(e).__name__}: {e})") from None
-        if manifest.get("format") != FORMAT:
-            raise self._refuse(f"manifest format {manifest.get('format')!r}, this fraccompile "
-                               f"reads {FORMAT}")
-        if target not in info:
-            raise self._refuse(f"the manifest has target(s) {', '.join(sorted(info))}, not "
-                               f"{target!r}")
-        info = info[target]
-        expected = {"tvm": tvm.__version__, "mcpu": self.host.mcpu, "isa": self.host.isa,
-                    "source_hash": source_hash()}
-        for field, mine in expected.items():
-            if info.get(field) != mine:
-                raise self._refuse(f"built for {field} {info.get(field)!r}, this machine/install "
-                                   f"has {mine!r}; export again here")
-        lib = self.directory / str(info.get("library", ""))
-        if not lib.is_file():
-            raise self._refuse(f"the library {lib.name} is missing")
-        if _sha256(lib) != info.get("sha256"):
-            raise self._refuse(f"{lib.name} does not match the sha256 in {MANIFEST} (modified or "
-                               "truncated after export); export again")
-        try:
-            module = tvm.runtime.load_module(str(lib))
+            return tvm.runtime.load_module(str(lib))
         except Exception as e:
             raise self._refuse(f"cannot load {lib.name}: {str(e).splitlines()[0]}") from None
-        return manifest, module
 
     def _missing(self, what: str, where) -> KernelLibraryError:
         site = f" (site {where[0]!r}, role {where[1]})" if where else ""
+        if self.module is None:
+            return self._refuse(f"no cpu target (export with --target cpu) for {what}{site}")
         shapes = (self.manifest or {}).get("input_shapes")
         return self._refuse(f"no kernel for {what}{site}; the library was exported for input "
                             f"shape(s) {shapes}: export again for these shapes, or set "
                             "kernels_fallback=True to build what is missing")
 
     def gemm_shape(self, G: int, M: int, N: int, K: int, where=None) -> gemm.GemmShape:
-        if self.module is None:
-            return self._jit.gemm_shape(G, M, N, K)
         name = self.problems.get(_problem_key((G, M, N, K)))
         if name is None:
-            if not self.fallback:
+            if self.manifest is not None and not self.fallback:
                 raise self._missing(f"the GEMM problem G={G} M={M} N={N} K={K}", where)
-            log.warning("exported kernels: building the missing GEMM %s", (G, M, N, K))
+            if self.manifest is not None:
+                log.warning("exported kernels: building the missing GEMM %s", (G, M, N, K))
             return self._jit.gemm_shape(G, M, N, K)
         return KernelRef("gemm", _gemm_args(name)).gemm_shape
 
@@ -272,11 +407,10 @@ class ExportedKernels:
         fn = self._fns.get(ref.name)
         if fn is not None:
             return fn
-        if self.module is not None:
-            fn = self.module.get_function(ref.name, query_imports=True) \
-                if _has(self.module, ref.name) else None
-        if fn is None:
-            if self.module is not None and not self.fallback:
+        if self.module is not None and _has(self.module, ref.name):
+            fn = self.module.get_function(ref.name, query_imports=True)
+        else:
+            if self.manifest is not None and not self.fallback:
                 raise self._missing(f"kernel {ref.name}", where)
             fn = self._jit.get(ref)
         self._fns[ref.name] = fn
