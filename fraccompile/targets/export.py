@@ -159,10 +159,14 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file and a rename, with the usual permissions (umask)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         pathlib.Path(tmp).unlink(missing_ok=True)
