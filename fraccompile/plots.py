@@ -8,7 +8,9 @@ plots and tables show them in "fp32 training steps" (``cum / start.cost_per_step
 DFQ/FracTrain runs add ``gates`` (per region, the share of samples that chose each candidate) and
 ``gate_candidates`` (each candidate's ``[a, g]`` bits) to their periods, may log share-weighted
 mean (float) bits as ``precision``, and their turning points carry ``target_cp`` (a fraction)
-instead of a ``precision``; such runs also get ``gates.png`` and a per-region table.
+instead of a ``precision``; such runs also get ``gates.png`` and a per-region table. Classification
+runs also log ``gate_classes`` (per region, per class, how many samples chose each candidate), which
+adds ``gates_by_class.png`` and a per-class table.
 
 Figures are drawn with :class:`matplotlib.figure.Figure` on an Agg canvas, never through pyplot, so
 rendering touches no global matplotlib state and works without a display.
@@ -340,6 +342,69 @@ def gate_stats(log: RunLog) -> GateStats | None:
     return GateStats(candidates, regions, shares, [i for i, _, _ in cols], a_bits)
 
 
+def gate_class_bits(log: RunLog, stats: GateStats) -> dict[str, list[float]] | None:
+    """Per region, the mean activation bits its gate chose for the samples of each class, over
+    the whole run (from ``gate_classes``), or ``None`` when the run logs none."""
+    totals: dict[str, np.ndarray] = {}
+    cands = None
+    for p in log.periods:
+        if isinstance(p.get("gate_candidates"), list) and p["gate_candidates"]:
+            cands = [tuple(c) for c in p["gate_candidates"]]
+        counts = p.get("gate_classes")
+        if not isinstance(counts, dict) or not cands:
+            continue
+        for r, table in counts.items():
+            arr = np.asarray(table, dtype=float)
+            if arr.ndim != 2 or arr.shape[1] != len(cands):
+                continue
+            # columns in the order of stats.candidates (sorted), whatever the logged order
+            arr = arr[:, [cands.index(c) for c in stats.candidates if c in cands]]
+            if r in totals and totals[r].shape == arr.shape:
+                totals[r] += arr
+            elif r not in totals:
+                totals[r] = arr
+    if not totals:
+        return None
+    a = np.array([c[0] for c in stats.candidates], dtype=float)
+    out = {}
+    for r in [r for r in stats.regions if r in totals]:
+        n = totals[r].sum(1)
+        out[r] = [float(v) for v in np.where(n > 0, totals[r] @ a / np.maximum(n, 1), np.nan)]
+    return out
+
+
+def _plot_gates_by_class(log: RunLog, stats: GateStats, bits: dict[str, list[float]],
+                         out: Path) -> None:
+    regions = list(bits)
+    n_cls = max(len(v) for v in bits.values())
+    data = np.ma.masked_invalid(np.array([bits[r] + [math.nan] * (n_cls - len(bits[r]))
+                                          for r in regions], dtype=float))
+    lo = min(c[0] for c in stats.candidates)
+    hi = max(c[0] for c in stats.candidates)
+    fig = Figure(figsize=(max(5.0, 0.45 * n_cls + 3.5), max(2.5, 0.3 * len(regions) + 1.5)),
+                 dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    im = ax.imshow(data, aspect="auto", interpolation="nearest",
+                   cmap=colormaps["YlGnBu"].with_extremes(bad="lightgray"),
+                   vmin=lo, vmax=hi if hi > lo else lo + 1)
+    ax.set_xticks(range(n_cls), [str(c) for c in range(n_cls)], fontsize=8)
+    ax.set_yticks(range(len(regions)), [_short(r) for r in regions],
+                  fontsize=8 if len(regions) <= 24 else 6)
+    if n_cls <= 16 and len(regions) <= 24:
+        for i, r in enumerate(regions):
+            for j, v in enumerate(bits[r]):
+                if not math.isnan(v):
+                    dark = (v - lo) / ((hi - lo) or 1) > 0.55
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+    ax.set_xlabel("class")
+    ax.set_ylabel("region")
+    ax.set_title(f"Mean activation bits chosen per class - {log.schedule}", fontsize=10)
+    fig.colorbar(im, ax=ax, label="mean a bits", fraction=0.05, pad=0.02)
+    fig.savefig(out)
+
+
 def _short(name: str, n: int = 24) -> str:
     """``name`` cut in the middle to at most ``n`` characters (both ends tell regions apart)."""
     return name if len(name) <= n else name[:n // 2 - 1] + "\u2026" + name[-(n - n // 2):]
@@ -423,9 +488,13 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
     for draw, p in zip((_plot_curves, _plot_precision, _plot_cost), paths):
         draw(log, p)
     gates = gate_stats(log)
+    by_class = gate_class_bits(log, gates) if gates is not None else None
     if gates is not None:
         paths.append(out / "gates.png")
         _plot_gates(log, gates, paths[-1])
+    if by_class:
+        paths.append(out / "gates_by_class.png")
+        _plot_gates_by_class(log, gates, by_class, paths[-1])
     total = log.cum()
     iters = log.start.get("iters")
     status = "finished" if log.finished else f"unfinished (last logged iteration {log.last_iter})"
@@ -458,6 +527,18 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
         for r in gates.regions:
             a, g = gates.mean_bits(r)
             lines.append(f"| {r.replace('|', '/')} | {a:.2f} | {g:.2f} |")
+    if by_class:
+        regions = list(by_class)
+        n_cls = max(len(v) for v in by_class.values())
+        lines += ["", "## Gates per class", "",
+                  "Mean activation bits each region's gate chose for the samples of each class, "
+                  "over the run (see gates_by_class.png).", "",
+                  "| class | " + " | ".join(r.replace("|", "/") for r in regions) + " |",
+                  "|---" * (len(regions) + 1) + "|"]
+        for c in range(n_cls):
+            cells = [by_class[r][c] if c < len(by_class[r]) else math.nan for r in regions]
+            lines.append(f"| {c} | " + " | ".join("-" if math.isnan(v) else f"{v:.2f}"
+                                                  for v in cells) + " |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in paths] + [""]
     md = out / "summary.md"
     md.write_text("\n".join(lines), encoding="utf-8")

@@ -244,6 +244,7 @@ def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr
     wall0 = time.perf_counter() - (state["wall"] if state is not None else 0.0)
     period_loss, period_correct, period_count, period_steps, period_t = 0.0, 0, 0, 0, 0.0
     gate_shares: dict[str, torch.Tensor] = {}
+    gate_classes: dict[str, torch.Tensor] = {}  # per region: (classes, candidates) sample counts
     steps = data.steps_per_epoch
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
@@ -274,9 +275,16 @@ def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr
                 period_steps += 1
                 gates = getattr(model, "frac_gates", None)
                 if gates is not None and gates.last:  # DFQ: which candidate each region chose
+                    per_class = out.dim() == 2 and y.dim() == 1 and y.numel() == out.shape[0]
                     for region in gates.last:
                         share = gates.fractions(region).detach()
                         gate_shares[region] = gate_shares.get(region, 0) + share
+                        if per_class:  # classification: which candidate each class's samples chose
+                            onehot = gates.last[region].onehot.detach().float()
+                            counts = gate_classes.get(region)
+                            if counts is None:
+                                counts = torch.zeros(out.shape[1], onehot.shape[1])
+                            gate_classes[region] = counts.index_add_(0, y.cpu(), onehot.cpu())
                 it += 1
                 for event in events:
                     event = {**event, "iter": it}
@@ -307,6 +315,10 @@ def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr
                                            for r, s in gate_shares.items()}
                         record["gate_candidates"] = [list(p) for p in zip(gates.a, gates.g)]
                         gate_shares = {}
+                    if gate_classes:
+                        record["gate_classes"] = {r: c.round().int().tolist()
+                                                  for r, c in gate_classes.items()}
+                        gate_classes = {}
                     log.write(record)
                     result.periods.append(record)
                     acc = record["test_acc"]

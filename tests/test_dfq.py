@@ -129,6 +129,17 @@ def test_fit_with_dfq_logs_gate_shares(tmp_path):
     shares = result.periods[-1]["gates"]
     assert len(shares) == 3 and all(sum(s) == pytest.approx(1.0) for s in shares.values())
     assert result.periods[-1]["gate_candidates"] == [[3, 6], [4, 6], [4, 8], [6, 8], [6, 12]]
+    # per class: which candidate each class's samples chose; over classes, the period's shares
+    classes = result.periods[-1]["gate_classes"]
+    assert classes.keys() == shares.keys()
+    for region, table in classes.items():
+        counts = torch.tensor(table, dtype=torch.float64)
+        assert counts.shape == (10, 5) and counts.sum() == 2 * 8  # 2 steps of 8 samples
+        assert torch.allclose(counts.sum(0) / 16, torch.tensor(shares[region], dtype=torch.float64))
+    from fraccompile.plots import render_report
+    paths = render_report(tmp_path)
+    assert "gates_by_class.png" in [p.name for p in paths]
+    assert "## Gates per class" in (tmp_path / "summary.md").read_text()
 
 
 def test_transform_shows_gates(tmp_path):

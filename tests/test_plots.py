@@ -297,6 +297,27 @@ def test_dfq_run_gates_report(dfq_dir, tmp_path):
     assert f"final test accuracy: {100 * (0.25 + 0.3):.2f}%" in md
 
 
+def test_per_class_gate_bits(dfq_dir, tmp_path):
+    """gate_classes (per region: samples of each class per candidate) summed over the periods
+    give the mean activation bits per class, in gates_by_class.png and a table."""
+    log = dfq_dir / "log.jsonl"
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    # class 0 always picks candidate 0 (a=3) in stem; class 1 picks candidate 4 (a=6) in the first
+    # period and candidate 1 (a=4) in the second: (2·6 + 2·4) / 4 = 5 bits
+    tables = [{"stem": [[1, 0, 0, 0, 0], [0, 0, 0, 0, 2]]}, {"stem": [[3, 0, 0, 0, 0], [0, 2, 0, 0, 0]]}]
+    periods = [r for r in recs if r["event"] == "period"]
+    for r, t in zip(periods, tables):
+        r["gate_classes"] = t
+    log.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    paths = render_report(dfq_dir, tmp_path / "out")
+    names = [p.name for p in paths]
+    assert names[names.index("gates.png") + 1] == "gates_by_class.png"
+    _check_png(tmp_path / "out" / "gates_by_class.png")
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Gates per class" in md and "| class | stem |" in md
+    assert "| 0 | 3.00 |" in md and "| 1 | 5.00 |" in md
+
+
 def test_run_without_gates_has_no_gates_png(pfq_dir, static_dir, tmp_path):
     for run in (pfq_dir, static_dir):
         out = tmp_path / run.name
