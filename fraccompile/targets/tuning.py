@@ -167,9 +167,15 @@ class LocalRunner:
                  confirm_ms: int = 100):
         self.host = host or detect()
         self.repeat, self.min_repeat_ms, self.confirm_ms = repeat, min_repeat_ms, confirm_ms
+        self._built: dict[gemm.GemmShape, object] = {}  # the confirmation re-times two kernels
 
     def build(self, shape: gemm.GemmShape):
-        return gemm.build(shape, self.host)
+        lib = self._built.get(shape)
+        if lib is None:
+            if len(self._built) > 64:
+                self._built.clear()
+            lib = self._built[shape] = gemm.build(shape, self.host)
+        return lib
 
     def time(self, shape: gemm.GemmShape, confirm: bool = False) -> float:
         """Median seconds per call (``confirm``: the longer measurement of the confirmation)."""
