@@ -10,7 +10,10 @@ update. Each (model, mode) runs in a fresh child process (``sys.executable``), w
 * saved for backward: the bytes of the distinct storages autograd saves during one forward (and
   the loss), parameters excluded (``torch.autograd.graph.saved_tensors_hooks``).
 
-    python bench/step.py [--repeats 5] [--models resnet20,transformer]
+    python bench/step.py [--repeats 5] [--models resnet20,transformer] [--tuning-db DIR]
+
+``--tuning-db DIR`` adds a ``tvm-tuned`` row per model: the TVM backend with the tiles of a
+``fraccompile tune`` database (``FracConfig(tuning_db=DIR)``).
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def saved_bytes(model, x, y, loss_fn) -> int:
 
 
 def child(key: str, mode: str, repeats: int) -> dict:
-    if mode in ("tvm", "import-tvm"):  # sets TVM_NUM_THREADS, imports tvm: before torch work
+    mode, _, tuning_db = mode.partition(":")
+    if mode in ("tvm", "tvm-tuned", "import-tvm"):  # sets TVM_NUM_THREADS, imports tvm first
         import fraccompile.targets.backend  # noqa: F401
     if mode.startswith("import"):  # the baseline: what the imports alone cost
         import torch  # noqa: F401
@@ -88,7 +92,9 @@ def child(key: str, mode: str, repeats: int) -> dict:
     model, x, y, loss_fn = make_case(key)
     info: dict = {}
     if mode != "fp32":
-        cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric", backend=mode)
+        cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric",
+                                     backend="tvm" if mode == "tvm-tuned" else mode,
+                                     tuning_db=tuning_db)
         model = fraccompile.compile(model, x, config=cfg)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -119,7 +125,7 @@ def child(key: str, mode: str, repeats: int) -> dict:
             "reasons": sorted({s.fallback_reason for s in sites if s.fallback_reason}),
         }
         caches = {id(b.cache): b.cache for m in model.modules() if isinstance(m, FracOp)
-                  for b in [m.backend] if hasattr(b, "cache") and mode == "tvm"}
+                  for b in [m.backend] if hasattr(b, "cache") and mode.startswith("tvm")}
         if caches:
             st = [c.stats for c in caches.values()]
             info["kernels"] = {"built": sum(s.built for s in st),
@@ -145,6 +151,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--tuning-db", default="", help="also run tvm with this tuning database")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -162,10 +169,12 @@ def main() -> None:
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     base = {m: run_child("-", m, 0).get("rss_mb") for m in ("import", "import-tvm")}
     rows, notes = [], []
+    modes = list(MODES) + ([f"tvm-tuned:{os.path.abspath(args.tuning_db)}"] if args.tuning_db
+                           else [])
     for key in keys:
-        res = {mode: run_child(key, mode, args.repeats) for mode in MODES}
+        res = {mode.partition(":")[0]: run_child(key, mode, args.repeats) for mode in modes}
         fp = res["fp32"]
-        for mode in MODES:
+        for mode in [m.partition(":")[0] for m in modes]:
             r = res[mode]
             if "error" in r:
                 rows.append([MODELS[key], mode, r["error"], "-", "-", "-", "-"])
@@ -178,7 +187,7 @@ def main() -> None:
             note = f"{MODELS[key]}, {mode}: warm-up steps {warm} ms"
             if "sites" in r:
                 s = r["sites"]
-                ref = "fallback to reference" if mode == "tvm" else "on reference"
+                ref = "fallback to reference" if mode.startswith("tvm") else "on reference"
                 note += (f"; sites: {s['tvm']} on tvm, {s['reference']} {ref}, "
                          f"{s['fp32']} kept fp32 (full_precision)")
                 if s["reasons"]:
