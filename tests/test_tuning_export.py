@@ -499,3 +499,19 @@ def test_train_command_on_exported_kernels(model_file, tmp_path):
     bad = runner.invoke(app, common + ["--batch-size", "8", "--out", str(tmp_path / "run2")])
     assert bad.exit_code == 2
     assert "no kernel for the GEMM problem" in bad.output
+
+
+def test_cuda_only_export_refuses_cpu_tensors(exported_both, model_file, tmp_path):
+    import shutil
+
+    from fraccompile.targets.export import KernelLibraryError
+    out, _ = exported_both
+    d = tmp_path / "k"
+    shutil.copytree(out, d)
+    m = json.loads((d / "manifest.json").read_text())
+    del m["targets"]["cpu"]
+    m["kernels"] = [k for k in m["kernels"] if k["target"] != "cpu"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    fm, _, x = _small(model_file, kernels=str(d))
+    with pytest.raises(KernelLibraryError, match="no cpu target"):
+        fm(x)
