@@ -76,13 +76,18 @@ def exported(model_file, tmp_path_factory):
 # -- the search space and the database ---------------------------------------------------------------
 def test_space_fits_the_register_file_and_starts_with_the_default():
     from fraccompile.targets import gemm, tuning
-    problem = (1, 100, 70, 300)
+    problem = (1, 100, 70, 301)
     tiles = tuning.space(problem)
     assert len(tiles) > 50
     assert all(t.mb * t.nb + t.nb + 1 <= tuning.MAX_ZMM and t.kb % 4 == 0 for t in tiles)
     cands = tuning.candidates(problem, 8, seed=3)
-    assert cands[0] == gemm.default_tile(100, 70, 300) and len(set(cands)) == 8
+    assert cands[0] == gemm.default_tile(100, 70, 301) and len(set(cands)) == 8
     assert cands == tuning.candidates(problem, 8, seed=3)  # seeded
+    # the default fits M and K exactly (A goes to the kernel uncopied): so must every candidate
+    exact = (1, 131072, 16, 144)
+    cands = tuning.candidates(exact, 200)
+    assert len(cands) > 5
+    assert all(131072 % t.mb == 0 and 144 % t.kb == 0 for t in cands)
 
 
 class FakeRunner:
@@ -100,7 +105,7 @@ class FakeRunner:
 
 def _space_with(problem, tile):
     from fraccompile.targets import gemm, tuning
-    return gemm.Tile(*tile) in tuning.space(problem)
+    return gemm.Tile(*tile) in tuning.candidates(problem, 10_000)
 
 
 def test_tune_keeps_the_faster_tile_and_the_database_is_reused(tmp_path):
@@ -114,7 +119,7 @@ def test_tune_keeps_the_faster_tile_and_the_database_is_reused(tmp_path):
     assert [r.reused for r in results] == [False, False]
     for r in results:
         assert r.record.tile == (2, 2, 16) and r.record.speedup > 1.5
-        assert r.record.trials == min(size, len(tuning.space(r.record.problem)))
+        assert r.record.trials == len(tuning.candidates(r.record.problem, size))
     # a new process reads it back; a second call measures nothing it already has
     db2 = tuning.TuningDB(tmp_path)
     assert db2.tile(runner.host, problems[0]).kb == 16
@@ -127,7 +132,7 @@ def test_tune_keeps_the_faster_tile_and_the_database_is_reused(tmp_path):
 def test_tune_never_records_a_tile_slower_than_the_default(tmp_path):
     from fraccompile.targets import tuning
     problem = (1, 40, 48, 64)
-    trials = len(tuning.space(problem))
+    trials = len(tuning.candidates(problem, 10_000))
 
     class Noisy(FakeRunner):
         """The candidate wins the search, then loses the confirmation (a lucky measurement)."""

@@ -141,9 +141,17 @@ def space(problem) -> list[gemm.Tile]:
 
 
 def candidates(problem, trials: int, seed: int = 0) -> list[gemm.Tile]:
-    """The default tile, then ``trials - 1`` others drawn from :func:`space` (seeded)."""
+    """The default tile, then ``trials - 1`` others drawn from :func:`space` (seeded).
+
+    When the default tile fits ``M`` and ``K`` exactly, so do the others: the backend can then hand
+    its A operand to the kernel as it is, and a tile that pads it forces a copy of A on every call,
+    a cost the kernel-only measurement does not see and that can exceed what the tile saves."""
     default = gemm.default_tile(*problem[1:])
+    G, M, N, K = problem
+    exact = gemm.padded(*problem, default)
     rest = [t for t in space(problem) if t != default]
+    if (exact.m, exact.k) == (M, K):
+        rest = [t for t in rest if M % t.mb == 0 and K % t.kb == 0]
     random.Random(seed).shuffle(rest)
     return [default, *rest[:max(trials - 1, 0)]]
 
