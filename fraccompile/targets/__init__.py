@@ -12,6 +12,8 @@ Importing ``fraccompile.targets`` itself stays cheap: the submodules import tvm 
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,3 +24,14 @@ def tvm_unavailable_reason() -> str | None:
     except Exception as e:  # ImportError, or a broken install raising anything
         return f"TVM is not usable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
+
+
+def cache_dir() -> pathlib.Path:
+    """Where compiled kernels are cached (CPU libraries and CUDA cubins):
+    ``$FRACCOMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fraccompile/kernels``, else
+    ``~/.cache/fraccompile/kernels``."""
+    env = os.environ.get("FRACCOMPILE_CACHE_DIR")
+    if env:
+        return pathlib.Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "fraccompile" / "kernels"

@@ -26,19 +26,11 @@ from dataclasses import dataclass, field
 
 import tvm
 
-from . import gemm
+from . import cache_dir, gemm
 from .host import HostTarget, detect
 
 log = logging.getLogger("fraccompile.targets")
 DTYPES = "u8s8s32"
-
-
-def cache_dir() -> pathlib.Path:
-    env = os.environ.get("FRACCOMPILE_CACHE_DIR")
-    if env:
-        return pathlib.Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "fraccompile" / "kernels"
 
 
 def kernel_key(shape: gemm.GemmShape, host: HostTarget) -> str:

@@ -38,6 +38,8 @@ import threading
 
 import torch
 
+from . import cache_dir
+
 MAX_K = 65_536  # |sum of K s8·s8 products| <= 128·128·65536 = 2**30
 _INT32_LIMIT = 2**31
 _BOUND = {torch.int8: 128, torch.uint8: 255}  # largest |code|
@@ -146,14 +148,6 @@ def arch_for(capability: tuple[int, int]) -> tuple[str, str]:
 
 
 # -- the on-disk cache -----------------------------------------------------------------------------
-def cache_dir() -> pathlib.Path:
-    env = os.environ.get("FRACCOMPILE_CACHE_DIR")
-    if env:
-        return pathlib.Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "fraccompile" / "kernels"
-
-
 def _tvm_version() -> str:
     try:
         return importlib.metadata.version("apache-tvm")
