@@ -207,6 +207,7 @@ class RPCRunner(LocalRunner):
         super().__init__(host, **kwargs)
         self.tracker_host, self.tracker_port, self.key = parse_rpc(address)
         self._session = None
+        self._loaded: dict[gemm.GemmShape, object] = {}  # remote modules
         self._tmp = tempfile.TemporaryDirectory(prefix="fraccompile-rpc-")
 
     def session(self):
@@ -217,12 +218,14 @@ class RPCRunner(LocalRunner):
         return self._session
 
     def time(self, shape: gemm.GemmShape, confirm: bool = False) -> float:
-        lib = self.build(shape)
-        path = pathlib.Path(self._tmp.name) / f"{shape.name}.so"
-        lib.export_library(str(path))
         remote = self.session()
-        remote.upload(str(path))
-        rlib = remote.load_module(path.name)
+        rlib = self._loaded.get(shape)
+        if rlib is None:  # upload each kernel once: overwriting a library the server has loaded
+            lib = self.build(shape)  # crashes it
+            path = pathlib.Path(self._tmp.name) / f"{shape.name}.so"
+            lib.export_library(str(path))
+            remote.upload(str(path))
+            rlib = self._loaded[shape] = remote.load_module(path.name)
         dev = remote.cpu(0)
         args = [tvm.runtime.tensor(x, dev) for x in _operands(shape)]
         f = rlib.time_evaluator("main", dev, number=1, repeat=self.repeat,
