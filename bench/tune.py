@@ -79,7 +79,7 @@ def bench_models(args) -> None:
                 if r.tile != r.default_tile else [None, None]
             if d is None:
                 d = t = remeasure(r.problem, [r.default_tile], runner, args.repeats)[0]
-            sites = sorted({f"{s}:{role}" for s, role in rec.problems[r.problem].where})
+            sites = sorted({f"{s}:{role}" for s, role in rec.problems[r.problem] if s})
             speedups.append(d / t)
             rows.append([MODELS[key][0], ",".join(map(str, r.problem)),
                          sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),

@@ -261,7 +261,7 @@ def _kernel_model(model_spec: str, input_shape: str, config, dtype: str, target:
     cfg = cfg.replace(backend="tvm", kernels="", kernels_fallback=False)
     model = load_model(model_spec)
     x = example_input(model, parse_shape(input_shape), dtype)
-    return frac_compile(model, x, cfg), x, cfg
+    return frac_compile(model, x, cfg), x
 
 
 @app.command()
@@ -302,7 +302,7 @@ def tune(
         database = TuningDB(db)
     except (ValueError, TuningDBError) as err:
         raise ConfigError(str(err)) from None
-    fmodel, x, _ = _kernel_model(model_spec, input_shape, config, dtype, target)
+    fmodel, x = _kernel_model(model_spec, input_shape, config, dtype, target)
     rec = record(fmodel, x)
     problems = sorted(rec.problems)
     runner = RPCRunner(rpc) if rpc else LocalRunner()
@@ -326,7 +326,7 @@ def tune(
                          ("speedup", "trials", "seconds") else "left")
     for res in results:
         r = res.record
-        sites = sorted({s for s, _ in rec.problems[tuple(r.problem)].where})
+        sites = sorted({s for s, _ in rec.problems[tuple(r.problem)] if s})
         table.add_row(",".join(map(str, r.problem)),
                       sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),
                       "x".join(map(str, r.default_tile)), "x".join(map(str, r.tile)),
@@ -365,7 +365,7 @@ def export(
         database = TuningDB(db) if db is not None else None
     except TuningDBError as err:
         raise ConfigError(str(err)) from None
-    fmodel, x, _ = _kernel_model(model_spec, input_shape, config, dtype, target)
+    fmodel, x = _kernel_model(model_spec, input_shape, config, dtype, target)
     manifest = export_kernels(fmodel, x, out, target=target, tuning=database, model=model_spec)
     info = manifest["targets"][target]
     kernels = [k for k in manifest["kernels"] if k["target"] == target]

@@ -361,7 +361,7 @@ def test_pickled_model_keeps_its_kernel_library(exported, model_file):
     from fraccompile.targets.export import tvm_backends
     (backend,) = tvm_backends(copy_)
     assert backend is tvm_backends(fm)[0] and dict(backend.options)["kernels"] == str(out)
-    assert copy.deepcopy(fm) is not None
+    assert tvm_backends(copy.deepcopy(fm)) == [backend]  # a copy shares it too
 
 
 # -- the commands -------------------------------------------------------------------------------------

@@ -148,8 +148,6 @@ class TVMBackend(ReferenceBackend):
 
     def kernel(self, ref: KernelRef):
         """The compiled function of ``ref`` from this backend's provider."""
-        if self.recorder is not None:
-            self.recorder.kernel(ref, self.where)
         return self.kernels.get(ref, self.where)
 
     # -- what runs here ----------------------------------------------------------------------------

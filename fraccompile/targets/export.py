@@ -123,9 +123,9 @@ def kernel_refs(rec: Recorder, provider) -> dict[KernelRef, dict]:
         if problem is not None:
             entry["problems"].add(tuple(problem))
 
-    for problem, use in rec.problems.items():
+    for problem, where in rec.problems.items():
         for variant in rec.variants[problem]:
-            add(KernelRef.gemm(provider.gemm_shape(*variant)), use.where, variant)
+            add(KernelRef.gemm(provider.gemm_shape(*variant)), where, variant)
     for (geo, k0, kc, variants), where in rec.conv_packs.items():
         for variant in variants:
             shape = provider.gemm_shape(*variant)
@@ -242,11 +242,11 @@ def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
     if reason:
         raise KernelLibraryError(f"export --target cuda needs nvcc: {reason}")
     uses: dict = {}
-    for problem, use in rec.problems.items():
+    for problem, where in rec.problems.items():
         G, M, N, K = rec.variants[problem][0]  # no ones rows: the base problem
         for k0 in range(0, K, MAX_K):
             shape = cuda.padded(G, M, N, min(MAX_K, K - k0))
-            uses.setdefault(shape, set()).update(w for w in use.where if w)
+            uses.setdefault(shape, set()).update(w for w in where if w)
     shapes = sorted(uses, key=lambda s: s.name)
     mod = tvm.IRModule({s.name: cuda.schedule(s).mod["main"].with_attr("global_symbol", s.name)
                         for s in shapes})

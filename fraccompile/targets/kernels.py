@@ -9,16 +9,16 @@ library. Providers turn references into callables:
   database chose for the problem when one is given);
 * :class:`fraccompile.targets.export.ExportedKernels` reads an exported library and builds nothing.
 
-A :class:`Recorder` attached to the backend notes each GEMM problem and kernel a run asks for, with
-the site and role that asked: ``fraccompile tune`` and ``fraccompile export`` enumerate a model's
-kernels by running one training step with it.
+A :class:`Recorder` attached to the backend notes each GEMM problem and conv patch packer a run
+asks for, with the site and role that asked: ``fraccompile tune`` and ``fraccompile export``
+enumerate a model's kernels by running one training step with it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import gemm, pack, quantize
 from .cache import KernelCache
@@ -72,18 +72,18 @@ class KernelRef:
     def schedule(self, isa: str):
         if self.kind == "gemm":
             return gemm.schedule(self.gemm_shape, isa)
-        if self.kind == "quantize":
-            return quantize.schedule(*self.args)
-        if self.kind == "pack_a":
-            return pack.a_schedule(*self.args)
-        if self.kind == "pack_b":
-            return pack.b_schedule(*self.args)
-        return pack.conv_b_schedule(*self.args)
+        return _BUILDERS[self.kind][0](*self.args)
 
     def primfunc(self, isa: str):
         """The scheduled PrimFunc under the symbol :attr:`name` (for a library of many)."""
         return self.schedule(isa).mod["main"].with_attr("global_symbol", self.name)
 
+
+# kind -> (its schedule, its compiled function cached per process) for the non-GEMM kernels
+_BUILDERS = {"quantize": (quantize.schedule, quantize.kernel),
+             "pack_a": (pack.a_schedule, pack.a_kernel),
+             "pack_b": (pack.b_schedule, pack.b_kernel),
+             "pack_conv_b": (pack.conv_b_schedule, pack.conv_b_kernel)}
 
 # The symbolic-shape kernels every model may call, whatever its shapes.
 GENERIC = tuple([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
@@ -91,36 +91,24 @@ GENERIC = tuple([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (F
                 + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")])
 
 
-@dataclass
-class Use:
-    """Where a kernel or GEMM problem was needed: ``(site, role)`` pairs."""
-
-    where: set = field(default_factory=set)
-
-
 class Recorder:
-    """Collects what a run asks of the backend, with the ``(site, role)`` that asked:
+    """Collects what a run asks of the backend, with the ``(site, role)`` pairs that asked:
 
     * ``problems``: GEMM problems ``(G, M, N, K)`` (ones rows included), and per problem its
       ``variants`` — the same GEMM with the other signs of its operands, which other batches may
       produce;
-    * ``kernels``: every kernel requested;
     * ``conv_packs``: the conv patch packers, as ``(geometry, k0, kc, variants)`` (their packed
       extents depend on the GEMM tile, so they are re-derived per variant when exporting).
     """
 
     def __init__(self):
-        self.problems: dict[tuple, Use] = {}
+        self.problems: dict[tuple, set] = {}
         self.variants: dict[tuple, tuple] = {}
-        self.kernels: dict[KernelRef, Use] = {}
         self.conv_packs: dict[tuple, set] = {}
 
     def problem(self, key, variants, where) -> None:
-        self.problems.setdefault(key, Use()).where.add(where)
+        self.problems.setdefault(key, set()).add(where)
         self.variants[key] = tuple(sorted(set(variants) | {key}))
-
-    def kernel(self, ref: KernelRef, where) -> None:
-        self.kernels.setdefault(ref, Use()).where.add(where)
 
     def conv_pack(self, geometry, k0, kc, variants, where) -> None:
         self.conv_packs.setdefault((tuple(geometry), k0, kc, tuple(variants)), set()).add(where)
@@ -150,10 +138,4 @@ class JitKernels:
     def get(self, ref: KernelRef, where=None):
         if ref.kind == "gemm":
             return self.cache.get(ref.gemm_shape)
-        if ref.kind == "quantize":
-            return quantize.kernel(*ref.args)
-        if ref.kind == "pack_a":
-            return pack.a_kernel(*ref.args)
-        if ref.kind == "pack_b":
-            return pack.b_kernel(*ref.args)
-        return pack.conv_b_kernel(*ref.args)
+        return _BUILDERS[ref.kind][1](*ref.args)

@@ -254,7 +254,7 @@ class TuneResult:
 
 
 def tune_problem(problem, runner, trials: int, deadline: float | None = None,
-                 seed: int = 0, on_trial=None) -> TuneRecord:
+                 seed: int = 0) -> TuneRecord:
     """Search ``problem``'s tiles (at most ``trials``, stopping at ``deadline``); the best one,
     confirmed against the default by alternating re-measurements."""
     t0 = time.perf_counter()
@@ -265,8 +265,6 @@ def tune_problem(problem, runner, trials: int, deadline: float | None = None,
         if i and deadline is not None and time.monotonic() > deadline:
             break
         times[tile] = runner.time(gemm.padded(*problem, tile))
-        if on_trial is not None:
-            on_trial(tile, _gops(problem, times[tile]))
     default = tiles[0]
     best = min(times, key=times.get)
     if best != default:  # confirm: the search's winner may be noise; keep it only if it still
