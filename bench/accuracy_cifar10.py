@@ -12,6 +12,8 @@ and data order) for every run.
     python bench/accuracy_cifar10.py                    # train every run, then report
     python bench/accuracy_cifar10.py --runs pfq cpt     # some runs only
     python bench/accuracy_cifar10.py --report-only      # table + plots from finished runs
+    python bench/accuracy_cifar10.py --runs dfq dfq-dense --seed 1 --out bench/runs/acc_seed1
+                                                        # another seed (init, data order, augment)
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--period-test", type=int, default=1000)
     parser.add_argument("--out", default=str(ROOT / "runs" / "accuracy_cifar10"))
+    parser.add_argument("--seed", type=int, default=0,
+                        help="model init, training-data order and augmentation (the test images "
+                             "stay the same)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -75,11 +80,12 @@ def main() -> None:
         full = ClassificationData.from_source(args.data, batch_size=args.batch,
                                               train_limit=args.train_limit,
                                               test_limit=10_000, seed=0)  # a shuffled test order
+        full.seed = args.seed  # the training order and augmentation draws
         periodic = copy.copy(full)
         periodic.test_images, periodic.test_labels = (full.test_images[: args.period_test],
                                                       full.test_labels[: args.period_test])
         for name in args.runs:
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             model = resnet20()
             gates = {"pipeline": "dfq", "gate_mode": "dense" if name == "dfq-dense" else "routed"}
             fm = fraccompile.compile(model, torch.zeros(args.batch, 3, 32, 32),
@@ -88,7 +94,7 @@ def main() -> None:
             print(f"== {name}: {make_schedule(name, args.iters, args.pfq_every).describe()}")
             result = fit(fm, periodic, iters=args.iters, lr=args.lr,
                          schedule=make_schedule(name, args.iters, args.pfq_every),
-                         eval_every=args.eval_every, out_dir=run_dir, progress=False, seed=0,
+                         eval_every=args.eval_every, out_dir=run_dir, progress=False, seed=args.seed,
                          model_name="ResNet-20", console=Console(width=160))
             final = evaluate(fm, full.test_batches(500))
             (run_dir / "final.json").write_text(json.dumps(

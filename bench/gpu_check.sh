@@ -20,7 +20,8 @@ for what, reason in (("GPU", gpu_unavailable_reason()), ("nvcc", nvcc_unavailabl
     if reason:
         sys.exit(f"gpu_check: no {what}: {reason}")
 PY
-timeout 150 python -m pytest -q tests/test_cuda.py
+timeout 150 python -m pytest -q tests/test_cuda.py \
+    tests/test_tuning_export.py::test_gpu_step_on_the_exported_fatbin_builds_nothing
 timeout 120 python bench/gpu_kernels.py --repeats 20
-timeout 120 python bench/gpu_step.py --repeats 10
+timeout 120 python bench/gpu_step.py --repeats 10 --profile
 echo "gpu_check: done in $(( $(date +%s) - start )) s"

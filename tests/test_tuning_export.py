@@ -520,3 +520,36 @@ def test_cuda_only_export_refuses_cpu_tensors(exported_both, model_file, tmp_pat
     fm, _, x = _small(model_file, kernels=str(d))
     with pytest.raises(KernelLibraryError, match="no cpu target"):
         fm(x)
+
+
+def _gpu_reason():
+    from fraccompile.targets.cuda_driver import gpu_unavailable_reason
+    return gpu_unavailable_reason() or _nvcc_reason()
+
+
+@pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU and nvcc: {_gpu_reason()}")
+def test_gpu_step_on_the_exported_fatbin_builds_nothing(exported_both, model_file, monkeypatch):
+    """On a GPU, a model compiled on an export runs its GEMMs from the fatbin (nvcc is never
+    called) and gives the JIT GPU backend's loss and gradients."""
+    from fraccompile.targets import cuda
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out, _ = exported_both
+
+    def gpu_step(**cfg):
+        fm, _, x = _small(model_file, **cfg)
+        fm = fm.cuda()
+        return _step(fm, x.cuda())
+
+    jit_loss, jit_grads = gpu_step()
+
+    def no_nvcc(*args, **kwargs):
+        raise AssertionError("nvcc called: a kernel was missing from the fatbin")
+
+    monkeypatch.setattr(cuda, "compile_source", no_nvcc)
+    monkeypatch.setenv("FRACCOMPILE_CACHE_DIR", str(out / "empty-cache"))  # no cached cubins
+    loss, grads = gpu_step(kernels=str(out))
+    assert torch.allclose(loss, jit_loss, rtol=1e-6, atol=0)
+    assert grads.keys() == jit_grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, jit_grads[name], rtol=1e-6, atol=1e-9), name
