@@ -13,7 +13,10 @@ update. Each (model, mode) runs in a fresh child process (``sys.executable``), w
     python bench/step.py [--repeats 5] [--models resnet20,transformer] [--tuning-db DIR]
 
 ``--tuning-db DIR`` adds a ``tvm-tuned`` row per model: the TVM backend with the tiles of a
-``fraccompile tune`` database (``FracConfig(tuning_db=DIR)``).
+``fraccompile tune`` database (``FracConfig(tuning_db=DIR)``). ``--env KEY=VALUE`` (repeatable)
+sets an environment variable in every child, e.g. ``OMP_WAIT_POLICY=PASSIVE`` (torch's OpenMP
+threads sleep instead of spinning between ops) or ``TVM_THREAD_POOL_SPIN_COUNT=300000`` (TVM's
+default spinning, which fraccompile turns off unless the variable is set).
 """
 
 from __future__ import annotations
@@ -135,10 +138,10 @@ def child(key: str, mode: str, repeats: int) -> dict:
     return info
 
 
-def run_child(key: str, mode: str, repeats: int) -> dict:
+def run_child(key: str, mode: str, repeats: int, env: dict | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode,
            "--repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
         return {"error": f"child exited with {proc.returncode}"}
@@ -152,11 +155,19 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--tuning-db", default="", help="also run tvm with this tuning database")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for every child (repeatable)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.repeats)))
         return
+    env = {}
+    for item in args.env:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            parser.error(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     for k in keys:
         if k not in MODELS:
@@ -167,12 +178,13 @@ def main() -> None:
     header("Training step: time and memory, fp32 vs compiled a=w=g=8 symmetric "
            "(reference and TVM backends)")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    base = {m: run_child("-", m, 0).get("rss_mb") for m in ("import", "import-tvm")}
+    print(f"environment of every child: {' '.join(args.env) or '(as inherited)'}")
+    base = {m: run_child("-", m, 0, env).get("rss_mb") for m in ("import", "import-tvm")}
     rows, notes = [], []
     modes = list(MODES) + ([f"tvm-tuned:{os.path.abspath(args.tuning_db)}"] if args.tuning_db
                            else [])
     for key in keys:
-        res = {mode.partition(":")[0]: run_child(key, mode, args.repeats) for mode in modes}
+        res = {mode.partition(":")[0]: run_child(key, mode, args.repeats, env) for mode in modes}
         fp = res["fp32"]
         for mode in [m.partition(":")[0] for m in modes]:
             r = res[mode]
