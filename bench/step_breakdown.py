@@ -1,10 +1,13 @@
-"""Where a TVM-backend training step goes: wall time per backend function, ResNet-20.
+"""Where a TVM-backend training step goes: wall time per backend function and per kind of TVM
+kernel, ResNet-20 or the Transformer example.
 
 Wraps the functions of :mod:`fraccompile.targets.backend` with timers (nested: ``gemm`` includes
-its packing, ``fw``/``gc``/``eb`` include their GEMMs) and runs forward + backward steps of
-ResNet-20 (batch 128, a=w=g=8, symmetric) after two warm-up steps.
+its packing, ``fw``/``gc``/``eb`` include their GEMMs), and every TVM kernel call (``kernel:
+gemm``, ``kernel: quantize``, ``kernel: pack_a`` ...: the compiled functions alone), and runs
+forward + backward steps (a=w=g=8, symmetric) after two warm-up steps: ResNet-20 at batch 128, or
+the Transformer (d_model 512) at batch 32 x 64 tokens.
 
-    python bench/step_breakdown.py [--repeats 3]
+    python bench/step_breakdown.py [--repeats 3] [--model resnet20|transformer]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from _common import header, print_table
 
 import fraccompile
+from fraccompile.examples import transformer_lm
 from fraccompile.examples.resnet_cifar import resnet20
 
 FUNCTIONS = ("_to_codes", "_im2col", "_pack_a", "_pack_b")
@@ -30,8 +34,9 @@ METHODS = ("run_site", "fw", "eb", "gc", "_gemm")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", choices=("resnet20", "transformer"), default="resnet20")
     args = parser.parse_args()
-    header("TVM backend: where a ResNet-20 training step goes")
+    header(f"TVM backend: where a {args.model} training step goes")
     total: dict[str, float] = collections.defaultdict(float)
     depth: dict[str, int] = collections.defaultdict(int)
 
@@ -52,20 +57,41 @@ def main() -> None:
         setattr(B, name, timed(getattr(B, name), name))
     for name in METHODS:
         setattr(B.TVMBackend, name, timed(getattr(B.TVMBackend, name), name))
+    kernel = B.TVMBackend.kernel
+
+    def timed_kernel(self, ref):  # the compiled function alone, per kind of kernel
+        fn = kernel(self, ref)
+
+        def call(*a):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                total[f"kernel: {ref.kind}"] += time.perf_counter() - t0
+        return call
+    B.TVMBackend.kernel = timed_kernel
 
     torch.manual_seed(0)
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    if args.model == "resnet20":
+        model, x, y = resnet20(), torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    else:
+        model = transformer_lm.model_d512()
+        tokens = torch.randint(0, 65, (32, 65))
+        x, y = tokens[:, :-1], tokens[:, 1:]
     cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric", backend="tvm")
-    fm = fraccompile.compile(resnet20(), x, config=cfg)
+    fm = fraccompile.compile(model, x, config=cfg)
+
+    def loss_of(out):
+        return F.cross_entropy(out.flatten(0, 1) if out.dim() == 3 else out, y.flatten())
     for _ in range(2):
-        F.cross_entropy(fm(x), y).backward()
+        loss_of(fm(x)).backward()
     total.clear()
     t0 = time.perf_counter()
     for _ in range(args.repeats):
         t1 = time.perf_counter()
         out = fm(x)
         total["forward (all of it)"] += time.perf_counter() - t1
-        F.cross_entropy(out, y).backward()
+        loss_of(out).backward()
     total["step (all of it)"] = time.perf_counter() - t0
     rows = [[name, f"{seconds / args.repeats * 1000:.1f}"]
             for name, seconds in sorted(total.items(), key=lambda kv: -kv[1])]

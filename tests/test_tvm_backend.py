@@ -82,6 +82,27 @@ def test_unsigned_by_unsigned_sums_past_int32_are_exact(tvm_backend):
     assert torch.equal(got.long(), a.long() @ b.long().mT)
 
 
+@pytest.mark.parametrize("layout", ["mk", "km"])
+@pytest.mark.parametrize("G,M,K,Mp,Kp", [(1, 70, 130, 72, 132), (2, 64, 64, 64, 64),
+                                         (3, 5, 7, 8, 12), (1, 96, 200, 97, 200),
+                                         (1, 33, 65, 34, 128)])
+@pytest.mark.parametrize("flip", [0, 128])
+def test_pack_a_layouts_padding_and_ones_row(layout, G, M, K, Mp, Kp, flip):
+    """The A pack against torch: inner tiles and rows (vector code), edges and the padding
+    (scalar code), the ones row at M, the sign flip."""
+    from fraccompile.targets import pack
+    src = torch.randint(0, 256, (G, M, K), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(M * K))
+    ref = torch.zeros((G, Mp, Kp), dtype=torch.uint8)
+    ref[:, :M, :K] = src ^ flip
+    if Mp > M:
+        ref[:, M, :K] = 1
+    out = torch.full((G, Mp, Kp), 7, dtype=torch.uint8)  # every byte must be written
+    stored = src if layout == "mk" else src.mT.contiguous()
+    pack.a_kernel(layout)(stored, torch.tensor([flip], dtype=torch.uint8), out)
+    assert torch.equal(out, ref)
+
+
 def test_kernel_without_vnni_is_exact():
     """The generic (AVX2-only) schedule builds and computes the same products."""
     from fraccompile.targets import gemm

@@ -19,6 +19,7 @@ import functools
 import tvm
 import tvm.s_tir as s_tir
 from tvm import te, tirx
+from tvm.script import tirx as T
 
 from .host import detect
 
@@ -27,20 +28,69 @@ def _vars(*names):
     return [te.var(n, "int64") for n in names]
 
 
-def _a_definition(layout: str):
-    G, M, K, Mp, Kp = _vars("G", "M", "K", "Mp", "Kp")
-    shape = (G, M, K) if layout == "mk" else (G, K, M)
-    src = te.placeholder(shape, "uint8", name="src")
-    flip = te.placeholder((1,), "uint8", name="flip")
+TILE = 32  # the transposing pack moves 32x32 tiles
 
-    def value(g, m, k):  # row M (when Mp > M) is ones: the GEMM then also yields B's row sums
-        v = src[g, m, k] if layout == "mk" else src[g, k, m]
-        zero, one = tirx.const(0, "uint8"), tirx.const(1, "uint8")
-        pad = tirx.if_then_else(tirx.all(m == M, k < K), one, zero)
-        return tirx.if_then_else(tirx.all(m < M, k < K), tirx.bitwise_xor(v, flip[0]), pad)
 
-    out = te.compute((G, Mp, Kp), value, name="out")
-    return te.create_prim_func([src, flip, out]).with_attr("global_symbol", "main")
+def _a_definition(layout: str) -> tvm.tirx.PrimFunc:
+    """``main(src, flip, out)``: ``out (G, Mp, Kp)`` from ``src`` (G, M, K) (``"mk"``) or
+    (G, K, M) (``"km"``). Row ``M`` (when ``Mp > M``) is ones, so the GEMM also yields B's row
+    sums; the rest of the padding is zeros.
+
+    Written out in TVMScript: whole rows (``"mk"``) or whole 32x32 tiles (``"km"``) run as vector
+    code, the edges as scalar code. The TE form (one compute, its symbolic extent split by 64)
+    kept a bounds predicate in the vector loop, which TVM lowers to scalar code: 1.5 ms against
+    0.04 ms for a 2048x512 ``"mk"`` pack, 0.7 against 0.17 ms for ``"km"`` (2 cores)."""
+    L, t = T.int64(64), T.int64(TILE)
+
+    if layout == "mk":
+        @T.prim_func(s_tir=True)
+        def main(src_h: T.handle, flip: T.Buffer((1,), "uint8"), out_h: T.handle):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            G, M, K, Mp, Kp = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            src = T.match_buffer(src_h, (G, M, K), "uint8")
+            out = T.match_buffer(out_h, (G, Mp, Kp), "uint8")
+            for gm in T.parallel(G * Mp):
+                g, m = gm // Mp, gm % Mp
+                if m < M:
+                    for k0 in range(K // L):
+                        for k1 in T.vectorized(L):
+                            out[g, m, k0 * L + k1] = T.bitwise_xor(src[g, m, k0 * L + k1],
+                                                                   flip[0])
+                    for k in range(K // L * L, K):
+                        out[g, m, k] = T.bitwise_xor(src[g, m, k], flip[0])
+                    for k in range(K, Kp):
+                        out[g, m, k] = T.uint8(0)
+                else:
+                    for k in range(Kp):
+                        out[g, m, k] = T.Select(m == M and k < K, T.uint8(1), T.uint8(0))
+        return main
+
+    @T.prim_func(s_tir=True)
+    def main(src_h: T.handle, flip: T.Buffer((1,), "uint8"), out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        G, M, K, Mp, Kp = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        src = T.match_buffer(src_h, (G, K, M), "uint8")
+        out = T.match_buffer(out_h, (G, Mp, Kp), "uint8")
+        MT, KT = (Mp + t - 1) // t, (Kp + t - 1) // t
+        for gmk in T.parallel(G * MT * KT):
+            g, m0, k0 = gmk // (MT * KT), gmk // KT % MT * t, gmk % KT * t
+            if m0 + t <= M and k0 + t <= K:  # an inner tile: through a local 32x32 buffer
+                tile = T.alloc_buffer((TILE, TILE), "uint8", scope="local")
+                for ki in range(T.int64(TILE)):
+                    for mi in T.vectorized(T.int64(TILE)):
+                        tile[ki, mi] = src[g, k0 + ki, m0 + mi]
+                for mi in range(T.int64(TILE)):
+                    for ki in T.vectorized(T.int64(TILE)):
+                        out[g, m0 + mi, k0 + ki] = T.bitwise_xor(tile[ki, mi], flip[0])
+            else:  # an edge tile: the padding
+                for mi in range(T.min(t, Mp - m0)):
+                    for ki in range(T.min(t, Kp - k0)):
+                        m, k = m0 + mi, k0 + ki
+                        out[g, m, k] = T.Select(
+                            m < M and k < K,
+                            T.bitwise_xor(src[g, T.min(k, K - 1), T.min(m, M - 1)], flip[0]),
+                            T.Select(m == M and k < K, T.uint8(1), T.uint8(0)))
+    return main
 
 
 def _b_definition(layout: str):
@@ -85,19 +135,8 @@ def conv_b_kernel(*shape_args):
 
 
 def a_schedule(layout: str) -> s_tir.Schedule:
-    sch = s_tir.Schedule(_a_definition(layout))
-    g, m, k = sch.get_loops(sch.get_sblock("out"))
-    if layout == "mk":
-        ko, ki = sch.split(k, [None, 64])
-        sch.parallel(sch.fuse(g, m))
-        sch.vectorize(ki)
-    else:  # a tiled transpose: 32x32 blocks, both sides stay in cache
-        mo, mi = sch.split(m, [None, 32])
-        ko, ki = sch.split(k, [None, 32])
-        sch.reorder(g, mo, ko, mi, ki)
-        sch.parallel(sch.fuse(g, mo, ko))
-        sch.vectorize(ki)
-    return sch
+    """The A pack as a schedule (its loops are already final), for export."""
+    return s_tir.Schedule(_a_definition(layout))
 
 
 def b_schedule(layout: str) -> s_tir.Schedule:
