@@ -103,6 +103,26 @@ def test_pack_a_layouts_padding_and_ones_row(layout, G, M, K, Mp, Kp, flip):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+@pytest.mark.parametrize("G,N,K,NB,KB", [(1, 64, 128, 4, 32), (2, 37, 70, 3, 18),
+                                         (1, 48, 64, 4, 17), (3, 5, 7, 1, 2)])
+@pytest.mark.parametrize("flip", [0, 128])
+def test_pack_b_layouts_padding_and_ones_row(layout, G, N, K, NB, KB, flip):
+    """The B pack (16x4 blocks) against torch: inner blocks, edge blocks, the ones row at N."""
+    from fraccompile.targets import pack
+    src = torch.randint(0, 256, (G, N, K), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(N * K))
+    full = torch.zeros((G, NB * 16, KB * 4), dtype=torch.uint8)
+    full[:, :N, :K] = src ^ flip
+    if NB * 16 > N:
+        full[:, N, :K] = 1
+    ref = full.view(G, NB, 16, KB, 4).permute(0, 1, 3, 2, 4)
+    out = torch.full((G, NB, KB, 16, 4), 7, dtype=torch.uint8)  # every byte must be written
+    stored = src if layout == "nk" else src.mT.contiguous()
+    pack.b_kernel(layout)(stored, torch.tensor([flip], dtype=torch.uint8), out)
+    assert torch.equal(out, ref)
+
+
 def test_kernel_without_vnni_is_exact():
     """The generic (AVX2-only) schedule builds and computes the same products."""
     from fraccompile.targets import gemm

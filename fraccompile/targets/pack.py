@@ -94,20 +94,56 @@ def _a_definition(layout: str) -> tvm.tirx.PrimFunc:
 
 
 def _b_definition(layout: str):
+    """``main(src, flip, out)``: ``out (G, NB, KB, 16, 4)`` from ``src`` (G, N, K) (``"nk"``) or
+    (G, K, N) (``"kn"``); row ``N`` (when there is room) is ones, so the GEMM also yields A's row
+    sums. ``"nk"`` is a TE compute (its vector loop has a static extent of 16, so no bounds
+    predicate). ``"kn"`` is written out: each inner 16x4 block loads four 16-byte rows into a local
+    buffer and stores them interleaved, and edge blocks run scalar. The TE form of ``"kn"`` ran
+    at about 1 GB/s (0.86 against 0.34 ms for a 2048x2048 pack on 2 cores)."""
     G, N, K, NB, KB = _vars("G", "N", "K", "NB", "KB")
-    shape = (G, N, K) if layout == "nk" else (G, K, N)
-    src = te.placeholder(shape, "uint8", name="src")
+    if layout == "kn":
+        return _b_kn_definition()
+    src = te.placeholder((G, N, K), "uint8", name="src")
     flip = te.placeholder((1,), "uint8", name="flip")
 
     def value(g, nb, kb, ni, ki):  # row N (when there is room) is ones: A's row sums
         n, k = nb * 16 + ni, kb * 4 + ki
-        v = src[g, n, k] if layout == "nk" else src[g, k, n]
+        v = src[g, n, k]
         zero, one = tirx.const(0, "uint8"), tirx.const(1, "uint8")
         pad = tirx.if_then_else(tirx.all(n == N, k < K), one, zero)
         return tirx.if_then_else(tirx.all(n < N, k < K), tirx.bitwise_xor(v, flip[0]), pad)
 
     out = te.compute((G, NB, KB, 16, 4), value, name="out")
     return te.create_prim_func([src, flip, out]).with_attr("global_symbol", "main")
+
+
+def _b_kn_definition() -> tvm.tirx.PrimFunc:
+    @T.prim_func(s_tir=True)
+    def main(src_h: T.handle, flip: T.Buffer((1,), "uint8"), out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        G, N, K, NB, KB = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        src = T.match_buffer(src_h, (G, K, N), "uint8")
+        out = T.match_buffer(out_h, (G, NB, KB, 16, 4), "uint8")
+        for gk in T.parallel(G * KB):
+            g, kb = gk // KB, gk % KB
+            for nb in range(NB):
+                if nb * 16 + 16 <= N and kb * 4 + 4 <= K:  # an inner block
+                    rows = T.alloc_buffer((4, 16), "uint8", scope="local")
+                    for ki in range(T.int64(4)):
+                        for ni in T.vectorized(T.int64(16)):
+                            rows[ki, ni] = src[g, kb * 4 + ki, nb * 16 + ni]
+                    for ni in range(T.int64(16)):
+                        for ki in T.vectorized(T.int64(4)):
+                            out[g, nb, kb, ni, ki] = T.bitwise_xor(rows[ki, ni], flip[0])
+                else:  # an edge block: the padding, and the ones row
+                    for ni in range(T.int64(16)):
+                        for ki in range(T.int64(4)):
+                            n, k = nb * 16 + ni, kb * 4 + ki
+                            out[g, nb, kb, ni, ki] = T.Select(
+                                n < N and k < K,
+                                T.bitwise_xor(src[g, T.min(k, K - 1), T.min(n, N - 1)], flip[0]),
+                                T.Select(n == N and k < K, T.uint8(1), T.uint8(0)))
+    return main
 
 
 def _compile(sch):
@@ -141,12 +177,10 @@ def a_schedule(layout: str) -> s_tir.Schedule:
 
 def b_schedule(layout: str) -> s_tir.Schedule:
     sch = s_tir.Schedule(_b_definition(layout))
+    if layout == "kn":  # written out: its loops are final
+        return sch
     g, nb, kb, ni, ki = sch.get_loops(sch.get_sblock("out"))
-    if layout == "kn":  # whole source rows per step: 4 rows x 16 bytes per store
-        sch.reorder(g, kb, nb, ki, ni)
-        sch.parallel(sch.fuse(g, kb))
-    else:
-        sch.parallel(sch.fuse(g, nb))
+    sch.parallel(sch.fuse(g, nb))
     sch.vectorize(ni)
     sch.unroll(ki)
     return sch
