@@ -16,7 +16,9 @@ update. Each (model, mode) runs in a fresh child process (``sys.executable``), w
 ``fraccompile tune`` database (``FracConfig(tuning_db=DIR)``). ``--env KEY=VALUE`` (repeatable)
 sets an environment variable in every child, e.g. ``OMP_WAIT_POLICY=PASSIVE`` (torch's OpenMP
 threads sleep instead of spinning between ops) or ``TVM_THREAD_POOL_SPIN_COUNT=300000`` (TVM's
-default spinning, which fraccompile turns off unless the variable is set).
+default spinning, which fraccompile turns off unless the variable is set). ``--weight-scale
+tensor`` compiles the reference and tvm rows with ``FracConfig(weight_scale="tensor")`` (one
+weight range per tensor: the tvm backend's linear error backprop becomes an integer GEMM).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def saved_bytes(model, x, y, loss_fn) -> int:
     return sum(seen.values())
 
 
-def child(key: str, mode: str, repeats: int) -> dict:
+def child(key: str, mode: str, repeats: int, weight_scale: str = "channel") -> dict:
     mode, _, tuning_db = mode.partition(":")
     if mode in ("tvm", "tvm-tuned", "import-tvm"):  # sets TVM_NUM_THREADS, imports tvm first
         import fraccompile.targets.backend  # noqa: F401
@@ -97,7 +99,7 @@ def child(key: str, mode: str, repeats: int) -> dict:
     if mode != "fp32":
         cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric",
                                      backend="tvm" if mode == "tvm-tuned" else mode,
-                                     tuning_db=tuning_db)
+                                     tuning_db=tuning_db, weight_scale=weight_scale)
         model = fraccompile.compile(model, x, config=cfg)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -138,9 +140,10 @@ def child(key: str, mode: str, repeats: int) -> dict:
     return info
 
 
-def run_child(key: str, mode: str, repeats: int, env: dict | None = None) -> dict:
+def run_child(key: str, mode: str, repeats: int, env: dict | None = None,
+              weight_scale: str = "channel") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode,
-           "--repeats", str(repeats)]
+           "--repeats", str(repeats), "--weight-scale", weight_scale]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -157,10 +160,12 @@ def main() -> None:
     parser.add_argument("--tuning-db", default="", help="also run tvm with this tuning database")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for every child (repeatable)")
+    parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel",
+                        help="FracConfig.weight_scale of the compiled rows")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.repeats)))
+        print(json.dumps(child(*args.child, args.repeats, args.weight_scale)))
         return
     env = {}
     for item in args.env:
@@ -178,13 +183,15 @@ def main() -> None:
     header("Training step: time and memory, fp32 vs compiled a=w=g=8 symmetric "
            "(reference and TVM backends)")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"environment of every child: {' '.join(args.env) or '(as inherited)'}")
+    print(f"environment of every child: {' '.join(args.env) or '(as inherited)'}; "
+          f"weight_scale {args.weight_scale}")
     base = {m: run_child("-", m, 0, env).get("rss_mb") for m in ("import", "import-tvm")}
     rows, notes = [], []
     modes = list(MODES) + ([f"tvm-tuned:{os.path.abspath(args.tuning_db)}"] if args.tuning_db
                            else [])
     for key in keys:
-        res = {mode.partition(":")[0]: run_child(key, mode, args.repeats, env) for mode in modes}
+        res = {mode.partition(":")[0]: run_child(key, mode, args.repeats, env,
+                                                         args.weight_scale) for mode in modes}
         fp = res["fp32"]
         for mode in [m.partition(":")[0] for m in modes]:
             r = res[mode]

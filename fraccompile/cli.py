@@ -59,6 +59,8 @@ def transform(
     pipeline: Annotated[Optional[str], typer.Option(help="pass pipeline: default or dfq")] = None,
     backend: Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")] = None,
     scheme: Annotated[Optional[str], typer.Option(help="sbm or symmetric")] = None,
+    weight_scale: Annotated[Optional[str], typer.Option(
+        help="weight ranges per output channel (default) or per tensor")] = None,
 ) -> None:
     """Compile a model and write transformed.py, graph.json and report.md."""
     from .api import compile as frac_compile
@@ -69,7 +71,7 @@ def transform(
     cfg = _load_config(config, leaf, capture)
     if pipeline:
         cfg = cfg.replace(pipeline=pipeline)
-    cfg = _override(cfg, backend=backend, scheme=scheme)
+    cfg = _override(cfg, backend=backend, scheme=scheme, weight_scale=weight_scale)
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
     console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
@@ -178,6 +180,8 @@ def train(
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
     backend: Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")] = None,
     scheme: Annotated[Optional[str], typer.Option(help="sbm or symmetric")] = None,
+    weight_scale: Annotated[Optional[str], typer.Option(
+        help="weight ranges per output channel (default) or per tensor")] = None,
     kernels: Annotated[Optional[Path], typer.Option(help="tvm: kernels written by `export`")] = None,
     tuning_db: Annotated[Optional[Path], typer.Option(help="tvm: a `tune` database")] = None,
     seed: Annotated[int, typer.Option()] = 0,
@@ -198,7 +202,7 @@ def train(
     sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step,
                            beta)
     cfg = _override(_load_config(config, [], None), backend=backend, scheme=scheme,
-                    kernels=str(kernels) if kernels else None,
+                    weight_scale=weight_scale, kernels=str(kernels) if kernels else None,
                     tuning_db=str(tuning_db) if tuning_db else None)
     if schedule in ("dfq", "fractrain"):
         cfg = cfg.replace(pipeline="dfq", gate_mode=gate_mode)

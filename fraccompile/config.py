@@ -17,6 +17,7 @@ from .errors import ConfigError
 
 CONFIG_VERSION = 1
 SCHEMES = ("sbm", "symmetric")
+WEIGHT_SCALES = ("channel", "tensor")
 BACKENDS = ("reference", "tvm")
 CAPTURE_METHODS = ("auto", "fx", "export")
 OP_KINDS = ("conv", "linear", "matmul")
@@ -56,6 +57,10 @@ class FracConfig:
             every site; 0 keeps that tensor in full precision. The controller changes them later.
         scheme: ``"sbm"`` (FracTrain's asymmetric min/max quantizer) or ``"symmetric"`` (zero point
             0, maps onto int8 kernels).
+        weight_scale: ``"channel"`` (one range per output channel, FracTrain's and the default) or
+            ``"tensor"`` (one range per weight tensor). With ``"tensor"`` the error backprop of
+            linear sites on the ``tvm`` backend is an integer GEMM too (with per-channel scales it
+            runs in fp32, see DESIGN.md section 2); coarser weight grids cost accuracy at low bits.
         full_precision: sites kept as the original op: fnmatch patterns of site names, plus the
             selectors ``@first_conv`` and ``@last_linear`` (the paper keeps both in fp32).
         ops: which op kinds become sites (``conv``, ``linear``, ``matmul``).
@@ -85,6 +90,7 @@ class FracConfig:
     w: int = 8
     g: int = 8
     scheme: str = "sbm"
+    weight_scale: str = "channel"
     full_precision: tuple[str, ...] = (FIRST_CONV, LAST_LINEAR)
     ops: tuple[str, ...] = OP_KINDS
     backend: str = "reference"
@@ -105,6 +111,7 @@ class FracConfig:
         for name in ("a", "w", "g"):
             check_bits(f"FracConfig.{name}", getattr(self, name))
         _check_choice("FracConfig.scheme", self.scheme, SCHEMES)
+        _check_choice("FracConfig.weight_scale", self.weight_scale, WEIGHT_SCALES)
         _check_choice("FracConfig.backend", self.backend, BACKENDS)
         _check_choice("FracConfig.capture", self.capture, CAPTURE_METHODS)
         object.__setattr__(self, "full_precision",

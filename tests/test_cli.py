@@ -122,6 +122,17 @@ def test_transform_config_saved_by_fracconfig_and_capture_option(out_root):
     assert graph["config"]["scheme"] == "symmetric" and graph["config"]["capture"] == "export"
 
 
+def test_transform_weight_scale_option(out_root):
+    out = out_root / "weight_scale"
+    res = invoke("transform", EXAMPLES / "transformer_lm.py", "--input-shape", "2,16",
+                 "--weight-scale", "tensor", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "graph.json").read_text())["config"]["weight_scale"] == "tensor"
+    bad = invoke("transform", EXAMPLES / "transformer_lm.py", "--input-shape", "2,16",
+                 "--weight-scale", "rows", "--out", out_root / "bad_scale")
+    assert bad.exit_code != 0 and "weight_scale" in bad.output and "tensor" in bad.output
+
+
 # -- bad input: one line on stderr -----------------------------------------------------------------
 def _bad_inputs(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     """id -> (argv after `fraccompile`, substrings the error line must contain)."""

@@ -395,3 +395,17 @@ def test_bits_zero_returns_the_input_object(scheme, bits):
 def test_unknown_scheme_raises():
     with pytest.raises(ValueError, match="scheme"):
         qparams_from_range(torch.tensor(0.0), torch.tensor(1.0), 8, "nope")
+
+
+def test_per_tensor_weight_scale_puts_every_channel_on_one_grid():
+    """quantize_weight(per_channel=False): one scale for the whole tensor (the largest |w|), so a
+    channel of small weights lands on the coarse grid of the large ones; the default keeps a grid
+    per channel."""
+    from fraccompile.ops.quantizers import quantize_weight
+    w = torch.stack([torch.linspace(-1, 1, 9), torch.linspace(-0.01, 0.01, 9)])
+    tensor = quantize_weight(w, 4, "symmetric", per_channel=False)
+    step = 1 / 7  # the signed 4-bit grid is -7..7
+    assert torch.allclose(tensor / step, (tensor / step).round(), atol=1e-5)
+    assert torch.count_nonzero(tensor[1]) == 0  # 0.01 < step / 2: the small channel vanishes
+    channel = quantize_weight(w, 4, "symmetric")
+    assert torch.count_nonzero(channel[1]) == 8 and torch.allclose(channel[1], w[1], atol=0.01 / 14)

@@ -194,9 +194,11 @@ def _compare(op, args):
     return errs
 
 
-def _module_site(module: torch.nn.Module, x: torch.Tensor, prec=Precision(8, 8, 8)):
+def _module_site(module: torch.nn.Module, x: torch.Tensor, prec=Precision(8, 8, 8),
+                 weight_scale="channel"):
     fm = fraccompile.compile(torch.nn.Sequential(module), x,
-                             FracConfig(scheme="symmetric", full_precision=()))
+                             FracConfig(scheme="symmetric", full_precision=(),
+                                        weight_scale=weight_scale))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
     return op, (x, tuple(prec))
 
@@ -279,6 +281,28 @@ def test_bias_gradient_code_sums_are_exact(shape, dim, channels_last):
 def test_linear_roles_match_reference(bits, shape):
     torch.manual_seed(len(shape))
     _compare(*_module_site(torch.nn.Linear(33, 19), torch.randn(*shape), Precision(*bits)))
+
+
+@pytest.mark.parametrize("module,shape", [(torch.nn.Linear(33, 19), (2, 5, 33)),
+                                          (torch.nn.Linear(40, 70), (130, 40)),
+                                          (CONVS[1][0], CONVS[1][1])])
+def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(module, shape,
+                                                                             monkeypatch):
+    """weight_scale="tensor": every role still equals the reference backend (which quantizes the
+    weights per tensor too), and a linear site's error backprop becomes an integer GEMM."""
+    from fraccompile.targets.backend import TVMBackend
+    roles = []
+    gemm = TVMBackend.gemm
+
+    def counting(self, a, b):
+        roles.append(self.where[1])
+        return gemm(self, a, b)
+    monkeypatch.setattr(TVMBackend, "gemm", counting)
+    torch.manual_seed(0)
+    op, args = _module_site(copy.deepcopy(module), torch.randn(*shape), weight_scale="tensor")
+    assert "weight_scale=tensor" in repr(op)
+    _compare(op, args)
+    assert ("eb" in roles) == isinstance(module, torch.nn.Linear)
 
 
 class _MatMul(torch.nn.Module):

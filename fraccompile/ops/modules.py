@@ -57,11 +57,12 @@ class FracOp(nn.Module):
 
     def __init__(self, site: str, spec: SiteSpec, *, scheme: str, momentum: float,
                  backend: str | KernelBackend = "reference", weight: nn.Parameter | None = None,
-                 bias: nn.Parameter | None = None):
+                 bias: nn.Parameter | None = None, weight_scale: str = "channel"):
         super().__init__()
         self.site = site
         self.spec = spec
         self.scheme = scheme
+        self.weight_scale = weight_scale  # "channel" or "tensor" (FracConfig.weight_scale)
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         self.owns_weight = weight is not None
         if self.owns_weight:
@@ -74,7 +75,8 @@ class FracOp(nn.Module):
             self.rhs_range = RunningRange(momentum)
 
     def extra_repr(self) -> str:
-        return f"site={self.site!r}, op={self.spec.describe()}, scheme={self.scheme}, " \
+        scale = "" if self.weight_scale == "channel" else f", weight_scale={self.weight_scale}"
+        return f"site={self.site!r}, op={self.spec.describe()}, scheme={self.scheme}{scale}, " \
                f"backend={self.backend.name}"
 
     def forward(self, x: torch.Tensor, *operands):
@@ -107,8 +109,9 @@ class FracOp(nn.Module):
             return self._quantize_input(w, bits, self.rhs_range)
         if not bits:
             return w
-        return STEQuantize.apply(w, functools.partial(quantize_weight, bits=bits,
-                                                      scheme=self.scheme))
+        return STEQuantize.apply(w, functools.partial(
+            quantize_weight, bits=bits, scheme=self.scheme,
+            per_channel=self.weight_scale == "channel"))
 
     def kernel_status(self, prec: Precision) -> tuple[str, str | None]:
         """``(backend that runs this site at prec, why not the configured one)``."""

@@ -108,11 +108,18 @@ def fake_quantize(x: torch.Tensor, qp: QParams, *, stochastic: bool = False,
     return torch.addcmul(qp.zero, q, qp.scale, out=q).to(x.dtype)
 
 
-def quantize_weight(w: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
-    """Per-output-channel (dim 0) range, round to nearest (symmetric: the signed grid)."""
+def weight_range(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight's range: per output channel (dim 0, shaped to broadcast), or of the whole tensor."""
+    return channel_range(w, 0) if per_channel else tensor_range(w)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, scheme: str, per_channel: bool = True
+                    ) -> torch.Tensor:
+    """Per-output-channel (dim 0) range, or per-tensor with ``per_channel=False``; round to
+    nearest (symmetric: the signed grid)."""
     if not bits:
         return w
-    lo, hi = channel_range(w, 0)
+    lo, hi = weight_range(w, per_channel)
     return fake_quantize(w, qparams_from_range(lo, hi, bits, scheme, signed=True))
 
 

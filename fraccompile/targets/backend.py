@@ -20,7 +20,9 @@ weight GC     A = dyᵀ, B = xᵀ (colsᵀ) → ``dw``      A = xᵀ, B = dyᵀ 
 
 EB of a weight site is not an integer GEMM: the weights have one scale per output channel, and EB
 sums over output channels, so the scales cannot be taken out of the sum; it runs as an fp32 GEMM
-on exactly the reference backend's operands (DESIGN.md section 2 fixes per-channel weights).
+on exactly the reference backend's operands (DESIGN.md section 2 fixes per-channel weights). With
+``FracConfig(weight_scale="tensor")`` a linear site's EB is an integer GEMM (A = dy, B = wᵀ); a
+conv's stays fp32 (its transposed conv would need a col2im, and im2col already dominates).
 
 Signs: a signed A (activations with negatives, gradients) is shifted by +128 into u8 (an XOR of
 the sign bit) and an unsigned 8-bit B by -128 into s8; ``C = C' + β·Σa - α·Σb + αβK`` undoes it.
@@ -36,7 +38,7 @@ import torch
 from torch.autograd import Function
 
 from ..ops.backend import ReferenceBackend
-from ..ops.quantizers import channel_range, qparams_from_range, quantize_to_int, tensor_range
+from ..ops.quantizers import qparams_from_range, quantize_to_int, tensor_range, weight_range
 from ..ops.spec import Precision, SiteSpec
 from .cache import KernelCache
 from .kernels import JitKernels, KernelRef, Recorder
@@ -236,7 +238,7 @@ class TVMBackend(ReferenceBackend):
             wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, "symmetric"),
                            kernel=kernel)
         else:
-            wlo, whi = channel_range(w, 0)
+            wlo, whi = weight_range(w, per_channel=op.weight_scale == "channel")
             wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, "symmetric",
                                                           signed=True), kernel=kernel)
         return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self, op.site)
@@ -268,6 +270,10 @@ class TVMBackend(ReferenceBackend):
             C = self.gemm(dyb, yb)                                 # (G, M, K)
             dx = C.float() * (dyq.scale * wq.scale)
             return dx.reshape(*_bcast_batch(x_shape, w_shape), *dx.shape[-2:]).sum_to_size(x_shape)
+        if spec.kind == "linear" and wq.scale.numel() == 1:  # one weight scale: integer GEMM
+            N = w_shape[0]
+            C = self.gemm(dyq.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0))[0]  # dy·w
+            return (C.float() * (dyq.scale * wq.scale)).reshape(*x_shape)
         # per-channel weight scales sit on the reduction axis: fp32 on the reference's operands
         dy, w = dyq.dequantize(), wq.dequantize()
         if spec.kind == "linear":
