@@ -281,9 +281,8 @@ class TVMBackend(ReferenceBackend):
         n = spec.conv_dims
         # dx takes the layout of the (unused) input argument: x's, so that the elementwise
         # backward ops downstream (ReLU, BatchNorm, the residual sum) see one layout, not two
-        like = xq.codes if _dense_perm(xq.codes) is not None else dy
-        x_like = torch.empty_like(like, dtype=dy.dtype) if tuple(like.shape) == tuple(x_shape) \
-            else dy.new_empty(x_shape)
+        x_like = (torch.empty_like(xq.codes, dtype=dy.dtype) if _dense_perm(xq.codes) is not None
+                  else dy.new_empty(x_shape))
         return torch.ops.aten.convolution_backward(
             dy, x_like, w, None, list(spec.stride), list(spec.gemm_padding(w.shape)),
             list(spec.dilation), False, [0] * n, spec.groups, [True, False, False])[0]
