@@ -14,6 +14,8 @@ and data order) for every run.
     python bench/accuracy_cifar10.py --report-only      # table + plots from finished runs
     python bench/accuracy_cifar10.py --runs dfq dfq-dense --seed 1 --out bench/runs/acc_seed1
                                                         # another seed (init, data order, augment)
+    python bench/accuracy_cifar10.py --runs dfq --beta 8 --out bench/runs/acc_beta8
+                                                        # the cost regularizer's weight (default 2)
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ RUNS = ("fp32", "sbm", "pfq", "cpt", "dfq", "fractrain", "dfq-dense")
 DFQ_RUNS = ("dfq", "fractrain", "dfq-dense")
 
 
-def make_schedule(name: str, iters: int, pfq_every: int):
+def make_schedule(name: str, iters: int, pfq_every: int, beta: float = 2.0):
     if name == "fp32":
         return Static(0, 0, 0)
     if name == "sbm":
@@ -51,9 +53,9 @@ def make_schedule(name: str, iters: int, pfq_every: int):
     # cp counts the fp32 first conv and last linear too: ResNet-20's floor with the cheapest
     # candidate (3/6, w 8) is about 4.0% and static 8/8/8 is about 7.3%, so targets sit between
     if name in ("dfq", "dfq-dense"):
-        return DFQ(0.05)
+        return DFQ(0.05, beta=beta)
     if name == "fractrain":
-        return FracTrain(0.045, 0.005, eval_every=pfq_every, eps=0.05, alpha=0.3)
+        return FracTrain(0.045, 0.005, beta=beta, eval_every=pfq_every, eps=0.05, alpha=0.3)
     raise ValueError(name)
 
 
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="model init, training-data order and augmentation (the test images "
                              "stay the same)")
+    parser.add_argument("--beta", type=float, default=2.0,
+                        help="weight of the cost regularizer of the DFQ and FracTrain runs")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -91,9 +95,9 @@ def main() -> None:
             fm = fraccompile.compile(model, torch.zeros(args.batch, 3, 32, 32),
                                      **(gates if name in DFQ_RUNS else {}))
             run_dir = out / name
-            print(f"== {name}: {make_schedule(name, args.iters, args.pfq_every).describe()}")
-            result = fit(fm, periodic, iters=args.iters, lr=args.lr,
-                         schedule=make_schedule(name, args.iters, args.pfq_every),
+            schedule = make_schedule(name, args.iters, args.pfq_every, args.beta)
+            print(f"== {name}: {schedule.describe()}")
+            result = fit(fm, periodic, iters=args.iters, lr=args.lr, schedule=schedule,
                          eval_every=args.eval_every, out_dir=run_dir, progress=False, seed=args.seed,
                          model_name="ResNet-20", console=Console(width=160))
             final = evaluate(fm, full.test_batches(500))
