@@ -502,9 +502,11 @@ def test_gpu_extremes_and_stream():
 
 
 @gpu
-def test_gpu_training_step_matches_the_reference_backend():
+@pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
+def test_gpu_training_step_matches_the_reference_backend(weight_scale):
     """A step of a small conv + linear + matmul model on the GPU: the tvm backend (dp4a GEMMs)
-    gives the reference backend's loss and gradients (TF32 off, so the reference is plain fp32)."""
+    gives the reference backend's loss and gradients (TF32 off, so the reference is plain fp32).
+    With one weight range per tensor the linear sites' error backprop runs on dp4a too."""
     import copy
 
     import torch.nn.functional as F
@@ -533,7 +535,8 @@ def test_gpu_training_step_matches_the_reference_backend():
     out = {}
     for be in ("reference", "tvm"):
         m = copy.deepcopy(model)
-        cfg = FracConfig(scheme="symmetric", backend=be, full_precision=("out",))
+        cfg = FracConfig(scheme="symmetric", backend=be, full_precision=("out",),
+                         weight_scale=weight_scale)
         fm = fraccompile.compile(m, x, cfg).cuda()
         torch.manual_seed(1)
         loss = F.cross_entropy(fm(x.cuda()), y.cuda())
