@@ -102,9 +102,9 @@ def _b_definition(layout: str):
     predicate). ``"kn"`` is written out: each inner 16x4 block loads four 16-byte rows into a local
     buffer and stores them interleaved, and edge blocks run scalar. The TE form of ``"kn"`` ran
     at about 1 GB/s (0.86 against 0.34 ms for a 2048x2048 pack on 2 cores)."""
-    G, N, K, NB, KB = _vars("G", "N", "K", "NB", "KB")
     if layout == "kn":
         return _b_kn_definition()
+    G, N, K, NB, KB = _vars("G", "N", "K", "NB", "KB")
     src = te.placeholder((G, N, K), "uint8", name="src")
     flip = te.placeholder((1,), "uint8", name="flip")
 
