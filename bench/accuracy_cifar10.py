@@ -98,7 +98,8 @@ def main() -> None:
             schedule = make_schedule(name, args.iters, args.pfq_every, args.beta)
             print(f"== {name}: {schedule.describe()}")
             result = fit(fm, periodic, iters=args.iters, lr=args.lr, schedule=schedule,
-                         eval_every=args.eval_every, out_dir=run_dir, progress=False, seed=args.seed,
+                         eval_every=args.eval_every, out_dir=run_dir, progress=False,
+                         seed=args.seed,
                          model_name="ResNet-20", console=Console(width=160))
             final = evaluate(fm, full.test_batches(500))
             (run_dir / "final.json").write_text(json.dumps(

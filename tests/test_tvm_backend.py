@@ -266,7 +266,8 @@ def test_conv_input_gradient_keeps_the_input_layout(channels_last):
 ])
 def test_bias_gradient_code_sums_are_exact(shape, dim, channels_last):
     from fraccompile.targets.backend import _channel_sums
-    c = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
     if channels_last:
         c = c.contiguous(memory_format=torch.channels_last)
     ref = c.sum([d for d in range(c.dim()) if d != dim], dtype=torch.int64)

@@ -432,7 +432,7 @@ def _im2col(codes: torch.Tensor, spec: SiteSpec, w_shape) -> tuple[torch.Tensor,
     kernel offset copies whole channel vectors (a strided NCHW im2col of int8 is ~8x slower);
     the zero padding is code 0 (symmetric scheme). The channels-last codes are padded once, and
     the patches are one strided view of them, materialized by one copy: for ResNet-20's first
-    stage 1.3 ms, against 2.8 ms for a copy per kernel offset."""
+    stage 1.36 ms, against 3.0 ms for a copy per kernel offset (``bench/packing.py``)."""
     n = spec.conv_dims
     pad, ks = spec.gemm_padding(w_shape), list(w_shape[2:])
     N, C, *size = codes.shape
@@ -457,8 +457,9 @@ def _im2col(codes: torch.Tensor, spec: SiteSpec, w_shape) -> tuple[torch.Tensor,
 def _channel_sums(codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Exact sums of int8 codes over every dim but ``channel_dim`` (the bias gradient). Codes with
     32 or more channels innermost in memory are summed as rows of a ``(rows, C)`` matrix in int32
-    (exact below 2**31 / 128 rows): on a (2048, 2048) matrix 1.1 ms against torch's int64
-    reduction's 9.6 ms; with 16 channels the int64 reduction was the faster one."""
+    (exact below 2**31 / 128 rows): on a (2048, 2048) matrix 1.03 ms against torch's int64
+    reduction's 10.1 ms; with 16 channels the int64 reduction is the faster one (0.31 against
+    1.27 ms; ``bench/packing.py``)."""
     C = codes.shape[channel_dim]
     last = codes.movedim(channel_dim, -1)
     rows = codes.numel() // max(C, 1)

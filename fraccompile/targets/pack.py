@@ -38,10 +38,10 @@ def _a_definition(layout: str) -> tvm.tirx.PrimFunc:
 
     Written out in TVMScript: whole rows (``"mk"``) or whole 16x64 tiles (``"km"``) run as vector
     code, the edges as scalar code. The TE form (one compute, its symbolic extent split by 64)
-    kept a bounds predicate in the vector loop, which TVM lowers to scalar code: 1.5 ms against
-    0.04 ms for a 2048x512 ``"mk"`` pack, 0.7 against 0.17 ms for ``"km"`` (2 cores). 16x64 tiles
-    beat 32x32 on a conv's 16 x 131072 gradient (0.77 against 1.15 ms: with 32 rows every tile was
-    an edge) and tied elsewhere."""
+    kept a bounds predicate in the vector loop, which TVM lowers to scalar code: 1.54 against
+    0.07 ms for a 2048x512 ``"mk"`` pack, 1.48 against 0.54 ms for a conv gradient's 16 x 131072
+    ``"km"`` transpose (``bench/packing.py``, 2 cores). The tiles are 16 rows high because a conv
+    gradient has as few as 16 channels: with 32-row tiles every one of its tiles was an edge."""
     L, tm, tk = T.int64(64), T.int64(TILE_M), T.int64(TILE_K)
 
     if layout == "mk":
@@ -100,8 +100,8 @@ def _b_definition(layout: str):
     (G, K, N) (``"kn"``); row ``N`` (when there is room) is ones, so the GEMM also yields A's row
     sums. ``"nk"`` is a TE compute (its vector loop has a static extent of 16, so no bounds
     predicate). ``"kn"`` is written out: each inner 16x4 block loads four 16-byte rows into a local
-    buffer and stores them interleaved, and edge blocks run scalar. The TE form of ``"kn"`` ran
-    at about 1 GB/s (0.86 against 0.34 ms for a 2048x2048 pack on 2 cores)."""
+    buffer and stores them interleaved, and edge blocks run scalar. The TE form of ``"kn"`` took
+    0.87 against 0.37 ms for a 2048x2048 pack (``bench/packing.py``, 2 cores)."""
     if layout == "kn":
         return _b_kn_definition()
     G, N, K, NB, KB = _vars("G", "N", "K", "NB", "KB")

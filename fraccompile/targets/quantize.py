@@ -9,7 +9,8 @@ symbolic variable: one kernel per output dtype and rounding mode serves every te
 The loops are written out (TVMScript) rather than scheduled from a TE compute: blocks of
 :data:`BLOCK` elements run in parallel as whole 64-lane vectors and the tail runs scalar. A split
 of the symbolic length by 64 leaves a bounds predicate in the vector loop, which TVM lowers to
-scalar code: that kernel ran 5-10x slower (4M elements: 1.9 ms against 0.18 ms on 2 cores).
+scalar code: that kernel ran 4-8x slower (4M elements, round to nearest: 2.49 against 0.32 ms
+on 2 cores, ``bench/packing.py``).
 """
 
 from __future__ import annotations
@@ -74,5 +75,5 @@ def schedule(out_dtype: str, stochastic: bool) -> s_tir.Schedule:
 
 @functools.lru_cache(maxsize=None)
 def kernel(out_dtype: str, stochastic: bool):
-    """The compiled quantizer ``main(x, scale, bounds[, u], q)`` (built once per process: ~0.1 s)."""
+    """The compiled quantizer ``main(x, scale, bounds[, u], q)``, built once per process."""
     return tvm.compile(schedule(out_dtype, stochastic).mod, target=detect().target())["main"]
