@@ -18,7 +18,10 @@ sets an environment variable in every child, e.g. ``OMP_WAIT_POLICY=PASSIVE`` (t
 threads sleep instead of spinning between ops) or ``TVM_THREAD_POOL_SPIN_COUNT=300000`` (TVM's
 default spinning, which fraccompile turns off unless the variable is set). ``--weight-scale
 tensor`` compiles the reference and tvm rows with ``FracConfig(weight_scale="tensor")`` (one
-weight range per tensor: the tvm backend's linear error backprop becomes an integer GEMM).
+weight range per tensor: the tvm backend's linear error backprop becomes an integer GEMM), and
+``--rounding-noise counter`` with ``FracConfig(rounding_noise="counter")`` (stochastic rounding's
+noise from a counter-based hash, which the tvm backend computes inside its quantize kernel instead
+of drawing ``torch.rand``).
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ def saved_bytes(model, x, y, loss_fn) -> int:
     return sum(seen.values())
 
 
-def child(key: str, mode: str, repeats: int, weight_scale: str = "channel") -> dict:
+def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict:
+    """One (model, mode) row, in this process; ``fields``: FracConfig fields of compiled rows."""
     mode, _, tuning_db = mode.partition(":")
     if mode in ("tvm", "tvm-tuned", "import-tvm"):  # sets TVM_NUM_THREADS, imports tvm first
         import fraccompile.targets.backend  # noqa: F401
@@ -99,7 +103,7 @@ def child(key: str, mode: str, repeats: int, weight_scale: str = "channel") -> d
     if mode != "fp32":
         cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric",
                                      backend="tvm" if mode == "tvm-tuned" else mode,
-                                     tuning_db=tuning_db, weight_scale=weight_scale)
+                                     tuning_db=tuning_db, **(fields or {}))
         model = fraccompile.compile(model, x, config=cfg)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -141,9 +145,11 @@ def child(key: str, mode: str, repeats: int, weight_scale: str = "channel") -> d
 
 
 def run_child(key: str, mode: str, repeats: int, env: dict | None = None,
-              weight_scale: str = "channel") -> dict:
+              fields: dict | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode,
-           "--repeats", str(repeats), "--weight-scale", weight_scale]
+           "--repeats", str(repeats)]
+    for name, value in (fields or {}).items():
+        cmd += [f"--{name.replace('_', '-')}", value]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -162,10 +168,13 @@ def main() -> None:
                         help="an environment variable for every child (repeatable)")
     parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel",
                         help="FracConfig.weight_scale of the compiled rows")
+    parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="torch",
+                        help="FracConfig.rounding_noise of the compiled rows")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    fields = {"weight_scale": args.weight_scale, "rounding_noise": args.rounding_noise}
     if args.child:
-        print(json.dumps(child(*args.child, args.repeats, args.weight_scale)))
+        print(json.dumps(child(*args.child, args.repeats, fields)))
         return
     env = {}
     for item in args.env:
@@ -184,14 +193,14 @@ def main() -> None:
            "(reference and TVM backends)")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"environment of every child: {' '.join(args.env) or '(as inherited)'}; "
-          f"weight_scale {args.weight_scale}")
+          f"weight_scale {args.weight_scale}, rounding_noise {args.rounding_noise}")
     base = {m: run_child("-", m, 0, env).get("rss_mb") for m in ("import", "import-tvm")}
     rows, notes = [], []
     modes = list(MODES) + ([f"tvm-tuned:{os.path.abspath(args.tuning_db)}"] if args.tuning_db
                            else [])
     for key in keys:
-        res = {mode.partition(":")[0]: run_child(key, mode, args.repeats, env,
-                                                         args.weight_scale) for mode in modes}
+        res = {mode.partition(":")[0]: run_child(key, mode, args.repeats, env, fields)
+               for mode in modes}
         fp = res["fp32"]
         for mode in [m.partition(":")[0] for m in modes]:
             r = res[mode]

@@ -61,6 +61,8 @@ def transform(
     scheme: Annotated[Optional[str], typer.Option(help="sbm or symmetric")] = None,
     weight_scale: Annotated[Optional[str], typer.Option(
         help="weight ranges per output channel (default) or per tensor")] = None,
+    rounding_noise: Annotated[Optional[str], typer.Option(
+        help="stochastic rounding noise: torch (torch.rand, default) or counter (hash)")] = None,
 ) -> None:
     """Compile a model and write transformed.py, graph.json and report.md."""
     from .api import compile as frac_compile
@@ -71,7 +73,8 @@ def transform(
     cfg = _load_config(config, leaf, capture)
     if pipeline:
         cfg = cfg.replace(pipeline=pipeline)
-    cfg = _override(cfg, backend=backend, scheme=scheme, weight_scale=weight_scale)
+    cfg = _override(cfg, backend=backend, scheme=scheme, weight_scale=weight_scale,
+                    rounding_noise=rounding_noise)
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
     console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
@@ -182,6 +185,8 @@ def train(
     scheme: Annotated[Optional[str], typer.Option(help="sbm or symmetric")] = None,
     weight_scale: Annotated[Optional[str], typer.Option(
         help="weight ranges per output channel (default) or per tensor")] = None,
+    rounding_noise: Annotated[Optional[str], typer.Option(
+        help="stochastic rounding noise: torch (torch.rand, default) or counter (hash)")] = None,
     kernels: Annotated[Optional[Path], typer.Option(help="tvm: kernels written by `export`")] = None,
     tuning_db: Annotated[Optional[Path], typer.Option(help="tvm: a `tune` database")] = None,
     seed: Annotated[int, typer.Option()] = 0,
@@ -202,7 +207,8 @@ def train(
     sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step,
                            beta)
     cfg = _override(_load_config(config, [], None), backend=backend, scheme=scheme,
-                    weight_scale=weight_scale, kernels=str(kernels) if kernels else None,
+                    weight_scale=weight_scale, rounding_noise=rounding_noise,
+                    kernels=str(kernels) if kernels else None,
                     tuning_db=str(tuning_db) if tuning_db else None)
     if schedule in ("dfq", "fractrain"):
         cfg = cfg.replace(pipeline="dfq", gate_mode=gate_mode)

@@ -18,6 +18,7 @@ from .errors import ConfigError
 CONFIG_VERSION = 1
 SCHEMES = ("sbm", "symmetric")
 WEIGHT_SCALES = ("channel", "tensor")
+ROUNDING_NOISES = ("torch", "counter")  # stochastic rounding noise (fraccompile.ops.quantizers)
 BACKENDS = ("reference", "tvm")
 CAPTURE_METHODS = ("auto", "fx", "export")
 OP_KINDS = ("conv", "linear", "matmul")
@@ -61,6 +62,11 @@ class FracConfig:
             ``"tensor"`` (one range per weight tensor). With ``"tensor"`` the error backprop of
             linear sites on the ``tvm`` backend is an integer GEMM too (with per-channel scales it
             runs in fp32, see DESIGN.md section 2); coarser weight grids cost accuracy at low bits.
+        rounding_noise: where stochastic rounding of gradients draws its uniform noise:
+            ``"torch"`` (``torch.rand``, the default) or ``"counter"`` (a counter-based hash of each
+            element's index, seeded from torch's generator; the ``tvm`` backend computes it inside
+            its quantize kernel instead of drawing and reading a tensor). Both are seeded by
+            ``torch.manual_seed`` and give the same numbers on every backend.
         full_precision: sites kept as the original op: fnmatch patterns of site names, plus the
             selectors ``@first_conv`` and ``@last_linear`` (the paper keeps both in fp32).
         ops: which op kinds become sites (``conv``, ``linear``, ``matmul``).
@@ -91,6 +97,7 @@ class FracConfig:
     g: int = 8
     scheme: str = "sbm"
     weight_scale: str = "channel"
+    rounding_noise: str = "torch"
     full_precision: tuple[str, ...] = (FIRST_CONV, LAST_LINEAR)
     ops: tuple[str, ...] = OP_KINDS
     backend: str = "reference"
@@ -112,6 +119,7 @@ class FracConfig:
             check_bits(f"FracConfig.{name}", getattr(self, name))
         _check_choice("FracConfig.scheme", self.scheme, SCHEMES)
         _check_choice("FracConfig.weight_scale", self.weight_scale, WEIGHT_SCALES)
+        _check_choice("FracConfig.rounding_noise", self.rounding_noise, ROUNDING_NOISES)
         _check_choice("FracConfig.backend", self.backend, BACKENDS)
         _check_choice("FracConfig.capture", self.capture, CAPTURE_METHODS)
         object.__setattr__(self, "full_precision",

@@ -133,6 +133,17 @@ def test_transform_weight_scale_option(out_root):
     assert bad.exit_code != 0 and "weight_scale" in bad.output and "tensor" in bad.output
 
 
+def test_transform_rounding_noise_option(out_root):
+    out = out_root / "rounding_noise"
+    res = invoke("transform", EXAMPLES / "transformer_lm.py", "--input-shape", "2,16",
+                 "--rounding-noise", "counter", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "graph.json").read_text())["config"]["rounding_noise"] == "counter"
+    bad = invoke("transform", EXAMPLES / "transformer_lm.py", "--input-shape", "2,16",
+                 "--rounding-noise", "philox", "--out", out_root / "bad_noise")
+    assert bad.exit_code != 0 and "rounding_noise" in bad.output and "counter" in bad.output
+
+
 # -- bad input: one line on stderr -----------------------------------------------------------------
 def _bad_inputs(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     """id -> (argv after `fraccompile`, substrings the error line must contain)."""

@@ -9,15 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fraccompile import ConfigError, FracConfig
-from fraccompile.config import (BACKENDS, CAPTURE_METHODS, CONFIG_VERSION, OP_KINDS, SCHEMES,
-                               WEIGHT_SCALES)
+from fraccompile.config import (BACKENDS, CAPTURE_METHODS, CONFIG_VERSION, OP_KINDS,
+                               ROUNDING_NOISES, SCHEMES, WEIGHT_SCALES)
 
 FIELDS = sorted(f.name for f in dataclasses.fields(FracConfig))
 
 NON_DEFAULT = FracConfig(a=4, w=6, g=0, scheme="symmetric", full_precision=("layer1.*", "@first_conv"),
                          ops=("conv", "matmul"), backend="tvm", capture="export",
                          leaf_modules=("ValueGate", "blocks.0.attn"), pipeline="default",
-                         act_momentum=0.25, weight_scale="tensor")
+                         act_momentum=0.25, weight_scale="tensor", rounding_noise="counter")
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -41,6 +41,7 @@ def test_good_bits_accepted(field, value):
     ("backend", "cuda", BACKENDS),
     ("capture", "dynamo", CAPTURE_METHODS),
     ("weight_scale", "row", WEIGHT_SCALES),
+    ("rounding_noise", "philox", ROUNDING_NOISES),
 ])
 def test_unknown_choice_raises_naming_field_and_choices(field, value, allowed):
     with pytest.raises(ConfigError, match=rf"FracConfig\.{field}\b") as info:

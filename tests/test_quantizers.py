@@ -409,3 +409,72 @@ def test_per_tensor_weight_scale_puts_every_channel_on_one_grid():
     assert torch.count_nonzero(tensor[1]) == 0  # 0.01 < step / 2: the small channel vanishes
     channel = quantize_weight(w, 4, "symmetric")
     assert torch.count_nonzero(channel[1]) == 8 and torch.allclose(channel[1], w[1], atol=0.01 / 14)
+
+
+# -- stochastic rounding's counter noise -----------------------------------------------------------
+def _lowbias32_numpy(index: np.ndarray, seed: int) -> np.ndarray:
+    """counter_noise written independently, in numpy uint32 (wrapping, logical shifts)."""
+    with np.errstate(over="ignore"):
+        h = index.astype(np.uint32) * np.uint32(0x9E3779B1) ^ np.uint32(seed & 0xFFFFFFFF)
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x7FEB352D)
+        h ^= h >> np.uint32(15)
+        h *= np.uint32(0x846CA68B)
+        h ^= h >> np.uint32(16)
+    return (h >> np.uint32(8)).astype(np.float64) * 2.0 ** -24
+
+
+@pytest.mark.parametrize("seed", [0, 1, -1, 2**31 - 2, -2**31, 123456789])
+def test_counter_noise_matches_an_independent_uint32_implementation(seed):
+    from fraccompile.ops.quantizers import counter_noise
+    shape = (3, 5, 7, 11)
+    got = counter_noise(shape, torch.tensor([seed], dtype=torch.int32))
+    want = _lowbias32_numpy(np.arange(math.prod(shape)), seed).reshape(shape)
+    assert got.dtype == torch.float32 and got.shape == shape
+    assert np.array_equal(got.double().numpy(), want)
+    assert 0 <= got.min() and got.max() < 1
+
+
+def test_counter_noise_is_uniform_and_uncorrelated():
+    """1M draws: mean, variance, a chi-square over 64 bins and the lag-1 / lag-(row) correlations
+    of a U[0, 1) sample; two seeds give unrelated noise."""
+    from fraccompile.ops.quantizers import counter_noise
+    n = 1 << 20
+    u = counter_noise((n,), torch.tensor([7], dtype=torch.int32)).double()
+    assert abs(u.mean().item() - 0.5) < 4 * math.sqrt(1 / 12 / n)
+    assert abs(u.var().item() - 1 / 12) < 1e-3
+    counts = torch.bincount((u * 64).long(), minlength=64).double()
+    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum().item()
+    assert chi2 < 120  # 63 degrees of freedom: P(chi2 > 120) < 1e-5
+    for lag in (1, 16, 1024):
+        c = torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1].item()
+        assert abs(c) < 5 / math.sqrt(n), (lag, c)
+    v = counter_noise((n,), torch.tensor([8], dtype=torch.int32)).double()
+    assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 5 / math.sqrt(n)
+
+
+def test_counter_noise_seeds_follow_torch_manual_seed():
+    from fraccompile.ops.quantizers import uniform_noise
+    torch.manual_seed(3)
+    a = uniform_noise((4, 9), "counter")
+    b = uniform_noise((4, 9), "counter")
+    torch.manual_seed(3)
+    assert torch.equal(a, uniform_noise((4, 9), "counter")) and not torch.equal(a, b)
+    gen = torch.Generator().manual_seed(3)
+    assert torch.equal(uniform_noise((2, 2), "counter", gen),
+                       uniform_noise((2, 2), "counter", torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="counter"):
+        uniform_noise((2,), "philox")
+
+
+@pytest.mark.parametrize("noise", ["torch", "counter"])
+def test_stochastic_rounding_is_unbiased_with_either_noise(noise):
+    """E[fake_quantize(x)] = x inside the range: the mean of 4096 roundings of each value is within
+    a few standard errors of it (a biased noise, e.g. u in [0, 0.9), fails)."""
+    x = torch.linspace(-0.9, 0.9, 37)
+    qp = qparams_from_range(torch.tensor(-1.0), torch.tensor(1.0), 3, "symmetric", signed=True)
+    torch.manual_seed(0)
+    mean = torch.stack([fake_quantize(x, qp, stochastic=True, noise=noise)
+                        for _ in range(4096)]).mean(0)
+    step = qp.scale.item()
+    assert (mean - x).abs().max().item() < 4 * step / 2 / math.sqrt(4096)

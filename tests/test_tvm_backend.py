@@ -139,14 +139,18 @@ def test_kernel_without_vnni_is_exact():
     assert torch.equal(C.long(), A.long() @ B.long().mT)
 
 
-@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("stochastic,noise", [(False, "torch"), (True, "torch"),
+                                              (True, "counter")])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_fused_quantize_gives_the_reference_codes(stochastic, layout):
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 37, 3, 21)])
+def test_fused_quantize_gives_the_reference_codes(stochastic, noise, layout, shape):
+    """Counter noise: the kernel computes it per element from the logical index (16-lane vectors
+    and scalar tails: 9, 21 and 37 elements per row)."""
     from fraccompile.ops.quantizers import qparams_from_range, quantize_to_int
     from fraccompile.targets.backend import _to_codes
 
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 5, 7, 9, generator=gen)
+    x = torch.randn(*shape, generator=gen)
     x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 2.5])  # ties: round half to even
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -156,9 +160,9 @@ def test_fused_quantize_gives_the_reference_codes(stochastic, layout):
         xs = x if signed else x.clamp_min(0)
         qp = qparams_from_range(xs.min(), xs.max(), 8, "symmetric")
         torch.manual_seed(9)
-        ref = quantize_to_int(xs, qp, stochastic=stochastic)
+        ref = quantize_to_int(xs, qp, stochastic=stochastic, noise=noise)
         torch.manual_seed(9)
-        got = _to_codes(xs, qp, stochastic=stochastic)
+        got = _to_codes(xs, qp, stochastic=stochastic, noise=noise)
         assert got.codes.dtype == (torch.int8 if signed else torch.uint8)
         assert torch.equal(got.codes.float(), ref)
 
@@ -346,8 +350,10 @@ def test_every_site_of_each_example_matches_reference(example):
         _compare(op, args)
 
 
-def test_training_step_close_to_reference():
-    """A whole step of a small CNN: same loss and gradients within 1e-5.
+@pytest.mark.parametrize("noise", ["torch", "counter"])
+def test_training_step_close_to_reference(noise):
+    """A whole step of a small CNN: same loss and gradients within 1e-5, with either rounding
+    noise.
 
     (Deeper models can differ by more in a whole step: a 1e-7 fp32 difference that moves a value
     across a rounding boundary changes its code, which batch norm then amplifies — hence the
@@ -360,7 +366,8 @@ def test_training_step_close_to_reference():
     out = {}
     for be in ("reference", "tvm"):
         m = copy.deepcopy(model)
-        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend=be))
+        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend=be,
+                                                  rounding_noise=noise))
         torch.manual_seed(1)
         loss = F.cross_entropy(fm(x), y)
         loss.backward()

@@ -4,7 +4,7 @@
   (straight-through estimator).
 * :class:`SiteGemm` — forward: the backend's forward GEMM on already-quantized operands, saving those
   quantized operands (not the full-precision ones) for backward; backward: quantizes ``dy`` once with
-  stochastic rounding (precision ``g``) and feeds it to both backward GEMMs and the bias gradient.
+  stochastic rounding (precision ``g``, noise drawn the ``noise`` way) and feeds it to both backward GEMMs and the bias gradient.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ class STEQuantize(Function):
 class SiteGemm(Function):
     @staticmethod
     def forward(ctx, qx: torch.Tensor, qw: torch.Tensor, bias: torch.Tensor | None, spec: SiteSpec,
-                g_bits: int, scheme: str, backend: KernelBackend):
+                g_bits: int, scheme: str, backend: KernelBackend, noise: str = "torch"):
         ctx.save_for_backward(qx, qw)
         ctx.spec, ctx.g_bits, ctx.scheme, ctx.backend = spec, g_bits, scheme, backend
+        ctx.noise = noise
         ctx.has_bias = bias is not None
         return backend.forward(spec, qx, qw, bias)
 
@@ -43,13 +44,13 @@ class SiteGemm(Function):
         qx, qw = ctx.saved_tensors
         spec, backend = ctx.spec, ctx.backend
         if isinstance(ctx.g_bits, torch.Tensor):  # per-sample precisions (routed DFQ)
-            dyq = quantize_gradient_rows(dy, ctx.g_bits, ctx.scheme)
+            dyq = quantize_gradient_rows(dy, ctx.g_bits, ctx.scheme, noise=ctx.noise)
         else:
-            dyq = quantize_gradient(dy, ctx.g_bits, ctx.scheme)
+            dyq = quantize_gradient(dy, ctx.g_bits, ctx.scheme, noise=ctx.noise)
         dx = backend.grad_input(spec, dyq, qx, qw) if ctx.needs_input_grad[0] else None
         dw = backend.grad_weight(spec, qx, dyq, qw) if ctx.needs_input_grad[1] else None
         db = backend.grad_bias(spec, dyq) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 class GateProbe(Function):

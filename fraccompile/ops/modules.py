@@ -57,12 +57,14 @@ class FracOp(nn.Module):
 
     def __init__(self, site: str, spec: SiteSpec, *, scheme: str, momentum: float,
                  backend: str | KernelBackend = "reference", weight: nn.Parameter | None = None,
-                 bias: nn.Parameter | None = None, weight_scale: str = "channel"):
+                 bias: nn.Parameter | None = None, weight_scale: str = "channel",
+                 rounding_noise: str = "torch"):
         super().__init__()
         self.site = site
         self.spec = spec
         self.scheme = scheme
         self.weight_scale = weight_scale  # "channel" or "tensor" (FracConfig.weight_scale)
+        self.rounding_noise = rounding_noise  # "torch" or "counter" (FracConfig.rounding_noise)
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         self.owns_weight = weight is not None
         if self.owns_weight:
@@ -76,6 +78,8 @@ class FracOp(nn.Module):
 
     def extra_repr(self) -> str:
         scale = "" if self.weight_scale == "channel" else f", weight_scale={self.weight_scale}"
+        if self.rounding_noise != "torch":
+            scale += f", rounding_noise={self.rounding_noise}"
         return f"site={self.site!r}, op={self.spec.describe()}, scheme={self.scheme}{scale}, " \
                f"backend={self.backend.name}"
 
@@ -169,7 +173,8 @@ class FracOp(nn.Module):
             extra = spec.same_extra_pad(tuple(w.shape))
             if extra:
                 qx = F.pad(qx, extra)
-        return SiteGemm.apply(qx, qw, b, spec, g_bits, self.scheme, self.backend)
+        return SiteGemm.apply(qx, qw, b, spec, g_bits, self.scheme, self.backend,
+                              self.rounding_noise)
 
 
 class PrecisionReader(nn.Module):

@@ -12,6 +12,15 @@ fake-quantized value is ``q * scale + zero``.
   ``-(2**(bits-1)-1)..2**(bits-1)-1`` with ``scale = max|x| / (2**(bits-1) - 1)`` (restricted range,
   so ``-x`` quantizes like ``x``); activations use it too unless they are non-negative, in which
   case they use the unsigned grid ``0..2**bits-1`` with ``scale = max / (2**bits - 1)``.
+
+Stochastic rounding adds uniform noise ``u`` in [0, 1) drawn one of two ways
+(``FracConfig.rounding_noise``):
+
+* ``torch``: ``torch.rand`` from the generator (the default);
+* ``counter``: a counter-based hash of each element's logical index and a 32-bit seed drawn from
+  the generator (:func:`counter_noise`). The same seed gives the same noise in any memory layout and
+  on any device, and an integer kernel can compute it in registers instead of reading a drawn
+  tensor (the ``tvm`` backend does).
 """
 
 from __future__ import annotations
@@ -20,10 +29,58 @@ from typing import NamedTuple
 
 import torch
 
+from ..config import ROUNDING_NOISES
+
 # Floor of the quantization step, only there to avoid dividing by zero: a zero-range (constant)
 # tensor then quantizes exactly. SBM floors at 1e-8, which flushes tensors whose whole range is below
 # ~1e-6 (deep gradients can be) to their minimum; the smallest normal float keeps them.
 MIN_SCALE = float(torch.finfo(torch.float32).tiny)
+
+# counter_noise's constants (int32 views of uint32 odd multipliers): the golden-ratio step spreads
+# consecutive indices, then Wellons' "lowbias32" finalizer (two xor-shift-multiply rounds).
+NOISE_STEP, NOISE_MUL1, NOISE_MUL2 = 0x9E3779B1, 0x7FEB352D, 0x846CA68B
+NOISE_BITS = 24  # u = (hash >> 8) * 2**-24: every value exact in fp32, 0 <= u < 1
+
+
+def _i32(value: int) -> int:
+    """A uint32 constant as the int32 with the same bits (torch has no uint32 arithmetic)."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def noise_seed(generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 32-bit seed of one :func:`counter_noise` draw, from ``generator`` (torch's default one
+    when None), as a one-element int32 tensor on ``device`` (no host sync on a GPU)."""
+    return torch.randint(-2**31, 2**31 - 1, (1,), generator=generator, dtype=torch.int32,
+                         device=device if generator is None else generator.device).to(device)
+
+
+def counter_noise(shape, seed: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform noise in [0, 1) of ``shape`` (fp32): element ``i`` (its row-major logical index,
+    modulo 2**32) gets ``lowbias32((i * NOISE_STEP) ^ seed) >> 8`` scaled by 2**-24.
+
+    Integer arithmetic wraps modulo 2**32 in int32 (torch's and the kernels'); right shifts are
+    logical (masked after torch's arithmetic shift)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    x = torch.arange(n, dtype=torch.int32, device=device)
+    x.mul_(_i32(NOISE_STEP)).bitwise_xor_(seed.to(device=device, dtype=torch.int32))
+    x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF)).mul_(_i32(NOISE_MUL1))
+    x.bitwise_xor_(x.bitwise_right_shift(15).bitwise_and_(0x1FFFF)).mul_(_i32(NOISE_MUL2))
+    x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
+    u = x.bitwise_right_shift_(32 - NOISE_BITS).bitwise_and_((1 << NOISE_BITS) - 1).float()
+    return u.mul_(2.0 ** -NOISE_BITS).view(tuple(shape))
+
+
+def uniform_noise(shape, noise: str = "torch", generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stochastic rounding's ``u ~ U[0, 1)`` (fp32) drawn the ``noise`` way."""
+    if noise == "torch":
+        return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    if noise == "counter":
+        return counter_noise(shape, noise_seed(generator, device), device)
+    raise ValueError(f"unknown rounding noise {noise!r}: choose {', '.join(ROUNDING_NOISES)}")
 
 
 class QParams(NamedTuple):
@@ -83,15 +140,15 @@ def channel_range(w: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Te
 
 
 def quantize_to_int(x: torch.Tensor, qp: QParams, *, stochastic: bool = False,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, noise: str = "torch") -> torch.Tensor:
     """Integer codes (as a float tensor) of ``x`` on the grid ``qp``.
 
-    Stochastic rounding is ``floor(t + u)`` with ``u ~ U[0, 1)``, i.e. SBM's ``round(t + U[-0.5, 0.5))``, which
-    makes the dequantized value unbiased inside the range.
+    Stochastic rounding is ``floor(t + u)`` with ``u ~ U[0, 1)`` drawn the ``noise`` way, i.e. SBM's
+    ``round(t + U[-0.5, 0.5))``, which makes the dequantized value unbiased inside the range.
     """
     t = torch.sub(x.float(), qp.zero).div_(qp.scale)  # exact 0 for x == zero (constants)
     if stochastic:
-        t.add_(torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)).floor_()
+        t.add_(uniform_noise(t.shape, noise, generator, t.device)).floor_()
     else:
         t.round_()
     return t.clamp_(qp.qmin, qp.qmax)
@@ -102,9 +159,9 @@ def dequantize(q: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32)
 
 
 def fake_quantize(x: torch.Tensor, qp: QParams, *, stochastic: bool = False,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, noise: str = "torch") -> torch.Tensor:
     """Round ``x`` onto the grid ``qp`` and map it back to ``x``'s dtype."""
-    q = quantize_to_int(x, qp, stochastic=stochastic, generator=generator)
+    q = quantize_to_int(x, qp, stochastic=stochastic, generator=generator, noise=noise)
     return torch.addcmul(qp.zero, q, qp.scale, out=q).to(x.dtype)
 
 
@@ -134,29 +191,30 @@ def quantize_activation(x: torch.Tensor, bits: int, scheme: str,
 
 
 def quantize_gradient(g: torch.Tensor, bits: int, scheme: str,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, noise: str = "torch") -> torch.Tensor:
     """Per-tensor range, stochastic rounding (symmetric: the signed grid)."""
     if not bits:
         return g
     lo, hi = tensor_range(g)
     return fake_quantize(g, qparams_from_range(lo, hi, bits, scheme, signed=True), stochastic=True,
-                         generator=generator)
+                         generator=generator, noise=noise)
 
 
 def quantize_rows(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochastic: bool = False,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, noise: str = "torch") -> torch.Tensor:
     """Quantize each sample (row along dim 0) of ``x`` at its own precision ``row_bits[i]``, with
     ``qp_for_bits(bits)`` giving the grid (one shared range, so rows differ only in step size)."""
     out = torch.empty_like(x)
     for bits in torch.unique(row_bits).tolist():
         rows = (row_bits == bits).nonzero().flatten()
         out[rows] = fake_quantize(x[rows], qp_for_bits(int(bits)), stochastic=stochastic,
-                                  generator=generator)
+                                  generator=generator, noise=noise)
     return out
 
 
-def quantize_gradient_rows(g: torch.Tensor, row_bits: torch.Tensor, scheme: str) -> torch.Tensor:
+def quantize_gradient_rows(g: torch.Tensor, row_bits: torch.Tensor, scheme: str,
+                           noise: str = "torch") -> torch.Tensor:
     """Per-tensor range, stochastic rounding, each sample at its own precision."""
     lo, hi = tensor_range(g)
     return quantize_rows(g, row_bits, lambda b: qparams_from_range(lo, hi, b, scheme, signed=True),
-                         stochastic=True)
+                         stochastic=True, noise=noise)

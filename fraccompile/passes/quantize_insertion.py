@@ -256,7 +256,7 @@ class QuantizeInsertion(Pass):
             if not isinstance(gm.get_submodule(node.target), FracOp):  # first call: swap it in
                 op = FracOp(m.name, m.spec, scheme=cfg.scheme, momentum=cfg.act_momentum,
                             backend=_backend(cfg), weight=m.module.weight, bias=m.module.bias,
-                            weight_scale=cfg.weight_scale)
+                            weight_scale=cfg.weight_scale, rounding_noise=cfg.rounding_noise)
                 parent, _, leaf = str(node.target).rpartition(".")
                 setattr(gm.get_submodule(parent) if parent else gm, leaf, op)
             node.args, node.kwargs = (m.operands[0], prec), {}
@@ -265,7 +265,7 @@ class QuantizeInsertion(Pass):
         target = f"{SITES_MODULE}.{safe}"
         gm.add_submodule(target, FracOp(m.name, m.spec, scheme=cfg.scheme,
                                         momentum=cfg.act_momentum, backend=_backend(cfg),
-                                        weight_scale=cfg.weight_scale))
+                                        weight_scale=cfg.weight_scale, rounding_noise=cfg.rounding_noise))
         info.module_path = target
         with graph.inserting_before(node):
             new = graph.create_node("call_module", target, (*m.operands, prec), {},

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from ..ops.backend import ReferenceBackend
-from ..ops.quantizers import qparams_from_range, quantize_to_int, tensor_range, weight_range
+from ..ops.quantizers import (noise_seed, qparams_from_range, quantize_to_int, tensor_range,
+                               uniform_noise, weight_range)
 from ..ops.spec import Precision, SiteSpec
 from .cache import KernelCache
 from .kernels import JitKernels, KernelRef, Recorder
@@ -86,24 +87,37 @@ def _jit_kernel(ref: KernelRef):
     return _JIT.get(ref)
 
 
-def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, kernel=_jit_kernel) -> IntCodes:
+def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "torch",
+              kernel=_jit_kernel) -> IntCodes:
     """``x``'s integer codes on the grid ``qp`` — the reference quantizer's codes exactly, from one
     fused TVM kernel when the scale is per tensor (activations, gradients), else torch. ``kernel``
-    maps a :class:`KernelRef` to its compiled function (None: torch, as for GPU tensors)."""
+    maps a :class:`KernelRef` to its compiled function (None: torch, as for GPU tensors).
+    Stochastic rounding takes the reference's noise: ``torch.rand`` drawn here, or counter noise
+    computed inside the kernel from a seed drawn here."""
     signed = qp.qmin < 0
     dtype = torch.int8 if signed else torch.uint8
     fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1
     perm = _dense_perm(x) if fused else None
     if perm is None:
-        q = quantize_to_int(x, qp, stochastic=stochastic)
+        q = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
         return IntCodes(q.to(dtype), qp.scale, signed)
     xd = x.permute(*perm)
-    flat = xd.reshape(-1)
+    counter = stochastic and noise == "counter"
+    if counter:  # (N, S, C) in memory order, logical index n·C·S + c·S + s
+        if perm == list(range(x.dim())):
+            last = x.shape[-1] if x.dim() else 1
+            flat = xd.reshape(-1, 1, last)
+        else:
+            flat = xd.reshape(x.shape[0], -1, x.shape[1])
+    else:
+        flat = xd.reshape(-1)
     args = [flat, qp.scale.reshape(1).float(), torch.tensor([qp.qmin, qp.qmax])]
-    if stochastic:  # the reference's draws, in logical order, laid out like x
-        args.append(torch.rand(x.shape).permute(*perm).reshape(-1))
+    if counter:
+        args.append(noise_seed())
+    elif stochastic:  # the reference's draws, in logical order, laid out like x
+        args.append(uniform_noise(x.shape, noise).permute(*perm).reshape(-1))
     codes = torch.empty(flat.shape, dtype=dtype)
-    kernel(KernelRef.quantize(str(dtype).removeprefix("torch."), stochastic))(*args, codes)
+    kernel(KernelRef.quantize(str(dtype).removeprefix("torch."), stochastic, noise))(*args, codes)
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
     return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed)
 
@@ -241,7 +255,7 @@ class TVMBackend(ReferenceBackend):
             wlo, whi = weight_range(w, per_channel=op.weight_scale == "channel")
             wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, "symmetric",
                                                           signed=True), kernel=kernel)
-        return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self, op.site)
+        return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self, op.site, op.rounding_noise)
 
     # -- the three roles per op kind ---------------------------------------------------------------
     def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
@@ -476,7 +490,7 @@ class IntSiteGemm(Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, xq: IntCodes, wq: IntCodes, spec: SiteSpec, g_bits: int,
-                backend: TVMBackend, site: str):
+                backend: TVMBackend, site: str, noise: str = "torch"):
         backend.where = (site, "fw")
         y = backend.fw(spec, xq, wq, tuple(x.shape), tuple(w.shape))
         if bias is not None:
@@ -484,6 +498,7 @@ class IntSiteGemm(Function):
         ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale)
         ctx.signs = (xq.signed, wq.signed)
         ctx.spec, ctx.g_bits, ctx.backend, ctx.site = spec, g_bits, backend, site
+        ctx.noise = noise
         ctx.shapes = (tuple(x.shape), tuple(w.shape))
         ctx.has_bias = bias is not None
         return y
@@ -497,7 +512,7 @@ class IntSiteGemm(Function):
         lo, hi = tensor_range(dy)
         backend.where = (ctx.site, "quantize")
         dyq = _to_codes(dy, qparams_from_range(lo, hi, ctx.g_bits, "symmetric", signed=True),
-                        stochastic=True, kernel=backend.quantize_kernel(dy))
+                        stochastic=True, noise=ctx.noise, kernel=backend.quantize_kernel(dy))
         dx = dw = None
         if ctx.needs_input_grad[0]:
             backend.where = (ctx.site, "eb")
@@ -509,7 +524,7 @@ class IntSiteGemm(Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = _channel_sums(dyq.codes, 1 if spec.kind == "conv" else dy.dim() - 1).float() \
                 * dyq.scale
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 def make_tvm_backend(options: dict) -> TVMBackend:

@@ -147,9 +147,12 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
                      tile=[s.tile.mb, s.tile.nb, s.tile.kb],
                      problems=[list(p) for p in sorted(info["problems"])])
     elif ref.kind == "quantize":
+        counter = ref.args[2:] == ("counter",)
+        dims = ["n", "s", "c"] if counter else ["n"]
         entry.update(dtypes=f"f32->{ref.args[0]}", precision="1..8 bits",
-                     shapes={"x": ["n"], "q": ["n"]},
-                     rounding="stochastic" if ref.args[1] else "nearest-even")
+                     shapes={"x": dims, "q": dims},
+                     rounding="stochastic, counter noise" if counter
+                     else "stochastic" if ref.args[1] else "nearest-even")
     elif ref.kind == "pack_conv_b":
         entry.update(dtypes="u8->s8", precision="1..8 bits", shapes={"geometry": list(ref.args)})
     else:

@@ -52,7 +52,11 @@ class KernelRef:
         return cls("gemm", (shape.groups, shape.m, shape.n, shape.k, t.mb, t.nb, t.kb))
 
     @classmethod
-    def quantize(cls, dtype: str, stochastic: bool) -> KernelRef:
+    def quantize(cls, dtype: str, stochastic: bool, noise: str = "torch") -> KernelRef:
+        """The quantizer to ``dtype``; stochastic rounding reads drawn noise (``"torch"``) or
+        computes it (``"counter"``)."""
+        if stochastic and noise == "counter":
+            return cls("quantize", (dtype, True, "counter"))
         return cls("quantize", (dtype, bool(stochastic)))
 
     @property
@@ -65,8 +69,8 @@ class KernelRef:
         if self.kind == "gemm":
             return self.gemm_shape.name
         if self.kind == "quantize":
-            dtype, stochastic = self.args
-            return f"quantize_{dtype}_{'sr' if stochastic else 'rn'}"
+            dtype, stochastic, *noise = self.args
+            return "_".join([f"quantize_{dtype}_{'sr' if stochastic else 'rn'}", *noise])
         return "_".join([self.kind, *map(str, self.args)])
 
     def schedule(self, isa: str):
@@ -87,6 +91,7 @@ _BUILDERS = {"quantize": (quantize.schedule, quantize.kernel),
 
 # The symbolic-shape kernels every model may call, whatever its shapes.
 GENERIC = tuple([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
+                + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
                 + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
                 + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")])
 

@@ -11,6 +11,12 @@ The loops are written out (TVMScript) rather than scheduled from a TE compute: b
 of the symbolic length by 64 leaves a bounds predicate in the vector loop, which TVM lowers to
 scalar code: that kernel ran 4-8x slower (4M elements, round to nearest: 2.49 against 0.32 ms
 on 2 cores, ``bench/packing.py``).
+
+With ``noise="counter"`` the stochastic kernel draws nothing: it computes the reference's
+:func:`~fraccompile.ops.quantizers.counter_noise` of each element in registers, from the element's
+logical index and a seed. It takes ``x`` as an ``(N, S, C)`` view in memory order whose logical
+index is ``n·C·S + c·S + s`` — a row-major tensor is ``(rows, 1, last dim)``, a channels-last one
+``(N, spatial, C)`` — so the noise does not depend on the layout.
 """
 
 from __future__ import annotations
@@ -21,9 +27,59 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm.script import tirx as T
 
+from ..ops.quantizers import NOISE_BITS, NOISE_MUL1, NOISE_MUL2, NOISE_STEP
 from .host import detect
 
 BLOCK = 4096  # elements per parallel task: 64 vectors of 64 lanes
+
+
+def _let(value, body):
+    """``body(v)`` with ``v`` bound to the uint32 ``value`` once (a Let: each hash round reads its input
+    twice, so plain expressions would grow 2**rounds times)."""
+    var = tvm.tirx.Var("h", "uint32")
+    return tvm.tirx.Let(var, value, body(var))
+
+
+def _counter_noise(index):
+    """:func:`~fraccompile.ops.quantizers.counter_noise` of the uint32 ``index * NOISE_STEP ^
+    seed``."""
+    def xorshift(k, then):
+        return lambda h: _let(h ^ (h >> T.uint32(k)), then)
+
+    def finish(h):
+        return T.Cast("float32", h >> T.uint32(32 - NOISE_BITS)) * T.float32(2.0 ** -NOISE_BITS)
+
+    rounds = xorshift(16, lambda h: _let(h * T.uint32(NOISE_MUL1), xorshift(
+        15, lambda h: _let(h * T.uint32(NOISE_MUL2), xorshift(16, finish)))))
+    return _let(index, rounds)
+
+
+def counter_definition(out_dtype: str) -> tvm.tirx.PrimFunc:
+    """``main(x, scale, bounds, seed, q)``: stochastic rounding with counter noise; ``x``/``q`` are
+    ``(N, S, C)`` in memory order, ``seed`` one int32."""
+    L = T.int64(16)  # one AVX-512 vector of fp32 (a channels-last conv gradient has 16 channels)
+
+    def code(x, scale, bounds, seed, n, s, c, N, S, C):
+        index = T.Cast("uint32", n * C * S + c * S + s) * T.uint32(NOISE_STEP) \
+            ^ T.Cast("uint32", seed[0])  # the int64 index wraps modulo 2**32, as in torch
+        return T.Cast(out_dtype, T.max(T.min(
+            T.floor(x[n, s, c] / scale[0] + _counter_noise(index)), bounds[1]), bounds[0]))
+
+    @T.prim_func(s_tir=True)
+    def main(x_h: T.handle, scale: T.Buffer((1,), "float32"), bounds: T.Buffer((2,), "float32"),
+             seed: T.Buffer((1,), "int32"), q_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        N, S, C = T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_h, (N, S, C), "float32")
+        q = T.match_buffer(q_h, (N, S, C), out_dtype)
+        for n in T.parallel(N):
+            for s in range(S):
+                for j in range(C // L):
+                    for v in T.vectorized(L):
+                        q[n, s, j * L + v] = code(x, scale, bounds, seed, n, s, j * L + v, N, S, C)
+                for c in range(C // L * L, C):
+                    q[n, s, c] = code(x, scale, bounds, seed, n, s, c, N, S, C)
+    return main
 
 
 def definition(out_dtype: str, stochastic: bool) -> tvm.tirx.PrimFunc:
@@ -68,12 +124,16 @@ def definition(out_dtype: str, stochastic: bool) -> tvm.tirx.PrimFunc:
     return main
 
 
-def schedule(out_dtype: str, stochastic: bool) -> s_tir.Schedule:
-    """The kernel as a schedule (its loops are already final), for export."""
+def schedule(out_dtype: str, stochastic: bool, noise: str = "torch") -> s_tir.Schedule:
+    """The kernel as a schedule (its loops are already final), for export; ``noise="counter"``
+    (stochastic only): :func:`counter_definition`."""
+    if stochastic and noise == "counter":
+        return s_tir.Schedule(counter_definition(out_dtype))
     return s_tir.Schedule(definition(out_dtype, stochastic))
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(out_dtype: str, stochastic: bool):
-    """The compiled quantizer ``main(x, scale, bounds[, u], q)``, built once per process."""
-    return tvm.compile(schedule(out_dtype, stochastic).mod, target=detect().target())["main"]
+def kernel(out_dtype: str, stochastic: bool, noise: str = "torch"):
+    """The compiled quantizer ``main(x, scale, bounds[, u | seed], q)``, built once per process."""
+    return tvm.compile(schedule(out_dtype, stochastic, noise).mod,
+                       target=detect().target())["main"]
