@@ -8,6 +8,7 @@ forward + backward steps (a=w=g=8, symmetric) after two warm-up steps: ResNet-20
 the Transformer (d_model 512) at batch 32 x 64 tokens.
 
     python bench/step_breakdown.py [--repeats 3] [--model resnet20|transformer]
+        [--weight-scale channel|tensor] [--rounding-noise torch|counter]
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", choices=("resnet20", "transformer"), default="resnet20")
+    parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel")
+    parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="torch")
     args = parser.parse_args()
     header(f"TVM backend: where a {args.model} training step goes")
+    print(f"FracConfig(a=8, w=8, g=8, scheme='symmetric', weight_scale={args.weight_scale!r}, "
+          f"rounding_noise={args.rounding_noise!r})")
     total: dict[str, float] = collections.defaultdict(float)
     depth: dict[str, int] = collections.defaultdict(int)
 
@@ -78,7 +83,9 @@ def main() -> None:
         model = transformer_lm.model_d512()
         tokens = torch.randint(0, 65, (32, 65))
         x, y = tokens[:, :-1], tokens[:, 1:]
-    cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric", backend="tvm")
+    cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric", backend="tvm",
+                                 weight_scale=args.weight_scale,
+                                 rounding_noise=args.rounding_noise)
     fm = fraccompile.compile(model, x, config=cfg)
 
     def loss_of(out):
