@@ -88,6 +88,9 @@ class FracConfig:
             this machine is refused with the reason ("" = build kernels on first use).
         tuning_db: directory of a ``fraccompile tune`` database (backend ``tvm``): kernels built
             on first use take the tiles it chose ("" = default tiles).
+        epilogue_fusion: (backend ``tvm``) a GELU/ReLU/SiLU right after a site becomes the site's
+            epilogue: backward recomputes the site's output from its int8 codes instead of
+            autograd keeping it in fp32 (less memory, one more forward GEMM per such site).
         kernels_fallback: with ``kernels``, build what the library lacks or cannot serve (with a
             warning) instead of refusing.
     """
@@ -112,6 +115,7 @@ class FracConfig:
     kernels: str = ""
     tuning_db: str = ""
     kernels_fallback: bool = False
+    epilogue_fusion: bool = True
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -155,9 +159,10 @@ class FracConfig:
             if value and self.backend != "tvm":
                 raise ConfigError(f"FracConfig.{name} = {value!r} needs backend='tvm' "
                                   f"(backend is {self.backend!r})")
-        if not isinstance(self.kernels_fallback, bool):
-            raise ConfigError(f"FracConfig.kernels_fallback = {self.kernels_fallback!r} must be "
-                              "true or false")
+        for name in ("kernels_fallback", "epilogue_fusion"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"FracConfig.{name} = {getattr(self, name)!r} must be "
+                                  "true or false")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"FracConfig.version = {self.version!r} is not supported: "
                               f"this fraccompile reads version {CONFIG_VERSION}")

@@ -396,6 +396,128 @@ def test_backward_keeps_int8_codes_not_float_copies():
     assert big and all(d in (torch.uint8, torch.int8) for d, _ in big), saved
 
 
+# -- epilogue fusion -------------------------------------------------------------------------------
+class _MLP(torch.nn.Module):
+    """An activation in every form the pass fuses, one unfusable (its input has two users), and a
+    shared module called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(33, 48), torch.nn.Linear(48, 40)
+        self.fc3, self.fc4 = torch.nn.Linear(40, 40), torch.nn.Linear(40, 40)
+        self.act, self.shared = torch.nn.SiLU(), torch.nn.Linear(40, 40)
+        self.head = torch.nn.Linear(40, 10)
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(x), approximate="tanh")          # function
+        h = self.fc2(h).relu()                                # method
+        h = self.act(self.fc3(h))                             # module
+        u = self.fc4(h)
+        h = F.gelu(u) + u                                     # two users: not fused
+        h = torch.relu(self.shared(torch.relu(self.shared(h))))  # shared: not fused
+        return self.head(h)
+
+
+class _CNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = C2(3, 16, 3, padding=1), C2(16, 24, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(24, 10)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x), inplace=True)
+        h = F.gelu(self.c2(h))
+        return self.head(h.mean((2, 3)))
+
+
+def _fused_run(model, x, **cfg):
+    """Loss, gradients and the bytes autograd saved (distinct storages, parameters excluded) of
+    one step."""
+    m = copy.deepcopy(model)
+    fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
+                                              full_precision=(), **cfg))
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(fm(x), torch.arange(x.shape[0]) % 10)
+    loss.backward()
+    fused = {o.site: o.epilogue for o in fm.modules() if isinstance(o, FracOp) and o.epilogue}
+    return loss.detach(), [p.grad for p in m.parameters()], sum(storages.values()), fused
+
+
+@pytest.mark.parametrize("model,shape,expected", [
+    (_MLP(), (42, 33), {"fc1": ("gelu", "tanh"), "fc2": ("relu", ""), "fc3": ("silu", "")}),
+    (_CNN(), (4, 3, 12, 12), {"c1": ("relu", ""), "c2": ("gelu", "none")}),
+])
+def test_epilogue_fusion_is_bit_identical_and_saves_no_fp32_activation(model, shape, expected):
+    """The fused sites' backward recomputes the pre-activation from the int8 codes: loss and every
+    gradient equal the unfused graph's exactly, and autograd keeps at least the fp32
+    pre-activations' bytes less."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    loss, grads, saved, fused = _fused_run(model, x)
+    loss0, grads0, saved0, fused0 = _fused_run(model, x, epilogue_fusion=False)
+    assert fused == expected and fused0 == {}
+    assert torch.equal(loss, loss0)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads0))
+    sizes = {}  # fp32 bytes of each fused site's output
+    hooks = [getattr(model, n).register_forward_hook(
+        lambda mod, args, out, n=n: sizes.__setitem__(n, out.numel() * 4)) for n in expected]
+    model(x)
+    for h in hooks:
+        h.remove()
+    assert saved0 - saved >= sum(sizes.values()), (saved0, saved, sizes)
+
+
+@pytest.mark.parametrize("layer,shape", [(torch.nn.Linear(33, 20), (2, 5, 33)),
+                                         (C2(4, 20, 3, padding=1), (2, 4, 6, 6))])
+def test_in_place_op_on_a_site_output(layer, shape):
+    """A site's output is not a view of the kernel's buffer: ``ReLU(inplace=True)`` after it works
+    (autograd refuses in-place ops on a custom Function's view outputs) and gives the gradients of
+    the out-of-place ReLU."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    grads = []
+    for inplace in (True, False):
+        torch.manual_seed(2)
+        m = torch.nn.Sequential(copy.deepcopy(layer), torch.nn.ReLU(inplace=inplace),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(3))
+        m(x)
+        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
+                                                  full_precision=(), epilogue_fusion=False))
+        torch.manual_seed(1)
+        fm(x).square().sum().backward()
+        grads.append(m[0].weight.grad)
+    assert torch.equal(*grads)
+
+
+def test_epilogue_fusion_needs_the_tvm_backend_and_follows_torch_export():
+    torch.manual_seed(0)
+    x = torch.randn(5, 33)
+    model = torch.nn.Sequential(torch.nn.Linear(33, 20), torch.nn.GELU(), torch.nn.Linear(20, 4))
+    ref = fraccompile.compile(copy.deepcopy(model), x,
+                              FracConfig(scheme="symmetric", full_precision=()))
+    assert not [o for o in ref.modules() if isinstance(o, FracOp) and o.epilogue]
+    exported = fraccompile.compile(copy.deepcopy(model), x,
+                                   FracConfig(scheme="symmetric", backend="tvm", capture="export",
+                                              full_precision=()))
+    fused = [o for o in exported.modules() if isinstance(o, FracOp) and o.epilogue]
+    assert [o.epilogue for o in fused] == [("gelu", "none")]
+    assert "epilogue=gelu" in repr(fused[0])
+    # the fused site against the reference backend, roles and all (tolerance: fp32 sums)
+    calls = []
+    fused[0].register_forward_hook(lambda mod, args, out: calls.append(args))
+    exported(x)
+    _compare(fused[0], calls[0])
+
+
 # -- fallbacks -------------------------------------------------------------------------------------
 def _tiny():
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),

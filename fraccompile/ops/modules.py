@@ -25,6 +25,27 @@ from .quantizers import (qparams_from_range, quantize_activation, quantize_rows,
 from .spec import Precision, SiteSpec
 
 
+def apply_epilogue(epilogue: tuple[str, str] | None, y: torch.Tensor) -> torch.Tensor:
+    """``y`` through a site's epilogue activation (``FracOp.epilogue``), as an autograd op."""
+    if epilogue is None:
+        return y
+    name, approximate = epilogue
+    if name == "gelu":
+        return F.gelu(y, approximate=approximate)
+    return F.relu(y) if name == "relu" else F.silu(y)
+
+
+def epilogue_backward(epilogue: tuple[str, str], dz: torch.Tensor, y: torch.Tensor):
+    """The gradient w.r.t. ``y`` of :func:`apply_epilogue` at ``y``: the aten op autograd calls
+    for it (so the result is the unfused graph's, bit for bit)."""
+    name, approximate = epilogue
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(dz, y, approximate=approximate)
+    if name == "relu":  # autograd passes relu's output; (output > 0) == (input > 0)
+        return torch.ops.aten.threshold_backward(dz, y, 0)
+    return torch.ops.aten.silu_backward(dz, y)
+
+
 class RunningRange(nn.Module):
     """EMA of a tensor's (min, max), used to quantize activations in eval mode (as SBM does)."""
 
@@ -65,6 +86,8 @@ class FracOp(nn.Module):
         self.scheme = scheme
         self.weight_scale = weight_scale  # "channel" or "tensor" (FracConfig.weight_scale)
         self.rounding_noise = rounding_noise  # "torch" or "counter" (FracConfig.rounding_noise)
+        # (activation, gelu approximation) applied to the output: set by the epilogue-fusion pass
+        self.epilogue: tuple[str, str] | None = None
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         self.owns_weight = weight is not None
         if self.owns_weight:
@@ -80,6 +103,8 @@ class FracOp(nn.Module):
         scale = "" if self.weight_scale == "channel" else f", weight_scale={self.weight_scale}"
         if self.rounding_noise != "torch":
             scale += f", rounding_noise={self.rounding_noise}"
+        if self.epilogue is not None:
+            scale += f", epilogue={self.epilogue[0]}"
         return f"site={self.site!r}, op={self.spec.describe()}, scheme={self.scheme}{scale}, " \
                f"backend={self.backend.name}"
 
@@ -92,7 +117,7 @@ class FracOp(nn.Module):
         else:
             w, b = operands[0], (operands[1] if len(operands) > 1 else None)
         if isinstance(prec, GateDecision):
-            return self.run_gated(x, w, b, prec)
+            return apply_epilogue(self.epilogue, self.run_gated(x, w, b, prec))
         return self.run(x, w, b, Precision(*prec))
 
     def _range(self, x: torch.Tensor, rng: RunningRange):
@@ -126,8 +151,9 @@ class FracOp(nn.Module):
 
     def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
             prec: Precision, lo_hi=None) -> torch.Tensor:
+        """The site's output (its epilogue applied) at ``prec``."""
         if prec.is_full:
-            return self.spec.fp_forward(x, w, b)
+            return apply_epilogue(self.epilogue, self.spec.fp_forward(x, w, b))
         run_site = getattr(self.backend, "run_site", None)  # integer kernels (the tvm backend)
         if run_site is not None:
             self.weight_shape = tuple(w.shape)
@@ -137,7 +163,8 @@ class FracOp(nn.Module):
                 lo_hi = self._range(x, self.act_range)
             return run_site(self, x, w, b, prec, lo_hi)
         qx = self._quantize_input(x, prec.a, self.act_range, lo_hi)
-        return self._gemm(qx, self._quantize_weight(w, prec.w), w, b, prec.g)
+        return apply_epilogue(self.epilogue,
+                              self._gemm(qx, self._quantize_weight(w, prec.w), w, b, prec.g))
 
     def run_gated(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                   d: GateDecision) -> torch.Tensor:

@@ -8,15 +8,18 @@ from ..config import FracConfig
 from ..errors import PassError
 from .base import Pass
 from .cost_annotation import CostAnnotation
+from .epilogue_fusion import EpilogueFusion
 from .gating_insertion import GatingInsertion
 from .quantize_insertion import QuantizeInsertion
 from .region_discovery import RegionDiscovery
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in (QuantizeInsertion, CostAnnotation,
-                                                     RegionDiscovery, GatingInsertion)}
+                                                     RegionDiscovery, GatingInsertion,
+                                                     EpilogueFusion)}
 PIPELINES: dict[str, tuple[str, ...]] = {
-    "default": ("quantize-insertion", "cost-annotation"),
-    "dfq": ("quantize-insertion", "cost-annotation", "region-discovery", "gating-insertion"),
+    "default": ("quantize-insertion", "cost-annotation", "epilogue-fusion"),
+    "dfq": ("quantize-insertion", "cost-annotation", "region-discovery", "gating-insertion",
+            "epilogue-fusion"),
     "cost-only": ("cost-annotation",),
 }
 

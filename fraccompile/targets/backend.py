@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from ..ops.backend import ReferenceBackend
+from ..ops.modules import apply_epilogue, epilogue_backward
 from ..ops.quantizers import (noise_seed, qparams_from_range, quantize_to_int, tensor_range,
                                uniform_noise, weight_range)
 from ..ops.spec import Precision, SiteSpec
@@ -60,8 +61,9 @@ class IntCodes:
         self.codes, self.scale, self.signed = codes, scale, signed
 
     def dequantize(self) -> torch.Tensor:
-        # the reference's fake-quantized value: addcmul(zero=0, q, scale) in fp32
-        return self.codes.float() * self.scale
+        # the reference's fake-quantized value: addcmul(zero=0, q, scale) in fp32 (the integer
+        # operand is promoted to fp32 inside the one multiply: no fp32 copy of the codes)
+        return torch.mul(self.codes, self.scale)
 
 
 def _dense_perm(x: torch.Tensor) -> list[int] | None:
@@ -255,19 +257,20 @@ class TVMBackend(ReferenceBackend):
             wlo, whi = weight_range(w, per_channel=op.weight_scale == "channel")
             wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, "symmetric",
                                                           signed=True), kernel=kernel)
-        return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self, op.site, op.rounding_noise)
+        return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self, op.site, op.rounding_noise,
+                                 op.epilogue)
 
     # -- the three roles per op kind ---------------------------------------------------------------
     def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
         if spec.kind == "linear":
             K = x_shape[-1]
             C = self.gemm(xq.codes.reshape(1, -1, K), wq.codes.unsqueeze(0))[0]
-            y = C.float() * (xq.scale * wq.scale.reshape(1, -1))
+            y = torch.mul(C, xq.scale * wq.scale.reshape(1, -1))
             return y.reshape(*x_shape[:-1], w_shape[0])
         if spec.kind == "matmul":
             xb, yb, batch = _matmul_batches(xq.codes, wq.codes)
             C = self.gemm(xb, yb.mT)
-            return (C.float() * (xq.scale * wq.scale)).reshape(*batch, C.shape[-2], C.shape[-1])
+            return torch.mul(C, xq.scale * wq.scale).reshape(*batch, C.shape[-2], C.shape[-1])
         cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, k·Cg)
         G, OC = spec.groups, w_shape[0]
         C = self.gemm(cols, _weight_rows(wq.codes, G))             # (G, M, OCg)
@@ -275,19 +278,19 @@ class TVMBackend(ReferenceBackend):
         # (N, O..., OC) in memory, returned as an (N, OC, O...) view: channels-last, which the
         # next conv's im2col reads without a transpose
         C = C[0] if G == 1 else C.permute(1, 0, 2)
-        y = C.reshape(n, *out_sp, OC).float() * (xq.scale * wq.scale.reshape(-1))
+        y = torch.mul(C.reshape(n, *out_sp, OC), xq.scale * wq.scale.reshape(-1))
         return y.permute(0, len(out_sp) + 1, *range(1, len(out_sp) + 1))
 
     def eb(self, spec: SiteSpec, dyq: IntCodes, xq: IntCodes, wq: IntCodes, x_shape, w_shape):
         if spec.kind == "matmul":
             dyb, yb, _ = _matmul_batches(dyq.codes, wq.codes)
             C = self.gemm(dyb, yb)                                 # (G, M, K)
-            dx = C.float() * (dyq.scale * wq.scale)
+            dx = torch.mul(C, dyq.scale * wq.scale)
             return dx.reshape(*_bcast_batch(x_shape, w_shape), *dx.shape[-2:]).sum_to_size(x_shape)
         if spec.kind == "linear" and wq.scale.numel() == 1:  # one weight scale: integer GEMM
             N = w_shape[0]
             C = self.gemm(dyq.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0))[0]  # dy·w
-            return (C.float() * (dyq.scale * wq.scale)).reshape(*x_shape)
+            return torch.mul(C, dyq.scale * wq.scale).reshape(*x_shape)
         # per-channel weight scales sit on the reduction axis: fp32 on the reference's operands
         dy, w = dyq.dequantize(), wq.dequantize()
         if spec.kind == "linear":
@@ -309,11 +312,11 @@ class TVMBackend(ReferenceBackend):
             K, N = x_shape[-1], w_shape[0]
             dyt = dyq.codes.reshape(-1, N).t().unsqueeze(0)        # (1, N, M)
             xt = xq.codes.reshape(-1, K).t().unsqueeze(0)          # (1, K, M)
-            return self.gemm(dyt, xt)[0].float() * scale
+            return torch.mul(self.gemm(dyt, xt)[0], scale)
         if spec.kind == "matmul":
             xb, dyb, _ = _matmul_batches(xq.codes, dyq.codes)
             C = self.gemm(xb.mT, dyb.mT)                           # (G, K, N)
-            dw = C.float() * scale
+            dw = torch.mul(C, scale)
             return dw.reshape(*_bcast_batch(x_shape, w_shape), *dw.shape[-2:]).sum_to_size(w_shape)
         G, OC = spec.groups, w_shape[0]
         n = spec.conv_dims
@@ -329,7 +332,7 @@ class TVMBackend(ReferenceBackend):
             C = self.gemm(dyl.permute(1, 2, 0), cols.mT)            # (G, OCg, k·Cg)
         ks = list(w_shape[2:])
         dw = C.reshape(OC, *ks, w_shape[1])                         # (OC, k..., Cg)
-        return dw.permute(0, n + 1, *range(1, n + 1)).float() * scale
+        return torch.mul(dw.permute(0, n + 1, *range(1, n + 1)), scale)
 
 
     # -- operand packers ---------------------------------------------------------------------------
@@ -482,33 +485,60 @@ def _channel_sums(codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return codes.sum([d for d in range(codes.dim()) if d != channel_dim], dtype=torch.int64)
 
 
+def _site_output(backend: TVMBackend, spec: SiteSpec, xq: IntCodes, wq: IntCodes, bias,
+                 shapes) -> torch.Tensor:
+    """The forward GEMM's output plus the bias (the epilogue's input)."""
+    y = backend.fw(spec, xq, wq, *shapes)  # a fresh tensor (or a view of one): add in place
+    if bias is not None:
+        y.add_(bias.reshape(1, -1, *([1] * (y.dim() - 2))) if spec.kind == "conv" else bias)
+    return y
+
+
+def _not_a_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (the fw output: often a reshaped or channels-last view of the GEMM's buffer) as a
+    tensor of its own on the same memory. Autograd refuses in-place ops (``ReLU(inplace=True)``)
+    on a custom Function's output that is a view of a tensor made inside it."""
+    if t._base is None:
+        return t
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 class IntSiteGemm(Function):
     """Forward: the site's output from integer codes; backward: ``dy`` quantized once (stochastic
     rounding, the reference's random numbers) and fed to EB and GC. The straight-through estimator
     of the reference (``STEQuantize``) is built in: gradients w.r.t. ``x``/``w`` are those w.r.t.
-    their quantized values."""
+    their quantized values.
+
+    With an ``epilogue`` (``FracOp.epilogue``, set by the epilogue-fusion pass) the output is the
+    activation of the GEMM's, and backward recomputes the GEMM's output from the saved codes to
+    take the activation's backward: only the codes are kept, not the fp32 pre-activation."""
 
     @staticmethod
     def forward(ctx, x, w, bias, xq: IntCodes, wq: IntCodes, spec: SiteSpec, g_bits: int,
-                backend: TVMBackend, site: str, noise: str = "torch"):
+                backend: TVMBackend, site: str, noise: str = "torch", epilogue=None):
         backend.where = (site, "fw")
-        y = backend.fw(spec, xq, wq, tuple(x.shape), tuple(w.shape))
-        if bias is not None:
-            y = y + (bias.reshape(1, -1, *([1] * (y.dim() - 2))) if spec.kind == "conv" else bias)
-        ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale)
+        shapes = (tuple(x.shape), tuple(w.shape))
+        y = _site_output(backend, spec, xq, wq, bias, shapes)
+        ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale,
+                              bias if epilogue is not None else None)
         ctx.signs = (xq.signed, wq.signed)
         ctx.spec, ctx.g_bits, ctx.backend, ctx.site = spec, g_bits, backend, site
-        ctx.noise = noise
-        ctx.shapes = (tuple(x.shape), tuple(w.shape))
+        ctx.noise, ctx.epilogue = noise, epilogue
+        ctx.shapes = shapes
         ctx.has_bias = bias is not None
-        return y
+        return _not_a_view(y if epilogue is None else apply_epilogue(epilogue, y))
 
     @staticmethod
     def backward(ctx, dy):
-        xc, wc, xs, ws = ctx.saved_tensors
+        xc, wc, xs, ws, bias = ctx.saved_tensors
         xq, wq = IntCodes(xc, xs, ctx.signs[0]), IntCodes(wc, ws, ctx.signs[1])
         spec, backend = ctx.spec, ctx.backend
         x_shape, w_shape = ctx.shapes
+        if ctx.epilogue is not None:  # dy is the activation's gradient: recompute its input
+            backend.where = (ctx.site, "fw")
+            dy = epilogue_backward(ctx.epilogue, dy,
+                                   _site_output(backend, spec, xq, wq, bias, ctx.shapes))
         lo, hi = tensor_range(dy)
         backend.where = (ctx.site, "quantize")
         dyq = _to_codes(dy, qparams_from_range(lo, hi, ctx.g_bits, "symmetric", signed=True),
@@ -524,7 +554,7 @@ class IntSiteGemm(Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = _channel_sums(dyq.codes, 1 if spec.kind == "conv" else dy.dim() - 1).float() \
                 * dyq.scale
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 def make_tvm_backend(options: dict) -> TVMBackend:

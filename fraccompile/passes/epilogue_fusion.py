@@ -1,0 +1,89 @@
+"""epilogue-fusion: an elementwise activation right after a site becomes the site's epilogue.
+
+Before: ``z = act(site(x))`` where the site's output has no other user (``act``: GELU, ReLU or
+SiLU, as a module, a function, a method or an aten op). After: ``z = site(x)`` with
+``FracOp.epilogue`` set, and the activation node gone.
+
+What it buys is memory. Autograd keeps the activation's fp32 input for its backward; a fused site
+keeps nothing beyond the int8 codes it saves anyway, and the ``tvm`` backend recomputes the
+pre-activation output from those codes in backward (one more forward GEMM of that site) before
+applying the activation's own backward op (``aten.gelu_backward`` …, the one autograd calls).
+Values and gradients are those of the unfused graph, bit for bit. On other backends, and whenever
+a site runs off the integer kernels, the epilogue is the activation applied to the output, so
+autograd sees the unfused graph.
+
+The pass only runs for ``FracConfig(backend="tvm", epilogue_fusion=True)`` (the default with
+``tvm``) and leaves sites called more than once (a shared module) alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..ops.modules import FracOp
+from .base import META_SITE, Pass, PassResult
+
+_MODULES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu"}
+_FUNCTIONS = {F.gelu: "gelu", F.relu: "relu", F.silu: "silu", torch.relu: "relu",
+              torch.ops.aten.gelu.default: "gelu", torch.ops.aten.relu.default: "relu",
+              torch.ops.aten.silu.default: "silu"}
+_METHODS = {"relu": "relu"}
+
+
+def _activation(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
+    """``(name, gelu approximation)`` when ``node`` applies a fusable activation to its first
+    argument (and nothing else), else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        name = _MODULES.get(type(mod))
+        if name is None or len(node.args) != 1 or node.kwargs:
+            return None
+        return name, getattr(mod, "approximate", "none") if name == "gelu" else ""
+    if node.op == "call_function":
+        name = _FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        name = _METHODS.get(str(node.target))
+    else:
+        return None
+    if name is None or len(node.args) != 1:
+        return None
+    kwargs = dict(node.kwargs)
+    approximate = kwargs.pop("approximate", "none") if name == "gelu" else ""
+    kwargs.pop("inplace", None)  # on the site's private output, in place or not is the same
+    if kwargs or (name == "gelu" and approximate not in ("none", "tanh")):
+        return None
+    return name, approximate
+
+
+class EpilogueFusion(Pass):
+    name = "epilogue-fusion"
+    description = "activation after a site -> the site's epilogue (recomputed in backward: tvm)"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        if self.config.backend != "tvm" or not self.config.epilogue_fusion:
+            return PassResult(gm, False)
+        calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        modified = False
+        for node in list(gm.graph.nodes):
+            if META_SITE not in node.meta or node.op != "call_module" or len(node.users) != 1:
+                continue
+            op = gm.get_submodule(str(node.target))
+            if not isinstance(op, FracOp) or op.epilogue is not None \
+                    or calls[str(node.target)] != 1:
+                continue
+            (user,) = node.users
+            act = _activation(gm, user) if user.args and user.args[0] is node else None
+            if act is None:
+                continue
+            op.epilogue = act
+            node.meta[META_SITE].extra["epilogue"] = act[0] if act[0] != "gelu" or \
+                act[1] == "none" else f"gelu({act[1]})"
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+            modified = True
+        return PassResult(gm, modified)
