@@ -478,3 +478,18 @@ def test_stochastic_rounding_is_unbiased_with_either_noise(noise):
                         for _ in range(4096)]).mean(0)
     step = qp.scale.item()
     assert (mean - x).abs().max().item() < 4 * step / 2 / math.sqrt(4096)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t.contiguous(memory_format=torch.channels_last),
+    lambda t: t.permute(3, 1, 0, 2),
+    lambda t: t[:, :, ::2],  # not dense in any order: read as it is
+    lambda t: t[:, :1].contiguous(memory_format=torch.channels_last),  # a size-1 dim
+])
+def test_tensor_range_of_non_contiguous_layouts(make):
+    """tensor_range reads a tensor dense in another dim order in that order (no contiguous copy);
+    the extremes are aminmax's of the logical tensor."""
+    t = make(torch.randn(4, 6, 5, 7, generator=torch.Generator().manual_seed(0)))
+    lo, hi = tensor_range(t)
+    want = torch.aminmax(t.contiguous())
+    assert torch.equal(lo, want.min) and torch.equal(hi, want.max)

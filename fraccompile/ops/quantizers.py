@@ -124,8 +124,14 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: st
 
 def tensor_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor ``(min, max)``: SBM takes per-sample extremes and then the extreme over the batch,
-    which is the extreme of the whole tensor."""
-    lo, hi = torch.aminmax(x.detach())
+    which is the extreme of the whole tensor. A tensor dense in another dim order (channels-last)
+    is read in its memory order: ``aminmax`` would first copy it to a contiguous one."""
+    x = x.detach()
+    if not x.is_contiguous() and x.dim() > 1:
+        order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+        if x.permute(order).is_contiguous():
+            x = x.permute(order)
+    lo, hi = torch.aminmax(x)
     return lo, hi
 
 
