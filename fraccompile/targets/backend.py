@@ -197,11 +197,24 @@ class TVMBackend(ReferenceBackend):
             return self.cuda.gemm(a, b)
         return self._gemm(*a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b))
 
+    def gemm_f32(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """``(a @ bᵀ) * scale + bias`` in fp32, ``(G, M, N)``: :meth:`gemm`'s exact integer product
+        dequantized (``scale``: one value or one per column ``N``; ``bias``: per column). On the
+        CPU the sign corrections, the scale and the bias are one fused kernel pass; ``out``: a
+        contiguous fp32 ``(G, M, N)`` to write into (e.g. a view of the caller's buffer)."""
+        if self.on_gpu(a):
+            return _dequantize(self.cuda.gemm(a, b), scale, bias, out)
+        return self._gemm(*a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b),
+                          dequant=(scale, bias, out))
+
     def _gemm(self, G: int, M: int, alpha: int, pack_a, N: int, K: int, beta: int,
-              pack_b) -> torch.Tensor:
+              pack_b, dequant=None) -> torch.Tensor:
         """:meth:`gemm` with the operands given by packers ``pack_a(k0, kc, Mp, Kp)`` and
         ``pack_b(k0, kc, Np, Kp)``: reduction columns ``k0 .. k0+kc``, padded, sign-flipped by
-        ``alpha`` / ``beta``, with a ones row at ``M`` / ``N`` when there is room."""
+        ``alpha`` / ``beta``, with a ones row at ``M`` / ``N`` when there is room. ``dequant``:
+        ``(scale, bias, out)`` of :meth:`gemm_f32` (None: the int32 product)."""
         max_k = MAX_K_UNSIGNED if beta and not alpha else MAX_K
         if K > max_k:  # split the reduction so no int32 partial sum can overflow
             out = None
@@ -211,7 +224,7 @@ class TVMBackend(ReferenceBackend):
                     G, M, alpha, lambda j0, jc, mp, kp, k0=k0: pack_a(k0 + j0, jc, mp, kp),
                     N, kc, beta, lambda j0, jc, np_, kp, k0=k0: pack_b(k0 + j0, jc, np_, kp))
                 out = part.long() if out is None else out.add_(part)
-            return out
+            return out if dequant is None else _dequantize(out, *dequant)
         # the sign corrections need B's row sums (A shifted) and A's (B shifted): an extra row of
         # ones in A, resp. in B, makes the kernel return them with the product
         problem = (G, M + 1 if alpha else M, N + 1 if beta else N, K)
@@ -223,6 +236,16 @@ class TVMBackend(ReferenceBackend):
         Bp = pack_b(0, K, shape.n, shape.k)
         C = torch.empty((G, shape.m, shape.n), dtype=torch.int32)
         self.kernel(KernelRef.gemm(shape))(A, Bp, C)
+        if dequant is not None:  # C[m, n] + rc[m] + cc[n], the same sums as below, then scaled
+            scale, bias, out = dequant
+            rc = (C[:, :M, N] - alpha * K) * beta if beta else C.new_zeros((G, M))
+            cc = C[:, M, :N] * -alpha if alpha else C.new_zeros((G, N))
+            scale = scale.reshape(-1).float().expand(N).contiguous()
+            bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
+            out = out if out is not None else torch.empty((G, M, N))
+            self.kernel(KernelRef("dequant", ()))(C, rc.contiguous(), cc.contiguous(), scale,
+                                                  bias, out)
+            return out
         if alpha:  # row M: sum_k (b - beta)  ->  sum_k b = C[M] + beta*K
             b_sums = C[:, M:M + 1, :N] + beta * K
         if beta:   # column N: sum_k (a + alpha)  ->  sum_k a = C[:, :, N] - alpha*K
@@ -261,36 +284,45 @@ class TVMBackend(ReferenceBackend):
                                  op.epilogue)
 
     # -- the three roles per op kind ---------------------------------------------------------------
-    def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
+    def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+        scale = xq.scale * wq.scale.reshape(-1)
         if spec.kind == "linear":
             K = x_shape[-1]
-            C = self.gemm(xq.codes.reshape(1, -1, K), wq.codes.unsqueeze(0))[0]
-            y = torch.mul(C, xq.scale * wq.scale.reshape(1, -1))
+            y = self.gemm_f32(xq.codes.reshape(1, -1, K), wq.codes.unsqueeze(0), scale, bias)
             return y.reshape(*x_shape[:-1], w_shape[0])
         if spec.kind == "matmul":
             xb, yb, batch = _matmul_batches(xq.codes, wq.codes)
-            C = self.gemm(xb, yb.mT)
-            return torch.mul(C, xq.scale * wq.scale).reshape(*batch, C.shape[-2], C.shape[-1])
+            y = self.gemm_f32(xb, yb.mT, scale)
+            return y.reshape(*batch, *y.shape[-2:])
         cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, k·Cg)
-        G, OC = spec.groups, w_shape[0]
-        C = self.gemm(cols, _weight_rows(wq.codes, G))             # (G, M, OCg)
-        n = x_shape[0]
-        # (N, O..., OC) in memory, returned as an (N, OC, O...) view: channels-last, which the
-        # next conv's im2col reads without a transpose
-        C = C[0] if G == 1 else C.permute(1, 0, 2)
-        y = torch.mul(C.reshape(n, *out_sp, OC), xq.scale * wq.scale.reshape(-1))
-        return y.permute(0, len(out_sp) + 1, *range(1, len(out_sp) + 1))
+        G, OC, n = spec.groups, w_shape[0], x_shape[0]
+        # (N, O..., OC) in memory, an (N, OC, O...) tensor: channels-last, which the next conv's
+        # im2col reads without a transpose
+        d = len(out_sp)
+        strides = [math.prod(out_sp) * OC] + [math.prod(out_sp[i + 1:]) * OC for i in range(d)]
+        y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]))
+        rows = y.permute(0, *range(2, 2 + d), 1)                    # (N, O..., OC), contiguous
+        wr = _weight_rows(wq.codes, G)                              # (G, OCg, k·Cg)
+        if G == 1:
+            self.gemm_f32(cols, wr, scale, bias, out=rows.view(1, -1, OC))
+            return y
+        C = self.gemm(cols, wr).permute(1, 0, 2).reshape(-1, OC)   # (M, OC): scale per group
+        torch.mul(C, scale, out=rows.view(-1, OC))
+        if bias is not None:
+            y.add_(bias.reshape(1, -1, *([1] * d)))
+        return y
 
     def eb(self, spec: SiteSpec, dyq: IntCodes, xq: IntCodes, wq: IntCodes, x_shape, w_shape):
         if spec.kind == "matmul":
             dyb, yb, _ = _matmul_batches(dyq.codes, wq.codes)
-            C = self.gemm(dyb, yb)                                 # (G, M, K)
-            dx = torch.mul(C, dyq.scale * wq.scale)
+            dx = self.gemm_f32(dyb, yb, dyq.scale * wq.scale)      # (G, M, K)
             return dx.reshape(*_bcast_batch(x_shape, w_shape), *dx.shape[-2:]).sum_to_size(x_shape)
         if spec.kind == "linear" and wq.scale.numel() == 1:  # one weight scale: integer GEMM
             N = w_shape[0]
-            C = self.gemm(dyq.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0))[0]  # dy·w
-            return torch.mul(C, dyq.scale * wq.scale).reshape(*x_shape)
+            dx = self.gemm_f32(dyq.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0),  # dy·w
+                               dyq.scale * wq.scale)
+            return dx.reshape(*x_shape)
         # per-channel weight scales sit on the reduction axis: fp32 on the reference's operands
         dy, w = dyq.dequantize(), wq.dequantize()
         if spec.kind == "linear":
@@ -312,11 +344,10 @@ class TVMBackend(ReferenceBackend):
             K, N = x_shape[-1], w_shape[0]
             dyt = dyq.codes.reshape(-1, N).t().unsqueeze(0)        # (1, N, M)
             xt = xq.codes.reshape(-1, K).t().unsqueeze(0)          # (1, K, M)
-            return torch.mul(self.gemm(dyt, xt)[0], scale)
+            return self.gemm_f32(dyt, xt, scale)[0]
         if spec.kind == "matmul":
             xb, dyb, _ = _matmul_batches(xq.codes, dyq.codes)
-            C = self.gemm(xb.mT, dyb.mT)                           # (G, K, N)
-            dw = torch.mul(C, scale)
+            dw = self.gemm_f32(xb.mT, dyb.mT, scale)               # (G, K, N)
             return dw.reshape(*_bcast_batch(x_shape, w_shape), *dw.shape[-2:]).sum_to_size(w_shape)
         G, OC = spec.groups, w_shape[0]
         n = spec.conv_dims
@@ -326,13 +357,14 @@ class TVMBackend(ReferenceBackend):
             flip = 0 if xq.signed else 128
             C = self._gemm(1, OC, *self._a_packer(dyl.permute(1, 2, 0)),  # A = dyᵀ (1, OC, M)
                            w_shape[1] * math.prod(w_shape[2:]), dyl.shape[0], flip,
-                           self._conv_patch_packer(spec, xl, w_shape, flip))
+                           self._conv_patch_packer(spec, xl, w_shape, flip),
+                           dequant=(scale, None, None))
         else:
             cols, _ = _im2col(xq.codes, spec, w_shape)              # (G, M, k·Cg)
-            C = self.gemm(dyl.permute(1, 2, 0), cols.mT)            # (G, OCg, k·Cg)
+            C = self.gemm_f32(dyl.permute(1, 2, 0), cols.mT, scale)  # (G, OCg, k·Cg)
         ks = list(w_shape[2:])
         dw = C.reshape(OC, *ks, w_shape[1])                         # (OC, k..., Cg)
-        return torch.mul(dw.permute(0, n + 1, *range(1, n + 1)), scale)
+        return dw.permute(0, n + 1, *range(1, n + 1))
 
 
     # -- operand packers ---------------------------------------------------------------------------
@@ -471,6 +503,15 @@ def _im2col(codes: torch.Tensor, spec: SiteSpec, w_shape) -> tuple[torch.Tensor,
     return cols, out_sp
 
 
+def _dequantize(C: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``C * scale + bias`` in fp32 with torch ops (the GPU's and long reductions' epilogue)."""
+    y = torch.mul(C, scale.reshape(-1))
+    if bias is not None:
+        y.add_(bias)
+    return y if out is None else out.copy_(y)
+
+
 def _channel_sums(codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Exact sums of int8 codes over every dim but ``channel_dim`` (the bias gradient). Codes with
     32 or more channels innermost in memory are summed as rows of a ``(rows, C)`` matrix in int32
@@ -488,10 +529,7 @@ def _channel_sums(codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
 def _site_output(backend: TVMBackend, spec: SiteSpec, xq: IntCodes, wq: IntCodes, bias,
                  shapes) -> torch.Tensor:
     """The forward GEMM's output plus the bias (the epilogue's input)."""
-    y = backend.fw(spec, xq, wq, *shapes)  # a fresh tensor (or a view of one): add in place
-    if bias is not None:
-        y.add_(bias.reshape(1, -1, *([1] * (y.dim() - 2))) if spec.kind == "conv" else bias)
-    return y
+    return backend.fw(spec, xq, wq, *shapes, bias=bias)
 
 
 def _not_a_view(t: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,9 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
                      shapes={"x": dims, "q": dims},
                      rounding="stochastic, counter noise" if counter
                      else "stochastic" if ref.args[1] else "nearest-even")
+    elif ref.kind == "dequant":
+        entry.update(dtypes="s32->f32", precision="1..8 bits",
+                     shapes={"c": ["g", "mp", "np"], "out": ["g", "m", "n"]})
     elif ref.kind == "pack_conv_b":
         entry.update(dtypes="u8->s8", precision="1..8 bits", shapes={"geometry": list(ref.args)})
     else:

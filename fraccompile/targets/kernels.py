@@ -1,7 +1,7 @@
 """Every kernel the ``tvm`` backend calls, by name, and where the compiled code comes from.
 
 A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
-quantizer of one dtype and rounding mode, an operand pack kernel of one layout, or the conv patch
+quantizer of one dtype and rounding mode, the dequantize epilogue, an operand pack kernel of one layout, or the conv patch
 packer of one conv geometry. Its :attr:`~KernelRef.name` is the symbol it has in an exported
 library. Providers turn references into callables:
 
@@ -24,7 +24,7 @@ from . import gemm, pack, quantize
 from .cache import KernelCache
 from .host import HostTarget, detect
 
-KINDS = ("gemm", "quantize", "pack_a", "pack_b", "pack_conv_b")
+KINDS = ("gemm", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_b")
 KERNEL_FILES = ("gemm.py", "intrin.py", "host.py", "pack.py", "quantize.py")
 
 
@@ -85,6 +85,7 @@ class KernelRef:
 
 # kind -> (its schedule, its compiled function cached per process) for the non-GEMM kernels
 _BUILDERS = {"quantize": (quantize.schedule, quantize.kernel),
+             "dequant": (quantize.dequant_schedule, quantize.dequant_kernel),
              "pack_a": (pack.a_schedule, pack.a_kernel),
              "pack_b": (pack.b_schedule, pack.b_kernel),
              "pack_conv_b": (pack.conv_b_schedule, pack.conv_b_kernel)}
@@ -92,6 +93,7 @@ _BUILDERS = {"quantize": (quantize.schedule, quantize.kernel),
 # The symbolic-shape kernels every model may call, whatever its shapes.
 GENERIC = tuple([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
                 + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
+                + [KernelRef("dequant", ())]
                 + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
                 + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")])
 

@@ -137,3 +137,47 @@ def kernel(out_dtype: str, stochastic: bool, noise: str = "torch"):
     """The compiled quantizer ``main(x, scale, bounds[, u | seed], q)``, built once per process."""
     return tvm.compile(schedule(out_dtype, stochastic, noise).mod,
                        target=detect().target())["main"]
+
+
+def dequant_definition() -> tvm.tirx.PrimFunc:
+    """``main(c, rc, cc, scale, bias, out)``: the GEMM's epilogue in one pass,
+    ``out[g, m, n] = float(c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + bias[n]``.
+
+    ``c`` is the kernel's padded int32 output ``(G, Mp, Np)``; ``rc``/``cc`` the int32 sign
+    corrections of each row and column (int32 sums wrap, so their order does not matter: the true
+    sum fits), ``scale`` and ``bias`` per output column, ``out`` fp32 ``(G, M, N)``. It replaces
+    four torch passes over the output (correction, int-to-float copy, scale, bias)."""
+    L = T.int64(16)
+
+    def value(c, rc, cc, scale, bias, g, m, n):
+        return T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + bias[n]
+
+    @T.prim_func(s_tir=True)
+    def main(c_h: T.handle, rc_h: T.handle, cc_h: T.handle, s_h: T.handle, b_h: T.handle,
+             out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        G, Mp, Np, M, N = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        c = T.match_buffer(c_h, (G, Mp, Np), "int32")
+        rc = T.match_buffer(rc_h, (G, M), "int32")
+        cc = T.match_buffer(cc_h, (G, N), "int32")
+        scale = T.match_buffer(s_h, (N,), "float32")
+        bias = T.match_buffer(b_h, (N,), "float32")
+        out = T.match_buffer(out_h, (G, M, N), "float32")
+        for r in T.parallel(G * M):
+            for j in range(N // L):
+                for v in T.vectorized(L):
+                    out[r // M, r % M, j * L + v] = value(c, rc, cc, scale, bias, r // M, r % M,
+                                                          j * L + v)
+            for n in range(N // L * L, N):
+                out[r // M, r % M, n] = value(c, rc, cc, scale, bias, r // M, r % M, n)
+    return main
+
+
+def dequant_schedule() -> s_tir.Schedule:
+    return s_tir.Schedule(dequant_definition())
+
+
+@functools.lru_cache(maxsize=None)
+def dequant_kernel():
+    """The compiled :func:`dequant_definition`, built once per process."""
+    return tvm.compile(dequant_schedule().mod, target=detect().target())["main"]
