@@ -88,9 +88,10 @@ class FracConfig:
             this machine is refused with the reason ("" = build kernels on first use).
         tuning_db: directory of a ``fraccompile tune`` database (backend ``tvm``): kernels built
             on first use take the tiles it chose ("" = default tiles).
-        epilogue_fusion: (backend ``tvm``) a GELU/ReLU/SiLU right after a site becomes the site's
-            epilogue: backward recomputes the site's output from its int8 codes instead of
-            autograd keeping it in fp32 (less memory, one more forward GEMM per such site).
+        lean_activations: (backend ``tvm``) keep less fp32 for backward: a GELU/ReLU/SiLU right
+            after a site becomes the site's epilogue (backward recomputes the site's output from
+            its int8 codes: one more forward GEMM per such site), and the other ReLUs save a
+            1-byte mask instead of their fp32 output. Values and gradients are unchanged.
         kernels_fallback: with ``kernels``, build what the library lacks or cannot serve (with a
             warning) instead of refusing.
     """
@@ -115,7 +116,7 @@ class FracConfig:
     kernels: str = ""
     tuning_db: str = ""
     kernels_fallback: bool = False
-    epilogue_fusion: bool = True
+    lean_activations: bool = True
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -159,7 +160,7 @@ class FracConfig:
             if value and self.backend != "tvm":
                 raise ConfigError(f"FracConfig.{name} = {value!r} needs backend='tvm' "
                                   f"(backend is {self.backend!r})")
-        for name in ("kernels_fallback", "epilogue_fusion"):
+        for name in ("kernels_fallback", "lean_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"FracConfig.{name} = {getattr(self, name)!r} must be "
                                   "true or false")

@@ -18,7 +18,7 @@ NON_DEFAULT = FracConfig(a=4, w=6, g=0, scheme="symmetric", full_precision=("lay
                          ops=("conv", "matmul"), backend="tvm", capture="export",
                          leaf_modules=("ValueGate", "blocks.0.attn"), pipeline="default",
                          act_momentum=0.25, weight_scale="tensor", rounding_noise="counter",
-                         epilogue_fusion=False)
+                         lean_activations=False)
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def test_unknown_choice_raises_naming_field_and_choices(field, value, allowed):
     assert all(a in msg for a in allowed), msg
 
 
-@pytest.mark.parametrize("field", ["kernels_fallback", "epilogue_fusion"])
+@pytest.mark.parametrize("field", ["kernels_fallback", "lean_activations"])
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_flags_must_be_booleans(field, value):
     with pytest.raises(ConfigError, match=rf"FracConfig\.{field}\b.*true or false"):

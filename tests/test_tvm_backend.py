@@ -485,7 +485,7 @@ def test_epilogue_fusion_is_bit_identical_and_saves_no_fp32_activation(model, sh
     torch.manual_seed(0)
     x = torch.randn(*shape)
     loss, grads, saved, fused = _fused_run(model, x)
-    loss0, grads0, saved0, fused0 = _fused_run(model, x, epilogue_fusion=False)
+    loss0, grads0, saved0, fused0 = _fused_run(model, x, lean_activations=False)
     assert fused == expected and fused0 == {}
     assert torch.equal(loss, loss0)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads0))
@@ -513,11 +513,55 @@ def test_in_place_op_on_a_site_output(layer, shape):
                                 torch.nn.Flatten(), torch.nn.LazyLinear(3))
         m(x)
         fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
-                                                  full_precision=(), epilogue_fusion=False))
+                                                  full_precision=(), lean_activations=False))
         torch.manual_seed(1)
         fm(x).square().sum().backward()
         grads.append(m[0].weight.grad)
     assert torch.equal(*grads)
+
+
+class _BNBlock(torch.nn.Module):
+    """conv -> BN -> ReLU (not fusable: BN in between), a residual ReLU, and an in-place ReLU
+    whose input is read again afterwards (must stay in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = C2(3, 16, 3, padding=1), C2(16, 16, 3, padding=1)
+        self.c3 = C2(16, 16, 3, padding=1)
+        self.b1, self.b2 = torch.nn.BatchNorm2d(16), torch.nn.BatchNorm2d(16)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.act(self.b1(self.c1(x)))
+        h = F.relu(self.b2(self.c2(h)) + h)
+        y = self.c3(h)
+        h = F.relu(y, inplace=True) + y          # y is read after the in-place ReLU
+        return self.head(h.mean((2, 3)))
+
+
+def test_lean_activations_keep_relu_masks_not_outputs():
+    from fraccompile.ops.functions import masked_relu
+    torch.manual_seed(0)
+    model, x = _BNBlock(), torch.randn(8, 3, 10, 10)
+    fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(scheme="symmetric",
+                                                                 backend="tvm", full_precision=()))
+    masked = [n for n in fm.graph.nodes if n.target is masked_relu]
+    assert len(masked) == 2
+    loss, grads, saved, _ = _fused_run(model, x)
+    loss0, grads0, saved0, _ = _fused_run(model, x, lean_activations=False)
+    assert torch.equal(loss, loss0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
+    relu_out = 8 * 16 * 10 * 10 * 4
+    assert saved0 - saved >= 2 * relu_out * 3 / 4, (saved0, saved)
+    # the same values and gradients as torch's ReLU, NaN, infinities and signed zeros included
+    t = torch.tensor([-1.0, -0.0, 0.0, 2.0, float("nan"), float("inf"), -float("inf")],
+                     requires_grad=True)
+    g = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, 6.0, float("nan")])
+    ours, ref = masked_relu(t), torch.relu(t)
+    assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    (d_ours,) = torch.autograd.grad(ours, t, g)
+    (d_ref,) = torch.autograd.grad(ref, t, g)
+    assert torch.equal(d_ours, d_ref)
 
 
 def test_epilogue_fusion_needs_the_tvm_backend_and_follows_torch_export():

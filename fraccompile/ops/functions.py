@@ -29,6 +29,29 @@ class STEQuantize(Function):
         return grad, None
 
 
+class MaskedReLU(Function):
+    """``relu(x)`` that keeps a 1-byte mask for backward instead of its fp32 output (autograd's
+    ReLU keeps the output). The gradient is ``threshold_backward``'s: 0 where the output is
+    ``<= 0``, else ``dy`` (NaN outputs pass their gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        out = torch.relu(x)
+        ctx.save_for_backward(torch.le(out, 0).logical_not_())
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, dy, 0.0)
+
+
+def masked_relu(x: torch.Tensor) -> torch.Tensor:
+    """:class:`MaskedReLU` as a graph function (what the epilogue-fusion pass puts in place of the
+    ReLUs it does not fuse)."""
+    return MaskedReLU.apply(x)
+
+
 class SiteGemm(Function):
     @staticmethod
     def forward(ctx, qx: torch.Tensor, qw: torch.Tensor, bias: torch.Tensor | None, spec: SiteSpec,

@@ -1,8 +1,11 @@
-"""epilogue-fusion: an elementwise activation right after a site becomes the site's epilogue.
+"""epilogue-fusion: an elementwise activation right after a site becomes the site's epilogue,
+and the other ReLUs keep a mask, not their output.
 
 Before: ``z = act(site(x))`` where the site's output has no other user (``act``: GELU, ReLU or
 SiLU, as a module, a function, a method or an aten op). After: ``z = site(x)`` with
-``FracOp.epilogue`` set, and the activation node gone.
+``FracOp.epilogue`` set, and the activation node gone. Every other ReLU becomes
+:func:`~fraccompile.ops.functions.masked_relu`, which saves a 1-byte mask for backward where
+autograd's ReLU saves its fp32 output (an in-place ReLU only when nothing else reads its input).
 
 What it buys is memory. Autograd keeps the activation's fp32 input for its backward; a fused site
 keeps nothing beyond the int8 codes it saves anyway, and the ``tvm`` backend recomputes the
@@ -12,7 +15,10 @@ Values and gradients are those of the unfused graph, bit for bit. On other backe
 a site runs off the integer kernels, the epilogue is the activation applied to the output, so
 autograd sees the unfused graph.
 
-The pass only runs for ``FracConfig(backend="tvm", epilogue_fusion=True)`` (the default with
+On the ``tvm`` backend a site saves int8 codes of its input, not the fp32 tensor, so once the
+activations stop saving theirs too, the fp32 tensor is freed after the forward use.
+
+The pass only runs for ``FracConfig(backend="tvm", lean_activations=True)`` (the default with
 ``tvm``) and leaves sites called more than once (a shared module) alone.
 """
 
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..ops.functions import masked_relu
 from ..ops.modules import FracOp
 from .base import META_SITE, Pass, PassResult
 
@@ -62,7 +69,7 @@ class EpilogueFusion(Pass):
     description = "activation after a site -> the site's epilogue (recomputed in backward: tvm)"
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        if self.config.backend != "tvm" or not self.config.epilogue_fusion:
+        if self.config.backend != "tvm" or not self.config.lean_activations:
             return PassResult(gm, False)
         calls: dict[str, int] = {}
         for node in gm.graph.nodes:
@@ -86,4 +93,22 @@ class EpilogueFusion(Pass):
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
             modified = True
+        for node in list(gm.graph.nodes):
+            if node.target is masked_relu or not node.args \
+                    or _activation(gm, node) != ("relu", ""):
+                continue
+            if _in_place(gm, node) and len(node.args[0].users) > 1:
+                continue  # others read the input after it was overwritten: keep the in-place op
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(masked_relu, (node.args[0],))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            modified = True
         return PassResult(gm, modified)
+
+
+def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    return bool(node.kwargs.get("inplace", False))
