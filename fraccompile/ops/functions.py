@@ -37,13 +37,15 @@ class MaskedReLU(Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor):
         out = torch.relu(x)
-        ctx.save_for_backward(torch.le(out, 0).logical_not_())
+        # out >= 0 or NaN, so out != 0 is "not out <= 0"; as uint8 0/1 it can stand in for the
+        # output in threshold_backward (a bool where() was 20x slower)
+        ctx.save_for_backward(torch.ne(out, 0).view(torch.uint8))
         return out
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, dy, 0.0)
+        return torch.ops.aten.threshold_backward(dy, mask, 0)
 
 
 def masked_relu(x: torch.Tensor) -> torch.Tensor:
