@@ -42,9 +42,21 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     frac = FracModel(gm, gm.graph, class_name=f"Frac{type(model).__name__}")
     frac.frac_config = config
     frac.meta.update(gm.meta)  # capture method, regions (dfq)
+    _keep_epilogue_modules(frac)
     _attach_missing_state(frac, model)
     frac.train(model.training)
     return frac
+
+
+def _keep_epilogue_modules(frac: nn.Module) -> None:
+    """A BatchNorm fused into a site's epilogue has no graph node left, so fx did not copy it:
+    put it back at its path, so that ``train()``/``eval()``, ``parameters()`` and ``to()`` reach
+    the module the site calls."""
+    from .ops.modules import FracOp
+    norms = [(op.epilogue_norm_path, op.epilogue_norm) for op in frac.modules()
+             if isinstance(op, FracOp) and op.epilogue_norm is not None]
+    for path, norm in norms:
+        frac.add_submodule(path, norm)
 
 
 def _attach_missing_state(frac: nn.Module, model: nn.Module) -> None:

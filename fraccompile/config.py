@@ -92,6 +92,10 @@ class FracConfig:
             after a site becomes the site's epilogue (backward recomputes the site's output from
             its int8 codes: one more forward GEMM per such site), and the other ReLUs save a
             1-byte mask instead of their fp32 output. Values and gradients are unchanged.
+        recompute_norms: (backend ``tvm``, with ``lean_activations``) a BatchNorm right after a
+            site, and an activation right after it, join the site's epilogue too: backward
+            recomputes the site's output and the normalization, so neither keeps an fp32 tensor
+            (less memory, one more forward GEMM and BatchNorm per such site).
         kernels_fallback: with ``kernels``, build what the library lacks or cannot serve (with a
             warning) instead of refusing.
     """
@@ -117,6 +121,7 @@ class FracConfig:
     tuning_db: str = ""
     kernels_fallback: bool = False
     lean_activations: bool = True
+    recompute_norms: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -160,7 +165,7 @@ class FracConfig:
             if value and self.backend != "tvm":
                 raise ConfigError(f"FracConfig.{name} = {value!r} needs backend='tvm' "
                                   f"(backend is {self.backend!r})")
-        for name in ("kernels_fallback", "lean_activations"):
+        for name in ("kernels_fallback", "lean_activations", "recompute_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"FracConfig.{name} = {getattr(self, name)!r} must be "
                                   "true or false")

@@ -37,6 +37,7 @@ class Site:
     module_path: str
     source: str
     calls: int
+    epilogue: str = ""  # what the tvm backend fused after the op, e.g. "BatchNorm2d+relu"
 
 
 class FracModel(fx.GraphModule):
@@ -79,7 +80,7 @@ class FracModel(fx.GraphModule):
                                    else (i.backend, i.fallback_reason))
             out.append(Site(i.name, i.kind, i.op, i.input_shape, i.weight_shape, i.output_shape,
                             i.macs, prec, i.full_precision, backend, reason,
-                            i.module_path, i.source, i.calls))
+                            i.module_path, i.source, i.calls, i.extra.get("epilogue", "")))
         return out
 
     def cost(self) -> CostReport:

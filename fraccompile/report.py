@@ -26,7 +26,8 @@ def site_rows(fm: FracModel) -> list[tuple[str, ...]]:
         backend = "fp32 (config)" if s.full_precision else s.backend
         if s.fallback_reason:
             backend += f" ({s.fallback_reason})"
-        rows.append((s.name, s.op, _shape(s.input_shape), _shape(s.weight_shape),
+        op = f"{s.op} + {s.epilogue}" if s.epilogue else s.op
+        rows.append((s.name, op, _shape(s.input_shape), _shape(s.weight_shape),
                      _shape(s.output_shape), f"{s.macs:,}", str(s.precision), backend))
     return rows
 

@@ -564,6 +564,57 @@ def test_lean_activations_keep_relu_masks_not_outputs():
     assert torch.equal(d_ours, d_ref)
 
 
+class _NormNoAffine(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = C2(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16, affine=False)
+        self.c2, self.b2 = C2(16, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = F.gelu(self.b1(self.c1(x)))
+        h = self.b2(self.c2(h))
+        h = self.b2(h)  # a BatchNorm called twice: not fused
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model,fused_norms", [(_BNBlock(), {"c1": "BatchNorm2d+relu",
+                                                              "c2": "BatchNorm2d"}),
+                                               (_NormNoAffine(), {"c1": "BatchNorm2d+gelu"})])
+def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norms):
+    """recompute_norms: a BatchNorm (and the activation after it) joins the conv site's epilogue.
+    Two training steps give the same loss, gradients and running statistics as the unfused graph,
+    bit for bit; eval mode gives the same output; the state_dict keys do not change; autograd
+    keeps less."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 10, 10)
+    out = {}
+    for recompute in (False, True):
+        m = copy.deepcopy(model)
+        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
+                                                  full_precision=(), recompute_norms=recompute))
+        assert {id(p) for p in fm.parameters()} == {id(p) for p in m.parameters()}
+        twin = copy.deepcopy(fm)  # a copy's sites call the copy's BatchNorm modules
+        for op in (o for o in twin.modules() if isinstance(o, FracOp) and o.epilogue_norm):
+            assert twin.get_submodule(op.epilogue_norm_path) is op.epilogue_norm
+        torch.manual_seed(1)
+        for _ in range(2):
+            loss = F.cross_entropy(fm(x), torch.arange(8) % 10)
+            loss.backward()
+        fm.eval()
+        out[recompute] = (loss.detach(), [p.grad for p in m.parameters()],
+                          [b.clone() for b in m.buffers()], fm(x).detach(),
+                          sorted(fm.state_dict()), {s.name: s.epilogue for s in fm.sites})
+    (loss0, g0, b0, e0, k0, _), (loss1, g1, b1, e1, k1, epi) = out[False], out[True]
+    assert torch.equal(loss0, loss1) and torch.equal(e0, e1) and k0 == k1
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert all(torch.equal(a, b) for a, b in zip(b0, b1))
+    assert {k: v for k, v in epi.items() if v and "Norm" in v} == fused_norms
+    saved = _fused_run(model, x, recompute_norms=True)[2]
+    saved0 = _fused_run(model, x)[2]
+    assert saved0 - saved >= 8 * 16 * 10 * 10 * 4 * len(fused_norms) * 3 / 4
+
+
 def test_epilogue_fusion_needs_the_tvm_backend_and_follows_torch_export():
     torch.manual_seed(0)
     x = torch.randn(5, 33)

@@ -86,7 +86,10 @@ class FracOp(nn.Module):
         self.scheme = scheme
         self.weight_scale = weight_scale  # "channel" or "tensor" (FracConfig.weight_scale)
         self.rounding_noise = rounding_noise  # "torch" or "counter" (FracConfig.rounding_noise)
-        # (activation, gelu approximation) applied to the output: set by the epilogue-fusion pass
+        # set by the epilogue-fusion pass: a BatchNorm module of the graph (not a submodule of
+        # this one) and an (activation, gelu approximation), applied to the output in that order
+        self.epilogue_norm: nn.Module | None = None
+        self.epilogue_norm_path = ""  # where the norm module lives in the graph module
         self.epilogue: tuple[str, str] | None = None
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         self.owns_weight = weight is not None
@@ -103,8 +106,10 @@ class FracOp(nn.Module):
         scale = "" if self.weight_scale == "channel" else f", weight_scale={self.weight_scale}"
         if self.rounding_noise != "torch":
             scale += f", rounding_noise={self.rounding_noise}"
-        if self.epilogue is not None:
-            scale += f", epilogue={self.epilogue[0]}"
+        steps = ([type(self.epilogue_norm).__name__] if self.epilogue_norm is not None else []) \
+            + ([self.epilogue[0]] if self.epilogue is not None else [])
+        if steps:
+            scale += f", epilogue={'+'.join(steps)}"
         return f"site={self.site!r}, op={self.spec.describe()}, scheme={self.scheme}{scale}, " \
                f"backend={self.backend.name}"
 
@@ -117,7 +122,7 @@ class FracOp(nn.Module):
         else:
             w, b = operands[0], (operands[1] if len(operands) > 1 else None)
         if isinstance(prec, GateDecision):
-            return apply_epilogue(self.epilogue, self.run_gated(x, w, b, prec))
+            return self.finish(self.run_gated(x, w, b, prec))
         return self.run(x, w, b, Precision(*prec))
 
     def _range(self, x: torch.Tensor, rng: RunningRange):
@@ -153,7 +158,7 @@ class FracOp(nn.Module):
             prec: Precision, lo_hi=None) -> torch.Tensor:
         """The site's output (its epilogue applied) at ``prec``."""
         if prec.is_full:
-            return apply_epilogue(self.epilogue, self.spec.fp_forward(x, w, b))
+            return self.finish(self.spec.fp_forward(x, w, b))
         run_site = getattr(self.backend, "run_site", None)  # integer kernels (the tvm backend)
         if run_site is not None:
             self.weight_shape = tuple(w.shape)
@@ -163,8 +168,13 @@ class FracOp(nn.Module):
                 lo_hi = self._range(x, self.act_range)
             return run_site(self, x, w, b, prec, lo_hi)
         qx = self._quantize_input(x, prec.a, self.act_range, lo_hi)
-        return apply_epilogue(self.epilogue,
-                              self._gemm(qx, self._quantize_weight(w, prec.w), w, b, prec.g))
+        return self.finish(self._gemm(qx, self._quantize_weight(w, prec.w), w, b, prec.g))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` through the epilogue (norm, then activation) as autograd ops: the unfused graph."""
+        if self.epilogue_norm is not None:
+            y = self.epilogue_norm(y)
+        return apply_epilogue(self.epilogue, y)
 
     def run_gated(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                   d: GateDecision) -> torch.Tensor:

@@ -18,8 +18,14 @@ autograd sees the unfused graph.
 On the ``tvm`` backend a site saves int8 codes of its input, not the fp32 tensor, so once the
 activations stop saving theirs too, the fp32 tensor is freed after the forward use.
 
+With ``FracConfig(recompute_norms=True)`` a BatchNorm right after a site (and an activation right
+after the BatchNorm) joins the epilogue too: ``z = act(bn(site(x)))`` becomes ``z = site(x)`` with
+``FracOp.epilogue_norm`` set to the BatchNorm module (which stays where it is in the module tree,
+with its parameters and running statistics), and backward recomputes both.
+
 The pass only runs for ``FracConfig(backend="tvm", lean_activations=True)`` (the default with
-``tvm``) and leaves sites called more than once (a shared module) alone.
+``tvm``) and leaves sites called more than once (a shared module), and BatchNorms called more
+than once, alone.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from ..ops.modules import FracOp
 from .base import META_SITE, Pass, PassResult
 
 _MODULES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu"}
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FUNCTIONS = {F.gelu: "gelu", F.relu: "relu", F.silu: "silu", torch.relu: "relu",
               torch.ops.aten.gelu.default: "gelu", torch.ops.aten.relu.default: "relu",
               torch.ops.aten.silu.default: "silu"}
@@ -76,20 +83,18 @@ class EpilogueFusion(Pass):
             if node.op == "call_module":
                 calls[str(node.target)] = calls.get(str(node.target), 0) + 1
         modified = False
+        if self.config.recompute_norms:
+            modified |= self._fuse_norms(gm, calls)
         for node in list(gm.graph.nodes):
-            if META_SITE not in node.meta or node.op != "call_module" or len(node.users) != 1:
-                continue
-            op = gm.get_submodule(str(node.target))
-            if not isinstance(op, FracOp) or op.epilogue is not None \
-                    or calls[str(node.target)] != 1:
+            op = self._single_use_site(gm, node, calls)
+            if op is None or op.epilogue is not None or op.epilogue_norm is not None:
                 continue
             (user,) = node.users
             act = _activation(gm, user) if user.args and user.args[0] is node else None
             if act is None:
                 continue
             op.epilogue = act
-            node.meta[META_SITE].extra["epilogue"] = act[0] if act[0] != "gelu" or \
-                act[1] == "none" else f"gelu({act[1]})"
+            node.meta[META_SITE].extra["epilogue"] = _describe(op)
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
             modified = True
@@ -106,6 +111,54 @@ class EpilogueFusion(Pass):
             gm.graph.erase_node(node)
             modified = True
         return PassResult(gm, modified)
+
+
+    @staticmethod
+    def _single_use_site(gm: fx.GraphModule, node: fx.Node, calls: dict) -> FracOp | None:
+        """The FracOp ``node`` calls, when it is called only there and its output has one user."""
+        if META_SITE not in node.meta or node.op != "call_module" or len(node.users) != 1 \
+                or calls[str(node.target)] != 1:
+            return None
+        op = gm.get_submodule(str(node.target))
+        return op if isinstance(op, FracOp) else None
+
+    def _fuse_norms(self, gm: fx.GraphModule, calls: dict) -> bool:
+        """site -> BatchNorm [-> activation] into the site's epilogue."""
+        modified = False
+        for node in list(gm.graph.nodes):
+            op = self._single_use_site(gm, node, calls)
+            if op is None or op.epilogue_norm is not None:
+                continue
+            (bn,) = node.users
+            if bn.op != "call_module" or bn.args != (node,) or bn.kwargs \
+                    or calls[str(bn.target)] != 1:
+                continue
+            norm = gm.get_submodule(str(bn.target))
+            if type(norm) not in _NORMS:
+                continue
+            last, act = bn, None
+            if len(bn.users) == 1:
+                (user,) = bn.users
+                act = _activation(gm, user) if user.args and user.args[0] is bn else None
+                last = user if act is not None else bn
+            object.__setattr__(op, "epilogue_norm", norm)  # not a submodule: no second owner
+            op.epilogue_norm_path = str(bn.target)  # fraccompile.compile keeps it there
+            op.epilogue = act
+            node.meta[META_SITE].extra["epilogue"] = _describe(op)
+            last.replace_all_uses_with(node)
+            if last is not bn:
+                gm.graph.erase_node(last)
+            gm.graph.erase_node(bn)
+            modified = True
+        return modified
+
+
+def _describe(op: FracOp) -> str:
+    steps = [type(op.epilogue_norm).__name__] if op.epilogue_norm is not None else []
+    if op.epilogue is not None:
+        name, approximate = op.epilogue
+        steps.append(name if approximate in ("", "none") else f"{name}({approximate})")
+    return "+".join(steps)
 
 
 def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -280,8 +280,10 @@ class TVMBackend(ReferenceBackend):
             wlo, whi = weight_range(w, per_channel=op.weight_scale == "channel")
             wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, "symmetric",
                                                           signed=True), kernel=kernel)
+        norm = op.epilogue_norm
         return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self, op.site, op.rounding_noise,
-                                 op.epilogue)
+                                 op.epilogue, norm, getattr(norm, "weight", None),
+                                 getattr(norm, "bias", None))
 
     # -- the three roles per op kind ---------------------------------------------------------------
     def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape,
@@ -542,6 +544,23 @@ def _not_a_view(t: torch.Tensor) -> torch.Tensor:
         t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
+def _norm_backward(norm, batch_stats: bool, epilogue, y: torch.Tensor, gamma, beta, dz):
+    """Gradients w.r.t. ``y``, ``gamma`` and ``beta`` of ``activation(batch_norm(y))`` by autograd
+    on the recomputed ops: the unfused graph's backward, op for op (no running statistics are
+    updated: with batch statistics they are not read, else they are)."""
+    with torch.enable_grad():
+        g = gamma.detach().requires_grad_() if gamma is not None else None
+        b = beta.detach().requires_grad_() if beta is not None else None
+        z = F.batch_norm(y, None if batch_stats else norm.running_mean,
+                         None if batch_stats else norm.running_var, g, b, batch_stats, 0.0,
+                         norm.eps)
+        z = apply_epilogue(epilogue, z)
+        leaves = [t for t in (y, g, b) if t is not None]
+        grads = iter(torch.autograd.grad(z, leaves, dz))
+    dy = next(grads)
+    return dy, next(grads) if g is not None else None, next(grads) if b is not None else None
+
+
 class IntSiteGemm(Function):
     """Forward: the site's output from integer codes; backward: ``dy`` quantized once (stochastic
     rounding, the reference's random numbers) and fed to EB and GC. The straight-through estimator
@@ -550,30 +569,45 @@ class IntSiteGemm(Function):
 
     With an ``epilogue`` (``FracOp.epilogue``, set by the epilogue-fusion pass) the output is the
     activation of the GEMM's, and backward recomputes the GEMM's output from the saved codes to
-    take the activation's backward: only the codes are kept, not the fp32 pre-activation."""
+    take the activation's backward: only the codes are kept, not the fp32 pre-activation. With a
+    ``norm`` (``FracOp.epilogue_norm``, a BatchNorm module whose ``weight``/``bias`` come in as
+    ``gamma``/``beta``) the forward applies it first (running statistics updated as usual), and
+    backward recomputes it too and returns ``gamma``'s and ``beta``'s gradients."""
 
     @staticmethod
     def forward(ctx, x, w, bias, xq: IntCodes, wq: IntCodes, spec: SiteSpec, g_bits: int,
-                backend: TVMBackend, site: str, noise: str = "torch", epilogue=None):
+                backend: TVMBackend, site: str, noise: str = "torch", epilogue=None, norm=None,
+                gamma=None, beta=None):
         backend.where = (site, "fw")
         shapes = (tuple(x.shape), tuple(w.shape))
         y = _site_output(backend, spec, xq, wq, bias, shapes)
-        ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale,
-                              bias if epilogue is not None else None)
+        fused = epilogue is not None or norm is not None
+        ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale, bias if fused else None,
+                              gamma, beta)
         ctx.signs = (xq.signed, wq.signed)
         ctx.spec, ctx.g_bits, ctx.backend, ctx.site = spec, g_bits, backend, site
-        ctx.noise, ctx.epilogue = noise, epilogue
+        ctx.noise, ctx.epilogue, ctx.norm = noise, epilogue, norm
         ctx.shapes = shapes
         ctx.has_bias = bias is not None
+        if norm is not None:
+            # nn.BatchNorm's own choice of batch or running statistics, kept for the recompute
+            ctx.norm_batch_stats = norm.training or norm.running_mean is None
+            y = norm(y)
         return _not_a_view(y if epilogue is None else apply_epilogue(epilogue, y))
 
     @staticmethod
     def backward(ctx, dy):
-        xc, wc, xs, ws, bias = ctx.saved_tensors
+        xc, wc, xs, ws, bias, gamma, beta = ctx.saved_tensors
         xq, wq = IntCodes(xc, xs, ctx.signs[0]), IntCodes(wc, ws, ctx.signs[1])
         spec, backend = ctx.spec, ctx.backend
         x_shape, w_shape = ctx.shapes
-        if ctx.epilogue is not None:  # dy is the activation's gradient: recompute its input
+        dgamma = dbeta = None
+        if ctx.norm is not None:  # recompute the GEMM's output and differentiate norm + activation
+            backend.where = (ctx.site, "fw")
+            y = _not_a_view(_site_output(backend, spec, xq, wq, bias, ctx.shapes)).requires_grad_()
+            dy, dgamma, dbeta = _norm_backward(ctx.norm, ctx.norm_batch_stats, ctx.epilogue, y,
+                                               gamma, beta, dy)
+        elif ctx.epilogue is not None:  # dy is the activation's gradient: recompute its input
             backend.where = (ctx.site, "fw")
             dy = epilogue_backward(ctx.epilogue, dy,
                                    _site_output(backend, spec, xq, wq, bias, ctx.shapes))
@@ -592,7 +626,7 @@ class IntSiteGemm(Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = _channel_sums(dyq.codes, 1 if spec.kind == "conv" else dy.dim() - 1).float() \
                 * dyq.scale
-        return dx, dw, db, None, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None, None, dgamma, dbeta
 
 
 def make_tvm_backend(options: dict) -> TVMBackend:
