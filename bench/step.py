@@ -21,9 +21,9 @@ tensor`` compiles the reference and tvm rows with ``FracConfig(weight_scale="ten
 weight range per tensor: the tvm backend's linear error backprop becomes an integer GEMM), and
 ``--rounding-noise counter`` with ``FracConfig(rounding_noise="counter")`` (stochastic rounding's
 noise from a counter-based hash, which the tvm backend computes inside its quantize kernel instead
-of drawing ``torch.rand``). ``--recompute-norms`` compiles the tvm row with
-``FracConfig(recompute_norms=True)`` (a BatchNorm after a conv joins its epilogue: backward
-recomputes both from the int8 codes).
+of drawing ``torch.rand``). ``--recompute none|activations|norms`` sets
+``FracConfig.recompute`` (what the tvm backend's backward recomputes from int8 codes instead of
+keeping fp32; default ``activations``).
 """
 
 from __future__ import annotations
@@ -151,8 +151,7 @@ def run_child(key: str, mode: str, repeats: int, env: dict | None = None,
     cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode,
            "--repeats", str(repeats)]
     for name, value in (fields or {}).items():
-        flag = f"--{name.replace('_', '-')}"
-        cmd += [flag] if value is True else [flag, value]
+        cmd += [f"--{name.replace('_', '-')}", value]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -173,13 +172,12 @@ def main() -> None:
                         help="FracConfig.weight_scale of the compiled rows")
     parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="torch",
                         help="FracConfig.rounding_noise of the compiled rows")
-    parser.add_argument("--recompute-norms", action="store_true",
-                        help="FracConfig.recompute_norms of the compiled rows")
+    parser.add_argument("--recompute", choices=("none", "activations", "norms"),
+                        default="activations", help="FracConfig.recompute of the compiled rows")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    fields = {"weight_scale": args.weight_scale, "rounding_noise": args.rounding_noise}
-    if args.recompute_norms:
-        fields["recompute_norms"] = True
+    fields = {"weight_scale": args.weight_scale, "rounding_noise": args.rounding_noise,
+              "recompute": args.recompute}
     if args.child:
         print(json.dumps(child(*args.child, args.repeats, fields)))
         return
@@ -200,8 +198,8 @@ def main() -> None:
            "(reference and TVM backends)")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"environment of every child: {' '.join(args.env) or '(as inherited)'}; "
-          f"weight_scale {args.weight_scale}, rounding_noise {args.rounding_noise}"
-          + (", recompute_norms" if args.recompute_norms else ""))
+          f"weight_scale {args.weight_scale}, rounding_noise {args.rounding_noise}, "
+          f"recompute {args.recompute}")
     base = {m: run_child("-", m, 0, env).get("rss_mb") for m in ("import", "import-tvm")}
     rows, notes = [], []
     modes = list(MODES) + ([f"tvm-tuned:{os.path.abspath(args.tuning_db)}"] if args.tuning_db

@@ -63,9 +63,9 @@ def transform(
         help="weight ranges per output channel (default) or per tensor")] = None,
     rounding_noise: Annotated[Optional[str], typer.Option(
         help="stochastic rounding noise: torch (torch.rand, default) or counter (hash)")] = None,
-    recompute_norms: Annotated[Optional[bool], typer.Option(
-        "--recompute-norms/--keep-norms",
-        help="tvm: BatchNorm after a conv joins its epilogue, recomputed in backward")] = None,
+    recompute: Annotated[Optional[str], typer.Option(
+        help="tvm: none, activations (default) or norms: recomputed from int8 codes in "
+             "backward instead of kept in fp32")] = None,
 ) -> None:
     """Compile a model and write transformed.py, graph.json and report.md."""
     from .api import compile as frac_compile
@@ -77,7 +77,7 @@ def transform(
     if pipeline:
         cfg = cfg.replace(pipeline=pipeline)
     cfg = _override(cfg, backend=backend, scheme=scheme, weight_scale=weight_scale,
-                    rounding_noise=rounding_noise, recompute_norms=recompute_norms)
+                    rounding_noise=rounding_noise, recompute=recompute)
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
     console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
@@ -190,9 +190,9 @@ def train(
         help="weight ranges per output channel (default) or per tensor")] = None,
     rounding_noise: Annotated[Optional[str], typer.Option(
         help="stochastic rounding noise: torch (torch.rand, default) or counter (hash)")] = None,
-    recompute_norms: Annotated[Optional[bool], typer.Option(
-        "--recompute-norms/--keep-norms",
-        help="tvm: BatchNorm after a conv joins its epilogue, recomputed in backward")] = None,
+    recompute: Annotated[Optional[str], typer.Option(
+        help="tvm: none, activations (default) or norms: recomputed from int8 codes in "
+             "backward instead of kept in fp32")] = None,
     kernels: Annotated[Optional[Path], typer.Option(help="tvm: kernels written by `export`")] = None,
     tuning_db: Annotated[Optional[Path], typer.Option(help="tvm: a `tune` database")] = None,
     seed: Annotated[int, typer.Option()] = 0,
@@ -214,7 +214,7 @@ def train(
                            beta)
     cfg = _override(_load_config(config, [], None), backend=backend, scheme=scheme,
                     weight_scale=weight_scale, rounding_noise=rounding_noise,
-                    recompute_norms=recompute_norms,
+                    recompute=recompute,
                     kernels=str(kernels) if kernels else None,
                     tuning_db=str(tuning_db) if tuning_db else None)
     if schedule in ("dfq", "fractrain"):

@@ -19,6 +19,7 @@ CONFIG_VERSION = 1
 SCHEMES = ("sbm", "symmetric")
 WEIGHT_SCALES = ("channel", "tensor")
 ROUNDING_NOISES = ("torch", "counter")  # stochastic rounding noise (fraccompile.ops.quantizers)
+RECOMPUTE_LEVELS = ("none", "activations", "norms")  # passes/epilogue_fusion.py
 BACKENDS = ("reference", "tvm")
 CAPTURE_METHODS = ("auto", "fx", "export")
 OP_KINDS = ("conv", "linear", "matmul")
@@ -88,14 +89,13 @@ class FracConfig:
             this machine is refused with the reason ("" = build kernels on first use).
         tuning_db: directory of a ``fraccompile tune`` database (backend ``tvm``): kernels built
             on first use take the tiles it chose ("" = default tiles).
-        lean_activations: (backend ``tvm``) keep less fp32 for backward: a GELU/ReLU/SiLU right
-            after a site becomes the site's epilogue (backward recomputes the site's output from
-            its int8 codes: one more forward GEMM per such site), and the other ReLUs save a
-            1-byte mask instead of their fp32 output. Values and gradients are unchanged.
-        recompute_norms: (backend ``tvm``, with ``lean_activations``) a BatchNorm right after a
-            site, and an activation right after it, join the site's epilogue too: backward
-            recomputes the site's output and the normalization, so neither keeps an fp32 tensor
-            (less memory, one more forward GEMM and BatchNorm per such site).
+        recompute: (backend ``tvm``) what backward recomputes from a site's int8 codes instead of
+            autograd keeping fp32 tensors; values and gradients are unchanged. ``"none"``: nothing
+            (the graph is the reference's). ``"activations"`` (default): a GELU/ReLU/SiLU right
+            after a site becomes the site's epilogue (one more forward GEMM per such site in
+            backward), and the other ReLUs save a 1-byte mask instead of their output (free).
+            ``"norms"``: also a BatchNorm right after a site (and the activation after it): one
+            more forward GEMM and BatchNorm per such site.
         kernels_fallback: with ``kernels``, build what the library lacks or cannot serve (with a
             warning) instead of refusing.
     """
@@ -120,8 +120,7 @@ class FracConfig:
     kernels: str = ""
     tuning_db: str = ""
     kernels_fallback: bool = False
-    lean_activations: bool = True
-    recompute_norms: bool = False
+    recompute: str = "activations"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -165,10 +164,10 @@ class FracConfig:
             if value and self.backend != "tvm":
                 raise ConfigError(f"FracConfig.{name} = {value!r} needs backend='tvm' "
                                   f"(backend is {self.backend!r})")
-        for name in ("kernels_fallback", "lean_activations", "recompute_norms"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"FracConfig.{name} = {getattr(self, name)!r} must be "
-                                  "true or false")
+        _check_choice("FracConfig.recompute", self.recompute, RECOMPUTE_LEVELS)
+        if not isinstance(self.kernels_fallback, bool):
+            raise ConfigError(f"FracConfig.kernels_fallback = {self.kernels_fallback!r} must be "
+                              "true or false")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"FracConfig.version = {self.version!r} is not supported: "
                               f"this fraccompile reads version {CONFIG_VERSION}")

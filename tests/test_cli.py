@@ -140,11 +140,11 @@ def test_transform_rounding_noise_option(out_root):
     assert res.exit_code == 0, res.output
     assert json.loads((out / "graph.json").read_text())["config"]["rounding_noise"] == "counter"
     res = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32",
-                 "--backend", "tvm", "--scheme", "symmetric", "--recompute-norms",
+                 "--backend", "tvm", "--scheme", "symmetric", "--recompute", "norms",
                  "--out", out_root / "norms")
     assert res.exit_code == 0, res.output
     assert json.loads((out_root / "norms" / "graph.json").read_text())["config"][
-        "recompute_norms"] is True
+        "recompute"] == "norms"
     assert "BatchNorm2d+relu" in (out_root / "norms" / "report.md").read_text()
     bad = invoke("transform", EXAMPLES / "transformer_lm.py", "--input-shape", "2,16",
                  "--rounding-noise", "philox", "--out", out_root / "bad_noise")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fraccompile import ConfigError, FracConfig
 from fraccompile.config import (BACKENDS, CAPTURE_METHODS, CONFIG_VERSION, OP_KINDS,
-                               ROUNDING_NOISES, SCHEMES, WEIGHT_SCALES)
+                               RECOMPUTE_LEVELS, ROUNDING_NOISES, SCHEMES, WEIGHT_SCALES)
 
 FIELDS = sorted(f.name for f in dataclasses.fields(FracConfig))
 
@@ -18,7 +18,7 @@ NON_DEFAULT = FracConfig(a=4, w=6, g=0, scheme="symmetric", full_precision=("lay
                          ops=("conv", "matmul"), backend="tvm", capture="export",
                          leaf_modules=("ValueGate", "blocks.0.attn"), pipeline="default",
                          act_momentum=0.25, weight_scale="tensor", rounding_noise="counter",
-                         lean_activations=False)
+                         recompute="norms")
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -43,6 +43,7 @@ def test_good_bits_accepted(field, value):
     ("capture", "dynamo", CAPTURE_METHODS),
     ("weight_scale", "row", WEIGHT_SCALES),
     ("rounding_noise", "philox", ROUNDING_NOISES),
+    ("recompute", "all", RECOMPUTE_LEVELS),
 ])
 def test_unknown_choice_raises_naming_field_and_choices(field, value, allowed):
     with pytest.raises(ConfigError, match=rf"FracConfig\.{field}\b") as info:
@@ -50,13 +51,6 @@ def test_unknown_choice_raises_naming_field_and_choices(field, value, allowed):
     msg = str(info.value)
     assert repr(value) in msg
     assert all(a in msg for a in allowed), msg
-
-
-@pytest.mark.parametrize("field", ["kernels_fallback", "lean_activations"])
-@pytest.mark.parametrize("value", [1, "yes", None])
-def test_flags_must_be_booleans(field, value):
-    with pytest.raises(ConfigError, match=rf"FracConfig\.{field}\b.*true or false"):
-        FracConfig(**{field: value})
 
 
 @pytest.mark.parametrize("ops", [("conv", "attention"), ("bmm",), ("Linear",)])

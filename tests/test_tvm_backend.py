@@ -485,7 +485,7 @@ def test_epilogue_fusion_is_bit_identical_and_saves_no_fp32_activation(model, sh
     torch.manual_seed(0)
     x = torch.randn(*shape)
     loss, grads, saved, fused = _fused_run(model, x)
-    loss0, grads0, saved0, fused0 = _fused_run(model, x, lean_activations=False)
+    loss0, grads0, saved0, fused0 = _fused_run(model, x, recompute="none")
     assert fused == expected and fused0 == {}
     assert torch.equal(loss, loss0)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads0))
@@ -513,7 +513,7 @@ def test_in_place_op_on_a_site_output(layer, shape):
                                 torch.nn.Flatten(), torch.nn.LazyLinear(3))
         m(x)
         fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
-                                                  full_precision=(), lean_activations=False))
+                                                  full_precision=(), recompute="none"))
         torch.manual_seed(1)
         fm(x).square().sum().backward()
         grads.append(m[0].weight.grad)
@@ -540,7 +540,7 @@ class _BNBlock(torch.nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def test_lean_activations_keep_relu_masks_not_outputs():
+def test_recompute_activations_keeps_relu_masks_not_outputs():
     from fraccompile.ops.functions import masked_relu
     torch.manual_seed(0)
     model, x = _BNBlock(), torch.randn(8, 3, 10, 10)
@@ -549,7 +549,7 @@ def test_lean_activations_keep_relu_masks_not_outputs():
     masked = [n for n in fm.graph.nodes if n.target is masked_relu]
     assert len(masked) == 2
     loss, grads, saved, _ = _fused_run(model, x)
-    loss0, grads0, saved0, _ = _fused_run(model, x, lean_activations=False)
+    loss0, grads0, saved0, _ = _fused_run(model, x, recompute="none")
     assert torch.equal(loss, loss0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
     relu_out = 8 * 16 * 10 * 10 * 4
     assert saved0 - saved >= 2 * relu_out * 3 / 4, (saved0, saved)
@@ -582,7 +582,7 @@ class _NormNoAffine(torch.nn.Module):
                                                               "c2": "BatchNorm2d"}),
                                                (_NormNoAffine(), {"c1": "BatchNorm2d+gelu"})])
 def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norms):
-    """recompute_norms: a BatchNorm (and the activation after it) joins the conv site's epilogue.
+    """recompute="norms": a BatchNorm (and the activation after it) joins the conv site's epilogue.
     Two training steps give the same loss, gradients and running statistics as the unfused graph,
     bit for bit; eval mode gives the same output; the state_dict keys do not change; autograd
     keeps less."""
@@ -592,7 +592,7 @@ def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norm
     for recompute in (False, True):
         m = copy.deepcopy(model)
         fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
-                                                  full_precision=(), recompute_norms=recompute))
+                                                  full_precision=(), recompute="norms" if recompute else "activations"))
         assert {id(p) for p in fm.parameters()} == {id(p) for p in m.parameters()}
         twin = copy.deepcopy(fm)  # a copy's sites call the copy's BatchNorm modules
         for op in (o for o in twin.modules() if isinstance(o, FracOp) and o.epilogue_norm):
@@ -610,7 +610,7 @@ def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norm
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
     assert all(torch.equal(a, b) for a, b in zip(b0, b1))
     assert {k: v for k, v in epi.items() if v and "Norm" in v} == fused_norms
-    saved = _fused_run(model, x, recompute_norms=True)[2]
+    saved = _fused_run(model, x, recompute="norms")[2]
     saved0 = _fused_run(model, x)[2]
     assert saved0 - saved >= 8 * 16 * 10 * 10 * 4 * len(fused_norms) * 3 / 4
 

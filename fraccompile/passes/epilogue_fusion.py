@@ -18,13 +18,12 @@ autograd sees the unfused graph.
 On the ``tvm`` backend a site saves int8 codes of its input, not the fp32 tensor, so once the
 activations stop saving theirs too, the fp32 tensor is freed after the forward use.
 
-With ``FracConfig(recompute_norms=True)`` a BatchNorm right after a site (and an activation right
+With ``FracConfig(recompute="norms")`` a BatchNorm right after a site (and an activation right
 after the BatchNorm) joins the epilogue too: ``z = act(bn(site(x)))`` becomes ``z = site(x)`` with
 ``FracOp.epilogue_norm`` set to the BatchNorm module (which stays where it is in the module tree,
 with its parameters and running statistics), and backward recomputes both.
 
-The pass only runs for ``FracConfig(backend="tvm", lean_activations=True)`` (the default with
-``tvm``) and leaves sites called more than once (a shared module), and BatchNorms called more
+The pass runs for ``FracConfig(backend="tvm")`` unless ``recompute="none"`` and leaves sites called more than once (a shared module), and BatchNorms called more
 than once, alone.
 """
 
@@ -76,14 +75,14 @@ class EpilogueFusion(Pass):
     description = "activation after a site -> the site's epilogue (recomputed in backward: tvm)"
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        if self.config.backend != "tvm" or not self.config.lean_activations:
+        if self.config.backend != "tvm" or self.config.recompute == "none":
             return PassResult(gm, False)
         calls: dict[str, int] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 calls[str(node.target)] = calls.get(str(node.target), 0) + 1
         modified = False
-        if self.config.recompute_norms:
+        if self.config.recompute == "norms":
             modified |= self._fuse_norms(gm, calls)
         for node in list(gm.graph.nodes):
             op = self._single_use_site(gm, node, calls)
