@@ -77,6 +77,25 @@ def main() -> None:
     rn, sr = quantize.kernel("int8", False), quantize.kernel("int8", True)
     row("quantize, round to nearest", "4M fp32", lambda: rn(x, scale, bounds, q))
     row("quantize, stochastic", "4M fp32", lambda: sr(x, scale, bounds, u, q))
+    row("torch.rand (the stochastic kernel's input)", "4M fp32", lambda: torch.rand(n))
+    if hasattr(quantize, "counter_definition"):  # the counter-noise kernel draws nothing
+        src = quantize.kernel("int8", True, "counter")
+        seed = torch.tensor([7], dtype=torch.int32)
+        row("quantize, stochastic, counter noise", "4M fp32",
+            lambda: src(x.view(-1, 1, 1024), scale, bounds, seed, q.view(-1, 1, 1024)))
+    act = torch.randn(128, 16, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    row("aminmax of a channels-last tensor (torch)", "128x16x32x32 CL",
+        lambda: torch.aminmax(act))
+    row("aminmax in memory order (torch)", "128x16x32x32 CL",
+        lambda: torch.aminmax(act.permute(0, 2, 3, 1)))
+    if hasattr(quantize, "dequant_kernel"):  # the GEMM epilogue: int32 -> fp32
+        m_, n_ = 131072, 16
+        c = torch.randint(-2**20, 2**20, (1, m_, n_), dtype=torch.int32, generator=gen)
+        rc, cc = torch.zeros(1, m_, dtype=torch.int32), torch.zeros(1, n_, dtype=torch.int32)
+        sc, bi, out32 = torch.rand(n_), torch.randn(n_), torch.empty(1, m_, n_)
+        dq = quantize.dequant_kernel()
+        row("dequantize + bias, one kernel", "131072x16 int32", lambda: dq(c, rc, cc, sc, bi, out32))
+        row("dequantize + bias (torch)", "131072x16 int32", lambda: torch.mul(c, sc).add_(bi))
 
     for layout, (m, k), (mp, kp) in [("mk", (2048, 512), (2052, 512)),
                                      ("km", (2048, 512), (2052, 512)),
