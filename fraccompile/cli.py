@@ -18,6 +18,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # A wide console when piped, so the site table is not folded into unreadable cells.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
+# FracConfig fields that `transform` and `train` both take from the command line
+BackendOpt = Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")]
+SchemeOpt = Annotated[Optional[str], typer.Option(help="sbm or symmetric")]
+WeightScaleOpt = Annotated[Optional[str], typer.Option(
+    help="weight ranges per output channel (default) or per tensor")]
+RoundingNoiseOpt = Annotated[Optional[str], typer.Option(
+    help="stochastic rounding noise: torch (torch.rand, default) or counter (hash)")]
+RecomputeOpt = Annotated[Optional[str], typer.Option(
+    help="tvm: none, activations (default) or norms: recomputed from int8 codes in backward "
+         "instead of kept in fp32")]
+
 
 def _one_line_errors(fn):
     """Turn a FracCompileError (bad input) into one actionable line on stderr and exit code 2."""
@@ -57,15 +68,11 @@ def transform(
     capture: Annotated[Optional[str], typer.Option(help="auto, fx or export")] = None,
     dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
     pipeline: Annotated[Optional[str], typer.Option(help="pass pipeline: default or dfq")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")] = None,
-    scheme: Annotated[Optional[str], typer.Option(help="sbm or symmetric")] = None,
-    weight_scale: Annotated[Optional[str], typer.Option(
-        help="weight ranges per output channel (default) or per tensor")] = None,
-    rounding_noise: Annotated[Optional[str], typer.Option(
-        help="stochastic rounding noise: torch (torch.rand, default) or counter (hash)")] = None,
-    recompute: Annotated[Optional[str], typer.Option(
-        help="tvm: none, activations (default) or norms: recomputed from int8 codes in "
-             "backward instead of kept in fp32")] = None,
+    backend: BackendOpt = None,
+    scheme: SchemeOpt = None,
+    weight_scale: WeightScaleOpt = None,
+    rounding_noise: RoundingNoiseOpt = None,
+    recompute: RecomputeOpt = None,
 ) -> None:
     """Compile a model and write transformed.py, graph.json and report.md."""
     from .api import compile as frac_compile
@@ -184,15 +191,11 @@ def train(
     test_limit: Annotated[Optional[int], typer.Option(
         help="random test subset size (shakespeare: validation windows, default 256)")] = None,
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")] = None,
-    scheme: Annotated[Optional[str], typer.Option(help="sbm or symmetric")] = None,
-    weight_scale: Annotated[Optional[str], typer.Option(
-        help="weight ranges per output channel (default) or per tensor")] = None,
-    rounding_noise: Annotated[Optional[str], typer.Option(
-        help="stochastic rounding noise: torch (torch.rand, default) or counter (hash)")] = None,
-    recompute: Annotated[Optional[str], typer.Option(
-        help="tvm: none, activations (default) or norms: recomputed from int8 codes in "
-             "backward instead of kept in fp32")] = None,
+    backend: BackendOpt = None,
+    scheme: SchemeOpt = None,
+    weight_scale: WeightScaleOpt = None,
+    rounding_noise: RoundingNoiseOpt = None,
+    recompute: RecomputeOpt = None,
     kernels: Annotated[Optional[Path], typer.Option(help="tvm: kernels written by `export`")] = None,
     tuning_db: Annotated[Optional[Path], typer.Option(help="tvm: a `tune` database")] = None,
     seed: Annotated[int, typer.Option()] = 0,

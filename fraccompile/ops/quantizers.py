@@ -56,14 +56,16 @@ def noise_seed(generator: torch.Generator | None = None,
 
 
 def counter_noise(shape, seed: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniform noise in [0, 1) of ``shape`` (fp32): element ``i`` (its row-major logical index,
-    modulo 2**32) gets ``lowbias32((i * NOISE_STEP) ^ seed) >> 8`` scaled by 2**-24.
+    """Uniform noise in [0, 1) of ``shape`` (fp32, fewer than 2**31 elements): element ``i`` (its
+    row-major logical index) gets ``lowbias32((i * NOISE_STEP) ^ seed) >> 8`` scaled by 2**-24.
 
     Integer arithmetic wraps modulo 2**32 in int32 (torch's and the kernels'); right shifts are
     logical (masked after torch's arithmetic shift)."""
     n = 1
     for d in shape:
         n *= int(d)
+    if n >= 2**31:
+        raise ValueError(f"counter noise indexes at most 2**31 - 1 elements, not {n}")
     x = torch.arange(n, dtype=torch.int32, device=device)
     x.mul_(_i32(NOISE_STEP)).bitwise_xor_(seed.to(device=device, dtype=torch.int32))
     x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF)).mul_(_i32(NOISE_MUL1))

@@ -105,6 +105,8 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
         return IntCodes(q.to(dtype), qp.scale, signed)
     xd = x.permute(*perm)
     counter = stochastic and noise == "counter"
+    if counter and x.numel() >= 2**31:
+        raise ValueError(f"counter noise indexes at most 2**31 - 1 elements, not {x.numel()}")
     if counter:  # (N, S, C) in memory order, logical index n·C·S + c·S + s
         if perm == list(range(x.dim())):
             last = x.shape[-1] if x.dim() else 1
@@ -528,12 +530,6 @@ def _channel_sums(codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return codes.sum([d for d in range(codes.dim()) if d != channel_dim], dtype=torch.int64)
 
 
-def _site_output(backend: TVMBackend, spec: SiteSpec, xq: IntCodes, wq: IntCodes, bias,
-                 shapes) -> torch.Tensor:
-    """The forward GEMM's output plus the bias (the epilogue's input)."""
-    return backend.fw(spec, xq, wq, *shapes, bias=bias)
-
-
 def _not_a_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` (the fw output: often a reshaped or channels-last view of the GEMM's buffer) as a
     tensor of its own on the same memory. Autograd refuses in-place ops (``ReLU(inplace=True)``)
@@ -580,7 +576,7 @@ class IntSiteGemm(Function):
                 gamma=None, beta=None):
         backend.where = (site, "fw")
         shapes = (tuple(x.shape), tuple(w.shape))
-        y = _site_output(backend, spec, xq, wq, bias, shapes)
+        y = backend.fw(spec, xq, wq, *shapes, bias=bias)
         fused = epilogue is not None or norm is not None
         ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale, bias if fused else None,
                               gamma, beta)
@@ -604,13 +600,13 @@ class IntSiteGemm(Function):
         dgamma = dbeta = None
         if ctx.norm is not None:  # recompute the GEMM's output and differentiate norm + activation
             backend.where = (ctx.site, "fw")
-            y = _not_a_view(_site_output(backend, spec, xq, wq, bias, ctx.shapes)).requires_grad_()
+            y = _not_a_view(backend.fw(spec, xq, wq, *ctx.shapes, bias=bias)).requires_grad_()
             dy, dgamma, dbeta = _norm_backward(ctx.norm, ctx.norm_batch_stats, ctx.epilogue, y,
                                                gamma, beta, dy)
         elif ctx.epilogue is not None:  # dy is the activation's gradient: recompute its input
             backend.where = (ctx.site, "fw")
-            dy = epilogue_backward(ctx.epilogue, dy,
-                                   _site_output(backend, spec, xq, wq, bias, ctx.shapes))
+            dy = epilogue_backward(ctx.epilogue, dy, backend.fw(spec, xq, wq, *ctx.shapes,
+                                                                bias=bias))
         lo, hi = tensor_range(dy)
         backend.where = (ctx.site, "quantize")
         dyq = _to_codes(dy, qparams_from_range(lo, hi, ctx.g_bits, "symmetric", signed=True),

@@ -61,7 +61,7 @@ def counter_definition(out_dtype: str) -> tvm.tirx.PrimFunc:
 
     def code(x, scale, bounds, seed, n, s, c, N, S, C):
         index = T.Cast("uint32", n * C * S + c * S + s) * T.uint32(NOISE_STEP) \
-            ^ T.Cast("uint32", seed[0])  # the int64 index wraps modulo 2**32, as in torch
+            ^ T.Cast("uint32", seed[0])  # the index is below 2**31 (_to_codes checks)
         return T.Cast(out_dtype, T.max(T.min(
             T.floor(x[n, s, c] / scale[0] + _counter_noise(index)), bounds[1]), bounds[0]))
 
