@@ -4,7 +4,8 @@
   (straight-through estimator).
 * :class:`SiteGemm` — forward: the backend's forward GEMM on already-quantized operands, saving those
   quantized operands (not the full-precision ones) for backward; backward: quantizes ``dy`` once with
-  stochastic rounding (precision ``g``, noise drawn the ``noise`` way) and feeds it to both backward GEMMs and the bias gradient.
+  stochastic rounding (precision ``g``, noise drawn the ``noise`` way) and feeds it to both backward
+  GEMMs and the bias gradient.
 """
 
 from __future__ import annotations

@@ -106,10 +106,8 @@ class FracOp(nn.Module):
         scale = "" if self.weight_scale == "channel" else f", weight_scale={self.weight_scale}"
         if self.rounding_noise != "torch":
             scale += f", rounding_noise={self.rounding_noise}"
-        steps = ([type(self.epilogue_norm).__name__] if self.epilogue_norm is not None else []) \
-            + ([self.epilogue[0]] if self.epilogue is not None else [])
-        if steps:
-            scale += f", epilogue={'+'.join(steps)}"
+        if self.epilogue_norm is not None or self.epilogue is not None:
+            scale += f", epilogue={self.describe_epilogue()}"
         return f"site={self.site!r}, op={self.spec.describe()}, scheme={self.scheme}{scale}, " \
                f"backend={self.backend.name}"
 
@@ -169,6 +167,14 @@ class FracOp(nn.Module):
             return run_site(self, x, w, b, prec, lo_hi)
         qx = self._quantize_input(x, prec.a, self.act_range, lo_hi)
         return self.finish(self._gemm(qx, self._quantize_weight(w, prec.w), w, b, prec.g))
+
+    def describe_epilogue(self) -> str:
+        """E.g. ``"BatchNorm2d+relu"``, ``"gelu(tanh)"``; ``""`` without an epilogue."""
+        steps = [type(self.epilogue_norm).__name__] if self.epilogue_norm is not None else []
+        if self.epilogue is not None:
+            name, approximate = self.epilogue
+            steps.append(name if approximate in ("", "none") else f"{name}({approximate})")
+        return "+".join(steps)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         """``y`` through the epilogue (norm, then activation) as autograd ops: the unfused graph."""

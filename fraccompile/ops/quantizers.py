@@ -36,8 +36,8 @@ from ..config import ROUNDING_NOISES
 # ~1e-6 (deep gradients can be) to their minimum; the smallest normal float keeps them.
 MIN_SCALE = float(torch.finfo(torch.float32).tiny)
 
-# counter_noise's constants (int32 views of uint32 odd multipliers): the golden-ratio step spreads
-# consecutive indices, then Wellons' "lowbias32" finalizer (two xor-shift-multiply rounds).
+# counter_noise's uint32 constants (torch multiplies by their int32 views): the golden-ratio step
+# spreads consecutive indices, then Wellons' "lowbias32" finalizer (xor-shift-multiply rounds).
 NOISE_STEP, NOISE_MUL1, NOISE_MUL2 = 0x9E3779B1, 0x7FEB352D, 0x846CA68B
 NOISE_BITS = 24  # u = (hash >> 8) * 2**-24: every value exact in fp32, 0 <= u < 1
 

@@ -93,7 +93,7 @@ class EpilogueFusion(Pass):
             if act is None:
                 continue
             op.epilogue = act
-            node.meta[META_SITE].extra["epilogue"] = _describe(op)
+            node.meta[META_SITE].extra["epilogue"] = op.describe_epilogue()
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
             modified = True
@@ -143,21 +143,13 @@ class EpilogueFusion(Pass):
             object.__setattr__(op, "epilogue_norm", norm)  # not a submodule: no second owner
             op.epilogue_norm_path = str(bn.target)  # fraccompile.compile keeps it there
             op.epilogue = act
-            node.meta[META_SITE].extra["epilogue"] = _describe(op)
+            node.meta[META_SITE].extra["epilogue"] = op.describe_epilogue()
             last.replace_all_uses_with(node)
             if last is not bn:
                 gm.graph.erase_node(last)
             gm.graph.erase_node(bn)
             modified = True
         return modified
-
-
-def _describe(op: FracOp) -> str:
-    steps = [type(op.epilogue_norm).__name__] if op.epilogue_norm is not None else []
-    if op.epilogue is not None:
-        name, approximate = op.epilogue
-        steps.append(name if approximate in ("", "none") else f"{name}({approximate})")
-    return "+".join(steps)
 
 
 def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:

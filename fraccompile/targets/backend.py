@@ -305,7 +305,8 @@ class TVMBackend(ReferenceBackend):
         # im2col reads without a transpose
         d = len(out_sp)
         strides = [math.prod(out_sp) * OC] + [math.prod(out_sp[i + 1:]) * OC for i in range(d)]
-        y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]))
+        y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]),
+                                device=xq.codes.device)
         rows = y.permute(0, *range(2, 2 + d), 1)                    # (N, O..., OC), contiguous
         wr = _weight_rows(wq.codes, G)                              # (G, OCg, k·Cg)
         if G == 1:
