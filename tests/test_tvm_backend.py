@@ -145,6 +145,43 @@ def test_pack_b_layouts_padding_and_ones_row(layout, G, N, K, NB, KB, flip):
     assert torch.equal(out, ref)
 
 
+def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
+    """The memory-bound kernels' serial forms (below PARALLEL_MIN_BYTES) compute the same bytes
+    as their parallel forms; GEMMs have no serial form."""
+    from fraccompile.targets import backend as B
+    from fraccompile.targets.kernels import KernelRef
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 37, 5, 21, generator=gen).contiguous(memory_format=torch.channels_last)
+    qp = B.qparams_from_range(x.min(), x.max(), 8, "symmetric")
+    a = torch.randint(-127, 128, (2, 37, 70), dtype=torch.int8, generator=gen)
+    b = torch.randint(0, 256, (2, 50, 70), dtype=torch.uint8, generator=gen)
+    scale, bias = torch.rand(50, generator=gen), torch.randn(50, generator=gen)
+    backend = get_backend("tvm")
+    results, kinds = {}, []
+
+    def record(ref):
+        kinds.append((ref.kind, ref.serial))
+        return backend.kernels.get(ref)
+
+    def run():
+        torch.manual_seed(0)
+        return [B._to_codes(x, qp, stochastic=True, noise=n, kernel=record).codes
+                for n in ("torch", "counter")] \
+            + [backend.gemm_f32(a, b, scale, bias), backend.gemm_f32(a.mT.contiguous().mT, b, scale)]
+
+    monkeypatch.setattr(B.TVMBackend, "kernel", lambda self, ref: record(ref))
+    for threshold in (0, 1 << 40):  # everything parallel, then everything serial
+        monkeypatch.setattr(B, "PARALLEL_MIN_BYTES", threshold)
+        kinds.clear()
+        results[threshold] = run()
+        assert {s for k, s in kinds if k != "gemm"} == {threshold > 0}
+        assert {s for k, s in kinds if k == "gemm"} == {False}
+    assert all(torch.equal(p, q) for p, q in zip(results[0], results[1 << 40]))
+    with pytest.raises(ValueError, match="serial"):
+        KernelRef("gemm", (1, 6, 64, 32, 6, 4, 32), serial=True)
+
+
 def test_kernel_without_vnni_is_exact():
     """The generic (AVX2-only) schedule builds and computes the same products."""
     from fraccompile.targets import gemm

@@ -49,6 +49,17 @@ MAX_BITS = 8
 MIN_GROUP_WIDTH = 8  # narrower groups waste most of the 16 int32 lanes of a VNNI instruction
 MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
 MAX_K_UNSIGNED = 33_025  # both operands unsigned: the sum itself (<= 255²·K) must fit
+# The memory-bound kernels (quantize, dequantize, packing) run on the calling thread below this many
+# bytes moved. In a training step on 2 cores a parallel launch after torch ops costs more than the
+# second core gives back: with every such kernel serial, ResNet-20's step went 257 -> 224 ms and the
+# Transformer's 374 -> 338 ms (``bench/step_breakdown.py --rounding-noise counter``); the largest
+# there (a 2048x2048 dequantize, 32 MB) was faster serial too. Alone, a parallel kernel is ~2x
+# faster at every size, so large tensors keep it.
+PARALLEL_MIN_BYTES = 64 << 20
+
+
+def _serial(nbytes: int) -> bool:
+    return nbytes < PARALLEL_MIN_BYTES
 
 
 class IntCodes:
@@ -121,7 +132,9 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
     elif stochastic:  # the reference's draws, in logical order, laid out like x
         args.append(uniform_noise(x.shape, noise).permute(*perm).reshape(-1))
     codes = torch.empty(flat.shape, dtype=dtype)
-    kernel(KernelRef.quantize(str(dtype).removeprefix("torch."), stochastic, noise))(*args, codes)
+    ref = KernelRef.quantize(str(dtype).removeprefix("torch."), stochastic, noise,
+                             serial=_serial(x.numel() * (9 if stochastic and not counter else 5)))
+    kernel(ref)(*args, codes)
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
     return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed)
 
@@ -245,8 +258,8 @@ class TVMBackend(ReferenceBackend):
             scale = scale.reshape(-1).float().expand(N).contiguous()
             bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
             out = out if out is not None else torch.empty((G, M, N))
-            self.kernel(KernelRef("dequant", ()))(C, rc.contiguous(), cc.contiguous(), scale,
-                                                  bias, out)
+            ref = KernelRef("dequant", (), serial=_serial(G * M * N * 8))
+            self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), scale, bias, out)
             return out
         if alpha:  # row M: sum_k (b - beta)  ->  sum_k b = C[M] + beta*K
             b_sums = C[:, M:M + 1, :N] + beta * K
@@ -446,7 +459,7 @@ def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int, kernel=_jit_kernel) ->
         return a
     layout, src = _source(a, "mk", "km")
     out = torch.empty((G, mp, kp), dtype=torch.uint8)
-    kernel(KernelRef("pack_a", (layout,)))(src, _flip(flip), out)
+    kernel(KernelRef("pack_a", (layout,), _serial(2 * out.numel())))(src, _flip(flip), out)
     return out
 
 
@@ -455,7 +468,7 @@ def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int, kernel=_jit_kernel) -
     G = b.shape[0]
     layout, src = _source(b, "nk", "kn")
     out = torch.empty((G, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
-    kernel(KernelRef("pack_b", (layout,)))(src, _flip(flip), out)
+    kernel(KernelRef("pack_b", (layout,), _serial(2 * out.numel())))(src, _flip(flip), out)
     return out.view(torch.int8)
 
 

@@ -16,6 +16,7 @@ enumerate a model's kernels by running one training step with it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 from dataclasses import dataclass
@@ -39,12 +40,19 @@ def source_hash() -> str:
 
 @dataclass(frozen=True)
 class KernelRef:
+    """``serial``: the same kernel with its parallel loop run on the calling thread (the
+    memory-bound kernels below a size, see :data:`fraccompile.targets.backend.PARALLEL_MIN_BYTES`;
+    not for GEMMs)."""
+
     kind: str
     args: tuple
+    serial: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown kernel kind {self.kind!r}")
+        if self.serial and self.kind not in SERIAL_KINDS:
+            raise ValueError(f"{self.kind} kernels have no serial form")
 
     @classmethod
     def gemm(cls, shape: gemm.GemmShape) -> KernelRef:
@@ -52,12 +60,13 @@ class KernelRef:
         return cls("gemm", (shape.groups, shape.m, shape.n, shape.k, t.mb, t.nb, t.kb))
 
     @classmethod
-    def quantize(cls, dtype: str, stochastic: bool, noise: str = "torch") -> KernelRef:
+    def quantize(cls, dtype: str, stochastic: bool, noise: str = "torch",
+                 serial: bool = False) -> KernelRef:
         """The quantizer to ``dtype``; stochastic rounding reads drawn noise (``"torch"``) or
         computes it (``"counter"``)."""
         if stochastic and noise == "counter":
-            return cls("quantize", (dtype, True, "counter"))
-        return cls("quantize", (dtype, bool(stochastic)))
+            return cls("quantize", (dtype, True, "counter"), serial)
+        return cls("quantize", (dtype, bool(stochastic)), serial)
 
     @property
     def gemm_shape(self) -> gemm.GemmShape:
@@ -68,15 +77,20 @@ class KernelRef:
     def name(self) -> str:
         if self.kind == "gemm":
             return self.gemm_shape.name
+        serial = ["serial"] if self.serial else []
         if self.kind == "quantize":
             dtype, stochastic, *noise = self.args
-            return "_".join([f"quantize_{dtype}_{'sr' if stochastic else 'rn'}", *noise])
-        return "_".join([self.kind, *map(str, self.args)])
+            return "_".join([f"quantize_{dtype}_{'sr' if stochastic else 'rn'}", *noise, *serial])
+        return "_".join([self.kind, *map(str, self.args), *serial])
 
     def schedule(self, isa: str):
         if self.kind == "gemm":
             return gemm.schedule(self.gemm_shape, isa)
-        return _BUILDERS[self.kind][0](*self.args)
+        return _BUILDERS[self.kind][0](*self.args, **self._parallel)
+
+    @property
+    def _parallel(self) -> dict:
+        return {"parallel": False} if self.serial else {}
 
     def primfunc(self, isa: str):
         """The scheduled PrimFunc under the symbol :attr:`name` (for a library of many)."""
@@ -90,12 +104,14 @@ _BUILDERS = {"quantize": (quantize.schedule, quantize.kernel),
              "pack_b": (pack.b_schedule, pack.b_kernel),
              "pack_conv_b": (pack.conv_b_schedule, pack.conv_b_kernel)}
 
-# The symbolic-shape kernels every model may call, whatever its shapes.
-GENERIC = tuple([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
-                + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
-                + [KernelRef("dequant", ())]
-                + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
-                + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")])
+# The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
+SERIAL_KINDS = ("quantize", "dequant", "pack_a", "pack_b")
+_PARALLEL = ([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
+             + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
+             + [KernelRef("dequant", ())]
+             + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
+             + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")])
+GENERIC = tuple(_PARALLEL + [dataclasses.replace(r, serial=True) for r in _PARALLEL])
 
 
 class Recorder:
@@ -145,4 +161,4 @@ class JitKernels:
     def get(self, ref: KernelRef, where=None):
         if ref.kind == "gemm":
             return self.cache.get(ref.gemm_shape)
-        return _BUILDERS[ref.kind][1](*ref.args)
+        return _BUILDERS[ref.kind][1](*ref.args, **ref._parallel)

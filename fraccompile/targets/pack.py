@@ -31,7 +31,7 @@ def _vars(*names):
 TILE_M, TILE_K = 16, 64  # the transposing pack moves 16x64 tiles (16 rows: conv GC has 16 channels)
 
 
-def _a_definition(layout: str) -> tvm.tirx.PrimFunc:
+def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     """``main(src, flip, out)``: ``out (G, Mp, Kp)`` from ``src`` (G, M, K) (``"mk"``) or
     (G, K, M) (``"km"``). Row ``M`` (when ``Mp > M``) is ones, so the GEMM also yields B's row
     sums; the rest of the padding is zeros.
@@ -43,6 +43,7 @@ def _a_definition(layout: str) -> tvm.tirx.PrimFunc:
     ``"km"`` transpose (``bench/packing.py``, 2 cores). The tiles are 16 rows high because a conv
     gradient has as few as 16 channels: with 32-row tiles every one of its tiles was an edge."""
     L, tm, tk = T.int64(64), T.int64(TILE_M), T.int64(TILE_K)
+    loop = T.parallel if parallel else T.serial
 
     if layout == "mk":
         @T.prim_func(s_tir=True)
@@ -51,7 +52,7 @@ def _a_definition(layout: str) -> tvm.tirx.PrimFunc:
             G, M, K, Mp, Kp = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
             src = T.match_buffer(src_h, (G, M, K), "uint8")
             out = T.match_buffer(out_h, (G, Mp, Kp), "uint8")
-            for gm in T.parallel(G * Mp):
+            for gm in loop(G * Mp):
                 g, m = gm // Mp, gm % Mp
                 if m < M:
                     for k0 in range(K // L):
@@ -74,7 +75,7 @@ def _a_definition(layout: str) -> tvm.tirx.PrimFunc:
         src = T.match_buffer(src_h, (G, K, M), "uint8")
         out = T.match_buffer(out_h, (G, Mp, Kp), "uint8")
         MT, KT = (Mp + tm - 1) // tm, (Kp + tk - 1) // tk
-        for gmk in T.parallel(G * MT * KT):
+        for gmk in loop(G * MT * KT):
             g, m0, k0 = gmk // (MT * KT), gmk // KT % MT * tm, gmk % KT * tk
             if m0 + tm <= M and k0 + tk <= K:  # an inner tile: through a local buffer
                 tile = T.alloc_buffer((TILE_K, TILE_M), "uint8", scope="local")
@@ -95,7 +96,7 @@ def _a_definition(layout: str) -> tvm.tirx.PrimFunc:
     return main
 
 
-def _b_definition(layout: str):
+def _b_definition(layout: str, parallel: bool = True):
     """``main(src, flip, out)``: ``out (G, NB, KB, 16, 4)`` from ``src`` (G, N, K) (``"nk"``) or
     (G, K, N) (``"kn"``); row ``N`` (when there is room) is ones, so the GEMM also yields A's row
     sums. ``"nk"`` is a TE compute (its vector loop has a static extent of 16, so no bounds
@@ -103,7 +104,7 @@ def _b_definition(layout: str):
     buffer and stores them interleaved, and edge blocks run scalar. The TE form of ``"kn"`` took
     0.87 against 0.37 ms for a 2048x2048 pack (``bench/packing.py``, 2 cores)."""
     if layout == "kn":
-        return _b_kn_definition()
+        return _b_kn_definition(parallel)
     G, N, K, NB, KB = _vars("G", "N", "K", "NB", "KB")
     src = te.placeholder((G, N, K), "uint8", name="src")
     flip = te.placeholder((1,), "uint8", name="flip")
@@ -119,14 +120,16 @@ def _b_definition(layout: str):
     return te.create_prim_func([src, flip, out]).with_attr("global_symbol", "main")
 
 
-def _b_kn_definition() -> tvm.tirx.PrimFunc:
+def _b_kn_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
+    loop = T.parallel if parallel else T.serial
+
     @T.prim_func(s_tir=True)
     def main(src_h: T.handle, flip: T.Buffer((1,), "uint8"), out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         G, N, K, NB, KB = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         src = T.match_buffer(src_h, (G, K, N), "uint8")
         out = T.match_buffer(out_h, (G, NB, KB, 16, 4), "uint8")
-        for gk in T.parallel(G * KB):
+        for gk in loop(G * KB):
             g, kb = gk // KB, gk % KB
             for nb in range(NB):
                 if nb * 16 + 16 <= N and kb * 4 + 4 <= K:  # an inner block
@@ -153,13 +156,13 @@ def _compile(sch):
 
 
 @functools.lru_cache(maxsize=None)
-def a_kernel(layout: str):
-    return _compile(a_schedule(layout))
+def a_kernel(layout: str, parallel: bool = True):
+    return _compile(a_schedule(layout, parallel))
 
 
 @functools.lru_cache(maxsize=None)
-def b_kernel(layout: str):
-    return _compile(b_schedule(layout))
+def b_kernel(layout: str, parallel: bool = True):
+    return _compile(b_schedule(layout, parallel))
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,17 +175,20 @@ def conv_b_kernel(*shape_args):
     return _compile(conv_b_schedule(*shape_args))
 
 
-def a_schedule(layout: str) -> s_tir.Schedule:
-    """The A pack as a schedule (its loops are already final), for export."""
-    return s_tir.Schedule(_a_definition(layout))
+def a_schedule(layout: str, parallel: bool = True) -> s_tir.Schedule:
+    """The A pack as a schedule (its loops are already final), for export; ``parallel=False``:
+    every loop on the calling thread (see :data:`fraccompile.targets.backend.PARALLEL_MIN_BYTES`)."""
+    return s_tir.Schedule(_a_definition(layout, parallel))
 
 
-def b_schedule(layout: str) -> s_tir.Schedule:
-    sch = s_tir.Schedule(_b_definition(layout))
+def b_schedule(layout: str, parallel: bool = True) -> s_tir.Schedule:
+    sch = s_tir.Schedule(_b_definition(layout, parallel))
     if layout == "kn":  # written out: its loops are final
         return sch
     g, nb, kb, ni, ki = sch.get_loops(sch.get_sblock("out"))
-    sch.parallel(sch.fuse(g, nb))
+    fused = sch.fuse(g, nb)
+    if parallel:
+        sch.parallel(fused)
     sch.vectorize(ni)
     sch.unroll(ki)
     return sch

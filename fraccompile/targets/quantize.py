@@ -54,10 +54,11 @@ def _counter_noise(index):
     return _let(index, rounds)
 
 
-def counter_definition(out_dtype: str) -> tvm.tirx.PrimFunc:
+def counter_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     """``main(x, scale, bounds, seed, q)``: stochastic rounding with counter noise; ``x``/``q`` are
     ``(N, S, C)`` in memory order, ``seed`` one int32."""
     L = T.int64(16)  # one AVX-512 vector of fp32 (a channels-last conv gradient has 16 channels)
+    loop = T.parallel if parallel else T.serial
 
     def code(x, scale, bounds, seed, n, s, c, N, S, C):
         index = T.Cast("uint32", n * C * S + c * S + s) * T.uint32(NOISE_STEP) \
@@ -72,7 +73,7 @@ def counter_definition(out_dtype: str) -> tvm.tirx.PrimFunc:
         N, S, C = T.int64(), T.int64(), T.int64()
         x = T.match_buffer(x_h, (N, S, C), "float32")
         q = T.match_buffer(q_h, (N, S, C), out_dtype)
-        for n in T.parallel(N):
+        for n in loop(N):
             for s in range(S):
                 for j in range(C // L):
                     for v in T.vectorized(L):
@@ -82,9 +83,10 @@ def counter_definition(out_dtype: str) -> tvm.tirx.PrimFunc:
     return main
 
 
-def definition(out_dtype: str, stochastic: bool) -> tvm.tirx.PrimFunc:
+def definition(out_dtype: str, stochastic: bool, parallel: bool = True) -> tvm.tirx.PrimFunc:
     """``main(x, scale, bounds[, u], q)``: ``bounds`` = (qmin, qmax) as fp32."""
     L, B = T.int64(64), T.int64(BLOCK)
+    loop = T.parallel if parallel else T.serial
 
     if stochastic:
         @T.prim_func(s_tir=True)
@@ -95,7 +97,7 @@ def definition(out_dtype: str, stochastic: bool) -> tvm.tirx.PrimFunc:
             x = T.match_buffer(x_h, (n,), "float32")
             u = T.match_buffer(u_h, (n,), "float32")
             q = T.match_buffer(q_h, (n,), out_dtype)
-            for b in T.parallel(n // B):
+            for b in loop(n // B):
                 for j in range(B // L):
                     for v in T.vectorized(L):
                         q[b * B + j * L + v] = T.Cast(out_dtype, T.max(T.min(
@@ -113,7 +115,7 @@ def definition(out_dtype: str, stochastic: bool) -> tvm.tirx.PrimFunc:
         n = T.int64()
         x = T.match_buffer(x_h, (n,), "float32")
         q = T.match_buffer(q_h, (n,), out_dtype)
-        for b in T.parallel(n // B):
+        for b in loop(n // B):
             for j in range(B // L):
                 for v in T.vectorized(L):
                     q[b * B + j * L + v] = T.Cast(out_dtype, T.max(T.min(
@@ -124,22 +126,23 @@ def definition(out_dtype: str, stochastic: bool) -> tvm.tirx.PrimFunc:
     return main
 
 
-def schedule(out_dtype: str, stochastic: bool, noise: str = "torch") -> s_tir.Schedule:
+def schedule(out_dtype: str, stochastic: bool, noise: str = "torch",
+             parallel: bool = True) -> s_tir.Schedule:
     """The kernel as a schedule (its loops are already final), for export; ``noise="counter"``
-    (stochastic only): :func:`counter_definition`."""
+    (stochastic only): :func:`counter_definition`; ``parallel=False``: on the calling thread."""
     if stochastic and noise == "counter":
-        return s_tir.Schedule(counter_definition(out_dtype))
-    return s_tir.Schedule(definition(out_dtype, stochastic))
+        return s_tir.Schedule(counter_definition(out_dtype, parallel))
+    return s_tir.Schedule(definition(out_dtype, stochastic, parallel))
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(out_dtype: str, stochastic: bool, noise: str = "torch"):
+def kernel(out_dtype: str, stochastic: bool, noise: str = "torch", parallel: bool = True):
     """The compiled quantizer ``main(x, scale, bounds[, u | seed], q)``, built once per process."""
-    return tvm.compile(schedule(out_dtype, stochastic, noise).mod,
+    return tvm.compile(schedule(out_dtype, stochastic, noise, parallel).mod,
                        target=detect().target())["main"]
 
 
-def dequant_definition() -> tvm.tirx.PrimFunc:
+def dequant_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
     """``main(c, rc, cc, scale, bias, out)``: the GEMM's epilogue in one pass,
     ``out[g, m, n] = float(c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + bias[n]``.
 
@@ -148,6 +151,7 @@ def dequant_definition() -> tvm.tirx.PrimFunc:
     sum fits), ``scale`` and ``bias`` per output column, ``out`` fp32 ``(G, M, N)``. It replaces
     four torch passes over the output (correction, int-to-float copy, scale, bias)."""
     L = T.int64(16)
+    loop = T.parallel if parallel else T.serial
 
     def value(c, rc, cc, scale, bias, g, m, n):
         return T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + bias[n]
@@ -163,7 +167,7 @@ def dequant_definition() -> tvm.tirx.PrimFunc:
         scale = T.match_buffer(s_h, (N,), "float32")
         bias = T.match_buffer(b_h, (N,), "float32")
         out = T.match_buffer(out_h, (G, M, N), "float32")
-        for r in T.parallel(G * M):
+        for r in loop(G * M):
             for j in range(N // L):
                 for v in T.vectorized(L):
                     out[r // M, r % M, j * L + v] = value(c, rc, cc, scale, bias, r // M, r % M,
@@ -173,11 +177,11 @@ def dequant_definition() -> tvm.tirx.PrimFunc:
     return main
 
 
-def dequant_schedule() -> s_tir.Schedule:
-    return s_tir.Schedule(dequant_definition())
+def dequant_schedule(parallel: bool = True) -> s_tir.Schedule:
+    return s_tir.Schedule(dequant_definition(parallel))
 
 
 @functools.lru_cache(maxsize=None)
-def dequant_kernel():
+def dequant_kernel(parallel: bool = True):
     """The compiled :func:`dequant_definition`, built once per process."""
-    return tvm.compile(dequant_schedule().mod, target=detect().target())["main"]
+    return tvm.compile(dequant_schedule(parallel).mod, target=detect().target())["main"]
