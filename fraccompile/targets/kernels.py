@@ -16,10 +16,9 @@ enumerate a model's kernels by running one training step with it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import gemm, pack, quantize
 from .cache import KernelCache
@@ -111,7 +110,7 @@ _PARALLEL = ([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (Fals
              + [KernelRef("dequant", ())]
              + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
              + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")])
-GENERIC = tuple(_PARALLEL + [dataclasses.replace(r, serial=True) for r in _PARALLEL])
+GENERIC = tuple(_PARALLEL + [replace(r, serial=True) for r in _PARALLEL])
 
 
 class Recorder:
