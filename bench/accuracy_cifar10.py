@@ -76,6 +76,8 @@ def main() -> None:
                              "stay the same)")
     parser.add_argument("--beta", type=float, default=2.0,
                         help="weight of the cost regularizer of the DFQ and FracTrain runs")
+    parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="torch",
+                        help="FracConfig.rounding_noise (the stochastic rounding's noise)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -93,6 +95,7 @@ def main() -> None:
             model = resnet20()
             gates = {"pipeline": "dfq", "gate_mode": "dense" if name == "dfq-dense" else "routed"}
             fm = fraccompile.compile(model, torch.zeros(args.batch, 3, 32, 32),
+                                     rounding_noise=args.rounding_noise,
                                      **(gates if name in DFQ_RUNS else {}))
             run_dir = out / name
             schedule = make_schedule(name, args.iters, args.pfq_every, args.beta)
