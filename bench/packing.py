@@ -94,7 +94,8 @@ def main() -> None:
         rc, cc = torch.zeros(1, m_, dtype=torch.int32), torch.zeros(1, n_, dtype=torch.int32)
         sc, bi, out32 = torch.rand(n_), torch.randn(n_), torch.empty(1, m_, n_)
         dq = quantize.dequant_kernel()
-        row("dequantize + bias, one kernel", "131072x16 int32", lambda: dq(c, rc, cc, sc, bi, out32))
+        row("dequantize + bias, one kernel", "131072x16 int32",
+            lambda: dq(c, rc, cc, sc, bi, out32))
         row("dequantize + bias (torch)", "131072x16 int32", lambda: torch.mul(c, sc).add_(bi))
 
     for layout, (m, k), (mp, kp) in [("mk", (2048, 512), (2052, 512)),

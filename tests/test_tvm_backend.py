@@ -585,6 +585,13 @@ def test_recompute_activations_keeps_relu_masks_not_outputs():
                                                                  backend="tvm", full_precision=()))
     masked = [n for n in fm.graph.nodes if n.target is masked_relu]
     assert len(masked) == 2
+    hooked = copy.deepcopy(model)  # a module with a hook keeps its call, and the hook runs
+    seen = []
+    hooked.act.register_forward_hook(lambda *args: seen.append(1))
+    fh = fraccompile.compile(hooked, x, FracConfig(scheme="symmetric", backend="tvm",
+                                                   full_precision=(), recompute="norms"))
+    fh(x)
+    assert seen and "BatchNorm2d+relu" not in {s.epilogue for s in fh.sites}
     loss, grads, saved, _ = _fused_run(model, x)
     loss0, grads0, saved0, _ = _fused_run(model, x, recompute="none")
     assert torch.equal(loss, loss0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
@@ -595,7 +602,8 @@ def test_recompute_activations_keeps_relu_masks_not_outputs():
                      requires_grad=True)
     g = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, 6.0, float("nan")])
     ours, ref = masked_relu(t), torch.relu(t)
-    assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(ours.isnan(), ref.isnan())
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
     (d_ours,) = torch.autograd.grad(ours, t, g)
     (d_ref,) = torch.autograd.grad(ref, t, g)
     assert torch.equal(d_ours, d_ref)
@@ -628,8 +636,9 @@ def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norm
     out = {}
     for recompute in (False, True):
         m = copy.deepcopy(model)
+        level = "norms" if recompute else "activations"
         fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
-                                                  full_precision=(), recompute="norms" if recompute else "activations"))
+                                                  full_precision=(), recompute=level))
         assert {id(p) for p in fm.parameters()} == {id(p) for p in m.parameters()}
         twin = copy.deepcopy(fm)  # a copy's sites call the copy's BatchNorm modules
         for op in (o for o in twin.modules() if isinstance(o, FracOp) and o.epilogue_norm):

@@ -199,7 +199,8 @@ def quantize_activation(x: torch.Tensor, bits: int, scheme: str,
 
 
 def quantize_gradient(g: torch.Tensor, bits: int, scheme: str,
-                      generator: torch.Generator | None = None, noise: str = "torch") -> torch.Tensor:
+                      generator: torch.Generator | None = None,
+                      noise: str = "torch") -> torch.Tensor:
     """Per-tensor range, stochastic rounding (symmetric: the signed grid)."""
     if not bits:
         return g

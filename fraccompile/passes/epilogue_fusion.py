@@ -23,8 +23,9 @@ after the BatchNorm) joins the epilogue too: ``z = act(bn(site(x)))`` becomes ``
 ``FracOp.epilogue_norm`` set to the BatchNorm module (which stays where it is in the module tree,
 with its parameters and running statistics), and backward recomputes both.
 
-The pass runs for ``FracConfig(backend="tvm")`` unless ``recompute="none"`` and leaves sites called more than once (a shared module), and BatchNorms called more
-than once, alone.
+The pass runs for ``FracConfig(backend="tvm")`` unless ``recompute="none"``. It leaves alone sites
+called more than once (a shared module), BatchNorms called more than once, and modules with hooks
+(fusing their call away would skip the hooks).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _activation(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         name = _MODULES.get(type(mod))
-        if name is None or len(node.args) != 1 or node.kwargs:
+        if name is None or len(node.args) != 1 or node.kwargs or _hooked(mod):
             return None
         return name, getattr(mod, "approximate", "none") if name == "gelu" else ""
     if node.op == "call_function":
@@ -133,7 +134,7 @@ class EpilogueFusion(Pass):
                     or calls[str(bn.target)] != 1:
                 continue
             norm = gm.get_submodule(str(bn.target))
-            if type(norm) not in _NORMS:
+            if type(norm) not in _NORMS or _hooked(norm):
                 continue
             last, act = bn, None
             if len(bn.users) == 1:
@@ -150,6 +151,12 @@ class EpilogueFusion(Pass):
             gm.graph.erase_node(bn)
             modified = True
         return modified
+
+
+def _hooked(mod: nn.Module) -> bool:
+    """A module with hooks keeps its call: fusing it away would skip them."""
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+                or mod._backward_pre_hooks)
 
 
 def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:

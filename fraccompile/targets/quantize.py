@@ -34,8 +34,8 @@ BLOCK = 4096  # elements per parallel task: 64 vectors of 64 lanes
 
 
 def _let(value, body):
-    """``body(v)`` with ``v`` bound to the uint32 ``value`` once (a Let: each hash round reads its input
-    twice, so plain expressions would grow 2**rounds times)."""
+    """``body(v)`` with ``v`` bound to the uint32 ``value`` once (a Let: each hash round reads its
+    input twice, so plain expressions would grow 2**rounds times)."""
     var = tvm.tirx.Var("h", "uint32")
     return tvm.tirx.Let(var, value, body(var))
 
