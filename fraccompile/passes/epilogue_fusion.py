@@ -89,8 +89,7 @@ class EpilogueFusion(Pass):
             op = self._single_use_site(gm, node, calls)
             if op is None or op.epilogue is not None or op.epilogue_norm is not None:
                 continue
-            (user,) = node.users
-            act = _activation(gm, user) if user.args and user.args[0] is node else None
+            user, act = _sole_activation(gm, node)
             if act is None:
                 continue
             op.epilogue = act
@@ -111,7 +110,6 @@ class EpilogueFusion(Pass):
             gm.graph.erase_node(node)
             modified = True
         return PassResult(gm, modified)
-
 
     @staticmethod
     def _single_use_site(gm: fx.GraphModule, node: fx.Node, calls: dict) -> FracOp | None:
@@ -136,11 +134,8 @@ class EpilogueFusion(Pass):
             norm = gm.get_submodule(str(bn.target))
             if type(norm) not in _NORMS or _hooked(norm):
                 continue
-            last, act = bn, None
-            if len(bn.users) == 1:
-                (user,) = bn.users
-                act = _activation(gm, user) if user.args and user.args[0] is bn else None
-                last = user if act is not None else bn
+            user, act = _sole_activation(gm, bn)
+            last = user if act is not None else bn
             object.__setattr__(op, "epilogue_norm", norm)  # not a submodule: no second owner
             op.epilogue_norm_path = str(bn.target)  # fraccompile.compile keeps it there
             op.epilogue = act
@@ -151,6 +146,16 @@ class EpilogueFusion(Pass):
             gm.graph.erase_node(bn)
             modified = True
         return modified
+
+
+def _sole_activation(gm: fx.GraphModule, node: fx.Node):
+    """``(user, activation)`` when ``node``'s only user is a fusable activation of it, else
+    ``(None, None)``."""
+    if len(node.users) != 1:
+        return None, None
+    (user,) = node.users
+    act = _activation(gm, user) if user.args and user.args[0] is node else None
+    return (user, act) if act is not None else (None, None)
 
 
 def _hooked(mod: nn.Module) -> bool:
