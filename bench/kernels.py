@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from fraccompile.targets import gemm as tgemm  # isort: skip
 from fraccompile.targets.backend import MAX_K, IntCodes, TVMBackend  # isort: skip
 from fraccompile.targets.cache import KernelCache, cache_dir  # isort: skip
+from fraccompile.targets import threads  # isort: skip
 
 import torch
 import torch.nn.functional as F
@@ -331,6 +332,7 @@ def main() -> None:
             parser.error(f"unknown model {k!r}; choose from {', '.join(MODELS)}")
     header("GEMM throughput per role: TVM int8 kernels vs torch fp32 and torch._int_mm")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"TVM kernels' parallel loops on {threads.pool()}")
 
     tmp = tempfile.TemporaryDirectory(prefix="fraccompile-kernels-") if args.cold else None
     cache = KernelCache(tmp.name if tmp else None)

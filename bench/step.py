@@ -16,7 +16,9 @@ update. Each (model, mode) runs in a fresh child process (``sys.executable``), w
 ``fraccompile tune`` database (``FracConfig(tuning_db=DIR)``). ``--env KEY=VALUE`` (repeatable)
 sets an environment variable in every child, e.g. ``OMP_WAIT_POLICY=PASSIVE`` (torch's OpenMP
 threads sleep instead of spinning between ops) or ``TVM_THREAD_POOL_SPIN_COUNT=300000`` (TVM's
-default spinning, which fraccompile turns off unless the variable is set). ``--weight-scale
+default spinning, which fraccompile turns off unless the variable is set) or
+``FRACCOMPILE_THREADS=tvm`` (the kernels' parallel loops on TVM's thread pool instead of torch's
+OpenMP threads, see ``fraccompile/targets/threads.py``). ``--weight-scale
 tensor`` compiles the reference and tvm rows with ``FracConfig(weight_scale="tensor")`` (one
 weight range per tensor: the tvm backend's linear error backprop becomes an integer GEMM), and
 ``--rounding-noise counter`` with ``FracConfig(rounding_noise="counter")`` (stochastic rounding's
@@ -99,6 +101,7 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
 
     import fraccompile
     from fraccompile.ops.modules import FracOp
+    from fraccompile.targets import threads
 
     model, x, y, loss_fn = make_case(key)
     info: dict = {}
@@ -141,7 +144,8 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
             st = [c.stats for c in caches.values()]
             info["kernels"] = {"built": sum(s.built for s in st),
                                "build_s": sum(sum(s.build_seconds) for s in st),
-                               "loaded": sum(s.loaded - s.built for s in st)}
+                               "loaded": sum(s.loaded - s.built for s in st),
+                               "pool": threads.pool()}
     info["rss_mb"] = peak_rss_mb()
     return info
 
@@ -229,7 +233,8 @@ def main() -> None:
             if "kernels" in r:
                 k = r["kernels"]
                 note += (f"; kernels: {k['built']} built ({k['build_s']:.1f} s), "
-                         f"{k['loaded']} loaded from the disk cache")
+                         f"{k['loaded']} loaded from the disk cache; parallel loops on "
+                         f"{k['pool']}")
             notes.append(note)
     print(f"median ms per step over {args.repeats} steps (after 2 warm-up steps); each row in a "
           "fresh process")

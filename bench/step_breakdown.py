@@ -19,6 +19,7 @@ import functools
 import time
 
 from fraccompile.targets import backend as B  # isort: skip  (sets TVM's thread count first)
+from fraccompile.targets import threads  # isort: skip
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ def main() -> None:
     header(f"TVM backend: where a {args.model} training step goes")
     print(f"FracConfig(a=8, w=8, g=8, scheme='symmetric', weight_scale={args.weight_scale!r}, "
           f"rounding_noise={args.rounding_noise!r})")
+    print(f"kernels' parallel loops on {threads.pool()} (FRACCOMPILE_THREADS=tvm: TVM's pool)")
     total: dict[str, float] = collections.defaultdict(float)
     depth: dict[str, int] = collections.defaultdict(int)
 

@@ -42,6 +42,7 @@ from ..ops.modules import apply_epilogue, epilogue_backward
 from ..ops.quantizers import (noise_seed, qparams_from_range, quantize_to_int, tensor_range,
                                uniform_noise, weight_range)
 from ..ops.spec import Precision, SiteSpec
+from . import threads
 from .cache import KernelCache
 from .kernels import JitKernels, KernelRef, Recorder
 
@@ -49,17 +50,18 @@ MAX_BITS = 8
 MIN_GROUP_WIDTH = 8  # narrower groups waste most of the 16 int32 lanes of a VNNI instruction
 MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
 MAX_K_UNSIGNED = 33_025  # both operands unsigned: the sum itself (<= 255²·K) must fit
-# The memory-bound kernels (quantize, dequantize, packing) run on the calling thread below this many
-# bytes moved. In a training step on 2 cores a parallel launch after torch ops costs more than the
-# second core gives back: with every such kernel serial, ResNet-20's step went 257 -> 224 ms and the
-# Transformer's 374 -> 338 ms (``bench/step_breakdown.py --rounding-noise counter``); the largest
-# there (a 2048x2048 dequantize, 32 MB) was faster serial too. Alone, a parallel kernel is ~2x
-# faster at every size, so large tensors keep it.
+# On TVM's thread pool (see :mod:`.threads`) the memory-bound kernels (quantize, dequantize,
+# packing) run on the calling thread below this many bytes moved: in a training step on 2 cores a
+# parallel launch after torch ops waited for a TVM worker whose core a spinning OpenMP thread held,
+# and with every such kernel serial ResNet-20's step went 257 -> 224 ms and the Transformer's
+# 374 -> 338 ms (``bench/step_breakdown.py --rounding-noise counter``). On torch's OpenMP threads
+# (the default) the hand-over costs little and they always run parallel: the dequantize kernel
+# went 9 -> 4 ms per ResNet-20 step and 26 -> 14 ms per Transformer step.
 PARALLEL_MIN_BYTES = 64 << 20
 
 
 def _serial(nbytes: int) -> bool:
-    return nbytes < PARALLEL_MIN_BYTES
+    return nbytes < PARALLEL_MIN_BYTES and not threads.on_openmp()
 
 
 class IntCodes:

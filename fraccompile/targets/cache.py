@@ -1,8 +1,10 @@
 """The on-disk kernel cache.
 
-A kernel is stored as ``<dir>/<shape name>-<key hash>.so`` where the hash covers the target (CPU
-name, instruction set, TVM version), the padded shape and tile, the dtypes and the hash of the
-kernel source (:func:`fraccompile.targets.gemm.source_hash`). The directory is
+A kernel is stored as ``<dir>/<name>-<key hash>.so``. For a GEMM (named by its padded shape and
+tile) the hash covers the target (CPU name, instruction set, TVM version), the shape and tile, the
+dtypes and the hash of the GEMM source (:func:`fraccompile.targets.gemm.source_hash`); for the
+quantize, dequantize and pack kernels, the target, the kernel's name and the hash of every kernel
+source (:func:`fraccompile.targets.kernels.source_hash`). The directory is
 ``$FRACCOMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fraccompile/kernels``, else
 ``~/.cache/fraccompile/kernels``.
 
@@ -11,6 +13,9 @@ into a temporary file in the same directory and ``os.replace``-s it into place, 
 either no file or a complete one, and two processes never build the same kernel at once.
 Linking a shared library needs a C compiler (TVM calls ``cc``); without one kernels are built in
 memory for the process and a warning says so once.
+
+Loading a library also points its parallel loops at torch's OpenMP threads
+(:mod:`fraccompile.targets.threads`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 
 import tvm
 
-from . import cache_dir, gemm
+from . import cache_dir, gemm, threads
 from .host import HostTarget, detect
 
 log = logging.getLogger("fraccompile.targets")
@@ -44,27 +49,45 @@ class BuildStats:
 
     built: int = 0
     loaded: int = 0
+    adopted: int = 0  # loaded libraries whose parallel loops run on torch's OpenMP threads
     build_seconds: list[float] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
 
 
 class KernelCache:
+    """Compiled kernels by name: in memory for the process, on disk for every process.
+
+    :meth:`get` serves a GEMM shape; :meth:`get_named` any kernel, given its name, the key of what
+    it was built from and how to build it (the pack and quantize kernels, see
+    :class:`fraccompile.targets.kernels.JitKernels`). Each library loaded from disk has its parallel
+    loops pointed at torch's OpenMP threads (:func:`fraccompile.targets.threads.adopt`)."""
+
     def __init__(self, directory: str | os.PathLike | None = None, host: HostTarget | None = None):
         self.host = host or detect()
         self.directory = pathlib.Path(directory) if directory else cache_dir()
-        self._mem: dict[gemm.GemmShape, object] = {}
+        self._mem: dict[str, object] = {}
         self._modules: list = []  # keep loaded libraries alive as long as their functions
         self.stats = BuildStats()
         self._warned = False
 
     def path(self, shape: gemm.GemmShape) -> pathlib.Path:
-        return self.directory / f"{shape.name}-{kernel_key(shape, self.host)}.so"
+        return self._path(shape.name, kernel_key(shape, self.host))
+
+    def _path(self, name: str, key: str) -> pathlib.Path:
+        return self.directory / f"{name}-{key}.so"
 
     def get(self, shape: gemm.GemmShape):
         """The packed function ``main(A, B, C)`` for ``shape``: from memory, disk, or built."""
-        fn = self._mem.get(shape)
+        return self.get_named(shape.name, kernel_key(shape, self.host),
+                              lambda: gemm.build(shape, self.host))
+
+    def get_named(self, name: str, key: str, build):
+        """The function ``main`` of the kernel ``name`` whose inputs hash to ``key``; ``build()``
+        compiles it (a TVM executable) when neither memory nor disk has it."""
+        path = self._path(name, key)
+        fn = self._mem.get(path.name)
         if fn is None:
-            fn = self._mem[shape] = self._load_or_build(shape)
+            fn = self._mem[path.name] = self._load_or_build(path, build)
         return fn
 
     def _load(self, path: pathlib.Path):
@@ -72,15 +95,16 @@ class KernelCache:
         mod = tvm.runtime.load_module(str(path))
         fn = mod["main"]
         self._modules.append(mod)
+        if threads.adopt(path):
+            self.stats.adopted += 1
         self.stats.loaded += 1
         self.stats.load_seconds.append(time.perf_counter() - t0)
-        return mod, fn
+        return fn
 
-    def _load_or_build(self, shape: gemm.GemmShape):
-        path = self.path(shape)
+    def _load_or_build(self, path: pathlib.Path, build):
         if path.exists():
             try:
-                return self._load(path)[1]
+                return self._load(path)
             except Exception as e:  # a damaged or foreign file: rebuilt below, under the lock
                 log.warning("kernel cache: cannot load %s (%s); rebuilding", path,
                             str(e).splitlines()[0])
@@ -88,17 +112,17 @@ class KernelCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             lock = open(str(path) + ".lock", "a+")
         except OSError as e:
-            return self._build_in_memory(shape, f"cache directory not writable: {e}")
+            return self._build_in_memory(build, f"cache directory not writable: {e}")
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if path.exists():  # another process built it while we waited, or it is damaged
                     try:
-                        return self._load(path)[1]
+                        return self._load(path)
                     except Exception:
                         path.unlink(missing_ok=True)
                 t0 = time.perf_counter()
-                lib = gemm.build(shape, self.host)
+                lib = build()
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=self.directory)
                 os.close(fd)
                 try:
@@ -107,12 +131,12 @@ class KernelCache:
                 except Exception as e:
                     pathlib.Path(tmp).unlink(missing_ok=True)
                     self._warn(f"cannot write a shared library ({e}); kernels are built in memory "
-                               "for this process only")
+                               "for this process only (and run on TVM's thread pool)")
                     self._record_build(t0)
                     self._modules.append(lib)
                     return lib["main"]
                 self._record_build(t0)
-                return self._load(path)[1]
+                return self._load(path)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -120,10 +144,10 @@ class KernelCache:
         self.stats.built += 1
         self.stats.build_seconds.append(time.perf_counter() - t0)
 
-    def _build_in_memory(self, shape, why: str):
+    def _build_in_memory(self, build, why: str):
         self._warn(why)
         t0 = time.perf_counter()
-        lib = gemm.build(shape, self.host)
+        lib = build()
         self._record_build(t0)
         self._modules.append(lib)
         return lib["main"]

@@ -40,7 +40,7 @@ import tvm
 
 from .. import __version__
 from ..errors import FracCompileError
-from . import gemm
+from . import gemm, threads
 from .cache import DTYPES
 from .host import HostTarget, detect
 from .kernels import GENERIC, JitKernels, KernelRef, Recorder, source_hash
@@ -390,9 +390,11 @@ class ExportedKernels:
             "tvm": tvm.__version__, "mcpu": self.host.mcpu, "isa": self.host.isa,
             "source_hash": source_hash()})
         try:
-            return tvm.runtime.load_module(str(lib))
+            module = tvm.runtime.load_module(str(lib))
         except Exception as e:
             raise self._refuse(f"cannot load {lib.name}: {str(e).splitlines()[0]}") from None
+        threads.adopt(lib)  # its parallel loops on torch's OpenMP threads
+        return module
 
     def _missing(self, what: str, where) -> KernelLibraryError:
         site = f" (site {where[0]!r}, role {where[1]})" if where else ""

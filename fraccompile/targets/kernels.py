@@ -5,7 +5,7 @@ quantizer of one dtype and rounding mode, the dequantize epilogue, an operand pa
 packer of one conv geometry. Its :attr:`~KernelRef.name` is the symbol it has in an exported
 library. Providers turn references into callables:
 
-* :class:`JitKernels` builds on first use (GEMMs through the on-disk cache, with the tile a tuning
+* :class:`JitKernels` builds on first use, through the on-disk cache (GEMMs with the tile a tuning
   database chose for the problem when one is given);
 * :class:`fraccompile.targets.export.ExportedKernels` reads an exported library and builds nothing.
 
@@ -160,4 +160,10 @@ class JitKernels:
     def get(self, ref: KernelRef, where=None):
         if ref.kind == "gemm":
             return self.cache.get(ref.gemm_shape)
-        return _BUILDERS[ref.kind][1](*ref.args, **ref._parallel)
+        key = hashlib.sha256("|".join([self.host.key, ref.name, source_hash()]).encode())
+        return self.cache.get_named(ref.name, key.hexdigest()[:20], lambda: self._build(ref))
+
+    def _build(self, ref: KernelRef):
+        import tvm
+
+        return tvm.compile(ref.schedule(self.host.isa).mod, target=self.host.target())
