@@ -199,7 +199,7 @@ def test_manifest_describes_every_kernel(exported):
     import tvm
     assert info["tvm"] == tvm.__version__
     kinds = {k["kind"] for k in manifest["kernels"]}
-    assert kinds >= {"gemm", "quantize", "pack_a", "pack_b", "pack_conv_b"}
+    assert kinds >= {"gemm", "quantize", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b"}
     gemms = [k for k in manifest["kernels"] if k["kind"] == "gemm"]
     roles = {s["role"] for k in gemms for s in k["sites"]}
     assert roles == {"fw", "eb", "gc"}  # eb: the matmul's integer backprop

@@ -145,6 +145,42 @@ def test_pack_b_layouts_padding_and_ones_row(layout, G, N, K, NB, KB, flip):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("geometry", [
+    # N, H, W, C, OC, (kh, kw), stride, padding, dilation
+    (2, 9, 7, 16, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (3, 11, 10, 5, 8, (3, 3), (2, 2), (2, 2), (2, 2)),
+    (2, 6, 8, 3, 8, (3, 1), (1, 2), (2, 0), (1, 1)),
+    (1, 5, 5, 8, 8, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (2, 5, 4, 4, 8, (5, 5), (1, 1), (0, 3), (1, 1)),  # a kernel wider than the image
+])
+@pytest.mark.parametrize("flip", [0, 128])
+def test_conv_a_pack_equals_im2col_then_pack(geometry, flip):
+    """The forward's conv A pack (channels-last codes -> padded, flipped im2col rows, ones row at
+    M) gives the bytes of the im2col copy followed by the A pack, for every padding of M and K."""
+    import torch.nn as nn
+
+    from fraccompile.targets import backend as B
+    from fraccompile.targets.kernels import KernelRef
+
+    N, H, W, C, OC, ks, stride, padding, dilation = geometry
+    conv = nn.Conv2d(C, OC, ks, stride=stride, padding=padding, dilation=dilation)
+    fm = fraccompile.compile(nn.Sequential(conv), torch.randn(N, C, H, W),
+                             FracConfig(scheme="symmetric", full_precision=()))
+    (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
+    gen = torch.Generator().manual_seed(sum(geometry[:4]))
+    xl = torch.randint(0, 256, (N, H, W, C), dtype=torch.uint8, generator=gen)
+    w_shape = tuple(conv.weight.shape)
+    cols, out_sp = B._im2col(xl.permute(0, 3, 1, 2), op.spec, w_shape)
+    M, K = cols.shape[1:]
+    geo = B._conv2d_geometry(op.spec, xl, w_shape)
+    kernel = get_backend("tvm").kernel
+    for mp, kp in ((M, K + (-K) % 4), (M + 1, K + (-K) % 32), (M + 7, K + 64)):
+        got = torch.empty(1, mp, kp, dtype=torch.uint8)
+        kernel(KernelRef("pack_conv_a", (*geo, mp, kp)))(xl.reshape(-1), B._flip(flip),
+                                                         got.view(-1))
+        assert torch.equal(got, B._pack_a(cols, flip, mp, kp, kernel)), (mp, kp)
+
+
 def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
     """The memory-bound kernels' serial forms (below PARALLEL_MIN_BYTES on TVM's thread pool)
     compute the same bytes as their parallel forms; GEMMs have no serial form; on torch's OpenMP
@@ -286,8 +322,8 @@ CONVS = [
                                                  if not cl or len(CONVS[i][1]) == 4])
 @pytest.mark.parametrize("signed_input", [False, True])
 def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatch):
-    """Channels-last inputs of ungrouped 2-D convs take the fused patch-packing path of the
-    weight gradient (asserted through the kernels the backend asks for)."""
+    """Channels-last inputs of ungrouped 2-D convs take the fused patch-packing paths of the
+    forward and the weight gradient (asserted through the kernels the backend asks for)."""
     module, shape = CONVS[idx]
     torch.manual_seed(idx)
     x = torch.randn(*shape)
@@ -297,7 +333,8 @@ def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatc
         x = x.contiguous(memory_format=torch.channels_last)
     kinds = _kinds_asked(monkeypatch)
     _compare(*_module_site(copy.deepcopy(module), x))
-    assert ("pack_conv_b" in kinds) == (channels_last and module.groups == 1)
+    fused = channels_last and module.groups == 1
+    assert ("pack_conv_a" in kinds) == fused and ("pack_conv_b" in kinds) == fused
 
 
 def _kinds_asked(monkeypatch) -> list[str]:

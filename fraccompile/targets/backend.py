@@ -247,6 +247,7 @@ class TVMBackend(ReferenceBackend):
         problem = (G, M + 1 if alpha else M, N + 1 if beta else N, K)
         if self.recorder is not None:  # the other signs: a ones row more or less on either side
             self._variants = [(G, M + i, N + j, K) for i in (0, 1) for j in (0, 1)]
+            self._problem = problem
             self.recorder.problem(problem, self._variants, self.where)
         shape = self.kernels.gemm_shape(*problem, where=self.where)
         A = pack_a(0, K, shape.m, shape.k)
@@ -314,16 +315,25 @@ class TVMBackend(ReferenceBackend):
             xb, yb, batch = _matmul_batches(xq.codes, wq.codes)
             y = self.gemm_f32(xb, yb.mT, scale)
             return y.reshape(*batch, *y.shape[-2:])
-        cols, out_sp = _im2col(xq.codes, spec, w_shape)           # (G, M, k·Cg)
         G, OC, n = spec.groups, w_shape[0], x_shape[0]
-        # (N, O..., OC) in memory, an (N, OC, O...) tensor: channels-last, which the next conv's
-        # im2col reads without a transpose
+        xl = xq.codes.permute(0, *range(2, 2 + spec.conv_dims), 1)
+        wr = _weight_rows(wq.codes, G)                              # (G, OCg, k·Cg)
+        out_sp = _out_sizes(spec, x_shape[2:], w_shape)
+        # (N, O..., OC) in memory, an (N, OC, O...) tensor: channels-last, which the next conv
+        # reads without a transpose
         d = len(out_sp)
         strides = [math.prod(out_sp) * OC] + [math.prod(out_sp[i + 1:]) * OC for i in range(d)]
         y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]),
                                 device=xq.codes.device)
         rows = y.permute(0, *range(2, 2 + d), 1)                    # (N, O..., OC), contiguous
-        wr = _weight_rows(wq.codes, G)                              # (G, OCg, k·Cg)
+        if d == 2 and G == 1 and xl.is_contiguous() and not self.on_gpu(xl) \
+                and wr.shape[-1] <= MAX_K_UNSIGNED:  # A packed from x: no im2col copy
+            alpha = 128 if xq.signed else 0
+            self._gemm(1, rows.shape[0] * math.prod(out_sp), alpha,
+                       self._conv_a_packer(spec, xl, w_shape, alpha), OC, wr.shape[-1],
+                       *self._b_packer(wr), dequant=(scale, bias, rows.view(1, -1, OC)))
+            return y
+        cols, _ = _im2col(xq.codes, spec, w_shape)                 # (G, M, k·Cg)
         if G == 1:
             self.gemm_f32(cols, wr, scale, bias, out=rows.view(1, -1, OC))
             return y
@@ -400,11 +410,31 @@ class TVMBackend(ReferenceBackend):
             if self.recorder is not None:  # A = dyᵀ is always signed: only B's sign varies
                 m = self._variants[-1][1]
                 self.recorder.conv_pack(geo, k0, kc, [v for v in self._variants if v[1] == m],
-                                        self.where)
+                                        self.where, side="b")
             self.kernel(ref)(src, _flip(flip), out)
             return out.view(torch.int8)
 
         return pack_b
+
+    def _conv_a_packer(self, spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
+        """``pack_a`` for a 2-D conv's forward GEMM: A = the im2col patches of the channels-last
+        codes ``xl (N, H, W, C)``, padded, flipped and packed by one TVM kernel (the reduction is
+        never split: the caller keeps it under the GEMM's limit)."""
+        geo = _conv2d_geometry(spec, xl, w_shape)
+        src = xl.reshape(-1).view(torch.uint8)
+
+        def pack_a(k0, kc, mp, kp):
+            if (k0, kc) != (0, math.prod(w_shape[1:])):
+                raise AssertionError(f"conv A pack of columns {k0}..{k0 + kc}: split reduction")
+            out = torch.empty((1, mp, kp), dtype=torch.uint8)
+            if self.recorder is not None:  # B = w is always signed: only A's sign varies
+                n = self._problem[2]
+                self.recorder.conv_pack(geo, k0, kc, [v for v in self._variants if v[2] == n],
+                                        self.where, side="a")
+            self.kernel(KernelRef("pack_conv_a", (*geo, mp, kp)))(src, _flip(flip), out.view(-1))
+            return out
+
+        return pack_a
 
     def _a_packer(self, a: torch.Tensor):
         """``(alpha, pack_a)`` for int8/uint8 codes ``a (G, M, K)``: signed codes are shifted by

@@ -126,10 +126,13 @@ def kernel_refs(rec: Recorder, provider) -> dict[KernelRef, dict]:
     for problem, where in rec.problems.items():
         for variant in rec.variants[problem]:
             add(KernelRef.gemm(provider.gemm_shape(*variant)), where, variant)
-    for (geo, k0, kc, variants), where in rec.conv_packs.items():
+    for (side, geo, k0, kc, variants), where in rec.conv_packs.items():
         for variant in variants:
             shape = provider.gemm_shape(*variant)
-            add(KernelRef("pack_conv_b", (*geo, k0, kc, shape.n // 16, shape.k // 4)), where)
+            if side == "a":
+                add(KernelRef("pack_conv_a", (*geo, shape.m, shape.k)), where)
+            else:
+                add(KernelRef("pack_conv_b", (*geo, k0, kc, shape.n // 16, shape.k // 4)), where)
     for ref in GENERIC:
         add(ref, ())
     return refs
@@ -156,8 +159,9 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
     elif ref.kind == "dequant":
         entry.update(dtypes="s32->f32", precision="1..8 bits",
                      shapes={"c": ["g", "mp", "np"], "out": ["g", "m", "n"]})
-    elif ref.kind == "pack_conv_b":
-        entry.update(dtypes="u8->s8", precision="1..8 bits", shapes={"geometry": list(ref.args)})
+    elif ref.kind in ("pack_conv_a", "pack_conv_b"):
+        entry.update(dtypes="u8->u8" if ref.kind == "pack_conv_a" else "u8->s8",
+                     precision="1..8 bits", shapes={"geometry": list(ref.args)})
     else:
         entry.update(dtypes="u8->u8" if ref.kind == "pack_a" else "u8->s8",
                      precision="1..8 bits", shapes={"layout": ref.args[0], "dims": "symbolic"})

@@ -24,7 +24,7 @@ from . import gemm, pack, quantize
 from .cache import KernelCache
 from .host import HostTarget, detect
 
-KINDS = ("gemm", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_b")
+KINDS = ("gemm", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b")
 KERNEL_FILES = ("gemm.py", "intrin.py", "host.py", "pack.py", "quantize.py")
 
 
@@ -85,7 +85,7 @@ class KernelRef:
     def schedule(self, isa: str):
         if self.kind == "gemm":
             return gemm.schedule(self.gemm_shape, isa)
-        return _BUILDERS[self.kind][0](*self.args, **self._parallel)
+        return _BUILDERS[self.kind](*self.args, **self._parallel)
 
     @property
     def _parallel(self) -> dict:
@@ -96,12 +96,13 @@ class KernelRef:
         return self.schedule(isa).mod["main"].with_attr("global_symbol", self.name)
 
 
-# kind -> (its schedule, its compiled function cached per process) for the non-GEMM kernels
-_BUILDERS = {"quantize": (quantize.schedule, quantize.kernel),
-             "dequant": (quantize.dequant_schedule, quantize.dequant_kernel),
-             "pack_a": (pack.a_schedule, pack.a_kernel),
-             "pack_b": (pack.b_schedule, pack.b_kernel),
-             "pack_conv_b": (pack.conv_b_schedule, pack.conv_b_kernel)}
+# kind -> its schedule, for the non-GEMM kernels
+_BUILDERS = {"quantize": quantize.schedule,
+             "dequant": quantize.dequant_schedule,
+             "pack_a": pack.a_schedule,
+             "pack_b": pack.b_schedule,
+             "pack_conv_a": pack.conv_a_schedule,
+             "pack_conv_b": pack.conv_b_schedule}
 
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
 SERIAL_KINDS = ("quantize", "dequant", "pack_a", "pack_b")
@@ -119,8 +120,9 @@ class Recorder:
     * ``problems``: GEMM problems ``(G, M, N, K)`` (ones rows included), and per problem its
       ``variants`` — the same GEMM with the other signs of its operands, which other batches may
       produce;
-    * ``conv_packs``: the conv patch packers, as ``(geometry, k0, kc, variants)`` (their packed
-      extents depend on the GEMM tile, so they are re-derived per variant when exporting).
+    * ``conv_packs``: the conv patch packers, as ``(side, geometry, k0, kc, variants)``: side
+      ``"a"`` packs a forward GEMM's A, ``"b"`` a weight gradient's B (their packed extents depend
+      on the GEMM tile, so they are re-derived per variant when exporting).
     """
 
     def __init__(self):
@@ -132,8 +134,9 @@ class Recorder:
         self.problems.setdefault(key, set()).add(where)
         self.variants[key] = tuple(sorted(set(variants) | {key}))
 
-    def conv_pack(self, geometry, k0, kc, variants, where) -> None:
-        self.conv_packs.setdefault((tuple(geometry), k0, kc, tuple(variants)), set()).add(where)
+    def conv_pack(self, geometry, k0, kc, variants, where, side: str = "b") -> None:
+        key = (side, tuple(geometry), k0, kc, tuple(variants))
+        self.conv_packs.setdefault(key, set()).add(where)
 
 
 class JitKernels:

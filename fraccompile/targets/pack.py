@@ -45,6 +45,23 @@ def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     L, tm, tk = T.int64(64), T.int64(TILE_M), T.int64(TILE_K)
     loop = T.parallel if parallel else T.serial
 
+    # Per-iteration values go in as macro arguments (inlined expressions): a variable bound inside
+    # a parallel loop costs a TVMBackendAllocWorkspace/FreeWorkspace pair per iteration in TVM
+    # 0.27's CPU code generation.
+    @T.macro
+    def mk_row(src, flip, out, g, m, M, K, Kp):
+        if m < M:
+            for k0 in range(K // L):
+                for k1 in T.vectorized(L):
+                    out[g, m, k0 * L + k1] = T.bitwise_xor(src[g, m, k0 * L + k1], flip[0])
+            for k in range(K // L * L, K):
+                out[g, m, k] = T.bitwise_xor(src[g, m, k], flip[0])
+            for k in range(K, Kp):
+                out[g, m, k] = T.uint8(0)
+        else:
+            for k in range(Kp):
+                out[g, m, k] = T.Select(m == M and k < K, T.uint8(1), T.uint8(0))
+
     if layout == "mk":
         @T.prim_func(s_tir=True)
         def main(src_h: T.handle, flip: T.Buffer((1,), "uint8"), out_h: T.handle):
@@ -53,20 +70,29 @@ def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
             src = T.match_buffer(src_h, (G, M, K), "uint8")
             out = T.match_buffer(out_h, (G, Mp, Kp), "uint8")
             for gm in loop(G * Mp):
-                g, m = gm // Mp, gm % Mp
-                if m < M:
-                    for k0 in range(K // L):
-                        for k1 in T.vectorized(L):
-                            out[g, m, k0 * L + k1] = T.bitwise_xor(src[g, m, k0 * L + k1],
-                                                                   flip[0])
-                    for k in range(K // L * L, K):
-                        out[g, m, k] = T.bitwise_xor(src[g, m, k], flip[0])
-                    for k in range(K, Kp):
-                        out[g, m, k] = T.uint8(0)
-                else:
-                    for k in range(Kp):
-                        out[g, m, k] = T.Select(m == M and k < K, T.uint8(1), T.uint8(0))
+                mk_row(src, flip, out, gm // Mp, gm % Mp, M, K, Kp)
         return main
+
+    @T.macro
+    def km_edge(src, flip, out, g, m, k, M, K):
+        out[g, m, k] = T.Select(m < M and k < K,
+                                T.bitwise_xor(src[g, T.min(k, K - 1), T.min(m, M - 1)], flip[0]),
+                                T.Select(m == M and k < K, T.uint8(1), T.uint8(0)))
+
+    @T.macro
+    def km_tile(src, flip, out, g, m0, k0, M, K, Mp, Kp):
+        if m0 + tm <= M and k0 + tk <= K:  # an inner tile: through a local buffer
+            tile = T.alloc_buffer((TILE_K, TILE_M), "uint8", scope="local")
+            for ki in range(T.int64(TILE_K)):
+                for mi in T.vectorized(T.int64(TILE_M)):
+                    tile[ki, mi] = src[g, k0 + ki, m0 + mi]
+            for mi in range(T.int64(TILE_M)):
+                for ki in T.vectorized(T.int64(TILE_K)):
+                    out[g, m0 + mi, k0 + ki] = T.bitwise_xor(tile[ki, mi], flip[0])
+        else:  # an edge tile: the padding
+            for mi in range(T.min(tm, Mp - m0)):
+                for ki in range(T.min(tk, Kp - k0)):
+                    km_edge(src, flip, out, g, m0 + mi, k0 + ki, M, K)
 
     @T.prim_func(s_tir=True)
     def main(src_h: T.handle, flip: T.Buffer((1,), "uint8"), out_h: T.handle):
@@ -76,23 +102,8 @@ def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
         out = T.match_buffer(out_h, (G, Mp, Kp), "uint8")
         MT, KT = (Mp + tm - 1) // tm, (Kp + tk - 1) // tk
         for gmk in loop(G * MT * KT):
-            g, m0, k0 = gmk // (MT * KT), gmk // KT % MT * tm, gmk % KT * tk
-            if m0 + tm <= M and k0 + tk <= K:  # an inner tile: through a local buffer
-                tile = T.alloc_buffer((TILE_K, TILE_M), "uint8", scope="local")
-                for ki in range(T.int64(TILE_K)):
-                    for mi in T.vectorized(T.int64(TILE_M)):
-                        tile[ki, mi] = src[g, k0 + ki, m0 + mi]
-                for mi in range(T.int64(TILE_M)):
-                    for ki in T.vectorized(T.int64(TILE_K)):
-                        out[g, m0 + mi, k0 + ki] = T.bitwise_xor(tile[ki, mi], flip[0])
-            else:  # an edge tile: the padding
-                for mi in range(T.min(tm, Mp - m0)):
-                    for ki in range(T.min(tk, Kp - k0)):
-                        m, k = m0 + mi, k0 + ki
-                        out[g, m, k] = T.Select(
-                            m < M and k < K,
-                            T.bitwise_xor(src[g, T.min(k, K - 1), T.min(m, M - 1)], flip[0]),
-                            T.Select(m == M and k < K, T.uint8(1), T.uint8(0)))
+            km_tile(src, flip, out, gmk // (MT * KT), gmk // KT % MT * tm, gmk % KT * tk,
+                    M, K, Mp, Kp)
     return main
 
 
@@ -123,6 +134,28 @@ def _b_definition(layout: str, parallel: bool = True):
 def _b_kn_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
     loop = T.parallel if parallel else T.serial
 
+    @T.macro  # per-iteration values as macro arguments: see _a_definition
+    def kn_edge(src, flip, out, g, nb, kb, ni, ki, n, k, N, K):
+        out[g, nb, kb, ni, ki] = T.Select(
+            n < N and k < K, T.bitwise_xor(src[g, T.min(k, K - 1), T.min(n, N - 1)], flip[0]),
+            T.Select(n == N and k < K, T.uint8(1), T.uint8(0)))
+
+    @T.macro
+    def kn_row(src, flip, out, g, kb, N, K, NB):
+        for nb in range(NB):
+            if nb * 16 + 16 <= N and kb * 4 + 4 <= K:  # an inner block
+                rows = T.alloc_buffer((4, 16), "uint8", scope="local")
+                for ki in range(T.int64(4)):
+                    for ni in T.vectorized(T.int64(16)):
+                        rows[ki, ni] = src[g, kb * 4 + ki, nb * 16 + ni]
+                for ni in range(T.int64(16)):
+                    for ki in T.vectorized(T.int64(4)):
+                        out[g, nb, kb, ni, ki] = T.bitwise_xor(rows[ki, ni], flip[0])
+            else:  # an edge block: the padding, and the ones row
+                for ni in range(T.int64(16)):
+                    for ki in range(T.int64(4)):
+                        kn_edge(src, flip, out, g, nb, kb, ni, ki, nb * 16 + ni, kb * 4 + ki, N, K)
+
     @T.prim_func(s_tir=True)
     def main(src_h: T.handle, flip: T.Buffer((1,), "uint8"), out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
@@ -130,24 +163,7 @@ def _b_kn_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
         src = T.match_buffer(src_h, (G, K, N), "uint8")
         out = T.match_buffer(out_h, (G, NB, KB, 16, 4), "uint8")
         for gk in loop(G * KB):
-            g, kb = gk // KB, gk % KB
-            for nb in range(NB):
-                if nb * 16 + 16 <= N and kb * 4 + 4 <= K:  # an inner block
-                    rows = T.alloc_buffer((4, 16), "uint8", scope="local")
-                    for ki in range(T.int64(4)):
-                        for ni in T.vectorized(T.int64(16)):
-                            rows[ki, ni] = src[g, kb * 4 + ki, nb * 16 + ni]
-                    for ni in range(T.int64(16)):
-                        for ki in T.vectorized(T.int64(4)):
-                            out[g, nb, kb, ni, ki] = T.bitwise_xor(rows[ki, ni], flip[0])
-                else:  # an edge block: the padding, and the ones row
-                    for ni in range(T.int64(16)):
-                        for ki in range(T.int64(4)):
-                            n, k = nb * 16 + ni, kb * 4 + ki
-                            out[g, nb, kb, ni, ki] = T.Select(
-                                n < N and k < K,
-                                T.bitwise_xor(src[g, T.min(k, K - 1), T.min(n, N - 1)], flip[0]),
-                                T.Select(n == N and k < K, T.uint8(1), T.uint8(0)))
+            kn_row(src, flip, out, gk // KB, gk % KB, N, K, NB)
     return main
 
 
@@ -225,3 +241,65 @@ def conv_b_schedule(*shape_args) -> s_tir.Schedule:
     sch.vectorize(ni)
     sch.unroll(ki)
     return sch
+
+
+def _conv_a_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, mp, kp):
+    """``main(x, flip, out)``: the forward GEMM's A ``(1, mp, kp)`` of a 2-D conv straight from
+    channels-last codes ``x (N, H, W, C)``: row ``m`` is output position ``m``'s patch, taps
+    ``(i, j)`` in order with their ``C`` channels innermost (the im2col of ``backend._im2col``),
+    sign-flipped by ``flip``; a tap outside the image is code 0 (so ``flip`` after the flip), the
+    columns past ``K = kh·kw·C`` are zeros and row ``M`` (when ``mp > M``) is ones (B's row sums).
+    One pass instead of a padding copy, an im2col copy and a pack; each tap is one vector copy of
+    ``C`` bytes."""
+    K, M = kh * kw * c, n * oh * ow
+
+    @T.macro
+    def tap(x, flip, out, m, i, j, b, y, z):
+        if y >= 0 and y < h and z >= 0 and z < w:
+            for ch in T.vectorized(c):
+                out[m * kp + (i * kw + j) * c + ch] = T.bitwise_xor(x[((b * h + y) * w + z) * c + ch],
+                                                                    flip[0])
+        else:
+            for ch in T.vectorized(c):
+                out[m * kp + (i * kw + j) * c + ch] = flip[0]
+
+    @T.macro
+    def patch_row(x, flip, out, m, i, b, y, z0):
+        if y >= 0 and y < h:
+            for t in T.vectorized(kw * c):
+                out[m * kp + i * kw * c + t] = T.bitwise_xor(x[((b * h + y) * w + z0) * c + t],
+                                                             flip[0])
+        else:
+            for t in T.vectorized(kw * c):
+                out[m * kp + i * kw * c + t] = flip[0]
+
+    @T.macro  # per-row values as macro arguments: see _a_definition
+    def row(x, flip, out, m, b, y0, z0):
+        if dw == 1 and z0 >= 0 and z0 + kw - 1 < w:  # each patch row's taps are one run
+            for i in range(kh):
+                patch_row(x, flip, out, m, i, b, y0 + i * dh, z0)
+        else:  # tap by tap: a patch at the left or right edge, or a dilated one
+            for i in range(kh):
+                for j in range(kw):
+                    tap(x, flip, out, m, i, j, b, y0 + i * dh, z0 + j * dw)
+        for k in range(K, kp):
+            out[m * kp + k] = T.uint8(0)
+
+    @T.prim_func(s_tir=True)
+    def main(x: T.Buffer((n * h * w * c,), "uint8"), flip: T.Buffer((1,), "uint8"),
+             out: T.Buffer((mp * kp,), "uint8")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for m in T.parallel(mp):
+            if m < M:
+                row(x, flip, out, m, m // (oh * ow), m % (oh * ow) // ow * sh - ph,
+                    m % ow * sw - pw)
+            else:
+                for k in range(kp):
+                    out[m * kp + k] = T.Select(m == M and k < K, T.uint8(1), T.uint8(0))
+    return main
+
+
+def conv_a_schedule(*shape_args) -> s_tir.Schedule:
+    """The conv A pack (its loops are final). ``shape_args``: N, H, W, C, kh, kw, stride, padding,
+    dilation (per axis), OH, OW and the padded extents ``mp``, ``kp``."""
+    return s_tir.Schedule(_conv_a_definition(*shape_args))
