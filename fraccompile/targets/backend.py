@@ -32,6 +32,7 @@ Only the quantized codes (int8/uint8) are saved for backward, not fp32 copies.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,7 @@ class TVMBackend(ReferenceBackend):
         self.recorder: Recorder | None = None  # set by tune/export to enumerate a run's kernels
         self.where: tuple[str, str] | None = None  # (site, role) being computed, for messages
         self._cuda = None  # the CUDA GEMM, created for the first GPU tensor
+        self._local = threading.local()  # per-thread scratch buffers (see scratch())
 
     def __reduce__(self):
         from ..ops.backend import get_backend
@@ -175,6 +177,20 @@ class TVMBackend(ReferenceBackend):
             from .cuda_driver import CudaGemm
             self._cuda = CudaGemm()
         return self._cuda
+
+    def scratch(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer of ``shape`` for a temporary that one GEMM call consumes: its packed A
+        (``slot`` ``"a"``), packed B (``"b"``) or int32 product before the epilogue (``"c"``).
+        Each slot keeps the largest buffer asked for, per thread: a fresh tensor of many MB is
+        mapped by the allocator and zeroed by page faults on first touch, every step (the conv
+        A pack of ResNet-20 took 16.4 ms per step in fresh buffers, 12.6 ms in reused ones,
+        ``bench/step_breakdown.py``)."""
+        store = self._local.__dict__.setdefault("scratch", {})
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = store.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            buf = store[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(shape)
 
     def quantize_kernel(self, x: torch.Tensor):
         """The ``kernel`` argument of :func:`_to_codes` for ``x``: the fused CPU quantizer, or
@@ -252,7 +268,9 @@ class TVMBackend(ReferenceBackend):
         shape = self.kernels.gemm_shape(*problem, where=self.where)
         A = pack_a(0, K, shape.m, shape.k)
         Bp = pack_b(0, K, shape.n, shape.k)
-        C = torch.empty((G, shape.m, shape.n), dtype=torch.int32)
+        # the product is a temporary when the epilogue consumes it here, else the result
+        C = (self.scratch("c", (G, shape.m, shape.n), torch.int32) if dequant is not None
+             else torch.empty((G, shape.m, shape.n), dtype=torch.int32))
         self.kernel(KernelRef.gemm(shape))(A, Bp, C)
         if dequant is not None:  # C[m, n] + rc[m] + cc[n], the same sums as below, then scaled
             scale, bias, out = dequant
@@ -405,7 +423,7 @@ class TVMBackend(ReferenceBackend):
         src = xl.view(torch.uint8)
 
         def pack_b(k0, kc, np_, kp):
-            out = torch.empty((1, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
+            out = self.scratch("b", (1, np_ // 16, kp // 4, 16, 4), torch.uint8)
             ref = KernelRef("pack_conv_b", (*geo, k0, kc, np_ // 16, kp // 4))
             if self.recorder is not None:  # A = dyᵀ is always signed: only B's sign varies
                 m = self._variants[-1][1]
@@ -426,7 +444,7 @@ class TVMBackend(ReferenceBackend):
         def pack_a(k0, kc, mp, kp):
             if (k0, kc) != (0, math.prod(w_shape[1:])):
                 raise AssertionError(f"conv A pack of columns {k0}..{k0 + kc}: split reduction")
-            out = torch.empty((1, mp, kp), dtype=torch.uint8)
+            out = self.scratch("a", (1, mp, kp), torch.uint8)
             if self.recorder is not None:  # B = w is always signed: only A's sign varies
                 n = self._problem[2]
                 self.recorder.conv_pack(geo, k0, kc, [v for v in self._variants if v[2] == n],
@@ -442,7 +460,7 @@ class TVMBackend(ReferenceBackend):
         alpha = 128 if a.dtype == torch.int8 else 0
         a8 = a.view(torch.uint8)
         return alpha, lambda k0, kc, mp, kp: _pack_a(a8[..., k0:k0 + kc], alpha, mp, kp,
-                                                     self.kernel)
+                                                     self.kernel, self.scratch)
 
     def _b_packer(self, b: torch.Tensor):
         """``(beta, pack_b)`` for int8/uint8 codes ``b (G, N, K)``: unsigned codes are shifted by
@@ -450,7 +468,7 @@ class TVMBackend(ReferenceBackend):
         beta = 128 if b.dtype == torch.uint8 else 0
         b8 = b.view(torch.uint8)
         return beta, lambda k0, kc, np_, kp: _pack_b(b8[..., k0:k0 + kc], beta, np_, kp,
-                                                     self.kernel)
+                                                     self.kernel, self.scratch)
 
 
 def _out_sizes(spec: SiteSpec, size, w_shape) -> list[int]:
@@ -483,25 +501,33 @@ def _source(t: torch.Tensor, direct: str, transposed: str) -> tuple[str, torch.T
     return direct, t.contiguous()
 
 
-def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int, kernel=_jit_kernel) -> torch.Tensor:
+def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int, kernel=_jit_kernel,
+            scratch=None) -> torch.Tensor:
     """``A (G, mp, kp)`` u8 for the GEMM from the (G, M, K) byte view ``a`` (no copy when it is
-    already that)."""
+    already that), into ``scratch("a", shape, dtype)`` when given (see
+    :meth:`TVMBackend.scratch`)."""
     G, M, K = a.shape
     if a.is_contiguous() and not flip and (M, K) == (mp, kp):
         return a
     layout, src = _source(a, "mk", "km")
-    out = torch.empty((G, mp, kp), dtype=torch.uint8)
+    out = (scratch or _fresh)("a", (G, mp, kp), torch.uint8)
     kernel(KernelRef("pack_a", (layout,), _serial(2 * out.numel())))(src, _flip(flip), out)
     return out
 
 
-def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int, kernel=_jit_kernel) -> torch.Tensor:
-    """``B (G, np/16, kp/4, 16, 4)`` s8 from the (G, N, K) byte view ``b``."""
+def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int, kernel=_jit_kernel,
+            scratch=None) -> torch.Tensor:
+    """``B (G, np/16, kp/4, 16, 4)`` s8 from the (G, N, K) byte view ``b`` (into ``scratch`` as
+    :func:`_pack_a`)."""
     G = b.shape[0]
     layout, src = _source(b, "nk", "kn")
-    out = torch.empty((G, np_ // 16, kp // 4, 16, 4), dtype=torch.uint8)
+    out = (scratch or _fresh)("b", (G, np_ // 16, kp // 4, 16, 4), torch.uint8)
     kernel(KernelRef("pack_b", (layout,), _serial(2 * out.numel())))(src, _flip(flip), out)
     return out.view(torch.int8)
+
+
+def _fresh(slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 def _bcast_batch(x_shape, y_shape) -> tuple[int, ...]:
