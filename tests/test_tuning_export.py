@@ -30,13 +30,16 @@ MODEL_SRC = textwrap.dedent("""
             super().__init__()
             self.stem = nn.Conv2d(3, 16, 3, padding=1)
             self.conv = nn.Conv2d(16, 16, 3, padding=1)
-            self.conv2 = nn.Conv2d(16, 16, 3, padding=1)  # channels-last input: fused GC packing
+            # channels-last inputs: implicit-GEMM forward and fused GC packing; 18 channels (not
+            # a multiple of 4): A packed from the codes
+            self.conv2 = nn.Conv2d(16, 18, 3, padding=1)
+            self.conv3 = nn.Conv2d(18, 16, 3, padding=1)
             self.proj = nn.Linear(16, 32)
             self.head = nn.Linear(32, 10)
 
         def forward(self, x):
             x = torch.relu(self.conv(torch.relu(self.stem(x))))
-            x = torch.relu(self.conv2(x))
+            x = torch.relu(self.conv3(torch.relu(self.conv2(x))))
             h = self.proj(x.mean((2, 3)))
             h = h + (h.unsqueeze(1) @ h.unsqueeze(2)).squeeze(2) * 1e-3
             return self.head(torch.relu(h))
@@ -199,7 +202,9 @@ def test_manifest_describes_every_kernel(exported):
     import tvm
     assert info["tvm"] == tvm.__version__
     kinds = {k["kind"] for k in manifest["kernels"]}
-    assert kinds >= {"gemm", "quantize", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b"}
+    assert kinds >= {"gemm", "conv", "quantize", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b"}
+    convs = [k for k in manifest["kernels"] if k["kind"] == "conv"]
+    assert {s["role"] for k in convs for s in k["sites"]} == {"fw"}
     gemms = [k for k in manifest["kernels"] if k["kind"] == "gemm"]
     roles = {s["role"] for k in gemms for s in k["sites"]}
     assert roles == {"fw", "eb", "gc"}  # eb: the matmul's integer backprop

@@ -322,8 +322,9 @@ CONVS = [
                                                  if not cl or len(CONVS[i][1]) == 4])
 @pytest.mark.parametrize("signed_input", [False, True])
 def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatch):
-    """Channels-last inputs of ungrouped 2-D convs take the fused patch-packing paths of the
-    forward and the weight gradient (asserted through the kernels the backend asks for)."""
+    """Channels-last inputs of ungrouped 2-D convs take the fused paths of the forward (implicit
+    GEMM, or A packed from the codes) and the weight gradient (B packed from the codes), asserted
+    through the kernels the backend asks for."""
     module, shape = CONVS[idx]
     torch.manual_seed(idx)
     x = torch.randn(*shape)
@@ -334,7 +335,10 @@ def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatc
     kinds = _kinds_asked(monkeypatch)
     _compare(*_module_site(copy.deepcopy(module), x))
     fused = channels_last and module.groups == 1
-    assert ("pack_conv_a" in kinds) == fused and ("pack_conv_b" in kinds) == fused
+    assert ("pack_conv_b" in kinds) == fused
+    # the forward: an implicit GEMM when the channels come in fours, else A packed from the codes
+    implicit = fused and shape[1] % 4 == 0
+    assert ("conv" in kinds, "pack_conv_a" in kinds) == (implicit, fused and not implicit)
 
 
 def _kinds_asked(monkeypatch) -> list[str]:

@@ -43,7 +43,7 @@ from ..ops.modules import apply_epilogue, epilogue_backward
 from ..ops.quantizers import (noise_seed, qparams_from_range, quantize_to_int, tensor_range,
                                uniform_noise, weight_range)
 from ..ops.spec import Precision, SiteSpec
-from . import threads
+from . import conv, threads
 from .cache import KernelCache
 from .kernels import JitKernels, KernelRef, Recorder
 
@@ -276,12 +276,7 @@ class TVMBackend(ReferenceBackend):
             scale, bias, out = dequant
             rc = (C[:, :M, N] - alpha * K) * beta if beta else C.new_zeros((G, M))
             cc = C[:, M, :N] * -alpha if alpha else C.new_zeros((G, N))
-            scale = scale.reshape(-1).float().expand(N).contiguous()
-            bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
-            out = out if out is not None else torch.empty((G, M, N))
-            ref = KernelRef("dequant", (), serial=_serial(G * M * N * 8))
-            self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), scale, bias, out)
-            return out
+            return self._dequant(C, rc, cc, scale, bias, out, G, M, N)
         if alpha:  # row M: sum_k (b - beta)  ->  sum_k b = C[M] + beta*K
             b_sums = C[:, M:M + 1, :N] + beta * K
         if beta:   # column N: sum_k (a + alpha)  ->  sum_k a = C[:, :, N] - alpha*K
@@ -294,6 +289,49 @@ class TVMBackend(ReferenceBackend):
             if beta:
                 C += alpha * beta * K
         return C
+
+    def _dequant(self, C, rc, cc, scale, bias, out, G: int, M: int, N: int) -> torch.Tensor:
+        """``out[g, m, n] = (C[g, m, n] + rc[g, m] + cc[g, n]) · scale[n] + bias[n]`` in fp32, one
+        TVM kernel pass (``C`` may be padded past ``M`` and ``N``)."""
+        scale = scale.reshape(-1).float().expand(N).contiguous()
+        bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
+        out = out if out is not None else torch.empty((G, M, N))
+        ref = KernelRef("dequant", (), serial=_serial(G * M * N * 8))
+        self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), scale, bias, out)
+        return out
+
+    def _conv_implicit(self, spec: SiteSpec, xq: IntCodes, xl: torch.Tensor, wr: torch.Tensor,
+                       w_shape, out_sp, scale, bias, rows: torch.Tensor) -> bool:
+        """The forward of a 2-D conv as an implicit GEMM (:mod:`.conv`) into ``rows (N·OH·OW,
+        OC)``: the codes ``xl (N, H, W, C)`` padded and sign-flipped once, no patch matrix. False
+        (nothing done) where it does not apply: no VNNI, ``C`` not a multiple of 4, or no register
+        block dividing the output width."""
+        N, H, W, Cin = xl.shape
+        OC, K = wr.shape[1:]
+        blk = conv.block(out_sp[1], OC)
+        if getattr(self.kernels, "host", None) is None or self.kernels.host.isa != "avx512-vnni" \
+                or Cin % 4 or blk is None or K > MAX_K:
+            return False
+        (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
+        mb, nb = blk
+        shape = conv.ConvShape(N, H + 2 * ph, W + 2 * pw, Cin, *w_shape[2:], *spec.stride,
+                               *spec.dilation, *out_sp, -(-OC // (16 * nb)) * 16 * nb, mb, nb)
+        X = self.scratch("x", (N, shape.hp, shape.wp, Cin), torch.uint8)
+        for border in (X[:, :ph], X[:, ph + H:], X[:, ph:ph + H, :pw], X[:, ph:ph + H, pw + W:]):
+            border.fill_(flip)  # a tap outside the image reads code 0, flipped
+        torch.bitwise_xor(xl.view(torch.uint8), flip, out=X[:, ph:ph + H, pw:pw + W])
+        _, pack_b = self._b_packer(wr)                              # w is signed: no flip
+        Bp = pack_b(0, K, shape.ocp, K)
+        C = self.scratch("c", (1, N * math.prod(out_sp), shape.ocp), torch.int32)
+        ref = KernelRef("conv", shape.args)
+        if self.recorder is not None:
+            self.recorder.kernel(ref, self.where)
+        self.kernel(ref)(X, Bp[0], C.view(N, *out_sp, shape.ocp))
+        # A was shifted by +flip: subtract flip·(the weight row's code sum) per output channel
+        cc = wr.sum(-1, dtype=torch.int32) * -flip
+        M = C.shape[1]
+        self._dequant(C, C.new_zeros((1, M)), cc, scale, bias, rows.view(1, M, OC), 1, M, OC)
+        return True
 
     # -- one site ----------------------------------------------------------------------------------
     def run_site(self, op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -344,8 +382,10 @@ class TVMBackend(ReferenceBackend):
         y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]),
                                 device=xq.codes.device)
         rows = y.permute(0, *range(2, 2 + d), 1)                    # (N, O..., OC), contiguous
-        if d == 2 and G == 1 and xl.is_contiguous() and not self.on_gpu(xl) \
-                and wr.shape[-1] <= MAX_K_UNSIGNED:  # A packed from x: no im2col copy
+        fused = d == 2 and G == 1 and xl.is_contiguous() and not self.on_gpu(xl)
+        if fused and self._conv_implicit(spec, xq, xl, wr, w_shape, out_sp, scale, bias, rows):
+            return y
+        if fused and wr.shape[-1] <= MAX_K_UNSIGNED:  # A packed from x: no im2col copy
             alpha = 128 if xq.signed else 0
             self._gemm(1, rows.shape[0] * math.prod(out_sp), alpha,
                        self._conv_a_packer(spec, xl, w_shape, alpha), OC, wr.shape[-1],

@@ -133,6 +133,8 @@ def kernel_refs(rec: Recorder, provider) -> dict[KernelRef, dict]:
                 add(KernelRef("pack_conv_a", (*geo, shape.m, shape.k)), where)
             else:
                 add(KernelRef("pack_conv_b", (*geo, k0, kc, shape.n // 16, shape.k // 4)), where)
+    for ref, where in rec.kernels.items():
+        add(ref, where)
     for ref in GENERIC:
         add(ref, ())
     return refs
@@ -149,6 +151,9 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
                              "C": [s.groups, s.m, s.n]},
                      tile=[s.tile.mb, s.tile.nb, s.tile.kb],
                      problems=[list(p) for p in sorted(info["problems"])])
+    elif ref.kind == "conv":
+        entry.update(dtypes=DTYPES, precision="1..8 bits (u8/s8 codes)",
+                     shapes={"geometry": list(ref.args)})
     elif ref.kind == "quantize":
         counter = ref.args[2:] == ("counter",)
         dims = ["n", "s", "c"] if counter else ["n"]

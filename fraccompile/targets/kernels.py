@@ -20,12 +20,12 @@ import hashlib
 import pathlib
 from dataclasses import dataclass, replace
 
-from . import gemm, pack, quantize
+from . import conv, gemm, pack, quantize
 from .cache import KernelCache
 from .host import HostTarget, detect
 
-KINDS = ("gemm", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b")
-KERNEL_FILES = ("gemm.py", "intrin.py", "host.py", "pack.py", "quantize.py")
+KINDS = ("gemm", "conv", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b")
+KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py")
 
 
 def source_hash() -> str:
@@ -97,7 +97,8 @@ class KernelRef:
 
 
 # kind -> its schedule, for the non-GEMM kernels
-_BUILDERS = {"quantize": quantize.schedule,
+_BUILDERS = {"conv": conv.schedule,
+             "quantize": quantize.schedule,
              "dequant": quantize.dequant_schedule,
              "pack_a": pack.a_schedule,
              "pack_b": pack.b_schedule,
@@ -122,17 +123,24 @@ class Recorder:
       produce;
     * ``conv_packs``: the conv patch packers, as ``(side, geometry, k0, kc, variants)``: side
       ``"a"`` packs a forward GEMM's A, ``"b"`` a weight gradient's B (their packed extents depend
-      on the GEMM tile, so they are re-derived per variant when exporting).
+      on the GEMM tile, so they are re-derived per variant when exporting);
+    * ``kernels``: the other kernels asked for by name (:class:`KernelRef`), e.g. the
+      implicit-GEMM conv forwards.
     """
 
     def __init__(self):
         self.problems: dict[tuple, set] = {}
         self.variants: dict[tuple, tuple] = {}
         self.conv_packs: dict[tuple, set] = {}
+        self.kernels: dict = {}
 
     def problem(self, key, variants, where) -> None:
         self.problems.setdefault(key, set()).add(where)
         self.variants[key] = tuple(sorted(set(variants) | {key}))
+
+    def kernel(self, ref, where) -> None:
+        """A kernel whose arguments do not depend on a GEMM tile (the implicit-GEMM convs)."""
+        self.kernels.setdefault(ref, set()).add(where)
 
     def conv_pack(self, geometry, k0, kc, variants, where, side: str = "b") -> None:
         key = (side, tuple(geometry), k0, kc, tuple(variants))
