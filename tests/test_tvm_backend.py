@@ -314,6 +314,10 @@ CONVS = [
     (C2(6, 10, (3, 1), stride=(1, 2), padding=(2, 0), bias=False), (2, 6, 7, 8)),
     (torch.nn.Conv1d(7, 9, 5, stride=2, padding=3), (3, 7, 30)),
     (torch.nn.Conv3d(4, 8, 3, padding=1, stride=(1, 2, 2)), (2, 4, 5, 6, 6)),
+    # stride 1 and output widths in fours: the implicit-GEMM weight gradient
+    (C2(8, 20, 3, padding=1), (2, 8, 6, 8)),
+    (C2(4, 16, 3, padding=2, dilation=2, bias=False), (3, 4, 7, 12)),
+    (C2(4, 16, 3, padding=1), (3, 4, 128, 192)),  # 73728 positions: reduced in batch chunks
 ]
 
 
@@ -323,8 +327,8 @@ CONVS = [
 @pytest.mark.parametrize("signed_input", [False, True])
 def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatch):
     """Channels-last inputs of ungrouped 2-D convs take the fused paths of the forward (implicit
-    GEMM, or A packed from the codes) and the weight gradient (B packed from the codes), asserted
-    through the kernels the backend asks for."""
+    GEMM, or A packed from the codes) and the weight gradient (implicit GEMM, or B packed from the
+    codes), asserted through the kernels the backend asks for."""
     module, shape = CONVS[idx]
     torch.manual_seed(idx)
     x = torch.randn(*shape)
@@ -335,7 +339,11 @@ def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatc
     kinds = _kinds_asked(monkeypatch)
     _compare(*_module_site(copy.deepcopy(module), x))
     fused = channels_last and module.groups == 1
-    assert ("pack_conv_b" in kinds) == fused
+    # the weight gradient: an implicit GEMM at stride 1 with output widths in fours (its plane
+    # reads take 4 positions at a time), else B packed from the codes
+    out_w = module(x[:1]).shape[-1]
+    implicit_gc = fused and module.stride == (1, 1) and out_w % 4 == 0
+    assert ("gc" in kinds, "pack_conv_b" in kinds) == (implicit_gc, fused and not implicit_gc)
     # the forward: an implicit GEMM when the channels come in fours, else A packed from the codes
     implicit = fused and shape[1] % 4 == 0
     assert ("conv" in kinds, "pack_conv_a" in kinds) == (implicit, fused and not implicit)

@@ -333,6 +333,49 @@ class TVMBackend(ReferenceBackend):
         self._dequant(C, C.new_zeros((1, M)), cc, scale, bias, rows.view(1, M, OC), 1, M, OC)
         return True
 
+    def _gc_implicit(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, xl: torch.Tensor, w_shape,
+                     scale) -> torch.Tensor | None:
+        """The weight gradient of a stride-1 2-D conv as an implicit GEMM (:func:`.conv.gc_definition`):
+        the codes ``xl (N, H, W, C)`` as padded, sign-flipped planes, ``dy`` packed as B, no patch
+        matrix; the reduction over positions runs in batch chunks that keep the int32 sums exact.
+        None where it does not apply (no VNNI, a stride, an output width not a multiple of 4, or
+        one image's positions over the exact-sum limit)."""
+        N, H, W, Cin = xl.shape
+        OC = w_shape[0]
+        OH, OW = dyq.codes.shape[2:]
+        per = OH * OW
+        if getattr(self.kernels, "host", None) is None or self.kernels.host.isa != "avx512-vnni" \
+                or tuple(spec.stride) != (1, 1) or OW % 4 or per > MAX_K:
+            return None
+        (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
+        mb, nb = conv.gc_block(Cin, OC)
+        ocp = -(-OC // (16 * nb)) * 16 * nb
+        XT = self.scratch("x", (N, Cin, H + 2 * ph, W + 2 * pw), torch.uint8)
+        for border in (XT[:, :, :ph], XT[:, :, ph + H:], XT[:, :, ph:ph + H, :pw],
+                       XT[:, :, ph:ph + H, pw + W:]):
+            border.fill_(flip)  # a tap outside the image reads code 0, flipped
+        torch.bitwise_xor(xl.view(torch.uint8).permute(0, 3, 1, 2), flip,
+                          out=XT[:, :, ph:ph + H, pw:pw + W])
+        dy = dyq.codes.permute(0, 2, 3, 1).reshape(N * per, OC)    # (positions, OC)
+        chunk = min(N, MAX_K // per)
+        total = None
+        for b0 in range(0, N, chunk):
+            nc = min(chunk, N - b0)
+            _, pack_b = self._b_packer(dy[b0 * per:(b0 + nc) * per].t().unsqueeze(0))
+            Bp = pack_b(0, nc * per, ocp, nc * per)
+            shape = conv.GcShape(nc, Cin, *XT.shape[2:], *w_shape[2:], *spec.dilation, OH, OW,
+                                 ocp, mb, nb)
+            ref = KernelRef("gc", shape.args)
+            if self.recorder is not None:
+                self.recorder.kernel(ref, self.where)
+            C = self.scratch("c", (*w_shape[2:], Cin, ocp), torch.int32)
+            self.kernel(ref)(XT[b0:b0 + nc], Bp[0], C)
+            total = C.long() if total is None else total.add_(C)
+        # A was shifted by +flip: subtract flip·(the sum of dy over positions) per output channel
+        total = total[..., :OC] - flip * dy.sum(0, dtype=torch.int64)
+        dw = (total.float() * scale).permute(3, 0, 1, 2).contiguous()  # (OC, kh, kw, C)
+        return dw.permute(0, 3, 1, 2)
+
     # -- one site ----------------------------------------------------------------------------------
     def run_site(self, op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                  prec: Precision, lo_hi) -> torch.Tensor:
@@ -441,7 +484,11 @@ class TVMBackend(ReferenceBackend):
         n = spec.conv_dims
         dyl = dyq.codes.permute(0, *range(2, 2 + n), 1).reshape(-1, G, OC // G)  # (M, G, OCg)
         xl = xq.codes.permute(0, *range(2, 2 + n), 1)
-        if n == 2 and G == 1 and xl.is_contiguous() and not self.on_gpu(xl):  # packed from x
+        fused = n == 2 and G == 1 and xl.is_contiguous() and not self.on_gpu(xl)
+        dw = self._gc_implicit(spec, xq, dyq, xl, w_shape, scale) if fused else None
+        if dw is not None:
+            return dw
+        if fused:  # B packed from x
             flip = 0 if xq.signed else 128
             C = self._gemm(1, OC, *self._a_packer(dyl.permute(1, 2, 0)),  # A = dyᵀ (1, OC, M)
                            w_shape[1] * math.prod(w_shape[2:]), dyl.shape[0], flip,

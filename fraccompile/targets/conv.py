@@ -107,3 +107,86 @@ def schedule(*args) -> s_tir.Schedule:
     sch.unroll(xi)
     sch.vectorize(sch.get_loops(acc)[-1])
     return sch
+
+
+@dataclass(frozen=True)
+class GcShape:
+    """A stride-1 conv's weight gradient as an implicit GEMM: the padded input planes
+    ``(n, c, hp, wp)``, the kernel and dilations, the output size (``ow % 4 == 0``), the output
+    channels padded to ``16·nb``; ``mb`` (input channels) × ``nb`` is the register block."""
+
+    n: int
+    c: int
+    hp: int
+    wp: int
+    kh: int
+    kw: int
+    dh: int
+    dw: int
+    oh: int
+    ow: int
+    ocp: int
+    mb: int
+    nb: int
+
+    def __post_init__(self):
+        if self.ow % 4 or self.c % self.mb or self.ocp % (16 * self.nb):
+            raise ValueError(f"bad weight-gradient shape {self}")
+
+    @property
+    def args(self) -> tuple:
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
+
+
+def gc_block(c: int, oc: int) -> tuple[int, int]:
+    """``(mb, nb)`` for the weight gradient: ``nb`` as :func:`block`, ``mb`` the largest divisor of
+    the input channels ``c`` that keeps ``mb·nb`` accumulators in registers."""
+    n16 = -(-oc // 16)
+    nb = next(b for b in (4, 3, 2, 1) if n16 % b == 0)
+    return next(m for m in range(min(16, MAX_ACCUMULATORS // nb), 0, -1) if c % m == 0), nb
+
+
+def gc_definition(s: GcShape):
+    """``C[i, j, c, o] = sum_{b, y, x} XT[b, c, y + i·dh, x + j·dw] · DY[b, y, x, o]``: ``XT`` u8
+    the input codes as padded planes (sign-flipped, NCHW so that a batch range is one block), ``DY`` the output-gradient codes as the
+    GEMM's packed s8 B over (output channel, position): ``(OCp/16, N·OH·OW/4, 16, 4)``. Four
+    consecutive output positions of a row read 4 contiguous bytes of a plane (stride 1), the word
+    the VNNI intrinsic broadcasts."""
+    XT = te.placeholder((s.n, s.c, s.hp, s.wp), "uint8", name="XT")
+    B = te.placeholder((s.ocp // 16, s.n * s.oh * s.ow // 4, 16, 4), "int8", name="B")
+    rb = te.reduce_axis((0, s.n), name="rb")
+    ry = te.reduce_axis((0, s.oh), name="ry")
+    rx = te.reduce_axis((0, s.ow), name="rx")
+    ow4 = s.ow // 4
+    C = te.compute(
+        (s.kh, s.kw, s.c, s.ocp),
+        lambda i, j, c, o: te.sum(
+            XT[rb, c, ry + i * s.dh, rx + j * s.dw].astype("int32")
+            * B[o // 16, (rb * s.oh + ry) * ow4 + rx // 4, o % 16, rx % 4].astype("int32"),
+            axis=[rb, ry, rx]),
+        name="C")
+    return te.create_prim_func([XT, B, C]).with_attr("global_symbol", "main")
+
+
+def gc_schedule(*args) -> s_tir.Schedule:
+    """The scheduled weight gradient for :class:`GcShape` ``args`` (VNNI only): register blocks of
+    ``mb`` input channels × ``nb`` vectors of output channels, the (tap, channel block, output
+    block) loop parallel, the reduction over positions in steps of 4."""
+    s = GcShape(*args)
+    sch = s_tir.Schedule(gc_definition(s))
+    blk = sch.get_sblock("C")
+    i, j, c, o, rb, ry, rx = sch.get_loops(blk)
+    co, ci = sch.split(c, [None, s.mb])
+    oo, on, ol = sch.split(o, [None, s.nb, 16])
+    rxo, rxi = sch.split(rx, [None, 4])
+    sch.reorder(i, j, co, oo, rb, ry, rxo, ci, on, ol, rxi)
+    inner = sch.blockize(ol)
+    acc = sch.cache_write(inner, 0, "global")
+    sch.reverse_compute_at(acc, oo)
+    sch.parallel(sch.fuse(i, j, co, oo))
+    sch.decompose_reduction(inner, rb)
+    sch.tensorize(inner, intrin.register())
+    sch.unroll(on)
+    sch.unroll(ci)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    return sch

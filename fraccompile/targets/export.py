@@ -151,7 +151,7 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
                              "C": [s.groups, s.m, s.n]},
                      tile=[s.tile.mb, s.tile.nb, s.tile.kb],
                      problems=[list(p) for p in sorted(info["problems"])])
-    elif ref.kind == "conv":
+    elif ref.kind in ("conv", "gc"):
         entry.update(dtypes=DTYPES, precision="1..8 bits (u8/s8 codes)",
                      shapes={"geometry": list(ref.args)})
     elif ref.kind == "quantize":

@@ -24,7 +24,7 @@ from . import conv, gemm, pack, quantize
 from .cache import KernelCache
 from .host import HostTarget, detect
 
-KINDS = ("gemm", "conv", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b")
+KINDS = ("gemm", "conv", "gc", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b")
 KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py")
 
 
@@ -98,6 +98,7 @@ class KernelRef:
 
 # kind -> its schedule, for the non-GEMM kernels
 _BUILDERS = {"conv": conv.schedule,
+             "gc": conv.gc_schedule,
              "quantize": quantize.schedule,
              "dequant": quantize.dequant_schedule,
              "pack_a": pack.a_schedule,
@@ -157,6 +158,7 @@ class JitKernels:
         self.host = host or detect()
         self._cache = cache
         self.tuning = tuning
+        self._fns: dict[KernelRef, object] = {}
 
     @property
     def cache(self) -> KernelCache:
@@ -169,10 +171,16 @@ class JitKernels:
         return gemm.padded(G, M, N, K, tile)
 
     def get(self, ref: KernelRef, where=None):
-        if ref.kind == "gemm":
-            return self.cache.get(ref.gemm_shape)
-        key = hashlib.sha256("|".join([self.host.key, ref.name, source_hash()]).encode())
-        return self.cache.get_named(ref.name, key.hexdigest()[:20], lambda: self._build(ref))
+        fn = self._fns.get(ref)  # per call: no hashing of the kernel sources
+        if fn is None:
+            if ref.kind == "gemm":
+                fn = self.cache.get(ref.gemm_shape)
+            else:
+                key = hashlib.sha256("|".join([self.host.key, ref.name, source_hash()]).encode())
+                fn = self.cache.get_named(ref.name, key.hexdigest()[:20],
+                                          lambda: self._build(ref))
+            self._fns[ref] = fn
+        return fn
 
     def _build(self, ref: KernelRef):
         import tvm

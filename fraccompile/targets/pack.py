@@ -29,6 +29,10 @@ def _vars(*names):
 
 
 TILE_M, TILE_K = 16, 64  # the transposing pack moves 16x64 tiles (16 rows: conv GC has 16 channels)
+# The transposing packs' parallel loops run over chunks of this many tiles or blocks: the local
+# buffer of each is allocated once per chunk (a TVMBackendAllocWorkspace call inside a parallel
+# loop), not once per tile.
+CHUNK = 64
 
 
 def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
@@ -80,9 +84,8 @@ def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
                                 T.Select(m == M and k < K, T.uint8(1), T.uint8(0)))
 
     @T.macro
-    def km_tile(src, flip, out, g, m0, k0, M, K, Mp, Kp):
+    def km_tile(src, flip, out, tile, g, m0, k0, M, K, Mp, Kp):
         if m0 + tm <= M and k0 + tk <= K:  # an inner tile: through a local buffer
-            tile = T.alloc_buffer((TILE_K, TILE_M), "uint8", scope="local")
             for ki in range(T.int64(TILE_K)):
                 for mi in T.vectorized(T.int64(TILE_M)):
                     tile[ki, mi] = src[g, k0 + ki, m0 + mi]
@@ -101,9 +104,13 @@ def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
         src = T.match_buffer(src_h, (G, K, M), "uint8")
         out = T.match_buffer(out_h, (G, Mp, Kp), "uint8")
         MT, KT = (Mp + tm - 1) // tm, (Kp + tk - 1) // tk
-        for gmk in loop(G * MT * KT):
-            km_tile(src, flip, out, gmk // (MT * KT), gmk // KT % MT * tm, gmk % KT * tk,
-                    M, K, Mp, Kp)
+        for t in loop((G * MT * KT + CHUNK - 1) // CHUNK):
+            tile = T.alloc_buffer((TILE_K, TILE_M), "uint8", scope="local")
+            for u in range(CHUNK):
+                if t * CHUNK + u < G * MT * KT:
+                    km_tile(src, flip, out, tile, (t * CHUNK + u) // (MT * KT),
+                            (t * CHUNK + u) // KT % MT * tm, (t * CHUNK + u) % KT * tk,
+                            M, K, Mp, Kp)
     return main
 
 
@@ -141,10 +148,9 @@ def _b_kn_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
             T.Select(n == N and k < K, T.uint8(1), T.uint8(0)))
 
     @T.macro
-    def kn_row(src, flip, out, g, kb, N, K, NB):
+    def kn_row(src, flip, out, rows, g, kb, N, K, NB):
         for nb in range(NB):
             if nb * 16 + 16 <= N and kb * 4 + 4 <= K:  # an inner block
-                rows = T.alloc_buffer((4, 16), "uint8", scope="local")
                 for ki in range(T.int64(4)):
                     for ni in T.vectorized(T.int64(16)):
                         rows[ki, ni] = src[g, kb * 4 + ki, nb * 16 + ni]
@@ -162,8 +168,12 @@ def _b_kn_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
         G, N, K, NB, KB = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         src = T.match_buffer(src_h, (G, K, N), "uint8")
         out = T.match_buffer(out_h, (G, NB, KB, 16, 4), "uint8")
-        for gk in loop(G * KB):
-            kn_row(src, flip, out, gk // KB, gk % KB, N, K, NB)
+        for t in loop((G * KB + CHUNK - 1) // CHUNK):
+            rows = T.alloc_buffer((4, 16), "uint8", scope="local")
+            for u in range(CHUNK):
+                if t * CHUNK + u < G * KB:
+                    kn_row(src, flip, out, rows, (t * CHUNK + u) // KB, (t * CHUNK + u) % KB,
+                           N, K, NB)
     return main
 
 
