@@ -77,7 +77,9 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=2.0,
                         help="weight of the cost regularizer of the DFQ and FracTrain runs")
     parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="torch",
-                        help="FracConfig.rounding_noise (the stochastic rounding's noise)")
+                        help="FracConfig.rounding_noise (the stochastic rounding's noise); "
+                             "torch here, not the library's default counter: the recorded "
+                             "results were made with it")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)

@@ -21,9 +21,9 @@ default spinning, which fraccompile turns off unless the variable is set) or
 OpenMP threads, see ``fraccompile/targets/threads.py``). ``--weight-scale
 tensor`` compiles the reference and tvm rows with ``FracConfig(weight_scale="tensor")`` (one
 weight range per tensor: the tvm backend's linear error backprop becomes an integer GEMM), and
-``--rounding-noise counter`` with ``FracConfig(rounding_noise="counter")`` (stochastic rounding's
-noise from a counter-based hash, which the tvm backend computes inside its quantize kernel instead
-of drawing ``torch.rand``). ``--recompute none|activations|norms`` sets
+``--rounding-noise torch|counter`` sets ``FracConfig.rounding_noise`` (default ``counter``, the
+library's: stochastic rounding's noise from a counter-based hash, which the tvm backend computes
+inside its quantize kernel; ``torch`` draws ``torch.rand``). ``--recompute none|activations|norms`` sets
 ``FracConfig.recompute`` (what the tvm backend's backward recomputes from int8 codes instead of
 keeping fp32; default ``activations``).
 """
@@ -174,7 +174,7 @@ def main() -> None:
                         help="an environment variable for every child (repeatable)")
     parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel",
                         help="FracConfig.weight_scale of the compiled rows")
-    parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="torch",
+    parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="counter",
                         help="FracConfig.rounding_noise of the compiled rows")
     parser.add_argument("--recompute", choices=("none", "activations", "norms"),
                         default="activations", help="FracConfig.recompute of the compiled rows")

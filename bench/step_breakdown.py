@@ -8,7 +8,7 @@ forward + backward steps (a=w=g=8, symmetric) after two warm-up steps: ResNet-20
 the Transformer (d_model 512) at batch 32 x 64 tokens.
 
     python bench/step_breakdown.py [--repeats 3] [--model resnet20|transformer]
-        [--weight-scale channel|tensor] [--rounding-noise torch|counter]
+        [--weight-scale channel|tensor] [--rounding-noise counter|torch]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", choices=("resnet20", "transformer"), default="resnet20")
     parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel")
-    parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="torch")
+    parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="counter")
     args = parser.parse_args()
     header(f"TVM backend: where a {args.model} training step goes")
     print(f"FracConfig(a=8, w=8, g=8, scheme='symmetric', weight_scale={args.weight_scale!r}, "

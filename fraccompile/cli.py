@@ -24,7 +24,7 @@ SchemeOpt = Annotated[Optional[str], typer.Option(help="sbm or symmetric")]
 WeightScaleOpt = Annotated[Optional[str], typer.Option(
     help="weight ranges per output channel (default) or per tensor")]
 RoundingNoiseOpt = Annotated[Optional[str], typer.Option(
-    help="stochastic rounding noise: torch (torch.rand, default) or counter (hash)")]
+    help="stochastic rounding noise: counter (a hash, default) or torch (torch.rand)")]
 RecomputeOpt = Annotated[Optional[str], typer.Option(
     help="tvm: none, activations (default) or norms: recomputed from int8 codes in backward "
          "instead of kept in fp32")]

@@ -64,10 +64,11 @@ class FracConfig:
             linear sites on the ``tvm`` backend is an integer GEMM too (with per-channel scales it
             runs in fp32, see DESIGN.md section 2); coarser weight grids cost accuracy at low bits.
         rounding_noise: where stochastic rounding of gradients draws its uniform noise:
-            ``"torch"`` (``torch.rand``, the default) or ``"counter"`` (a counter-based hash of each
-            element's index, seeded from torch's generator; the ``tvm`` backend computes it inside
-            its quantize kernel instead of drawing and reading a tensor). Both are seeded by
-            ``torch.manual_seed`` and give the same numbers on every backend.
+            ``"counter"`` (the default: a counter-based hash of each element's index, seeded from
+            torch's generator; the ``tvm`` backend computes it inside its quantize kernel instead
+            of drawing and reading a tensor, and the numbers do not depend on memory layout or
+            device) or ``"torch"`` (``torch.rand``, what the accuracy runs in BENCHMARKS.md used).
+            Both are seeded by ``torch.manual_seed`` and give the same numbers on every backend.
         full_precision: sites kept as the original op: fnmatch patterns of site names, plus the
             selectors ``@first_conv`` and ``@last_linear`` (the paper keeps both in fp32).
         ops: which op kinds become sites (``conv``, ``linear``, ``matmul``).
@@ -105,7 +106,7 @@ class FracConfig:
     g: int = 8
     scheme: str = "sbm"
     weight_scale: str = "channel"
-    rounding_noise: str = "torch"
+    rounding_noise: str = "counter"
     full_precision: tuple[str, ...] = (FIRST_CONV, LAST_LINEAR)
     ops: tuple[str, ...] = OP_KINDS
     backend: str = "reference"

@@ -215,7 +215,8 @@ def test_shared_module_called_twice_is_one_site():
     nn.Conv3d(4, 6, 3, padding=1, groups=2),
     nn.Conv2d(6, 6, 3, padding=1, groups=6),
 ])
-def test_conv_variants_match_reference_semantics(conv):
+@pytest.mark.parametrize("noise", ["counter", "torch"])
+def test_conv_variants_match_reference_semantics(conv, noise):
     """Quantized site == conv(fake-quant x, fake-quant w); dx, dw from the stochastically
     quantized dy (same RNG) — checked against a hand-written reference."""
     from fraccompile.ops.quantizers import (quantize_activation, quantize_gradient,
@@ -234,7 +235,8 @@ def test_conv_variants_match_reference_semantics(conv):
             return self.conv(t)
 
     model = Wrap()
-    fm = fraccompile.compile(copy.deepcopy(model), x.detach(), a=4, w=4, g=6, full_precision=())
+    fm = fraccompile.compile(copy.deepcopy(model), x.detach(), a=4, w=4, g=6, full_precision=(),
+                             rounding_noise=noise)
     y = fm(x)
     dy = torch.randn_like(y)
     torch.manual_seed(3)
@@ -245,7 +247,7 @@ def test_conv_variants_match_reference_semantics(conv):
     wr = quantize_weight(conv.weight.detach(), 4, "sbm").requires_grad_()
     yr = conv._conv_forward(xr, wr, conv.bias)
     torch.manual_seed(3)
-    dyq = quantize_gradient(dy, 6, "sbm")
+    dyq = quantize_gradient(dy, 6, "sbm", noise=noise)
     yr.backward(dyq)
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, xr.grad, rtol=1e-5, atol=1e-5)

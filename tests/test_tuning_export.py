@@ -30,10 +30,10 @@ MODEL_SRC = textwrap.dedent("""
             super().__init__()
             self.stem = nn.Conv2d(3, 16, 3, padding=1)
             self.conv = nn.Conv2d(16, 16, 3, padding=1)
-            # channels-last inputs: implicit-GEMM forward and fused GC packing; 18 channels (not
-            # a multiple of 4): A packed from the codes
+            # channels-last inputs: implicit-GEMM forward and weight gradient; 18 channels (not
+            # a multiple of 4) and a stride: A and B packed from the codes
             self.conv2 = nn.Conv2d(16, 18, 3, padding=1)
-            self.conv3 = nn.Conv2d(18, 16, 3, padding=1)
+            self.conv3 = nn.Conv2d(18, 16, 3, padding=1, stride=2)
             self.proj = nn.Linear(16, 32)
             self.head = nn.Linear(32, 10)
 
@@ -202,9 +202,11 @@ def test_manifest_describes_every_kernel(exported):
     import tvm
     assert info["tvm"] == tvm.__version__
     kinds = {k["kind"] for k in manifest["kernels"]}
-    assert kinds >= {"gemm", "conv", "quantize", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b"}
-    convs = [k for k in manifest["kernels"] if k["kind"] == "conv"]
-    assert {s["role"] for k in convs for s in k["sites"]} == {"fw"}
+    assert kinds >= {"gemm", "conv", "gc", "quantize", "pack_a", "pack_b", "pack_conv_a",
+                     "pack_conv_b"}
+    for kind, role in (("conv", "fw"), ("gc", "gc")):
+        convs = [k for k in manifest["kernels"] if k["kind"] == kind]
+        assert {s["role"] for k in convs for s in k["sites"]} == {role}
     gemms = [k for k in manifest["kernels"] if k["kind"] == "gemm"]
     roles = {s["role"] for k in gemms for s in k["sites"]}
     assert roles == {"fw", "eb", "gc"}  # eb: the matmul's integer backprop

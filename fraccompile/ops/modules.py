@@ -79,7 +79,7 @@ class FracOp(nn.Module):
     def __init__(self, site: str, spec: SiteSpec, *, scheme: str, momentum: float,
                  backend: str | KernelBackend = "reference", weight: nn.Parameter | None = None,
                  bias: nn.Parameter | None = None, weight_scale: str = "channel",
-                 rounding_noise: str = "torch"):
+                 rounding_noise: str = "counter"):
         super().__init__()
         self.site = site
         self.spec = spec
@@ -104,7 +104,7 @@ class FracOp(nn.Module):
 
     def extra_repr(self) -> str:
         scale = "" if self.weight_scale == "channel" else f", weight_scale={self.weight_scale}"
-        if self.rounding_noise != "torch":
+        if self.rounding_noise != "counter":
             scale += f", rounding_noise={self.rounding_noise}"
         if self.epilogue_norm is not None or self.epilogue is not None:
             scale += f", epilogue={self.describe_epilogue()}"
