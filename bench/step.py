@@ -23,9 +23,9 @@ tensor`` compiles the reference and tvm rows with ``FracConfig(weight_scale="ten
 weight range per tensor: the tvm backend's linear error backprop becomes an integer GEMM), and
 ``--rounding-noise torch|counter`` sets ``FracConfig.rounding_noise`` (default ``counter``, the
 library's: stochastic rounding's noise from a counter-based hash, which the tvm backend computes
-inside its quantize kernel; ``torch`` draws ``torch.rand``). ``--recompute none|activations|norms`` sets
-``FracConfig.recompute`` (what the tvm backend's backward recomputes from int8 codes instead of
-keeping fp32; default ``activations``).
+inside its quantize kernel; ``torch`` draws ``torch.rand``). ``--recompute
+none|activations|norms`` sets ``FracConfig.recompute`` (what the tvm backend's backward
+recomputes from int8 codes instead of keeping fp32; default ``activations``).
 """
 
 from __future__ import annotations

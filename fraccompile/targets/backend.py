@@ -180,7 +180,9 @@ class TVMBackend(ReferenceBackend):
 
     def scratch(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """A buffer of ``shape`` for a temporary that one GEMM call consumes: its packed A
-        (``slot`` ``"a"``), packed B (``"b"``) or int32 product before the epilogue (``"c"``).
+        (``slot`` ``"a"``), packed B (``"b"``), int32 product before the epilogue (``"c"``), padded
+        input codes of an implicit-GEMM conv (``"x"``) or dequantized error of an fp32 EB
+        (``"eb"``).
         Each slot keeps the largest buffer asked for, per thread: a fresh tensor of many MB is
         mapped by the allocator and zeroed by page faults on first touch, every step (the conv
         A pack of ResNet-20 took 16.4 ms per step in fresh buffers, 12.6 ms in reused ones,
@@ -191,6 +193,15 @@ class TVMBackend(ReferenceBackend):
         if buf is None or buf.numel() < nbytes:
             buf = store[slot] = torch.empty(nbytes, dtype=torch.uint8)
         return buf[:nbytes].view(dtype).view(shape)
+
+    def _scratch_like(self, slot: str, t: torch.Tensor) -> torch.Tensor:
+        """An fp32 :meth:`scratch` buffer shaped and laid out as ``t`` (a fresh one on the GPU
+        or for a layout that is neither contiguous nor channels-last)."""
+        perm = _dense_perm(t)
+        if perm is None or self.on_gpu(t):
+            return torch.empty_like(t, dtype=torch.float32)
+        buf = self.scratch(slot, [t.shape[p] for p in perm], torch.float32)
+        return buf.permute(*[perm.index(i) for i in range(len(perm))])
 
     def quantize_kernel(self, x: torch.Tensor):
         """The ``kernel`` argument of :func:`_to_codes` for ``x``: the fused CPU quantizer, or
@@ -300,22 +311,27 @@ class TVMBackend(ReferenceBackend):
         self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), scale, bias, out)
         return out
 
+    @property
+    def _vnni(self) -> bool:
+        """Whether the kernel provider builds for AVX-512 VNNI (the implicit-GEMM convs' ISA)."""
+        host = getattr(self.kernels, "host", None)
+        return host is not None and host.isa == "avx512-vnni"
+
     def _conv_implicit(self, spec: SiteSpec, xq: IntCodes, xl: torch.Tensor, wr: torch.Tensor,
                        w_shape, out_sp, scale, bias, rows: torch.Tensor) -> bool:
         """The forward of a 2-D conv as an implicit GEMM (:mod:`.conv`) into ``rows (N·OH·OW,
         OC)``: the codes ``xl (N, H, W, C)`` padded and sign-flipped once, no patch matrix. False
         (nothing done) where it does not apply: no VNNI, ``C`` not a multiple of 4, or no register
         block dividing the output width."""
+        if not self._vnni:
+            return False
+        shape = conv.forward_shape(xl.shape, w_shape, spec.stride, spec.gemm_padding(w_shape),
+                                   spec.dilation, out_sp, MAX_K)
+        if shape is None:
+            return False
         N, H, W, Cin = xl.shape
         OC, K = wr.shape[1:]
-        blk = conv.block(out_sp[1], OC)
-        if getattr(self.kernels, "host", None) is None or self.kernels.host.isa != "avx512-vnni" \
-                or Cin % 4 or blk is None or K > MAX_K:
-            return False
         (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
-        mb, nb = blk
-        shape = conv.ConvShape(N, H + 2 * ph, W + 2 * pw, Cin, *w_shape[2:], *spec.stride,
-                               *spec.dilation, *out_sp, -(-OC // (16 * nb)) * 16 * nb, mb, nb)
         X = self.scratch("x", (N, shape.hp, shape.wp, Cin), torch.uint8)
         for border in (X[:, :ph], X[:, ph + H:], X[:, ph:ph + H, :pw], X[:, ph:ph + H, pw + W:]):
             border.fill_(flip)  # a tap outside the image reads code 0, flipped
@@ -335,21 +351,19 @@ class TVMBackend(ReferenceBackend):
 
     def _gc_implicit(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, xl: torch.Tensor, w_shape,
                      scale) -> torch.Tensor | None:
-        """The weight gradient of a stride-1 2-D conv as an implicit GEMM (:func:`.conv.gc_definition`):
-        the codes ``xl (N, H, W, C)`` as padded, sign-flipped planes, ``dy`` packed as B, no patch
+        """The weight gradient of a stride-1 2-D conv as an implicit GEMM
+        (:func:`.conv.gc_definition`): the codes ``xl (N, H, W, C)`` as padded, sign-flipped planes, ``dy`` packed as B, no patch
         matrix; the reduction over positions runs in batch chunks that keep the int32 sums exact.
         None where it does not apply (no VNNI, a stride, an output width not a multiple of 4, or
         one image's positions over the exact-sum limit)."""
-        N, H, W, Cin = xl.shape
-        OC = w_shape[0]
         OH, OW = dyq.codes.shape[2:]
-        per = OH * OW
-        if getattr(self.kernels, "host", None) is None or self.kernels.host.isa != "avx512-vnni" \
-                or tuple(spec.stride) != (1, 1) or OW % 4 or per > MAX_K:
+        shapes = conv.gc_shapes(xl.shape, w_shape, spec.stride, spec.gemm_padding(w_shape),
+                                spec.dilation, (OH, OW), MAX_K) if self._vnni else None
+        if shapes is None:
             return None
+        N, H, W, Cin = xl.shape
+        OC, per, ocp = w_shape[0], OH * OW, shapes[0].ocp
         (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
-        mb, nb = conv.gc_block(Cin, OC)
-        ocp = -(-OC // (16 * nb)) * 16 * nb
         XT = self.scratch("x", (N, Cin, H + 2 * ph, W + 2 * pw), torch.uint8)
         for border in (XT[:, :, :ph], XT[:, :, ph + H:], XT[:, :, ph:ph + H, :pw],
                        XT[:, :, ph:ph + H, pw + W:]):
@@ -357,20 +371,18 @@ class TVMBackend(ReferenceBackend):
         torch.bitwise_xor(xl.view(torch.uint8).permute(0, 3, 1, 2), flip,
                           out=XT[:, :, ph:ph + H, pw:pw + W])
         dy = dyq.codes.permute(0, 2, 3, 1).reshape(N * per, OC)    # (positions, OC)
-        chunk = min(N, MAX_K // per)
-        total = None
-        for b0 in range(0, N, chunk):
-            nc = min(chunk, N - b0)
+        total, b0 = None, 0
+        for shape in shapes:  # batch chunks
+            nc = shape.n
             _, pack_b = self._b_packer(dy[b0 * per:(b0 + nc) * per].t().unsqueeze(0))
             Bp = pack_b(0, nc * per, ocp, nc * per)
-            shape = conv.GcShape(nc, Cin, *XT.shape[2:], *w_shape[2:], *spec.dilation, OH, OW,
-                                 ocp, mb, nb)
             ref = KernelRef("gc", shape.args)
             if self.recorder is not None:
                 self.recorder.kernel(ref, self.where)
             C = self.scratch("c", (*w_shape[2:], Cin, ocp), torch.int32)
             self.kernel(ref)(XT[b0:b0 + nc], Bp[0], C)
             total = C.long() if total is None else total.add_(C)
+            b0 += nc
         # A was shifted by +flip: subtract flip·(the sum of dy over positions) per output channel
         total = total[..., :OC] - flip * dy.sum(0, dtype=torch.int64)
         dw = (total.float() * scale).permute(3, 0, 1, 2).contiguous()  # (OC, kh, kw, C)
@@ -455,7 +467,9 @@ class TVMBackend(ReferenceBackend):
                                dyq.scale * wq.scale)
             return dx.reshape(*x_shape)
         # per-channel weight scales sit on the reduction axis: fp32 on the reference's operands
-        dy, w = dyq.dequantize(), wq.dequantize()
+        # (dy's in a scratch buffer: the fp32 op consumes it)
+        dy = torch.mul(dyq.codes, dyq.scale, out=self._scratch_like("eb", dyq.codes))
+        w = wq.dequantize()
         if spec.kind == "linear":
             return dy.matmul(w)
         n = spec.conv_dims

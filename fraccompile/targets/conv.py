@@ -1,5 +1,8 @@
-"""The forward of a 2-D conv as an implicit GEMM: the VNNI GEMM of :mod:`.gemm` reading its A
-operand straight from the padded channels-last activation codes, with no im2col matrix.
+"""2-D convs as implicit GEMMs: the VNNI GEMM of :mod:`.gemm` reading the activation codes where
+they are, with no im2col matrix. The forward (:func:`definition`) is below; the weight gradient of
+stride-1 convs (:func:`gc_definition`) reads the codes as padded planes instead.
+
+Forward:
 
 ``C[b, y, x, o] = sum_{i, j, c} X[b, y·sh + i·dh, x·sw + j·dw, c] · B[o, (i, j, c)]`` with ``X``
 u8 ``(N, Hp, Wp, C)`` (the codes, sign-flipped and padded by the caller), ``B`` the conv weights
@@ -14,7 +17,8 @@ intrinsic. Four consecutive channels of one tap at one position are 4 contiguous
 which is what the intrinsic broadcasts, so the patches never exist in memory: a stage-1 ResNet-20
 conv reads 2.3 MB of codes instead of writing and reading an 18.9 MB patch matrix. The (batch,
 output row, channel block) loop is parallel. Needs ``C % 4 == 0`` and ``mb`` dividing ``OW`` (the
-backend takes the packed-A path otherwise) and an AVX-512 VNNI host.
+backend takes the packed-A path otherwise) and an AVX-512 VNNI host. Alone, on 2 cores: 0.65 ms
+(937 GOPS) for a stage-1 ResNet-20 conv at batch 128; its weight gradient 0.44 ms (1371 GOPS).
 """
 
 from __future__ import annotations
@@ -68,6 +72,21 @@ def block(ow: int, oc: int) -> tuple[int, int] | None:
     nb = next(b for b in (4, 3, 2, 1) if n16 % b == 0)
     mb = next((m for m in range(min(16, MAX_ACCUMULATORS // nb), 1, -1) if ow % m == 0), None)
     return None if mb is None else (mb, nb)
+
+
+def forward_shape(x_shape, w_shape, stride, padding, dilation, out_sp,
+                  max_k: int) -> ConvShape | None:
+    """The implicit-GEMM forward of a 2-D conv on channels-last codes ``x_shape (N, H, W, C)``,
+    or None where it does not apply: ``C`` not a multiple of 4, no register block dividing the
+    output width, or a reduction over ``max_k`` (the exact-sum limit)."""
+    n, h, w, c = x_shape
+    oc, k = w_shape[0], c * w_shape[2] * w_shape[3]
+    blk = block(out_sp[1], oc)
+    if c % 4 or blk is None or k > max_k:
+        return None
+    (ph, pw), (mb, nb) = padding, blk
+    return ConvShape(n, h + 2 * ph, w + 2 * pw, c, *w_shape[2:], *stride, *dilation, *out_sp,
+                     -(-oc // (16 * nb)) * 16 * nb, mb, nb)
 
 
 def definition(s: ConvShape):
@@ -146,12 +165,30 @@ def gc_block(c: int, oc: int) -> tuple[int, int]:
     return next(m for m in range(min(16, MAX_ACCUMULATORS // nb), 0, -1) if c % m == 0), nb
 
 
+def gc_shapes(x_shape, w_shape, stride, padding, dilation, out_sp,
+              max_k: int) -> list[GcShape] | None:
+    """The implicit-GEMM weight gradient of a 2-D conv on channels-last codes ``x_shape (N, H,
+    W, C)``: one :class:`GcShape` per batch chunk, each chunk's positions within ``max_k`` (the
+    exact-sum limit); None where it does not apply (a stride, an output width not a multiple of
+    4, or one image's positions over ``max_k``)."""
+    n, h, w, c = x_shape
+    per = out_sp[0] * out_sp[1]
+    if tuple(stride) != (1, 1) or out_sp[1] % 4 or per > max_k:
+        return None
+    (ph, pw), oc = padding, w_shape[0]
+    mb, nb = gc_block(c, oc)
+    ocp = -(-oc // (16 * nb)) * 16 * nb
+    chunk = min(n, max_k // per)
+    return [GcShape(min(chunk, n - b0), c, h + 2 * ph, w + 2 * pw, *w_shape[2:], *dilation,
+                    *out_sp, ocp, mb, nb) for b0 in range(0, n, chunk)]
+
+
 def gc_definition(s: GcShape):
     """``C[i, j, c, o] = sum_{b, y, x} XT[b, c, y + i·dh, x + j·dw] · DY[b, y, x, o]``: ``XT`` u8
-    the input codes as padded planes (sign-flipped, NCHW so that a batch range is one block), ``DY`` the output-gradient codes as the
-    GEMM's packed s8 B over (output channel, position): ``(OCp/16, N·OH·OW/4, 16, 4)``. Four
-    consecutive output positions of a row read 4 contiguous bytes of a plane (stride 1), the word
-    the VNNI intrinsic broadcasts."""
+    the input codes as padded planes (sign-flipped; NCHW, so that a batch range is one block),
+    ``DY`` the output-gradient codes as the GEMM's packed s8 B over (output channel, position):
+    ``(OCp/16, N·OH·OW/4, 16, 4)``. Four consecutive output positions of a row read 4 contiguous
+    bytes of a plane (stride 1), the word the VNNI intrinsic broadcasts."""
     XT = te.placeholder((s.n, s.c, s.hp, s.wp), "uint8", name="XT")
     B = te.placeholder((s.ocp // 16, s.n * s.oh * s.ow // 4, 16, 4), "int8", name="B")
     rb = te.reduce_axis((0, s.n), name="rb")

@@ -24,7 +24,8 @@ from . import conv, gemm, pack, quantize
 from .cache import KernelCache
 from .host import HostTarget, detect
 
-KINDS = ("gemm", "conv", "gc", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b")
+KINDS = ("gemm", "conv", "gc", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_a",
+         "pack_conv_b")
 KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py")
 
 

@@ -267,8 +267,8 @@ def _conv_a_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, mp, k
     def tap(x, flip, out, m, i, j, b, y, z):
         if y >= 0 and y < h and z >= 0 and z < w:
             for ch in T.vectorized(c):
-                out[m * kp + (i * kw + j) * c + ch] = T.bitwise_xor(x[((b * h + y) * w + z) * c + ch],
-                                                                    flip[0])
+                out[m * kp + (i * kw + j) * c + ch] = T.bitwise_xor(
+                    x[((b * h + y) * w + z) * c + ch], flip[0])
         else:
             for ch in T.vectorized(c):
                 out[m * kp + (i * kw + j) * c + ch] = flip[0]
