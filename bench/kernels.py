@@ -15,11 +15,14 @@ GC       G, M=OC/G, N=C/G·kh·kw, K=N·P  (dw = dyᵀ·x)  (1, out, in, R) / (B
 Columns, each total ops (2·G·M·N·K per GEMM, summed over the model's sites) over the total of
 the per-GEMM median times:
 
-* kernel: the TVM kernel alone on operands already padded and packed;
+* kernel: the TVM kernel alone on operands already padded and packed: for an ungrouped 2-D conv's
+  FW and (stride 1) GC the implicit-GEMM conv kernels the backend runs (``targets/conv.py``; the
+  ops counted are still the GEMM's), else the GEMM;
 * kernel+packing: ``TVMBackend.gemm`` on int8/uint8 codes in the layout the backend passes them
-  (sign shift, padding, packing of B, sign corrections); for a 2-D conv's GC, the backend's ``gc``
-  on channels-last codes (patches packed straight from the activations); for the fp32 EB rows,
-  the backend's EB (dequantize + the fp32 op);
+  (sign shift, padding, packing of B, sign corrections); for an ungrouped 2-D conv's FW and GC,
+  the backend's ``fw`` / ``gc`` on channels-last codes (implicit GEMM, or patches packed straight
+  from the activations; FW with its dequantize epilogue); for the fp32 EB rows, the backend's EB
+  (dequantize + the fp32 op);
 * torch fp32: what fp32 training runs for the role (conv: ``F.conv2d`` / ``convolution_backward``
   on the original conv shapes; linear and matmul: ``torch.matmul`` of the GEMM);
 * int_mm: ``torch._int_mm`` (int8 x int8 -> int32, oneDNN) on pre-padded 2-D operands
@@ -43,7 +46,9 @@ from dataclasses import dataclass
 from fraccompile.targets import gemm as tgemm  # isort: skip
 from fraccompile.targets.backend import MAX_K, IntCodes, TVMBackend  # isort: skip
 from fraccompile.targets.cache import KernelCache, cache_dir  # isort: skip
+from fraccompile.targets import conv as tconv  # isort: skip
 from fraccompile.targets import threads  # isort: skip
+from fraccompile.targets.kernels import KernelRef  # isort: skip
 
 import torch
 import torch.nn.functional as F
@@ -182,9 +187,41 @@ def chunks(K: int) -> list[int]:
     return [min(MAX_K, K - k0) for k0 in range(0, K, MAX_K)]
 
 
-def kernel_fn(g: Gemm, cache: KernelCache):
-    """(a) the TVM kernel(s) alone on padded, packed operands."""
+def implicit_shapes(g: Gemm, backend: TVMBackend) -> list | None:
+    """The implicit-GEMM conv kernel shapes (:mod:`fraccompile.targets.conv`) the backend runs for
+    a 2-D conv role on channels-last codes, else None (it runs the GEMM of ``g``)."""
+    if g.kind != "conv" or g.G != 1 or len(g.conv[2]) != 2 or not backend._vnni:
+        return None
+    x_shape, w_shape, stride, padding, dilation, _ = g.conv
+    xl_shape = (x_shape[0], *x_shape[2:], x_shape[1])
+    out_sp = conv_out_shape(g.conv)[2:]
+    if g.role == "FW":
+        s = tconv.forward_shape(xl_shape, w_shape, stride, padding, dilation, out_sp, MAX_K)
+        return None if s is None else [s]
+    if g.role == "GC":
+        return tconv.gc_shapes(xl_shape, w_shape, stride, padding, dilation, out_sp, MAX_K)
+    return None
+
+
+def kernel_fn(g: Gemm, cache: KernelCache, backend: TVMBackend):
+    """(a) the TVM kernel(s) alone on padded, packed operands: the implicit-GEMM conv kernels
+    where the backend runs them, else the GEMM."""
     calls = []
+    shapes = implicit_shapes(g, backend)
+    if shapes is not None:
+        for s in shapes:
+            if isinstance(s, tconv.ConvShape):
+                ref = KernelRef("conv", s.args)
+                X = codes((s.n, s.hp, s.wp, s.c), False)
+                B = codes((s.ocp // 16, s.kh * s.kw * s.c // 4, 16, 4), True)
+                C = torch.empty((s.n, s.oh, s.ow, s.ocp), dtype=torch.int32)
+            else:
+                ref = KernelRef("gc", s.args)
+                X = codes((s.n, s.c, s.hp, s.wp), False)
+                B = codes((s.ocp // 16, s.n * s.oh * s.ow // 4, 16, 4), True)
+                C = torch.empty((s.kh, s.kw, s.c, s.ocp), dtype=torch.int32)
+            calls.append((backend.kernel(ref), X, B, C))
+        return lambda: [fn(X, B, C) for fn, X, B, C in calls]
     for k in chunks(g.K):
         shape = tgemm.padded(g.G, g.M, g.N, k)
         A = codes((g.G, shape.m, shape.k), False)
@@ -204,8 +241,8 @@ def backend_fn(g: Gemm, backend: TVMBackend):
     fp32 EB the backend's ``eb`` (dequantize + fp32 op)."""
     if g.role == "EB fp32":
         return backend_eb_fp32(g, backend)
-    if g.role == "GC" and g.kind == "conv" and g.G == 1 and len(g.conv[2]) == 2:
-        return backend_conv_gc(g, backend)
+    if g.role in ("FW", "GC") and g.kind == "conv" and g.G == 1 and len(g.conv[2]) == 2:
+        return backend_conv(g, backend)
     if g.a_layout == "mk":
         a = codes((g.G, g.M, g.K), g.a_signed)
     elif g.a_layout == "km":
@@ -219,15 +256,20 @@ def backend_fn(g: Gemm, backend: TVMBackend):
     return lambda: backend.gemm(a, b)
 
 
-def backend_conv_gc(g: Gemm, backend: TVMBackend):
-    """A 2-D conv's weight gradient as the backend runs it: patches packed straight from the
-    channels-last activation codes by a TVM kernel (no im2col), then the GEMM."""
+def backend_conv(g: Gemm, backend: TVMBackend):
+    """A 2-D conv's forward or weight gradient as the backend runs it on channels-last codes: an
+    implicit GEMM, or the patches packed straight from the codes by a TVM kernel (no im2col)
+    and the GEMM; the forward includes its dequantize epilogue."""
     x_shape, w_shape, stride, padding, dilation, groups = g.conv
     spec = SiteSpec.conv(2, stride, padding, dilation, groups)
     y_shape = conv_out_shape(g.conv)
     cl = torch.channels_last
-    xq = IntCodes(codes(x_shape, g.b_signed).contiguous(memory_format=cl), torch.tensor(0.01),
-                  g.b_signed)
+    x_signed = g.a_signed if g.role == "FW" else g.b_signed
+    xq = IntCodes(codes(x_shape, x_signed).contiguous(memory_format=cl), torch.tensor(0.01),
+                  x_signed)
+    if g.role == "FW":
+        wq = IntCodes(codes(w_shape, True), torch.rand(w_shape[0]) + 0.5, True)
+        return lambda: backend.fw(spec, xq, wq, x_shape, w_shape)
     dyq = IntCodes(codes(y_shape, True).contiguous(memory_format=cl), torch.tensor(0.01), True)
     return lambda: backend.gc(spec, xq, dyq, x_shape, w_shape)
 
@@ -297,7 +339,7 @@ def int_mm_fn(g: Gemm):
 # -- measuring -------------------------------------------------------------------------------------
 def measure(g: Gemm, cache, backend, repeats: int) -> dict[str, float | None]:
     """Median ms of the four columns for one GEMM (None where the column does not apply)."""
-    makers = {"kernel": lambda: kernel_fn(g, cache) if g.role != "EB fp32" else None,
+    makers = {"kernel": lambda: kernel_fn(g, cache, backend) if g.role != "EB fp32" else None,
               "packing": lambda: backend_fn(g, backend),
               "fp32": lambda: fp32_fn(g),
               "int_mm": lambda: int_mm_fn(g)}

@@ -326,9 +326,9 @@ CONVS = [
                                                  if not cl or len(CONVS[i][1]) == 4])
 @pytest.mark.parametrize("signed_input", [False, True])
 def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatch):
-    """Channels-last inputs of ungrouped 2-D convs take the fused paths of the forward (implicit
-    GEMM, or A packed from the codes) and the weight gradient (implicit GEMM, or B packed from the
-    codes), asserted through the kernels the backend asks for."""
+    """Ungrouped 2-D convs take the fused paths of the forward (implicit GEMM, or A packed from
+    the codes) and the weight gradient (implicit GEMM, or B packed from the codes) in either
+    input layout, asserted through the kernels the backend asks for."""
     module, shape = CONVS[idx]
     torch.manual_seed(idx)
     x = torch.randn(*shape)
@@ -338,7 +338,7 @@ def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatc
         x = x.contiguous(memory_format=torch.channels_last)
     kinds = _kinds_asked(monkeypatch)
     _compare(*_module_site(copy.deepcopy(module), x))
-    fused = channels_last and module.groups == 1
+    fused = module.groups == 1 and len(shape) == 4  # NCHW codes are made channels-last first
     # the weight gradient: an implicit GEMM at stride 1 with output widths in fours (its plane
     # reads take 4 positions at a time), else B packed from the codes
     out_w = module(x[:1]).shape[-1]

@@ -437,7 +437,9 @@ class TVMBackend(ReferenceBackend):
         y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]),
                                 device=xq.codes.device)
         rows = y.permute(0, *range(2, 2 + d), 1)                    # (N, O..., OC), contiguous
-        fused = d == 2 and G == 1 and xl.is_contiguous() and not self.on_gpu(xl)
+        fused = d == 2 and G == 1 and not self.on_gpu(xl)
+        if fused:  # the fused paths read channels-last codes: a byte copy when they are not
+            xl = xl.contiguous()
         if fused and self._conv_implicit(spec, xq, xl, wr, w_shape, out_sp, scale, bias, rows):
             return y
         if fused and wr.shape[-1] <= MAX_K_UNSIGNED:  # A packed from x: no im2col copy
@@ -498,7 +500,9 @@ class TVMBackend(ReferenceBackend):
         n = spec.conv_dims
         dyl = dyq.codes.permute(0, *range(2, 2 + n), 1).reshape(-1, G, OC // G)  # (M, G, OCg)
         xl = xq.codes.permute(0, *range(2, 2 + n), 1)
-        fused = n == 2 and G == 1 and xl.is_contiguous() and not self.on_gpu(xl)
+        fused = n == 2 and G == 1 and not self.on_gpu(xl)
+        if fused:  # as in fw: channels-last codes (a byte copy when they are not)
+            xl = xl.contiguous()
         dw = self._gc_implicit(spec, xq, dyq, xl, w_shape, scale) if fused else None
         if dw is not None:
             return dw
