@@ -339,7 +339,8 @@ def test_other_input_shapes_are_refused_naming_the_site(exported, model_file):
     out, _ = exported
     fm, model, _ = _small(model_file, kernels=str(out))
     x = torch.randn(9, 3, 8, 8)  # exported for batch 4
-    with pytest.raises(KernelLibraryError, match=r"no kernel for the GEMM problem .*site 'conv'"):
+    with pytest.raises(KernelLibraryError,
+                       match=r"no kernel for the implicit-GEMM conv forward conv_9_.*site 'conv'"):
         fm(x)
     ok, _, _ = _small(model_file, kernels=str(out), kernels_fallback=True)
     y = ok(x)
@@ -507,7 +508,7 @@ def test_train_command_on_exported_kernels(model_file, tmp_path):
     assert (tmp_path / "run" / "log.jsonl").exists()
     bad = runner.invoke(app, common + ["--batch-size", "8", "--out", str(tmp_path / "run2")])
     assert bad.exit_code == 2
-    assert "no kernel for the GEMM problem" in bad.output
+    assert "no kernel for the implicit-GEMM conv forward" in bad.output
 
 
 def test_cuda_only_export_refuses_cpu_tensors(exported_both, model_file, tmp_path):

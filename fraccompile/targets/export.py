@@ -432,10 +432,14 @@ class ExportedKernels:
             fn = self.module.get_function(ref.name, query_imports=True)
         else:
             if self.manifest is not None and not self.fallback:
-                raise self._missing(f"kernel {ref.name}", where)
+                raise self._missing(f"{_KIND_NAMES.get(ref.kind, 'kernel')} {ref.name}", where)
             fn = self._jit.get(ref)
         self._fns[ref.name] = fn
         return fn
+
+
+_KIND_NAMES = {"conv": "the implicit-GEMM conv forward",
+               "gc": "the implicit-GEMM conv weight gradient"}
 
 
 def _has(module, name: str) -> bool:
