@@ -9,6 +9,7 @@ the Transformer (d_model 512) at batch 32 x 64 tokens.
 
     python bench/step_breakdown.py [--repeats 3] [--model resnet20|transformer]
         [--weight-scale channel|tensor] [--rounding-noise counter|torch]
+        [--recompute activations|none|norms]
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ def main() -> None:
     parser.add_argument("--model", choices=("resnet20", "transformer"), default="resnet20")
     parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel")
     parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="counter")
+    parser.add_argument("--recompute", choices=("none", "activations", "norms"),
+                        default="activations")
     args = parser.parse_args()
     header(f"TVM backend: where a {args.model} training step goes")
     print(f"FracConfig(a=8, w=8, g=8, scheme='symmetric', weight_scale={args.weight_scale!r}, "
-          f"rounding_noise={args.rounding_noise!r})")
+          f"rounding_noise={args.rounding_noise!r}, recompute={args.recompute!r})")
     print(f"kernels' parallel loops on {threads.pool()} (FRACCOMPILE_THREADS=tvm: TVM's pool)")
     total: dict[str, float] = collections.defaultdict(float)
     depth: dict[str, int] = collections.defaultdict(int)
@@ -87,7 +90,7 @@ def main() -> None:
         x, y = tokens[:, :-1], tokens[:, 1:]
     cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric", backend="tvm",
                                  weight_scale=args.weight_scale,
-                                 rounding_noise=args.rounding_noise)
+                                 rounding_noise=args.rounding_noise, recompute=args.recompute)
     fm = fraccompile.compile(model, x, config=cfg)
 
     def loss_of(out):
