@@ -722,6 +722,28 @@ def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norm
     assert saved0 - saved >= 8 * 16 * 10 * 10 * 4 * len(fused_norms) * 3 / 4
 
 
+@pytest.mark.parametrize("model,slow_calls", [(_BNBlock(), 0), (_NormNoAffine(), 1)])
+def test_fused_batchnorm_backward_uses_saved_statistics(model, slow_calls, monkeypatch):
+    """A fused BatchNorm followed by nothing or a ReLU keeps its batch statistics and the ReLU's
+    1-byte mask, and backward calls ``native_batch_norm_backward`` on the recomputed GEMM output;
+    other activations (GELU) recompute the norm under autograd (bit identity: the test above)."""
+    from fraccompile.targets import backend as B
+
+    calls, slow = [], B._norm_backward
+
+    def counting(*args):
+        calls.append(1)
+        return slow(*args)
+
+    monkeypatch.setattr(B, "_norm_backward", counting)
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 10, 10)
+    fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(
+        scheme="symmetric", backend="tvm", full_precision=(), recompute="norms"))
+    F.cross_entropy(fm(x), torch.arange(8) % 10).backward()
+    assert len(calls) == slow_calls
+
+
 def test_epilogue_fusion_needs_the_tvm_backend_and_follows_torch_export():
     torch.manual_seed(0)
     x = torch.randn(5, 33)
