@@ -46,7 +46,7 @@ def main() -> None:
     header(f"TVM backend: where a {args.model} training step goes")
     print(f"FracConfig(a=8, w=8, g=8, scheme='symmetric', weight_scale={args.weight_scale!r}, "
           f"rounding_noise={args.rounding_noise!r}, recompute={args.recompute!r})")
-    print(f"kernels' parallel loops on {threads.pool()} (FRACCOMPILE_THREADS=tvm: TVM's pool)")
+    print(f"kernels' parallel loops on {threads.pool()}")
     total: dict[str, float] = collections.defaultdict(float)
     depth: dict[str, int] = collections.defaultdict(int)
 
