@@ -17,8 +17,9 @@ intrinsic. Four consecutive channels of one tap at one position are 4 contiguous
 which is what the intrinsic broadcasts, so the patches never exist in memory: a stage-1 ResNet-20
 conv reads 2.3 MB of codes instead of writing and reading an 18.9 MB patch matrix. The (batch,
 output row, channel block) loop is parallel. Needs ``C % 4 == 0`` and ``mb`` dividing ``OW`` (the
-backend takes the packed-A path otherwise) and an AVX-512 VNNI host. Alone, on 2 cores: 0.65 ms
-(937 GOPS) for a stage-1 ResNet-20 conv at batch 128; its weight gradient 0.44 ms (1371 GOPS).
+backend takes the packed-A path otherwise) and an AVX-512 VNNI host. ``bench/kernels.py`` times
+these kernels on ResNet-20's convs (BENCHMARKS.md: about 1500 GOPS on 2 cores, forward and weight
+gradient alike, where ``torch._int_mm`` on the im2col GEMMs gets 540-790).
 """
 
 from __future__ import annotations
@@ -28,13 +29,26 @@ from dataclasses import dataclass
 import tvm.s_tir as s_tir
 from tvm import te
 
-from . import intrin
+from .gemm import vnni_block
 
 MAX_ACCUMULATORS = 24  # of the 32 zmm registers, as the GEMM's 6x4 block
 
 
+class _Args:
+    @property
+    def args(self) -> tuple:
+        """The fields in order: a :class:`~fraccompile.targets.kernels.KernelRef`'s arguments."""
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
+
+
+def _channel_vectors(oc: int) -> int:
+    """``nb``: up to 4 vectors of 16 output channels, dividing the padded channels."""
+    n16 = -(-oc // 16)
+    return next(b for b in (4, 3, 2, 1) if n16 % b == 0)
+
+
 @dataclass(frozen=True)
-class ConvShape:
+class ConvShape(_Args):
     """A conv forward problem: the padded input ``(n, hp, wp, c)``, the kernel, strides and
     dilations, the output size and the output channels padded to ``16·nb``; ``mb`` × ``nb`` is the
     register block."""
@@ -59,17 +73,12 @@ class ConvShape:
         if self.c % 4 or self.ow % self.mb or self.ocp % (16 * self.nb):
             raise ValueError(f"bad conv shape {self}")
 
-    @property
-    def args(self) -> tuple:
-        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
-
 
 def block(ow: int, oc: int) -> tuple[int, int] | None:
     """``(mb, nb)`` for ``ow`` output columns and ``oc`` output channels: ``nb`` up to 4 vectors
     dividing the padded channels, ``mb`` the largest divisor of ``ow`` up to 16 that keeps
     ``mb·nb`` accumulators in registers; None when only 1 would (a scalar row loop)."""
-    n16 = -(-oc // 16)
-    nb = next(b for b in (4, 3, 2, 1) if n16 % b == 0)
+    nb = _channel_vectors(oc)
     mb = next((m for m in range(min(16, MAX_ACCUMULATORS // nb), 1, -1) if ow % m == 0), None)
     return None if mb is None else (mb, nb)
 
@@ -116,20 +125,12 @@ def schedule(*args) -> s_tir.Schedule:
     oo, on, ol = sch.split(o, [None, s.nb, 16])
     rco, rci = sch.split(rc, [None, 4])
     sch.reorder(b, y, oo, xo, ri, rj, rco, xi, on, ol, rci)
-    inner = sch.blockize(ol)
-    acc = sch.cache_write(inner, 0, "global")
-    sch.reverse_compute_at(acc, xo)
-    sch.parallel(sch.fuse(b, y, oo))
-    sch.decompose_reduction(inner, ri)
-    sch.tensorize(inner, intrin.register())
-    sch.unroll(on)
-    sch.unroll(xi)
-    sch.vectorize(sch.get_loops(acc)[-1])
+    vnni_block(sch, ol, xo, (b, y, oo), ri, (on, xi))
     return sch
 
 
 @dataclass(frozen=True)
-class GcShape:
+class GcShape(_Args):
     """A stride-1 conv's weight gradient as an implicit GEMM: the padded input planes
     ``(n, c, hp, wp)``, the kernel and dilations, the output size (``ow % 4 == 0``), the output
     channels padded to ``16·nb``; ``mb`` (input channels) × ``nb`` is the register block."""
@@ -152,16 +153,11 @@ class GcShape:
         if self.ow % 4 or self.c % self.mb or self.ocp % (16 * self.nb):
             raise ValueError(f"bad weight-gradient shape {self}")
 
-    @property
-    def args(self) -> tuple:
-        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
-
 
 def gc_block(c: int, oc: int) -> tuple[int, int]:
     """``(mb, nb)`` for the weight gradient: ``nb`` as :func:`block`, ``mb`` the largest divisor of
     the input channels ``c`` that keeps ``mb·nb`` accumulators in registers."""
-    n16 = -(-oc // 16)
-    nb = next(b for b in (4, 3, 2, 1) if n16 % b == 0)
+    nb = _channel_vectors(oc)
     return next(m for m in range(min(16, MAX_ACCUMULATORS // nb), 0, -1) if c % m == 0), nb
 
 
@@ -217,13 +213,5 @@ def gc_schedule(*args) -> s_tir.Schedule:
     oo, on, ol = sch.split(o, [None, s.nb, 16])
     rxo, rxi = sch.split(rx, [None, 4])
     sch.reorder(i, j, co, oo, rb, ry, rxo, ci, on, ol, rxi)
-    inner = sch.blockize(ol)
-    acc = sch.cache_write(inner, 0, "global")
-    sch.reverse_compute_at(acc, oo)
-    sch.parallel(sch.fuse(i, j, co, oo))
-    sch.decompose_reduction(inner, rb)
-    sch.tensorize(inner, intrin.register())
-    sch.unroll(on)
-    sch.unroll(ci)
-    sch.vectorize(sch.get_loops(acc)[-1])
+    vnni_block(sch, ol, oo, (i, j, co, oo), rb, (on, ci))
     return sch

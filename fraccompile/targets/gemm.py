@@ -107,15 +107,7 @@ def schedule(shape: GemmShape, isa: str) -> s_tir.Schedule:
     ko, kin, ki = sch.split(kk, [None, t.kb // 4, 4])
     sch.reorder(b, jo, io, ko, kin, ii, jn, ji, ki)
     if isa == "avx512-vnni":
-        inner = sch.blockize(ji)
-        acc = sch.cache_write(inner, 0, "global")
-        sch.reverse_compute_at(acc, io)
-        sch.parallel(sch.fuse(b, jo, io))
-        sch.decompose_reduction(inner, ko)
-        sch.tensorize(inner, intrin.register())
-        sch.unroll(jn)
-        sch.unroll(ii)
-        sch.vectorize(sch.get_loops(acc)[-1])
+        vnni_block(sch, ji, io, (b, jo, io), ko, (jn, ii))
     else:  # no integer dot instruction: k outside, LLVM vectorizes the 16 contiguous lanes of n
         sch.reorder(b, jo, io, ko, kin, ki, ii, jn, ji)
         sch.parallel(sch.fuse(b, jo, io))
@@ -123,6 +115,23 @@ def schedule(shape: GemmShape, isa: str) -> s_tir.Schedule:
         sch.unroll(jn)
         sch.unroll(ii)
     return sch
+
+
+def vnni_block(sch: s_tir.Schedule, lanes, acc_at, parallel, reduction, unrolled) -> None:
+    """The register block every VNNI kernel ends in, on loops already split and ordered so that
+    ``lanes`` (16 output lanes) and the 4-element reduction under it are innermost: those two
+    become one ``vpdpbusd`` (:mod:`.intrin`), the accumulators live in registers from the first
+    ``reduction`` loop on and are written back at ``acc_at`` (vectorized), the ``parallel`` loops
+    are fused and run over the cores, the ``unrolled`` ones (the register block) unrolled."""
+    inner = sch.blockize(lanes)
+    acc = sch.cache_write(inner, 0, "global")
+    sch.reverse_compute_at(acc, acc_at)
+    sch.parallel(sch.fuse(*parallel))
+    sch.decompose_reduction(inner, reduction)
+    sch.tensorize(inner, intrin.register())
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(sch.get_loops(acc)[-1])
 
 
 def scheduled(shape: GemmShape, isa: str, name: str = "main"):
