@@ -37,6 +37,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops.backend import ReferenceBackend
 from ..ops.modules import apply_epilogue, epilogue_backward
@@ -354,8 +355,9 @@ class TVMBackend(ReferenceBackend):
     def _gc_implicit(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, xl: torch.Tensor, w_shape,
                      scale) -> torch.Tensor | None:
         """The weight gradient of a stride-1 2-D conv as an implicit GEMM
-        (:func:`.conv.gc_definition`): the codes ``xl (N, H, W, C)`` as padded, sign-flipped planes, ``dy`` packed as B, no patch
-        matrix; the reduction over positions runs in batch chunks that keep the int32 sums exact.
+        (:func:`.conv.gc_definition`): the codes ``xl (N, H, W, C)`` as padded, sign-flipped
+        planes, ``dy`` packed as B, no patch matrix; the reduction over positions runs in batch
+        chunks that keep the int32 sums exact.
         None where it does not apply (no VNNI, a stride, an output width not a multiple of 4, or
         one image's positions over the exact-sum limit)."""
         OH, OW = dyq.codes.shape[2:]
@@ -370,8 +372,8 @@ class TVMBackend(ReferenceBackend):
         for border in (XT[:, :, :ph], XT[:, :, ph + H:], XT[:, :, ph:ph + H, :pw],
                        XT[:, :, ph:ph + H, pw + W:]):
             border.zero_()  # a tap outside the image reads code 0 (flipped below)
-        # the transposing copy, then the flip in place over the dense planes: an XOR straight
-        # into the strided interior went through a temporary (1.1 against 0.4 ms, stage 1)
+        # the transposing copy, then the flip in place over the dense planes (an XOR straight
+        # into the strided interior goes through a temporary and a second copy)
         XT[:, :, ph:ph + H, pw:pw + W].copy_(xl.view(torch.uint8).permute(0, 3, 1, 2))
         if flip:
             XT.bitwise_xor_(flip)
@@ -726,7 +728,6 @@ def _fast_norm(norm, epilogue) -> bool:
     """Whether ``norm`` (+ ``epilogue``) takes the saved-statistics path of :class:`IntSiteGemm`:
     an ``nn.BatchNorm`` whose forward is torch's own, in batch-statistics mode, followed by
     nothing or a ReLU."""
-    from torch.nn.modules.batchnorm import _BatchNorm
     return (isinstance(norm, _BatchNorm) and type(norm).forward is _BatchNorm.forward
             and norm.training and (epilogue is None or epilogue[0] == "relu"))
 

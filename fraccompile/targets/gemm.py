@@ -15,6 +15,7 @@ over ``n`` by LLVM (correct, several times slower).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pathlib
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ def padded(groups: int, m: int, n: int, k: int, tile: Tile | None = None) -> Gem
                      _round_up(k, tile.kb), tile)
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: every cache lookup keys on it
 def source_hash() -> str:
     """Hash of the code that defines the kernels: part of every cache key."""
     h = hashlib.sha256()

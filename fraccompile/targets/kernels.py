@@ -16,6 +16,7 @@ enumerate a model's kernels by running one training step with it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pathlib
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ KINDS = ("gemm", "conv", "gc", "quantize", "dequant", "pack_a", "pack_b", "pack_
 KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py")
 
 
+@functools.lru_cache(maxsize=None)  # read once per process, as gemm.source_hash
 def source_hash() -> str:
     """Hash of the code of every CPU kernel (the GEMMs, packers and quantizers)."""
     h = hashlib.sha256()
