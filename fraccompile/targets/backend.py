@@ -423,7 +423,10 @@ class TVMBackend(ReferenceBackend):
 
     # -- the three roles per op kind ---------------------------------------------------------------
     def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, temporary: bool = False) -> torch.Tensor:
+        """The site's output from the codes. ``temporary``: the caller consumes the result before
+        the next GEMM call (a fused norm's input): a conv writes it into a :meth:`scratch`
+        buffer."""
         scale = xq.scale * wq.scale.reshape(-1)
         if spec.kind == "linear":
             K = x_shape[-1]
@@ -441,8 +444,11 @@ class TVMBackend(ReferenceBackend):
         # reads without a transpose
         d = len(out_sp)
         strides = [math.prod(out_sp) * OC] + [math.prod(out_sp[i + 1:]) * OC for i in range(d)]
-        y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]),
-                                device=xq.codes.device)
+        if temporary and not self.on_gpu(xq.codes):
+            y = self.scratch("y", (n, *out_sp, OC), torch.float32).permute(0, d + 1, *range(1, d + 1))
+        else:
+            y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]),
+                                    device=xq.codes.device)
         rows = y.permute(0, *range(2, 2 + d), 1)                    # (N, O..., OC), contiguous
         fused = d == 2 and G == 1 and not self.on_gpu(xl)
         if fused:  # the fused paths read channels-last codes: a byte copy when they are not
@@ -784,10 +790,11 @@ class IntSiteGemm(Function):
                 gamma=None, beta=None):
         backend.where = (site, "fw")
         shapes = (tuple(x.shape), tuple(w.shape))
-        y = backend.fw(spec, xq, wq, *shapes, bias=bias)
+        fast_norm = norm is not None and _fast_norm(norm, epilogue)
+        y = backend.fw(spec, xq, wq, *shapes, bias=bias, temporary=fast_norm)
         fused = epilogue is not None or norm is not None
         stats = mask = None
-        ctx.fast_norm = norm is not None and _fast_norm(norm, epilogue)
+        ctx.fast_norm = fast_norm
         ctx.signs = (xq.signed, wq.signed)
         ctx.spec, ctx.g_bits, ctx.backend, ctx.site = spec, g_bits, backend, site
         ctx.noise, ctx.epilogue, ctx.norm = noise, epilogue, norm
@@ -818,7 +825,7 @@ class IntSiteGemm(Function):
         dgamma = dbeta = None
         if ctx.fast_norm:  # recompute the GEMM's output; the ops autograd runs for ReLU and the norm
             backend.where = (ctx.site, "fw")
-            y = backend.fw(spec, xq, wq, *ctx.shapes, bias=bias)
+            y = backend.fw(spec, xq, wq, *ctx.shapes, bias=bias, temporary=True)
             if mask is not None:
                 dy = torch.ops.aten.threshold_backward(dy, mask, 0)
             norm = ctx.norm
