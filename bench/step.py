@@ -12,6 +12,8 @@ update. Each (model, mode) runs in a fresh child process (``sys.executable``), w
 
     python bench/step.py [--repeats 5] [--models resnet20,transformer] [--tuning-db DIR]
 
+``--pairs N`` then runs N more fp32/tvm child pairs per model, alternately, and prints the spread
+of the tvm/fp32 ratio (the step times move by ±10% between runs on a shared machine).
 ``--tuning-db DIR`` adds a ``tvm-tuned`` row per model: the TVM backend with the tiles of a
 ``fraccompile tune`` database (``FracConfig(tuning_db=DIR)``). ``--env KEY=VALUE`` (repeatable)
 sets an environment variable in every child, e.g. ``OMP_WAIT_POLICY=PASSIVE`` (torch's OpenMP
@@ -178,6 +180,9 @@ def main() -> None:
                         help="FracConfig.rounding_noise of the compiled rows")
     parser.add_argument("--recompute", choices=("none", "activations", "norms"),
                         default="activations", help="FracConfig.recompute of the compiled rows")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="then N more fp32/tvm child pairs per model, run alternately, for "
+                             "the spread of the tvm/fp32 ratio between runs")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     fields = {"weight_scale": args.weight_scale, "rounding_noise": args.rounding_noise,
@@ -246,6 +251,22 @@ def main() -> None:
               f"MB, and TVM too (as the tvm rows do): {base['import-tvm']:.0f} MB")
     for n in notes:
         print(f"- {n}")
+    if args.pairs:
+        print()
+        print(f"tvm/fp32 step-time ratio over {args.pairs} more fp32, tvm child pairs per model, "
+              "run alternately (each the median of its steps, as above)")
+        spread = []
+        for key in keys:
+            ratios = []
+            for _ in range(args.pairs):
+                fp, tv = (run_child(key, m, args.repeats, env, fields) for m in ("fp32", "tvm"))
+                if "step_ms" in fp and "step_ms" in tv:
+                    ratios.append(tv["step_ms"] / fp["step_ms"])
+            if ratios:
+                spread.append([MODELS[key], " ".join(f"{r:.2f}" for r in ratios),
+                               f"{statistics.median(ratios):.2f}x",
+                               f"{min(ratios):.2f}-{max(ratios):.2f}x"])
+        print_table(["model", "ratios, in run order", "median", "range"], spread)
 
 
 if __name__ == "__main__":
