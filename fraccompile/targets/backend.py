@@ -482,8 +482,9 @@ class TVMBackend(ReferenceBackend):
                                dyq.scale * wq.scale)
             return dx.reshape(*x_shape)
         # per-channel weight scales sit on the reduction axis: fp32 on the reference's operands
-        # (dy's in a scratch buffer: the fp32 op consumes it)
-        dy = torch.mul(dyq.codes, dyq.scale, out=self._scratch_like("eb", dyq.codes))
+        # (dy's in a scratch buffer: the fp32 op consumes it; a copy then an in-place multiply, as
+        # mul(int8, fp32, out=) converts the codes into a fresh fp32 temporary first)
+        dy = self._scratch_like("eb", dyq.codes).copy_(dyq.codes).mul_(dyq.scale)
         w = wq.dequantize()
         if spec.kind == "linear":
             return dy.matmul(w)
