@@ -203,6 +203,10 @@ class FracConfig:
             raise ConfigError(f"unknown FracConfig field(s) {', '.join(unknown)}: "
                               f"valid fields are {', '.join(sorted(known))}")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if "version" in kwargs and "rounding_noise" not in kwargs:
+            # written by to_dict before the field existed, when the noise was always torch.rand:
+            # keep it (a resumed run draws the same numbers); hand-written tables take the default
+            kwargs["rounding_noise"] = "torch"
         return cls(**kwargs)
 
     def to_toml(self) -> str:

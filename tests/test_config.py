@@ -131,6 +131,15 @@ def test_from_dict_validates_values():
         FracConfig.from_dict({"a": 99})
 
 
+def test_saved_config_from_before_rounding_noise_keeps_torch_noise():
+    """A to_dict() written before ``rounding_noise`` existed (it carries ``version``) meant
+    torch.rand noise; a hand-written table without it takes today's default, counter noise."""
+    saved = FracConfig().to_dict()
+    del saved["rounding_noise"]
+    assert FracConfig.from_dict(saved).rounding_noise == "torch"
+    assert FracConfig.from_dict({"a": 4}).rounding_noise == "counter" == FracConfig().rounding_noise
+
+
 def test_from_dict_of_partial_table_uses_defaults():
     assert FracConfig.from_dict({"a": 4}) == FracConfig(a=4)
     assert FracConfig.from_dict({}) == FracConfig()
