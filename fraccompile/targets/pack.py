@@ -191,16 +191,6 @@ def b_kernel(layout: str, parallel: bool = True):
     return _compile(b_schedule(layout, parallel))
 
 
-@functools.lru_cache(maxsize=None)
-def conv_b_kernel(*shape_args):
-    """B of a 2-D conv's weight gradient straight from channels-last activation codes: the im2col
-    patches of output positions ``k0 .. k0+kc`` packed in the 16x4 layout (row N of ones), one
-    pass instead of an im2col copy and a pack (a 131072x144 chunk: ~3 ms against ~30 ms).
-    ``shape_args``: N, H, W, C, kh, kw, stride, padding, dilation (per axis), OH, OW, k0, kc and
-    the packed extents; static, so built once per conv and chunk (~0.3 s)."""
-    return _compile(conv_b_schedule(*shape_args))
-
-
 def a_schedule(layout: str, parallel: bool = True) -> s_tir.Schedule:
     """The A pack as a schedule (its loops are already final), for export; ``parallel=False``:
     every loop on the calling thread (see :data:`fraccompile.targets.backend.PARALLEL_MIN_BYTES`)."""
@@ -244,6 +234,11 @@ def _conv_b_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, k0, k
 
 
 def conv_b_schedule(*shape_args) -> s_tir.Schedule:
+    """B of a 2-D conv's weight gradient straight from channels-last activation codes: the im2col
+    patches of output positions ``k0 .. k0+kc`` packed in the 16x4 layout (row N of ones), one
+    pass instead of an im2col copy and a pack. ``shape_args``: N, H, W, C, kh, kw, stride,
+    padding, dilation (per axis), OH, OW, k0, kc and the packed extents; static, so built once per
+    conv and chunk (and kept in the kernel cache)."""
     sch = s_tir.Schedule(_conv_b_definition(*shape_args))
     g, nb, kb, ni, ki = sch.get_loops(sch.get_sblock("out"))
     sch.reorder(g, kb, nb, ki, ni)
