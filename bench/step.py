@@ -27,7 +27,9 @@ weight range per tensor: the tvm backend's linear error backprop becomes an inte
 library's: stochastic rounding's noise from a counter-based hash, which the tvm backend computes
 inside its quantize kernel; ``torch`` draws ``torch.rand``). ``--recompute
 none|activations|norms`` sets ``FracConfig.recompute`` (what the tvm backend's backward
-recomputes from int8 codes instead of keeping fp32; default ``activations``).
+recomputes from int8 codes instead of keeping fp32; default ``activations``), and
+``--recompute-budget F`` (with ``norms``) ``FracConfig.recompute_budget``: the fraction of the
+BatchNorm inputs that backward keeps instead of recomputing.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def run_child(key: str, mode: str, repeats: int, env: dict | None = None,
     cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode,
            "--repeats", str(repeats)]
     for name, value in (fields or {}).items():
-        cmd += [f"--{name.replace('_', '-')}", value]
+        cmd += [f"--{name.replace('_', '-')}", str(value)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -180,13 +182,15 @@ def main() -> None:
                         help="FracConfig.rounding_noise of the compiled rows")
     parser.add_argument("--recompute", choices=("none", "activations", "norms"),
                         default="activations", help="FracConfig.recompute of the compiled rows")
+    parser.add_argument("--recompute-budget", type=float, default=0.0,
+                        help="FracConfig.recompute_budget of the compiled rows (with norms)")
     parser.add_argument("--pairs", type=int, default=0,
                         help="then N more fp32/tvm child pairs per model, run alternately, for "
                              "the spread of the tvm/fp32 ratio between runs")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     fields = {"weight_scale": args.weight_scale, "rounding_noise": args.rounding_noise,
-              "recompute": args.recompute}
+              "recompute": args.recompute, "recompute_budget": args.recompute_budget}
     if args.child:
         print(json.dumps(child(*args.child, args.repeats, fields)))
         return
@@ -208,7 +212,8 @@ def main() -> None:
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"environment of every child: {' '.join(args.env) or '(as inherited)'}; "
           f"weight_scale {args.weight_scale}, rounding_noise {args.rounding_noise}, "
-          f"recompute {args.recompute}")
+          f"recompute {args.recompute}"
+          + (f", recompute_budget {args.recompute_budget:g}" if args.recompute_budget else ""))
     base = {m: run_child("-", m, 0, env).get("rss_mb") for m in ("import", "import-tvm")}
     rows, notes = [], []
     modes = list(MODES) + ([f"tvm-tuned:{os.path.abspath(args.tuning_db)}"] if args.tuning_db

@@ -9,7 +9,7 @@ the Transformer (d_model 512) at batch 32 x 64 tokens.
 
     python bench/step_breakdown.py [--repeats 3] [--model resnet20|transformer]
         [--weight-scale channel|tensor] [--rounding-noise counter|torch]
-        [--recompute activations|none|norms]
+        [--recompute activations|none|norms] [--recompute-budget F]
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ def main() -> None:
     parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="counter")
     parser.add_argument("--recompute", choices=("none", "activations", "norms"),
                         default="activations")
+    parser.add_argument("--recompute-budget", type=float, default=0.0)
     args = parser.parse_args()
     header(f"TVM backend: where a {args.model} training step goes")
     print(f"FracConfig(a=8, w=8, g=8, scheme='symmetric', weight_scale={args.weight_scale!r}, "
-          f"rounding_noise={args.rounding_noise!r}, recompute={args.recompute!r})")
+          f"rounding_noise={args.rounding_noise!r}, recompute={args.recompute!r}, "
+          f"recompute_budget={args.recompute_budget:g})")
     print(f"kernels' parallel loops on {threads.pool()}")
     total: dict[str, float] = collections.defaultdict(float)
     depth: dict[str, int] = collections.defaultdict(int)
@@ -90,7 +92,8 @@ def main() -> None:
         x, y = tokens[:, :-1], tokens[:, 1:]
     cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric", backend="tvm",
                                  weight_scale=args.weight_scale,
-                                 rounding_noise=args.rounding_noise, recompute=args.recompute)
+                                 rounding_noise=args.rounding_noise, recompute=args.recompute,
+                                 recompute_budget=args.recompute_budget)
     fm = fraccompile.compile(model, x, config=cfg)
 
     def loss_of(out):

@@ -28,6 +28,9 @@ RoundingNoiseOpt = Annotated[Optional[str], typer.Option(
 RecomputeOpt = Annotated[Optional[str], typer.Option(
     help="tvm: none, activations (default) or norms: recomputed from int8 codes in backward "
          "instead of kept in fp32")]
+RecomputeBudgetOpt = Annotated[Optional[float], typer.Option(
+    help="tvm, with --recompute norms: fraction (0..1) of the BatchNorm inputs that backward may "
+         "keep instead of recomputing (those costliest to recompute are kept first)")]
 
 
 def _one_line_errors(fn):
@@ -73,6 +76,7 @@ def transform(
     weight_scale: WeightScaleOpt = None,
     rounding_noise: RoundingNoiseOpt = None,
     recompute: RecomputeOpt = None,
+    recompute_budget: RecomputeBudgetOpt = None,
 ) -> None:
     """Compile a model and write transformed.py, graph.json and report.md."""
     from .api import compile as frac_compile
@@ -84,7 +88,8 @@ def transform(
     if pipeline:
         cfg = cfg.replace(pipeline=pipeline)
     cfg = _override(cfg, backend=backend, scheme=scheme, weight_scale=weight_scale,
-                    rounding_noise=rounding_noise, recompute=recompute)
+                    rounding_noise=rounding_noise, recompute=recompute,
+                    recompute_budget=recompute_budget)
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
     console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
@@ -196,6 +201,7 @@ def train(
     weight_scale: WeightScaleOpt = None,
     rounding_noise: RoundingNoiseOpt = None,
     recompute: RecomputeOpt = None,
+    recompute_budget: RecomputeBudgetOpt = None,
     kernels: Annotated[Optional[Path], typer.Option(help="tvm: kernels written by `export`")] = None,
     tuning_db: Annotated[Optional[Path], typer.Option(help="tvm: a `tune` database")] = None,
     seed: Annotated[int, typer.Option()] = 0,
@@ -217,7 +223,7 @@ def train(
                            beta)
     cfg = _override(_load_config(config, [], None), backend=backend, scheme=scheme,
                     weight_scale=weight_scale, rounding_noise=rounding_noise,
-                    recompute=recompute,
+                    recompute=recompute, recompute_budget=recompute_budget,
                     kernels=str(kernels) if kernels else None,
                     tuning_db=str(tuning_db) if tuning_db else None)
     if schedule in ("dfq", "fractrain"):

@@ -97,6 +97,10 @@ class FracConfig:
             backward), and the other ReLUs save a 1-byte mask instead of their output (free).
             ``"norms"``: also a BatchNorm right after a site (and the activation after it): one
             more forward GEMM and BatchNorm per such site.
+        recompute_budget: with ``recompute="norms"``, the fraction (0..1) of those BatchNorms'
+            fp32 inputs that backward may still keep instead of recomputing them: the norms whose
+            recompute costs the most per byte saved (the longest GEMM reductions) are kept first,
+            while they fit. 0 (default) recomputes every one; 1 none.
         kernels_fallback: with ``kernels``, build what the library lacks or cannot serve (with a
             warning) instead of refusing.
     """
@@ -122,6 +126,7 @@ class FracConfig:
     tuning_db: str = ""
     kernels_fallback: bool = False
     recompute: str = "activations"
+    recompute_budget: float = 0.0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -166,6 +171,15 @@ class FracConfig:
                 raise ConfigError(f"FracConfig.{name} = {value!r} needs backend='tvm' "
                                   f"(backend is {self.backend!r})")
         _check_choice("FracConfig.recompute", self.recompute, RECOMPUTE_LEVELS)
+        budget = self.recompute_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
+                or not 0.0 <= budget <= 1.0:
+            raise ConfigError(f"FracConfig.recompute_budget = {budget!r} is out of range: "
+                              "allowed 0 <= recompute_budget <= 1")
+        if budget and self.recompute != "norms":
+            raise ConfigError(f"FracConfig.recompute_budget = {budget!r} needs recompute='norms' "
+                              f"(recompute is {self.recompute!r})")
+        object.__setattr__(self, "recompute_budget", float(budget))
         if not isinstance(self.kernels_fallback, bool):
             raise ConfigError(f"FracConfig.kernels_fallback = {self.kernels_fallback!r} must be "
                               "true or false")

@@ -146,6 +146,18 @@ def test_transform_shows_the_sites_epilogues(out_root):
     assert res.exit_code == 0, res.output
     assert "BatchNorm2d+relu" in (out_root / "norms" / "report.md").read_text()
     assert "BatchNorm2d+relu" in res.stdout
+    res = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32",
+                 "--backend", "tvm", "--scheme", "symmetric", "--recompute", "norms",
+                 "--recompute-budget", "0.4", "--out", out_root / "budget")
+    assert res.exit_code == 0, res.output
+    graph = json.loads((out_root / "budget" / "graph.json").read_text())
+    assert graph["config"]["recompute_budget"] == 0.4
+    report = (out_root / "budget" / "report.md").read_text()
+    assert "BatchNorm2d not fused (recompute_budget 0.4)" in report
+    assert "not fused" in res.stdout  # the console table folds the cell
+    bad = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32",
+                 "--recompute-budget", "0.4", "--out", out_root / "bad_budget")
+    assert bad.exit_code != 0 and "needs recompute='norms'" in bad.output
 
 
 # -- bad input: one line on stderr -----------------------------------------------------------------

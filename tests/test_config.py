@@ -18,7 +18,7 @@ NON_DEFAULT = FracConfig(a=4, w=6, g=0, scheme="symmetric", full_precision=("lay
                          ops=("conv", "matmul"), backend="tvm", capture="export",
                          leaf_modules=("ValueGate", "blocks.0.attn"), pipeline="default",
                          act_momentum=0.25, weight_scale="tensor", rounding_noise="counter",
-                         recompute="norms")
+                         recompute="norms", recompute_budget=0.4)
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -51,6 +51,20 @@ def test_unknown_choice_raises_naming_field_and_choices(field, value, allowed):
     msg = str(info.value)
     assert repr(value) in msg
     assert all(a in msg for a in allowed), msg
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, True, "0.5", None])
+def test_bad_recompute_budget_raises(value):
+    with pytest.raises(ConfigError, match=r"FracConfig\.recompute_budget") as info:
+        FracConfig(recompute="norms", recompute_budget=value)
+    assert "0 <= recompute_budget <= 1" in str(info.value)
+
+
+def test_recompute_budget_needs_norms():
+    with pytest.raises(ConfigError, match=r"recompute_budget = 0\.5 needs recompute='norms'"):
+        FracConfig(recompute_budget=0.5)
+    assert FracConfig(recompute="norms", recompute_budget=1).recompute_budget == 1.0
+    assert isinstance(FracConfig(recompute="norms", recompute_budget=1).recompute_budget, float)
 
 
 @pytest.mark.parametrize("ops", [("conv", "attention"), ("bmm",), ("Linear",)])

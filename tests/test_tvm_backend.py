@@ -670,6 +670,20 @@ def test_recompute_activations_keeps_relu_masks_not_outputs():
     assert torch.equal(d_ours, d_ref)
 
 
+@pytest.mark.parametrize("x_last,g_last", [(True, False), (False, True), (True, True)])
+def test_masked_relu_gradient_in_either_layout(x_last, g_last):
+    """The mask is converted into the gradient's layout (channels-last or not) before the fp32
+    op: the gradient equals torch's ReLU's in every combination."""
+    from fraccompile.ops.functions import masked_relu
+    fmt = {True: torch.channels_last, False: torch.contiguous_format}
+    torch.manual_seed(0)
+    t = torch.randn(2, 5, 3, 4).contiguous(memory_format=fmt[x_last]).requires_grad_()
+    g = torch.randn(2, 5, 3, 4).contiguous(memory_format=fmt[g_last])
+    (ours,) = torch.autograd.grad(masked_relu(t), t, g)
+    (ref,) = torch.autograd.grad(torch.relu(t), t, g)
+    assert torch.equal(ours, ref)
+
+
 class _NormNoAffine(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -720,6 +734,49 @@ def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norm
     saved = _fused_run(model, x, recompute="norms")[2]
     saved0 = _fused_run(model, x)[2]
     assert saved0 - saved >= 8 * 16 * 10 * 10 * 4 * len(fused_norms) * 3 / 4
+
+
+class _BudgetNet(torch.nn.Module):
+    """Three conv -> BatchNorm -> ReLU sites, fp32 norm inputs per image: c1 1600 elements at a
+    reduction of K = 27, c2 1600 at K = 144, c3 (stride 2) 800 at K = 144."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = C2(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        self.c2, self.b2 = C2(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        self.c3, self.b3 = C2(16, 32, 3, stride=2, padding=1), torch.nn.BatchNorm2d(32)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))
+        h = F.relu(self.b2(self.c2(h)))
+        h = F.relu(self.b3(self.c3(h)))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("budget,kept", [(0.0, set()), (0.1, set()), (0.3, {"c3"}),
+                                         (0.6, {"c2", "c3"}), (1.0, {"c1", "c2", "c3"})])
+def test_recompute_budget_keeps_the_costliest_norms_and_stays_bit_identical(budget, kept):
+    """``recompute_budget``: of the norms' fp32 inputs (4000 elements per image) backward keeps
+    at most that fraction, the longest reductions first (c2 and c3 before c1; at 0.3 c2's 1600
+    do not fit in 1200, c3's 800 do). The kept norms are the unfused graph's, the rest fused:
+    loss and gradients equal recompute="activations" bit for bit, and autograd keeps the kept
+    norms' inputs (4 bytes each) more than with every norm fused."""
+    torch.manual_seed(0)
+    model, x = _BudgetNet(), torch.randn(4, 3, 10, 10)
+    loss, grads, saved, _ = _fused_run(model, x, recompute="norms", recompute_budget=budget)
+    loss0, grads0, _, _ = _fused_run(model, x)
+    assert torch.equal(loss, loss0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
+    fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(
+        scheme="symmetric", backend="tvm", full_precision=(), recompute="norms",
+        recompute_budget=budget))
+    epi = {s.name: s.epilogue for s in fm.sites}
+    assert {n for n, e in epi.items() if "not fused" in e} == kept
+    assert all(epi[n] == "BatchNorm2d+relu" for n in {"c1", "c2", "c3"} - kept)
+    size = {"c1": 1600, "c2": 1600, "c3": 800}
+    assert sum(size[n] for n in kept) <= budget * 4000
+    saved_all = _fused_run(model, x, recompute="norms")[2]
+    assert saved - saved_all >= 4 * 4 * sum(size[n] for n in kept) * 3 / 4
 
 
 @pytest.mark.parametrize("model,slow_calls", [(_BNBlock(), 0), (_NormNoAffine(), 1)])

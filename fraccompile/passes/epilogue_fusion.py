@@ -30,13 +30,16 @@ called more than once (a shared module), BatchNorms called more than once, and m
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ops.functions import masked_relu
 from ..ops.modules import FracOp
-from .base import META_SITE, Pass, PassResult
+from .base import META_CALL_SHAPES, META_SITE, Pass, PassResult
+from .cost_annotation import site_macs
 
 _MODULES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu"}
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -121,8 +124,9 @@ class EpilogueFusion(Pass):
         return op if isinstance(op, FracOp) else None
 
     def _fuse_norms(self, gm: fx.GraphModule, calls: dict) -> bool:
-        """site -> BatchNorm [-> activation] into the site's epilogue."""
-        modified = False
+        """site -> BatchNorm [-> activation] into the site's epilogue (all of them, or those that
+        ``FracConfig.recompute_budget`` does not keep)."""
+        found = []
         for node in list(gm.graph.nodes):
             op = self._single_use_site(gm, node, calls)
             if op is None or op.epilogue_norm is not None:
@@ -134,6 +138,14 @@ class EpilogueFusion(Pass):
             norm = gm.get_submodule(str(bn.target))
             if type(norm) not in _NORMS or _hooked(norm):
                 continue
+            found.append((node, op, bn, norm))
+        kept = kept_norms([node for node, *_ in found], self.config.recompute_budget)
+        for node, op, bn, norm in found:
+            if node in kept:
+                node.meta[META_SITE].extra["epilogue"] = (
+                    f"{type(norm).__name__} not fused (recompute_budget "
+                    f"{self.config.recompute_budget:g})")
+                continue
             user, act = _sole_activation(gm, bn)
             last = user if act is not None else bn
             object.__setattr__(op, "epilogue_norm", norm)  # not a submodule: no second owner
@@ -144,8 +156,32 @@ class EpilogueFusion(Pass):
             if last is not bn:
                 gm.graph.erase_node(last)
             gm.graph.erase_node(bn)
-            modified = True
-        return modified
+        return bool(found) and len(kept) < len(found)
+
+
+def kept_norms(sites: list[fx.Node], budget: float) -> set[fx.Node]:
+    """The sites whose BatchNorm keeps its fp32 input (not fused) under ``budget``: the fraction
+    of all these norms' input bytes that backward may keep. Recomputing a norm's input costs one
+    forward GEMM: ``K`` multiply-accumulates per fp32 element saved (``K`` the reduction length,
+    ``Cin/groups·kh·kw`` of a conv), so the norms with the largest ``K`` are kept first, while
+    their inputs fit. In ResNet-20 the first stage's convs have a quarter of the last stage's
+    ``K`` and most of the bytes. Sites without propagated shapes are fused (not counted)."""
+    if budget <= 0:
+        return set()
+    sized = []
+    for node in sites:
+        x, w, out = node.meta.get(META_CALL_SHAPES, ((), (), ()))
+        numel = math.prod(out) if out else 0
+        if numel:
+            k = site_macs(node.meta[META_SITE].kind, x, w, out) / numel
+            sized.append((k, numel, node))
+    room = budget * sum(numel for _, numel, _ in sized)
+    kept = set()
+    for _, numel, node in sorted(sized, key=lambda s: -s[0]):  # stable: graph order on ties
+        if numel <= room:
+            kept.add(node)
+            room -= numel
+    return kept
 
 
 def _sole_activation(gm: fx.GraphModule, node: fx.Node):

@@ -827,10 +827,11 @@ class IntSiteGemm(Function):
         if ctx.fast_norm:  # recompute the GEMM's output; the ops autograd runs for ReLU and the norm
             backend.where = (ctx.site, "fw")
             y = backend.fw(spec, xq, wq, *ctx.shapes, bias=bias, temporary=True)
-            if mask is not None:  # the mask as fp32 in a scratch buffer: threshold_backward would
-                # convert it into a fresh fp32 temporary itself (page faults every step)
+            if mask is not None:  # the mask as fp32 in a scratch buffer laid out as dy: on a
+                # uint8 operand, or on two layouts, threshold_backward takes a slow loop (see
+                # MaskedReLU)
                 dy = torch.ops.aten.threshold_backward(
-                    dy, backend._scratch_like("mask", mask).copy_(mask), 0)
+                    dy, backend._scratch_like("mask", dy).copy_(mask), 0)
             norm = ctx.norm
             track = norm.track_running_stats
             dy, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
