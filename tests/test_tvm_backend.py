@@ -205,7 +205,8 @@ def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
         torch.manual_seed(0)
         return [B._to_codes(x, qp, stochastic=True, noise=n, kernel=record).codes
                 for n in ("torch", "counter")] \
-            + [backend.gemm_f32(a, b, scale, bias), backend.gemm_f32(a.mT.contiguous().mT, b, scale)]
+            + [backend.gemm_f32(a, b, scale, bias), backend.gemm_f32(a.mT.contiguous().mT, b, scale),
+               backend._dequantize_codes(B.IntCodes(a, scale[:1], True), "eb").clone()]
 
     monkeypatch.setattr(B.TVMBackend, "kernel", lambda self, ref: record(ref))
     for openmp, threshold in ((False, 0), (False, 1 << 40), (True, 1 << 40)):
@@ -218,6 +219,24 @@ def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(results[False, 0], results[False, 1 << 40]))
     with pytest.raises(ValueError, match="serial"):
         KernelRef("gemm", (1, 6, 64, 32, 6, 4, 32), serial=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 11), True), ((3, 5, 7, 11), False),
+                                                 ((2, 16, 33, 40), True), ((4099,), False)])
+def test_codes_dequantize_kernel_is_the_reference(tvm_backend, dtype, shape, channels_last):
+    """The one-pass TVM dequantize of codes (EB's fp32 input) equals ``IntCodes.dequantize``
+    (torch's promotion and multiply) bit for bit, in either layout, with a tail past the
+    kernel's 4096-element blocks, and keeps the codes' layout."""
+    from fraccompile.targets.backend import IntCodes
+    gen = torch.Generator().manual_seed(3)
+    lo, hi = (-127, 128) if dtype == torch.int8 else (0, 256)
+    q = torch.randint(lo, hi, shape, dtype=dtype, generator=gen)
+    if channels_last:
+        q = q.contiguous(memory_format=torch.channels_last)
+    codes = IntCodes(q, torch.tensor(0.0123), dtype == torch.int8)
+    got = tvm_backend._dequantize_codes(codes, "eb")
+    assert torch.equal(got, codes.dequantize()) and got.stride() == q.stride()
 
 
 def test_kernel_without_vnni_is_exact():
@@ -344,9 +363,47 @@ def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatc
     out_w = module(x[:1]).shape[-1]
     implicit_gc = fused and module.stride == (1, 1) and out_w % 4 == 0
     assert ("gc" in kinds, "pack_conv_b" in kinds) == (implicit_gc, fused and not implicit_gc)
-    # the forward: an implicit GEMM when the channels come in fours, else A packed from the codes
+    # the forward: an implicit GEMM when the channels come in fours, else A packed from the codes;
+    # the implicit GEMM dequantizes in its write-back when no output channel is padding
     implicit = fused and shape[1] % 4 == 0
-    assert ("conv" in kinds, "pack_conv_a" in kinds) == (implicit, fused and not implicit)
+    dq = implicit and module.out_channels % 16 == 0
+    assert ("conv_dq" in kinds, "conv" in kinds, "pack_conv_a" in kinds) == \
+        (dq, implicit and not dq, fused and not implicit)
+
+
+def test_implicit_conv_borders_survive_geometry_and_sign_changes():
+    """The implicit convs re-zero the padded borders of their scratch codes only when the
+    geometry or the buffer changed, or a sign flip overwrote them: a sequence of convs on one
+    backend (same padded shape with another padding, signed codes in between) gives exactly
+    what a fresh backend gives for each call."""
+    from fraccompile.ops.quantizers import qparams_from_range, tensor_range
+    from fraccompile.ops.spec import SiteSpec
+    from fraccompile.targets.backend import TVMBackend, _to_codes
+
+    def codes(t, signed=None):
+        return _to_codes(t, qparams_from_range(*tensor_range(t), 8, "symmetric", signed=signed))
+
+    g = torch.Generator().manual_seed(0)
+    w = codes(torch.randn(16, 8, 3, 3, generator=g), signed=True)
+    cases = {  # both pad to 8 x 10 planes: the same buffer, other borders
+        "p1": (SiteSpec.conv(2, 1, 1), (2, 8, 6, 8)),
+        "p2": (SiteSpec.conv(2, 1, 2, dilation=2), (2, 8, 4, 6)),
+    }
+    shared = TVMBackend()
+    for name, signed in [("p1", False), ("p1", False), ("p2", False), ("p1", True),
+                         ("p1", False), ("p2", False), ("p2", True), ("p2", False)]:
+        spec, shape = cases[name]
+        x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
+        xq = codes(x if signed else x.relu())
+        dy = torch.randn(shape[0], 16, *shape[2:], generator=g)
+        dyq = codes(dy.contiguous(memory_format=torch.channels_last), signed=True)
+        fresh = TVMBackend()
+        for backend in (shared, fresh):
+            out = [backend.fw(spec, xq, w, shape, (16, 8, 3, 3)),
+                   backend.gc(spec, xq, dyq, shape, (16, 8, 3, 3))]
+            if backend is shared:
+                got = [t.clone() for t in out]
+        assert all(torch.equal(a, b) for a, b in zip(got, out)), (name, signed)
 
 
 def _kinds_asked(monkeypatch) -> list[str]:

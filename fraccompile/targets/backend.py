@@ -182,8 +182,8 @@ class TVMBackend(ReferenceBackend):
     def scratch(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """A buffer of ``shape`` for a temporary that one GEMM call consumes: its packed A
         (``slot`` ``"a"``), packed B (``"b"``), int32 product before the epilogue (``"c"``), padded
-        input codes of an implicit-GEMM conv (``"x"``) or dequantized error of an fp32 EB
-        (``"eb"``).
+        input codes of an implicit-GEMM conv forward (``"x"``) or weight gradient (``"xt"``), or
+        the dequantized error of an fp32 EB (``"eb"``).
         Each slot keeps the largest buffer asked for, per thread: a fresh tensor of many MB is
         mapped by the allocator and zeroed by page faults on first touch, every step (the conv
         A pack of ResNet-20 took 16.4 ms per step in fresh buffers, 12.6 ms in reused ones,
@@ -194,6 +194,38 @@ class TVMBackend(ReferenceBackend):
         if buf is None or buf.numel() < nbytes:
             buf = store[slot] = torch.empty(nbytes, dtype=torch.uint8)
         return buf[:nbytes].view(dtype).view(shape)
+
+    def _dequantize_codes(self, q: IntCodes, slot: str) -> torch.Tensor:
+        """``q``'s fp32 values (:meth:`IntCodes.dequantize`, bit for bit) in the :meth:`scratch`
+        ``slot``, laid out as the codes: one TVM pass for a per-tensor scale on the CPU (a
+        ResNet-20 step's EB inputs: 2.4 ms as torch's copy then in-place multiply, the one-pass
+        ``torch.mul(int8, fp32, out=)`` being a slow mixed-dtype loop), else those torch ops."""
+        out = self._scratch_like(slot, q.codes)
+        perm = _dense_perm(q.codes)
+        if perm is None or self.on_gpu(q.codes) or q.scale.numel() != 1:
+            return out.copy_(q.codes).mul_(q.scale)
+        n = q.codes.numel()
+        ref = KernelRef("dequant_codes", (str(q.codes.dtype).removeprefix("torch."),),
+                        serial=_serial(5 * n))
+        self.kernel(ref)(q.codes.permute(*perm).reshape(-1), q.scale.reshape(1).float(),
+                         out.permute(*perm).reshape(-1))
+        return out
+
+    def _zero_borders_kept(self, slot: str, buf: torch.Tensor, padding) -> bool:
+        """Whether the padded codes ``buf`` (a :meth:`scratch` view) still have the zero borders
+        of the last call that asked this, for the same shape and ``padding``: the implicit convs
+        overwrite only the interior, so consecutive calls of one geometry (most sites of a stage)
+        skip re-zeroing them (176 strided fills, 2 ms per ResNet-20 step). Records that the
+        caller zeroes them now when not."""
+        state = self._local.__dict__.setdefault("borders", {})
+        key = (buf.data_ptr(), tuple(buf.shape), tuple(padding))
+        kept = state.get(slot) == key
+        state[slot] = key
+        return kept
+
+    def _zero_borders_lost(self, slot: str) -> None:
+        """The borders of ``slot`` were overwritten (a sign flip of the whole buffer)."""
+        self._local.__dict__.setdefault("borders", {}).pop(slot, None)
 
     def _scratch_like(self, slot: str, t: torch.Tensor) -> torch.Tensor:
         """An fp32 :meth:`scratch` buffer shaped and laid out as ``t`` (a fresh one on the GPU
@@ -334,21 +366,33 @@ class TVMBackend(ReferenceBackend):
         OC, K = wr.shape[1:]
         (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
         X = self.scratch("x", (N, shape.hp, shape.wp, Cin), torch.uint8)
-        for border in (X[:, :ph], X[:, ph + H:], X[:, ph:ph + H, :pw], X[:, ph:ph + H, pw + W:]):
-            border.zero_()  # a tap outside the image reads code 0 (flipped below)
+        if not self._zero_borders_kept("x", X, (ph, pw)):
+            for border in (X[:, :ph], X[:, ph + H:], X[:, ph:ph + H, :pw],
+                           X[:, ph:ph + H, pw + W:]):
+                border.zero_()  # a tap outside the image reads code 0 (flipped below)
         X[:, ph:ph + H, pw:pw + W].copy_(xl.view(torch.uint8))
         if flip:
             X.bitwise_xor_(flip)
+            self._zero_borders_lost("x")
         _, pack_b = self._b_packer(wr)                              # w is signed: no flip
         Bp = pack_b(0, K, shape.ocp, K)
-        C = self.scratch("c", (1, N * math.prod(out_sp), shape.ocp), torch.int32)
+        # A was shifted by +flip: subtract flip·(the weight row's code sum) per output channel
+        cc = (wr.sum(-1, dtype=torch.int32) * -flip if flip
+              else torch.zeros((1, OC), dtype=torch.int32))
+        M = N * math.prod(out_sp)
+        if shape.ocp == OC:  # the dequantize in the kernel's write-back: fp32 rows, one pass
+            ref = KernelRef("conv_dq", shape.args)
+            if self.recorder is not None:
+                self.recorder.kernel(ref, self.where)
+            self.kernel(ref)(X, Bp[0], cc[0], scale.reshape(-1).float().expand(OC).contiguous(),
+                             bias.float().contiguous() if bias is not None
+                             else torch.zeros(OC), rows.view(N, *out_sp, OC))
+            return True
+        C = self.scratch("c", (1, M, shape.ocp), torch.int32)
         ref = KernelRef("conv", shape.args)
         if self.recorder is not None:
             self.recorder.kernel(ref, self.where)
         self.kernel(ref)(X, Bp[0], C.view(N, *out_sp, shape.ocp))
-        # A was shifted by +flip: subtract flip·(the weight row's code sum) per output channel
-        cc = wr.sum(-1, dtype=torch.int32) * -flip
-        M = C.shape[1]
         self._dequant(C, C.new_zeros((1, M)), cc, scale, bias, rows.view(1, M, OC), 1, M, OC)
         return True
 
@@ -368,15 +412,17 @@ class TVMBackend(ReferenceBackend):
         N, H, W, Cin = xl.shape
         OC, per, ocp = w_shape[0], OH * OW, shapes[0].ocp
         (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
-        XT = self.scratch("x", (N, Cin, H + 2 * ph, W + 2 * pw), torch.uint8)
-        for border in (XT[:, :, :ph], XT[:, :, ph + H:], XT[:, :, ph:ph + H, :pw],
-                       XT[:, :, ph:ph + H, pw + W:]):
-            border.zero_()  # a tap outside the image reads code 0 (flipped below)
+        XT = self.scratch("xt", (N, Cin, H + 2 * ph, W + 2 * pw), torch.uint8)
+        if not self._zero_borders_kept("xt", XT, (ph, pw)):
+            for border in (XT[:, :, :ph], XT[:, :, ph + H:], XT[:, :, ph:ph + H, :pw],
+                           XT[:, :, ph:ph + H, pw + W:]):
+                border.zero_()  # a tap outside the image reads code 0 (flipped below)
         # the transposing copy, then the flip in place over the dense planes (an XOR straight
         # into the strided interior goes through a temporary and a second copy)
         XT[:, :, ph:ph + H, pw:pw + W].copy_(xl.view(torch.uint8).permute(0, 3, 1, 2))
         if flip:
             XT.bitwise_xor_(flip)
+            self._zero_borders_lost("xt")
         dy = dyq.codes.permute(0, 2, 3, 1).reshape(N * per, OC)    # (positions, OC)
         total, b0 = None, 0
         for shape in shapes:  # batch chunks
@@ -388,7 +434,10 @@ class TVMBackend(ReferenceBackend):
                 self.recorder.kernel(ref, self.where)
             C = self.scratch("c", (*w_shape[2:], Cin, ocp), torch.int32)
             self.kernel(ref)(XT[b0:b0 + nc], Bp[0], C)
-            total = C.long() if total is None else total.add_(C)
+            if len(shapes) == 1 and not flip:  # one chunk's int32 sum is exact as it is
+                total = C
+            else:
+                total = C.long() if total is None else total.add_(C)
             b0 += nc
         # A was shifted by +flip: subtract flip·(the sum of dy over positions) per output channel
         total = total[..., :OC] - flip * _channel_sums(dyq.codes, 1) if flip else total[..., :OC]
@@ -482,9 +531,8 @@ class TVMBackend(ReferenceBackend):
                                dyq.scale * wq.scale)
             return dx.reshape(*x_shape)
         # per-channel weight scales sit on the reduction axis: fp32 on the reference's operands
-        # (dy's in a scratch buffer: the fp32 op consumes it; a copy then an in-place multiply, as
-        # mul(int8, fp32, out=) converts the codes into a fresh fp32 temporary first)
-        dy = self._scratch_like("eb", dyq.codes).copy_(dyq.codes).mul_(dyq.scale)
+        # (dy's in a scratch buffer: the fp32 op consumes it)
+        dy = self._dequantize_codes(dyq, "eb")
         w = wq.dequantize()
         if spec.kind == "linear":
             return dy.matmul(w)

@@ -98,7 +98,11 @@ def forward_shape(x_shape, w_shape, stride, padding, dilation, out_sp,
                      -(-oc // (16 * nb)) * 16 * nb, mb, nb)
 
 
-def definition(s: ConvShape):
+def definition(s: ConvShape, dequantize: bool = False):
+    """The int32 product ``C`` (``main(X, B, C)``); with ``dequantize`` the output is fp32
+    ``Y[b, y, x, o] = float(C[b, y, x, o] + cc[o]) · scale[o] + bias[o]`` instead
+    (``main(X, B, cc, scale, bias, Y)``), the backend's dequantize epilogue
+    (:func:`fraccompile.targets.quantize.dequant_definition` with no row term)."""
     X = te.placeholder((s.n, s.hp, s.wp, s.c), "uint8", name="X")
     B = te.placeholder((s.ocp // 16, s.kh * s.kw * s.c // 4, 16, 4), "int8", name="B")
     ri = te.reduce_axis((0, s.kh), name="ri")
@@ -112,21 +116,36 @@ def definition(s: ConvShape):
             * B[o // 16, (ri * s.kw + rj) * c4 + rc // 4, o % 16, rc % 4].astype("int32"),
             axis=[ri, rj, rc]),
         name="C")
-    return te.create_prim_func([X, B, C]).with_attr("global_symbol", "main")
+    if not dequantize:
+        return te.create_prim_func([X, B, C]).with_attr("global_symbol", "main")
+    cc = te.placeholder((s.ocp,), "int32", name="cc")
+    scale = te.placeholder((s.ocp,), "float32", name="scale")
+    bias = te.placeholder((s.ocp,), "float32", name="bias")
+    Y = te.compute((s.n, s.oh, s.ow, s.ocp),
+                   lambda b, y, x, o: (C[b, y, x, o] + cc[o]).astype("float32") * scale[o]
+                   + bias[o], name="Y")
+    return te.create_prim_func([X, B, cc, scale, bias, Y]).with_attr("global_symbol", "main")
 
 
-def schedule(*args) -> s_tir.Schedule:
-    """The scheduled conv for :class:`ConvShape` ``args`` (VNNI only)."""
+def schedule(*args, dequantize: bool = False) -> s_tir.Schedule:
+    """The scheduled conv for :class:`ConvShape` ``args`` (VNNI only); ``dequantize``: the fp32
+    form of :func:`definition`, its epilogue applied to the accumulators as they leave the
+    registers (no int32 product in memory, no second pass over it)."""
     s = ConvShape(*args)
-    sch = s_tir.Schedule(definition(s))
+    sch = s_tir.Schedule(definition(s, dequantize))
     blk = sch.get_sblock("C")
     b, y, x, o, ri, rj, rc = sch.get_loops(blk)
     xo, xi = sch.split(x, [None, s.mb])
     oo, on, ol = sch.split(o, [None, s.nb, 16])
     rco, rci = sch.split(rc, [None, 4])
     sch.reorder(b, y, oo, xo, ri, rj, rco, xi, on, ol, rci)
-    vnni_block(sch, ol, xo, (b, y, oo), ri, (on, xi))
+    vnni_block(sch, ol, xo, (b, y, oo), ri, (on, xi), epilogue="Y" if dequantize else None)
     return sch
+
+
+def dq_schedule(*args) -> s_tir.Schedule:
+    """:func:`schedule` with ``dequantize`` (the kernel kind ``conv_dq``)."""
+    return schedule(*args, dequantize=True)
 
 
 @dataclass(frozen=True)

@@ -151,8 +151,9 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
                              "C": [s.groups, s.m, s.n]},
                      tile=[s.tile.mb, s.tile.nb, s.tile.kb],
                      problems=[list(p) for p in sorted(info["problems"])])
-    elif ref.kind in ("conv", "gc"):
-        entry.update(dtypes=DTYPES, precision="1..8 bits (u8/s8 codes)",
+    elif ref.kind in ("conv", "conv_dq", "gc"):
+        dtypes = DTYPES + ("->f32" if ref.kind == "conv_dq" else "")
+        entry.update(dtypes=dtypes, precision="1..8 bits (u8/s8 codes)",
                      shapes={"geometry": list(ref.args)})
     elif ref.kind == "quantize":
         counter = ref.args[2:] == ("counter",)
@@ -164,6 +165,9 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
     elif ref.kind == "dequant":
         entry.update(dtypes="s32->f32", precision="1..8 bits",
                      shapes={"c": ["g", "mp", "np"], "out": ["g", "m", "n"]})
+    elif ref.kind == "dequant_codes":
+        entry.update(dtypes=f"{ref.args[0]}->f32", precision="1..8 bits",
+                     shapes={"q": ["n"], "out": ["n"]})
     elif ref.kind in ("pack_conv_a", "pack_conv_b"):
         entry.update(dtypes="u8->u8" if ref.kind == "pack_conv_a" else "u8->s8",
                      precision="1..8 bits", shapes={"geometry": list(ref.args)})
@@ -439,6 +443,7 @@ class ExportedKernels:
 
 
 _KIND_NAMES = {"conv": "the implicit-GEMM conv forward",
+               "conv_dq": "the implicit-GEMM conv forward with its dequantize epilogue",
                "gc": "the implicit-GEMM conv weight gradient"}
 
 

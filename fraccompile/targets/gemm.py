@@ -119,14 +119,19 @@ def schedule(shape: GemmShape, isa: str) -> s_tir.Schedule:
     return sch
 
 
-def vnni_block(sch: s_tir.Schedule, lanes, acc_at, parallel, reduction, unrolled) -> None:
+def vnni_block(sch: s_tir.Schedule, lanes, acc_at, parallel, reduction, unrolled,
+               epilogue: str | None = None) -> None:
     """The register block every VNNI kernel ends in, on loops already split and ordered so that
     ``lanes`` (16 output lanes) and the 4-element reduction under it are innermost: those two
     become one ``vpdpbusd`` (:mod:`.intrin`), the accumulators live in registers from the first
     ``reduction`` loop on and are written back at ``acc_at`` (vectorized), the ``parallel`` loops
-    are fused and run over the cores, the ``unrolled`` ones (the register block) unrolled."""
+    are fused and run over the cores, the ``unrolled`` ones (the register block) unrolled.
+    ``epilogue``: the name of an elementwise block that consumes the product (same indices);
+    it is inlined into the write-back, so the registers go straight into its output."""
     inner = sch.blockize(lanes)
     acc = sch.cache_write(inner, 0, "global")
+    if epilogue is not None:
+        sch.reverse_compute_inline(sch.get_sblock(epilogue))
     sch.reverse_compute_at(acc, acc_at)
     sch.parallel(sch.fuse(*parallel))
     sch.decompose_reduction(inner, reduction)

@@ -1,8 +1,9 @@
 """Every kernel the ``tvm`` backend calls, by name, and where the compiled code comes from.
 
 A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
-quantizer of one dtype and rounding mode, the dequantize epilogue, an operand pack kernel of one layout, or the conv patch
-packer of one conv geometry. Its :attr:`~KernelRef.name` is the symbol it has in an exported
+quantizer of one dtype and rounding mode, the dequantize epilogue (of a GEMM's int32 product, or of
+a tensor's codes), an operand pack kernel of one layout, or the conv patch packer of one conv
+geometry. Its :attr:`~KernelRef.name` is the symbol it has in an exported
 library. Providers turn references into callables:
 
 * :class:`JitKernels` builds on first use, through the on-disk cache (GEMMs with the tile a tuning
@@ -25,8 +26,8 @@ from . import conv, gemm, pack, quantize
 from .cache import KernelCache
 from .host import HostTarget, detect
 
-KINDS = ("gemm", "conv", "gc", "quantize", "dequant", "pack_a", "pack_b", "pack_conv_a",
-         "pack_conv_b")
+KINDS = ("gemm", "conv", "conv_dq", "gc", "quantize", "dequant", "dequant_codes", "pack_a",
+         "pack_b", "pack_conv_a", "pack_conv_b")
 KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py")
 
 
@@ -101,19 +102,22 @@ class KernelRef:
 
 # kind -> its schedule, for the non-GEMM kernels
 _BUILDERS = {"conv": conv.schedule,
+             "conv_dq": conv.dq_schedule,
              "gc": conv.gc_schedule,
              "quantize": quantize.schedule,
              "dequant": quantize.dequant_schedule,
+             "dequant_codes": quantize.codes_schedule,
              "pack_a": pack.a_schedule,
              "pack_b": pack.b_schedule,
              "pack_conv_a": pack.conv_a_schedule,
              "pack_conv_b": pack.conv_b_schedule}
 
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
-SERIAL_KINDS = ("quantize", "dequant", "pack_a", "pack_b")
+SERIAL_KINDS = ("quantize", "dequant", "dequant_codes", "pack_a", "pack_b")
 _PARALLEL = ([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
              + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
              + [KernelRef("dequant", ())]
+             + [KernelRef("dequant_codes", (d,)) for d in ("int8", "uint8")]
              + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
              + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")])
 GENERIC = tuple(_PARALLEL + [replace(r, serial=True) for r in _PARALLEL])
