@@ -465,26 +465,43 @@ def test_linear_roles_match_reference(bits, shape):
     _compare(*_module_site(torch.nn.Linear(33, 19), torch.randn(*shape), Precision(*bits)))
 
 
-@pytest.mark.parametrize("module,shape", [(torch.nn.Linear(33, 19), (2, 5, 33)),
-                                          (torch.nn.Linear(40, 70), (130, 40)),
-                                          (CONVS[1][0], CONVS[1][1])])
+@pytest.mark.parametrize("module,shape,integer_eb", [
+    (torch.nn.Linear(33, 19), (2, 5, 33), True),
+    (torch.nn.Linear(40, 70), (130, 40), True),
+    (CONVS[1][0], CONVS[1][1], False),                       # stride 2: fp32
+    (C2(8, 16, 3, padding=1), (2, 8, 6, 8), True),            # the transposed conv: integer
+    (C2(12, 32, 3, padding=2, dilation=2, bias=False), (3, 12, 7, 12), True),
+    (C2(8, 20, (3, 1), padding=(1, 0)), (2, 8, 5, 8), True),  # 20 channels: int32 product
+    (C2(8, 16, 3, padding=3), (2, 8, 6, 8), False),           # padding over d·(k-1): fp32
+    (C2(6, 16, 3, padding=1), (2, 6, 6, 8), True),            # 6 outputs: int32 product
+    (C2(8, 10, 3, padding=1), (2, 8, 6, 8), False),           # dy's 10 channels: not in fours
+])
 def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(module, shape,
+                                                                             integer_eb,
                                                                              monkeypatch):
     """weight_scale="tensor": every role still equals the reference backend (which quantizes the
-    weights per tensor too), and a linear site's error backprop becomes an integer GEMM."""
+    weights per tensor too); the error backprop of a linear site becomes an integer GEMM, and
+    that of a stride-1 2-D conv the implicit-GEMM forward of its transposed conv."""
     from fraccompile.targets.backend import TVMBackend
+    from fraccompile.targets.kernels import JitKernels
     roles = []
-    gemm = TVMBackend._gemm
+    gemm, get = TVMBackend._gemm, JitKernels.get
 
     def counting(self, *args, **kwargs):
         roles.append(self.where[1])
         return gemm(self, *args, **kwargs)
+
+    def recording_get(self, ref, where=None):
+        if ref.kind in ("conv", "conv_dq"):
+            roles.append(where[1])
+        return get(self, ref, where)
     monkeypatch.setattr(TVMBackend, "_gemm", counting)
+    monkeypatch.setattr(JitKernels, "get", recording_get)
     torch.manual_seed(0)
     op, args = _module_site(copy.deepcopy(module), torch.randn(*shape), weight_scale="tensor")
     assert "weight_scale=tensor" in repr(op)
     _compare(op, args)
-    assert ("eb" in roles) == isinstance(module, torch.nn.Linear)
+    assert ("eb" in roles) == integer_eb
 
 
 class _MatMul(torch.nn.Module):
@@ -527,10 +544,11 @@ def test_every_site_of_each_example_matches_reference(example):
         _compare(op, args)
 
 
-@pytest.mark.parametrize("noise", ["torch", "counter"])
-def test_training_step_close_to_reference(noise):
+@pytest.mark.parametrize("noise,weight_scale", [("torch", "channel"), ("counter", "channel"),
+                                                ("counter", "tensor")])
+def test_training_step_close_to_reference(noise, weight_scale):
     """A whole step of a small CNN: same loss and gradients within 1e-5, with either rounding
-    noise.
+    noise, and with one weight scale per tensor (the conv's error backprop in integers).
 
     (Deeper models can differ by more in a whole step: a 1e-7 fp32 difference that moves a value
     across a rounding boundary changes its code, which batch norm then amplifies — hence the
@@ -544,7 +562,7 @@ def test_training_step_close_to_reference(noise):
     for be in ("reference", "tvm"):
         m = copy.deepcopy(model)
         fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend=be,
-                                                  rounding_noise=noise))
+                                                  rounding_noise=noise, weight_scale=weight_scale))
         torch.manual_seed(1)
         loss = F.cross_entropy(fm(x), y)
         loss.backward()

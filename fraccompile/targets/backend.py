@@ -530,6 +530,10 @@ class TVMBackend(ReferenceBackend):
             dx = self.gemm_f32(dyq.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0),  # dy·w
                                dyq.scale * wq.scale)
             return dx.reshape(*x_shape)
+        if spec.kind == "conv" and wq.scale.numel() == 1:  # one weight scale: integer when it
+            dx = self._eb_implicit(spec, dyq, wq, x_shape, w_shape)  # is a stride-1 2-D conv
+            if dx is not None:
+                return dx
         # per-channel weight scales sit on the reduction axis: fp32 on the reference's operands
         # (dy's in a scratch buffer: the fp32 op consumes it)
         dy = self._dequantize_codes(dyq, "eb")
@@ -544,6 +548,34 @@ class TVMBackend(ReferenceBackend):
         return torch.ops.aten.convolution_backward(
             dy, x_like, w, None, list(spec.stride), list(spec.gemm_padding(w.shape)),
             list(spec.dilation), False, [0] * n, spec.groups, [True, False, False])[0]
+
+    def _eb_implicit(self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape
+                     ) -> torch.Tensor | None:
+        """The error backprop of a stride-1, ungrouped 2-D conv with one weight scale, as the
+        implicit-GEMM forward (:meth:`_conv_implicit`) of its transposed conv: ``dx`` is the conv
+        of ``dy``, padded by ``d·(k-1) - p``, with the weights flipped in space and their two
+        channel axes swapped; exact integer sums times ``scale(dy)·scale(w)``, channels-last.
+        None where that does not apply (a stride, groups, per-channel scales, a padding over
+        ``d·(k-1)``, no VNNI, or the forward kernel's own conditions on the channels and width)."""
+        if not self._vnni or spec.conv_dims != 2 or spec.groups != 1 \
+                or tuple(spec.stride) != (1, 1) or self.on_gpu(dyq.codes):
+            return None
+        (kh, kw), (ph, pw), (dh, dw) = w_shape[2:], spec.gemm_padding(w_shape), spec.dilation
+        pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
+        if min(pad) < 0:
+            return None
+        N, C, H, W = x_shape
+        OC = w_shape[0]
+        wt = (C, OC, kh, kw)
+        w_rows = _weight_rows(wq.codes.flip(2, 3).transpose(0, 1), 1)  # (1, C, kh·kw·OC)
+        dyl = dyq.codes.permute(0, 2, 3, 1).contiguous()              # (N, OH, OW, OC)
+        dx = torch.empty_strided((N, C, H, W), (H * W * C, 1, W * C, C))  # channels-last
+        rows = dx.permute(0, 2, 3, 1)
+        transposed = SiteSpec.conv(2, 1, pad, spec.dilation)
+        if not self._conv_implicit(transposed, dyq, dyl, w_rows, wt, [H, W], dyq.scale * wq.scale,
+                                   None, rows):
+            return None
+        return dx
 
     def gc(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
         scale = xq.scale * dyq.scale
@@ -853,8 +885,8 @@ class IntSiteGemm(Function):
             y, mean, invstd = _batch_norm_forward(norm, y)     # the recomputed GEMM output
             stats = (mean, invstd)
             if epilogue is not None:
-                y = F.relu(y)
-                mask = (y > 0).view(torch.uint8)
+                y = torch.relu_(y)  # the norm's own fresh output
+                mask = y.bool().view(torch.uint8)  # as MaskedReLU's: 1 where not 0 (NaN too)
         elif norm is not None:
             # nn.BatchNorm's own choice of batch or running statistics, kept for the recompute
             ctx.norm_batch_stats = norm.training or norm.running_mean is None
