@@ -7,6 +7,7 @@ from torch import fx
 from ..config import FracConfig
 from ..errors import PassError
 from .base import Pass
+from .channels_last import ChannelsLast
 from .cost_annotation import CostAnnotation
 from .epilogue_fusion import EpilogueFusion
 from .gating_insertion import GatingInsertion
@@ -15,11 +16,11 @@ from .region_discovery import RegionDiscovery
 
 PASSES: dict[str, type[Pass]] = {p.name: p for p in (QuantizeInsertion, CostAnnotation,
                                                      RegionDiscovery, GatingInsertion,
-                                                     EpilogueFusion)}
+                                                     EpilogueFusion, ChannelsLast)}
 PIPELINES: dict[str, tuple[str, ...]] = {
-    "default": ("quantize-insertion", "cost-annotation", "epilogue-fusion"),
+    "default": ("quantize-insertion", "cost-annotation", "epilogue-fusion", "channels-last"),
     "dfq": ("quantize-insertion", "cost-annotation", "region-discovery", "gating-insertion",
-            "epilogue-fusion"),
+            "epilogue-fusion", "channels-last"),
     "cost-only": ("cost-annotation",),
 }
 
