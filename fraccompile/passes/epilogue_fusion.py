@@ -22,6 +22,8 @@ With ``FracConfig(recompute="norms")`` a BatchNorm right after a site (and an ac
 after the BatchNorm) joins the epilogue too: ``z = act(bn(site(x)))`` becomes ``z = site(x)`` with
 ``FracOp.epilogue_norm`` set to the BatchNorm module (which stays where it is in the module tree,
 with its parameters and running statistics), and backward recomputes both.
+``FracConfig.recompute_budget`` leaves some of those BatchNorms unfused (:func:`kept_norms`): the
+ones whose recompute costs the most per byte, up to that fraction of all their input bytes.
 
 The pass runs for ``FracConfig(backend="tvm")`` unless ``recompute="none"``. It leaves alone sites
 called more than once (a shared module), BatchNorms called more than once, and modules with hooks
