@@ -182,8 +182,9 @@ class TVMBackend(ReferenceBackend):
     def scratch(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """A buffer of ``shape`` for a temporary that one GEMM call consumes: its packed A
         (``slot`` ``"a"``), packed B (``"b"``), int32 product before the epilogue (``"c"``), padded
-        input codes of an implicit-GEMM conv forward (``"x"``) or weight gradient (``"xt"``), or
-        the dequantized error of an fp32 EB (``"eb"``).
+        input codes of an implicit-GEMM conv forward (``"x"``) or weight gradient (``"xt"``), the
+        dequantized error of an fp32 EB (``"eb"``), or a fused norm's input (``"y"``), ReLU mask
+        (``"mask"``) and re-laid-out gradient (``"dy"``).
         Each slot keeps the largest buffer asked for, per thread: a fresh tensor of many MB is
         mapped by the allocator and zeroed by page faults on first touch, every step (the conv
         A pack of ResNet-20 took 16.4 ms per step in fresh buffers, 12.6 ms in reused ones,
@@ -907,10 +908,11 @@ class IntSiteGemm(Function):
         if ctx.fast_norm:  # recompute the GEMM's output; the ops autograd runs for ReLU and the norm
             backend.where = (ctx.site, "fw")
             y = backend.fw(spec, xq, wq, *ctx.shapes, bias=bias, temporary=True)
-            if mask is not None:  # the mask as fp32 in a scratch buffer laid out as dy: on two
-                # layouts threshold_backward takes a slow strided loop (see MaskedReLU)
+            if dy.stride() != y.stride():  # one layout for the elementwise backward ops (on two
+                dy = backend._scratch_like("dy", y).copy_(dy)  # they take strided loops)
+            if mask is not None:  # the mask as fp32 in a scratch buffer (see MaskedReLU)
                 dy = torch.ops.aten.threshold_backward(
-                    dy, backend._scratch_like("mask", dy).copy_(mask), 0)
+                    dy, backend._scratch_like("mask", y).copy_(mask), 0)
             norm = ctx.norm
             track = norm.track_running_stats
             dy, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
