@@ -12,8 +12,11 @@ update. Each (model, mode) runs in a fresh child process (``sys.executable``), w
 
     python bench/step.py [--repeats 5] [--models resnet20,transformer] [--tuning-db DIR]
 
-``--pairs N`` then runs N more fp32/tvm child pairs per model, alternately, and prints the spread
-of the tvm/fp32 ratio (the step times move by ±10% between runs on a shared machine).
+ResNet-20 also gets an ``fp32-cl`` row: the fp32 model and its input in ``torch.channels_last``
+(PyTorch's advice for convnets on CPU; oneDNN's fp32 convs are much faster that way here), the
+stronger baseline. ``--pairs N`` then runs N more fp32/tvm child pairs per model (fp32, fp32-cl,
+tvm for ResNet-20), alternately, and prints the spread of the tvm/fp32 ratios (the step times move
+by ±10% between runs on a shared machine).
 ``--tuning-db DIR`` adds a ``tvm-tuned`` row per model: the TVM backend with the tiles of a
 ``fraccompile tune`` database (``FracConfig(tuning_db=DIR)``). ``--env KEY=VALUE`` (repeatable)
 sets an environment variable in every child, e.g. ``OMP_WAIT_POLICY=PASSIVE`` (torch's OpenMP
@@ -44,6 +47,9 @@ import sys
 import time
 
 MODES = ("fp32", "reference", "tvm")
+# the fp32 model channels-last too, where the model is a convnet (oneDNN's fp32 convs are much
+# faster channels-last on these cores: the stronger fp32 baseline)
+CL_MODES = {"resnet20": ["fp32-cl"]}
 MODELS = {
     "resnet20": "ResNet-20, batch 128, 3x32x32",
     "transformer": "Transformer d512 (2 layers), batch 32 x 64 tokens",
@@ -109,7 +115,10 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
 
     model, x, y, loss_fn = make_case(key)
     info: dict = {}
-    if mode != "fp32":
+    if mode == "fp32-cl":  # PyTorch's advice for convnets on CPU: model and input channels-last
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif mode != "fp32":
         cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric",
                                      backend="tvm" if mode == "tvm-tuned" else mode,
                                      tuning_db=tuning_db, **(fields or {}))
@@ -134,7 +143,7 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
         times.append(1000 * (time.perf_counter() - t0))
     info.update(step_ms=statistics.median(times), warmup_ms=warm,
                 saved_mb=saved_bytes(model, x, y, loss_fn) / 2**20)
-    if mode != "fp32":
+    if not mode.startswith("fp32"):
         sites = model.sites
         info["sites"] = {
             "tvm": sum(s.backend == "tvm" for s in sites),
@@ -220,9 +229,9 @@ def main() -> None:
                            else [])
     for key in keys:
         res = {mode.partition(":")[0]: run_child(key, mode, args.repeats, env, fields)
-               for mode in modes}
+               for mode in modes[:1] + CL_MODES.get(key, []) + modes[1:]}
         fp = res["fp32"]
-        for mode in [m.partition(":")[0] for m in modes]:
+        for mode in res:
             r = res[mode]
             if "error" in r:
                 rows.append([MODELS[key], mode, r["error"], "-", "-", "-", "-"])
@@ -258,20 +267,24 @@ def main() -> None:
         print(f"- {n}")
     if args.pairs:
         print()
-        print(f"tvm/fp32 step-time ratio over {args.pairs} more fp32, tvm child pairs per model, "
-              "run alternately (each the median of its steps, as above)")
+        print(f"tvm/fp32 step-time ratio over {args.pairs} more fp32, tvm child pairs per model "
+              "(with fp32-cl too where there is one), run alternately (each the median of its "
+              "steps, as above)")
         spread = []
         for key in keys:
-            ratios = []
+            bases = ["fp32"] + CL_MODES.get(key, [])
+            ratios: dict[str, list[float]] = {b: [] for b in bases}
             for _ in range(args.pairs):
-                fp, tv = (run_child(key, m, args.repeats, env, fields) for m in ("fp32", "tvm"))
-                if "step_ms" in fp and "step_ms" in tv:
-                    ratios.append(tv["step_ms"] / fp["step_ms"])
-            if ratios:
-                spread.append([MODELS[key], " ".join(f"{r:.2f}" for r in ratios),
-                               f"{statistics.median(ratios):.2f}x",
-                               f"{min(ratios):.2f}-{max(ratios):.2f}x"])
-        print_table(["model", "ratios, in run order", "median", "range"], spread)
+                runs = {m: run_child(key, m, args.repeats, env, fields) for m in bases + ["tvm"]}
+                for b in bases:
+                    if "step_ms" in runs[b] and "step_ms" in runs["tvm"]:
+                        ratios[b].append(runs["tvm"]["step_ms"] / runs[b]["step_ms"])
+            for b, rs in ratios.items():
+                if rs:
+                    spread.append([MODELS[key], f"tvm / {b}", " ".join(f"{r:.2f}" for r in rs),
+                                   f"{statistics.median(rs):.2f}x",
+                                   f"{min(rs):.2f}-{max(rs):.2f}x"])
+        print_table(["model", "ratio", "ratios, in run order", "median", "range"], spread)
 
 
 if __name__ == "__main__":
