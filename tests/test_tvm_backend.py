@@ -1154,24 +1154,3 @@ def test_gpu_path_glue_matches_reference_with_a_stand_in_gemm(monkeypatch):
     assert rel(out["reference"][0], out["tvm"][0]) < TOL
     for r, g in zip(out["reference"][1], out["tvm"][1]):
         assert rel(r, g) < TOL
-
-
-def test_kept_fp32_convs_read_channels_last_on_tvm():
-    """The channels-last pass: on the tvm backend the first conv (kept fp32) reads its NCHW input
-    channels-last, so it writes channels-last as the conv sites do; the reference backend's graph
-    keeps the original layout. (Values: the step test above, which keeps that conv in fp32.)"""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(C2(3, 16, 3, padding=1), torch.nn.ReLU(), C2(16, 16, 3, padding=1))
-    x = torch.randn(2, 3, 8, 8)
-    layouts = {}
-    for be in ("reference", "tvm"):
-        fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(scheme="symmetric",
-                                                                     backend=be))
-        calls = [n for n in fm.graph.nodes if n.op == "call_method" and n.target == "contiguous"]
-        seen = []
-        hook = fm.get_submodule("0").register_forward_hook(
-            lambda mod, args, out: seen.append(out.is_contiguous(memory_format=torch.channels_last)))
-        fm(x)
-        hook.remove()
-        layouts[be] = (len(calls), seen)
-    assert layouts == {"reference": (0, [False]), "tvm": (1, [True])}
