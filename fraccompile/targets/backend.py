@@ -31,6 +31,7 @@ Only the quantized codes (int8/uint8) are saved for backward, not fp32 copies.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -130,7 +131,7 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
             flat = xd.reshape(x.shape[0], -1, x.shape[1])
     else:
         flat = xd.reshape(-1)
-    args = [flat, qp.scale.reshape(1).float(), torch.tensor([qp.qmin, qp.qmax])]
+    args = [flat, qp.scale.reshape(1).float(), _bounds(qp.qmin, qp.qmax)]
     if counter:
         args.append(noise_seed())
     elif stochastic:  # the reference's draws, in logical order, laid out like x
@@ -687,8 +688,15 @@ def _conv2d_geometry(spec: SiteSpec, xl: torch.Tensor, w_shape) -> tuple[int, ..
             *_out_sizes(spec, (H, W), w_shape))
 
 
+@functools.lru_cache(maxsize=None)  # read-only kernel arguments: made once, not per call
 def _flip(value: int) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _bounds(qmin: float, qmax: float) -> torch.Tensor:
+    """The quantize kernel's ``[qmin, qmax]``."""
+    return torch.tensor([qmin, qmax])
 
 
 def _source(t: torch.Tensor, direct: str, transposed: str) -> tuple[str, torch.Tensor]:
