@@ -17,7 +17,9 @@ the per-GEMM median times:
 
 * kernel: the TVM kernel alone on operands already padded and packed: for an ungrouped 2-D conv's
   FW and (stride 1) GC the implicit-GEMM conv kernels the backend runs (``targets/conv.py``; the
-  ops counted are still the GEMM's), else the GEMM;
+  ops counted are still the GEMM's; FW in its int32 form, where the backend runs the form with
+  the dequantize in the write-back, ``conv_dq``, when no output channel is padding), else the
+  GEMM;
 * kernel+packing: ``TVMBackend.gemm`` on int8/uint8 codes in the layout the backend passes them
   (sign shift, padding, packing of B, sign corrections); for an ungrouped 2-D conv's FW and GC,
   the backend's ``fw`` / ``gc`` on channels-last codes (implicit GEMM, or patches packed straight

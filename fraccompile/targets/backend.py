@@ -213,21 +213,30 @@ class TVMBackend(ReferenceBackend):
                          out.permute(*perm).reshape(-1))
         return out
 
-    def _zero_borders_kept(self, slot: str, buf: torch.Tensor, padding) -> bool:
-        """Whether the padded codes ``buf`` (a :meth:`scratch` view) still have the zero borders
-        of the last call that asked this, for the same shape and ``padding``: the implicit convs
-        overwrite only the interior, so consecutive calls of one geometry (most sites of a stage)
-        skip re-zeroing them (176 strided fills, 2 ms per ResNet-20 step). Records that the
-        caller zeroes them now when not."""
+    def _padded_codes(self, slot: str, shape, dim: int, padding, src: torch.Tensor,
+                      flip: int) -> torch.Tensor:
+        """A :meth:`scratch` uint8 buffer of ``shape`` holding the codes ``src`` in its interior
+        (the two spatial dims from ``dim`` on, padded by ``padding``) and code 0 around them, all
+        of it XORed with ``flip``: an implicit conv's input. Only the interior is written per
+        call; the zero borders are rewritten only when the buffer, its shape or the padding
+        changed, or a flip overwrote them (consecutive calls of one geometry, most sites of a
+        stage, skip 176 strided fills, 2 ms per ResNet-20 step)."""
+        buf = self.scratch(slot, shape, torch.uint8)
+        (ph, pw), (H, W) = padding, src.shape[dim:dim + 2]
+        lead = (slice(None),) * dim
         state = self._local.__dict__.setdefault("borders", {})
-        key = (buf.data_ptr(), tuple(buf.shape), tuple(padding))
-        kept = state.get(slot) == key
-        state[slot] = key
-        return kept
-
-    def _zero_borders_lost(self, slot: str) -> None:
-        """The borders of ``slot`` were overwritten (a sign flip of the whole buffer)."""
-        self._local.__dict__.setdefault("borders", {}).pop(slot, None)
+        key = (buf.data_ptr(), tuple(shape), tuple(padding))
+        if state.get(slot) != key:
+            rows = slice(ph, ph + H)
+            for border in (lead + (slice(0, ph),), lead + (slice(ph + H, None),),
+                           lead + (rows, slice(0, pw)), lead + (rows, slice(pw + W, None))):
+                buf[border].zero_()
+            state[slot] = key
+        buf[lead + (slice(ph, ph + H), slice(pw, pw + W))].copy_(src)
+        if flip:
+            buf.bitwise_xor_(flip)
+            state.pop(slot)  # the borders are flip now, not 0
+        return buf
 
     def _scratch_like(self, slot: str, t: torch.Tensor) -> torch.Tensor:
         """An fp32 :meth:`scratch` buffer shaped and laid out as ``t`` (a fresh one on the GPU
@@ -367,15 +376,9 @@ class TVMBackend(ReferenceBackend):
         N, H, W, Cin = xl.shape
         OC, K = wr.shape[1:]
         (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
-        X = self.scratch("x", (N, shape.hp, shape.wp, Cin), torch.uint8)
-        if not self._zero_borders_kept("x", X, (ph, pw)):
-            for border in (X[:, :ph], X[:, ph + H:], X[:, ph:ph + H, :pw],
-                           X[:, ph:ph + H, pw + W:]):
-                border.zero_()  # a tap outside the image reads code 0 (flipped below)
-        X[:, ph:ph + H, pw:pw + W].copy_(xl.view(torch.uint8))
-        if flip:
-            X.bitwise_xor_(flip)
-            self._zero_borders_lost("x")
+        # a tap outside the image reads code 0, flipped as the codes are
+        X = self._padded_codes("x", (N, shape.hp, shape.wp, Cin), 1, (ph, pw),
+                               xl.view(torch.uint8), flip)
         _, pack_b = self._b_packer(wr)                              # w is signed: no flip
         Bp = pack_b(0, K, shape.ocp, K)
         # A was shifted by +flip: subtract flip·(the weight row's code sum) per output channel
@@ -414,17 +417,10 @@ class TVMBackend(ReferenceBackend):
         N, H, W, Cin = xl.shape
         OC, per, ocp = w_shape[0], OH * OW, shapes[0].ocp
         (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
-        XT = self.scratch("xt", (N, Cin, H + 2 * ph, W + 2 * pw), torch.uint8)
-        if not self._zero_borders_kept("xt", XT, (ph, pw)):
-            for border in (XT[:, :, :ph], XT[:, :, ph + H:], XT[:, :, ph:ph + H, :pw],
-                           XT[:, :, ph:ph + H, pw + W:]):
-                border.zero_()  # a tap outside the image reads code 0 (flipped below)
         # the transposing copy, then the flip in place over the dense planes (an XOR straight
         # into the strided interior goes through a temporary and a second copy)
-        XT[:, :, ph:ph + H, pw:pw + W].copy_(xl.view(torch.uint8).permute(0, 3, 1, 2))
-        if flip:
-            XT.bitwise_xor_(flip)
-            self._zero_borders_lost("xt")
+        XT = self._padded_codes("xt", (N, Cin, H + 2 * ph, W + 2 * pw), 2, (ph, pw),
+                                xl.view(torch.uint8).permute(0, 3, 1, 2), flip)
         dy = dyq.codes.permute(0, 2, 3, 1).reshape(N * per, OC)    # (positions, OC)
         total, b0 = None, 0
         for shape in shapes:  # batch chunks
