@@ -47,6 +47,16 @@ def _one_line_errors(fn):
     return wrapper
 
 
+def _writable(path: Path, option: str) -> None:
+    """Refuse an output directory that cannot be written, before any long work."""
+    from .errors import ConfigError
+    from .fileio import dir_problem
+
+    problem = dir_problem(path)
+    if problem:
+        raise ConfigError(f"{option} {path}: {problem}")
+
+
 def _load_config(path: Optional[Path], leaf: list[str], capture: Optional[str]):
     from .config import FracConfig
 
@@ -90,6 +100,7 @@ def transform(
     cfg = _override(cfg, backend=backend, scheme=scheme, weight_scale=weight_scale,
                     rounding_noise=rounding_noise, recompute=recompute,
                     recompute_budget=recompute_budget)
+    _writable(out, "--out")
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
     console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
@@ -206,6 +217,11 @@ def train(
     tuning_db: Annotated[Optional[Path], typer.Option(help="tvm: a `tune` database")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     deterministic: Annotated[bool, typer.Option(help="torch deterministic algorithms")] = False,
+    on_nonfinite: Annotated[str, typer.Option(
+        help="a step with a NaN/inf loss or gradient: skip it (and stop after --max-nonfinite in "
+             "a row) or stop at once; it never reaches the weights or the checkpoint")] = "skip",
+    max_nonfinite: Annotated[int, typer.Option(
+        min=1, help="non-finite steps in a row that stop the run")] = 10,
 ) -> None:
     """Train a model with a precision schedule; logs, checkpoints and plots go to --out."""
     import json
@@ -214,11 +230,23 @@ def train(
 
     from .api import compile as frac_compile
     from .errors import ConfigError
+    from .fileio import atomic_write
     from .loading import load_model
-    from .train import LR_SCHEDULES, fit
+    from .train import LR_SCHEDULES, NONFINITE, check_model_state, fit, load_checkpoint
 
     if lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"--lr-schedule {lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}")
+    if on_nonfinite not in NONFINITE:
+        raise ConfigError(f"--on-nonfinite {on_nonfinite!r}: choose {' or '.join(NONFINITE)}")
+    if optimizer not in ("sgd", "adamw"):
+        raise ConfigError(f"--optimizer {optimizer!r}: choose sgd or adamw")
+    _writable(out, "--out")
+    saved = None
+    if resume is not None:  # a damaged or foreign checkpoint is refused before any compiling
+        try:
+            saved = load_checkpoint(resume)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
     sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step,
                            beta)
     cfg = _override(_load_config(config, [], None), backend=backend, scheme=scheme,
@@ -231,6 +259,9 @@ def train(
     dataset = _make_data(data, batch_size, block_size, train_limit, test_limit, seed)
     torch.manual_seed(seed)
     model = load_model(model_spec)
+    if saved is not None:  # its model's keys and shapes (compiling only adds keys)
+        check_model_state(resume, saved["model"], model.state_dict(), exact=False)
+        del saved
     x, _ = next(iter(dataset.batches(0)))
     vocab = getattr(dataset, "vocab_size", None)
     embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
@@ -241,13 +272,11 @@ def train(
     if optimizer == "sgd":
         opt = torch.optim.SGD(fmodel.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
                               nesterov=True)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(fmodel.parameters(), lr=lr, weight_decay=0.01)
     else:
-        raise ConfigError(f"--optimizer {optimizer!r}: choose sgd or adamw")
+        opt = torch.optim.AdamW(fmodel.parameters(), lr=lr, weight_decay=0.01)
     out.mkdir(parents=True, exist_ok=True)
     if resume is None:
-        (out / "run.json").write_text(json.dumps(
+        atomic_write(out / "run.json", json.dumps(
             {"model": model_spec, "data": data, "schedule": schedule, "fw": fw, "bw": bw,
              "iters": iters, "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
              "optimizer": optimizer, "eval_every": eval_every, "pfq_every": pfq_every,
@@ -258,7 +287,7 @@ def train(
         result = fit(fmodel, dataset, iters=iters, schedule=sched, optimizer=opt,
                      lr_schedule=lr_schedule, eval_every=eval_every, out_dir=out, resume=resume,
                      seed=seed, deterministic=deterministic, console=console,
-                     model_name=model_spec)
+                     model_name=model_spec, nonfinite=on_nonfinite, max_nonfinite=max_nonfinite)
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     meter = fmodel.frac_meter
@@ -322,6 +351,7 @@ def tune(
     from .targets.export import record
     from .targets.tuning import LocalRunner, RPCRunner, TuningDB, TuningDBError, parse_rpc, tune
 
+    _writable(db, "--db")
     try:
         if rpc:
             parse_rpc(rpc)
@@ -387,6 +417,7 @@ def export(
     from .targets.export import export as export_kernels
     from .targets.tuning import TuningDB, TuningDBError
 
+    _writable(out, "--out")
     try:
         database = TuningDB(db) if db is not None else None
     except TuningDBError as err:
@@ -411,6 +442,8 @@ def report(
     from .errors import ConfigError
     from .plots import render_report
 
+    if out is not None:
+        _writable(out, "--out")
     try:
         paths = render_report(run_dir, out)
     except (FileNotFoundError, ValueError) as err:
@@ -431,6 +464,8 @@ def demo(
     from .config import FracConfig
     from .demo import run_demo
 
+    if out is not None:
+        _writable(out, "--out")
     run_demo(iters, batch_size, FracConfig(scheme=scheme), out_dir=out, console=console)
 
 

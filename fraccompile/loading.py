@@ -33,6 +33,11 @@ def load_module_from_file(path: Path):
     sys.modules[mod_name] = module  # dataclasses and pickling look modules up by name
     try:
         spec.loader.exec_module(module)
+    except SystemExit as err:  # a script, not a model file: its exit must not end fraccompile
+        del sys.modules[mod_name]
+        raise ModelLoadError(f"cannot import {path}: it called sys.exit({err.code!r}) while being "
+                             "imported; put its script part under "
+                             "`if __name__ == \"__main__\":`") from None
     except Exception as err:  # noqa: BLE001 - any failure in user code becomes one line
         del sys.modules[mod_name]
         raise ModelLoadError(f"cannot import {path}: {type(err).__name__}: {err}") from err
@@ -73,6 +78,8 @@ def load_model(spec: str) -> nn.Module:
     except TypeError as err:
         raise ModelLoadError(f"cannot build {path}:{name} without arguments ({err}); "
                              "add a factory function that takes none") from err
+    except SystemExit as err:
+        raise ModelLoadError(f"{path}:{name}() called sys.exit({err.code!r})") from None
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(f"{path}:{name}() failed: {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):

@@ -18,7 +18,6 @@ rendering touches no global matplotlib state and works without a display.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import FracCompileError
+from .fileio import read_jsonl
 
 LOG_NAME = "log.jsonl"
 FULL_BITS = 32  # a precision of 0 (or a missing one) means full precision
@@ -127,18 +127,12 @@ def read_log(path: str | Path) -> RunLog:
     path = _log_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training log here")
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
+    try:
+        records = read_jsonl(path)  # a torn last line (a run killed or being written) is skipped
+    except ValueError as err:
+        raise LogError(str(err)) from None
     log: RunLog | None = None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            if n == len(lines) and not text.endswith("\n"):
-                break  # partial line of a run being written
-            raise LogError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    for n, rec in records:
         if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
             raise LogError(f"{path}:{n}: expected a JSON object with an \"event\" key")
         event = rec["event"]

@@ -165,6 +165,9 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     """id -> (argv after `fraccompile`, substrings the error line must contain)."""
     (root / "a99.toml").write_text("[fraccompile]\na = 99\n")
     (root / "unknown_key.toml").write_text("[fraccompile]\na = 4\nbits = 8\n")
+    (root / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    (root / "a_file").write_text("")
+    (root / "empty.pt").write_bytes(b"")
     ex = EXAMPLES
     cases = {
         "missing_file": (["transform", str(root / "nope.py"), "--input-shape", "2,3,32,32"],
@@ -182,14 +185,25 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], list[str]]]:
         "config_unknown_key": (["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,3,32,32",
                                 "--config", str(root / "unknown_key.toml")],
                                ["bits", "valid fields", "act_momentum"]),
+        "sys_exit_at_import": (["transform", str(root / "exits.py"), "--input-shape", "2,3,32,32"],
+                               ["exits.py", "sys.exit(0)", "__main__"]),
+        "out_is_a_file": (["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,3,32,32",
+                           "--out", str(root / "a_file")], ["--out", "exists and is not a directory"]),
+        "out_under_a_file": (["train", f"{ex}/resnet_cifar.py", "--out", str(root / "a_file" / "run")],
+                             ["--out", "a_file is not a directory"]),
+        "out_not_writable": (["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,3,32,32",
+                              "--out", "/proc/fraccompile-out"], ["--out", "cannot write in /proc"]),
+        "empty_checkpoint": (["train", f"{ex}/functional_model.py", "--resume", str(root / "empty.pt"),
+                              "--out", str(root / "unexpected_out")], ["empty.pt", "is empty"]),
     }
     # never write into the working directory, even if a case unexpectedly succeeded
-    return {c: (argv + ["--out", str(root / "unexpected_out")], needles)
+    return {c: (argv + ([] if "--out" in argv else ["--out", str(root / "unexpected_out")]), needles)
             for c, (argv, needles) in cases.items()}
 
 
 BAD_IDS = ["missing_file", "unknown_name", "untraceable", "wrong_shape", "malformed_shape",
-           "config_out_of_range", "config_unknown_key"]
+           "config_out_of_range", "config_unknown_key", "sys_exit_at_import", "out_is_a_file",
+           "out_under_a_file", "out_not_writable", "empty_checkpoint"]
 
 
 def _error_line(stderr: str) -> str:
@@ -240,6 +254,83 @@ def test_bad_toml_and_not_python_in_process(out_root):
     assert res.exit_code == 2 and "TOML" in _error_line(res.stderr)
     res = invoke("transform", bad, "--input-shape", "2,3,32,32")
     assert res.exit_code == 2 and "not a Python file" in _error_line(res.stderr)
+
+
+@pytest.mark.parametrize("command", ["transform", "train", "tune", "export"])
+def test_unusable_out_is_refused_before_compiling(out_root, monkeypatch, command):
+    import fraccompile.api
+
+    monkeypatch.setattr(fraccompile.api, "compile", lambda *a, **k: pytest.fail("compiled"))
+    (out_root / "taken").write_text("")
+    option = "--db" if command == "tune" else "--out"
+    shape = [] if command == "train" else ["--input-shape", "2,3,32,32"]
+    res = invoke(command, EXAMPLES / "resnet_cifar.py", *shape, option, out_root / "taken")
+    if command in ("tune", "export") and "TVM is not usable" in res.stderr:
+        pytest.skip(res.stderr)
+    assert res.exit_code == 2, res.output
+    assert f"{option} {out_root / 'taken'}: exists and is not a directory" in _error_line(res.stderr)
+
+
+def _read_only_mount_works() -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o ro tmpfs /mnt && "
+                            "touch /mnt/x"], capture_output=True, text=True, timeout=60) \
+        if shutil.which("unshare") else None
+    return probe is not None and "Read-only file system" in probe.stderr
+
+
+@pytest.mark.skipif(SCRIPT is None, reason="the fraccompile console script is not on PATH")
+def test_out_on_a_read_only_file_system(tmp_path):
+    """A read-only tmpfs mounted in a private mount namespace (needs root and unshare)."""
+    if not _read_only_mount_works():
+        pytest.skip("cannot mount a read-only file system here (unshare -m needs root)")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro tmpfs "{ro}" && exec "$0" "$@"', SCRIPT,
+         "transform", str(EXAMPLES / "resnet_cifar.py"), "--input-shape", "2,3,32,32", "--out",
+         str(ro / "out")], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"{PREFIX} --out {ro / 'out'}: cannot write in {ro} (read-only file system)"]
+
+
+LAZY = """
+import torch
+from torch import nn
+
+
+class Lazy(nn.Module):  # {what}
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        {extra}
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        {call}
+        return self.fc(x.flatten(1))
+"""
+
+
+@pytest.mark.parametrize("sites", [0, 1])
+def test_models_with_lazy_layers(out_root, sites):
+    """nn.LazyLinear is materialized by the capture's run; with no layer left to quantize (the
+    first conv and the last linear stay in full precision) the model compiles and trains too."""
+    path = out_root / f"lazy{sites}.py"
+    path.write_text(LAZY.format(
+        what="first conv, lazy last linear" + (", a lazy conv between" if sites else ""),
+        extra="self.mid = nn.LazyConv2d(8, 3, padding=1)" if sites else "",
+        call="x = torch.relu(self.mid(x))" if sites else ""))
+    res = invoke("transform", path, "--input-shape", "2,3,32,32", "--out", out_root / f"lazy{sites}")
+    assert res.exit_code == 0, res.output
+    graph = json.loads((out_root / f"lazy{sites}" / "graph.json").read_text())
+    assert sum(not s["full_precision"] for s in graph["sites"]) == sites
+    if not sites:
+        res = invoke("train", path, "--iters", "1", "--eval-every", "1", "--batch-size", "4",
+                     "--train-limit", "8", "--test-limit", "4", "--out", out_root / "lazy_run")
+        assert res.exit_code == 0, res.output
+        assert "done: 1 iterations" in res.stdout
 
 
 # -- the real console script -----------------------------------------------------------------------

@@ -15,7 +15,8 @@ from fraccompile.control import PFQ, Static
 from fraccompile.cost import cost_report
 from fraccompile.data import ClassificationData
 from fraccompile.examples.functional_model import FunctionalNet
-from fraccompile.train import fit, load_checkpoint, save_checkpoint
+from fraccompile.train import (CHECKPOINT_KEYS, CHECKPOINT_VERSION, fit, load_checkpoint,
+                               save_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -72,9 +73,15 @@ def test_log_records(data, tmp_path):
     assert [t["iter"] for t in tps] == [e["iter"] for e in result.events]
 
 
+def _state(iteration, **extra):
+    """A minimal state load_checkpoint accepts."""
+    return {**dict.fromkeys(CHECKPOINT_KEYS), "version": CHECKPOINT_VERSION,
+            "iteration": iteration, **extra}
+
+
 def test_atomic_checkpoint_survives_an_interrupted_write(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint({"version": 1, "iteration": 1, "payload": torch.arange(5)}, path)
+    save_checkpoint(_state(1, payload=torch.arange(5)), path)
 
     def broken_save(obj, f, *args, **kwargs):
         f.write(b"partial bytes")
@@ -82,7 +89,7 @@ def test_atomic_checkpoint_survives_an_interrupted_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"version": 1, "iteration": 2}, path)
+        save_checkpoint(_state(2), path)
     monkeypatch.undo()
     state = load_checkpoint(path)
     assert state["iteration"] == 1 and torch.equal(state["payload"], torch.arange(5))

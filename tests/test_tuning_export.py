@@ -285,17 +285,30 @@ def _edit_manifest(path, **fields):
     (path / "manifest.json").write_text(json.dumps(m))
 
 
+def _other_cpu() -> str:
+    """An LLVM CPU name that is not this machine's (the project's machines are Intel Xeons and AMD
+    Zen 4 / Zen 5)."""
+    from fraccompile.targets.host import detect
+    return next(c for c in ("znver4", "sapphirerapids") if c != detect().mcpu)
+
+
 @pytest.mark.parametrize("field,value,match", [
-    ("mcpu", "znver4", "mcpu 'znver4'"),
+    ("mcpu", "another-cpu", "mcpu '{value}'"),
     ("isa", "avx2", "isa 'avx2'"),
     ("tvm", "0.19.0", "tvm '0.19.0'"),
     ("source_hash", "0" * 16, "source_hash"),
 ])
 def test_manifest_of_another_target_or_version_is_refused(exported, tmp_path, field, value, match):
     from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+    from fraccompile.targets.host import detect
+    if field == "mcpu":
+        value = _other_cpu()
+    if field == "isa" and detect().isa == value:
+        value = "avx512bw"
+        match = "isa 'avx512bw'"
     d = _copy_export(exported, tmp_path)
     _edit_manifest(d, **{field: value})
-    with pytest.raises(KernelLibraryError, match=match):
+    with pytest.raises(KernelLibraryError, match=match.format(value=value)):
         ExportedKernels(d)
 
 
@@ -323,11 +336,26 @@ def test_tampered_missing_or_damaged_files_are_refused(exported, tmp_path):
         lib.kernel(cuda.padded(1, 64, 64, 64), "sm_90")
 
 
+def test_truncated_library_is_refused_even_when_the_manifest_hash_matches(exported, tmp_path):
+    """dlopen of a truncated library dies of SIGBUS, past any except: its ELF structure is checked
+    before, whatever the manifest says."""
+    from fraccompile import fileio
+    from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+    d = _copy_export(exported, tmp_path)
+    lib = d / "kernels-cpu.so"
+    lib.write_bytes(lib.read_bytes()[:lib.stat().st_size // 2])
+    _edit_manifest(d, sha256=fileio.sha256_file(lib))
+    with pytest.raises(KernelLibraryError, match=r"kernels-cpu.so is not a whole shared library "
+                       r"\(truncated"):
+        ExportedKernels(d)
+
+
 def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, model_file, tmp_path,
                                                                   caplog):
     d = _copy_export(exported, tmp_path)
-    _edit_manifest(d, mcpu="znver4")
-    with pytest.raises(fraccompile.errors.FracCompileError, match="mcpu 'znver4'"):
+    other = _other_cpu()
+    _edit_manifest(d, mcpu=other)
+    with pytest.raises(fraccompile.errors.FracCompileError, match=f"mcpu '{other}'"):
         _small(model_file, kernels=str(d))
     fm, _, x = _small(model_file, kernels=str(d), kernels_fallback=True)
     assert "building kernels instead" in caplog.text

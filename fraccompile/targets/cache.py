@@ -9,10 +9,17 @@ source (:func:`fraccompile.targets.kernels.source_hash`). The directory is
 ``~/.cache/fraccompile/kernels``.
 
 Concurrency: a builder takes an exclusive ``flock`` on ``<file>.lock``, re-checks the file, builds
-into a temporary file in the same directory and ``os.replace``-s it into place, so a reader sees
-either no file or a complete one, and two processes never build the same kernel at once.
-Linking a shared library needs a C compiler (TVM calls ``cc``); without one kernels are built in
-memory for the process and a warning says so once.
+into a temporary file in the same directory and renames it into place
+(:func:`fraccompile.fileio.atomic_path`), so a reader sees either no file or a complete one, and
+two processes never build the same kernel at once. Linking a shared library needs a C compiler
+(TVM calls ``cc``); without one kernels are built in memory for the process and a warning says so
+once.
+
+Damage: next to each library its size and sha256 are recorded (``<file>.sha256``); a library that
+does not match them, or is not a whole ELF file, is never loaded (``dlopen`` of a truncated one
+dies of SIGBUS) but rebuilt, with a warning. A library without the record (an older cache) is
+adopted when its ELF structure is whole. The first kernel a process asks for removes what killed
+builds left in the directory (temporary files, build directories).
 
 Loading a library also points its parallel loops at torch's OpenMP threads
 (:mod:`fraccompile.targets.threads`).
@@ -20,22 +27,23 @@ Loading a library also points its parallel loops at torch's OpenMP threads
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import logging
 import os
 import pathlib
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import tvm
 
+from .. import fileio
 from . import cache_dir, gemm, threads
 from .host import HostTarget, detect
 
 log = logging.getLogger("fraccompile.targets")
 DTYPES = "u8s8s32"
+_SWEPT: set[pathlib.Path] = set()  # cache directories this process has cleaned
 
 
 def kernel_key(shape: gemm.GemmShape, host: HostTarget) -> str:
@@ -102,43 +110,65 @@ class KernelCache:
         return fn
 
     def _load_or_build(self, path: pathlib.Path, build):
-        if path.exists():
+        self._sweep()
+        if path.exists() and fileio.checksum_problem(path) is None \
+                and fileio.elf_problem(path) is None:
             try:
                 return self._load(path)
-            except Exception as e:  # a damaged or foreign file: rebuilt below, under the lock
+            except Exception as e:  # a foreign file: rebuilt below, under the lock
                 log.warning("kernel cache: cannot load %s (%s); rebuilding", path,
                             str(e).splitlines()[0])
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            lock = open(str(path) + ".lock", "a+")
-        except OSError as e:
-            return self._build_in_memory(build, f"cache directory not writable: {e}")
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.ExitStack() as stack:
             try:
-                if path.exists():  # another process built it while we waited, or it is damaged
-                    try:
-                        return self._load(path)
-                    except Exception:
-                        path.unlink(missing_ok=True)
-                t0 = time.perf_counter()
-                lib = build()
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=self.directory)
-                os.close(fd)
-                try:
-                    lib.export_library(tmp)
-                    os.replace(tmp, path)
-                except Exception as e:
-                    pathlib.Path(tmp).unlink(missing_ok=True)
-                    self._warn(f"cannot write a shared library ({e}); kernels are built in memory "
-                               "for this process only (and run on TVM's thread pool)")
-                    self._record_build(t0)
-                    self._modules.append(lib)
-                    return lib["main"]
+                self.directory.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(fileio.locked(path))
+            except OSError as e:
+                return self._build_in_memory(build, f"cache directory not writable: {e}")
+            if path.exists():  # another process built it while we waited, or it is damaged
+                fn = self._load_checked(path)
+                if fn is not None:
+                    return fn
+            t0 = time.perf_counter()
+            lib = build()
+            try:
+                with fileio.atomic_path(path, suffix=".so") as tmp:
+                    lib.export_library(str(tmp))
+                fileio.write_checksum(path)
+            except Exception as e:
+                self._warn(f"cannot write a shared library ({e}); kernels are built in memory "
+                           "for this process only (and run on TVM's thread pool)")
                 self._record_build(t0)
+                self._modules.append(lib)
+                return lib["main"]
+            self._record_build(t0)
+            return self._load(path)
+
+    def _load_checked(self, path: pathlib.Path):
+        """Under the lock: the kernel at ``path`` when it is whole (recording the checksum of a
+        whole library an older cache wrote without one), else None, its files removed."""
+        problem = fileio.checksum_problem(path)
+        structure = fileio.elf_problem(path)
+        if problem == fileio.NO_CHECKSUM and structure is None:
+            fileio.write_checksum(path)
+            problem = None
+        problem = problem or structure
+        if problem is None:
+            try:
                 return self._load(path)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            except Exception as e:
+                problem = str(e).splitlines()[0]
+        log.warning("kernel cache: %s is damaged (%s); rebuilding it", path, problem)
+        path.unlink(missing_ok=True)
+        fileio.checksum_path(path).unlink(missing_ok=True)
+        return None
+
+    def _sweep(self) -> None:
+        """Once per process and directory: remove what killed builds left behind."""
+        if self.directory not in _SWEPT:
+            _SWEPT.add(self.directory)
+            removed = fileio.remove_stale_temps(self.directory)
+            if removed:
+                log.info("kernel cache: removed %d leftovers of interrupted builds", len(removed))
 
     def _record_build(self, t0: float) -> None:
         self.stats.built += 1

@@ -22,7 +22,8 @@ Kernels are compiled for the device's architecture (sm_80 for compute capability
 ``$FRACCOMPILE_CACHE_DIR`` (else ``$XDG_CACHE_HOME/fraccompile/kernels`` or
 ``~/.cache/fraccompile/kernels``) as ``<shape name>-<arch>-<key>.cubin``, the key hashing the
 shape, arch, format, TVM version and the source hash of :mod:`.cuda`; files are written to a
-temporary file and ``os.replace``-d, so a reader sees no file or a whole one.
+temporary file and renamed (:func:`fraccompile.fileio.atomic_write`), so a reader sees no file or
+a whole one.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import hashlib
 import importlib.metadata
 import os
 import pathlib
-import tempfile
 import threading
 
 import torch
 
+from .. import fileio
 from . import cache_dir
 
 MAX_K = 65_536  # |sum of K s8·s8 products| <= 128·128·65536 = 2**30
@@ -182,14 +183,7 @@ def load_or_build(shape, arch: str, fmt: str = "cubin",
     data = cuda.compile_source(cuda.generate_source(shape, arch), arch, fmt)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=f".{fmt}", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
-            raise
+        fileio.atomic_write(path, data)
     except OSError:
         pass  # read-only cache: the kernel is rebuilt by the next process
     return data

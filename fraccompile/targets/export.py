@@ -19,26 +19,26 @@ the GEMM problems and kernels it calls, and writes::
 :class:`ExportedKernels` serves a backend from such a directory and builds nothing. It refuses, with
 a :class:`KernelLibraryError` naming the mismatch, a manifest of another CPU, instruction set, TVM
 version or kernel source, a missing or damaged library, a library whose bytes differ from the
-manifest's hash, and (at the call, naming the site and role) a GEMM the library does not hold or a
-target it was not exported for — unless the user asked for the fallback, which builds what is
+manifest's hash, a CPU library that is not a whole ELF file (checked before ``dlopen``, which
+would die of SIGBUS on a truncated one, even when the manifest's hash was edited to match), and
+(at the call, naming the site and role) a GEMM the library does not hold or a target it was not
+exported for — unless the user asked for the fallback, which builds what is
 missing, with a warning.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable
 
 import torch
 import tvm
 
-from .. import __version__
+from .. import __version__, fileio
 from ..errors import FracCompileError
 from . import gemm, threads
 from .cache import DTYPES
@@ -58,14 +58,6 @@ class KernelLibraryError(FracCompileError):
 
 def library_name(target: str) -> str:
     return f"kernels-{target}.so"
-
-
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _problem_key(problem) -> str:
@@ -177,20 +169,6 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
     return entry
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file and a rename, with the usual permissions (umask)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-
-
 def _merge_manifest(out: pathlib.Path, target: str, section: dict, kernels: list, shapes,
                     model: str) -> dict:
     """The manifest of ``out`` with ``target``'s section and kernels replaced: exporting the other
@@ -206,7 +184,7 @@ def _merge_manifest(out: pathlib.Path, target: str, section: dict, kernels: list
         pass
     manifest["targets"][target] = section
     manifest["kernels"] += kernels
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    fileio.atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -220,6 +198,8 @@ def export(fmodel, inputs, out: str | os.PathLike, target: str = "cpu", tuning=N
     rec = record(fmodel, inputs)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("kernels-*", MANIFEST):  # what exports killed mid-write left
+        fileio.remove_stale_temps(out, name)
     shapes = [list(t.shape) for t in (inputs if isinstance(inputs, tuple) else (inputs,))]
     if target == "cuda":
         section, kernels = _build_cuda(rec, out)
@@ -234,14 +214,9 @@ def _build_cpu(rec: Recorder, out: pathlib.Path, tuning) -> tuple[dict, list]:
     mod = tvm.IRModule({ref.name: ref.primfunc(host.isa) for ref in refs})
     lib = tvm.compile(mod, target=host.target())
     path = out / library_name("cpu")
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out)
-    os.close(fd)
-    try:
-        lib.export_library(tmp)
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-    section = {"library": path.name, "sha256": _sha256(path), "host": host.key,
+    with fileio.atomic_path(path, suffix=".so") as tmp:
+        lib.export_library(str(tmp))
+    section = {"library": path.name, "sha256": fileio.sha256_file(path), "host": host.key,
                "mcpu": host.mcpu, "isa": host.isa, "tvm": tvm.__version__,
                "source_hash": source_hash(),
                "problems": {_problem_key(p): ref.name for ref in refs if ref.kind == "gemm"
@@ -272,7 +247,7 @@ def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
     source = tvm.compile(mod, target=cuda.target(cuda.ARCHS[-1])).mod.imports[0].inspect_source()
     fatbin = cuda.compile_fatbin(source)
     path = out / CUDA_LIBRARY
-    _write_atomic(path, fatbin)
+    fileio.atomic_write(path, fatbin)
     kernels, table = [], {}
     for s in shapes:
         grid, block, _, params = cuda.launch_config(s)
@@ -289,7 +264,7 @@ def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
                                    "C": [s.groups, s.m, s.n]},
                         "grid": list(grid), "block": list(block),
                         "sites": [{"site": a, "role": b} for a, b in sorted(uses[s])]})
-    section = {"library": path.name, "sha256": _sha256(path), "archs": list(cuda.ARCHS),
+    section = {"library": path.name, "sha256": fileio.sha256_file(path), "archs": list(cuda.ARCHS),
                "tvm": tvm.__version__, "source_hash": cuda.source_hash(), "kernels": table}
     return section, kernels
 
@@ -315,7 +290,10 @@ def _read_manifest(directory: pathlib.Path) -> dict:
     return manifest
 
 
-def _check_library(directory: pathlib.Path, info: dict, expected: dict) -> pathlib.Path:
+def _check_library(directory: pathlib.Path, info: dict, expected: dict,
+                   elf: bool = False) -> pathlib.Path:
+    """The library ``info`` names, checked: the manifest's fields against ``expected``, its
+    sha256, and (``elf``: a shared library to ``dlopen``) its ELF structure."""
     refuse = _refusal(directory)
     for field, mine in expected.items():
         if info.get(field) != mine:
@@ -324,9 +302,12 @@ def _check_library(directory: pathlib.Path, info: dict, expected: dict) -> pathl
     lib = directory / str(info.get("library", ""))
     if not lib.is_file():
         raise refuse(f"the library {lib.name} is missing")
-    if _sha256(lib) != info.get("sha256"):
+    if fileio.sha256_file(lib) != info.get("sha256"):
         raise refuse(f"{lib.name} does not match the sha256 in {MANIFEST} (modified or truncated "
                      "after export); export again")
+    problem = fileio.elf_problem(lib) if elf else None
+    if problem:
+        raise refuse(f"{lib.name} is not a whole shared library ({problem}); export again")
     return lib
 
 
@@ -401,7 +382,7 @@ class ExportedKernels:
     def _open_cpu(self, info: dict):
         lib = _check_library(self.directory, info, {
             "tvm": tvm.__version__, "mcpu": self.host.mcpu, "isa": self.host.isa,
-            "source_hash": source_hash()})
+            "source_hash": source_hash()}, elf=True)
         try:
             module = tvm.runtime.load_module(str(lib))
         except Exception as e:

@@ -16,15 +16,15 @@ tasks ``id, id + team, ...``, so a smaller team than asked for (nested regions, 
 still runs every task.
 
 The launcher is compiled once per machine into the kernel cache directory (needs ``cc``, as the
-kernel cache does). ``FRACCOMPILE_THREADS=tvm`` keeps TVM's pool; without a C compiler, without an
-OpenMP runtime in the process (a torch built without OpenMP) or for a library that could not be
-written to disk (built in memory), the kernels run on TVM's pool, and :func:`pool` says why.
+kernel cache does), with its checksum next to it: a damaged one is rebuilt, never loaded.
+``FRACCOMPILE_THREADS=tvm`` keeps TVM's pool; without a C compiler, without an OpenMP runtime in
+the process (a torch built without OpenMP) or for a library that could not be written to disk
+(built in memory), the kernels run on TVM's pool, and :func:`pool` says why.
 """
 
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import logging
@@ -33,6 +33,7 @@ import pathlib
 import subprocess
 import tempfile
 
+from .. import fileio
 from . import cache_dir
 
 log = logging.getLogger("fraccompile.targets")
@@ -107,13 +108,14 @@ def openmp_library() -> str | None:
 
 
 def _compile(path: pathlib.Path) -> None:
-    """Build the launcher into ``path`` (under a lock; atomic replace, as the kernel cache)."""
+    """Build the launcher into ``path`` (under a lock, in a build directory next to it, renamed
+    into place with its checksum, as the kernel cache does) unless a whole one is there."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():
+    with fileio.locked(path):
+        if path.exists() and fileio.checksum_problem(path) is None:
             return
-        with tempfile.TemporaryDirectory(prefix="omp_launch-build-", dir=path.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=path.name + ".", suffix=".tmp",
+                                         dir=path.parent) as tmp:
             src, out = os.path.join(tmp, "launch.c"), os.path.join(tmp, "launch.so")
             with open(src, "w") as f:
                 f.write(LAUNCHER_C)
@@ -122,7 +124,9 @@ def _compile(path: pathlib.Path) -> None:
                                   capture_output=True, text=True, timeout=120)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip()[:300]}")
-            os.replace(out, path)
+            with fileio.atomic_path(path, suffix=".so") as dst:
+                os.replace(out, dst)
+            fileio.write_checksum(path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,7 +142,7 @@ def _launcher() -> tuple[int | None, str]:
         symbols = [ctypes.cast(getattr(runtime, s), ctypes.c_void_p) for s in _SYMBOLS]
         digest = hashlib.sha256(LAUNCHER_C.encode()).hexdigest()[:16]
         path = cache_dir() / f"omp_launch-{digest}.so"
-        if not path.exists():
+        if not path.exists() or fileio.checksum_problem(path) is not None:
             _compile(path)
         launcher = ctypes.CDLL(str(path))
         launcher.fc_init(*symbols)

@@ -22,7 +22,6 @@ remote server (:class:`RPCRunner`).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pathlib
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tvm
 
+from .. import fileio
 from . import gemm
 from .host import HostTarget, detect
 
@@ -109,15 +109,12 @@ class TuningDB:
     def put(self, rec: TuneRecord) -> None:
         """Add ``rec`` and write the database (merged with what other processes wrote since)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / (DB_FILE + ".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        fileio.remove_stale_temps(self.directory, DB_FILE)  # of writers killed mid-write
+        with fileio.locked(self.path):
             self.records = {**self._read(), **self.records}
             self.records[_key(rec.host, rec.source, rec.problem)] = rec
             data = {"format": FORMAT, "records": [asdict(r) for r in self.records.values()]}
-            fd, tmp = tempfile.mkstemp(suffix=".json", dir=self.directory)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self.path)
+            fileio.atomic_write(self.path, json.dumps(data, indent=1))
 
 
 # -- the search space -------------------------------------------------------------------------------
