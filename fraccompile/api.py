@@ -13,6 +13,7 @@ from .config import FracConfig
 from .errors import ConfigError
 from .model import FracModel
 from .passes.pipeline import get_pipeline, run_passes
+from .passes.quantize_insertion import PRECISION_MODULE
 
 
 def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
@@ -40,6 +41,10 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     gm = capture(model, example_inputs, leaf_modules=config.leaf_modules, method=config.capture)
     gm = run_passes(gm, passes)
     frac = FracModel(gm, gm.graph, class_name=f"Frac{type(model).__name__}")
+    if hasattr(gm, PRECISION_MODULE) and PRECISION_MODULE not in dict(frac.named_children()):
+        # no site reads the precision (every layer kept in full precision): fx left the
+        # controller out, but fmodel.precision and the schedules still need it
+        frac.add_module(PRECISION_MODULE, gm.get_submodule(PRECISION_MODULE))
     frac.frac_config = config
     frac.meta.update(gm.meta)  # capture method, regions (dfq)
     _keep_epilogue_modules(frac)
