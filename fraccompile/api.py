@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,11 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     frac.frac_config = config
     frac.meta.update(gm.meta)  # capture method, regions (dfq)
     _keep_epilogue_modules(frac)
+    _keep_composite_modules(frac)
+    if not frac.sites or all(s.full_precision for s in frac.sites):
+        warnings.warn(f"{type(model).__name__} has no quantized site: the compiled model runs "
+                      f"it in full precision ({len(frac.fp32_ops)} GEMM-like ops left in fp32, "
+                      "see .fp32_ops)", stacklevel=2)
     _attach_missing_state(frac, model)
     frac.train(model.training)
     return frac
@@ -62,6 +68,16 @@ def _keep_epilogue_modules(frac: nn.Module) -> None:
              if isinstance(op, FracOp) and op.epilogue_norm is not None]
     for path, norm in norms:
         frac.add_submodule(path, norm)
+
+
+def _keep_composite_modules(frac: nn.Module) -> None:
+    """An ``nn.MultiheadAttention`` rewritten into sites is called by its composite site (at
+    precision 0, and for its parameters), not by the graph: keep it at its path, so that
+    ``train()``/``eval()``, ``parameters()``, ``to()`` and the state_dict keys reach it."""
+    from .ops.attention import MultiheadAttentionSite
+    kept = [(m.mha_path, m.mha) for m in frac.modules() if isinstance(m, MultiheadAttentionSite)]
+    for path, mha in kept:
+        frac.add_submodule(path, mha)
 
 
 def _attach_missing_state(frac: nn.Module, model: nn.Module) -> None:

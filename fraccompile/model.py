@@ -15,6 +15,8 @@ from .cost import CostMeter, CostReport, cost_report, mixed_site_cost, site_cost
 from .ops.modules import FracOp
 from .ops.spec import Precision
 from .passes.base import META_FP_LAYER, META_PRECISION_NODE, META_SITE, SiteInfo
+from .passes.composite_sites import META_SITE_PARTS
+from .passes.coverage import GM_FP32_OPS, Fp32Op
 from .passes.gating_insertion import META_GATE
 from .passes.quantize_insertion import PRECISION_MODULE
 
@@ -62,9 +64,17 @@ class FracModel(fx.GraphModule):
         seen: dict[str, SiteInfo] = {}
         for node in self.graph.nodes:
             info = node.meta.get(META_SITE) or node.meta.get(META_FP_LAYER)
-            if info is not None and info.name not in seen:
-                seen[info.name] = info
+            infos = [info] if info is not None else \
+                [i for i, _ in node.meta.get(META_SITE_PARTS, [])]
+            for info in infos:
+                seen.setdefault(info.name, info)
         return list(seen.values())
+
+    @property
+    def fp32_ops(self) -> list[Fp32Op]:
+        """Every GEMM-like op that runs in fp32 and why (layers kept by the config, ops no site
+        takes, GEMMs inside opaque leaf modules or functions): the coverage table."""
+        return list(self.meta.get(GM_FP32_OPS, []))
 
     @property
     def sites(self) -> list[Site]:

@@ -107,3 +107,12 @@ class SiteSpec:
         if self.groups != 1:
             k += f" g={self.groups}"
         return k
+
+
+def addmm_linear(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.addmm(b, x, W)`` given ``w_t = W.t()``: the op of an ``addmm`` site, which is a
+    linear layer of weight ``Wᵀ`` (``w_t.t()`` is ``W`` itself, same strides: bit-identical)."""
+    return torch.addmm(b, x, w_t.t())
+
+
+FP_OPS["addmm"] = addmm_linear

@@ -13,6 +13,7 @@ import math
 from torch import fx
 
 from .base import META_CALL_SHAPES, META_FP_LAYER, META_SITE, Pass, PassResult
+from .composite_sites import META_SITE_PARTS
 
 
 def site_macs(kind: str, x: tuple[int, ...], w: tuple[int, ...], out: tuple[int, ...]) -> int:
@@ -34,11 +35,13 @@ class CostAnnotation(Pass):
         seen: set[int] = set()
         for node in gm.graph.nodes:
             info = node.meta.get(META_SITE) or node.meta.get(META_FP_LAYER)
-            if info is None:
-                continue
-            x, w, out = node.meta[META_CALL_SHAPES]
-            macs = site_macs(info.kind, x, w, out)
-            # a module called several times is one site: its MACs add up over the calls
-            info.macs = info.macs + macs if id(info) in seen else macs
-            seen.add(id(info))
+            if info is not None:
+                calls = [(info, node.meta[META_CALL_SHAPES])]
+            else:  # a composite site: one entry per GEMM
+                calls = node.meta.get(META_SITE_PARTS, [])
+            for info, (x, w, out) in calls:
+                macs = site_macs(info.kind, x, w, out)
+                # a module called several times is one site: its MACs add up over the calls
+                info.macs = info.macs + macs if id(info) in seen else macs
+                seen.add(id(info))
         return PassResult(gm, False)

@@ -22,6 +22,7 @@ from torch import fx
 
 from ..control.gates import GateBank
 from .base import META_PRECISION_NODE, META_SITE, Pass, PassResult, node_shape
+from .composite_sites import META_SITE_PARTS
 from .region_discovery import GM_REGIONS, find_regions
 
 GATES_MODULE = "frac_gates"
@@ -41,6 +42,8 @@ class GatingInsertion(Pass):
         nodes = {n.name: n for n in gm.graph.nodes}
         kinds = {n.meta[META_SITE].name: n.meta[META_SITE].kind
                  for n in gm.graph.nodes if META_SITE in n.meta}
+        kinds.update({i.name: i.kind for n in gm.graph.nodes
+                      for i, _ in n.meta.get(META_SITE_PARTS, [])})
         dims = {}
         for r in regions:
             shape = node_shape(nodes[r.entry]) or ()

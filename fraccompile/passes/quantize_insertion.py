@@ -32,11 +32,15 @@ from torch import fx, nn
 
 from ..config import FIRST_CONV, LAST_LINEAR
 from ..control.controller import PrecisionController
+from ..ops.attention import AttentionSite, BaddbmmSite, EinsumSite, MultiheadAttentionSite
 from ..ops.backend import get_backend
 from ..ops.modules import FracOp, PrecisionReader
 from ..ops.spec import Precision, SiteSpec
 from .base import (META_CALL_SHAPES, META_FP_LAYER, META_PRECISION_NODE, META_SITE, Pass,
                    PassResult, SiteInfo, node_dtype, node_shape)
+from .coverage import GM_FP32_OPS, find_fp32_ops
+from .composite_sites import (META_SITE_PARTS, CompositeMatch, match_addmm,
+                              match_composite, not_site)
 
 PRECISION_MODULE = "frac_precision"
 SITES_MODULE = "frac_sites"
@@ -81,6 +85,7 @@ class _Match:
     operands: list  # graph values passed to the FracOp before the precision (x, w[, b])
     module: nn.Module | None = None  # the nn.Conv*/nn.Linear of a module site
     name: str = ""
+    transpose_weight: bool = False  # addmm: the graph's operand is Wᵀ of the linear layer
 
 
 def _normalize(node: fx.Node, sig: tuple[str, ...], skip_self: bool = False) -> dict:
@@ -120,6 +125,9 @@ def _match(gm: fx.GraphModule, node: fx.Node, kinds: tuple[str, ...]) -> _Match 
             return _Match(node, "conv", spec, "module", [x], mod)
         if isinstance(mod, nn.Linear) and "linear" in kinds:
             return _Match(node, "linear", SiteSpec("linear", "linear"), "module", [x], mod)
+        if isinstance(mod, (*_CONV_MODULES, nn.Linear)):
+            kind = "linear" if isinstance(mod, nn.Linear) else "conv"
+            not_site(node, f"op kind {kind!r} not in FracConfig.ops")
         return None
     if node.op == "call_function" and node.target in _FUNCTION_SITES:
         kind, op_name, sig, source = _FUNCTION_SITES[node.target]
@@ -130,17 +138,19 @@ def _match(gm: fx.GraphModule, node: fx.Node, kinds: tuple[str, ...]) -> _Match 
     else:
         return None
     if kind not in kinds:
-        return None
+        return not_site(node, f"op kind {kind!r} not in FracConfig.ops")
     x, w = args["input"], args[sig[1]]
     if not (isinstance(x, fx.Node) and isinstance(w, fx.Node)):
-        return None
+        return not_site(node, "an operand is a constant, not a graph value")
     dtype = node_dtype(node)
     if dtype is not None and not dtype.is_floating_point:
-        return None
+        return not_site(node, f"{dtype} operands (not floating point)")
     if kind == "matmul":
         xs, ws = node_shape(x), node_shape(w)
-        if xs is None or ws is None or len(xs) < 2 or len(ws) < 2:
-            return None  # vector products are not GEMMs
+        if xs is None or ws is None:
+            return not_site(node, "operand shapes unknown")
+        if len(xs) < 2 or len(ws) < 2:
+            return not_site(node, "a vector product (not a GEMM)")
         return _Match(node, kind, SiteSpec("matmul", op_name), source, [x, w])
     if kind == "linear":
         b = args.get("bias")
@@ -148,14 +158,14 @@ def _match(gm: fx.GraphModule, node: fx.Node, kinds: tuple[str, ...]) -> _Match 
                       [x, w] + ([b] if b is not None else []))
     try:
         if op_name == "convolution" and _constant(args.get("transposed", False)):
-            return None  # transposed convolution is not a FracTrain site
+            return not_site(node, "transposed convolution (not a FracTrain site)")
         ws = node_shape(w)
         if ws is None:
-            return None
+            return not_site(node, "weight shape unknown")
         n = len(ws) - 2
         conv = {k: _constant(args.get(k, d)) for k, d in _CONV_DEFAULTS.items() if k != "bias"}
-    except _NotASite:
-        return None
+    except _NotASite as err:
+        return not_site(node, str(err))
     spec = SiteSpec.conv(n, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
     b = args.get("bias")
     return _Match(node, "conv", spec, source, [x, w] + ([b] if b is not None else []))
@@ -171,12 +181,16 @@ def _module_path_of(node: fx.Node) -> tuple[str, str | None]:
     return path, name.rsplit(".", 1)[-1]
 
 
-def _site_name(m: _Match, used: dict[str, int]) -> str:
-    if m.source == "module":
+def _site_name(m: _Match | CompositeMatch, used: dict[str, int]) -> str:
+    if isinstance(m, CompositeMatch) and m.op == "mha":
+        return str(m.node.target)
+    if not isinstance(m, CompositeMatch) and m.source == "module":
         return str(m.node.target)
     path, cls = _module_path_of(m.node)
-    if m.source == "aten" and cls in ("Conv1d", "Conv2d", "Conv3d", "Linear", "LazyLinear",
-                                      "NonDynamicallyQuantizableLinear"):
+    if isinstance(m, CompositeMatch):
+        base = f"{path}.{m.op}" if path else m.op
+    elif m.source == "aten" and cls in ("Conv1d", "Conv2d", "Conv3d", "Linear", "LazyLinear",
+                                        "NonDynamicallyQuantizableLinear"):
         base = path  # an nn layer seen through torch.export keeps its module path as its name
     else:
         op = m.spec.op_name if m.kind != "conv" else f"conv{m.spec.conv_dims}d"
@@ -186,7 +200,37 @@ def _site_name(m: _Match, used: dict[str, int]) -> str:
     return base if count == 0 else f"{base}_{count}"
 
 
-def _select_full_precision(matches: list[_Match], patterns: tuple[str, ...]) -> set[str]:
+def _find(gm: fx.GraphModule, node: fx.Node, kinds) -> _Match | CompositeMatch | None:
+    """The site (or composite site) ``node`` is, or None (a GEMM-like op left in fp32 gets
+    ``meta["frac_not_site"]``)."""
+    m = _match(gm, node, kinds)
+    if m is not None:
+        return m
+    if node.op in ("call_function", "call_method") and node.target in (
+            torch.addmm, aten.addmm.default, "addmm"):
+        found = match_addmm(node, kinds)
+        if found is None:
+            return None
+        x, w, b = found
+        return _Match(node, "linear", SiteSpec("linear", "addmm"),
+                      "method" if node.op == "call_method" else
+                      "aten" if node.target is aten.addmm.default else "functional",
+                      [x, w, b], transpose_weight=True)
+    return match_composite(gm, node, kinds)
+
+
+def _parts(matches) -> list:
+    """Sites in graph order, composites' parts expanded: ``(name, kind)`` objects."""
+    out = []
+    for m in matches:
+        if isinstance(m, CompositeMatch):
+            out += [p.info for p in m.parts]
+        else:
+            out.append(m)
+    return out
+
+
+def _select_full_precision(matches: list, patterns: tuple[str, ...]) -> set[str]:
     keep: set[str] = set()
     for pat in patterns:
         if pat == FIRST_CONV:
@@ -211,12 +255,19 @@ class QuantizeInsertion(Pass):
         used: dict[str, int] = {}
         matches: list[_Match] = []
         for node in list(gm.graph.nodes):
-            m = _match(gm, node, cfg.ops)
+            m = _find(gm, node, cfg.ops)
             if m is not None:
                 m.name = _site_name(m, used)
+                if isinstance(m, CompositeMatch):
+                    for p in m.parts:
+                        name = f"{m.name}.{p.suffix}" if p.suffix else m.name
+                        p.info = SiteInfo(name=name, kind=p.kind, op=_part_op(m, p),
+                                          source="composite", module_path="",
+                                          input_shape=p.shapes[0], weight_shape=p.shapes[1],
+                                          output_shape=p.shapes[2], backend=cfg.backend)
                 matches.append(m)
-        keep = _select_full_precision(matches, cfg.full_precision)
-        site_names = list(dict.fromkeys(m.name for m in matches if m.name not in keep))
+        keep = _select_full_precision(_parts(matches), cfg.full_precision)
+        site_names = list(dict.fromkeys(m.name for m in _parts(matches) if m.name not in keep))
         controller = PrecisionController(site_names, Precision(cfg.a, cfg.w, cfg.g))
         if not hasattr(gm, PRECISION_MODULE):
             gm.add_submodule(PRECISION_MODULE, PrecisionReader(controller))
@@ -225,10 +276,19 @@ class QuantizeInsertion(Pass):
         infos: dict[str, SiteInfo] = {}
         for m in matches:
             node = m.node
+            if isinstance(m, CompositeMatch):
+                for p in m.parts:
+                    p.info.full_precision = p.info.name in keep
+                node.meta[META_SITE_PARTS] = [(p.info, p.shapes) for p in m.parts]
+                if not all(p.info.full_precision for p in m.parts):
+                    self._rewrite_composite(gm, m, cfg)
+                continue
             weight = m.module.weight if m.module is not None else None
             shapes = (node_shape(m.operands[0]) or (),
                       tuple(weight.shape) if weight is not None else node_shape(m.operands[1]) or (),
                       node_shape(node) or ())
+            if m.transpose_weight:
+                shapes = (shapes[0], shapes[1][::-1], shapes[2])
             node.meta[META_CALL_SHAPES] = shapes
             if m.name in infos:  # another call of a shared module
                 info = infos[m.name]
@@ -243,6 +303,7 @@ class QuantizeInsertion(Pass):
                 node.meta[META_FP_LAYER] = info
                 continue
             self._rewrite(gm, m, info, cfg)
+        gm.meta[GM_FP32_OPS] = find_fp32_ops(gm)
         return PassResult(gm, bool(site_names))
 
     def _rewrite(self, gm: fx.GraphModule, m: _Match, info: SiteInfo, cfg) -> None:
@@ -263,14 +324,77 @@ class QuantizeInsertion(Pass):
             node.meta[META_SITE] = info
             return
         target = f"{SITES_MODULE}.{safe}"
-        gm.add_submodule(target, FracOp(m.name, m.spec, scheme=cfg.scheme,
-                                        momentum=cfg.act_momentum, backend=_backend(cfg),
-                                        weight_scale=cfg.weight_scale, rounding_noise=cfg.rounding_noise))
+        gm.add_submodule(target, self._op(m.name, m.spec, cfg))
         info.module_path = target
+        operands = list(m.operands)
+        if m.transpose_weight:
+            with graph.inserting_before(node):
+                operands[1] = graph.call_method("t", (operands[1],))
         with graph.inserting_before(node):
-            new = graph.create_node("call_module", target, (*m.operands, prec), {},
+            new = graph.create_node("call_module", target, (*operands, prec), {},
                                     name=f"{safe}_site")
         new.meta.update(node.meta)
         new.meta[META_SITE] = info
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+
+    @staticmethod
+    def _op(name: str, spec: SiteSpec, cfg) -> FracOp:
+        return FracOp(name, spec, scheme=cfg.scheme, momentum=cfg.act_momentum,
+                      backend=_backend(cfg), weight_scale=cfg.weight_scale,
+                      rounding_noise=cfg.rounding_noise)
+
+    def _rewrite_composite(self, gm: fx.GraphModule, m: CompositeMatch, cfg) -> None:
+        """The composite's node becomes a call of its site module, with one precision node per
+        quantized part (a kept part reads the constant full precision)."""
+        graph, node = gm.graph, m.node
+        safe = m.name.replace(".", "_")
+        precs = []
+        for p in m.parts:
+            if p.info.full_precision:
+                precs.append((0, 0, 0))
+                continue
+            with graph.inserting_before(node):
+                prec = graph.create_node("call_module", PRECISION_MODULE, (p.info.name,), {},
+                                         name=f"prec_{p.info.name.replace('.', '_')}")
+            prec.meta[META_PRECISION_NODE] = p.info.name
+            precs.append(prec)
+        ops = {p.suffix: self._op(p.info.name, p.spec, cfg) for p in m.parts}
+        if m.op == "sdpa":
+            module = AttentionSite(ops["qk"], ops["av"])
+        elif m.op == "baddbmm":
+            module = BaddbmmSite(ops[""])
+        elif m.op == "einsum":
+            module = EinsumSite(ops[""], m.extra["equation"], m.extra["plan"])
+        else:
+            module = MultiheadAttentionSite(m.module, ops["q"], ops["k"], ops["v"],
+                                            AttentionSite(ops["qk"], ops["av"]), ops["out"])
+            module.mha_path = str(node.target)
+        target = f"{SITES_MODULE}.{safe}"
+        gm.add_submodule(target, module)
+        for p in m.parts:
+            p.info.module_path = f"{target}.{_child_path(m.op, p.suffix)}"
+        with graph.inserting_before(node):
+            new = graph.create_node("call_module", target, (*m.operands, *precs), {},
+                                    name=f"{safe}_site")
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
+def _child_path(op: str, suffix: str) -> str:
+    if op == "sdpa":
+        return suffix
+    if op == "mha":
+        return f"attn.{suffix}" if suffix in ("qk", "av") else suffix
+    return "mm"
+
+
+def _part_op(m: CompositeMatch, p) -> str:
+    if m.op == "sdpa":
+        return f"sdpa {p.suffix}"
+    if m.op == "einsum":
+        return f"einsum {m.extra['equation']}"
+    if m.op == "mha":
+        return f"MultiheadAttention {p.suffix}"
+    return m.op

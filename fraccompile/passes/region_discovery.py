@@ -23,6 +23,7 @@ import torch
 from torch import fx
 
 from .base import META_SITE, Pass, PassResult
+from .composite_sites import META_SITE_PARTS
 
 META_REGION = "frac_region"
 GM_REGIONS = "frac_regions"
@@ -71,10 +72,11 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
     g = dataflow_graph(gm)
     idom = nx.immediate_dominators(g, _SOURCE)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    site_of = {n.name: n.meta[META_SITE].name for n in gm.graph.nodes if META_SITE in n.meta}
+    site_of = node_sites(gm)
     first_call = {}
-    for node_name, site in site_of.items():
-        first_call.setdefault(site, order[node_name])
+    for node_name, sites in site_of.items():
+        for site in sites:
+            first_call.setdefault(site, order[node_name])
     found: list[tuple[Region, set[str]]] = []
     covered: set[str] = set()
     for node in gm.graph.nodes:
@@ -85,16 +87,16 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
         if len(inputs) < 2 or entry == _SOURCE:
             continue
         body = (nx.descendants(g, entry) & nx.ancestors(g, node.name)) | {node.name}
-        sites = sorted({site_of[n] for n in body if n in site_of}, key=first_call.get)
+        sites = sorted({s for n in body for s in site_of.get(n, ())}, key=first_call.get)
         if not sites or covered & set(sites):
             continue  # nothing to gate, or nested in a region found already
         covered |= set(sites)
         found.append((Region("", "residual", entry, node.name, sites, entry in inputs), body))
     for node in gm.graph.nodes:
-        site = site_of.get(node.name)
-        if site is not None and site not in covered and node.name in g:
-            covered.add(site)
-            found.append((Region("", "site", node.all_input_nodes[0].name, node.name, [site]),
+        sites = [s for s in site_of.get(node.name, ()) if s not in covered]
+        if sites and node.name in g:
+            covered.update(sites)
+            found.append((Region("", "site", node.all_input_nodes[0].name, node.name, sites),
                           {node.name}))
     found.sort(key=lambda rb: order[rb[0].exit])
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -103,6 +105,19 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
         for n in body:
             nodes[n].meta[META_REGION] = region.name
     return [r for r, _ in found]
+
+
+def node_sites(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """node name -> the quantized sites it calls (one, or a composite's parts)."""
+    out = {}
+    for n in gm.graph.nodes:
+        if META_SITE in n.meta:
+            out[n.name] = [n.meta[META_SITE].name]
+        elif n.meta.get(META_SITE_PARTS):
+            names = [i.name for i, _ in n.meta[META_SITE_PARTS] if not i.full_precision]
+            if names:
+                out[n.name] = names
+    return out
 
 
 class RegionDiscovery(Pass):
