@@ -59,6 +59,7 @@ from _common import header, median_ms, print_table
 import fraccompile
 from fraccompile.examples import mobilenetv2_cifar, resnet_cifar, transformer_lm
 from fraccompile.ops.modules import FracOp
+from fraccompile.ops.contract import SiteCall
 from fraccompile.ops.spec import Precision, SiteSpec
 
 MODELS = {
@@ -133,8 +134,9 @@ def model_gemms(key: str) -> collections.Counter:
         if s.full_precision or s.name not in ops:
             continue
         spec = ops[s.name].spec
-        if probe.unsupported_reason(spec, Precision(8, 8, 8), "symmetric",
-                                    tuple(s.weight_shape)) is not None:
+        call = SiteCall(s.name, spec, Precision(8, 8, 8), "symmetric",
+                        weight_shape=tuple(s.weight_shape))
+        if probe.unsupported_reason(call) is not None:
             continue
         x_neg, y_neg = signs[s.name]
         for g in site_gemms(spec, s.input_shape, s.weight_shape, s.output_shape, x_neg, y_neg):

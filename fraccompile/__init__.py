@@ -14,6 +14,7 @@ from .cost import CostReport
 from .errors import CaptureError, ConfigError, FracCompileError, ModelLoadError, PassError, ShapeError
 from .model import FracModel, Site
 from .ops import Precision
+from . import targets as _targets  # noqa: F401  (registers the tvm backend; imports no tvm)
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ SCHEMES = ("sbm", "symmetric")
 WEIGHT_SCALES = ("channel", "tensor")
 ROUNDING_NOISES = ("torch", "counter")  # stochastic rounding noise (fraccompile.ops.quantizers)
 RECOMPUTE_LEVELS = ("none", "activations", "norms")  # passes/epilogue_fusion.py
-BACKENDS = ("reference", "tvm")
+BACKENDS = ("reference", "tvm", "auto")
 CAPTURE_METHODS = ("auto", "fx", "export")
 OP_KINDS = ("conv", "linear", "matmul")
 MIN_BITS, MAX_BITS = 2, 16
@@ -167,8 +167,8 @@ class FracConfig:
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise ConfigError(f"FracConfig.{name} = {value!r} must be a directory path")
-            if value and self.backend != "tvm":
-                raise ConfigError(f"FracConfig.{name} = {value!r} needs backend='tvm' "
+            if value and self.backend not in ("tvm", "auto"):
+                raise ConfigError(f"FracConfig.{name} = {value!r} needs backend='tvm' or 'auto' "
                                   f"(backend is {self.backend!r})")
         _check_choice("FracConfig.recompute", self.recompute, RECOMPUTE_LEVELS)
         budget = self.recompute_budget
@@ -190,7 +190,7 @@ class FracConfig:
     @property
     def backend_options(self) -> dict[str, Any]:
         """The options :func:`fraccompile.ops.get_backend` takes for this config's backend."""
-        if self.backend != "tvm":
+        if self.backend not in ("tvm", "auto"):
             return {}
         opts = {"kernels": self.kernels, "tuning_db": self.tuning_db}
         opts = {k: v for k, v in opts.items() if v}

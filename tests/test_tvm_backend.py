@@ -303,11 +303,14 @@ def _site_roles(op: FracOp, args, backend_name: str, seed: int = 3):
     y.backward(dy)
     grads = [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
     grads += [p.grad for p in o.parameters() if p.grad is not None]
-    return [y.detach()] + grads
+    return [y.detach()] + grads, o.backend_for(o.last_call)[0].name
 
 
-def _compare(op, args):
-    ref, got = _site_roles(op, args, "reference"), _site_roles(op, args, "tvm")
+def _compare(op, args, on_tvm: bool = False):
+    """Every role of ``op`` on both backends, within the tolerance; ``on_tvm``: and the tvm run
+    did run on integer kernels (no fallback)."""
+    (ref, _), (got, ran) = _site_roles(op, args, "reference"), _site_roles(op, args, "tvm")
+    assert ran == "tvm" or not on_tvm
     assert len(ref) == len(got)
     errs = [rel(r, g) for r, g in zip(ref, got)]
     assert max(errs) < TOL, (op.site, op.spec.describe(), errs)
@@ -315,9 +318,9 @@ def _compare(op, args):
 
 
 def _module_site(module: torch.nn.Module, x: torch.Tensor, prec=Precision(8, 8, 8),
-                 weight_scale="channel"):
+                 weight_scale="channel", scheme="symmetric"):
     fm = fraccompile.compile(torch.nn.Sequential(module), x,
-                             FracConfig(scheme="symmetric", full_precision=(),
+                             FracConfig(scheme=scheme, full_precision=(),
                                         weight_scale=weight_scale))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
     return op, (x, tuple(prec))
@@ -526,6 +529,96 @@ def test_matmul_roles_match_reference(xs, ys, fn):
                                                              full_precision=()))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
     _compare(op, (x, y, (8, 8, 8)))
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 8), (4, 4, 6), (3, 3, 6), (6, 6, 12), (8, 8, 16)])
+@pytest.mark.parametrize("signed_input", [False, True])
+@pytest.mark.parametrize("idx", [0, 1, 3, 8])
+def test_sbm_conv_roles_match_reference(idx, signed_input, bits):
+    """FracTrain's own quantizer (float zero points) on the integer kernels: the codes' products
+    plus the zero points' window and border terms, every role within the tolerance; the 3-bit
+    activations of DFQ's candidates and wide (12/16-bit) gradients included."""
+    module, shape = CONVS[idx]
+    torch.manual_seed(idx)
+    x = torch.randn(*shape)
+    if not signed_input:
+        x = x.relu()
+    _compare(*_module_site(copy.deepcopy(module), x, Precision(*bits), scheme="sbm"), on_tvm=True)
+
+
+@pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
+@pytest.mark.parametrize("bits", [(8, 8, 8), (4, 4, 6), (6, 6, 12), (3, 3, 16)])
+@pytest.mark.parametrize("weight_scale", ["channel", "tensor"])
+def test_linear_roles_match_reference_for_every_scheme_and_width(scheme, bits, weight_scale):
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 33)
+    for inp in (x, x.relu()):
+        _compare(*_module_site(torch.nn.Linear(33, 19), inp, Precision(*bits), weight_scale,
+                               scheme), on_tvm=True)
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 8), (4, 4, 12)])
+@pytest.mark.parametrize("xs,ys", [((2, 3, 9, 16), (2, 3, 16, 7)), ((2, 3, 9, 16), (16, 7))])
+def test_sbm_matmul_roles_match_reference(xs, ys, bits):
+    torch.manual_seed(0)
+    x, y = torch.randn(*xs), torch.randn(*ys)
+    fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme="sbm",
+                                                                       full_precision=()))
+    (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
+    _compare(op, (x, y, bits), on_tvm=True)
+
+
+def test_wide_gradient_codes_split_exactly_and_per_sample_sums_group():
+    """The exact pieces: wide codes as two 8-bit halves add back to the codes, and a weight
+    gradient over samples with per-sample scales equals the one of the dequantized values."""
+    from fraccompile.targets.backend import IntCodes, split_codes
+    gen = torch.Generator().manual_seed(0)
+    for signed, top in ((True, 32767), (False, 65535), (True, 2047)):
+        codes = torch.randint(-top if signed else 0, top + 1, (5, 77), generator=gen,
+                              dtype=torch.int32)
+        parts = split_codes(IntCodes(codes, torch.tensor([0.5]), signed))
+        assert [p.codes.dtype for p in parts] == [torch.int8 if signed else torch.uint8,
+                                                  torch.uint8]
+        total = sum(p.codes.long() * int(p.scale.item() / 0.5) for p in parts)
+        assert torch.equal(total, codes.long())
+
+
+def _gated(op: FracOp, choice, a=(3, 4, 4, 6, 6), g=(6, 6, 8, 8, 12), w=8):
+    from fraccompile.ops.contract import GateDecision
+
+    probs = torch.full((len(choice), len(a)), 0.2, requires_grad=True)
+    onehot = torch.zeros_like(probs).scatter(1, torch.tensor(choice)[:, None], 1.0)
+    onehot = onehot + probs - probs.detach()  # the straight-through one-hot of the gates
+    return GateDecision(onehot, torch.tensor(choice), a, g, w, "routed"), probs
+
+
+@pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
+@pytest.mark.parametrize("module,shape", [(CONVS[0][0], (5, 5, 11, 9)),
+                                          (CONVS[8][0], (5, 8, 6, 8)),
+                                          (torch.nn.Linear(33, 19), (5, 4, 33))])
+def test_routed_gate_roles_match_reference(module, shape, scheme):
+    """A DFQ-routed site with mixed per-sample decisions (a in 3..6, g in 6..12): per-row scales
+    in the forward and error backprop, one weight-gradient accumulation per candidate group, and
+    the gate's gradient (GateProbe) within the tolerance of the reference backend."""
+    torch.manual_seed(4)
+    x = torch.randn(*shape).relu()
+    op, _ = _module_site(copy.deepcopy(module), x, scheme=scheme)
+    choice = [0, 4, 2, 4, 1]
+    results = {}
+    for name in ("reference", "tvm"):
+        o = copy.deepcopy(op)
+        o.backend = get_backend(name)
+        d, probs = _gated(o, choice)
+        xl = x.clone().requires_grad_()
+        y = o(xl, d)
+        assert o.kernel_status(Precision(8, 8, 8))[0] == name
+        torch.manual_seed(7)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+        results[name] = [y.detach(), xl.grad, o.weight.grad, probs.grad]
+        if o.bias is not None:
+            results[name].append(o.bias.grad)
+    errs = [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
+    assert max(errs) < TOL, errs
 
 
 def test_every_site_of_each_example_matches_reference(example):
@@ -923,18 +1016,6 @@ def _tiny():
                                torch.nn.ReLU(), torch.nn.Linear(16, 4))
 
 
-def test_sbm_scheme_falls_back_with_reason_and_reference_numerics():
-    torch.manual_seed(0)
-    x = torch.randn(4, 8)
-    m = _tiny()
-    ref = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="sbm"))
-    tvm = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="sbm", backend="tvm"))
-    sites = [s for s in tvm.sites if not s.full_precision]
-    assert len(sites) == 2
-    assert all(s.backend == "reference" and "symmetric" in s.fallback_reason for s in sites)
-    assert torch.equal(ref(x), tvm(x))
-
-
 def test_wide_precision_falls_back_and_comes_back():
     torch.manual_seed(0)
     x = torch.randn(4, 8)
@@ -950,9 +1031,13 @@ def test_wide_precision_falls_back_and_comes_back():
     assert [s.backend for s in fm.sites if not s.full_precision] == ["tvm", "tvm"]
     fm.precision.set(a=0, w=8, g=8)
     assert "a=full precision" in fm.sites[0].fallback_reason
+    fm.precision.set(a=12, w=8, g=8)
+    assert "a=12 bits" in fm.sites[0].fallback_reason
+    fm.precision.set(a=8, w=8, g=16)  # wide gradients run as two 8-bit halves
+    assert [s.backend for s in fm.sites if not s.full_precision] == ["tvm", "tvm"]
 
 
-def test_gated_sites_report_reference_fallback():
+def test_gated_sites_run_on_tvm_and_report_it():
     from fraccompile.examples import resnet_cifar
 
     torch.manual_seed(0)
@@ -960,8 +1045,12 @@ def test_gated_sites_report_reference_fallback():
     fm = fraccompile.compile(resnet_cifar.resnet20(), x,
                              FracConfig(scheme="symmetric", backend="tvm", pipeline="dfq"))
     fm(x)
+    sites = [s for s in fm.sites if not s.full_precision]
+    assert sites and all(s.backend == "tvm" for s in sites), {s.fallback_reason for s in sites}
+    fm.frac_gates.mode = "dense"  # FracTrain's own execution: every candidate, on the reference
+    fm(x)
     reasons = {s.fallback_reason for s in fm.sites if not s.full_precision}
-    assert any(r and "DFQ gate" in r for r in reasons)
+    assert any(r and "dense gate mode" in r for r in reasons)
 
 
 def test_depthwise_convs_fall_back_with_reason():
@@ -1001,11 +1090,13 @@ def test_transform_cli_shows_backend_and_reason(tmp_path):
 
     args = ["transform", f"{functional_model.__file__}:model", "--input-shape",
             "2,3,32,32", "--backend", "tvm", "--out", str(tmp_path)]
-    res = CliRunner().invoke(app, args + ["--scheme", "symmetric"], terminal_width=200)
+    res = CliRunner().invoke(app, args, terminal_width=200)  # sbm, FracTrain's own scheme
     assert res.exit_code == 0, res.output
-    assert "tvm" in res.output and "float zero points" not in res.output
-    res = CliRunner().invoke(app, args, terminal_width=200)
-    assert res.exit_code == 0 and "float zero points" in res.output
+    assert "tvm" in res.output and "integer kernels take" not in res.output
+    cfg = tmp_path / "wide.toml"
+    FracConfig(a=12).save(cfg)  # 12-bit activations have no integer kernel: reported per site
+    res = CliRunner().invoke(app, args + ["--config", str(cfg)], terminal_width=200)
+    assert res.exit_code == 0 and "a=12 bits: integer kernels take" in res.output, res.output
 
 
 def test_train_cli_on_the_tvm_backend(tmp_path):

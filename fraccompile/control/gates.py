@@ -24,6 +24,7 @@ from torch.autograd import Function
 
 from ..config import check_bits
 from ..errors import ConfigError
+from ..ops.contract import GateDecision
 
 GATE_MODES = ("dense", "routed")
 FRACTRAIN_A = (3, 4, 4, 6, 6)  # FracTrain's CIFAR candidates
@@ -51,18 +52,6 @@ class GateOutput:
     choice: torch.Tensor  # (B,) candidate index per sample
     state: tuple[torch.Tensor, torch.Tensor]
     bank: GateBank
-
-
-@dataclass
-class GateDecision:
-    """A gated site's precision for this forward: candidate k has (a[k], w, g[k])."""
-
-    onehot: torch.Tensor
-    choice: torch.Tensor
-    a: tuple[int, ...]
-    g: tuple[int, ...]
-    w: int
-    mode: str
 
 
 class GateBank(nn.Module):

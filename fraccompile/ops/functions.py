@@ -10,14 +10,38 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch.autograd import Function
 
-from .backend import KernelBackend
 from .quantizers import quantize_gradient, quantize_gradient_rows
 from .spec import SiteSpec
+
+if TYPE_CHECKING:
+    from .backend import KernelBackend
+
+
+def apply_epilogue(epilogue: tuple[str, str] | None, y: torch.Tensor) -> torch.Tensor:
+    """``y`` through a site's epilogue activation (``FracOp.epilogue``), as an autograd op."""
+    if epilogue is None:
+        return y
+    name, approximate = epilogue
+    if name == "gelu":
+        return F.gelu(y, approximate=approximate)
+    return F.relu(y) if name == "relu" else F.silu(y)
+
+
+def epilogue_backward(epilogue: tuple[str, str], dz: torch.Tensor, y: torch.Tensor):
+    """The gradient w.r.t. ``y`` of :func:`apply_epilogue` at ``y``: the aten op autograd calls
+    for it (so the result is the unfused graph's, bit for bit)."""
+    name, approximate = epilogue
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(dz, y, approximate=approximate)
+    if name == "relu":  # autograd passes relu's output; (output > 0) == (input > 0)
+        return torch.ops.aten.threshold_backward(dz, y, 0)
+    return torch.ops.aten.silu_backward(dz, y)
 
 
 class STEQuantize(Function):
@@ -66,7 +90,7 @@ def masked_relu(x: torch.Tensor) -> torch.Tensor:
 class SiteGemm(Function):
     @staticmethod
     def forward(ctx, qx: torch.Tensor, qw: torch.Tensor, bias: torch.Tensor | None, spec: SiteSpec,
-                g_bits: int, scheme: str, backend: KernelBackend, noise: str = "torch"):
+                g_bits: int, scheme: str, backend: "KernelBackend", noise: str = "torch"):
         ctx.save_for_backward(qx, qw)
         ctx.spec, ctx.g_bits, ctx.scheme, ctx.backend = spec, g_bits, scheme, backend
         ctx.noise = noise
@@ -101,8 +125,10 @@ class GateProbe(Function):
 
     @staticmethod
     def forward(ctx, qx, onehot, x, quantize_at: Callable[[torch.Tensor, int], torch.Tensor],
-                candidates: tuple[int, ...]):
-        ctx.save_for_backward(x, qx)
+                candidates: tuple[int, ...], quantized: torch.Tensor | None = None):
+        # ``quantized``: the per-sample quantized values when ``qx`` is not them (an integer
+        # backend passes ``x`` through and computes from codes)
+        ctx.save_for_backward(x, qx if quantized is None else quantized)
         ctx.quantize_at, ctx.candidates = quantize_at, candidates
         return qx.view_as(qx)
 
@@ -112,4 +138,4 @@ class GateProbe(Function):
         dims = list(range(1, x.dim()))
         per_bits = {bits: (dqx * (ctx.quantize_at(x, bits) - qx)).sum(dims)
                     for bits in set(ctx.candidates)}  # candidates often share an ``a``
-        return dqx, torch.stack([per_bits[b] for b in ctx.candidates], 1), None, None, None
+        return dqx, torch.stack([per_bits[b] for b in ctx.candidates], 1), None, None, None, None

@@ -11,39 +11,14 @@ data in the graph: changing it needs no re-compile.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .backend import KernelBackend, get_backend
-from ..control.gates import GateDecision
-from .functions import GateProbe, SiteGemm, STEQuantize
-from .quantizers import (qparams_from_range, quantize_activation, quantize_rows, quantize_weight,
-                         tensor_range)
+from .backend import KernelBackend, finish, get_backend, quantize_operand
+from .contract import GateDecision, SiteCall
+from .functions import apply_epilogue, epilogue_backward  # noqa: F401  (re-exported)
+from .quantizers import tensor_range
 from .spec import Precision, SiteSpec
-
-
-def apply_epilogue(epilogue: tuple[str, str] | None, y: torch.Tensor) -> torch.Tensor:
-    """``y`` through a site's epilogue activation (``FracOp.epilogue``), as an autograd op."""
-    if epilogue is None:
-        return y
-    name, approximate = epilogue
-    if name == "gelu":
-        return F.gelu(y, approximate=approximate)
-    return F.relu(y) if name == "relu" else F.silu(y)
-
-
-def epilogue_backward(epilogue: tuple[str, str], dz: torch.Tensor, y: torch.Tensor):
-    """The gradient w.r.t. ``y`` of :func:`apply_epilogue` at ``y``: the aten op autograd calls
-    for it (so the result is the unfused graph's, bit for bit)."""
-    name, approximate = epilogue
-    if name == "gelu":
-        return torch.ops.aten.gelu_backward(dz, y, approximate=approximate)
-    if name == "relu":  # autograd passes relu's output; (output > 0) == (input > 0)
-        return torch.ops.aten.threshold_backward(dz, y, 0)
-    return torch.ops.aten.silu_backward(dz, y)
 
 
 class RunningRange(nn.Module):
@@ -59,6 +34,8 @@ class RunningRange(nn.Module):
     def observe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = tensor_range(x)
         batch = torch.stack([lo, hi]).float()
+        if not bool(torch.isfinite(batch).all()):  # a NaN/inf batch never enters the running
+            return lo, hi                          # range (the step itself is the caller's call)
         if bool(self.initialized):
             self.range.lerp_(batch, self.momentum)
         else:  # the first batch sets the range (SBM starts from zeros, which quantizes badly)
@@ -97,7 +74,7 @@ class FracOp(nn.Module):
             self.weight = weight
             self.bias = bias
         self.act_range = RunningRange(momentum)
-        self.last_fallback: str | None = None  # why the last gated call left the backend
+        self.last_call: SiteCall | None = None  # the latest call (a gated site reports it)
         self.weight_shape = tuple(weight.shape) if weight is not None else None
         if spec.kind == "matmul":  # the second operand is an activation too
             self.rhs_range = RunningRange(momentum)
@@ -120,7 +97,9 @@ class FracOp(nn.Module):
         else:
             w, b = operands[0], (operands[1] if len(operands) > 1 else None)
         if isinstance(prec, GateDecision):
-            return self.finish(self.run_gated(x, w, b, prec))
+            if prec.mode == "dense":
+                return self.run_dense(x, w, b, prec)
+            return self.run(x, w, b, Precision(max(prec.a), prec.w, max(prec.g)), rows=prec)
         return self.run(x, w, b, Precision(*prec))
 
     def _range(self, x: torch.Tensor, rng: RunningRange):
@@ -128,45 +107,58 @@ class FracOp(nn.Module):
         one in eval."""
         return rng.observe(x) if self.training else rng.current()
 
-    def _quantize_input(self, x: torch.Tensor, bits: int, rng: RunningRange,
-                        lo_hi=None) -> torch.Tensor:
-        if not bits:
-            return x
-        lo, hi = lo_hi if lo_hi is not None else self._range(x, rng)
-        return STEQuantize.apply(x, functools.partial(quantize_activation, bits=bits,
-                                                      scheme=self.scheme, lo=lo, hi=hi))
+    def site_call(self, prec: Precision, x_range=None, y_range=None,
+                  rows: GateDecision | None = None) -> SiteCall:
+        """This site's :class:`SiteCall` at ``prec`` (what a backend receives)."""
+        return SiteCall(self.site, self.spec, prec, self.scheme, self.weight_scale,
+                        self.rounding_noise, self.weight_shape, x_range, y_range, rows,
+                        self.epilogue, self.epilogue_norm)
 
-    def _quantize_weight(self, w: torch.Tensor, bits: int) -> torch.Tensor:
-        if self.spec.kind == "matmul":
-            return self._quantize_input(w, bits, self.rhs_range)
-        if not bits:
-            return w
-        return STEQuantize.apply(w, functools.partial(
-            quantize_weight, bits=bits, scheme=self.scheme,
-            per_channel=self.weight_scale == "channel"))
+    def backend_for(self, call: SiteCall) -> tuple[KernelBackend, str | None]:
+        """``(backend that runs call, why not the configured one)``."""
+        reason = self.backend.unsupported_reason(call)
+        return (get_backend("reference"), reason) if reason else (self.backend, None)
 
     def kernel_status(self, prec: Precision) -> tuple[str, str | None]:
-        """``(backend that runs this site at prec, why not the configured one)``."""
-        reason = self.backend.unsupported_reason(self.spec, prec, self.scheme, self.weight_shape)
-        if reason is None and self.last_fallback and self.backend.name != "reference":
-            reason = self.last_fallback
-        return ("reference" if reason else self.backend.name), reason
+        """``(backend that runs this site at prec, why not the configured one)``; for a gated
+        site, what its latest call ran on."""
+        if self.last_call is not None and self.last_call.rows is not None:
+            call = self.last_call
+        else:
+            call = self.site_call(prec)
+        backend, reason = self.backend_for(call)
+        return backend.name, reason
 
     def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-            prec: Precision, lo_hi=None) -> torch.Tensor:
-        """The site's output (its epilogue applied) at ``prec``."""
-        if prec.is_full:
+            prec: Precision, rows: GateDecision | None = None) -> torch.Tensor:
+        """The site's output (its epilogue applied) at ``prec`` (with per-sample ``rows``)."""
+        if prec.is_full and rows is None:
             return self.finish(self.spec.fp_forward(x, w, b))
-        run_site = getattr(self.backend, "run_site", None)  # integer kernels (the tvm backend)
-        if run_site is not None:
-            self.weight_shape = tuple(w.shape)
-        if run_site is not None and self.backend.unsupported_reason(
-                self.spec, prec, self.scheme, self.weight_shape) is None:
-            if lo_hi is None:
-                lo_hi = self._range(x, self.act_range)
-            return run_site(self, x, w, b, prec, lo_hi)
-        qx = self._quantize_input(x, prec.a, self.act_range, lo_hi)
-        return self.finish(self._gemm(qx, self._quantize_weight(w, prec.w), w, b, prec.g))
+        self.weight_shape = tuple(w.shape)
+        x_range = self._range(x, self.act_range) if prec.a else None
+        y_range = None
+        if self.spec.kind == "matmul" and prec.w:
+            y_range = self._range(w, self.rhs_range)
+        call = self.site_call(prec, x_range if x_range and x_range[0] is not None else None,
+                              y_range if y_range and y_range[0] is not None else None, rows)
+        self.last_call = call
+        backend, _ = self.backend_for(call)
+        return backend.run_site(call, x, w, b)
+
+    def run_dense(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                  d: GateDecision) -> torch.Tensor:
+        """FracTrain's own execution of a gate: every candidate on the whole batch, mixed by the
+        one-hot (reference semantics: it exists to reproduce that code, not to be fast)."""
+        ref = get_backend("reference")
+        lo_hi = self._range(x, self.act_range)
+        call = self.site_call(Precision(max(d.a), d.w, max(d.g)),
+                              lo_hi if lo_hi[0] is not None else None, rows=d)
+        self.last_call = call
+        qw = quantize_operand(call, w, d.w, "w")
+        ys = [ref.gemm(call, quantize_operand(call, x, a, "x"), qw, b, g)
+              for a, g in zip(d.a, d.g)]
+        mix = d.onehot.reshape(d.onehot.shape + (1,) * (ys[0].dim() - 1))
+        return self.finish((mix * torch.stack(ys, 1)).sum(1))
 
     def describe_epilogue(self) -> str:
         """E.g. ``"BatchNorm2d+relu"``, ``"gelu(tanh)"``; ``""`` without an epilogue."""
@@ -178,46 +170,7 @@ class FracOp(nn.Module):
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         """``y`` through the epilogue (norm, then activation) as autograd ops: the unfused graph."""
-        if self.epilogue_norm is not None:
-            y = self.epilogue_norm(y)
-        return apply_epilogue(self.epilogue, y)
-
-    def run_gated(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                  d: GateDecision) -> torch.Tensor:
-        """Per-sample precisions from a DFQ gate, in the gate's execution mode (float kernels: a
-        batch mixing precisions has no single integer grid)."""
-        if self.backend.name != "reference":
-            self.last_fallback = "per-sample precisions of a DFQ gate run on the reference backend"
-        lo_hi = self._range(x, self.act_range)
-        qw = self._quantize_weight(w, d.w)
-        if d.mode == "dense":  # every candidate on the whole batch, mixed by the one-hot
-            ys = [self._gemm(self._quantize_input(x, a, self.act_range, lo_hi), qw, w, b, g)
-                  for a, g in zip(d.a, d.g)]
-            mix = d.onehot.reshape(d.onehot.shape + (1,) * (ys[0].dim() - 1))
-            return (mix * torch.stack(ys, 1)).sum(1)
-        lo, hi = lo_hi if lo_hi[0] is not None else tensor_range(x)
-        bits = torch.tensor(d.a, device=x.device)[d.choice]
-
-        def quantize_at(t: torch.Tensor, b: int) -> torch.Tensor:
-            return quantize_activation(t, b, self.scheme, lo=lo, hi=hi)
-
-        qx = STEQuantize.apply(x, lambda t: quantize_rows(
-            t, bits, lambda k: qparams_from_range(lo, hi, k, self.scheme)))
-        qx = GateProbe.apply(qx, d.onehot, x.detach(), quantize_at, d.a)
-        g_bits = torch.tensor(d.g, device=x.device)[d.choice]
-        return self._gemm(qx, qw, w, b, g_bits)
-
-    def _gemm(self, qx, qw, w, b, g_bits) -> torch.Tensor:
-        spec = self.spec
-        if spec.kind == "conv":
-            if spec.pre_pad:
-                mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-                qx = F.pad(qx, spec.pre_pad, mode=mode)
-            extra = spec.same_extra_pad(tuple(w.shape))
-            if extra:
-                qx = F.pad(qx, extra)
-        return SiteGemm.apply(qx, qw, b, spec, g_bits, self.scheme, self.backend,
-                              self.rounding_noise)
+        return finish(self.site_call(Precision()), y)
 
 
 class PrecisionReader(nn.Module):

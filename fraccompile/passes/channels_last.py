@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..ops.backend import CHANNELS_LAST, capabilities
 from .base import META_CALL_SHAPES, META_FP_LAYER, Pass, PassResult
 
 
@@ -26,7 +27,7 @@ class ChannelsLast(Pass):
     description = "2-D convs kept in fp32 read channels-last inputs (tvm: its conv sites' layout)"
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        if self.config.backend != "tvm":
+        if CHANNELS_LAST not in capabilities(self.config):
             return PassResult(gm, False)
         modified = False
         for node in list(gm.graph.nodes):

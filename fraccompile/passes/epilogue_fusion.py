@@ -40,6 +40,7 @@ from torch import fx, nn
 
 from ..ops.functions import masked_relu
 from ..ops.modules import FracOp
+from ..ops.backend import INTEGER_KERNELS, capabilities
 from .base import META_CALL_SHAPES, META_SITE, Pass, PassResult
 from .cost_annotation import site_macs
 
@@ -81,7 +82,7 @@ class EpilogueFusion(Pass):
     description = "activation after a site -> the site's epilogue (recomputed in backward: tvm)"
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        if self.config.backend != "tvm" or self.config.recompute == "none":
+        if INTEGER_KERNELS not in capabilities(self.config) or self.config.recompute == "none":
             return PassResult(gm, False)
         calls: dict[str, int] = {}
         for node in gm.graph.nodes:

@@ -15,6 +15,8 @@ import functools
 import os
 import pathlib
 
+from ..ops.backend import register_backend
+
 
 @functools.lru_cache(maxsize=None)
 def tvm_unavailable_reason() -> str | None:
@@ -35,3 +37,11 @@ def cache_dir() -> pathlib.Path:
         return pathlib.Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "fraccompile" / "kernels"
+
+
+def _make_tvm_backend(options: dict):
+    from .backend import make_tvm_backend  # imports tvm
+    return make_tvm_backend(options)
+
+
+register_backend("tvm", _make_tvm_backend, tvm_unavailable_reason, options=True)

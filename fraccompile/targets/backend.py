@@ -40,16 +40,18 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.backend import ReferenceBackend
-from ..ops.modules import apply_epilogue, epilogue_backward
-from ..ops.quantizers import (noise_seed, qparams_from_range, quantize_to_int, tensor_range,
-                               uniform_noise, weight_range)
-from ..ops.spec import Precision, SiteSpec
+from ..ops.backend import CHANNELS_LAST, INTEGER_KERNELS, ReferenceBackend
+from ..ops.contract import SiteCall
+from ..ops.functions import GateProbe, apply_epilogue, epilogue_backward
+from ..ops.quantizers import (noise_seed, qparams_from_range, quantize_activation,
+                               quantize_to_int, tensor_range, uniform_noise, weight_range)
+from ..ops.spec import CONV_FNS, SiteSpec
 from . import conv, threads
 from .cache import KernelCache
 from .kernels import JitKernels, KernelRef, Recorder
 
-MAX_BITS = 8
+MAX_BITS = 8       # a and w: the codes the int8 kernels (and what backward saves) hold
+MAX_G_BITS = 16    # g: wider gradient codes run as two 8-bit halves (see split_codes)
 MIN_GROUP_WIDTH = 8  # narrower groups waste most of the 16 int32 lanes of a VNNI instruction
 MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
 MAX_K_UNSIGNED = 33_025  # both operands unsigned: the sum itself (<= 255²·K) must fit
@@ -68,18 +70,96 @@ def _serial(nbytes: int) -> bool:
 
 
 class IntCodes:
-    """Integer codes of a tensor with their scale: ``value = codes * scale`` (``scale``
-    broadcasts)."""
+    """Integer codes of a tensor with their grid: ``value = codes * scale + zero``.
 
-    __slots__ = ("codes", "scale", "signed")
+    ``scale`` broadcasts against the tensor: one value, one per output channel (a weight, dim 0),
+    or one per sample (dim 0 of an activation or gradient of a DFQ-routed site). ``zero`` is None
+    (symmetric codes) or broadcasts likewise (``sbm``: the range's minimum). Codes are uint8/int8,
+    or int32 for gradients wider than 8 bits (computed as two 8-bit halves, :func:`split_codes`).
+    """
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, signed: bool):
-        self.codes, self.scale, self.signed = codes, scale, signed
+    __slots__ = ("codes", "scale", "signed", "zero", "qmax")
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, signed: bool,
+                 zero: torch.Tensor | None = None, qmax=None):
+        self.codes, self.scale, self.signed, self.zero = codes, scale, signed, zero
+        self.qmax = qmax  # the grid's top code (a float, or per sample like scale)
 
     def dequantize(self) -> torch.Tensor:
-        # the reference's fake-quantized value: addcmul(zero=0, q, scale) in fp32 (the integer
+        # the reference's fake-quantized value: addcmul(zero, q, scale) in fp32 (the integer
         # operand is promoted to fp32 inside the one multiply: no fp32 copy of the codes)
-        return torch.mul(self.codes, self.scale)
+        if self.zero is None:
+            return torch.mul(self.codes, self.scale)
+        return torch.addcmul(self.zero, self.codes.float(), self.scale)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether ``scale`` has one value per row of dim 0 (not one for the whole tensor)."""
+        return self.scale.numel() != 1
+
+    @property
+    def has_zero(self) -> bool:
+        return self.zero is not None and bool((self.zero != 0).any())
+
+    @property
+    def wide(self) -> bool:
+        return self.codes.element_size() > 1
+
+
+def _row_value(v, rows: torch.Tensor):
+    """A per-sample value's entry for the group ``rows`` (whose samples share it)."""
+    return v.reshape(-1)[rows[0]].item() if isinstance(v, torch.Tensor) else v
+
+
+def _scalar_scale(q: IntCodes) -> torch.Tensor:
+    """The part of ``q``'s scale that is one value (1 where it is per row)."""
+    return q.scale.reshape(1) if not q.per_row else q.scale.new_ones(1)
+
+
+def split_codes(q: IntCodes) -> list[IntCodes]:
+    """``q``'s codes as 8-bit parts, each with the scale that factors out of an integer GEMM (per
+    tensor; 1 for per-sample scales, which the caller applies to the result) and no zero point
+    (the caller adds its terms). 8-bit codes are one part; wider ones two:
+    ``hi = codes >> 8`` (int8, or uint8 for unsigned codes) with ``256·scale`` and
+    ``lo = codes & 255`` (uint8) with ``scale``. Every integer GEMM role is linear in this
+    operand, so it runs once per part and the results add up exactly."""
+    scale = _scalar_scale(q)
+    if not q.wide:
+        return [IntCodes(q.codes, scale, q.signed)]
+    hi = q.codes.bitwise_right_shift(8).to(torch.int8 if q.signed else torch.uint8)
+    lo = q.codes.bitwise_and(255).to(torch.uint8)
+    return [IntCodes(hi, scale * 256.0, q.signed), IntCodes(lo, scale, False)]
+
+
+def centered(q: IntCodes) -> IntCodes:
+    """Unsigned asymmetric codes moved to the middle of their grid, ``codes - m`` with
+    ``m = (qmax + 1) / 2`` (per sample where the grid is) and the zero point ``zero + m·scale``:
+    the same values up to fp32 rounding of the zero, but the integer product no longer carries a
+    large offset that the zero point's term must cancel (which costs fp32 precision). Codes
+    without a (non-zero) zero point are returned as they are."""
+    if q.signed or q.qmax is None or not q.has_zero:
+        return q
+    m = (torch.as_tensor(q.qmax, dtype=torch.float32) + 1) / 2
+    wide = bool((m > 128).any())
+    codes = q.codes.to(torch.int32) - m.to(torch.int32).to(q.codes.device)  # never in place
+    return IntCodes(codes if wide else codes.to(torch.int8), q.scale, True,
+                    q.zero + m.to(q.scale.device) * q.scale)
+
+
+def signed_b(q: IntCodes) -> IntCodes:
+    """Unsigned codes as int8 ``codes - 128`` with the zero point ``zero + 128·scale`` (the same
+    values up to fp32 rounding of the zero): the operand the conv kernels take as B, which they
+    do not sign-correct. Signed codes are returned as they are."""
+    if q.signed or q.codes.dtype != torch.uint8:
+        return q
+    zero = q.scale * 128.0 if q.zero is None else q.zero + q.scale * 128.0
+    return IntCodes(q.codes.bitwise_xor(128).view(torch.int8), q.scale, True, zero)
+
+
+def _code_dtype(qp) -> torch.dtype:
+    if qp.qmin < 0:
+        return torch.int8 if qp.qmin >= -128 else torch.int32
+    return torch.uint8 if qp.qmax <= 255 else torch.int32
 
 
 def _dense_perm(x: torch.Tensor) -> list[int] | None:
@@ -106,19 +186,25 @@ def _jit_kernel(ref: KernelRef):
 
 
 def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "torch",
-              kernel=_jit_kernel) -> IntCodes:
+              kernel=_jit_kernel, asymmetric: bool = False) -> IntCodes:
     """``x``'s integer codes on the grid ``qp`` — the reference quantizer's codes exactly, from one
-    fused TVM kernel when the scale is per tensor (activations, gradients), else torch. ``kernel``
-    maps a :class:`KernelRef` to its compiled function (None: torch, as for GPU tensors).
-    Stochastic rounding takes the reference's noise: ``torch.rand`` drawn here, or counter noise
-    computed inside the kernel from a seed drawn here."""
+    fused TVM kernel when the scale is per tensor (activations, gradients) and the codes are 8-bit,
+    else torch. ``kernel`` maps a :class:`KernelRef` to its compiled function (None: torch, as for
+    GPU tensors). Stochastic rounding takes the reference's noise: ``torch.rand`` drawn here, or
+    counter noise computed inside the kernel from a seed drawn here. ``asymmetric``: ``qp`` has a
+    float zero point (``sbm``), kept in the codes' grid; the kernel then reads ``x - zero``, the
+    reference's first operation (skipped when the zero is 0, as after a ReLU)."""
     signed = qp.qmin < 0
-    dtype = torch.int8 if signed else torch.uint8
-    fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1
+    dtype = _code_dtype(qp)
+    zero = qp.zero if asymmetric else None
+    fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1 \
+        and dtype.itemsize == 1
     perm = _dense_perm(x) if fused else None
     if perm is None:
         q = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
-        return IntCodes(q.to(dtype), qp.scale, signed)
+        return IntCodes(q.to(dtype), qp.scale, signed, zero, qp.qmax)
+    if zero is not None and bool(zero != 0):
+        x = torch.sub(x, zero)  # keeps x's layout
     xd = x.permute(*perm)
     counter = stochastic and noise == "counter"
     if counter and x.numel() >= 2**31:
@@ -141,13 +227,35 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
                              serial=_serial(x.numel() * (9 if stochastic and not counter else 5)))
     kernel(ref)(*args, codes)
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
-    return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed)
+    return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed, zero, qp.qmax)
+
+
+def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochastic: bool = False,
+               noise: str = "torch", asymmetric: bool = False) -> IntCodes:
+    """Codes of ``x`` with sample ``i`` (dim 0) on the grid ``qp_for_bits(row_bits[i])`` (one
+    shared range, so only the step differs): the reference's
+    :func:`~fraccompile.ops.quantizers.quantize_rows`, group by group in the same order (the same
+    random draws), with a per-sample scale ``(N, 1, ...)``."""
+    groups = [(int(b), (row_bits == b).nonzero().flatten()) for b in torch.unique(row_bits)]
+    grids = {b: qp_for_bits(b) for b, _ in groups}
+    widest = grids[max(grids)]
+    dtype = _code_dtype(widest)
+    codes = torch.empty(x.shape, dtype=dtype, device=x.device)
+    scale = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device)
+    qmax = torch.empty_like(scale)
+    for b, rows in groups:
+        qp = grids[b]
+        codes[rows] = quantize_to_int(x[rows], qp, stochastic=stochastic, noise=noise).to(dtype)
+        scale[rows] = qp.scale.reshape(1).float()
+        qmax[rows] = qp.qmax
+    return IntCodes(codes, scale, widest.qmin < 0, widest.zero if asymmetric else None, qmax)
 
 
 class TVMBackend(ReferenceBackend):
     """Integer kernels built with TVM (falls back to :class:`ReferenceBackend` per site)."""
 
     name = "tvm"
+    capabilities = frozenset({INTEGER_KERNELS, CHANNELS_LAST})
 
     def __init__(self, cache: KernelCache | None = None, kernels=None, options=()):
         """``kernels``: the kernel provider (default: :class:`JitKernels` over ``cache``);
@@ -204,7 +312,9 @@ class TVMBackend(ReferenceBackend):
         the kernel), else those torch ops."""
         out = self._scratch_like(slot, q.codes)
         perm = _dense_perm(q.codes)
-        if perm is None or self.on_gpu(q.codes) or q.scale.numel() != 1:
+        if q.zero is not None:  # the reference's addcmul, the same fp32 operations
+            return torch.addcmul(q.zero, out.copy_(q.codes), q.scale, out=out)
+        if perm is None or self.on_gpu(q.codes) or q.scale.numel() != 1 or q.wide:
             return out.copy_(q.codes).mul_(q.scale)
         n = q.codes.numel()
         ref = KernelRef("dequant_codes", (str(q.codes.dtype).removeprefix("torch."),),
@@ -257,10 +367,8 @@ class TVMBackend(ReferenceBackend):
         return self.kernels.get(ref, self.where)
 
     # -- what runs here ----------------------------------------------------------------------------
-    def unsupported_reason(self, spec: SiteSpec, prec: Precision | None = None,
-                           scheme: str = "symmetric", weight_shape=None) -> str | None:
-        if scheme != "symmetric":
-            return f"scheme {scheme!r} has float zero points; integer kernels need 'symmetric'"
+    def unsupported_reason(self, call: SiteCall) -> str | None:
+        spec, weight_shape = call.spec, call.weight_shape
         if spec.kind == "conv" and (spec.pre_pad or spec.padding == "same"
                                     or spec.padding_mode != "zeros"):
             return "conv with pre-padding (padding_mode or padding='same') has no kernel"
@@ -268,14 +376,52 @@ class TVMBackend(ReferenceBackend):
                 and weight_shape[0] // spec.groups < MIN_GROUP_WIDTH:
             return (f"grouped conv with {weight_shape[0] // spec.groups} output channel(s) per "
                     f"group (depthwise): the GEMM form pads them to 16 lanes")
-        if prec is not None:
-            if prec.is_full:
-                return None  # full precision runs the original op on every backend
-            for name, bits in zip("awg", prec):
-                if not 1 <= bits <= MAX_BITS:
-                    what = "full precision" if bits == 0 else f"{bits} bits"
-                    return f"{name}={what}: integer kernels take 1..{MAX_BITS} bits"
+        if call.rows is not None and call.rows.mode == "dense":
+            return "dense gate mode computes every candidate on the reference backend"
+        if call.rows is not None and spec.kind == "matmul":
+            return "per-sample precisions (DFQ gate) of a matmul site run on the reference backend"
+        bits = call.bits
+        if bits.is_full and call.rows is None:
+            return None  # full precision runs the original op on every backend
+        for name, value, top in (("a", bits.a, MAX_BITS), ("w", bits.w, MAX_BITS),
+                                 ("g", bits.g, MAX_G_BITS)):
+            if not 1 <= value <= top:
+                what = "full precision" if value == 0 else f"{value} bits"
+                return f"{name}={what}: integer kernels take 1..{top} bits for {name}"
         return None
+
+    # -- one site ----------------------------------------------------------------------------------
+    def run_site(self, call: SiteCall, x: torch.Tensor, w: torch.Tensor,
+                 b: torch.Tensor | None) -> torch.Tensor:
+        """``call``'s output from integer kernels: the operands' codes (the reference's, same
+        quantizer), then :class:`IntSiteGemm`."""
+        spec, prec, asym = call.spec, call.prec, call.scheme == "sbm"
+        self.where = (call.site, "quantize")
+        kernel = self.quantize_kernel(x)
+        lo, hi = call.x_range or tensor_range(x)
+        d = call.rows
+        if d is None:
+            xq = _to_codes(x.detach(), qparams_from_range(lo, hi, prec.a, call.scheme),
+                           kernel=kernel, asymmetric=asym)
+        else:
+            xq = _row_codes(x.detach(), d.row_bits("a"),
+                            lambda k: qparams_from_range(lo, hi, k, call.scheme), asymmetric=asym)
+        if spec.kind == "matmul":
+            ylo, yhi = call.y_range or tensor_range(w)
+            wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, call.scheme),
+                           kernel=kernel, asymmetric=asym)
+        else:
+            wlo, whi = weight_range(w, per_channel=call.weight_scale == "channel")
+            wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, call.scheme,
+                                                          signed=True),
+                           kernel=kernel, asymmetric=asym)
+        if d is not None:  # the gate's gradient, as the reference's GateProbe gives it
+            def quantize_at(t: torch.Tensor, k: int) -> torch.Tensor:
+                return quantize_activation(t, k, call.scheme, lo=lo, hi=hi)
+            x = GateProbe.apply(x, d.onehot, x.detach(), quantize_at, d.a, xq.dequantize())
+        norm = call.epilogue_norm
+        return IntSiteGemm.apply(x, w, b, xq, wq, call, self, getattr(norm, "weight", None),
+                                 getattr(norm, "bias", None))
 
     # -- the integer GEMM --------------------------------------------------------------------------
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -442,39 +588,40 @@ class TVMBackend(ReferenceBackend):
         dw = (total.float() * scale).permute(3, 0, 1, 2).contiguous()  # (OC, kh, kw, C)
         return dw.permute(0, 3, 1, 2)
 
-    # -- one site ----------------------------------------------------------------------------------
-    def run_site(self, op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                 prec: Precision, lo_hi) -> torch.Tensor:
-        """``op``'s output with integer kernels (``op`` is the :class:`FracOp`: its spec, scheme,
-        and running range of a matmul's second operand)."""
-        spec = op.spec
-        lo, hi = lo_hi if lo_hi is not None and lo_hi[0] is not None else tensor_range(x)
-        self.where = (op.site, "quantize")
-        kernel = self.quantize_kernel(x)
-        xq = _to_codes(x.detach(), qparams_from_range(lo, hi, prec.a, "symmetric"),
-                       kernel=kernel)
-        if spec.kind == "matmul":
-            ylo, yhi = op._range(w, op.rhs_range)
-            if ylo is None:
-                ylo, yhi = tensor_range(w)
-            wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, "symmetric"),
-                           kernel=kernel)
-        else:
-            wlo, whi = weight_range(w, per_channel=op.weight_scale == "channel")
-            wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, "symmetric",
-                                                          signed=True), kernel=kernel)
-        norm = op.epilogue_norm
-        return IntSiteGemm.apply(x, w, b, xq, wq, spec, prec.g, self, op.site, op.rounding_noise,
-                                 op.epilogue, norm, getattr(norm, "weight", None),
-                                 getattr(norm, "bias", None))
-
     # -- the three roles per op kind ---------------------------------------------------------------
     def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape,
            bias: torch.Tensor | None = None, temporary: bool = False) -> torch.Tensor:
         """The site's output from the codes. ``temporary``: the caller consumes the result before
         the next GEMM call (a fused norm's input): a conv writes it into a :meth:`scratch`
-        buffer."""
-        scale = xq.scale * wq.scale.reshape(-1)
+        buffer.
+
+        The integer product of the codes times the scales that factor out of it (per tensor,
+        per output channel); then per-sample scales (rows), and the zero points' terms:
+        ``x·w = sx·sw·Σqx·qw + sx·zw·Σqx + zx·Σw`` (for a conv the sums run over each output
+        position's window, and ``Σw`` over the taps inside the image)."""
+        xq, wq = centered(xq), centered(wq)
+        if spec.kind == "conv":
+            wq = signed_b(wq)  # the conv kernels take the weight as signed B
+        x_zero, w_zero = xq.has_zero, wq.has_zero
+        late = xq.per_row or x_zero or w_zero
+        scale = _scalar_scale(xq) * wq.scale.reshape(-1)
+        y = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias,
+                          temporary)
+        if not late:
+            return y
+        if xq.per_row:
+            y.mul_(xq.scale)
+        if w_zero:  # sx·zw·(window sums of x's codes)
+            y.add_(_window_code_sums(spec, xq, w_shape).mul_(xq.scale) * _out_channel(spec, wq.zero,
+                                                                                    y.dim()))
+        if x_zero:  # zx·(sums of w's values)
+            y.add_(_value_sums(spec, wq, x_shape, w_shape) * xq.zero)
+        if bias is not None:
+            y.add_(_out_channel(spec, bias, y.dim()))
+        return y
+
+    def _fw_core(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape, scale,
+                 bias, temporary: bool) -> torch.Tensor:
         if spec.kind == "linear":
             K = x_shape[-1]
             y = self.gemm_f32(xq.codes.reshape(1, -1, K), wq.codes.unsqueeze(0), scale, bias)
@@ -519,25 +666,20 @@ class TVMBackend(ReferenceBackend):
         return y
 
     def eb(self, spec: SiteSpec, dyq: IntCodes, xq: IntCodes, wq: IntCodes, x_shape, w_shape):
-        if spec.kind == "matmul":
-            dyb, yb, _ = _matmul_batches(dyq.codes, wq.codes)
-            dx = self.gemm_f32(dyb, yb, dyq.scale * wq.scale)      # (G, M, K)
-            return dx.reshape(*_bcast_batch(x_shape, w_shape), *dx.shape[-2:]).sum_to_size(x_shape)
-        if spec.kind == "linear" and wq.scale.numel() == 1:  # one weight scale: integer GEMM
-            N = w_shape[0]
-            dx = self.gemm_f32(dyq.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0),  # dy·w
-                               dyq.scale * wq.scale)
-            return dx.reshape(*x_shape)
-        if spec.kind == "conv" and wq.scale.numel() == 1:  # one weight scale: integer when it
-            dx = self._eb_implicit(spec, dyq, wq, x_shape, w_shape)  # is a stride-1 2-D conv
+        """``dx``. An integer GEMM where the weight's scale factors out of the sum over output
+        channels (a matmul, or one weight scale per tensor), else fp32 on the reference's
+        dequantized operands (per-channel weight scales sit on the reduction axis)."""
+        if spec.kind == "matmul" or wq.scale.numel() == 1:
+            dx = self._eb_integer(spec, dyq, wq, x_shape, w_shape)
             if dx is not None:
                 return dx
-        # per-channel weight scales sit on the reduction axis: fp32 on the reference's operands
-        # (dy's in a scratch buffer: the fp32 op consumes it)
+        # fp32 on the reference's operands (dy's in a scratch buffer: the fp32 op consumes it)
         dy = self._dequantize_codes(dyq, "eb")
         w = wq.dequantize()
         if spec.kind == "linear":
             return dy.matmul(w)
+        if spec.kind == "matmul":
+            return dy.matmul(w.mT).sum_to_size(x_shape)
         n = spec.conv_dims
         # dx takes the layout of the (unused) input argument: x's, so that the elementwise
         # backward ops downstream (ReLU, BatchNorm, the residual sum) see one layout, not two
@@ -547,8 +689,44 @@ class TVMBackend(ReferenceBackend):
             dy, x_like, w, None, list(spec.stride), list(spec.gemm_padding(w.shape)),
             list(spec.dilation), False, [0] * n, spec.groups, [True, False, False])[0]
 
-    def _eb_implicit(self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape
-                     ) -> torch.Tensor | None:
+    def _eb_integer(self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape
+                    ) -> torch.Tensor | None:
+        """:meth:`eb` as integer GEMMs (one per 8-bit part of ``dy``'s codes), or None where it
+        does not apply (a conv with a zero point, or a conv geometry without an integer form)."""
+        dyq, wq = centered(dyq), centered(wq)
+        parts = split_codes(dyq)
+        dx = None
+        if spec.kind == "conv":
+            if dyq.has_zero or wq.has_zero:  # their terms would need the transposed windows
+                return None
+            for part in parts:
+                d = self._eb_implicit(spec, part, wq, x_shape, w_shape, part.scale * wq.scale)
+                if d is None:
+                    return None
+                dx = d if dx is None else dx.add_(d)
+            return dx.mul_(dyq.scale) if dyq.per_row else dx
+        for part in parts:
+            if spec.kind == "matmul":
+                dyb, yb, _ = _matmul_batches(part.codes, wq.codes)
+                d = self.gemm_f32(dyb, yb, part.scale * wq.scale)  # (G, M, K)
+                d = d.reshape(*_bcast_batch(x_shape, w_shape), *d.shape[-2:])
+            else:
+                N = w_shape[0]
+                d = self.gemm_f32(part.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0),
+                                  part.scale * wq.scale).reshape(*dyq.codes.shape[:-1], -1)
+            dx = d if dx is None else dx.add_(d)
+        if dyq.per_row:
+            dx.mul_(dyq.scale)
+        if wq.has_zero:  # sd·zw·Σ_n qd
+            dx.add_(_code_sums(dyq.codes, -1).unsqueeze(-1).mul_(dyq.scale).mul_(wq.zero))
+        if dyq.has_zero:  # zd·Σ_n w
+            w = wq.dequantize()
+            dx.add_((w.sum(-1).unsqueeze(-2) if spec.kind == "matmul" else w.sum(0))
+                    * dyq.zero)
+        return dx.sum_to_size(x_shape) if spec.kind == "matmul" else dx
+
+    def _eb_implicit(self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape,
+                     scale: torch.Tensor) -> torch.Tensor | None:
         """The error backprop of a stride-1, ungrouped 2-D conv with one weight scale, as the
         implicit-GEMM forward (:meth:`_conv_implicit`) of its transposed conv: ``dx`` is the conv
         of ``dy``, padded by ``d·(k-1) - p``, with the weights flipped in space and their two
@@ -570,13 +748,57 @@ class TVMBackend(ReferenceBackend):
         dx = torch.empty_strided((N, C, H, W), (H * W * C, 1, W * C, C))  # channels-last
         rows = dx.permute(0, 2, 3, 1)
         transposed = SiteSpec.conv(2, 1, pad, spec.dilation)
-        if not self._conv_implicit(transposed, dyq, dyl, w_rows, wt, [H, W], dyq.scale * wq.scale,
-                                   None, rows):
+        if not self._conv_implicit(transposed, dyq, dyl, w_rows, wt, [H, W], scale, None, rows):
             return None
         return dx
 
     def gc(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
-        scale = xq.scale * dyq.scale
+        """``dw`` (a matmul: the second operand's gradient), the sum over samples. Per-sample
+        scales (a DFQ-routed site) sit on that reduction axis: one accumulation per group of
+        samples sharing their scales. Else one integer GEMM per 8-bit part of ``dy``'s codes,
+        then the zero points' terms: ``Σ dy·x = sd·sx·Σqd·qx + zd·sx·Σqx + zx·Σdy``."""
+        if xq.per_row or dyq.per_row:
+            return self._gc_grouped(spec, xq, dyq, x_shape, w_shape)
+        xq, dyq = centered(xq), centered(dyq)
+        parts = split_codes(dyq)
+        if spec.kind == "conv":  # the implicit weight gradient takes dy as signed B
+            parts = [signed_b(p) for p in parts]
+        dw = None
+        for part in parts:
+            d = self._gc_core(spec, xq, part, x_shape, w_shape)
+            dw = d if dw is None else dw.add_(d)
+        zeros = [z for z in [dyq.zero] + [p.zero for p in parts] if z is not None]
+        terms = []
+        if zeros and any(bool((z != 0).any()) for z in zeros):  # zd·sx·Σqx
+            terms.append(_input_code_sums(spec, xq, x_shape, w_shape).mul_(xq.scale * sum(zeros)))
+        if xq.has_zero:  # zx·Σdy
+            terms.append(_gradient_sums(spec, dyq.dequantize(), x_shape, w_shape).mul_(xq.zero))
+        for term in terms:  # a matmul's terms are per batch entry: summed like dw's
+            if spec.kind == "matmul":
+                full = (*_bcast_batch(x_shape, w_shape), *w_shape[-2:])
+                term = term.expand(torch.broadcast_shapes(term.shape, full)).sum_to_size(w_shape)
+            dw = dw + term
+        return dw
+
+    def _gc_grouped(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
+        """:meth:`gc` summed over the groups of samples whose (x, dy) scales are equal."""
+        n = x_shape[0]
+        keys = torch.stack([xq.scale.reshape(-1).expand(n), dyq.scale.reshape(-1).expand(n)], 1)
+        scales, group = torch.unique(keys, dim=0, return_inverse=True)
+        dw = None
+        for j in range(scales.shape[0]):
+            rows = (group == j).nonzero().flatten()
+            sub_x = IntCodes(xq.codes[rows], scales[j, 0].reshape(1), xq.signed, xq.zero,
+                             _row_value(xq.qmax, rows))
+            sub_dy = IntCodes(dyq.codes[rows], scales[j, 1].reshape(1), dyq.signed, dyq.zero,
+                              _row_value(dyq.qmax, rows))
+            d = self.gc(spec, sub_x, sub_dy, (len(rows), *x_shape[1:]), w_shape)
+            dw = d if dw is None else dw.add_(d)
+        return dw
+
+    def _gc_core(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
+        """The integer part of :meth:`gc` for 8-bit codes with scales per tensor."""
+        scale = xq.scale.reshape(1) * dyq.scale.reshape(1)
         # dw = dyᵀ·x: A = dyᵀ (the smaller operand is transposed by the pack kernel), B = xᵀ,
         # which the pack kernel reads in 16-byte rows of x — no transpose of the activations
         if spec.kind == "linear":
@@ -666,6 +888,87 @@ class TVMBackend(ReferenceBackend):
         b8 = b.view(torch.uint8)
         return beta, lambda k0, kc, np_, kp: _pack_b(b8[..., k0:k0 + kc], beta, np_, kp,
                                                      self.kernel, self.scratch)
+
+
+# -- the zero points' and per-sample terms ----------------------------------------------------------
+def _out_channel(spec: SiteSpec, v: torch.Tensor, dims: int) -> torch.Tensor:
+    """A per-output-channel vector (or one value) shaped to broadcast against an output of
+    ``dims`` dims (channels at dim 1 for a conv, last otherwise)."""
+    v = v.reshape(-1)
+    if spec.kind == "conv":
+        return v.reshape(1, -1, *([1] * (dims - 2)))
+    return v
+
+
+def _code_sums(codes: torch.Tensor, dim) -> torch.Tensor:
+    """Exact sums of integer codes along ``dim``, as fp32 (exact below 2**24)."""
+    return codes.sum(dim, dtype=torch.int64).float()
+
+
+def _conv_shape_args(spec: SiteSpec, w_shape):
+    return (list(spec.stride), list(spec.gemm_padding(w_shape)), list(spec.dilation), False,
+            [0] * spec.conv_dims)
+
+
+def _window_code_sums(spec: SiteSpec, xq: IntCodes, w_shape) -> torch.Tensor:
+    """Per output row, the sum of the input codes it reads: ``Σ_k qx`` (a conv: over its window,
+    per group, zero padding reading code 0), shaped to broadcast against the output."""
+    if spec.kind == "linear":
+        return _code_sums(xq.codes, -1).unsqueeze(-1)
+    if spec.kind == "matmul":
+        return _code_sums(xq.codes, -1).unsqueeze(-1)
+    G, OC = spec.groups, w_shape[0]
+    ones = torch.ones((G, w_shape[1], *w_shape[2:]), device=xq.codes.device)
+    sums = CONV_FNS[spec.conv_dims](xq.codes.float(), ones, None, spec.stride,
+                                    spec.gemm_padding(w_shape), spec.dilation, G)
+    return sums if G == 1 else sums.repeat_interleave(OC // G, dim=1)
+
+
+def _value_sums(spec: SiteSpec, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
+    """Per output column, the sum of the weight's (second operand's) values it reads: ``Σ_k w``
+    (a conv: over the taps inside the image at each output position, the same for every
+    sample), shaped to broadcast against the output."""
+    w = wq.dequantize()
+    if spec.kind == "linear":
+        return w.sum(-1)
+    if spec.kind == "matmul":
+        return w.sum(-2, keepdim=True)
+    ones = torch.ones((1, *x_shape[1:]), device=w.device)
+    return CONV_FNS[spec.conv_dims](ones, w, None, spec.stride, spec.gemm_padding(w_shape),
+                                    spec.dilation, spec.groups)
+
+
+def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape) -> torch.Tensor:
+    """Per weight-gradient entry, the sum over output positions of the input codes it pairs
+    with: ``Σ_m qx[m, k]`` (a conv: per tap, zero padding reading code 0), shaped to broadcast
+    against ``dw``."""
+    codes = xq.codes
+    if spec.kind == "linear":
+        return _code_sums(codes.reshape(-1, x_shape[-1]), 0)
+    if spec.kind == "matmul":
+        return _code_sums(codes, -2).unsqueeze(-1)
+    G = spec.groups
+    out_sp = _out_sizes(spec, x_shape[2:], w_shape)
+    ones = torch.ones((x_shape[0], G, *out_sp), device=codes.device)
+    sums = torch.ops.aten.convolution_backward(
+        ones, codes.float(), torch.empty((G, *w_shape[1:]), device=codes.device), None,
+        *_conv_shape_args(spec, w_shape), G, [False, True, False])[1]
+    return sums if G == 1 else sums.repeat_interleave(w_shape[0] // G, dim=0)
+
+
+def _gradient_sums(spec: SiteSpec, dy: torch.Tensor, x_shape, w_shape) -> torch.Tensor:
+    """Per weight-gradient entry, the sum of ``dy`` over the output positions it pairs with:
+    ``Σ_m dy[m, n]`` (a conv: the positions whose tap lands inside the image), shaped to
+    broadcast against ``dw``."""
+    if spec.kind == "linear":
+        return dy.reshape(-1, dy.shape[-1]).sum(0).unsqueeze(-1)
+    if spec.kind == "matmul":
+        return dy.sum(-2, keepdim=True)
+    G = spec.groups
+    ones = torch.ones((x_shape[0], G, *x_shape[2:]), device=dy.device)
+    return torch.ops.aten.convolution_backward(
+        dy, ones, torch.empty((w_shape[0], 1, *w_shape[2:]), device=dy.device), None,
+        *_conv_shape_args(spec, w_shape), G, [False, True, False])[1]
 
 
 def _out_sizes(spec: SiteSpec, size, w_shape) -> list[int]:
@@ -871,9 +1174,9 @@ class IntSiteGemm(Function):
     backward recomputes it too and returns ``gamma``'s and ``beta``'s gradients."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, xq: IntCodes, wq: IntCodes, spec: SiteSpec, g_bits: int,
-                backend: TVMBackend, site: str, noise: str = "torch", epilogue=None, norm=None,
+    def forward(ctx, x, w, bias, xq: IntCodes, wq: IntCodes, call: SiteCall, backend: TVMBackend,
                 gamma=None, beta=None):
+        spec, site, epilogue, norm = call.spec, call.site, call.epilogue, call.epilogue_norm
         backend.where = (site, "fw")
         shapes = (tuple(x.shape), tuple(w.shape))
         fast_norm = norm is not None and _fast_norm(norm, epilogue)
@@ -881,9 +1184,9 @@ class IntSiteGemm(Function):
         fused = epilogue is not None or norm is not None
         stats = mask = None
         ctx.fast_norm = fast_norm
-        ctx.signs = (xq.signed, wq.signed)
-        ctx.spec, ctx.g_bits, ctx.backend, ctx.site = spec, g_bits, backend, site
-        ctx.noise, ctx.epilogue, ctx.norm = noise, epilogue, norm
+        ctx.signs, ctx.qmax = (xq.signed, wq.signed), (xq.qmax, wq.qmax)
+        ctx.call, ctx.spec, ctx.backend, ctx.site = call, spec, backend, site
+        ctx.epilogue, ctx.norm = epilogue, norm
         ctx.shapes = shapes
         ctx.has_bias = bias is not None
         if ctx.fast_norm:  # keep the batch statistics and the ReLU's mask: backward needs only
@@ -896,16 +1199,17 @@ class IntSiteGemm(Function):
             # nn.BatchNorm's own choice of batch or running statistics, kept for the recompute
             ctx.norm_batch_stats = norm.training or norm.running_mean is None
             y = norm(y)
-        ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale, bias if fused else None,
-                              gamma, beta, *(stats or (None, None)), mask)
+        ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale, xq.zero, wq.zero,
+                              bias if fused else None, gamma, beta, *(stats or (None, None)), mask)
         if ctx.fast_norm or epilogue is None:
             return _not_a_view(y)
         return _not_a_view(apply_epilogue(epilogue, y))
 
     @staticmethod
     def backward(ctx, dy):
-        xc, wc, xs, ws, bias, gamma, beta, mean, invstd, mask = ctx.saved_tensors
-        xq, wq = IntCodes(xc, xs, ctx.signs[0]), IntCodes(wc, ws, ctx.signs[1])
+        xc, wc, xs, ws, xz, wz, bias, gamma, beta, mean, invstd, mask = ctx.saved_tensors
+        xq = IntCodes(xc, xs, ctx.signs[0], xz, ctx.qmax[0])
+        wq = IntCodes(wc, ws, ctx.signs[1], wz, ctx.qmax[1])
         spec, backend = ctx.spec, ctx.backend
         x_shape, w_shape = ctx.shapes
         dgamma = dbeta = None
@@ -932,10 +1236,8 @@ class IntSiteGemm(Function):
             backend.where = (ctx.site, "fw")
             dy = epilogue_backward(ctx.epilogue, dy, backend.fw(spec, xq, wq, *ctx.shapes,
                                                                 bias=bias))
-        lo, hi = tensor_range(dy)
         backend.where = (ctx.site, "quantize")
-        dyq = _to_codes(dy, qparams_from_range(lo, hi, ctx.g_bits, "symmetric", signed=True),
-                        stochastic=True, noise=ctx.noise, kernel=backend.quantize_kernel(dy))
+        dyq = _gradient_codes(ctx.call, dy, backend.quantize_kernel(dy))
         dx = dw = None
         if ctx.needs_input_grad[0]:
             backend.where = (ctx.site, "eb")
@@ -945,9 +1247,28 @@ class IntSiteGemm(Function):
             dw = backend.gc(spec, xq, dyq, x_shape, w_shape)
         db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = _channel_sums(dyq.codes, 1 if spec.kind == "conv" else dy.dim() - 1).float() \
-                * dyq.scale
-        return dx, dw, db, None, None, None, None, None, None, None, None, None, dgamma, dbeta
+            channel = 1 if spec.kind == "conv" else dy.dim() - 1
+            if dyq.per_row or dyq.wide or dyq.zero is not None:
+                db = dyq.dequantize().sum([d for d in range(dy.dim()) if d != channel])
+            else:
+                db = _channel_sums(dyq.codes, channel).float() * dyq.scale
+        return dx, dw, db, None, None, None, None, dgamma, dbeta
+
+
+def _gradient_codes(call: SiteCall, dy: torch.Tensor, kernel) -> IntCodes:
+    """``dy``'s codes: the reference's ``quantize_gradient`` (or, per sample,
+    ``quantize_gradient_rows``): per-tensor range, stochastic rounding."""
+    lo, hi = tensor_range(dy)
+    asym = call.scheme == "sbm"
+
+    def grid(bits: int):
+        return qparams_from_range(lo, hi, bits, call.scheme, signed=True)
+
+    if call.rows is not None:
+        return _row_codes(dy, call.rows.row_bits("g"), grid, stochastic=True,
+                          noise=call.rounding_noise, asymmetric=asym)
+    return _to_codes(dy, grid(call.prec.g), stochastic=True, noise=call.rounding_noise,
+                     kernel=kernel, asymmetric=asym)
 
 
 def make_tvm_backend(options: dict) -> TVMBackend:
