@@ -53,6 +53,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (``os.umask`` sets it, for a
+    moment in which another thread would create files with another mode)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str = "", fsync: bool = True) -> Iterator[Path]:
     """A temporary path next to ``path`` to write (by name, or by opening it); on a clean exit it
@@ -67,9 +82,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "", fsync: bool = True
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         if fsync:
             _fsync_dir(path.parent)
@@ -130,7 +143,7 @@ def remove_stale_temps(directory: str | os.PathLike, name: str = "*",
     for tmp in candidates:
         match = TEMP.match(tmp.name)
         try:
-            if match is None or now - tmp.lstat().st_mtime < min_age:
+            if match is None or tmp.is_symlink() or now - tmp.lstat().st_mtime < min_age:
                 continue
         except OSError:
             continue
@@ -266,7 +279,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
     does not parse and has no newline is a write cut short (a kill mid-append, or one still in
     progress) and is left out; any other line that does not parse raises ``ValueError`` naming
     the file and line."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
     out = []
     for n, line in enumerate(lines, 1):

@@ -382,7 +382,8 @@ def _nonfinite(loss_value: float, model) -> str | None:
     """What is not finite in this step (the loss or the first such gradient), or None."""
     if not math.isfinite(loss_value):
         return f"loss ({loss_value})"
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    named = [(n, p.grad._values() if p.grad.is_sparse else p.grad)
+             for n, p in model.named_parameters() if p.grad is not None]
     if named and not bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
         return "gradient of " + next(n for n, g in named if not bool(torch.isfinite(g).all()))
     return None
@@ -441,7 +442,6 @@ def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr
     period_good = 0
     gate_shares: dict[str, torch.Tensor] = {}
     gate_classes: dict[str, torch.Tensor] = {}  # per region: (classes, candidates) sample counts
-    buffers = list(model.buffers())
     steps = data.steps_per_epoch
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
@@ -454,6 +454,7 @@ def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr
             epoch, offset = divmod(it, steps)
             for x, y in islice(data.batches(epoch, start=offset), steps - offset):
                 t0 = time.perf_counter()
+                buffers = list(model.buffers())
                 before = [b.clone() for b in buffers]  # put back if the step is skipped
                 out = model(x)
                 loss = loss_fn(out, y)
