@@ -55,6 +55,7 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
                       f"it in full precision ({len(frac.fp32_ops)} GEMM-like ops left in fp32, "
                       "see .fp32_ops)", stacklevel=2)
     _attach_missing_state(frac, model)
+    _keep_non_persistent(frac, model)
     frac.train(model.training)
     return frac
 
@@ -78,6 +79,22 @@ def _keep_composite_modules(frac: nn.Module) -> None:
     kept = [(m.mha_path, m.mha) for m in frac.modules() if isinstance(m, MultiheadAttentionSite)]
     for path, mha in kept:
         frac.add_submodule(path, mha)
+
+
+def _keep_non_persistent(frac: nn.Module, model: nn.Module) -> None:
+    """Buffers the original registered with ``persistent=False`` (``position_ids``,
+    ``inv_freq``) stay out of the compiled model's state_dict (torch.export registers every
+    buffer as persistent)."""
+    for path, mod in model.named_modules():
+        for name in mod._non_persistent_buffers_set:
+            key = f"{path}.{name}" if path else name
+            *owner_path, leaf = key.split(".")
+            try:
+                owner = frac.get_submodule(".".join(owner_path))
+            except AttributeError:
+                continue
+            if leaf in owner._buffers:
+                owner._non_persistent_buffers_set.add(leaf)
 
 
 def _attach_missing_state(frac: nn.Module, model: nn.Module) -> None:

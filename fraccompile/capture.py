@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 import traceback
+import types
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -21,9 +23,13 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from .capture_modes import merge_modes
 from .errors import CaptureError, ShapeError
+from .passes.coverage import META_GEMM_CALLS, GemmCallRecorder
 
 META_CAPTURE = "frac_capture"
+META_STATIC = "frac_static_dims"  # export path: input dimensions the graph is specialized to
+META_MODES = "frac_mode_merge"  # module paths whose eval-mode graph could not be merged
 
 
 class FracTracer(fx.Tracer):
@@ -56,7 +62,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     fx_error: BaseException | None = None
     if method in ("auto", "fx"):
         try:
-            gm = _trace_fx(model, leaf_modules)
+            gm = _trace_fx_modes(model, tuple(leaf_modules))
         except Exception as err:  # noqa: BLE001 - any tracing failure means "try the fallback"
             fx_error = err
         else:
@@ -69,6 +75,12 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             gm = _trace_export(model, example_inputs)
         except Exception as err:  # noqa: BLE001
             raise CaptureError(_capture_message(model, fx_error, err, leaf_modules)) from err
+        try:
+            eval_gm = _in_mode(model, False, lambda: _trace_export(model, example_inputs))
+        except Exception:  # noqa: BLE001 - eval capture is best effort; the train graph runs
+            eval_gm = None
+        _merge_or_warn(gm, eval_gm, model)
+        _propagate_shapes(gm, example_inputs)
         gm.meta[META_CAPTURE] = "export"
         return gm
     if method == "fx":
@@ -88,6 +100,54 @@ def _trace_fx(model: nn.Module, leaf_modules: Sequence[str]) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def _in_mode(model: nn.Module, training: bool, fn):
+    """``fn()`` with every module of ``model`` in ``training`` mode; each module's own flag is
+    restored afterwards (a submodule kept in eval stays so)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        return fn()
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+_GEMM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+
+
+def _trace_fx_modes(model: nn.Module, leaf_modules: tuple) -> fx.GraphModule:
+    """The train-mode fx graph, with what differs in eval mode switched by the module's mode
+    (:mod:`fraccompile.capture_modes`). A module whose forward branches on ``self.training``
+    around different ops is kept opaque (a leaf follows its own mode) when it holds no GEMM
+    layer; otherwise a warning names it."""
+    leaves = list(leaf_modules)
+    for _ in range(4):
+        gm = _in_mode(model, True, lambda: _trace_fx(model, leaves))
+        eval_gm = _in_mode(model, False, lambda: _trace_fx(model, leaves))
+        paths = merge_modes(gm, eval_gm)
+        if not paths:
+            return gm
+        opaque = [p for p in paths if p and p not in leaves and not any(
+            isinstance(m, _GEMM_LAYERS) for m in model.get_submodule(p).modules())]
+        if not opaque:
+            break
+        leaves += opaque
+    _merge_or_warn(gm, None, model, paths)
+    return gm
+
+
+def _merge_or_warn(gm: fx.GraphModule, eval_gm, model: nn.Module, paths=None) -> None:
+    if paths is None:
+        paths = ["<capture in eval mode failed>"] if eval_gm is None else merge_modes(gm, eval_gm)
+    if paths:
+        named = dict(model.named_modules())
+        paths = sorted({p for p in paths if p in named and p} or {"<root>"})
+        gm.meta[META_MODES] = paths
+        warnings.warn(f"{type(model).__name__}: the eval-mode graph of {', '.join(map(repr, paths))}"
+                      " differs from the train-mode one in more than constants; the compiled "
+                      "model runs the train-mode graph there in both modes", stacklevel=3)
+
+
 @contextlib.contextmanager
 def _quiet():
     """torch.export prints partial graphs and symbolic-shape warnings to stderr when it fails; the
@@ -101,17 +161,57 @@ def _quiet():
         logging.disable(previous)
 
 
+def _dynamic_shapes(example_inputs: tuple):
+    """Every dimension of every tensor input as ``Dim.AUTO``: export keeps the ones the model
+    does not specialize symbolic (batch, sequence length, image size)."""
+    auto = torch.export.Dim.AUTO
+    return tuple({d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
+                 for t in example_inputs)
+
+
 def _trace_export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    was_training = model.training
+    """torch.export (non-strict, training IR) with dynamic dimensions where the model allows;
+    static shapes when dynamic export fails. ``gm.meta[META_STATIC]`` lists the batch and
+    sequence dimensions that stayed static, in one line each."""
+    flags = [(m, m.training) for m in model.modules()]
     try:
         with _quiet():
-            ep = torch.export.export(model, example_inputs, strict=False)
+            try:
+                ep = torch.export.export(model, example_inputs, strict=False,
+                                         dynamic_shapes=_dynamic_shapes(example_inputs))
+                dynamic = True
+            except Exception:  # noqa: BLE001 - some models only export with static shapes
+                ep = torch.export.export(model, example_inputs, strict=False)
+                dynamic = False
     finally:
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
     gm = ep.module()
-    # ep.module() forbids train()/eval(); our GraphModule is rebuilt from its graph later, and the
-    # training-IR graph keeps the train/eval behaviour the model had when it was exported.
+    # ep.module() forbids train()/eval(); our GraphModule is rebuilt from its graph later, where
+    # the mode-dependent ops follow the module's mode (capture_modes.merge_modes)
+    gm.meta[META_STATIC] = _static_dims(gm, example_inputs, dynamic)
     return gm
+
+
+def _static_dims(gm: fx.GraphModule, example_inputs: tuple, dynamic: bool) -> list[str]:
+    """The batch dimension of each tensor input, and the sequence dimension of integer (token)
+    inputs, that the exported graph is specialized to."""
+    out = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, t) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            continue
+        val = node.meta.get("val")
+        dims = [0] + ([1] if t.dim() > 1 and not t.is_floating_point() else [])
+        for d in dims:
+            size = val.shape[d] if val is not None and d < len(val.shape) else t.shape[d]
+            static = isinstance(size, int) or getattr(getattr(size, "node", None), "expr",
+                                                      None) is not None and size.node.expr.is_number
+            if not dynamic or static:
+                kind = "batch" if d == 0 else "sequence"
+                out.append(f"input {i} ({node.name}) {kind} dimension {d} is static: only size "
+                           f"{int(t.shape[d])} runs (the model specializes it)")
+    return out
 
 
 def _snapshot_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -135,10 +235,18 @@ def _run_quietly(fn):
 
 class _ShapeRecorder(fx.Interpreter):
     """Records each node's output as ``meta["tensor_meta"]`` (what torch's ShapeProp does, without
-    its printing a traceback to stderr when a node fails)."""
+    its printing a traceback to stderr when a node fails), and the GEMM-like torch calls made inside
+    opaque nodes (leaf modules, wrapped functions) as ``meta["frac_gemm_calls"]``."""
 
     def run_node(self, n: fx.Node):
-        result = super().run_node(n)
+        if n.op == "call_module" or (n.op == "call_function"
+                                     and isinstance(n.target, types.FunctionType)):
+            with GemmCallRecorder() as rec:
+                result = super().run_node(n)
+            if rec.calls:
+                n.meta[META_GEMM_CALLS] = rec.calls
+        else:
+            result = super().run_node(n)
         meta = map_aggregate(result, lambda r: _extract_tensor_metadata(r)
                              if isinstance(r, torch.Tensor) else None)
         if meta is not None and not (isinstance(meta, (tuple, list)) and all(m is None for m in meta)):

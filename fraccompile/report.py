@@ -47,6 +47,35 @@ def sites_markdown(fm: FracModel) -> str:
     return "\n".join(lines)
 
 
+_COVERAGE_HEADERS = ("node", "op", "module", "left in fp32 because")
+
+
+def coverage_rows(fm: FracModel) -> list[tuple[str, ...]]:
+    """Every GEMM-like op left in fp32 and why (``fm.fp32_ops``), plus one row per capture note
+    (static input dimensions, modules whose eval-mode graph could not be merged)."""
+    rows = [(o.node, o.op, o.module_path or "-", o.reason) for o in fm.fp32_ops]
+    rows += [("-", "shape", "-", line) for line in fm.meta.get("frac_static_dims", [])]
+    rows += [("-", "train/eval", p, "eval-mode graph differs structurally: runs the train-mode "
+              "graph") for p in fm.meta.get("frac_mode_merge", [])]
+    return rows
+
+
+def coverage_table(fm: FracModel) -> Table:
+    """The coverage table for the console (``fraccompile transform`` prints it)."""
+    table = Table(title=f"GEMM-like ops left in fp32: {len(fm.fp32_ops)}")
+    for h in _COVERAGE_HEADERS:
+        table.add_column(h)
+    for row in coverage_rows(fm):
+        table.add_row(*row)
+    return table
+
+
+def coverage_markdown(fm: FracModel) -> str:
+    lines = ["| " + " | ".join(_COVERAGE_HEADERS) + " |", "|" + "---|" * len(_COVERAGE_HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in coverage_rows(fm)]
+    return "\n".join(lines)
+
+
 def regions_markdown(fm: FracModel) -> str:
     """The DFQ regions and their gates (empty without the dfq pipeline)."""
     regions = fm.meta.get(GM_REGIONS) or []
@@ -76,6 +105,7 @@ def graph_dict(fm: FracModel) -> dict:
     regions = [asdict(r) for r in fm.meta.get(GM_REGIONS, [])]
     return {"capture": fm.meta.get("frac_capture"), "config": fm.frac_config.to_dict(),
             "nodes": nodes, "edges": edges, "sites": sites, "regions": regions,
+            "fp32_ops": [asdict(o) for o in fm.fp32_ops],
             "cost": fm.cost().to_dict()}
 
 
@@ -102,7 +132,8 @@ def write_transform_outputs(fm: FracModel, out_dir: str | Path, source: str) -> 
         f"# fraccompile transform: {source}\n\n"
         f"Captured with torch.{fm.meta.get('frac_capture')}; {n_sites} sites, "
         f"{len(fm.sites) - n_sites} layers kept in full precision.\n\n"
-        f"{sites_markdown(fm)}\n\n{regions_markdown(fm)}## Cost of one training step\n\n"
+        f"{sites_markdown(fm)}\n\n## GEMM-like ops left in fp32\n\n{coverage_markdown(fm)}\n\n"
+        f"{regions_markdown(fm)}## Cost of one training step\n\n"
         f"{cost.summary()}\n")
     return paths
 

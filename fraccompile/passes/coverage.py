@@ -42,6 +42,8 @@ _DEFAULT_REASONS = {
     "rnn_relu": "recurrent layer (its GEMMs run inside one op)",
     "multi_head_attention_forward": "functional multi-head attention (use nn.MultiheadAttention)",
 }
+_DEFAULT_REASONS.update({f"ConvTranspose{n}d": _DEFAULT_REASONS["conv_transpose1d"] for n in (1, 2, 3)})
+_DEFAULT_REASONS["Bilinear"] = _DEFAULT_REASONS["bilinear"]
 
 
 @dataclass(frozen=True)

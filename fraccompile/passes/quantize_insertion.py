@@ -274,8 +274,11 @@ class QuantizeInsertion(Pass):
         else:  # a second run keeps one controller per model
             gm.get_submodule(PRECISION_MODULE).controller = controller
         infos: dict[str, SiteInfo] = {}
+        self._replaced: dict[fx.Node, fx.Node] = {}  # erased node -> its site node
         for m in matches:
             node = m.node
+            m.operands = [self._replaced.get(o, o) if isinstance(o, fx.Node) else o
+                          for o in m.operands]
             if isinstance(m, CompositeMatch):
                 for p in m.parts:
                     p.info.full_precision = p.info.name in keep
@@ -336,6 +339,7 @@ class QuantizeInsertion(Pass):
         new.meta.update(node.meta)
         new.meta[META_SITE] = info
         node.replace_all_uses_with(new)
+        self._replaced[node] = new
         graph.erase_node(node)
 
     @staticmethod
@@ -379,6 +383,7 @@ class QuantizeInsertion(Pass):
                                     name=f"{safe}_site")
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
+        self._replaced[node] = new
         graph.erase_node(node)
 
 
