@@ -140,10 +140,14 @@ def centered(q: IntCodes) -> IntCodes:
     if q.signed or q.qmax is None or not q.has_zero:
         return q
     m = (torch.as_tensor(q.qmax, dtype=torch.float32) + 1) / 2
+    zero = q.zero + m.to(q.scale.device) * q.scale
+    if m.numel() == 1 and q.codes.dtype == torch.uint8:  # one int8 pass, never in place
+        if int(m) == 128:
+            return IntCodes(q.codes.bitwise_xor(128).view(torch.int8), q.scale, True, zero)
+        return IntCodes(q.codes.view(torch.int8) - int(m), q.scale, True, zero)  # codes < 128
     wide = bool((m > 128).any())
-    codes = q.codes.to(torch.int32) - m.to(torch.int32).to(q.codes.device)  # never in place
-    return IntCodes(codes if wide else codes.to(torch.int8), q.scale, True,
-                    q.zero + m.to(q.scale.device) * q.scale)
+    codes = q.codes.to(torch.int32) - m.to(torch.int32).to(q.codes.device)
+    return IntCodes(codes if wide else codes.to(torch.int8), q.scale, True, zero)
 
 
 def signed_b(q: IntCodes) -> IntCodes:
@@ -918,8 +922,12 @@ def _window_code_sums(spec: SiteSpec, xq: IntCodes, w_shape) -> torch.Tensor:
     if spec.kind == "matmul":
         return _code_sums(xq.codes, -1).unsqueeze(-1)
     G, OC = spec.groups, w_shape[0]
-    ones = torch.ones((G, w_shape[1], *w_shape[2:]), device=xq.codes.device)
-    sums = CONV_FNS[spec.conv_dims](xq.codes.float(), ones, None, spec.stride,
+    codes = xq.codes
+    # the channel sums first (exact int32), then one box filter per group: a pass over the codes
+    # instead of a C-channel convolution
+    per_group = codes.reshape(codes.shape[0], G, -1, *codes.shape[2:]).sum(2, dtype=torch.int32)
+    ones = torch.ones((G, 1, *w_shape[2:]), device=codes.device)
+    sums = CONV_FNS[spec.conv_dims](per_group.float(), ones, None, spec.stride,
                                     spec.gemm_padding(w_shape), spec.dilation, G)
     return sums if G == 1 else sums.repeat_interleave(OC // G, dim=1)
 
@@ -949,9 +957,11 @@ def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape) -> torch.Te
         return _code_sums(codes, -2).unsqueeze(-1)
     G = spec.groups
     out_sp = _out_sizes(spec, x_shape[2:], w_shape)
-    ones = torch.ones((x_shape[0], G, *out_sp), device=codes.device)
+    # every sample pairs with the same taps: the batch sum first (exact int32), then one image
+    ones = torch.ones((1, G, *out_sp), device=codes.device)
     sums = torch.ops.aten.convolution_backward(
-        ones, codes.float(), torch.empty((G, *w_shape[1:]), device=codes.device), None,
+        ones, codes.sum(0, keepdim=True, dtype=torch.int32).float(),
+        torch.empty((G, *w_shape[1:]), device=codes.device), None,
         *_conv_shape_args(spec, w_shape), G, [False, True, False])[1]
     return sums if G == 1 else sums.repeat_interleave(w_shape[0] // G, dim=0)
 
@@ -965,9 +975,10 @@ def _gradient_sums(spec: SiteSpec, dy: torch.Tensor, x_shape, w_shape) -> torch.
     if spec.kind == "matmul":
         return dy.sum(-2, keepdim=True)
     G = spec.groups
-    ones = torch.ones((x_shape[0], G, *x_shape[2:]), device=dy.device)
+    ones = torch.ones((1, G, *x_shape[2:]), device=dy.device)  # the batch sum first, as above
     return torch.ops.aten.convolution_backward(
-        dy, ones, torch.empty((w_shape[0], 1, *w_shape[2:]), device=dy.device), None,
+        dy.sum(0, keepdim=True), ones, torch.empty((w_shape[0], 1, *w_shape[2:]),
+                                                   device=dy.device), None,
         *_conv_shape_args(spec, w_shape), G, [False, True, False])[1]
 
 
