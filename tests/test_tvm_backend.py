@@ -531,9 +531,9 @@ def test_matmul_roles_match_reference(xs, ys, fn):
     _compare(op, (x, y, (8, 8, 8)))
 
 
-@pytest.mark.parametrize("bits", [(8, 8, 8), (4, 4, 6), (3, 3, 6), (6, 6, 12), (8, 8, 16)])
+@pytest.mark.parametrize("bits", [(8, 8, 8), (3, 3, 6), (6, 6, 12), (4, 4, 16)])
 @pytest.mark.parametrize("signed_input", [False, True])
-@pytest.mark.parametrize("idx", [0, 1, 3, 8])
+@pytest.mark.parametrize("idx", [0, 1, 3, 5, 6, 7, 8])  # strides, dilation, groups, 1-D, 3-D
 def test_sbm_conv_roles_match_reference(idx, signed_input, bits):
     """FracTrain's own quantizer (float zero points) on the integer kernels: the codes' products
     plus the zero points' window and border terms, every role within the tolerance; the 3-bit

@@ -32,6 +32,7 @@ Only the quantized codes (int8/uint8) are saved for backward, not fp32 copies.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 
@@ -776,7 +777,7 @@ class TVMBackend(ReferenceBackend):
         if zeros and any(bool((z != 0).any()) for z in zeros):  # zd·sx·Σqx
             terms.append(_input_code_sums(spec, xq, x_shape, w_shape).mul_(xq.scale * sum(zeros)))
         if xq.has_zero:  # zx·Σdy
-            terms.append(_gradient_sums(spec, dyq.dequantize(), x_shape, w_shape).mul_(xq.zero))
+            terms.append(_gradient_sums(spec, dyq, x_shape, w_shape).mul_(xq.zero))
         for term in terms:  # a matmul's terms are per batch entry: summed like dw's
             if spec.kind == "matmul":
                 full = (*_bcast_batch(x_shape, w_shape), *w_shape[-2:])
@@ -946,6 +947,30 @@ def _value_sums(spec: SiteSpec, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
                                     spec.dilation, spec.groups)
 
 
+def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bool
+              ) -> torch.Tensor:
+    """For every tap of a conv's kernel, the sum over the output positions ``o`` whose tap reads
+    inside the image (input coordinate ``o·stride + tap·dilation - padding``): of the image ``t``
+    ``(C, *in_sp)`` at those coordinates (``image``), or of the output map ``t`` ``(OC, *out_sp)``
+    at those positions. Returns ``(len(t), *kernel)``: one strided slice sum per tap."""
+    n, pad = spec.conv_dims, spec.gemm_padding(w_shape)
+    out = t.new_zeros((t.shape[0], *w_shape[2:]))
+    for tap in itertools.product(*(range(k) for k in w_shape[2:])):
+        index = [slice(None)]
+        for d in range(n):
+            first, st = tap[d] * spec.dilation[d] - pad[d], spec.stride[d]
+            lo = max(0, -(first // st))                       # ceil(-first / st)
+            hi = min(out_sp[d] - 1, (in_sp[d] - 1 - first) // st)
+            if hi < lo:
+                index = None
+                break
+            index.append(slice(first + lo * st, first + hi * st + 1, st) if image
+                         else slice(lo, hi + 1))
+        if index is not None:
+            out[(slice(None), *tap)] = t[tuple(index)].sum(list(range(1, n + 1)))
+    return out
+
+
 def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape) -> torch.Tensor:
     """Per weight-gradient entry, the sum over output positions of the input codes it pairs
     with: ``Σ_m qx[m, k]`` (a conv: per tap, zero padding reading code 0), shaped to broadcast
@@ -955,31 +980,35 @@ def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape) -> torch.Te
         return _code_sums(codes.reshape(-1, x_shape[-1]), 0)
     if spec.kind == "matmul":
         return _code_sums(codes, -2).unsqueeze(-1)
-    G = spec.groups
+    G, Cg = spec.groups, w_shape[1]
     out_sp = _out_sizes(spec, x_shape[2:], w_shape)
-    # every sample pairs with the same taps: the batch sum first (exact int32), then one image
-    ones = torch.ones((1, G, *out_sp), device=codes.device)
-    sums = torch.ops.aten.convolution_backward(
-        ones, codes.sum(0, keepdim=True, dtype=torch.int32).float(),
-        torch.empty((G, *w_shape[1:]), device=codes.device), None,
-        *_conv_shape_args(spec, w_shape), G, [False, True, False])[1]
-    return sums if G == 1 else sums.repeat_interleave(w_shape[0] // G, dim=0)
+    # every sample pairs with the same taps: the batch sum first (exact), then one image
+    sums = _tap_sums(spec, codes.sum(0, dtype=torch.int64).float(), x_shape[2:], out_sp,
+                     w_shape, image=True)                       # (C, *kernel)
+    if G == 1:
+        return sums.unsqueeze(0)
+    return sums.reshape(G, Cg, *w_shape[2:]).repeat_interleave(w_shape[0] // G, dim=0)
 
 
-def _gradient_sums(spec: SiteSpec, dy: torch.Tensor, x_shape, w_shape) -> torch.Tensor:
-    """Per weight-gradient entry, the sum of ``dy`` over the output positions it pairs with:
-    ``Σ_m dy[m, n]`` (a conv: the positions whose tap lands inside the image), shaped to
-    broadcast against ``dw``."""
+def _gradient_sums(spec: SiteSpec, dyq: IntCodes, x_shape, w_shape) -> torch.Tensor:
+    """Per weight-gradient entry, the sum of ``dy``'s values over the output positions it pairs
+    with: ``Σ_m dy[m, n]`` (a conv: the positions whose tap lands inside the image), shaped to
+    broadcast against ``dw``. From exact sums of the codes: ``s·Σq + count·z``."""
+    codes = dyq.codes
     if spec.kind == "linear":
-        return dy.reshape(-1, dy.shape[-1]).sum(0).unsqueeze(-1)
+        flat = codes.reshape(-1, codes.shape[-1])
+        return (_code_sums(flat, 0) * dyq.scale.reshape(-1) + flat.shape[0] * _zero(dyq)) \
+            .unsqueeze(-1)
     if spec.kind == "matmul":
-        return dy.sum(-2, keepdim=True)
-    G = spec.groups
-    ones = torch.ones((1, G, *x_shape[2:]), device=dy.device)  # the batch sum first, as above
-    return torch.ops.aten.convolution_backward(
-        dy.sum(0, keepdim=True), ones, torch.empty((w_shape[0], 1, *w_shape[2:]),
-                                                   device=dy.device), None,
-        *_conv_shape_args(spec, w_shape), G, [False, True, False])[1]
+        return _code_sums(codes, -2).unsqueeze(-2) * dyq.scale + codes.shape[-2] * _zero(dyq)
+    out_sp = codes.shape[2:]
+    values = _code_sums(codes, 0) * dyq.scale.reshape(-1) + codes.shape[0] * _zero(dyq)
+    sums = _tap_sums(spec, values, x_shape[2:], out_sp, w_shape, image=False)  # (OC, *kernel)
+    return sums.unsqueeze(1)
+
+
+def _zero(q: IntCodes) -> torch.Tensor:
+    return q.zero.reshape(-1) if q.zero is not None else q.scale.new_zeros(1)
 
 
 def _out_sizes(spec: SiteSpec, size, w_shape) -> list[int]:
@@ -1115,7 +1144,7 @@ def _channel_sums(codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
     C = codes.shape[channel_dim]
     last = codes.movedim(channel_dim, -1)
     rows = codes.numel() // max(C, 1)
-    if C >= 32 and last.is_contiguous() and rows * 128 < 2**31:
+    if C >= 32 and last.is_contiguous() and rows * 128 < 2**31 and codes.element_size() == 1:
         return last.reshape(rows, C).sum(0, dtype=torch.int32)
     return codes.sum([d for d in range(codes.dim()) if d != channel_dim], dtype=torch.int64)
 
@@ -1259,10 +1288,12 @@ class IntSiteGemm(Function):
         db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             channel = 1 if spec.kind == "conv" else dy.dim() - 1
-            if dyq.per_row or dyq.wide or dyq.zero is not None:
+            if dyq.per_row:
                 db = dyq.dequantize().sum([d for d in range(dy.dim()) if d != channel])
-            else:
-                db = _channel_sums(dyq.codes, channel).float() * dyq.scale
+            else:  # exact code sums: s·Σq + count·z
+                db = _channel_sums(dyq.codes, channel).float() * dyq.scale.reshape(-1)
+                if dyq.zero is not None:
+                    db += dyq.codes.numel() // dyq.codes.shape[channel] * dyq.zero.reshape(-1)
         return dx, dw, db, None, None, None, None, dgamma, dbeta
 
 
