@@ -17,7 +17,7 @@ from .errors import ConfigError
 
 CONFIG_VERSION = 1
 SCHEMES = ("sbm", "symmetric")
-WEIGHT_SCALES = ("channel", "tensor")
+WEIGHT_SCALES = ("channel", "tensor", "gemm")
 ROUNDING_NOISES = ("torch", "counter")  # stochastic rounding noise (fraccompile.ops.quantizers)
 RECOMPUTE_LEVELS = ("none", "activations", "norms")  # passes/epilogue_fusion.py
 BACKENDS = ("reference", "tvm", "auto")
@@ -59,10 +59,13 @@ class FracConfig:
             every site; 0 keeps that tensor in full precision. The controller changes them later.
         scheme: ``"sbm"`` (FracTrain's asymmetric min/max quantizer) or ``"symmetric"`` (zero point
             0, maps onto int8 kernels).
-        weight_scale: ``"channel"`` (one range per output channel, FracTrain's and the default) or
-            ``"tensor"`` (one range per weight tensor). With ``"tensor"`` the error backprop of
-            linear sites on the ``tvm`` backend is an integer GEMM too (with per-channel scales it
-            runs in fp32, see DESIGN.md section 2); coarser weight grids cost accuracy at low bits.
+        weight_scale: ``"channel"`` (one range per output channel, FracTrain's and the default),
+            ``"tensor"`` (one range per weight tensor) or ``"gemm"`` (each GEMM its own: per output
+            channel in the forward, and for the error backprop the weight quantized again per
+            input channel, torchao's INT8 mixed-precision training recipe; opt-in, its accuracy
+            against FracTrain's is not yet measured). With ``"tensor"`` or ``"gemm"`` the error
+            backprop on the ``tvm`` backend is an integer GEMM too (per-output-channel ranges sit
+            on its reduction axis, so with ``"channel"`` it runs in fp32; docs/contract.md).
         rounding_noise: where stochastic rounding of gradients draws its uniform noise:
             ``"counter"`` (the default: a counter-based hash of each element's index, seeded from
             torch's generator; the ``tvm`` backend computes it inside its quantize kernel instead

@@ -507,6 +507,55 @@ def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(modul
     assert ("eb" in roles) == integer_eb
 
 
+@pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
+@pytest.mark.parametrize("module,shape,integer_eb", [
+    (torch.nn.Linear(33, 19), (2, 5, 33), True),
+    (C2(8, 16, 3, padding=1), (2, 8, 6, 8), True),            # the transposed conv: integer
+    (CONVS[1][0], CONVS[1][1], False),                        # stride 2: fp32
+    (C2(8, 16, 3, dilation=2, padding=2, groups=2), (2, 8, 9, 9), False),  # groups: fp32
+])
+def test_gemm_weight_scales_match_reference_and_run_eb_in_integers(module, shape, integer_eb,
+                                                                   scheme, monkeypatch):
+    """weight_scale="gemm": the error backprop reads the weight quantized again per input
+    channel (its output columns), on both backends alike; on tvm that GEMM is integer (symmetric;
+    sbm's zero points per input channel keep a conv's in fp32)."""
+    from fraccompile.targets.backend import TVMBackend
+    roles = []
+    eb_integer = TVMBackend._eb_integer
+
+    def counting(self, *args, **kwargs):
+        out = eb_integer(self, *args, **kwargs)
+        roles.append(out is not None)
+        return out
+    monkeypatch.setattr(TVMBackend, "_eb_integer", counting)
+    torch.manual_seed(0)
+    op, args = _module_site(copy.deepcopy(module), torch.randn(*shape), weight_scale="gemm",
+                            scheme=scheme)
+    _compare(op, args, on_tvm=True)
+    expect = integer_eb and not (scheme == "sbm" and isinstance(module, C2))
+    assert any(roles) == expect, roles
+
+
+def test_gemm_weight_scale_quantizes_backprop_weights_per_input_channel():
+    """The reference semantics of weight_scale="gemm": dx is dy times the weight quantized per
+    input channel, not per output channel (so it differs from "channel"'s)."""
+    from fraccompile.ops.quantizers import quantize_weight_for_backprop
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(6, 5), torch.randn(4, 6)
+    dxs = {}
+    for mode in ("channel", "gemm"):
+        op, args = _module_site(copy.deepcopy(lin), x, Precision(4, 4, 0), weight_scale=mode)
+        xl = x.clone().requires_grad_()
+        y = op(xl, (4, 4, 0))
+        y.backward(torch.ones_like(y))
+        dxs[mode] = xl.grad
+    qw = quantize_weight_for_backprop(lin.weight.detach(), 4, "symmetric")
+    assert torch.allclose(dxs["gemm"], torch.ones(4, 5) @ qw, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(dxs["gemm"], dxs["channel"])
+    scales = (qw / qw.abs().amax(0, keepdim=True)) * 7  # one 4-bit grid per input column
+    assert torch.allclose(scales, scales.round(), atol=1e-4)
+
+
 class _MatMul(torch.nn.Module):
     def __init__(self, fn):
         super().__init__()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .contract import GateDecision, SiteCall
 from .functions import GateProbe, SiteGemm, STEQuantize, apply_epilogue
 from .quantizers import (qparams_from_range, quantize_activation, quantize_rows, quantize_weight,
-                         tensor_range)
+                         quantize_weight_for_backprop, tensor_range)
 from .spec import CONV_FNS, SiteSpec
 
 # What a backend can do, for the passes that adapt the graph to it (instead of branching on names).
@@ -100,7 +100,7 @@ def quantize_operand(call: SiteCall, t: torch.Tensor, bits: int, which: str) -> 
     if which == "w" and call.spec.kind != "matmul":
         return STEQuantize.apply(t, functools.partial(
             quantize_weight, bits=bits, scheme=call.scheme,
-            per_channel=call.weight_scale == "channel"))
+            per_channel=call.weight_scale != "tensor"))
     lo, hi = (call.x_range if which == "x" else call.y_range) or (None, None)
     return STEQuantize.apply(t, functools.partial(quantize_activation, bits=bits,
                                                   scheme=call.scheme, lo=lo, hi=hi))
@@ -123,11 +123,17 @@ class ReferenceBackend(KernelBackend):
             return finish(call, self.run_routed(call, x, w, b))
         qx = quantize_operand(call, x, call.prec.a, "x")
         qw = quantize_operand(call, w, call.prec.w, "w")
-        return finish(call, self.gemm(call, qx, qw, b, call.prec.g))
+        return finish(call, self.gemm(call, qx, qw, b, call.prec.g, w))
 
-    def gemm(self, call: SiteCall, qx, qw, b, g_bits) -> torch.Tensor:
+    def gemm(self, call: SiteCall, qx, qw, b, g_bits, w=None) -> torch.Tensor:
         """The site's GEMM on quantized operands, ``dy`` quantized at ``g_bits`` (an int, or an
-        ``(N,)`` tensor of per-sample bits) in backward."""
+        ``(N,)`` tensor of per-sample bits) in backward; ``w``: the full-precision weight, which
+        ``weight_scale="gemm"`` quantizes again per input channel for the error backprop."""
+        qw_eb = None
+        if call.weight_scale == "gemm" and w is not None and call.spec.kind != "matmul" \
+                and qw is not w:
+            qw_eb = quantize_weight_for_backprop(w.detach(), call.bits.w, call.scheme,
+                                                 call.spec.groups)
         spec = call.spec
         if spec.kind == "conv":
             if spec.pre_pad:
@@ -136,7 +142,8 @@ class ReferenceBackend(KernelBackend):
             extra = spec.same_extra_pad(tuple(qw.shape))
             if extra:
                 qx = F.pad(qx, extra)
-        return SiteGemm.apply(qx, qw, b, spec, g_bits, call.scheme, self, call.rounding_noise)
+        return SiteGemm.apply(qx, qw, b, spec, g_bits, call.scheme, self, call.rounding_noise,
+                              qw_eb)
 
     def run_routed(self, call: SiteCall, x, w, b) -> torch.Tensor:
         """Each sample at its own (a, g) from ``call.rows`` (without the epilogue): one shared
@@ -152,7 +159,7 @@ class ReferenceBackend(KernelBackend):
         qx = STEQuantize.apply(x, lambda t: quantize_rows(
             t, a_bits, lambda k: qparams_from_range(lo, hi, k, call.scheme)))
         qx = GateProbe.apply(qx, d.onehot, x.detach(), quantize_at, d.a)
-        return self.gemm(call, qx, qw, b, d.row_bits("g"))
+        return self.gemm(call, qx, qw, b, d.row_bits("g"), w)
 
 
 class UnavailableBackend(ReferenceBackend):

@@ -8,7 +8,8 @@ meet are exactly these fields plus the quantization contract in ``docs/contract.
 
 * ``prec``: the site's bits (``a``, ``w``, ``g``; 0 keeps that tensor in full precision);
 * ``scheme``: ``"sbm"`` (asymmetric codes with a float zero point) or ``"symmetric"``;
-* ``weight_scale``: one weight range per output channel (``"channel"``) or per tensor;
+* ``weight_scale``: one weight range per output channel (``"channel"``), per tensor, or each GEMM
+  its own (``"gemm"``: the error backprop reads the weight quantized again per input channel);
 * ``rounding_noise``: how the gradient's stochastic rounding draws its noise;
 * ``x_range`` / ``y_range``: the grid ranges of the input and, for a matmul, of its second operand
   (the batch's in training, the running one in eval; None: the batch's, computed by the backend);

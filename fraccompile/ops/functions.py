@@ -90,8 +90,11 @@ def masked_relu(x: torch.Tensor) -> torch.Tensor:
 class SiteGemm(Function):
     @staticmethod
     def forward(ctx, qx: torch.Tensor, qw: torch.Tensor, bias: torch.Tensor | None, spec: SiteSpec,
-                g_bits: int, scheme: str, backend: "KernelBackend", noise: str = "torch"):
-        ctx.save_for_backward(qx, qw)
+                g_bits: int, scheme: str, backend: "KernelBackend", noise: str = "torch",
+                qw_eb: torch.Tensor | None = None):
+        # qw_eb: the weight the error backprop reads when it is quantized differently
+        # (weight_scale="gemm"); else qw
+        ctx.save_for_backward(qx, qw, qw_eb)
         ctx.spec, ctx.g_bits, ctx.scheme, ctx.backend = spec, g_bits, scheme, backend
         ctx.noise = noise
         ctx.has_bias = bias is not None
@@ -99,16 +102,17 @@ class SiteGemm(Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        qx, qw = ctx.saved_tensors
+        qx, qw, qw_eb = ctx.saved_tensors
         spec, backend = ctx.spec, ctx.backend
         if isinstance(ctx.g_bits, torch.Tensor):  # per-sample precisions (routed DFQ)
             dyq = quantize_gradient_rows(dy, ctx.g_bits, ctx.scheme, noise=ctx.noise)
         else:
             dyq = quantize_gradient(dy, ctx.g_bits, ctx.scheme, noise=ctx.noise)
-        dx = backend.grad_input(spec, dyq, qx, qw) if ctx.needs_input_grad[0] else None
+        dx = backend.grad_input(spec, dyq, qx, qw if qw_eb is None else qw_eb) \
+            if ctx.needs_input_grad[0] else None
         dw = backend.grad_weight(spec, qx, dyq, qw) if ctx.needs_input_grad[1] else None
         db = backend.grad_bias(spec, dyq) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class GateProbe(Function):

@@ -61,7 +61,7 @@ class FracOp(nn.Module):
         self.site = site
         self.spec = spec
         self.scheme = scheme
-        self.weight_scale = weight_scale  # "channel" or "tensor" (FracConfig.weight_scale)
+        self.weight_scale = weight_scale  # "channel", "tensor" or "gemm" (FracConfig.weight_scale)
         self.rounding_noise = rounding_noise  # "torch" or "counter" (FracConfig.rounding_noise)
         # set by the epilogue-fusion pass: a BatchNorm module of the graph (not a submodule of
         # this one) and an (activation, gelu approximation), applied to the output in that order
@@ -155,7 +155,7 @@ class FracOp(nn.Module):
                               lo_hi if lo_hi[0] is not None else None, rows=d)
         self.last_call = call
         qw = quantize_operand(call, w, d.w, "w")
-        ys = [ref.gemm(call, quantize_operand(call, x, a, "x"), qw, b, g)
+        ys = [ref.gemm(call, quantize_operand(call, x, a, "x"), qw, b, g, w)
               for a, g in zip(d.a, d.g)]
         mix = d.onehot.reshape(d.onehot.shape + (1,) * (ys[0].dim() - 1))
         return self.finish((mix * torch.stack(ys, 1)).sum(1))

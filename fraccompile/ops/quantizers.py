@@ -188,6 +188,29 @@ def quantize_weight(w: torch.Tensor, bits: int, scheme: str, per_channel: bool =
     return fake_quantize(w, qparams_from_range(lo, hi, bits, scheme, signed=True))
 
 
+def input_channel_range(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight's range per input channel (dim 1), per group of a grouped conv: the ranges of the
+    error backprop's non-reduction axis, shaped to broadcast against ``w``."""
+    w = w.detach()
+    oc, cg = w.shape[0], w.shape[1]
+    grouped = w.reshape(groups, oc // groups, cg, -1).transpose(1, 2).reshape(groups, cg, -1)
+    lo, hi = torch.aminmax(grouped, dim=2)                      # (groups, cg)
+    shape = (1, cg) if groups == 1 else (oc, cg)
+    if groups > 1:
+        lo, hi = lo.repeat_interleave(oc // groups, 0), hi.repeat_interleave(oc // groups, 0)
+    return (lo.reshape(*shape, *([1] * (w.dim() - 2))), hi.reshape(*shape, *([1] * (w.dim() - 2))))
+
+
+def quantize_weight_for_backprop(w: torch.Tensor, bits: int, scheme: str, groups: int = 1
+                                 ) -> torch.Tensor:
+    """``weight_scale="gemm"``: the weight as the error backprop reads it, quantized per input
+    channel (round to nearest; symmetric: the signed grid)."""
+    if not bits:
+        return w
+    lo, hi = input_channel_range(w, groups)
+    return fake_quantize(w, qparams_from_range(lo, hi, bits, scheme, signed=True))
+
+
 def quantize_activation(x: torch.Tensor, bits: int, scheme: str,
                         lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
     """Per-tensor range (the batch's, or a given running range in eval), round to nearest."""

@@ -44,8 +44,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..ops.backend import CHANNELS_LAST, INTEGER_KERNELS, ReferenceBackend
 from ..ops.contract import SiteCall
 from ..ops.functions import GateProbe, apply_epilogue, epilogue_backward
-from ..ops.quantizers import (noise_seed, qparams_from_range, quantize_activation,
-                               quantize_to_int, tensor_range, uniform_noise, weight_range)
+from ..ops.quantizers import (input_channel_range, noise_seed, qparams_from_range,
+                               quantize_activation, quantize_to_int, tensor_range, uniform_noise,
+                               weight_range)
 from ..ops.spec import CONV_FNS, SiteSpec
 from . import conv, threads
 from .cache import KernelCache
@@ -416,17 +417,23 @@ class TVMBackend(ReferenceBackend):
             wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, call.scheme),
                            kernel=kernel, asymmetric=asym)
         else:
-            wlo, whi = weight_range(w, per_channel=call.weight_scale == "channel")
+            wlo, whi = weight_range(w, per_channel=call.weight_scale != "tensor")
             wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, call.scheme,
                                                           signed=True),
                            kernel=kernel, asymmetric=asym)
+        wq_eb = None
+        if call.weight_scale == "gemm" and spec.kind != "matmul":  # EB's own: per input channel
+            elo, ehi = input_channel_range(w, spec.groups)
+            wq_eb = _to_codes(w.detach(), qparams_from_range(elo, ehi, prec.w, call.scheme,
+                                                             signed=True),
+                              kernel=kernel, asymmetric=asym)
         if d is not None:  # the gate's gradient, as the reference's GateProbe gives it
             def quantize_at(t: torch.Tensor, k: int) -> torch.Tensor:
                 return quantize_activation(t, k, call.scheme, lo=lo, hi=hi)
             x = GateProbe.apply(x, d.onehot, x.detach(), quantize_at, d.a, xq.dequantize())
         norm = call.epilogue_norm
         return IntSiteGemm.apply(x, w, b, xq, wq, call, self, getattr(norm, "weight", None),
-                                 getattr(norm, "bias", None))
+                                 getattr(norm, "bias", None), wq_eb)
 
     # -- the integer GEMM --------------------------------------------------------------------------
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -670,11 +677,13 @@ class TVMBackend(ReferenceBackend):
             y.add_(bias.reshape(1, -1, *([1] * d)))
         return y
 
-    def eb(self, spec: SiteSpec, dyq: IntCodes, xq: IntCodes, wq: IntCodes, x_shape, w_shape):
+    def eb(self, spec: SiteSpec, dyq: IntCodes, xq: IntCodes, wq: IntCodes, x_shape, w_shape,
+           column_scales: bool = False):
         """``dx``. An integer GEMM where the weight's scale factors out of the sum over output
-        channels (a matmul, or one weight scale per tensor), else fp32 on the reference's
-        dequantized operands (per-channel weight scales sit on the reduction axis)."""
-        if spec.kind == "matmul" or wq.scale.numel() == 1:
+        channels (a matmul, one weight scale per tensor, or ``column_scales``: one per input
+        channel), else fp32 on the reference's dequantized operands (per-output-channel weight
+        scales sit on the reduction axis)."""
+        if spec.kind == "matmul" or wq.scale.numel() == 1 or column_scales:
             dx = self._eb_integer(spec, dyq, wq, x_shape, w_shape)
             if dx is not None:
                 return dx
@@ -705,7 +714,8 @@ class TVMBackend(ReferenceBackend):
             if dyq.has_zero or wq.has_zero:  # their terms would need the transposed windows
                 return None
             for part in parts:
-                d = self._eb_implicit(spec, part, wq, x_shape, w_shape, part.scale * wq.scale)
+                d = self._eb_implicit(spec, part, wq, x_shape, w_shape,
+                                      part.scale * wq.scale.reshape(-1))
                 if d is None:
                     return None
                 dx = d if dx is None else dx.add_(d)
@@ -718,12 +728,14 @@ class TVMBackend(ReferenceBackend):
             else:
                 N = w_shape[0]
                 d = self.gemm_f32(part.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0),
-                                  part.scale * wq.scale).reshape(*dyq.codes.shape[:-1], -1)
+                                  part.scale * wq.scale.reshape(-1)
+                                  ).reshape(*dyq.codes.shape[:-1], -1)
             dx = d if dx is None else dx.add_(d)
         if dyq.per_row:
             dx.mul_(dyq.scale)
         if wq.has_zero:  # sd·zw·Σ_n qd
-            dx.add_(_code_sums(dyq.codes, -1).unsqueeze(-1).mul_(dyq.scale).mul_(wq.zero))
+            dx.add_(_code_sums(dyq.codes, -1).unsqueeze(-1).mul_(dyq.scale)
+                    * wq.zero.reshape(-1))
         if dyq.has_zero:  # zd·Σ_n w
             w = wq.dequantize()
             dx.add_((w.sum(-1).unsqueeze(-2) if spec.kind == "matmul" else w.sum(0))
@@ -1215,7 +1227,7 @@ class IntSiteGemm(Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, xq: IntCodes, wq: IntCodes, call: SiteCall, backend: TVMBackend,
-                gamma=None, beta=None):
+                gamma=None, beta=None, wq_eb: IntCodes | None = None):
         spec, site, epilogue, norm = call.spec, call.site, call.epilogue, call.epilogue_norm
         backend.where = (site, "fw")
         shapes = (tuple(x.shape), tuple(w.shape))
@@ -1239,15 +1251,18 @@ class IntSiteGemm(Function):
             # nn.BatchNorm's own choice of batch or running statistics, kept for the recompute
             ctx.norm_batch_stats = norm.training or norm.running_mean is None
             y = norm(y)
+        ctx.eb_weight = None if wq_eb is None else (wq_eb.signed, wq_eb.qmax)
+        eb_tensors = (None,) * 3 if wq_eb is None else (wq_eb.codes, wq_eb.scale, wq_eb.zero)
         ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale, xq.zero, wq.zero,
-                              bias if fused else None, gamma, beta, *(stats or (None, None)), mask)
+                              bias if fused else None, gamma, beta, *(stats or (None, None)), mask,
+                              *eb_tensors)
         if ctx.fast_norm or epilogue is None:
             return _not_a_view(y)
         return _not_a_view(apply_epilogue(epilogue, y))
 
     @staticmethod
     def backward(ctx, dy):
-        xc, wc, xs, ws, xz, wz, bias, gamma, beta, mean, invstd, mask = ctx.saved_tensors
+        xc, wc, xs, ws, xz, wz, bias, gamma, beta, mean, invstd, mask, *eb = ctx.saved_tensors
         xq = IntCodes(xc, xs, ctx.signs[0], xz, ctx.qmax[0])
         wq = IntCodes(wc, ws, ctx.signs[1], wz, ctx.qmax[1])
         spec, backend = ctx.spec, ctx.backend
@@ -1281,7 +1296,11 @@ class IntSiteGemm(Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             backend.where = (ctx.site, "eb")
-            dx = backend.eb(spec, dyq, xq, wq, x_shape, w_shape)
+            if ctx.eb_weight is None:
+                dx = backend.eb(spec, dyq, xq, wq, x_shape, w_shape)
+            else:  # the weight quantized per input channel: scales on EB's output columns
+                wq_eb = IntCodes(eb[0], eb[1], ctx.eb_weight[0], eb[2], ctx.eb_weight[1])
+                dx = backend.eb(spec, dyq, xq, wq_eb, x_shape, w_shape, column_scales=True)
         if ctx.needs_input_grad[1]:
             backend.where = (ctx.site, "gc")
             dw = backend.gc(spec, xq, dyq, x_shape, w_shape)
@@ -1294,7 +1313,7 @@ class IntSiteGemm(Function):
                 db = _channel_sums(dyq.codes, channel).float() * dyq.scale.reshape(-1)
                 if dyq.zero is not None:
                     db += dyq.codes.numel() // dyq.codes.shape[channel] * dyq.zero.reshape(-1)
-        return dx, dw, db, None, None, None, None, dgamma, dbeta
+        return dx, dw, db, None, None, None, None, dgamma, dbeta, None
 
 
 def _gradient_codes(call: SiteCall, dy: torch.Tensor, kernel) -> IntCodes:
