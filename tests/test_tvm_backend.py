@@ -632,6 +632,45 @@ def test_wide_gradient_codes_split_exactly_and_per_sample_sums_group():
         assert torch.equal(total, codes.long())
 
 
+def test_wide_gradient_halves_split_long_reductions_exactly(tvm_backend, monkeypatch):
+    """16-bit gradient codes at the largest values, through reductions longer than the int32-safe
+    limit (made small here): each 8-bit half splits K on its own and the halves add up to the
+    exact product."""
+    from fraccompile.targets import backend as tb
+    from fraccompile.targets.backend import IntCodes, split_codes
+
+    monkeypatch.setattr(tb, "MAX_K", 64)
+    monkeypatch.setattr(tb, "MAX_K_UNSIGNED", 48)
+    dy = torch.full((1, 5, 300), 32767, dtype=torch.int32)
+    dy[0, 1::2] = -32767
+    x = torch.full((1, 7, 300), 255, dtype=torch.uint8)
+    total = None
+    for part in split_codes(IntCodes(dy, torch.tensor([1.0]), True)):
+        c = tvm_backend.gemm(part.codes, x).double() * part.scale.double()
+        total = c if total is None else total + c
+    assert torch.equal(total, (dy.double() @ x.double().mT))
+
+
+def test_auto_backend_picks_tvm_here_and_reports_per_site(monkeypatch):
+    from fraccompile.ops import backend as ob
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    fm = fraccompile.compile(_tiny(), x, FracConfig(backend="auto"))
+    assert ob.resolve_auto() == "tvm"
+    assert [s.backend for s in fm.sites if not s.full_precision] == ["tvm", "tvm"]
+    fm.precision.set(a=12)
+    assert all(s.backend == "reference" and "a=12 bits" in s.fallback_reason
+               for s in fm.sites if not s.full_precision)
+    # where TVM cannot load, auto is the reference backend (options dropped), without a reason
+    name, (factory, _, opts) = "tvm", ob._FACTORIES["tvm"]
+    monkeypatch.setitem(ob._FACTORIES, name, (factory, lambda: "no TVM here", opts))
+    assert ob.resolve_auto() == "reference"
+    fm2 = fraccompile.compile(_tiny(), x, FracConfig(backend="auto", tuning_db="unused"))
+    assert {(s.backend, s.fallback_reason) for s in fm2.sites if not s.full_precision} == \
+        {("reference", None)}
+
+
 def _gated(op: FracOp, choice, a=(3, 4, 4, 6, 6), g=(6, 6, 8, 8, 12), w=8):
     from fraccompile.ops.contract import GateDecision
 
@@ -670,11 +709,13 @@ def test_routed_gate_roles_match_reference(module, shape, scheme):
     assert max(errs) < TOL, errs
 
 
-def test_every_site_of_each_example_matches_reference(example):
+@pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
+def test_every_site_of_each_example_matches_reference(example, scheme):
     """Each site of each example model, on the inputs it sees in the model: output, input/weight/
-    bias gradients within 1e-5 of the reference backend (same codes, same rounding draws)."""
+    bias gradients within 1e-5 of the reference backend (same codes, same rounding draws), for
+    both schemes."""
     _, model, x, kwargs, _ = example
-    fm = fraccompile.compile(model, x, FracConfig(a=8, w=8, g=8, scheme="symmetric", **kwargs))
+    fm = fraccompile.compile(model, x, FracConfig(a=8, w=8, g=8, scheme=scheme, **kwargs))
     calls = []
     hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args)))
              for m in fm.modules() if isinstance(m, FracOp)]
