@@ -72,7 +72,7 @@ def main() -> None:
 
     n = 4 * 2**20
     x = torch.randn(n, generator=gen)
-    scale, bounds, u = torch.tensor([0.02]), torch.tensor([-127.0, 127.0]), torch.rand(n)
+    scale, bounds, u = torch.tensor([0.02]), torch.tensor([-127.0, 127.0, 0.0, 0.0]), torch.rand(n)
     q = torch.empty(n, dtype=torch.int8)
     rn, sr = quantize.kernel("int8", False), quantize.kernel("int8", True)
     row("quantize, round to nearest", "4M fp32", lambda: rn(x, scale, bounds, q))

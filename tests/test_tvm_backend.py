@@ -281,6 +281,17 @@ def test_fused_quantize_gives_the_reference_codes(stochastic, noise, layout, sha
         got = _to_codes(xs, qp, stochastic=stochastic, noise=noise)
         assert got.codes.dtype == (torch.int8 if signed else torch.uint8)
         assert torch.equal(got.codes.float(), ref)
+    # sbm: (x - zero) / scale in the kernel, codes stored centered (minus the grid's middle)
+    for bits in (8, 6, 3):
+        qp = qparams_from_range(x.min(), x.max(), bits, "sbm")
+        torch.manual_seed(9)
+        ref = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
+        torch.manual_seed(9)
+        got = _to_codes(x, qp, stochastic=stochastic, noise=noise, asymmetric=True)
+        if layout != "strided":  # (a layout the kernel cannot read takes torch's quantizer)
+            assert got.codes.dtype == torch.int8 and got.offset == 2 ** (bits - 1)
+        assert torch.equal(got.codes.float() + got.offset, ref)
+        assert torch.equal(got.dequantize(), torch.addcmul(qp.zero, ref, qp.scale))
 
 
 def test_bad_tile_is_refused():

@@ -80,19 +80,23 @@ class IntCodes:
     or int32 for gradients wider than 8 bits (computed as two 8-bit halves, :func:`split_codes`).
     """
 
-    __slots__ = ("codes", "scale", "signed", "zero", "qmax")
+    __slots__ = ("codes", "scale", "signed", "zero", "qmax", "offset")
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, signed: bool,
-                 zero: torch.Tensor | None = None, qmax=None):
+                 zero: torch.Tensor | None = None, qmax=None, offset: int = 0):
         self.codes, self.scale, self.signed, self.zero = codes, scale, signed, zero
         self.qmax = qmax  # the grid's top code (a float, or per sample like scale)
+        # codes stored minus ``offset`` (the quantize kernel centers sbm codes into int8): the
+        # grid's code is ``codes + offset``
+        self.offset = offset
 
     def dequantize(self) -> torch.Tensor:
         # the reference's fake-quantized value: addcmul(zero, q, scale) in fp32 (the integer
         # operand is promoted to fp32 inside the one multiply: no fp32 copy of the codes)
         if self.zero is None:
             return torch.mul(self.codes, self.scale)
-        return torch.addcmul(self.zero, self.codes.float(), self.scale)
+        codes = self.codes.float() + self.offset if self.offset else self.codes.float()
+        return torch.addcmul(self.zero, codes, self.scale)
 
     @property
     def per_row(self) -> bool:
@@ -139,6 +143,8 @@ def centered(q: IntCodes) -> IntCodes:
     the same values up to fp32 rounding of the zero, but the integer product no longer carries a
     large offset that the zero point's term must cancel (which costs fp32 precision). Codes
     without a (non-zero) zero point are returned as they are."""
+    if q.offset:  # centered already (by the quantize kernel): the zero point takes the offset
+        return IntCodes(q.codes, q.scale, True, q.zero + q.scale * float(q.offset), q.qmax)
     if q.signed or q.qmax is None or not q.has_zero:
         return q
     m = (torch.as_tensor(q.qmax, dtype=torch.float32) + 1) / 2
@@ -209,8 +215,10 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
     if perm is None:
         q = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
         return IntCodes(q.to(dtype), qp.scale, signed, zero, qp.qmax)
-    if zero is not None and bool(zero != 0):
-        x = torch.sub(x, zero)  # keeps x's layout
+    # sbm codes with a zero point come out centered (their grid's middle subtracted, int8)
+    offset = int(qp.qmax + 1) // 2 if zero is not None and not signed and bool(zero != 0) else 0
+    if offset:
+        dtype = torch.int8
     xd = x.permute(*perm)
     counter = stochastic and noise == "counter"
     if counter and x.numel() >= 2**31:
@@ -223,7 +231,10 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
             flat = xd.reshape(x.shape[0], -1, x.shape[1])
     else:
         flat = xd.reshape(-1)
-    args = [flat, qp.scale.reshape(1).float(), _bounds(qp.qmin, qp.qmax)]
+    bounds = _bounds(qp.qmin, qp.qmax)
+    if offset:
+        bounds = torch.cat([bounds[:2], zero.reshape(1).float(), bounds.new_full((1,), offset)])
+    args = [flat, qp.scale.reshape(1).float(), bounds]
     if counter:
         args.append(noise_seed())
     elif stochastic:  # the reference's draws, in logical order, laid out like x
@@ -233,7 +244,8 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
                              serial=_serial(x.numel() * (9 if stochastic and not counter else 5)))
     kernel(ref)(*args, codes)
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
-    return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed, zero, qp.qmax)
+    return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed or bool(offset), zero,
+                    qp.qmax, offset)
 
 
 def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochastic: bool = False,
@@ -319,7 +331,10 @@ class TVMBackend(ReferenceBackend):
         out = self._scratch_like(slot, q.codes)
         perm = _dense_perm(q.codes)
         if q.zero is not None:  # the reference's addcmul, the same fp32 operations
-            return torch.addcmul(q.zero, out.copy_(q.codes), q.scale, out=out)
+            out.copy_(q.codes)
+            if q.offset:
+                out.add_(q.offset)
+            return torch.addcmul(q.zero, out, q.scale, out=out)
         if perm is None or self.on_gpu(q.codes) or q.scale.numel() != 1 or q.wide:
             return out.copy_(q.codes).mul_(q.scale)
         n = q.codes.numel()
@@ -806,9 +821,9 @@ class TVMBackend(ReferenceBackend):
         for j in range(scales.shape[0]):
             rows = (group == j).nonzero().flatten()
             sub_x = IntCodes(xq.codes[rows], scales[j, 0].reshape(1), xq.signed, xq.zero,
-                             _row_value(xq.qmax, rows))
+                             _row_value(xq.qmax, rows), xq.offset)
             sub_dy = IntCodes(dyq.codes[rows], scales[j, 1].reshape(1), dyq.signed, dyq.zero,
-                              _row_value(dyq.qmax, rows))
+                              _row_value(dyq.qmax, rows), dyq.offset)
             d = self.gc(spec, sub_x, sub_dy, (len(rows), *x_shape[1:]), w_shape)
             dw = d if dw is None else dw.add_(d)
         return dw
@@ -1046,8 +1061,8 @@ def _flip(value: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _bounds(qmin: float, qmax: float) -> torch.Tensor:
-    """The quantize kernel's ``[qmin, qmax]``."""
-    return torch.tensor([qmin, qmax])
+    """The quantize kernel's ``[qmin, qmax, zero, offset]`` for a zero point of 0, no offset."""
+    return torch.tensor([qmin, qmax, 0.0, 0.0])
 
 
 def _source(t: torch.Tensor, direct: str, transposed: str) -> tuple[str, torch.Tensor]:
@@ -1237,6 +1252,7 @@ class IntSiteGemm(Function):
         stats = mask = None
         ctx.fast_norm = fast_norm
         ctx.signs, ctx.qmax = (xq.signed, wq.signed), (xq.qmax, wq.qmax)
+        ctx.offsets = (xq.offset, wq.offset)
         ctx.call, ctx.spec, ctx.backend, ctx.site = call, spec, backend, site
         ctx.epilogue, ctx.norm = epilogue, norm
         ctx.shapes = shapes
@@ -1251,7 +1267,7 @@ class IntSiteGemm(Function):
             # nn.BatchNorm's own choice of batch or running statistics, kept for the recompute
             ctx.norm_batch_stats = norm.training or norm.running_mean is None
             y = norm(y)
-        ctx.eb_weight = None if wq_eb is None else (wq_eb.signed, wq_eb.qmax)
+        ctx.eb_weight = None if wq_eb is None else (wq_eb.signed, wq_eb.qmax, wq_eb.offset)
         eb_tensors = (None,) * 3 if wq_eb is None else (wq_eb.codes, wq_eb.scale, wq_eb.zero)
         ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale, xq.zero, wq.zero,
                               bias if fused else None, gamma, beta, *(stats or (None, None)), mask,
@@ -1263,8 +1279,8 @@ class IntSiteGemm(Function):
     @staticmethod
     def backward(ctx, dy):
         xc, wc, xs, ws, xz, wz, bias, gamma, beta, mean, invstd, mask, *eb = ctx.saved_tensors
-        xq = IntCodes(xc, xs, ctx.signs[0], xz, ctx.qmax[0])
-        wq = IntCodes(wc, ws, ctx.signs[1], wz, ctx.qmax[1])
+        xq = IntCodes(xc, xs, ctx.signs[0], xz, ctx.qmax[0], ctx.offsets[0])
+        wq = IntCodes(wc, ws, ctx.signs[1], wz, ctx.qmax[1], ctx.offsets[1])
         spec, backend = ctx.spec, ctx.backend
         x_shape, w_shape = ctx.shapes
         dgamma = dbeta = None
@@ -1299,7 +1315,7 @@ class IntSiteGemm(Function):
             if ctx.eb_weight is None:
                 dx = backend.eb(spec, dyq, xq, wq, x_shape, w_shape)
             else:  # the weight quantized per input channel: scales on EB's output columns
-                wq_eb = IntCodes(eb[0], eb[1], ctx.eb_weight[0], eb[2], ctx.eb_weight[1])
+                wq_eb = IntCodes(eb[0], eb[1], ctx.eb_weight[0], eb[2], *ctx.eb_weight[1:])
                 dx = backend.eb(spec, dyq, xq, wq_eb, x_shape, w_shape, column_scales=True)
         if ctx.needs_input_grad[1]:
             backend.where = (ctx.site, "gc")
@@ -1310,9 +1326,10 @@ class IntSiteGemm(Function):
             if dyq.per_row:
                 db = dyq.dequantize().sum([d for d in range(dy.dim()) if d != channel])
             else:  # exact code sums: s·Σq + count·z
-                db = _channel_sums(dyq.codes, channel).float() * dyq.scale.reshape(-1)
-                if dyq.zero is not None:
-                    db += dyq.codes.numel() // dyq.codes.shape[channel] * dyq.zero.reshape(-1)
+                c = centered(dyq) if dyq.offset else dyq
+                db = _channel_sums(c.codes, channel).float() * c.scale.reshape(-1)
+                if c.zero is not None:
+                    db += c.codes.numel() // c.codes.shape[channel] * c.zero.reshape(-1)
         return dx, dw, db, None, None, None, None, dgamma, dbeta, None
 
 

@@ -1,6 +1,8 @@
-"""The quantize step as one TVM kernel: ``codes = clamp(round(x / scale), qmin, qmax)`` (or
-``floor(x / scale + u)`` for stochastic rounding with the caller's uniform draws ``u``), read once
-in fp32 and written once as int8/uint8 — the torch form takes five passes over fp32 temporaries.
+"""The quantize step as one TVM kernel: ``codes = clamp(round((x - zero) / scale), qmin, qmax)``
+(or ``floor((x - zero) / scale + u)`` for stochastic rounding with the caller's uniform draws
+``u``), stored minus an ``offset`` (0, or the middle of an ``sbm`` grid, which centers its codes
+into int8), read once in fp32 and written once as int8/uint8 — the torch form takes five passes
+over fp32 temporaries.
 
 The arithmetic is the reference quantizer's, operation for operation (an IEEE fp32 division, then
 round-half-to-even ``nearbyint`` or ``floor``), so the codes are bit-identical. The length is a
@@ -64,10 +66,11 @@ def counter_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFu
         index = T.Cast("uint32", n * C * S + c * S + s) * T.uint32(NOISE_STEP) \
             ^ T.Cast("uint32", seed[0])  # the index is below 2**31 (_to_codes checks)
         return T.Cast(out_dtype, T.max(T.min(
-            T.floor(x[n, s, c] / scale[0] + _counter_noise(index)), bounds[1]), bounds[0]))
+            T.floor((x[n, s, c] - bounds[2]) / scale[0] + _counter_noise(index)), bounds[1]),
+            bounds[0]) - bounds[3])
 
     @T.prim_func(s_tir=True)
-    def main(x_h: T.handle, scale: T.Buffer((1,), "float32"), bounds: T.Buffer((2,), "float32"),
+    def main(x_h: T.handle, scale: T.Buffer((1,), "float32"), bounds: T.Buffer((4,), "float32"),
              seed: T.Buffer((1,), "int32"), q_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         N, S, C = T.int64(), T.int64(), T.int64()
@@ -84,14 +87,17 @@ def counter_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFu
 
 
 def definition(out_dtype: str, stochastic: bool, parallel: bool = True) -> tvm.tirx.PrimFunc:
-    """``main(x, scale, bounds[, u], q)``: ``bounds`` = (qmin, qmax) as fp32."""
+    """``main(x, scale, bounds[, u], q)``: ``bounds`` = (qmin, qmax, zero, offset) as fp32: the
+    code of ``x`` on the grid ``clamp(round((x - zero) / scale), qmin, qmax)``, the reference's
+    arithmetic, stored minus ``offset`` (0, or the grid's middle: ``sbm`` codes centered into
+    int8)."""
     L, B = T.int64(64), T.int64(BLOCK)
     loop = T.parallel if parallel else T.serial
 
     if stochastic:
         @T.prim_func(s_tir=True)
         def main(x_h: T.handle, scale: T.Buffer((1,), "float32"),
-                 bounds: T.Buffer((2,), "float32"), u_h: T.handle, q_h: T.handle):
+                 bounds: T.Buffer((4,), "float32"), u_h: T.handle, q_h: T.handle):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             n = T.int64()
             x = T.match_buffer(x_h, (n,), "float32")
@@ -101,15 +107,17 @@ def definition(out_dtype: str, stochastic: bool, parallel: bool = True) -> tvm.t
                 for j in range(B // L):
                     for v in T.vectorized(L):
                         q[b * B + j * L + v] = T.Cast(out_dtype, T.max(T.min(
-                            T.floor(x[b * B + j * L + v] / scale[0] + u[b * B + j * L + v]),
-                            bounds[1]), bounds[0]))
+                            T.floor((x[b * B + j * L + v] - bounds[2]) / scale[0]
+                                    + u[b * B + j * L + v]),
+                            bounds[1]), bounds[0]) - bounds[3])
             for i in range(n // B * B, n):
-                q[i] = T.Cast(out_dtype, T.max(T.min(T.floor(x[i] / scale[0] + u[i]), bounds[1]),
-                                               bounds[0]))
+                q[i] = T.Cast(out_dtype, T.max(T.min(
+                    T.floor((x[i] - bounds[2]) / scale[0] + u[i]), bounds[1]), bounds[0])
+                    - bounds[3])
         return main
 
     @T.prim_func(s_tir=True)
-    def main(x_h: T.handle, scale: T.Buffer((1,), "float32"), bounds: T.Buffer((2,), "float32"),
+    def main(x_h: T.handle, scale: T.Buffer((1,), "float32"), bounds: T.Buffer((4,), "float32"),
              q_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         n = T.int64()
@@ -119,10 +127,11 @@ def definition(out_dtype: str, stochastic: bool, parallel: bool = True) -> tvm.t
             for j in range(B // L):
                 for v in T.vectorized(L):
                     q[b * B + j * L + v] = T.Cast(out_dtype, T.max(T.min(
-                        T.nearbyint(x[b * B + j * L + v] / scale[0]), bounds[1]), bounds[0]))
+                        T.nearbyint((x[b * B + j * L + v] - bounds[2]) / scale[0]), bounds[1]),
+                        bounds[0]) - bounds[3])
         for i in range(n // B * B, n):
-            q[i] = T.Cast(out_dtype, T.max(T.min(T.nearbyint(x[i] / scale[0]), bounds[1]),
-                                           bounds[0]))
+            q[i] = T.Cast(out_dtype, T.max(T.min(T.nearbyint((x[i] - bounds[2]) / scale[0]),
+                                                 bounds[1]), bounds[0]) - bounds[3])
     return main
 
 
