@@ -204,8 +204,8 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
     else torch. ``kernel`` maps a :class:`KernelRef` to its compiled function (None: torch, as for
     GPU tensors). Stochastic rounding takes the reference's noise: ``torch.rand`` drawn here, or
     counter noise computed inside the kernel from a seed drawn here. ``asymmetric``: ``qp`` has a
-    float zero point (``sbm``), kept in the codes' grid; the kernel then reads ``x - zero``, the
-    reference's first operation (skipped when the zero is 0, as after a ReLU)."""
+    float zero point (``sbm``), kept with the codes; the kernel subtracts it first, as the
+    reference does, and stores a non-zero one's codes centered into int8 (``offset``)."""
     signed = qp.qmin < 0
     dtype = _code_dtype(qp)
     zero = qp.zero if asymmetric else None
@@ -399,8 +399,6 @@ class TVMBackend(ReferenceBackend):
                     f"group (depthwise): the GEMM form pads them to 16 lanes")
         if call.rows is not None and call.rows.mode == "dense":
             return "dense gate mode computes every candidate on the reference backend"
-        if call.rows is not None and spec.kind == "matmul":
-            return "per-sample precisions (DFQ gate) of a matmul site run on the reference backend"
         bits = call.bits
         if bits.is_full and call.rows is None:
             return None  # full precision runs the original op on every backend
@@ -787,9 +785,12 @@ class TVMBackend(ReferenceBackend):
     def gc(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
         """``dw`` (a matmul: the second operand's gradient), the sum over samples. Per-sample
         scales (a DFQ-routed site) sit on that reduction axis: one accumulation per group of
-        samples sharing their scales. Else one integer GEMM per 8-bit part of ``dy``'s codes,
-        then the zero points' terms: ``Σ dy·x = sd·sx·Σqd·qx + zd·sx·Σqx + zx·Σdy``."""
-        if xq.per_row or dyq.per_row:
+        samples sharing their scales (a matmul's samples are a batch axis: each batch entry's
+        product takes its sample's scales before the sum over broadcast entries). Else one integer
+        GEMM per 8-bit part of ``dy``'s codes, then the zero points' terms:
+        ``Σ dy·x = sd·sx·Σqd·qx + zd·sx·Σqx + zx·Σdy``."""
+        rows = xq.per_row or dyq.per_row
+        if rows and spec.kind != "matmul":
             return self._gc_grouped(spec, xq, dyq, x_shape, w_shape)
         xq, dyq = centered(xq), centered(dyq)
         parts = split_codes(dyq)
@@ -805,12 +806,17 @@ class TVMBackend(ReferenceBackend):
             terms.append(_input_code_sums(spec, xq, x_shape, w_shape).mul_(xq.scale * sum(zeros)))
         if xq.has_zero:  # zx·Σdy
             terms.append(_gradient_sums(spec, dyq, x_shape, w_shape).mul_(xq.zero))
-        for term in terms:  # a matmul's terms are per batch entry: summed like dw's
-            if spec.kind == "matmul":
-                full = (*_bcast_batch(x_shape, w_shape), *w_shape[-2:])
-                term = term.expand(torch.broadcast_shapes(term.shape, full)).sum_to_size(w_shape)
+        if spec.kind != "matmul":
+            for term in terms:
+                dw = dw + term
+            return dw
+        # a matmul's products and terms are per batch entry, then summed over broadcast ones
+        for q in (xq, dyq):
+            if q.per_row:
+                dw.mul_(q.scale)
+        for term in terms:
             dw = dw + term
-        return dw
+        return dw.sum_to_size(w_shape)
 
     def _gc_grouped(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
         """:meth:`gc` summed over the groups of samples whose (x, dy) scales are equal."""
@@ -829,8 +835,9 @@ class TVMBackend(ReferenceBackend):
         return dw
 
     def _gc_core(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
-        """The integer part of :meth:`gc` for 8-bit codes with scales per tensor."""
-        scale = xq.scale.reshape(1) * dyq.scale.reshape(1)
+        """The integer part of :meth:`gc` for 8-bit codes with scales per tensor (per sample: 1,
+        applied by the caller); a matmul's is per broadcast batch entry, not yet summed."""
+        scale = _scalar_scale(xq) * _scalar_scale(dyq)
         # dw = dyᵀ·x: A = dyᵀ (the smaller operand is transposed by the pack kernel), B = xᵀ,
         # which the pack kernel reads in 16-byte rows of x — no transpose of the activations
         if spec.kind == "linear":
@@ -841,7 +848,7 @@ class TVMBackend(ReferenceBackend):
         if spec.kind == "matmul":
             xb, dyb, _ = _matmul_batches(xq.codes, dyq.codes)
             dw = self.gemm_f32(xb.mT, dyb.mT, scale)               # (G, K, N)
-            return dw.reshape(*_bcast_batch(x_shape, w_shape), *dw.shape[-2:]).sum_to_size(w_shape)
+            return dw.reshape(*_bcast_batch(x_shape, w_shape), *dw.shape[-2:])
         G, OC = spec.groups, w_shape[0]
         n = spec.conv_dims
         dyl = dyq.codes.permute(0, *range(2, 2 + n), 1).reshape(-1, G, OC // G)  # (M, G, OCg)
@@ -1027,7 +1034,8 @@ def _gradient_sums(spec: SiteSpec, dyq: IntCodes, x_shape, w_shape) -> torch.Ten
         return (_code_sums(flat, 0) * dyq.scale.reshape(-1) + flat.shape[0] * _zero(dyq)) \
             .unsqueeze(-1)
     if spec.kind == "matmul":
-        return _code_sums(codes, -2).unsqueeze(-2) * dyq.scale + codes.shape[-2] * _zero(dyq)
+        sums = _code_sums(codes, -2).unsqueeze(-2) * dyq.scale  # (per sample where scale is)
+        return sums if dyq.zero is None else sums + codes.shape[-2] * dyq.zero
     out_sp = codes.shape[2:]
     values = _code_sums(codes, 0) * dyq.scale.reshape(-1) + codes.shape[0] * _zero(dyq)
     sums = _tap_sums(spec, values, x_shape[2:], out_sp, w_shape, image=False)  # (OC, *kernel)
