@@ -91,7 +91,7 @@ def transform(
     """Compile a model and write transformed.py, graph.json and report.md."""
     from .api import compile as frac_compile
     from .loading import example_input, load_model, parse_shape
-    from .report import sites_table, write_transform_outputs
+    from .report import coverage_table, sites_table, write_transform_outputs
 
     shape = parse_shape(input_shape)
     cfg = _load_config(config, leaf, capture)
@@ -105,6 +105,8 @@ def transform(
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
     console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
                                             f"(captured with torch.{fmodel.meta['frac_capture']})"))
+    if fmodel.fp32_ops:  # nothing GEMM-like is left in fp32 silently
+        console.print(coverage_table(fmodel))
     console.print(fmodel.cost().summary())
     for path in write_transform_outputs(fmodel, out, model_spec):
         console.print(f"wrote {path}")
@@ -460,13 +462,15 @@ def demo(
     scheme: Annotated[str, typer.Option(help="sbm or symmetric")] = "sbm",
     out: Annotated[Optional[Path], typer.Option(help="also write log.jsonl and checkpoint here")] = None,
 ) -> None:
-    """Compile the bundled ResNet-20 and train it with PFQ on the bundled CIFAR-10 subset."""
+    """Compile the bundled ResNet-20 and train it with PFQ on the bundled CIFAR-10 subset, on the
+    integer kernels where TVM runs (backend auto), and time its step against fp32's."""
     from .config import FracConfig
     from .demo import run_demo
 
     if out is not None:
         _writable(out, "--out")
-    run_demo(iters, batch_size, FracConfig(scheme=scheme), out_dir=out, console=console)
+    run_demo(iters, batch_size, FracConfig(scheme=scheme, backend="auto"), out_dir=out,
+             console=console)
 
 
 def main() -> None:

@@ -390,6 +390,12 @@ def test_demo_runs_and_prints_a_cost_line():
     cost = [ln for ln in res.stdout.splitlines() if ln.startswith("bit-cost of the run:")]
     assert len(cost) == 1 and re.search(r"\d+\.\d+% saved against static 8/8/8", cost[0]), res.stdout
     assert "final test accuracy" in res.stdout
+    step = re.search(r"step time .*?: (\d+\.\d) ms compiled \((\d+) of (\d+) quantized sites on "
+                     r"integer kernels.*?against (\d+\.\d) ms for fp32", " ".join(res.stdout.split()))
+    assert step and float(step[1]) > 0 and float(step[4]) > 0, res.stdout
+    from fraccompile.targets import tvm_unavailable_reason
+    if tvm_unavailable_reason() is None:  # backend auto: every quantized site on TVM
+        assert step[2] == step[3] != "0", res.stdout
 
 
 def test_demo_bad_scheme_is_one_line():
