@@ -30,6 +30,7 @@ from .passes.coverage import META_GEMM_CALLS, GemmCallRecorder
 META_CAPTURE = "frac_capture"
 META_STATIC = "frac_static_dims"  # export path: input dimensions the graph is specialized to
 META_MODES = "frac_mode_merge"  # module paths whose eval-mode graph could not be merged
+META_OPAQUE_FNS = "frac_opaque_fns"  # fx path: wrapped function -> why it was not traced through
 
 
 class FracTracer(fx.Tracer):
@@ -67,6 +68,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             fx_error = err
         else:
             _propagate_shapes(gm, example_inputs)
+            gm = _trace_through_wrapped(model, tuple(leaf_modules), example_inputs, gm)
             gm.meta[META_CAPTURE] = "fx"
             return gm
     if method in ("auto", "export"):
@@ -94,10 +96,57 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs)
 
 
-def _trace_fx(model: nn.Module, leaf_modules: Sequence[str]) -> fx.GraphModule:
+def _trace_fx(model: nn.Module, leaf_modules: Sequence[str], through=frozenset()) -> fx.GraphModule:
     tracer = FracTracer(leaf_modules)
-    graph = tracer.trace(model)
+    with _unwrapped(through):
+        graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+@contextlib.contextmanager
+def _unwrapped(fns):
+    """While active, the ``torch.fx.wrap``'d functions ``fns`` are not patched by the tracer: their
+    bodies are traced like any other code (their linears and matmuls become graph nodes)."""
+    table = fx._symbolic_trace._wrapped_fns_to_patch
+    removed = {key: frame for key, frame in list(table.items()) if frame.get(key[1]) in fns}
+    for key in removed:
+        del table[key]
+    try:
+        yield
+    finally:
+        table.update(removed)
+
+
+def _trace_through_wrapped(model: nn.Module, leaves: tuple, example_inputs: tuple,
+                           gm: fx.GraphModule) -> fx.GraphModule:
+    """Re-trace with the ``torch.fx.wrap``'d functions that called GEMM-like ops during shape
+    propagation traced through, so those GEMMs become sites. A function whose body does not trace
+    (e.g. Python control flow on a shape) stays opaque; ``gm.meta[META_OPAQUE_FNS]`` says why."""
+    wrapped = {n.target for n in gm.graph.nodes if n.op == "call_function"
+               and n.meta.get("is_wrapped") and n.meta.get(META_GEMM_CALLS)}
+    if not wrapped:
+        return gm
+
+    def attempt(fns):
+        new = _trace_fx_modes(model, leaves, frozenset(fns))
+        _propagate_shapes(new, example_inputs)
+        return new
+
+    try:
+        return attempt(wrapped)
+    except Exception:  # noqa: BLE001 - find which functions trace through, one at a time
+        pass
+    through, failed = [], {}
+    for fn in sorted(wrapped, key=lambda f: getattr(f, "__qualname__", str(f))):
+        try:
+            attempt(through + [fn])
+        except Exception as err:  # noqa: BLE001
+            failed[getattr(fn, "__name__", str(fn))] = _first_line(err)
+        else:
+            through.append(fn)
+    new = attempt(through) if through else gm
+    new.meta[META_OPAQUE_FNS] = failed
+    return new
 
 
 def _in_mode(model: nn.Module, training: bool, fn):
@@ -115,15 +164,15 @@ def _in_mode(model: nn.Module, training: bool, fn):
 _GEMM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 
-def _trace_fx_modes(model: nn.Module, leaf_modules: tuple) -> fx.GraphModule:
+def _trace_fx_modes(model: nn.Module, leaf_modules: tuple, through=frozenset()) -> fx.GraphModule:
     """The train-mode fx graph, with what differs in eval mode switched by the module's mode
     (:mod:`fraccompile.capture_modes`). A module whose forward branches on ``self.training``
     around different ops is kept opaque (a leaf follows its own mode) when it holds no GEMM
     layer; otherwise a warning names it."""
     leaves = list(leaf_modules)
     for _ in range(4):
-        gm = _in_mode(model, True, lambda: _trace_fx(model, leaves))
-        eval_gm = _in_mode(model, False, lambda: _trace_fx(model, leaves))
+        gm = _in_mode(model, True, lambda: _trace_fx(model, leaves, through))
+        eval_gm = _in_mode(model, False, lambda: _trace_fx(model, leaves, through))
         paths = merge_modes(gm, eval_gm)
         if not paths:
             return gm

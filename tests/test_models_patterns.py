@@ -257,6 +257,8 @@ class Leaf(nn.Module):
 
 @torch.fx.wrap
 def _wrapped_proj(x, w):
+    if x.shape[0] > 1:  # Python control flow on a shape: its body does not trace with fx
+        x = x * 2
     return F.linear(x, w).relu()
 
 
@@ -278,10 +280,49 @@ def test_coverage_lists_gemms_inside_opaque_calls():
     reasons = {r.op: r.reason for r in fm.fp32_ops}
     assert "leaf module 'leaf' (Leaf): linear" in reasons["Leaf"]
     assert "'_wrapped_proj'" in reasons["_wrapped_proj"] and "linear" in reasons["_wrapped_proj"]
+    assert "not traced through" in reasons["_wrapped_proj"]
     assert "full precision" in reasons["linear"]  # fc: @last_linear
     from fraccompile.report import coverage_markdown
     table = coverage_markdown(fm)
     assert table.count("\n- ") == len(fm.fp32_ops) - 1 and "inside leaf module" in table
+
+
+@torch.fx.wrap
+def _wrapped_attention(x, w, b, heads):
+    """torchvision Swin's pattern: a wrapped function holding projections and attention GEMMs."""
+    B, T, C = x.shape
+    q = F.linear(x, w, b).view(B, T, heads, C // heads).transpose(1, 2)
+    k = x.view(B, T, heads, C // heads).transpose(1, 2)
+    attn = torch.matmul(q, k.transpose(-2, -1)).softmax(-1)
+    return torch.matmul(attn, k).transpose(1, 2).reshape(B, T, C), attn
+
+
+class WrappedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.w, self.b = nn.Parameter(torch.randn(8, 8) / 3), nn.Parameter(torch.randn(8))
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y, _ = _wrapped_attention(self.fc(x), self.w, self.b, 2)
+        return self.out(F.dropout(y, 0.3, training=self.training))
+
+
+def test_wrapped_function_is_traced_through():
+    """A torch.fx.wrap'd function holding F.linear and torch.matmul: its GEMMs become sites
+    (nothing left in fp32); precision 0 is bit-identical (values, gradients, eval); quantized, its
+    sites run quantized."""
+    torch.manual_seed(0)
+    model, x = WrappedAttention(), torch.randn(2, 5, 8)
+    fm = _equal_at_precision_0(copy.deepcopy(model), x, "fx")
+    assert [s.kind for s in fm.sites] == ["linear", "linear", "matmul", "matmul", "linear"]
+    assert fm.fp32_ops == [] and "_wrapped_attention" not in fm.code
+    model.eval()
+    fm.eval()
+    assert torch.equal(fm(x), model(x))
+    fm.precision.set(a=4, w=4, g=8)
+    assert not torch.allclose(fm(x), model(x), atol=1e-3)
 
 
 class DropPath(nn.Module):

@@ -5,7 +5,8 @@ layers kept in full precision by the config, GEMM-like ops no site takes (transp
 recurrent layers, ``einsum`` forms that are not one GEMM, ``addmm`` with ``alpha``/``beta``, ...)
 with the reason the matcher recorded, and opaque calls (leaf modules, ``torch.fx.wrap``'d
 functions) whose run during capture's shape propagation called GEMM-like ops
-(``node.meta["frac_gemm_calls"]``).
+(``node.meta["frac_gemm_calls"]``). fx capture traces wrapped functions that call GEMM-like ops
+through; one whose body does not trace stays opaque, with the tracer's reason.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def _leaf_reason(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> str:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         return f"inside leaf module {node.target!r} ({type(mod).__name__}): {what}"
-    return f"inside opaque function {op_name(node.target)!r} (e.g. torch.fx.wrap): {what}"
+    why = gm.meta.get("frac_opaque_fns", {}).get(op_name(node.target))
+    why = f"; not traced through: {why}" if why else ""
+    return f"inside opaque function {op_name(node.target)!r} (e.g. torch.fx.wrap): {what}{why}"
 
 
 def find_fp32_ops(gm: fx.GraphModule) -> list[Fp32Op]:
