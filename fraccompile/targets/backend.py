@@ -941,7 +941,23 @@ def _out_channel(spec: SiteSpec, v: torch.Tensor, dims: int) -> torch.Tensor:
 
 def _code_sums(codes: torch.Tensor, dim) -> torch.Tensor:
     """Exact sums of integer codes along ``dim``, as fp32 (exact below 2**24)."""
+    if dim == 0:
+        return _leading_sums(codes)
     return codes.sum(dim, dtype=torch.int64).float()
+
+
+def _leading_sums(codes: torch.Tensor) -> torch.Tensor:
+    """Exact sums of integer codes over dim 0 (the batch), as fp32, ``codes.shape[1:]``: read in
+    memory order as an ``(N, rest)`` matrix of floats (an fp32 copy and a vectorized column sum:
+    a twentieth of the time of torch's integer reduction over a leading dim of bytes)."""
+    perm = _dense_perm(codes)
+    if perm is None or perm[0] != 0 or codes.shape[0] * 2 ** 16 >= 2 ** 24 \
+            or codes.element_size() > 1:
+        return codes.sum(0, dtype=torch.int64).float()
+    rows = codes.permute(*perm).reshape(codes.shape[0], -1).float().sum(0)
+    inner = [codes.shape[p] for p in perm[1:]]
+    inverse = sorted(range(len(perm) - 1), key=lambda i: perm[1:][i])
+    return rows.view(inner).permute(*inverse)
 
 
 def _conv_shape_args(spec: SiteSpec, w_shape):
@@ -1017,8 +1033,8 @@ def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape) -> torch.Te
     G, Cg = spec.groups, w_shape[1]
     out_sp = _out_sizes(spec, x_shape[2:], w_shape)
     # every sample pairs with the same taps: the batch sum first (exact), then one image
-    sums = _tap_sums(spec, codes.sum(0, dtype=torch.int64).float(), x_shape[2:], out_sp,
-                     w_shape, image=True)                       # (C, *kernel)
+    sums = _tap_sums(spec, _leading_sums(codes), x_shape[2:], out_sp, w_shape,
+                     image=True)                                # (C, *kernel)
     if G == 1:
         return sums.unsqueeze(0)
     return sums.reshape(G, Cg, *w_shape[2:]).repeat_interleave(w_shape[0] // G, dim=0)
