@@ -112,6 +112,18 @@ class IntCodes:
         return self.codes.element_size() > 1
 
 
+def _take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t[rows]`` (samples of dim 0) in ``t``'s memory layout (channels-last stays so: the
+    kernels read it without another copy); all of ``t`` when ``rows`` is every sample."""
+    if len(rows) == t.shape[0]:
+        return t
+    perm = _dense_perm(t)
+    if perm is None or perm[0] != 0:
+        return t[rows]
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return t.permute(*perm).index_select(0, rows).permute(*inverse)
+
+
 def _row_value(v, rows: torch.Tensor):
     """A per-sample value's entry for the group ``rows`` (whose samples share it)."""
     return v.reshape(-1)[rows[0]].item() if isinstance(v, torch.Tensor) else v
@@ -198,14 +210,15 @@ def _jit_kernel(ref: KernelRef):
 
 
 def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "torch",
-              kernel=_jit_kernel, asymmetric: bool = False) -> IntCodes:
+              kernel=_jit_kernel, asymmetric: bool = False, center: bool = True) -> IntCodes:
     """``x``'s integer codes on the grid ``qp`` — the reference quantizer's codes exactly, from one
     fused TVM kernel when the scale is per tensor (activations, gradients) and the codes are 8-bit,
     else torch. ``kernel`` maps a :class:`KernelRef` to its compiled function (None: torch, as for
     GPU tensors). Stochastic rounding takes the reference's noise: ``torch.rand`` drawn here, or
     counter noise computed inside the kernel from a seed drawn here. ``asymmetric``: ``qp`` has a
     float zero point (``sbm``), kept with the codes; the kernel subtracts it first, as the
-    reference does, and stores a non-zero one's codes centered into int8 (``offset``)."""
+    reference does, and stores a non-zero one's codes centered into int8 (``offset``) unless
+    ``center`` is False."""
     signed = qp.qmin < 0
     dtype = _code_dtype(qp)
     zero = qp.zero if asymmetric else None
@@ -216,7 +229,8 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
         q = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
         return IntCodes(q.to(dtype), qp.scale, signed, zero, qp.qmax)
     # sbm codes with a zero point come out centered (their grid's middle subtracted, int8)
-    offset = int(qp.qmax + 1) // 2 if zero is not None and not signed and bool(zero != 0) else 0
+    offset = int(qp.qmax + 1) // 2 if center and zero is not None and not signed \
+        and bool(zero != 0) else 0
     if offset:
         dtype = torch.int8
     xd = x.permute(*perm)
@@ -232,7 +246,7 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
     else:
         flat = xd.reshape(-1)
     bounds = _bounds(qp.qmin, qp.qmax)
-    if offset:
+    if zero is not None and bool(zero != 0):
         bounds = torch.cat([bounds[:2], zero.reshape(1).float(), bounds.new_full((1,), offset)])
     args = [flat, qp.scale.reshape(1).float(), bounds]
     if counter:
@@ -249,11 +263,12 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
 
 
 def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochastic: bool = False,
-               noise: str = "torch", asymmetric: bool = False) -> IntCodes:
+               noise: str = "torch", asymmetric: bool = False, kernel=None) -> IntCodes:
     """Codes of ``x`` with sample ``i`` (dim 0) on the grid ``qp_for_bits(row_bits[i])`` (one
     shared range, so only the step differs): the reference's
     :func:`~fraccompile.ops.quantizers.quantize_rows`, group by group in the same order (the same
-    random draws), with a per-sample scale ``(N, 1, ...)``."""
+    random draws), with a per-sample scale ``(N, 1, ...)``; each group through the fused
+    quantizer (``kernel``, see :func:`_to_codes`) when the codes are 8-bit."""
     groups = [(int(b), (row_bits == b).nonzero().flatten()) for b in torch.unique(row_bits)]
     grids = {b: qp_for_bits(b) for b, _ in groups}
     widest = grids[max(grids)]
@@ -263,7 +278,12 @@ def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochast
     qmax = torch.empty_like(scale)
     for b, rows in groups:
         qp = grids[b]
-        codes[rows] = quantize_to_int(x[rows], qp, stochastic=stochastic, noise=noise).to(dtype)
+        if kernel is not None and dtype.itemsize == 1:
+            codes[rows] = _to_codes(x[rows], qp, stochastic=stochastic, noise=noise,
+                                    kernel=kernel, asymmetric=asymmetric, center=False).codes
+        else:
+            codes[rows] = quantize_to_int(x[rows], qp, stochastic=stochastic,
+                                          noise=noise).to(dtype)
         scale[rows] = qp.scale.reshape(1).float()
         qmax[rows] = qp.qmax
     return IntCodes(codes, scale, widest.qmin < 0, widest.zero if asymmetric else None, qmax)
@@ -424,7 +444,8 @@ class TVMBackend(ReferenceBackend):
                            kernel=kernel, asymmetric=asym)
         else:
             xq = _row_codes(x.detach(), d.row_bits("a"),
-                            lambda k: qparams_from_range(lo, hi, k, call.scheme), asymmetric=asym)
+                            lambda k: qparams_from_range(lo, hi, k, call.scheme), asymmetric=asym,
+                            kernel=kernel)
         if spec.kind == "matmul":
             ylo, yhi = call.y_range or tensor_range(w)
             wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, call.scheme),
@@ -826,10 +847,10 @@ class TVMBackend(ReferenceBackend):
         dw = None
         for j in range(scales.shape[0]):
             rows = (group == j).nonzero().flatten()
-            sub_x = IntCodes(xq.codes[rows], scales[j, 0].reshape(1), xq.signed, xq.zero,
-                             _row_value(xq.qmax, rows), xq.offset)
-            sub_dy = IntCodes(dyq.codes[rows], scales[j, 1].reshape(1), dyq.signed, dyq.zero,
-                              _row_value(dyq.qmax, rows), dyq.offset)
+            sub_x = IntCodes(_take_rows(xq.codes, rows), scales[j, 0].reshape(1), xq.signed,
+                             xq.zero, _row_value(xq.qmax, rows), xq.offset)
+            sub_dy = IntCodes(_take_rows(dyq.codes, rows), scales[j, 1].reshape(1), dyq.signed,
+                              dyq.zero, _row_value(dyq.qmax, rows), dyq.offset)
             d = self.gc(spec, sub_x, sub_dy, (len(rows), *x_shape[1:]), w_shape)
             dw = d if dw is None else dw.add_(d)
         return dw
@@ -1368,7 +1389,7 @@ def _gradient_codes(call: SiteCall, dy: torch.Tensor, kernel) -> IntCodes:
 
     if call.rows is not None:
         return _row_codes(dy, call.rows.row_bits("g"), grid, stochastic=True,
-                          noise=call.rounding_noise, asymmetric=asym)
+                          noise=call.rounding_noise, asymmetric=asym, kernel=kernel)
     return _to_codes(dy, grid(call.prec.g), stochastic=True, noise=call.rounding_noise,
                      kernel=kernel, asymmetric=asym)
 
