@@ -129,16 +129,20 @@ class GateProbe(Function):
 
     @staticmethod
     def forward(ctx, qx, onehot, x, quantize_at: Callable[[torch.Tensor, int], torch.Tensor],
-                candidates: tuple[int, ...], quantized: torch.Tensor | None = None):
-        # ``quantized``: the per-sample quantized values when ``qx`` is not them (an integer
-        # backend passes ``x`` through and computes from codes)
-        ctx.save_for_backward(x, qx if quantized is None else quantized)
+                candidates: tuple[int, ...],
+                quantized: Callable[[], torch.Tensor] | None = None):
+        # ``quantized``: makes the per-sample quantized values when ``qx`` is not them (an integer
+        # backend passes ``x`` through and keeps codes: they are dequantized in backward)
+        ctx.save_for_backward(x, qx if quantized is None else None)
+        ctx.quantized = quantized
         ctx.quantize_at, ctx.candidates = quantize_at, candidates
         return qx.view_as(qx)
 
     @staticmethod
     def backward(ctx, dqx):
         x, qx = ctx.saved_tensors
+        if ctx.quantized is not None:
+            qx = ctx.quantized()
         dims = list(range(1, x.dim()))
         per_bits = {bits: (dqx * (ctx.quantize_at(x, bits) - qx)).sum(dims)
                     for bits in set(ctx.candidates)}  # candidates often share an ``a``

@@ -464,7 +464,7 @@ class TVMBackend(ReferenceBackend):
         if d is not None:  # the gate's gradient, as the reference's GateProbe gives it
             def quantize_at(t: torch.Tensor, k: int) -> torch.Tensor:
                 return quantize_activation(t, k, call.scheme, lo=lo, hi=hi)
-            x = GateProbe.apply(x, d.onehot, x.detach(), quantize_at, d.a, xq.dequantize())
+            x = GateProbe.apply(x, d.onehot, x.detach(), quantize_at, d.a, xq.dequantize)
         norm = call.epilogue_norm
         return IntSiteGemm.apply(x, w, b, xq, wq, call, self, getattr(norm, "weight", None),
                                  getattr(norm, "bias", None), wq_eb)
