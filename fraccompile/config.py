@@ -75,9 +75,11 @@ class FracConfig:
         full_precision: sites kept as the original op: fnmatch patterns of site names, plus the
             selectors ``@first_conv`` and ``@last_linear`` (the paper keeps both in fp32).
         ops: which op kinds become sites (``conv``, ``linear``, ``matmul``).
-        backend: ``"reference"`` (torch on fake-quantized values) or ``"tvm"`` (integer TVM kernels
-            for sites that can run them — symmetric scheme, 1..8 bits; the others run on the
-            reference backend with the reason in ``.sites``).
+        backend: ``"reference"`` (torch on fake-quantized values), ``"tvm"`` (integer TVM kernels
+            for the sites that can run them — either scheme, ``a``/``w`` of 1..8 bits, ``g`` of
+            1..16, DFQ-routed sites; the others run on the reference backend with the reason in
+            ``.sites``) or ``"auto"`` (``tvm`` where TVM imports and builds for this host, else
+            ``reference``). docs/backends.md has what runs where.
         capture: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
         leaf_modules: module class names or module paths that tracing keeps opaque.
         pipeline: name of the pass pipeline (see ``fraccompile.passes.PIPELINES``).
