@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import capture
+from .capture import META_EVAL_GRAPH, META_EVAL_MODULES, capture, warn_modes
 from .config import FracConfig
 from .errors import ConfigError
 from .model import FracModel
@@ -40,6 +40,7 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             raise ConfigError(f"unknown compile option: {err}") from None
     passes = get_pipeline(config.pipeline, config)  # fail on a bad name before capturing
     gm = capture(model, example_inputs, leaf_modules=config.leaf_modules, method=config.capture)
+    eval_gm = gm.meta.pop(META_EVAL_GRAPH, None)
     gm = run_passes(gm, passes)
     frac = FracModel(gm, gm.graph, class_name=f"Frac{type(model).__name__}")
     if hasattr(gm, PRECISION_MODULE) and PRECISION_MODULE not in dict(frac.named_children()):
@@ -50,6 +51,8 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     frac.meta.update(gm.meta)  # capture method, regions (dfq)
     _keep_epilogue_modules(frac)
     _keep_composite_modules(frac)
+    if eval_gm is not None:
+        _attach_eval_graph(frac, eval_gm, type(model).__name__)
     if not frac.sites or all(s.full_precision for s in frac.sites):
         warnings.warn(f"{type(model).__name__} has no quantized site: the compiled model runs "
                       f"it in full precision ({len(frac.fp32_ops)} GEMM-like ops left in fp32, "
@@ -58,6 +61,21 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     _keep_non_persistent(frac, model)
     frac.train(model.training)
     return frac
+
+
+def _attach_eval_graph(frac: FracModel, eval_gm, model_name: str) -> None:
+    """The export path captured an eval-mode graph that differs structurally from the train-mode
+    one (HF attention): run it through the same passes and let the model run it in eval mode."""
+    paths = frac.meta.get(META_EVAL_MODULES, [])
+    try:
+        eval_gm = run_passes(eval_gm, get_pipeline(frac.frac_config.pipeline, frac.frac_config))
+        why = frac.attach_eval_graph(eval_gm)
+    except Exception as err:  # noqa: BLE001 - the train graph still runs
+        why = f" (its passes failed: {type(err).__name__}: {err})"
+    if why:
+        frac.meta.pop(META_EVAL_MODULES, None)
+        frac.meta["frac_mode_merge"] = paths
+        warn_modes(model_name, paths, why, stacklevel=4)
 
 
 def _keep_epilogue_modules(frac: nn.Module) -> None:

@@ -30,6 +30,8 @@ from .passes.coverage import META_GEMM_CALLS, GemmCallRecorder
 META_CAPTURE = "frac_capture"
 META_STATIC = "frac_static_dims"  # export path: input dimensions the graph is specialized to
 META_MODES = "frac_mode_merge"  # module paths whose eval-mode graph could not be merged
+META_EVAL_GRAPH = "frac_eval_graph"  # export path: the graph captured in eval mode, when it differs
+META_EVAL_MODULES = "frac_eval_modules"  # module paths where that eval graph differs structurally
 META_OPAQUE_FNS = "frac_opaque_fns"  # fx path: wrapped function -> why it was not traced through
 
 
@@ -79,9 +81,13 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             raise CaptureError(_capture_message(model, fx_error, err, leaf_modules)) from err
         try:
             eval_gm = _in_mode(model, False, lambda: _trace_export(model, example_inputs))
+            paths = merge_modes(gm, eval_gm)
+            if paths:  # structurally different: compile runs it in eval mode (FracModel)
+                _in_mode(model, False, lambda: _propagate_shapes(eval_gm, example_inputs))
+                gm.meta[META_EVAL_GRAPH] = eval_gm
+                gm.meta[META_EVAL_MODULES] = _named_paths(model, paths)
         except Exception:  # noqa: BLE001 - eval capture is best effort; the train graph runs
-            eval_gm = None
-        _merge_or_warn(gm, eval_gm, model)
+            _merge_or_warn(gm, None, model)
         _propagate_shapes(gm, example_inputs)
         gm.meta[META_CAPTURE] = "export"
         return gm
@@ -189,12 +195,20 @@ def _merge_or_warn(gm: fx.GraphModule, eval_gm, model: nn.Module, paths=None) ->
     if paths is None:
         paths = ["<capture in eval mode failed>"] if eval_gm is None else merge_modes(gm, eval_gm)
     if paths:
-        named = dict(model.named_modules())
-        paths = sorted({p for p in paths if p in named and p} or {"<root>"})
+        paths = _named_paths(model, paths)
         gm.meta[META_MODES] = paths
-        warnings.warn(f"{type(model).__name__}: the eval-mode graph of {', '.join(map(repr, paths))}"
-                      " differs from the train-mode one in more than constants; the compiled "
-                      "model runs the train-mode graph there in both modes", stacklevel=3)
+        warn_modes(type(model).__name__, paths, stacklevel=4)
+
+
+def _named_paths(model: nn.Module, paths) -> list[str]:
+    named = dict(model.named_modules())
+    return sorted({p for p in paths if p in named and p} or {"<root>"})
+
+
+def warn_modes(model_name: str, paths: Sequence[str], why: str = "", stacklevel: int = 3) -> None:
+    warnings.warn(f"{model_name}: the eval-mode graph of {', '.join(map(repr, paths))} differs "
+                  f"from the train-mode one in more than constants{why}; the compiled model runs "
+                  "the train-mode graph there in both modes", stacklevel=stacklevel)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ precision-control nodes and (later) gates, plus views of them for people and too
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,7 +19,9 @@ from .passes.base import META_FP_LAYER, META_PRECISION_NODE, META_SITE, SiteInfo
 from .passes.composite_sites import META_SITE_PARTS
 from .passes.coverage import GM_FP32_OPS, Fp32Op
 from .passes.gating_insertion import META_GATE
-from .passes.quantize_insertion import PRECISION_MODULE
+from .passes.quantize_insertion import PRECISION_MODULE, SITES_MODULE
+
+EVAL_GRAPH = "_frac_eval"  # instance attribute: the GraphModule that runs in eval mode, if any
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,63 @@ class FracModel(fx.GraphModule):
         return self.get_submodule(PRECISION_MODULE).controller
 
     def _infos(self) -> list[SiteInfo]:
-        seen: dict[str, SiteInfo] = {}
-        for node in self.graph.nodes:
-            info = node.meta.get(META_SITE) or node.meta.get(META_FP_LAYER)
-            infos = [info] if info is not None else \
-                [i for i, _ in node.meta.get(META_SITE_PARTS, [])]
-            for info in infos:
-                seen.setdefault(info.name, info)
-        return list(seen.values())
+        return _site_infos(self.graph)
+
+    # -- eval mode on a graph captured in eval mode (export path) ---------------------------------
+    def attach_eval_graph(self, eval_gm: fx.GraphModule) -> str | None:
+        """Run ``eval_gm`` (the model captured in eval mode, through the same passes) whenever
+        this model is in eval mode. It shares this model's parameters, buffers, site modules,
+        precision controller and gates. Returns why it cannot (its sites differ), else None."""
+        def key(i):
+            return (i.name, i.kind, i.op, i.weight_shape, i.full_precision,
+                    i.extra.get("epilogue", ""))
+        mine, theirs = [key(i) for i in self._infos()], [key(i) for i in _site_infos(eval_gm.graph)]
+        if mine != theirs:
+            return f" (its sites differ: {sorted(set(theirs) ^ set(mine))[:3]})"
+        shared = [PRECISION_MODULE, "frac_gates"]
+        if hasattr(eval_gm, SITES_MODULE):
+            shared += [f"{SITES_MODULE}.{n}" for n, _ in
+                       eval_gm.get_submodule(SITES_MODULE).named_children()]
+        for path in shared:
+            if not hasattr(eval_gm, path.split(".")[0]):
+                continue
+            try:
+                mod = self.get_submodule(path)
+            except AttributeError:
+                return f" (no {path} to share)"
+            if type(mod) is not type(eval_gm.get_submodule(path)):
+                return f" ({path} differs)"
+            parent, _, leaf = path.rpartition(".")
+            setattr(eval_gm.get_submodule(parent) if parent else eval_gm, leaf, mod)
+        own = {id(m) for m in self.modules()}
+        for m in eval_gm.modules():
+            if id(m) not in own:
+                m.training = False
+        self.__dict__[EVAL_GRAPH] = eval_gm
+        _share_state(self, eval_gm)
+        self.recompile()
+        return None
+
+    def recompile(self):
+        result = super().recompile()
+        if self.__dict__.get(EVAL_GRAPH) is not None:
+            cls = type(self)
+            graph_forward = cls.forward
+
+            @functools.wraps(graph_forward)
+            def forward(self, *args, **kwargs):
+                if not self.training:
+                    return self.__dict__[EVAL_GRAPH](*args, **kwargs)
+                return graph_forward(self, *args, **kwargs)
+
+            cls.forward = forward
+        return result
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if self.__dict__.get(EVAL_GRAPH) is not None:
+            _share_state(self, self.__dict__[EVAL_GRAPH])
+        return result
 
     @property
     def fp32_ops(self) -> list[Fp32Op]:
@@ -198,4 +250,33 @@ class FracModel(fx.GraphModule):
         res.frac_schedule = copy.deepcopy(self.frac_schedule, memo)
         res.frac_iteration = self.frac_iteration
         res.frac_meter.load_state_dict(self.frac_meter.state_dict())
+        if self.__dict__.get(EVAL_GRAPH) is not None:
+            eval_gm = copy.deepcopy(self.__dict__[EVAL_GRAPH], memo)
+            res.__dict__[EVAL_GRAPH] = eval_gm
+            _share_state(res, eval_gm)
+            res.recompile()
         return res
+
+
+def _site_infos(graph: fx.Graph) -> list[SiteInfo]:
+    seen: dict[str, SiteInfo] = {}
+    for node in graph.nodes:
+        info = node.meta.get(META_SITE) or node.meta.get(META_FP_LAYER)
+        infos = [info] if info is not None else \
+            [i for i, _ in node.meta.get(META_SITE_PARTS, [])]
+        for info in infos:
+            seen.setdefault(info.name, info)
+    return list(seen.values())
+
+
+def _share_state(frac: torch.nn.Module, eval_gm: torch.nn.Module) -> None:
+    """Point ``eval_gm``'s parameters and buffers at ``frac``'s of the same name (after ``.to()``
+    replaced ``frac``'s buffers, for instance)."""
+    have = dict(frac.named_parameters(remove_duplicate=False))
+    have.update(frac.named_buffers(remove_duplicate=False))
+    for mod_path, mod in eval_gm.named_modules(remove_duplicate=False):
+        for table in (mod._parameters, mod._buffers):
+            for name, value in table.items():
+                mine = have.get(f"{mod_path}.{name}" if mod_path else name)
+                if mine is not None and mine is not value and type(mine) is type(value):
+                    table[name] = mine

@@ -387,6 +387,47 @@ def test_eval_mode_export_switches_dropout_and_bn():
     assert int(fm.get_buffer("bn.num_batches_tracked")) == 1  # eval does not count batches
 
 
+class TrainOnlyBranch(nn.Module):
+    """HF attention's pattern on the export path: ``if self.training`` around different ops, so
+    the eval-mode graph differs from the train-mode one in structure, not in constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.out = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.bn(self.fc(x))
+        h = F.dropout(h, 0.5) * 0.5 if self.training else h.tanh()
+        return self.out(h)
+
+
+def test_eval_mode_export_runs_the_graph_captured_in_eval_mode():
+    torch.manual_seed(0)
+    model, x = TrainOnlyBranch(), torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "runs the train-mode graph" warning
+        fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(capture="export", **FP))
+    assert fm.meta["frac_eval_modules"] and "frac_mode_merge" not in fm.meta
+    ref = copy.deepcopy(model)
+    torch.manual_seed(3)
+    out, grads = _step(fm, x)
+    torch.manual_seed(3)
+    ref_out, ref_grads = _step(ref, x)
+    assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    fm.eval()
+    ref.eval()  # the running statistics trained above are the ones eval reads
+    other = torch.randn(7, 8)  # another batch size: the eval graph is dynamic too
+    assert torch.equal(fm(x), ref(x)) and torch.equal(fm(other), ref(other))
+    copied = copy.deepcopy(fm)
+    assert torch.equal(copied(x), ref(x))
+    fm.precision.set(a=4, w=4, g=8)  # one controller and one set of sites for both graphs
+    assert not torch.equal(fm(x), ref(x)) and torch.equal(copied(x), ref(x))
+    fm.train()
+    assert not torch.equal(fm(x), fm(x))  # dropout is back
+    assert set(fm.state_dict()) - set(model.state_dict()) == {
+        k for k in fm.state_dict() if ".act_range." in k}
+
+
 class TokenModel(nn.Module):
     def __init__(self):
         super().__init__()
