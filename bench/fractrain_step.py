@@ -248,20 +248,11 @@ class Runner:
     def saved_bytes(self) -> int:
         """Bytes of the distinct storages autograd saves in one forward + loss, parameters
         excluded (the gates' parameters too)."""
-        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        seen: dict[int, int] = {}
+        from _common import saved_bytes
 
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss()
-        loss.backward()  # frees the graph
+        total = saved_bytes(self.loss, self.model.parameters())
         self.opt.zero_grad(set_to_none=True)
-        return sum(seen.values())
+        return total
 
 
 def provenance() -> str:

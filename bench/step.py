@@ -78,22 +78,11 @@ def make_case(key: str):
 
 def saved_bytes(model, x, y, loss_fn) -> int:
     """Bytes of the distinct storages autograd saves in one forward + loss, parameters excluded."""
-    import torch
+    from _common import saved_bytes as count
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model(x), y)
-    loss.backward()  # free the graph (the gradients are not used)
-    model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    total = count(lambda: loss_fn(model(x), y), model.parameters())
+    model.zero_grad(set_to_none=True)  # the gradients are not used
+    return total
 
 
 def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict:
