@@ -1205,6 +1205,7 @@ def test_gated_sites_run_on_tvm_and_report_it():
     fm(x)
     sites = [s for s in fm.sites if not s.full_precision]
     assert sites and all(s.backend == "tvm" for s in sites), {s.fallback_reason for s in sites}
+    copy.deepcopy(fm)  # what a site remembers of its last (gated) call holds no autograd graph
     fm.frac_gates.mode = "dense"  # FracTrain's own execution: every candidate, on the reference
     fm(x)
     reasons = {s.fallback_reason for s in fm.sites if not s.full_precision}

@@ -11,6 +11,8 @@ data in the graph: changing it needs no re-compile.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -129,6 +131,15 @@ class FracOp(nn.Module):
         backend, reason = self.backend_for(call)
         return backend.name, reason
 
+    def _remember(self, call: SiteCall) -> None:
+        """Keep what :meth:`kernel_status` reports from: the call without its tensors (a gate's
+        decision holds its autograd graph, which copies and pickles of the model must not)."""
+        rows = call.rows
+        if rows is not None:
+            rows = dataclasses.replace(rows, onehot=None, choice=None)
+        self.last_call = dataclasses.replace(call, x_range=None, y_range=None, rows=rows,
+                                             epilogue_norm=None)
+
     def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
             prec: Precision, rows: GateDecision | None = None) -> torch.Tensor:
         """The site's output (its epilogue applied) at ``prec`` (with per-sample ``rows``)."""
@@ -141,7 +152,7 @@ class FracOp(nn.Module):
             y_range = self._range(w, self.rhs_range)
         call = self.site_call(prec, x_range if x_range and x_range[0] is not None else None,
                               y_range if y_range and y_range[0] is not None else None, rows)
-        self.last_call = call
+        self._remember(call)
         backend, _ = self.backend_for(call)
         return backend.run_site(call, x, w, b)
 
@@ -153,7 +164,7 @@ class FracOp(nn.Module):
         lo_hi = self._range(x, self.act_range)
         call = self.site_call(Precision(max(d.a), d.w, max(d.g)),
                               lo_hi if lo_hi[0] is not None else None, rows=d)
-        self.last_call = call
+        self._remember(call)
         qw = quantize_operand(call, w, d.w, "w")
         ys = [ref.gemm(call, quantize_operand(call, x, a, "x"), qw, b, g, w)
               for a, g in zip(d.a, d.g)]
