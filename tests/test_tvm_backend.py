@@ -237,6 +237,12 @@ def test_codes_dequantize_kernel_is_the_reference(tvm_backend, dtype, shape, cha
     codes = IntCodes(q, torch.tensor(0.0123), dtype == torch.int8)
     got = tvm_backend._dequantize_codes(codes, "eb")
     assert torch.equal(got, codes.dequantize()) and got.stride() == q.stride()
+    # sbm: a zero point and a code offset (centered codes), within one rounding of the reference
+    asym = IntCodes(q, torch.tensor(0.0123), True, torch.tensor(-0.71), 255.0, 128)
+    got = tvm_backend._dequantize_codes(asym, "eb")
+    want = asym.dequantize()
+    assert got.stride() == q.stride()
+    assert ((got - want).abs() <= 2 * torch.finfo(torch.float32).eps * want.abs() + 1e-7).all()
 
 
 def test_kernel_without_vnni_is_exact():

@@ -344,24 +344,25 @@ class TVMBackend(ReferenceBackend):
         return buf[:nbytes].view(dtype).view(shape)
 
     def _dequantize_codes(self, q: IntCodes, slot: str) -> torch.Tensor:
-        """``q``'s fp32 values (:meth:`IntCodes.dequantize`, bit for bit) in the :meth:`scratch`
-        ``slot``, laid out as the codes: one TVM pass for a per-tensor scale on the CPU (a
-        ResNet-20 step's EB inputs: 2.4 ms as torch's copy then in-place multiply, 1.9-2.3 ms in
-        the kernel), else those torch ops."""
+        """``q``'s fp32 values (:meth:`IntCodes.dequantize`: bit for bit without a zero point,
+        within one rounding with one) in the :meth:`scratch` ``slot``, laid out as the codes: one
+        TVM pass for a per-tensor scale on the CPU (a copy and one or two arithmetic passes in
+        torch), else those torch ops."""
         out = self._scratch_like(slot, q.codes)
         perm = _dense_perm(q.codes)
-        if q.zero is not None:  # the reference's addcmul, the same fp32 operations
-            out.copy_(q.codes)
+        if perm is None or self.on_gpu(q.codes) or q.scale.numel() != 1 or q.wide:
+            if q.zero is None:
+                return out.copy_(q.codes).mul_(q.scale)
+            out.copy_(q.codes)  # the reference's addcmul, the same fp32 operations
             if q.offset:
                 out.add_(q.offset)
             return torch.addcmul(q.zero, out, q.scale, out=out)
-        if perm is None or self.on_gpu(q.codes) or q.scale.numel() != 1 or q.wide:
-            return out.copy_(q.codes).mul_(q.scale)
         n = q.codes.numel()
         ref = KernelRef("dequant_codes", (str(q.codes.dtype).removeprefix("torch."),),
                         serial=_serial(5 * n))
-        self.kernel(ref)(q.codes.permute(*perm).reshape(-1), q.scale.reshape(1).float(),
-                         out.permute(*perm).reshape(-1))
+        zero = q.zero.reshape(1).float() if q.zero is not None else _ZERO
+        grid = torch.cat([q.scale.reshape(1).float(), zero, _ZERO + float(q.offset)])
+        self.kernel(ref)(q.codes.permute(*perm).reshape(-1), grid, out.permute(*perm).reshape(-1))
         return out
 
     def _padded_codes(self, slot: str, shape, dim: int, padding, src: torch.Tensor,
@@ -1102,6 +1103,9 @@ def _conv2d_geometry(spec: SiteSpec, xl: torch.Tensor, w_shape) -> tuple[int, ..
 @functools.lru_cache(maxsize=None)  # read-only kernel arguments: made once, not per call
 def _flip(value: int) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.uint8)
+
+
+_ZERO = torch.zeros(1)  # read-only kernel argument
 
 
 @functools.lru_cache(maxsize=None)

@@ -187,15 +187,17 @@ def dequant_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
 
 
 def codes_definition(in_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
-    """``main(q, scale, out)``: ``out = float(q) * scale[0]`` over a flat length, the codes of one
-    tensor back in fp32 (the reference's fake-quantized values, bit for bit: one exact int-to-float
-    conversion and one multiply). One pass; torch takes two (a conversion, then the multiply)
-    or a slow mixed-dtype loop (``torch.mul(int8, fp32)``)."""
+    """``main(q, grid, out)``: ``out = (float(q) + grid[2]) * grid[0] + grid[1]`` over a flat
+    length, the codes of one tensor back in fp32 (``grid`` = scale, zero point, code offset; with
+    the zero point and offset 0, ``float(q) * scale``: the reference's fake-quantized values, bit
+    for bit, one exact int-to-float conversion and one multiply). One pass; torch takes two (a
+    conversion, then the multiply), three with a zero point, or a slow mixed-dtype loop
+    (``torch.mul(int8, fp32)``)."""
     L, B = T.int64(64), T.int64(BLOCK)
     loop = T.parallel if parallel else T.serial
 
     @T.prim_func(s_tir=True)
-    def main(q_h: T.handle, scale: T.Buffer((1,), "float32"), out_h: T.handle):
+    def main(q_h: T.handle, grid: T.Buffer((3,), "float32"), out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         n = T.int64()
         q = T.match_buffer(q_h, (n,), in_dtype)
@@ -203,9 +205,10 @@ def codes_definition(in_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
         for b in loop(n // B):
             for j in range(B // L):
                 for v in T.vectorized(L):
-                    out[b * B + j * L + v] = T.Cast("float32", q[b * B + j * L + v]) * scale[0]
+                    out[b * B + j * L + v] = (T.Cast("float32", q[b * B + j * L + v]) + grid[2]) \
+                        * grid[0] + grid[1]
         for i in range(n // B * B, n):
-            out[i] = T.Cast("float32", q[i]) * scale[0]
+            out[i] = (T.Cast("float32", q[i]) + grid[2]) * grid[0] + grid[1]
     return main
 
 
