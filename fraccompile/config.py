@@ -20,7 +20,7 @@ SCHEMES = ("sbm", "symmetric")
 WEIGHT_SCALES = ("channel", "tensor", "gemm")
 ROUNDING_NOISES = ("torch", "counter")  # stochastic rounding noise (fraccompile.ops.quantizers)
 RECOMPUTE_LEVELS = ("none", "activations", "norms")  # passes/epilogue_fusion.py
-BACKENDS = ("reference", "tvm", "auto")
+BACKENDS = ("reference", "tvm", "auto")  # the built-in ones; others register (ops.backend)
 CAPTURE_METHODS = ("auto", "fx", "export")
 OP_KINDS = ("conv", "linear", "matmul")
 MIN_BITS, MAX_BITS = 2, 16
@@ -140,7 +140,8 @@ class FracConfig:
         _check_choice("FracConfig.scheme", self.scheme, SCHEMES)
         _check_choice("FracConfig.weight_scale", self.weight_scale, WEIGHT_SCALES)
         _check_choice("FracConfig.rounding_noise", self.rounding_noise, ROUNDING_NOISES)
-        _check_choice("FracConfig.backend", self.backend, BACKENDS)
+        from .ops.backend import backend_names  # (registered backends; imported at call time)
+        _check_choice("FracConfig.backend", self.backend, backend_names())
         _check_choice("FracConfig.capture", self.capture, CAPTURE_METHODS)
         object.__setattr__(self, "full_precision",
                            _check_str_tuple("FracConfig.full_precision", self.full_precision))
