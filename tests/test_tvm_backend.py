@@ -186,6 +186,7 @@ def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
     compute the same bytes as their parallel forms; GEMMs have no serial form; on torch's OpenMP
     threads every kernel runs parallel."""
     from fraccompile.targets import backend as B
+    from fraccompile.targets import codes, threads
     from fraccompile.targets.kernels import KernelRef
 
     gen = torch.Generator().manual_seed(6)
@@ -210,8 +211,8 @@ def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
 
     monkeypatch.setattr(B.TVMBackend, "kernel", lambda self, ref: record(ref))
     for openmp, threshold in ((False, 0), (False, 1 << 40), (True, 1 << 40)):
-        monkeypatch.setattr(B.threads, "on_openmp", lambda: openmp)
-        monkeypatch.setattr(B, "PARALLEL_MIN_BYTES", threshold)
+        monkeypatch.setattr(threads, "on_openmp", lambda: openmp)
+        monkeypatch.setattr(codes, "PARALLEL_MIN_BYTES", threshold)
         kinds.clear()
         results[openmp, threshold] = run()
         assert {s for k, s in kinds if k != "gemm"} == {threshold > 0 and not openmp}
@@ -1080,7 +1081,7 @@ def test_fused_batchnorm_backward_uses_saved_statistics(model, slow_calls, monke
     """A fused BatchNorm followed by nothing or a ReLU keeps its batch statistics and the ReLU's
     1-byte mask, and backward calls ``native_batch_norm_backward`` on the recomputed GEMM output;
     other activations (GELU) recompute the norm under autograd (bit identity: the test above)."""
-    from fraccompile.targets import backend as B
+    from fraccompile.targets import site_gemm as B
 
     calls, slow = [], B._norm_backward
 

@@ -6,7 +6,10 @@ Importing ``fraccompile.targets`` itself stays cheap: the submodules import tvm 
 * :mod:`.intrin` — the VNNI dot-product tensor intrinsic that builds with TVM's bundled LLVM 22;
 * :mod:`.gemm` — the integer GEMM every site role lowers to: ``C[g] = A[g] · B[g]ᵀ``, u8 × s8 → s32;
 * :mod:`.cache` — the on-disk kernel cache (atomic, shared by processes);
-* :mod:`.backend` — the ``tvm`` backend: quantize, pack, call the kernels, dequantize.
+* :mod:`.codes` — integer codes (scale, zero point, offset) and the fused quantizer's call;
+* :mod:`.affine` — the terms zero points add to an integer GEMM's exact product;
+* :mod:`.site_gemm` — the autograd Function of a site on the integer kernels;
+* :mod:`.backend` — the ``tvm`` backend: the three GEMM roles per op kind, packing, dequantize.
 """
 
 from __future__ import annotations

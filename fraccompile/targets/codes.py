@@ -1,0 +1,253 @@
+"""Integer codes of a tensor and how they are made: :class:`IntCodes` (codes, scale, zero point,
+code offset), the fused quantizer call (:func:`_to_codes`, per-sample grids :func:`_row_codes`),
+and the views of codes the integer GEMMs take (:func:`split_codes` into 8-bit halves,
+:func:`centered` asymmetric codes, :func:`signed_b`). The quantization contract is
+docs/contract.md; the kernels are :mod:`.quantize`."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..ops.quantizers import noise_seed, quantize_to_int, uniform_noise
+from . import threads
+from .kernels import JitKernels, KernelRef
+
+# On TVM's thread pool (see :mod:`.threads`) the memory-bound kernels (quantize, dequantize,
+# packing) run on the calling thread below this many bytes moved: a parallel launch after torch ops
+# waits for a TVM worker whose core a spinning OpenMP thread holds (``bench/step_breakdown.py``
+# measures it). On torch's OpenMP threads (the default) the hand-over costs little and they always
+# run parallel.
+PARALLEL_MIN_BYTES = 64 << 20
+
+
+def _serial(nbytes: int) -> bool:
+    return nbytes < PARALLEL_MIN_BYTES and not threads.on_openmp()
+
+
+class IntCodes:
+    """Integer codes of a tensor with their grid: ``value = codes * scale + zero``.
+
+    ``scale`` broadcasts against the tensor: one value, one per output channel (a weight, dim 0),
+    or one per sample (dim 0 of an activation or gradient of a DFQ-routed site). ``zero`` is None
+    (symmetric codes) or broadcasts likewise (``sbm``: the range's minimum). Codes are uint8/int8,
+    or int32 for gradients wider than 8 bits (computed as two 8-bit halves, :func:`split_codes`).
+    """
+
+    __slots__ = ("codes", "scale", "signed", "zero", "qmax", "offset")
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, signed: bool,
+                 zero: torch.Tensor | None = None, qmax=None, offset: int = 0):
+        self.codes, self.scale, self.signed, self.zero = codes, scale, signed, zero
+        self.qmax = qmax  # the grid's top code (a float, or per sample like scale)
+        # codes stored minus ``offset`` (the quantize kernel centers sbm codes into int8): the
+        # grid's code is ``codes + offset``
+        self.offset = offset
+
+    def dequantize(self) -> torch.Tensor:
+        # the reference's fake-quantized value: addcmul(zero, q, scale) in fp32 (the integer
+        # operand is promoted to fp32 inside the one multiply: no fp32 copy of the codes)
+        if self.zero is None:
+            return torch.mul(self.codes, self.scale)
+        codes = self.codes.float() + self.offset if self.offset else self.codes.float()
+        return torch.addcmul(self.zero, codes, self.scale)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether ``scale`` has one value per row of dim 0 (not one for the whole tensor)."""
+        return self.scale.numel() != 1
+
+    @property
+    def has_zero(self) -> bool:
+        return self.zero is not None and bool((self.zero != 0).any())
+
+    @property
+    def wide(self) -> bool:
+        return self.codes.element_size() > 1
+
+
+def _take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t[rows]`` (samples of dim 0) in ``t``'s memory layout (channels-last stays so: the
+    kernels read it without another copy); all of ``t`` when ``rows`` is every sample."""
+    if len(rows) == t.shape[0]:
+        return t
+    perm = _dense_perm(t)
+    if perm is None or perm[0] != 0:
+        return t[rows]
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return t.permute(*perm).index_select(0, rows).permute(*inverse)
+
+
+def _row_value(v, rows: torch.Tensor):
+    """A per-sample value's entry for the group ``rows`` (whose samples share it)."""
+    return v.reshape(-1)[rows[0]].item() if isinstance(v, torch.Tensor) else v
+
+
+def _scalar_scale(q: IntCodes) -> torch.Tensor:
+    """The part of ``q``'s scale that is one value (1 where it is per row)."""
+    return q.scale.reshape(1) if not q.per_row else q.scale.new_ones(1)
+
+
+def split_codes(q: IntCodes) -> list[IntCodes]:
+    """``q``'s codes as 8-bit parts, each with the scale that factors out of an integer GEMM (per
+    tensor; 1 for per-sample scales, which the caller applies to the result) and no zero point
+    (the caller adds its terms). 8-bit codes are one part; wider ones two:
+    ``hi = codes >> 8`` (int8, or uint8 for unsigned codes) with ``256·scale`` and
+    ``lo = codes & 255`` (uint8) with ``scale``. Every integer GEMM role is linear in this
+    operand, so it runs once per part and the results add up exactly."""
+    scale = _scalar_scale(q)
+    if not q.wide:
+        return [IntCodes(q.codes, scale, q.signed)]
+    hi = q.codes.bitwise_right_shift(8).to(torch.int8 if q.signed else torch.uint8)
+    lo = q.codes.bitwise_and(255).to(torch.uint8)
+    return [IntCodes(hi, scale * 256.0, q.signed), IntCodes(lo, scale, False)]
+
+
+def centered(q: IntCodes) -> IntCodes:
+    """Unsigned asymmetric codes moved to the middle of their grid, ``codes - m`` with
+    ``m = (qmax + 1) / 2`` (per sample where the grid is) and the zero point ``zero + m·scale``:
+    the same values up to fp32 rounding of the zero, but the integer product no longer carries a
+    large offset that the zero point's term must cancel (which costs fp32 precision). Codes
+    without a (non-zero) zero point are returned as they are."""
+    if q.offset:  # centered already (by the quantize kernel): the zero point takes the offset
+        return IntCodes(q.codes, q.scale, True, q.zero + q.scale * float(q.offset), q.qmax)
+    if q.signed or q.qmax is None or not q.has_zero:
+        return q
+    m = (torch.as_tensor(q.qmax, dtype=torch.float32) + 1) / 2
+    zero = q.zero + m.to(q.scale.device) * q.scale
+    if m.numel() == 1 and q.codes.dtype == torch.uint8:  # one int8 pass, never in place
+        if int(m) == 128:
+            return IntCodes(q.codes.bitwise_xor(128).view(torch.int8), q.scale, True, zero)
+        return IntCodes(q.codes.view(torch.int8) - int(m), q.scale, True, zero)  # codes < 128
+    wide = bool((m > 128).any())
+    codes = q.codes.to(torch.int32) - m.to(torch.int32).to(q.codes.device)
+    return IntCodes(codes if wide else codes.to(torch.int8), q.scale, True, zero)
+
+
+def signed_b(q: IntCodes) -> IntCodes:
+    """Unsigned codes as int8 ``codes - 128`` with the zero point ``zero + 128·scale`` (the same
+    values up to fp32 rounding of the zero): the operand the conv kernels take as B, which they
+    do not sign-correct. Signed codes are returned as they are."""
+    if q.signed or q.codes.dtype != torch.uint8:
+        return q
+    zero = q.scale * 128.0 if q.zero is None else q.zero + q.scale * 128.0
+    return IntCodes(q.codes.bitwise_xor(128).view(torch.int8), q.scale, True, zero)
+
+
+def _code_dtype(qp) -> torch.dtype:
+    if qp.qmin < 0:
+        return torch.int8 if qp.qmin >= -128 else torch.int32
+    return torch.uint8 if qp.qmax <= 255 else torch.int32
+
+
+def _dense_perm(x: torch.Tensor) -> list[int] | None:
+    """A dim order in which ``x`` is contiguous (identity, or channels-last), else None."""
+    identity = list(range(x.dim()))
+    if x.is_contiguous():
+        return identity
+    if x.dim() >= 3:
+        last = [0, *range(2, x.dim()), 1]
+        if x.permute(*last).is_contiguous():
+            return last
+    return None
+
+
+_JIT: JitKernels | None = None
+
+
+def _jit_kernel(ref: KernelRef):
+    """The process's default kernel provider (builds on first use)."""
+    global _JIT
+    if _JIT is None:
+        _JIT = JitKernels()
+    return _JIT.get(ref)
+
+
+def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "torch",
+              kernel=_jit_kernel, asymmetric: bool = False, center: bool = True) -> IntCodes:
+    """``x``'s integer codes on the grid ``qp`` — the reference quantizer's codes exactly, from one
+    fused TVM kernel when the scale is per tensor (activations, gradients) and the codes are 8-bit,
+    else torch. ``kernel`` maps a :class:`KernelRef` to its compiled function (None: torch, as for
+    GPU tensors). Stochastic rounding takes the reference's noise: ``torch.rand`` drawn here, or
+    counter noise computed inside the kernel from a seed drawn here. ``asymmetric``: ``qp`` has a
+    float zero point (``sbm``), kept with the codes; the kernel subtracts it first, as the
+    reference does, and stores a non-zero one's codes centered into int8 (``offset``) unless
+    ``center`` is False."""
+    signed = qp.qmin < 0
+    dtype = _code_dtype(qp)
+    zero = qp.zero if asymmetric else None
+    fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1 \
+        and dtype.itemsize == 1
+    perm = _dense_perm(x) if fused else None
+    if perm is None:
+        q = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
+        return IntCodes(q.to(dtype), qp.scale, signed, zero, qp.qmax)
+    # sbm codes with a zero point come out centered (their grid's middle subtracted, int8)
+    offset = int(qp.qmax + 1) // 2 if center and zero is not None and not signed \
+        and bool(zero != 0) else 0
+    if offset:
+        dtype = torch.int8
+    xd = x.permute(*perm)
+    counter = stochastic and noise == "counter"
+    if counter and x.numel() >= 2**31:
+        raise ValueError(f"counter noise indexes at most 2**31 - 1 elements, not {x.numel()}")
+    if counter:  # (N, S, C) in memory order, logical index n·C·S + c·S + s
+        if perm == list(range(x.dim())):
+            last = x.shape[-1] if x.dim() else 1
+            flat = xd.reshape(-1, 1, last)
+        else:
+            flat = xd.reshape(x.shape[0], -1, x.shape[1])
+    else:
+        flat = xd.reshape(-1)
+    bounds = _bounds(qp.qmin, qp.qmax)
+    if zero is not None and bool(zero != 0):
+        bounds = torch.cat([bounds[:2], zero.reshape(1).float(), bounds.new_full((1,), offset)])
+    args = [flat, qp.scale.reshape(1).float(), bounds]
+    if counter:
+        args.append(noise_seed())
+    elif stochastic:  # the reference's draws, in logical order, laid out like x
+        args.append(uniform_noise(x.shape, noise).permute(*perm).reshape(-1))
+    codes = torch.empty(flat.shape, dtype=dtype)
+    ref = KernelRef.quantize(str(dtype).removeprefix("torch."), stochastic, noise,
+                             serial=_serial(x.numel() * (9 if stochastic and not counter else 5)))
+    kernel(ref)(*args, codes)
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed or bool(offset), zero,
+                    qp.qmax, offset)
+
+
+def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochastic: bool = False,
+               noise: str = "torch", asymmetric: bool = False, kernel=None) -> IntCodes:
+    """Codes of ``x`` with sample ``i`` (dim 0) on the grid ``qp_for_bits(row_bits[i])`` (one
+    shared range, so only the step differs): the reference's
+    :func:`~fraccompile.ops.quantizers.quantize_rows`, group by group in the same order (the same
+    random draws), with a per-sample scale ``(N, 1, ...)``; each group through the fused
+    quantizer (``kernel``, see :func:`_to_codes`) when the codes are 8-bit."""
+    groups = [(int(b), (row_bits == b).nonzero().flatten()) for b in torch.unique(row_bits)]
+    grids = {b: qp_for_bits(b) for b, _ in groups}
+    widest = grids[max(grids)]
+    dtype = _code_dtype(widest)
+    codes = torch.empty(x.shape, dtype=dtype, device=x.device)
+    scale = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device)
+    qmax = torch.empty_like(scale)
+    for b, rows in groups:
+        qp = grids[b]
+        if kernel is not None and dtype.itemsize == 1:
+            codes[rows] = _to_codes(x[rows], qp, stochastic=stochastic, noise=noise,
+                                    kernel=kernel, asymmetric=asymmetric, center=False).codes
+        else:
+            codes[rows] = quantize_to_int(x[rows], qp, stochastic=stochastic,
+                                          noise=noise).to(dtype)
+        scale[rows] = qp.scale.reshape(1).float()
+        qmax[rows] = qp.qmax
+    return IntCodes(codes, scale, widest.qmin < 0, widest.zero if asymmetric else None, qmax)
+
+
+_ZERO = torch.zeros(1)  # read-only kernel argument
+
+
+@functools.lru_cache(maxsize=None)
+def _bounds(qmin: float, qmax: float) -> torch.Tensor:
+    """The quantize kernel's ``[qmin, qmax, zero, offset]`` for a zero point of 0, no offset."""
+    return torch.tensor([qmin, qmax, 0.0, 0.0])
