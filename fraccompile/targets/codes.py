@@ -184,8 +184,8 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
         q = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
         return IntCodes(q.to(dtype), qp.scale, signed, zero, qp.qmax)
     # sbm codes with a zero point come out centered (their grid's middle subtracted, int8)
-    offset = int(qp.qmax + 1) // 2 if center and zero is not None and not signed \
-        and bool(zero != 0) else 0
+    has_zero = zero is not None and bool(zero != 0)  # (one host read)
+    offset = int(qp.qmax + 1) // 2 if center and has_zero and not signed else 0
     if offset:
         dtype = torch.int8
     xd = x.permute(*perm)
@@ -201,7 +201,7 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
     else:
         flat = xd.reshape(-1)
     bounds = _bounds(qp.qmin, qp.qmax)
-    if zero is not None and bool(zero != 0):
+    if has_zero:
         bounds = torch.cat([bounds[:2], zero.reshape(1).float(), bounds.new_full((1,), offset)])
     args = [flat, qp.scale.reshape(1).float(), bounds]
     if counter:
