@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import META_EVAL_GRAPH, META_EVAL_MODULES, capture, warn_modes
+from .capture import capture, warn_modes
 from .config import FracConfig
 from .errors import ConfigError
+from .meta_keys import GM_EVAL_GRAPH, GM_EVAL_MODULES, GM_MODE_MERGE
 from .model import FracModel
 from .passes.pipeline import get_pipeline, run_passes
 from .passes.quantize_insertion import PRECISION_MODULE
@@ -40,7 +41,7 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             raise ConfigError(f"unknown compile option: {err}") from None
     passes = get_pipeline(config.pipeline, config)  # fail on a bad name before capturing
     gm = capture(model, example_inputs, leaf_modules=config.leaf_modules, method=config.capture)
-    eval_gm = gm.meta.pop(META_EVAL_GRAPH, None)
+    eval_gm = gm.meta.pop(GM_EVAL_GRAPH, None)
     gm = run_passes(gm, passes)
     frac = FracModel(gm, gm.graph, class_name=f"Frac{type(model).__name__}")
     if hasattr(gm, PRECISION_MODULE) and PRECISION_MODULE not in dict(frac.named_children()):
@@ -66,15 +67,15 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
 def _attach_eval_graph(frac: FracModel, eval_gm, model_name: str) -> None:
     """The export path captured an eval-mode graph that differs structurally from the train-mode
     one (HF attention): run it through the same passes and let the model run it in eval mode."""
-    paths = frac.meta.get(META_EVAL_MODULES, [])
+    paths = frac.meta.get(GM_EVAL_MODULES, [])
     try:
         eval_gm = run_passes(eval_gm, get_pipeline(frac.frac_config.pipeline, frac.frac_config))
         why = frac.attach_eval_graph(eval_gm)
     except Exception as err:  # noqa: BLE001 - the train graph still runs
         why = f" (its passes failed: {type(err).__name__}: {err})"
     if why:
-        frac.meta.pop(META_EVAL_MODULES, None)
-        frac.meta["frac_mode_merge"] = paths
+        frac.meta.pop(GM_EVAL_MODULES, None)
+        frac.meta[GM_MODE_MERGE] = paths
         warn_modes(model_name, paths, why, stacklevel=4)
 
 

@@ -25,14 +25,9 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .capture_modes import merge_modes
 from .errors import CaptureError, ShapeError
-from .passes.coverage import META_GEMM_CALLS, GemmCallRecorder
-
-META_CAPTURE = "frac_capture"
-META_STATIC = "frac_static_dims"  # export path: input dimensions the graph is specialized to
-META_MODES = "frac_mode_merge"  # module paths whose eval-mode graph could not be merged
-META_EVAL_GRAPH = "frac_eval_graph"  # export path: the graph captured in eval mode, when it differs
-META_EVAL_MODULES = "frac_eval_modules"  # module paths where that eval graph differs structurally
-META_OPAQUE_FNS = "frac_opaque_fns"  # fx path: wrapped function -> why it was not traced through
+from .meta_keys import (GM_CAPTURE, GM_EVAL_GRAPH, GM_EVAL_MODULES, GM_MODE_MERGE, GM_OPAQUE_FNS,
+                        GM_STATIC_DIMS, META_GEMM_CALLS, TENSOR_META, VAL)
+from .passes.coverage import GemmCallRecorder
 
 
 class FracTracer(fx.Tracer):
@@ -71,7 +66,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         else:
             _propagate_shapes(gm, example_inputs)
             gm = _trace_through_wrapped(model, tuple(leaf_modules), example_inputs, gm)
-            gm.meta[META_CAPTURE] = "fx"
+            gm.meta[GM_CAPTURE] = "fx"
             return gm
     if method in ("auto", "export"):
         _check_runs(model, example_inputs)
@@ -84,12 +79,12 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             paths = merge_modes(gm, eval_gm)
             if paths:  # structurally different: compile runs it in eval mode (FracModel)
                 _in_mode(model, False, lambda: _propagate_shapes(eval_gm, example_inputs))
-                gm.meta[META_EVAL_GRAPH] = eval_gm
-                gm.meta[META_EVAL_MODULES] = _named_paths(model, paths)
+                gm.meta[GM_EVAL_GRAPH] = eval_gm
+                gm.meta[GM_EVAL_MODULES] = _named_paths(model, paths)
         except Exception:  # noqa: BLE001 - eval capture is best effort; the train graph runs
             _merge_or_warn(gm, None, model)
         _propagate_shapes(gm, example_inputs)
-        gm.meta[META_CAPTURE] = "export"
+        gm.meta[GM_CAPTURE] = "export"
         return gm
     if method == "fx":
         raise CaptureError(_capture_message(model, fx_error, None, leaf_modules)) from fx_error
@@ -127,7 +122,7 @@ def _trace_through_wrapped(model: nn.Module, leaves: tuple, example_inputs: tupl
                            gm: fx.GraphModule) -> fx.GraphModule:
     """Re-trace with the ``torch.fx.wrap``'d functions that called GEMM-like ops during shape
     propagation traced through, so those GEMMs become sites. A function whose body does not trace
-    (e.g. Python control flow on a shape) stays opaque; ``gm.meta[META_OPAQUE_FNS]`` says why."""
+    (e.g. Python control flow on a shape) stays opaque; ``gm.meta[GM_OPAQUE_FNS]`` says why."""
     wrapped = {n.target for n in gm.graph.nodes if n.op == "call_function"
                and n.meta.get("is_wrapped") and n.meta.get(META_GEMM_CALLS)}
     if not wrapped:
@@ -151,7 +146,7 @@ def _trace_through_wrapped(model: nn.Module, leaves: tuple, example_inputs: tupl
         else:
             through.append(fn)
     new = attempt(through) if through else gm
-    new.meta[META_OPAQUE_FNS] = failed
+    new.meta[GM_OPAQUE_FNS] = failed
     return new
 
 
@@ -196,7 +191,7 @@ def _merge_or_warn(gm: fx.GraphModule, eval_gm, model: nn.Module, paths=None) ->
         paths = ["<capture in eval mode failed>"] if eval_gm is None else merge_modes(gm, eval_gm)
     if paths:
         paths = _named_paths(model, paths)
-        gm.meta[META_MODES] = paths
+        gm.meta[GM_MODE_MERGE] = paths
         warn_modes(type(model).__name__, paths, stacklevel=4)
 
 
@@ -234,7 +229,7 @@ def _dynamic_shapes(example_inputs: tuple):
 
 def _trace_export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """torch.export (non-strict, training IR) with dynamic dimensions where the model allows;
-    static shapes when dynamic export fails. ``gm.meta[META_STATIC]`` lists the batch and
+    static shapes when dynamic export fails. ``gm.meta[GM_STATIC_DIMS]`` lists the batch and
     sequence dimensions that stayed static, in one line each."""
     flags = [(m, m.training) for m in model.modules()]
     try:
@@ -252,7 +247,7 @@ def _trace_export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     gm = ep.module()
     # ep.module() forbids train()/eval(); our GraphModule is rebuilt from its graph later, where
     # the mode-dependent ops follow the module's mode (capture_modes.merge_modes)
-    gm.meta[META_STATIC] = _static_dims(gm, example_inputs, dynamic)
+    gm.meta[GM_STATIC_DIMS] = _static_dims(gm, example_inputs, dynamic)
     return gm
 
 
@@ -264,7 +259,7 @@ def _static_dims(gm: fx.GraphModule, example_inputs: tuple, dynamic: bool) -> li
     for i, (node, t) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             continue
-        val = node.meta.get("val")
+        val = node.meta.get(VAL)
         dims = [0] + ([1] if t.dim() > 1 and not t.is_floating_point() else [])
         for d in dims:
             size = val.shape[d] if val is not None and d < len(val.shape) else t.shape[d]
@@ -313,7 +308,7 @@ class _ShapeRecorder(fx.Interpreter):
         meta = map_aggregate(result, lambda r: _extract_tensor_metadata(r)
                              if isinstance(r, torch.Tensor) else None)
         if meta is not None and not (isinstance(meta, (tuple, list)) and all(m is None for m in meta)):
-            n.meta["tensor_meta"] = meta
+            n.meta[TENSOR_META] = meta
         n.meta["type"] = type(result)
         return result
 

@@ -21,6 +21,8 @@ import difflib
 
 from torch import fx, nn
 
+from .meta_keys import NN_MODULE_STACK
+
 MODE_MODULE = "frac_mode"
 
 
@@ -74,7 +76,7 @@ def _diff_args(a, b, mapping: dict, out: list, where: tuple) -> None:
 
 
 def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
+    stack = node.meta.get(NN_MODULE_STACK)
     if node.op == "call_module":
         return str(node.target)
     return list(stack.values())[-1][0] if stack else ""

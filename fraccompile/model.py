@@ -15,10 +15,10 @@ from .control.controller import PrecisionController
 from .cost import CostMeter, CostReport, cost_report, mixed_site_cost, site_cost
 from .ops.modules import FracOp
 from .ops.spec import Precision
-from .passes.base import META_FP_LAYER, META_PRECISION_NODE, META_SITE, SiteInfo
-from .passes.composite_sites import META_SITE_PARTS
-from .passes.coverage import GM_FP32_OPS, Fp32Op
-from .passes.gating_insertion import META_GATE
+from .meta_keys import (GM_FP32_OPS, META_FP_LAYER, META_GATE, META_PRECISION_NODE, META_SITE,
+                        META_SITE_PARTS)
+from .passes.base import SiteInfo
+from .passes.coverage import Fp32Op
 from .passes.quantize_insertion import PRECISION_MODULE, SITES_MODULE
 
 EVAL_GRAPH = "_frac_eval"  # instance attribute: the GraphModule that runs in eval mode, if any

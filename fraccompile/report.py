@@ -10,8 +10,9 @@ from rich.table import Table
 
 
 from .model import FracModel
-from .passes.base import META_FP_LAYER, META_PRECISION_NODE, META_SITE, node_shape
-from .passes.region_discovery import GM_REGIONS
+from .meta_keys import (GM_CAPTURE, GM_MODE_MERGE, GM_REGIONS, GM_STATIC_DIMS, META_FP_LAYER,
+                        META_PRECISION_NODE, META_SITE)
+from .passes.base import node_shape
 
 _HEADERS = ("site", "op", "input", "weight", "output", "MACs", "a/w/g", "backend")
 
@@ -54,9 +55,9 @@ def coverage_rows(fm: FracModel) -> list[tuple[str, ...]]:
     """Every GEMM-like op left in fp32 and why (``fm.fp32_ops``), plus one row per capture note
     (static input dimensions, modules whose eval-mode graph could not be merged)."""
     rows = [(o.node, o.op, o.module_path or "-", o.reason) for o in fm.fp32_ops]
-    rows += [("-", "shape", "-", line) for line in fm.meta.get("frac_static_dims", [])]
+    rows += [("-", "shape", "-", line) for line in fm.meta.get(GM_STATIC_DIMS, [])]
     rows += [("-", "train/eval", p, "eval-mode graph differs structurally: runs the train-mode "
-              "graph") for p in fm.meta.get("frac_mode_merge", [])]
+              "graph") for p in fm.meta.get(GM_MODE_MERGE, [])]
     return rows
 
 
@@ -106,7 +107,7 @@ def graph_dict(fm: FracModel) -> dict:
         edges += [[src.name, node.name] for src in node.all_input_nodes]
     sites = [asdict(s) | {"precision": list(s.precision)} for s in fm.sites]
     regions = [asdict(r) for r in fm.meta.get(GM_REGIONS, [])]
-    return {"capture": fm.meta.get("frac_capture"), "config": fm.frac_config.to_dict(),
+    return {"capture": fm.meta.get(GM_CAPTURE), "config": fm.frac_config.to_dict(),
             "nodes": nodes, "edges": edges, "sites": sites, "regions": regions,
             "fp32_ops": [asdict(o) for o in fm.fp32_ops],
             "cost": fm.cost().to_dict()}
@@ -133,7 +134,7 @@ def write_transform_outputs(fm: FracModel, out_dir: str | Path, source: str) -> 
     n_sites = sum(not s.full_precision for s in fm.sites)
     paths[2].write_text(
         f"# fraccompile transform: {source}\n\n"
-        f"Captured with torch.{fm.meta.get('frac_capture')}; {n_sites} sites, "
+        f"Captured with torch.{fm.meta.get(GM_CAPTURE)}; {n_sites} sites, "
         f"{len(fm.sites) - n_sites} layers kept in full precision.\n\n"
         f"{sites_markdown(fm)}\n\n## GEMM-like ops left in fp32\n\n{coverage_markdown(fm)}\n\n"
         f"{regions_markdown(fm)}## Cost of one training step\n\n"

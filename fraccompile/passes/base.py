@@ -1,5 +1,6 @@
-"""Pass infrastructure: a pass has a ``name`` and ``run(gm) -> PassResult``; shared facts travel in
-``node.meta`` under the keys below."""
+"""Pass infrastructure: a pass has a ``name``, declares the graph properties it ``requires`` and
+``ensures`` (:mod:`fraccompile.meta_keys`), and implements ``run(gm) -> PassResult``; shared facts
+travel in ``node.meta`` under the keys of :mod:`fraccompile.meta_keys`."""
 
 from __future__ import annotations
 
@@ -10,14 +11,9 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..config import FracConfig
+from ..meta_keys import TENSOR_META, VAL
 
-__all__ = ["META_FP_LAYER", "META_SITE", "Pass", "PassResult", "SiteInfo", "node_shape"]
-
-# node.meta keys written by the passes
-META_SITE = "frac_site"  # SiteInfo, on the node that calls a FracOp
-META_FP_LAYER = "frac_fp_layer"  # SiteInfo (full_precision=True), on a layer the config keeps in fp32
-META_PRECISION_NODE = "frac_precision_node"  # site name, on a precision-control node
-META_CALL_SHAPES = "frac_call_shapes"  # (input, weight, output) shapes of one site call
+__all__ = ["Pass", "PassResult", "SiteInfo", "node_dtype", "node_shape"]
 
 
 @dataclass
@@ -44,10 +40,10 @@ def node_shape(node) -> tuple[int, ...] | None:
     """Static shape of a node's tensor output from capture's shape propagation, if known."""
     if not isinstance(node, fx.Node):
         return None
-    meta = node.meta.get("tensor_meta")
+    meta = node.meta.get(TENSOR_META)
     if meta is not None and hasattr(meta, "shape"):
         return tuple(int(s) for s in meta.shape)
-    val = node.meta.get("val")
+    val = node.meta.get(VAL)
     if val is not None and hasattr(val, "shape"):
         try:
             return tuple(int(s) for s in val.shape)
@@ -57,19 +53,26 @@ def node_shape(node) -> tuple[int, ...] | None:
 
 
 def node_dtype(node):
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    meta = node.meta.get(TENSOR_META) if isinstance(node, fx.Node) else None
     if meta is not None and hasattr(meta, "dtype"):
         return meta.dtype
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    val = node.meta.get(VAL) if isinstance(node, fx.Node) else None
     return getattr(val, "dtype", None)
 
 
 class Pass(ABC):
     """A graph transformation. Subclasses set ``name`` and implement ``run``; ``run`` may mutate
-    ``gm`` in place and returns ``PassResult(gm, modified)``."""
+    ``gm`` in place and returns ``PassResult(gm, modified)``.
+
+    ``requires``: the graph properties (:data:`fraccompile.meta_keys.PROPERTIES`) that must hold
+    before the pass runs; ``ensures``: those that hold after it; ``invalidates``: those it may
+    break. The pipeline checks them (:func:`fraccompile.passes.pipeline.check_order`)."""
 
     name: str = ""
     description: str = ""
+    requires: frozenset[str] = frozenset()
+    ensures: frozenset[str] = frozenset()
+    invalidates: frozenset[str] = frozenset()
 
     def __init__(self, config: FracConfig | None = None):
         self.config = config or FracConfig()

@@ -10,7 +10,8 @@ layout.
 
 Before: ``y = conv(x)`` on a kept 2-D conv. After: ``y = conv(x.contiguous(memory_format=
 torch.channels_last))``. Values are the same up to the summation order of oneDNN's fp32 kernel in
-the other layout; the pass runs only for ``FracConfig(backend="tvm")``.
+the other layout; the pass runs only for a backend with the ``CHANNELS_LAST`` capability
+(:func:`fraccompile.ops.backend.capabilities`: ``tvm``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..meta_keys import (CHANNELS_LAST_INPUTS, META_CALL_SHAPES, META_FP_LAYER, SITES,
+                         TENSOR_META, VAL)
 from ..ops.backend import CHANNELS_LAST, capabilities
-from .base import META_CALL_SHAPES, META_FP_LAYER, Pass, PassResult
+from .base import Pass, PassResult
 
 
 class ChannelsLast(Pass):
     name = "channels-last"
     description = "2-D convs kept in fp32 read channels-last inputs (tvm: its conv sites' layout)"
+    requires = frozenset({SITES})
+    ensures = frozenset({CHANNELS_LAST_INPUTS})
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         if CHANNELS_LAST not in capabilities(self.config):
@@ -42,7 +47,7 @@ class ChannelsLast(Pass):
                 cl = gm.graph.call_method("contiguous", (node.args[0],),
                                           {"memory_format": torch.channels_last})
             cl.meta.update({k: v for k, v in node.args[0].meta.items()
-                            if k in ("tensor_meta", "val")})
+                            if k in (TENSOR_META, VAL)})
             node.args = (cl, *node.args[1:])
             modified = True
         return PassResult(gm, modified)

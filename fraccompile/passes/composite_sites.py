@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..meta_keys import META_NOT_SITE
 from ..ops.attention import einsum_plan, supported_mha
 from ..ops.spec import SiteSpec
 from .base import node_dtype, node_shape
 
 aten = torch.ops.aten
-META_SITE_PARTS = "frac_site_parts"  # [(SiteInfo, (input, weight, output) shapes)] of a composite
-META_NOT_SITE = "frac_not_site"  # why a GEMM-like op stays fp32
 
 _SDPA_SIG = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,

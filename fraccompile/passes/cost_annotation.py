@@ -12,8 +12,8 @@ import math
 
 from torch import fx
 
-from .base import META_CALL_SHAPES, META_FP_LAYER, META_SITE, Pass, PassResult
-from .composite_sites import META_SITE_PARTS
+from ..meta_keys import MACS, META_CALL_SHAPES, META_FP_LAYER, META_SITE, META_SITE_PARTS, SITES
+from .base import Pass, PassResult
 
 
 def site_macs(kind: str, x: tuple[int, ...], w: tuple[int, ...], out: tuple[int, ...]) -> int:
@@ -30,6 +30,8 @@ def site_macs(kind: str, x: tuple[int, ...], w: tuple[int, ...], out: tuple[int,
 class CostAnnotation(Pass):
     name = "cost-annotation"
     description = "MACs per site (and per full-precision layer) from propagated shapes"
+    requires = frozenset({SITES})
+    ensures = frozenset({MACS})
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         seen: set[int] = set()

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .base import META_FP_LAYER, META_SITE
-from .composite_sites import META_NOT_SITE, META_SITE_PARTS
+from ..meta_keys import (GM_FP32_OPS, GM_OPAQUE_FNS, META_FP_LAYER, META_GEMM_CALLS, META_NOT_SITE,
+                         META_SITE, META_SITE_PARTS, NN_MODULE_STACK)
 
-GM_FP32_OPS = "frac_fp32_ops"
-META_GEMM_CALLS = "frac_gemm_calls"  # Counter of GEMM-like torch calls made inside an opaque node
+__all__ = ["GEMM_LIKE", "Fp32Op", "GemmCallRecorder", "find_fp32_ops", "op_name"]
 
 # names (function __name__, aten op name or method) of the GEMM-like ops
 GEMM_LIKE = frozenset({
@@ -85,7 +84,7 @@ class GemmCallRecorder(torch.overrides.TorchFunctionMode):
 
 
 def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
+    stack = node.meta.get(NN_MODULE_STACK)
     if node.op == "call_module":
         return str(node.target)
     return list(stack.values())[-1][0] if stack else ""
@@ -96,7 +95,7 @@ def _leaf_reason(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> str:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         return f"inside leaf module {node.target!r} ({type(mod).__name__}): {what}"
-    why = gm.meta.get("frac_opaque_fns", {}).get(op_name(node.target))
+    why = gm.meta.get(GM_OPAQUE_FNS, {}).get(op_name(node.target))
     why = f"; not traced through: {why}" if why else ""
     return f"inside opaque function {op_name(node.target)!r} (e.g. torch.fx.wrap): {what}{why}"
 

@@ -25,7 +25,8 @@ with its parameters and running statistics), and backward recomputes both.
 ``FracConfig.recompute_budget`` leaves some of those BatchNorms unfused (:func:`kept_norms`): the
 ones whose recompute costs the most per byte, up to that fraction of all their input bytes.
 
-The pass runs for ``FracConfig(backend="tvm")`` unless ``recompute="none"``. It leaves alone sites
+The pass runs for a backend with the ``INTEGER_KERNELS`` capability
+(:func:`fraccompile.ops.backend.capabilities`: ``tvm``) unless ``recompute="none"``. It leaves alone sites
 called more than once (a shared module), BatchNorms called more than once, and modules with hooks
 (fusing their call away would skip the hooks).
 """
@@ -38,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..meta_keys import EPILOGUES, META_CALL_SHAPES, META_SITE, REGIONS, SITES
+from ..ops.backend import INTEGER_KERNELS, capabilities
 from ..ops.functions import masked_relu
 from ..ops.modules import FracOp
-from ..ops.backend import INTEGER_KERNELS, capabilities
-from .base import META_CALL_SHAPES, META_SITE, Pass, PassResult
+from .base import Pass, PassResult
 from .cost_annotation import site_macs
 
 _MODULES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu"}
@@ -80,6 +82,9 @@ def _activation(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
 class EpilogueFusion(Pass):
     name = "epilogue-fusion"
     description = "activation after a site -> the site's epilogue (recomputed in backward: tvm)"
+    requires = frozenset({SITES})
+    ensures = frozenset({EPILOGUES})
+    invalidates = frozenset({REGIONS})  # fused and replaced nodes: regions name nodes that are gone
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         if INTEGER_KERNELS not in capabilities(self.config) or self.config.recompute == "none":

@@ -21,22 +21,21 @@ from __future__ import annotations
 from torch import fx
 
 from ..control.gates import GateBank
-from .base import META_PRECISION_NODE, META_SITE, Pass, PassResult, node_shape
-from .composite_sites import META_SITE_PARTS
-from .region_discovery import GM_REGIONS, find_regions
+from ..meta_keys import (GATES, GM_REGIONS, META_GATE, META_PRECISION_NODE, META_SITE,
+                         META_SITE_PARTS, REGIONS, SITES)
+from .base import Pass, PassResult, node_shape
 
 GATES_MODULE = "frac_gates"
-META_GATE = "frac_gate"
 
 
 class GatingInsertion(Pass):
     name = "gating-insertion"
     description = "one DFQ gate per region, shared LSTM, feeding its sites' precision nodes"
+    requires = frozenset({SITES, REGIONS})
+    ensures = frozenset({GATES})
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        regions = gm.meta.get(GM_REGIONS)
-        if regions is None:
-            regions = gm.meta[GM_REGIONS] = find_regions(gm)
+        regions = gm.meta[GM_REGIONS]
         if not regions:
             return PassResult(gm, False)
         nodes = {n.name: n for n in gm.graph.nodes}

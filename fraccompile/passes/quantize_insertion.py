@@ -17,7 +17,8 @@ After::
 
 ``frac_precision`` is a :class:`~fraccompile.ops.PrecisionReader` over one
 :class:`~fraccompile.control.PrecisionController` created here with the config's initial precisions.
-Layers selected by ``config.full_precision`` stay as they were and are tagged ``meta["frac_fp_layer"]``.
+Layers selected by ``config.full_precision`` stay as they were and are tagged ``meta["frac_fp_layer"]``
+(the keys: :mod:`fraccompile.meta_keys`).
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ from torch import fx, nn
 
 from ..config import FIRST_CONV, LAST_LINEAR
 from ..control.controller import PrecisionController
+from ..meta_keys import (GM_FP32_OPS, META_CALL_SHAPES, META_FP_LAYER, META_PRECISION_NODE,
+                         META_SITE, META_SITE_PARTS, NN_MODULE_STACK, SHAPES, SITES)
 from ..ops.attention import AttentionSite, BaddbmmSite, EinsumSite, MultiheadAttentionSite
 from ..ops.backend import get_backend
 from ..ops.modules import FracOp, PrecisionReader
 from ..ops.spec import Precision, SiteSpec
-from .base import (META_CALL_SHAPES, META_FP_LAYER, META_PRECISION_NODE, META_SITE, Pass,
-                   PassResult, SiteInfo, node_dtype, node_shape)
-from .coverage import GM_FP32_OPS, find_fp32_ops
-from .composite_sites import (META_SITE_PARTS, CompositeMatch, match_addmm,
-                              match_composite, not_site)
+from .base import Pass, PassResult, SiteInfo, node_dtype, node_shape
+from .composite_sites import CompositeMatch, match_addmm, match_composite, not_site
+from .coverage import find_fp32_ops
 
 PRECISION_MODULE = "frac_precision"
 SITES_MODULE = "frac_sites"
@@ -173,7 +174,7 @@ def _match(gm: fx.GraphModule, node: fx.Node, kinds: tuple[str, ...]) -> _Match 
 
 def _module_path_of(node: fx.Node) -> tuple[str, str | None]:
     """(innermost module path, its class name) from ``nn_module_stack``."""
-    stack = node.meta.get("nn_module_stack")
+    stack = node.meta.get(NN_MODULE_STACK)
     if not stack:
         return "", None
     path, cls = list(stack.values())[-1]
@@ -249,6 +250,8 @@ def _select_full_precision(matches: list, patterns: tuple[str, ...]) -> set[str]
 class QuantizeInsertion(Pass):
     name = "quantize-insertion"
     description = "conv/linear/matmul -> FracOp sites fed by precision-control nodes"
+    requires = frozenset({SHAPES})
+    ensures = frozenset({SITES})
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         cfg = self.config

@@ -22,11 +22,11 @@ import networkx as nx
 import torch
 from torch import fx
 
-from .base import META_SITE, Pass, PassResult
-from .composite_sites import META_SITE_PARTS
+from ..meta_keys import GM_REGIONS, META_REGION, META_SITE, META_SITE_PARTS, REGIONS, SITES
+from .base import Pass, PassResult
 
-META_REGION = "frac_region"
-GM_REGIONS = "frac_regions"
+__all__ = ["Region", "RegionDiscovery", "dataflow_graph", "find_regions", "node_sites"]
+
 _SOURCE = "__source__"
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor}
 _ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
@@ -123,6 +123,8 @@ def node_sites(gm: fx.GraphModule) -> dict[str, list[str]]:
 class RegionDiscovery(Pass):
     name = "region-discovery"
     description = "residual blocks and lone sites as gateable regions (networkx dominators)"
+    requires = frozenset({SITES})
+    ensures = frozenset({REGIONS})
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         gm.meta[GM_REGIONS] = find_regions(gm)
