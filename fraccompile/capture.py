@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from .capture_modes import merge_modes
 from .errors import CaptureError, ShapeError
 from .meta_keys import (GM_CAPTURE, GM_EVAL_GRAPH, GM_EVAL_MODULES, GM_MODE_MERGE, GM_OPAQUE_FNS,
-                        GM_STATIC_DIMS, META_GEMM_CALLS, TENSOR_META, VAL)
+                        GM_STATIC_DIMS, IS_WRAPPED, META_GEMM_CALLS, TENSOR_META, TYPE, VAL)
 from .passes.coverage import GemmCallRecorder
 
 
@@ -124,7 +124,7 @@ def _trace_through_wrapped(model: nn.Module, leaves: tuple, example_inputs: tupl
     propagation traced through, so those GEMMs become sites. A function whose body does not trace
     (e.g. Python control flow on a shape) stays opaque; ``gm.meta[GM_OPAQUE_FNS]`` says why."""
     wrapped = {n.target for n in gm.graph.nodes if n.op == "call_function"
-               and n.meta.get("is_wrapped") and n.meta.get(META_GEMM_CALLS)}
+               and n.meta.get(IS_WRAPPED) and n.meta.get(META_GEMM_CALLS)}
     if not wrapped:
         return gm
 
@@ -309,7 +309,7 @@ class _ShapeRecorder(fx.Interpreter):
                              if isinstance(r, torch.Tensor) else None)
         if meta is not None and not (isinstance(meta, (tuple, list)) and all(m is None for m in meta)):
             n.meta[TENSOR_META] = meta
-        n.meta["type"] = type(result)
+        n.meta[TYPE] = type(result)
         return result
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 TENSOR_META = "tensor_meta"  # TensorMetadata of a node's output (capture's shape propagation)
 VAL = "val"  # FakeTensor of a node's output (torch.export)
 NN_MODULE_STACK = "nn_module_stack"  # {key: (module path, class)} of the modules a node ran in
+TYPE = "type"  # Python type of a node's output (capture's shape propagation, as torch's ShapeProp)
+IS_WRAPPED = "is_wrapped"  # fx: the node calls a torch.fx.wrap'd function
 
 # -- node.meta: written by capture ----------------------------------------------------------------
 META_GEMM_CALLS = "frac_gemm_calls"  # Counter of GEMM-like torch calls made inside an opaque node

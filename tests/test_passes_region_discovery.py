@@ -1,12 +1,57 @@
-"""region-discovery: the expected gateable regions of every example model."""
+"""region-discovery: Before module -> Expected regions (the graph itself is unchanged), and the
+expected gateable regions of every example model."""
 
 import pytest
 import torch
+from _pass_helpers import graph, seeded
+from torch import nn
 
 import fraccompile
 from fraccompile.examples import (functional_model, mobilenetv2_cifar, resnet18_imagenet,
                                   resnet_cifar, transformer_lm)
-from fraccompile.passes.region_discovery import META_REGION, find_regions
+from fraccompile.meta_keys import GM_REGIONS, META_REGION
+from fraccompile.passes import get_pass
+from fraccompile.passes.region_discovery import Region, find_regions
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class Before(nn.Module):
+    """A kept stem, a residual block with an identity shortcut, a lone linear, a kept head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = Block(4)
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.block(torch.relu(self.stem(x))).mean((2, 3))
+        return self.head(torch.relu(self.fc(h)))
+
+
+def test_expected_regions_and_tags():
+    gm = graph(seeded(Before), torch.randn(2, 3, 6, 6), passes=["quantize-insertion"])
+    code = gm.code
+    result = get_pass("region-discovery").run(gm)
+    assert not result.modified and gm.code == code
+    assert gm.meta[GM_REGIONS] == [
+        Region("region0", "residual", entry="relu", exit="add",
+               sites=["block.conv1", "block.conv2"], skippable=True),
+        Region("region1", "site", entry="mean", exit="fc", sites=["fc"]),
+    ]
+    tags = {n.name: n.meta[META_REGION] for n in gm.graph.nodes if META_REGION in n.meta}
+    assert tags == {"block_conv1": "region0", "relu_1": "region0", "block_conv2": "region0",
+                    "add": "region0", "fc": "region1"}
 
 
 def regions_of(model, x):
