@@ -70,7 +70,7 @@ class FracConfig:
             ``"counter"`` (the default: a counter-based hash of each element's index, seeded from
             torch's generator; the ``tvm`` backend computes it inside its quantize kernel instead
             of drawing and reading a tensor, and the numbers do not depend on memory layout or
-            device) or ``"torch"`` (``torch.rand``, what the accuracy runs in BENCHMARKS.md used).
+            device) or ``"torch"`` (``torch.rand``, as in docs/benchmarks.md's accuracy runs).
             Both are seeded by ``torch.manual_seed`` and give the same numbers on every backend.
         full_precision: sites kept as the original op: fnmatch patterns of site names, plus the
             selectors ``@first_conv`` and ``@last_linear`` (the paper keeps both in fp32).

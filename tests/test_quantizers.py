@@ -1,4 +1,4 @@
-"""Property tests of fraccompile.ops.quantizers (DESIGN.md section 2, the quantization contract).
+"""Property tests of fraccompile.ops.quantizers (docs/contract.md, the quantization contract).
 
 Both schemes ("sbm", "symmetric"), bits 2..8 (plus 12 and 16): values land on the grid, round to
 nearest is within half a step, weights are quantized per output channel, stochastic rounding of

@@ -5,8 +5,8 @@ channels-last, the layout oneDNN's fp32 convs on x86 are fastest in too. A conv 
 (``full_precision``, e.g. the first conv) on an NCHW input writes NCHW, and from it on every
 elementwise op between the sites (BatchNorm, ReLU, residual sums) and their backward ops mix two
 layouts, which torch runs in strided loops: in ResNet-20 the backward of the first quantized
-conv's error backprop took 6.7 ms on a channels-last gradient into an NCHW layout, 2.5 ms in one
-layout.
+conv's error backprop took more than twice as long on a channels-last gradient into an NCHW
+layout as in one layout.
 
 Before: ``y = conv(x)`` on a kept 2-D conv. After: ``y = conv(x.contiguous(memory_format=
 torch.channels_last))``. Values are the same up to the summation order of oneDNN's fp32 kernel in

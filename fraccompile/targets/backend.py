@@ -20,7 +20,7 @@ weight GC     A = dyᵀ, B = xᵀ (colsᵀ) → ``dw``      A = xᵀ, B = dyᵀ 
 
 EB of a weight site is not an integer GEMM: the weights have one scale per output channel, and EB
 sums over output channels, so the scales cannot be taken out of the sum; it runs as an fp32 GEMM
-on exactly the reference backend's operands (DESIGN.md section 2 fixes per-channel weights). With
+on exactly the reference backend's operands (per-channel weight ranges: docs/contract.md). With
 ``FracConfig(weight_scale="tensor")`` a linear site's EB is an integer GEMM (A = dy, B = wᵀ); a
 conv's stays fp32 (its transposed conv would need a col2im, and im2col already dominates).
 
@@ -102,9 +102,8 @@ class TVMBackend(ReferenceBackend):
         dequantized error of an fp32 EB (``"eb"``), or a fused norm's input (``"y"``), ReLU mask
         (``"mask"``) and re-laid-out gradient (``"dy"``).
         Each slot keeps the largest buffer asked for, per thread: a fresh tensor of many MB is
-        mapped by the allocator and zeroed by page faults on first touch, every step (the conv
-        A pack of ResNet-20 took 16.4 ms per step in fresh buffers, 12.6 ms in reused ones,
-        ``bench/step_breakdown.py``)."""
+        mapped by the allocator and zeroed by page faults on first touch, every step (measurably
+        slower than reused buffers in ``bench/step_breakdown.py``)."""
         store = self._local.__dict__.setdefault("scratch", {})
         nbytes = math.prod(shape) * dtype.itemsize
         buf = store.get(slot)
@@ -141,7 +140,7 @@ class TVMBackend(ReferenceBackend):
         of it XORed with ``flip``: an implicit conv's input. Only the interior is written per
         call; the zero borders are rewritten only when the buffer, its shape or the padding
         changed, or a flip overwrote them (consecutive calls of one geometry, most sites of a
-        stage, skip 176 strided fills, 2 ms per ResNet-20 step)."""
+        stage, skip the strided fills)."""
         buf = self.scratch(slot, shape, torch.uint8)
         (ph, pw), (H, W) = padding, src.shape[dim:dim + 2]
         lead = (slice(None),) * dim
@@ -797,10 +796,10 @@ def _weight_rows(codes: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _im2col(codes: torch.Tensor, spec: SiteSpec, w_shape) -> tuple[torch.Tensor, list[int]]:
     """Patches of ``codes (N, C, *spatial)`` as ``(G, N·P, k·Cg)``: channels innermost, so each
-    kernel offset copies whole channel vectors (a strided NCHW im2col of int8 is ~8x slower);
+    kernel offset copies whole channel vectors (a strided NCHW im2col of int8 is many times slower);
     the zero padding is code 0 (symmetric scheme). The channels-last codes are padded once, and
-    the patches are one strided view of them, materialized by one copy: for ResNet-20's first
-    stage 1.36 ms, against 3.0 ms for a copy per kernel offset (``bench/packing.py``)."""
+    the patches are one strided view of them, materialized by one copy, faster than a copy per
+    kernel offset (``bench/packing.py``)."""
     n = spec.conv_dims
     pad, ks = spec.gemm_padding(w_shape), list(w_shape[2:])
     N, C, *size = codes.shape

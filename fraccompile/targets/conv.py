@@ -18,8 +18,8 @@ which is what the intrinsic broadcasts, so the patches never exist in memory: a 
 conv reads 2.3 MB of codes instead of writing and reading an 18.9 MB patch matrix. The (batch,
 output row, channel block) loop is parallel. Needs ``C % 4 == 0`` and ``mb`` dividing ``OW`` (the
 backend takes the packed-A path otherwise) and an AVX-512 VNNI host. ``bench/kernels.py`` times
-these kernels on ResNet-20's convs (BENCHMARKS.md: about 1500 GOPS on 2 cores, forward and weight
-gradient alike, where ``torch._int_mm`` on the im2col GEMMs gets 540-790).
+these kernels on ResNet-20's convs, forward and weight gradient, against ``torch._int_mm`` on the
+im2col GEMMs (docs/benchmarks.md).
 """
 
 from __future__ import annotations

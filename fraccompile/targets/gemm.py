@@ -7,8 +7,8 @@ caller (zeros in A and B add nothing), so one kernel is built per padded shape a
 
 Schedule (VNNI): the ``m`` axis in blocks of ``mb`` rows and ``n`` in ``nb`` vectors of 16, so the
 ``mb × nb`` int32x16 accumulators live in registers (24 of the 32 zmm registers at 6×4); ``k`` in
-blocks of ``kb`` (32: in two sweeps on 1024³ on 2 cores it led 6x4x64 by 13% and 92%; the
-machine's speed drifts between runs, so only same-run comparisons count); the (group, n-block,
+blocks of ``kb`` (32: it led 6x4x64 in same-run sweeps on 1024³; the machine's speed drifts
+between runs, so only same-run comparisons count); the (group, n-block,
 m-block) loop is fused and parallel over the cores. Without VNNI the same loop nest is vectorized
 over ``n`` by LLVM (correct, several times slower).
 """

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 #   use every core this process may run on;
 # * TVM's workers spin after each kernel, waiting for the next, and so do torch's OpenMP threads
 #   after each torch op: in a training step the two pools alternate, and each spins on the cores
-#   the other needs. With TVM's spinning off, a ResNet-20 step on the tvm backend took 509 instead
-#   of 804 ms on 2 cores (BENCHMARKS.md, "TVM backend training step"). ``OMP_WAIT_POLICY=PASSIVE``
+#   the other needs. Turning TVM's spinning off made a training step on the tvm backend much
+#   faster on 2 cores (docs/tvm.md, "Threads"; CHANGELOG.md). ``OMP_WAIT_POLICY=PASSIVE``
 #   does the same for torch's side, but it must be set before torch is imported, so it is left to
 #   the user.
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -2,8 +2,9 @@
 ``vpdpbusd``.
 
 TVM ships the same description as ``dot_16x4_vnni``, but its implementation no longer builds with
-the bundled LLVM 22 (``llvm.x86.avx512.vpdpbusd.512`` takes ``int8x64`` operands now; see DESIGN.md
-section 4). This one reinterprets the broadcast A word and the B tile as ``int8x64``.
+the bundled LLVM 22 (``llvm.x86.avx512.vpdpbusd.512`` takes ``int8x64`` operands now; see
+docs/tvm.md, "TVM 0.27 facts"). This one reinterprets the broadcast A word and the B tile as
+``int8x64``.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
   zero-padded, sign bit flipped for unsigned codes (uint8 ``x`` -> int8 ``x - 128``); row ``N``
   is ones when there is room, so the GEMM also returns A's row sums.
 
-torch does the same with strided byte copies, several times slower (a 131072×144 uint8 transpose:
-~40 ms in torch, ~8 ms here on 2 cores). Shapes are symbolic: one kernel per layout.
+torch does the same with strided byte copies, several times slower (``bench/packing.py``).
+Shapes are symbolic: one kernel per layout.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
 
     Written out in TVMScript: whole rows (``"mk"``) or whole 16x64 tiles (``"km"``) run as vector
     code, the edges as scalar code. The TE form (one compute, its symbolic extent split by 64)
-    kept a bounds predicate in the vector loop, which TVM lowers to scalar code: 1.54 against
-    0.07 ms for a 2048x512 ``"mk"`` pack, 1.48 against 0.54 ms for a conv gradient's 16 x 131072
-    ``"km"`` transpose (``bench/packing.py``, 2 cores). The tiles are 16 rows high because a conv
-    gradient has as few as 16 channels: with 32-row tiles every one of its tiles was an edge."""
+    kept a bounds predicate in the vector loop, which TVM lowers to scalar code, many times
+    slower for the ``"mk"`` pack and a conv gradient's ``"km"`` transpose (``bench/packing.py``).
+    The tiles are 16 rows high because a conv gradient has as few as 16 channels: with 32-row
+    tiles every one of its tiles was an edge."""
     L, tm, tk = T.int64(64), T.int64(TILE_M), T.int64(TILE_K)
     loop = T.parallel if parallel else T.serial
 
@@ -119,8 +119,8 @@ def _b_definition(layout: str, parallel: bool = True):
     (G, K, N) (``"kn"``); row ``N`` (when there is room) is ones, so the GEMM also yields A's row
     sums. ``"nk"`` is a TE compute (its vector loop has a static extent of 16, so no bounds
     predicate). ``"kn"`` is written out: each inner 16x4 block loads four 16-byte rows into a local
-    buffer and stores them interleaved, and edge blocks run scalar. The TE form of ``"kn"`` took
-    0.87 against 0.37 ms for a 2048x2048 pack (``bench/packing.py``, 2 cores)."""
+    buffer and stores them interleaved, and edge blocks run scalar. The TE form of ``"kn"`` was
+    about twice as slow (``bench/packing.py``)."""
     if layout == "kn":
         return _b_kn_definition(parallel)
     G, N, K, NB, KB = _vars("G", "N", "K", "NB", "KB")

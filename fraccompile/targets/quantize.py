@@ -11,8 +11,7 @@ symbolic variable: one kernel per output dtype and rounding mode serves every te
 The loops are written out (TVMScript) rather than scheduled from a TE compute: blocks of
 :data:`BLOCK` elements run in parallel as whole 64-lane vectors and the tail runs scalar. A split
 of the symbolic length by 64 leaves a bounds predicate in the vector loop, which TVM lowers to
-scalar code: that kernel ran 4-8x slower (4M elements, round to nearest: 2.49 against 0.32 ms
-on 2 cores, ``bench/packing.py``).
+scalar code: that kernel ran several times slower (``bench/packing.py``).
 
 With ``noise="counter"`` the stochastic kernel draws nothing: it computes the reference's
 :func:`~fraccompile.ops.quantizers.counter_noise` of each element in registers, from the element's

@@ -4,9 +4,9 @@ A TVM kernel compiled for the CPU runs its ``parallel`` loop through a function 
 library holds, ``__TVMBackendParallelLaunch(lambda, cdata, num_task)``, which the runtime points at
 TVM's thread pool when it loads the library. In a training step the kernels alternate with torch
 ops, and torch runs those on its OpenMP team, whose threads spin for a while after each op: a TVM
-worker woken next to a spinning OpenMP thread shares its core with it. On 2 cores ResNet-20's GEMM
-kernels took 50-53 ms per step on TVM's pool against 29 ms on torch's team
-(``bench/step_breakdown.py``, BENCHMARKS.md).
+worker woken next to a spinning OpenMP thread shares its core with it: ResNet-20's GEMM
+kernels ran markedly slower on TVM's pool than on torch's team
+(``bench/step_breakdown.py``; docs/tvm.md, "Threads").
 
 :func:`adopt` re-points that function pointer of a loaded library at a small launcher (C, below)
 that runs the tasks inside ``GOMP_parallel`` of the OpenMP runtime torch loaded, so the kernel's
