@@ -21,6 +21,15 @@ For training, :class:`ClassificationData` (images) and :class:`CharDataset`
 ``batches(epoch, start=0)`` and ``test_batches()``. Batch ``k`` of epoch ``e``
 depends only on ``(seed, e, k)``, so ``batches(e, start=k)`` resumes a run with
 exactly the batches it would have seen, without replaying the earlier ones.
+
+Distributed training: ``shard(rank, world_size)`` returns the view of one process.
+Step ``k``'s *global* batch (``world_size * batch_size`` samples, augmentation
+included) is drawn from ``(seed, e, k)`` exactly as one process with that batch
+size would draw it, and rank ``r`` takes rows ``r * batch_size`` to
+``(r + 1) * batch_size - 1`` of it. So a process's batches depend only on
+``(seed, e, k, rank, world_size)``, a resumed distributed run sees the batches an
+uninterrupted one would, and N processes together see what one process with an N
+times larger batch sees.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -281,17 +291,33 @@ def load_cifar10(
     raise ValueError(f"unrecognized CIFAR-10 source {path}; supported: {SUPPORTED_LAYOUTS}")
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop after zero padding by ``padding`` pixels, then random horizontal flip."""
-    b, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+def _augment_draw(b: int, generator: torch.Generator, padding: int = 4):
+    """The random crop offsets and flips of ``b`` images: ``(dy, dx, flip)``."""
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def _augment_apply(images: torch.Tensor, dy, dx, flip, padding: int = 4) -> torch.Tensor:
+    """Crop after zero padding by ``padding`` pixels at ``(dy, dx)``, then flip where ``flip``."""
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
     crops = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    flip = torch.rand(b, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop after zero padding by ``padding`` pixels, then random horizontal flip."""
+    return _augment_apply(images, *_augment_draw(len(images), generator, padding), padding)
+
+
+def _check_shard(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard rank {rank} of world size {world_size}: need 0 <= rank < "
+                         "world_size")
 
 
 def batches(
@@ -336,6 +362,8 @@ class ClassificationData:
     epoch's order is drawn from ``(seed, epoch)`` and batch ``k``'s augmentation
     from ``(seed, epoch, k)``, so the same epoch always yields identical batches
     and ``batches(e, start=k)`` resumes at batch ``k`` of epoch ``e`` exactly.
+    ``rank`` / ``world_size`` (set by :meth:`shard`) select one process's rows of each global
+    batch of ``world_size * batch_size`` (see the module docstring).
     """
 
     train_images: torch.Tensor
@@ -345,8 +373,11 @@ class ClassificationData:
     batch_size: int = 128
     augment: bool = True
     seed: int = 0
+    rank: int = 0
+    world_size: int = 1
 
     def __post_init__(self) -> None:
+        _check_shard(self.rank, self.world_size)
         for name in ("train", "test"):
             images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
             if len(images) != len(labels):
@@ -354,8 +385,8 @@ class ClassificationData:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {self.batch_size} exceeds the {len(self.train_labels)} "
-                             "training images")
+            raise ValueError(f"batch_size {self.batch_size} x {self.world_size} process(es) "
+                             f"exceeds the {len(self.train_labels)} training images")
 
     @classmethod
     def from_source(
@@ -369,16 +400,24 @@ class ClassificationData:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.train_labels) // self.batch_size
+        return len(self.train_labels) // (self.batch_size * self.world_size)
+
+    def shard(self, rank: int, world_size: int) -> "ClassificationData":
+        """This data as process ``rank`` of ``world_size`` sees it (same tensors, not copied)."""
+        return replace(self, rank=rank, world_size=world_size)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the training batches ``start, ..., steps_per_epoch - 1`` of ``epoch``."""
+        """Yield the training batches ``start, ..., steps_per_epoch - 1`` of ``epoch`` (this
+        process's rows of them)."""
         order = torch.randperm(len(self.train_labels), generator=_generator(_ORDER, self.seed, epoch, 0))
+        size = self.batch_size * self.world_size  # the global batch
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for k in range(start, self.steps_per_epoch):
-            idx = order[k * self.batch_size : (k + 1) * self.batch_size]
+            idx = order[k * size : (k + 1) * size][mine]
             x = self.train_images[idx]
-            if self.augment:
-                x = _augment(x, _generator(_AUGMENT, self.seed, epoch, k))
+            if self.augment:  # drawn for the global batch, so any sharding sees the same crops
+                draw = _augment_draw(size, _generator(_AUGMENT, self.seed, epoch, k))
+                x = _augment_apply(x, *(d[mine] for d in draw))
             yield normalize(x), self.train_labels[idx]
 
     def test_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -395,8 +434,12 @@ class CharDataset:
     rest for validation. ``batches(epoch)`` yields ``steps_per_epoch`` pairs
     ``(x, y)`` of int64 ``(batch_size, block_size)``: training windows at random
     offsets drawn from ``(seed, epoch, k)`` for batch ``k``, ``y`` being ``x``
-    shifted by one character. ``test_batches()`` is always the same windows.
+    shifted by one character. ``test_batches()`` is always the same windows. :meth:`shard`
+    gives process ``rank``'s rows of each global batch of ``world_size * batch_size`` windows.
     """
+
+    rank: int = 0
+    world_size: int = 1
 
     def __init__(
         self, text: str, block_size: int = 64, batch_size: int = 32, steps_per_epoch: int = 100,
@@ -458,12 +501,23 @@ class CharDataset:
         chunk = data[offsets[:, None] + torch.arange(self.block_size + 1)]
         return chunk[:, :-1], chunk[:, 1:]
 
+    def shard(self, rank: int, world_size: int) -> "CharDataset":
+        """This data as process ``rank`` of ``world_size`` sees it (the text is shared)."""
+        _check_shard(rank, world_size)
+        view = copy.copy(self)
+        view.rank, view.world_size = rank, world_size
+        return view
+
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the training batches ``start, ..., steps_per_epoch - 1`` of ``epoch``."""
+        """Yield the training batches ``start, ..., steps_per_epoch - 1`` of ``epoch`` (this
+        process's rows of them)."""
         high = len(self.train_data) - self.block_size  # offsets 0 .. high - 1 leave room for y
+        size = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for k in range(start, self.steps_per_epoch):
             g = _generator(_TEXT, self.seed, epoch, k)
-            yield self._windows(self.train_data, torch.randint(0, high, (self.batch_size,), generator=g))
+            offsets = torch.randint(0, high, (size,), generator=g)[mine]
+            yield self._windows(self.train_data, offsets)
 
     def test_batches(
         self, batch_size: int | None = None, max_windows: int | None = None

@@ -1,16 +1,10 @@
 """Plots and markdown summaries of a training run's ``log.jsonl``.
 
-A run directory holds ``log.jsonl``: one JSON object per line with an ``"event"`` key (``start``,
-``period``, ``turning_point``, ``resume``, ``end``; see ``fraccompile/train.py``). Unknown events
-and keys are ignored, and a run may be unfinished (no ``end``). Costs are in fp32-MAC units; the
-plots and tables show them in "fp32 training steps" (``cum / start.cost_per_step.fp32``).
-
-DFQ/FracTrain runs add ``gates`` (per region, the share of samples that chose each candidate) and
-``gate_candidates`` (each candidate's ``[a, g]`` bits) to their periods, may log share-weighted
-mean (float) bits as ``precision``, and their turning points carry ``target_cp`` (a fraction)
-instead of a ``precision``; such runs also get ``gates.png`` and a per-region table. Classification
-runs also log ``gate_classes`` (per region, per class, how many samples chose each candidate), which
-adds ``gates_by_class.png`` and a per-class table.
+The run log's schema, its writer and its reader (:func:`read_log`, :class:`RunLog`) live in
+:mod:`fraccompile.runlog`; this module draws from what the reader returns. Costs are in fp32-MAC
+units; the plots and tables show them in "fp32 training steps" (``cum / start.cost_per_step.fp32``).
+DFQ/FracTrain runs (periods with ``gates``) also get ``gates.png`` and a per-region table, and
+classification runs among them (``gate_classes``) ``gates_by_class.png`` and a per-class table.
 
 Figures are drawn with :class:`matplotlib.figure.Figure` on an Agg canvas, never through pyplot, so
 rendering touches no global matplotlib state and works without a display.
@@ -28,137 +22,10 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .errors import FracCompileError
-from .fileio import read_jsonl
+from .runlog import LOG_NAME, LogError, RunLog, read_log  # noqa: F401  (the reader)
 
-LOG_NAME = "log.jsonl"
 FULL_BITS = 32  # a precision of 0 (or a missing one) means full precision
 _DPI = 120
-
-
-class LogError(FracCompileError, ValueError):
-    """``log.jsonl`` is empty or has a malformed line; the message names the file and line."""
-
-
-@dataclass
-class RunLog:
-    """The events of one run, in file order (periods replaced after a resume are dropped)."""
-
-    path: Path
-    start: dict[str, Any]
-    periods: list[dict[str, Any]] = field(default_factory=list)
-    turning_points: list[dict[str, Any]] = field(default_factory=list)
-    resumes: list[dict[str, Any]] = field(default_factory=list)
-    end: dict[str, Any] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.end is not None
-
-    @property
-    def last_iter(self) -> int:
-        if self.end is not None:
-            return self.end["iter"]
-        return self.periods[-1]["iter"] if self.periods else 0
-
-    @property
-    def schedule(self) -> str:
-        return str(self.start.get("schedule", "?"))
-
-    @property
-    def label(self) -> str:
-        return str(self.start.get("label") or self.schedule)
-
-    def test_points(self) -> list[tuple[int, float, float]]:
-        """``(iter, cum_cost, test_acc)`` for every evaluation with a test accuracy."""
-        pts = [(p["iter"], p.get("cum_cost"), p.get("test_acc")) for p in self.periods]
-        if self.end is not None and (not pts or pts[-1][0] != self.end["iter"]):
-            pts.append((self.end["iter"], self.end.get("cum_cost"), self.end.get("test_acc")))
-        return [(i, c, a) for i, c, a in pts if a is not None and c is not None]
-
-    @property
-    def final_test_acc(self) -> float | None:
-        if self.end is not None and self.end.get("test_acc") is not None:
-            return self.end["test_acc"]
-        accs = [p["test_acc"] for p in self.periods if p.get("test_acc") is not None]
-        return accs[-1] if accs else None
-
-    @property
-    def best_test_acc(self) -> float | None:
-        accs = [a for _, _, a in self.test_points()]
-        return max(accs) if accs else None
-
-    def cum(self, key: str = "cum_cost") -> float | None:
-        """Final cumulative cost (``cum_cost``, ``cum_fp32`` or ``cum_sbm``) in fp32-MAC units."""
-        for rec in ([self.end] if self.end else []) + self.periods[::-1]:
-            if rec.get(key) is not None:
-                return rec[key]
-        return None
-
-    @property
-    def fp32_step(self) -> float | None:
-        v = (self.start.get("cost_per_step") or {}).get("fp32")
-        return v if v else None
-
-    def in_steps(self, cost: float | None) -> float | None:
-        """A cost in fp32 training steps (or unchanged when the log has no per-step fp32 cost)."""
-        return None if cost is None else cost / (self.fp32_step or 1.0)
-
-    def saving(self, ref: str) -> float | None:
-        """Percent saved against ``"fp32"`` or ``"sbm"`` (positive = cheaper than the reference)."""
-        cost, base = self.cum(), self.cum(f"cum_{ref}")
-        if cost is None or not base:
-            return None
-        return round(100.0 * (1.0 - cost / base), 9) + 0.0  # + 0.0: no "-0.0%"
-
-
-def _log_path(run: str | Path) -> Path:
-    run = Path(run)
-    return run / LOG_NAME if run.is_dir() else run
-
-
-def read_log(path: str | Path) -> RunLog:
-    """Parse a ``log.jsonl`` (or a run directory holding one).
-
-    Raises :class:`FileNotFoundError` for a missing file and :class:`LogError` (a ``ValueError``)
-    for an empty log, a log without a ``start`` event, or a malformed line. A malformed *last* line
-    without a trailing newline is a write in progress (the run is still going) and is skipped.
-    """
-    path = _log_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no training log here")
-    try:
-        records = read_jsonl(path)  # a torn last line (a run killed or being written) is skipped
-    except ValueError as err:
-        raise LogError(str(err)) from None
-    log: RunLog | None = None
-    for n, rec in records:
-        if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
-            raise LogError(f"{path}:{n}: expected a JSON object with an \"event\" key")
-        event = rec["event"]
-        if event == "start":
-            log = RunLog(path, rec)
-            continue
-        if event not in ("period", "turning_point", "resume", "end"):
-            continue  # unknown events come from newer writers
-        if log is None:
-            raise LogError(f"{path}:{n}: {event!r} event before the \"start\" event")
-        if not isinstance(rec.get("iter"), int):
-            raise LogError(f"{path}:{n}: {event!r} event without an integer \"iter\"")
-        if event == "period":
-            log.periods.append(rec)
-        elif event == "turning_point":
-            log.turning_points.append(rec)
-        elif event == "resume":  # records after the checkpoint were replayed: keep the new ones
-            log.periods = [p for p in log.periods if p["iter"] <= rec["iter"]]
-            log.turning_points = [t for t in log.turning_points if t["iter"] <= rec["iter"]]
-            log.resumes.append(rec)
-            log.end = None
-        else:
-            log.end = rec
-    if log is None:
-        raise LogError(f"{path}: empty log (no \"start\" event)")
-    return log
 
 
 def _bits(prec: dict | None, key: str) -> float:

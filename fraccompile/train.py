@@ -6,43 +6,30 @@ Your own loop::
     ...  loss.backward(); optimizer.step()
     fmodel.frac_step(loss)          # cost accounting + schedule; returns turning-point events
 
-``fit(fmodel, data, iters=...)`` runs the loop: any optimizer (SGD by default), an LR schedule,
-periodic evaluation, a rich progress bar, a JSONL log, atomic checkpoints and exact resume.
+``fit(fmodel, data, FitConfig(iters=...))`` (or ``fit(fmodel, data, iters=...)``) runs the loop:
+any optimizer (SGD by default), an LR schedule, periodic evaluation, a rich progress bar, a JSONL
+log (:mod:`fraccompile.runlog`), atomic checkpoints and exact resume
+(:mod:`fraccompile.checkpoint`). Under ``torchrun`` it trains with DistributedDataParallel (or
+FSDP2), every precision decision agreed between the processes (:mod:`fraccompile.distributed`,
+docs/distributed.md).
 
 ``data`` is any object with ``batches(epoch, start=0)`` (the epoch's training batches, starting at
 batch ``start``, the same on every call), ``steps_per_epoch`` and optionally ``test_batches()``
-(see :mod:`fraccompile.data`).
-
-RUN_DIR/log.jsonl holds one JSON object per line, keyed by ``event``: ``start`` (model, schedule,
-config, sites, cost of one fp32 and one SBM step), ``period`` (every ``eval_every`` iterations:
-iter, epoch, lr, train_loss, train_acc, test_loss, test_acc, precision, cp, cum_cost, cum_fp32,
-cum_sbm, wall, step_ms, skipped), ``turning_point``, ``resume``, ``stopped`` (non-finite steps)
-and ``end``. Costs are in fp32-MAC units. The log is strict JSON: a value that is not finite is
-``null``.
+and, for distributed runs, ``shard(rank, world_size)`` (see :mod:`fraccompile.data`).
 
 Non-finite steps: a step whose loss or gradient is NaN or infinite changes nothing (no optimizer
 step; buffers such as BatchNorm's running statistics are restored), is counted (``skipped``) and
 moves on to the next batch; ``max_nonfinite`` such steps in a row (or the first one, with
 ``nonfinite="stop"``) stop the run with :class:`NonFiniteError`, leaving the last checkpoint, which
 is always finite, to resume from.
-
-Checkpoints (see :func:`save_checkpoint`) hold tensors and plain data only, are loaded with
-``torch.load(weights_only=True)``, so loading one runs no code, and carry a checksum of their
-content; :func:`load_checkpoint` refuses a damaged one with a :class:`CheckpointError` naming the
-problem.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import pickle
 import random
-import re
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -54,19 +41,15 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import fileio
+from . import distributed, fileio
+from .checkpoint import (CHECKPOINT_KEYS, CHECKPOINT_VERSION, CheckpointError,  # noqa: F401
+                         check_model_state, first_line, load_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state, state_checksum)
+from .control.schedules import Schedule, as_schedule
 from .errors import FracCompileError
+from .fitconfig import LR_SCHEDULES, NONFINITE, FitConfig, lr_lambda, make_optimizer  # noqa: F401
 from .model import FracModel
-
-CHECKPOINT_VERSION = 2
-CHECKPOINT_KEYS = ("iteration", "wall", "model", "optimizer", "lr_scheduler", "precision",
-                   "schedule", "meter", "rng")
-LR_SCHEDULES = ("cosine", "piecewise", "constant")
-NONFINITE = ("skip", "stop")
-
-
-class CheckpointError(FracCompileError, ValueError):
-    """A checkpoint that cannot be resumed from; the message names the file and the problem."""
+from .runlog import LogWriter
 
 
 class NonFiniteError(FracCompileError):
@@ -84,206 +67,50 @@ def correct_count(output: torch.Tensor, target: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, test_batches, loss_fn=default_loss) -> dict[str, float]:
-    """Mean loss and top-1 accuracy over ``test_batches`` in eval mode."""
+def evaluate(model: torch.nn.Module, test_batches, loss_fn=default_loss,
+             ctx: distributed.Context | None = None) -> dict[str, float]:
+    """Mean loss and top-1 accuracy over ``test_batches`` in eval mode. With a distributed
+    ``ctx`` (DDP), each process takes every ``world_size``-th batch and the sums are added up."""
     was_training = model.training
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    shard = ctx is not None and ctx.parallel == "ddp"
+    if shard:
+        test_batches = islice(test_batches, ctx.rank, None, ctx.world_size)
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     for x, y in test_batches:
         out = model(x)
         n = y.numel()
-        loss_sum += float(loss_fn(out, y)) * n
-        correct += correct_count(out, y)
-        count += n
+        sums += torch.tensor([float(loss_fn(out, y)) * n, correct_count(out, y), n],
+                             dtype=torch.float64)
     model.train(was_training)
+    if shard:
+        ctx.sum_(sums)
+    loss_sum, correct, count = sums.tolist()
     if not count:
         return {"test_loss": None, "test_acc": None}
     return {"test_loss": loss_sum / count, "test_acc": correct / count}
 
 
-def lr_lambda(kind: str, iters: int) -> Callable[[int], float]:
-    if kind == "cosine":
-        return lambda i: 0.5 * (1 + math.cos(math.pi * min(i, iters) / iters))
-    if kind == "piecewise":  # x0.1 at 50% and 75% of training, as the ResNet CIFAR recipe
-        return lambda i: 0.1 ** ((i >= iters // 2) + (i >= 3 * iters // 4))
-    if kind == "constant":
-        return lambda i: 1.0
-    raise ValueError(f"unknown lr schedule {kind!r}: choose {', '.join(LR_SCHEDULES)}")
-
-
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` (tensors and plain data: dict, list, tuple, str, int, float, bool, None)
-    with a sha256 of its content under ``"checksum"``, atomically: an interrupted write leaves the
-    previous checkpoint intact (:func:`fraccompile.fileio.atomic_path`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {**state, "checksum": state_checksum(state)}
-    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-    return path
-
-
-def state_checksum(state: dict[str, Any]) -> str:
-    """sha256 of ``state`` without its ``"checksum"`` key: every key, plain value, and tensor's
-    dtype, shape and bytes, in order. ``TypeError`` for anything else (loading it would need code
-    to run)."""
-    h = hashlib.sha256()
-    _digest({k: v for k, v in state.items() if k != "checksum"}, h, "state")
-    return h.hexdigest()
-
-
-def _digest(obj, h, where: str) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous().reshape(-1)
-        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
-        h.update(t.view(torch.uint8).numpy())
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)}:".encode())
-        for key, value in obj.items():
-            _digest(key, h, where)
-            _digest(value, h, f"{where}[{key!r}]")
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}:".encode())
-        for i, value in enumerate(obj):
-            _digest(value, h, f"{where}[{i}]")
-    elif obj is None or type(obj) in (bool, int, float, str, bytes, torch.dtype, torch.device):
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-    else:
-        raise TypeError(f"checkpoint value {where} is a {type(obj).__module__}."
-                        f"{type(obj).__qualname__}: a checkpoint holds tensors and plain data "
-                        "only (dict, list, tuple, str, int, float, bool, None)")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The state :func:`save_checkpoint` wrote to ``path``, loaded with
-    ``torch.load(weights_only=True)`` (no code runs) and checked against its checksum.
-    ``FileNotFoundError`` when there is no file; :class:`CheckpointError` naming the problem for
-    an empty, truncated or damaged file, one that is not a checkpoint or holds Python objects, one
-    of another version, and one with missing keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-
-    def refuse(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path} {what}")
-
-    if path.stat().st_size == 0:
-        raise refuse("is empty (0 bytes): a write that never completed; resume from another one")
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
-        if not names:
-            raise refuse("is damaged or not a checkpoint (its bytes are not a torch "
-                         "checkpoint's)") from None
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path) or names
-        except Exception:  # noqa: BLE001 - the names from the message do
-            pass
-        raise refuse(f"is refused: it holds Python objects ({', '.join(names)}) that only a "
-                     "load able to run code could build; a fraccompile checkpoint holds tensors "
-                     "and plain data") from None
-    except Exception as e:  # noqa: BLE001 - every failure to read becomes one line
-        if isinstance(e, EOFError) or is_zip:
-            raise refuse(f"is truncated or damaged ({_first_line(e)})") from None
-        raise refuse(f"is not a checkpoint ({_first_line(e)})") from None
-    if not isinstance(state, dict) or "version" not in state:
-        raise refuse(f"is not a fraccompile checkpoint (a {type(state).__name__} without a "
-                     "version)")
-    if state["version"] != CHECKPOINT_VERSION:
-        raise refuse(f"has version {state['version']!r}; this fraccompile reads version "
-                     f"{CHECKPOINT_VERSION}")
-    checksum = state.pop("checksum", None)
-    try:
-        matches = checksum == state_checksum(state)
-    except TypeError as e:
-        raise refuse(f"is damaged ({e})") from None
-    if not matches:
-        raise refuse("is damaged: its content does not match the checksum it was written with "
-                     "(bytes changed after it was saved)" if checksum else "has no checksum")
-    missing = [k for k in CHECKPOINT_KEYS if k not in state]
-    if missing:
-        raise refuse(f"lacks {', '.join(map(repr, missing))} (missing keys): not a checkpoint "
-                     "fit() wrote")
-    return state
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:160]}" if text else type(err).__name__
-
-
-def check_model_state(path, saved: dict[str, Any], model_state: dict[str, Any],
-                      exact: bool = True) -> None:
-    """Refuse (:class:`CheckpointError`) a checkpoint whose model state does not fit
-    ``model_state``: keys it lacks, keys the model does not have (with ``exact``) and tensors of
-    another shape, in one line. ``exact=False`` checks a model before it is compiled (compiling
-    adds keys, e.g. the activation ranges)."""
-    missing = [k for k in model_state if k not in saved]
-    extra = [k for k in saved if k not in model_state] if exact else []
-    shapes = []
-    for k in model_state:
-        a, b = saved.get(k), model_state[k]
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) \
-                and not isinstance(b, torch.nn.parameter.UninitializedTensorMixin) \
-                and a.shape != b.shape:
-            shapes.append(f"{k}: {list(a.shape)} here {list(b.shape)}")
-    if not (missing or extra or shapes):
-        return
-
-    def few(items):
-        return ", ".join(items[:3]) + (f", ... ({len(items)} in all)" if len(items) > 3 else "")
-
-    parts = ([f"lacks {few(missing)}"] if missing else []) + \
-        ([f"has unknown {few(extra)}"] if extra else []) + \
-        ([f"has other shapes ({few(shapes)})"] if shapes else [])
-    raise CheckpointError(f"checkpoint {path} does not fit this model: it {'; '.join(parts)} "
-                          "(written for another model?)")
-
-
-def rng_state() -> dict[str, Any]:
-    """torch's, numpy's and Python's generator states as tensors and plain data."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                       "gauss": py_gauss}}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
-
-
-def schedule_precision(model: FracModel) -> dict[str, int]:
-    """The precision the schedule runs at now (or the most common one among the sites)."""
-    sched = model.frac_schedule
+def schedule_precision(model: FracModel, ctx: distributed.Context | None = None) -> dict:
+    """The precision the schedule runs at now (or the most common one among the sites); DFQ:
+    the share-weighted mean bits of the gates' latest choices (over all processes with a
+    distributed ``ctx``)."""
     gates = getattr(model, "frac_gates", None)
-    if gates is not None and gates.last:  # DFQ: the share-weighted mean of the gates' choices
+    if gates is not None and gates.last:
         rows = [r for r in model.cost().rows if not isinstance(r.a, int)]
         if rows:
-            return {k: round(sum(getattr(r, k) for r in rows) / len(rows), 2) for k in "awg"}
-    if sched is not None and hasattr(sched, "current"):
-        a, w, g = sched.current()
-    elif sched is not None and hasattr(sched, "current_at"):
-        a, w, g = sched.current_at(model.frac_iteration)
-    else:
+            bits = [sum(getattr(r, k) for r in rows) / len(rows) for k in "awg"]
+            if ctx is not None:
+                bits = ctx.mean(bits)
+            return {k: round(v, 2) for k, v in zip("awg", bits)}
+    prec = as_schedule(model.frac_schedule).precision_at(model.frac_iteration)
+    if prec is None:
         values = [p for _, p in model.precision.items()]
-        a, w, g = max(set(values), key=values.count) if values else (0, 0, 0)
+        prec = max(set(values), key=values.count) if values else (0, 0, 0)
+    a, w, g = prec
     return {"a": a, "w": w, "g": g}
 
 
-# -- the loop ---------------------------------------------------------------------------------------
 @dataclass
 class FitResult:
     iterations: int
@@ -294,44 +121,16 @@ class FitResult:
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
 
 
-class _Log:
-    """Appends strict JSON lines; on resume, drops the lines written after the checkpoint's
-    iteration (and a last line a kill cut short)."""
+# -- the loop ---------------------------------------------------------------------------------------
+def fit(model: FracModel, data, config: FitConfig | None = None, *, schedule=None, optimizer=None,
+        loss_fn=default_loss, console: Console | None = None, **options) -> FitResult:
+    """Train ``model`` on ``data`` as ``config`` says (a :class:`FitConfig`; keyword ``options``
+    are its fields, and replace those of ``config``). See the module docstring.
 
-    def __init__(self, path: Path | None, resume_iter: int | None):
-        self.path = path
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_iter is None:
-            fileio.atomic_write(path, "")
-        elif path.exists():
-            try:
-                records = fileio.read_jsonl(path)
-            except ValueError as e:
-                raise CheckpointError(f"cannot resume: {e}") from None
-            kept = [rec for _, rec in records if isinstance(rec, dict)
-                    and rec.get("iter", 0) <= resume_iter and rec.get("event") != "end"]
-            fileio.atomic_write(path, "".join(_json_line(rec) for rec in kept))
-
-    def write(self, record: dict) -> None:
-        if self.path is not None:
-            with self.path.open("ab") as f:  # one write: a kill leaves at most a torn last line
-                f.write(_json_line(record).encode())
-
-
-def _json_line(record: dict) -> str:
-    return json.dumps(fileio.finite_json(record), allow_nan=False) + "\n"
-
-
-def fit(model: FracModel, data, *, iters: int, schedule=None, optimizer=None, lr: float = 0.1,
-        momentum: float = 0.9, weight_decay: float = 5e-4, lr_schedule: str = "cosine",
-        eval_every: int = 100, loss_fn=default_loss, out_dir: str | Path | None = None,
-        resume: str | Path | None = None, progress: bool = True, seed: int = 0,
-        deterministic: bool = False, console: Console | None = None,
-        model_name: str | None = None, stop_at: int | None = None, nonfinite: str = "skip",
-        max_nonfinite: int = 10) -> FitResult:
-    """Train ``model`` for ``iters`` iterations on ``data`` (see the module docstring).
+    ``schedule``: a :class:`~fraccompile.control.Schedule` (or an object with ``apply`` and
+    ``observe``), else the model's own. ``optimizer``: a ``torch.optim.Optimizer`` over the
+    model's parameters, or a function from the parameters to one (needed with FSDP2, which
+    replaces the parameters), else the one ``config`` names.
 
     With ``out_dir``, writes ``log.jsonl`` and ``checkpoint.pt`` (after every period). With
     ``resume`` (a checkpoint path), continues exactly where that run stopped: same data order,
@@ -341,49 +140,396 @@ def fit(model: FracModel, data, *, iters: int, schedule=None, optimizer=None, lr
 
     A step with a non-finite loss or gradient is skipped (``nonfinite="skip"``, at most
     ``max_nonfinite`` in a row) or stops the run at once (``"stop"``); either way it never reaches
-    the weights or the checkpoint, and stopping raises :class:`NonFiniteError`.
+    the weights or the checkpoint, and stopping raises :class:`NonFiniteError`. In a distributed
+    run, a process that dies or hangs stops the others with
+    :class:`~fraccompile.distributed.DistributedError`, the last checkpoint intact.
     """
-    if iters < 1 or eval_every < 1:
-        raise ValueError("iters and eval_every must be at least 1")
-    if nonfinite not in NONFINITE or max_nonfinite < 1:
-        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)} and max_nonfinite at "
-                         f"least 1 (got {nonfinite!r}, {max_nonfinite})")
-    console = console or Console()
+    cfg = FitConfig(**options) if config is None else config.replace(**options)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic or was_deterministic)
+    torch.use_deterministic_algorithms(cfg.deterministic or was_deterministic)
+    ctx = distributed.setup(cfg.distributed, cfg.timeout)
     try:
-        return _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay,
-                    lr_schedule, eval_every, loss_fn, out_dir, resume, progress, seed, console,
-                    model_name, stop_at if stop_at is not None else iters,
-                    1 if nonfinite == "stop" else max_nonfinite)
+        if console is None or not ctx.is_main:  # only rank 0 prints
+            console = Console(quiet=not ctx.is_main)
+        run = _Run(model, data, cfg, ctx, schedule, optimizer, loss_fn, console)
+        return run.run()
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        distributed.teardown(ctx)
 
 
-def _restore(state, path, model, optimizer, scheduler) -> None:
-    """Load a checkpoint's state into the run; a part that does not fit is one CheckpointError."""
-    check_model_state(path, state["model"], model.state_dict())
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["lr_scheduler"])
-        model.precision.load_state_dict(state["precision"])
-        if state["schedule"] is not None and hasattr(model.frac_schedule, "load_state_dict"):
-            model.frac_schedule.load_state_dict(state["schedule"])
-        model.frac_meter.load_state_dict(state["meter"])
-        model.frac_iteration = int(state["iteration"])
-        set_rng_state(state["rng"])
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} does not fit this run ({_first_line(e)})") \
-            from None
+def _rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 draws from ``seed`` (as one process would); the others from their own streams."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint32)[0])
+
+
+class _Run:
+    """The state of one ``fit`` call; :meth:`run` is the loop."""
+
+    def __init__(self, model: FracModel, data, cfg: FitConfig, ctx: distributed.Context,
+                 schedule, optimizer, loss_fn, console: Console):
+        self.model, self.cfg, self.ctx, self.loss_fn, self.console = model, cfg, ctx, loss_fn, console
+        seed = _rank_seed(cfg.seed, ctx.rank)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        self.data = distributed.shard_data(data, ctx)
+        if isinstance(optimizer, torch.optim.Optimizer) and ctx.parallel == "fsdp":
+            raise FracCompileError("with FSDP2 pass optimizer as a function of the parameters "
+                                   "(fully_shard replaces them), or let fit build it")
+        self.module = distributed.wrap(model, ctx, **cfg.ddp_options)  # what forward runs on
+        if optimizer is None:
+            optimizer = make_optimizer(model.parameters(), cfg)
+        elif not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer(model.parameters())
+        self.optimizer = optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                           lr_lambda(cfg.lr_schedule, cfg.iters))
+        model.use_schedule(as_schedule(schedule if schedule is not None
+                                       else model.frac_schedule))
+        self.sched: Schedule = model.frac_schedule
+        self.run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+        self.checkpoint = self.run_dir / "checkpoint.pt" if self.run_dir else None
+        state = self._load(cfg.resume) if cfg.resume is not None else None
+        self.start = state["iteration"] if state is not None else 0
+        main_dir = self.run_dir if ctx.is_main else None
+        if main_dir is not None and main_dir.is_dir():  # temporaries of killed checkpoint writes
+            fileio.remove_stale_temps(main_dir, "checkpoint.pt")
+        self.log = LogWriter(main_dir / "log.jsonl" if main_dir else None,
+                             self.start if state is not None else None, CheckpointError)
+        if state is None:
+            self._write_run_json()
+            self.log.write(self._start_record())
+        else:
+            self.log.write({"event": "resume", "iter": self.start})
+        self.result = FitResult(iterations=self.start, run_dir=self.run_dir)
+        self.wall0 = time.perf_counter() - (state["wall"] if state is not None else 0.0)
+        self.skipped_total = state.get("skipped_steps", 0) if state is not None else 0
+        self.saved_at = self.start if state is not None else None  # the last checkpoint's iter
+        self.bad_in_row = 0
+        self._new_period()
+
+    # -- setting up --------------------------------------------------------------------------------
+    def _load(self, path) -> dict:
+        """The checkpoint at ``path`` restored into this run (rank 0 reads it, every process
+        gets it); a problem is the same error in every process."""
+        ctx = self.ctx
+        state, problem = None, None
+        if ctx.is_main:
+            try:
+                state = load_checkpoint(path)
+            except (FileNotFoundError, CheckpointError) as e:
+                problem = (type(e).__name__, str(e))
+        if ctx.active:
+            state, problem = ctx.broadcast((state, problem))
+        if problem is not None:
+            kind, text = problem
+            raise (FileNotFoundError if kind == "FileNotFoundError" else CheckpointError)(text)
+        written = (int(state.get("world_size", 1)), state.get("parallel", "none"))
+        if written[0] != ctx.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by a run of {written[0]} process(es) and this "
+                f"run has {ctx.world_size}: resume it with {written[0]} (each process's batches "
+                "and generators depend on the number of processes, so another number would not "
+                "continue the same run)")
+        if (written[1] == "fsdp") != (ctx.parallel == "fsdp"):
+            raise CheckpointError(f"checkpoint {path} was written with parallel={written[1]!r}: "
+                                  f"resume it with distributed={written[1]!r}")
+        self._restore(state, path)
+        return state
+
+    def _restore(self, state, path) -> None:
+        model = self.model
+        check_model_state(path, state["model"], model.state_dict())
+        try:
+            distributed.load_full_state(model, self.optimizer, state["model"], state["optimizer"],
+                                        self.ctx)
+            self.scheduler.load_state_dict(state["lr_scheduler"])
+            model.precision.load_state_dict(state["precision"])
+            if state["schedule"] is not None:
+                self.sched.load_state_dict(state["schedule"])
+            model.frac_meter.load_state_dict(state["meter"])
+            model.frac_iteration = int(state["iteration"])
+            ranks = state.get("rng_ranks")
+            set_rng_state(ranks[self.ctx.rank] if ranks else state["rng"])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this run ({first_line(e)})") \
+                from None
+
+    def _write_run_json(self) -> None:
+        if self.cfg.run_info is None or self.run_dir is None or not self.ctx.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fit_cfg = {k: v for k, v in self.cfg.to_dict().items() if k != "run_info"}
+        fileio.atomic_write(self.run_dir / "run.json", json.dumps(
+            {**self.cfg.run_info, "fit": fit_cfg, "world_size": self.ctx.world_size,
+             "config": self.model.frac_config.to_dict()}, indent=1, default=str))
+
+    def _start_record(self) -> dict:
+        model, sched, cfg = self.model, self.sched, self.cfg
+        return {"event": "start", "time": time.time(),
+                "model": cfg.model_name or type(model).__name__, "schedule": sched.describe(),
+                "schedule_kind": sched.kind, "config": model.frac_config.to_dict(),
+                "iters": cfg.iters, "eval_every": cfg.eval_every,
+                "batch_size": getattr(self.data, "batch_size", None),
+                "world_size": self.ctx.world_size, "parallel": self.ctx.parallel,
+                "sites": [{"name": s.name, "macs": s.macs, "full_precision": s.full_precision}
+                          for s in model.sites],
+                "cost_per_step": {"fp32": model.cost().fp32_total,
+                                  "sbm": model.sbm_cost().total}}
+
+    def _new_period(self) -> None:
+        self.period_loss, self.period_good, self.period_steps, self.period_t = 0.0, 0, 0, 0.0
+        self.period_hits = torch.zeros(2, dtype=torch.float64)  # correct, count
+        self.gate_shares: dict[str, torch.Tensor] = {}
+        self.gate_classes: dict[str, torch.Tensor] = {}  # per region: (classes, candidates)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> FitResult:
+        it = self.start
+        try:
+            with distributed.agreed_ranges(self.ctx):
+                it = self._loop()
+        except Exception as e:
+            if not (self.ctx.active and distributed.is_peer_failure(e)):
+                raise
+            err = distributed.peer_failure(e, self.ctx, self.model.frac_iteration,
+                                           str(self.checkpoint) if self.checkpoint else None,
+                                           self.saved_at)
+            self.log.write({"event": "stopped", "iter": self.model.frac_iteration,
+                            "reason": str(err)})
+            raise err from None
+        return self._finish(it)
+
+    def _loop(self) -> int:
+        cfg, data = self.cfg, self.data
+        steps = data.steps_per_epoch
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                       console=self.console, disable=not (cfg.progress and self.ctx.is_main),
+                       transient=True)
+        it = self.start
+        with bar:
+            task = bar.add_task("train", total=cfg.iters, completed=it, status="")
+            self.module.train()
+            while it < cfg.end:
+                epoch, offset = divmod(it, steps)
+                for x, y in islice(data.batches(epoch, start=offset), steps - offset):
+                    it += 1
+                    status = self._step(x, y, it)
+                    bar.update(task, completed=it, status=status)
+                    if it % cfg.eval_every == 0 or it == cfg.iters:
+                        self._period(it)
+                    if it >= cfg.end:
+                        break
+        return it
+
+    def _step(self, x, y, it: int) -> str:
+        """One iteration (the ``it``-th); returns the progress bar's status."""
+        model, ctx = self.model, self.ctx
+        t0 = time.perf_counter()
+        buffers = list(model.buffers())
+        before = [b.clone() for b in buffers]  # put back if the step is skipped
+        out = self.module(x)
+        loss = self.loss_fn(out, y)
+        reg = self.sched.regularizer(model, ctx.mean_one if ctx.active else None)
+        total = loss if reg is None else loss + reg
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        loss_value, total_value = loss.item(), total.item()
+        bad = _nonfinite(total_value, model)
+        if ctx.active:  # the global batch's loss (PFQ's indicator) and one decision for all
+            loss_value, total_value, flagged = ctx.mean([loss_value, total_value, bad is not None])
+            if bad is None and flagged > 0:
+                bad = f"loss or gradient in another process ({total_value})"
+        if bad is None:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            for b, kept in zip(buffers, before):
+                b.copy_(kept)
+        self.scheduler.step()
+        if bad is None:
+            events = model.frac_step(loss_value)
+        else:
+            events = []
+            _skipped_step(model)
+        self.period_t += time.perf_counter() - t0
+        self.period_steps += 1
+        if bad is not None:
+            self.bad_in_row += 1
+            self.skipped_total += 1
+            if self.bad_in_row >= (1 if self.cfg.nonfinite == "stop" else self.cfg.max_nonfinite):
+                self._stop(it, bad)
+        else:
+            self.bad_in_row = 0
+            self.period_good += 1
+            self.period_loss += loss_value
+            self.period_hits += torch.tensor([correct_count(out.detach(), y), y.numel()],
+                                             dtype=torch.float64)
+            self._count_gates(out, y)
+        for event in events:
+            event = {**event, "iter": it}
+            self.log.write(event)
+            self.result.events.append(event)
+            change = (f"target cp {100 * event['target_cp']:.2f}%" if "target_cp" in event
+                      else f"precision {event.get('precision')}")
+            self.console.print(f"iter {it}: turning point {event.get('index', '')} -> {change}")
+        prec = schedule_precision(model)
+        meter = model.frac_meter
+        return ((f"loss {loss_value:.3f}" if bad is None else f"skipped: non-finite {bad}")
+                + f"  a/w/g {prec['a']}/{prec['w']}/{prec['g']}  "
+                f"cost {meter.total / max(meter.fp32, 1e-9):.1%} of fp32")
+
+    def _count_gates(self, out, y) -> None:
+        """DFQ: each region's choice, as shares of the batch and per class."""
+        gates = getattr(self.model, "frac_gates", None)
+        if gates is None or not gates.last:
+            return
+        per_class = out.dim() == 2 and y.dim() == 1 and y.numel() == out.shape[0]
+        for region in gates.last:
+            share = gates.fractions(region).detach().cpu().double()
+            self.gate_shares[region] = self.gate_shares.get(region, 0) + share
+            if per_class:  # classification: which candidate each class's samples chose
+                onehot = gates.last[region].onehot.detach().double().cpu()
+                counts = self.gate_classes.get(region)
+                if counts is None:
+                    counts = torch.zeros(out.shape[1], onehot.shape[1], dtype=torch.float64)
+                self.gate_classes[region] = counts.index_add_(0, y.cpu(), onehot)
+
+    def _agree_meter(self) -> None:
+        """Every process's cost meter becomes their mean: the cost of the global batch (each
+        process counted its own gates' choices)."""
+        meter = self.model.frac_meter
+        state = meter.state_dict()
+        keys = sorted(k for k, v in state.items() if isinstance(v, (int, float)))
+        means = self.ctx.mean([float(state[k]) for k in keys])
+        meter.load_state_dict({k: (type(state[k])(round(v)) if isinstance(state[k], int) else v)
+                               for k, v in zip(keys, means)})
+
+    def _period(self, it: int) -> None:
+        """The period that ends at ``it``: agree, evaluate, log, checkpoint."""
+        model, ctx, cfg = self.model, self.ctx, self.cfg
+        if ctx.active:
+            self._agree_meter()
+            ctx.sum_(self.period_hits)
+            for table, mean in ((self.gate_shares, True), (self.gate_classes, False)):
+                for region in sorted(table):
+                    ctx.sum_(table[region])
+                    if mean:
+                        table[region] /= ctx.world_size
+            _broadcast_buffers(model, ctx)  # rank 0's BatchNorm statistics (as DDP's forward)
+        meter = model.frac_meter
+        prec = schedule_precision(model, ctx if ctx.active else None)
+        cp = model.cost().cp
+        if ctx.active:
+            cp = ctx.mean_one(cp)
+        correct, count = self.period_hits.tolist()
+        test = (evaluate(self.module if ctx.parallel == "fsdp" else model,
+                         self.data.test_batches(), self.loss_fn, ctx if ctx.active else None)
+                if hasattr(self.data, "test_batches") else {"test_loss": None, "test_acc": None})
+        record = {"event": "period", "iter": it, "epoch": it / self.data.steps_per_epoch,
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "train_loss": self.period_loss / self.period_good if self.period_good else None,
+                  "train_acc": correct / count if count else None, **test,
+                  "precision": prec, "cp": cp, "cum_cost": meter.total, "cum_fp32": meter.fp32,
+                  "cum_sbm": meter.sbm, "wall": time.perf_counter() - self.wall0,
+                  "step_ms": 1000 * self.period_t / self.period_steps,
+                  "skipped": self.period_steps - self.period_good}
+        if self.gate_shares:
+            gates = model.frac_gates
+            record["gates"] = {r: (s / self.period_good).tolist()
+                               for r, s in self.gate_shares.items()}
+            record["gate_candidates"] = [list(p) for p in zip(gates.a, gates.g)]
+        if self.gate_classes:
+            record["gate_classes"] = {r: c.round().int().tolist()
+                                      for r, c in self.gate_classes.items()}
+        self.log.write(record)
+        self.result.periods.append(record)
+        loss_text = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
+        acc = record["test_acc"]
+        self.console.print(
+            f"iter {it:6d}  train loss {loss_text}  "
+            + (f"test acc {100 * acc:.2f}%  " if acc is not None else "")
+            + f"a/w/g {prec['a']}/{prec['w']}/{prec['g']}  "
+            f"cost {meter.total / meter.fp32:.1%} of fp32, {meter.total / meter.sbm:.1%} of SBM"
+            + (f"  ({record['skipped']} non-finite steps skipped)" if record["skipped"] else ""))
+        self._new_period()
+        if self.checkpoint is not None:
+            self._save(it)
+            self.saved_at = it
+
+    def _finish(self, it: int) -> FitResult:
+        meter, result = self.model.frac_meter, self.result
+        result.iterations = it
+        result.skipped_steps = self.skipped_total
+        if it < self.cfg.iters:  # stopped early: no "end" record, the run can be resumed
+            return result
+        result.final = {"event": "end", "iter": it,
+                        "test_acc": result.periods[-1]["test_acc"] if result.periods else None,
+                        "cum_cost": meter.total, "cum_fp32": meter.fp32, "cum_sbm": meter.sbm,
+                        "wall": time.perf_counter() - self.wall0,
+                        "skipped_steps": self.skipped_total}
+        self.log.write(result.final)
+        return result
+
+    # -- stopping and saving -----------------------------------------------------------------------
+    def _stop(self, it: int, bad: str):
+        """End the run after non-finite steps: a ``stopped`` record, then NonFiniteError."""
+        self.log.write({"event": "stopped", "iter": it, "reason": f"non-finite {bad}",
+                        "nonfinite_in_row": self.bad_in_row, "skipped_steps": self.skipped_total})
+        kept = (f"the last checkpoint, {self.checkpoint} (iteration {self.saved_at}), is kept and "
+                "finite: resume from it" if self.checkpoint is not None
+                and self.saved_at is not None else "no checkpoint was written")
+        raise NonFiniteError(f"training stopped at iteration {it}: {self.bad_in_row} step(s) in "
+                             f"a row with a non-finite {bad}, none applied to the weights; {kept} "
+                             "(lower the learning rate or check the data first)")
+
+    def _save(self, it: int) -> None:
+        """Write the checkpoint (rank 0), unless a weight or buffer is not finite (then stop:
+        the previous checkpoint stays)."""
+        model, ctx = self.model, self.ctx
+        bad = next((name for name, t in [*model.named_parameters(), *model.named_buffers()]
+                    if t.is_floating_point()
+                    and not bool(torch.isfinite(distributed.local_tensor(t)).all())), None)
+        if ctx.active and ctx.any_(bad is not None) and bad is None:
+            bad = "a weight in another process"
+        if bad is not None:
+            raise NonFiniteError(f"training stopped at iteration {it}: {bad} is not finite "
+                                 f"after the step; {self.checkpoint} was not overwritten (lower "
+                                 "the learning rate)")
+        model_state, optim_state = distributed.full_state(model, self.optimizer, ctx)
+        rngs = ctx.gather(rng_state()) if ctx.active else None
+        if not ctx.is_main:
+            return
+        state = {"version": CHECKPOINT_VERSION, "iteration": it,
+                 "wall": time.perf_counter() - self.wall0, "model": model_state,
+                 "optimizer": optim_state, "lr_scheduler": self.scheduler.state_dict(),
+                 "precision": model.precision.state_dict(), "schedule": self.sched.state_dict(),
+                 "meter": model.frac_meter.state_dict(), "rng": rng_state(),
+                 "config": model.frac_config.to_dict(), "skipped_steps": self.skipped_total}
+        if ctx.active:
+            state.update(world_size=ctx.world_size, parallel=ctx.parallel, rng_ranks=rngs)
+        save_checkpoint(state, self.checkpoint)
+
+
+def _broadcast_buffers(model, ctx: distributed.Context) -> None:
+    """Rank 0's buffers in every process (what DDP does before each forward)."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b.data, src=0)
 
 
 def _nonfinite(loss_value: float, model) -> str | None:
     """What is not finite in this step (the loss or the first such gradient), or None."""
     if not math.isfinite(loss_value):
         return f"loss ({loss_value})"
-    named = [(n, p.grad._values() if p.grad.is_sparse else p.grad)
-             for n, p in model.named_parameters() if p.grad is not None]
+    named = [(n, distributed.local_tensor(p.grad)) for n, p in model.named_parameters()
+             if p.grad is not None]
+    named = [(n, g._values() if g.is_sparse else g) for n, g in named]
     if named and not bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
         return "gradient of " + next(n for n, g in named if not bool(torch.isfinite(g).all()))
     return None
@@ -396,213 +542,3 @@ def _skipped_step(model) -> None:
     model.frac_iteration += 1
     if model.frac_schedule is not None:
         model.frac_schedule.apply(model.precision, model.frac_iteration)
-
-
-def _fit(model, data, iters, schedule, optimizer, lr, momentum, weight_decay, lr_schedule,
-         eval_every, loss_fn, out_dir, resume, progress, seed, console, model_name,
-         stop_at, max_bad) -> FitResult:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    if optimizer is None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                                    weight_decay=weight_decay, nesterov=momentum > 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(lr_schedule, iters))
-    if schedule is not None:
-        model.use_schedule(schedule)
-    start = 0
-    state = load_checkpoint(resume) if resume is not None else None
-    if state is not None:
-        _restore(state, resume, model, optimizer, scheduler)
-        start = state["iteration"]
-    run_dir = Path(out_dir) if out_dir is not None else None
-    if run_dir is not None and run_dir.is_dir():  # temporary files of killed checkpoint writes
-        fileio.remove_stale_temps(run_dir, "checkpoint.pt")
-    log = _Log(run_dir / "log.jsonl" if run_dir else None, start if state is not None else None)
-    sched = model.frac_schedule
-    if state is None:
-        log.write({"event": "start", "time": time.time(), "model": model_name or type(model).__name__,
-                   "schedule": sched.describe() if hasattr(sched, "describe") else str(sched),
-                   "schedule_kind": (sched.state_dict().get("kind") if hasattr(sched, "state_dict")
-                                     else type(sched).__name__.lower()),
-                   "config": model.frac_config.to_dict(), "iters": iters, "eval_every": eval_every,
-                   "batch_size": getattr(data, "batch_size", None),
-                   "sites": [{"name": s.name, "macs": s.macs, "full_precision": s.full_precision}
-                             for s in model.sites],
-                   "cost_per_step": {"fp32": model.cost().fp32_total,
-                                     "sbm": model.sbm_cost().total}})
-    else:
-        log.write({"event": "resume", "iter": start})
-    result = FitResult(iterations=start, run_dir=run_dir)
-    wall0 = time.perf_counter() - (state["wall"] if state is not None else 0.0)
-    skipped_total = state.get("skipped_steps", 0) if state is not None else 0
-    saved_at = start if state is not None else None  # iteration of the last checkpoint written
-    bad_in_row = 0
-    period_loss, period_correct, period_count, period_steps, period_t = 0.0, 0, 0, 0, 0.0
-    period_good = 0
-    gate_shares: dict[str, torch.Tensor] = {}
-    gate_classes: dict[str, torch.Tensor] = {}  # per region: (classes, candidates) sample counts
-    steps = data.steps_per_epoch
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
-                   disable=not progress, transient=True)
-    with bar:
-        task = bar.add_task("train", total=iters, completed=start, status="")
-        it = start
-        model.train()
-        while it < min(iters, stop_at):
-            epoch, offset = divmod(it, steps)
-            for x, y in islice(data.batches(epoch, start=offset), steps - offset):
-                t0 = time.perf_counter()
-                buffers = list(model.buffers())
-                before = [b.clone() for b in buffers]  # put back if the step is skipped
-                out = model(x)
-                loss = loss_fn(out, y)
-                total = loss
-                if hasattr(model.frac_schedule, "regularizer"):  # DFQ / FracTrain cost term
-                    total = loss + model.frac_schedule.regularizer(model)
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                loss_value = loss.item()
-                bad = _nonfinite(total.item(), model)
-                if bad is None:
-                    optimizer.step()
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    for b, kept in zip(buffers, before):
-                        b.copy_(kept)
-                scheduler.step()
-                if bad is None:
-                    events = model.frac_step(loss_value)
-                else:
-                    events = []
-                    _skipped_step(model)
-                period_t += time.perf_counter() - t0
-                period_steps += 1
-                it += 1
-                if bad is not None:
-                    bad_in_row += 1
-                    skipped_total += 1
-                    if bad_in_row >= max_bad:
-                        _stop(log, console, it, bad, bad_in_row, skipped_total,
-                              run_dir / "checkpoint.pt" if run_dir else None, saved_at)
-                else:
-                    bad_in_row = 0
-                    period_good += 1
-                    period_loss += loss_value
-                    period_correct += correct_count(out.detach(), y)
-                    period_count += y.numel()
-                gates = getattr(model, "frac_gates", None)
-                if bad is None and gates is not None and gates.last:  # DFQ: each region's choice
-                    per_class = out.dim() == 2 and y.dim() == 1 and y.numel() == out.shape[0]
-                    for region in gates.last:
-                        share = gates.fractions(region).detach()
-                        gate_shares[region] = gate_shares.get(region, 0) + share
-                        if per_class:  # classification: which candidate each class's samples chose
-                            onehot = gates.last[region].onehot.detach().float()
-                            counts = gate_classes.get(region)
-                            if counts is None:
-                                counts = torch.zeros(out.shape[1], onehot.shape[1])
-                            gate_classes[region] = counts.index_add_(0, y.cpu(), onehot.cpu())
-                for event in events:
-                    event = {**event, "iter": it}
-                    log.write(event)
-                    result.events.append(event)
-                    change = (f"target cp {100 * event['target_cp']:.2f}%" if "target_cp" in event
-                              else f"precision {event.get('precision')}")
-                    console.print(f"iter {it}: turning point {event.get('index', '')} -> {change}")
-                prec = schedule_precision(model)
-                meter = model.frac_meter
-                bar.update(task, completed=it, status=(
-                    (f"loss {loss_value:.3f}" if bad is None else f"skipped: non-finite {bad}")
-                    + f"  a/w/g {prec['a']}/{prec['w']}/{prec['g']}  "
-                    f"cost {meter.total / max(meter.fp32, 1e-9):.1%} of fp32"))
-                if it % eval_every == 0 or it == iters:
-                    record = {"event": "period", "iter": it, "epoch": it / steps,
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "train_loss": period_loss / period_good if period_good else None,
-                              "train_acc": period_correct / period_count if period_count else None,
-                              **(evaluate(model, data.test_batches(), loss_fn)
-                                 if hasattr(data, "test_batches") else
-                                 {"test_loss": None, "test_acc": None}),
-                              "precision": prec, "cp": model.cost().cp,
-                              "cum_cost": meter.total, "cum_fp32": meter.fp32,
-                              "cum_sbm": meter.sbm, "wall": time.perf_counter() - wall0,
-                              "step_ms": 1000 * period_t / period_steps,
-                              "skipped": period_steps - period_good}
-                    if gate_shares:
-                        record["gates"] = {r: (s / period_good).tolist()
-                                           for r, s in gate_shares.items()}
-                        record["gate_candidates"] = [list(p) for p in zip(gates.a, gates.g)]
-                        gate_shares = {}
-                    if gate_classes:
-                        record["gate_classes"] = {r: c.round().int().tolist()
-                                                  for r, c in gate_classes.items()}
-                        gate_classes = {}
-                    log.write(record)
-                    result.periods.append(record)
-                    loss_text = (f"{record['train_loss']:.4f}" if record["train_loss"] is not None
-                                 else "-")
-                    acc = record["test_acc"]
-                    console.print(f"iter {it:6d}  train loss {loss_text}  "
-                                  + (f"test acc {100 * acc:.2f}%  " if acc is not None else "")
-                                  + f"a/w/g {prec['a']}/{prec['w']}/{prec['g']}  "
-                                  f"cost {meter.total / meter.fp32:.1%} of fp32, "
-                                  f"{meter.total / meter.sbm:.1%} of SBM"
-                                  + (f"  ({record['skipped']} non-finite steps skipped)"
-                                     if record["skipped"] else ""))
-                    period_loss, period_correct, period_count, period_steps, period_t = 0, 0, 0, 0, 0.0
-                    period_good = 0
-                    if run_dir is not None:
-                        _save_finite(model, optimizer, scheduler, it, time.perf_counter() - wall0,
-                                     skipped_total, run_dir / "checkpoint.pt")
-                        saved_at = it
-                if it >= min(iters, stop_at):
-                    break
-    meter = model.frac_meter
-    result.iterations = it
-    result.skipped_steps = skipped_total
-    if it < iters:  # stopped early: no "end" record, the run can be resumed
-        return result
-    result.final = {"event": "end", "iter": it,
-                    "test_acc": result.periods[-1]["test_acc"] if result.periods else None,
-                    "cum_cost": meter.total, "cum_fp32": meter.fp32, "cum_sbm": meter.sbm,
-                    "wall": time.perf_counter() - wall0, "skipped_steps": skipped_total}
-    log.write(result.final)
-    return result
-
-
-def _stop(log, console, it, bad, in_row, skipped_total, checkpoint, saved_at):
-    """End the run after ``in_row`` non-finite steps in a row: a ``stopped`` record, then a
-    NonFiniteError."""
-    log.write({"event": "stopped", "iter": it, "reason": f"non-finite {bad}",
-               "nonfinite_in_row": in_row, "skipped_steps": skipped_total})
-    kept = (f"the last checkpoint, {checkpoint} (iteration {saved_at}), is kept and finite: "
-            f"resume from it" if checkpoint is not None and saved_at is not None
-            else "no checkpoint was written")
-    raise NonFiniteError(f"training stopped at iteration {it}: {in_row} step(s) in a row with a "
-                         f"non-finite {bad}, none applied to the weights; {kept} (lower the "
-                         "learning rate or check the data first)")
-
-
-def _save_finite(model, optimizer, scheduler, it, wall, skipped_total, path) -> None:
-    """Write the checkpoint, unless a weight or buffer is not finite (then stop: the previous
-    checkpoint stays)."""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"training stopped at iteration {it}: {name} is not finite "
-                                 f"after the step; {path} was not overwritten (lower the "
-                                 "learning rate)")
-    state = _checkpoint(model, optimizer, scheduler, it, wall)
-    state["skipped_steps"] = skipped_total
-    save_checkpoint(state, path)
-
-
-def _checkpoint(model: FracModel, optimizer, scheduler, iteration: int, wall: float) -> dict:
-    sched = model.frac_schedule
-    return {"version": CHECKPOINT_VERSION, "iteration": iteration, "wall": wall,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": scheduler.state_dict(), "precision": model.precision.state_dict(),
-            "schedule": sched.state_dict() if hasattr(sched, "state_dict") else None,
-            "meter": model.frac_meter.state_dict(), "rng": rng_state(),
-            "config": model.frac_config.to_dict()}

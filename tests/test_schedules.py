@@ -5,7 +5,8 @@ import math
 import pytest
 
 from fraccompile import ConfigError
-from fraccompile.control import PFQ, Cyclic, PrecisionController, Schedule, Static
+from fraccompile.control import (DFQ, PFQ, Cyclic, FracTrain, PrecisionController, Schedule,
+                                 Static, as_schedule)
 
 # Period losses and what Algorithm 1 must do with them (eps 0.05, alpha 0.3, window 5, normalizer =
 # mean of the first 10 period losses, the running mean before that):
@@ -132,5 +133,50 @@ def test_user_schedules_follow_the_protocol():
         def observe(self, iteration, loss):
             return []
 
-    assert isinstance(EveryOther(), Schedule)
+    adapted = as_schedule(EveryOther())
+    assert isinstance(adapted, Schedule) and as_schedule(adapted) is adapted
+    ctrl = PrecisionController(["a", "b"])
+    adapted.apply(ctrl, 1)
+    assert ctrl["a"].a == 4 and adapted.observe(1, 0.5) == []
+    # the base class's defaults stand in for what the object lacks
+    assert adapted.precision_at(3) is None and adapted.regularizer(None) is None
+    assert adapted.state_dict() is None and adapted.describe() == "EveryOther"
     assert isinstance(PFQ(), Schedule) and isinstance(Static(), Schedule)
+    assert isinstance(as_schedule(None), Schedule) and as_schedule(None).kind == "custom"
+    with pytest.raises(TypeError, match="not a schedule"):
+        as_schedule(object())
+
+
+def test_schedule_base_class_defaults_and_what_each_schedule_overrides():
+    class OnlyApply(Schedule):
+        def apply(self, controller, iteration):
+            controller.set(a=6)
+
+    s = OnlyApply()
+    assert s.observe(0, 1.0) == [] and s.precision_at(0) is None and s.state_dict() is None
+    assert s.regularizer(None) is None and s.describe() == "OnlyApply"
+    assert Static(4, 4, 8).precision_at(10) == (4, 4, 8)
+    assert PFQ((3, 8), (6, 8)).precision_at(0) == (3, 3, 6)
+    c = Cyclic(3, 8, cycles=2, total_iters=100)
+    assert [c.precision_at(t) for t in (0, 25)] == [c.current_at(0), c.current_at(25)]
+    assert [k.kind for k in (Static(), PFQ(), c, DFQ(), FracTrain())] == \
+        ["static", "pfq", "cyclic", "dfq", "fractrain"]
+
+
+def test_dfq_regularizer_sign_comes_from_the_agreed_cost():
+    """In a distributed run the sign of the cost term is read from the mean cost over the
+    processes (``mean``), the gradient still flows through this process's own cost."""
+    import torch
+
+    cp = torch.tensor(0.05, requires_grad=True)
+
+    class Model:
+        def gate_cp(self):
+            return cp
+
+    dfq = DFQ(0.03, beta=2.0, relax=0.002)
+    assert float(dfq.regularizer(Model())) == pytest.approx(2.0 * 0.05)  # above: s = +1
+    reg = dfq.regularizer(Model(), mean=lambda v: 0.01)  # the mean is below target: s = -1
+    assert float(reg) == pytest.approx(-2.0 * 0.05)
+    reg.backward()
+    assert float(cp.grad) == pytest.approx(-2.0)

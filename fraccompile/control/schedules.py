@@ -1,36 +1,117 @@
 """Precision schedules: what drives the :class:`PrecisionController` over training time.
 
-The schedule protocol (any object with these two methods is a schedule)::
+Every schedule is a :class:`Schedule`: it overrides ``apply`` (and whatever else it needs) and
+inherits defaults for the rest::
 
-    apply(controller, iteration)   # set the precisions for the coming iteration
-    observe(iteration, loss) -> list[dict]   # after the iteration: its training loss; returns the
-                                             # events it produced (e.g. a PFQ turning point)
+    apply(controller, iteration)               # set the precisions for the coming iteration
+    observe(iteration, loss) -> list[dict]     # after the iteration: its training loss (in a
+                                               # distributed run, the mean over processes);
+                                               # returns the events it produced (turning points)
+    precision_at(iteration) -> (a, w, g) | None   # what it runs at, for logs (None: ask the sites)
+    regularizer(model, mean=None) -> tensor | None  # a cost term added to the loss (DFQ)
+    describe() -> str                          # one line for logs
+    state_dict() -> dict | None / load_state_dict(state)   # checkpointed when not None
 
-``state_dict()`` / ``load_state_dict(state)`` are optional; a schedule that has them is checkpointed
-and resumes exactly. ``describe()`` (optional) gives a one-line summary for logs.
+An object of your own with just ``apply`` and ``observe`` works too: :func:`as_schedule` gives it
+the defaults (``fit`` and ``FracModel.use_schedule`` accept it).
 
 * :class:`Static` — fixed precision (SBM-style 8/8 training is ``Static(8, 8, 8)``).
 * :class:`PFQ` — FracTrain's progressive fractional quantization (Algorithm 1, as its public code
   runs it).
 * :class:`Cyclic` — CPT (Fu et al., ICLR 2021): cosine-cyclic forward precision, fixed gradients.
+* :class:`DFQ` / :class:`FracTrain` — dynamic precision under a cost target (below).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
 
 from ..config import check_bits
 from ..errors import ConfigError
 from .controller import PrecisionController
 
 
-@runtime_checkable
-class Schedule(Protocol):
-    def apply(self, controller: PrecisionController, iteration: int) -> None: ...
+class Schedule:
+    """Base class of the schedules, with a default for every method but ``apply``'s own effect:
+    the base class itself leaves the controller as it is (the precisions set by hand)."""
 
-    def observe(self, iteration: int, loss: float) -> list[dict]: ...
+    kind = "custom"  # the ``schedule_kind`` of the run log
+
+    def apply(self, controller: PrecisionController, iteration: int) -> None:
+        """Set the precisions for ``iteration`` (the default changes nothing)."""
+
+    def observe(self, iteration: int, loss: float) -> list[dict]:
+        """Take ``iteration``'s training loss; return the events it caused (none by default)."""
+        return []
+
+    def precision_at(self, iteration: int) -> tuple[int, int, int] | None:
+        """The (a, w, g) every site runs at in ``iteration``; None when the schedule does not set
+        one precision for all (the log then reports the sites' most common one)."""
+        return None
+
+    def regularizer(self, model, mean: Callable[[float], float] | None = None):
+        """A term added to the training loss (a tensor), or None. ``mean`` turns a value of this
+        process into the mean over all processes of a distributed run, so that a decision made
+        from it (DFQ's sign) is the same everywhere."""
+        return None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Plain data to checkpoint, or None (nothing to restore)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class _Adapted(Schedule):
+    """A user object with ``apply`` and ``observe`` (and optionally ``describe``, ``state_dict``
+    and ``load_state_dict``), with the defaults of :class:`Schedule` for the rest."""
+
+    kind = "custom"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def apply(self, controller, iteration):
+        self.inner.apply(controller, iteration)
+
+    def observe(self, iteration, loss):
+        return self.inner.observe(iteration, loss)
+
+    def describe(self) -> str:
+        describe = getattr(self.inner, "describe", None)
+        return describe() if callable(describe) else type(self.inner).__name__
+
+    def state_dict(self):
+        save = getattr(self.inner, "state_dict", None)
+        return save() if callable(save) else None
+
+    def load_state_dict(self, state):
+        load = getattr(self.inner, "load_state_dict", None)
+        if callable(load):
+            load(state)
+
+
+def as_schedule(schedule) -> Schedule:
+    """``schedule`` as a :class:`Schedule`: itself when it is one, ``Schedule()`` (keep the
+    precisions) for None, else an adapter of an object with ``apply`` and ``observe``
+    (``TypeError`` without them)."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    if schedule is None:
+        return Schedule()
+    if not (callable(getattr(schedule, "apply", None))
+            and callable(getattr(schedule, "observe", None))):
+        raise TypeError(f"{type(schedule).__name__} is not a schedule: it needs "
+                        "apply(controller, iteration) and observe(iteration, loss)")
+    return _Adapted(schedule)
 
 
 def _bits_list(name: str, values: Sequence[int]) -> tuple[int, ...]:
@@ -40,8 +121,10 @@ def _bits_list(name: str, values: Sequence[int]) -> tuple[int, ...]:
     return tuple(check_bits(f"{name} entry", v) for v in values)
 
 
-class Static:
+class Static(Schedule):
     """Fixed precision for every site (``w`` defaults to ``a``)."""
+
+    kind = "static"
 
     def __init__(self, a: int = 8, w: int | None = None, g: int = 8):
         self.a = check_bits("a", a)
@@ -57,6 +140,9 @@ class Static:
     def current(self) -> tuple[int, int, int]:
         return self.a, self.w, self.g
 
+    def precision_at(self, iteration: int) -> tuple[int, int, int]:
+        return self.current()
+
     def describe(self) -> str:
         return f"static a/w/g = {self.a}/{self.w}/{self.g}"
 
@@ -67,7 +153,7 @@ class Static:
         self.__init__(state["a"], state["w"], state["g"])
 
 
-class PFQ:
+class PFQ(Schedule):
     """Progressive fractional quantization (FracTrain Alg. 1).
 
     Training runs in evaluation periods of ``eval_every`` iterations. The mean training loss of each
@@ -79,6 +165,8 @@ class PFQ:
     and precision moves to the next entry of ``fw`` (activations and weights) and ``bw``
     (gradients). At most ``turning_points`` (default ``len(fw) - 1``) fire.
     """
+
+    kind = "pfq"
 
     def __init__(self, fw: Sequence[int] = (3, 4, 6, 8), bw: Sequence[int] = (6, 6, 8, 8), *,
                  eval_every: int = 100, eps: float = 0.05, alpha: float = 0.3,
@@ -122,6 +210,9 @@ class PFQ:
     # -- protocol ---------------------------------------------------------------------------------
     def current(self) -> tuple[int, int, int]:
         return self.fw[self.stage], self.fw[self.stage], self.bw[self.stage]
+
+    def precision_at(self, iteration: int) -> tuple[int, int, int]:
+        return self.current()
 
     def apply(self, controller: PrecisionController, iteration: int) -> None:
         a, w, g = self.current()
@@ -190,10 +281,12 @@ class PFQ:
             setattr(self, k, list(value) if isinstance(value, list) else value)
 
 
-class Cyclic:
+class Cyclic(Schedule):
     """CPT (cyclic precision training): within each of ``cycles`` equal cycles over ``total_iters``
     iterations, the forward precision (activations and weights) rises from ``low`` to ``high`` along
     a cosine, ``ceil(low + (high - low) * (1 - cos(pi * t / T)) / 2)``; gradients stay at ``g``."""
+
+    kind = "cyclic"
 
     def __init__(self, low: int = 3, high: int = 8, *, cycles: int = 8, total_iters: int,
                  g: int = 8):
@@ -218,6 +311,9 @@ class Cyclic:
         b = self.bits_at(iteration)
         return b, b, self.g
 
+    def precision_at(self, iteration: int) -> tuple[int, int, int]:
+        return self.current_at(iteration)
+
     def apply(self, controller: PrecisionController, iteration: int) -> None:
         a, w, g = self.current_at(iteration)
         controller.set(a=a, w=w, g=g)
@@ -237,11 +333,16 @@ class Cyclic:
                       total_iters=state["total_iters"], g=state["g"])
 
 
-def cost_regularizer(cp, target: float, beta: float, relax: float):
+def cost_regularizer(cp, target: float, beta: float, relax: float, value: float | None = None):
     """FracTrain's sign-switched cost term: ``beta * s * cp`` with ``s`` = 1 above
     ``target + relax``, 0.1 in ``[target, target + relax)``, -0.1 in ``[target - relax, target)``
-    and -1 below, so the gates are pushed toward the target from either side."""
-    c = float(cp.detach()) if hasattr(cp, "detach") else float(cp)
+    and -1 below, so the gates are pushed toward the target from either side. ``s`` is read from
+    ``value`` when given (a distributed run: the mean cost ratio over the processes), else from
+    ``cp``."""
+    if value is not None:
+        c = float(value)
+    else:
+        c = float(cp.detach()) if isinstance(cp, torch.Tensor) else float(cp)
     if c >= target + relax:
         sign = 1.0
     elif c >= target:
@@ -253,10 +354,14 @@ def cost_regularizer(cp, target: float, beta: float, relax: float):
     return beta * sign * cp
 
 
-class DFQ:
+class DFQ(Schedule):
     """Dynamic fractional quantization under a budget: the gates (pipeline ``dfq``) choose each
     sample's (a, g); this schedule keeps weights at ``w`` bits and adds the cost regularizer that
-    pulls the expected cost ratio toward ``target_cp`` (a fraction: 0.03 = 3% of fp32 training)."""
+    pulls the expected cost ratio toward ``target_cp`` (a fraction: 0.03 = 3% of fp32 training).
+    In a distributed run the regularizer's sign comes from the mean cost ratio over the processes
+    (the cost of the global batch), so every process pushes the gates the same way."""
+
+    kind = "dfq"
 
     def __init__(self, target_cp: float = 0.03, *, beta: float = 2.0, relax: float = 0.002,
                  w: int = 8):
@@ -272,8 +377,11 @@ class DFQ:
     def observe(self, iteration: int, loss: float) -> list[dict]:
         return []
 
-    def regularizer(self, model):
-        return cost_regularizer(model.gate_cp(), self.target_cp, self.beta, self.relax)
+    def regularizer(self, model, mean: Callable[[float], float] | None = None):
+        cp = model.gate_cp()
+        value = float(cp.detach())
+        return cost_regularizer(cp, self.target_cp, self.beta, self.relax,
+                                value=mean(value) if mean is not None else value)
 
     def describe(self) -> str:
         return f"DFQ target cp {100 * self.target_cp:.2f}%, beta {self.beta}, w {self.w}"
@@ -290,6 +398,8 @@ class DFQ:
 class FracTrain(DFQ):
     """FracTrain = PFQ + DFQ: DFQ's gates under a cost target that the PFQ indicator raises by
     ``cp_step`` at each of its turning points (e.g. 1.5%, then 2%, 2.5%, 3%)."""
+
+    kind = "fractrain"
 
     def __init__(self, target_cp: float = 0.015, cp_step: float = 0.005, *, beta: float = 2.0,
                  relax: float = 0.002, w: int = 8, eval_every: int = 100, eps: float = 0.05,

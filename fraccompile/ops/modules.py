@@ -12,6 +12,7 @@ data in the graph: changing it needs no re-compile.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,6 +22,20 @@ from .contract import GateDecision, SiteCall
 from .functions import apply_epilogue, epilogue_backward  # noqa: F401  (re-exported)
 from .quantizers import tensor_range
 from .spec import Precision, SiteSpec
+
+RangeReducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Turns a batch's activation (min, max) into the range the step quantizes with; None: the batch's
+# own. A distributed run (fraccompile.distributed) installs an all-reduce, so that every process
+# quantizes with the same grid. Gradient ranges are not reduced.
+_range_reducer: RangeReducer | None = None
+
+
+def set_range_reducer(reducer: RangeReducer | None) -> RangeReducer | None:
+    """Install ``reducer`` (None: none) for every site's activation ranges; returns the previous
+    one. Called on every process in the same order, since a reducer may be a collective."""
+    global _range_reducer
+    previous, _range_reducer = _range_reducer, reducer
+    return previous
 
 
 class RunningRange(nn.Module):
@@ -35,6 +50,8 @@ class RunningRange(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = tensor_range(x)
+        if _range_reducer is not None:
+            lo, hi = _range_reducer(lo, hi)
         batch = torch.stack([lo, hi]).float()
         if not bool(torch.isfinite(batch).all()):  # a NaN/inf batch never enters the running
             return lo, hi                          # range (the step itself is the caller's call)
