@@ -244,6 +244,83 @@ def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochast
     return IntCodes(codes, scale, widest.qmin < 0, widest.zero if asymmetric else None, qmax)
 
 
+class PackedCodes:
+    """Codes kept for backward at ``width`` bits each (:mod:`.subbyte`): ``data`` (uint8, in the
+    codes' memory order) and what :func:`unpack_saved` needs to restore them exactly."""
+
+    __slots__ = ("data", "shape", "perm", "dtype", "add", "width")
+
+    def __init__(self, data, shape, perm, dtype, add: int, width: int):
+        self.data, self.shape, self.perm, self.dtype = data, shape, perm, dtype
+        self.add, self.width = add, width
+
+    def meta(self) -> tuple:
+        """Everything but ``data`` (what a ctx keeps beside its saved tensors)."""
+        return self.shape, self.perm, self.dtype, self.add, self.width
+
+
+def code_bounds(q: IntCodes) -> tuple[int, int] | None:
+    """The smallest and largest code ``q``'s grid allows, as stored (minus ``offset``); None when
+    the grid is unknown. Per-sample grids give the widest."""
+    if q.qmax is None:
+        return None
+    top = int(q.qmax.max()) if isinstance(q.qmax, torch.Tensor) else int(q.qmax)
+    if q.offset:
+        return -q.offset, top - q.offset
+    return (-top, top) if q.signed else (0, top)
+
+
+def sub_byte_width(q: IntCodes) -> int | None:
+    """The sub-byte width (1, 2 or 4 bits) that holds every code of ``q``'s grid, or None (8-bit
+    grids, wide codes)."""
+    bounds = code_bounds(q)
+    if bounds is None or q.codes.element_size() != 1:
+        return None
+    count = bounds[1] - bounds[0] + 1
+    return next((w for w in (1, 2, 4) if count <= 1 << w), None)
+
+
+def pack_saved(q: IntCodes, kernel) -> PackedCodes | None:
+    """``q``'s codes at the fewest bits its grid needs (two 4-bit codes per byte, four 2-bit ...),
+    for what backward keeps; None where they stay bytes (8-bit grids, no kernel provider, a layout
+    that is not dense)."""
+    width = sub_byte_width(q) if kernel is not None else None
+    if width is None:
+        return None
+    return pack_bytes(q.codes, width, -code_bounds(q)[0], kernel)
+
+
+def pack_bytes(t: torch.Tensor, width: int, add: int, kernel) -> PackedCodes | None:
+    """A byte tensor whose values plus ``add`` lie in ``0 .. 2**width - 1`` (codes, a 0/1 mask) at
+    ``width`` bits each; None for a layout that is not dense."""
+    perm = _dense_perm(t)
+    if perm is None or kernel is None:
+        return None
+    per = 8 // width
+    flat = t.permute(*perm).reshape(-1).view(torch.uint8)
+    add %= 256
+    data = torch.empty((flat.numel() + per - 1) // per, dtype=torch.uint8)
+    kernel(KernelRef("pack_codes", (width,), serial=_serial(flat.numel())))(
+        flat, _byte(add), data)
+    return PackedCodes(data, tuple(t.shape), tuple(perm), t.dtype, add, width)
+
+
+def unpack_saved(data: torch.Tensor, meta: tuple, kernel) -> torch.Tensor:
+    """The codes :func:`pack_saved` packed (``data`` and ``PackedCodes.meta()``), exactly, in
+    their layout."""
+    shape, perm, dtype, add, width = meta
+    flat = torch.empty(int(torch.Size(shape).numel()), dtype=torch.uint8)
+    kernel(KernelRef("unpack_codes", (width,), serial=_serial(flat.numel())))(
+        data, _byte(add), flat)
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    return flat.view(dtype).view([shape[p] for p in perm]).permute(*inverse)
+
+
+@functools.lru_cache(maxsize=None)
+def _byte(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.uint8)
+
+
 _ZERO = torch.zeros(1)  # read-only kernel argument
 
 

@@ -2,9 +2,9 @@
 
 A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
 quantizer of one dtype and rounding mode, the dequantize epilogue (of a GEMM's int32 product, or of
-a tensor's codes), an operand pack kernel of one layout, or the conv patch packer of one conv
-geometry. Its :attr:`~KernelRef.name` is the symbol it has in an exported
-library. Providers turn references into callables:
+a tensor's codes), an operand pack kernel of one layout, the sub-byte (un)packer of saved codes
+of one width, or the conv patch packer of one conv geometry. Its :attr:`~KernelRef.name` is the
+symbol it has in an exported library. Providers turn references into callables:
 
 * :class:`JitKernels` builds on first use, through the on-disk cache (GEMMs with the tile a tuning
   database chose for the problem when one is given);
@@ -22,13 +22,14 @@ import hashlib
 import pathlib
 from dataclasses import dataclass, replace
 
-from . import conv, gemm, pack, quantize
+from . import conv, gemm, pack, quantize, subbyte
 from .cache import KernelCache
 from .host import HostTarget, detect
 
 KINDS = ("gemm", "conv", "conv_dq", "gc", "quantize", "dequant", "dequant_codes", "pack_a",
-         "pack_b", "pack_conv_a", "pack_conv_b")
-KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py")
+         "pack_b", "pack_conv_a", "pack_conv_b", "pack_codes", "unpack_codes")
+KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py",
+                "subbyte.py")
 
 
 @functools.lru_cache(maxsize=None)  # read once per process, as gemm.source_hash
@@ -110,16 +111,21 @@ _BUILDERS = {"conv": conv.schedule,
              "pack_a": pack.a_schedule,
              "pack_b": pack.b_schedule,
              "pack_conv_a": pack.conv_a_schedule,
-             "pack_conv_b": pack.conv_b_schedule}
+             "pack_conv_b": pack.conv_b_schedule,
+             "pack_codes": subbyte.pack_schedule,
+             "unpack_codes": subbyte.unpack_schedule}
 
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
-SERIAL_KINDS = ("quantize", "dequant", "dequant_codes", "pack_a", "pack_b")
+SERIAL_KINDS = ("quantize", "dequant", "dequant_codes", "pack_a", "pack_b", "pack_codes",
+                "unpack_codes")
 _PARALLEL = ([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
              + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
              + [KernelRef("dequant", ())]
              + [KernelRef("dequant_codes", (d,)) for d in ("int8", "uint8")]
              + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
-             + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")])
+             + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")]
+             + [KernelRef(kind, (width,)) for kind in ("pack_codes", "unpack_codes")
+                for width in subbyte.WIDTHS])
 GENERIC = tuple(_PARALLEL + [replace(r, serial=True) for r in _PARALLEL])
 
 

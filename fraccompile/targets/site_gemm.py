@@ -15,7 +15,8 @@ from ..ops.contract import SiteCall
 from ..ops.functions import apply_epilogue, epilogue_backward
 from ..ops.quantizers import qparams_from_range, tensor_range
 from .affine import _channel_sums
-from .codes import IntCodes, _row_codes, _to_codes, centered
+from .codes import (IntCodes, _row_codes, _to_codes, centered, pack_bytes, pack_saved,
+                    unpack_saved)
 
 if TYPE_CHECKING:
     from .backend import TVMBackend
@@ -113,7 +114,17 @@ class IntSiteGemm(Function):
             y = norm(y)
         ctx.eb_weight = None if wq_eb is None else (wq_eb.signed, wq_eb.qmax, wq_eb.offset)
         eb_tensors = (None,) * 3 if wq_eb is None else (wq_eb.codes, wq_eb.scale, wq_eb.zero)
-        ctx.save_for_backward(xq.codes, wq.codes, xq.scale, wq.scale, xq.zero, wq.zero,
+        # the input's codes at the bits their grid needs (4-bit codes two per byte ...), the ReLU
+        # mask at one bit
+        kernel = backend.quantize_kernel(xq.codes)
+        packed = pack_saved(xq, kernel)
+        ctx.packed = None if packed is None else packed.meta()
+        packed_mask = None if mask is None else pack_bytes(mask, 1, 0, kernel)
+        ctx.packed_mask = None if packed_mask is None else packed_mask.meta()
+        if packed_mask is not None:
+            mask = packed_mask.data
+        ctx.save_for_backward(packed.data if packed is not None else xq.codes, wq.codes, xq.scale,
+                              wq.scale, xq.zero, wq.zero,
                               bias if fused else None, gamma, beta, *(stats or (None, None)), mask,
                               *eb_tensors)
         if ctx.fast_norm or epilogue is None:
@@ -123,6 +134,10 @@ class IntSiteGemm(Function):
     @staticmethod
     def backward(ctx, dy):
         xc, wc, xs, ws, xz, wz, bias, gamma, beta, mean, invstd, mask, *eb = ctx.saved_tensors
+        if ctx.packed is not None:
+            xc = unpack_saved(xc, ctx.packed, ctx.backend.quantize_kernel(xc))
+        if ctx.packed_mask is not None:
+            mask = unpack_saved(mask, ctx.packed_mask, ctx.backend.quantize_kernel(mask))
         xq = IntCodes(xc, xs, ctx.signs[0], xz, ctx.qmax[0], ctx.offsets[0])
         wq = IntCodes(wc, ws, ctx.signs[1], wz, ctx.qmax[1], ctx.offsets[1])
         spec, backend = ctx.spec, ctx.backend
