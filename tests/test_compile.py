@@ -52,13 +52,20 @@ def test_every_layer_becomes_a_site(example):
 
 
 def test_quantized_training_step_runs_and_changes_output(example):
+    """At a/w/g = 4/4/8 the output differs from the fp32 model's (quantization is on), is finite,
+    and stays near it: relative error under 0.5 (0.01 to 0.41 on the examples; a quantizer that
+    zeroes its input gives 1.0, NaN fails the finiteness check). Every gradient is finite."""
     name, model, x, kwargs, _ = example
     fm = fraccompile.compile(copy.deepcopy(model), x, a=4, w=4, g=8, **kwargs)
+    torch.manual_seed(1)
     y = fm(x)
     _loss(y).backward()
+    torch.manual_seed(1)
     y_ref = model(x)
-    assert not torch.equal(y, y_ref)
-    assert torch.isfinite(y).all()
+    assert not torch.equal(y, y_ref), name
+    assert torch.isfinite(y).all(), name
+    rel = ((y - y_ref).float().norm() / y_ref.float().norm()).item()
+    assert rel < 0.5, (name, rel)
     assert all(p.grad is not None and torch.isfinite(p.grad).all()
                for p in fm.parameters() if p.requires_grad)
 

@@ -441,10 +441,27 @@ def test_cuda_gemm_through_the_driver_path(cuda, emulated, tmp_path, monkeypatch
     assert fake.calls.count("cuLaunchKernel") == 2 * len(DTYPES)  # two K chunks each
 
 
-def test_gpu_unavailable_reason():
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible (the next test)")
+def test_gpu_unavailable_reason_without_a_gpu():
     reason = gpu_unavailable_reason()
-    if not torch.cuda.is_available():
-        assert isinstance(reason, str) and reason
+    assert isinstance(reason, str) and "torch.cuda.is_available() is False" in reason
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU visible to torch")
+def test_gpu_unavailable_reason_on_a_gpu():
+    """With a GPU: no reason on compute capability 8.0 and newer (the driver loads), and the
+    reason names the capability on older ones; the arch chosen for it is one we build."""
+    from fraccompile.targets.cuda import ARCHS
+
+    reason = gpu_unavailable_reason()
+    major, minor = torch.cuda.get_device_capability()
+    if major >= 8:
+        assert reason is None, reason
+        arch, fmt = arch_for((major, minor))
+        assert arch in ARCHS and fmt in ("cubin", "ptx")
+    else:
+        assert reason == (f"compute capability {major}.{minor}: the kernels are built for 8.0 "
+                          "and newer")
 
 
 def test_importing_fraccompile_does_not_import_tvm():

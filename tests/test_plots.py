@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -83,13 +84,57 @@ def unfinished_dir(tmp_path):
                   + _run(40, lambda i: (3 + i % 6, 8), accs, end=False))
 
 
-def _check_png(path: Path) -> None:
-    assert path.stat().st_size > 5000
+# matplotlib's default line colours, in the order a plot's lines take them, and turning points'
+BLUE, ORANGE, GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)
+TP_RED = (233, 140, 141)  # a thin tab:red line at alpha 0.7 on white, as Agg draws it
+DPI = 120
+SIZES = {"curves.png": (9 * DPI, 6 * DPI), "precision.png": (9 * DPI, 4.5 * DPI),
+         "cost.png": (9 * DPI, 4.5 * DPI), "compare.png": (9 * DPI, 5 * DPI)}
+COLOURS = {"curves.png": (BLUE, ORANGE), "precision.png": (BLUE, ORANGE, GREEN),
+           "cost.png": (BLUE, ORANGE, GREEN), "compare.png": (BLUE, ORANGE, GREEN)}
+
+
+def _colour_pixels(rgb: Image.Image, colour: tuple[int, int, int], tol: int = 6) -> int:
+    """Pixels within ``tol`` of ``colour`` in every channel (a line's antialiased core)."""
+    arr = np.asarray(rgb, dtype=np.int16)
+    return int((np.abs(arr - np.array(colour, dtype=np.int16)) <= tol).all(-1).sum())
+
+
+def _check_png(path: Path, colours=None) -> Image.Image:
+    """The file decodes as a PNG of the figure's size (where known), is not blank (axes, text and
+    data drawn: a good share of non-white pixels) and shows each expected line colour."""
     assert path.read_bytes()[:8] == PNG_SIG
     with Image.open(path) as im:
         assert im.format == "PNG"
-        assert 600 <= im.width <= 2000 and 300 <= im.height <= 1500
-        im.verify()
+        im.load()  # decodes every pixel: a truncated or corrupt file raises here
+        rgb = im.convert("RGB")
+    size = SIZES.get(path.name)
+    if size is not None:
+        assert rgb.size == (int(size[0]), int(size[1])), (path.name, rgb.size)
+    else:
+        assert 500 <= rgb.width <= 2000 and 250 <= rgb.height <= 1500, rgb.size
+    white = _colour_pixels(rgb, (255, 255, 255), tol=8)
+    inked = 1 - white / (rgb.width * rgb.height)
+    assert 0.02 < inked < 0.95, (path.name, inked)
+    assert len(rgb.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50  # antialiased drawing
+    for colour in COLOURS.get(path.name, ()) if colours is None else colours:
+        assert _colour_pixels(rgb, colour) > 30, (path.name, colour)  # at least its legend swatch
+    return rgb
+
+
+def test_check_png_rejects_blank_and_lineless_images(tmp_path):
+    blank = tmp_path / "cost.png"
+    Image.new("RGB", (9 * DPI, int(4.5 * DPI)), "white").save(blank)
+    with pytest.raises(AssertionError):
+        _check_png(blank)
+    grey = tmp_path / "precision.png"  # inked, but none of the plotted lines' colours
+    im = Image.new("RGB", (9 * DPI, int(4.5 * DPI)), "white")
+    for x in range(0, im.width, 4):
+        for y in range(0, im.height, 9):
+            im.putpixel((x, y), (x % 200, x % 200, y % 200))
+    im.save(grey)
+    with pytest.raises(AssertionError):
+        _check_png(grey)
 
 
 def _expected(run_dir: Path) -> dict:
@@ -124,8 +169,14 @@ def test_render_report_writes_valid_pngs(pfq_dir, tmp_path):
     paths = render_report(pfq_dir, out)
     assert [p.name for p in paths] == ["curves.png", "precision.png", "cost.png", "summary.md"]
     assert all(p.parent == out for p in paths)
-    for p in paths[:3]:
-        _check_png(p)
+    images = {p.name: _check_png(p) for p in paths[:3]}
+    # the data lines themselves, not only their legend swatches: a = w (blue under orange
+    # dashes), g apart from them; the turning points' red dashed lines (alpha 0.7 on white)
+    for name, colour in [("precision.png", ORANGE), ("precision.png", GREEN),
+                         ("curves.png", BLUE), ("cost.png", BLUE), ("cost.png", GREEN)]:
+        assert _colour_pixels(images[name], colour) > 300, (name, colour)
+    for name in ("curves.png", "precision.png", "cost.png"):
+        assert _colour_pixels(images[name], TP_RED, tol=25) > 100, name
 
 
 def test_summary_md_figures(pfq_dir):

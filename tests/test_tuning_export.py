@@ -483,7 +483,7 @@ def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
     # a backend on this directory: CPU kernels from the .so, GPU kernels from the fatbin, with the
     # launch geometry TVM's schedule gives
     provider = ExportedKernels(out)
-    assert provider.module is not None
+    _assert_cpu_gemms_run_exactly(provider)
     for name, entry in info["kernels"].items():
         g, m, n, k, *_ = [int(p[1:]) for p in name.split("_")[2:6]] + [0]
         shape = cuda.padded(g, m, n, k)
@@ -496,6 +496,28 @@ def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
     with pytest.raises(KernelLibraryError, match="no CUDA kernel for " + missing.name):
         provider.cuda_library.kernel(missing, "sm_90")
     assert ExportedKernels(out, fallback=True).cuda_library.kernel(missing, "sm_90") is None
+
+
+def _assert_cpu_gemms_run_exactly(provider) -> None:
+    """Every GEMM problem of the provider's CPU section runs from its library (an export builds
+    nothing: ``get`` refuses what the library lacks) and gives the exact integer product."""
+    from fraccompile.targets.kernels import KernelRef
+    assert provider.problems
+    gen = torch.Generator().manual_seed(0)
+    for key in sorted(provider.problems):
+        shape = provider.gemm_shape(*map(int, key.split(",")))
+        g, m, n, k = shape.groups, shape.m, shape.n, shape.k
+        a = torch.randint(0, 256, (g, m, k), dtype=torch.uint8, generator=gen)
+        b = torch.randint(-128, 128, (g, n // 16, k // 4, 16, 4), dtype=torch.int8, generator=gen)
+        c = torch.full((g, m, n), 7, dtype=torch.int32)
+        provider.get(KernelRef.gemm(shape))(a, b, c)
+        b_nk = b.permute(0, 1, 3, 2, 4).reshape(g, n, k)  # B[j // 16, r // 4, j % 16, r % 4]
+        assert torch.equal(c.long(), a.long() @ b_nk.long().mT), shape.name
+
+
+def test_exported_cpu_gemms_run_exactly(exported):
+    from fraccompile.targets.export import ExportedKernels
+    _assert_cpu_gemms_run_exactly(ExportedKernels(exported[0]))
 
 
 def test_tampered_fatbin_is_refused(exported_both, tmp_path):
