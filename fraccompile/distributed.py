@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError, FracCompileError
+from .fitconfig import PARALLEL
 from .ops import modules as op_modules
 
-PARALLEL = ("auto", "none", "ddp", "fsdp")
 THREADS_ENV = "FRACCOMPILE_NUM_THREADS"  # threads per process (default: cores / local processes)
 
 
@@ -289,12 +289,12 @@ def is_peer_failure(err: BaseException) -> bool:
 
 def peer_failure(err: BaseException, ctx: Context, iteration: int, checkpoint: str | None,
                  saved_at: int | None) -> DistributedError:
-    """The one-line error of a run whose collective failed at ``iteration``."""
+    """The one-line error of a run whose collective failed after ``iteration`` iterations."""
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     kept = (f"the last checkpoint, {checkpoint} (iteration {saved_at}), is intact: resume from "
             f"it with {ctx.world_size} processes" if checkpoint and saved_at is not None
             else "no checkpoint was written")
-    return DistributedError(f"training stopped at iteration {iteration}: process {ctx.rank} of "
+    return DistributedError(f"training stopped after iteration {iteration}: process {ctx.rank} of "
                             f"{ctx.world_size} lost another process of the run (it died or did "
                             f"not answer within the timeout: {first}); {kept}")
 
