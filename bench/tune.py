@@ -100,6 +100,8 @@ def bench_models(args) -> None:
 
 def bench_metaschedule(args) -> None:
     """MetaSchedule's ``tune_tir`` on the plain GEMM definition, against the template."""
+    from fraccompile.errors import require_extra
+    require_extra("tune", "--metaschedule (MetaSchedule's XGBoost cost model)", ("xgboost",))
     import tvm
     from tvm.s_tir import meta_schedule as ms
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+
+# pip extras of the package and the modules each one installs
+EXTRAS = {"tune": ("tornado", "psutil", "cloudpickle", "xgboost")}
+
 
 class FracCompileError(Exception):
     """Base class of every error fraccompile raises on bad input."""
@@ -25,3 +30,23 @@ class ModelLoadError(FracCompileError):
 
 class PassError(FracCompileError):
     """An unknown pass or pipeline name, or a pass that left an invalid graph."""
+
+
+class MissingDependencyError(FracCompileError, ImportError):
+    """A module of an optional extra is not installed; the message names what needs it and the
+    pip command that installs it."""
+
+
+def require_extra(extra: str, purpose: str, modules: tuple[str, ...] | None = None) -> None:
+    """Raise :class:`MissingDependencyError` unless ``modules`` (default: every module of the
+    ``extra``) import: ``purpose`` says what needs them."""
+    missing = []
+    for name in EXTRAS[extra] if modules is None else modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingDependencyError(
+            f"{purpose} needs {', '.join(missing)} (the {extra!r} extra), which is not installed: "
+            f"pip install 'fraccompile[{extra}]' (from a checkout: pip install -e '.[{extra}]')")

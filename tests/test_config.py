@@ -261,3 +261,33 @@ def test_load_syntax_error_file(tmp_path):
     path.write_text("[fraccompile]\na = = 4\n")
     with pytest.raises(ConfigError, match="TOML"):
         FracConfig.load(path)
+
+
+def test_extras_match_pyproject_and_missing_ones_say_how_to_install(monkeypatch):
+    """The `tune` extra (TVM's RPC tracker/server, MetaSchedule's xgboost) is optional: the core
+    dependencies do not pull it, errors.EXTRAS lists what pyproject installs, and a code path that
+    needs a missing module says which and the pip command."""
+    import pathlib
+    import sys
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from fraccompile.errors import EXTRAS, MissingDependencyError, require_extra
+
+    meta = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert list(EXTRAS["tune"]) == project["optional-dependencies"]["tune"]
+    core = " ".join(project["dependencies"])
+    assert not any(name in core for name in EXTRAS["tune"])
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    license_text = (pathlib.Path(__file__).parents[1] / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+
+    monkeypatch.setitem(sys.modules, "xgboost", None)  # import xgboost -> ImportError
+    with pytest.raises(MissingDependencyError) as err:
+        require_extra("tune", "--metaschedule", ("xgboost",))
+    assert str(err.value) == ("--metaschedule needs xgboost (the 'tune' extra), which is not "
+                              "installed: pip install 'fraccompile[tune]' (from a checkout: "
+                              "pip install -e '.[tune]')")
+    assert isinstance(err.value, ImportError)
+    require_extra("tune", "numpy", ("numpy",))  # present: no error
