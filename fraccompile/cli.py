@@ -224,27 +224,81 @@ def train(
              "a row) or stop at once; it never reaches the weights or the checkpoint")] = "skip",
     max_nonfinite: Annotated[int, typer.Option(
         min=1, help="non-finite steps in a row that stop the run")] = 10,
+    nproc_per_node: Annotated[int, typer.Option(
+        min=1, help="train with this many processes on this machine (DistributedDataParallel, "
+                    "the cores split between them; --batch-size is per process); several "
+                    "machines: see docs/distributed.md")] = 1,
+    distributed: Annotated[str, typer.Option(
+        help="with several processes: ddp or fsdp (FSDP2's fully_shard); auto = ddp")] = "auto",
 ) -> None:
     """Train a model with a precision schedule; logs, checkpoints and plots go to --out."""
-    import json
+    params = dict(locals())
+    from .distributed import launch, launched
+    from .errors import ConfigError
+
+    nproc = params.pop("nproc_per_node")
+    if nproc > 1 and launched():
+        raise ConfigError("--nproc-per-node: this process is already one of several (started by "
+                          "torchrun): leave the option out")
+    if nproc > 1:
+        _writable(out, "--out")  # refused once, before any process starts
+        console.print(f"starting {nproc} processes")
+        try:
+            launch(nproc, _train_worker, params)
+        except FracCompileError as err:
+            raise type(err)(f"{err}; {_last_checkpoint(out / 'checkpoint.pt')}") from None
+        return
+    _train(**params)
+
+
+def _last_checkpoint(path: Path) -> str:
+    """What a run that failed left to resume from, in words."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        state = load_checkpoint(path)
+    except (FileNotFoundError, FracCompileError):
+        return "no checkpoint was written"
+    return (f"the last checkpoint, {path} (iteration {state['iteration']}), is intact: continue "
+            f"with --resume {path}")
+
+
+def _train_worker(params: dict) -> None:
+    """One process of ``train --nproc-per-node N`` (started by :func:`fraccompile.distributed.launch`)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(_train)(**params)
+
+
+def _train(model_spec, data, schedule, fw, bw, iters, out, resume, batch_size, lr, lr_schedule,
+           optimizer, eval_every, pfq_every, eps, alpha, cycles, cp, cp_step, beta, gate_mode,
+           block_size, train_limit, test_limit, config, backend, scheme, weight_scale,
+           rounding_noise, recompute, recompute_budget, kernels, tuning_db, seed, deterministic,
+           on_nonfinite, max_nonfinite, distributed) -> None:
+    """``train`` in this process (one of several under torchrun)."""
+    import os
 
     import torch
 
     from .api import compile as frac_compile
     from .errors import ConfigError
-    from .fileio import atomic_write
+    from .fitconfig import FitConfig
     from .loading import load_model
-    from .train import LR_SCHEDULES, NONFINITE, check_model_state, fit, load_checkpoint
+    from .train import check_model_state, fit, load_checkpoint
 
-    if lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"--lr-schedule {lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}")
-    if on_nonfinite not in NONFINITE:
-        raise ConfigError(f"--on-nonfinite {on_nonfinite!r}: choose {' or '.join(NONFINITE)}")
-    if optimizer not in ("sgd", "adamw"):
-        raise ConfigError(f"--optimizer {optimizer!r}: choose sgd or adamw")
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    out_console = console if is_main else Console(quiet=True)
+    fit_config = FitConfig(  # checks the options before any long work
+        iters=iters, eval_every=eval_every, lr=lr, optimizer=optimizer, lr_schedule=lr_schedule,
+        out_dir=out, resume=resume, seed=seed, deterministic=deterministic,
+        nonfinite=on_nonfinite, max_nonfinite=max_nonfinite, distributed=distributed,
+        model_name=model_spec,
+        run_info={"model": model_spec, "data": data, "schedule": schedule, "fw": fw, "bw": bw,
+                  "batch_size": batch_size, "pfq_every": pfq_every, "eps": eps, "alpha": alpha,
+                  "cycles": cycles, "cp": cp, "cp_step": cp_step, "beta": beta})
     _writable(out, "--out")
     saved = None
-    if resume is not None:  # a damaged or foreign checkpoint is refused before any compiling
+    if resume is not None and is_main:  # a damaged or foreign checkpoint: refused before compiling
         try:
             saved = load_checkpoint(resume)
         except FileNotFoundError as err:
@@ -271,27 +325,13 @@ def train(
         raise ConfigError(f"the model's embedding has {embeddings[0].num_embeddings} tokens but "
                           f"{data} has a vocabulary of {vocab}")
     fmodel = frac_compile(model, x, cfg)
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(fmodel.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
-                              nesterov=True)
-    else:
-        opt = torch.optim.AdamW(fmodel.parameters(), lr=lr, weight_decay=0.01)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume is None:
-        atomic_write(out / "run.json", json.dumps(
-            {"model": model_spec, "data": data, "schedule": schedule, "fw": fw, "bw": bw,
-             "iters": iters, "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
-             "optimizer": optimizer, "eval_every": eval_every, "pfq_every": pfq_every,
-             "eps": eps, "alpha": alpha, "cycles": cycles, "seed": seed,
-             "config": cfg.to_dict()}, indent=1))
-    console.print(f"training {model_spec} on {data}: {sched.describe()}, {iters} iterations")
+    out_console.print(f"training {model_spec} on {data}: {sched.describe()}, {iters} iterations")
     try:
-        result = fit(fmodel, dataset, iters=iters, schedule=sched, optimizer=opt,
-                     lr_schedule=lr_schedule, eval_every=eval_every, out_dir=out, resume=resume,
-                     seed=seed, deterministic=deterministic, console=console,
-                     model_name=model_spec, nonfinite=on_nonfinite, max_nonfinite=max_nonfinite)
+        result = fit(fmodel, dataset, fit_config, schedule=sched, console=out_console)
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
+    if not is_main:
+        return
     meter = fmodel.frac_meter
     turning = [e["iter"] for e in result.events if e.get("event") == "turning_point"]
     console.print(f"done: {result.iterations} iterations; precision switches at {turning or 'none'}; "

@@ -318,8 +318,12 @@ def launch(nproc: int, fn: Callable[..., Any], *args, timeout_note: str = "") ->
         for rank, failure in sorted(err.failures.items()):
             how = (f"exit code {failure.exitcode}" if failure.exitcode >= 0
                    else f"signal {-failure.exitcode}")
-            message = str(failure.message or "").strip().splitlines()
-            parts.append(f"process {rank} failed ({how}"
-                         + (f": {message[-1][:240]}" if message else "") + ")")
+            message = failure.message
+            if isinstance(message, dict):  # what torch's error handler recorded
+                message = message.get("message", "")
+            lines = [line for line in str(message or "").strip().splitlines()
+                     if "To enable traceback" not in line]
+            parts.append(f"process {rank} failed ({how}" + (f": {lines[-1][:300]}" if lines
+                                                              else "") + ")")
         raise DistributedError(f"{'; '.join(parts)}{timeout_note}") from None
     return [results[r] for r in sorted(results)]

@@ -301,3 +301,69 @@ def test_fsdp2_trains_like_ddp_and_resumes(tmp_path):
     for k, v in seen["ddp"].items():
         torch.testing.assert_close(seen["fsdp"][k], v, rtol=1e-4, atol=1e-5, msg=k)
         torch.testing.assert_close(seen["resumed"][k], seen["fsdp"][k], rtol=0, atol=0, msg=k)
+
+
+KILLER_MODEL = '''
+import os
+import torch
+from torch import nn
+
+
+class Killer(nn.Module):
+    """Ends its process (as a kill would) at its 7th training forward in the process of rank
+    $KILL_RANK."""
+
+    calls = 0
+
+    def forward(self, x):
+        if self.training and os.environ.get("RANK") == os.environ.get("KILL_RANK"):
+            Killer.calls += 1
+            if Killer.calls == 7:
+                os._exit(7)
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.killer = Killer()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        x = self.killer(x).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x)))
+'''
+
+
+@pytest.mark.slow
+def test_cli_nproc_per_node_a_dying_process_and_resume(tmp_path, monkeypatch):
+    """`fraccompile train --nproc-per-node 2`: process 1 dies; the command ends with one line
+    naming it and the checkpoint left, which `--resume` continues to the end."""
+    from typer.testing import CliRunner
+
+    from fraccompile.cli import app
+
+    (tmp_path / "net.py").write_text(KILLER_MODEL)
+    FracConfig(leaf_modules=("Killer",)).save(tmp_path / "cfg.toml")
+    out = tmp_path / "run"
+    args = ["train", f"{tmp_path / 'net.py'}:Net", "--config", str(tmp_path / "cfg.toml"),
+            "--schedule", "static", "--fw", "8", "--bw", "8", "--iters", "10", "--eval-every",
+            "2", "--batch-size", "8", "--train-limit", "64", "--test-limit", "8",
+            "--nproc-per-node", "2", "--out", str(out)]
+    monkeypatch.setenv("KILL_RANK", "1")
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("fraccompile: error: process 1 failed (exit code 7)"), res.stderr
+    assert "is intact: continue with --resume" in res.stderr
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert saved["world_size"] == 2 and 2 <= saved["iteration"] < 10
+    monkeypatch.setenv("KILL_RANK", "none")
+    res = CliRunner().invoke(app, args + ["--resume", str(out / "checkpoint.pt")])
+    assert res.exit_code == 0, res.output
+    log = _log(out)
+    assert log[0]["world_size"] == 2 and log[-1]["event"] == "end" and log[-1]["iter"] == 10
+    assert [r["event"] for r in log].count("resume") == 1
