@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import io
 import logging
 import os
@@ -25,8 +26,19 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .capture_modes import merge_modes
 from .errors import CaptureError, ShapeError
-from .meta_keys import (GM_CAPTURE, GM_EVAL_GRAPH, GM_EVAL_MODULES, GM_MODE_MERGE, GM_OPAQUE_FNS,
-                        GM_STATIC_DIMS, IS_WRAPPED, META_GEMM_CALLS, TENSOR_META, TYPE, VAL)
+from .meta_keys import (
+    GM_CAPTURE,
+    GM_EVAL_GRAPH,
+    GM_EVAL_MODULES,
+    GM_MODE_MERGE,
+    GM_OPAQUE_FNS,
+    GM_STATIC_DIMS,
+    IS_WRAPPED,
+    META_GEMM_CALLS,
+    TENSOR_META,
+    TYPE,
+    VAL,
+)
 from .passes.coverage import GemmCallRecorder
 
 
@@ -172,8 +184,9 @@ def _trace_fx_modes(model: nn.Module, leaf_modules: tuple, through=frozenset()) 
     layer; otherwise a warning names it."""
     leaves = list(leaf_modules)
     for _ in range(4):
-        gm = _in_mode(model, True, lambda: _trace_fx(model, leaves, through))
-        eval_gm = _in_mode(model, False, lambda: _trace_fx(model, leaves, through))
+        trace = functools.partial(_trace_fx, model, leaves, through)
+        gm = _in_mode(model, True, trace)
+        eval_gm = _in_mode(model, False, trace)
         paths = merge_modes(gm, eval_gm)
         if not paths:
             return gm

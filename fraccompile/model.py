@@ -13,10 +13,9 @@ from torch import fx
 from .config import FracConfig
 from .control.controller import PrecisionController
 from .cost import CostMeter, CostReport, cost_report, mixed_site_cost, site_cost
+from .meta_keys import GM_FP32_OPS, META_FP_LAYER, META_GATE, META_PRECISION_NODE, META_SITE, META_SITE_PARTS
 from .ops.modules import FracOp
 from .ops.spec import Precision
-from .meta_keys import (GM_FP32_OPS, META_FP_LAYER, META_GATE, META_PRECISION_NODE, META_SITE,
-                        META_SITE_PARTS)
 from .passes.base import SiteInfo
 from .passes.coverage import Fp32Op
 from .passes.quantize_insertion import PRECISION_MODULE, SITES_MODULE

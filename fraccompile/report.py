@@ -8,10 +8,16 @@ from pathlib import Path
 
 from rich.table import Table
 
-
+from .meta_keys import (
+    GM_CAPTURE,
+    GM_MODE_MERGE,
+    GM_REGIONS,
+    GM_STATIC_DIMS,
+    META_FP_LAYER,
+    META_PRECISION_NODE,
+    META_SITE,
+)
 from .model import FracModel
-from .meta_keys import (GM_CAPTURE, GM_MODE_MERGE, GM_REGIONS, GM_STATIC_DIMS, META_FP_LAYER,
-                        META_PRECISION_NODE, META_SITE)
 from .passes.base import node_shape
 
 _HEADERS = ("site", "op", "input", "weight", "output", "MACs", "a/w/g", "backend")

@@ -3,8 +3,14 @@ import copy
 import pytest
 import torch
 
-from fraccompile.examples import (control_flow, functional_model, mobilenetv2_cifar,
-                                  resnet18_imagenet, resnet_cifar, transformer_lm)
+from fraccompile.examples import (
+    control_flow,
+    functional_model,
+    mobilenetv2_cifar,
+    resnet18_imagenet,
+    resnet_cifar,
+    transformer_lm,
+)
 
 
 def _tokens(b, t):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fraccompile
-from fraccompile import CaptureError, ConfigError, FracConfig, PassError, ShapeError
+from fraccompile import CaptureError, ConfigError, PassError, ShapeError
 from fraccompile.ops import FracOp
 from fraccompile.passes import PASSES, PIPELINES, get_pass, get_pipeline
 
@@ -226,8 +226,7 @@ def test_shared_module_called_twice_is_one_site():
 def test_conv_variants_match_reference_semantics(conv, noise):
     """Quantized site == conv(fake-quant x, fake-quant w); dx, dw from the stochastically
     quantized dy (same RNG) — checked against a hand-written reference."""
-    from fraccompile.ops.quantizers import (quantize_activation, quantize_gradient,
-                                            quantize_weight)
+    from fraccompile.ops.quantizers import quantize_activation, quantize_gradient, quantize_weight
 
     dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(conv)]
     x = torch.randn(2, conv.in_channels, *([9] * dims), requires_grad=True)

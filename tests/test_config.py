@@ -9,8 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fraccompile import ConfigError, FracConfig
-from fraccompile.config import (BACKENDS, CAPTURE_METHODS, CONFIG_VERSION, OP_KINDS,
-                               RECOMPUTE_LEVELS, ROUNDING_NOISES, SCHEMES, WEIGHT_SCALES)
+from fraccompile.config import (
+    BACKENDS,
+    CAPTURE_METHODS,
+    CONFIG_VERSION,
+    OP_KINDS,
+    RECOMPUTE_LEVELS,
+    ROUNDING_NOISES,
+    SCHEMES,
+    WEIGHT_SCALES,
+)
 
 FIELDS = sorted(f.name for f in dataclasses.fields(FracConfig))
 

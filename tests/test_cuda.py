@@ -22,8 +22,14 @@ import pytest
 import torch
 
 from fraccompile.targets import tvm_unavailable_reason
-from fraccompile.targets.cuda_driver import (MAX_K, CUDAError, CudaGemm, _Driver, arch_for,
-                                             gpu_unavailable_reason)
+from fraccompile.targets.cuda_driver import (
+    MAX_K,
+    CUDAError,
+    CudaGemm,
+    _Driver,
+    arch_for,
+    gpu_unavailable_reason,
+)
 
 pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
                                 reason=str(tvm_unavailable_reason()))

@@ -83,8 +83,10 @@ def test_cifar_resnet_forward_and_structure():
     model = resnet_cifar.model().eval()
     assert isinstance(model, resnet_cifar.CifarResNet)
     assert model(cifar_batch()).shape == (2, 10)
-    assert model.conv1.in_channels == 3 and model.conv1.out_channels == 16 and model.conv1.bias is None
-    assert [stage[0].conv1.out_channels for stage in (model.layer1, model.layer2, model.layer3)] == [16, 32, 64]
+    assert model.conv1.in_channels == 3 and model.conv1.out_channels == 16
+    assert model.conv1.bias is None
+    stages = (model.layer1, model.layer2, model.layer3)
+    assert [stage[0].conv1.out_channels for stage in stages] == [16, 32, 64]
     assert len(model.layer1[0].shortcut) == 0  # identity shortcut
     down = model.layer2[0].shortcut
     assert isinstance(down[0], nn.Conv2d) and down[0].kernel_size == (1, 1) and down[0].stride == (2, 2)
@@ -201,7 +203,8 @@ TRACEABLE = [
 ]
 
 
-@pytest.mark.parametrize("factory, args", TRACEABLE, ids=[f.__module__.rsplit(".", 1)[-1] for f, _ in TRACEABLE])
+@pytest.mark.parametrize("factory, args", TRACEABLE,
+                         ids=[f.__module__.rsplit(".", 1)[-1] for f, _ in TRACEABLE])
 def test_fx_traces_plain_models(factory, args):
     model = factory().eval()
     gm = torch.fx.symbolic_trace(model)

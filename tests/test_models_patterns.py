@@ -12,7 +12,6 @@ from torch import nn
 
 import fraccompile
 from fraccompile import FracConfig
-from fraccompile.ops import FracOp
 from fraccompile.ops.attention import AttentionSite, sdpa_reference
 
 FP = dict(a=0, w=0, g=0, full_precision=())

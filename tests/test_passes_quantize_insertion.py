@@ -7,8 +7,15 @@ from torch import nn
 from torch.testing import FileCheck
 
 from fraccompile import FracConfig
-from fraccompile.meta_keys import (GM_FP32_OPS, META_CALL_SHAPES, META_FP_LAYER, META_NOT_SITE,
-                                   META_PRECISION_NODE, META_SITE, META_SITE_PARTS)
+from fraccompile.meta_keys import (
+    GM_FP32_OPS,
+    META_CALL_SHAPES,
+    META_FP_LAYER,
+    META_NOT_SITE,
+    META_PRECISION_NODE,
+    META_SITE,
+    META_SITE_PARTS,
+)
 from fraccompile.ops import FracOp
 
 

@@ -7,8 +7,13 @@ from _pass_helpers import graph, seeded
 from torch import nn
 
 import fraccompile
-from fraccompile.examples import (functional_model, mobilenetv2_cifar, resnet18_imagenet,
-                                  resnet_cifar, transformer_lm)
+from fraccompile.examples import (
+    functional_model,
+    mobilenetv2_cifar,
+    resnet18_imagenet,
+    resnet_cifar,
+    transformer_lm,
+)
 from fraccompile.meta_keys import GM_REGIONS, META_REGION
 from fraccompile.passes import get_pass
 from fraccompile.passes.region_discovery import Region, find_regions

@@ -26,8 +26,15 @@ from fraccompile.cli import app
 from fraccompile.data import ClassificationData
 from fraccompile.ops.modules import RunningRange
 from fraccompile.plots import read_log
-from fraccompile.train import (CheckpointError, NonFiniteError, fit, load_checkpoint, rng_state,
-                               save_checkpoint, set_rng_state)
+from fraccompile.train import (
+    CheckpointError,
+    NonFiniteError,
+    fit,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PREFIX = "fraccompile: error:"

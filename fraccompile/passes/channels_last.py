@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..meta_keys import (CHANNELS_LAST_INPUTS, META_CALL_SHAPES, META_FP_LAYER, SITES,
-                         TENSOR_META, VAL)
+from ..meta_keys import CHANNELS_LAST_INPUTS, META_CALL_SHAPES, META_FP_LAYER, SITES, TENSOR_META, VAL
 from ..ops.backend import CHANNELS_LAST, capabilities
 from .base import Pass, PassResult
 

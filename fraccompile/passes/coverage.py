@@ -17,8 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..meta_keys import (GM_FP32_OPS, GM_OPAQUE_FNS, META_FP_LAYER, META_GEMM_CALLS, META_NOT_SITE,
-                         META_SITE, META_SITE_PARTS, NN_MODULE_STACK)
+from ..meta_keys import (
+    GM_OPAQUE_FNS,
+    META_FP_LAYER,
+    META_GEMM_CALLS,
+    META_NOT_SITE,
+    META_SITE,
+    META_SITE_PARTS,
+    NN_MODULE_STACK,
+)
 
 __all__ = ["GEMM_LIKE", "Fp32Op", "GemmCallRecorder", "find_fp32_ops", "op_name"]
 

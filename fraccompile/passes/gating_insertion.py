@@ -21,8 +21,16 @@ from __future__ import annotations
 from torch import fx
 
 from ..control.gates import GateBank
-from ..meta_keys import (GATES, GM_REGIONS, META_GATE, META_PRECISION_NODE, META_SITE,
-                         META_SITE_PARTS, REGIONS, SITES)
+from ..meta_keys import (
+    GATES,
+    GM_REGIONS,
+    META_GATE,
+    META_PRECISION_NODE,
+    META_SITE,
+    META_SITE_PARTS,
+    REGIONS,
+    SITES,
+)
 from .base import Pass, PassResult, node_shape
 
 GATES_MODULE = "frac_gates"

@@ -33,8 +33,17 @@ from torch import fx, nn
 
 from ..config import FIRST_CONV, LAST_LINEAR
 from ..control.controller import PrecisionController
-from ..meta_keys import (GM_FP32_OPS, META_CALL_SHAPES, META_FP_LAYER, META_PRECISION_NODE,
-                         META_SITE, META_SITE_PARTS, NN_MODULE_STACK, SHAPES, SITES)
+from ..meta_keys import (
+    GM_FP32_OPS,
+    META_CALL_SHAPES,
+    META_FP_LAYER,
+    META_PRECISION_NODE,
+    META_SITE,
+    META_SITE_PARTS,
+    NN_MODULE_STACK,
+    SHAPES,
+    SITES,
+)
 from ..ops.attention import AttentionSite, BaddbmmSite, EinsumSite, MultiheadAttentionSite
 from ..ops.backend import get_backend
 from ..ops.modules import FracOp, PrecisionReader
