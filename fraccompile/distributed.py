@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -195,6 +196,10 @@ def wrap(model: torch.nn.Module, ctx: Context, **ddp_options) -> torch.nn.Module
     sharded with ``fully_shard`` (FSDP2), or ``model`` unchanged."""
     if ctx.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
+
+        # the tvm backend returns some weight gradients channels-last: DDP copies them into its
+        # buckets, which is right, and says so once per process
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, **ddp_options)
