@@ -306,6 +306,41 @@ def test_classification_data_is_deterministic_per_epoch(train):
         data.ClassificationData(images[:10], labels[:9], images[:1], labels[:1], batch_size=4)
 
 
+def test_shards_are_rows_of_the_global_batch(train, text_file):
+    """Process r of N sees rows r*B..(r+1)*B-1 of the batch one process with batch N*B sees,
+    augmentation included, and resumes at any batch the same way."""
+    images, labels = train
+    one = data.ClassificationData(images[:300], labels[:300], images[:1], labels[:1],
+                                  batch_size=64, seed=5)
+    half = data.ClassificationData(images[:300], labels[:300], images[:1], labels[:1],
+                                   batch_size=32, seed=5)
+    shards = [half.shard(r, 2) for r in range(2)]
+    assert half.steps_per_epoch == 9 and shards[0].steps_per_epoch == one.steps_per_epoch == 4
+    for epoch in (0, 3):
+        whole = _as_list(one.batches(epoch))
+        parts = [_as_list(s.batches(epoch)) for s in shards]
+        assert not torch.equal(parts[0][0][1], parts[1][0][1])
+        for k, (x, y) in enumerate(whole):
+            assert torch.equal(torch.cat([parts[0][k][0], parts[1][k][0]]), x)
+            assert torch.equal(torch.cat([parts[0][k][1], parts[1][k][1]]), y)
+        assert _same(_as_list(shards[1].batches(epoch, start=2)), parts[1][2:])
+    assert one.shard(0, 1) == one  # one process: the data itself
+    with pytest.raises(ValueError, match="rank 2 of world size 2"):
+        half.shard(2, 2)
+    with pytest.raises(ValueError, match="x 16 process"):
+        half.shard(0, 16)
+
+    text = data.CharDataset.from_file(text_file, block_size=16, batch_size=8, steps_per_epoch=3,
+                                      seed=3)
+    small = data.CharDataset.from_file(text_file, block_size=16, batch_size=4, steps_per_epoch=3,
+                                       seed=3)
+    whole, parts = _as_list(text.batches(1)), [_as_list(small.shard(r, 2).batches(1)) for r in (0, 1)]
+    assert small.world_size == 1  # shard() returns a view, the original is unchanged
+    for k, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([parts[0][k][0], parts[1][k][0]]), x)
+        assert torch.equal(torch.cat([parts[0][k][1], parts[1][k][1]]), y)
+
+
 def test_classification_data_from_source(pickle_root):
     root, _ = pickle_root
     cd = data.ClassificationData.from_source(root, batch_size=16, train_limit=50, test_limit=8, seed=1)

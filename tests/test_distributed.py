@@ -367,3 +367,20 @@ def test_cli_nproc_per_node_a_dying_process_and_resume(tmp_path, monkeypatch):
     log = _log(out)
     assert log[0]["world_size"] == 2 and log[-1]["event"] == "end" and log[-1]["iter"] == 10
     assert [r["event"] for r in log].count("resume") == 1
+
+
+def test_threads_are_split_between_the_processes_of_a_machine(monkeypatch):
+    from fraccompile import distributed
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv(distributed.THREADS_ENV, raising=False)
+    monkeypatch.setenv("TVM_NUM_THREADS", "")
+    try:
+        assert distributed.split_threads(cores) == 1 == torch.get_num_threads()
+        assert distributed.split_threads(1) == cores == torch.get_num_threads()
+        assert os.environ["TVM_NUM_THREADS"] == str(cores)
+        monkeypatch.setenv(distributed.THREADS_ENV, "3")
+        assert distributed.split_threads(2) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -162,3 +162,36 @@ def test_cli_train_transformer_on_shakespeare_loss_falls(tmp_path):
     assert periods[-1]["train_loss"] < periods[0]["train_loss"] - 0.15
     assert periods[-1]["train_loss"] < math.log(65) - 0.8
     assert periods[-1]["test_loss"] < 3.5
+
+
+def test_fit_config_validates_replaces_and_builds_the_optimizer(data, tmp_path):
+    from fraccompile import ConfigError
+    from fraccompile.fitconfig import FitConfig, make_optimizer
+
+    for bad, field_name in (({"iters": 0}, "iters"), ({"iters": 4, "lr_schedule": "step"}, "lr schedule"),
+                            ({"iters": 4, "optimizer": "lion"}, "optimizer"),
+                            ({"iters": 4, "distributed": "mpi"}, "distributed"),
+                            ({"iters": 4, "nonfinite": "ignore"}, "nonfinite"),
+                            ({"iters": 4, "timeout": 0}, "timeout")):
+        with pytest.raises(ConfigError, match=field_name):
+            FitConfig(**bad)
+    cfg = FitConfig(iters=8, eval_every=4, out_dir=tmp_path, stop_at=5)
+    assert cfg.end == 5 and cfg.replace(stop_at=None).end == 8
+    assert json.loads(json.dumps(cfg.to_dict()))["out_dir"] == str(tmp_path)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = make_optimizer(params, FitConfig(iters=1, lr=0.2))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
+    assert sgd.defaults["weight_decay"] == 5e-4 and sgd.defaults["lr"] == 0.2
+    adamw = make_optimizer(params, FitConfig(iters=1, optimizer="adamw"))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.01
+    # a config and keyword overrides; run.json from run_info (what the CLI records)
+    res = fit(_compiled(), data, FitConfig(iters=24, eval_every=4, progress=False,
+                                           run_info={"model": "FunctionalNet"}),
+              schedule=Static(8, 8, 8), iters=4, out_dir=tmp_path / "run")
+    assert res.iterations == 4
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["model"] == "FunctionalNet" and run["fit"]["iters"] == 4
+    assert run["world_size"] == 1 and run["config"]["a"] == 8
+    start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 1 and start["parallel"] == "none"
+    assert start["schedule_kind"] == "static"
