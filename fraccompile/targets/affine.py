@@ -6,11 +6,13 @@ taken as fp32 (exact below 2**24)."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
 from ..ops.spec import CONV_FNS, SiteSpec
 from .codes import IntCodes, _dense_perm
+
 
 def _out_channel(spec: SiteSpec, v: torch.Tensor, dims: int) -> torch.Tensor:
     """A per-output-channel vector (or one value) shaped to broadcast against an output of
@@ -21,25 +23,58 @@ def _out_channel(spec: SiteSpec, v: torch.Tensor, dims: int) -> torch.Tensor:
     return v
 
 
+# the largest |code| of a dtype (wide codes: gradients of at most 16 bits)
+_CODE_BOUND = {torch.uint8: 255, torch.int8: 128}
+_EXACT = 2 ** 24  # fp32 holds every integer below this
+
+
+def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Exact sums of integer codes over ``dims``, shaped as ``codes`` without them, in ``dtype``
+    (fp32: exact below 2**24; float64 for larger sums).
+
+    The codes are read in memory order as an ``(R, K)`` matrix whose rows or columns are the
+    summed dims, converted to fp32 and reduced by a matrix-vector product against ones, in chunks
+    whose partial sums stay below 2**24 (exact in fp32 whatever the order of the additions),
+    which are added in float64. torch's integer reductions run many times slower, worst over a
+    small innermost dim (a conv's channels)."""
+    n = codes.dim()
+    dims = sorted({d % n for d in dims})
+    keep = [d for d in range(n) if d not in dims]
+    order = _dense_perm(codes)
+    if order is None:
+        order = list(range(n))
+        codes = codes.contiguous()
+    if set(order[:len(dims)]) == set(dims):      # summed dims outermost: column sums
+        kept_order, rows = order[len(dims):], True
+    elif set(order[n - len(dims):]) == set(dims):  # innermost: row sums
+        kept_order, rows = order[:n - len(dims)], False
+    else:                                       # neither: a byte copy with the summed dims last
+        order, kept_order, rows = keep + dims, keep, False
+        codes = codes.permute(*order).contiguous().permute(
+            *sorted(range(n), key=order.__getitem__))
+    R = math.prod(codes.shape[d] for d in (dims if rows else keep))
+    K = math.prod(codes.shape[d] for d in (keep if rows else dims))
+    mat = codes.permute(*order).reshape(R, K)
+    length = mat.shape[0] if rows else mat.shape[1]     # the summed extent
+    step = max(1, (_EXACT - 1) // _CODE_BOUND.get(codes.dtype, 2 ** 16))
+    total = None
+    for lo in range(0, max(length, 1), step):
+        part = mat[lo:lo + step] if rows else mat[:, lo:lo + step]
+        part = part.float()
+        ones = part.new_ones(part.shape[0] if rows else part.shape[1])
+        sums = ones @ part if rows else part @ ones
+        if length <= step:
+            total = sums
+        else:
+            total = sums.double() if total is None else total.add_(sums)
+    total = total.to(dtype)
+    inverse = sorted(range(len(kept_order)), key=lambda i: kept_order[i])
+    return total.view([codes.shape[d] for d in kept_order]).permute(*inverse)
+
+
 def _code_sums(codes: torch.Tensor, dim) -> torch.Tensor:
-    """Exact sums of integer codes along ``dim``, as fp32 (exact below 2**24)."""
-    if dim == 0:
-        return _leading_sums(codes)
-    return codes.sum(dim, dtype=torch.int64).float()
-
-
-def _leading_sums(codes: torch.Tensor) -> torch.Tensor:
-    """Exact sums of integer codes over dim 0 (the batch), as fp32, ``codes.shape[1:]``: read in
-    memory order as an ``(N, rest)`` matrix of floats (an fp32 copy and a vectorized column sum:
-    a twentieth of the time of torch's integer reduction over a leading dim of bytes)."""
-    perm = _dense_perm(codes)
-    if perm is None or perm[0] != 0 or codes.shape[0] * 2 ** 16 >= 2 ** 24 \
-            or codes.element_size() > 1:
-        return codes.sum(0, dtype=torch.int64).float()
-    rows = codes.permute(*perm).reshape(codes.shape[0], -1).float().sum(0)
-    inner = [codes.shape[p] for p in perm[1:]]
-    inverse = sorted(range(len(perm) - 1), key=lambda i: perm[1:][i])
-    return rows.view(inner).permute(*inverse)
+    """Exact sums of integer codes along ``dim``, as fp32."""
+    return _exact_sums(codes, [dim])
 
 
 def _conv_shape_args(spec: SiteSpec, w_shape):
@@ -56,11 +91,14 @@ def _window_code_sums(spec: SiteSpec, xq: IntCodes, w_shape) -> torch.Tensor:
         return _code_sums(xq.codes, -1).unsqueeze(-1)
     G, OC = spec.groups, w_shape[0]
     codes = xq.codes
-    # the channel sums first (exact int32), then one box filter per group: a pass over the codes
+    # the channel sums first (exact), then one box filter per group: a pass over the codes
     # instead of a C-channel convolution
-    per_group = codes.reshape(codes.shape[0], G, -1, *codes.shape[2:]).sum(2, dtype=torch.int32)
+    if G == 1:
+        per_group = _exact_sums(codes, [1]).unsqueeze(1)
+    else:
+        per_group = _exact_sums(codes.reshape(codes.shape[0], G, -1, *codes.shape[2:]), [2])
     ones = torch.ones((G, 1, *w_shape[2:]), device=codes.device)
-    sums = CONV_FNS[spec.conv_dims](per_group.float(), ones, None, spec.stride,
+    sums = CONV_FNS[spec.conv_dims](per_group, ones, None, spec.stride,
                                     spec.gemm_padding(w_shape), spec.dilation, G)
     return sums if G == 1 else sums.repeat_interleave(OC // G, dim=1)
 
@@ -115,7 +153,7 @@ def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape) -> torch.Te
     G, Cg = spec.groups, w_shape[1]
     out_sp = _out_sizes(spec, x_shape[2:], w_shape)
     # every sample pairs with the same taps: the batch sum first (exact), then one image
-    sums = _tap_sums(spec, _leading_sums(codes), x_shape[2:], out_sp, w_shape,
+    sums = _tap_sums(spec, _exact_sums(codes, [0]), x_shape[2:], out_sp, w_shape,
                      image=True)                                # (C, *kernel)
     if G == 1:
         return sums.unsqueeze(0)
@@ -152,13 +190,7 @@ def _out_sizes(spec: SiteSpec, size, w_shape) -> list[int]:
 
 
 def _channel_sums(codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Exact sums of int8 codes over every dim but ``channel_dim`` (the bias gradient). Codes with
-    32 or more channels innermost in memory are summed as rows of a ``(rows, C)`` matrix in int32
-    (exact below 2**31 / 128 rows), many times faster than torch's int64 reduction on a wide
-    matrix; with 16 channels the int64 reduction is the faster one (``bench/packing.py``)."""
-    C = codes.shape[channel_dim]
-    last = codes.movedim(channel_dim, -1)
-    rows = codes.numel() // max(C, 1)
-    if C >= 32 and last.is_contiguous() and rows * 128 < 2**31 and codes.element_size() == 1:
-        return last.reshape(rows, C).sum(0, dtype=torch.int32)
-    return codes.sum([d for d in range(codes.dim()) if d != channel_dim], dtype=torch.int64)
+    """Exact sums of integer codes over every dim but ``channel_dim`` (the bias gradient, the
+    sign-flip terms), as int64."""
+    dims = [d for d in range(codes.dim()) if d != channel_dim % codes.dim()]
+    return _exact_sums(codes, dims, torch.float64).long()

@@ -426,13 +426,17 @@ class TVMBackend(ReferenceBackend):
             return y
         if xq.per_row:
             y.mul_(xq.scale)
-        if w_zero:  # sx·zw·(window sums of x's codes)
-            y.add_(_window_code_sums(spec, xq, w_shape).mul_(xq.scale) * _out_channel(spec, wq.zero,
-                                                                                    y.dim()))
+        if w_zero:  # sx·zw·(window sums of x's codes): one pass over y, no temporary of its size
+            y.addcmul_(_window_code_sums(spec, xq, w_shape).mul_(xq.scale),
+                       _out_channel(spec, wq.zero, y.dim()))
+        fixed = None  # the terms every sample shares, added in one pass
         if x_zero:  # zx·(sums of w's values)
-            y.add_(_value_sums(spec, wq, x_shape, w_shape) * xq.zero)
+            fixed = _value_sums(spec, wq, x_shape, w_shape) * xq.zero
         if bias is not None:
-            y.add_(_out_channel(spec, bias, y.dim()))
+            b = _out_channel(spec, bias, y.dim())
+            fixed = b if fixed is None else fixed + b
+        if fixed is not None:
+            y.add_(fixed)
         return y
 
     def _fw_core(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape, scale,
@@ -537,8 +541,8 @@ class TVMBackend(ReferenceBackend):
         if dyq.per_row:
             dx.mul_(dyq.scale)
         if wq.has_zero:  # sd·zw·Σ_n qd
-            dx.add_(_code_sums(dyq.codes, -1).unsqueeze(-1).mul_(dyq.scale)
-                    * wq.zero.reshape(-1))
+            dx.addcmul_(_code_sums(dyq.codes, -1).unsqueeze(-1).mul_(dyq.scale),
+                        wq.zero.reshape(-1))
         if dyq.has_zero:  # zd·Σ_n w
             w = wq.dequantize()
             dx.add_((w.sum(-1).unsqueeze(-2) if spec.kind == "matmul" else w.sum(0))
