@@ -130,20 +130,25 @@ class GateProbe(Function):
     @staticmethod
     def forward(ctx, qx, onehot, x, quantize_at: Callable[[torch.Tensor, int], torch.Tensor],
                 candidates: tuple[int, ...],
-                quantized: Callable[[], torch.Tensor] | None = None):
+                quantized: Callable[[], torch.Tensor] | None = None,
+                probe: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         # ``quantized``: makes the per-sample quantized values when ``qx`` is not them (an integer
-        # backend passes ``x`` through and keeps codes: they are dequantized in backward)
-        ctx.save_for_backward(x, qx if quantized is None else None)
-        ctx.quantized = quantized
+        # backend passes ``x`` through and keeps codes: they are dequantized in backward).
+        # ``probe(x, dqx)``: a backend's fused form of the sums below, ``(N, len(candidates))``
+        ctx.save_for_backward(x, qx if quantized is None and probe is None else None)
+        ctx.quantized, ctx.probe = quantized, probe
         ctx.quantize_at, ctx.candidates = quantize_at, candidates
         return qx.view_as(qx)
 
     @staticmethod
     def backward(ctx, dqx):
         x, qx = ctx.saved_tensors
+        if ctx.probe is not None:
+            return dqx, ctx.probe(x, dqx), None, None, None, None, None
         if ctx.quantized is not None:
             qx = ctx.quantized()
         dims = list(range(1, x.dim()))
         per_bits = {bits: (dqx * (ctx.quantize_at(x, bits) - qx)).sum(dims)
                     for bits in set(ctx.candidates)}  # candidates often share an ``a``
-        return dqx, torch.stack([per_bits[b] for b in ctx.candidates], 1), None, None, None, None
+        return dqx, torch.stack([per_bits[b] for b in ctx.candidates], 1), None, None, None, None, \
+            None

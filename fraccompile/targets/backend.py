@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.backend import CHANNELS_LAST, INTEGER_KERNELS, ReferenceBackend
-from ..ops.contract import SiteCall
+from ..ops.contract import GateDecision, SiteCall
 from ..ops.functions import GateProbe
 from ..ops.quantizers import (input_channel_range, qparams_from_range, quantize_activation,
                                tensor_range, weight_range)
@@ -233,10 +233,42 @@ class TVMBackend(ReferenceBackend):
         if d is not None:  # the gate's gradient, as the reference's GateProbe gives it
             def quantize_at(t: torch.Tensor, k: int) -> torch.Tensor:
                 return quantize_activation(t, k, call.scheme, lo=lo, hi=hi)
-            x = GateProbe.apply(x, d.onehot, x.detach(), quantize_at, d.a, xq.dequantize)
+            probe = None if self.on_gpu(x) else self._gate_probe(d, call.scheme, lo, hi)
+            x = GateProbe.apply(x, d.onehot, x.detach(), quantize_at, d.a,
+                                xq.dequantize if probe is None else None, probe)
         norm = call.epilogue_norm
         return IntSiteGemm.apply(x, w, b, xq, wq, call, self, getattr(norm, "weight", None),
                                  getattr(norm, "bias", None), wq_eb)
+
+    def _gate_probe(self, d: GateDecision, scheme: str, lo: torch.Tensor, hi: torch.Tensor):
+        """GateProbe's sums for the routed decision ``d`` as one kernel pass (:mod:`.probe`):
+        ``probe(x, dqx) -> (N, len(candidates))``, the input's grid spanning ``[lo, hi]``."""
+        bits = sorted(set(d.a))
+        qps = [qparams_from_range(lo, hi, b, scheme) for b in bits]
+        grids = torch.stack([torch.stack([qp.scale.reshape(()).float(), qp.zero.reshape(()).float(),
+                                          torch.tensor(float(qp.qmin)),
+                                          torch.tensor(float(qp.qmax))]) for qp in qps])
+        where = self.where
+        ref = KernelRef("gate_probe", (len(bits),))
+
+        def probe(x: torch.Tensor, dqx: torch.Tensor) -> torch.Tensor:
+            row_bits = d.row_bits("a")
+            index = torch.searchsorted(torch.tensor(bits), row_bits.cpu())
+            rows = grids[index].contiguous()
+            perm = _dense_perm(x)
+            if perm is None or perm[0] != 0:
+                x, perm = x.contiguous(), list(range(x.dim()))
+            xs = x.permute(*perm)
+            gs = dqx.permute(*perm)
+            if not gs.is_contiguous():
+                gs = gs.contiguous()
+            N = x.shape[0]
+            out = torch.empty((N, len(bits)))
+            if self.recorder is not None:
+                self.recorder.kernel(ref, where)
+            self.kernel(ref)(xs.reshape(N, -1), gs.reshape(N, -1), grids, rows, out)
+            return out[:, [bits.index(b) for b in d.a]]
+        return probe
 
     # -- the integer GEMM --------------------------------------------------------------------------
     def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

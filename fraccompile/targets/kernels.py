@@ -3,7 +3,8 @@
 A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
 quantizer of one dtype and rounding mode, the dequantize epilogue (of a GEMM's int32 product, or of
 a tensor's codes), an operand pack kernel of one layout, the sub-byte (un)packer of saved codes
-of one width, or the conv patch packer of one conv geometry. Its :attr:`~KernelRef.name` is the
+of one width, the gate probe of a routed site with K candidates, or the conv patch packer of
+one conv geometry. Its :attr:`~KernelRef.name` is the
 symbol it has in an exported library. Providers turn references into callables:
 
 * :class:`JitKernels` builds on first use, through the on-disk cache (GEMMs with the tile a tuning
@@ -22,14 +23,14 @@ import hashlib
 import pathlib
 from dataclasses import dataclass, replace
 
-from . import conv, gemm, pack, quantize, subbyte
+from . import conv, gemm, pack, probe, quantize, subbyte
 from .cache import KernelCache
 from .host import HostTarget, detect
 
 KINDS = ("gemm", "conv", "conv_dq", "gc", "quantize", "dequant", "dequant_codes", "pack_a",
-         "pack_b", "pack_conv_a", "pack_conv_b", "pack_codes", "unpack_codes")
+         "pack_b", "pack_conv_a", "pack_conv_b", "pack_codes", "unpack_codes", "gate_probe")
 KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py",
-                "subbyte.py")
+                "subbyte.py", "probe.py")
 
 
 @functools.lru_cache(maxsize=None)  # read once per process, as gemm.source_hash
@@ -113,7 +114,8 @@ _BUILDERS = {"conv": conv.schedule,
              "pack_conv_a": pack.conv_a_schedule,
              "pack_conv_b": pack.conv_b_schedule,
              "pack_codes": subbyte.pack_schedule,
-             "unpack_codes": subbyte.unpack_schedule}
+             "unpack_codes": subbyte.unpack_schedule,
+             "gate_probe": probe.schedule}
 
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
 SERIAL_KINDS = ("quantize", "dequant", "dequant_codes", "pack_a", "pack_b", "pack_codes",
