@@ -223,11 +223,17 @@ def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochast
     shared range, so only the step differs): the reference's
     :func:`~fraccompile.ops.quantizers.quantize_rows`, group by group in the same order (the same
     random draws), with a per-sample scale ``(N, 1, ...)``; each group through the fused
-    quantizer (``kernel``, see :func:`_to_codes`) when the codes are 8-bit."""
+    quantizer (``kernel``, see :func:`_to_codes`) when the codes are 8-bit. Rounding to nearest
+    (the activations) draws nothing: one kernel pass with a grid per sample."""
     groups = [(int(b), (row_bits == b).nonzero().flatten()) for b in torch.unique(row_bits)]
     grids = {b: qp_for_bits(b) for b, _ in groups}
     widest = grids[max(grids)]
     dtype = _code_dtype(widest)
+    perm = _dense_perm(x)
+    if (kernel is not None and not stochastic and dtype.itemsize == 1 and x.dtype == torch.float32
+            and perm is not None and perm[0] == 0 and all(qp.scale.numel() == 1
+                                                          for qp in grids.values())):
+        return _row_codes_fused(x, row_bits, grids, perm, dtype, asymmetric, kernel)
     codes = torch.empty(x.shape, dtype=dtype, device=x.device)
     scale = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device)
     qmax = torch.empty_like(scale)
@@ -242,6 +248,28 @@ def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochast
         scale[rows] = qp.scale.reshape(1).float()
         qmax[rows] = qp.qmax
     return IntCodes(codes, scale, widest.qmin < 0, widest.zero if asymmetric else None, qmax)
+
+
+def _row_codes_fused(x, row_bits, grids: dict, perm, dtype, asymmetric: bool, kernel) -> IntCodes:
+    """:func:`_row_codes` rounding to nearest as one kernel pass with a grid per sample
+    (:func:`.quantize.rows_definition`): the same codes, no gather or scatter per group."""
+    bits = sorted(grids)
+    table = torch.stack([torch.stack([grids[b].scale.reshape(()).float(),
+                                      grids[b].zero.reshape(()).float(),
+                                      torch.tensor(float(grids[b].qmin)),
+                                      torch.tensor(float(grids[b].qmax))]) for b in bits])
+    rows = table[torch.searchsorted(torch.tensor(bits), row_bits.cpu())].contiguous()
+    xd = x.permute(*perm)
+    N = x.shape[0]
+    codes = torch.empty(xd.shape, dtype=dtype)
+    name = str(dtype).removeprefix("torch.")
+    kernel(KernelRef("quantize_rows", (name,), serial=_serial(x.numel() * 5)))(
+        xd.reshape(N, -1), rows, codes.view(N, -1))
+    inverse = sorted(range(len(perm)), key=perm.__getitem__)
+    shape = (N,) + (1,) * (x.dim() - 1)
+    widest = grids[bits[-1]]
+    return IntCodes(codes.permute(*inverse), rows[:, 0].reshape(shape).clone(), widest.qmin < 0,
+                    widest.zero if asymmetric else None, rows[:, 3].reshape(shape).clone())
 
 
 class PackedCodes:

@@ -1,7 +1,7 @@
 """Every kernel the ``tvm`` backend calls, by name, and where the compiled code comes from.
 
 A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
-quantizer of one dtype and rounding mode, the dequantize epilogue (of a GEMM's int32 product, or of
+quantizer of one dtype and rounding mode (per tensor, or per sample), the dequantize epilogue (of a GEMM's int32 product, or of
 a tensor's codes), an operand pack kernel of one layout, the sub-byte (un)packer of saved codes
 of one width, the gate probe of a routed site with K candidates, or the conv patch packer of
 one conv geometry. Its :attr:`~KernelRef.name` is the
@@ -28,7 +28,8 @@ from .cache import KernelCache
 from .host import HostTarget, detect
 
 KINDS = ("gemm", "conv", "conv_dq", "gc", "quantize", "dequant", "dequant_codes", "pack_a",
-         "pack_b", "pack_conv_a", "pack_conv_b", "pack_codes", "unpack_codes", "gate_probe")
+         "pack_b", "pack_conv_a", "pack_conv_b", "pack_codes", "unpack_codes", "gate_probe",
+         "quantize_rows")
 KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py",
                 "subbyte.py", "probe.py")
 
@@ -115,11 +116,12 @@ _BUILDERS = {"conv": conv.schedule,
              "pack_conv_b": pack.conv_b_schedule,
              "pack_codes": subbyte.pack_schedule,
              "unpack_codes": subbyte.unpack_schedule,
-             "gate_probe": probe.schedule}
+             "gate_probe": probe.schedule,
+             "quantize_rows": quantize.rows_schedule}
 
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
 SERIAL_KINDS = ("quantize", "dequant", "dequant_codes", "pack_a", "pack_b", "pack_codes",
-                "unpack_codes")
+                "unpack_codes", "quantize_rows")
 _PARALLEL = ([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
              + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
              + [KernelRef("dequant", ())]
@@ -127,7 +129,8 @@ _PARALLEL = ([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (Fals
              + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
              + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")]
              + [KernelRef(kind, (width,)) for kind in ("pack_codes", "unpack_codes")
-                for width in subbyte.WIDTHS])
+                for width in subbyte.WIDTHS]
+             + [KernelRef("quantize_rows", (d,)) for d in ("int8", "uint8")])
 GENERIC = tuple(_PARALLEL + [replace(r, serial=True) for r in _PARALLEL])
 
 

@@ -134,6 +134,38 @@ def definition(out_dtype: str, stochastic: bool, parallel: bool = True) -> tvm.t
     return main
 
 
+def rows_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
+    """``main(x, rows, q)``: round to nearest with one grid per sample, ``x``/``q`` ``(N, S)`` in
+    memory order, ``rows`` ``(N, 4)`` = (scale, zero, qmin, qmax) of each sample: the codes of a
+    DFQ-routed site's input in one pass (the reference quantizes group by group, gathering and
+    scattering the samples of each precision; the arithmetic per element is the same)."""
+    L = T.int64(64)
+    loop = T.parallel if parallel else T.serial
+
+    def code(x, rows, n, s):
+        return T.Cast(out_dtype, T.max(T.min(T.nearbyint((x[n, s] - rows[n, 1]) / rows[n, 0]),
+                                             rows[n, 3]), rows[n, 2]))
+
+    @T.prim_func(s_tir=True)
+    def main(x_h: T.handle, rows_h: T.handle, q_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        N, S = T.int64(), T.int64()
+        x = T.match_buffer(x_h, (N, S), "float32")
+        rows = T.match_buffer(rows_h, (N, 4), "float32")
+        q = T.match_buffer(q_h, (N, S), out_dtype)
+        for n in loop(N):
+            for j in range(S // L):
+                for v in T.vectorized(L):
+                    q[n, j * L + v] = code(x, rows, n, j * L + v)
+            for s in range(S // L * L, S):
+                q[n, s] = code(x, rows, n, s)
+    return main
+
+
+def rows_schedule(out_dtype: str, parallel: bool = True) -> s_tir.Schedule:
+    return s_tir.Schedule(rows_definition(out_dtype, parallel))
+
+
 def schedule(out_dtype: str, stochastic: bool, noise: str = "torch",
              parallel: bool = True) -> s_tir.Schedule:
     """The kernel as a schedule (its loops are already final), for export; ``noise="counter"``

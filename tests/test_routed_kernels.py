@@ -1,5 +1,7 @@
-"""The tvm backend's fused gate probe (fraccompile/targets/probe.py) against GateProbe's torch sums:
-per sample and candidate, ``Σ dqx·(q_k(x) - qx)``, in any layout of ``x`` and ``dqx``."""
+"""The tvm backend's one-pass kernels of DFQ-routed sites: the input's codes with a grid per sample
+(bit for bit the reference's group-by-group codes), and the fused gate probe
+(fraccompile/targets/probe.py) against GateProbe's torch sums ``Σ dqx·(q_k(x) - qx)`` per sample
+and candidate, in any layout of ``x`` and ``dqx``."""
 
 from __future__ import annotations
 
@@ -50,3 +52,34 @@ def test_fused_gate_probe_matches_torch(scheme, shape, x_layout, g_layout):
     assert got.shape == (shape[0], 5)
     scale = ref.abs().max().clamp_min(1e-6)
     assert ((got - ref).abs().max() / scale) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
+@pytest.mark.parametrize("shape,layout", [((7, 16, 5, 6), "cl"), ((7, 3, 9, 9), "nchw"),
+                                          ((6, 5, 70), "nchw")])
+def test_per_sample_codes_in_one_pass_equal_group_by_group(scheme, shape, layout):
+    from fraccompile.ops.backend import get_backend
+    from fraccompile.targets.codes import _row_codes
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=gen) * 3
+    if scheme == "symmetric":
+        x = x.relu()
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    row_bits = torch.tensor([(3, 4, 6, 8, 2)[i % 5] for i in range(shape[0])])
+    lo, hi = torch.aminmax(x)
+
+    def grid(b):
+        return qparams_from_range(lo, hi, b, scheme)
+
+    kernel = get_backend("tvm").kernel
+    fused = _row_codes(x, row_bits, grid, asymmetric=scheme == "sbm", kernel=kernel)
+    looped = _row_codes(x, row_bits, grid, asymmetric=scheme == "sbm", kernel=None)
+    assert fused.codes.dtype == looped.codes.dtype
+    assert torch.equal(fused.codes, looped.codes)
+    assert torch.equal(fused.scale, looped.scale) and torch.equal(fused.qmax, looped.qmax)
+    if layout == "cl":  # the codes keep the input's layout (the conv kernels read it as is)
+        assert fused.codes.is_contiguous(memory_format=torch.channels_last)
+    ref = quantize_rows(x, row_bits, grid)
+    assert torch.equal(fused.dequantize(), ref)
