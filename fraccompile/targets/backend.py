@@ -355,17 +355,19 @@ class TVMBackend(ReferenceBackend):
         return host is not None and host.isa == "avx512-vnni"
 
     def _conv_implicit(self, spec: SiteSpec, xq: IntCodes, xl: torch.Tensor, wr: torch.Tensor,
-                       w_shape, out_sp, scale, bias, rows: torch.Tensor) -> bool:
+                       w_shape, out_sp, scale, bias, rows: torch.Tensor,
+                       row_term=None) -> bool | None:
         """The forward of a 2-D conv as an implicit GEMM (:mod:`.conv`) into ``rows (N·OH·OW,
-        OC)``: the codes ``xl (N, H, W, C)`` padded and sign-flipped once, no patch matrix. False
+        OC)``: the codes ``xl (N, H, W, C)`` padded and sign-flipped once, no patch matrix. None
         (nothing done) where it does not apply: no VNNI, ``C`` not a multiple of 4, or no register
-        block dividing the output width."""
+        block dividing the output width; else whether ``row_term`` (``(r, t)``: ``r (N, 1, OH,
+        OW)·t`` per channel, see :meth:`fw`) was added in the write-back."""
         if not self._vnni:
-            return False
+            return None
         shape = conv.forward_shape(xl.shape, w_shape, spec.stride, spec.gemm_padding(w_shape),
                                    spec.dilation, out_sp, MAX_K)
         if shape is None:
-            return False
+            return None
         N, H, W, Cin = xl.shape
         OC, K = wr.shape[1:]
         (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
@@ -379,20 +381,23 @@ class TVMBackend(ReferenceBackend):
               else torch.zeros((1, OC), dtype=torch.int32))
         M = N * math.prod(out_sp)
         if shape.ocp == OC:  # the dequantize in the kernel's write-back: fp32 rows, one pass
-            ref = KernelRef("conv_dq", shape.args)
+            ref = KernelRef("conv_dqz" if row_term is not None else "conv_dq", shape.args)
             if self.recorder is not None:
                 self.recorder.kernel(ref, self.where)
+            extra = () if row_term is None else (
+                row_term[0].reshape(N, *out_sp).contiguous(),
+                row_term[1].reshape(-1).float().expand(OC).contiguous())
             self.kernel(ref)(X, Bp[0], cc[0], scale.reshape(-1).float().expand(OC).contiguous(),
                              bias.float().contiguous() if bias is not None
-                             else torch.zeros(OC), rows.view(N, *out_sp, OC))
-            return True
+                             else torch.zeros(OC), *extra, rows.view(N, *out_sp, OC))
+            return row_term is not None
         C = self.scratch("c", (1, M, shape.ocp), torch.int32)
         ref = KernelRef("conv", shape.args)
         if self.recorder is not None:
             self.recorder.kernel(ref, self.where)
         self.kernel(ref)(X, Bp[0], C.view(N, *out_sp, shape.ocp))
         self._dequant(C, C.new_zeros((1, M)), cc, scale, bias, rows.view(1, M, OC), 1, M, OC)
-        return True
+        return False
 
     def _gc_implicit(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, xl: torch.Tensor, w_shape,
                      scale) -> torch.Tensor | None:
@@ -452,8 +457,18 @@ class TVMBackend(ReferenceBackend):
         x_zero, w_zero = xq.has_zero, wq.has_zero
         late = xq.per_row or x_zero or w_zero
         scale = _scalar_scale(xq) * wq.scale.reshape(-1)
-        y = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias,
-                          temporary)
+        if late and w_zero and not (xq.per_row or x_zero) and spec.kind == "conv":
+            # the weight zero point's term is rank one: (window sums)[position]·zw[channel],
+            # added in the implicit conv's write-back where it runs (else one pass after)
+            r = _window_code_sums(spec, xq, w_shape).mul_(xq.scale)
+            t = _out_channel(spec, wq.zero, r.dim())
+            y, taken = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, bias, temporary,
+                                     row_term=(r, t))
+            if not taken:
+                y.addcmul_(r, t)
+            return y
+        y, _ = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias,
+                             temporary)
         if not late:
             return y
         if xq.per_row:
@@ -472,15 +487,17 @@ class TVMBackend(ReferenceBackend):
         return y
 
     def _fw_core(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape, scale,
-                 bias, temporary: bool) -> torch.Tensor:
+                 bias, temporary: bool, row_term=None) -> tuple[torch.Tensor, bool]:
+        """``(y, taken)``: the scaled integer product plus ``bias``, and whether ``row_term``
+        (a conv's, see :meth:`fw`) was added too."""
         if spec.kind == "linear":
             K = x_shape[-1]
             y = self.gemm_f32(xq.codes.reshape(1, -1, K), wq.codes.unsqueeze(0), scale, bias)
-            return y.reshape(*x_shape[:-1], w_shape[0])
+            return y.reshape(*x_shape[:-1], w_shape[0]), False
         if spec.kind == "matmul":
             xb, yb, batch = _matmul_batches(xq.codes, wq.codes)
             y = self.gemm_f32(xb, yb.mT, scale)
-            return y.reshape(*batch, *y.shape[-2:])
+            return y.reshape(*batch, *y.shape[-2:]), False
         G, OC, n = spec.groups, w_shape[0], x_shape[0]
         xl = xq.codes.permute(0, *range(2, 2 + spec.conv_dims), 1)
         wr = _weight_rows(wq.codes, G)                              # (G, OCg, k·Cg)
@@ -498,23 +515,25 @@ class TVMBackend(ReferenceBackend):
         fused = d == 2 and G == 1 and not self.on_gpu(xl)
         if fused:  # the fused paths read channels-last codes: a byte copy when they are not
             xl = xl.contiguous()
-        if fused and self._conv_implicit(spec, xq, xl, wr, w_shape, out_sp, scale, bias, rows):
-            return y
+        taken = self._conv_implicit(spec, xq, xl, wr, w_shape, out_sp, scale, bias, rows,
+                                    row_term) if fused else None
+        if taken is not None:
+            return y, taken
         if fused and wr.shape[-1] <= MAX_K_UNSIGNED:  # A packed from x: no im2col copy
             alpha = 128 if xq.signed else 0
             self._gemm(1, rows.shape[0] * math.prod(out_sp), alpha,
                        self._conv_a_packer(spec, xl, w_shape, alpha), OC, wr.shape[-1],
                        *self._b_packer(wr), dequant=(scale, bias, rows.view(1, -1, OC)))
-            return y
+            return y, False
         cols, _ = _im2col(xq.codes, spec, w_shape)                 # (G, M, k·Cg)
         if G == 1:
             self.gemm_f32(cols, wr, scale, bias, out=rows.view(1, -1, OC))
-            return y
+            return y, False
         C = self.gemm(cols, wr).permute(1, 0, 2).reshape(-1, OC)   # (M, OC): scale per group
         torch.mul(C, scale, out=rows.view(-1, OC))
         if bias is not None:
             y.add_(bias.reshape(1, -1, *([1] * d)))
-        return y
+        return y, False
 
     def eb(self, spec: SiteSpec, dyq: IntCodes, xq: IntCodes, wq: IntCodes, x_shape, w_shape,
            column_scales: bool = False):
@@ -604,7 +623,8 @@ class TVMBackend(ReferenceBackend):
         dx = torch.empty_strided((N, C, H, W), (H * W * C, 1, W * C, C))  # channels-last
         rows = dx.permute(0, 2, 3, 1)
         transposed = SiteSpec.conv(2, 1, pad, spec.dilation)
-        if not self._conv_implicit(transposed, dyq, dyl, w_rows, wt, [H, W], scale, None, rows):
+        if self._conv_implicit(transposed, dyq, dyl, w_rows, wt, [H, W], scale, None,
+                               rows) is None:
             return None
         return dx
 

@@ -98,11 +98,13 @@ def forward_shape(x_shape, w_shape, stride, padding, dilation, out_sp,
                      -(-oc // (16 * nb)) * 16 * nb, mb, nb)
 
 
-def definition(s: ConvShape, dequantize: bool = False):
+def definition(s: ConvShape, dequantize: bool = False, row_term: bool = False):
     """The int32 product ``C`` (``main(X, B, C)``); with ``dequantize`` the output is fp32
     ``Y[b, y, x, o] = float(C[b, y, x, o] + cc[o]) · scale[o] + bias[o]`` instead
     (``main(X, B, cc, scale, bias, Y)``), the backend's dequantize epilogue
-    (:func:`fraccompile.targets.quantize.dequant_definition` with no row term)."""
+    (:func:`fraccompile.targets.quantize.dequant_definition` with no row term). ``row_term``
+    adds a rank-one term ``r[b, y, x] · t[o]`` (``main(X, B, cc, scale, bias, r, t, Y)``): a
+    weight zero point's, ``sx·Σ_window qx`` per output position times ``zw`` per channel."""
     X = te.placeholder((s.n, s.hp, s.wp, s.c), "uint8", name="X")
     B = te.placeholder((s.ocp // 16, s.kh * s.kw * s.c // 4, 16, 4), "int8", name="B")
     ri = te.reduce_axis((0, s.kh), name="ri")
@@ -121,31 +123,45 @@ def definition(s: ConvShape, dequantize: bool = False):
     cc = te.placeholder((s.ocp,), "int32", name="cc")
     scale = te.placeholder((s.ocp,), "float32", name="scale")
     bias = te.placeholder((s.ocp,), "float32", name="bias")
+    if not row_term:
+        Y = te.compute((s.n, s.oh, s.ow, s.ocp),
+                       lambda b, y, x, o: (C[b, y, x, o] + cc[o]).astype("float32") * scale[o]
+                       + bias[o], name="Y")
+        return te.create_prim_func([X, B, cc, scale, bias, Y]).with_attr("global_symbol", "main")
+    r = te.placeholder((s.n, s.oh, s.ow), "float32", name="r")
+    t = te.placeholder((s.ocp,), "float32", name="t")
     Y = te.compute((s.n, s.oh, s.ow, s.ocp),
                    lambda b, y, x, o: (C[b, y, x, o] + cc[o]).astype("float32") * scale[o]
-                   + bias[o], name="Y")
-    return te.create_prim_func([X, B, cc, scale, bias, Y]).with_attr("global_symbol", "main")
+                   + bias[o] + r[b, y, x] * t[o], name="Y")
+    return te.create_prim_func([X, B, cc, scale, bias, r, t, Y]).with_attr("global_symbol",
+                                                                           "main")
 
 
-def schedule(*args, dequantize: bool = False) -> s_tir.Schedule:
+def schedule(*args, dequantize: bool = False, row_term: bool = False) -> s_tir.Schedule:
     """The scheduled conv for :class:`ConvShape` ``args`` (VNNI only); ``dequantize``: the fp32
     form of :func:`definition`, its epilogue applied to the accumulators as they leave the
     registers (no int32 product in memory, no second pass over it)."""
     s = ConvShape(*args)
-    sch = s_tir.Schedule(definition(s, dequantize))
+    sch = s_tir.Schedule(definition(s, dequantize or row_term, row_term))
     blk = sch.get_sblock("C")
     b, y, x, o, ri, rj, rc = sch.get_loops(blk)
     xo, xi = sch.split(x, [None, s.mb])
     oo, on, ol = sch.split(o, [None, s.nb, 16])
     rco, rci = sch.split(rc, [None, 4])
     sch.reorder(b, y, oo, xo, ri, rj, rco, xi, on, ol, rci)
-    vnni_block(sch, ol, xo, (b, y, oo), ri, (on, xi), epilogue="Y" if dequantize else None)
+    vnni_block(sch, ol, xo, (b, y, oo), ri, (on, xi),
+               epilogue="Y" if dequantize or row_term else None)
     return sch
 
 
 def dq_schedule(*args) -> s_tir.Schedule:
     """:func:`schedule` with ``dequantize`` (the kernel kind ``conv_dq``)."""
     return schedule(*args, dequantize=True)
+
+
+def dqz_schedule(*args) -> s_tir.Schedule:
+    """:func:`schedule` with ``dequantize`` and the rank-one ``row_term`` (kind ``conv_dqz``)."""
+    return schedule(*args, dequantize=True, row_term=True)
 
 
 @dataclass(frozen=True)

@@ -143,8 +143,8 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
                              "C": [s.groups, s.m, s.n]},
                      tile=[s.tile.mb, s.tile.nb, s.tile.kb],
                      problems=[list(p) for p in sorted(info["problems"])])
-    elif ref.kind in ("conv", "conv_dq", "gc"):
-        dtypes = DTYPES + ("->f32" if ref.kind == "conv_dq" else "")
+    elif ref.kind in ("conv", "conv_dq", "conv_dqz", "gc"):
+        dtypes = DTYPES + ("->f32" if ref.kind in ("conv_dq", "conv_dqz") else "")
         entry.update(dtypes=dtypes, precision="1..8 bits (u8/s8 codes)",
                      shapes={"geometry": list(ref.args)})
     elif ref.kind == "quantize":
@@ -425,6 +425,8 @@ class ExportedKernels:
 
 _KIND_NAMES = {"conv": "the implicit-GEMM conv forward",
                "conv_dq": "the implicit-GEMM conv forward with its dequantize epilogue",
+               "conv_dqz": "the implicit-GEMM conv forward with its dequantize epilogue and a "
+                           "weight zero point's term",
                "gc": "the implicit-GEMM conv weight gradient"}
 
 

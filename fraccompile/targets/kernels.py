@@ -27,7 +27,7 @@ from . import conv, gemm, pack, probe, quantize, subbyte
 from .cache import KernelCache
 from .host import HostTarget, detect
 
-KINDS = ("gemm", "conv", "conv_dq", "gc", "quantize", "dequant", "dequant_codes", "pack_a",
+KINDS = ("gemm", "conv", "conv_dq", "conv_dqz", "gc", "quantize", "dequant", "dequant_codes", "pack_a",
          "pack_b", "pack_conv_a", "pack_conv_b", "pack_codes", "unpack_codes", "gate_probe",
          "quantize_rows")
 KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py",
@@ -106,6 +106,7 @@ class KernelRef:
 # kind -> its schedule, for the non-GEMM kernels
 _BUILDERS = {"conv": conv.schedule,
              "conv_dq": conv.dq_schedule,
+             "conv_dqz": conv.dqz_schedule,
              "gc": conv.gc_schedule,
              "quantize": quantize.schedule,
              "dequant": quantize.dequant_schedule,
