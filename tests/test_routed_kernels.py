@@ -83,3 +83,35 @@ def test_per_sample_codes_in_one_pass_equal_group_by_group(scheme, shape, layout
         assert fused.codes.is_contiguous(memory_format=torch.channels_last)
     ref = quantize_rows(x, row_bits, grid)
     assert torch.equal(fused.dequantize(), ref)
+
+
+@pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
+@pytest.mark.parametrize("shape,layout", [((7, 16, 5, 6), "cl"), ((7, 3, 9, 9), "nchw"),
+                                          ((6, 5, 70), "nchw")])
+@pytest.mark.parametrize("g_bits", [(6, 8), (6, 12)])
+def test_per_sample_gradient_codes_in_one_pass_take_the_reference_draws(scheme, shape, layout,
+                                                                        g_bits):
+    """Stochastic rounding with counter noise per sample: one pass, the same codes as the
+    reference's group-by-group quantizer with its seeds (12-bit codes too)."""
+    from fraccompile.ops.backend import get_backend
+    from fraccompile.targets.codes import _row_codes
+
+    gen = torch.Generator().manual_seed(2)
+    dy = torch.randn(*shape, generator=gen)
+    if layout == "cl":
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    row_bits = torch.tensor([g_bits[i % 2] for i in range(shape[0])])
+    lo, hi = torch.aminmax(dy)
+
+    def grid(b):
+        return qparams_from_range(lo, hi, b, scheme, signed=True)
+
+    torch.manual_seed(9)
+    fused = _row_codes(dy, row_bits, grid, stochastic=True, noise="counter",
+                       asymmetric=scheme == "sbm", kernel=get_backend("tvm").kernel)
+    after_fused = torch.rand(1)
+    torch.manual_seed(9)
+    ref = quantize_rows(dy, row_bits, grid, stochastic=True, noise="counter")
+    after_ref = torch.rand(1)
+    assert torch.equal(fused.dequantize(), ref)
+    assert torch.equal(after_fused, after_ref)  # as many draws as the reference takes

@@ -230,10 +230,11 @@ def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochast
     widest = grids[max(grids)]
     dtype = _code_dtype(widest)
     perm = _dense_perm(x)
-    if (kernel is not None and not stochastic and dtype.itemsize == 1 and x.dtype == torch.float32
-            and perm is not None and perm[0] == 0 and all(qp.scale.numel() == 1
-                                                          for qp in grids.values())):
-        return _row_codes_fused(x, row_bits, grids, perm, dtype, asymmetric, kernel)
+    if (kernel is not None and (not stochastic or noise == "counter")
+            and x.dtype == torch.float32 and perm is not None and perm[0] == 0
+            and x.numel() < 2**31 and all(qp.scale.numel() == 1 for qp in grids.values())):
+        return _row_codes_fused(x, row_bits, groups, grids, perm, dtype, asymmetric, kernel,
+                                stochastic)
     codes = torch.empty(x.shape, dtype=dtype, device=x.device)
     scale = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device)
     qmax = torch.empty_like(scale)
@@ -250,9 +251,12 @@ def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochast
     return IntCodes(codes, scale, widest.qmin < 0, widest.zero if asymmetric else None, qmax)
 
 
-def _row_codes_fused(x, row_bits, grids: dict, perm, dtype, asymmetric: bool, kernel) -> IntCodes:
-    """:func:`_row_codes` rounding to nearest as one kernel pass with a grid per sample
-    (:func:`.quantize.rows_definition`): the same codes, no gather or scatter per group."""
+def _row_codes_fused(x, row_bits, groups, grids: dict, perm, dtype, asymmetric: bool, kernel,
+                     stochastic: bool) -> IntCodes:
+    """:func:`_row_codes` as one kernel pass with a grid per sample
+    (:func:`.quantize.rows_definition`, or with counter noise
+    :func:`.quantize.rows_counter_definition`, each group's seed drawn in the reference's
+    order): the same codes, no gather or scatter per group."""
     bits = sorted(grids)
     table = torch.stack([torch.stack([grids[b].scale.reshape(()).float(),
                                       grids[b].zero.reshape(()).float(),
@@ -263,8 +267,22 @@ def _row_codes_fused(x, row_bits, grids: dict, perm, dtype, asymmetric: bool, ke
     N = x.shape[0]
     codes = torch.empty(xd.shape, dtype=dtype)
     name = str(dtype).removeprefix("torch.")
-    kernel(KernelRef("quantize_rows", (name,), serial=_serial(x.numel() * 5)))(
-        xd.reshape(N, -1), rows, codes.view(N, -1))
+    serial = _serial(x.numel() * 5)
+    if not stochastic:
+        kernel(KernelRef("quantize_rows", (name,), serial=serial))(
+            xd.reshape(N, -1), rows, codes.view(N, -1))
+    else:  # the reference's draws: per group (ascending bits), its samples' ranks in it
+        rank = torch.empty(N, dtype=torch.int32)
+        seed = torch.empty(N, dtype=torch.int32)
+        for b, members in groups:
+            rank[members] = torch.arange(len(members), dtype=torch.int32)
+            seed[members] = noise_seed()
+        if perm == list(range(x.dim())):
+            flat = xd.reshape(N, -1, 1) if x.dim() > 1 else xd.reshape(N, 1, 1)
+        else:  # channels-last: (N, spatial, C), the logical index n·C·S + c·S + s
+            flat = xd.reshape(N, -1, x.shape[1])
+        kernel(KernelRef("quantize_rows_counter", (name,), serial=serial))(
+            flat, rows, rank, seed, codes.view(flat.shape))
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
     shape = (N,) + (1,) * (x.dim() - 1)
     widest = grids[bits[-1]]

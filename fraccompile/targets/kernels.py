@@ -29,7 +29,7 @@ from .host import HostTarget, detect
 
 KINDS = ("gemm", "conv", "conv_dq", "conv_dqz", "gc", "quantize", "dequant", "dequant_codes", "pack_a",
          "pack_b", "pack_conv_a", "pack_conv_b", "pack_codes", "unpack_codes", "gate_probe",
-         "quantize_rows")
+         "quantize_rows", "quantize_rows_counter")
 KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py",
                 "subbyte.py", "probe.py")
 
@@ -118,11 +118,12 @@ _BUILDERS = {"conv": conv.schedule,
              "pack_codes": subbyte.pack_schedule,
              "unpack_codes": subbyte.unpack_schedule,
              "gate_probe": probe.schedule,
-             "quantize_rows": quantize.rows_schedule}
+             "quantize_rows": quantize.rows_schedule,
+             "quantize_rows_counter": quantize.rows_counter_schedule}
 
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
 SERIAL_KINDS = ("quantize", "dequant", "dequant_codes", "pack_a", "pack_b", "pack_codes",
-                "unpack_codes", "quantize_rows")
+                "unpack_codes", "quantize_rows", "quantize_rows_counter")
 _PARALLEL = ([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
              + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
              + [KernelRef("dequant", ())]
@@ -131,7 +132,8 @@ _PARALLEL = ([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (Fals
              + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")]
              + [KernelRef(kind, (width,)) for kind in ("pack_codes", "unpack_codes")
                 for width in subbyte.WIDTHS]
-             + [KernelRef("quantize_rows", (d,)) for d in ("int8", "uint8")])
+             + [KernelRef(kind, (d,)) for kind in ("quantize_rows", "quantize_rows_counter")
+                for d in ("int8", "uint8", "int32")])
 GENERIC = tuple(_PARALLEL + [replace(r, serial=True) for r in _PARALLEL])
 
 

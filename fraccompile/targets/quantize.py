@@ -162,6 +162,45 @@ def rows_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     return main
 
 
+def rows_counter_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
+    """``main(x, rows, rank, seed, q)``: stochastic rounding with counter noise and one grid per
+    sample (:func:`rows_definition`'s ``rows``), ``x``/``q`` ``(N, S, C)`` in memory order as
+    :func:`counter_definition` takes them. The reference quantizes each precision's samples as
+    one gathered tensor with its own seed: sample ``n`` is row ``rank[n]`` of its group's tensor
+    and draws from ``seed[n]``, so its noise is that tensor's, element for element."""
+    L = T.int64(16)
+    loop = T.parallel if parallel else T.serial
+
+    def code(x, rows, rank, seed, n, s, c, S, C):
+        index = T.Cast("uint32", T.Cast("int64", rank[n]) * C * S + c * S + s) \
+            * T.uint32(NOISE_STEP) ^ T.Cast("uint32", seed[n])
+        return T.Cast(out_dtype, T.max(T.min(
+            T.floor((x[n, s, c] - rows[n, 1]) / rows[n, 0] + _counter_noise(index)), rows[n, 3]),
+            rows[n, 2]))
+
+    @T.prim_func(s_tir=True)
+    def main(x_h: T.handle, rows_h: T.handle, rank_h: T.handle, seed_h: T.handle, q_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        N, S, C = T.int64(), T.int64(), T.int64()
+        x = T.match_buffer(x_h, (N, S, C), "float32")
+        rows = T.match_buffer(rows_h, (N, 4), "float32")
+        rank = T.match_buffer(rank_h, (N,), "int32")
+        seed = T.match_buffer(seed_h, (N,), "int32")
+        q = T.match_buffer(q_h, (N, S, C), out_dtype)
+        for n in loop(N):
+            for s in range(S):
+                for j in range(C // L):
+                    for v in T.vectorized(L):
+                        q[n, s, j * L + v] = code(x, rows, rank, seed, n, s, j * L + v, S, C)
+                for c in range(C // L * L, C):
+                    q[n, s, c] = code(x, rows, rank, seed, n, s, c, S, C)
+    return main
+
+
+def rows_counter_schedule(out_dtype: str, parallel: bool = True) -> s_tir.Schedule:
+    return s_tir.Schedule(rows_counter_definition(out_dtype, parallel))
+
+
 def rows_schedule(out_dtype: str, parallel: bool = True) -> s_tir.Schedule:
     return s_tir.Schedule(rows_definition(out_dtype, parallel))
 
