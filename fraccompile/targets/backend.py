@@ -138,24 +138,24 @@ class TVMBackend(ReferenceBackend):
         """A :meth:`scratch` uint8 buffer of ``shape`` holding the codes ``src`` in its interior
         (the two spatial dims from ``dim`` on, padded by ``padding``) and code 0 around them, all
         of it XORed with ``flip``: an implicit conv's input. Only the interior is written per
-        call; the zero borders are rewritten only when the buffer, its shape or the padding
-        changed, or a flip overwrote them (consecutive calls of one geometry, most sites of a
-        stage, skip the strided fills)."""
+        call; the borders (``0 ^ flip``) are rewritten only when the buffer, its shape, the
+        padding or the flip changed (consecutive calls of one geometry, most sites of a stage,
+        skip the strided fills)."""
         buf = self.scratch(slot, shape, torch.uint8)
         (ph, pw), (H, W) = padding, src.shape[dim:dim + 2]
         lead = (slice(None),) * dim
         state = self._local.__dict__.setdefault("borders", {})
-        key = (buf.data_ptr(), tuple(shape), tuple(padding))
+        key = (buf.data_ptr(), tuple(shape), tuple(padding), flip)
         if state.get(slot) != key:
             rows = slice(ph, ph + H)
             for border in (lead + (slice(0, ph),), lead + (slice(ph + H, None),),
                            lead + (rows, slice(0, pw)), lead + (rows, slice(pw + W, None))):
-                buf[border].zero_()
+                buf[border].fill_(flip)
             state[slot] = key
-        buf[lead + (slice(ph, ph + H), slice(pw, pw + W))].copy_(src)
+        interior = buf[lead + (slice(ph, ph + H), slice(pw, pw + W))]
+        interior.copy_(src)
         if flip:
-            buf.bitwise_xor_(flip)
-            state.pop(slot)  # the borders are flip now, not 0
+            interior.bitwise_xor_(flip)
         return buf
 
     def _scratch_like(self, slot: str, t: torch.Tensor) -> torch.Tensor:
