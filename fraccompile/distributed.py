@@ -305,7 +305,7 @@ def peer_failure(err: BaseException, ctx: Context, iteration: int, checkpoint: s
 
 
 # -- starting processes ----------------------------------------------------------------------------
-def launch(nproc: int, fn: Callable[..., Any], *args, timeout_note: str = "") -> list[Any]:
+def launch(nproc: int, fn: Callable[..., Any], *args) -> list[Any]:
     """Run ``fn(*args)`` in ``nproc`` new processes on this machine (torch's elastic launcher,
     the one torchrun uses, with a local rendezvous and no restarts); returns their results by
     rank. A process that fails raises :class:`DistributedError` naming it, its exit code and
@@ -330,5 +330,5 @@ def launch(nproc: int, fn: Callable[..., Any], *args, timeout_note: str = "") ->
                      if "To enable traceback" not in line]
             parts.append(f"process {rank} failed ({how}" + (f": {lines[-1][:300]}" if lines
                                                               else "") + ")")
-        raise DistributedError(f"{'; '.join(parts)}{timeout_note}") from None
+        raise DistributedError("; ".join(parts)) from None
     return [results[r] for r in sorted(results)]
