@@ -46,7 +46,8 @@ from dataclasses import dataclass
 
 # fraccompile.targets sets TVM_NUM_THREADS before importing tvm: import it before any torch work
 from fraccompile.targets import gemm as tgemm  # isort: skip
-from fraccompile.targets.backend import MAX_K, IntCodes, TVMBackend  # isort: skip
+from fraccompile.targets.backend import IntCodes, TVMBackend  # isort: skip
+from fraccompile.targets.gemm_runtime import MAX_K  # isort: skip
 from fraccompile.targets.cache import KernelCache, cache_dir  # isort: skip
 from fraccompile.targets import conv as tconv  # isort: skip
 from fraccompile.targets import threads  # isort: skip

@@ -1,11 +1,12 @@
 """Where a TVM-backend training step goes: wall time per backend function and per kind of TVM
 kernel, ResNet-20 or the Transformer example.
 
-Wraps the functions of :mod:`fraccompile.targets.backend` with timers (nested: ``gemm`` includes
-its packing, ``fw``/``gc``/``eb`` include their GEMMs), and every TVM kernel call (``kernel:
-gemm``, ``kernel: quantize``, ``kernel: pack_a`` ...: the compiled functions alone), and runs
-forward + backward steps (a=w=g=8, symmetric) after two warm-up steps: ResNet-20 at batch 128, or
-the Transformer (d_model 512) at batch 32 x 64 tokens.
+Wraps the functions of the ``tvm`` backend (:mod:`fraccompile.targets.backend` and the modules
+it is built from, :mod:`~fraccompile.targets.roles` and :mod:`~fraccompile.targets.gemm_runtime`)
+with timers (nested: ``gemm`` includes its packing, ``fw``/``gc``/``eb`` include their GEMMs),
+and every TVM kernel call (``kernel: gemm``, ``kernel: quantize``, ``kernel: pack_a`` ...: the
+compiled functions alone), and runs forward + backward steps (a=w=g=8, symmetric) after two
+warm-up steps: ResNet-20 at batch 128, or the Transformer (d_model 512) at batch 32 x 64 tokens.
 
     python bench/step_breakdown.py [--repeats 3] [--model resnet20|transformer]
         [--weight-scale channel|tensor] [--rounding-noise counter|torch]
@@ -20,7 +21,7 @@ import functools
 import time
 
 from fraccompile.targets import backend as B  # isort: skip  (sets TVM's thread count first)
-from fraccompile.targets import threads  # isort: skip
+from fraccompile.targets import gemm_runtime, roles, threads  # isort: skip
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,9 @@ import fraccompile
 from fraccompile.examples import transformer_lm
 from fraccompile.examples.resnet_cifar import resnet20
 
-FUNCTIONS = ("_to_codes", "_im2col", "_pack_a", "_pack_b")
+# each function in the module whose code calls it (a module global: patched where it is looked up)
+FUNCTIONS = ((B, "_to_codes"), (roles, "_im2col"), (gemm_runtime, "_pack_a"),
+             (gemm_runtime, "_pack_b"))
 METHODS = ("run_site", "fw", "eb", "gc", "_gemm")
 
 
@@ -65,8 +68,8 @@ def main() -> None:
                     total[name] += time.perf_counter() - t0
         return wrapper
 
-    for name in FUNCTIONS:
-        setattr(B, name, timed(getattr(B, name), name))
+    for module, name in FUNCTIONS:
+        setattr(module, name, timed(getattr(module, name), name))
     for name in METHODS:
         setattr(B.TVMBackend, name, timed(getattr(B.TVMBackend, name), name))
     kernel = B.TVMBackend.kernel

@@ -86,9 +86,9 @@ def test_gemm_non_contiguous_operands(tvm_backend):
 
 
 def test_gemm_splits_long_reductions(tvm_backend, monkeypatch):
-    from fraccompile.targets import backend as tb
+    from fraccompile.targets import gemm_runtime
 
-    monkeypatch.setattr(tb, "MAX_K", 64)  # exercise the int32-safe split with a small K
+    monkeypatch.setattr(gemm_runtime, "MAX_K", 64)  # exercise the int32-safe split with a small K
     gen = torch.Generator().manual_seed(2)
     a, b = _codes((1, 9, 200), torch.uint8, gen), _codes((1, 20, 200), torch.int8, gen)
     got = tvm_backend.gemm(a, b)
@@ -159,7 +159,8 @@ def test_conv_a_pack_equals_im2col_then_pack(geometry, flip):
     M) gives the bytes of the im2col copy followed by the A pack, for every padding of M and K."""
     import torch.nn as nn
 
-    from fraccompile.targets import backend as B
+    from fraccompile.targets import gemm_runtime as B
+    from fraccompile.targets import roles
     from fraccompile.targets.kernels import KernelRef
 
     N, H, W, C, OC, ks, stride, padding, dilation = geometry
@@ -170,7 +171,7 @@ def test_conv_a_pack_equals_im2col_then_pack(geometry, flip):
     gen = torch.Generator().manual_seed(sum(geometry[:4]))
     xl = torch.randint(0, 256, (N, H, W, C), dtype=torch.uint8, generator=gen)
     w_shape = tuple(conv.weight.shape)
-    cols, out_sp = B._im2col(xl.permute(0, 3, 1, 2), op.spec, w_shape)
+    cols, out_sp = roles._im2col(xl.permute(0, 3, 1, 2), op.spec, w_shape)
     M, K = cols.shape[1:]
     geo = B._conv2d_geometry(op.spec, xl, w_shape)
     kernel = get_backend("tvm").kernel
@@ -467,7 +468,7 @@ def test_conv_input_gradient_keeps_the_input_layout(channels_last):
     ((3, 0, 40), 2, False),       # empty
 ])
 def test_bias_gradient_code_sums_are_exact(shape, dim, channels_last):
-    from fraccompile.targets.backend import _channel_sums
+    from fraccompile.targets.affine import _channel_sums
     gen = torch.Generator().manual_seed(0)
     c = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
     if channels_last:
@@ -638,7 +639,7 @@ def test_sbm_matmul_roles_match_reference(xs, ys, bits):
 def test_wide_gradient_codes_split_exactly_and_per_sample_sums_group():
     """The exact pieces: wide codes as two 8-bit halves add back to the codes, and a weight
     gradient over samples with per-sample scales equals the one of the dequantized values."""
-    from fraccompile.targets.backend import IntCodes, split_codes
+    from fraccompile.targets.codes import IntCodes, split_codes
     gen = torch.Generator().manual_seed(0)
     for signed, top in ((True, 32767), (False, 65535), (True, 2047)):
         codes = torch.randint(-top if signed else 0, top + 1, (5, 77), generator=gen,
@@ -654,11 +655,11 @@ def test_wide_gradient_halves_split_long_reductions_exactly(tvm_backend, monkeyp
     """16-bit gradient codes at the largest values, through reductions longer than the int32-safe
     limit (made small here): each 8-bit half splits K on its own and the halves add up to the
     exact product."""
-    from fraccompile.targets import backend as tb
-    from fraccompile.targets.backend import IntCodes, split_codes
+    from fraccompile.targets import gemm_runtime
+    from fraccompile.targets.codes import IntCodes, split_codes
 
-    monkeypatch.setattr(tb, "MAX_K", 64)
-    monkeypatch.setattr(tb, "MAX_K_UNSIGNED", 48)
+    monkeypatch.setattr(gemm_runtime, "MAX_K", 64)
+    monkeypatch.setattr(gemm_runtime, "MAX_K_UNSIGNED", 48)
     dy = torch.full((1, 5, 300), 32767, dtype=torch.int32)
     dy[0, 1::2] = -32767
     x = torch.full((1, 7, 300), 255, dtype=torch.uint8)

@@ -9,7 +9,9 @@ Importing ``fraccompile.targets`` itself stays cheap: the submodules import tvm 
 * :mod:`.codes` — integer codes (scale, zero point, offset) and the fused quantizer's call;
 * :mod:`.affine` — the terms zero points add to an integer GEMM's exact product;
 * :mod:`.site_gemm` — the autograd Function of a site on the integer kernels;
-* :mod:`.backend` — the ``tvm`` backend: the three GEMM roles per op kind, packing, dequantize.
+* :mod:`.gemm_runtime` — the integer GEMMs and implicit convs a backend runs, operand packers;
+* :mod:`.roles` — a site's forward / error backprop / weight gradient from codes, per op kind;
+* :mod:`.backend` — the ``tvm`` backend: its state, a site call's codes, the roles on the kernels.
 """
 
 from __future__ import annotations

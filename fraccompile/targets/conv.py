@@ -7,7 +7,7 @@ Forward:
 ``C[b, y, x, o] = sum_{i, j, c} X[b, y·sh + i·dh, x·sw + j·dw, c] · B[o, (i, j, c)]`` with ``X``
 u8 ``(N, Hp, Wp, C)`` (the codes, sign-flipped and padded by the caller), ``B`` the conv weights
 as the GEMM's packed s8 operand ``(OCp/16, kh·kw·C/4, 16, 4)`` (reduction order taps, then
-channels, as :func:`fraccompile.targets.backend._im2col`) and ``C`` s32 ``(N, OH, OW, OCp)``: the
+channels, as :func:`fraccompile.targets.roles._im2col`) and ``C`` s32 ``(N, OH, OW, OCp)``: the
 rows of the GEMM ``C = patches · Bᵀ``, in the order the output is laid out channels-last.
 
 The schedule is :func:`fraccompile.targets.gemm.schedule`'s: a register block of ``mb`` output

@@ -251,7 +251,7 @@ def conv_b_schedule(*shape_args) -> s_tir.Schedule:
 def _conv_a_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, mp, kp):
     """``main(x, flip, out)``: the forward GEMM's A ``(1, mp, kp)`` of a 2-D conv straight from
     channels-last codes ``x (N, H, W, C)``: row ``m`` is output position ``m``'s patch, taps
-    ``(i, j)`` in order with their ``C`` channels innermost (the im2col of ``backend._im2col``),
+    ``(i, j)`` in order with their ``C`` channels innermost (the im2col of ``roles._im2col``),
     sign-flipped by ``flip``; a tap outside the image is code 0 (so ``flip`` after the flip), the
     columns past ``K = kh·kw·C`` are zeros and row ``M`` (when ``mp > M``) is ones (B's row sums).
     One pass instead of a padding copy, an im2col copy and a pack; each tap is one vector copy of

@@ -1,0 +1,322 @@
+"""The integer GEMMs and implicit convs a backend runs (:class:`IntegerGemms`), on the scratch
+buffers and kernel provider of the class that mixes it in (:class:`.backend.TVMBackend`), and the
+operand packers they use.
+
+One batched GEMM ``C[g] = A[g]·B[g]ᵀ`` with A u8 and B s8 (see :mod:`.gemm`), its operands given
+by packers (a dense code tensor, the im2col patches of channels-last conv codes); the implicit-GEMM
+convs of :mod:`.conv` (forward and weight gradient) read padded codes instead of a patch matrix.
+:mod:`.roles` expresses a site's forward, error backprop and weight gradient with these.
+
+Signs: a signed A (activations with negatives, gradients) is shifted by +128 into u8 (an XOR of
+the sign bit) and an unsigned 8-bit B by -128 into s8; ``C = C' + β·Σa - α·Σb + αβK`` undoes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..ops.spec import SiteSpec
+from . import conv
+from .affine import _channel_sums, _out_sizes
+from .codes import IntCodes, _jit_kernel, _serial
+from .kernels import KernelRef
+
+MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
+MAX_K_UNSIGNED = 33_025  # both operands unsigned: the sum itself (<= 255²·K) must fit
+
+
+class IntegerGemms:
+    """The integer GEMMs and implicit convs a backend runs, on the scratch buffers and kernel
+    provider of the class that mixes it in: it provides ``kernels`` (the kernel provider),
+    ``recorder``, ``where``, :meth:`~.backend.TVMBackend.scratch`,
+    :meth:`~.backend.TVMBackend.kernel`, ``on_gpu``, ``cuda`` and ``_padded_codes``."""
+
+    # -- the integer GEMM --------------------------------------------------------------------------
+    def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Exact ``a @ bᵀ`` per group for int8/uint8 codes ``a (G, M, K)`` and ``b (G, N, K)``,
+        as int32 ``(G, M, N)`` (int64 when ``K`` is split into int32-safe chunks)."""
+        if self.on_gpu(a):
+            return self.cuda.gemm(a, b)
+        return self._gemm(*a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b))
+
+    def gemm_f32(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """``(a @ bᵀ) * scale + bias`` in fp32, ``(G, M, N)``: :meth:`gemm`'s exact integer product
+        dequantized (``scale``: one value or one per column ``N``; ``bias``: per column). On the
+        CPU the sign corrections, the scale and the bias are one fused kernel pass; ``out``: a
+        contiguous fp32 ``(G, M, N)`` to write into (e.g. a view of the caller's buffer)."""
+        if self.on_gpu(a):
+            return _dequantize(self.cuda.gemm(a, b), scale, bias, out)
+        return self._gemm(*a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b),
+                          dequant=(scale, bias, out))
+
+    def _gemm(self, G: int, M: int, alpha: int, pack_a, N: int, K: int, beta: int,
+              pack_b, dequant=None) -> torch.Tensor:
+        """:meth:`gemm` with the operands given by packers ``pack_a(k0, kc, Mp, Kp)`` and
+        ``pack_b(k0, kc, Np, Kp)``: reduction columns ``k0 .. k0+kc``, padded, sign-flipped by
+        ``alpha`` / ``beta``, with a ones row at ``M`` / ``N`` when there is room. ``dequant``:
+        ``(scale, bias, out)`` of :meth:`gemm_f32` (None: the int32 product)."""
+        max_k = MAX_K_UNSIGNED if beta and not alpha else MAX_K
+        if K > max_k:  # split the reduction so no int32 partial sum can overflow
+            out = None
+            for k0 in range(0, K, max_k):
+                kc = min(max_k, K - k0)
+                part = self._gemm(
+                    G, M, alpha, lambda j0, jc, mp, kp, k0=k0: pack_a(k0 + j0, jc, mp, kp),
+                    N, kc, beta, lambda j0, jc, np_, kp, k0=k0: pack_b(k0 + j0, jc, np_, kp))
+                out = part.long() if out is None else out.add_(part)
+            return out if dequant is None else _dequantize(out, *dequant)
+        # the sign corrections need B's row sums (A shifted) and A's (B shifted): an extra row of
+        # ones in A, resp. in B, makes the kernel return them with the product
+        problem = (G, M + 1 if alpha else M, N + 1 if beta else N, K)
+        if self.recorder is not None:  # the other signs: a ones row more or less on either side
+            self._variants = [(G, M + i, N + j, K) for i in (0, 1) for j in (0, 1)]
+            self._problem = problem
+            self.recorder.problem(problem, self._variants, self.where)
+        shape = self.kernels.gemm_shape(*problem, where=self.where)
+        A = pack_a(0, K, shape.m, shape.k)
+        Bp = pack_b(0, K, shape.n, shape.k)
+        # the product is a temporary when the epilogue consumes it here, else the result
+        C = (self.scratch("c", (G, shape.m, shape.n), torch.int32) if dequant is not None
+             else torch.empty((G, shape.m, shape.n), dtype=torch.int32))
+        self.kernel(KernelRef.gemm(shape))(A, Bp, C)
+        if dequant is not None:  # C[m, n] + rc[m] + cc[n], the same sums as below, then scaled
+            scale, bias, out = dequant
+            rc = (C[:, :M, N] - alpha * K) * beta if beta else C.new_zeros((G, M))
+            cc = C[:, M, :N] * -alpha if alpha else C.new_zeros((G, N))
+            return self._dequant(C, rc, cc, scale, bias, out, G, M, N)
+        if alpha:  # row M: sum_k (b - beta)  ->  sum_k b = C[M] + beta*K
+            b_sums = C[:, M:M + 1, :N] + beta * K
+        if beta:   # column N: sum_k (a + alpha)  ->  sum_k a = C[:, :, N] - alpha*K
+            a_sums = C[:, :M, N:N + 1] - alpha * K
+        C = C[:, :M, :N]
+        if beta:
+            C += beta * a_sums
+        if alpha:
+            C -= alpha * b_sums
+            if beta:
+                C += alpha * beta * K
+        return C
+
+    def _dequant(self, C, rc, cc, scale, bias, out, G: int, M: int, N: int) -> torch.Tensor:
+        """``out[g, m, n] = (C[g, m, n] + rc[g, m] + cc[g, n]) · scale[n] + bias[n]`` in fp32, one
+        TVM kernel pass (``C`` may be padded past ``M`` and ``N``)."""
+        scale = scale.reshape(-1).float().expand(N).contiguous()
+        bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
+        out = out if out is not None else torch.empty((G, M, N))
+        ref = KernelRef("dequant", (), serial=_serial(G * M * N * 8))
+        self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), scale, bias, out)
+        return out
+
+    @property
+    def _vnni(self) -> bool:
+        """Whether the kernel provider builds for AVX-512 VNNI (the implicit-GEMM convs' ISA)."""
+        host = getattr(self.kernels, "host", None)
+        return host is not None and host.isa == "avx512-vnni"
+
+    def _conv_implicit(self, spec: SiteSpec, xq: IntCodes, xl: torch.Tensor, wr: torch.Tensor,
+                       w_shape, out_sp, scale, bias, rows: torch.Tensor,
+                       row_term=None) -> bool | None:
+        """The forward of a 2-D conv as an implicit GEMM (:mod:`.conv`) into ``rows (N·OH·OW,
+        OC)``: the codes ``xl (N, H, W, C)`` padded and sign-flipped once, no patch matrix. None
+        (nothing done) where it does not apply: no VNNI, ``C`` not a multiple of 4, or no register
+        block dividing the output width; else whether ``row_term`` (``(r, t)``: ``r (N, 1, OH,
+        OW)·t`` per channel, see :meth:`fw`) was added in the write-back."""
+        if not self._vnni:
+            return None
+        shape = conv.forward_shape(xl.shape, w_shape, spec.stride, spec.gemm_padding(w_shape),
+                                   spec.dilation, out_sp, MAX_K)
+        if shape is None:
+            return None
+        N, H, W, Cin = xl.shape
+        OC, K = wr.shape[1:]
+        (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
+        # a tap outside the image reads code 0, flipped as the codes are
+        X = self._padded_codes("x", (N, shape.hp, shape.wp, Cin), 1, (ph, pw),
+                               xl.view(torch.uint8), flip)
+        _, pack_b = self._b_packer(wr)                              # w is signed: no flip
+        Bp = pack_b(0, K, shape.ocp, K)
+        # A was shifted by +flip: subtract flip·(the weight row's code sum) per output channel
+        cc = (wr.sum(-1, dtype=torch.int32) * -flip if flip
+              else torch.zeros((1, OC), dtype=torch.int32))
+        M = N * math.prod(out_sp)
+        if shape.ocp == OC:  # the dequantize in the kernel's write-back: fp32 rows, one pass
+            ref = KernelRef("conv_dqz" if row_term is not None else "conv_dq", shape.args)
+            if self.recorder is not None:
+                self.recorder.kernel(ref, self.where)
+            extra = () if row_term is None else (
+                row_term[0].reshape(N, *out_sp).contiguous(),
+                row_term[1].reshape(-1).float().expand(OC).contiguous())
+            self.kernel(ref)(X, Bp[0], cc[0], scale.reshape(-1).float().expand(OC).contiguous(),
+                             bias.float().contiguous() if bias is not None
+                             else torch.zeros(OC), *extra, rows.view(N, *out_sp, OC))
+            return row_term is not None
+        C = self.scratch("c", (1, M, shape.ocp), torch.int32)
+        ref = KernelRef("conv", shape.args)
+        if self.recorder is not None:
+            self.recorder.kernel(ref, self.where)
+        self.kernel(ref)(X, Bp[0], C.view(N, *out_sp, shape.ocp))
+        self._dequant(C, C.new_zeros((1, M)), cc, scale, bias, rows.view(1, M, OC), 1, M, OC)
+        return False
+
+    def _gc_implicit(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, xl: torch.Tensor, w_shape,
+                     scale) -> torch.Tensor | None:
+        """The weight gradient of a stride-1 2-D conv as an implicit GEMM
+        (:func:`.conv.gc_definition`): the codes ``xl (N, H, W, C)`` as padded, sign-flipped
+        planes, ``dy`` packed as B, no patch matrix; the reduction over positions runs in batch
+        chunks that keep the int32 sums exact.
+        None where it does not apply (no VNNI, a stride, an output width not a multiple of 4, or
+        one image's positions over the exact-sum limit)."""
+        OH, OW = dyq.codes.shape[2:]
+        shapes = conv.gc_shapes(xl.shape, w_shape, spec.stride, spec.gemm_padding(w_shape),
+                                spec.dilation, (OH, OW), MAX_K) if self._vnni else None
+        if shapes is None:
+            return None
+        N, H, W, Cin = xl.shape
+        OC, per, ocp = w_shape[0], OH * OW, shapes[0].ocp
+        (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
+        # the transposing copy, then the flip in place over the dense planes (an XOR straight
+        # into the strided interior goes through a temporary and a second copy)
+        XT = self._padded_codes("xt", (N, Cin, H + 2 * ph, W + 2 * pw), 2, (ph, pw),
+                                xl.view(torch.uint8).permute(0, 3, 1, 2), flip)
+        dy = dyq.codes.permute(0, 2, 3, 1).reshape(N * per, OC)    # (positions, OC)
+        total, b0 = None, 0
+        for shape in shapes:  # batch chunks
+            nc = shape.n
+            _, pack_b = self._b_packer(dy[b0 * per:(b0 + nc) * per].t().unsqueeze(0))
+            Bp = pack_b(0, nc * per, ocp, nc * per)
+            ref = KernelRef("gc", shape.args)
+            if self.recorder is not None:
+                self.recorder.kernel(ref, self.where)
+            C = self.scratch("c", (*w_shape[2:], Cin, ocp), torch.int32)
+            self.kernel(ref)(XT[b0:b0 + nc], Bp[0], C)
+            if len(shapes) == 1 and not flip:  # one chunk's int32 sum is exact as it is
+                total = C
+            else:
+                total = C.long() if total is None else total.add_(C)
+            b0 += nc
+        # A was shifted by +flip: subtract flip·(the sum of dy over positions) per output channel
+        total = total[..., :OC] - flip * _channel_sums(dyq.codes, 1) if flip else total[..., :OC]
+        dw = (total.float() * scale).permute(3, 0, 1, 2).contiguous()  # (OC, kh, kw, C)
+        return dw.permute(0, 3, 1, 2)
+
+    # -- operand packers ---------------------------------------------------------------------------
+    def _conv_patch_packer(self, spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
+        """``pack_b`` for a 2-D conv's weight gradient: B = the im2col patches of the channels-last
+        codes ``xl (N, H, W, C)``, built and packed by one TVM kernel per chunk."""
+        geo = _conv2d_geometry(spec, xl, w_shape)
+        src = xl.view(torch.uint8)
+
+        def pack_b(k0, kc, np_, kp):
+            out = self.scratch("b", (1, np_ // 16, kp // 4, 16, 4), torch.uint8)
+            ref = KernelRef("pack_conv_b", (*geo, k0, kc, np_ // 16, kp // 4))
+            if self.recorder is not None:  # A = dyᵀ is always signed: only B's sign varies
+                m = self._variants[-1][1]
+                self.recorder.conv_pack(geo, k0, kc, [v for v in self._variants if v[1] == m],
+                                        self.where, side="b")
+            self.kernel(ref)(src, _flip(flip), out)
+            return out.view(torch.int8)
+
+        return pack_b
+
+    def _conv_a_packer(self, spec: SiteSpec, xl: torch.Tensor, w_shape, flip: int):
+        """``pack_a`` for a 2-D conv's forward GEMM: A = the im2col patches of the channels-last
+        codes ``xl (N, H, W, C)``, padded, flipped and packed by one TVM kernel (the reduction is
+        never split: the caller keeps it under the GEMM's limit)."""
+        geo = _conv2d_geometry(spec, xl, w_shape)
+        src = xl.reshape(-1).view(torch.uint8)
+
+        def pack_a(k0, kc, mp, kp):
+            if (k0, kc) != (0, math.prod(w_shape[1:])):
+                raise AssertionError(f"conv A pack of columns {k0}..{k0 + kc}: split reduction")
+            out = self.scratch("a", (1, mp, kp), torch.uint8)
+            if self.recorder is not None:  # B = w is always signed: only A's sign varies
+                n = self._problem[2]
+                self.recorder.conv_pack(geo, k0, kc, [v for v in self._variants if v[2] == n],
+                                        self.where, side="a")
+            self.kernel(KernelRef("pack_conv_a", (*geo, mp, kp)))(src, _flip(flip), out.view(-1))
+            return out
+
+        return pack_a
+
+    def _a_packer(self, a: torch.Tensor):
+        """``(alpha, pack_a)`` for int8/uint8 codes ``a (G, M, K)``: signed codes are shifted by
+        128."""
+        alpha = 128 if a.dtype == torch.int8 else 0
+        a8 = a.view(torch.uint8)
+        return alpha, lambda k0, kc, mp, kp: _pack_a(a8[..., k0:k0 + kc], alpha, mp, kp,
+                                                     self.kernel, self.scratch)
+
+    def _b_packer(self, b: torch.Tensor):
+        """``(beta, pack_b)`` for int8/uint8 codes ``b (G, N, K)``: unsigned codes are shifted by
+        -128."""
+        beta = 128 if b.dtype == torch.uint8 else 0
+        b8 = b.view(torch.uint8)
+        return beta, lambda k0, kc, np_, kp: _pack_b(b8[..., k0:k0 + kc], beta, np_, kp,
+                                                     self.kernel, self.scratch)
+
+
+def _conv2d_geometry(spec: SiteSpec, xl: torch.Tensor, w_shape) -> tuple[int, ...]:
+    """N, H, W, C, kh, kw, strides, paddings, dilations, OH, OW of a 2-D conv on ``xl (N, H, W, C)``
+    (the static arguments of the conv pack kernels)."""
+    N, H, W, C = xl.shape
+    (sh, sw), (dh, dw), (ph, pw) = spec.stride, spec.dilation, spec.gemm_padding(w_shape)
+    return (N, H, W, C, *w_shape[2:], sh, sw, ph, pw, dh, dw,
+            *_out_sizes(spec, (H, W), w_shape))
+
+
+@functools.lru_cache(maxsize=None)  # read-only kernel arguments: made once, not per call
+def _flip(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.uint8)
+
+
+def _source(t: torch.Tensor, direct: str, transposed: str) -> tuple[str, torch.Tensor]:
+    """A dense tensor holding the 3-D view ``t`` and its layout name: ``t`` itself, the tensor
+    ``t`` is a transposed view of (the pack kernels read either), or a contiguous copy."""
+    if t.is_contiguous():
+        return direct, t
+    if t.mT.is_contiguous():
+        return transposed, t.mT
+    return direct, t.contiguous()
+
+
+def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int, kernel=_jit_kernel,
+            scratch=None) -> torch.Tensor:
+    """``A (G, mp, kp)`` u8 for the GEMM from the (G, M, K) byte view ``a`` (no copy when it is
+    already that), into ``scratch("a", shape, dtype)`` when given (see
+    :meth:`TVMBackend.scratch`)."""
+    G, M, K = a.shape
+    if a.is_contiguous() and not flip and (M, K) == (mp, kp):
+        return a
+    layout, src = _source(a, "mk", "km")
+    out = (scratch or _fresh)("a", (G, mp, kp), torch.uint8)
+    kernel(KernelRef("pack_a", (layout,), _serial(2 * out.numel())))(src, _flip(flip), out)
+    return out
+
+
+def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int, kernel=_jit_kernel,
+            scratch=None) -> torch.Tensor:
+    """``B (G, np/16, kp/4, 16, 4)`` s8 from the (G, N, K) byte view ``b`` (into ``scratch`` as
+    :func:`_pack_a`)."""
+    G = b.shape[0]
+    layout, src = _source(b, "nk", "kn")
+    out = (scratch or _fresh)("b", (G, np_ // 16, kp // 4, 16, 4), torch.uint8)
+    kernel(KernelRef("pack_b", (layout,), _serial(2 * out.numel())))(src, _flip(flip), out)
+    return out.view(torch.int8)
+
+
+def _fresh(slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _dequantize(C: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``C * scale + bias`` in fp32 with torch ops (the GPU's and long reductions' epilogue)."""
+    y = torch.mul(C, scale.reshape(-1))
+    if bias is not None:
+        y.add_(bias)
+    return y if out is None else out.copy_(y)
