@@ -47,7 +47,7 @@ def source_hash() -> str:
 @dataclass(frozen=True)
 class KernelRef:
     """``serial``: the same kernel with its parallel loop run on the calling thread (the
-    memory-bound kernels below a size, see :data:`fraccompile.targets.backend.PARALLEL_MIN_BYTES`;
+    memory-bound kernels below a size, see :data:`fraccompile.targets.codes.PARALLEL_MIN_BYTES`;
     not for GEMMs)."""
 
     kind: str
