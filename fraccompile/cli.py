@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from .errors import FracCompileError
+from .meta_keys import GM_CAPTURE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FracTrain quantized training as a PyTorch graph compiler.")
@@ -104,7 +105,7 @@ def transform(
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
     console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
-                                            f"(captured with torch.{fmodel.meta['frac_capture']})"))
+                                            f"(captured with torch.{fmodel.meta[GM_CAPTURE]})"))
     if fmodel.fp32_ops:  # nothing GEMM-like is left in fp32 silently
         console.print(coverage_table(fmodel))
     console.print(fmodel.cost().summary())

@@ -16,6 +16,7 @@ from .config import FracConfig
 from .control import PFQ
 from .data import ClassificationData
 from .examples.resnet_cifar import resnet20
+from .meta_keys import GM_CAPTURE
 from .ops.backend import resolve_auto
 from .report import sites_table
 from .train import fit
@@ -36,7 +37,7 @@ def run_demo(iters: int = 90, batch_size: int = 64, config: FracConfig | None = 
     fp32 = copy.deepcopy(model)  # the baseline of the step-time line below
     fmodel = frac_compile(model, torch.zeros(batch_size, 3, 32, 32), config)
     console.print(sites_table(fmodel, title=f"ResNet-20 compiled in {time.perf_counter() - t0:.2f} s"
-                                            f" (capture: torch.{fmodel.meta['frac_capture']})"))
+                                            f" (capture: torch.{fmodel.meta[GM_CAPTURE]})"))
     console.print(f"training {iters} iterations on the bundled CIFAR-10 subset "
                   f"({len(data.train_labels)} train / {len(data.test_labels)} test images): "
                   f"{schedule.describe()}")
