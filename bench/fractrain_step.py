@@ -29,7 +29,8 @@ Variants (``--variants``, all by default; every one `sbm`, per-channel weights, 
 defaults otherwise): ``sbm8`` static a/w/g 8/8/8 (which is also PFQ's last stage, 8/8), ``pfq3``,
 ``pfq4``, ``pfq6`` the other PFQ stages FW/BW 3/6, 4/6, 6/8 (a = w = FW, g = BW) held static,
 ``pfq4n`` the 4/6 stage with ``recompute="norms"`` (tvm only: backward recomputes BatchNorm inputs
-from the codes, the memory-lean setting), ``dfq`` (``pipeline="dfq"``, routed gates, ``DFQ(0.05)``: weights at 8 bits) and ``fractrain``
+from the codes, the memory-lean setting), ``dfq`` (``pipeline="dfq"``, routed gates,
+``DFQ(0.05)``: weights at 8 bits) and ``fractrain``
 (the same graph under ``FracTrain(0.045, 0.005)``, as ``fraccompile train --schedule fractrain``
 builds it). The gates choose per sample among FracTrain's 5 (a, g) candidates; here a forward hook
 on the gate bank's output head adds a large constant to one logit per sample, so the gates pick a
@@ -431,7 +432,7 @@ def bench_model(args, model_key: str, shares: dict, variants: list[str], backend
                          _rss_cell(rss.get(entry)), "-", "-", "-", note or "no timed step"])
             continue
 
-        def ratio(other: str) -> str:
+        def ratio(other: str, ts=ts) -> str:
             o = times.get(other, {})
             return quartiles([ts[r] / o[r] for r in ts if r in o])
 

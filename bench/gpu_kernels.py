@@ -168,7 +168,7 @@ def main() -> int:
     work.append(("square", f"{SQUARE}^3", SQUARE, SQUARE, SQUARE, 1))
     cols = ("dp4a", "cudagemm", "bf16", "int_mm")
     results = {}
-    for role, name, M, N, K, n in work:
+    for role, name, M, N, K, _ in work:
         results[(role, name)] = measure(gemm, M, N, K, args.repeats, have_nvcc)
 
     rows, detail = [], []

@@ -59,8 +59,8 @@ from _common import header, median_ms, print_table
 
 import fraccompile
 from fraccompile.examples import mobilenetv2_cifar, resnet_cifar, transformer_lm
-from fraccompile.ops.modules import FracOp
 from fraccompile.ops.contract import SiteCall
+from fraccompile.ops.modules import FracOp
 from fraccompile.ops.spec import Precision, SiteSpec
 
 MODELS = {

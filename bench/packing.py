@@ -105,14 +105,16 @@ def main() -> None:
         src = torch.randint(0, 256, src_shape, dtype=torch.uint8, generator=gen)
         out = torch.empty((1, mp, kp), dtype=torch.uint8)
         kernel = pack.a_kernel(layout)
-        row(f"pack A, {layout}", f"{m}x{k} -> {mp}x{kp}", lambda: kernel(src, flip, out))
+        row(f"pack A, {layout}", f"{m}x{k} -> {mp}x{kp}",
+            lambda kernel=kernel, src=src, out=out: kernel(src, flip, out))
 
     for layout, (nn, k) in [("kn", (2048, 2048)), ("kn", (512, 2048)), ("nk", (512, 512))]:
         src_shape = (1, nn, k) if layout == "nk" else (1, k, nn)
         src = torch.randint(0, 256, src_shape, dtype=torch.uint8, generator=gen)
         out = torch.empty((1, -(-(nn + 1) // 16), k // 4, 16, 4), dtype=torch.uint8)
         kernel = pack.b_kernel(layout)
-        row(f"pack B, {layout}", f"{nn}x{k}", lambda: kernel(src, flip, out))
+        row(f"pack B, {layout}", f"{nn}x{k}",
+            lambda kernel=kernel, src=src, out=out: kernel(src, flip, out))
 
     codes = torch.randint(0, 256, (128, 32, 32, 16), dtype=torch.uint8, generator=gen)
     assert torch.equal(im2col_per_offset(codes), im2col_strided(codes))

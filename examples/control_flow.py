@@ -14,8 +14,8 @@ its convolutions and linear layer outside the gate stay visible.
 """
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class ShapeAdaptiveNet(nn.Module):

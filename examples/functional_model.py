@@ -15,8 +15,8 @@ Layers: conv 3->32 (3x3, stride 1) -> ReLU -> 2x2 max pool (16x16)
 import math
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def _kaiming_uniform_conv_or_linear(weight: nn.Parameter, bias: nn.Parameter) -> None:

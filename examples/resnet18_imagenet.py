@@ -8,8 +8,8 @@ adaptive pooling makes small inputs (e.g. 64x64) work as well as 224x224.
 """
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class BasicBlock(nn.Module):

@@ -10,8 +10,8 @@ Factories: ``resnet20()``, ``resnet38()``, ``resnet74()``; ``model()`` returns
 """
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:

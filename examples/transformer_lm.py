@@ -15,8 +15,8 @@ Output: logits ``(B, T, vocab_size)``.
 import math
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class CausalSelfAttention(nn.Module):

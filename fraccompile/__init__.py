@@ -6,6 +6,7 @@
 >>> fmodel.cost().cp                          # FracTrain's cost ratio against fp32 training
 """
 
+from . import targets as _targets  # noqa: F401  (registers the tvm backend; imports no tvm)
 from .api import compile
 from .capture import capture
 from .config import FracConfig
@@ -14,7 +15,6 @@ from .cost import CostReport
 from .errors import CaptureError, ConfigError, FracCompileError, ModelLoadError, PassError, ShapeError
 from .model import FracModel, Site
 from .ops import Precision
-from . import targets as _targets  # noqa: F401  (registers the tvm backend; imports no tvm)
 
 __version__ = "0.1.0"
 

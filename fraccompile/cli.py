@@ -190,7 +190,8 @@ def train(
                                           "cyclic: low,high)")] = "3,4,6,8",
     bw: Annotated[str, typer.Option(help="gradient bits (PFQ: one per stage)")] = "6,6,8,8",
     iters: Annotated[int, typer.Option(min=1)] = 1000,
-    out: Annotated[Path, typer.Option(help="run directory (log.jsonl, checkpoint.pt, plots)")] = Path("runs/train"),
+    out: Annotated[Path, typer.Option(
+        help="run directory (log.jsonl, checkpoint.pt, plots)")] = Path("runs/train"),
     resume: Annotated[Optional[Path], typer.Option(help="checkpoint to continue from")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option()] = 0.1,
@@ -367,11 +368,13 @@ def _kernel_model(model_spec: str, input_shape: str, config, dtype: str, target:
 def tune(
     model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
     input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 128,3,32,32")],
-    db: Annotated[Path, typer.Option(help="tuning database directory (reused and extended)")] = Path("fraccompile_tuning"),
+    db: Annotated[Path, typer.Option(
+        help="tuning database directory (reused and extended)")] = Path("fraccompile_tuning"),
     target: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     trials: Annotated[int, typer.Option(min=1, help="tiles measured per GEMM problem")] = 16,
     time_budget: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
-    rpc: Annotated[Optional[str], typer.Option(help="measure on an RPC tracker's server: HOST:PORT:KEY")] = None,
+    rpc: Annotated[Optional[str], typer.Option(
+        help="measure on an RPC tracker's server: HOST:PORT:KEY")] = None,
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
     dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
     seed: Annotated[int, typer.Option(help="seed of the tile sampling")] = 0,
@@ -443,7 +446,8 @@ def tune(
 def export(
     model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
     input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 128,3,32,32")],
-    out: Annotated[Path, typer.Option(help="output directory (library + manifest.json)")] = Path("fraccompile_kernels"),
+    out: Annotated[Path, typer.Option(
+        help="output directory (library + manifest.json)")] = Path("fraccompile_kernels"),
     target: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     db: Annotated[Optional[Path], typer.Option(help="tuning database to take tiles from")] = None,
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,

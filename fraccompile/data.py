@@ -34,10 +34,10 @@ times larger batch sees.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import pickle
-import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence

@@ -13,7 +13,7 @@ rendering touches no global matplotlib state and works without a display.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -42,9 +42,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import distributed, fileio
-from .checkpoint import (CHECKPOINT_KEYS, CHECKPOINT_VERSION, CheckpointError,  # noqa: F401
-                         check_model_state, first_line, load_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state, state_checksum)
+from .checkpoint import (  # noqa: F401
+    CHECKPOINT_KEYS,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    check_model_state,
+    first_line,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_checksum,
+)
 from .control.schedules import Schedule, as_schedule
 from .errors import FracCompileError
 from .fitconfig import LR_SCHEDULES, NONFINITE, FitConfig, lr_lambda, make_optimizer  # noqa: F401
@@ -411,7 +420,7 @@ class _Run:
 
     def _period(self, it: int) -> None:
         """The period that ends at ``it``: agree, evaluate, log, checkpoint."""
-        model, ctx, cfg = self.model, self.ctx, self.cfg
+        model, ctx = self.model, self.ctx
         if ctx.active:
             self._agree_meter()
             ctx.sum_(self.period_hits)

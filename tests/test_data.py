@@ -24,7 +24,8 @@ def test_bundled_file_is_small_and_present():
     assert path.stat().st_size < 3 * 1024 * 1024
     with np.load(path) as npz:
         assert set(npz.files) == {
-            "classes", "train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels",
+            "classes", "train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets",
+            "test_labels",
         }
         assert list(npz["classes"])[:2] == ["airplane", "automobile"] and len(npz["classes"]) == 10
 

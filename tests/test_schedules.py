@@ -5,8 +5,16 @@ import math
 import pytest
 
 from fraccompile import ConfigError
-from fraccompile.control import (DFQ, PFQ, Cyclic, FracTrain, PrecisionController, Schedule,
-                                 Static, as_schedule)
+from fraccompile.control import (
+    DFQ,
+    PFQ,
+    Cyclic,
+    FracTrain,
+    PrecisionController,
+    Schedule,
+    Static,
+    as_schedule,
+)
 
 # Period losses and what Algorithm 1 must do with them (eps 0.05, alpha 0.3, window 5, normalizer =
 # mean of the first 10 period losses, the running mean before that):

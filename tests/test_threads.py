@@ -87,7 +87,7 @@ def test_launcher_team_follows_torch_set_num_threads(threads):
             torch.set_num_threads(n)
             counts = []
 
-            def task(task_id, penv, cdata):
+            def task(task_id, penv, cdata, counts=counts):
                 counts.append(ctypes.cast(penv, ctypes.POINTER(ctypes.c_int32))[2])
                 return 0
 

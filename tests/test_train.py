@@ -15,8 +15,7 @@ from fraccompile.control import PFQ, Static
 from fraccompile.cost import cost_report
 from fraccompile.data import ClassificationData
 from fraccompile.examples.functional_model import FunctionalNet
-from fraccompile.train import (CHECKPOINT_KEYS, CHECKPOINT_VERSION, fit, load_checkpoint,
-                               save_checkpoint)
+from fraccompile.train import CHECKPOINT_KEYS, CHECKPOINT_VERSION, fit, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

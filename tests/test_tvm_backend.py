@@ -212,7 +212,7 @@ def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
 
     monkeypatch.setattr(B.TVMBackend, "kernel", lambda self, ref: record(ref))
     for openmp, threshold in ((False, 0), (False, 1 << 40), (True, 1 << 40)):
-        monkeypatch.setattr(threads, "on_openmp", lambda: openmp)
+        monkeypatch.setattr(threads, "on_openmp", lambda openmp=openmp: openmp)
         monkeypatch.setattr(codes, "PARALLEL_MIN_BYTES", threshold)
         kinds.clear()
         results[openmp, threshold] = run()
@@ -789,7 +789,8 @@ def test_kept_fp32_convs_read_channels_last_on_tvm():
         calls = [n for n in fm.graph.nodes if n.op == "call_method" and n.target == "contiguous"]
         seen = []
         hook = fm.get_submodule("0").register_forward_hook(
-            lambda mod, args, out: seen.append(out.is_contiguous(memory_format=torch.channels_last)))
+            lambda mod, args, out, seen=seen: seen.append(
+                out.is_contiguous(memory_format=torch.channels_last)))
         fm(x)
         hook.remove()
         layouts[be] = (len(calls), seen)
@@ -1252,7 +1253,6 @@ def test_transform_cli_shows_backend_and_reason(tmp_path):
     from typer.testing import CliRunner
 
     from fraccompile.cli import app
-
     from fraccompile.examples import functional_model
 
     args = ["transform", f"{functional_model.__file__}:model", "--input-shape",

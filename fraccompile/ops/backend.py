@@ -23,8 +23,14 @@ import torch.nn.functional as F
 
 from .contract import GateDecision, SiteCall
 from .functions import GateProbe, SiteGemm, STEQuantize, apply_epilogue
-from .quantizers import (qparams_from_range, quantize_activation, quantize_rows, quantize_weight,
-                         quantize_weight_for_backprop, tensor_range)
+from .quantizers import (
+    qparams_from_range,
+    quantize_activation,
+    quantize_rows,
+    quantize_weight,
+    quantize_weight_for_backprop,
+    tensor_range,
+)
 from .spec import CONV_FNS, SiteSpec
 
 # What a backend can do, for the passes that adapt the graph to it (instead of branching on names).
@@ -32,7 +38,7 @@ INTEGER_KERNELS = "integer-kernels"   # saves integer codes, so an epilogue reco
 CHANNELS_LAST = "channels-last"       # conv sites read and write channels-last
 
 
-class KernelBackend(ABC):
+class KernelBackend(ABC):  # noqa: B024  (every method has a default; subclasses override some)
     name: str = "abstract"
     capabilities: frozenset[str] = frozenset()
 

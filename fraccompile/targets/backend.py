@@ -25,10 +25,15 @@ import torch
 from ..ops.backend import CHANNELS_LAST, INTEGER_KERNELS, ReferenceBackend
 from ..ops.contract import GateDecision, SiteCall
 from ..ops.functions import GateProbe
-from ..ops.quantizers import (input_channel_range, qparams_from_range, quantize_activation,
-                               tensor_range, weight_range)
+from ..ops.quantizers import (
+    input_channel_range,
+    qparams_from_range,
+    quantize_activation,
+    tensor_range,
+    weight_range,
+)
 from .cache import KernelCache
-from .codes import IntCodes, _dense_perm, _row_codes, _serial, _to_codes, _ZERO
+from .codes import _ZERO, IntCodes, _dense_perm, _row_codes, _serial, _to_codes
 from .gemm_runtime import IntegerGemms
 from .kernels import JitKernels, KernelRef, Recorder
 from .roles import SiteRoles

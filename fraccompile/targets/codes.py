@@ -274,7 +274,7 @@ def _row_codes_fused(x, row_bits, groups, grids: dict, perm, dtype, asymmetric: 
     else:  # the reference's draws: per group (ascending bits), its samples' ranks in it
         rank = torch.empty(N, dtype=torch.int32)
         seed = torch.empty(N, dtype=torch.int32)
-        for b, members in groups:
+        for _, members in groups:
             rank[members] = torch.arange(len(members), dtype=torch.int32)
             seed[members] = noise_seed()
         if perm == list(range(x.dim())):

@@ -1,10 +1,10 @@
 """Every kernel the ``tvm`` backend calls, by name, and where the compiled code comes from.
 
 A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
-quantizer of one dtype and rounding mode (per tensor, or per sample), the dequantize epilogue (of a GEMM's int32 product, or of
-a tensor's codes), an operand pack kernel of one layout, the sub-byte (un)packer of saved codes
-of one width, the gate probe of a routed site with K candidates, or the conv patch packer of
-one conv geometry. Its :attr:`~KernelRef.name` is the
+quantizer of one dtype and rounding mode (per tensor, or per sample), the dequantize epilogue (of
+a GEMM's int32 product, or of a tensor's codes), an operand pack kernel of one layout, the
+sub-byte (un)packer of saved codes of one width, the gate probe of a routed site with K
+candidates, or the conv patch packer of one conv geometry. Its :attr:`~KernelRef.name` is the
 symbol it has in an exported library. Providers turn references into callables:
 
 * :class:`JitKernels` builds on first use, through the on-disk cache (GEMMs with the tile a tuning

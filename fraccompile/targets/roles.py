@@ -29,10 +29,25 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.spec import SiteSpec
-from .affine import (_code_sums, _gradient_sums, _input_code_sums, _out_channel, _out_sizes,
-                     _value_sums, _window_code_sums)
-from .codes import (IntCodes, _dense_perm, _row_value, _scalar_scale, _take_rows, centered,
-                    signed_b, split_codes)
+from .affine import (
+    _code_sums,
+    _gradient_sums,
+    _input_code_sums,
+    _out_channel,
+    _out_sizes,
+    _value_sums,
+    _window_code_sums,
+)
+from .codes import (
+    IntCodes,
+    _dense_perm,
+    _row_value,
+    _scalar_scale,
+    _take_rows,
+    centered,
+    signed_b,
+    split_codes,
+)
 from .gemm_runtime import MAX_K_UNSIGNED
 
 

@@ -15,8 +15,7 @@ from ..ops.contract import SiteCall
 from ..ops.functions import apply_epilogue, epilogue_backward
 from ..ops.quantizers import qparams_from_range, tensor_range
 from .affine import _channel_sums
-from .codes import (IntCodes, _row_codes, _to_codes, centered, pack_bytes, pack_saved,
-                    unpack_saved)
+from .codes import IntCodes, _row_codes, _to_codes, centered, pack_bytes, pack_saved, unpack_saved
 
 if TYPE_CHECKING:
     from .backend import TVMBackend

@@ -5,8 +5,8 @@ tile ``(mb, nb, kb)``: rows of A and 16-lane column vectors of B per register bl
 reduction block. :func:`tune` measures candidate tiles of each GEMM problem ``(G, M, N, K)`` (the
 default tile first), keeps the fastest, and re-measures it against the default before recording it,
 so a tuned kernel is never slower than the untuned one within the measurement's noise (in five
-alternating, longer re-measurements it must win four times and by 3% in the median). GOPS count the unpadded problem (``2·G·M·N·K``
-per call), so a tile that pads more pays for it.
+alternating, longer re-measurements it must win four times and by 3% in the median). GOPS count
+the unpadded problem (``2·G·M·N·K`` per call), so a tile that pads more pays for it.
 
 Why a template search rather than MetaSchedule: on these 2-core machines MetaSchedule's
 ``tune_tir`` built no valid candidate for a 256³ u8·s8 GEMM in 16 trials (builder timeout raised
