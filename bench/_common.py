@@ -29,8 +29,10 @@ def machine() -> str:
         flags = " +avx512_vnni" if "avx512_vnni" in text else ""
     except OSError:
         pass
-    return (f"{cpu}{flags}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    return (
+        f"{cpu}{flags}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
 
 
 def header(title: str) -> None:

@@ -71,51 +71,87 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--period-test", type=int, default=1000)
     parser.add_argument("--out", default=str(ROOT / "runs" / "accuracy_cifar10"))
-    parser.add_argument("--seed", type=int, default=0,
-                        help="model init, training-data order and augmentation (the test images "
-                             "stay the same)")
-    parser.add_argument("--beta", type=float, default=2.0,
-                        help="weight of the cost regularizer of the DFQ and FracTrain runs")
-    parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="torch",
-                        help="FracConfig.rounding_noise (the stochastic rounding's noise); "
-                             "torch here, not the library's default counter: the recorded "
-                             "results were made with it")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="model init, training-data order and augmentation (the test images stay the same)",
+    )
+    parser.add_argument(
+        "--beta", type=float, default=2.0, help="weight of the cost regularizer of the DFQ and FracTrain runs"
+    )
+    parser.add_argument(
+        "--rounding-noise",
+        choices=("torch", "counter"),
+        default="torch",
+        help="FracConfig.rounding_noise (the stochastic rounding's noise); "
+        "torch here, not the library's default counter: the recorded "
+        "results were made with it",
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
     header("Accuracy vs bit-cost, ResNet-20 on CIFAR-10")
     if not args.report_only:
-        full = ClassificationData.from_source(args.data, batch_size=args.batch,
-                                              train_limit=args.train_limit,
-                                              test_limit=10_000, seed=0)  # a shuffled test order
+        full = ClassificationData.from_source(
+            args.data, batch_size=args.batch, train_limit=args.train_limit, test_limit=10_000, seed=0
+        )  # a shuffled test order
         full.seed = args.seed  # the training order and augmentation draws
         periodic = copy.copy(full)
-        periodic.test_images, periodic.test_labels = (full.test_images[: args.period_test],
-                                                      full.test_labels[: args.period_test])
+        periodic.test_images, periodic.test_labels = (
+            full.test_images[: args.period_test],
+            full.test_labels[: args.period_test],
+        )
         for name in args.runs:
             torch.manual_seed(args.seed)
             model = resnet20()
             gates = {"pipeline": "dfq", "gate_mode": "dense" if name == "dfq-dense" else "routed"}
-            fm = fraccompile.compile(model, torch.zeros(args.batch, 3, 32, 32),
-                                     rounding_noise=args.rounding_noise,
-                                     **(gates if name in DFQ_RUNS else {}))
+            fm = fraccompile.compile(
+                model,
+                torch.zeros(args.batch, 3, 32, 32),
+                rounding_noise=args.rounding_noise,
+                **(gates if name in DFQ_RUNS else {}),
+            )
             run_dir = out / name
             schedule = make_schedule(name, args.iters, args.pfq_every, args.beta)
             print(f"== {name}: {schedule.describe()}")
-            result = fit(fm, periodic, iters=args.iters, lr=args.lr, schedule=schedule,
-                         eval_every=args.eval_every, out_dir=run_dir, progress=False,
-                         seed=args.seed,
-                         model_name="ResNet-20", console=Console(width=160))
+            result = fit(
+                fm,
+                periodic,
+                iters=args.iters,
+                lr=args.lr,
+                schedule=schedule,
+                eval_every=args.eval_every,
+                out_dir=run_dir,
+                progress=False,
+                seed=args.seed,
+                model_name="ResNet-20",
+                console=Console(width=160),
+            )
             final = evaluate(fm, full.test_batches(500))
-            (run_dir / "final.json").write_text(json.dumps(
-                {**final, "test_images": len(full.test_labels), "iters": args.iters,
-                 "turning_points": [e["iter"] for e in result.events
-                                    if e.get("event") == "turning_point"],
-                 "cum_cost": fm.frac_meter.total, "cum_sbm": fm.frac_meter.sbm,
-                 "cum_fp32": fm.frac_meter.fp32, "wall": result.final.get("wall"),
-                 "machine": machine(), "protocol": vars(args)}, indent=1))
-            print(f"== {name}: final test accuracy {100 * final['test_acc']:.2f}% on "
-                  f"{len(full.test_labels)} images")
+            (run_dir / "final.json").write_text(
+                json.dumps(
+                    {
+                        **final,
+                        "test_images": len(full.test_labels),
+                        "iters": args.iters,
+                        "turning_points": [
+                            e["iter"] for e in result.events if e.get("event") == "turning_point"
+                        ],
+                        "cum_cost": fm.frac_meter.total,
+                        "cum_sbm": fm.frac_meter.sbm,
+                        "cum_fp32": fm.frac_meter.fp32,
+                        "wall": result.final.get("wall"),
+                        "machine": machine(),
+                        "protocol": vars(args),
+                    },
+                    indent=1,
+                )
+            )
+            print(
+                f"== {name}: final test accuracy {100 * final['test_acc']:.2f}% on "
+                f"{len(full.test_labels)} images"
+            )
     report(out, [r for r in RUNS if (out / r / "final.json").exists()])
 
 
@@ -127,15 +163,19 @@ def report(out: Path, runs: list[str]) -> None:
     if not rows:
         print("no finished runs")
         return
-    print("| run | final test acc (10k) | total cost (fp32 steps) | saving vs fp32 | saving vs SBM "
-          "| turning points | wall |")
+    print(
+        "| run | final test acc (10k) | total cost (fp32 steps) | saving vs fp32 | saving vs SBM "
+        "| turning points | wall |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, fin in rows:
         steps = fin["cum_cost"] / (fin["cum_fp32"] / fin["iters"])
         vs_sbm = f"{100 * (1 - fin['cum_cost'] / fin['cum_sbm']):.1f}%"
-        print(f"| {name} | {100 * fin['test_acc']:.2f}% | {steps:.1f} | "
-              f"{100 * (1 - fin['cum_cost'] / fin['cum_fp32']):.1f}% | {vs_sbm} | "
-              f"{fin['turning_points'] or '-'} | {fin['wall'] / 60:.1f} min |")
+        print(
+            f"| {name} | {100 * fin['test_acc']:.2f}% | {steps:.1f} | "
+            f"{100 * (1 - fin['cum_cost'] / fin['cum_fp32']):.1f}% | {vs_sbm} | "
+            f"{fin['turning_points'] or '-'} | {fin['wall'] / 60:.1f} min |"
+        )
     try:
         from fraccompile.plots import compare_runs, render_report
     except ImportError:

@@ -48,8 +48,9 @@ def _saved_bytes(fn, inputs) -> int:
 
 
 def _peak_bytes(fn, inputs) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         fn(*inputs).sum().backward()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     level = peak = 0
@@ -66,8 +67,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     print(f"command: python bench/attention_memory.py {' '.join(argv or sys.argv[1:])}")
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}"
+    )
     print(f"{'B,H,L,D':>14} {'variant':>22} {'saved MiB':>10} {'peak MiB':>10}")
     for shape in args.shapes:
         B, H, L, D = map(int, shape.split(","))
@@ -75,8 +78,7 @@ def main(argv=None) -> None:
         fused = Attn()
         variants = {"fused (fp32)": fused}
         for name, prec in (("site, precision 0", 0), ("site, 8/8/8", 8)):
-            fm = fraccompile.compile(Attn(), (q, k, v), FracConfig(a=prec, w=prec, g=prec,
-                                                                   full_precision=()))
+            fm = fraccompile.compile(Attn(), (q, k, v), FracConfig(a=prec, w=prec, g=prec, full_precision=()))
             variants[name] = fm
         for name, fn in variants.items():
             saved = statistics.median(_saved_bytes(fn, (q, k, v)) for _ in range(args.repeats))

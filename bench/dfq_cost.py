@@ -49,8 +49,7 @@ def measure(mode: str, batch: int, repeats: int) -> dict:
     ms = median_ms(step, repeats, warmup=1)
     out = {"mode": mode, "ms": ms, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if mode.startswith("dfq"):
-        shares = torch.stack([net.frac_gates.fractions(r).detach()
-                              for r in net.frac_gates.last]).mean(0)
+        shares = torch.stack([net.frac_gates.fractions(r).detach() for r in net.frac_gates.last]).mean(0)
         out["shares"] = [round(s, 3) for s in shares.tolist()]
     return out
 
@@ -67,18 +66,32 @@ def main() -> None:
     header("DFQ step cost: dense vs routed, ResNet-38, 5 candidates (reference backend)")
     results = {}
     for mode in MODES:
-        proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--batch", str(args.batch),
-                               "--repeats", str(args.repeats)], capture_output=True, text=True,
-                              check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--mode",
+                mode,
+                "--batch",
+                str(args.batch),
+                "--repeats",
+                str(args.repeats),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     routed = results["dfq-routed"]["ms"]
-    rows = [[m, f"{r['ms']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['ms'] / routed:.2f}x"]
-            for m, r in results.items()]
-    print(f"ResNet-38, batch {args.batch}, median of {args.repeats} steps (1 warm-up), "
-          f"one process per mode")
+    rows = [
+        [m, f"{r['ms']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['ms'] / routed:.2f}x"]
+        for m, r in results.items()
+    ]
+    print(f"ResNet-38, batch {args.batch}, median of {args.repeats} steps (1 warm-up), one process per mode")
     print_table(["mode", "ms / step", "peak RSS (MB)", "time vs routed"], rows)
-    print(f"\ncandidate shares chosen (a/g = 3/6, 4/6, 4/8, 6/8, 6/12): "
-          f"{results['dfq-routed'].get('shares')}")
+    print(
+        f"\ncandidate shares chosen (a/g = 3/6, 4/6, 4/8, 6/8, 6/12): {results['dfq-routed'].get('shares')}"
+    )
     print(f"dense / routed step time: {results['dfq-dense']['ms'] / routed:.2f}x")
 
 

@@ -50,8 +50,11 @@ def _measure(kind: str, batch: int, warmup: int, steps: int, repeats: int) -> li
     from fraccompile.fitconfig import FitConfig, make_optimizer
 
     ctx = distributed.setup("auto", timeout=600)
-    cfg = (fraccompile.FracConfig(a=0, w=0, g=0) if kind == "fp32" else
-           fraccompile.FracConfig(a=8, w=8, g=8, backend="tvm", scheme="symmetric"))
+    cfg = (
+        fraccompile.FracConfig(a=0, w=0, g=0)
+        if kind == "fp32"
+        else fraccompile.FracConfig(a=8, w=8, g=8, backend="tvm", scheme="symmetric")
+    )
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
@@ -89,8 +92,12 @@ def _worker(kind, batch, warmup, steps, repeats):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2, help="threads of the one process, and "
-                   "the number of processes of the other side (default 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads of the one process, and the number of processes of the other side (default 2)",
+    )
     p.add_argument("--batch", type=int, default=64, help="global batch (default 64)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="steps per timed block")
@@ -108,28 +115,42 @@ def main() -> None:
 
     header("training throughput: 1 process x N threads vs N processes x 1 thread (ResNet-20)")
     n = args.threads
-    print(f"global batch {args.batch}; {args.warmup} warm-up steps, then {args.repeats} blocks "
-          f"of {args.steps} steps; load average before: {_loadavg()}")
+    print(
+        f"global batch {args.batch}; {args.warmup} warm-up steps, then {args.repeats} blocks "
+        f"of {args.steps} steps; load average before: {_loadavg()}"
+    )
     print()
     rows = []
     for kind in args.kinds.split(","):
-        cmd = [sys.executable, __file__, "--one", kind, "--threads", str(n), "--batch",
-               str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            kind,
+            "--threads",
+            str(n),
+            "--batch",
+            str(args.batch),
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+            "--repeats",
+            str(args.repeats),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(n)}
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        one = statistics.median(float(v) for v in out.split()[-args.repeats:])
+        one = statistics.median(float(v) for v in out.split()[-args.repeats :])
         os.environ.update(FRACCOMPILE_NUM_THREADS="1", OMP_NUM_THREADS="1")
-        per_rank = launch(n, _worker, kind, args.batch // n, args.warmup, args.steps,
-                          args.repeats)
+        per_rank = launch(n, _worker, kind, args.batch // n, args.warmup, args.steps, args.repeats)
         many = statistics.median(max(blocks) for blocks in zip(*per_rank))
         label = "fp32" if kind == "fp32" else "tvm 8/8/8"
-        for setup, sec in ((f"1 process x {n} threads", one),
-                           (f"{n} processes x 1 thread (DDP, gloo)", many)):
-            rows.append([label, setup, f"{1000 * sec:.1f}", f"{args.batch / sec:.1f}",
-                         f"{one / sec:.2f}x"])
-    print_table(["model", "processes x threads", "ms / step (median)", "images / s",
-                 "vs 1 process"], rows)
+        for setup, sec in (
+            (f"1 process x {n} threads", one),
+            (f"{n} processes x 1 thread (DDP, gloo)", many),
+        ):
+            rows.append([label, setup, f"{1000 * sec:.1f}", f"{args.batch / sec:.1f}", f"{one / sec:.2f}x"])
+    print_table(["model", "processes x threads", "ms / step (median)", "images / s", "vs 1 process"], rows)
     print()
     print(f"load average after: {_loadavg()}")
 

@@ -45,8 +45,7 @@ def loss_and_grad(model, x, y, seed: int = 0):
     torch.manual_seed(seed)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    grad = torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters())
-                      if p.grad is not None])
+    grad = torch.cat([p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.grad is not None])
     return loss.item(), grad
 
 
@@ -66,10 +65,19 @@ def main() -> None:
             fm = fraccompile.compile(copy.deepcopy(model), x, a=a, w=w, g=g, scheme=scheme)
             loss, grad = loss_and_grad(fm, x, y)
             cos = F.cosine_similarity(grad, ref_grad, dim=0).item()
-            rows.append([f"{a}/{w}/{g}", scheme, f"{loss:.4f}",
-                         f"{100 * abs(loss - ref_loss) / ref_loss:.2f}%", f"{cos:.4f}"])
-    print(f"ResNet-20 after {args.steps} fp32 SGD steps on the bundled subset; "
-          f"batch of {args.batch} bundled test images, train mode")
+            rows.append(
+                [
+                    f"{a}/{w}/{g}",
+                    scheme,
+                    f"{loss:.4f}",
+                    f"{100 * abs(loss - ref_loss) / ref_loss:.2f}%",
+                    f"{cos:.4f}",
+                ]
+            )
+    print(
+        f"ResNet-20 after {args.steps} fp32 SGD steps on the bundled subset; "
+        f"batch of {args.batch} bundled test images, train mode"
+    )
     print_table(["a/w/g", "scheme", "loss", "|Δloss|/loss", "grad cosine vs fp32"], rows)
 
 

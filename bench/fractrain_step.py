@@ -93,8 +93,10 @@ VARIANTS = {
 OPTIONS = {"pfq4n": {"recompute": "norms"}}
 TVM_ONLY = {"pfq4n"}
 BACKENDS = ("reference", "tvm")
-RUN_LOGS = {"dfq": "bench/results/accuracy_cifar10/dfq/log.jsonl",
-            "fractrain": "bench/results/accuracy_cifar10/fractrain/log.jsonl"}
+RUN_LOGS = {
+    "dfq": "bench/results/accuracy_cifar10/dfq/log.jsonl",
+    "fractrain": "bench/results/accuracy_cifar10/fractrain/log.jsonl",
+}
 FALLBACK_SHARES = (0.3, 0.3, 0.2, 0.1, 0.1)
 
 
@@ -104,11 +106,19 @@ def make_case(key: str, batch: int):
 
     torch.manual_seed(0)
     if key in ("resnet20", "resnet38"):
-        return (getattr(resnet_cifar, key)(), torch.randn(batch, 3, 32, 32),
-                torch.randint(0, 10, (batch,)), F.cross_entropy)
+        return (
+            getattr(resnet_cifar, key)(),
+            torch.randn(batch, 3, 32, 32),
+            torch.randint(0, 10, (batch,)),
+            F.cross_entropy,
+        )
     tokens = torch.randint(0, 65, (batch, 65))
-    return (transformer_lm.model_d512(), tokens[:, :-1], tokens[:, 1:],
-            lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    return (
+        transformer_lm.model_d512(),
+        tokens[:, :-1],
+        tokens[:, 1:],
+        lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()),
+    )
 
 
 def shares_from_log(path: str) -> tuple[list[float], str]:
@@ -129,8 +139,7 @@ def shares_from_log(path: str) -> tuple[list[float], str]:
         raise ValueError(f"{path} has no period record with gate shares")
     mean = [sum(p[k] for p in per_period) / len(per_period) for k in range(len(per_period[0]))]
     cand = " ".join(f"{a}/{g}" for a, g in candidates) if candidates else "?"
-    return mean, (f"{path}: mean over {len(per_period)} periods and every region "
-                  f"(candidates a/g {cand})")
+    return mean, (f"{path}: mean over {len(per_period)} periods and every region (candidates a/g {cand})")
 
 
 def resolve_shares(spec: str) -> dict[str, tuple[list[float], str]]:
@@ -149,8 +158,7 @@ def resolve_shares(spec: str) -> dict[str, tuple[list[float], str]]:
             out[v] = ([float(s) for s in spec.split(",")], "--gate-shares")
     for v, (s, _) in out.items():
         if any(x < 0 for x in s) or sum(s) <= 0:
-            raise ValueError(f"gate shares {s} of {v}: need non-negative values with a "
-                             "positive sum")
+            raise ValueError(f"gate shares {s} of {v}: need non-negative values with a positive sum")
         total = sum(s)
         out[v] = ([x / total for x in s], out[v][1])
     return out
@@ -160,7 +168,7 @@ def counts_for(shares: list[float], batch: int) -> list[int]:
     """Samples per candidate: largest-remainder rounding of ``shares * batch``."""
     raw = [s * batch for s in shares]
     counts = [int(r) for r in raw]
-    for k in sorted(range(len(raw)), key=lambda k: counts[k] - raw[k])[:batch - sum(counts)]:
+    for k in sorted(range(len(raw)), key=lambda k: counts[k] - raw[k])[: batch - sum(counts)]:
         counts[k] += 1
     return counts
 
@@ -213,12 +221,23 @@ def build(model_key: str, entry: str, base, x, shares: dict):
     if entry == "fp32":
         return copy.deepcopy(base), x, None
     if entry == "fp32-cl":
-        return (copy.deepcopy(base).to(memory_format=torch.channels_last),
-                x.contiguous(memory_format=torch.channels_last), None)
+        return (
+            copy.deepcopy(base).to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+            None,
+        )
     variant, backend = entry.split("/")
     _, a, w, g, pipeline = VARIANTS[variant]
-    cfg = fraccompile.FracConfig(a=a, w=w, g=g, scheme="sbm", backend=backend, pipeline=pipeline,
-                                 gate_mode="routed", **OPTIONS.get(variant, {}))
+    cfg = fraccompile.FracConfig(
+        a=a,
+        w=w,
+        g=g,
+        scheme="sbm",
+        backend=backend,
+        pipeline=pipeline,
+        gate_mode="routed",
+        **OPTIONS.get(variant, {}),
+    )
     fmodel = fraccompile.compile(copy.deepcopy(base), x, config=cfg)
     schedule = None
     if variant == "dfq":
@@ -268,14 +287,17 @@ def provenance() -> str:
     root = os.path.dirname(pkg)
     try:
         git = ["git", "--no-optional-locks", "-C", root]
-        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(git + ["status", "--porcelain", "--", "fraccompile"],
-                               capture_output=True, text=True, check=True).stdout.splitlines()
+        head = subprocess.run(
+            git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            git + ["status", "--porcelain", "--", "fraccompile"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return f"fraccompile from {pkg} (not a git checkout)"
-    return (f"fraccompile from {pkg}, commit {head}"
-            + (f", {len(dirty)} uncommitted file(s) under fraccompile/" if dirty else ", clean"))
+    return f"fraccompile from {pkg}, commit {head}" + (
+        f", {len(dirty)} uncommitted file(s) under fraccompile/" if dirty else ", clean"
+    )
 
 
 def error_text(err: BaseException) -> str:
@@ -301,6 +323,7 @@ def peak_rss_mb() -> float:
 def child(model_key: str, entry: str, batch: int, warmup: int, shares: dict) -> dict:
     if model_key == "-":
         from fraccompile.examples import resnet_cifar, transformer_lm  # noqa: F401
+
         return {"rss_mb": peak_rss_mb()}
     base, x, y, loss_fn = make_case(model_key, batch)
     model, xx, schedule = build(model_key, entry, base, x, shares)
@@ -312,8 +335,19 @@ def child(model_key: str, entry: str, batch: int, warmup: int, shares: dict) -> 
 
 
 def run_child(args, model_key: str, entry: str, batch: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", model_key, entry,
-           "--batch", str(batch), "--warmup", str(args.warmup), "--gate-shares", args.gate_shares]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        model_key,
+        entry,
+        "--batch",
+        str(batch),
+        "--warmup",
+        str(args.warmup),
+        "--gate-shares",
+        args.gate_shares,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
@@ -351,8 +385,7 @@ def bench_model(args, model_key: str, shares: dict, variants: list[str], backend
     batch = args.batch or default_batch
     base, x, y, loss_fn = make_case(model_key, batch)
     baselines = ["fp32"] + (["fp32-cl"] if x.dim() == 4 else [])
-    entries = baselines + [f"{v}/{b}" for v in variants for b in backends
-                           if b == "tvm" or v not in TVM_ONLY]
+    entries = baselines + [f"{v}/{b}" for v in variants for b in backends if b == "tvm" or v not in TVM_ONLY]
     runners: dict[str, Runner] = {}
     errors: dict[str, str] = {}
     build_s: dict[str, float] = {}
@@ -369,8 +402,12 @@ def bench_model(args, model_key: str, shares: dict, variants: list[str], backend
     warm: dict[str, list[float]] = {e: [] for e in entries}
     order = [e for e in entries if e in runners]
     for r in range(args.warmup + args.rounds):
-        print(f"[{model_key}] round {r + 1}/{args.warmup + args.rounds}"
-              + (" (warm-up)" if r < args.warmup else ""), file=sys.stderr, flush=True)
+        print(
+            f"[{model_key}] round {r + 1}/{args.warmup + args.rounds}"
+            + (" (warm-up)" if r < args.warmup else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         shift = r % len(order) if order else 0
         for entry in order[shift:] + order[:shift]:
             if entry in errors:
@@ -407,14 +444,15 @@ def bench_model(args, model_key: str, shares: dict, variants: list[str], backend
     if not args.no_rss:
         for entry in entries:
             print(f"[{model_key}] peak RSS of {entry}", file=sys.stderr, flush=True)
-            rss[entry] = (run_child(args, model_key, entry, batch) if entry not in errors
-                          else {"error": "-"})
+            rss[entry] = run_child(args, model_key, entry, batch) if entry not in errors else {"error": "-"}
 
     # the table
     print(f"## {desc}, batch {batch}")
     print()
-    print(f"{args.rounds} timed rounds after {args.warmup} warm-up rounds; each round runs one "
-          "step of every row in turn (same weights at the start, same batch)")
+    print(
+        f"{args.rounds} timed rounds after {args.warmup} warm-up rounds; each round runs one "
+        "step of every row in turn (same weights at the start, same batch)"
+    )
     reason_keys: dict[str, int] = {}
     rows = []
     for entry in entries:
@@ -428,8 +466,21 @@ def bench_model(args, model_key: str, shares: dict, variants: list[str], backend
         if i.get("saved_error"):
             note = (note + "; " if note else "") + f"saved bytes: {i['saved_error']}"
         if not ts:
-            rows.append([label, backend or "torch", "-", "-", "-", "-",
-                         _rss_cell(rss.get(entry)), "-", "-", "-", note or "no timed step"])
+            rows.append(
+                [
+                    label,
+                    backend or "torch",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    _rss_cell(rss.get(entry)),
+                    "-",
+                    "-",
+                    "-",
+                    note or "no timed step",
+                ]
+            )
             continue
 
         def ratio(other: str, ts=ts) -> str:
@@ -445,32 +496,58 @@ def bench_model(args, model_key: str, shares: dict, variants: list[str], backend
             for reason in i["reasons"]:
                 keys.append(str(reason_keys.setdefault(reason, len(reason_keys) + 1)))
             sites = f"{n_tvm}/{n_q}" + (f" [{','.join(keys)}]" if keys else "")
-        rows.append([
-            label, backend or "torch", f"{statistics.median(ts.values()) * 1e3:.1f}",
-            "1" if entry == "fp32" else ratio("fp32"),
-            "1" if entry == "fp32-cl" else ratio("fp32-cl") if "fp32-cl" in times else "-",
-            ratio(f"{variant}/reference") if backend == "tvm" and
-            f"{variant}/reference" in times else "-",
-            _rss_cell(rss.get(entry)),
-            f"{saved / 2**20:.1f}" if saved is not None else "-",
-            f"{saved / fp_saved:.2f}x" if saved is not None and fp_saved else "-",
-            sites, note])
+        rows.append(
+            [
+                label,
+                backend or "torch",
+                f"{statistics.median(ts.values()) * 1e3:.1f}",
+                "1" if entry == "fp32" else ratio("fp32"),
+                "1" if entry == "fp32-cl" else ratio("fp32-cl") if "fp32-cl" in times else "-",
+                ratio(f"{variant}/reference")
+                if backend == "tvm" and f"{variant}/reference" in times
+                else "-",
+                _rss_cell(rss.get(entry)),
+                f"{saved / 2**20:.1f}" if saved is not None else "-",
+                f"{saved / fp_saved:.2f}x" if saved is not None and fp_saved else "-",
+                sites,
+                note,
+            ]
+        )
     from _common import print_table
-    print_table(["variant", "backend", "step ms", "vs fp32: median (q1-q3)",
-                 "vs fp32-cl: median (q1-q3)", "tvm/ref", "peak RSS MB", "saved MB",
-                 "saved vs fp32", "sites on tvm", "note"], rows)
+
+    print_table(
+        [
+            "variant",
+            "backend",
+            "step ms",
+            "vs fp32: median (q1-q3)",
+            "vs fp32-cl: median (q1-q3)",
+            "tvm/ref",
+            "peak RSS MB",
+            "saved MB",
+            "saved vs fp32",
+            "sites on tvm",
+            "note",
+        ],
+        rows,
+    )
     print()
     if reason_keys:
         print("fallback reasons (quantized sites not on tvm; [n] in the table):")
         for reason, k in reason_keys.items():
             print(f"  [{k}] {reason}")
-    slow = [f"{e} {' '.join(f'{t * 1e3:.0f}' for t in warm[e])} ms (built in {build_s[e]:.1f} s)"
-            for e in entries if warm[e]]
+    slow = [
+        f"{e} {' '.join(f'{t * 1e3:.0f}' for t in warm[e])} ms (built in {build_s[e]:.1f} s)"
+        for e in entries
+        if warm[e]
+    ]
     if slow:
         print("warm-up steps: " + "; ".join(slow))
     if not args.no_rss:
-        print("peak RSS: each row in its own child process (imports with TVM, builds that row "
-              f"only, {args.warmup} + 1 steps)")
+        print(
+            "peak RSS: each row in its own child process (imports with TVM, builds that row "
+            f"only, {args.warmup} + 1 steps)"
+        )
     print()
 
 
@@ -484,22 +561,33 @@ def _rss_cell(r: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}"
+    )
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median over them)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up rounds before them")
-    parser.add_argument("--batch", type=int, default=0,
-                        help="batch size of every model (default: 128 convnets, 32 Transformer)")
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help="comma-separated subset of reference, tvm")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    parser.add_argument("--gate-shares", default="log",
-                        help="DFQ/FracTrain share of each gate candidate: 'log' (each from its "
-                             "trained run under bench/results/accuracy_cifar10), a comma list, "
-                             "or a log.jsonl path")
-    parser.add_argument("--no-rss", action="store_true",
-                        help="skip the per-row child processes that measure peak RSS")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="batch size of every model (default: 128 convnets, 32 Transformer)",
+    )
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="comma-separated subset of reference, tvm"
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}"
+    )
+    parser.add_argument(
+        "--gate-shares",
+        default="log",
+        help="DFQ/FracTrain share of each gate candidate: 'log' (each from its "
+        "trained run under bench/results/accuracy_cifar10), a comma list, "
+        "or a log.jsonl path",
+    )
+    parser.add_argument(
+        "--no-rss", action="store_true", help="skip the per-row child processes that measure peak RSS"
+    )
     parser.add_argument("--out", help="also write the output to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "ENTRY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -526,31 +614,41 @@ def main() -> None:
 
     sys.path.insert(0, HERE)
     from _common import header
+
     sys.stdout = Tee(args.out)
-    header("FracTrain's configurations, training step: fp32 vs sbm static, PFQ stages, DFQ and "
-           "FracTrain routed (reference and tvm backends, interleaved in one process)")
+    header(
+        "FracTrain's configurations, training step: fp32 vs sbm static, PFQ stages, DFQ and "
+        "FracTrain routed (reference and tvm backends, interleaved in one process)"
+    )
     try:
         import tvm
+
         tvm_version = tvm.__version__
     except Exception as err:  # the tvm rows then fall back, each site saying why
         tvm_version = f"not importable ({error_text(err)})"
     print(f"tvm {tvm_version}; {provenance()}")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print("every variant: scheme sbm, per-channel weight ranges, @first_conv/@last_linear in fp32, "
-          "the library's defaults otherwise; a step includes DFQ/FracTrain's cost regularizer")
+    print(
+        "every variant: scheme sbm, per-channel weight ranges, @first_conv/@last_linear in fp32, "
+        "the library's defaults otherwise; a step includes DFQ/FracTrain's cost regularizer"
+    )
     if any(v in variants for v in RUN_LOGS):
         for v in RUN_LOGS:
             if v in variants:
                 s, source = shares[v]
-                print(f"gate shares of {VARIANTS[v][0]} over the 5 candidates (a/g 3/6 4/6 4/8 "
-                      f"6/8 6/12): {', '.join(f'{x:.3f}' for x in s)}; from {source}")
-        print("(forced: every gate picks these shares of every batch, a fixed random set of "
-              "samples per region)")
+                print(
+                    f"gate shares of {VARIANTS[v][0]} over the 5 candidates (a/g 3/6 4/6 4/8 "
+                    f"6/8 6/12): {', '.join(f'{x:.3f}' for x in s)}; from {source}"
+                )
+        print(
+            "(forced: every gate picks these shares of every batch, a fixed random set of samples per region)"
+        )
     if not args.no_rss:
         base = run_child(args, "-", "-", 1)
         if "rss_mb" in base:
-            print(f"peak RSS of a child that only imports torch, TVM and fraccompile: "
-                  f"{base['rss_mb']:.0f} MB")
+            print(
+                f"peak RSS of a child that only imports torch, TVM and fraccompile: {base['rss_mb']:.0f} MB"
+            )
     print()
     for key in models:
         bench_model(args, key, shares, variants, backends)

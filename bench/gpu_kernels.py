@@ -47,8 +47,11 @@ from _common import machine, print_table
 from fraccompile.targets.cuda_driver import CudaGemm, cache_dir, gpu_unavailable_reason
 
 D_MODEL, BATCH, BLOCK = 512, 128, 64
-LINEARS = [("qkv/proj", D_MODEL, D_MODEL, 4), ("fc1", D_MODEL, 4 * D_MODEL, 1),
-           ("fc2", 4 * D_MODEL, D_MODEL, 1)]  # (name, in, out, count per block)
+LINEARS = [
+    ("qkv/proj", D_MODEL, D_MODEL, 4),
+    ("fc1", D_MODEL, 4 * D_MODEL, 1),
+    ("fc2", 4 * D_MODEL, D_MODEL, 1),
+]  # (name, in, out, count per block)
 ROLES = ("FW", "EB", "GC")
 SQUARE = 4096
 
@@ -101,10 +104,12 @@ def header() -> None:
     props = torch.cuda.get_device_properties(0)
     print("# GEMM throughput on the GPU: TVM dp4a kernel vs torch bf16 and torch._int_mm")
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {props.name} (compute capability {props.major}.{props.minor}, "
-          f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), "
-          f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
-          f"TVM {_version('apache-tvm')}, nvcc: {nvcc_version()}")
+    print(
+        f"machine: {props.name} (compute capability {props.major}.{props.minor}, "
+        f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), "
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"TVM {_version('apache-tvm')}, nvcc: {nvcc_version()}"
+    )
     print(f"host: {machine()}")
     print()
 
@@ -178,28 +183,43 @@ def main() -> int:
         tot = {}
         for c in cols:
             ms = [results[(r, nm)].get(c) for r, nm, *_ in sel]
-            tot[c] = None if any(m is None for m in ms) else sum(
-                m * w[5] for m, w in zip(ms, sel))
+            tot[c] = None if any(m is None for m in ms) else sum(m * w[5] for m, w in zip(ms, sel))
         exact = [results[(r, nm)].get("exact") for r, nm, *_ in sel]
-        rows.append([role if role != "square" else f"{SQUARE}³", str(sum(w[5] for w in sel)),
-                     *(gops(ops, tot[c]) for c in cols),
-                     "-" if None in exact else ("yes" if all(exact) else "NO")])
+        rows.append(
+            [
+                role if role != "square" else f"{SQUARE}³",
+                str(sum(w[5] for w in sel)),
+                *(gops(ops, tot[c]) for c in cols),
+                "-" if None in exact else ("yes" if all(exact) else "NO"),
+            ]
+        )
         for r, nm, M, N, K, n in sel:
             res = results[(r, nm)]
-            detail.append([r, nm, f"{M}x{N}x{K}", str(n),
-                           *(gops(2 * M * N * K, res.get(c)) for c in cols),
-                           {True: "yes", False: "NO", None: "-"}[res.get("exact")]])
+            detail.append(
+                [
+                    r,
+                    nm,
+                    f"{M}x{N}x{K}",
+                    str(n),
+                    *(gops(2 * M * N * K, res.get(c)) for c in cols),
+                    {True: "yes", False: "NO", None: "-"}[res.get("exact")],
+                ]
+            )
     heads = ["GOPS dp4a kernel", "GOPS CudaGemm u8·s8", "GOPS torch bf16", "GOPS int_mm", "exact"]
-    print(f"Transformer d_model {D_MODEL}, batch {BATCH}, block {BLOCK} (R = {BATCH * BLOCK} "
-          f"rows); linear layers of one block; median of {args.repeats} calls per GEMM")
+    print(
+        f"Transformer d_model {D_MODEL}, batch {BATCH}, block {BLOCK} (R = {BATCH * BLOCK} "
+        f"rows); linear layers of one block; median of {args.repeats} calls per GEMM"
+    )
     print_table(["role", "GEMMs", *heads], rows)
     if args.verbose:
         print()
         print_table(["role", "layer", "MxNxK", "count", *heads], detail)
     builds = [r["build_s"] for r in results.values() if "build_s" in r]
     if builds:
-        print(f"\nkernels ({cache_dir()}): first call per shape (nvcc build or disk load) "
-              f"{sum(builds):.1f} s in total")
+        print(
+            f"\nkernels ({cache_dir()}): first call per shape (nvcc build or disk load) "
+            f"{sum(builds):.1f} s in total"
+        )
     errors = {r["int_mm_error"] for r in results.values() if "int_mm_error" in r}
     for e in sorted(errors):
         print(f"int_mm unavailable for some shapes: {e}")

@@ -61,8 +61,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--profile", action="store_true",
-                        help="also print a torch.profiler table of three TVM-backend steps")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print a torch.profiler table of three TVM-backend steps"
+    )
     args = parser.parse_args()
     reason = gpu_unavailable_reason()
     if reason:
@@ -84,8 +85,11 @@ def main() -> None:
         # compiled on the CPU, then moved (the sites' range buffers move with the module)
         fm = fraccompile.compile(copy.deepcopy(base), tokens[:, :-1], cfg).cuda()
         ms = step_ms(fm, x, y, args.repeats)
-        what = (f"{sum(s.backend == 'tvm' for s in fm.sites)} sites on dp4a" if backend == "tvm"
-                else "fake-quant fp32")
+        what = (
+            f"{sum(s.backend == 'tvm' for s in fm.sites)} sites on dp4a"
+            if backend == "tvm"
+            else "fake-quant fp32"
+        )
         rows.append([f"fraccompile {backend} 8/8/8 ({what})", f"{ms:.2f}", f"{fp32 / ms:.2f}x"])
     print(f"batch {args.batch} x {args.block} tokens; median of {args.repeats} steps")
     print_table(["mode", "step ms", "speed-up vs fp32"], rows)
@@ -108,8 +112,7 @@ def profile(model, x, y) -> None:
             opt.step()
         torch.cuda.synchronize()
     print("\nprofile of 3 tvm-backend steps, by self CPU time:")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
-                                    max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -66,8 +66,7 @@ from fraccompile.ops.spec import Precision, SiteSpec
 MODELS = {
     "resnet20": ("ResNet-20", resnet_cifar.resnet20, lambda: torch.randn(128, 3, 32, 32)),
     "mobilenetv2": ("MobileNetV2", mobilenetv2_cifar.model, lambda: torch.randn(128, 3, 32, 32)),
-    "transformer": ("Transformer d128", transformer_lm.model,
-                    lambda: torch.randint(0, 65, (128, 64))),
+    "transformer": ("Transformer d128", transformer_lm.model, lambda: torch.randint(0, 65, (128, 64))),
 }
 ROLES = ("FW", "EB", "EB fp32", "GC")
 
@@ -135,8 +134,7 @@ def model_gemms(key: str) -> collections.Counter:
         if s.full_precision or s.name not in ops:
             continue
         spec = ops[s.name].spec
-        call = SiteCall(s.name, spec, Precision(8, 8, 8), "symmetric",
-                        weight_shape=tuple(s.weight_shape))
+        call = SiteCall(s.name, spec, Precision(8, 8, 8), "symmetric", weight_shape=tuple(s.weight_shape))
         if probe.unsupported_reason(call) is not None:
             continue
         x_neg, y_neg = signs[s.name]
@@ -150,21 +148,33 @@ def site_gemms(spec, x_shape, w_shape, y_shape, x_neg: bool, y_neg: bool) -> lis
         G = spec.groups
         N, P = x_shape[0], math.prod(y_shape[2:])
         OCg, kc = w_shape[0] // G, w_shape[1] * math.prod(w_shape[2:])
-        conv = (tuple(x_shape), tuple(w_shape), tuple(spec.stride),
-                tuple(spec.gemm_padding(w_shape)), tuple(spec.dilation), G)
-        return [Gemm("FW", "conv", G, N * P, OCg, kc, x_neg, True, "mk", "nk", conv),
-                Gemm("EB fp32", "conv", G, N * P, kc, OCg, conv=conv),
-                Gemm("GC", "conv", G, OCg, kc, N * P, True, x_neg, "kgm", "kn", conv)]
+        conv = (
+            tuple(x_shape),
+            tuple(w_shape),
+            tuple(spec.stride),
+            tuple(spec.gemm_padding(w_shape)),
+            tuple(spec.dilation),
+            G,
+        )
+        return [
+            Gemm("FW", "conv", G, N * P, OCg, kc, x_neg, True, "mk", "nk", conv),
+            Gemm("EB fp32", "conv", G, N * P, kc, OCg, conv=conv),
+            Gemm("GC", "conv", G, OCg, kc, N * P, True, x_neg, "kgm", "kn", conv),
+        ]
     if spec.kind == "linear":
         R, cin, cout = math.prod(x_shape[:-1]), x_shape[-1], w_shape[0]
-        return [Gemm("FW", "linear", 1, R, cout, cin, x_neg, True, "mk", "nk"),
-                Gemm("EB fp32", "linear", 1, R, cin, cout, out_shape=tuple(y_shape)),
-                Gemm("GC", "linear", 1, cout, cin, R, True, x_neg, "km", "kn")]
+        return [
+            Gemm("FW", "linear", 1, R, cout, cin, x_neg, True, "mk", "nk"),
+            Gemm("EB fp32", "linear", 1, R, cin, cout, out_shape=tuple(y_shape)),
+            Gemm("GC", "linear", 1, cout, cin, R, True, x_neg, "km", "kn"),
+        ]
     batch = torch.broadcast_shapes(tuple(x_shape[:-2]), tuple(w_shape[:-2]))
     B, M, K, N = math.prod(batch), x_shape[-2], x_shape[-1], w_shape[-1]
-    return [Gemm("FW", "matmul", B, M, N, K, x_neg, y_neg, "mk", "kn"),
-            Gemm("EB", "matmul", B, M, K, N, True, y_neg, "mk", "nk"),
-            Gemm("GC", "matmul", B, K, N, M, x_neg, True, "km", "kn")]
+    return [
+        Gemm("FW", "matmul", B, M, N, K, x_neg, y_neg, "mk", "kn"),
+        Gemm("EB", "matmul", B, M, K, N, True, y_neg, "mk", "nk"),
+        Gemm("GC", "matmul", B, K, N, M, x_neg, True, "km", "kn"),
+    ]
 
 
 # -- operands --------------------------------------------------------------------------------------
@@ -270,8 +280,7 @@ def backend_conv(g: Gemm, backend: TVMBackend):
     y_shape = conv_out_shape(g.conv)
     cl = torch.channels_last
     x_signed = g.a_signed if g.role == "FW" else g.b_signed
-    xq = IntCodes(codes(x_shape, x_signed).contiguous(memory_format=cl), torch.tensor(0.01),
-                  x_signed)
+    xq = IntCodes(codes(x_shape, x_signed).contiguous(memory_format=cl), torch.tensor(0.01), x_signed)
     if g.role == "FW":
         wq = IntCodes(codes(w_shape, True), torch.rand(w_shape[0]) + 0.5, True)
         return lambda: backend.fw(spec, xq, wq, x_shape, w_shape)
@@ -298,8 +307,10 @@ def backend_eb_fp32(g: Gemm, backend: TVMBackend):
 
 def conv_out_shape(conv) -> tuple:
     x_shape, w_shape, stride, padding, dilation, _ = conv
-    sp = [(x_shape[2 + d] + 2 * padding[d] - dilation[d] * (w_shape[2 + d] - 1) - 1)
-          // stride[d] + 1 for d in range(len(stride))]
+    sp = [
+        (x_shape[2 + d] + 2 * padding[d] - dilation[d] * (w_shape[2 + d] - 1) - 1) // stride[d] + 1
+        for d in range(len(stride))
+    ]
     return (x_shape[0], w_shape[0], *sp)
 
 
@@ -314,8 +325,8 @@ def fp32_fn(g: Gemm):
         mask = [g.role != "GC", g.role == "GC", False]
         n = len(stride)
         return lambda: torch.ops.aten.convolution_backward(
-            dy, x, w, None, list(stride), list(padding), list(dilation), False, [0] * n, groups,
-            mask)
+            dy, x, w, None, list(stride), list(padding), list(dilation), False, [0] * n, groups, mask
+        )
     a, b = torch.randn(g.G, g.M, g.K), torch.randn(g.G, g.N, g.K)
     if g.G == 1:
         a, b = a[0], b[0]
@@ -344,10 +355,12 @@ def int_mm_fn(g: Gemm):
 # -- measuring -------------------------------------------------------------------------------------
 def measure(g: Gemm, cache, backend, repeats: int) -> dict[str, float | None]:
     """Median ms of the four columns for one GEMM (None where the column does not apply)."""
-    makers = {"kernel": lambda: kernel_fn(g, cache, backend) if g.role != "EB fp32" else None,
-              "packing": lambda: backend_fn(g, backend),
-              "fp32": lambda: fp32_fn(g),
-              "int_mm": lambda: int_mm_fn(g)}
+    makers = {
+        "kernel": lambda: kernel_fn(g, cache, backend) if g.role != "EB fp32" else None,
+        "packing": lambda: backend_fn(g, backend),
+        "fp32": lambda: fp32_fn(g),
+        "int_mm": lambda: int_mm_fn(g),
+    }
     out = {}
     for k, make in makers.items():  # one at a time: the operands of a column are freed after it
         f = make()
@@ -367,11 +380,13 @@ def ratio(num: float | None, den: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}"
+    )
     parser.add_argument("--verbose", action="store_true", help="also print every distinct GEMM")
-    parser.add_argument("--cold", action="store_true",
-                        help="build every kernel in a fresh temporary cache directory")
+    parser.add_argument(
+        "--cold", action="store_true", help="build every kernel in a fresh temporary cache directory"
+    )
     args = parser.parse_args()
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     for k in keys:
@@ -385,14 +400,18 @@ def main() -> None:
     cache = KernelCache(tmp.name if tmp else None)
     backend = TVMBackend(cache)
     square = Gemm("FW", "square", 1, 1024, 1024, 1024, False, True)
-    work: list[tuple[str, collections.Counter]] = [
-        (MODELS[k][0], model_gemms(k)) for k in keys]
+    work: list[tuple[str, collections.Counter]] = [(MODELS[k][0], model_gemms(k)) for k in keys]
     work.append(("1024^3 (u8 x s8)", collections.Counter({square: 1})))
 
     # warm the kernel cache: every padded shape once, timed as the cold build
     t0 = time.perf_counter()
-    shapes = {tgemm.padded(g.G, g.M, g.N, k) for _, gs in work for g in gs
-              if g.role != "EB fp32" for k in chunks(g.K)}
+    shapes = {
+        tgemm.padded(g.G, g.M, g.N, k)
+        for _, gs in work
+        for g in gs
+        if g.role != "EB fp32"
+        for k in chunks(g.K)
+    }
     for s in sorted(shapes, key=lambda s: s.name):
         cache.get(s)
     warm_s = time.perf_counter() - t0
@@ -410,25 +429,53 @@ def main() -> None:
                 ops += g.ops * n
                 for k in tot:
                     tot[k] = None if tot[k] is None or ms[k] is None else tot[k] + ms[k] * n
-                detail.append([model, role, g.kind, g.label(), str(n),
-                               *(gops(g.ops, ms[k]) for k in tot),
-                               ratio(ms["kernel"], ms["int_mm"]), ratio(ms["kernel"], ms["fp32"])])
-            rows.append([model, role, str(sum(n for _, n in sel)),
-                         *(gops(ops, tot[k]) for k in tot),
-                         ratio(tot["kernel"], tot["int_mm"]), ratio(tot["kernel"], tot["fp32"])])
+                detail.append(
+                    [
+                        model,
+                        role,
+                        g.kind,
+                        g.label(),
+                        str(n),
+                        *(gops(g.ops, ms[k]) for k in tot),
+                        ratio(ms["kernel"], ms["int_mm"]),
+                        ratio(ms["kernel"], ms["fp32"]),
+                    ]
+                )
+            rows.append(
+                [
+                    model,
+                    role,
+                    str(sum(n for _, n in sel)),
+                    *(gops(ops, tot[k]) for k in tot),
+                    ratio(tot["kernel"], tot["int_mm"]),
+                    ratio(tot["kernel"], tot["fp32"]),
+                ]
+            )
 
-    cols = ["GOPS kernel", "GOPS kernel+packing", "GOPS torch fp32", "GOPS int_mm",
-            "kernel/int_mm", "kernel/fp32"]
-    print(f"a=w=g=8 symmetric, batch 128 (Transformer: 128 x 64 tokens); median of {args.repeats} "
-          "calls per GEMM; GOPS = total ops / total median time of the role's GEMMs")
+    cols = [
+        "GOPS kernel",
+        "GOPS kernel+packing",
+        "GOPS torch fp32",
+        "GOPS int_mm",
+        "kernel/int_mm",
+        "kernel/fp32",
+    ]
+    print(
+        f"a=w=g=8 symmetric, batch 128 (Transformer: 128 x 64 tokens); median of {args.repeats} "
+        "calls per GEMM; GOPS = total ops / total median time of the role's GEMMs"
+    )
     print_table(["model", "role", "GEMMs", *cols], rows)
     st = cache.stats
-    print(f"\nkernel cache ({tmp.name if tmp else cache_dir()}): {len(shapes)} kernels; "
-          f"{st.built} built in {sum(st.build_seconds):.1f} s (cold), {st.loaded - st.built} "
-          f"loaded from disk in {sum(st.load_seconds):.2f} s; warm-up took {warm_s:.1f} s")
-    print("EB fp32: EB of conv/linear weight sites runs in fp32 in this backend (per-channel "
-          "weight scales sit on its reduction axis); 'kernel+packing' is the backend's EB "
-          "(dequantize + fp32 op)")
+    print(
+        f"\nkernel cache ({tmp.name if tmp else cache_dir()}): {len(shapes)} kernels; "
+        f"{st.built} built in {sum(st.build_seconds):.1f} s (cold), {st.loaded - st.built} "
+        f"loaded from disk in {sum(st.load_seconds):.2f} s; warm-up took {warm_s:.1f} s"
+    )
+    print(
+        "EB fp32: EB of conv/linear weight sites runs in fp32 in this backend (per-channel "
+        "weight scales sit on its reduction axis); 'kernel+packing' is the backend's EB "
+        "(dequantize + fp32 op)"
+    )
     if args.verbose:
         print()
         print_table(["model", "role", "site", "GxMxNxK", "count", *cols], detail)

@@ -41,11 +41,20 @@ def main() -> None:
     torch.manual_seed(0)
     lm = TransformerLM(vocab_size=65, block_size=64, d_model=128, n_heads=4, n_layers=2)
     cases = [
-        ("ResNet-20, batch 128, 3x32x32", resnet20(), torch.randn(128, 3, 32, 32),
-         torch.randint(0, 10, (128,)), F.cross_entropy),
-        ("Transformer (d128, 2 layers), batch 16 x 64 tokens", lm,
-         torch.randint(0, 65, (16, 64)), torch.randint(0, 65, (16, 64)),
-         lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())),
+        (
+            "ResNet-20, batch 128, 3x32x32",
+            resnet20(),
+            torch.randn(128, 3, 32, 32),
+            torch.randint(0, 10, (128,)),
+            F.cross_entropy,
+        ),
+        (
+            "Transformer (d128, 2 layers), batch 16 x 64 tokens",
+            lm,
+            torch.randint(0, 65, (16, 64)),
+            torch.randint(0, 65, (16, 64)),
+            lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten()),
+        ),
     ]
     rows = []
     b = args.bits
@@ -57,8 +66,10 @@ def main() -> None:
         q0 = median_ms(step_fn(fm0, x, y, loss_fn), args.repeats)
         rows.append([name, f"{fp:.1f}", f"{q0:.1f}", f"{q:.1f}", f"{q / fp:.2f}x"])
     print(f"median ms per training step over {args.repeats} steps (after 2 warm-up steps)")
-    print_table(["model", "original fp32", "compiled, precision 0",
-                 f"compiled {b}/{b}/{b} (reference)", "overhead"], rows)
+    print_table(
+        ["model", "original fp32", "compiled, precision 0", f"compiled {b}/{b}/{b} (reference)", "overhead"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -69,11 +69,19 @@ def make_case(key: str):
 
     torch.manual_seed(0)
     if key == "resnet20":
-        return (resnet_cifar.resnet20(), torch.randn(128, 3, 32, 32),
-                torch.randint(0, 10, (128,)), F.cross_entropy)
+        return (
+            resnet_cifar.resnet20(),
+            torch.randn(128, 3, 32, 32),
+            torch.randint(0, 10, (128,)),
+            F.cross_entropy,
+        )
     tokens = torch.randint(0, 65, (32, 65))
-    return (transformer_lm.model_d512(), tokens[:, :-1], tokens[:, 1:],
-            lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    return (
+        transformer_lm.model_d512(),
+        tokens[:, :-1],
+        tokens[:, 1:],
+        lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()),
+    )
 
 
 def saved_bytes(model, x, y, loss_fn) -> int:
@@ -95,6 +103,7 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
 
         import fraccompile  # noqa: F401
         from fraccompile.examples import resnet_cifar, transformer_lm  # noqa: F401
+
         return {"rss_mb": peak_rss_mb()}
     import torch
 
@@ -108,9 +117,15 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     elif mode != "fp32":
-        cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric",
-                                     backend="tvm" if mode == "tvm-tuned" else mode,
-                                     tuning_db=tuning_db, **(fields or {}))
+        cfg = fraccompile.FracConfig(
+            a=8,
+            w=8,
+            g=8,
+            scheme="symmetric",
+            backend="tvm" if mode == "tvm-tuned" else mode,
+            tuning_db=tuning_db,
+            **(fields or {}),
+        )
         model = fraccompile.compile(model, x, config=cfg)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -130,8 +145,9 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
         t0 = time.perf_counter()
         step()
         times.append(1000 * (time.perf_counter() - t0))
-    info.update(step_ms=statistics.median(times), warmup_ms=warm,
-                saved_mb=saved_bytes(model, x, y, loss_fn) / 2**20)
+    info.update(
+        step_ms=statistics.median(times), warmup_ms=warm, saved_mb=saved_bytes(model, x, y, loss_fn) / 2**20
+    )
     if not mode.startswith("fp32"):
         sites = model.sites
         info["sites"] = {
@@ -140,22 +156,27 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
             "fp32": sum(s.full_precision for s in sites),
             "reasons": sorted({s.fallback_reason for s in sites if s.fallback_reason}),
         }
-        caches = {id(b.cache): b.cache for m in model.modules() if isinstance(m, FracOp)
-                  for b in [m.backend] if hasattr(b, "cache") and mode.startswith("tvm")}
+        caches = {
+            id(b.cache): b.cache
+            for m in model.modules()
+            if isinstance(m, FracOp)
+            for b in [m.backend]
+            if hasattr(b, "cache") and mode.startswith("tvm")
+        }
         if caches:
             st = [c.stats for c in caches.values()]
-            info["kernels"] = {"built": sum(s.built for s in st),
-                               "build_s": sum(sum(s.build_seconds) for s in st),
-                               "loaded": sum(s.loaded - s.built for s in st),
-                               "pool": threads.pool()}
+            info["kernels"] = {
+                "built": sum(s.built for s in st),
+                "build_s": sum(sum(s.build_seconds) for s in st),
+                "loaded": sum(s.loaded - s.built for s in st),
+                "pool": threads.pool(),
+            }
     info["rss_mb"] = peak_rss_mb()
     return info
 
 
-def run_child(key: str, mode: str, repeats: int, env: dict | None = None,
-              fields: dict | None = None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode,
-           "--repeats", str(repeats)]
+def run_child(key: str, mode: str, repeats: int, env: dict | None = None, fields: dict | None = None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", key, mode, "--repeats", str(repeats)]
     for name, value in (fields or {}).items():
         cmd += [f"--{name.replace('_', '-')}", str(value)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -169,26 +190,56 @@ def run_child(key: str, mode: str, repeats: int, env: dict | None = None,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}"
+    )
     parser.add_argument("--tuning-db", default="", help="also run tvm with this tuning database")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="an environment variable for every child (repeatable)")
-    parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel",
-                        help="FracConfig.weight_scale of the compiled rows")
-    parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="counter",
-                        help="FracConfig.rounding_noise of the compiled rows")
-    parser.add_argument("--recompute", choices=("none", "activations", "norms"),
-                        default="activations", help="FracConfig.recompute of the compiled rows")
-    parser.add_argument("--recompute-budget", type=float, default=0.0,
-                        help="FracConfig.recompute_budget of the compiled rows (with norms)")
-    parser.add_argument("--pairs", type=int, default=0,
-                        help="then N more fp32/tvm child pairs per model, run alternately, for "
-                             "the spread of the tvm/fp32 ratio between runs")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for every child (repeatable)",
+    )
+    parser.add_argument(
+        "--weight-scale",
+        choices=("channel", "tensor"),
+        default="channel",
+        help="FracConfig.weight_scale of the compiled rows",
+    )
+    parser.add_argument(
+        "--rounding-noise",
+        choices=("torch", "counter"),
+        default="counter",
+        help="FracConfig.rounding_noise of the compiled rows",
+    )
+    parser.add_argument(
+        "--recompute",
+        choices=("none", "activations", "norms"),
+        default="activations",
+        help="FracConfig.recompute of the compiled rows",
+    )
+    parser.add_argument(
+        "--recompute-budget",
+        type=float,
+        default=0.0,
+        help="FracConfig.recompute_budget of the compiled rows (with norms)",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="then N more fp32/tvm child pairs per model, run alternately, for "
+        "the spread of the tvm/fp32 ratio between runs",
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    fields = {"weight_scale": args.weight_scale, "rounding_noise": args.rounding_noise,
-              "recompute": args.recompute, "recompute_budget": args.recompute_budget}
+    fields = {
+        "weight_scale": args.weight_scale,
+        "rounding_noise": args.rounding_noise,
+        "recompute": args.recompute,
+        "recompute_budget": args.recompute_budget,
+    }
     if args.child:
         print(json.dumps(child(*args.child, args.repeats, fields)))
         return
@@ -205,60 +256,80 @@ def main() -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _common import header, print_table
-    header("Training step: time and memory, fp32 vs compiled a=w=g=8 symmetric "
-           "(reference and TVM backends)")
+
+    header("Training step: time and memory, fp32 vs compiled a=w=g=8 symmetric (reference and TVM backends)")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"environment of every child: {' '.join(args.env) or '(as inherited)'}; "
-          f"weight_scale {args.weight_scale}, rounding_noise {args.rounding_noise}, "
-          f"recompute {args.recompute}"
-          + (f", recompute_budget {args.recompute_budget:g}" if args.recompute_budget else ""))
+    print(
+        f"environment of every child: {' '.join(args.env) or '(as inherited)'}; "
+        f"weight_scale {args.weight_scale}, rounding_noise {args.rounding_noise}, "
+        f"recompute {args.recompute}"
+        + (f", recompute_budget {args.recompute_budget:g}" if args.recompute_budget else "")
+    )
     base = {m: run_child("-", m, 0, env).get("rss_mb") for m in ("import", "import-tvm")}
     rows, notes = [], []
-    modes = list(MODES) + ([f"tvm-tuned:{os.path.abspath(args.tuning_db)}"] if args.tuning_db
-                           else [])
+    modes = list(MODES) + ([f"tvm-tuned:{os.path.abspath(args.tuning_db)}"] if args.tuning_db else [])
     for key in keys:
-        res = {mode.partition(":")[0]: run_child(key, mode, args.repeats, env, fields)
-               for mode in modes[:1] + CL_MODES.get(key, []) + modes[1:]}
+        res = {
+            mode.partition(":")[0]: run_child(key, mode, args.repeats, env, fields)
+            for mode in modes[:1] + CL_MODES.get(key, []) + modes[1:]
+        }
         fp = res["fp32"]
         for mode in res:
             r = res[mode]
             if "error" in r:
                 rows.append([MODELS[key], mode, r["error"], "-", "-", "-", "-"])
                 continue
-            rows.append([MODELS[key], mode, f"{r['step_ms']:.1f}",
-                         f"{r['step_ms'] / fp['step_ms']:.2f}x" if "step_ms" in fp else "-",
-                         f"{r['rss_mb']:.0f}", f"{r['saved_mb']:.1f}",
-                         f"{r['saved_mb'] / fp['saved_mb']:.2f}x" if "saved_mb" in fp else "-"])
+            rows.append(
+                [
+                    MODELS[key],
+                    mode,
+                    f"{r['step_ms']:.1f}",
+                    f"{r['step_ms'] / fp['step_ms']:.2f}x" if "step_ms" in fp else "-",
+                    f"{r['rss_mb']:.0f}",
+                    f"{r['saved_mb']:.1f}",
+                    f"{r['saved_mb'] / fp['saved_mb']:.2f}x" if "saved_mb" in fp else "-",
+                ]
+            )
             warm = ", ".join(f"{w:.0f}" for w in r["warmup_ms"])
             note = f"{MODELS[key]}, {mode}: warm-up steps {warm} ms"
             if "sites" in r:
                 s = r["sites"]
                 ref = "fallback to reference" if mode.startswith("tvm") else "on reference"
-                note += (f"; sites: {s['tvm']} on tvm, {s['reference']} {ref}, "
-                         f"{s['fp32']} kept fp32 (full_precision)")
+                note += (
+                    f"; sites: {s['tvm']} on tvm, {s['reference']} {ref}, "
+                    f"{s['fp32']} kept fp32 (full_precision)"
+                )
                 if s["reasons"]:
                     note += f" ({'; '.join(s['reasons'])})"
             if "kernels" in r:
                 k = r["kernels"]
-                note += (f"; kernels: {k['built']} built ({k['build_s']:.1f} s), "
-                         f"{k['loaded']} loaded from the disk cache; parallel loops on "
-                         f"{k['pool']}")
+                note += (
+                    f"; kernels: {k['built']} built ({k['build_s']:.1f} s), "
+                    f"{k['loaded']} loaded from the disk cache; parallel loops on "
+                    f"{k['pool']}"
+                )
             notes.append(note)
-    print(f"median ms per step over {args.repeats} steps (after 2 warm-up steps); each row in a "
-          "fresh process")
-    print_table(["model", "mode", "step ms", "vs fp32", "peak RSS MB", "saved-for-backward MB",
-                 "vs fp32"], rows)
+    print(
+        f"median ms per step over {args.repeats} steps (after 2 warm-up steps); each row in a fresh process"
+    )
+    print_table(
+        ["model", "mode", "step ms", "vs fp32", "peak RSS MB", "saved-for-backward MB", "vs fp32"], rows
+    )
     print()
     if base["import"] and base["import-tvm"]:
-        print(f"peak RSS of a child that only imports torch and fraccompile: {base['import']:.0f} "
-              f"MB, and TVM too (as the tvm rows do): {base['import-tvm']:.0f} MB")
+        print(
+            f"peak RSS of a child that only imports torch and fraccompile: {base['import']:.0f} "
+            f"MB, and TVM too (as the tvm rows do): {base['import-tvm']:.0f} MB"
+        )
     for n in notes:
         print(f"- {n}")
     if args.pairs:
         print()
-        print(f"tvm/fp32 step-time ratio over {args.pairs} more fp32, tvm child pairs per model "
-              "(with fp32-cl too where there is one), run alternately (each the median of its "
-              "steps, as above)")
+        print(
+            f"tvm/fp32 step-time ratio over {args.pairs} more fp32, tvm child pairs per model "
+            "(with fp32-cl too where there is one), run alternately (each the median of its "
+            "steps, as above)"
+        )
         spread = []
         for key in keys:
             bases = ["fp32"] + CL_MODES.get(key, [])
@@ -270,9 +341,15 @@ def main() -> None:
                         ratios[b].append(runs["tvm"]["step_ms"] / runs[b]["step_ms"])
             for b, rs in ratios.items():
                 if rs:
-                    spread.append([MODELS[key], f"tvm / {b}", " ".join(f"{r:.2f}" for r in rs),
-                                   f"{statistics.median(rs):.2f}x",
-                                   f"{min(rs):.2f}-{max(rs):.2f}x"])
+                    spread.append(
+                        [
+                            MODELS[key],
+                            f"tvm / {b}",
+                            " ".join(f"{r:.2f}" for r in rs),
+                            f"{statistics.median(rs):.2f}x",
+                            f"{min(rs):.2f}-{max(rs):.2f}x",
+                        ]
+                    )
         print_table(["model", "ratio", "ratios, in run order", "median", "range"], spread)
 
 

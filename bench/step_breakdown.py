@@ -32,8 +32,7 @@ from fraccompile.examples import transformer_lm
 from fraccompile.examples.resnet_cifar import resnet20
 
 # each function in the module whose code calls it (a module global: patched where it is looked up)
-FUNCTIONS = ((B, "_to_codes"), (roles, "_im2col"), (gemm_runtime, "_pack_a"),
-             (gemm_runtime, "_pack_b"))
+FUNCTIONS = ((B, "_to_codes"), (roles, "_im2col"), (gemm_runtime, "_pack_a"), (gemm_runtime, "_pack_b"))
 METHODS = ("run_site", "fw", "eb", "gc", "_gemm")
 
 
@@ -43,14 +42,15 @@ def main() -> None:
     parser.add_argument("--model", choices=("resnet20", "transformer"), default="resnet20")
     parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel")
     parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="counter")
-    parser.add_argument("--recompute", choices=("none", "activations", "norms"),
-                        default="activations")
+    parser.add_argument("--recompute", choices=("none", "activations", "norms"), default="activations")
     parser.add_argument("--recompute-budget", type=float, default=0.0)
     args = parser.parse_args()
     header(f"TVM backend: where a {args.model} training step goes")
-    print(f"FracConfig(a=8, w=8, g=8, scheme='symmetric', weight_scale={args.weight_scale!r}, "
-          f"rounding_noise={args.rounding_noise!r}, recompute={args.recompute!r}, "
-          f"recompute_budget={args.recompute_budget:g})")
+    print(
+        f"FracConfig(a=8, w=8, g=8, scheme='symmetric', weight_scale={args.weight_scale!r}, "
+        f"rounding_noise={args.rounding_noise!r}, recompute={args.recompute!r}, "
+        f"recompute_budget={args.recompute_budget:g})"
+    )
     print(f"kernels' parallel loops on {threads.pool()}")
     total: dict[str, float] = collections.defaultdict(float)
     depth: dict[str, int] = collections.defaultdict(int)
@@ -66,6 +66,7 @@ def main() -> None:
                 depth[name] -= 1
                 if not depth[name]:
                     total[name] += time.perf_counter() - t0
+
         return wrapper
 
     for module, name in FUNCTIONS:
@@ -83,7 +84,9 @@ def main() -> None:
                 return fn(*a)
             finally:
                 total[f"kernel: {ref.kind}"] += time.perf_counter() - t0
+
         return call
+
     B.TVMBackend.kernel = timed_kernel
 
     torch.manual_seed(0)
@@ -93,14 +96,22 @@ def main() -> None:
         model = transformer_lm.model_d512()
         tokens = torch.randint(0, 65, (32, 65))
         x, y = tokens[:, :-1], tokens[:, 1:]
-    cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric", backend="tvm",
-                                 weight_scale=args.weight_scale,
-                                 rounding_noise=args.rounding_noise, recompute=args.recompute,
-                                 recompute_budget=args.recompute_budget)
+    cfg = fraccompile.FracConfig(
+        a=8,
+        w=8,
+        g=8,
+        scheme="symmetric",
+        backend="tvm",
+        weight_scale=args.weight_scale,
+        rounding_noise=args.rounding_noise,
+        recompute=args.recompute,
+        recompute_budget=args.recompute_budget,
+    )
     fm = fraccompile.compile(model, x, config=cfg)
 
     def loss_of(out):
         return F.cross_entropy(out.flatten(0, 1) if out.dim() == 3 else out, y.flatten())
+
     for _ in range(2):
         loss_of(fm(x)).backward()
     total.clear()
@@ -111,10 +122,14 @@ def main() -> None:
         total["forward (all of it)"] += time.perf_counter() - t1
         loss_of(out).backward()
     total["step (all of it)"] = time.perf_counter() - t0
-    rows = [[name, f"{seconds / args.repeats * 1000:.1f}"]
-            for name, seconds in sorted(total.items(), key=lambda kv: -kv[1])]
-    print(f"ms per step, mean of {args.repeats} steps (nested: _gemm includes its packing and the "
-          "kernel call; fw/gc/eb include their _gemm)")
+    rows = [
+        [name, f"{seconds / args.repeats * 1000:.1f}"]
+        for name, seconds in sorted(total.items(), key=lambda kv: -kv[1])
+    ]
+    print(
+        f"ms per step, mean of {args.repeats} steps (nested: _gemm includes its packing and the "
+        "kernel call; fw/gc/eb include their _gemm)"
+    )
     print_table(["function", "ms / step"], rows)
 
 

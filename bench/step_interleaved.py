@@ -40,8 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=tuple(MODELS), default="resnet20")
     parser.add_argument("--rounds", type=int, default=24, help="steps per variant (2 warm-up)")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="model and input in torch.channels_last (ResNet-20)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="model and input in torch.channels_last (ResNet-20)"
+    )
     parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel")
     parser.add_argument("variants", nargs="*", default=["activations", "norms", "norms:0.4"])
     args = parser.parse_args()
@@ -52,14 +53,20 @@ def main() -> None:
     if args.channels_last:
         if x.dim() != 4:
             parser.error("--channels-last is for the 4-D input of resnet20")
-        base, x = base.to(memory_format=torch.channels_last), \
-            x.contiguous(memory_format=torch.channels_last)
+        base, x = base.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     models = {"fp32": copy.deepcopy(base)}
     for spec in args.variants:
         recompute, _, budget = spec.partition(":")
-        cfg = fraccompile.FracConfig(a=8, w=8, g=8, scheme="symmetric", backend="tvm",
-                                     recompute=recompute, recompute_budget=float(budget or 0),
-                                     weight_scale=args.weight_scale)
+        cfg = fraccompile.FracConfig(
+            a=8,
+            w=8,
+            g=8,
+            scheme="symmetric",
+            backend="tvm",
+            recompute=recompute,
+            recompute_budget=float(budget or 0),
+            weight_scale=args.weight_scale,
+        )
         models[spec] = fraccompile.compile(copy.deepcopy(base), x, config=cfg)
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01) for k, m in models.items()}
 
@@ -77,18 +84,24 @@ def main() -> None:
             if r >= 2:
                 times[key].append(t)
     layout = ", channels-last" if args.channels_last else ""
-    print(f"{MODELS[args.model]}{layout}; a=w=g=8 symmetric, weight_scale "
-          f"{args.weight_scale}, tvm backend; {args.rounds - 2} "
-          "rounds (after 2 warm-up), each running one step of every variant in turn")
+    print(
+        f"{MODELS[args.model]}{layout}; a=w=g=8 symmetric, weight_scale "
+        f"{args.weight_scale}, tvm backend; {args.rounds - 2} "
+        "rounds (after 2 warm-up), each running one step of every variant in turn"
+    )
     rows = []
     for key, ts in times.items():
         ratios = [t / f for t, f in zip(ts, times["fp32"])]
         q1, med, q3 = statistics.quantiles(ratios, n=4)
-        rows.append([key if key == "fp32" else f"recompute {key}",
-                     f"{statistics.median(ts) * 1e3:.1f}", f"{med:.2f}x",
-                     f"{q1:.2f}-{q3:.2f}x"])
-    print_table(["variant", "median step ms", "per-round ratio to fp32: median",
-                 "quartiles"], rows)
+        rows.append(
+            [
+                key if key == "fp32" else f"recompute {key}",
+                f"{statistics.median(ts) * 1e3:.1f}",
+                f"{med:.2f}x",
+                f"{q1:.2f}-{q3:.2f}x",
+            ]
+        )
+    print_table(["variant", "median step ms", "per-round ratio to fp32: median", "quartiles"], rows)
 
 
 if __name__ == "__main__":

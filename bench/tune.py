@@ -33,8 +33,7 @@ from fraccompile.targets.tuning import LocalRunner, TuningDB, tune  # noqa: E402
 
 MODELS = {
     "resnet20": ("ResNet-20", resnet_cifar.resnet20, lambda: torch.randn(128, 3, 32, 32)),
-    "transformer": ("Transformer d512", transformer_lm.model_d512,
-                    lambda: torch.randint(0, 65, (128, 64))),
+    "transformer": ("Transformer d512", transformer_lm.model_d512, lambda: torch.randint(0, 65, (128, 64))),
 }
 
 
@@ -75,25 +74,52 @@ def bench_models(args) -> None:
         total_s += spent
         for res in results:
             r = res.record
-            d, t = remeasure(r.problem, [r.default_tile, r.tile], runner, args.repeats) \
-                if r.tile != r.default_tile else [None, None]
+            d, t = (
+                remeasure(r.problem, [r.default_tile, r.tile], runner, args.repeats)
+                if r.tile != r.default_tile
+                else [None, None]
+            )
             if d is None:
                 d = t = remeasure(r.problem, [r.default_tile], runner, args.repeats)[0]
             sites = sorted({f"{s}:{role}" for s, role in rec.problems[r.problem] if s})
             speedups.append(d / t)
-            rows.append([MODELS[key][0], ",".join(map(str, r.problem)),
-                         sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),
-                         "x".join(map(str, r.default_tile)), "x".join(map(str, r.tile)),
-                         f"{gops(r.problem, d):.0f}", f"{gops(r.problem, t):.0f}",
-                         f"{d / t:.2f}x", str(r.trials), f"{r.seconds:.1f}"])
+            rows.append(
+                [
+                    MODELS[key][0],
+                    ",".join(map(str, r.problem)),
+                    sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),
+                    "x".join(map(str, r.default_tile)),
+                    "x".join(map(str, r.tile)),
+                    f"{gops(r.problem, d):.0f}",
+                    f"{gops(r.problem, t):.0f}",
+                    f"{d / t:.2f}x",
+                    str(r.trials),
+                    f"{r.seconds:.1f}",
+                ]
+            )
         print(f"{MODELS[key][0]}: {len(problems)} problems tuned in {spent:.0f} s")
     print()
-    print_table(["model", "G,M,N,K", "sites", "default tile", "tuned tile", "GOPS default",
-                 "GOPS tuned", "speed-up", "trials", "tune s"], rows)
+    print_table(
+        [
+            "model",
+            "G,M,N,K",
+            "sites",
+            "default tile",
+            "tuned tile",
+            "GOPS default",
+            "GOPS tuned",
+            "speed-up",
+            "trials",
+            "tune s",
+        ],
+        rows,
+    )
     geo = statistics.geometric_mean(speedups)
-    print(f"\n{len(rows)} kernels, {args.trials} trials each, {total_s:.0f} s of tuning; "
-          f"speed-up geometric mean {geo:.2f}x, min {min(speedups):.2f}x, max {max(speedups):.2f}x "
-          f"(re-measured medians of {args.repeats} alternating runs)")
+    print(
+        f"\n{len(rows)} kernels, {args.trials} trials each, {total_s:.0f} s of tuning; "
+        f"speed-up geometric mean {geo:.2f}x, min {min(speedups):.2f}x, max {max(speedups):.2f}x "
+        f"(re-measured medians of {args.repeats} alternating runs)"
+    )
     if tmp:
         tmp.cleanup()
 
@@ -101,6 +127,7 @@ def bench_models(args) -> None:
 def bench_metaschedule(args) -> None:
     """MetaSchedule's ``tune_tir`` on the plain GEMM definition, against the template."""
     from fraccompile.errors import require_extra
+
     require_extra("tune", "--metaschedule (MetaSchedule's XGBoost cost model)", ("xgboost",))
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -124,25 +151,39 @@ def bench_metaschedule(args) -> None:
     rows = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as wd:
-        db = ms.tune_tir(mod, target, wd, max_trials_global=args.ms_trials,
-                         num_trials_per_iter=min(args.ms_trials, 8),
-                         builder=ms.builder.LocalBuilder(timeout_sec=args.ms_timeout),
-                         runner=ms.runner.LocalRunner(timeout_sec=60))
+        db = ms.tune_tir(
+            mod,
+            target,
+            wd,
+            max_trials_global=args.ms_trials,
+            num_trials_per_iter=min(args.ms_trials, 8),
+            builder=ms.builder.LocalBuilder(timeout_sec=args.ms_timeout),
+            runner=ms.runner.LocalRunner(timeout_sec=60),
+        )
         ms_s = time.perf_counter() - t0
         sch = ms.tir_integration.compile_tir(db, mod, target)
         ms_t = measure(tvm.compile(sch.mod, target=target)) if sch is not None else None
-        failed = sum(log.read_text(errors="replace").count("Error in building")
-                     for log in pathlib.Path(wd, "logs").glob("*.log"))
-    rows.append(["MetaSchedule tune_tir", str(args.ms_trials), f"{ms_s:.0f}",
-                 f"{gops(problem, ms_t):.0f}" if ms_t else "no valid schedule"])
+        failed = sum(
+            log.read_text(errors="replace").count("Error in building")
+            for log in pathlib.Path(wd, "logs").glob("*.log")
+        )
+    rows.append(
+        [
+            "MetaSchedule tune_tir",
+            str(args.ms_trials),
+            f"{ms_s:.0f}",
+            f"{gops(problem, ms_t):.0f}" if ms_t else "no valid schedule",
+        ]
+    )
     if failed:
         print(f"MetaSchedule: {failed} of {args.ms_trials} candidates failed to build")
     t0 = time.perf_counter()
     rec = tune([problem], TuningDB(tempfile.mkdtemp()), LocalRunner(), args.trials)[0].record
     tpl_s = time.perf_counter() - t0
     tpl_t = measure(gemm.build(gemm.padded(*problem, gemm.Tile(*rec.tile)), host))
-    rows.append(["template search (fraccompile tune)", str(rec.trials), f"{tpl_s:.0f}",
-                 f"{gops(problem, tpl_t):.0f}"])
+    rows.append(
+        ["template search (fraccompile tune)", str(rec.trials), f"{tpl_s:.0f}", f"{gops(problem, tpl_t):.0f}"]
+    )
     print(f"{n}x{n}x{n} u8 x s8 -> s32 GEMM")
     print_table(["search", "trials", "seconds", "GOPS"], rows)
 
@@ -155,8 +196,13 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=None)
     parser.add_argument("--db", default=None, help="tuning database (default: a fresh one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--metaschedule", type=int, default=None, metavar="N",
-                        help="compare with MetaSchedule on an N^3 GEMM instead")
+    parser.add_argument(
+        "--metaschedule",
+        type=int,
+        default=None,
+        metavar="N",
+        help="compare with MetaSchedule on an N^3 GEMM instead",
+    )
     parser.add_argument("--ms-trials", type=int, default=16)
     parser.add_argument("--ms-timeout", type=int, default=120, help="MetaSchedule builder timeout")
     args = parser.parse_args()

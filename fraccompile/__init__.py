@@ -18,6 +18,24 @@ from .ops import Precision
 
 __version__ = "0.1.0"
 
-__all__ = ["DFQ", "PFQ", "CaptureError", "ConfigError", "CostReport", "Cyclic", "FracCompileError",
-           "FracConfig", "FracModel", "FracTrain", "ModelLoadError", "PassError", "Precision",
-           "PrecisionController", "ShapeError", "Site", "Static", "capture", "compile"]
+__all__ = [
+    "DFQ",
+    "PFQ",
+    "CaptureError",
+    "ConfigError",
+    "CostReport",
+    "Cyclic",
+    "FracCompileError",
+    "FracConfig",
+    "FracModel",
+    "FracTrain",
+    "ModelLoadError",
+    "PassError",
+    "Precision",
+    "PrecisionController",
+    "ShapeError",
+    "Site",
+    "Static",
+    "capture",
+    "compile",
+]

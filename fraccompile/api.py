@@ -18,8 +18,12 @@ from .passes.pipeline import get_pipeline, run_passes
 from .passes.quantize_insertion import PRECISION_MODULE
 
 
-def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
-            config: FracConfig | None = None, **overrides: Any) -> FracModel:
+def compile(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    config: FracConfig | None = None,
+    **overrides: Any,
+) -> FracModel:
     """Compile ``model`` into a FracModel that trains with FracTrain semantics.
 
     Args:
@@ -55,9 +59,12 @@ def compile(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     if eval_gm is not None:
         _attach_eval_graph(frac, eval_gm, type(model).__name__)
     if not frac.sites or all(s.full_precision for s in frac.sites):
-        warnings.warn(f"{type(model).__name__} has no quantized site: the compiled model runs "
-                      f"it in full precision ({len(frac.fp32_ops)} GEMM-like ops left in fp32, "
-                      "see .fp32_ops)", stacklevel=2)
+        warnings.warn(
+            f"{type(model).__name__} has no quantized site: the compiled model runs "
+            f"it in full precision ({len(frac.fp32_ops)} GEMM-like ops left in fp32, "
+            "see .fp32_ops)",
+            stacklevel=2,
+        )
     _attach_missing_state(frac, model)
     _keep_non_persistent(frac, model)
     frac.train(model.training)
@@ -84,8 +91,12 @@ def _keep_epilogue_modules(frac: nn.Module) -> None:
     put it back at its path, so that ``train()``/``eval()``, ``parameters()`` and ``to()`` reach
     the module the site calls."""
     from .ops.modules import FracOp
-    norms = [(op.epilogue_norm_path, op.epilogue_norm) for op in frac.modules()
-             if isinstance(op, FracOp) and op.epilogue_norm is not None]
+
+    norms = [
+        (op.epilogue_norm_path, op.epilogue_norm)
+        for op in frac.modules()
+        if isinstance(op, FracOp) and op.epilogue_norm is not None
+    ]
     for path, norm in norms:
         frac.add_submodule(path, norm)
 
@@ -95,6 +106,7 @@ def _keep_composite_modules(frac: nn.Module) -> None:
     precision 0, and for its parameters), not by the graph: keep it at its path, so that
     ``train()``/``eval()``, ``parameters()``, ``to()`` and the state_dict keys reach it."""
     from .ops.attention import MultiheadAttentionSite
+
     kept = [(m.mha_path, m.mha) for m in frac.modules() if isinstance(m, MultiheadAttentionSite)]
     for path, mha in kept:
         frac.add_submodule(path, mha)

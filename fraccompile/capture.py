@@ -52,14 +52,22 @@ class FracTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         for pat in self.leaf_patterns:
-            if type(m).__name__ == pat or type(m).__qualname__ == pat \
-                    or fnmatch.fnmatchcase(module_qualified_name, pat):
+            if (
+                type(m).__name__ == pat
+                or type(m).__qualname__ == pat
+                or fnmatch.fnmatchcase(module_qualified_name, pat)
+            ):
                 return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
-            leaf_modules: Sequence[str] = (), method: str = "auto") -> fx.GraphModule:
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    leaf_modules: Sequence[str] = (),
+    method: str = "auto",
+) -> fx.GraphModule:
     """Capture ``model`` as a shape-annotated GraphModule.
 
     ``method`` is ``"auto"`` (fx, then export), ``"fx"`` or ``"export"``. Raises
@@ -130,13 +138,17 @@ def _unwrapped(fns):
         table.update(removed)
 
 
-def _trace_through_wrapped(model: nn.Module, leaves: tuple, example_inputs: tuple,
-                           gm: fx.GraphModule) -> fx.GraphModule:
+def _trace_through_wrapped(
+    model: nn.Module, leaves: tuple, example_inputs: tuple, gm: fx.GraphModule
+) -> fx.GraphModule:
     """Re-trace with the ``torch.fx.wrap``'d functions that called GEMM-like ops during shape
     propagation traced through, so those GEMMs become sites. A function whose body does not trace
     (e.g. Python control flow on a shape) stays opaque; ``gm.meta[GM_OPAQUE_FNS]`` says why."""
-    wrapped = {n.target for n in gm.graph.nodes if n.op == "call_function"
-               and n.meta.get(IS_WRAPPED) and n.meta.get(META_GEMM_CALLS)}
+    wrapped = {
+        n.target
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.meta.get(IS_WRAPPED) and n.meta.get(META_GEMM_CALLS)
+    }
     if not wrapped:
         return gm
 
@@ -190,8 +202,13 @@ def _trace_fx_modes(model: nn.Module, leaf_modules: tuple, through=frozenset()) 
         paths = merge_modes(gm, eval_gm)
         if not paths:
             return gm
-        opaque = [p for p in paths if p and p not in leaves and not any(
-            isinstance(m, _GEMM_LAYERS) for m in model.get_submodule(p).modules())]
+        opaque = [
+            p
+            for p in paths
+            if p
+            and p not in leaves
+            and not any(isinstance(m, _GEMM_LAYERS) for m in model.get_submodule(p).modules())
+        ]
         if not opaque:
             break
         leaves += opaque
@@ -214,9 +231,12 @@ def _named_paths(model: nn.Module, paths) -> list[str]:
 
 
 def warn_modes(model_name: str, paths: Sequence[str], why: str = "", stacklevel: int = 3) -> None:
-    warnings.warn(f"{model_name}: the eval-mode graph of {', '.join(map(repr, paths))} differs "
-                  f"from the train-mode one in more than constants{why}; the compiled model runs "
-                  "the train-mode graph there in both modes", stacklevel=stacklevel)
+    warnings.warn(
+        f"{model_name}: the eval-mode graph of {', '.join(map(repr, paths))} differs "
+        f"from the train-mode one in more than constants{why}; the compiled model runs "
+        "the train-mode graph there in both modes",
+        stacklevel=stacklevel,
+    )
 
 
 @contextlib.contextmanager
@@ -236,8 +256,9 @@ def _dynamic_shapes(example_inputs: tuple):
     """Every dimension of every tensor input as ``Dim.AUTO``: export keeps the ones the model
     does not specialize symbolic (batch, sequence length, image size)."""
     auto = torch.export.Dim.AUTO
-    return tuple({d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) else None
-                 for t in example_inputs)
+    return tuple(
+        {d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) else None for t in example_inputs
+    )
 
 
 def _trace_export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
@@ -248,8 +269,9 @@ def _trace_export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     try:
         with _quiet():
             try:
-                ep = torch.export.export(model, example_inputs, strict=False,
-                                         dynamic_shapes=_dynamic_shapes(example_inputs))
+                ep = torch.export.export(
+                    model, example_inputs, strict=False, dynamic_shapes=_dynamic_shapes(example_inputs)
+                )
                 dynamic = True
             except Exception:  # noqa: BLE001 - some models only export with static shapes
                 ep = torch.export.export(model, example_inputs, strict=False)
@@ -276,12 +298,17 @@ def _static_dims(gm: fx.GraphModule, example_inputs: tuple, dynamic: bool) -> li
         dims = [0] + ([1] if t.dim() > 1 and not t.is_floating_point() else [])
         for d in dims:
             size = val.shape[d] if val is not None and d < len(val.shape) else t.shape[d]
-            static = isinstance(size, int) or getattr(getattr(size, "node", None), "expr",
-                                                      None) is not None and size.node.expr.is_number
+            static = (
+                isinstance(size, int)
+                or getattr(getattr(size, "node", None), "expr", None) is not None
+                and size.node.expr.is_number
+            )
             if not dynamic or static:
                 kind = "batch" if d == 0 else "sequence"
-                out.append(f"input {i} ({node.name}) {kind} dimension {d} is static: only size "
-                           f"{int(t.shape[d])} runs (the model specializes it)")
+                out.append(
+                    f"input {i} ({node.name}) {kind} dimension {d} is static: only size "
+                    f"{int(t.shape[d])} runs (the model specializes it)"
+                )
     return out
 
 
@@ -310,16 +337,16 @@ class _ShapeRecorder(fx.Interpreter):
     opaque nodes (leaf modules, wrapped functions) as ``meta["frac_gemm_calls"]``."""
 
     def run_node(self, n: fx.Node):
-        if n.op == "call_module" or (n.op == "call_function"
-                                     and isinstance(n.target, types.FunctionType)):
+        if n.op == "call_module" or (n.op == "call_function" and isinstance(n.target, types.FunctionType)):
             with GemmCallRecorder() as rec:
                 result = super().run_node(n)
             if rec.calls:
                 n.meta[META_GEMM_CALLS] = rec.calls
         else:
             result = super().run_node(n)
-        meta = map_aggregate(result, lambda r: _extract_tensor_metadata(r)
-                             if isinstance(r, torch.Tensor) else None)
+        meta = map_aggregate(
+            result, lambda r: _extract_tensor_metadata(r) if isinstance(r, torch.Tensor) else None
+        )
         if meta is not None and not (isinstance(meta, (tuple, list)) and all(m is None for m in meta)):
             n.meta[TENSOR_META] = meta
         n.meta[TYPE] = type(result)
@@ -337,8 +364,9 @@ def _plain_run(model: nn.Module, example_inputs: tuple) -> None:
 
 
 def _shape_message(example_inputs: tuple, err: BaseException) -> str:
-    shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-                       for t in example_inputs)
+    shapes = ", ".join(
+        str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs
+    )
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return f"example input of shape {shapes} does not fit the model: {first}"
 
@@ -385,8 +413,12 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _capture_message(model: nn.Module, fx_error: BaseException | None,
-                     export_error: BaseException | None, leaf_modules: Sequence[str]) -> str:
+def _capture_message(
+    model: nn.Module,
+    fx_error: BaseException | None,
+    export_error: BaseException | None,
+    leaf_modules: Sequence[str],
+) -> str:
     parts = [f"cannot capture {type(model).__name__}"]
     where_err = fx_error or export_error
     module_path = _failing_module(model, where_err) if where_err is not None else None
@@ -404,7 +436,7 @@ def _capture_message(model: nn.Module, fx_error: BaseException | None,
     hint = ""
     if module_path:
         name = type(model.get_submodule(module_path)).__name__
-        hint = f"; keep that module opaque with leaf_modules=[\"{name}\"] (CLI: --leaf {name})"
+        hint = f'; keep that module opaque with leaf_modules=["{name}"] (CLI: --leaf {name})'
     elif not leaf_modules:
         hint = "; keep the offending submodule opaque with leaf_modules=[...] (CLI: --leaf NAME)"
     return " ".join(parts) + " (" + "; ".join(reasons) + ")" + hint

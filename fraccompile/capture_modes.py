@@ -108,8 +108,9 @@ def merge_modes(train: fx.GraphModule, eval_: fx.GraphModule) -> list[str]:
     diffs: list[tuple[fx.Node, tuple, object, object]] = []
     train_only: list[fx.Node] = []
     structural: list[str] = []
-    ops = difflib.SequenceMatcher(None, [_sig(n) for n in tn], [_sig(n) for n in en],
-                                  autojunk=False).get_opcodes()
+    ops = difflib.SequenceMatcher(
+        None, [_sig(n) for n in tn], [_sig(n) for n in en], autojunk=False
+    ).get_opcodes()
     for tag, i1, i2, j1, j2 in ops:
         if tag == "equal":
             for a, b in zip(tn[i1:i2], en[j1:j2]):
@@ -136,16 +137,13 @@ def merge_modes(train: fx.GraphModule, eval_: fx.GraphModule) -> list[str]:
         train.add_submodule(MODE_MODULE, ModeSwitch())
     for node, where, tv, ev in diffs:
         with graph.inserting_before(node):
-            switch = graph.create_node("call_module", MODE_MODULE, (tv, ev), {},
-                                       name="frac_mode")
+            switch = graph.create_node("call_module", MODE_MODULE, (tv, ev), {}, name="frac_mode")
         args, kwargs = _replace((node.args, node.kwargs), where, switch)
         node.args, node.kwargs = args, kwargs
     for node in train_only:
         with graph.inserting_before(node):
-            flag = graph.create_node("call_module", MODE_MODULE, (True, False), {},
-                                     name="frac_training")
-            new = graph.call_function(run_in_training, (flag, node.target, *node.args),
-                                      dict(node.kwargs))
+            flag = graph.create_node("call_module", MODE_MODULE, (True, False), {}, name="frac_training")
+            new = graph.call_function(run_in_training, (flag, node.target, *node.args), dict(node.kwargs))
         new.meta.update(node.meta)
         graph.erase_node(node)
     train.recompile()

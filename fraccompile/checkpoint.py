@@ -30,8 +30,17 @@ from . import fileio
 from .errors import FracCompileError
 
 CHECKPOINT_VERSION = 2
-CHECKPOINT_KEYS = ("iteration", "wall", "model", "optimizer", "lr_scheduler", "precision",
-                   "schedule", "meter", "rng")
+CHECKPOINT_KEYS = (
+    "iteration",
+    "wall",
+    "model",
+    "optimizer",
+    "lr_scheduler",
+    "precision",
+    "schedule",
+    "meter",
+    "rng",
+)
 
 
 class CheckpointError(FracCompileError, ValueError):
@@ -76,9 +85,11 @@ def _digest(obj, h, where: str) -> None:
     elif obj is None or type(obj) in (bool, int, float, str, bytes, torch.dtype, torch.device):
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
     else:
-        raise TypeError(f"checkpoint value {where} is a {type(obj).__module__}."
-                        f"{type(obj).__qualname__}: a checkpoint holds tensors and plain data "
-                        "only (dict, list, tuple, str, int, float, bool, None)")
+        raise TypeError(
+            f"checkpoint value {where} is a {type(obj).__module__}."
+            f"{type(obj).__qualname__}: a checkpoint holds tensors and plain data "
+            "only (dict, list, tuple, str, int, float, bool, None)"
+        )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -105,37 +116,39 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
         if not names:
-            raise refuse("is damaged or not a checkpoint (its bytes are not a torch "
-                         "checkpoint's)") from None
+            raise refuse("is damaged or not a checkpoint (its bytes are not a torch checkpoint's)") from None
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path) or names
         except Exception:  # noqa: BLE001 - the names from the message do
             pass
-        raise refuse(f"is refused: it holds Python objects ({', '.join(names)}) that only a "
-                     "load able to run code could build; a fraccompile checkpoint holds tensors "
-                     "and plain data") from None
+        raise refuse(
+            f"is refused: it holds Python objects ({', '.join(names)}) that only a "
+            "load able to run code could build; a fraccompile checkpoint holds tensors "
+            "and plain data"
+        ) from None
     except Exception as e:  # noqa: BLE001 - every failure to read becomes one line
         if isinstance(e, EOFError) or is_zip:
             raise refuse(f"is truncated or damaged ({first_line(e)})") from None
         raise refuse(f"is not a checkpoint ({first_line(e)})") from None
     if not isinstance(state, dict) or "version" not in state:
-        raise refuse(f"is not a fraccompile checkpoint (a {type(state).__name__} without a "
-                     "version)")
+        raise refuse(f"is not a fraccompile checkpoint (a {type(state).__name__} without a version)")
     if state["version"] != CHECKPOINT_VERSION:
-        raise refuse(f"has version {state['version']!r}; this fraccompile reads version "
-                     f"{CHECKPOINT_VERSION}")
+        raise refuse(f"has version {state['version']!r}; this fraccompile reads version {CHECKPOINT_VERSION}")
     checksum = state.pop("checksum", None)
     try:
         matches = checksum == state_checksum(state)
     except TypeError as e:
         raise refuse(f"is damaged ({e})") from None
     if not matches:
-        raise refuse("is damaged: its content does not match the checksum it was written with "
-                     "(bytes changed after it was saved)" if checksum else "has no checksum")
+        raise refuse(
+            "is damaged: its content does not match the checksum it was written with "
+            "(bytes changed after it was saved)"
+            if checksum
+            else "has no checksum"
+        )
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
-        raise refuse(f"lacks {', '.join(map(repr, missing))} (missing keys): not a checkpoint "
-                     "fit() wrote")
+        raise refuse(f"lacks {', '.join(map(repr, missing))} (missing keys): not a checkpoint fit() wrote")
     return state
 
 
@@ -144,8 +157,7 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:160]}" if text else type(err).__name__
 
 
-def check_model_state(path, saved: dict[str, Any], model_state: dict[str, Any],
-                      exact: bool = True) -> None:
+def check_model_state(path, saved: dict[str, Any], model_state: dict[str, Any], exact: bool = True) -> None:
     """Refuse (:class:`CheckpointError`) a checkpoint whose model state does not fit
     ``model_state``: keys it lacks, keys the model does not have (with ``exact``) and tensors of
     another shape, in one line. ``exact=False`` checks a model before it is compiled (compiling
@@ -155,9 +167,12 @@ def check_model_state(path, saved: dict[str, Any], model_state: dict[str, Any],
     shapes = []
     for k in model_state:
         a, b = saved.get(k), model_state[k]
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) \
-                and not isinstance(b, torch.nn.parameter.UninitializedTensorMixin) \
-                and a.shape != b.shape:
+        if (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and not isinstance(b, torch.nn.parameter.UninitializedTensorMixin)
+            and a.shape != b.shape
+        ):
             shapes.append(f"{k}: {list(a.shape)} here {list(b.shape)}")
     if not (missing or extra or shapes):
         return
@@ -165,28 +180,37 @@ def check_model_state(path, saved: dict[str, Any], model_state: dict[str, Any],
     def few(items):
         return ", ".join(items[:3]) + (f", ... ({len(items)} in all)" if len(items) > 3 else "")
 
-    parts = ([f"lacks {few(missing)}"] if missing else []) + \
-        ([f"has unknown {few(extra)}"] if extra else []) + \
-        ([f"has other shapes ({few(shapes)})"] if shapes else [])
-    raise CheckpointError(f"checkpoint {path} does not fit this model: it {'; '.join(parts)} "
-                          "(written for another model?)")
+    parts = (
+        ([f"lacks {few(missing)}"] if missing else [])
+        + ([f"has unknown {few(extra)}"] if extra else [])
+        + ([f"has other shapes ({few(shapes)})"] if shapes else [])
+    )
+    raise CheckpointError(
+        f"checkpoint {path} does not fit this model: it {'; '.join(parts)} (written for another model?)"
+    )
 
 
 def rng_state() -> dict[str, Any]:
     """torch's, numpy's and Python's generator states as tensors and plain data."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                       "gauss": py_gauss}}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": py_gauss},
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["gauss"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))

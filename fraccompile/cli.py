@@ -14,24 +14,39 @@ from rich.console import Console
 from .errors import FracCompileError
 from .meta_keys import GM_CAPTURE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="FracTrain quantized training as a PyTorch graph compiler.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="FracTrain quantized training as a PyTorch graph compiler.",
+)
 # A wide console when piped, so the site table is not folded into unreadable cells.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 # FracConfig fields that `transform` and `train` both take from the command line
 BackendOpt = Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")]
 SchemeOpt = Annotated[Optional[str], typer.Option(help="sbm or symmetric")]
-WeightScaleOpt = Annotated[Optional[str], typer.Option(
-    help="weight ranges per output channel (default) or per tensor")]
-RoundingNoiseOpt = Annotated[Optional[str], typer.Option(
-    help="stochastic rounding noise: counter (a hash, default) or torch (torch.rand)")]
-RecomputeOpt = Annotated[Optional[str], typer.Option(
-    help="tvm: none, activations (default) or norms: recomputed from int8 codes in backward "
-         "instead of kept in fp32")]
-RecomputeBudgetOpt = Annotated[Optional[float], typer.Option(
-    help="tvm, with --recompute norms: fraction (0..1) of the BatchNorm inputs that backward may "
-         "keep instead of recomputing (those costliest to recompute are kept first)")]
+WeightScaleOpt = Annotated[
+    Optional[str], typer.Option(help="weight ranges per output channel (default) or per tensor")
+]
+RoundingNoiseOpt = Annotated[
+    Optional[str],
+    typer.Option(help="stochastic rounding noise: counter (a hash, default) or torch (torch.rand)"),
+]
+RecomputeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="tvm: none, activations (default) or norms: recomputed from int8 codes in backward "
+        "instead of kept in fp32"
+    ),
+]
+RecomputeBudgetOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        help="tvm, with --recompute norms: fraction (0..1) of the BatchNorm inputs that backward may "
+        "keep instead of recomputing (those costliest to recompute are kept first)"
+    ),
+]
 
 
 def _one_line_errors(fn):
@@ -73,8 +88,9 @@ def _load_config(path: Optional[Path], leaf: list[str], capture: Optional[str]):
 @app.command()
 @_one_line_errors
 def transform(
-    model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]",
-                                              help="model file; NAME is a class or factory")],
+    model_spec: Annotated[
+        str, typer.Argument(metavar="PATH.py[:NAME]", help="model file; NAME is a class or factory")
+    ],
     input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 8,3,32,32")],
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("fraccompile_out"),
@@ -98,14 +114,24 @@ def transform(
     cfg = _load_config(config, leaf, capture)
     if pipeline:
         cfg = cfg.replace(pipeline=pipeline)
-    cfg = _override(cfg, backend=backend, scheme=scheme, weight_scale=weight_scale,
-                    rounding_noise=rounding_noise, recompute=recompute,
-                    recompute_budget=recompute_budget)
+    cfg = _override(
+        cfg,
+        backend=backend,
+        scheme=scheme,
+        weight_scale=weight_scale,
+        rounding_noise=rounding_noise,
+        recompute=recompute,
+        recompute_budget=recompute_budget,
+    )
     _writable(out, "--out")
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
-    console.print(sites_table(fmodel, title=f"{model_spec}: {type(model).__name__} "
-                                            f"(captured with torch.{fmodel.meta[GM_CAPTURE]})"))
+    console.print(
+        sites_table(
+            fmodel,
+            title=f"{model_spec}: {type(model).__name__} (captured with torch.{fmodel.meta[GM_CAPTURE]})",
+        )
+    )
     if fmodel.fp32_ops:  # nothing GEMM-like is left in fp32 silently
         console.print(coverage_table(fmodel))
     console.print(fmodel.cost().summary())
@@ -134,17 +160,26 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
 SCHEDULES = ("static", "pfq", "cyclic", "dfq", "fractrain")
 
 
-def _make_schedule(kind: str, fw: str, bw: str, iters: int, pfq_every: int, eps: float,
-                   alpha: float, cycles: int, cp: float = 3.0, cp_step: float = 0.5,
-                   beta: float = 2.0):
+def _make_schedule(
+    kind: str,
+    fw: str,
+    bw: str,
+    iters: int,
+    pfq_every: int,
+    eps: float,
+    alpha: float,
+    cycles: int,
+    cp: float = 3.0,
+    cp_step: float = 0.5,
+    beta: float = 2.0,
+):
     from .control import DFQ, PFQ, Cyclic, FracTrain, Static
     from .errors import ConfigError
 
     if kind == "dfq":
         return DFQ(cp / 100, beta=beta)
     if kind == "fractrain":
-        return FracTrain(cp / 100, cp_step / 100, beta=beta, eval_every=pfq_every, eps=eps,
-                         alpha=alpha)
+        return FracTrain(cp / 100, cp_step / 100, beta=beta, eval_every=pfq_every, eps=eps, alpha=alpha)
     fws, bws = _int_list("--fw", fw), _int_list("--bw", bw)
     if kind == "static":
         return Static(fws[0], fws[0], bws[0])
@@ -162,22 +197,27 @@ def _make_data(spec: str, batch_size: int, block_size: int, train_limit, test_li
     kind, _, where = spec.partition(":")
     try:
         if kind == "cifar10":
-            return ClassificationData.from_source(where or "bundled", batch_size=batch_size,
-                                                  train_limit=train_limit,
-                                                  test_limit=test_limit, seed=seed)
+            return ClassificationData.from_source(
+                where or "bundled",
+                batch_size=batch_size,
+                train_limit=train_limit,
+                test_limit=test_limit,
+                seed=seed,
+            )
         if kind == "shakespeare":
             if not where:
                 raise ConfigError("--data shakespeare:PATH needs the path of the text file")
-            data = CharDataset.from_file(where, block_size=block_size, batch_size=batch_size,
-                                         seed=seed)
+            data = CharDataset.from_file(where, block_size=block_size, batch_size=batch_size, seed=seed)
             data.max_test_windows = test_limit or 256  # evaluation windows per period
             return data
     except (FileNotFoundError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"--data {spec}: {err}") from None
-    raise ConfigError(f"--data {spec!r}: use cifar10:PATH (npz, pickle folder, image folder or "
-                      "'bundled') or shakespeare:PATH")
+    raise ConfigError(
+        f"--data {spec!r}: use cifar10:PATH (npz, pickle folder, image folder or "
+        "'bundled') or shakespeare:PATH"
+    )
 
 
 @app.command()
@@ -186,12 +226,14 @@ def train(
     model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
     data: Annotated[str, typer.Option(help="cifar10:PATH|bundled or shakespeare:PATH")] = "cifar10:bundled",
     schedule: Annotated[str, typer.Option(help="static, pfq, cyclic, dfq or fractrain")] = "pfq",
-    fw: Annotated[str, typer.Option(help="activation/weight bits (PFQ: one per stage; "
-                                          "cyclic: low,high)")] = "3,4,6,8",
+    fw: Annotated[
+        str, typer.Option(help="activation/weight bits (PFQ: one per stage; cyclic: low,high)")
+    ] = "3,4,6,8",
     bw: Annotated[str, typer.Option(help="gradient bits (PFQ: one per stage)")] = "6,6,8,8",
     iters: Annotated[int, typer.Option(min=1)] = 1000,
-    out: Annotated[Path, typer.Option(
-        help="run directory (log.jsonl, checkpoint.pt, plots)")] = Path("runs/train"),
+    out: Annotated[Path, typer.Option(help="run directory (log.jsonl, checkpoint.pt, plots)")] = Path(
+        "runs/train"
+    ),
     resume: Annotated[Optional[Path], typer.Option(help="checkpoint to continue from")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option()] = 0.1,
@@ -208,8 +250,10 @@ def train(
     gate_mode: Annotated[str, typer.Option(help="dfq/fractrain: routed or dense")] = "routed",
     block_size: Annotated[int, typer.Option(min=2, help="shakespeare: context length")] = 64,
     train_limit: Annotated[Optional[int], typer.Option(help="random training subset size")] = None,
-    test_limit: Annotated[Optional[int], typer.Option(
-        help="random test subset size (shakespeare: validation windows, default 256)")] = None,
+    test_limit: Annotated[
+        Optional[int],
+        typer.Option(help="random test subset size (shakespeare: validation windows, default 256)"),
+    ] = None,
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
     backend: BackendOpt = None,
     scheme: SchemeOpt = None,
@@ -221,17 +265,28 @@ def train(
     tuning_db: Annotated[Optional[Path], typer.Option(help="tvm: a `tune` database")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     deterministic: Annotated[bool, typer.Option(help="torch deterministic algorithms")] = False,
-    on_nonfinite: Annotated[str, typer.Option(
-        help="a step with a NaN/inf loss or gradient: skip it (and stop after --max-nonfinite in "
-             "a row) or stop at once; it never reaches the weights or the checkpoint")] = "skip",
-    max_nonfinite: Annotated[int, typer.Option(
-        min=1, help="non-finite steps in a row that stop the run")] = 10,
-    nproc_per_node: Annotated[int, typer.Option(
-        min=1, help="train with this many processes on this machine (DistributedDataParallel, "
-                    "the cores split between them; --batch-size is per process); several "
-                    "machines: see docs/distributed.md")] = 1,
-    distributed: Annotated[str, typer.Option(
-        help="with several processes: ddp or fsdp (FSDP2's fully_shard); auto = ddp")] = "auto",
+    on_nonfinite: Annotated[
+        str,
+        typer.Option(
+            help="a step with a NaN/inf loss or gradient: skip it (and stop after --max-nonfinite in "
+            "a row) or stop at once; it never reaches the weights or the checkpoint"
+        ),
+    ] = "skip",
+    max_nonfinite: Annotated[
+        int, typer.Option(min=1, help="non-finite steps in a row that stop the run")
+    ] = 10,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="train with this many processes on this machine (DistributedDataParallel, "
+            "the cores split between them; --batch-size is per process); several "
+            "machines: see docs/distributed.md",
+        ),
+    ] = 1,
+    distributed: Annotated[
+        str, typer.Option(help="with several processes: ddp or fsdp (FSDP2's fully_shard); auto = ddp")
+    ] = "auto",
 ) -> None:
     """Train a model with a precision schedule; logs, checkpoints and plots go to --out."""
     params = dict(locals())
@@ -240,8 +295,10 @@ def train(
 
     nproc = params.pop("nproc_per_node")
     if nproc > 1 and launched():
-        raise ConfigError("--nproc-per-node: this process is already one of several (started by "
-                          "torchrun): leave the option out")
+        raise ConfigError(
+            "--nproc-per-node: this process is already one of several (started by "
+            "torchrun): leave the option out"
+        )
     if nproc > 1:
         _writable(out, "--out")  # refused once, before any process starts
         console.print(f"starting {nproc} processes")
@@ -261,8 +318,10 @@ def _last_checkpoint(path: Path) -> str:
         state = load_checkpoint(path)
     except (FileNotFoundError, FracCompileError):
         return "no checkpoint was written"
-    return (f"the last checkpoint, {path} (iteration {state['iteration']}), is intact: continue "
-            f"with --resume {path}")
+    return (
+        f"the last checkpoint, {path} (iteration {state['iteration']}), is intact: continue "
+        f"with --resume {path}"
+    )
 
 
 def _train_worker(params: dict) -> None:
@@ -272,11 +331,46 @@ def _train_worker(params: dict) -> None:
     record(_train)(**params)
 
 
-def _train(model_spec, data, schedule, fw, bw, iters, out, resume, batch_size, lr, lr_schedule,
-           optimizer, eval_every, pfq_every, eps, alpha, cycles, cp, cp_step, beta, gate_mode,
-           block_size, train_limit, test_limit, config, backend, scheme, weight_scale,
-           rounding_noise, recompute, recompute_budget, kernels, tuning_db, seed, deterministic,
-           on_nonfinite, max_nonfinite, distributed) -> None:
+def _train(
+    model_spec,
+    data,
+    schedule,
+    fw,
+    bw,
+    iters,
+    out,
+    resume,
+    batch_size,
+    lr,
+    lr_schedule,
+    optimizer,
+    eval_every,
+    pfq_every,
+    eps,
+    alpha,
+    cycles,
+    cp,
+    cp_step,
+    beta,
+    gate_mode,
+    block_size,
+    train_limit,
+    test_limit,
+    config,
+    backend,
+    scheme,
+    weight_scale,
+    rounding_noise,
+    recompute,
+    recompute_budget,
+    kernels,
+    tuning_db,
+    seed,
+    deterministic,
+    on_nonfinite,
+    max_nonfinite,
+    distributed,
+) -> None:
     """``train`` in this process (one of several under torchrun)."""
     import os
 
@@ -291,13 +385,35 @@ def _train(model_spec, data, schedule, fw, bw, iters, out, resume, batch_size, l
     is_main = int(os.environ.get("RANK", "0")) == 0
     out_console = console if is_main else Console(quiet=True)
     fit_config = FitConfig(  # checks the options before any long work
-        iters=iters, eval_every=eval_every, lr=lr, optimizer=optimizer, lr_schedule=lr_schedule,
-        out_dir=out, resume=resume, seed=seed, deterministic=deterministic,
-        nonfinite=on_nonfinite, max_nonfinite=max_nonfinite, distributed=distributed,
+        iters=iters,
+        eval_every=eval_every,
+        lr=lr,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        out_dir=out,
+        resume=resume,
+        seed=seed,
+        deterministic=deterministic,
+        nonfinite=on_nonfinite,
+        max_nonfinite=max_nonfinite,
+        distributed=distributed,
         model_name=model_spec,
-        run_info={"model": model_spec, "data": data, "schedule": schedule, "fw": fw, "bw": bw,
-                  "batch_size": batch_size, "pfq_every": pfq_every, "eps": eps, "alpha": alpha,
-                  "cycles": cycles, "cp": cp, "cp_step": cp_step, "beta": beta})
+        run_info={
+            "model": model_spec,
+            "data": data,
+            "schedule": schedule,
+            "fw": fw,
+            "bw": bw,
+            "batch_size": batch_size,
+            "pfq_every": pfq_every,
+            "eps": eps,
+            "alpha": alpha,
+            "cycles": cycles,
+            "cp": cp,
+            "cp_step": cp_step,
+            "beta": beta,
+        },
+    )
     _writable(out, "--out")
     saved = None
     if resume is not None and is_main:  # a damaged or foreign checkpoint: refused before compiling
@@ -305,13 +421,18 @@ def _train(model_spec, data, schedule, fw, bw, iters, out, resume, batch_size, l
             saved = load_checkpoint(resume)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None
-    sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step,
-                           beta)
-    cfg = _override(_load_config(config, [], None), backend=backend, scheme=scheme,
-                    weight_scale=weight_scale, rounding_noise=rounding_noise,
-                    recompute=recompute, recompute_budget=recompute_budget,
-                    kernels=str(kernels) if kernels else None,
-                    tuning_db=str(tuning_db) if tuning_db else None)
+    sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step, beta)
+    cfg = _override(
+        _load_config(config, [], None),
+        backend=backend,
+        scheme=scheme,
+        weight_scale=weight_scale,
+        rounding_noise=rounding_noise,
+        recompute=recompute,
+        recompute_budget=recompute_budget,
+        kernels=str(kernels) if kernels else None,
+        tuning_db=str(tuning_db) if tuning_db else None,
+    )
     if schedule in ("dfq", "fractrain"):
         cfg = cfg.replace(pipeline="dfq", gate_mode=gate_mode)
     dataset = _make_data(data, batch_size, block_size, train_limit, test_limit, seed)
@@ -324,8 +445,10 @@ def _train(model_spec, data, schedule, fw, bw, iters, out, resume, batch_size, l
     vocab = getattr(dataset, "vocab_size", None)
     embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     if vocab is not None and embeddings and embeddings[0].num_embeddings < vocab:
-        raise ConfigError(f"the model's embedding has {embeddings[0].num_embeddings} tokens but "
-                          f"{data} has a vocabulary of {vocab}")
+        raise ConfigError(
+            f"the model's embedding has {embeddings[0].num_embeddings} tokens but "
+            f"{data} has a vocabulary of {vocab}"
+        )
     fmodel = frac_compile(model, x, cfg)
     out_console.print(f"training {model_spec} on {data}: {sched.describe()}, {iters} iterations")
     try:
@@ -336,9 +459,11 @@ def _train(model_spec, data, schedule, fw, bw, iters, out, resume, batch_size, l
         return
     meter = fmodel.frac_meter
     turning = [e["iter"] for e in result.events if e.get("event") == "turning_point"]
-    console.print(f"done: {result.iterations} iterations; precision switches at {turning or 'none'}; "
-                  f"bit-cost {meter.total / meter.fp32:.2%} of fp32 training, "
-                  f"{1 - meter.total / meter.sbm:.1%} saved against static 8/8/8 (SBM)")
+    console.print(
+        f"done: {result.iterations} iterations; precision switches at {turning or 'none'}; "
+        f"bit-cost {meter.total / meter.fp32:.2%} of fp32 training, "
+        f"{1 - meter.total / meter.sbm:.1%} saved against static 8/8/8 (SBM)"
+    )
     from .plots import render_report
 
     for path in render_report(out):
@@ -368,13 +493,15 @@ def _kernel_model(model_spec: str, input_shape: str, config, dtype: str, target:
 def tune(
     model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
     input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 128,3,32,32")],
-    db: Annotated[Path, typer.Option(
-        help="tuning database directory (reused and extended)")] = Path("fraccompile_tuning"),
+    db: Annotated[Path, typer.Option(help="tuning database directory (reused and extended)")] = Path(
+        "fraccompile_tuning"
+    ),
     target: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     trials: Annotated[int, typer.Option(min=1, help="tiles measured per GEMM problem")] = 16,
     time_budget: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
-    rpc: Annotated[Optional[str], typer.Option(
-        help="measure on an RPC tracker's server: HOST:PORT:KEY")] = None,
+    rpc: Annotated[
+        Optional[str], typer.Option(help="measure on an RPC tracker's server: HOST:PORT:KEY")
+    ] = None,
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
     dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
     seed: Annotated[int, typer.Option(help="seed of the tile sampling")] = 0,
@@ -388,9 +515,11 @@ def tune(
     from .targets import tvm_unavailable_reason
 
     if target == "cuda":
-        raise ConfigError("--target cuda: tuning measures kernels on an NVIDIA GPU through "
-                             "TVM's runtime, and the apache-tvm wheel has no CUDA runtime; the "
-                             "CUDA kernels use their default tiles (see the README)")
+        raise ConfigError(
+            "--target cuda: tuning measures kernels on an NVIDIA GPU through "
+            "TVM's runtime, and the apache-tvm wheel has no CUDA runtime; the "
+            "CUDA kernels use their default tiles (see the README)"
+        )
     reason = tvm_unavailable_reason()
     if reason:
         raise ConfigError(reason)
@@ -408,37 +537,67 @@ def tune(
     rec = record(fmodel, x)
     problems = sorted(rec.problems)
     runner = RPCRunner(rpc) if rpc else LocalRunner()
-    console.print(f"tuning {len(problems)} GEMM problems of {model_spec} ({trials} trials each, "
-                  f"measured {'on ' + rpc if rpc else 'here'}; database {db})")
-    with Progress(TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=console) as bar:
+    console.print(
+        f"tuning {len(problems)} GEMM problems of {model_spec} ({trials} trials each, "
+        f"measured {'on ' + rpc if rpc else 'here'}; database {db})"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("tuning", total=len(problems))
 
         def progress(i, result):
             r = result.record
-            bar.update(task, advance=1, description=f"G{r.problem[0]} M{r.problem[1]} "
-                       f"N{r.problem[2]} K{r.problem[3]}: {r.gops:.0f} GOPS")
+            bar.update(
+                task,
+                advance=1,
+                description=f"G{r.problem[0]} M{r.problem[1]} "
+                f"N{r.problem[2]} K{r.problem[3]}: {r.gops:.0f} GOPS",
+            )
 
         results = tune(problems, database, runner, trials, time_budget, seed, progress)
     table = Table(title=f"tuned GEMMs ({database.path})")
-    for col in ("G,M,N,K", "sites", "default tile", "tuned tile", "default GOPS", "tuned GOPS",
-                "speedup", "trials", "seconds", ""):
-        table.add_column(col, justify="right" if "GOPS" in col or col in
-                         ("speedup", "trials", "seconds") else "left")
+    for col in (
+        "G,M,N,K",
+        "sites",
+        "default tile",
+        "tuned tile",
+        "default GOPS",
+        "tuned GOPS",
+        "speedup",
+        "trials",
+        "seconds",
+        "",
+    ):
+        table.add_column(
+            col, justify="right" if "GOPS" in col or col in ("speedup", "trials", "seconds") else "left"
+        )
     for res in results:
         r = res.record
         sites = sorted({s for s, _ in rec.problems[tuple(r.problem)] if s})
-        table.add_row(",".join(map(str, r.problem)),
-                      sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),
-                      "x".join(map(str, r.default_tile)), "x".join(map(str, r.tile)),
-                      f"{r.default_gops:.0f}", f"{r.gops:.0f}", f"{r.speedup:.2f}x",
-                      str(r.trials), f"{r.seconds:.1f}", "reused" if res.reused else "new")
+        table.add_row(
+            ",".join(map(str, r.problem)),
+            sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),
+            "x".join(map(str, r.default_tile)),
+            "x".join(map(str, r.tile)),
+            f"{r.default_gops:.0f}",
+            f"{r.gops:.0f}",
+            f"{r.speedup:.2f}x",
+            str(r.trials),
+            f"{r.seconds:.1f}",
+            "reused" if res.reused else "new",
+        )
     console.print(table)
     new = [r for r in results if not r.reused]
     skipped = len(problems) - len(results)
-    console.print(f"{len(new)} tuned, {len(results) - len(new)} reused from the database"
-                  + (f", {skipped} left at the default tile (time budget)" if skipped else ""))
+    console.print(
+        f"{len(new)} tuned, {len(results) - len(new)} reused from the database"
+        + (f", {skipped} left at the default tile (time budget)" if skipped else "")
+    )
 
 
 @app.command()
@@ -446,8 +605,9 @@ def tune(
 def export(
     model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
     input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 128,3,32,32")],
-    out: Annotated[Path, typer.Option(
-        help="output directory (library + manifest.json)")] = Path("fraccompile_kernels"),
+    out: Annotated[Path, typer.Option(help="output directory (library + manifest.json)")] = Path(
+        "fraccompile_kernels"
+    ),
     target: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     db: Annotated[Optional[Path], typer.Option(help="tuning database to take tiles from")] = None,
     config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
@@ -514,8 +674,7 @@ def demo(
 
     if out is not None:
         _writable(out, "--out")
-    run_demo(iters, batch_size, FracConfig(scheme=scheme, backend="auto"), out_dir=out,
-             console=console)
+    run_demo(iters, batch_size, FracConfig(scheme=scheme, backend="auto"), out_dir=out, console=console)
 
 
 def main() -> None:

@@ -31,11 +31,14 @@ FIRST_CONV, LAST_LINEAR = "@first_conv", "@last_linear"
 def check_bits(field_name: str, value: Any) -> int:
     """Return ``value`` as a precision, or raise: 0 means full precision, else MIN_BITS..MAX_BITS."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{field_name} = {value!r} must be an integer precision in bits "
-                          f"(0 = full precision, or {MIN_BITS}..{MAX_BITS})")
+        raise ConfigError(
+            f"{field_name} = {value!r} must be an integer precision in bits "
+            f"(0 = full precision, or {MIN_BITS}..{MAX_BITS})"
+        )
     if value != 0 and not MIN_BITS <= value <= MAX_BITS:
-        raise ConfigError(f"{field_name} = {value} is out of range: allowed 0 (full precision) "
-                          f"or {MIN_BITS}..{MAX_BITS}")
+        raise ConfigError(
+            f"{field_name} = {value} is out of range: allowed 0 (full precision) or {MIN_BITS}..{MAX_BITS}"
+        )
     return value
 
 
@@ -141,57 +144,79 @@ class FracConfig:
         _check_choice("FracConfig.weight_scale", self.weight_scale, WEIGHT_SCALES)
         _check_choice("FracConfig.rounding_noise", self.rounding_noise, ROUNDING_NOISES)
         from .ops.backend import backend_names  # (registered backends; imported at call time)
+
         _check_choice("FracConfig.backend", self.backend, backend_names())
         _check_choice("FracConfig.capture", self.capture, CAPTURE_METHODS)
-        object.__setattr__(self, "full_precision",
-                           _check_str_tuple("FracConfig.full_precision", self.full_precision))
-        object.__setattr__(self, "leaf_modules",
-                           _check_str_tuple("FracConfig.leaf_modules", self.leaf_modules))
+        object.__setattr__(
+            self, "full_precision", _check_str_tuple("FracConfig.full_precision", self.full_precision)
+        )
+        object.__setattr__(
+            self, "leaf_modules", _check_str_tuple("FracConfig.leaf_modules", self.leaf_modules)
+        )
         ops = _check_str_tuple("FracConfig.ops", self.ops)
         for op in ops:
             _check_choice("FracConfig.ops entry", op, OP_KINDS)
         object.__setattr__(self, "ops", ops)
         if not isinstance(self.pipeline, str) or not self.pipeline:
             raise ConfigError(f"FracConfig.pipeline = {self.pipeline!r} must be a pipeline name")
-        if isinstance(self.act_momentum, bool) or not isinstance(self.act_momentum, (int, float)) \
-                or not 0.0 < self.act_momentum <= 1.0:
-            raise ConfigError(f"FracConfig.act_momentum = {self.act_momentum!r} is out of range: "
-                              "allowed 0 < act_momentum <= 1")
+        if (
+            isinstance(self.act_momentum, bool)
+            or not isinstance(self.act_momentum, (int, float))
+            or not 0.0 < self.act_momentum <= 1.0
+        ):
+            raise ConfigError(
+                f"FracConfig.act_momentum = {self.act_momentum!r} is out of range: "
+                "allowed 0 < act_momentum <= 1"
+            )
         gate_a = tuple(check_bits("FracConfig.gate_a entry", b) for b in self.gate_a)
         gate_g = tuple(check_bits("FracConfig.gate_g entry", b) for b in self.gate_g)
         if len(gate_a) != len(gate_g) or not gate_a or 0 in gate_a + gate_g:
-            raise ConfigError(f"FracConfig.gate_a {list(gate_a)} and gate_g {list(gate_g)} must "
-                              "pair up one to one, with quantized (non-zero) precisions")
+            raise ConfigError(
+                f"FracConfig.gate_a {list(gate_a)} and gate_g {list(gate_g)} must "
+                "pair up one to one, with quantized (non-zero) precisions"
+            )
         object.__setattr__(self, "gate_a", gate_a)
         object.__setattr__(self, "gate_g", gate_g)
         _check_choice("FracConfig.gate_mode", self.gate_mode, ("dense", "routed"))
-        if isinstance(self.gate_hidden, bool) or not isinstance(self.gate_hidden, int) \
-                or not 1 <= self.gate_hidden <= 4096:
-            raise ConfigError(f"FracConfig.gate_hidden = {self.gate_hidden!r} is out of range: "
-                              "allowed 1..4096")
+        if (
+            isinstance(self.gate_hidden, bool)
+            or not isinstance(self.gate_hidden, int)
+            or not 1 <= self.gate_hidden <= 4096
+        ):
+            raise ConfigError(
+                f"FracConfig.gate_hidden = {self.gate_hidden!r} is out of range: allowed 1..4096"
+            )
         for name in ("kernels", "tuning_db"):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise ConfigError(f"FracConfig.{name} = {value!r} must be a directory path")
             if value and self.backend not in ("tvm", "auto"):
-                raise ConfigError(f"FracConfig.{name} = {value!r} needs backend='tvm' or 'auto' "
-                                  f"(backend is {self.backend!r})")
+                raise ConfigError(
+                    f"FracConfig.{name} = {value!r} needs backend='tvm' or 'auto' "
+                    f"(backend is {self.backend!r})"
+                )
         _check_choice("FracConfig.recompute", self.recompute, RECOMPUTE_LEVELS)
         budget = self.recompute_budget
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
-                or not 0.0 <= budget <= 1.0:
-            raise ConfigError(f"FracConfig.recompute_budget = {budget!r} is out of range: "
-                              "allowed 0 <= recompute_budget <= 1")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= budget <= 1.0:
+            raise ConfigError(
+                f"FracConfig.recompute_budget = {budget!r} is out of range: "
+                "allowed 0 <= recompute_budget <= 1"
+            )
         if budget and self.recompute != "norms":
-            raise ConfigError(f"FracConfig.recompute_budget = {budget!r} needs recompute='norms' "
-                              f"(recompute is {self.recompute!r})")
+            raise ConfigError(
+                f"FracConfig.recompute_budget = {budget!r} needs recompute='norms' "
+                f"(recompute is {self.recompute!r})"
+            )
         object.__setattr__(self, "recompute_budget", float(budget))
         if not isinstance(self.kernels_fallback, bool):
-            raise ConfigError(f"FracConfig.kernels_fallback = {self.kernels_fallback!r} must be "
-                              "true or false")
+            raise ConfigError(
+                f"FracConfig.kernels_fallback = {self.kernels_fallback!r} must be true or false"
+            )
         if self.version != CONFIG_VERSION:
-            raise ConfigError(f"FracConfig.version = {self.version!r} is not supported: "
-                              f"this fraccompile reads version {CONFIG_VERSION}")
+            raise ConfigError(
+                f"FracConfig.version = {self.version!r} is not supported: "
+                f"this fraccompile reads version {CONFIG_VERSION}"
+            )
 
     @property
     def backend_options(self) -> dict[str, Any]:
@@ -220,8 +245,10 @@ class FracConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown FracConfig field(s) {', '.join(unknown)}: "
-                              f"valid fields are {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown FracConfig field(s) {', '.join(unknown)}: "
+                f"valid fields are {', '.join(sorted(known))}"
+            )
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         if "version" in kwargs and "rounding_noise" not in kwargs:
             # written by to_dict before the field existed, when the noise was always torch.rand:

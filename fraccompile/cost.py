@@ -46,24 +46,42 @@ class SiteCost:
         return self.total / (3 * self.macs) if self.macs else 1.0
 
 
-def site_cost(name: str, macs: int, prec: Precision | tuple[int, int, int],
-              full_precision: bool = False) -> SiteCost:
+def site_cost(
+    name: str, macs: int, prec: Precision | tuple[int, int, int], full_precision: bool = False
+) -> SiteCost:
     prec = Precision(*prec)
     a, w, g = (_bits(b) for b in prec)
     scale = FULL * FULL
-    return SiteCost(name, macs, prec.a, prec.w, prec.g, macs * a * w / scale, macs * g * w / scale,
-                    macs * a * g / scale, full_precision)
+    return SiteCost(
+        name,
+        macs,
+        prec.a,
+        prec.w,
+        prec.g,
+        macs * a * w / scale,
+        macs * g * w / scale,
+        macs * a * g / scale,
+        full_precision,
+    )
 
 
 def mixed_site_cost(name: str, macs: int, mixture, full_precision: bool = False) -> SiteCost:
     """Expected cost of a gated site: ``mixture`` lists (share of samples, precision) pairs. The
     row's a/w/g are the share-weighted mean precisions."""
     parts = [(float(share), site_cost(name, macs, prec)) for share, prec in mixture]
-    mean = [sum(share * float(b) for share, b in zip((s for s, _ in parts), bits))
-            for bits in zip(*(Precision(*prec) for _, prec in mixture))]
-    return SiteCost(name, macs, *mean, sum(s * c.fw for s, c in parts),
-                    sum(s * c.eb for s, c in parts), sum(s * c.gc for s, c in parts),
-                    full_precision)
+    mean = [
+        sum(share * float(b) for share, b in zip((s for s, _ in parts), bits))
+        for bits in zip(*(Precision(*prec) for _, prec in mixture))
+    ]
+    return SiteCost(
+        name,
+        macs,
+        *mean,
+        sum(s * c.fw for s, c in parts),
+        sum(s * c.eb for s, c in parts),
+        sum(s * c.gc for s, c in parts),
+        full_precision,
+    )
 
 
 @dataclass(frozen=True)
@@ -107,13 +125,21 @@ class CostReport:
         return self.total * FULL * FULL
 
     def summary(self) -> str:
-        return (f"MACs/step (fwd) {self.macs:,}; FW {self.fw:,.0f} EB {self.eb:,.0f} "
-                f"GC {self.gc:,.0f} (fp32-MAC units); cp = {self.cp:.4f} "
-                f"({100 * self.cp:.2f}% of fp32 training)")
+        return (
+            f"MACs/step (fwd) {self.macs:,}; FW {self.fw:,.0f} EB {self.eb:,.0f} "
+            f"GC {self.gc:,.0f} (fp32-MAC units); cp = {self.cp:.4f} "
+            f"({100 * self.cp:.2f}% of fp32 training)"
+        )
 
     def to_dict(self) -> dict:
-        return {"rows": [asdict(r) | {"cp": r.cp} for r in self.rows], "macs": self.macs,
-                "fw": self.fw, "eb": self.eb, "gc": self.gc, "cp": self.cp}
+        return {
+            "rows": [asdict(r) | {"cp": r.cp} for r in self.rows],
+            "macs": self.macs,
+            "fw": self.fw,
+            "eb": self.eb,
+            "gc": self.gc,
+            "cp": self.cp,
+        }
 
 
 def cost_report(entries: Iterable[tuple[str, int, Precision, bool]]) -> CostReport:

@@ -207,8 +207,9 @@ def load_cifar10_pickle(
             raise ValueError(f"{path} is not a CIFAR-10 pickle batch (a dict of b'data', b'labels')")
         data, batch_labels = np.asarray(batch[b"data"], np.uint8), np.asarray(batch[b"labels"], np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
-            raise ValueError(f"{path}: data has shape {data.shape} for {len(batch_labels)} labels, "
-                             "expected (N, 3072)")
+            raise ValueError(
+                f"{path}: data has shape {data.shape} for {len(batch_labels)} labels, expected (N, 3072)"
+            )
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(batch_labels)
     all_images, all_labels = np.concatenate(images), np.concatenate(labels)
@@ -249,8 +250,9 @@ def load_image_folder(
 
     files, labels = [], []
     for label, name in enumerate(classes):  # a class missing from this split has no folder: no files
-        found = sorted(f for f in (base / name).glob("*")
-                       if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        found = sorted(
+            f for f in (base / name).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+        )
         files, labels = files + found, labels + [label] * len(found)
     if not files:
         raise ValueError(f"no {'/'.join(IMAGE_SUFFIXES)} images found in class folders under {base}")
@@ -316,8 +318,7 @@ def _augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4)
 
 def _check_shard(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"shard rank {rank} of world size {world_size}: need 0 <= rank < "
-                         "world_size")
+        raise ValueError(f"shard rank {rank} of world size {world_size}: need 0 <= rank < world_size")
 
 
 def batches(
@@ -385,13 +386,20 @@ class ClassificationData:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {self.batch_size} x {self.world_size} process(es) "
-                             f"exceeds the {len(self.train_labels)} training images")
+            raise ValueError(
+                f"batch_size {self.batch_size} x {self.world_size} process(es) "
+                f"exceeds the {len(self.train_labels)} training images"
+            )
 
     @classmethod
     def from_source(
-        cls, source: str | os.PathLike, batch_size: int = 128, train_limit: int | None = None,
-        test_limit: int | None = None, augment: bool = True, seed: int = 0,
+        cls,
+        source: str | os.PathLike,
+        batch_size: int = 128,
+        train_limit: int | None = None,
+        test_limit: int | None = None,
+        augment: bool = True,
+        seed: int = 0,
     ) -> "ClassificationData":
         """Load both splits of ``source`` with :func:`load_cifar10` (limits drawn with ``seed``)."""
         train = load_cifar10(source, "train", limit=train_limit, seed=seed)
@@ -442,12 +450,19 @@ class CharDataset:
     world_size: int = 1
 
     def __init__(
-        self, text: str, block_size: int = 64, batch_size: int = 32, steps_per_epoch: int = 100,
-        split_fraction: float = 0.9, seed: int = 0,
+        self,
+        text: str,
+        block_size: int = 64,
+        batch_size: int = 32,
+        steps_per_epoch: int = 100,
+        split_fraction: float = 0.9,
+        seed: int = 0,
     ) -> None:
         if block_size <= 0 or batch_size <= 0 or steps_per_epoch <= 0:
-            raise ValueError("block_size, batch_size and steps_per_epoch must be positive, got "
-                             f"{block_size}, {batch_size}, {steps_per_epoch}")
+            raise ValueError(
+                "block_size, batch_size and steps_per_epoch must be positive, got "
+                f"{block_size}, {batch_size}, {steps_per_epoch}"
+            )
         if not 0.0 < split_fraction <= 1.0:
             raise ValueError(f"split_fraction must be in (0, 1], got {split_fraction}")
         self.vocab: tuple[str, ...] = tuple(sorted(set(text)))
@@ -459,20 +474,30 @@ class CharDataset:
         n_train = int(len(data) * split_fraction)
         self.train_data, self.val_data = data[:n_train], data[n_train:]
         if len(self.train_data) < block_size + 1:
-            raise ValueError(f"training text has {len(self.train_data)} characters, "
-                             f"need at least block_size + 1 = {block_size + 1}")
+            raise ValueError(
+                f"training text has {len(self.train_data)} characters, "
+                f"need at least block_size + 1 = {block_size + 1}"
+            )
 
     @classmethod
     def from_file(
-        cls, path: str | os.PathLike, block_size: int = 64, split_fraction: float = 0.9, *,
-        batch_size: int = 32, steps_per_epoch: int = 100, seed: int = 0, encoding: str = "utf-8",
+        cls,
+        path: str | os.PathLike,
+        block_size: int = 64,
+        split_fraction: float = 0.9,
+        *,
+        batch_size: int = 32,
+        steps_per_epoch: int = 100,
+        seed: int = 0,
+        encoding: str = "utf-8",
     ) -> "CharDataset":
         """Read the text file ``path`` (e.g. ``shared/data/tinyshakespeare.txt``)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"text file not found: {path}")
-        return cls(path.read_text(encoding=encoding), block_size, batch_size, steps_per_epoch,
-                   split_fraction, seed)
+        return cls(
+            path.read_text(encoding=encoding), block_size, batch_size, steps_per_epoch, split_fraction, seed
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -528,7 +553,7 @@ class CharDataset:
         the last batch may be short.
         """
         offsets = torch.arange(0, max(len(self.val_data) - self.block_size, 0), self.block_size)
-        offsets = offsets[:max_windows if max_windows is not None else self.max_test_windows]
+        offsets = offsets[: max_windows if max_windows is not None else self.max_test_windows]
         size = self.batch_size if batch_size is None else batch_size
         for i in range(0, len(offsets), size):
             yield self._windows(self.val_data, offsets[i : i + size])

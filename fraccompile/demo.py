@@ -22,9 +22,16 @@ from .report import sites_table
 from .train import fit
 
 
-def run_demo(iters: int = 90, batch_size: int = 64, config: FracConfig | None = None,
-             schedule=None, lr: float = 0.05, seed: int = 0, out_dir=None,
-             console: Console | None = None) -> dict:
+def run_demo(
+    iters: int = 90,
+    batch_size: int = 64,
+    config: FracConfig | None = None,
+    schedule=None,
+    lr: float = 0.05,
+    seed: int = 0,
+    out_dir=None,
+    console: Console | None = None,
+) -> dict:
     """PFQ by default with FracTrain's public-code indicator settings (threshold 0.15, decay 0.4)
     over short periods, so the switches show within a short run."""
     console = console or Console()
@@ -36,39 +43,65 @@ def run_demo(iters: int = 90, batch_size: int = 64, config: FracConfig | None = 
     model = resnet20()
     fp32 = copy.deepcopy(model)  # the baseline of the step-time line below
     fmodel = frac_compile(model, torch.zeros(batch_size, 3, 32, 32), config)
-    console.print(sites_table(fmodel, title=f"ResNet-20 compiled in {time.perf_counter() - t0:.2f} s"
-                                            f" (capture: torch.{fmodel.meta[GM_CAPTURE]})"))
-    console.print(f"training {iters} iterations on the bundled CIFAR-10 subset "
-                  f"({len(data.train_labels)} train / {len(data.test_labels)} test images): "
-                  f"{schedule.describe()}")
-    result = fit(fmodel, data, iters=iters, schedule=schedule, lr=lr, eval_every=max(iters // 3, 1),
-                 out_dir=out_dir, seed=seed, console=console, model_name="ResNet-20")
+    console.print(
+        sites_table(
+            fmodel,
+            title=f"ResNet-20 compiled in {time.perf_counter() - t0:.2f} s"
+            f" (capture: torch.{fmodel.meta[GM_CAPTURE]})",
+        )
+    )
+    console.print(
+        f"training {iters} iterations on the bundled CIFAR-10 subset "
+        f"({len(data.train_labels)} train / {len(data.test_labels)} test images): "
+        f"{schedule.describe()}"
+    )
+    result = fit(
+        fmodel,
+        data,
+        iters=iters,
+        schedule=schedule,
+        lr=lr,
+        eval_every=max(iters // 3, 1),
+        out_dir=out_dir,
+        seed=seed,
+        console=console,
+        model_name="ResNet-20",
+    )
     meter = fmodel.frac_meter
-    switches = [(e["iter"], e["precision"]) for e in result.events
-                if e.get("event") == "turning_point"]
+    switches = [(e["iter"], e["precision"]) for e in result.events if e.get("event") == "turning_point"]
     for it, p in switches:
         console.print(f"precision switch at iteration {it}: a/w/g -> {p['a']}/{p['w']}/{p['g']}")
     if not switches:
         console.print("no precision switch fired (the loss had not plateaued)")
     saving_fp32 = 1 - meter.total / meter.fp32
     saving_sbm = 1 - meter.total / meter.sbm
-    console.print(f"bit-cost of the run: {meter.total / meter.fp32:.2%} of fp32 training "
-                  f"({saving_fp32:.1%} saved), {saving_sbm:.1%} saved against static 8/8/8 (SBM); "
-                  f"final test accuracy {100 * (result.final.get('test_acc') or 0):.1f}% "
-                  f"on the {len(data.test_labels)} bundled test images")
+    console.print(
+        f"bit-cost of the run: {meter.total / meter.fp32:.2%} of fp32 training "
+        f"({saving_fp32:.1%} saved), {saving_sbm:.1%} saved against static 8/8/8 (SBM); "
+        f"final test accuracy {100 * (result.final.get('test_acc') or 0):.1f}% "
+        f"on the {len(data.test_labels)} bundled test images"
+    )
     times = step_times(fmodel, fp32, data, batch_size)
     sites = [s for s in fmodel.sites if not s.full_precision]
     on_int = sum(s.backend != "reference" for s in sites)
     backend = fmodel.frac_config.backend
     if backend == "auto":
         backend = f"auto: {resolve_auto()}"
-    console.print(f"step time (forward + backward, batch {batch_size}, median of "
-                  f"{STEP_ROUNDS} interleaved): {times['fraccompile']:.1f} ms compiled "
-                  f"({on_int} of {len(sites)} quantized sites on integer kernels, backend "
-                  f"{backend}) against {times['fp32']:.1f} ms for fp32 "
-                  f"channels-last: {times['fraccompile'] / times['fp32']:.2f}x")
-    return {"switches": switches, "saving_fp32": saving_fp32, "saving_sbm": saving_sbm,
-            "final": result.final, "periods": result.periods, "step_ms": times}
+    console.print(
+        f"step time (forward + backward, batch {batch_size}, median of "
+        f"{STEP_ROUNDS} interleaved): {times['fraccompile']:.1f} ms compiled "
+        f"({on_int} of {len(sites)} quantized sites on integer kernels, backend "
+        f"{backend}) against {times['fp32']:.1f} ms for fp32 "
+        f"channels-last: {times['fraccompile'] / times['fp32']:.2f}x"
+    )
+    return {
+        "switches": switches,
+        "saving_fp32": saving_fp32,
+        "saving_sbm": saving_sbm,
+        "final": result.final,
+        "periods": result.periods,
+        "step_ms": times,
+    }
 
 
 STEP_ROUNDS = 5

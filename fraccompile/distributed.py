@@ -146,9 +146,11 @@ def setup(parallel: str = "auto", timeout: float = 600.0) -> Context:
         if not launched():
             if parallel == "auto":
                 return Context()
-            raise ConfigError(f"distributed={parallel!r} needs several processes: start them "
-                              "with torchrun (or `fraccompile train --nproc-per-node N`), or "
-                              "initialize a process group first")
+            raise ConfigError(
+                f"distributed={parallel!r} needs several processes: start them "
+                "with torchrun (or `fraccompile train --nproc-per-node N`), or "
+                "initialize a process group first"
+            )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
@@ -159,10 +161,20 @@ def setup(parallel: str = "auto", timeout: float = 600.0) -> Context:
         return Context(owns_group=owns)
     local_world = _env_int("LOCAL_WORLD_SIZE", world if not launched() else 1)
     local_rank = _env_int("LOCAL_RANK", dist.get_rank() % max(local_world, 1))
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend() == "nccl" else torch.device("cpu"))
-    ctx = Context(dist.get_rank(), world, local_rank, local_world,
-                  "ddp" if parallel == "auto" else parallel, device, owns)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    ctx = Context(
+        dist.get_rank(),
+        world,
+        local_rank,
+        local_world,
+        "ddp" if parallel == "auto" else parallel,
+        device,
+        owns,
+    )
     split_threads(local_world)
     return ctx
 
@@ -207,8 +219,10 @@ def wrap(model: torch.nn.Module, ctx: Context, **ddp_options) -> torch.nn.Module
         from torch.distributed.fsdp import fully_shard
 
         if getattr(model, "__dict__", {}).get("_frac_eval") is not None:
-            raise ConfigError("distributed='fsdp' does not shard a model with a separate eval-mode "
-                              "graph (captured with torch.export): use distributed='ddp'")
+            raise ConfigError(
+                "distributed='fsdp' does not shard a model with a separate eval-mode "
+                "graph (captured with torch.export): use distributed='ddp'"
+            )
         fully_shard(model)
         return model
     return model
@@ -233,12 +247,15 @@ def full_state(model: torch.nn.Module, optimizer, ctx: Context) -> tuple[dict, d
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
 
 
-def load_full_state(model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict,
-                    ctx: Context) -> None:
+def load_full_state(
+    model: torch.nn.Module, optimizer, model_state: dict, optim_state: dict, ctx: Context
+) -> None:
     """Inverse of :func:`full_state`."""
     if ctx.parallel != "fsdp":
         model.load_state_dict(model_state)
@@ -283,8 +300,10 @@ def shard_data(data, ctx: Context):
         return data  # sharded by the caller
     shard = getattr(data, "shard", None)
     if not callable(shard):
-        raise ConfigError(f"{type(data).__name__} has no shard(rank, world_size): every process "
-                          "would train on the same batches (see fraccompile.data)")
+        raise ConfigError(
+            f"{type(data).__name__} has no shard(rank, world_size): every process "
+            "would train on the same batches (see fraccompile.data)"
+        )
     return shard(ctx.rank, ctx.world_size)
 
 
@@ -294,20 +313,35 @@ def is_peer_failure(err: BaseException) -> bool:
         return True
     text = str(err)
     return isinstance(err, RuntimeError) and any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out",
-                            "timed out", "Broken pipe", "NCCL communicator was aborted", "Gloo"))
+        s in text
+        for s in (
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Timed out",
+            "timed out",
+            "Broken pipe",
+            "NCCL communicator was aborted",
+            "Gloo",
+        )
+    )
 
 
-def peer_failure(err: BaseException, ctx: Context, iteration: int, checkpoint: str | None,
-                 saved_at: int | None) -> DistributedError:
+def peer_failure(
+    err: BaseException, ctx: Context, iteration: int, checkpoint: str | None, saved_at: int | None
+) -> DistributedError:
     """The one-line error of a run whose collective failed after ``iteration`` iterations."""
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    kept = (f"the last checkpoint, {checkpoint} (iteration {saved_at}), is intact: resume from "
-            f"it with {ctx.world_size} processes" if checkpoint and saved_at is not None
-            else "no checkpoint was written")
-    return DistributedError(f"training stopped after iteration {iteration}: process {ctx.rank} of "
-                            f"{ctx.world_size} lost another process of the run (it died or did "
-                            f"not answer within the timeout: {first}); {kept}")
+    kept = (
+        f"the last checkpoint, {checkpoint} (iteration {saved_at}), is intact: resume from "
+        f"it with {ctx.world_size} processes"
+        if checkpoint and saved_at is not None
+        else "no checkpoint was written"
+    )
+    return DistributedError(
+        f"training stopped after iteration {iteration}: process {ctx.rank} of "
+        f"{ctx.world_size} lost another process of the run (it died or did "
+        f"not answer within the timeout: {first}); {kept}"
+    )
 
 
 # -- starting processes ----------------------------------------------------------------------------
@@ -319,22 +353,29 @@ def launch(nproc: int, fn: Callable[..., Any], *args) -> list[Any]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id="fraccompile",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id="fraccompile",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
     try:
         results = elastic_launch(config, fn)(*args)
     except ChildFailedError as err:
         parts = []
         for rank, failure in sorted(err.failures.items()):
-            how = (f"exit code {failure.exitcode}" if failure.exitcode >= 0
-                   else f"signal {-failure.exitcode}")
+            how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
             message = failure.message
             if isinstance(message, dict):  # what torch's error handler recorded
                 message = message.get("message", "")
-            lines = [line for line in str(message or "").strip().splitlines()
-                     if "To enable traceback" not in line]
-            parts.append(f"process {rank} failed ({how}" + (f": {lines[-1][:300]}" if lines
-                                                              else "") + ")")
+            lines = [
+                line for line in str(message or "").strip().splitlines() if "To enable traceback" not in line
+            ]
+            parts.append(f"process {rank} failed ({how}" + (f": {lines[-1][:300]}" if lines else "") + ")")
         raise DistributedError("; ".join(parts)) from None
     return [results[r] for r in sorted(results)]

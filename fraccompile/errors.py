@@ -49,4 +49,5 @@ def require_extra(extra: str, purpose: str, modules: tuple[str, ...] | None = No
     if missing:
         raise MissingDependencyError(
             f"{purpose} needs {', '.join(missing)} (the {extra!r} extra), which is not installed: "
-            f"pip install 'fraccompile[{extra}]' (from a checkout: pip install -e '.[{extra}]')")
+            f"pip install 'fraccompile[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
+        )

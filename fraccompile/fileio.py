@@ -127,8 +127,7 @@ def _try_lock(path: Path):
     return f
 
 
-def remove_stale_temps(directory: str | os.PathLike, name: str = "*",
-                       min_age: float = 10.0) -> list[Path]:
+def remove_stale_temps(directory: str | os.PathLike, name: str = "*", min_age: float = 10.0) -> list[Path]:
     """Remove the temporary files and directories (``<target>.<random>.tmp[<suffix>]``) of targets
     matching the glob ``name`` in ``directory`` whose writer is gone: older than ``min_age``
     seconds, not locked by a writer, and ``<target>.lock`` (when there is one) free. Returns what
@@ -218,8 +217,7 @@ def elf_problem(path: str | os.PathLike) -> str | None:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(64)
-            if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) \
-                    or head[5] not in (1, 2):
+            if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
                 return "not an ELF shared library"
             end = "<" if head[5] == 1 else ">"
             if head[4] == 2:  # 64-bit
@@ -232,11 +230,12 @@ def elf_problem(path: str | os.PathLike) -> str | None:
                 phoff, shoff = struct.unpack_from(end + "II", head, 28)
                 phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", head, 42)
                 ph_fmt, off_at = end + "IIIIIIII", (1, 4)
-            for what, start, length in (("program headers", phoff, phentsize * phnum),
-                                        ("section headers", shoff, shentsize * shnum)):
+            for what, start, length in (
+                ("program headers", phoff, phentsize * phnum),
+                ("section headers", shoff, shentsize * shnum),
+            ):
                 if start + length > size:
-                    return (f"truncated: its {what} end at byte {start + length}, the file has "
-                            f"{size}")
+                    return f"truncated: its {what} end at byte {start + length}, the file has {size}"
             f.seek(phoff)
             table = f.read(phentsize * phnum)
     except OSError as e:
@@ -246,8 +245,7 @@ def elf_problem(path: str | os.PathLike) -> str | None:
         fields = struct.unpack_from(ph_fmt, table, i * phentsize)
         offset, filesz = fields[off_at[0]], fields[off_at[1]]
         if fields[0] == 1 and offset + filesz > size:  # PT_LOAD
-            return (f"truncated: a loaded segment ends at byte {offset + filesz}, the file has "
-                    f"{size}")
+            return f"truncated: a loaded segment ends at byte {offset + filesz}, the file has {size}"
     return None
 
 
@@ -262,8 +260,7 @@ def dir_problem(path: str | os.PathLike) -> str | None:
                 break
             probe = probe.parent
         if not probe.is_dir():
-            return ("exists and is not a directory" if probe == path
-                    else f"{probe} is not a directory")
+            return "exists and is not a directory" if probe == path else f"{probe} is not a directory"
         fd, name = tempfile.mkstemp(prefix=".fraccompile-probe-", dir=probe)
         os.close(fd)
         os.unlink(name)

@@ -72,14 +72,16 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or self.iters < 1 or self.eval_every < 1:
-            raise ConfigError("iters and eval_every must be at least 1 (got "
-                              f"{self.iters!r}, {self.eval_every!r})")
+            raise ConfigError(
+                f"iters and eval_every must be at least 1 (got {self.iters!r}, {self.eval_every!r})"
+            )
         if self.nonfinite not in NONFINITE or self.max_nonfinite < 1:
-            raise ConfigError(f"nonfinite must be one of {', '.join(NONFINITE)} and max_nonfinite "
-                              f"at least 1 (got {self.nonfinite!r}, {self.max_nonfinite})")
+            raise ConfigError(
+                f"nonfinite must be one of {', '.join(NONFINITE)} and max_nonfinite "
+                f"at least 1 (got {self.nonfinite!r}, {self.max_nonfinite})"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"unknown lr schedule {self.lr_schedule!r}: choose "
-                              f"{', '.join(LR_SCHEDULES)}")
+            raise ConfigError(f"unknown lr schedule {self.lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
         if self.distributed not in PARALLEL:
@@ -112,8 +114,9 @@ def make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
         wd = 0.01 if cfg.weight_decay is None else cfg.weight_decay
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
     wd = 5e-4 if cfg.weight_decay is None else cfg.weight_decay
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd,
-                           nesterov=cfg.momentum > 0)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.momentum > 0
+    )
 
 
 def lr_lambda(kind: str, iters: int) -> Callable[[int], float]:

@@ -35,9 +35,11 @@ def load_module_from_file(path: Path):
         spec.loader.exec_module(module)
     except SystemExit as err:  # a script, not a model file: its exit must not end fraccompile
         del sys.modules[mod_name]
-        raise ModelLoadError(f"cannot import {path}: it called sys.exit({err.code!r}) while being "
-                             "imported; put its script part under "
-                             "`if __name__ == \"__main__\":`") from None
+        raise ModelLoadError(
+            f"cannot import {path}: it called sys.exit({err.code!r}) while being "
+            "imported; put its script part under "
+            '`if __name__ == "__main__":`'
+        ) from None
     except Exception as err:  # noqa: BLE001 - any failure in user code becomes one line
         del sys.modules[mod_name]
         raise ModelLoadError(f"cannot import {path}: {type(err).__name__}: {err}") from err
@@ -45,8 +47,11 @@ def load_module_from_file(path: Path):
 
 
 def _candidates(module) -> list[str]:
-    classes = [n for n, obj in vars(module).items() if inspect.isclass(obj)
-               and issubclass(obj, nn.Module) and obj.__module__ == module.__name__]
+    classes = [
+        n
+        for n, obj in vars(module).items()
+        if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__
+    ]
     return classes
 
 
@@ -64,20 +69,25 @@ def load_model(spec: str) -> nn.Module:
         else:
             raise ModelLoadError(
                 f"{path} defines {len(classes)} nn.Module classes ({', '.join(classes) or 'none'}) "
-                f"and no model() factory: name one as {path}:NAME")
+                f"and no model() factory: name one as {path}:NAME"
+            )
     obj = getattr(module, name, None)
     if obj is None:
-        factories = [n for n, o in vars(module).items() if inspect.isfunction(o)
-                     and o.__module__ == module.__name__]
-        raise ModelLoadError(f"{path} has no {name!r}; classes: {', '.join(classes) or 'none'}; "
-                             f"functions: {', '.join(factories) or 'none'}")
+        factories = [
+            n for n, o in vars(module).items() if inspect.isfunction(o) and o.__module__ == module.__name__
+        ]
+        raise ModelLoadError(
+            f"{path} has no {name!r}; classes: {', '.join(classes) or 'none'}; "
+            f"functions: {', '.join(factories) or 'none'}"
+        )
     if not callable(obj):
         raise ModelLoadError(f"{path}:{name} is not a class or factory")
     try:
         model = obj()
     except TypeError as err:
-        raise ModelLoadError(f"cannot build {path}:{name} without arguments ({err}); "
-                             "add a factory function that takes none") from err
+        raise ModelLoadError(
+            f"cannot build {path}:{name} without arguments ({err}); add a factory function that takes none"
+        ) from err
     except SystemExit as err:
         raise ModelLoadError(f"{path}:{name}() called sys.exit({err.code!r})") from None
     except Exception as err:  # noqa: BLE001
@@ -93,13 +103,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
-        raise ShapeError(f"--input-shape {text!r} must be comma-separated positive integers, "
-                         "e.g. 8,3,32,32")
+        raise ShapeError(f"--input-shape {text!r} must be comma-separated positive integers, e.g. 8,3,32,32")
     return shape
 
 
-def example_input(model: nn.Module, shape: tuple[int, ...], dtype: str = "auto",
-                  seed: int = 0) -> torch.Tensor:
+def example_input(
+    model: nn.Module, shape: tuple[int, ...], dtype: str = "auto", seed: int = 0
+) -> torch.Tensor:
     """A random input of ``shape``: token ids in range for models that start with an embedding
     (``dtype="auto"`` detects an ``nn.Embedding``), else standard normal floats."""
     gen = torch.Generator().manual_seed(seed)

@@ -53,13 +53,13 @@ CHANNELS_LAST_INPUTS = "channels-last-inputs"
 PROPERTIES = {
     SHAPES: f"nodes carry their output shapes (meta[{TENSOR_META!r}] or meta[{VAL!r}]; capture)",
     SITES: f"GEMMs are sites or kept layers (meta[{META_SITE!r}], [{META_FP_LAYER!r}], "
-           f"[{META_SITE_PARTS!r}], [{META_CALL_SHAPES!r}]) with precision-control nodes",
+    f"[{META_SITE_PARTS!r}], [{META_CALL_SHAPES!r}]) with precision-control nodes",
     MACS: "every SiteInfo holds its multiply-accumulates per step",
     REGIONS: f"gm.meta[{GM_REGIONS!r}] lists the DFQ regions, nodes tagged meta[{META_REGION!r}]",
     GATES: f"a DFQ gate per region feeds its sites' precision nodes (meta[{META_GATE!r}])",
     EPILOGUES: "activations (and BatchNorms) after single-use sites are in the sites' epilogues, "
-               "where the backend's capabilities allow",
+    "where the backend's capabilities allow",
     CHANNELS_LAST_INPUTS: "2-D convs kept in fp32 read channels-last inputs, where the backend's "
-                          "capabilities ask for it",
+    "capabilities ask for it",
 }
 CAPTURED = frozenset({SHAPES})  # what a graph from fraccompile.capture provides

@@ -70,16 +70,16 @@ class FracModel(fx.GraphModule):
         """Run ``eval_gm`` (the model captured in eval mode, through the same passes) whenever
         this model is in eval mode. It shares this model's parameters, buffers, site modules,
         precision controller and gates. Returns why it cannot (its sites differ), else None."""
+
         def key(i):
-            return (i.name, i.kind, i.op, i.weight_shape, i.full_precision,
-                    i.extra.get("epilogue", ""))
+            return (i.name, i.kind, i.op, i.weight_shape, i.full_precision, i.extra.get("epilogue", ""))
+
         mine, theirs = [key(i) for i in self._infos()], [key(i) for i in _site_infos(eval_gm.graph)]
         if mine != theirs:
             return f" (its sites differ: {sorted(set(theirs) ^ set(mine))[:3]})"
         shared = [PRECISION_MODULE, "frac_gates"]
         if hasattr(eval_gm, SITES_MODULE):
-            shared += [f"{SITES_MODULE}.{n}" for n, _ in
-                       eval_gm.get_submodule(SITES_MODULE).named_children()]
+            shared += [f"{SITES_MODULE}.{n}" for n, _ in eval_gm.get_submodule(SITES_MODULE).named_children()]
         for path in shared:
             if not hasattr(eval_gm, path.split(".")[0]):
                 continue
@@ -137,11 +137,28 @@ class FracModel(fx.GraphModule):
             prec = Precision() if i.full_precision else ctrl[i.name]
             backend, reason = "torch", None
             if not i.full_precision:
-                backend, reason = (ops[i.name].kernel_status(prec) if i.name in ops
-                                   else (i.backend, i.fallback_reason))
-            out.append(Site(i.name, i.kind, i.op, i.input_shape, i.weight_shape, i.output_shape,
-                            i.macs, prec, i.full_precision, backend, reason,
-                            i.module_path, i.source, i.calls, i.extra.get("epilogue", "")))
+                backend, reason = (
+                    ops[i.name].kernel_status(prec) if i.name in ops else (i.backend, i.fallback_reason)
+                )
+            out.append(
+                Site(
+                    i.name,
+                    i.kind,
+                    i.op,
+                    i.input_shape,
+                    i.weight_shape,
+                    i.output_shape,
+                    i.macs,
+                    prec,
+                    i.full_precision,
+                    backend,
+                    reason,
+                    i.module_path,
+                    i.source,
+                    i.calls,
+                    i.extra.get("epilogue", ""),
+                )
+            )
         return out
 
     def cost(self) -> CostReport:
@@ -173,8 +190,7 @@ class FracModel(fx.GraphModule):
             region = regions.get(s.name)
             if region in bank.last:
                 w = s.precision.w or 32
-                per_candidate = torch.tensor([(a * w + g * w + a * g) / 1024
-                                              for a, g in zip(bank.a, bank.g)])
+                per_candidate = torch.tensor([(a * w + g * w + a * g) / 1024 for a, g in zip(bank.a, bank.g)])
                 terms.append(s.macs * (bank.fractions(region) * per_candidate).sum())
             else:
                 fixed += site_cost(s.name, s.macs, s.precision).total
@@ -201,8 +217,9 @@ class FracModel(fx.GraphModule):
     def sbm_cost(self) -> CostReport:
         """Cost of one step of static 8/8/8 training (FracTrain's SBM baseline) of this model."""
         sbm = Precision(8, 8, 8)
-        return cost_report((s.name, s.macs, Precision() if s.full_precision else sbm,
-                            s.full_precision) for s in self.sites)
+        return cost_report(
+            (s.name, s.macs, Precision() if s.full_precision else sbm, s.full_precision) for s in self.sites
+        )
 
     # -- training-time hooks ----------------------------------------------------------------------
     @property
@@ -215,8 +232,10 @@ class FracModel(fx.GraphModule):
         """Let ``schedule`` (see :mod:`fraccompile.control.schedules`) drive the precisions; it is
         applied now for iteration ``frac_iteration``."""
         if not (hasattr(schedule, "apply") and hasattr(schedule, "observe")):
-            raise TypeError(f"{type(schedule).__name__} is not a schedule: it needs "
-                            "apply(controller, iteration) and observe(iteration, loss)")
+            raise TypeError(
+                f"{type(schedule).__name__} is not a schedule: it needs "
+                "apply(controller, iteration) and observe(iteration, loss)"
+            )
         self.frac_schedule = schedule
         schedule.apply(self.precision, self.frac_iteration)
         return self
@@ -261,8 +280,7 @@ def _site_infos(graph: fx.Graph) -> list[SiteInfo]:
     seen: dict[str, SiteInfo] = {}
     for node in graph.nodes:
         info = node.meta.get(META_SITE) or node.meta.get(META_FP_LAYER)
-        infos = [info] if info is not None else \
-            [i for i, _ in node.meta.get(META_SITE_PARTS, [])]
+        infos = [info] if info is not None else [i for i, _ in node.meta.get(META_SITE_PARTS, [])]
         for info in infos:
             seen.setdefault(info.name, info)
     return list(seen.values())

@@ -73,10 +73,17 @@ def _mark_events(ax, log: RunLog, text: bool = False) -> None:
     for tp in log.turning_points:
         ax.axvline(tp["iter"], color="tab:red", ls="--", lw=0.9, alpha=0.7)
         if text:
-            ax.annotate(f"TP{tp.get('index', '')}: {_tp_change(tp)}",
-                        (tp["iter"], 1), xycoords=("data", "axes fraction"), xytext=(3, -4),
-                        textcoords="offset points", va="top", rotation=90, fontsize=8,
-                        color="tab:red")
+            ax.annotate(
+                f"TP{tp.get('index', '')}: {_tp_change(tp)}",
+                (tp["iter"], 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -4),
+                textcoords="offset points",
+                va="top",
+                rotation=90,
+                fontsize=8,
+                color="tab:red",
+            )
     for r in log.resumes:
         ax.axvline(r["iter"], color="gray", ls=":", lw=0.9)
 
@@ -84,8 +91,7 @@ def _mark_events(ax, log: RunLog, text: bool = False) -> None:
 def _plot_curves(log: RunLog, out: Path) -> None:
     fig, (ax_loss, ax_acc) = _new_figure(2, 6)
     ps = log.periods
-    ax_loss.plot([p["iter"] for p in ps], [_num(p.get("train_loss")) for p in ps],
-                 label="train loss")
+    ax_loss.plot([p["iter"] for p in ps], [_num(p.get("train_loss")) for p in ps], label="train loss")
     test = [(p["iter"], p["test_loss"]) for p in ps if p.get("test_loss") is not None]
     if test:
         ax_loss.plot(*zip(*test), "o-", ms=3, label="test loss")
@@ -109,15 +115,23 @@ def _plot_precision(log: RunLog, out: Path) -> None:
     # (iter, precision) from the periods and turning points; a turning point sorts after a period
     # at the same iteration since it is the switch. Cyclic schedules are only sampled per period.
     # FracTrain's turning points change the cost target, not the precision: they are no points.
-    pts = sorted([(p["iter"], 0, p.get("precision")) for p in log.periods]
-                 + [(t["iter"], 1, t.get("precision")) for t in log.turning_points
-                    if t.get("precision") is not None or t.get("target_cp") is None],
-                 key=lambda x: x[:2])
+    pts = sorted(
+        [(p["iter"], 0, p.get("precision")) for p in log.periods]
+        + [
+            (t["iter"], 1, t.get("precision"))
+            for t in log.turning_points
+            if t.get("precision") is not None or t.get("target_cp") is None
+        ],
+        key=lambda x: x[:2],
+    )
     fig, (ax,) = _new_figure()
     if pts:
         xs = [x for x, _, _ in pts] + [max(log.last_iter, pts[-1][0])]
-        for key, name, style in (("a", "a (activations)", "-"), ("w", "w (weights)", "--"),
-                                 ("g", "g (gradients)", "-")):
+        for key, name, style in (
+            ("a", "a (activations)", "-"),
+            ("w", "w (weights)", "--"),
+            ("g", "g (gradients)", "-"),
+        ):
             ys = [_bits(p, key) for _, _, p in pts]
             ax.step(xs, ys + ys[-1:], where="post", ls=style, lw=1.8, label=name)
     _mark_events(ax, log, text=True)
@@ -135,16 +149,22 @@ def _plot_cost(log: RunLog, out: Path) -> None:
     finals = [log.cum(k) or 0.0 for k in ("cum_cost", "cum_sbm", "cum_fp32")]
     log_y = finals[2] > 10 * max(finals[:2]) > 0
     xs = ([] if log_y else [0]) + [p["iter"] for p in log.periods]
-    for key, name, style in (("cum_cost", "this run", "-"), ("cum_sbm", "SBM (static 8/8/8)", ":"),
-                             ("cum_fp32", "fp32", "--")):
+    for key, name, style in (
+        ("cum_cost", "this run", "-"),
+        ("cum_sbm", "SBM (static 8/8/8)", ":"),
+        ("cum_fp32", "fp32", "--"),
+    ):
         ys = ([] if log_y else [0.0]) + [_num(log.in_steps(p.get(key))) for p in log.periods]
         ax.plot(xs, ys, ls=style, lw=2 if key == "cum_cost" else 1.3, label=name)
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel(f"cumulative bit-cost ({_cost_unit(log)}{', log scale' if log_y else ''})")
-    ax.set_title(f"Training cost - saving {_fmt(log.saving('fp32'), '.1f', '%')} vs fp32, "
-                 f"{_fmt(log.saving('sbm'), '.1f', '%')} vs SBM", fontsize=10)
+    ax.set_title(
+        f"Training cost - saving {_fmt(log.saving('fp32'), '.1f', '%')} vs fp32, "
+        f"{_fmt(log.saving('sbm'), '.1f', '%')} vs SBM",
+        fontsize=10,
+    )
     _mark_events(ax, log)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
@@ -166,8 +186,10 @@ class GateStats:
     def mean_bits(self, region: str) -> tuple[float, float]:
         """Share-weighted mean (a, g) bits of ``region`` over the run."""
         sh = self.shares[region]
-        return (sum(s * a for s, (a, _) in zip(sh, self.candidates)),
-                sum(s * g for s, (_, g) in zip(sh, self.candidates)))
+        return (
+            sum(s * a for s, (a, _) in zip(sh, self.candidates)),
+            sum(s * g for s, (_, g) in zip(sh, self.candidates)),
+        )
 
 
 def gate_stats(log: RunLog) -> GateStats | None:
@@ -185,8 +207,11 @@ def gate_stats(log: RunLog) -> GateStats | None:
         gates = p.get("gates")
         if not isinstance(gates, dict) or not cands:
             continue
-        col = {str(r): {c: float(s or 0.0) for c, s in zip(cands, sh)}
-               for r, sh in gates.items() if isinstance(sh, list) and len(sh) == len(cands)}
+        col = {
+            str(r): {c: float(s or 0.0) for c, s in zip(cands, sh)}
+            for r, sh in gates.items()
+            if isinstance(sh, list) and len(sh) == len(cands)
+        }
         if col:
             cols.append((p["iter"], weight, col))
     if not cols:
@@ -198,8 +223,7 @@ def gate_stats(log: RunLog) -> GateStats | None:
         present = [(w, col[r]) for _, w, col in cols if r in col]
         total = sum(w for w, _ in present)
         shares[r] = [sum(w * sh.get(c, 0.0) for w, sh in present) / total for c in candidates]
-        a_bits[r] = [sum(s * c[0] for c, s in col[r].items()) if r in col else math.nan
-                     for _, _, col in cols]
+        a_bits[r] = [sum(s * c[0] for c, s in col[r].items()) if r in col else math.nan for _, _, col in cols]
     return GateStats(candidates, regions, shares, [i for i, _, _ in cols], a_bits)
 
 
@@ -234,31 +258,45 @@ def gate_class_bits(log: RunLog, stats: GateStats) -> dict[str, list[float]] | N
     return out
 
 
-def _plot_gates_by_class(log: RunLog, stats: GateStats, bits: dict[str, list[float]],
-                         out: Path) -> None:
+def _plot_gates_by_class(log: RunLog, stats: GateStats, bits: dict[str, list[float]], out: Path) -> None:
     regions = list(bits)
     n_cls = max(len(v) for v in bits.values())
-    data = np.ma.masked_invalid(np.array([bits[r] + [math.nan] * (n_cls - len(bits[r]))
-                                          for r in regions], dtype=float))
+    data = np.ma.masked_invalid(
+        np.array([bits[r] + [math.nan] * (n_cls - len(bits[r])) for r in regions], dtype=float)
+    )
     lo = min(c[0] for c in stats.candidates)
     hi = max(c[0] for c in stats.candidates)
-    fig = Figure(figsize=(max(5.0, 0.45 * n_cls + 3.5), max(2.5, 0.3 * len(regions) + 1.5)),
-                 dpi=_DPI, layout="constrained")
+    fig = Figure(
+        figsize=(max(5.0, 0.45 * n_cls + 3.5), max(2.5, 0.3 * len(regions) + 1.5)),
+        dpi=_DPI,
+        layout="constrained",
+    )
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    im = ax.imshow(data, aspect="auto", interpolation="nearest",
-                   cmap=colormaps["YlGnBu"].with_extremes(bad="lightgray"),
-                   vmin=lo, vmax=hi if hi > lo else lo + 1)
+    im = ax.imshow(
+        data,
+        aspect="auto",
+        interpolation="nearest",
+        cmap=colormaps["YlGnBu"].with_extremes(bad="lightgray"),
+        vmin=lo,
+        vmax=hi if hi > lo else lo + 1,
+    )
     ax.set_xticks(range(n_cls), [str(c) for c in range(n_cls)], fontsize=8)
-    ax.set_yticks(range(len(regions)), [_short(r) for r in regions],
-                  fontsize=8 if len(regions) <= 24 else 6)
+    ax.set_yticks(range(len(regions)), [_short(r) for r in regions], fontsize=8 if len(regions) <= 24 else 6)
     if n_cls <= 16 and len(regions) <= 24:
         for i, r in enumerate(regions):
             for j, v in enumerate(bits[r]):
                 if not math.isnan(v):
                     dark = (v - lo) / ((hi - lo) or 1) > 0.55
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
-                            color="white" if dark else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if dark else "black",
+                    )
     ax.set_xlabel("class")
     ax.set_ylabel("region")
     ax.set_title(f"Mean activation bits chosen per class - {log.schedule}", fontsize=10)
@@ -268,7 +306,7 @@ def _plot_gates_by_class(log: RunLog, stats: GateStats, bits: dict[str, list[flo
 
 def _short(name: str, n: int = 24) -> str:
     """``name`` cut in the middle to at most ``n`` characters (both ends tell regions apart)."""
-    return name if len(name) <= n else name[:n // 2 - 1] + "\u2026" + name[-(n - n // 2):]
+    return name if len(name) <= n else name[: n // 2 - 1] + "\u2026" + name[-(n - n // 2) :]
 
 
 def _plot_gates(log: RunLog, stats: GateStats, out: Path) -> None:
@@ -286,45 +324,82 @@ def _plot_gates(log: RunLog, stats: GateStats, out: Path) -> None:
     colours = cmap(np.linspace(0.2, 0.95, len(cands)))
     for k, (c, colour) in enumerate(zip(cands, colours)):
         vals = np.array([100.0 * stats.shares[r][k] for r in regions])
-        ax_bar.bar(x, vals, 0.75, bottom=bottom, color=colour, edgecolor="white", lw=0.5,
-                   label=f"a/g = {c[0]:g}/{c[1]:g}")
+        ax_bar.bar(
+            x,
+            vals,
+            0.75,
+            bottom=bottom,
+            color=colour,
+            edgecolor="white",
+            lw=0.5,
+            label=f"a/g = {c[0]:g}/{c[1]:g}",
+        )
         if n_reg <= 12:
             for xi, v, b in zip(x, vals, bottom):
                 if v >= 8:
-                    ax_bar.text(xi, b + v / 2, f"{v:.0f}%", ha="center", va="center", fontsize=7,
-                                color="white" if k >= len(cands) / 2 else "black")
+                    ax_bar.text(
+                        xi,
+                        b + v / 2,
+                        f"{v:.0f}%",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if k >= len(cands) / 2 else "black",
+                    )
         bottom += vals
     rotate = n_reg > 6 or max(len(r) for r in regions) > 10
-    ax_bar.set_xticks(x, [_short(r) for r in regions], rotation=45 if rotate else 0,
-                      ha="right" if rotate else "center", fontsize=8 if n_reg <= 24 else 6)
+    ax_bar.set_xticks(
+        x,
+        [_short(r) for r in regions],
+        rotation=45 if rotate else 0,
+        ha="right" if rotate else "center",
+        fontsize=8 if n_reg <= 24 else 6,
+    )
     ax_bar.set_xlim(-0.6, n_reg - 0.4)
     ax_bar.set_ylim(0, 100)
     ax_bar.set_ylabel("share of samples (%)")
     fig.suptitle(f"Precision chosen by the gates per region - {log.schedule}", fontsize=10)
-    ax_bar.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(cands), 6),
-                  fontsize=8, frameon=False, title_fontsize=9,
-                  title=f"candidate shares, averaged over iterations 1-{stats.iters[-1]}")
+    ax_bar.legend(
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=min(len(cands), 6),
+        fontsize=8,
+        frameon=False,
+        title_fontsize=9,
+        title=f"candidate shares, averaged over iterations 1-{stats.iters[-1]}",
+    )
     ax_bar.grid(axis="y", alpha=0.3)
 
     # (2) mean activation bits per region (rows) and period (columns)
     lo, hi = min(c[0] for c in cands), max(c[0] for c in cands)
     data = np.ma.masked_invalid(np.array([stats.a_bits[r] for r in regions], dtype=float))
     heat_cmap = cmap.with_extremes(bad="lightgray")
-    im = ax_heat.imshow(data, aspect="auto", interpolation="nearest", cmap=heat_cmap,
-                        vmin=lo, vmax=hi if hi > lo else lo + 1)
+    im = ax_heat.imshow(
+        data, aspect="auto", interpolation="nearest", cmap=heat_cmap, vmin=lo, vmax=hi if hi > lo else lo + 1
+    )
     step = max(1, math.ceil(n_col / 12))
     ticks = list(range(0, n_col, step))
     ax_heat.set_xticks(ticks, [str(stats.iters[j]) for j in ticks], fontsize=8)
     rstep = max(1, math.ceil(n_reg / 40))
-    ax_heat.set_yticks(range(0, n_reg, rstep), [_short(regions[i]) for i in range(0, n_reg, rstep)],
-                       fontsize=8 if n_reg <= 24 else 6)
+    ax_heat.set_yticks(
+        range(0, n_reg, rstep),
+        [_short(regions[i]) for i in range(0, n_reg, rstep)],
+        fontsize=8 if n_reg <= 24 else 6,
+    )
     if n_col <= 16 and n_reg <= 16:
         for i, r in enumerate(regions):
             for j, v in enumerate(stats.a_bits[r]):
                 if not math.isnan(v):
                     dark = (v - lo) / ((hi - lo) or 1) > 0.55
-                    ax_heat.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
-                                 color="white" if dark else "black")
+                    ax_heat.text(
+                        j,
+                        i,
+                        f"{v:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if dark else "black",
+                    )
     for tp in log.turning_points:  # the switch takes effect from the first period after it
         after = [j for j, it in enumerate(stats.iters) if it > tp["iter"]]
         if after and after[0] > 0:
@@ -359,47 +434,62 @@ def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> lis
     total = log.cum()
     iters = log.start.get("iters")
     status = "finished" if log.finished else f"unfinished (last logged iteration {log.last_iter})"
-    lines = [f"# Training run: {log.start.get('model', '?')}", "",
-             f"- schedule: {log.schedule} ({log.start.get('schedule_kind', '?')})",
-             f"- iterations: {log.last_iter} of {iters if iters is not None else '?'} - {status}",
-             f"- final test accuracy: {_fmt(_pct(log.final_test_acc), '.2f', '%')}",
-             f"- best test accuracy: {_fmt(_pct(log.best_test_acc), '.2f', '%')}",
-             f"- total cost: {_fmt(log.in_steps(total), '.1f')} {_cost_unit(log)}"
-             f" ({_fmt(total, '.4g')} fp32-MAC units)",
-             f"- saving vs fp32: {_fmt(log.saving('fp32'), '.1f', '%')}",
-             f"- saving vs SBM: {_fmt(log.saving('sbm'), '.1f', '%')}"]
+    lines = [
+        f"# Training run: {log.start.get('model', '?')}",
+        "",
+        f"- schedule: {log.schedule} ({log.start.get('schedule_kind', '?')})",
+        f"- iterations: {log.last_iter} of {iters if iters is not None else '?'} - {status}",
+        f"- final test accuracy: {_fmt(_pct(log.final_test_acc), '.2f', '%')}",
+        f"- best test accuracy: {_fmt(_pct(log.best_test_acc), '.2f', '%')}",
+        f"- total cost: {_fmt(log.in_steps(total), '.1f')} {_cost_unit(log)}"
+        f" ({_fmt(total, '.4g')} fp32-MAC units)",
+        f"- saving vs fp32: {_fmt(log.saving('fp32'), '.1f', '%')}",
+        f"- saving vs SBM: {_fmt(log.saving('sbm'), '.1f', '%')}",
+    ]
     if log.resumes:
         lines.append(f"- resumed at iteration(s): {', '.join(str(r['iter']) for r in log.resumes)}")
     lines += ["", "## Turning points", ""]
     if log.turning_points:
-        targets = [tp.get("target_cp") is not None and tp.get("precision") is None
-                   for tp in log.turning_points]
+        targets = [
+            tp.get("target_cp") is not None and tp.get("precision") is None for tp in log.turning_points
+        ]
         head = "target cp" if all(targets) else "a/w/g or target cp" if any(targets) else "a/w/g"
         lines += [f"| # | iteration | {head} | eps |", "|---|---|---|---|"]
         for tp in log.turning_points:
-            lines.append(f"| {tp.get('index', '')} | {tp['iter']} | {_tp_change(tp)} | "
-                         f"{_fmt(tp.get('eps'), '.4g')} |")
+            lines.append(
+                f"| {tp.get('index', '')} | {tp['iter']} | {_tp_change(tp)} | {_fmt(tp.get('eps'), '.4g')} |"
+            )
     else:
         lines.append("none")
     if gates is not None:
-        lines += ["", "## Gates (per-region precision)", "",
-                  "Bits chosen by each region's gate, share-weighted and averaged over the run "
-                  "(see gates.png).", "", "| region | mean a bits | mean g bits |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Gates (per-region precision)",
+            "",
+            "Bits chosen by each region's gate, share-weighted and averaged over the run (see gates.png).",
+            "",
+            "| region | mean a bits | mean g bits |",
+            "|---|---|---|",
+        ]
         for r in gates.regions:
             a, g = gates.mean_bits(r)
             lines.append(f"| {r.replace('|', '/')} | {a:.2f} | {g:.2f} |")
     if by_class:
         regions = list(by_class)
         n_cls = max(len(v) for v in by_class.values())
-        lines += ["", "## Gates per class", "",
-                  "Mean activation bits each region's gate chose for the samples of each class, "
-                  "over the run (see gates_by_class.png).", "",
-                  "| class | " + " | ".join(r.replace("|", "/") for r in regions) + " |",
-                  "|---" * (len(regions) + 1) + "|"]
+        lines += [
+            "",
+            "## Gates per class",
+            "",
+            "Mean activation bits each region's gate chose for the samples of each class, "
+            "over the run (see gates_by_class.png).",
+            "",
+            "| class | " + " | ".join(r.replace("|", "/") for r in regions) + " |",
+            "|---" * (len(regions) + 1) + "|",
+        ]
         for c in range(n_cls):
             cells = [by_class[r][c] if c < len(by_class[r]) else math.nan for r in regions]
-            lines.append(f"| {c} | " + " | ".join("-" if math.isnan(v) else f"{v:.2f}"
-                                                  for v in cells) + " |")
+            lines.append(f"| {c} | " + " | ".join("-" if math.isnan(v) else f"{v:.2f}" for v in cells) + " |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in paths] + [""]
     md = out / "summary.md"
     md.write_text("\n".join(lines), encoding="utf-8")
@@ -419,8 +509,13 @@ def compare_runs(run_dirs: list[str | Path], out_path: str | Path) -> Path:
             label = f"{label} ({log.path.parent.name})"
         pts = log.test_points()
         if pts:
-            ax.plot([log.in_steps(c) for _, c, _ in pts], [100 * a for _, _, a in pts], "o-", ms=3,
-                    label=label + ("" if log.finished else " [unfinished]"))
+            ax.plot(
+                [log.in_steps(c) for _, c, _ in pts],
+                [100 * a for _, _, a in pts],
+                "o-",
+                ms=3,
+                label=label + ("" if log.finished else " [unfinished]"),
+            )
     units = {_cost_unit(log) for log in logs}
     unit = units.pop() if len(units) == 1 else "mixed units"
     costs = [c for log in logs for _, c, _ in log.test_points() if c > 0]
@@ -441,12 +536,17 @@ def compare_runs(run_dirs: list[str | Path], out_path: str | Path) -> Path:
 
 def summary_table(run_dirs: list[str | Path]) -> str:
     """A markdown table: run, schedule, final test acc, total cost, savings vs SBM and fp32."""
-    rows = ["| run | schedule | final test acc (%) | total cost (fp32 steps) | saving vs SBM (%) "
-            "| saving vs fp32 (%) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| run | schedule | final test acc (%) | total cost (fp32 steps) | saving vs SBM (%) "
+        "| saving vs fp32 (%) |",
+        "|---|---|---|---|---|---|",
+    ]
     for d in run_dirs:
         log = read_log(d)
         name = log.path.parent.name + ("" if log.finished else " (unfinished)")
-        rows.append(f"| {name} | {log.schedule.replace('|', '/')} "
-                    f"| {_fmt(_pct(log.final_test_acc))} | {_fmt(log.in_steps(log.cum()), '.1f')} "
-                    f"| {_fmt(log.saving('sbm'), '.1f')} | {_fmt(log.saving('fp32'), '.1f')} |")
+        rows.append(
+            f"| {name} | {log.schedule.replace('|', '/')} "
+            f"| {_fmt(_pct(log.final_test_acc))} | {_fmt(log.in_steps(log.cum()), '.1f')} "
+            f"| {_fmt(log.saving('sbm'), '.1f')} | {_fmt(log.saving('fp32'), '.1f')} |"
+        )
     return "\n".join(rows) + "\n"

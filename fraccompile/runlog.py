@@ -50,8 +50,7 @@ class LogWriter:
     later ones, a previous ``end`` and a torn last line. ``error`` is the exception class a log
     that cannot be read raises (the caller's: a checkpoint problem when resuming)."""
 
-    def __init__(self, path: Path | None, resume_iter: int | None,
-                 error: type[Exception] = ValueError):
+    def __init__(self, path: Path | None, resume_iter: int | None, error: type[Exception] = ValueError):
         self.path = path
         if path is None:
             return
@@ -63,8 +62,11 @@ class LogWriter:
                 records = fileio.read_jsonl(path)
             except ValueError as e:
                 raise error(f"cannot resume: {e}") from None
-            kept = [rec for _, rec in records if isinstance(rec, dict)
-                    and rec.get("iter", 0) <= resume_iter and rec.get("event") != "end"]
+            kept = [
+                rec
+                for _, rec in records
+                if isinstance(rec, dict) and rec.get("iter", 0) <= resume_iter and rec.get("event") != "end"
+            ]
             fileio.atomic_write(path, "".join(json_line(rec) for rec in kept))
 
     def write(self, record: dict) -> None:
@@ -183,7 +185,7 @@ def read_log(path: str | Path) -> RunLog:
     log: RunLog | None = None
     for n, rec in records:
         if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
-            raise LogError(f"{path}:{n}: expected a JSON object with an \"event\" key")
+            raise LogError(f'{path}:{n}: expected a JSON object with an "event" key')
         event = rec["event"]
         if event == "start":
             log = RunLog(path, rec)
@@ -191,9 +193,9 @@ def read_log(path: str | Path) -> RunLog:
         if event not in ("period", "turning_point", "resume", "end"):
             continue  # "stopped" (not drawn) and unknown events (newer writers)
         if log is None:
-            raise LogError(f"{path}:{n}: {event!r} event before the \"start\" event")
+            raise LogError(f'{path}:{n}: {event!r} event before the "start" event')
         if not isinstance(rec.get("iter"), int):
-            raise LogError(f"{path}:{n}: {event!r} event without an integer \"iter\"")
+            raise LogError(f'{path}:{n}: {event!r} event without an integer "iter"')
         if event == "period":
             log.periods.append(rec)
         elif event == "turning_point":
@@ -206,5 +208,5 @@ def read_log(path: str | Path) -> RunLog:
         else:
             log.end = rec
     if log is None:
-        raise LogError(f"{path}: empty log (no \"start\" event)")
+        raise LogError(f'{path}: empty log (no "start" event)')
     return log

@@ -76,8 +76,9 @@ def correct_count(output: torch.Tensor, target: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, test_batches, loss_fn=default_loss,
-             ctx: distributed.Context | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, test_batches, loss_fn=default_loss, ctx: distributed.Context | None = None
+) -> dict[str, float]:
     """Mean loss and top-1 accuracy over ``test_batches`` in eval mode. With a distributed
     ``ctx`` (DDP), each process takes every ``world_size``-th batch and the sums are added up."""
     was_training = model.training
@@ -89,8 +90,7 @@ def evaluate(model: torch.nn.Module, test_batches, loss_fn=default_loss,
     for x, y in test_batches:
         out = model(x)
         n = y.numel()
-        sums += torch.tensor([float(loss_fn(out, y)) * n, correct_count(out, y), n],
-                             dtype=torch.float64)
+        sums += torch.tensor([float(loss_fn(out, y)) * n, correct_count(out, y), n], dtype=torch.float64)
     model.train(was_training)
     if shard:
         ctx.sum_(sums)
@@ -131,8 +131,17 @@ class FitResult:
 
 
 # -- the loop ---------------------------------------------------------------------------------------
-def fit(model: FracModel, data, config: FitConfig | None = None, *, schedule=None, optimizer=None,
-        loss_fn=default_loss, console: Console | None = None, **options) -> FitResult:
+def fit(
+    model: FracModel,
+    data,
+    config: FitConfig | None = None,
+    *,
+    schedule=None,
+    optimizer=None,
+    loss_fn=default_loss,
+    console: Console | None = None,
+    **options,
+) -> FitResult:
     """Train ``model`` on ``data`` as ``config`` says (a :class:`FitConfig`; keyword ``options``
     are its fields, and replace those of ``config``). See the module docstring.
 
@@ -177,8 +186,17 @@ def _rank_seed(seed: int, rank: int) -> int:
 class _Run:
     """The state of one ``fit`` call; :meth:`run` is the loop."""
 
-    def __init__(self, model: FracModel, data, cfg: FitConfig, ctx: distributed.Context,
-                 schedule, optimizer, loss_fn, console: Console):
+    def __init__(
+        self,
+        model: FracModel,
+        data,
+        cfg: FitConfig,
+        ctx: distributed.Context,
+        schedule,
+        optimizer,
+        loss_fn,
+        console: Console,
+    ):
         self.model, self.cfg, self.ctx, self.loss_fn, self.console = model, cfg, ctx, loss_fn, console
         seed = _rank_seed(cfg.seed, ctx.rank)
         torch.manual_seed(seed)
@@ -186,18 +204,18 @@ class _Run:
         random.seed(seed)
         self.data = distributed.shard_data(data, ctx)
         if isinstance(optimizer, torch.optim.Optimizer) and ctx.parallel == "fsdp":
-            raise FracCompileError("with FSDP2 pass optimizer as a function of the parameters "
-                                   "(fully_shard replaces them), or let fit build it")
+            raise FracCompileError(
+                "with FSDP2 pass optimizer as a function of the parameters "
+                "(fully_shard replaces them), or let fit build it"
+            )
         self.module = distributed.wrap(model, ctx, **cfg.ddp_options)  # what forward runs on
         if optimizer is None:
             optimizer = make_optimizer(model.parameters(), cfg)
         elif not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(model.parameters())
         self.optimizer = optimizer
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                           lr_lambda(cfg.lr_schedule, cfg.iters))
-        model.use_schedule(as_schedule(schedule if schedule is not None
-                                       else model.frac_schedule))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.iters))
+        model.use_schedule(as_schedule(schedule if schedule is not None else model.frac_schedule))
         self.sched: Schedule = model.frac_schedule
         self.run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
         self.checkpoint = self.run_dir / "checkpoint.pt" if self.run_dir else None
@@ -206,8 +224,11 @@ class _Run:
         main_dir = self.run_dir if ctx.is_main else None
         if main_dir is not None and main_dir.is_dir():  # temporaries of killed checkpoint writes
             fileio.remove_stale_temps(main_dir, "checkpoint.pt")
-        self.log = LogWriter(main_dir / "log.jsonl" if main_dir else None,
-                             self.start if state is not None else None, CheckpointError)
+        self.log = LogWriter(
+            main_dir / "log.jsonl" if main_dir else None,
+            self.start if state is not None else None,
+            CheckpointError,
+        )
         if state is None:
             self._write_run_json()
             self.log.write(self._start_record())
@@ -242,10 +263,13 @@ class _Run:
                 f"checkpoint {path} was written by a run of {written[0]} process(es) and this "
                 f"run has {ctx.world_size}: resume it with {written[0]} (each process's batches "
                 "and generators depend on the number of processes, so another number would not "
-                "continue the same run)")
+                "continue the same run)"
+            )
         if (written[1] == "fsdp") != (ctx.parallel == "fsdp"):
-            raise CheckpointError(f"checkpoint {path} was written with parallel={written[1]!r}: "
-                                  f"resume it with distributed={written[1]!r}")
+            raise CheckpointError(
+                f"checkpoint {path} was written with parallel={written[1]!r}: "
+                f"resume it with distributed={written[1]!r}"
+            )
         self._restore(state, path)
         return state
 
@@ -253,8 +277,7 @@ class _Run:
         model = self.model
         check_model_state(path, state["model"], model.state_dict())
         try:
-            distributed.load_full_state(model, self.optimizer, state["model"], state["optimizer"],
-                                        self.ctx)
+            distributed.load_full_state(model, self.optimizer, state["model"], state["optimizer"], self.ctx)
             self.scheduler.load_state_dict(state["lr_scheduler"])
             model.precision.load_state_dict(state["precision"])
             if state["schedule"] is not None:
@@ -264,30 +287,46 @@ class _Run:
             ranks = state.get("rng_ranks")
             set_rng_state(ranks[self.ctx.rank] if ranks else state["rng"])
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {path} does not fit this run ({first_line(e)})") \
-                from None
+            raise CheckpointError(f"checkpoint {path} does not fit this run ({first_line(e)})") from None
 
     def _write_run_json(self) -> None:
         if self.cfg.run_info is None or self.run_dir is None or not self.ctx.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fit_cfg = {k: v for k, v in self.cfg.to_dict().items() if k != "run_info"}
-        fileio.atomic_write(self.run_dir / "run.json", json.dumps(
-            {**self.cfg.run_info, "fit": fit_cfg, "world_size": self.ctx.world_size,
-             "config": self.model.frac_config.to_dict()}, indent=1, default=str))
+        fileio.atomic_write(
+            self.run_dir / "run.json",
+            json.dumps(
+                {
+                    **self.cfg.run_info,
+                    "fit": fit_cfg,
+                    "world_size": self.ctx.world_size,
+                    "config": self.model.frac_config.to_dict(),
+                },
+                indent=1,
+                default=str,
+            ),
+        )
 
     def _start_record(self) -> dict:
         model, sched, cfg = self.model, self.sched, self.cfg
-        return {"event": "start", "time": time.time(),
-                "model": cfg.model_name or type(model).__name__, "schedule": sched.describe(),
-                "schedule_kind": sched.kind, "config": model.frac_config.to_dict(),
-                "iters": cfg.iters, "eval_every": cfg.eval_every,
-                "batch_size": getattr(self.data, "batch_size", None),
-                "world_size": self.ctx.world_size, "parallel": self.ctx.parallel,
-                "sites": [{"name": s.name, "macs": s.macs, "full_precision": s.full_precision}
-                          for s in model.sites],
-                "cost_per_step": {"fp32": model.cost().fp32_total,
-                                  "sbm": model.sbm_cost().total}}
+        return {
+            "event": "start",
+            "time": time.time(),
+            "model": cfg.model_name or type(model).__name__,
+            "schedule": sched.describe(),
+            "schedule_kind": sched.kind,
+            "config": model.frac_config.to_dict(),
+            "iters": cfg.iters,
+            "eval_every": cfg.eval_every,
+            "batch_size": getattr(self.data, "batch_size", None),
+            "world_size": self.ctx.world_size,
+            "parallel": self.ctx.parallel,
+            "sites": [
+                {"name": s.name, "macs": s.macs, "full_precision": s.full_precision} for s in model.sites
+            ],
+            "cost_per_step": {"fp32": model.cost().fp32_total, "sbm": model.sbm_cost().total},
+        }
 
     def _new_period(self) -> None:
         self.period_loss, self.period_good, self.period_steps, self.period_t = 0.0, 0, 0, 0.0
@@ -304,21 +343,30 @@ class _Run:
         except Exception as e:
             if not (self.ctx.active and distributed.is_peer_failure(e)):
                 raise
-            err = distributed.peer_failure(e, self.ctx, self.model.frac_iteration,
-                                           str(self.checkpoint) if self.checkpoint else None,
-                                           self.saved_at)
-            self.log.write({"event": "stopped", "iter": self.model.frac_iteration,
-                            "reason": str(err)})
+            err = distributed.peer_failure(
+                e,
+                self.ctx,
+                self.model.frac_iteration,
+                str(self.checkpoint) if self.checkpoint else None,
+                self.saved_at,
+            )
+            self.log.write({"event": "stopped", "iter": self.model.frac_iteration, "reason": str(err)})
             raise err from None
         return self._finish(it)
 
     def _loop(self) -> int:
         cfg, data = self.cfg, self.data
         steps = data.steps_per_epoch
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                       console=self.console, disable=not (cfg.progress and self.ctx.is_main),
-                       transient=True)
+        bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not (cfg.progress and self.ctx.is_main),
+            transient=True,
+        )
         it = self.start
         with bar:
             task = bar.add_task("train", total=cfg.iters, completed=it, status="")
@@ -376,21 +424,25 @@ class _Run:
             self.bad_in_row = 0
             self.period_good += 1
             self.period_loss += loss_value
-            self.period_hits += torch.tensor([correct_count(out.detach(), y), y.numel()],
-                                             dtype=torch.float64)
+            self.period_hits += torch.tensor([correct_count(out.detach(), y), y.numel()], dtype=torch.float64)
             self._count_gates(out, y)
         for event in events:
             event = {**event, "iter": it}
             self.log.write(event)
             self.result.events.append(event)
-            change = (f"target cp {100 * event['target_cp']:.2f}%" if "target_cp" in event
-                      else f"precision {event.get('precision')}")
+            change = (
+                f"target cp {100 * event['target_cp']:.2f}%"
+                if "target_cp" in event
+                else f"precision {event.get('precision')}"
+            )
             self.console.print(f"iter {it}: turning point {event.get('index', '')} -> {change}")
         prec = schedule_precision(model)
         meter = model.frac_meter
-        return ((f"loss {loss_value:.3f}" if bad is None else f"skipped: non-finite {bad}")
-                + f"  a/w/g {prec['a']}/{prec['w']}/{prec['g']}  "
-                f"cost {meter.total / max(meter.fp32, 1e-9):.1%} of fp32")
+        return (
+            (f"loss {loss_value:.3f}" if bad is None else f"skipped: non-finite {bad}")
+            + f"  a/w/g {prec['a']}/{prec['w']}/{prec['g']}  "
+            f"cost {meter.total / max(meter.fp32, 1e-9):.1%} of fp32"
+        )
 
     def _count_gates(self, out, y) -> None:
         """DFQ: each region's choice, as shares of the batch and per class."""
@@ -415,8 +467,9 @@ class _Run:
         state = meter.state_dict()
         keys = sorted(k for k, v in state.items() if isinstance(v, (int, float)))
         means = self.ctx.mean([float(state[k]) for k in keys])
-        meter.load_state_dict({k: (type(state[k])(round(v)) if isinstance(state[k], int) else v)
-                               for k, v in zip(keys, means)})
+        meter.load_state_dict(
+            {k: (type(state[k])(round(v)) if isinstance(state[k], int) else v) for k, v in zip(keys, means)}
+        )
 
     def _period(self, it: int) -> None:
         """The period that ends at ``it``: agree, evaluate, log, checkpoint."""
@@ -436,25 +489,39 @@ class _Run:
         if ctx.active:
             cp = ctx.mean_one(cp)
         correct, count = self.period_hits.tolist()
-        test = (evaluate(self.module if ctx.parallel == "fsdp" else model,
-                         self.data.test_batches(), self.loss_fn, ctx if ctx.active else None)
-                if hasattr(self.data, "test_batches") else {"test_loss": None, "test_acc": None})
-        record = {"event": "period", "iter": it, "epoch": it / self.data.steps_per_epoch,
-                  "lr": self.optimizer.param_groups[0]["lr"],
-                  "train_loss": self.period_loss / self.period_good if self.period_good else None,
-                  "train_acc": correct / count if count else None, **test,
-                  "precision": prec, "cp": cp, "cum_cost": meter.total, "cum_fp32": meter.fp32,
-                  "cum_sbm": meter.sbm, "wall": time.perf_counter() - self.wall0,
-                  "step_ms": 1000 * self.period_t / self.period_steps,
-                  "skipped": self.period_steps - self.period_good}
+        test = (
+            evaluate(
+                self.module if ctx.parallel == "fsdp" else model,
+                self.data.test_batches(),
+                self.loss_fn,
+                ctx if ctx.active else None,
+            )
+            if hasattr(self.data, "test_batches")
+            else {"test_loss": None, "test_acc": None}
+        )
+        record = {
+            "event": "period",
+            "iter": it,
+            "epoch": it / self.data.steps_per_epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": self.period_loss / self.period_good if self.period_good else None,
+            "train_acc": correct / count if count else None,
+            **test,
+            "precision": prec,
+            "cp": cp,
+            "cum_cost": meter.total,
+            "cum_fp32": meter.fp32,
+            "cum_sbm": meter.sbm,
+            "wall": time.perf_counter() - self.wall0,
+            "step_ms": 1000 * self.period_t / self.period_steps,
+            "skipped": self.period_steps - self.period_good,
+        }
         if self.gate_shares:
             gates = model.frac_gates
-            record["gates"] = {r: (s / self.period_good).tolist()
-                               for r, s in self.gate_shares.items()}
+            record["gates"] = {r: (s / self.period_good).tolist() for r, s in self.gate_shares.items()}
             record["gate_candidates"] = [list(p) for p in zip(gates.a, gates.g)]
         if self.gate_classes:
-            record["gate_classes"] = {r: c.round().int().tolist()
-                                      for r, c in self.gate_classes.items()}
+            record["gate_classes"] = {r: c.round().int().tolist() for r, c in self.gate_classes.items()}
         self.log.write(record)
         self.result.periods.append(record)
         loss_text = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
@@ -464,7 +531,8 @@ class _Run:
             + (f"test acc {100 * acc:.2f}%  " if acc is not None else "")
             + f"a/w/g {prec['a']}/{prec['w']}/{prec['g']}  "
             f"cost {meter.total / meter.fp32:.1%} of fp32, {meter.total / meter.sbm:.1%} of SBM"
-            + (f"  ({record['skipped']} non-finite steps skipped)" if record["skipped"] else ""))
+            + (f"  ({record['skipped']} non-finite steps skipped)" if record["skipped"] else "")
+        )
         self._new_period()
         if self.checkpoint is not None:
             self._save(it)
@@ -476,49 +544,81 @@ class _Run:
         result.skipped_steps = self.skipped_total
         if it < self.cfg.iters:  # stopped early: no "end" record, the run can be resumed
             return result
-        result.final = {"event": "end", "iter": it,
-                        "test_acc": result.periods[-1]["test_acc"] if result.periods else None,
-                        "cum_cost": meter.total, "cum_fp32": meter.fp32, "cum_sbm": meter.sbm,
-                        "wall": time.perf_counter() - self.wall0,
-                        "skipped_steps": self.skipped_total}
+        result.final = {
+            "event": "end",
+            "iter": it,
+            "test_acc": result.periods[-1]["test_acc"] if result.periods else None,
+            "cum_cost": meter.total,
+            "cum_fp32": meter.fp32,
+            "cum_sbm": meter.sbm,
+            "wall": time.perf_counter() - self.wall0,
+            "skipped_steps": self.skipped_total,
+        }
         self.log.write(result.final)
         return result
 
     # -- stopping and saving -----------------------------------------------------------------------
     def _stop(self, it: int, bad: str):
         """End the run after non-finite steps: a ``stopped`` record, then NonFiniteError."""
-        self.log.write({"event": "stopped", "iter": it, "reason": f"non-finite {bad}",
-                        "nonfinite_in_row": self.bad_in_row, "skipped_steps": self.skipped_total})
-        kept = (f"the last checkpoint, {self.checkpoint} (iteration {self.saved_at}), is kept and "
-                "finite: resume from it" if self.checkpoint is not None
-                and self.saved_at is not None else "no checkpoint was written")
-        raise NonFiniteError(f"training stopped at iteration {it}: {self.bad_in_row} step(s) in "
-                             f"a row with a non-finite {bad}, none applied to the weights; {kept} "
-                             "(lower the learning rate or check the data first)")
+        self.log.write(
+            {
+                "event": "stopped",
+                "iter": it,
+                "reason": f"non-finite {bad}",
+                "nonfinite_in_row": self.bad_in_row,
+                "skipped_steps": self.skipped_total,
+            }
+        )
+        kept = (
+            f"the last checkpoint, {self.checkpoint} (iteration {self.saved_at}), is kept and "
+            "finite: resume from it"
+            if self.checkpoint is not None and self.saved_at is not None
+            else "no checkpoint was written"
+        )
+        raise NonFiniteError(
+            f"training stopped at iteration {it}: {self.bad_in_row} step(s) in "
+            f"a row with a non-finite {bad}, none applied to the weights; {kept} "
+            "(lower the learning rate or check the data first)"
+        )
 
     def _save(self, it: int) -> None:
         """Write the checkpoint (rank 0), unless a weight or buffer is not finite (then stop:
         the previous checkpoint stays)."""
         model, ctx = self.model, self.ctx
-        bad = next((name for name, t in [*model.named_parameters(), *model.named_buffers()]
-                    if t.is_floating_point()
-                    and not bool(torch.isfinite(distributed.local_tensor(t)).all())), None)
+        bad = next(
+            (
+                name
+                for name, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.is_floating_point() and not bool(torch.isfinite(distributed.local_tensor(t)).all())
+            ),
+            None,
+        )
         if ctx.active and ctx.any_(bad is not None) and bad is None:
             bad = "a weight in another process"
         if bad is not None:
-            raise NonFiniteError(f"training stopped at iteration {it}: {bad} is not finite "
-                                 f"after the step; {self.checkpoint} was not overwritten (lower "
-                                 "the learning rate)")
+            raise NonFiniteError(
+                f"training stopped at iteration {it}: {bad} is not finite "
+                f"after the step; {self.checkpoint} was not overwritten (lower "
+                "the learning rate)"
+            )
         model_state, optim_state = distributed.full_state(model, self.optimizer, ctx)
         rngs = ctx.gather(rng_state()) if ctx.active else None
         if not ctx.is_main:
             return
-        state = {"version": CHECKPOINT_VERSION, "iteration": it,
-                 "wall": time.perf_counter() - self.wall0, "model": model_state,
-                 "optimizer": optim_state, "lr_scheduler": self.scheduler.state_dict(),
-                 "precision": model.precision.state_dict(), "schedule": self.sched.state_dict(),
-                 "meter": model.frac_meter.state_dict(), "rng": rng_state(),
-                 "config": model.frac_config.to_dict(), "skipped_steps": self.skipped_total}
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "iteration": it,
+            "wall": time.perf_counter() - self.wall0,
+            "model": model_state,
+            "optimizer": optim_state,
+            "lr_scheduler": self.scheduler.state_dict(),
+            "precision": model.precision.state_dict(),
+            "schedule": self.sched.state_dict(),
+            "meter": model.frac_meter.state_dict(),
+            "rng": rng_state(),
+            "config": model.frac_config.to_dict(),
+            "skipped_steps": self.skipped_total,
+        }
         if ctx.active:
             state.update(world_size=ctx.world_size, parallel=ctx.parallel, rng_ranks=rngs)
         save_checkpoint(state, self.checkpoint)
@@ -536,8 +636,7 @@ def _nonfinite(loss_value: float, model) -> str | None:
     """What is not finite in this step (the loss or the first such gradient), or None."""
     if not math.isfinite(loss_value):
         return f"loss ({loss_value})"
-    named = [(n, distributed.local_tensor(p.grad)) for n, p in model.named_parameters()
-             if p.grad is not None]
+    named = [(n, distributed.local_tensor(p.grad)) for n, p in model.named_parameters() if p.grad is not None]
     named = [(n, g._values() if g.is_sparse else g) for n, g in named]
     if named and not bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
         return "gradient of " + next(n for n, g in named if not bool(torch.isfinite(g).all()))

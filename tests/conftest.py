@@ -35,8 +35,12 @@ EXAMPLES = {
     # export fallback; at 64x64 the `down` conv runs, and is the first conv
     "control_flow": (control_flow.model, lambda: _images(2, 3, 64, 64), {}, 3 + 1 - 2),
     # the value-dependent gate stays opaque: conv1, conv2, fc outside it
-    "control_flow_leaf": (control_flow.ValueBranchNet, lambda: _images(2, 3, 32, 32),
-                          {"leaf_modules": ("ValueGate",)}, 2 + 1 - 2),
+    "control_flow_leaf": (
+        control_flow.ValueBranchNet,
+        lambda: _images(2, 3, 32, 32),
+        {"leaf_modules": ("ValueGate",)},
+        2 + 1 - 2,
+    ),
 }
 
 

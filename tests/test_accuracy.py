@@ -39,8 +39,7 @@ def _loss_grad(model, x, y):
 
 
 @pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
-@pytest.mark.parametrize("bits,loss_tol,min_cos", [((8, 8, 8), 0.02, 0.99),
-                                                   ((4, 4, 8), 0.10, 0.95)])
+@pytest.mark.parametrize("bits,loss_tol,min_cos", [((8, 8, 8), 0.02, 0.99), ((4, 4, 8), 0.10, 0.95)])
 def test_quantized_loss_and_gradient_close_to_fp32(trained, scheme, bits, loss_tol, min_cos):
     model, x, y = trained
     ref_loss, ref_grad = _loss_grad(copy.deepcopy(model), x, y)

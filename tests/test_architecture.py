@@ -21,7 +21,7 @@ def _imports(path: pathlib.Path) -> set[str]:
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            base = package[:len(package) - node.level + 1] if node.level else []
+            base = package[: len(package) - node.level + 1] if node.level else []
             name = ".".join(base + ([node.module] if node.module else []))
             out.add(name)
             out.update(f"{name}.{a.name}" for a in node.names)
@@ -34,8 +34,7 @@ def test_ops_never_imports_a_backend_or_the_controller():
     """``ops`` is the interface package: backends register with it and ``control`` builds on it,
     never the other way round (no import cycle)."""
     for path in sorted((PKG / "ops").glob("*.py")):
-        bad = {n for n in _imports(path)
-               if n.startswith(("fraccompile.targets", "fraccompile.control"))}
+        bad = {n for n in _imports(path) if n.startswith(("fraccompile.targets", "fraccompile.control"))}
         assert not bad, (path.name, bad)
 
 
@@ -69,8 +68,13 @@ def test_a_registered_backend_is_a_config_choice_and_receives_site_calls(monkeyp
     ob.register_backend("counting", lambda options: backend)
     monkeypatch.delitem(ob._BACKENDS, "counting", raising=False)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
-                                torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 4),
+    )
     x = torch.randn(4, 8)
     fm = fraccompile.compile(model, x, FracConfig(backend="counting", a=6, w=6, g=8))
     fm(x).sum().backward()

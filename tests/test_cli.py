@@ -83,8 +83,9 @@ def check_outputs(out: Path, n_sites: int, capture: str, precision: tuple = (8, 
     return graph
 
 
-@pytest.mark.parametrize("name, spec, shape, extra, n_sites, capture", TRANSFORMS,
-                         ids=[t[0] for t in TRANSFORMS])
+@pytest.mark.parametrize(
+    "name, spec, shape, extra, n_sites, capture", TRANSFORMS, ids=[t[0] for t in TRANSFORMS]
+)
 def test_transform_every_example(out_root, name, spec, shape, extra, n_sites, capture):
     out = out_root / name
     res = invoke("transform", f"{EXAMPLES}/{spec}", "--input-shape", shape, "--out", out, *extra)
@@ -101,8 +102,9 @@ def test_transform_with_config_file(out_root):
     cfg = out_root / "a4.toml"
     cfg.write_text("[fraccompile]\na = 4\nw = 4\n")
     out = out_root / "with_config"
-    res = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32",
-                 "--config", cfg, "--out", out)
+    res = invoke(
+        "transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32", "--config", cfg, "--out", out
+    )
     assert res.exit_code == 0, res.output
     assert "4/4/8" in res.stdout
     graph = check_outputs(out, 20, "fx", precision=(4, 4, 8))
@@ -114,49 +116,116 @@ def test_transform_config_saved_by_fracconfig_and_capture_option(out_root):
     cfg = out_root / "saved.toml"
     FracConfig(a=6, w=5, g=0, scheme="symmetric").save(cfg)
     out = out_root / "saved_config"
-    res = invoke("transform", EXAMPLES / "control_flow.py", "--input-shape", "2,3,64,64",
-                 "--config", cfg, "--capture", "export", "--out", out)
+    res = invoke(
+        "transform",
+        EXAMPLES / "control_flow.py",
+        "--input-shape",
+        "2,3,64,64",
+        "--config",
+        cfg,
+        "--capture",
+        "export",
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     graph = check_outputs(out, 2, "export", precision=(6, 5, 0))
     assert "6/5/fp" in res.stdout
     assert graph["config"]["scheme"] == "symmetric" and graph["config"]["capture"] == "export"
 
 
-@pytest.mark.parametrize("option,value,bad", [("weight_scale", "tensor", "rows"),
-                                              ("rounding_noise", "counter", "philox"),
-                                              ("recompute", "norms", "all")])
+@pytest.mark.parametrize(
+    "option,value,bad",
+    [
+        ("weight_scale", "tensor", "rows"),
+        ("rounding_noise", "counter", "philox"),
+        ("recompute", "norms", "all"),
+    ],
+)
 def test_transform_config_options(out_root, option, value, bad):
     """A FracConfig field from the command line lands in graph.json; a bad value is one error
     line naming the field and its choices."""
     flag = "--" + option.replace("_", "-")
     out = out_root / option
-    res = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32",
-                 "--backend", "tvm", "--scheme", "symmetric", flag, value, "--out", out)
+    res = invoke(
+        "transform",
+        EXAMPLES / "resnet_cifar.py",
+        "--input-shape",
+        "2,3,32,32",
+        "--backend",
+        "tvm",
+        "--scheme",
+        "symmetric",
+        flag,
+        value,
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((out / "graph.json").read_text())["config"][option] == value
-    bad_res = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32",
-                     flag, bad, "--out", out_root / f"bad_{option}")
+    bad_res = invoke(
+        "transform",
+        EXAMPLES / "resnet_cifar.py",
+        "--input-shape",
+        "2,3,32,32",
+        flag,
+        bad,
+        "--out",
+        out_root / f"bad_{option}",
+    )
     assert bad_res.exit_code != 0 and option in bad_res.output and value in bad_res.output
 
 
 def test_transform_shows_the_sites_epilogues(out_root):
-    res = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32",
-                 "--backend", "tvm", "--scheme", "symmetric", "--recompute", "norms",
-                 "--out", out_root / "norms")
+    res = invoke(
+        "transform",
+        EXAMPLES / "resnet_cifar.py",
+        "--input-shape",
+        "2,3,32,32",
+        "--backend",
+        "tvm",
+        "--scheme",
+        "symmetric",
+        "--recompute",
+        "norms",
+        "--out",
+        out_root / "norms",
+    )
     assert res.exit_code == 0, res.output
     assert "BatchNorm2d+relu" in (out_root / "norms" / "report.md").read_text()
     assert "BatchNorm2d+relu" in res.stdout
-    res = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32",
-                 "--backend", "tvm", "--scheme", "symmetric", "--recompute", "norms",
-                 "--recompute-budget", "0.4", "--out", out_root / "budget")
+    res = invoke(
+        "transform",
+        EXAMPLES / "resnet_cifar.py",
+        "--input-shape",
+        "2,3,32,32",
+        "--backend",
+        "tvm",
+        "--scheme",
+        "symmetric",
+        "--recompute",
+        "norms",
+        "--recompute-budget",
+        "0.4",
+        "--out",
+        out_root / "budget",
+    )
     assert res.exit_code == 0, res.output
     graph = json.loads((out_root / "budget" / "graph.json").read_text())
     assert graph["config"]["recompute_budget"] == 0.4
     report = (out_root / "budget" / "report.md").read_text()
     assert "BatchNorm2d not fused (recompute_budget 0.4)" in report
     assert "not fused" in res.stdout  # the console table folds the cell
-    bad = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32",
-                 "--recompute-budget", "0.4", "--out", out_root / "bad_budget")
+    bad = invoke(
+        "transform",
+        EXAMPLES / "resnet_cifar.py",
+        "--input-shape",
+        "2,3,32,32",
+        "--recompute-budget",
+        "0.4",
+        "--out",
+        out_root / "bad_budget",
+    )
     assert bad.exit_code != 0 and "needs recompute='norms'" in bad.output
 
 
@@ -170,40 +239,111 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     (root / "empty.pt").write_bytes(b"")
     ex = EXAMPLES
     cases = {
-        "missing_file": (["transform", str(root / "nope.py"), "--input-shape", "2,3,32,32"],
-                         ["nope.py", "does not exist"]),
-        "unknown_name": (["transform", f"{ex}/resnet_cifar.py:nope", "--input-shape", "2,3,32,32"],
-                         ["'nope'", "resnet20"]),
-        "untraceable": (["transform", f"{ex}/control_flow.py:ValueBranchNet", "--input-shape", "2,3,32,32"],
-                        ["ValueGate", "control_flow.py", "--leaf ValueGate"]),
-        "wrong_shape": (["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,4,32,32"],
-                        ["(2, 4, 32, 32)", "does not fit"]),
-        "malformed_shape": (["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,a"],
-                            ["--input-shape", "'2,a'"]),
-        "config_out_of_range": (["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,3,32,32",
-                                 "--config", str(root / "a99.toml")], ["FracConfig.a", "99"]),
-        "config_unknown_key": (["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,3,32,32",
-                                "--config", str(root / "unknown_key.toml")],
-                               ["bits", "valid fields", "act_momentum"]),
-        "sys_exit_at_import": (["transform", str(root / "exits.py"), "--input-shape", "2,3,32,32"],
-                               ["exits.py", "sys.exit(0)", "__main__"]),
-        "out_is_a_file": (["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,3,32,32",
-                           "--out", str(root / "a_file")], ["--out", "exists and is not a directory"]),
-        "out_under_a_file": (["train", f"{ex}/resnet_cifar.py", "--out", str(root / "a_file" / "run")],
-                             ["--out", "a_file is not a directory"]),
-        "out_not_writable": (["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,3,32,32",
-                              "--out", "/proc/fraccompile-out"], ["--out", "cannot write in /proc"]),
-        "empty_checkpoint": (["train", f"{ex}/functional_model.py", "--resume", str(root / "empty.pt"),
-                              "--out", str(root / "unexpected_out")], ["empty.pt", "is empty"]),
+        "missing_file": (
+            ["transform", str(root / "nope.py"), "--input-shape", "2,3,32,32"],
+            ["nope.py", "does not exist"],
+        ),
+        "unknown_name": (
+            ["transform", f"{ex}/resnet_cifar.py:nope", "--input-shape", "2,3,32,32"],
+            ["'nope'", "resnet20"],
+        ),
+        "untraceable": (
+            ["transform", f"{ex}/control_flow.py:ValueBranchNet", "--input-shape", "2,3,32,32"],
+            ["ValueGate", "control_flow.py", "--leaf ValueGate"],
+        ),
+        "wrong_shape": (
+            ["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,4,32,32"],
+            ["(2, 4, 32, 32)", "does not fit"],
+        ),
+        "malformed_shape": (
+            ["transform", f"{ex}/resnet_cifar.py", "--input-shape", "2,a"],
+            ["--input-shape", "'2,a'"],
+        ),
+        "config_out_of_range": (
+            [
+                "transform",
+                f"{ex}/resnet_cifar.py",
+                "--input-shape",
+                "2,3,32,32",
+                "--config",
+                str(root / "a99.toml"),
+            ],
+            ["FracConfig.a", "99"],
+        ),
+        "config_unknown_key": (
+            [
+                "transform",
+                f"{ex}/resnet_cifar.py",
+                "--input-shape",
+                "2,3,32,32",
+                "--config",
+                str(root / "unknown_key.toml"),
+            ],
+            ["bits", "valid fields", "act_momentum"],
+        ),
+        "sys_exit_at_import": (
+            ["transform", str(root / "exits.py"), "--input-shape", "2,3,32,32"],
+            ["exits.py", "sys.exit(0)", "__main__"],
+        ),
+        "out_is_a_file": (
+            [
+                "transform",
+                f"{ex}/resnet_cifar.py",
+                "--input-shape",
+                "2,3,32,32",
+                "--out",
+                str(root / "a_file"),
+            ],
+            ["--out", "exists and is not a directory"],
+        ),
+        "out_under_a_file": (
+            ["train", f"{ex}/resnet_cifar.py", "--out", str(root / "a_file" / "run")],
+            ["--out", "a_file is not a directory"],
+        ),
+        "out_not_writable": (
+            [
+                "transform",
+                f"{ex}/resnet_cifar.py",
+                "--input-shape",
+                "2,3,32,32",
+                "--out",
+                "/proc/fraccompile-out",
+            ],
+            ["--out", "cannot write in /proc"],
+        ),
+        "empty_checkpoint": (
+            [
+                "train",
+                f"{ex}/functional_model.py",
+                "--resume",
+                str(root / "empty.pt"),
+                "--out",
+                str(root / "unexpected_out"),
+            ],
+            ["empty.pt", "is empty"],
+        ),
     }
     # never write into the working directory, even if a case unexpectedly succeeded
-    return {c: (argv + ([] if "--out" in argv else ["--out", str(root / "unexpected_out")]), needles)
-            for c, (argv, needles) in cases.items()}
+    return {
+        c: (argv + ([] if "--out" in argv else ["--out", str(root / "unexpected_out")]), needles)
+        for c, (argv, needles) in cases.items()
+    }
 
 
-BAD_IDS = ["missing_file", "unknown_name", "untraceable", "wrong_shape", "malformed_shape",
-           "config_out_of_range", "config_unknown_key", "sys_exit_at_import", "out_is_a_file",
-           "out_under_a_file", "out_not_writable", "empty_checkpoint"]
+BAD_IDS = [
+    "missing_file",
+    "unknown_name",
+    "untraceable",
+    "wrong_shape",
+    "malformed_shape",
+    "config_out_of_range",
+    "config_unknown_key",
+    "sys_exit_at_import",
+    "out_is_a_file",
+    "out_under_a_file",
+    "out_not_writable",
+    "empty_checkpoint",
+]
 
 
 def _error_line(stderr: str) -> str:
@@ -234,13 +374,17 @@ def test_bad_input_one_line_on_stderr_in_process(out_root, case):
     assert res.stderr.strip().splitlines() == [_error_line(res.stderr)], res.stderr
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--capture", "fx", "--input-shape", "2,3,64,64"], "cannot capture"),
-    (["--capture", "bogus", "--input-shape", "2,3,64,64"], "FracConfig.capture"),
-    (["--dtype", "int8", "--input-shape", "2,3,64,64"], "--dtype"),
-    (["--input-shape", "2,-3,64,64"], "--input-shape"),
-    (["--input-shape", "2,3,64,64", "--config", "/nonexistent/frac.toml"], "does not exist"),
-], ids=["fx_only", "bad_capture", "bad_dtype", "negative_shape", "missing_config"])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--capture", "fx", "--input-shape", "2,3,64,64"], "cannot capture"),
+        (["--capture", "bogus", "--input-shape", "2,3,64,64"], "FracConfig.capture"),
+        (["--dtype", "int8", "--input-shape", "2,3,64,64"], "--dtype"),
+        (["--input-shape", "2,-3,64,64"], "--input-shape"),
+        (["--input-shape", "2,3,64,64", "--config", "/nonexistent/frac.toml"], "does not exist"),
+    ],
+    ids=["fx_only", "bad_capture", "bad_dtype", "negative_shape", "missing_config"],
+)
 def test_more_bad_inputs_in_process(argv, needle):
     res = invoke("transform", EXAMPLES / "control_flow.py", *argv)
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
@@ -272,9 +416,16 @@ def test_unusable_out_is_refused_before_compiling(out_root, monkeypatch, command
 
 
 def _read_only_mount_works() -> bool:
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o ro tmpfs /mnt && "
-                            "touch /mnt/x"], capture_output=True, text=True, timeout=60) \
-        if shutil.which("unshare") else None
+    probe = (
+        subprocess.run(
+            ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o ro tmpfs /mnt && touch /mnt/x"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if shutil.which("unshare")
+        else None
+    )
     return probe is not None and "Read-only file system" in probe.stderr
 
 
@@ -286,12 +437,28 @@ def test_out_on_a_read_only_file_system(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro tmpfs "{ro}" && exec "$0" "$@"', SCRIPT,
-         "transform", str(EXAMPLES / "resnet_cifar.py"), "--input-shape", "2,3,32,32", "--out",
-         str(ro / "out")], capture_output=True, text=True, timeout=240)
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o ro tmpfs "{ro}" && exec "$0" "$@"',
+            SCRIPT,
+            "transform",
+            str(EXAMPLES / "resnet_cifar.py"),
+            "--input-shape",
+            "2,3,32,32",
+            "--out",
+            str(ro / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
-        f"{PREFIX} --out {ro / 'out'}: cannot write in {ro} (read-only file system)"]
+        f"{PREFIX} --out {ro / 'out'}: cannot write in {ro} (read-only file system)"
+    ]
 
 
 LAZY = """
@@ -318,17 +485,34 @@ def test_models_with_lazy_layers(out_root, sites):
     """nn.LazyLinear is materialized by the capture's run; with no layer left to quantize (the
     first conv and the last linear stay in full precision) the model compiles and trains too."""
     path = out_root / f"lazy{sites}.py"
-    path.write_text(LAZY.format(
-        what="first conv, lazy last linear" + (", a lazy conv between" if sites else ""),
-        extra="self.mid = nn.LazyConv2d(8, 3, padding=1)" if sites else "",
-        call="x = torch.relu(self.mid(x))" if sites else ""))
+    path.write_text(
+        LAZY.format(
+            what="first conv, lazy last linear" + (", a lazy conv between" if sites else ""),
+            extra="self.mid = nn.LazyConv2d(8, 3, padding=1)" if sites else "",
+            call="x = torch.relu(self.mid(x))" if sites else "",
+        )
+    )
     res = invoke("transform", path, "--input-shape", "2,3,32,32", "--out", out_root / f"lazy{sites}")
     assert res.exit_code == 0, res.output
     graph = json.loads((out_root / f"lazy{sites}" / "graph.json").read_text())
     assert sum(not s["full_precision"] for s in graph["sites"]) == sites
     if not sites:
-        res = invoke("train", path, "--iters", "1", "--eval-every", "1", "--batch-size", "4",
-                     "--train-limit", "8", "--test-limit", "4", "--out", out_root / "lazy_run")
+        res = invoke(
+            "train",
+            path,
+            "--iters",
+            "1",
+            "--eval-every",
+            "1",
+            "--batch-size",
+            "4",
+            "--train-limit",
+            "8",
+            "--test-limit",
+            "4",
+            "--out",
+            out_root / "lazy_run",
+        )
         assert res.exit_code == 0, res.output
         assert "done: 1 iterations" in res.stdout
 
@@ -372,8 +556,18 @@ def test_bad_input_console_script_one_line_on_stderr(script_results, case):
 @pytest.mark.skipif(SCRIPT is None, reason="the fraccompile console script is not on PATH")
 def test_transform_console_script(out_root):
     out = out_root / "script_transform"
-    proc = _run(["transform", f"{EXAMPLES}/control_flow.py:ValueBranchNet", "--input-shape", "2,3,32,32",
-                 "--leaf", "ValueGate", "--out", str(out)])
+    proc = _run(
+        [
+            "transform",
+            f"{EXAMPLES}/control_flow.py:ValueBranchNet",
+            "--input-shape",
+            "2,3,32,32",
+            "--leaf",
+            "ValueGate",
+            "--out",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.strip() == ""
     assert "Traceback" not in proc.stdout
@@ -390,10 +584,14 @@ def test_demo_runs_and_prints_a_cost_line():
     cost = [ln for ln in res.stdout.splitlines() if ln.startswith("bit-cost of the run:")]
     assert len(cost) == 1 and re.search(r"\d+\.\d+% saved against static 8/8/8", cost[0]), res.stdout
     assert "final test accuracy" in res.stdout
-    step = re.search(r"step time .*?: (\d+\.\d) ms compiled \((\d+) of (\d+) quantized sites on "
-                     r"integer kernels.*?against (\d+\.\d) ms for fp32", " ".join(res.stdout.split()))
+    step = re.search(
+        r"step time .*?: (\d+\.\d) ms compiled \((\d+) of (\d+) quantized sites on "
+        r"integer kernels.*?against (\d+\.\d) ms for fp32",
+        " ".join(res.stdout.split()),
+    )
     assert step and float(step[1]) > 0 and float(step[4]) > 0, res.stdout
     from fraccompile.targets import tvm_unavailable_reason
+
     if tvm_unavailable_reason() is None:  # backend auto: every quantized site on TVM
         assert step[2] == step[3] != "0", res.stdout
 
@@ -411,4 +609,3 @@ def test_help_lists_the_commands():
     assert "transform" in res.stdout and "demo" in res.stdout
     res = invoke("transform", "--help")
     assert res.exit_code == 0 and "--input-shape" in res.stdout and "--leaf" in res.stdout
-

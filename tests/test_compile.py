@@ -66,8 +66,9 @@ def test_quantized_training_step_runs_and_changes_output(example):
     assert torch.isfinite(y).all(), name
     rel = ((y - y_ref).float().norm() / y_ref.float().norm()).item()
     assert rel < 0.5, (name, rel)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all()
-               for p in fm.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in fm.parameters() if p.requires_grad
+    )
 
 
 def test_state_dict_keys_match_original(example):
@@ -180,8 +181,7 @@ def test_fx_and_export_capture_agree():
 def test_full_precision_patterns():
     from fraccompile.examples.resnet_cifar import resnet20
 
-    fm = fraccompile.compile(resnet20(), torch.randn(2, 3, 32, 32),
-                             full_precision=("layer3.*",))
+    fm = fraccompile.compile(resnet20(), torch.randn(2, 3, 32, 32), full_precision=("layer3.*",))
     kept = {s.name for s in fm.sites if s.full_precision}
     assert kept == {s.name for s in fm.sites if s.name.startswith("layer3.")}
     assert "conv1" in fm.precision.sites and "fc" in fm.precision.sites
@@ -190,8 +190,7 @@ def test_full_precision_patterns():
 def test_ops_filter():
     from fraccompile.examples.transformer_lm import model
 
-    fm = fraccompile.compile(model(), torch.zeros(2, 8, dtype=torch.long), ops=("matmul",),
-                             full_precision=())
+    fm = fraccompile.compile(model(), torch.zeros(2, 8, dtype=torch.long), ops=("matmul",), full_precision=())
     assert {s.kind for s in fm.sites} == {"matmul"} and len(fm.sites) == 4
 
 
@@ -215,13 +214,16 @@ def test_shared_module_called_twice_is_one_site():
     assert torch.equal(fm(x), model(x))
 
 
-@pytest.mark.parametrize("conv", [
-    nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
-    nn.Conv2d(4, 6, 4, padding="same", bias=False),
-    nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2),
-    nn.Conv3d(4, 6, 3, padding=1, groups=2),
-    nn.Conv2d(6, 6, 3, padding=1, groups=6),
-])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(4, 6, 4, padding="same", bias=False),
+        nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2),
+        nn.Conv3d(4, 6, 3, padding=1, groups=2),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6),
+    ],
+)
 @pytest.mark.parametrize("noise", ["counter", "torch"])
 def test_conv_variants_match_reference_semantics(conv, noise):
     """Quantized site == conv(fake-quant x, fake-quant w); dx, dw from the stochastically
@@ -241,8 +243,9 @@ def test_conv_variants_match_reference_semantics(conv, noise):
             return self.conv(t)
 
     model = Wrap()
-    fm = fraccompile.compile(copy.deepcopy(model), x.detach(), a=4, w=4, g=6, full_precision=(),
-                             rounding_noise=noise)
+    fm = fraccompile.compile(
+        copy.deepcopy(model), x.detach(), a=4, w=4, g=6, full_precision=(), rounding_noise=noise
+    )
     y = fm(x)
     dy = torch.randn_like(y)
     torch.manual_seed(3)

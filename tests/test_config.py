@@ -22,11 +22,23 @@ from fraccompile.config import (
 
 FIELDS = sorted(f.name for f in dataclasses.fields(FracConfig))
 
-NON_DEFAULT = FracConfig(a=4, w=6, g=0, scheme="symmetric", full_precision=("layer1.*", "@first_conv"),
-                         ops=("conv", "matmul"), backend="tvm", capture="export",
-                         leaf_modules=("ValueGate", "blocks.0.attn"), pipeline="default",
-                         act_momentum=0.25, weight_scale="tensor", rounding_noise="counter",
-                         recompute="norms", recompute_budget=0.4)
+NON_DEFAULT = FracConfig(
+    a=4,
+    w=6,
+    g=0,
+    scheme="symmetric",
+    full_precision=("layer1.*", "@first_conv"),
+    ops=("conv", "matmul"),
+    backend="tvm",
+    capture="export",
+    leaf_modules=("ValueGate", "blocks.0.attn"),
+    pipeline="default",
+    act_momentum=0.25,
+    weight_scale="tensor",
+    rounding_noise="counter",
+    recompute="norms",
+    recompute_budget=0.4,
+)
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -44,15 +56,18 @@ def test_good_bits_accepted(field, value):
     assert getattr(FracConfig(**{field: value}), field) == value
 
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("scheme", "asymmetric", SCHEMES),
-    ("scheme", "SBM", SCHEMES),
-    ("backend", "cuda", BACKENDS),
-    ("capture", "dynamo", CAPTURE_METHODS),
-    ("weight_scale", "row", WEIGHT_SCALES),
-    ("rounding_noise", "philox", ROUNDING_NOISES),
-    ("recompute", "all", RECOMPUTE_LEVELS),
-])
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("scheme", "asymmetric", SCHEMES),
+        ("scheme", "SBM", SCHEMES),
+        ("backend", "cuda", BACKENDS),
+        ("capture", "dynamo", CAPTURE_METHODS),
+        ("weight_scale", "row", WEIGHT_SCALES),
+        ("rounding_noise", "philox", ROUNDING_NOISES),
+        ("recompute", "all", RECOMPUTE_LEVELS),
+    ],
+)
 def test_unknown_choice_raises_naming_field_and_choices(field, value, allowed):
     with pytest.raises(ConfigError, match=rf"FracConfig\.{field}\b") as info:
         FracConfig(**{field: value})
@@ -168,10 +183,16 @@ def test_from_dict_of_partial_table_uses_defaults():
 
 
 # -- round trips -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", [FracConfig(), NON_DEFAULT,
-                                 FracConfig(full_precision=(), ops=("linear",), act_momentum=1),
-                                 FracConfig(leaf_modules=('we"ird\\name', "tab\there", "ünï"))],
-                         ids=["default", "non_default", "empty_lists", "escapes"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        FracConfig(),
+        NON_DEFAULT,
+        FracConfig(full_precision=(), ops=("linear",), act_momentum=1),
+        FracConfig(leaf_modules=('we"ird\\name', "tab\there", "ünï")),
+    ],
+    ids=["default", "non_default", "empty_lists", "escapes"],
+)
 def test_dict_and_toml_round_trips(cfg, tmp_path):
     d = cfg.to_dict()
     assert d["version"] == CONFIG_VERSION and sorted(d) == FIELDS
@@ -202,15 +223,22 @@ def test_to_dict_is_json_friendly_and_a_copy():
 
 configs = st.builds(
     FracConfig,
-    a=st.sampled_from([0, *range(2, 17)]), w=st.sampled_from([0, *range(2, 17)]),
-    g=st.sampled_from([0, *range(2, 17)]), scheme=st.sampled_from(SCHEMES),
-    full_precision=st.lists(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e,
-                                                  exclude_characters="\x7f"), max_size=12),
-                            max_size=3).map(tuple),
+    a=st.sampled_from([0, *range(2, 17)]),
+    w=st.sampled_from([0, *range(2, 17)]),
+    g=st.sampled_from([0, *range(2, 17)]),
+    scheme=st.sampled_from(SCHEMES),
+    full_precision=st.lists(
+        st.text(
+            st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="\x7f"), max_size=12
+        ),
+        max_size=3,
+    ).map(tuple),
     ops=st.lists(st.sampled_from(OP_KINDS), unique=True, max_size=3).map(tuple),
-    backend=st.sampled_from(BACKENDS), capture=st.sampled_from(CAPTURE_METHODS),
-    leaf_modules=st.lists(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.*]{0,15}", fullmatch=True),
-                          max_size=3).map(tuple),
+    backend=st.sampled_from(BACKENDS),
+    capture=st.sampled_from(CAPTURE_METHODS),
+    leaf_modules=st.lists(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.*]{0,15}", fullmatch=True), max_size=3).map(
+        tuple
+    ),
     act_momentum=st.floats(1e-9, 1.0, exclude_min=False),
 )
 
@@ -241,9 +269,15 @@ def test_toml_syntax_error_raises_config_error(text):
         FracConfig.from_toml(text)
 
 
-@pytest.mark.parametrize("text, field", [("a = 99", "FracConfig.a"), ("scheme = 'int4'", "FracConfig.scheme"),
-                                         ("[fraccompile]\nact_momentum = 0", "FracConfig.act_momentum"),
-                                         ("[fraccompile]\nops = ['conv', 'rnn']", "FracConfig.ops")])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("a = 99", "FracConfig.a"),
+        ("scheme = 'int4'", "FracConfig.scheme"),
+        ("[fraccompile]\nact_momentum = 0", "FracConfig.act_momentum"),
+        ("[fraccompile]\nops = ['conv', 'rnn']", "FracConfig.ops"),
+    ],
+)
 def test_toml_bad_values_raise_naming_the_field(text, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         FracConfig.from_toml(text)
@@ -277,6 +311,7 @@ def test_extras_match_pyproject_and_missing_ones_say_how_to_install(monkeypatch)
     needs a missing module says which and the pip command."""
     import pathlib
     import sys
+
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     from fraccompile.errors import EXTRAS, MissingDependencyError, require_extra
@@ -294,8 +329,10 @@ def test_extras_match_pyproject_and_missing_ones_say_how_to_install(monkeypatch)
     monkeypatch.setitem(sys.modules, "xgboost", None)  # import xgboost -> ImportError
     with pytest.raises(MissingDependencyError) as err:
         require_extra("tune", "--metaschedule", ("xgboost",))
-    assert str(err.value) == ("--metaschedule needs xgboost (the 'tune' extra), which is not "
-                              "installed: pip install 'fraccompile[tune]' (from a checkout: "
-                              "pip install -e '.[tune]')")
+    assert str(err.value) == (
+        "--metaschedule needs xgboost (the 'tune' extra), which is not "
+        "installed: pip install 'fraccompile[tune]' (from a checkout: "
+        "pip install -e '.[tune]')"
+    )
     assert isinstance(err.value, ImportError)
     require_extra("tune", "numpy", ("numpy",))  # present: no error

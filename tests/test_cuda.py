@@ -31,11 +31,14 @@ from fraccompile.targets.cuda_driver import (
     gpu_unavailable_reason,
 )
 
-pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
-                                reason=str(tvm_unavailable_reason()))
+pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
 
-DTYPES = [(torch.int8, torch.int8), (torch.uint8, torch.int8), (torch.int8, torch.uint8),
-          (torch.uint8, torch.uint8)]
+DTYPES = [
+    (torch.int8, torch.int8),
+    (torch.uint8, torch.int8),
+    (torch.int8, torch.uint8),
+    (torch.uint8, torch.uint8),
+]
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +81,26 @@ def test_padded_rounds_to_the_tile(cuda):
 
 
 def test_bad_tiles_and_shapes_are_rejected(cuda):
-    for bad in [dict(bk=6), dict(tm=3), dict(bm=256, bn=256, tm=4, tn=4),  # 4096 threads
-                dict(bk=4)]:  # 256 threads cannot copy a 128x4 tile in 4-byte words
+    for bad in [
+        dict(bk=6),
+        dict(tm=3),
+        dict(bm=256, bn=256, tm=4, tn=4),  # 4096 threads
+        dict(bk=4),
+    ]:  # 256 threads cannot copy a 128x4 tile in 4-byte words
         with pytest.raises(ValueError):
             cuda.CudaTile(**bad)
     with pytest.raises(ValueError, match="not padded"):
         cuda.CudaGemmShape(1, 100, 128, 32, cuda.CudaTile())
 
 
-LAUNCH_SHAPES = [(1, 128, 128, 512, None), (2, 200, 150, 70, None), (3, 5, 300, 7, None),
-                 (1, 8192, 512, 512, None), (2, 65, 33, 65, (64, 32, 64, 4, 2)),
-                 (1, 256, 256, 64, (128, 64, 32, 8, 4))]
+LAUNCH_SHAPES = [
+    (1, 128, 128, 512, None),
+    (2, 200, 150, 70, None),
+    (3, 5, 300, 7, None),
+    (1, 8192, 512, 512, None),
+    (2, 65, 33, 65, (64, 32, 64, 4, 2)),
+    (1, 256, 256, 64, (128, 64, 32, 8, 4)),
+]
 
 
 @pytest.mark.parametrize("G,M,N,K,tile", LAUNCH_SHAPES)
@@ -215,14 +227,17 @@ class Emulated:
         self.shape = shape
         self.grid, self.block, self.name, self.params = cuda.launch_config(shape)
         src = cuda.generate_source(shape)
-        body = src[src.index('extern "C" __global__'):]
+        body = src[src.index('extern "C" __global__') :]
         body = re.sub(r"__shared__\s+(alignas\(\d+\))", r"\1 static", body)
         body = body.replace("__shared__", "static")
         sig = re.search(r"\(([^)]*)\)\s*\{", body).group(1)
         types = [re.sub(r"__restrict__\s+\w+$", "", p).strip() for p in sig.split(",")]
         call = ", ".join(f"({t})args[{i}]" for i, t in enumerate(types))
         (gx, gy, gz), (bx, by, bz) = self.grid, self.block
-        code = _SHIM + body + f"""
+        code = (
+            _SHIM
+            + body
+            + f"""
 extern "C" void emulate(void** args) {{
   const unsigned nt = {bx * by * bz};
   for (unsigned z = 0; z < {gz}; ++z) for (unsigned y = 0; y < {gy}; ++y)
@@ -239,10 +254,13 @@ extern "C" void emulate(void** args) {{
   }}
 }}
 """
+        )
         cc, so = workdir / f"{shape.name}.cc", workdir / f"{shape.name}.so"
         cc.write_text(code)
-        subprocess.run(["g++", "-std=c++20", "-O1", "-w", "-shared", "-fPIC", "-pthread", "-o",
-                        str(so), str(cc)], check=True)
+        subprocess.run(
+            ["g++", "-std=c++20", "-O1", "-w", "-shared", "-fPIC", "-pthread", "-o", str(so), str(cc)],
+            check=True,
+        )
         self.lib = ctypes.CDLL(str(so))
         self.lib.emulate.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
 
@@ -265,8 +283,7 @@ def emulated(cuda, tmp_path_factory):
     return Emulated(cuda, cuda.padded(2, 64, 128, 32), tmp_path_factory.mktemp("emu"))
 
 
-@pytest.mark.parametrize("G,M,N,K,tile", [(2, 200, 150, 70, None),
-                                          (1, 65, 33, 130, (64, 32, 64, 4, 2))])
+@pytest.mark.parametrize("G,M,N,K,tile", [(2, 200, 150, 70, None), (1, 65, 33, 130, (64, 32, 64, 4, 2))])
 def test_generated_kernel_is_exact_in_emulation(cuda, tmp_path, G, M, N, K, tile):
     shape = cuda.padded(G, M, N, K, cuda.CudaTile(*tile) if tile else None)
     run = Emulated(cuda, shape, tmp_path)
@@ -299,9 +316,16 @@ class StandInGemm(CudaGemm):
 
 
 @pytest.mark.parametrize("a_dtype,b_dtype", DTYPES)
-@pytest.mark.parametrize("G,M,N,K,max_k", [(1, 1, 1, 1, MAX_K), (3, 5, 7, 13, MAX_K),
-                                           (2, 37, 130, 1000, 64), (1, 9, 4, 301, 100),
-                                           (2, 3, 2, 50, 7)])
+@pytest.mark.parametrize(
+    "G,M,N,K,max_k",
+    [
+        (1, 1, 1, 1, MAX_K),
+        (3, 5, 7, 13, MAX_K),
+        (2, 37, 130, 1000, 64),
+        (1, 9, 4, 301, 100),
+        (2, 3, 2, 50, 7),
+    ],
+)
 def test_sign_corrections_and_k_split(cuda, a_dtype, b_dtype, G, M, N, K, max_k):
     gen = torch.Generator().manual_seed(G * 1000 + M * 100 + N * 10 + K)
     a, b = codes((G, M, K), a_dtype, gen), codes((G, N, K), b_dtype, gen)
@@ -322,11 +346,13 @@ def test_strided_operands(cuda):
 def test_extreme_values_and_the_result_dtype(cuda):
     g = CudaGemm()
     K = MAX_K
-    cases = [(torch.int8, -128, torch.int8, -128, K, torch.int32),     # 2**30
-             (torch.uint8, 255, torch.int8, -128, K, torch.int32),     # -255·128·65536 > -2**31
-             (torch.uint8, 255, torch.uint8, 255, 33025, torch.int32),  # 255²·33025 < 2**31
-             (torch.uint8, 255, torch.uint8, 255, 33026, torch.int64),
-             (torch.int8, -128, torch.int8, -128, K + 1, torch.int64)]  # split
+    cases = [
+        (torch.int8, -128, torch.int8, -128, K, torch.int32),  # 2**30
+        (torch.uint8, 255, torch.int8, -128, K, torch.int32),  # -255·128·65536 > -2**31
+        (torch.uint8, 255, torch.uint8, 255, 33025, torch.int32),  # 255²·33025 < 2**31
+        (torch.uint8, 255, torch.uint8, 255, 33026, torch.int64),
+        (torch.int8, -128, torch.int8, -128, K + 1, torch.int64),
+    ]  # split
     for a_dtype, av, b_dtype, bv, k, dtype in cases:
         assert g.out_dtype(a_dtype, b_dtype, k) == dtype
         a = torch.full((1, 2, k), av, dtype=a_dtype)
@@ -374,8 +400,11 @@ def test_cuda_error_names_the_driver_error():
 
     drv = _Driver.__new__(_Driver)
     drv.lib = FakeLib()
-    with pytest.raises(CUDAError, match="cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE "
-                                        r"\(200\): device kernel image is invalid") as e:
+    with pytest.raises(
+        CUDAError,
+        match="cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE "
+        r"\(200\): device kernel image is invalid",
+    ) as e:
         drv.check("cuModuleLoadData", 200)
     assert e.value.name == "CUDA_ERROR_INVALID_IMAGE" and e.value.code == 200
 
@@ -406,13 +435,19 @@ class FakeDriver:
             assert args[1].value == 0x111 and args[2] == self.emulated.name.encode()
             args[0]._obj.value = 0x222
         elif name == "cuLaunchKernel":
-            f, grid, block, shmem, stream, params, extra = (args[0], args[1:4], args[4:7],
-                                                            args[7], args[8], args[9], args[10])
+            f, grid, block, shmem, stream, params, extra = (
+                args[0],
+                args[1:4],
+                args[4:7],
+                args[7],
+                args[8],
+                args[9],
+                args[10],
+            )
             assert self.depth == 1 and f.value == 0x222 and shmem == 0 and extra is None
             assert tuple(grid) == self.emulated.grid and tuple(block) == self.emulated.block
             assert stream.value == 0x5
-            ptrs = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_void_p)).contents.value
-                    for i in range(3)]
+            ptrs = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_void_p)).contents.value for i in range(3)]
             self.emulated.launch(ptrs)
         else:
             raise AssertionError(name)
@@ -427,8 +462,7 @@ def test_cuda_gemm_through_the_driver_path(cuda, emulated, tmp_path, monkeypatch
     from fraccompile.targets import cuda_driver
 
     needs_nvcc(cuda)
-    fake = FakeDriver(emulated, cuda_driver.load_or_build(emulated.shape, "sm_90", "cubin",
-                                                          tmp_path))
+    fake = FakeDriver(emulated, cuda_driver.load_or_build(emulated.shape, "sm_90", "cubin", tmp_path))
     monkeypatch.setattr(cuda_driver, "driver", lambda: fake)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -466,14 +500,15 @@ def test_gpu_unavailable_reason_on_a_gpu():
         arch, fmt = arch_for((major, minor))
         assert arch in ARCHS and fmt in ("cubin", "ptx")
     else:
-        assert reason == (f"compute capability {major}.{minor}: the kernels are built for 8.0 "
-                          "and newer")
+        assert reason == (f"compute capability {major}.{minor}: the kernels are built for 8.0 and newer")
 
 
 def test_importing_fraccompile_does_not_import_tvm():
-    code = ("import sys, fraccompile, fraccompile.targets, fraccompile.targets.cuda_driver as d; "
-            "d.gpu_unavailable_reason(); d.CudaGemm(); "
-            "assert 'tvm' not in sys.modules, 'tvm imported'")
+    code = (
+        "import sys, fraccompile, fraccompile.targets, fraccompile.targets.cuda_driver as d; "
+        "d.gpu_unavailable_reason(); d.CudaGemm(); "
+        "assert 'tvm' not in sys.modules, 'tvm imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
 
 
@@ -492,8 +527,9 @@ gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU and nvc
 
 @gpu
 @pytest.mark.parametrize("a_dtype,b_dtype", DTYPES)
-@pytest.mark.parametrize("G,M,N,K", [(1, 1, 1, 1), (3, 5, 7, 13), (2, 37, 130, 1000),
-                                     (1, 200, 129, 77), (1, 512, 384, 256)])
+@pytest.mark.parametrize(
+    "G,M,N,K", [(1, 1, 1, 1), (3, 5, 7, 13), (2, 37, 130, 1000), (1, 200, 129, 77), (1, 512, 384, 256)]
+)
 def test_gpu_exact(a_dtype, b_dtype, G, M, N, K):
     gen = torch.Generator().manual_seed(0)
     a, b = codes((G, M, K), a_dtype, gen), codes((G, N, K), b_dtype, gen)
@@ -558,8 +594,7 @@ def test_gpu_training_step_matches_the_reference_backend(weight_scale):
     out = {}
     for be in ("reference", "tvm"):
         m = copy.deepcopy(model)
-        cfg = FracConfig(scheme="symmetric", backend=be, full_precision=("out",),
-                         weight_scale=weight_scale)
+        cfg = FracConfig(scheme="symmetric", backend=be, full_precision=("out",), weight_scale=weight_scale)
         fm = fraccompile.compile(m, x, cfg).cuda()
         torch.manual_seed(1)
         loss = F.cross_entropy(fm(x.cuda()), y.cuda())

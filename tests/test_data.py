@@ -24,7 +24,12 @@ def test_bundled_file_is_small_and_present():
     assert path.stat().st_size < 3 * 1024 * 1024
     with np.load(path) as npz:
         assert set(npz.files) == {
-            "classes", "train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets",
+            "classes",
+            "train_jpeg",
+            "train_offsets",
+            "train_labels",
+            "test_jpeg",
+            "test_offsets",
             "test_labels",
         }
         assert list(npz["classes"])[:2] == ["airplane", "automobile"] and len(npz["classes"]) == 10
@@ -153,8 +158,11 @@ def pickle_root(tmp_path):
     folder.mkdir()
     arrays = {}
     for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
-        batch = {b"data": _fake_images(20, i), b"labels": [(i + k) % 10 for k in range(20)],
-                 b"batch_label": name.encode()}
+        batch = {
+            b"data": _fake_images(20, i),
+            b"labels": [(i + k) % 10 for k in range(20)],
+            b"batch_label": name.encode(),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
         arrays[name] = batch
@@ -203,8 +211,12 @@ def _write_png(path, value, size=(32, 32), mode="RGB"):
 def folder_root(tmp_path):
     """root/{train,test}/{cat,dog}/*.png with a distinct colour per image; test has no 'dog'."""
     root = tmp_path / "imgs"
-    for name, value in [("train/dog/a.png", (10, 20, 30)), ("train/cat/b.png", (40, 50, 60)),
-                        ("train/cat/a.png", (70, 80, 90)), ("test/cat/z.png", (5, 6, 7))]:
+    for name, value in [
+        ("train/dog/a.png", (10, 20, 30)),
+        ("train/cat/b.png", (40, 50, 60)),
+        ("train/cat/a.png", (70, 80, 90)),
+        ("test/cat/z.png", (5, 6, 7)),
+    ]:
         _write_png(root / name, value)
     (root / "train" / "cat" / "notes.txt").write_text("not an image")
     return root
@@ -272,6 +284,7 @@ def test_load_cifar10_dispatch(pickle_root, folder_root, tmp_path):
 
 # --- training-loop datasets -------------------------------------------------------------------
 
+
 def _as_list(it):
     return [tuple(t.clone() for t in batch) for batch in it]
 
@@ -282,19 +295,22 @@ def _same(a, b):
 
 def test_classification_data_is_deterministic_per_epoch(train):
     images, labels = train
-    cd = data.ClassificationData(images[:300], labels[:300], images[300:350], labels[300:350],
-                                 batch_size=64, augment=True, seed=5)
+    cd = data.ClassificationData(
+        images[:300], labels[:300], images[300:350], labels[300:350], batch_size=64, augment=True, seed=5
+    )
     assert cd.steps_per_epoch == 4  # 300 // 64, last partial batch dropped
     e0, e0_again, e1 = _as_list(cd.batches(0)), _as_list(cd.batches(0)), _as_list(cd.batches(1))
     assert len(e0) == 4 and all(x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 for x, _ in e0)
     assert _same(e0, e0_again) and not torch.equal(e0[0][1], e1[0][1])
     assert _same(_as_list(cd.batches(0, start=2)), e0[2:])  # resume at batch 2
-    other_seed = data.ClassificationData(images[:300], labels[:300], images[300:350], labels[300:350],
-                                         batch_size=64, seed=6)
+    other_seed = data.ClassificationData(
+        images[:300], labels[:300], images[300:350], labels[300:350], batch_size=64, seed=6
+    )
     assert not torch.equal(next(other_seed.batches(0))[1], e0[0][1])
     # batches of one epoch are disjoint draws of the training set
-    plain = data.ClassificationData(images[:300], labels[:300], images[:1], labels[:1], batch_size=64,
-                                    augment=False)
+    plain = data.ClassificationData(
+        images[:300], labels[:300], images[:1], labels[:1], batch_size=64, augment=False
+    )
     xs = torch.cat([x for x, _ in plain.batches(3)])
     assert len({tuple(x.flatten()[:40].tolist()) for x in xs}) == 256
     test = _as_list(cd.test_batches(batch_size=20))
@@ -311,10 +327,8 @@ def test_shards_are_rows_of_the_global_batch(train, text_file):
     """Process r of N sees rows r*B..(r+1)*B-1 of the batch one process with batch N*B sees,
     augmentation included, and resumes at any batch the same way."""
     images, labels = train
-    one = data.ClassificationData(images[:300], labels[:300], images[:1], labels[:1],
-                                  batch_size=64, seed=5)
-    half = data.ClassificationData(images[:300], labels[:300], images[:1], labels[:1],
-                                   batch_size=32, seed=5)
+    one = data.ClassificationData(images[:300], labels[:300], images[:1], labels[:1], batch_size=64, seed=5)
+    half = data.ClassificationData(images[:300], labels[:300], images[:1], labels[:1], batch_size=32, seed=5)
     shards = [half.shard(r, 2) for r in range(2)]
     assert half.steps_per_epoch == 9 and shards[0].steps_per_epoch == one.steps_per_epoch == 4
     for epoch in (0, 3):
@@ -331,10 +345,8 @@ def test_shards_are_rows_of_the_global_batch(train, text_file):
     with pytest.raises(ValueError, match="x 16 process"):
         half.shard(0, 16)
 
-    text = data.CharDataset.from_file(text_file, block_size=16, batch_size=8, steps_per_epoch=3,
-                                      seed=3)
-    small = data.CharDataset.from_file(text_file, block_size=16, batch_size=4, steps_per_epoch=3,
-                                       seed=3)
+    text = data.CharDataset.from_file(text_file, block_size=16, batch_size=8, steps_per_epoch=3, seed=3)
+    small = data.CharDataset.from_file(text_file, block_size=16, batch_size=4, steps_per_epoch=3, seed=3)
     whole, parts = _as_list(text.batches(1)), [_as_list(small.shard(r, 2).batches(1)) for r in (0, 1)]
     assert small.world_size == 1  # shard() returns a view, the original is unchanged
     for k, (x, y) in enumerate(whole):
@@ -352,8 +364,11 @@ def test_classification_data_from_source(pickle_root):
     assert len(bundled.train_labels) == 1000 and bundled.steps_per_epoch == 10
 
 
-LINES = [("First Citizen", "Before we proceed any further, hear me speak."),
-         ("All", "Speak, speak."), ("Second Citizen", "You are all resolved?")]
+LINES = [
+    ("First Citizen", "Before we proceed any further, hear me speak."),
+    ("All", "Speak, speak."),
+    ("Second Citizen", "You are all resolved?"),
+]
 SAMPLE_TEXT = "".join(f"{who}: {line}\n" for who, line in LINES) * 20 + "Zounds! the end.\n"
 
 

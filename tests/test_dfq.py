@@ -16,15 +16,21 @@ from fraccompile.examples import functional_model, resnet_cifar, transformer_lm
 def _pair(factory, x, **kw):
     torch.manual_seed(0)
     model = factory()
-    return (fraccompile.compile(copy.deepcopy(model), x, pipeline="dfq", **kw),
-            fraccompile.compile(copy.deepcopy(model), x, **{k: v for k, v in kw.items()
-                                                            if not k.startswith("gate_")}))
+    return (
+        fraccompile.compile(copy.deepcopy(model), x, pipeline="dfq", **kw),
+        fraccompile.compile(
+            copy.deepcopy(model), x, **{k: v for k, v in kw.items() if not k.startswith("gate_")}
+        ),
+    )
 
 
-@pytest.mark.parametrize("factory, x", [
-    (resnet_cifar.resnet20, torch.randn(2, 3, 32, 32)),
-    (transformer_lm.model, torch.randint(0, 65, (4, 16))),
-])
+@pytest.mark.parametrize(
+    "factory, x",
+    [
+        (resnet_cifar.resnet20, torch.randn(2, 3, 32, 32)),
+        (transformer_lm.model, torch.randint(0, 65, (4, 16))),
+    ],
+)
 def test_dense_forced_to_one_candidate_equals_static(factory, x):
     gated, static = _pair(factory, x, gate_mode="dense")
     bank = gated.frac_gates
@@ -62,8 +68,13 @@ def test_routed_matches_dense_forward_and_trains_gates_alike():
     F.cross_entropy(out_r, y).backward()
 
     def grads(m, gates):
-        return torch.cat([p.grad.flatten() for n, p in m.named_parameters()
-                          if ("frac_gates" in n) == gates and p.grad is not None])
+        return torch.cat(
+            [
+                p.grad.flatten()
+                for n, p in m.named_parameters()
+                if ("frac_gates" in n) == gates and p.grad is not None
+            ]
+        )
 
     # the two modes draw different stochastic-rounding noise for dy (6..12 bits): over seeds 3..6
     # the gates' cosine was 0.89-0.98 with torch.rand noise and 0.88-0.94 with counter noise
@@ -125,8 +136,7 @@ def test_fit_with_dfq_logs_gate_shares(tmp_path):
 
     data = ClassificationData.from_source("bundled", batch_size=8, train_limit=32, test_limit=8)
     fm, _ = _pair(functional_model.model, torch.zeros(8, 3, 32, 32))
-    result = fit(fm, data, iters=4, schedule=DFQ(0.03), eval_every=2, progress=False,
-                 out_dir=tmp_path)
+    result = fit(fm, data, iters=4, schedule=DFQ(0.03), eval_every=2, progress=False, out_dir=tmp_path)
     shares = result.periods[-1]["gates"]
     assert len(shares) == 3 and all(sum(s) == pytest.approx(1.0) for s in shares.values())
     assert result.periods[-1]["gate_candidates"] == [[3, 6], [4, 6], [4, 8], [6, 8], [6, 12]]
@@ -138,13 +148,25 @@ def test_fit_with_dfq_logs_gate_shares(tmp_path):
         assert counts.shape == (10, 5) and counts.sum() == 2 * 8  # 2 steps of 8 samples
         assert torch.allclose(counts.sum(0) / 16, torch.tensor(shares[region], dtype=torch.float64))
     from fraccompile.plots import render_report
+
     paths = render_report(tmp_path)
     assert "gates_by_class.png" in [p.name for p in paths]
     assert "## Gates per class" in (tmp_path / "summary.md").read_text()
 
 
 def test_transform_shows_gates(tmp_path):
-    res = CliRunner().invoke(app, ["transform", "examples/transformer_lm.py", "--input-shape",
-                                   "2,16", "--pipeline", "dfq", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "transform",
+            "examples/transformer_lm.py",
+            "--input-shape",
+            "2,16",
+            "--pipeline",
+            "dfq",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "self.frac_gates('region0'" in (tmp_path / "transformed.py").read_text()

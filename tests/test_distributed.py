@@ -31,20 +31,19 @@ ITERS = 6
 
 
 def _data(batch=BATCH):
-    return ClassificationData.from_source("bundled", batch_size=batch, train_limit=128,
-                                          test_limit=16, seed=0)
+    return ClassificationData.from_source("bundled", batch_size=batch, train_limit=128, test_limit=16, seed=0)
 
 
 def _model(pipeline="default", prec=(8, 8, 8)):
     torch.manual_seed(0)
     a, w, g = prec
-    return fraccompile.compile(FunctionalNet(), torch.zeros(BATCH, 3, 32, 32),
-                               FracConfig(a=a, w=w, g=g, pipeline=pipeline))
+    return fraccompile.compile(
+        FunctionalNet(), torch.zeros(BATCH, 3, 32, 32), FracConfig(a=a, w=w, g=g, pipeline=pipeline)
+    )
 
 
 def _fit(model, data, **kw):
-    kw = {"iters": ITERS, "eval_every": 2, "lr": 0.05, "progress": False, "deterministic": True,
-          **kw}
+    kw = {"iters": ITERS, "eval_every": 2, "lr": 0.05, "progress": False, "deterministic": True, **kw}
     return fit(model, data, **kw)
 
 
@@ -69,13 +68,21 @@ def _agreement(rank, out: Path):
 
     m = _model()
     r = _fit(m, _data(), schedule=PFQ((4, 6, 8), (6, 8, 8), eval_every=1, eps=0.5, window=2))
-    seen["pfq"] = {"params": _params(m), "events": r.events, "periods": r.periods,
-                   "precision": m.precision.state_dict()}
+    seen["pfq"] = {
+        "params": _params(m),
+        "events": r.events,
+        "periods": r.periods,
+        "precision": m.precision.state_dict(),
+    }
 
     m = _model(pipeline="dfq")
     r = _fit(m, _data(), schedule=FracTrain(0.02, 0.01, eval_every=1, eps=0.5))
-    seen["fractrain"] = {"params": _params(m), "events": r.events, "periods": r.periods,
-                         "target": m.frac_schedule.target_cp}
+    seen["fractrain"] = {
+        "params": _params(m),
+        "events": r.events,
+        "periods": r.periods,
+        "target": m.frac_schedule.target_cp,
+    }
 
     # a batch of each process's own: the range each site sees alone, and the one it quantizes with
     x = torch.randn(4, 3, 32, 32) * (1 + 3 * rank) + rank
@@ -84,14 +91,18 @@ def _agreement(rank, out: Path):
         ctx = distributed.setup() if agreed else distributed.Context()
         with distributed.agreed_ranges(ctx):
             m(x)
-        seen[key] = {op.site: op.act_range.range.clone() for op in m.modules()
-                     if isinstance(op, FracOp) and bool(op.act_range.initialized)}
+        seen[key] = {
+            op.site: op.act_range.range.clone()
+            for op in m.modules()
+            if isinstance(op, FracOp) and bool(op.act_range.initialized)
+        }
     torch.save(seen, out / f"agreement{rank}.pt")
 
 
 def _run_full(rank, out: Path):
-    _fit(_model(), _data(), schedule=PFQ((4, 8), (8, 8), eval_every=1, eps=0.5, window=2),
-         out_dir=out / "full")
+    _fit(
+        _model(), _data(), schedule=PFQ((4, 8), (8, 8), eval_every=1, eps=0.5, window=2), out_dir=out / "full"
+    )
 
 
 class _DiesAt:
@@ -117,44 +128,68 @@ class _DiesAt:
 
 def _run_dies(rank, out: Path):
     try:
-        _fit(_model(), _DiesAt(_data(), rank=1, at=4),
-             schedule=PFQ((4, 8), (8, 8), eval_every=1, eps=0.5, window=2), out_dir=out / "split")
+        _fit(
+            _model(),
+            _DiesAt(_data(), rank=1, at=4),
+            schedule=PFQ((4, 8), (8, 8), eval_every=1, eps=0.5, window=2),
+            out_dir=out / "split",
+        )
     except Exception as e:  # noqa: BLE001 - recorded for the test process
         (out / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
 
 
 def _run_resume(rank, out: Path):
-    _fit(_model(), _data(), schedule=PFQ((4, 8), (8, 8), eval_every=1, eps=0.5, window=2),
-         out_dir=out / "split", resume=out / "split" / "checkpoint.pt")
+    _fit(
+        _model(),
+        _data(),
+        schedule=PFQ((4, 8), (8, 8), eval_every=1, eps=0.5, window=2),
+        out_dir=out / "split",
+        resume=out / "split" / "checkpoint.pt",
+    )
 
 
 def _run_fsdp(rank, out: Path):
     seen = {}
     for mode in ("ddp", "fsdp"):
         m = _model()
-        _fit(m, _data(), schedule=Static(8, 8, 8), distributed=mode, iters=4,
-             out_dir=out / mode)
+        _fit(m, _data(), schedule=Static(8, 8, 8), distributed=mode, iters=4, out_dir=out / mode)
         seen[mode] = load_checkpoint(out / mode / "checkpoint.pt")["model"] if rank == 0 else None
     m = _model()
-    _fit(m, _data(), schedule=Static(8, 8, 8), distributed="fsdp", iters=4, stop_at=2,
-         out_dir=out / "half")
+    _fit(m, _data(), schedule=Static(8, 8, 8), distributed="fsdp", iters=4, stop_at=2, out_dir=out / "half")
     m = _model()
-    _fit(m, _data(), schedule=Static(8, 8, 8), distributed="fsdp", iters=4, out_dir=out / "half",
-         resume=out / "half" / "checkpoint.pt")
+    _fit(
+        m,
+        _data(),
+        schedule=Static(8, 8, 8),
+        distributed="fsdp",
+        iters=4,
+        out_dir=out / "half",
+        resume=out / "half" / "checkpoint.pt",
+    )
     if rank == 0:
         seen["resumed"] = load_checkpoint(out / "half" / "checkpoint.pt")["model"]
         torch.save(seen, out / "fsdp.pt")
 
 
-SCENARIOS = {"agreement": [_agreement, _run_full], "dies": [_run_dies],
-             "resume": [_run_resume], "fsdp": [_run_fsdp]}
+SCENARIOS = {
+    "agreement": [_agreement, _run_full],
+    "dies": [_run_dies],
+    "resume": [_run_resume],
+    "fsdp": [_run_fsdp],
+}
 
 
 def _worker(rank: int, port: int, out: str, scenario: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(WORLD),
+    )
     try:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         for step in SCENARIOS[scenario]:
@@ -223,10 +258,10 @@ def test_both_processes_take_the_same_precisions_and_keep_the_same_weights(agree
         assert a[key]["params"].keys() == b[key]["params"].keys()
         for k in a[key]["params"]:
             assert torch.equal(a[key]["params"][k], b[key]["params"][k]), (key, k)
-        strip = [{k: v for k, v in p.items() if k not in ("wall", "step_ms")}
-                 for p in a[key]["periods"]]
-        assert strip == [{k: v for k, v in p.items() if k not in ("wall", "step_ms")}
-                         for p in b[key]["periods"]], key
+        strip = [{k: v for k, v in p.items() if k not in ("wall", "step_ms")} for p in a[key]["periods"]]
+        assert strip == [
+            {k: v for k, v in p.items() if k not in ("wall", "step_ms")} for p in b[key]["periods"]
+        ], key
     assert a["pfq"]["events"], "PFQ should switch precision in this run"
     assert a["pfq"]["events"] == b["pfq"]["events"]
     assert a["pfq"]["precision"] == b["pfq"]["precision"]
@@ -248,9 +283,15 @@ def test_activation_ranges_are_the_range_over_every_process(agreement):
     for site in a["agreed"]:
         assert torch.equal(a["agreed"][site], b["agreed"][site]), site
         assert not torch.equal(a["own"][site], b["own"][site]), site
-    union = {site: torch.stack([torch.minimum(a["own"][site][0], b["own"][site][0]),
-                                torch.maximum(a["own"][site][1], b["own"][site][1])])
-             for site in a["own"]}
+    union = {
+        site: torch.stack(
+            [
+                torch.minimum(a["own"][site][0], b["own"][site][0]),
+                torch.maximum(a["own"][site][1], b["own"][site][1]),
+            ]
+        )
+        for site in a["own"]
+    }
     assert any(torch.equal(a["agreed"][site], union[site]) for site in union)
 
 
@@ -279,16 +320,27 @@ def test_a_dying_process_ends_the_run_and_a_resume_matches_the_uninterrupted_run
     a, b = _log(out / "full"), _log(out / "split")
     assert a[0]["world_size"] == b[0]["world_size"] == WORLD
     drop = ("wall", "step_ms", "time")
-    same = [[{k: v for k, v in r.items() if k not in drop} for r in log
-             if r["event"] in ("period", "turning_point")] for log in (a, b)]
+    same = [
+        [
+            {k: v for k, v in r.items() if k not in drop}
+            for r in log
+            if r["event"] in ("period", "turning_point")
+        ]
+        for log in (a, b)
+    ]
     assert same[0] == same[1]
 
 
 def test_resume_on_another_number_of_processes_is_refused(agreement, tmp_path):
     out, _ = agreement
     with pytest.raises(fraccompile.FracCompileError, match="written by a run of 2 process"):
-        _fit(_model(), _data(), schedule=PFQ((4, 8), (8, 8), eval_every=1, eps=0.5, window=2),
-             out_dir=tmp_path, resume=out / "full" / "checkpoint.pt")
+        _fit(
+            _model(),
+            _data(),
+            schedule=PFQ((4, 8), (8, 8), eval_every=1, eps=0.5, window=2),
+            out_dir=tmp_path,
+            resume=out / "full" / "checkpoint.pt",
+        )
 
 
 @pytest.mark.slow
@@ -350,10 +402,32 @@ def test_cli_nproc_per_node_a_dying_process_and_resume(tmp_path, monkeypatch):
     (tmp_path / "net.py").write_text(KILLER_MODEL)
     FracConfig(leaf_modules=("Killer",)).save(tmp_path / "cfg.toml")
     out = tmp_path / "run"
-    args = ["train", f"{tmp_path / 'net.py'}:Net", "--config", str(tmp_path / "cfg.toml"),
-            "--schedule", "static", "--fw", "8", "--bw", "8", "--iters", "10", "--eval-every",
-            "2", "--batch-size", "8", "--train-limit", "64", "--test-limit", "8",
-            "--nproc-per-node", "2", "--out", str(out)]
+    args = [
+        "train",
+        f"{tmp_path / 'net.py'}:Net",
+        "--config",
+        str(tmp_path / "cfg.toml"),
+        "--schedule",
+        "static",
+        "--fw",
+        "8",
+        "--bw",
+        "8",
+        "--iters",
+        "10",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "8",
+        "--train-limit",
+        "64",
+        "--test-limit",
+        "8",
+        "--nproc-per-node",
+        "2",
+        "--out",
+        str(out),
+    ]
     monkeypatch.setenv("KILL_RANK", "1")
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output

@@ -133,8 +133,7 @@ def test_resnet18_forward_and_structure():
 
 def count_matmuls(gm: torch.fx.GraphModule) -> int:
     return sum(
-        n.op == "call_function" and n.target in (torch.matmul, operator.matmul)
-        for n in gm.graph.nodes
+        n.op == "call_function" and n.target in (torch.matmul, operator.matmul) for n in gm.graph.nodes
     )
 
 
@@ -203,8 +202,9 @@ TRACEABLE = [
 ]
 
 
-@pytest.mark.parametrize("factory, args", TRACEABLE,
-                         ids=[f.__module__.rsplit(".", 1)[-1] for f, _ in TRACEABLE])
+@pytest.mark.parametrize(
+    "factory, args", TRACEABLE, ids=[f.__module__.rsplit(".", 1)[-1] for f, _ in TRACEABLE]
+)
 def test_fx_traces_plain_models(factory, args):
     model = factory().eval()
     gm = torch.fx.symbolic_trace(model)

@@ -47,8 +47,7 @@ def _per_sample(t: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
 def _dense_gate_grad(op, x, w, onehot, dy):
     """dL/d onehot of the dense mixture, L = <dy, y>, by autograd."""
     onehot = onehot.clone().requires_grad_(True)
-    y = sum(_per_sample(x, onehot[:, k]) * op(quantize_at(x, bits), w)
-            for k, bits in enumerate(CANDIDATES))
+    y = sum(_per_sample(x, onehot[:, k]) * op(quantize_at(x, bits), w) for k, bits in enumerate(CANDIDATES))
     (y * dy).sum().backward()
     return onehot.grad
 
@@ -93,8 +92,7 @@ def test_softmax_backward_cancels_the_constant(op_name):
     op, x, w, choice, onehot, dy = _setup(op_name)
     dense = _dense_gate_grad(op, x, w, onehot, dy)
     _, _, routed, _ = _routed(op, x, w, choice, onehot, dy)
-    logits = torch.randn(onehot.shape, generator=torch.Generator().manual_seed(1),
-                         dtype=torch.float64)
+    logits = torch.randn(onehot.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = []
     for g in (dense, routed):
         z = logits.clone().requires_grad_(True)

@@ -25,8 +25,9 @@ def _step(model, x):
     out.square().sum().backward()
     params = dict(model.named_parameters())
     zero = torch.zeros(())
-    return out.detach(), [zero if params[k].grad is None else params[k].grad
-                          for k in sorted(params)]  # by name: the compiled order differs
+    return out.detach(), [
+        zero if params[k].grad is None else params[k].grad for k in sorted(params)
+    ]  # by name: the compiled order differs
 
 
 def _equal_at_precision_0(model, x, capture="auto"):
@@ -86,8 +87,9 @@ def test_sdpa_is_two_matmul_sites(case, capture):
     kw = {k_: v_ for k_, v_ in SDPA_CASES[case].items() if k_ not in ("mask", "kv_heads")}
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
     mm = lambda a, b, p: a @ b  # noqa: E731
-    got = sdpa_reference(mm, mm, q, k, v, mask, 0.0, kw.get("is_causal", False),
-                         kw.get("scale"), False, None, None)
+    got = sdpa_reference(
+        mm, mm, q, k, v, mask, 0.0, kw.get("is_causal", False), kw.get("scale"), False, None, None
+    )
     assert torch.allclose(ref, got, atol=1e-5)
     fm.precision.set(a=8, w=8, g=8)
     out, grads = _step(fm, x)
@@ -124,8 +126,7 @@ class Gemms(nn.Module):
         return torch.einsum("bij,bkj->bj", h, x)  # sums i and k apart: not one GEMM, fp32
 
 
-@pytest.mark.parametrize("capture", [
-"fx", "export"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
 def test_addmm_baddbmm_einsum_sites(capture):
     torch.manual_seed(0)
     model, x = Gemms(), torch.randn(2, 5, 16)
@@ -152,10 +153,9 @@ def test_sites_alone_are_exact(op):
             if op == "addmm":
                 return torch.addmm(self.bias, x.reshape(-1, C), self.weight)
             if op == "einsum":
-                return torch.einsum("btd,bsd->bts", x, x) + torch.einsum("btd,de->bte", x,
-                                                                         self.weight).sum()
-            return torch.baddbmm(x, torch.einsum("btd,bsd->bts", x, x).softmax(-1), x, beta=0.5,
-                                 alpha=2.0)
+                return torch.einsum("btd,bsd->bts", x, x) + torch.einsum("btd,de->bte", x, self.weight).sum()
+            return torch.baddbmm(x, torch.einsum("btd,bsd->bts", x, x).softmax(-1), x, beta=0.5, alpha=2.0)
+
     torch.manual_seed(0)
     for capture in ("fx", "export"):
         fm = _equal_at_precision_0(One(), torch.randn(2, 5, 16), capture)
@@ -209,9 +209,11 @@ def test_multihead_attention_becomes_sites(batch_first, kdim):
     kpm[1, -2:] = True
     fm = _equal_at_precision_0(copy.deepcopy(model), (x, kv, kpm), "fx")
     assert [s.name for s in fm.sites if s.name.startswith("attn")] == [
-        f"attn.{p}" for p in ("q", "k", "v", "qk", "av", "out")]
+        f"attn.{p}" for p in ("q", "k", "v", "qk", "av", "out")
+    ]
     assert set(fm.state_dict()) == set(model.state_dict()) | {
-        k for k in fm.state_dict() if ".act_range." in k or ".rhs_range." in k}
+        k for k in fm.state_dict() if ".act_range." in k or ".rhs_range." in k
+    }
     # the rewrite at full precision equals the module (to fp32 rounding): its semantics
     site = fm.get_submodule("frac_sites.attn")
     got = site(x, kv, kv, kpm, True, None, True, False, *[(0, 0, 1)] * 6)
@@ -282,6 +284,7 @@ def test_coverage_lists_gemms_inside_opaque_calls():
     assert "not traced through" in reasons["_wrapped_proj"]
     assert "full precision" in reasons["linear"]  # fc: @last_linear
     from fraccompile.report import coverage_markdown
+
     table = coverage_markdown(fm)
     assert table.count("\n- ") == len(fm.fp32_ops) - 1 and "inside leaf module" in table
 
@@ -424,7 +427,8 @@ def test_eval_mode_export_runs_the_graph_captured_in_eval_mode():
     fm.train()
     assert not torch.equal(fm(x), fm(x))  # dropout is back
     assert set(fm.state_dict()) - set(model.state_dict()) == {
-        k for k in fm.state_dict() if ".act_range." in k}
+        k for k in fm.state_dict() if ".act_range." in k
+    }
 
 
 class TokenModel(nn.Module):

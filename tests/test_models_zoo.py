@@ -36,14 +36,28 @@ def _hf(name, dropout=0.1):
     else:
         small.update(dropout_rate=dropout)
     if name == "gpt2":
-        return _Wrap(tr.GPT2LMHeadModel(tr.GPT2Config(n_embd=32, n_layer=2, n_head=4,
-                                                      n_positions=64, **small)))
+        return _Wrap(
+            tr.GPT2LMHeadModel(tr.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **small))
+        )
     if name == "bert":
-        return _Wrap(tr.BertModel(tr.BertConfig(hidden_size=32, num_hidden_layers=2,
-                                                num_attention_heads=4, intermediate_size=64,
-                                                max_position_embeddings=64, **small)))
-    return _Wrap(tr.T5Model(tr.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                        num_decoder_layers=1, num_heads=4, **small)), True)
+        return _Wrap(
+            tr.BertModel(
+                tr.BertConfig(
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                    max_position_embeddings=64,
+                    **small,
+                )
+            )
+        )
+    return _Wrap(
+        tr.T5Model(
+            tr.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4, **small)
+        ),
+        True,
+    )
 
 
 def _compiled(name, dropout):

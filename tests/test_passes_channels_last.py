@@ -31,11 +31,13 @@ X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
 def test_kept_conv_reads_channels_last(monkeypatch):
     cfg = FracConfig(backend=register_capable(monkeypatch))
     gm = graph(seeded(Before), X, passes=PASSES, config=cfg)
-    (FileCheck()
-     .check("contiguous = x.contiguous(memory_format = torch.channels_last)")
-     .check_next("stem = self.stem(contiguous)")
-     .check("conv = self.conv(relu, prec_conv)")
-     .run(gm.code))
+    (
+        FileCheck()
+        .check("contiguous = x.contiguous(memory_format = torch.channels_last)")
+        .check_next("stem = self.stem(contiguous)")
+        .check("conv = self.conv(relu, prec_conv)")
+        .run(gm.code)
+    )
     FileCheck().check_count(".contiguous(", 1, exactly=True).run(gm.code)
     node = next(n for n in gm.graph.nodes if n.name == "contiguous")
     assert tuple(node.meta[TENSOR_META].shape) == tuple(X.shape)  # shapes still propagate

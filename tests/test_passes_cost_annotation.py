@@ -45,7 +45,12 @@ def test_graph_is_unchanged_and_macs_are_filled_in():
     gm = graph(seeded(Before), X, passes=["quantize-insertion"])
     code = gm.code
     assert {name: i.macs for name, i in _infos(gm).items()} == {
-        "stem": 0, "dw": 0, "shared": 0, "matmul": 0, "head": 0}
+        "stem": 0,
+        "dw": 0,
+        "shared": 0,
+        "matmul": 0,
+        "head": 0,
+    }
     result = get_pass("cost-annotation").run(gm)
     assert not result.modified and result.graph_module.code == code
     # out elements x (Cin/groups x kh x kw); linear: out elements x in features; matmul: x K
@@ -67,8 +72,14 @@ class Attention(nn.Module):
 def test_composite_parts_get_their_own_macs():
     q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 6, 8)
     v = torch.randn(2, 3, 6, 5)
-    gm = graph(Attention(), q, k, v, passes=["quantize-insertion", "cost-annotation"],
-               config=FracConfig(full_precision=()))
+    gm = graph(
+        Attention(),
+        q,
+        k,
+        v,
+        passes=["quantize-insertion", "cost-annotation"],
+        config=FracConfig(full_precision=()),
+    )
     macs = {name: i.macs for name, i in _infos(gm).items()}
     assert macs == {"sdpa.qk": 2 * 3 * 4 * 6 * 8, "sdpa.av": 2 * 3 * 4 * 5 * 6}
 

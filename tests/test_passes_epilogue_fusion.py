@@ -44,15 +44,17 @@ def _fused(monkeypatch, recompute):
 
 def test_activation_after_a_site_becomes_its_epilogue(monkeypatch):
     gm = _fused(monkeypatch, "activations")
-    (FileCheck()
-     .check("stem = self.stem(x)")
-     .check_next("masked_relu = fraccompile_ops_functions_masked_relu(stem)")  # not after a site
-     .check("conv = self.conv(masked_relu, prec_conv)")
-     .check_next("bn = self.bn(conv)")  # recompute="activations": the norm stays
-     .check_next("masked_relu_1 = fraccompile_ops_functions_masked_relu(bn)")
-     .check("fc = self.fc(mean, prec_fc)")
-     .check_next("head = self.head(fc)")  # the GELU is the fc site's epilogue
-     .run(gm.code))
+    (
+        FileCheck()
+        .check("stem = self.stem(x)")
+        .check_next("masked_relu = fraccompile_ops_functions_masked_relu(stem)")  # not after a site
+        .check("conv = self.conv(masked_relu, prec_conv)")
+        .check_next("bn = self.bn(conv)")  # recompute="activations": the norm stays
+        .check_next("masked_relu_1 = fraccompile_ops_functions_masked_relu(bn)")
+        .check("fc = self.fc(mean, prec_fc)")
+        .check_next("head = self.head(fc)")  # the GELU is the fc site's epilogue
+        .run(gm.code)
+    )
     FileCheck().check_not("gelu").check_not("torch.relu").run(gm.code)
     assert gm.fc.epilogue is not None and gm.conv.epilogue is None
     fc = next(n for n in gm.graph.nodes if n.name == "fc")
@@ -61,10 +63,12 @@ def test_activation_after_a_site_becomes_its_epilogue(monkeypatch):
 
 def test_with_norms_the_batchnorm_joins_the_epilogue(monkeypatch):
     gm = _fused(monkeypatch, "norms")
-    (FileCheck()
-     .check("conv = self.conv(masked_relu, prec_conv)")
-     .check_next("mean = conv.mean((2, 3))")
-     .run(gm.code))
+    (
+        FileCheck()
+        .check("conv = self.conv(masked_relu, prec_conv)")
+        .check_next("mean = conv.mean((2, 3))")
+        .run(gm.code)
+    )
     FileCheck().check_not("self.bn(").run(gm.code)
     assert isinstance(gm.conv, FracOp) and gm.conv.epilogue_norm is not None
     assert gm.conv.epilogue_norm_path == "bn"

@@ -44,23 +44,27 @@ UPSTREAM = ["quantize-insertion", "region-discovery"]
 
 def test_expected_graph():
     gm = graph(seeded(Before), X, passes=[*UPSTREAM, "gating-insertion"])
-    (FileCheck()
-     .check("relu = torch.relu(stem)")
-     .check_next("gate_region0 = self.frac_gates('region0', relu, None)")
-     .check_next("prec_block_conv1 = self.frac_precision('block.conv1', gate_region0)")
-     .check("prec_block_conv2 = self.frac_precision('block.conv2', gate_region0)")
-     .check("mean = relu_2.mean((2, 3))")
-     .check_next("gate_region1 = self.frac_gates('region1', mean, gate_region0)")
-     .check_next("prec_fc = self.frac_precision('fc', gate_region1)")
-     .run(gm.code))
+    (
+        FileCheck()
+        .check("relu = torch.relu(stem)")
+        .check_next("gate_region0 = self.frac_gates('region0', relu, None)")
+        .check_next("prec_block_conv1 = self.frac_precision('block.conv1', gate_region0)")
+        .check("prec_block_conv2 = self.frac_precision('block.conv2', gate_region0)")
+        .check("mean = relu_2.mean((2, 3))")
+        .check_next("gate_region1 = self.frac_gates('region1', mean, gate_region0)")
+        .check_next("prec_fc = self.frac_precision('fc', gate_region1)")
+        .run(gm.code)
+    )
     FileCheck().check_count("self.frac_gates(", 2, exactly=True).run(gm.code)
     gates = [n for n in gm.graph.nodes if META_GATE in n.meta]
-    assert [(g.name, g.meta[META_GATE]) for g in gates] == [("gate_region0", "region0"),
-                                                           ("gate_region1", "region1")]
-    precs = {n.meta[META_PRECISION_NODE]: n.args[1].name for n in gm.graph.nodes
-             if META_PRECISION_NODE in n.meta}
-    assert precs == {"block.conv1": "gate_region0", "block.conv2": "gate_region0",
-                     "fc": "gate_region1"}
+    assert [(g.name, g.meta[META_GATE]) for g in gates] == [
+        ("gate_region0", "region0"),
+        ("gate_region1", "region1"),
+    ]
+    precs = {
+        n.meta[META_PRECISION_NODE]: n.args[1].name for n in gm.graph.nodes if META_PRECISION_NODE in n.meta
+    }
+    assert precs == {"block.conv1": "gate_region0", "block.conv2": "gate_region0", "fc": "gate_region1"}
 
 
 def test_gate_bank_reads_each_region_entry():

@@ -64,8 +64,7 @@ def test_cost_only_pipeline_is_gone():
     """It ran cost-annotation alone, which needs quantize-insertion's sites: `.sites` and
     `.cost()` failed on its result. The names offered are the pipelines that exist."""
     assert "cost-only" not in PIPELINES
-    with pytest.raises(PassError, match="unknown pipeline 'cost-only': valid pipelines are "
-                                        "default, dfq"):
+    with pytest.raises(PassError, match="unknown pipeline 'cost-only': valid pipelines are default, dfq"):
         fraccompile.compile(Net(), X, pipeline="cost-only")
 
 
@@ -110,12 +109,20 @@ def _meta_literal_uses(path: pathlib.Path) -> list[str]:
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         key = None
-        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
-                and node.value.attr == "meta":
+        if (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "meta"
+        ):
             key = node.slice
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                and node.func.attr in ("get", "pop", "setdefault") and node.args \
-                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "meta":
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("get", "pop", "setdefault")
+            and node.args
+            and isinstance(node.func.value, ast.Attribute)
+            and node.func.value.attr == "meta"
+        ):
             key = node.args[0]
         if isinstance(key, ast.Constant) and isinstance(key.value, str):
             out.append(f"{path.name}:{node.lineno}: {key.value!r}")
@@ -125,9 +132,14 @@ def _meta_literal_uses(path: pathlib.Path) -> list[str]:
 def test_meta_keys_have_one_owner():
     """The passes, capture, compile, the model and the report name every meta key through
     fraccompile.meta_keys (no string literal), and no pass module defines a key of its own."""
-    files = [*sorted((PACKAGE / "passes").glob("*.py")), PACKAGE / "capture.py",
-             PACKAGE / "capture_modes.py", PACKAGE / "api.py", PACKAGE / "model.py",
-             PACKAGE / "report.py"]
+    files = [
+        *sorted((PACKAGE / "passes").glob("*.py")),
+        PACKAGE / "capture.py",
+        PACKAGE / "capture_modes.py",
+        PACKAGE / "api.py",
+        PACKAGE / "model.py",
+        PACKAGE / "report.py",
+    ]
     uses = [u for f in files for u in _meta_literal_uses(f)]
     assert uses == []
     values = [v for k, v in vars(mk).items() if k.isupper() and isinstance(v, str)]

@@ -46,17 +46,19 @@ def after(config=None):
 
 def test_expected_graph():
     gm = after()
-    (FileCheck()
-     .check("stem = self.stem(x)")  # kept in fp32 (@first_conv): no precision node
-     .check("prec_conv = self.frac_precision('conv')")
-     .check("conv = self.conv(relu, prec_conv)")  # the module becomes a FracOp in place
-     .check("prec_linear = self.frac_precision('linear')")
-     .check("linear_site = self.frac_sites.linear(mean, w, prec_linear)")
-     .check("prec_matmul = self.frac_precision('matmul')")
-     .check("matmul_site = self.frac_sites.matmul(unsqueeze, unsqueeze_1, prec_matmul)")
-     .check("head = self.head(")  # kept in fp32 (@last_linear)
-     .check_not("frac_precision")
-     .run(gm.code))
+    (
+        FileCheck()
+        .check("stem = self.stem(x)")  # kept in fp32 (@first_conv): no precision node
+        .check("prec_conv = self.frac_precision('conv')")
+        .check("conv = self.conv(relu, prec_conv)")  # the module becomes a FracOp in place
+        .check("prec_linear = self.frac_precision('linear')")
+        .check("linear_site = self.frac_sites.linear(mean, w, prec_linear)")
+        .check("prec_matmul = self.frac_precision('matmul')")
+        .check("matmul_site = self.frac_sites.matmul(unsqueeze, unsqueeze_1, prec_matmul)")
+        .check("head = self.head(")  # kept in fp32 (@last_linear)
+        .check_not("frac_precision")
+        .run(gm.code)
+    )
     FileCheck().check_count("self.frac_precision(", 3, exactly=True).run(gm.code)
     FileCheck().check_not("torch.matmul(").check_not("linear(mean, w)").run(gm.code)
 
@@ -87,7 +89,9 @@ def test_metadata():
     assert nodes["head"].meta[META_FP_LAYER].name == "head"
     kept = "kept in full precision (FracConfig.full_precision)"
     assert [(o.node, o.op, o.reason) for o in gm.meta[GM_FP32_OPS]] == [
-        ("stem", "conv2d s=1,1", kept), ("head", "linear", kept)]
+        ("stem", "conv2d s=1,1", kept),
+        ("head", "linear", kept),
+    ]
 
 
 def test_at_precision_zero_the_graph_computes_the_original():
@@ -111,19 +115,20 @@ class Composite(nn.Module):
 
 def test_composite_site_has_one_precision_node_per_part():
     q = torch.randn(2, 3, 4, 8)
-    gm = graph(Composite(), q, q, q, passes=["quantize-insertion"],
-               config=FracConfig(full_precision=()))
-    (FileCheck()
-     .check("prec_sdpa_qk = self.frac_precision('sdpa.qk')")
-     .check("prec_sdpa_av = self.frac_precision('sdpa.av')")
-     .check("self.frac_sites.sdpa(q, k, v, None, 0.0, False, None, False, prec_sdpa_qk, "
-            "prec_sdpa_av)")
-     .check_not("scaled_dot_product_attention")
-     .run(gm.code))
+    gm = graph(Composite(), q, q, q, passes=["quantize-insertion"], config=FracConfig(full_precision=()))
+    (
+        FileCheck()
+        .check("prec_sdpa_qk = self.frac_precision('sdpa.qk')")
+        .check("prec_sdpa_av = self.frac_precision('sdpa.av')")
+        .check("self.frac_sites.sdpa(q, k, v, None, 0.0, False, None, False, prec_sdpa_qk, prec_sdpa_av)")
+        .check_not("scaled_dot_product_attention")
+        .run(gm.code)
+    )
     (node,) = [n for n in gm.graph.nodes if META_SITE_PARTS in n.meta]
     assert [(i.name, s) for i, s in node.meta[META_SITE_PARTS]] == [
         ("sdpa.qk", ((2, 3, 4, 8), (2, 3, 8, 4), (2, 3, 4, 4))),
-        ("sdpa.av", ((2, 3, 4, 4), (2, 3, 4, 8), (2, 3, 4, 8)))]
+        ("sdpa.av", ((2, 3, 4, 4), (2, 3, 4, 8), (2, 3, 4, 8))),
+    ]
 
 
 class Vector(nn.Module):

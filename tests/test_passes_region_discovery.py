@@ -50,13 +50,24 @@ def test_expected_regions_and_tags():
     result = get_pass("region-discovery").run(gm)
     assert not result.modified and gm.code == code
     assert gm.meta[GM_REGIONS] == [
-        Region("region0", "residual", entry="relu", exit="add",
-               sites=["block.conv1", "block.conv2"], skippable=True),
+        Region(
+            "region0",
+            "residual",
+            entry="relu",
+            exit="add",
+            sites=["block.conv1", "block.conv2"],
+            skippable=True,
+        ),
         Region("region1", "site", entry="mean", exit="fc", sites=["fc"]),
     ]
     tags = {n.name: n.meta[META_REGION] for n in gm.graph.nodes if META_REGION in n.meta}
-    assert tags == {"block_conv1": "region0", "relu_1": "region0", "block_conv2": "region0",
-                    "add": "region0", "fc": "region1"}
+    assert tags == {
+        "block_conv1": "region0",
+        "relu_1": "region0",
+        "block_conv2": "region0",
+        "add": "region0",
+        "fc": "region1",
+    }
 
 
 def regions_of(model, x):
@@ -75,8 +86,7 @@ def test_resnet20_has_one_region_per_block():
     assert sum(len(r.sites) for r in regions) == 20  # every site is in exactly one region
 
 
-@pytest.mark.parametrize("factory, blocks", [(resnet_cifar.resnet38, 18),
-                                             (resnet_cifar.resnet74, 36)])
+@pytest.mark.parametrize("factory, blocks", [(resnet_cifar.resnet38, 18), (resnet_cifar.resnet74, 36)])
 def test_deeper_cifar_resnets(factory, blocks):
     regions = regions_of(factory(), torch.randn(2, 3, 32, 32))
     assert len(regions) == blocks and all(r.kind == "residual" for r in regions)
@@ -90,9 +100,16 @@ def test_resnet18_regions():
 def test_transformer_sublayers_are_regions():
     regions = regions_of(transformer_lm.model(), torch.zeros(2, 8, dtype=torch.long))
     assert [r.sites for r in regions[:2]] == [
-        ["blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v", "blocks.0.attn.matmul",
-         "blocks.0.attn.matmul_1", "blocks.0.attn.proj"],
-        ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]]
+        [
+            "blocks.0.attn.q",
+            "blocks.0.attn.k",
+            "blocks.0.attn.v",
+            "blocks.0.attn.matmul",
+            "blocks.0.attn.matmul_1",
+            "blocks.0.attn.proj",
+        ],
+        ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"],
+    ]
     assert len(regions) == 4 and all(r.kind == "residual" and r.skippable for r in regions)
 
 
@@ -107,7 +124,10 @@ def test_mobilenetv2_residual_blocks_and_lone_layers():
 def test_functional_model_has_only_lone_sites():
     regions = regions_of(functional_model.model(), torch.randn(2, 3, 32, 32))
     assert [(r.kind, r.sites) for r in regions] == [
-        ("site", ["conv2d_1"]), ("site", ["conv2d_2"]), ("site", ["linear"])]
+        ("site", ["conv2d_1"]),
+        ("site", ["conv2d_2"]),
+        ("site", ["linear"]),
+    ]
 
 
 def test_region_meta_tags_the_nodes():

@@ -26,11 +26,20 @@ def _write(run_dir: Path, records: list, tail: str = "") -> Path:
 
 
 def _start(schedule: str, kind: str, iters: int = 100) -> dict:
-    return {"event": "start", "time": 1.7e9, "model": "resnet20", "schedule": schedule,
-            "schedule_kind": kind, "config": {"a": 8}, "iters": iters, "eval_every": 10,
-            "batch_size": 128,
-            "sites": [{"name": "conv", "macs": 1_000_000, "full_precision": False}],
-            "cost_per_step": {"fp32": FP32_STEP, "sbm": SBM_STEP}, "future_key": [1, 2]}
+    return {
+        "event": "start",
+        "time": 1.7e9,
+        "model": "resnet20",
+        "schedule": schedule,
+        "schedule_kind": kind,
+        "config": {"a": 8},
+        "iters": iters,
+        "eval_every": 10,
+        "batch_size": 128,
+        "sites": [{"name": "conv", "macs": 1_000_000, "full_precision": False}],
+        "cost_per_step": {"fp32": FP32_STEP, "sbm": SBM_STEP},
+        "future_key": [1, 2],
+    }
 
 
 def _run(iters: int, bits_at, accs, end: bool = True, step_cost=None) -> list[dict]:
@@ -39,16 +48,39 @@ def _run(iters: int, bits_at, accs, end: bool = True, step_cost=None) -> list[di
     for k, i in enumerate(range(10, iters + 1, 10)):
         a, g = bits_at(i)
         cum += 10 * FP32_STEP * (a * a + g * a + a * g) / (3 * 32 * 32)
-        recs.append({"event": "period", "iter": i, "epoch": i / 50, "lr": 0.1,
-                     "train_loss": 2.0 / (k + 1), "train_acc": None, "test_loss": 2.2 / (k + 1),
-                     "test_acc": accs[k], "precision": {"a": a, "w": a, "g": g}, "cp": 0.1,
-                     "cum_cost": cum, "cum_fp32": i * FP32_STEP, "cum_sbm": i * SBM_STEP,
-                     "wall": float(i), "step_ms": 10.0, "dfq_histogram": {"4": 3}})
+        recs.append(
+            {
+                "event": "period",
+                "iter": i,
+                "epoch": i / 50,
+                "lr": 0.1,
+                "train_loss": 2.0 / (k + 1),
+                "train_acc": None,
+                "test_loss": 2.2 / (k + 1),
+                "test_acc": accs[k],
+                "precision": {"a": a, "w": a, "g": g},
+                "cp": 0.1,
+                "cum_cost": cum,
+                "cum_fp32": i * FP32_STEP,
+                "cum_sbm": i * SBM_STEP,
+                "wall": float(i),
+                "step_ms": 10.0,
+                "dfq_histogram": {"4": 3},
+            }
+        )
     if end:
         last = recs[-1]
-        recs.append({"event": "end", "iter": iters, "test_acc": last["test_acc"],
-                     "cum_cost": last["cum_cost"], "cum_fp32": last["cum_fp32"],
-                     "cum_sbm": last["cum_sbm"], "wall": 100.0})
+        recs.append(
+            {
+                "event": "end",
+                "iter": iters,
+                "test_acc": last["test_acc"],
+                "cum_cost": last["cum_cost"],
+                "cum_fp32": last["cum_fp32"],
+                "cum_sbm": last["cum_sbm"],
+                "wall": 100.0,
+            }
+        )
     return recs
 
 
@@ -62,36 +94,57 @@ def _pfq_bits(i: int) -> tuple[int, int]:
 @pytest.fixture
 def pfq_dir(tmp_path):
     recs = _run(100, _pfq_bits, PFQ_ACCS)
-    tp1 = {"event": "turning_point", "iter": 30, "index": 1, "precision": {"a": 4, "w": 4, "g": 6},
-           "eps": 0.05, "diffs": [0.1, 0.02], "normalizer": 1.5}
+    tp1 = {
+        "event": "turning_point",
+        "iter": 30,
+        "index": 1,
+        "precision": {"a": 4, "w": 4, "g": 6},
+        "eps": 0.05,
+        "diffs": [0.1, 0.02],
+        "normalizer": 1.5,
+    }
     tp2 = dict(tp1, iter=60, index=2, precision={"a": 6, "w": 6, "g": 8}, eps=0.025)
-    recs = recs[:3] + [tp1, {"event": "dfq_block_hist", "iter": 35, "hist": [1, 2]}] + recs[3:6] \
-        + [tp2] + recs[6:]
+    recs = (
+        recs[:3]
+        + [tp1, {"event": "dfq_block_hist", "iter": 35, "hist": [1, 2]}]
+        + recs[3:6]
+        + [tp2]
+        + recs[6:]
+    )
     return _write(tmp_path / "pfq", [_start("PFQ a 3->4->6, g 6->6->8", "pfq")] + recs)
 
 
 @pytest.fixture
 def static_dir(tmp_path):
     accs = [0.3 + 0.06 * k for k in range(10)]
-    return _write(tmp_path / "sbm", [_start("static 8/8/8", "static")]
-                  + _run(100, lambda i: (8, 8), accs))
+    return _write(tmp_path / "sbm", [_start("static 8/8/8", "static")] + _run(100, lambda i: (8, 8), accs))
 
 
 @pytest.fixture
 def unfinished_dir(tmp_path):
     accs = [0.2, 0.4, None, 0.5]
-    return _write(tmp_path / "cpt", [_start("CPT cyclic a 3..8, g 8", "cyclic")]
-                  + _run(40, lambda i: (3 + i % 6, 8), accs, end=False))
+    return _write(
+        tmp_path / "cpt",
+        [_start("CPT cyclic a 3..8, g 8", "cyclic")] + _run(40, lambda i: (3 + i % 6, 8), accs, end=False),
+    )
 
 
 # matplotlib's default line colours, in the order a plot's lines take them, and turning points'
 BLUE, ORANGE, GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)
 TP_RED = (233, 140, 141)  # a thin tab:red line at alpha 0.7 on white, as Agg draws it
 DPI = 120
-SIZES = {"curves.png": (9 * DPI, 6 * DPI), "precision.png": (9 * DPI, 4.5 * DPI),
-         "cost.png": (9 * DPI, 4.5 * DPI), "compare.png": (9 * DPI, 5 * DPI)}
-COLOURS = {"curves.png": (BLUE, ORANGE), "precision.png": (BLUE, ORANGE, GREEN),
-           "cost.png": (BLUE, ORANGE, GREEN), "compare.png": (BLUE, ORANGE, GREEN)}
+SIZES = {
+    "curves.png": (9 * DPI, 6 * DPI),
+    "precision.png": (9 * DPI, 4.5 * DPI),
+    "cost.png": (9 * DPI, 4.5 * DPI),
+    "compare.png": (9 * DPI, 5 * DPI),
+}
+COLOURS = {
+    "curves.png": (BLUE, ORANGE),
+    "precision.png": (BLUE, ORANGE, GREEN),
+    "cost.png": (BLUE, ORANGE, GREEN),
+    "compare.png": (BLUE, ORANGE, GREEN),
+}
 
 
 def _colour_pixels(rgb: Image.Image, colour: tuple[int, int, int], tol: int = 6) -> int:
@@ -143,16 +196,21 @@ def _expected(run_dir: Path) -> dict:
     periods = [r for r in recs if r["event"] == "period"]
     ends = [r for r in recs if r["event"] == "end"]
     last = ends[-1] if ends else periods[-1]
-    final = ends[-1]["test_acc"] if ends else [p["test_acc"] for p in periods
-                                               if p["test_acc"] is not None][-1]
+    final = (
+        ends[-1]["test_acc"] if ends else [p["test_acc"] for p in periods if p["test_acc"] is not None][-1]
+    )
+
     def pct(x: float) -> str:
         return f"{x:.1f}%".replace("-0.0%", "0.0%")
 
     best = max(p["test_acc"] for p in periods if p["test_acc"] is not None)
-    return {"final": f"{100 * final:.2f}%", "best": f"{100 * best:.2f}%",
-            "steps": f"{last['cum_cost'] / FP32_STEP:.1f}",
-            "fp32": pct(100 * (1 - last["cum_cost"] / last["cum_fp32"])),
-            "sbm": pct(100 * (1 - last["cum_cost"] / last["cum_sbm"]))}
+    return {
+        "final": f"{100 * final:.2f}%",
+        "best": f"{100 * best:.2f}%",
+        "steps": f"{last['cum_cost'] / FP32_STEP:.1f}",
+        "fp32": pct(100 * (1 - last["cum_cost"] / last["cum_fp32"])),
+        "sbm": pct(100 * (1 - last["cum_cost"] / last["cum_sbm"])),
+    }
 
 
 def test_read_log_ignores_unknown_events_and_keys(pfq_dir):
@@ -172,8 +230,13 @@ def test_render_report_writes_valid_pngs(pfq_dir, tmp_path):
     images = {p.name: _check_png(p) for p in paths[:3]}
     # the data lines themselves, not only their legend swatches: a = w (blue under orange
     # dashes), g apart from them; the turning points' red dashed lines (alpha 0.7 on white)
-    for name, colour in [("precision.png", ORANGE), ("precision.png", GREEN),
-                         ("curves.png", BLUE), ("cost.png", BLUE), ("cost.png", GREEN)]:
+    for name, colour in [
+        ("precision.png", ORANGE),
+        ("precision.png", GREEN),
+        ("curves.png", BLUE),
+        ("cost.png", BLUE),
+        ("cost.png", GREEN),
+    ]:
         assert _colour_pixels(images[name], colour) > 300, (name, colour)
     for name in ("curves.png", "precision.png", "cost.png"):
         assert _colour_pixels(images[name], TP_RED, tol=25) > 100, name
@@ -246,12 +309,15 @@ def test_empty_log_names_file(tmp_path, text):
         read_log(tmp_path)
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "event"),
-    ('{"iter": 3}', "event"),
-    ('{"event": "period", "iter": "ten"}', "iter"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "event"),
+        ('{"iter": 3}', "event"),
+        ('{"event": "period", "iter": "ten"}', "iter"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, bad, msg):
     recs = _run(30, _pfq_bits, PFQ_ACCS)
     _write(tmp_path, [_start("PFQ", "pfq"), recs[0], bad, recs[1]])
@@ -272,14 +338,26 @@ def test_event_before_start_and_partial_last_line(tmp_path):
 GATE_CANDS = [[3, 6], [4, 6], [4, 8], [6, 8], [6, 12]]
 # per period (iterations 10, 20, 30, 35: the last one is short), per region: candidate shares
 GATE_SHARES = [
-    {"stem": [0.5, 0.3, 0.1, 0.1, 0.0], "layer1.0": [0.2, 0.2, 0.2, 0.2, 0.2],
-     "layer2.0": [0.0, 0.0, 0.25, 0.25, 0.5]},
-    {"stem": [0.6, 0.2, 0.1, 0.1, 0.0], "layer1.0": [0.4, 0.3, 0.2, 0.1, 0.0],
-     "layer2.0": [0.0, 0.1, 0.2, 0.3, 0.4]},
-    {"stem": [0.1, 0.2, 0.3, 0.2, 0.2], "layer1.0": [0.1, 0.1, 0.1, 0.3, 0.4],
-     "layer2.0": [0.05, 0.05, 0.1, 0.2, 0.6]},
-    {"stem": [0.0, 0.1, 0.2, 0.3, 0.4], "layer1.0": [0.0, 0.0, 0.2, 0.3, 0.5],
-     "layer2.0": [0.0, 0.0, 0.0, 0.2, 0.8]},
+    {
+        "stem": [0.5, 0.3, 0.1, 0.1, 0.0],
+        "layer1.0": [0.2, 0.2, 0.2, 0.2, 0.2],
+        "layer2.0": [0.0, 0.0, 0.25, 0.25, 0.5],
+    },
+    {
+        "stem": [0.6, 0.2, 0.1, 0.1, 0.0],
+        "layer1.0": [0.4, 0.3, 0.2, 0.1, 0.0],
+        "layer2.0": [0.0, 0.1, 0.2, 0.3, 0.4],
+    },
+    {
+        "stem": [0.1, 0.2, 0.3, 0.2, 0.2],
+        "layer1.0": [0.1, 0.1, 0.1, 0.3, 0.4],
+        "layer2.0": [0.05, 0.05, 0.1, 0.2, 0.6],
+    },
+    {
+        "stem": [0.0, 0.1, 0.2, 0.3, 0.4],
+        "layer1.0": [0.0, 0.0, 0.2, 0.3, 0.5],
+        "layer2.0": [0.0, 0.0, 0.0, 0.2, 0.8],
+    },
 ]
 DFQ_ITERS = [10, 20, 30, 35]
 
@@ -294,17 +372,45 @@ def dfq_dir(tmp_path):
         g = sum(s * c[1] for sh in gates.values() for s, c in zip(sh, GATE_CANDS)) / 3
         cum += (i - prev) * FP32_STEP * (a * 8 + g * 8 + a * g) / (3 * 32 * 32)
         prev = i
-        recs.append({"event": "period", "iter": i, "epoch": i / 50, "lr": 0.1,
-                     "train_loss": 2.0 / (k + 1), "train_acc": 0.2 + 0.1 * k,
-                     "test_loss": 2.1 / (k + 1), "test_acc": 0.25 + 0.1 * k,
-                     "precision": {"a": round(a, 2), "w": 8, "g": round(g, 2)}, "cp": 0.02,
-                     "cum_cost": cum, "cum_fp32": i * FP32_STEP, "cum_sbm": i * SBM_STEP,
-                     "wall": float(i), "step_ms": 12.0, "gates": gates,
-                     "gate_candidates": GATE_CANDS})
-    tp = {"event": "turning_point", "iter": 20, "index": 1, "eps": 0.05, "diffs": [0.1, 0.03],
-          "normalizer": 1.2, "target_cp": 0.02}
-    end = {"event": "end", "iter": 35, "test_acc": recs[-1]["test_acc"],
-           "cum_cost": cum, "cum_fp32": 35 * FP32_STEP, "cum_sbm": 35 * SBM_STEP, "wall": 40.0}
+        recs.append(
+            {
+                "event": "period",
+                "iter": i,
+                "epoch": i / 50,
+                "lr": 0.1,
+                "train_loss": 2.0 / (k + 1),
+                "train_acc": 0.2 + 0.1 * k,
+                "test_loss": 2.1 / (k + 1),
+                "test_acc": 0.25 + 0.1 * k,
+                "precision": {"a": round(a, 2), "w": 8, "g": round(g, 2)},
+                "cp": 0.02,
+                "cum_cost": cum,
+                "cum_fp32": i * FP32_STEP,
+                "cum_sbm": i * SBM_STEP,
+                "wall": float(i),
+                "step_ms": 12.0,
+                "gates": gates,
+                "gate_candidates": GATE_CANDS,
+            }
+        )
+    tp = {
+        "event": "turning_point",
+        "iter": 20,
+        "index": 1,
+        "eps": 0.05,
+        "diffs": [0.1, 0.03],
+        "normalizer": 1.2,
+        "target_cp": 0.02,
+    }
+    end = {
+        "event": "end",
+        "iter": 35,
+        "test_acc": recs[-1]["test_acc"],
+        "cum_cost": cum,
+        "cum_fp32": 35 * FP32_STEP,
+        "cum_sbm": 35 * SBM_STEP,
+        "wall": 40.0,
+    }
     start = _start("FracTrain target cp 1.50% + 0.50% per PFQ turning point", "fractrain", 35)
     return _write(tmp_path / "dfq", [start] + recs[:2] + [tp] + recs[2:] + [end])
 
@@ -329,8 +435,7 @@ def _expected_gate_bits(run_dir: Path) -> dict[str, tuple[float, float]]:
 def test_dfq_run_gates_report(dfq_dir, tmp_path):
     out = tmp_path / "report"
     paths = render_report(dfq_dir, out)
-    assert [p.name for p in paths] == ["curves.png", "precision.png", "cost.png", "gates.png",
-                                       "summary.md"]
+    assert [p.name for p in paths] == ["curves.png", "precision.png", "cost.png", "gates.png", "summary.md"]
     for p in paths[:4]:  # float precisions in the periods do not break precision.png
         _check_png(p)
     md = paths[-1].read_text()
@@ -389,15 +494,21 @@ def test_compare_runs_and_summary_table(pfq_dir, static_dir, unfinished_dir, tmp
         exp = _expected(run)
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0].startswith(run.name)
-        assert cells[2:] == [exp["final"].rstrip("%"), exp["steps"], exp["sbm"].rstrip("%"),
-                             exp["fp32"].rstrip("%")]
+        assert cells[2:] == [
+            exp["final"].rstrip("%"),
+            exp["steps"],
+            exp["sbm"].rstrip("%"),
+            exp["fp32"].rstrip("%"),
+        ]
     assert "(unfinished)" in table[4] and "CPT cyclic" in table[4]
 
 
 def test_no_pyplot(pfq_dir, tmp_path):
     """Rendering must not import pyplot (global backend state of other users)."""
-    code = ("import sys; from fraccompile.plots import render_report, compare_runs; "
-            f"render_report({str(pfq_dir)!r}, {str(tmp_path / 'o')!r}); "
-            f"compare_runs([{str(pfq_dir)!r}], {str(tmp_path / 'c.png')!r}); "
-            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'")
+    code = (
+        "import sys; from fraccompile.plots import render_report, compare_runs; "
+        f"render_report({str(pfq_dir)!r}, {str(tmp_path / 'o')!r}); "
+        f"compare_runs([{str(pfq_dir)!r}], {str(tmp_path / 'c.png')!r}); "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -37,15 +37,21 @@ schemes = st.sampled_from(SCHEMES)
 low_bits = st.integers(2, 8)
 any_bits = st.one_of(st.integers(2, 8), st.sampled_from([12, 16]))
 finite32 = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
-tensors = arrays(np.float32, array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=8),
-                 elements=finite32).map(torch.from_numpy)
-nonneg_tensors = arrays(np.float32, array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=8),
-                        elements=st.floats(0, 1e3, width=32)).map(torch.from_numpy)
-weights = arrays(np.float32, st.sampled_from([(1, 5), (4, 7), (3, 2, 3, 3), (8, 1, 1, 1), (6, 20)]),
-                 elements=finite32).map(torch.from_numpy)
+tensors = arrays(
+    np.float32, array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=8), elements=finite32
+).map(torch.from_numpy)
+nonneg_tensors = arrays(
+    np.float32,
+    array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=8),
+    elements=st.floats(0, 1e3, width=32),
+).map(torch.from_numpy)
+weights = arrays(
+    np.float32, st.sampled_from([(1, 5), (4, 7), (3, 2, 3, 3), (8, 1, 1, 1), (6, 20)]), elements=finite32
+).map(torch.from_numpy)
 
-SETTINGS = settings(max_examples=100, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+SETTINGS = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
 
 
 def fp_slack(*tensors_: torch.Tensor) -> float:
@@ -59,10 +65,11 @@ def assert_on_grid(fq: torch.Tensor, qp, bits: int, tol_steps: float = 1e-3) -> 
     steps = (fq.double() - qp.zero.double()) / qp.scale.double()
     # float32 cannot hold q*scale + zero better than half an ulp of the larger of the two; at 12/16
     # bits that alone can be more than 1e-3 of a step, so the tolerance includes it.
-    slack = (4 * EPS32 * (fq.double().abs() + qp.zero.double().abs()) / qp.scale.double())
+    slack = 4 * EPS32 * (fq.double().abs() + qp.zero.double().abs()) / qp.scale.double()
     nearest = steps.round()
-    assert bool(((steps - nearest).abs() <= tol_steps + slack).all()), \
+    assert bool(((steps - nearest).abs() <= tol_steps + slack).all()), (
         f"off-grid by {float((steps - nearest).abs().max()):.3g} steps"
+    )
     inside = (steps >= qp.qmin - tol_steps - slack) & (steps <= qp.qmax + tol_steps + slack)
     assert bool(inside.all()), f"codes outside [{qp.qmin}, {qp.qmax}]: {steps[~inside][:5].tolist()}"
 
@@ -117,8 +124,12 @@ def test_round_to_nearest_error_at_most_half_a_step(x, bits, scheme):
 
 
 @SETTINGS
-@given(x=tensors, bits=low_bits, scheme=schemes,
-       lo_hi=st.tuples(st.floats(-10, 0, width=32), st.floats(0.5, 10, width=32)))
+@given(
+    x=tensors,
+    bits=low_bits,
+    scheme=schemes,
+    lo_hi=st.tuples(st.floats(-10, 0, width=32), st.floats(0.5, 10, width=32)),
+)
 def test_activation_with_running_range_clamps_outside_values(x, bits, scheme, lo_hi):
     lo, hi = (torch.tensor(v) for v in lo_hi)
     qp = qparams_from_range(lo, hi, bits, scheme)
@@ -142,8 +153,7 @@ def test_symmetric_activation_uses_unsigned_grid_when_non_negative(x, bits):
     hi = float(x.max())
     if hi > 0:
         step = max(hi / (2**bits - 1), MIN_SCALE)
-        assert_on_grid(fq, qparams_from_range(torch.tensor(0.0), torch.tensor(hi), bits, "symmetric"),
-                       bits)
+        assert_on_grid(fq, qparams_from_range(torch.tensor(0.0), torch.tensor(hi), bits, "symmetric"), bits)
         assert float((fq.double() - x.double()).abs().max()) <= step / 2 + fp_slack(x)
 
 
@@ -173,14 +183,22 @@ def test_quantize_weight_is_per_output_channel(w, bits, scheme):
             assert math.isclose(float(fc.min()), float(wc.min()), rel_tol=2 * EPS32, abs_tol=fp_slack(wc))
             # (below the MIN_SCALE floor the step is 1e-8, so the max is only within half of it)
             floored = float(wc.max() - wc.min()) < (2**bits - 1) * MIN_SCALE
-            assert math.isclose(float(fc.max()), float(wc.max()), rel_tol=4 * EPS32,
-                                abs_tol=fp_slack(wc) + (MIN_SCALE / 2 if floored else 0.0))
+            assert math.isclose(
+                float(fc.max()),
+                float(wc.max()),
+                rel_tol=4 * EPS32,
+                abs_tol=fp_slack(wc) + (MIN_SCALE / 2 if floored else 0.0),
+            )
             # ...and depends on no other channel
-            assert torch.equal(quantize_weight(w[c:c + 1], bits, scheme)[0], fc)
+            assert torch.equal(quantize_weight(w[c : c + 1], bits, scheme)[0], fc)
         else:
             # the channel's own peak magnitude is reproduced
-            assert math.isclose(float(fc.abs().max()), float(wc.abs().max()), rel_tol=4 * EPS32,
-                                abs_tol=max(fp_slack(wc), MIN_SCALE))
+            assert math.isclose(
+                float(fc.abs().max()),
+                float(wc.abs().max()),
+                rel_tol=4 * EPS32,
+                abs_tol=max(fp_slack(wc), MIN_SCALE),
+            )
 
 
 def test_quantize_weight_channel_scales_differ():
@@ -215,8 +233,13 @@ def test_symmetric_gradients_use_the_signed_grid():
 
 # -- stochastic rounding of gradients --------------------------------------------------------------
 @settings(max_examples=25, deadline=None)
-@given(bits=st.integers(2, 8), scheme=schemes, data=st.data(),
-       frac=st.floats(0.1, 0.9), seed=st.integers(0, 2**31 - 1))
+@given(
+    bits=st.integers(2, 8),
+    scheme=schemes,
+    data=st.data(),
+    frac=st.floats(0.1, 0.9),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_stochastic_rounding_is_unbiased_and_nearest_is_not(bits, scheme, data, frac, seed):
     lo, hi = torch.tensor(-1.0), torch.tensor(1.0)
     qp = qparams_from_range(lo, hi, bits, scheme)
@@ -402,6 +425,7 @@ def test_per_tensor_weight_scale_puts_every_channel_on_one_grid():
     channel of small weights lands on the coarse grid of the large ones; the default keeps a grid
     per channel."""
     from fraccompile.ops.quantizers import quantize_weight
+
     w = torch.stack([torch.linspace(-1, 1, 9), torch.linspace(-0.01, 0.01, 9)])
     tensor = quantize_weight(w, 4, "symmetric", per_channel=False)
     step = 1 / 7  # the signed 4-bit grid is -7..7
@@ -421,12 +445,13 @@ def _lowbias32_numpy(index: np.ndarray, seed: int) -> np.ndarray:
         h ^= h >> np.uint32(15)
         h *= np.uint32(0x846CA68B)
         h ^= h >> np.uint32(16)
-    return (h >> np.uint32(8)).astype(np.float64) * 2.0 ** -24
+    return (h >> np.uint32(8)).astype(np.float64) * 2.0**-24
 
 
-@pytest.mark.parametrize("seed", [0, 1, -1, 2**31 - 2, -2**31, 123456789])
+@pytest.mark.parametrize("seed", [0, 1, -1, 2**31 - 2, -(2**31), 123456789])
 def test_counter_noise_matches_an_independent_uint32_implementation(seed):
     from fraccompile.ops.quantizers import counter_noise
+
     shape = (3, 5, 7, 11)
     got = counter_noise(shape, torch.tensor([seed], dtype=torch.int32))
     want = _lowbias32_numpy(np.arange(math.prod(shape)), seed).reshape(shape)
@@ -439,6 +464,7 @@ def test_counter_noise_is_uniform_and_uncorrelated():
     """1M draws: mean, variance, a chi-square over 64 bins and the lag-1 / lag-(row) correlations
     of a U[0, 1) sample; two seeds give unrelated noise."""
     from fraccompile.ops.quantizers import counter_noise
+
     n = 1 << 20
     u = counter_noise((n,), torch.tensor([7], dtype=torch.int32)).double()
     assert abs(u.mean().item() - 0.5) < 4 * math.sqrt(1 / 12 / n)
@@ -455,14 +481,17 @@ def test_counter_noise_is_uniform_and_uncorrelated():
 
 def test_counter_noise_seeds_follow_torch_manual_seed():
     from fraccompile.ops.quantizers import uniform_noise
+
     torch.manual_seed(3)
     a = uniform_noise((4, 9), "counter")
     b = uniform_noise((4, 9), "counter")
     torch.manual_seed(3)
     assert torch.equal(a, uniform_noise((4, 9), "counter")) and not torch.equal(a, b)
     gen = torch.Generator().manual_seed(3)
-    assert torch.equal(uniform_noise((2, 2), "counter", gen),
-                       uniform_noise((2, 2), "counter", torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        uniform_noise((2, 2), "counter", gen),
+        uniform_noise((2, 2), "counter", torch.Generator().manual_seed(3)),
+    )
     with pytest.raises(ValueError, match="counter"):
         uniform_noise((2,), "philox")
 
@@ -474,18 +503,20 @@ def test_stochastic_rounding_is_unbiased_with_either_noise(noise):
     x = torch.linspace(-0.9, 0.9, 37)
     qp = qparams_from_range(torch.tensor(-1.0), torch.tensor(1.0), 3, "symmetric", signed=True)
     torch.manual_seed(0)
-    mean = torch.stack([fake_quantize(x, qp, stochastic=True, noise=noise)
-                        for _ in range(4096)]).mean(0)
+    mean = torch.stack([fake_quantize(x, qp, stochastic=True, noise=noise) for _ in range(4096)]).mean(0)
     step = qp.scale.item()
     assert (mean - x).abs().max().item() < 4 * step / 2 / math.sqrt(4096)
 
 
-@pytest.mark.parametrize("make", [
-    lambda t: t.contiguous(memory_format=torch.channels_last),
-    lambda t: t.permute(3, 1, 0, 2),
-    lambda t: t[:, :, ::2],  # not dense in any order: read as it is
-    lambda t: t[:, :1].contiguous(memory_format=torch.channels_last),  # a size-1 dim
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: t.contiguous(memory_format=torch.channels_last),
+        lambda t: t.permute(3, 1, 0, 2),
+        lambda t: t[:, :, ::2],  # not dense in any order: read as it is
+        lambda t: t[:, :1].contiguous(memory_format=torch.channels_last),  # a size-1 dim
+    ],
+)
 def test_tensor_range_of_non_contiguous_layouts(make):
     """tensor_range reads a tensor dense in another dim order in that order (no contiguous copy);
     the extremes are aminmax's of the logical tensor."""

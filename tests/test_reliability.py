@@ -42,8 +42,10 @@ PREFIX = "fraccompile: error:"
 
 def _strict(line: str):
     """json.loads that refuses NaN and Infinity, as strict JSON readers do."""
+
     def refuse(token):
         raise ValueError(f"non-standard JSON token {token}")
+
     return json.loads(line, parse_constant=refuse)
 
 
@@ -93,8 +95,7 @@ class Poisoned:
 
 @pytest.fixture(scope="module")
 def data():
-    return ClassificationData.from_source("bundled", batch_size=8, train_limit=64, test_limit=16,
-                                          seed=0)
+    return ClassificationData.from_source("bundled", batch_size=8, train_limit=64, test_limit=16, seed=0)
 
 
 def _fit(model, data, **kw):
@@ -103,8 +104,11 @@ def _fit(model, data, **kw):
 
 
 def _all_finite(state: dict) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in state.values()
-               if isinstance(t, torch.Tensor) and t.is_floating_point())
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in state.values()
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    )
 
 
 # -- non-finite steps -------------------------------------------------------------------------------
@@ -120,8 +124,9 @@ def test_nan_batch_is_skipped_and_changes_nothing(data, tmp_path):
     res = _fit(after, Poisoned(data, lambda i: i == 2), optimizer=opt_b, stop_at=3)
     assert res.skipped_steps == 1
     a, b = before.state_dict(), after.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
-        [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [
+        k for k in a if not torch.equal(a[k], b[k])
+    ]
     bufs_a = [s["momentum_buffer"] for s in opt_a.state_dict()["state"].values()]
     bufs_b = [s["momentum_buffer"] for s in opt_b.state_dict()["state"].values()]
     assert len(bufs_a) == len(bufs_b) > 0 and all(map(torch.equal, bufs_a, bufs_b))
@@ -131,8 +136,7 @@ def test_nan_batch_is_skipped_and_changes_nothing(data, tmp_path):
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["iteration"] == 4 and ckpt["skipped_steps"] == 1 and _all_finite(ckpt["model"])
     assert full.periods[0]["skipped"] == 1 and full.periods[0]["train_loss"] is not None
-    resumed = _fit(_small(), Poisoned(data, lambda i: i == 2), out_dir=out,
-                   resume=out / "checkpoint.pt")
+    resumed = _fit(_small(), Poisoned(data, lambda i: i == 2), out_dir=out, resume=out / "checkpoint.pt")
     assert resumed.iterations == 8 and resumed.final["skipped_steps"] == 1
     log = _log(out)  # strict JSON throughout
     assert [r["event"] for r in log] == ["start", "period", "resume", "period", "end"]
@@ -140,16 +144,24 @@ def test_nan_batch_is_skipped_and_changes_nothing(data, tmp_path):
 
 def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(data, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteError, match=r"iteration 7: 3 step\(s\) in a row with a non-finite "
-                       r"loss.*iteration 4\), is kept"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"iteration 7: 3 step\(s\) in a row with a non-finite "
+        r"loss.*iteration 4\), is kept",
+    ):
         _fit(_small(), Poisoned(data, lambda i: i >= 4), out_dir=out, max_nonfinite=3)
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["iteration"] == 4 and _all_finite(ckpt["model"])
     log = _log(out)
     assert log[-1]["event"] == "stopped" and log[-1]["skipped_steps"] == 3
     with pytest.raises(NonFiniteError, match="iteration 5: 1 step"):  # stop at once
-        _fit(_small(), Poisoned(data, lambda i: i >= 4), out_dir=out, nonfinite="stop",
-             resume=out / "checkpoint.pt")
+        _fit(
+            _small(),
+            Poisoned(data, lambda i: i >= 4),
+            out_dir=out,
+            nonfinite="stop",
+            resume=out / "checkpoint.pt",
+        )
     with pytest.raises(ValueError, match="nonfinite must be one of skip, stop"):
         _fit(_small(), data, nonfinite="ignore")
 
@@ -213,10 +225,31 @@ def test_finite_json_and_read_jsonl(tmp_path):
 def checkpoint(tmp_path_factory):
     """A checkpoint the CLI wrote for examples/functional_model.py."""
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    res = CliRunner().invoke(app, [
-        "train", str(EXAMPLES / "functional_model.py"), "--schedule", "static", "--fw", "8",
-        "--bw", "8", "--iters", "2", "--eval-every", "2", "--batch-size", "8", "--train-limit",
-        "16", "--test-limit", "8", "--out", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(EXAMPLES / "functional_model.py"),
+            "--schedule",
+            "static",
+            "--fw",
+            "8",
+            "--bw",
+            "8",
+            "--iters",
+            "2",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "8",
+            "--train-limit",
+            "16",
+            "--test-limit",
+            "8",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     return out / "checkpoint.pt"
 
@@ -226,11 +259,9 @@ def test_checkpoint_holds_tensors_and_plain_data_only(checkpoint):
     assert raw["version"] == 2 and len(raw["checksum"]) == 64
     state = load_checkpoint(checkpoint)
     set_rng_state(state["rng"])  # the RNG state round-trips through tensors and plain data
-    draws = (torch.rand(3), __import__("numpy").random.rand(3).tolist(),
-             __import__("random").random())
+    draws = (torch.rand(3), __import__("numpy").random.rand(3).tolist(), __import__("random").random())
     set_rng_state(state["rng"])
-    again = (torch.rand(3), __import__("numpy").random.rand(3).tolist(),
-             __import__("random").random())
+    again = (torch.rand(3), __import__("numpy").random.rand(3).tolist(), __import__("random").random())
     assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
     with pytest.raises(TypeError, match=r"state\['x'\]\[0\] is a pathlib"):
         save_checkpoint({"x": [Path(".")]}, checkpoint.parent / "bad.pt")
@@ -266,8 +297,17 @@ def test_hostile_checkpoint_never_runs_its_payload(tmp_path, kind):
     with pytest.raises(CheckpointError, match="refused|not a checkpoint|damaged"):
         load_checkpoint(path)
     assert not marker.exists()
-    res = CliRunner().invoke(app, ["train", str(EXAMPLES / "functional_model.py"), "--out",
-                                   str(tmp_path / "run"), "--resume", str(path)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(EXAMPLES / "functional_model.py"),
+            "--out",
+            str(tmp_path / "run"),
+            "--resume",
+            str(path),
+        ],
+    )
     assert res.exit_code == 2 and res.stderr.startswith(PREFIX), res.output
     assert len(res.stderr.strip().splitlines()) == 1
     assert not marker.exists()
@@ -289,7 +329,7 @@ def _damage(src: Path, dst: Path, kind: str) -> Path:
     if kind == "empty":
         dst.write_bytes(b"")
     elif kind == "truncated":
-        dst.write_bytes(data[:len(data) // 2])
+        dst.write_bytes(data[: len(data) // 2])
     elif kind == "random-bytes":
         dst.write_bytes(os.urandom(len(data)))
     elif kind == "flipped-tensor-byte":
@@ -305,16 +345,18 @@ def _damage(src: Path, dst: Path, kind: str) -> Path:
     return dst
 
 
-DAMAGE = {"empty": "is empty", "truncated": "is truncated or damaged",
-          "random-bytes": "not a checkpoint|is truncated or damaged",
-          "other-version": "has version 1; this fraccompile reads version 2",
-          "missing-keys": "lacks 'optimizer', 'rng' \\(missing keys\\)",
-          "flipped-tensor-byte": "does not match the checksum"}
+DAMAGE = {
+    "empty": "is empty",
+    "truncated": "is truncated or damaged",
+    "random-bytes": "not a checkpoint|is truncated or damaged",
+    "other-version": "has version 1; this fraccompile reads version 2",
+    "missing-keys": "lacks 'optimizer', 'rng' \\(missing keys\\)",
+    "flipped-tensor-byte": "does not match the checksum",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_damaged_checkpoint_is_refused_in_one_line_before_compiling(checkpoint, tmp_path, kind,
-                                                                     monkeypatch):
+def test_damaged_checkpoint_is_refused_in_one_line_before_compiling(checkpoint, tmp_path, kind, monkeypatch):
     path = _damage(checkpoint, tmp_path / "checkpoint.pt", kind)
     with pytest.raises(CheckpointError, match=DAMAGE[kind]):
         load_checkpoint(path)
@@ -323,8 +365,17 @@ def test_damaged_checkpoint_is_refused_in_one_line_before_compiling(checkpoint, 
         raise AssertionError("compiled before checking the checkpoint")
 
     monkeypatch.setattr(fraccompile.api, "compile", no_compile)
-    res = CliRunner().invoke(app, ["train", str(EXAMPLES / "functional_model.py"), "--out",
-                                   str(tmp_path / "run"), "--resume", str(path)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(EXAMPLES / "functional_model.py"),
+            "--out",
+            str(tmp_path / "run"),
+            "--resume",
+            str(path),
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert res.stderr.startswith(PREFIX) and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert str(path) in res.stderr
@@ -334,8 +385,17 @@ def test_checkpoint_of_another_model_is_refused(checkpoint, tmp_path, monkeypatc
     with pytest.raises(CheckpointError, match="does not fit this model: it lacks .*stem.weight"):
         _fit(_small(), data, resume=checkpoint)
     monkeypatch.setattr(fraccompile.api, "compile", lambda *a, **k: pytest.fail("compiled"))
-    res = CliRunner().invoke(app, ["train", str(EXAMPLES / "resnet_cifar.py"), "--out",
-                                   str(tmp_path / "run"), "--resume", str(checkpoint)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(EXAMPLES / "resnet_cifar.py"),
+            "--out",
+            str(tmp_path / "run"),
+            "--resume",
+            str(checkpoint),
+        ],
+    )
     assert res.exit_code == 2 and "does not fit this model" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1
 
@@ -361,8 +421,10 @@ def test_stale_temporaries_are_removed_live_ones_kept(tmp_path, data):
     _age(build)
     busy = _leftover(tmp_path / "other.so.mnop3456.tmp.so")  # its target is being built
     unrelated = _leftover(tmp_path / "notes.tmp.txt", b"mine")
-    with fileio.locked(tmp_path / "other.so"), \
-            fileio.atomic_path(tmp_path / "live.pt") as live:  # flock-ed by its live writer
+    with (
+        fileio.locked(tmp_path / "other.so"),
+        fileio.atomic_path(tmp_path / "live.pt") as live,
+    ):  # flock-ed by its live writer
         live.write_bytes(b"half")
         _age(live)
         removed = fileio.remove_stale_temps(tmp_path)
@@ -374,8 +436,7 @@ def test_stale_temporaries_are_removed_live_ones_kept(tmp_path, data):
     run.mkdir()
     left = _leftover(run / "checkpoint.pt.qrst7890.tmp")
     _fit(_small(), data, out_dir=run, iters=4)
-    assert not left.exists() and sorted(p.name for p in run.iterdir()) == [
-        "checkpoint.pt", "log.jsonl"]
+    assert not left.exists() and sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "log.jsonl"]
 
 
 def test_atomic_write_keeps_the_old_file_on_failure_and_uses_the_umask(tmp_path):
@@ -391,6 +452,7 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_uses_the_umask(tmp_path)
 
 def test_checksum_and_elf_checks(tmp_path):
     import _ctypes  # an extension module: a shared library every Python has
+
     lib = tmp_path / "lib.so"
     shutil.copyfile(_ctypes.__file__, lib)
     assert fileio.elf_problem(lib) is None
@@ -442,8 +504,10 @@ CACHE_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(fraccompile.targets.tvm_unavailable_reason() is not None,
-                    reason=str(fraccompile.targets.tvm_unavailable_reason()))
+@pytest.mark.skipif(
+    fraccompile.targets.tvm_unavailable_reason() is not None,
+    reason=str(fraccompile.targets.tvm_unavailable_reason()),
+)
 def test_truncated_cached_kernel_is_rebuilt_and_training_goes_on(tmp_path):
     """In fresh processes (a truncated library that reached dlopen would kill them with SIGBUS):
     the damaged kernel and the damaged thread launcher are rebuilt, the rest loaded, and what
@@ -454,17 +518,19 @@ def test_truncated_cached_kernel_is_rebuilt_and_training_goes_on(tmp_path):
     env = {**os.environ, "FRACCOMPILE_CACHE_DIR": str(cache)}
 
     def run():
-        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
     first, _ = run()
     assert first["built"] >= 2 and first["loss"] is not None
-    kernels = sorted((p for p in cache.glob("*.so") if not p.name.startswith("omp_launch")),
-                     key=lambda p: p.stat().st_size)
+    kernels = sorted(
+        (p for p in cache.glob("*.so") if not p.name.startswith("omp_launch")), key=lambda p: p.stat().st_size
+    )
     victim = kernels[-1]
-    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     for launcher in cache.glob("omp_launch-*.so"):
         launcher.write_bytes(launcher.read_bytes()[:4096])
     leftover = _leftover(cache / f"{victim.name}.a1b2c3d4.tmp.so", b"\x7fELF half")

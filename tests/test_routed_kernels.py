@@ -12,23 +12,28 @@ from fraccompile.ops.contract import GateDecision
 from fraccompile.ops.quantizers import qparams_from_range, quantize_activation, quantize_rows
 from fraccompile.targets import tvm_unavailable_reason
 
-pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
-                                reason=f"TVM unavailable: {tvm_unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    tvm_unavailable_reason() is not None, reason=f"TVM unavailable: {tvm_unavailable_reason()}"
+)
 
 
 def _torch_sums(x, dqx, qx, lo, hi, scheme, candidates):
     dims = list(range(1, x.dim()))
-    return torch.stack([(dqx * (quantize_activation(x, b, scheme, lo=lo, hi=hi) - qx)).sum(dims)
-                        for b in candidates], 1)
+    return torch.stack(
+        [(dqx * (quantize_activation(x, b, scheme, lo=lo, hi=hi) - qx)).sum(dims) for b in candidates], 1
+    )
 
 
 @pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
-@pytest.mark.parametrize("shape,x_layout,g_layout", [
-    ((6, 16, 7, 5), "cl", "cl"),     # a channels-last conv input, its gradient alike
-    ((6, 16, 7, 5), "cl", "nchw"),   # the gradient in the other layout
-    ((6, 3, 9, 9), "nchw", "nchw"),
-    ((5, 4, 37), "nchw", "nchw"),    # a linear site's (N, T, C) input: a scalar tail per sample
-])
+@pytest.mark.parametrize(
+    "shape,x_layout,g_layout",
+    [
+        ((6, 16, 7, 5), "cl", "cl"),  # a channels-last conv input, its gradient alike
+        ((6, 16, 7, 5), "cl", "nchw"),  # the gradient in the other layout
+        ((6, 3, 9, 9), "nchw", "nchw"),
+        ((5, 4, 37), "nchw", "nchw"),  # a linear site's (N, T, C) input: a scalar tail per sample
+    ],
+)
 def test_fused_gate_probe_matches_torch(scheme, shape, x_layout, g_layout):
     from fraccompile.ops.backend import get_backend
 
@@ -41,7 +46,7 @@ def test_fused_gate_probe_matches_torch(scheme, shape, x_layout, g_layout):
         x = x.contiguous(memory_format=torch.channels_last)
     if g_layout == "cl":
         dqx = dqx.contiguous(memory_format=torch.channels_last)
-    candidates = (3, 4, 4, 6, 8)                      # a repeated candidate, as DFQ's are
+    candidates = (3, 4, 4, 6, 8)  # a repeated candidate, as DFQ's are
     choice = torch.tensor([i % 5 for i in range(shape[0])])
     onehot = torch.nn.functional.one_hot(choice, 5).float()
     d = GateDecision(onehot, choice, candidates, (8,) * 5, 8, "routed")
@@ -55,8 +60,9 @@ def test_fused_gate_probe_matches_torch(scheme, shape, x_layout, g_layout):
 
 
 @pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
-@pytest.mark.parametrize("shape,layout", [((7, 16, 5, 6), "cl"), ((7, 3, 9, 9), "nchw"),
-                                          ((6, 5, 70), "nchw")])
+@pytest.mark.parametrize(
+    "shape,layout", [((7, 16, 5, 6), "cl"), ((7, 3, 9, 9), "nchw"), ((6, 5, 70), "nchw")]
+)
 def test_per_sample_codes_in_one_pass_equal_group_by_group(scheme, shape, layout):
     from fraccompile.ops.backend import get_backend
     from fraccompile.targets.codes import _row_codes
@@ -86,11 +92,11 @@ def test_per_sample_codes_in_one_pass_equal_group_by_group(scheme, shape, layout
 
 
 @pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
-@pytest.mark.parametrize("shape,layout", [((7, 16, 5, 6), "cl"), ((7, 3, 9, 9), "nchw"),
-                                          ((6, 5, 70), "nchw")])
+@pytest.mark.parametrize(
+    "shape,layout", [((7, 16, 5, 6), "cl"), ((7, 3, 9, 9), "nchw"), ((6, 5, 70), "nchw")]
+)
 @pytest.mark.parametrize("g_bits", [(6, 8), (6, 12)])
-def test_per_sample_gradient_codes_in_one_pass_take_the_reference_draws(scheme, shape, layout,
-                                                                        g_bits):
+def test_per_sample_gradient_codes_in_one_pass_take_the_reference_draws(scheme, shape, layout, g_bits):
     """Stochastic rounding with counter noise per sample: one pass, the same codes as the
     reference's group-by-group quantizer with its seeds (12-bit codes too)."""
     from fraccompile.ops.backend import get_backend
@@ -107,8 +113,15 @@ def test_per_sample_gradient_codes_in_one_pass_take_the_reference_draws(scheme, 
         return qparams_from_range(lo, hi, b, scheme, signed=True)
 
     torch.manual_seed(9)
-    fused = _row_codes(dy, row_bits, grid, stochastic=True, noise="counter",
-                       asymmetric=scheme == "sbm", kernel=get_backend("tvm").kernel)
+    fused = _row_codes(
+        dy,
+        row_bits,
+        grid,
+        stochastic=True,
+        noise="counter",
+        asymmetric=scheme == "sbm",
+        kernel=get_backend("tvm").kernel,
+    )
     after_fused = torch.rand(1)
     torch.manual_seed(9)
     ref = quantize_rows(dy, row_bits, grid, stochastic=True, noise="counter")

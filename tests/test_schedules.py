@@ -26,8 +26,33 @@ from fraccompile.control import (
 #  p14: window 3.9,...,3.83; max diff 0.07/5.632 = 0.0124 <= 0.015 -> TP2, eps -> 0.0045
 #  p19: five periods of 3.0, diffs 0 -> TP3 (eps stays 0.0045: it decays after TP1 and TP2 only)
 #  later flat periods: no more turning points (3 = len(fw) - 1)
-LOSSES = [10, 8, 6, 5, 4.9, 4.85, 4.84, 4.83, 4.0, 3.9, 3.85, 3.84, 3.83, 3.83,
-          3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]
+LOSSES = [
+    10,
+    8,
+    6,
+    5,
+    4.9,
+    4.85,
+    4.84,
+    4.83,
+    4.0,
+    3.9,
+    3.85,
+    3.84,
+    3.83,
+    3.83,
+    3.0,
+    3.0,
+    3.0,
+    3.0,
+    3.0,
+    3.0,
+    3.0,
+    3.0,
+    3.0,
+    3.0,
+    3.0,
+]
 EXPECTED_TP_PERIODS = [8, 14, 19]
 
 
@@ -47,7 +72,10 @@ def test_pfq_fires_exactly_at_the_hand_computed_periods():
     fired = run_periods(pfq, LOSSES)
     assert [p for p, _ in fired] == EXPECTED_TP_PERIODS
     assert [e["precision"] for _, e in fired] == [
-        {"a": 4, "w": 4, "g": 6}, {"a": 6, "w": 6, "g": 8}, {"a": 8, "w": 8, "g": 8}]
+        {"a": 4, "w": 4, "g": 6},
+        {"a": 6, "w": 6, "g": 8},
+        {"a": 8, "w": 8, "g": 8},
+    ]
     # the threshold used by each turning point, and its decay
     assert [e["eps"] for _, e in fired] == pytest.approx([0.05, 0.015, 0.0045])
     assert pfq.eps == pytest.approx(0.0045)
@@ -91,13 +119,16 @@ def test_pfq_state_round_trip_continues_identically():
     assert rest_a  # the continuation did fire
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"fw": (3, 4), "bw": (6,)}, "same number"),
-    ({"turning_points": 5}, "turning_points"),
-    ({"eval_every": 0}, "eval_every"),
-    ({"eps": 0}, "eps"),
-    ({"fw": (3, 99, 8, 8)}, "fw entry"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"fw": (3, 4), "bw": (6,)}, "same number"),
+        ({"turning_points": 5}, "turning_points"),
+        ({"eval_every": 0}, "eval_every"),
+        ({"eps": 0}, "eps"),
+        ({"fw": (3, 99, 8, 8)}, "fw entry"),
+    ],
+)
 def test_pfq_rejects_bad_arguments(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         PFQ(**kwargs)
@@ -167,8 +198,13 @@ def test_schedule_base_class_defaults_and_what_each_schedule_overrides():
     assert PFQ((3, 8), (6, 8)).precision_at(0) == (3, 3, 6)
     c = Cyclic(3, 8, cycles=2, total_iters=100)
     assert [c.precision_at(t) for t in (0, 25)] == [c.current_at(0), c.current_at(25)]
-    assert [k.kind for k in (Static(), PFQ(), c, DFQ(), FracTrain())] == \
-        ["static", "pfq", "cyclic", "dfq", "fractrain"]
+    assert [k.kind for k in (Static(), PFQ(), c, DFQ(), FracTrain())] == [
+        "static",
+        "pfq",
+        "cyclic",
+        "dfq",
+        "fractrain",
+    ]
 
 
 def test_dfq_regularizer_sign_comes_from_the_agreed_cost():

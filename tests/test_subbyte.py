@@ -14,8 +14,9 @@ from fraccompile import FracConfig
 from fraccompile.ops.quantizers import qparams_from_range
 from fraccompile.targets import tvm_unavailable_reason
 
-pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
-                                reason=f"TVM unavailable: {tvm_unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    tvm_unavailable_reason() is not None, reason=f"TVM unavailable: {tvm_unavailable_reason()}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,7 @@ def _grid_codes(scheme: str, bits: int, signed: bool, channels_last: bool, kerne
     return _to_codes(x, qp, asymmetric=scheme == "sbm", kernel=kernel)
 
 
-@pytest.mark.parametrize("scheme,signed", [("sbm", None), ("symmetric", True),
-                                           ("symmetric", False)])
+@pytest.mark.parametrize("scheme,signed", [("sbm", None), ("symmetric", True), ("symmetric", False)])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_saved_codes_round_trip_every_grid(kernel, scheme, signed, bits, channels_last):

@@ -14,13 +14,13 @@ import torch
 
 from fraccompile.targets import tvm_unavailable_reason
 
-pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
-                                reason=str(tvm_unavailable_reason()))
+pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
 
 
 @pytest.fixture
 def threads(monkeypatch):
     from fraccompile.targets import threads
+
     monkeypatch.delenv(threads.ENV, raising=False)
     threads._launcher.cache_clear()
     yield threads
@@ -72,8 +72,9 @@ def test_launcher_runs_every_task_when_the_team_is_smaller():
     """OMP_THREAD_LIMIT=2 caps the team under the 7 tasks asked for (as a nested region would):
     each thread runs every team-th task."""
     env = dict(os.environ, OMP_THREAD_LIMIT="2")
-    proc = subprocess.run([sys.executable, "-c", _SMALL_TEAM], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SMALL_TEAM], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"rc": 0, "seen": list(range(7))}
 
@@ -110,8 +111,7 @@ def test_cached_kernel_is_adopted_and_exact(threads, tmp_path):
     assert slot.value == threads._launcher()[0]
     g = torch.Generator().manual_seed(0)
     A = torch.randint(0, 256, (3, shape.m, shape.k), dtype=torch.uint8, generator=g)
-    B = torch.randint(-128, 128, (3, shape.n // 16, shape.k // 4, 16, 4), dtype=torch.int8,
-                      generator=g)
+    B = torch.randint(-128, 128, (3, shape.n // 16, shape.k // 4, 16, 4), dtype=torch.int8, generator=g)
     C = torch.empty(3, shape.m, shape.n, dtype=torch.int32)
     b = B.permute(0, 1, 3, 2, 4).reshape(3, shape.n, shape.k)
     before = torch.get_num_threads()
@@ -172,8 +172,9 @@ def test_training_step_is_the_same_on_either_pool(tmp_path):
     out = {}
     for mode in ("openmp", "tvm"):
         env = dict(os.environ, FRACCOMPILE_THREADS=mode)
-        proc = subprocess.run([sys.executable, "-c", _STEP], env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", _STEP], env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr
         out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["openmp"]["pool"].startswith("torch's OpenMP threads")

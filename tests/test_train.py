@@ -23,8 +23,7 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 @pytest.fixture(scope="module")
 def data():
-    return ClassificationData.from_source("bundled", batch_size=16, train_limit=160,
-                                          test_limit=32, seed=0)
+    return ClassificationData.from_source("bundled", batch_size=16, train_limit=160, test_limit=32, seed=0)
 
 
 def _compiled():
@@ -33,8 +32,18 @@ def _compiled():
 
 
 def _run(data, out, **kw):
-    return fit(_compiled(), data, iters=24, schedule=PFQ(eval_every=1, eps=0.3), eval_every=4,
-               lr=0.05, out_dir=out, progress=False, deterministic=True, **kw)
+    return fit(
+        _compiled(),
+        data,
+        iters=24,
+        schedule=PFQ(eval_every=1, eps=0.3),
+        eval_every=4,
+        lr=0.05,
+        out_dir=out,
+        progress=False,
+        deterministic=True,
+        **kw,
+    )
 
 
 def test_resume_equals_uninterrupted_run(data, tmp_path):
@@ -44,8 +53,9 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     resumed = _run(data, tmp_path / "split", resume=tmp_path / "split" / "checkpoint.pt")
     assert full.events, "the PFQ indicator should fire in this run"
     assert [e["iter"] for e in resumed.events] == [e["iter"] for e in full.events if e["iter"] > 12]
-    assert [p["train_loss"] for p in resumed.periods] == \
-        [p["train_loss"] for p in full.periods if p["iter"] > 12]
+    assert [p["train_loss"] for p in resumed.periods] == [
+        p["train_loss"] for p in full.periods if p["iter"] > 12
+    ]
     assert resumed.final["cum_cost"] == full.final["cum_cost"]
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
@@ -74,8 +84,7 @@ def test_log_records(data, tmp_path):
 
 def _state(iteration, **extra):
     """A minimal state load_checkpoint accepts."""
-    return {**dict.fromkeys(CHECKPOINT_KEYS), "version": CHECKPOINT_VERSION,
-            "iteration": iteration, **extra}
+    return {**dict.fromkeys(CHECKPOINT_KEYS), "version": CHECKPOINT_VERSION, "iteration": iteration, **extra}
 
 
 def test_atomic_checkpoint_survives_an_interrupted_write(tmp_path, monkeypatch):
@@ -109,8 +118,9 @@ def test_three_line_hook_counts_cost_and_drives_precision(data):
     assert fm.frac_meter.steps == 3
     assert fm.frac_meter.total == pytest.approx(3 * per_step.total)
     assert fm.frac_meter.fp32 == pytest.approx(3 * per_step.fp32_total)
-    sbm = cost_report((s.name, s.macs, (0, 0, 0) if s.full_precision else (8, 8, 8),
-                       s.full_precision) for s in fm.sites)
+    sbm = cost_report(
+        (s.name, s.macs, (0, 0, 0) if s.full_precision else (8, 8, 8), s.full_precision) for s in fm.sites
+    )
     assert fm.frac_meter.sbm == pytest.approx(3 * sbm.total)
     with pytest.raises(TypeError, match="not a schedule"):
         fm.use_schedule(object())
@@ -119,10 +129,34 @@ def test_three_line_hook_counts_cost_and_drives_precision(data):
 def test_cli_train_resume_and_report(tmp_path):
     runner = CliRunner()
     out = tmp_path / "run"
-    args = ["train", str(REPO / "examples" / "functional_model.py"), "--data", "cifar10:bundled",
-            "--schedule", "pfq", "--fw", "4,8", "--bw", "8,8", "--pfq-every", "1", "--eps", "0.5",
-            "--iters", "8", "--eval-every", "4", "--batch-size", "16", "--train-limit", "128",
-            "--test-limit", "32", "--out", str(out)]
+    args = [
+        "train",
+        str(REPO / "examples" / "functional_model.py"),
+        "--data",
+        "cifar10:bundled",
+        "--schedule",
+        "pfq",
+        "--fw",
+        "4,8",
+        "--bw",
+        "8,8",
+        "--pfq-every",
+        "1",
+        "--eps",
+        "0.5",
+        "--iters",
+        "8",
+        "--eval-every",
+        "4",
+        "--batch-size",
+        "16",
+        "--train-limit",
+        "128",
+        "--test-limit",
+        "32",
+        "--out",
+        str(out),
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert (out / "checkpoint.pt").exists() and (out / "curves.png").exists()
@@ -130,12 +164,12 @@ def test_cli_train_resume_and_report(tmp_path):
     res = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "summary.md").exists()
-    res = runner.invoke(app, args[:-2] + ["--iters", "12", "--out", str(out), "--resume",
-                                          str(out / "checkpoint.pt")])
+    res = runner.invoke(
+        app, args[:-2] + ["--iters", "12", "--out", str(out), "--resume", str(out / "checkpoint.pt")]
+    )
     assert res.exit_code == 0, res.output
     # bad input: one line, no traceback
-    res = runner.invoke(app, ["train", str(REPO / "examples" / "functional_model.py"),
-                              "--schedule", "nope"])
+    res = runner.invoke(app, ["train", str(REPO / "examples" / "functional_model.py"), "--schedule", "nope"])
     assert res.exit_code == 2 and res.stderr.startswith("fraccompile: error:")
     res = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "missing" in res.stderr
@@ -148,14 +182,43 @@ def test_cli_train_transformer_on_shakespeare_loss_falls(tmp_path):
         text_path = tmp_path / "text.txt"
         text_path.write_text("To be, or not to be, that is the question.\n" * 400)
     out = tmp_path / "lm"
-    res = CliRunner().invoke(app, [
-        "train", str(REPO / "examples" / "transformer_lm.py"), "--data", f"shakespeare:{text_path}",
-        "--schedule", "static", "--fw", "8", "--bw", "8", "--iters", "80", "--eval-every", "40",
-        "--batch-size", "8", "--block-size", "32", "--optimizer", "adamw", "--lr", "0.003",
-        "--lr-schedule", "constant", "--test-limit", "64", "--out", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(REPO / "examples" / "transformer_lm.py"),
+            "--data",
+            f"shakespeare:{text_path}",
+            "--schedule",
+            "static",
+            "--fw",
+            "8",
+            "--bw",
+            "8",
+            "--iters",
+            "80",
+            "--eval-every",
+            "40",
+            "--batch-size",
+            "8",
+            "--block-size",
+            "32",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.003",
+            "--lr-schedule",
+            "constant",
+            "--test-limit",
+            "64",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    periods = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
-               if '"period"' in line]
+    periods = [
+        json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"period"' in line
+    ]
     assert len(periods) == 2
     # an untrained model starts at about ln(vocab size) = ln 65 = 4.17
     assert periods[-1]["train_loss"] < periods[0]["train_loss"] - 0.15
@@ -167,11 +230,14 @@ def test_fit_config_validates_replaces_and_builds_the_optimizer(data, tmp_path):
     from fraccompile import ConfigError
     from fraccompile.fitconfig import FitConfig, make_optimizer
 
-    for bad, field_name in (({"iters": 0}, "iters"), ({"iters": 4, "lr_schedule": "step"}, "lr schedule"),
-                            ({"iters": 4, "optimizer": "lion"}, "optimizer"),
-                            ({"iters": 4, "distributed": "mpi"}, "distributed"),
-                            ({"iters": 4, "nonfinite": "ignore"}, "nonfinite"),
-                            ({"iters": 4, "timeout": 0}, "timeout")):
+    for bad, field_name in (
+        ({"iters": 0}, "iters"),
+        ({"iters": 4, "lr_schedule": "step"}, "lr schedule"),
+        ({"iters": 4, "optimizer": "lion"}, "optimizer"),
+        ({"iters": 4, "distributed": "mpi"}, "distributed"),
+        ({"iters": 4, "nonfinite": "ignore"}, "nonfinite"),
+        ({"iters": 4, "timeout": 0}, "timeout"),
+    ):
         with pytest.raises(ConfigError, match=field_name):
             FitConfig(**bad)
     cfg = FitConfig(iters=8, eval_every=4, out_dir=tmp_path, stop_at=5)
@@ -184,9 +250,14 @@ def test_fit_config_validates_replaces_and_builds_the_optimizer(data, tmp_path):
     adamw = make_optimizer(params, FitConfig(iters=1, optimizer="adamw"))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.01
     # a config and keyword overrides; run.json from run_info (what the CLI records)
-    res = fit(_compiled(), data, FitConfig(iters=24, eval_every=4, progress=False,
-                                           run_info={"model": "FunctionalNet"}),
-              schedule=Static(8, 8, 8), iters=4, out_dir=tmp_path / "run")
+    res = fit(
+        _compiled(),
+        data,
+        FitConfig(iters=24, eval_every=4, progress=False, run_info={"model": "FunctionalNet"}),
+        schedule=Static(8, 8, 8),
+        iters=4,
+        out_dir=tmp_path / "run",
+    )
     assert res.iterations == 4
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["model"] == "FunctionalNet" and run["fit"]["iters"] == 4

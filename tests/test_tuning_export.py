@@ -18,8 +18,7 @@ import fraccompile
 from fraccompile import FracConfig
 from fraccompile.targets import tvm_unavailable_reason
 
-pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
-                                reason=str(tvm_unavailable_reason()))
+pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
 
 MODEL_SRC = textwrap.dedent("""
     import torch
@@ -60,6 +59,7 @@ def model_file(tmp_path_factory):
 
 def _small(model_file, **cfg):
     from fraccompile.loading import load_model
+
     torch.manual_seed(0)
     model = load_model(str(model_file))
     x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(1))
@@ -70,6 +70,7 @@ def _small(model_file, **cfg):
 @pytest.fixture(scope="module")
 def exported(model_file, tmp_path_factory):
     from fraccompile.targets.export import export
+
     out = tmp_path_factory.mktemp("kernels")
     fm, _, x = _small(model_file)
     manifest = export(fm, x, out, model="small")
@@ -79,6 +80,7 @@ def exported(model_file, tmp_path_factory):
 # -- the search space and the database ---------------------------------------------------------------
 def test_space_fits_the_register_file_and_starts_with_the_default():
     from fraccompile.targets import gemm, tuning
+
     problem = (1, 100, 70, 301)
     tiles = tuning.space(problem)
     assert len(tiles) > 50
@@ -98,6 +100,7 @@ class FakeRunner:
 
     def __init__(self, fast=(2, 2, 16), ratio=0.5):
         from fraccompile.targets.host import detect
+
         self.host, self.fast, self.ratio, self.calls = detect(), fast, ratio, 0
 
     def time(self, shape, confirm=False):
@@ -108,11 +111,13 @@ class FakeRunner:
 
 def _space_with(problem, tile):
     from fraccompile.targets import gemm, tuning
+
     return gemm.Tile(*tile) in tuning.candidates(problem, 10_000)
 
 
 def test_tune_keeps_the_faster_tile_and_the_database_is_reused(tmp_path):
     from fraccompile.targets import tuning
+
     problems = [(1, 40, 48, 64), (1, 24, 32, 96)]
     assert all(_space_with(p, (2, 2, 16)) for p in problems)
     db = tuning.TuningDB(tmp_path)
@@ -134,6 +139,7 @@ def test_tune_keeps_the_faster_tile_and_the_database_is_reused(tmp_path):
 
 def test_tune_never_records_a_tile_slower_than_the_default(tmp_path):
     from fraccompile.targets import tuning
+
     problem = (1, 40, 48, 64)
     trials = len(tuning.candidates(problem, 10_000))
 
@@ -158,6 +164,7 @@ def test_real_measurement_and_tuned_tiles_reach_the_backend(tmp_path, model_file
     and stays exact."""
     from fraccompile.ops.backend import get_backend
     from fraccompile.targets import tuning
+
     db = tuning.TuningDB(tmp_path)
     problem = (1, 33, 40, 72)
     res = tuning.tune([problem], db, tuning.LocalRunner(repeat=2, min_repeat_ms=5), trials=3)[0]
@@ -177,6 +184,7 @@ def test_real_measurement_and_tuned_tiles_reach_the_backend(tmp_path, model_file
 
 def test_damaged_database_is_refused(tmp_path):
     from fraccompile.targets import tuning
+
     (tmp_path / tuning.DB_FILE).write_text("{not json")
     with pytest.raises(tuning.TuningDBError, match="damaged"):
         tuning.TuningDB(tmp_path)
@@ -187,6 +195,7 @@ def test_damaged_database_is_refused(tmp_path):
 
 def test_bad_rpc_address_is_refused():
     from fraccompile.targets.tuning import parse_rpc
+
     assert parse_rpc("127.0.0.1:9190:cpu") == ("127.0.0.1", 9190, "cpu")
     for bad in ("127.0.0.1:9190", "host:port:key", ":9190:k"):
         with pytest.raises(ValueError, match="HOST:PORT:KEY"):
@@ -197,13 +206,14 @@ def test_bad_rpc_address_is_refused():
 def test_manifest_describes_every_kernel(exported):
     out, manifest = exported
     from fraccompile.targets.kernels import source_hash
+
     info = manifest["targets"]["cpu"]
     assert (out / info["library"]).is_file() and info["source_hash"] == source_hash()
     import tvm
+
     assert info["tvm"] == tvm.__version__
     kinds = {k["kind"] for k in manifest["kernels"]}
-    assert kinds >= {"gemm", "conv", "gc", "quantize", "pack_a", "pack_b", "pack_conv_a",
-                     "pack_conv_b"}
+    assert kinds >= {"gemm", "conv", "gc", "quantize", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b"}
     for kind, role in (("conv", "fw"), ("gc", "gc")):
         convs = [k for k in manifest["kernels"] if k["kind"] == kind]
         assert {s["role"] for k in convs for s in k["sites"]} == {role}
@@ -224,8 +234,7 @@ def _step(fm, x, seed=5):
     torch.manual_seed(seed)
     loss = fm(x).square().mean()
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in fm.named_parameters()
-                           if p.grad is not None}
+    return loss.detach(), {n: p.grad.clone() for n, p in fm.named_parameters() if p.grad is not None}
 
 
 CHILD = textwrap.dedent("""
@@ -251,8 +260,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_exported_library_trains_in_a_fresh_process_like_the_jit_backend(exported, model_file,
-                                                                          tmp_path):
+def test_exported_library_trains_in_a_fresh_process_like_the_jit_backend(exported, model_file, tmp_path):
     out, _ = exported
     fm, _, x = _small(model_file)
     state = tmp_path / "state.pt"
@@ -261,8 +269,11 @@ def test_exported_library_trains_in_a_fresh_process_like_the_jit_backend(exporte
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     res = tmp_path / "res.pt"
-    subprocess.run([sys.executable, str(script), str(model_file), str(out), str(state), str(res)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(script), str(model_file), str(out), str(state), str(res)],
+        check=True,
+        timeout=300,
+    )
     child = torch.load(res)
     assert child["built"] == 0  # every kernel came from the library
     assert torch.equal(child["loss"], loss)
@@ -273,6 +284,7 @@ def test_exported_library_trains_in_a_fresh_process_like_the_jit_backend(exporte
 
 def _copy_export(exported, tmp_path):
     import shutil
+
     out, _ = exported
     dst = tmp_path / "k"
     shutil.copytree(out, dst)
@@ -289,18 +301,23 @@ def _other_cpu() -> str:
     """An LLVM CPU name that is not this machine's (the project's machines are Intel Xeons and AMD
     Zen 4 / Zen 5)."""
     from fraccompile.targets.host import detect
+
     return next(c for c in ("znver4", "sapphirerapids") if c != detect().mcpu)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("mcpu", "another-cpu", "mcpu '{value}'"),
-    ("isa", "avx2", "isa 'avx2'"),
-    ("tvm", "0.19.0", "tvm '0.19.0'"),
-    ("source_hash", "0" * 16, "source_hash"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("mcpu", "another-cpu", "mcpu '{value}'"),
+        ("isa", "avx2", "isa 'avx2'"),
+        ("tvm", "0.19.0", "tvm '0.19.0'"),
+        ("source_hash", "0" * 16, "source_hash"),
+    ],
+)
 def test_manifest_of_another_target_or_version_is_refused(exported, tmp_path, field, value, match):
     from fraccompile.targets.export import ExportedKernels, KernelLibraryError
     from fraccompile.targets.host import detect
+
     if field == "mcpu":
         value = _other_cpu()
     if field == "isa" and detect().isa == value:
@@ -314,6 +331,7 @@ def test_manifest_of_another_target_or_version_is_refused(exported, tmp_path, fi
 
 def test_tampered_missing_or_damaged_files_are_refused(exported, tmp_path):
     from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+
     d = _copy_export(exported, tmp_path)
     lib = d / "kernels-cpu.so"
     data = bytearray(lib.read_bytes())
@@ -331,6 +349,7 @@ def test_tampered_missing_or_damaged_files_are_refused(exported, tmp_path):
     with pytest.raises(KernelLibraryError, match="no manifest.json"):
         ExportedKernels(d)
     from fraccompile.targets import cuda
+
     lib = ExportedKernels(exported[0]).cuda_library  # a cpu-only export has no GPU kernels
     with pytest.raises(KernelLibraryError, match="no cuda target"):
         lib.kernel(cuda.padded(1, 64, 64, 64), "sm_90")
@@ -341,17 +360,20 @@ def test_truncated_library_is_refused_even_when_the_manifest_hash_matches(export
     before, whatever the manifest says."""
     from fraccompile import fileio
     from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+
     d = _copy_export(exported, tmp_path)
     lib = d / "kernels-cpu.so"
-    lib.write_bytes(lib.read_bytes()[:lib.stat().st_size // 2])
+    lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])
     _edit_manifest(d, sha256=fileio.sha256_file(lib))
-    with pytest.raises(KernelLibraryError, match=r"kernels-cpu.so is not a whole shared library "
-                       r"\(truncated"):
+    with pytest.raises(
+        KernelLibraryError,
+        match=r"kernels-cpu.so is not a whole shared library "
+        r"\(truncated",
+    ):
         ExportedKernels(d)
 
 
-def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, model_file, tmp_path,
-                                                                  caplog):
+def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, model_file, tmp_path, caplog):
     d = _copy_export(exported, tmp_path)
     other = _other_cpu()
     _edit_manifest(d, mcpu=other)
@@ -364,11 +386,13 @@ def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, mode
 
 def test_other_input_shapes_are_refused_naming_the_site(exported, model_file):
     from fraccompile.targets.export import KernelLibraryError
+
     out, _ = exported
     fm, model, _ = _small(model_file, kernels=str(out))
     x = torch.randn(9, 3, 8, 8)  # exported for batch 4
-    with pytest.raises(KernelLibraryError,
-                       match=r"no kernel for the implicit-GEMM conv forward.* conv(_dq)?_9_.*site 'conv'"):
+    with pytest.raises(
+        KernelLibraryError, match=r"no kernel for the implicit-GEMM conv forward.* conv(_dq)?_9_.*site 'conv'"
+    ):
         fm(x)
     ok, _, _ = _small(model_file, kernels=str(out), kernels_fallback=True)
     y = ok(x)
@@ -388,10 +412,12 @@ def test_kernel_options_need_the_tvm_backend():
 
 def test_pickled_model_keeps_its_kernel_library(exported, model_file):
     import pickle
+
     out, _ = exported
     fm, _, x = _small(model_file, kernels=str(out))
     copy_ = pickle.loads(pickle.dumps(fm))
     from fraccompile.targets.export import tvm_backends
+
     (backend,) = tvm_backends(copy_)
     assert backend is tvm_backends(fm)[0] and dict(backend.options)["kernels"] == str(out)
     assert tvm_backends(copy.deepcopy(fm)) == [backend]  # a copy shares it too
@@ -400,6 +426,7 @@ def test_pickled_model_keeps_its_kernel_library(exported, model_file):
 # -- the commands -------------------------------------------------------------------------------------
 def test_tune_and_export_commands(model_file, tmp_path):
     from fraccompile.cli import app
+
     runner = CliRunner()
     db = tmp_path / "db"
     args = ["tune", str(model_file), "--input-shape", "4,3,8,8", "--db", str(db), "--trials", "2"]
@@ -411,8 +438,9 @@ def test_tune_and_export_commands(model_file, tmp_path):
     second = runner.invoke(app, args)
     assert second.exit_code == 0 and f"0 tuned, {len(n)} reused" in second.output
     out = tmp_path / "k"
-    res = runner.invoke(app, ["export", str(model_file), "--input-shape", "4,3,8,8", "--db",
-                              str(db), "--out", str(out)])
+    res = runner.invoke(
+        app, ["export", str(model_file), "--input-shape", "4,3,8,8", "--db", str(db), "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     tiles = {tuple(r["problem"]): r["tile"] for r in n}
@@ -422,14 +450,14 @@ def test_tune_and_export_commands(model_file, tmp_path):
                 assert k["tile"] == tiles[tuple(p)]
     bad = runner.invoke(app, ["tune", str(model_file), "--input-shape", "4,3,8,8", "--rpc", "x"])
     assert bad.exit_code == 2 and "HOST:PORT:KEY" in bad.output
-    cuda = runner.invoke(app, ["tune", str(model_file), "--input-shape", "4,3,8,8", "--target",
-                               "cuda"])
+    cuda = runner.invoke(app, ["tune", str(model_file), "--input-shape", "4,3,8,8", "--target", "cuda"])
     assert cuda.exit_code == 2 and "CUDA runtime" in cuda.output
 
 
 def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
     """A local tracker and server (TVM's RPC): a kernel is built here, uploaded and timed there."""
     from fraccompile.errors import MissingDependencyError, require_extra
+
     try:  # TVM's tracker and server need the RPC part of the `tune` extra
         require_extra("tune", "TVM's RPC tracker and server", ("tornado", "psutil", "cloudpickle"))
     except MissingDependencyError as err:
@@ -438,9 +466,16 @@ def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
     from tvm.rpc.tracker import Tracker
 
     from fraccompile.targets import gemm, tuning
+
     tracker = Tracker("127.0.0.1", port=9190, port_end=9990, silent=True)
-    server = rpc.Server("127.0.0.1", port=10000, port_end=10990, key="fctest",
-                        tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    server = rpc.Server(
+        "127.0.0.1",
+        port=10000,
+        port_end=10990,
+        key="fctest",
+        tracker_addr=("127.0.0.1", tracker.port),
+        silent=True,
+    )
     try:
         runner = tuning.RPCRunner(f"127.0.0.1:{tracker.port}:fctest", repeat=2, min_repeat_ms=5)
         assert 0 < runner.time(gemm.padded(1, 64, 64, 64)) < 1
@@ -455,6 +490,7 @@ def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
 # -- the CUDA target (code generation and nvcc; running needs a GPU) ---------------------------------
 def _nvcc_reason():
     from fraccompile.targets import cuda
+
     return cuda.nvcc_unavailable_reason()
 
 
@@ -464,6 +500,7 @@ def exported_both(exported, tmp_path_factory, model_file):
     import shutil
 
     from fraccompile.targets.export import export
+
     if _nvcc_reason():
         pytest.skip(_nvcc_reason())
     out = tmp_path_factory.mktemp("both") / "k"
@@ -475,6 +512,7 @@ def exported_both(exported, tmp_path_factory, model_file):
 def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
     from fraccompile.targets import cuda
     from fraccompile.targets.export import ExportedKernels
+
     out, manifest = exported_both
     assert set(manifest["targets"]) == {"cpu", "cuda"}
     info = manifest["targets"]["cuda"]
@@ -498,6 +536,7 @@ def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
         assert (grid, block, params) == cuda.launch_config(shape)[:2] + (cuda.launch_config(shape)[3],)
     missing = cuda.padded(1, 8, 8, 4096)
     from fraccompile.targets.export import KernelLibraryError
+
     with pytest.raises(KernelLibraryError, match="no CUDA kernel for " + missing.name):
         provider.cuda_library.kernel(missing, "sm_90")
     assert ExportedKernels(out, fallback=True).cuda_library.kernel(missing, "sm_90") is None
@@ -507,6 +546,7 @@ def _assert_cpu_gemms_run_exactly(provider) -> None:
     """Every GEMM problem of the provider's CPU section runs from its library (an export builds
     nothing: ``get`` refuses what the library lacks) and gives the exact integer product."""
     from fraccompile.targets.kernels import KernelRef
+
     assert provider.problems
     gen = torch.Generator().manual_seed(0)
     for key in sorted(provider.problems):
@@ -522,6 +562,7 @@ def _assert_cpu_gemms_run_exactly(provider) -> None:
 
 def test_exported_cpu_gemms_run_exactly(exported):
     from fraccompile.targets.export import ExportedKernels
+
     _assert_cpu_gemms_run_exactly(ExportedKernels(exported[0]))
 
 
@@ -529,6 +570,7 @@ def test_tampered_fatbin_is_refused(exported_both, tmp_path):
     import shutil
 
     from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+
     out, _ = exported_both
     d = tmp_path / "k"
     shutil.copytree(out, d)
@@ -540,6 +582,7 @@ def test_tampered_fatbin_is_refused(exported_both, tmp_path):
 
 def test_backend_on_an_export_takes_gpu_kernels_from_it(exported_both):
     from fraccompile.ops.backend import get_backend
+
     out, _ = exported_both
     backend = get_backend("tvm", kernels=str(out))
     assert backend.cuda.library.info is not None
@@ -550,14 +593,35 @@ def test_train_command_on_exported_kernels(model_file, tmp_path):
     """`fraccompile train --kernels DIR` trains on an export made for its batch shape, and refuses
     (one line, exit 2) when the batch shape differs from the export's."""
     from fraccompile.cli import app
+
     runner = CliRunner()
     out = tmp_path / "k"
-    res = runner.invoke(app, ["export", str(model_file), "--input-shape", "4,3,32,32",
-                              "--out", str(out)])
+    res = runner.invoke(app, ["export", str(model_file), "--input-shape", "4,3,32,32", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    common = ["train", str(model_file), "--schedule", "static", "--fw", "8", "--bw", "8",
-              "--iters", "2", "--eval-every", "2", "--test-limit", "8", "--train-limit", "16",
-              "--backend", "tvm", "--scheme", "symmetric", "--kernels", str(out)]
+    common = [
+        "train",
+        str(model_file),
+        "--schedule",
+        "static",
+        "--fw",
+        "8",
+        "--bw",
+        "8",
+        "--iters",
+        "2",
+        "--eval-every",
+        "2",
+        "--test-limit",
+        "8",
+        "--train-limit",
+        "16",
+        "--backend",
+        "tvm",
+        "--scheme",
+        "symmetric",
+        "--kernels",
+        str(out),
+    ]
     ok = runner.invoke(app, common + ["--batch-size", "4", "--out", str(tmp_path / "run")])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "run" / "log.jsonl").exists()
@@ -570,6 +634,7 @@ def test_cuda_only_export_refuses_cpu_tensors(exported_both, model_file, tmp_pat
     import shutil
 
     from fraccompile.targets.export import KernelLibraryError
+
     out, _ = exported_both
     d = tmp_path / "k"
     shutil.copytree(out, d)
@@ -584,6 +649,7 @@ def test_cuda_only_export_refuses_cpu_tensors(exported_both, model_file, tmp_pat
 
 def _gpu_reason():
     from fraccompile.targets.cuda_driver import gpu_unavailable_reason
+
     return gpu_unavailable_reason() or _nvcc_reason()
 
 
@@ -592,6 +658,7 @@ def test_gpu_step_on_the_exported_fatbin_builds_nothing(exported_both, model_fil
     """On a GPU, a model compiled on an export runs its GEMMs from the fatbin (nvcc is never
     called) and gives the JIT GPU backend's loss and gradients."""
     from fraccompile.targets import cuda
+
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     out, _ = exported_both

@@ -22,8 +22,7 @@ from fraccompile.ops.modules import FracOp
 from fraccompile.ops.spec import Precision
 from fraccompile.targets import tvm_unavailable_reason
 
-pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None,
-                                reason=str(tvm_unavailable_reason()))
+pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
 
 TOL = 1e-5
 
@@ -43,10 +42,19 @@ def _codes(shape, dtype, gen):
     return torch.randint(lo, hi, shape, generator=gen).to(dtype)
 
 
-@pytest.mark.parametrize("g,m,n,k", [(1, 1, 1, 1), (1, 7, 5, 3), (2, 37, 50, 23), (3, 64, 48, 96),
-                                     (1, 130, 17, 257), (4, 5, 33, 1000)])
-@pytest.mark.parametrize("a_dtype,b_dtype", [(torch.uint8, torch.int8), (torch.int8, torch.int8),
-                                             (torch.uint8, torch.uint8), (torch.int8, torch.uint8)])
+@pytest.mark.parametrize(
+    "g,m,n,k",
+    [(1, 1, 1, 1), (1, 7, 5, 3), (2, 37, 50, 23), (3, 64, 48, 96), (1, 130, 17, 257), (4, 5, 33, 1000)],
+)
+@pytest.mark.parametrize(
+    "a_dtype,b_dtype",
+    [
+        (torch.uint8, torch.int8),
+        (torch.int8, torch.int8),
+        (torch.uint8, torch.uint8),
+        (torch.int8, torch.uint8),
+    ],
+)
 def test_gemm_is_exact(tvm_backend, g, m, n, k, a_dtype, b_dtype):
     gen = torch.Generator().manual_seed(g * 1000 + m + n + k)
     a, b = _codes((g, m, k), a_dtype, gen), _codes((g, n, k), b_dtype, gen)
@@ -56,11 +64,17 @@ def test_gemm_is_exact(tvm_backend, g, m, n, k, a_dtype, b_dtype):
 
 
 @pytest.mark.parametrize("g,m,n,k", [(1, 7, 5, 3), (2, 37, 50, 23), (1, 130, 17, 257)])
-@pytest.mark.parametrize("a_dtype,b_dtype", [(torch.uint8, torch.int8), (torch.int8, torch.int8),
-                                             (torch.uint8, torch.uint8), (torch.int8, torch.uint8)])
+@pytest.mark.parametrize(
+    "a_dtype,b_dtype",
+    [
+        (torch.uint8, torch.int8),
+        (torch.int8, torch.int8),
+        (torch.uint8, torch.uint8),
+        (torch.int8, torch.uint8),
+    ],
+)
 @pytest.mark.parametrize("per_column,bias", [(False, False), (True, True)])
-def test_gemm_f32_dequantizes_the_exact_product(tvm_backend, g, m, n, k, a_dtype, b_dtype,
-                                                 per_column, bias):
+def test_gemm_f32_dequantizes_the_exact_product(tvm_backend, g, m, n, k, a_dtype, b_dtype, per_column, bias):
     """The fused epilogue (sign corrections, scale per column, bias) against the exact product
     in float64: within fp32 rounding, for every sign combination (the ones rows and columns)."""
     gen = torch.Generator().manual_seed(g + m + n + k)
@@ -105,16 +119,23 @@ def test_unsigned_by_unsigned_sums_past_int32_are_exact(tvm_backend):
 
 
 @pytest.mark.parametrize("layout", ["mk", "km"])
-@pytest.mark.parametrize("G,M,K,Mp,Kp", [(1, 70, 130, 72, 132), (2, 64, 64, 64, 64),
-                                         (3, 5, 7, 8, 12), (1, 96, 200, 97, 200),
-                                         (1, 33, 65, 34, 128)])
+@pytest.mark.parametrize(
+    "G,M,K,Mp,Kp",
+    [
+        (1, 70, 130, 72, 132),
+        (2, 64, 64, 64, 64),
+        (3, 5, 7, 8, 12),
+        (1, 96, 200, 97, 200),
+        (1, 33, 65, 34, 128),
+    ],
+)
 @pytest.mark.parametrize("flip", [0, 128])
 def test_pack_a_layouts_padding_and_ones_row(layout, G, M, K, Mp, Kp, flip):
     """The A pack against torch: inner tiles and rows (vector code), edges and the padding
     (scalar code), the ones row at M, the sign flip."""
     from fraccompile.targets import pack
-    src = torch.randint(0, 256, (G, M, K), dtype=torch.uint8,
-                        generator=torch.Generator().manual_seed(M * K))
+
+    src = torch.randint(0, 256, (G, M, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(M * K))
     ref = torch.zeros((G, Mp, Kp), dtype=torch.uint8)
     ref[:, :M, :K] = src ^ flip
     if Mp > M:
@@ -126,14 +147,15 @@ def test_pack_a_layouts_padding_and_ones_row(layout, G, M, K, Mp, Kp, flip):
 
 
 @pytest.mark.parametrize("layout", ["nk", "kn"])
-@pytest.mark.parametrize("G,N,K,NB,KB", [(1, 64, 128, 4, 32), (2, 37, 70, 3, 18),
-                                         (1, 48, 64, 4, 17), (3, 5, 7, 1, 2)])
+@pytest.mark.parametrize(
+    "G,N,K,NB,KB", [(1, 64, 128, 4, 32), (2, 37, 70, 3, 18), (1, 48, 64, 4, 17), (3, 5, 7, 1, 2)]
+)
 @pytest.mark.parametrize("flip", [0, 128])
 def test_pack_b_layouts_padding_and_ones_row(layout, G, N, K, NB, KB, flip):
     """The B pack (16x4 blocks) against torch: inner blocks, edge blocks, the ones row at N."""
     from fraccompile.targets import pack
-    src = torch.randint(0, 256, (G, N, K), dtype=torch.uint8,
-                        generator=torch.Generator().manual_seed(N * K))
+
+    src = torch.randint(0, 256, (G, N, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(N * K))
     full = torch.zeros((G, NB * 16, KB * 4), dtype=torch.uint8)
     full[:, :N, :K] = src ^ flip
     if NB * 16 > N:
@@ -145,14 +167,17 @@ def test_pack_b_layouts_padding_and_ones_row(layout, G, N, K, NB, KB, flip):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("geometry", [
-    # N, H, W, C, OC, (kh, kw), stride, padding, dilation
-    (2, 9, 7, 16, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
-    (3, 11, 10, 5, 8, (3, 3), (2, 2), (2, 2), (2, 2)),
-    (2, 6, 8, 3, 8, (3, 1), (1, 2), (2, 0), (1, 1)),
-    (1, 5, 5, 8, 8, (1, 1), (1, 1), (0, 0), (1, 1)),
-    (2, 5, 4, 4, 8, (5, 5), (1, 1), (0, 3), (1, 1)),  # a kernel wider than the image
-])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        # N, H, W, C, OC, (kh, kw), stride, padding, dilation
+        (2, 9, 7, 16, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
+        (3, 11, 10, 5, 8, (3, 3), (2, 2), (2, 2), (2, 2)),
+        (2, 6, 8, 3, 8, (3, 1), (1, 2), (2, 0), (1, 1)),
+        (1, 5, 5, 8, 8, (1, 1), (1, 1), (0, 0), (1, 1)),
+        (2, 5, 4, 4, 8, (5, 5), (1, 1), (0, 3), (1, 1)),  # a kernel wider than the image
+    ],
+)
 @pytest.mark.parametrize("flip", [0, 128])
 def test_conv_a_pack_equals_im2col_then_pack(geometry, flip):
     """The forward's conv A pack (channels-last codes -> padded, flipped im2col rows, ones row at
@@ -165,8 +190,9 @@ def test_conv_a_pack_equals_im2col_then_pack(geometry, flip):
 
     N, H, W, C, OC, ks, stride, padding, dilation = geometry
     conv = nn.Conv2d(C, OC, ks, stride=stride, padding=padding, dilation=dilation)
-    fm = fraccompile.compile(nn.Sequential(conv), torch.randn(N, C, H, W),
-                             FracConfig(scheme="symmetric", full_precision=()))
+    fm = fraccompile.compile(
+        nn.Sequential(conv), torch.randn(N, C, H, W), FracConfig(scheme="symmetric", full_precision=())
+    )
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
     gen = torch.Generator().manual_seed(sum(geometry[:4]))
     xl = torch.randint(0, 256, (N, H, W, C), dtype=torch.uint8, generator=gen)
@@ -177,8 +203,7 @@ def test_conv_a_pack_equals_im2col_then_pack(geometry, flip):
     kernel = get_backend("tvm").kernel
     for mp, kp in ((M, K + (-K) % 4), (M + 1, K + (-K) % 32), (M + 7, K + 64)):
         got = torch.empty(1, mp, kp, dtype=torch.uint8)
-        kernel(KernelRef("pack_conv_a", (*geo, mp, kp)))(xl.reshape(-1), B._flip(flip),
-                                                         got.view(-1))
+        kernel(KernelRef("pack_conv_a", (*geo, mp, kp)))(xl.reshape(-1), B._flip(flip), got.view(-1))
         assert torch.equal(got, B._pack_a(cols, flip, mp, kp, kernel)), (mp, kp)
 
 
@@ -205,10 +230,13 @@ def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
 
     def run():
         torch.manual_seed(0)
-        return [B._to_codes(x, qp, stochastic=True, noise=n, kernel=record).codes
-                for n in ("torch", "counter")] \
-            + [backend.gemm_f32(a, b, scale, bias), backend.gemm_f32(a.mT.contiguous().mT, b, scale),
-               backend._dequantize_codes(B.IntCodes(a, scale[:1], True), "eb").clone()]
+        return [
+            B._to_codes(x, qp, stochastic=True, noise=n, kernel=record).codes for n in ("torch", "counter")
+        ] + [
+            backend.gemm_f32(a, b, scale, bias),
+            backend.gemm_f32(a.mT.contiguous().mT, b, scale),
+            backend._dequantize_codes(B.IntCodes(a, scale[:1], True), "eb").clone(),
+        ]
 
     monkeypatch.setattr(B.TVMBackend, "kernel", lambda self, ref: record(ref))
     for openmp, threshold in ((False, 0), (False, 1 << 40), (True, 1 << 40)):
@@ -224,13 +252,16 @@ def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
-@pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 11), True), ((3, 5, 7, 11), False),
-                                                 ((2, 16, 33, 40), True), ((4099,), False)])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((3, 5, 7, 11), True), ((3, 5, 7, 11), False), ((2, 16, 33, 40), True), ((4099,), False)],
+)
 def test_codes_dequantize_kernel_is_the_reference(tvm_backend, dtype, shape, channels_last):
     """The one-pass TVM dequantize of codes (EB's fp32 input) equals ``IntCodes.dequantize``
     (torch's promotion and multiply) bit for bit, in either layout, with a tail past the
     kernel's 4096-element blocks, and keeps the codes' layout."""
     from fraccompile.targets.backend import IntCodes
+
     gen = torch.Generator().manual_seed(3)
     lo, hi = (-127, 128) if dtype == torch.int8 else (0, 256)
     q = torch.randint(lo, hi, shape, dtype=dtype, generator=gen)
@@ -263,8 +294,7 @@ def test_kernel_without_vnni_is_exact():
     assert torch.equal(C.long(), A.long() @ B.long().mT)
 
 
-@pytest.mark.parametrize("stochastic,noise", [(False, "torch"), (True, "torch"),
-                                              (True, "counter")])
+@pytest.mark.parametrize("stochastic,noise", [(False, "torch"), (True, "torch"), (True, "counter")])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 37, 3, 21)])
 def test_fused_quantize_gives_the_reference_codes(stochastic, noise, layout, shape):
@@ -314,8 +344,10 @@ def _site_roles(op: FracOp, args, backend_name: str, seed: int = 3):
     """Output, and gradients of every float input and parameter, of ``op`` (a copy) on ``args``."""
     o = copy.deepcopy(op)
     o.backend = get_backend(backend_name)
-    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
-              and a.is_floating_point() else a for a in args[:-1]]
+    leaves = [
+        a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in args[:-1]
+    ]
     y = o(*leaves, args[-1])
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(seed)  # the gradient's stochastic rounding: the same draws on both backends
@@ -336,11 +368,18 @@ def _compare(op, args, on_tvm: bool = False):
     return errs
 
 
-def _module_site(module: torch.nn.Module, x: torch.Tensor, prec=Precision(8, 8, 8),
-                 weight_scale="channel", scheme="symmetric"):
-    fm = fraccompile.compile(torch.nn.Sequential(module), x,
-                             FracConfig(scheme=scheme, full_precision=(),
-                                        weight_scale=weight_scale))
+def _module_site(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    prec=Precision(8, 8, 8),
+    weight_scale="channel",
+    scheme="symmetric",
+):
+    fm = fraccompile.compile(
+        torch.nn.Sequential(module),
+        x,
+        FracConfig(scheme=scheme, full_precision=(), weight_scale=weight_scale),
+    )
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
     return op, (x, tuple(prec))
 
@@ -362,9 +401,10 @@ CONVS = [
 ]
 
 
-@pytest.mark.parametrize("idx,channels_last", [(i, cl) for i in range(len(CONVS))
-                                                 for cl in (False, True)
-                                                 if not cl or len(CONVS[i][1]) == 4])
+@pytest.mark.parametrize(
+    "idx,channels_last",
+    [(i, cl) for i in range(len(CONVS)) for cl in (False, True) if not cl or len(CONVS[i][1]) == 4],
+)
 @pytest.mark.parametrize("signed_input", [False, True])
 def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatch):
     """Ungrouped 2-D convs take the fused paths of the forward (implicit GEMM, or A packed from
@@ -389,8 +429,11 @@ def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatc
     # the implicit GEMM dequantizes in its write-back when no output channel is padding
     implicit = fused and shape[1] % 4 == 0
     dq = implicit and module.out_channels % 16 == 0
-    assert ("conv_dq" in kinds, "conv" in kinds, "pack_conv_a" in kinds) == \
-        (dq, implicit and not dq, fused and not implicit)
+    assert ("conv_dq" in kinds, "conv" in kinds, "pack_conv_a" in kinds) == (
+        dq,
+        implicit and not dq,
+        fused and not implicit,
+    )
 
 
 def test_implicit_conv_borders_survive_geometry_and_sign_changes():
@@ -412,8 +455,16 @@ def test_implicit_conv_borders_survive_geometry_and_sign_changes():
         "p2": (SiteSpec.conv(2, 1, 2, dilation=2), (2, 8, 4, 6)),
     }
     shared = TVMBackend()
-    for name, signed in [("p1", False), ("p1", False), ("p2", False), ("p1", True),
-                         ("p1", False), ("p2", False), ("p2", True), ("p2", False)]:
+    for name, signed in [
+        ("p1", False),
+        ("p1", False),
+        ("p2", False),
+        ("p1", True),
+        ("p1", False),
+        ("p2", False),
+        ("p2", True),
+        ("p2", False),
+    ]:
         spec, shape = cases[name]
         x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
         xq = codes(x if signed else x.relu())
@@ -421,8 +472,10 @@ def test_implicit_conv_borders_survive_geometry_and_sign_changes():
         dyq = codes(dy.contiguous(memory_format=torch.channels_last), signed=True)
         fresh = TVMBackend()
         for backend in (shared, fresh):
-            out = [backend.fw(spec, xq, w, shape, (16, 8, 3, 3)),
-                   backend.gc(spec, xq, dyq, shape, (16, 8, 3, 3))]
+            out = [
+                backend.fw(spec, xq, w, shape, (16, 8, 3, 3)),
+                backend.gc(spec, xq, dyq, shape, (16, 8, 3, 3)),
+            ]
             if backend is shared:
                 got = [t.clone() for t in out]
         assert all(torch.equal(a, b) for a, b in zip(got, out)), (name, signed)
@@ -459,16 +512,20 @@ def test_conv_input_gradient_keeps_the_input_layout(channels_last):
     assert seen[0].is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("shape,dim,channels_last", [
-    ((32, 64, 2048), 2, False),   # linear, int32 row sums
-    ((6, 33), 1, False),          # linear, int32 row sums
-    ((130, 16), 1, False),        # 16 channels: torch's int64 reduction
-    ((8, 32, 5, 5), 1, True),     # channels-last conv, int32 row sums
-    ((8, 32, 5, 5), 1, False),    # NCHW conv: int64 reduction
-    ((3, 0, 40), 2, False),       # empty
-])
+@pytest.mark.parametrize(
+    "shape,dim,channels_last",
+    [
+        ((32, 64, 2048), 2, False),  # linear, int32 row sums
+        ((6, 33), 1, False),  # linear, int32 row sums
+        ((130, 16), 1, False),  # 16 channels: torch's int64 reduction
+        ((8, 32, 5, 5), 1, True),  # channels-last conv, int32 row sums
+        ((8, 32, 5, 5), 1, False),  # NCHW conv: int64 reduction
+        ((3, 0, 40), 2, False),  # empty
+    ],
+)
 def test_bias_gradient_code_sums_are_exact(shape, dim, channels_last):
     from fraccompile.targets.affine import _channel_sums
+
     gen = torch.Generator().manual_seed(0)
     c = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
     if channels_last:
@@ -476,8 +533,10 @@ def test_bias_gradient_code_sums_are_exact(shape, dim, channels_last):
     ref = c.sum([d for d in range(c.dim()) if d != dim], dtype=torch.int64)
     assert torch.equal(_channel_sums(c, dim).long(), ref)
     extreme = torch.full(shape, -128, dtype=torch.int8)
-    assert torch.equal(_channel_sums(extreme, dim).long(),
-                       extreme.sum([d for d in range(len(shape)) if d != dim], dtype=torch.int64))
+    assert torch.equal(
+        _channel_sums(extreme, dim).long(),
+        extreme.sum([d for d in range(len(shape)) if d != dim], dtype=torch.int64),
+    )
 
 
 @pytest.mark.parametrize("bits", [(4, 4, 6), (8, 8, 8), (2, 3, 5)])
@@ -487,25 +546,29 @@ def test_linear_roles_match_reference(bits, shape):
     _compare(*_module_site(torch.nn.Linear(33, 19), torch.randn(*shape), Precision(*bits)))
 
 
-@pytest.mark.parametrize("module,shape,integer_eb", [
-    (torch.nn.Linear(33, 19), (2, 5, 33), True),
-    (torch.nn.Linear(40, 70), (130, 40), True),
-    (CONVS[1][0], CONVS[1][1], False),                       # stride 2: fp32
-    (C2(8, 16, 3, padding=1), (2, 8, 6, 8), True),            # the transposed conv: integer
-    (C2(12, 32, 3, padding=2, dilation=2, bias=False), (3, 12, 7, 12), True),
-    (C2(8, 20, (3, 1), padding=(1, 0)), (2, 8, 5, 8), True),  # 20 channels: int32 product
-    (C2(8, 16, 3, padding=3), (2, 8, 6, 8), False),           # padding over d·(k-1): fp32
-    (C2(6, 16, 3, padding=1), (2, 6, 6, 8), True),            # 6 outputs: int32 product
-    (C2(8, 10, 3, padding=1), (2, 8, 6, 8), False),           # dy's 10 channels: not in fours
-])
-def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(module, shape,
-                                                                             integer_eb,
-                                                                             monkeypatch):
+@pytest.mark.parametrize(
+    "module,shape,integer_eb",
+    [
+        (torch.nn.Linear(33, 19), (2, 5, 33), True),
+        (torch.nn.Linear(40, 70), (130, 40), True),
+        (CONVS[1][0], CONVS[1][1], False),  # stride 2: fp32
+        (C2(8, 16, 3, padding=1), (2, 8, 6, 8), True),  # the transposed conv: integer
+        (C2(12, 32, 3, padding=2, dilation=2, bias=False), (3, 12, 7, 12), True),
+        (C2(8, 20, (3, 1), padding=(1, 0)), (2, 8, 5, 8), True),  # 20 channels: int32 product
+        (C2(8, 16, 3, padding=3), (2, 8, 6, 8), False),  # padding over d·(k-1): fp32
+        (C2(6, 16, 3, padding=1), (2, 6, 6, 8), True),  # 6 outputs: int32 product
+        (C2(8, 10, 3, padding=1), (2, 8, 6, 8), False),  # dy's 10 channels: not in fours
+    ],
+)
+def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(
+    module, shape, integer_eb, monkeypatch
+):
     """weight_scale="tensor": every role still equals the reference backend (which quantizes the
     weights per tensor too); the error backprop of a linear site becomes an integer GEMM, and
     that of a stride-1 2-D conv the implicit-GEMM forward of its transposed conv."""
     from fraccompile.targets.backend import TVMBackend
     from fraccompile.targets.kernels import JitKernels
+
     roles = []
     gemm, get = TVMBackend._gemm, JitKernels.get
 
@@ -517,6 +580,7 @@ def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(modul
         if ref.kind in ("conv", "conv_dq"):
             roles.append(where[1])
         return get(self, ref, where)
+
     monkeypatch.setattr(TVMBackend, "_gemm", counting)
     monkeypatch.setattr(JitKernels, "get", recording_get)
     torch.manual_seed(0)
@@ -527,18 +591,23 @@ def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(modul
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
-@pytest.mark.parametrize("module,shape,integer_eb", [
-    (torch.nn.Linear(33, 19), (2, 5, 33), True),
-    (C2(8, 16, 3, padding=1), (2, 8, 6, 8), True),            # the transposed conv: integer
-    (CONVS[1][0], CONVS[1][1], False),                        # stride 2: fp32
-    (C2(8, 16, 3, dilation=2, padding=2, groups=2), (2, 8, 9, 9), False),  # groups: fp32
-])
-def test_gemm_weight_scales_match_reference_and_run_eb_in_integers(module, shape, integer_eb,
-                                                                   scheme, monkeypatch):
+@pytest.mark.parametrize(
+    "module,shape,integer_eb",
+    [
+        (torch.nn.Linear(33, 19), (2, 5, 33), True),
+        (C2(8, 16, 3, padding=1), (2, 8, 6, 8), True),  # the transposed conv: integer
+        (CONVS[1][0], CONVS[1][1], False),  # stride 2: fp32
+        (C2(8, 16, 3, dilation=2, padding=2, groups=2), (2, 8, 9, 9), False),  # groups: fp32
+    ],
+)
+def test_gemm_weight_scales_match_reference_and_run_eb_in_integers(
+    module, shape, integer_eb, scheme, monkeypatch
+):
     """weight_scale="gemm": the error backprop reads the weight quantized again per input
     channel (its output columns), on both backends alike; on tvm that GEMM is integer (symmetric;
     sbm's zero points per input channel keep a conv's in fp32)."""
     from fraccompile.targets.backend import TVMBackend
+
     roles = []
     eb_integer = TVMBackend._eb_integer
 
@@ -546,10 +615,10 @@ def test_gemm_weight_scales_match_reference_and_run_eb_in_integers(module, shape
         out = eb_integer(self, *args, **kwargs)
         roles.append(out is not None)
         return out
+
     monkeypatch.setattr(TVMBackend, "_eb_integer", counting)
     torch.manual_seed(0)
-    op, args = _module_site(copy.deepcopy(module), torch.randn(*shape), weight_scale="gemm",
-                            scheme=scheme)
+    op, args = _module_site(copy.deepcopy(module), torch.randn(*shape), weight_scale="gemm", scheme=scheme)
     _compare(op, args, on_tvm=True)
     expect = integer_eb and not (scheme == "sbm" and isinstance(module, C2))
     assert any(roles) == expect, roles
@@ -559,6 +628,7 @@ def test_gemm_weight_scale_quantizes_backprop_weights_per_input_channel():
     """The reference semantics of weight_scale="gemm": dx is dy times the weight quantized per
     input channel, not per output channel (so it differs from "channel"'s)."""
     from fraccompile.ops.quantizers import quantize_weight_for_backprop
+
     torch.manual_seed(0)
     lin, x = torch.nn.Linear(6, 5), torch.randn(4, 6)
     dxs = {}
@@ -584,17 +654,19 @@ class _MatMul(torch.nn.Module):
         return self.fn(x, y)
 
 
-@pytest.mark.parametrize("xs,ys,fn", [
-    ((2, 3, 9, 16), (2, 3, 16, 7), torch.matmul),
-    ((4, 10, 12), (4, 12, 5), torch.bmm),
-    ((2, 3, 9, 16), (16, 7), torch.matmul),          # broadcast second operand
-    ((5, 8), (8, 21), torch.matmul),
-])
+@pytest.mark.parametrize(
+    "xs,ys,fn",
+    [
+        ((2, 3, 9, 16), (2, 3, 16, 7), torch.matmul),
+        ((4, 10, 12), (4, 12, 5), torch.bmm),
+        ((2, 3, 9, 16), (16, 7), torch.matmul),  # broadcast second operand
+        ((5, 8), (8, 21), torch.matmul),
+    ],
+)
 def test_matmul_roles_match_reference(xs, ys, fn):
     torch.manual_seed(0)
     x, y = torch.randn(*xs), torch.randn(*ys).relu()  # a signed and an unsigned operand
-    fm = fraccompile.compile(_MatMul(fn), (x, y), FracConfig(scheme="symmetric",
-                                                             full_precision=()))
+    fm = fraccompile.compile(_MatMul(fn), (x, y), FracConfig(scheme="symmetric", full_precision=()))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
     _compare(op, (x, y, (8, 8, 8)))
 
@@ -621,8 +693,9 @@ def test_linear_roles_match_reference_for_every_scheme_and_width(scheme, bits, w
     torch.manual_seed(1)
     x = torch.randn(3, 7, 33)
     for inp in (x, x.relu()):
-        _compare(*_module_site(torch.nn.Linear(33, 19), inp, Precision(*bits), weight_scale,
-                               scheme), on_tvm=True)
+        _compare(
+            *_module_site(torch.nn.Linear(33, 19), inp, Precision(*bits), weight_scale, scheme), on_tvm=True
+        )
 
 
 @pytest.mark.parametrize("bits", [(8, 8, 8), (4, 4, 12)])
@@ -630,8 +703,7 @@ def test_linear_roles_match_reference_for_every_scheme_and_width(scheme, bits, w
 def test_sbm_matmul_roles_match_reference(xs, ys, bits):
     torch.manual_seed(0)
     x, y = torch.randn(*xs), torch.randn(*ys)
-    fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme="sbm",
-                                                                       full_precision=()))
+    fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme="sbm", full_precision=()))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
     _compare(op, (x, y, bits), on_tvm=True)
 
@@ -640,13 +712,12 @@ def test_wide_gradient_codes_split_exactly_and_per_sample_sums_group():
     """The exact pieces: wide codes as two 8-bit halves add back to the codes, and a weight
     gradient over samples with per-sample scales equals the one of the dequantized values."""
     from fraccompile.targets.codes import IntCodes, split_codes
+
     gen = torch.Generator().manual_seed(0)
     for signed, top in ((True, 32767), (False, 65535), (True, 2047)):
-        codes = torch.randint(-top if signed else 0, top + 1, (5, 77), generator=gen,
-                              dtype=torch.int32)
+        codes = torch.randint(-top if signed else 0, top + 1, (5, 77), generator=gen, dtype=torch.int32)
         parts = split_codes(IntCodes(codes, torch.tensor([0.5]), signed))
-        assert [p.codes.dtype for p in parts] == [torch.int8 if signed else torch.uint8,
-                                                  torch.uint8]
+        assert [p.codes.dtype for p in parts] == [torch.int8 if signed else torch.uint8, torch.uint8]
         total = sum(p.codes.long() * int(p.scale.item() / 0.5) for p in parts)
         assert torch.equal(total, codes.long())
 
@@ -679,15 +750,19 @@ def test_auto_backend_picks_tvm_here_and_reports_per_site(monkeypatch):
     assert ob.resolve_auto() == "tvm"
     assert [s.backend for s in fm.sites if not s.full_precision] == ["tvm", "tvm"]
     fm.precision.set(a=12)
-    assert all(s.backend == "reference" and "a=12 bits" in s.fallback_reason
-               for s in fm.sites if not s.full_precision)
+    assert all(
+        s.backend == "reference" and "a=12 bits" in s.fallback_reason
+        for s in fm.sites
+        if not s.full_precision
+    )
     # where TVM cannot load, auto is the reference backend (options dropped), without a reason
     name, (factory, _, opts) = "tvm", ob._FACTORIES["tvm"]
     monkeypatch.setitem(ob._FACTORIES, name, (factory, lambda: "no TVM here", opts))
     assert ob.resolve_auto() == "reference"
     fm2 = fraccompile.compile(_tiny(), x, FracConfig(backend="auto", tuning_db="unused"))
-    assert {(s.backend, s.fallback_reason) for s in fm2.sites if not s.full_precision} == \
-        {("reference", None)}
+    assert {(s.backend, s.fallback_reason) for s in fm2.sites if not s.full_precision} == {
+        ("reference", None)
+    }
 
 
 def _gated(op: FracOp, choice, a=(3, 4, 4, 6, 6), g=(6, 6, 8, 8, 12), w=8):
@@ -700,9 +775,10 @@ def _gated(op: FracOp, choice, a=(3, 4, 4, 6, 6), g=(6, 6, 8, 8, 12), w=8):
 
 
 @pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
-@pytest.mark.parametrize("module,shape", [(CONVS[0][0], (5, 5, 11, 9)),
-                                          (CONVS[8][0], (5, 8, 6, 8)),
-                                          (torch.nn.Linear(33, 19), (5, 4, 33))])
+@pytest.mark.parametrize(
+    "module,shape",
+    [(CONVS[0][0], (5, 5, 11, 9)), (CONVS[8][0], (5, 8, 6, 8)), (torch.nn.Linear(33, 19), (5, 4, 33))],
+)
 def test_routed_gate_roles_match_reference(module, shape, scheme):
     """A DFQ-routed site with mixed per-sample decisions (a in 3..6, g in 6..12): per-row scales
     in the forward and error backprop, one weight-gradient accumulation per candidate group, and
@@ -736,8 +812,11 @@ def test_every_site_of_each_example_matches_reference(example, scheme):
     _, model, x, kwargs, _ = example
     fm = fraccompile.compile(model, x, FracConfig(a=8, w=8, g=8, scheme=scheme, **kwargs))
     calls = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args)))
-             for m in fm.modules() if isinstance(m, FracOp)]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: calls.append((mod, args)))
+        for m in fm.modules()
+        if isinstance(m, FracOp)
+    ]
     fm(x)
     for h in hooks:
         h.remove()
@@ -746,8 +825,9 @@ def test_every_site_of_each_example_matches_reference(example, scheme):
         _compare(op, args)
 
 
-@pytest.mark.parametrize("noise,weight_scale", [("torch", "channel"), ("counter", "channel"),
-                                                ("counter", "tensor")])
+@pytest.mark.parametrize(
+    "noise,weight_scale", [("torch", "channel"), ("counter", "channel"), ("counter", "tensor")]
+)
 def test_training_step_close_to_reference(noise, weight_scale):
     """A whole step of a small CNN: same loss and gradients within 1e-5, with either rounding
     noise, and with one weight scale per tensor (the conv's error backprop in integers).
@@ -756,15 +836,22 @@ def test_training_step_close_to_reference(noise, weight_scale):
     across a rounding boundary changes its code, which batch norm then amplifies — hence the
     site-by-site test above on every example.)"""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(C2(3, 16, 3, padding=1), torch.nn.ReLU(), C2(16, 32, 3, padding=1),
-                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(
+        C2(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        C2(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
+    )
     x, y = torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,))
     out = {}
     for be in ("reference", "tvm"):
         m = copy.deepcopy(model)
-        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend=be,
-                                                  rounding_noise=noise, weight_scale=weight_scale))
+        fm = fraccompile.compile(
+            m, x, FracConfig(scheme="symmetric", backend=be, rounding_noise=noise, weight_scale=weight_scale)
+        )
         torch.manual_seed(1)
         loss = F.cross_entropy(fm(x), y)
         loss.backward()
@@ -784,13 +871,14 @@ def test_kept_fp32_convs_read_channels_last_on_tvm():
     x = torch.randn(2, 3, 8, 8)
     layouts = {}
     for be in ("reference", "tvm"):
-        fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(scheme="symmetric",
-                                                                     backend=be))
+        fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(scheme="symmetric", backend=be))
         calls = [n for n in fm.graph.nodes if n.op == "call_method" and n.target == "contiguous"]
         seen = []
         hook = fm.get_submodule("0").register_forward_hook(
             lambda mod, args, out, seen=seen: seen.append(
-                out.is_contiguous(memory_format=torch.channels_last)))
+                out.is_contiguous(memory_format=torch.channels_last)
+            )
+        )
         fm(x)
         hook.remove()
         layouts[be] = (len(calls), seen)
@@ -801,8 +889,7 @@ def test_backward_keeps_int8_codes_not_float_copies():
     torch.manual_seed(0)
     conv = C2(16, 16, 3, padding=1)
     x = torch.randn(4, 16, 8, 8).relu()
-    fm = fraccompile.compile(conv, x, FracConfig(scheme="symmetric", backend="tvm",
-                                                 full_precision=()))
+    fm = fraccompile.compile(conv, x, FracConfig(scheme="symmetric", backend="tvm", full_precision=()))
     saved = []
 
     def pack(t):
@@ -828,11 +915,11 @@ class _MLP(torch.nn.Module):
         self.head = torch.nn.Linear(40, 10)
 
     def forward(self, x):
-        h = F.gelu(self.fc1(x), approximate="tanh")          # function
-        h = self.fc2(h).relu()                                # method
-        h = self.act(self.fc3(h))                             # module
+        h = F.gelu(self.fc1(x), approximate="tanh")  # function
+        h = self.fc2(h).relu()  # method
+        h = self.act(self.fc3(h))  # module
         u = self.fc4(h)
-        h = F.gelu(u) + u                                     # two users: not fused
+        h = F.gelu(u) + u  # two users: not fused
         h = torch.relu(self.shared(torch.relu(self.shared(h))))  # shared: not fused
         return self.head(h)
 
@@ -853,8 +940,7 @@ def _fused_run(model, x, **cfg):
     """Loss, gradients and the bytes autograd saved (distinct storages, parameters excluded) of
     one step."""
     m = copy.deepcopy(model)
-    fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
-                                              full_precision=(), **cfg))
+    fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm", full_precision=(), **cfg))
     params = {p.untyped_storage().data_ptr() for p in m.parameters()}
     storages = {}
 
@@ -871,10 +957,13 @@ def _fused_run(model, x, **cfg):
     return loss.detach(), [p.grad for p in m.parameters()], sum(storages.values()), fused
 
 
-@pytest.mark.parametrize("model,shape,expected", [
-    (_MLP(), (42, 33), {"fc1": ("gelu", "tanh"), "fc2": ("relu", ""), "fc3": ("silu", "")}),
-    (_CNN(), (4, 3, 12, 12), {"c1": ("relu", ""), "c2": ("gelu", "none")}),
-])
+@pytest.mark.parametrize(
+    "model,shape,expected",
+    [
+        (_MLP(), (42, 33), {"fc1": ("gelu", "tanh"), "fc2": ("relu", ""), "fc3": ("silu", "")}),
+        (_CNN(), (4, 3, 12, 12), {"c1": ("relu", ""), "c2": ("gelu", "none")}),
+    ],
+)
 def test_epilogue_fusion_is_bit_identical_and_saves_no_fp32_activation(model, shape, expected):
     """The fused sites' backward recomputes the pre-activation from the int8 codes: loss and every
     gradient equal the unfused graph's exactly, and autograd keeps at least the fp32
@@ -887,16 +976,21 @@ def test_epilogue_fusion_is_bit_identical_and_saves_no_fp32_activation(model, sh
     assert torch.equal(loss, loss0)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads0))
     sizes = {}  # fp32 bytes of each fused site's output
-    hooks = [getattr(model, n).register_forward_hook(
-        lambda mod, args, out, n=n: sizes.__setitem__(n, out.numel() * 4)) for n in expected]
+    hooks = [
+        getattr(model, n).register_forward_hook(
+            lambda mod, args, out, n=n: sizes.__setitem__(n, out.numel() * 4)
+        )
+        for n in expected
+    ]
     model(x)
     for h in hooks:
         h.remove()
     assert saved0 - saved >= sum(sizes.values()), (saved0, saved, sizes)
 
 
-@pytest.mark.parametrize("layer,shape", [(torch.nn.Linear(33, 20), (2, 5, 33)),
-                                         (C2(4, 20, 3, padding=1), (2, 4, 6, 6))])
+@pytest.mark.parametrize(
+    "layer,shape", [(torch.nn.Linear(33, 20), (2, 5, 33)), (C2(4, 20, 3, padding=1), (2, 4, 6, 6))]
+)
 def test_in_place_op_on_a_site_output(layer, shape):
     """A site's output is not a view of the kernel's buffer: ``ReLU(inplace=True)`` after it works
     (autograd refuses in-place ops on a custom Function's view outputs) and gives the gradients of
@@ -906,11 +1000,13 @@ def test_in_place_op_on_a_site_output(layer, shape):
     grads = []
     for inplace in (True, False):
         torch.manual_seed(2)
-        m = torch.nn.Sequential(copy.deepcopy(layer), torch.nn.ReLU(inplace=inplace),
-                                torch.nn.Flatten(), torch.nn.LazyLinear(3))
+        m = torch.nn.Sequential(
+            copy.deepcopy(layer), torch.nn.ReLU(inplace=inplace), torch.nn.Flatten(), torch.nn.LazyLinear(3)
+        )
         m(x)
-        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
-                                                  full_precision=(), recompute="none"))
+        fm = fraccompile.compile(
+            m, x, FracConfig(scheme="symmetric", backend="tvm", full_precision=(), recompute="none")
+        )
         torch.manual_seed(1)
         fm(x).square().sum().backward()
         grads.append(m[0].weight.grad)
@@ -933,23 +1029,26 @@ class _BNBlock(torch.nn.Module):
         h = self.act(self.b1(self.c1(x)))
         h = F.relu(self.b2(self.c2(h)) + h)
         y = self.c3(h)
-        h = F.relu(y, inplace=True) + y          # y is read after the in-place ReLU
+        h = F.relu(y, inplace=True) + y  # y is read after the in-place ReLU
         return self.head(h.mean((2, 3)))
 
 
 def test_recompute_activations_keeps_relu_masks_not_outputs():
     from fraccompile.ops.functions import masked_relu
+
     torch.manual_seed(0)
     model, x = _BNBlock(), torch.randn(8, 3, 10, 10)
-    fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(scheme="symmetric",
-                                                                 backend="tvm", full_precision=()))
+    fm = fraccompile.compile(
+        copy.deepcopy(model), x, FracConfig(scheme="symmetric", backend="tvm", full_precision=())
+    )
     masked = [n for n in fm.graph.nodes if n.target is masked_relu]
     assert len(masked) == 2
     hooked = copy.deepcopy(model)  # a module with a hook keeps its call, and the hook runs
     seen = []
     hooked.act.register_forward_hook(lambda *args: seen.append(1))
-    fh = fraccompile.compile(hooked, x, FracConfig(scheme="symmetric", backend="tvm",
-                                                   full_precision=(), recompute="norms"))
+    fh = fraccompile.compile(
+        hooked, x, FracConfig(scheme="symmetric", backend="tvm", full_precision=(), recompute="norms")
+    )
     fh(x)
     assert seen and "BatchNorm2d+relu" not in {s.epilogue for s in fh.sites}
     loss, grads, saved, _ = _fused_run(model, x)
@@ -958,8 +1057,7 @@ def test_recompute_activations_keeps_relu_masks_not_outputs():
     relu_out = 8 * 16 * 10 * 10 * 4
     assert saved0 - saved >= 2 * relu_out * 3 / 4, (saved0, saved)
     # the same values and gradients as torch's ReLU, NaN, infinities and signed zeros included
-    t = torch.tensor([-1.0, -0.0, 0.0, 2.0, float("nan"), float("inf"), -float("inf")],
-                     requires_grad=True)
+    t = torch.tensor([-1.0, -0.0, 0.0, 2.0, float("nan"), float("inf"), -float("inf")], requires_grad=True)
     g = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, 6.0, float("nan")])
     ours, ref = masked_relu(t), torch.relu(t)
     assert torch.equal(ours.isnan(), ref.isnan())
@@ -974,6 +1072,7 @@ def test_masked_relu_gradient_in_either_layout(x_last, g_last):
     """Gradient and mask meet in the forward's layout (channels-last or not): the gradient equals
     torch's ReLU's in every combination and comes out laid out as the input was."""
     from fraccompile.ops.functions import masked_relu
+
     fmt = {True: torch.channels_last, False: torch.contiguous_format}
     torch.manual_seed(0)
     t = torch.randn(2, 5, 3, 4).contiguous(memory_format=fmt[x_last]).requires_grad_()
@@ -997,9 +1096,13 @@ class _NormNoAffine(torch.nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-@pytest.mark.parametrize("model,fused_norms", [(_BNBlock(), {"c1": "BatchNorm2d+relu",
-                                                              "c2": "BatchNorm2d"}),
-                                               (_NormNoAffine(), {"c1": "BatchNorm2d+gelu"})])
+@pytest.mark.parametrize(
+    "model,fused_norms",
+    [
+        (_BNBlock(), {"c1": "BatchNorm2d+relu", "c2": "BatchNorm2d"}),
+        (_NormNoAffine(), {"c1": "BatchNorm2d+gelu"}),
+    ],
+)
 def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norms):
     """recompute="norms": a BatchNorm (and the activation after it) joins the conv site's epilogue.
     Two training steps give the same loss, gradients and running statistics as the unfused graph,
@@ -1011,8 +1114,9 @@ def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norm
     for recompute in (False, True):
         m = copy.deepcopy(model)
         level = "norms" if recompute else "activations"
-        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="tvm",
-                                                  full_precision=(), recompute=level))
+        fm = fraccompile.compile(
+            m, x, FracConfig(scheme="symmetric", backend="tvm", full_precision=(), recompute=level)
+        )
         assert {id(p) for p in fm.parameters()} == {id(p) for p in m.parameters()}
         twin = copy.deepcopy(fm)  # a copy's sites call the copy's BatchNorm modules
         for op in (o for o in twin.modules() if isinstance(o, FracOp) and o.epilogue_norm):
@@ -1022,9 +1126,14 @@ def test_recompute_norms_is_bit_identical_and_keeps_only_codes(model, fused_norm
             loss = F.cross_entropy(fm(x), torch.arange(8) % 10)
             loss.backward()
         fm.eval()
-        out[recompute] = (loss.detach(), [p.grad for p in m.parameters()],
-                          [b.clone() for b in m.buffers()], fm(x).detach(),
-                          sorted(fm.state_dict()), {s.name: s.epilogue for s in fm.sites})
+        out[recompute] = (
+            loss.detach(),
+            [p.grad for p in m.parameters()],
+            [b.clone() for b in m.buffers()],
+            fm(x).detach(),
+            sorted(fm.state_dict()),
+            {s.name: s.epilogue for s in fm.sites},
+        )
     (loss0, g0, b0, e0, k0, _), (loss1, g1, b1, e1, k1, epi) = out[False], out[True]
     assert torch.equal(loss0, loss1) and torch.equal(e0, e1) and k0 == k1
     assert all(torch.equal(a, b) for a, b in zip(g0, g1))
@@ -1053,8 +1162,9 @@ class _BudgetNet(torch.nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-@pytest.mark.parametrize("budget,kept", [(0.0, set()), (0.1, set()), (0.3, {"c3"}),
-                                         (0.6, {"c2", "c3"}), (1.0, {"c1", "c2", "c3"})])
+@pytest.mark.parametrize(
+    "budget,kept", [(0.0, set()), (0.1, set()), (0.3, {"c3"}), (0.6, {"c2", "c3"}), (1.0, {"c1", "c2", "c3"})]
+)
 def test_recompute_budget_keeps_the_costliest_norms_and_stays_bit_identical(budget, kept):
     """``recompute_budget``: of the norms' fp32 inputs (4000 elements per image) backward keeps
     at most that fraction, the longest reductions first (c2 and c3 before c1; at 0.3 c2's 1600
@@ -1066,9 +1176,13 @@ def test_recompute_budget_keeps_the_costliest_norms_and_stays_bit_identical(budg
     loss, grads, saved, _ = _fused_run(model, x, recompute="norms", recompute_budget=budget)
     loss0, grads0, _, _ = _fused_run(model, x)
     assert torch.equal(loss, loss0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
-    fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(
-        scheme="symmetric", backend="tvm", full_precision=(), recompute="norms",
-        recompute_budget=budget))
+    fm = fraccompile.compile(
+        copy.deepcopy(model),
+        x,
+        FracConfig(
+            scheme="symmetric", backend="tvm", full_precision=(), recompute="norms", recompute_budget=budget
+        ),
+    )
     epi = {s.name: s.epilogue for s in fm.sites}
     assert {n for n, e in epi.items() if "not fused" in e} == kept
     assert all(epi[n] == "BatchNorm2d+relu" for n in {"c1", "c2", "c3"} - kept)
@@ -1094,8 +1208,11 @@ def test_fused_batchnorm_backward_uses_saved_statistics(model, slow_calls, monke
     monkeypatch.setattr(B, "_norm_backward", counting)
     torch.manual_seed(0)
     x = torch.randn(8, 3, 10, 10)
-    fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(
-        scheme="symmetric", backend="tvm", full_precision=(), recompute="norms"))
+    fm = fraccompile.compile(
+        copy.deepcopy(model),
+        x,
+        FracConfig(scheme="symmetric", backend="tvm", full_precision=(), recompute="norms"),
+    )
     F.cross_entropy(fm(x), torch.arange(8) % 10).backward()
     assert len(calls) == slow_calls
 
@@ -1104,12 +1221,13 @@ def test_epilogue_fusion_needs_the_tvm_backend_and_follows_torch_export():
     torch.manual_seed(0)
     x = torch.randn(5, 33)
     model = torch.nn.Sequential(torch.nn.Linear(33, 20), torch.nn.GELU(), torch.nn.Linear(20, 4))
-    ref = fraccompile.compile(copy.deepcopy(model), x,
-                              FracConfig(scheme="symmetric", full_precision=()))
+    ref = fraccompile.compile(copy.deepcopy(model), x, FracConfig(scheme="symmetric", full_precision=()))
     assert not [o for o in ref.modules() if isinstance(o, FracOp) and o.epilogue]
-    exported = fraccompile.compile(copy.deepcopy(model), x,
-                                   FracConfig(scheme="symmetric", backend="tvm", capture="export",
-                                              full_precision=()))
+    exported = fraccompile.compile(
+        copy.deepcopy(model),
+        x,
+        FracConfig(scheme="symmetric", backend="tvm", capture="export", full_precision=()),
+    )
     fused = [o for o in exported.modules() if isinstance(o, FracOp) and o.epilogue]
     assert [o.epilogue for o in fused] == [("gelu", "none")]
     assert "epilogue=gelu" in repr(fused[0])
@@ -1127,8 +1245,7 @@ def test_routed_gate_matmul_roles_match_reference(scheme, ys):
     entry's product scaled by its sample's, then summed over broadcast entries)."""
     torch.manual_seed(2)
     x, y = torch.randn(5, 3, 9, 16).relu(), torch.randn(*ys)
-    fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme=scheme,
-                                                                       full_precision=()))
+    fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme=scheme, full_precision=()))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
     results = {}
     for name in ("reference", "tvm"):
@@ -1179,8 +1296,13 @@ def test_whole_model_on_tvm_differs_from_reference_as_a_rounding_perturbation_do
 
 # -- fallbacks -------------------------------------------------------------------------------------
 def _tiny():
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
-                               torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 4),
+    )
 
 
 def test_wide_precision_falls_back_and_comes_back():
@@ -1209,8 +1331,9 @@ def test_gated_sites_run_on_tvm_and_report_it():
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    fm = fraccompile.compile(resnet_cifar.resnet20(), x,
-                             FracConfig(scheme="symmetric", backend="tvm", pipeline="dfq"))
+    fm = fraccompile.compile(
+        resnet_cifar.resnet20(), x, FracConfig(scheme="symmetric", backend="tvm", pipeline="dfq")
+    )
     fm(x)
     sites = [s for s in fm.sites if not s.full_precision]
     assert sites and all(s.backend == "tvm" for s in sites), {s.fallback_reason for s in sites}
@@ -1226,8 +1349,7 @@ def test_depthwise_convs_fall_back_with_reason():
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    fm = fraccompile.compile(mobilenetv2_cifar.model(), x,
-                             FracConfig(scheme="symmetric", backend="tvm"))
+    fm = fraccompile.compile(mobilenetv2_cifar.model(), x, FracConfig(scheme="symmetric", backend="tvm"))
     sites = [s for s in fm.sites if not s.full_precision]
     dw = [s for s in sites if s.weight_shape[1] == 1]
     assert dw and all("depthwise" in s.fallback_reason for s in dw)
@@ -1237,15 +1359,21 @@ def test_depthwise_convs_fall_back_with_reason():
 def test_missing_tvm_falls_back_everywhere(monkeypatch):
     from fraccompile.ops import backend as ob
 
-    monkeypatch.setitem(ob._BACKENDS, "tvm", ob.UnavailableBackend(
-        "tvm", "TVM is not usable: ImportError: No module named 'tvm'"))
+    monkeypatch.setitem(
+        ob._BACKENDS,
+        "tvm",
+        ob.UnavailableBackend("tvm", "TVM is not usable: ImportError: No module named 'tvm'"),
+    )
     torch.manual_seed(0)
     x = torch.randn(4, 8)
     m = _tiny()
     fm = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="symmetric", backend="tvm"))
     ref = fraccompile.compile(copy.deepcopy(m), x, FracConfig(scheme="symmetric"))
-    assert all(s.backend == "reference" and "No module named 'tvm'" in s.fallback_reason
-               for s in fm.sites if not s.full_precision)
+    assert all(
+        s.backend == "reference" and "No module named 'tvm'" in s.fallback_reason
+        for s in fm.sites
+        if not s.full_precision
+    )
     assert torch.equal(fm(x), ref(x))
 
 
@@ -1255,8 +1383,16 @@ def test_transform_cli_shows_backend_and_reason(tmp_path):
     from fraccompile.cli import app
     from fraccompile.examples import functional_model
 
-    args = ["transform", f"{functional_model.__file__}:model", "--input-shape",
-            "2,3,32,32", "--backend", "tvm", "--out", str(tmp_path)]
+    args = [
+        "transform",
+        f"{functional_model.__file__}:model",
+        "--input-shape",
+        "2,3,32,32",
+        "--backend",
+        "tvm",
+        "--out",
+        str(tmp_path),
+    ]
     res = CliRunner().invoke(app, args, terminal_width=200)  # sbm, FracTrain's own scheme
     assert res.exit_code == 0, res.output
     assert "tvm" in res.output and "integer kernels take" not in res.output
@@ -1272,10 +1408,33 @@ def test_train_cli_on_the_tvm_backend(tmp_path):
     from fraccompile.cli import app
     from fraccompile.examples import resnet_cifar
 
-    res = CliRunner().invoke(app, [
-        "train", resnet_cifar.__file__, "--schedule", "static", "--fw", "8", "--bw", "8",
-        "--backend", "tvm", "--scheme", "symmetric", "--iters", "2", "--eval-every", "2",
-        "--batch-size", "8", "--test-limit", "16", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            resnet_cifar.__file__,
+            "--schedule",
+            "static",
+            "--fw",
+            "8",
+            "--bw",
+            "8",
+            "--backend",
+            "tvm",
+            "--scheme",
+            "symmetric",
+            "--iters",
+            "2",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "8",
+            "--test-limit",
+            "16",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["config"]["backend"] == "tvm" and run["config"]["scheme"] == "symmetric"
@@ -1316,8 +1475,9 @@ _CHILD = textwrap.dedent("""
 
 def _child(cache_dir, wait=True):
     env = dict(os.environ, FRACCOMPILE_CACHE_DIR=str(cache_dir))
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     return _result(proc) if wait else proc
 
 
@@ -1373,6 +1533,7 @@ def test_gpu_path_glue_matches_reference_with_a_stand_in_gemm(monkeypatch):
     every integer role) run on CPU tensors with an exact stand-in GEMM: same loss and gradients
     as the reference backend. On a GPU the stand-in is the TVM dp4a kernel (tests/test_cuda.py)."""
     from fraccompile.targets.backend import TVMBackend
+
     monkeypatch.setattr(TVMBackend, "on_gpu", staticmethod(lambda t: True))
     backend = TVMBackend()
     backend._cuda = _StandInGemm()
@@ -1397,8 +1558,9 @@ def test_gpu_path_glue_matches_reference_with_a_stand_in_gemm(monkeypatch):
     out = {}
     for be in ("reference", "tvm"):
         m = copy.deepcopy(model)
-        fm = fraccompile.compile(m, x, FracConfig(scheme="symmetric", backend="reference",
-                                                  full_precision=("out",)))
+        fm = fraccompile.compile(
+            m, x, FracConfig(scheme="symmetric", backend="reference", full_precision=("out",))
+        )
         if be == "tvm":
             for op in fm.modules():
                 if isinstance(op, FracOp):

@@ -59,8 +59,9 @@ class PrecisionController:
             return [pattern]
         return [s for s in self._prec if fnmatch.fnmatchcase(s, pattern)]
 
-    def set(self, pattern: str | None = None, *, a: int | None = None, w: int | None = None,
-            g: int | None = None) -> list[str]:
+    def set(
+        self, pattern: str | None = None, *, a: int | None = None, w: int | None = None, g: int | None = None
+    ) -> list[str]:
         """Set the given precisions on every site (``pattern=None``) or on the sites matching
         ``pattern``; fields left ``None`` keep their value. Returns the names changed."""
         changes = {k: check_bits(k, v) for k, v in (("a", a), ("w", w), ("g", g)) if v is not None}
@@ -83,14 +84,18 @@ class PrecisionController:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"precision state version {state.get('version')!r} is not supported "
-                              f"(expected {STATE_VERSION})")
+            raise ConfigError(
+                f"precision state version {state.get('version')!r} is not supported "
+                f"(expected {STATE_VERSION})"
+            )
         sites = state["sites"]
         if set(sites) != set(self._prec):
             missing = sorted(set(self._prec) - set(sites))
             extra = sorted(set(sites) - set(self._prec))
-            raise ConfigError(f"precision state does not match this model's sites "
-                              f"(missing: {missing or 'none'}; unknown: {extra or 'none'})")
+            raise ConfigError(
+                f"precision state does not match this model's sites "
+                f"(missing: {missing or 'none'}; unknown: {extra or 'none'})"
+            )
         checked = {}
         for name, prec in sites.items():  # validate everything before changing anything
             a, w, g = prec

@@ -55,8 +55,14 @@ class GateOutput:
 
 
 class GateBank(nn.Module):
-    def __init__(self, regions: dict[str, tuple[int, int]], a: tuple[int, ...] = FRACTRAIN_A,
-                 g: tuple[int, ...] = FRACTRAIN_G, hidden: int = 32, mode: str = "routed"):
+    def __init__(
+        self,
+        regions: dict[str, tuple[int, int]],
+        a: tuple[int, ...] = FRACTRAIN_A,
+        g: tuple[int, ...] = FRACTRAIN_G,
+        hidden: int = 32,
+        mode: str = "routed",
+    ):
         """``regions`` maps a region name to (feature dim of its input, that dim's index)."""
         super().__init__()
         if len(a) != len(g) or not a:

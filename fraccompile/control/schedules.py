@@ -107,10 +107,11 @@ def as_schedule(schedule) -> Schedule:
         return schedule
     if schedule is None:
         return Schedule()
-    if not (callable(getattr(schedule, "apply", None))
-            and callable(getattr(schedule, "observe", None))):
-        raise TypeError(f"{type(schedule).__name__} is not a schedule: it needs "
-                        "apply(controller, iteration) and observe(iteration, loss)")
+    if not (callable(getattr(schedule, "apply", None)) and callable(getattr(schedule, "observe", None))):
+        raise TypeError(
+            f"{type(schedule).__name__} is not a schedule: it needs "
+            "apply(controller, iteration) and observe(iteration, loss)"
+        )
     return _Adapted(schedule)
 
 
@@ -168,20 +169,31 @@ class PFQ(Schedule):
 
     kind = "pfq"
 
-    def __init__(self, fw: Sequence[int] = (3, 4, 6, 8), bw: Sequence[int] = (6, 6, 8, 8), *,
-                 eval_every: int = 100, eps: float = 0.05, alpha: float = 0.3,
-                 turning_points: int | None = None, window: int = 5,
-                 normalizer_periods: int = 10):
+    def __init__(
+        self,
+        fw: Sequence[int] = (3, 4, 6, 8),
+        bw: Sequence[int] = (6, 6, 8, 8),
+        *,
+        eval_every: int = 100,
+        eps: float = 0.05,
+        alpha: float = 0.3,
+        turning_points: int | None = None,
+        window: int = 5,
+        normalizer_periods: int = 10,
+    ):
         self.fw = _bits_list("PFQ fw", fw)
         self.bw = _bits_list("PFQ bw", bw)
         if len(self.fw) != len(self.bw):
-            raise ConfigError(f"PFQ fw {list(self.fw)} and bw {list(self.bw)} must have the same "
-                              "number of entries")
+            raise ConfigError(
+                f"PFQ fw {list(self.fw)} and bw {list(self.bw)} must have the same number of entries"
+            )
         if turning_points is None:
             turning_points = len(self.fw) - 1
         if not 0 <= turning_points <= len(self.fw) - 1:
-            raise ConfigError(f"PFQ turning_points = {turning_points} is out of range: allowed "
-                              f"0..{len(self.fw) - 1} (one fewer than the schedule's entries)")
+            raise ConfigError(
+                f"PFQ turning_points = {turning_points} is out of range: allowed "
+                f"0..{len(self.fw) - 1} (one fewer than the schedule's entries)"
+            )
         if eval_every < 1:
             raise ConfigError(f"PFQ eval_every = {eval_every} must be at least 1")
         if not eps > 0 or not 0 < alpha <= 1:
@@ -245,8 +257,14 @@ class PFQ(Schedule):
             return []
         self.turning_points.append(iteration)
         count = len(self.turning_points)
-        event = {"event": "turning_point", "index": count, "iter": iteration, "eps": self.eps,
-                 "diffs": diffs, "normalizer": self.normalizer}
+        event = {
+            "event": "turning_point",
+            "index": count,
+            "iter": iteration,
+            "eps": self.eps,
+            "diffs": diffs,
+            "normalizer": self.normalizer,
+        }
         if count in (1, 2):
             self.eps *= self.alpha
         self.window = []
@@ -256,21 +274,38 @@ class PFQ(Schedule):
         return [event]
 
     def describe(self) -> str:
-        return (f"PFQ fw {','.join(map(str, self.fw))} / bw {','.join(map(str, self.bw))}, "
-                f"eval_every {self.eval_every}, eps {self.eps0}, alpha {self.alpha}")
+        return (
+            f"PFQ fw {','.join(map(str, self.fw))} / bw {','.join(map(str, self.bw))}, "
+            f"eval_every {self.eval_every}, eps {self.eps0}, alpha {self.alpha}"
+        )
 
     # -- state ------------------------------------------------------------------------------------
-    _STATE = ("eps", "stage", "window", "period_sum", "period_count", "periods", "normalizer_sum",
-              "normalizer", "turning_points")
+    _STATE = (
+        "eps",
+        "stage",
+        "window",
+        "period_sum",
+        "period_count",
+        "periods",
+        "normalizer_sum",
+        "normalizer",
+        "turning_points",
+    )
 
     def state_dict(self) -> dict[str, Any]:
         state = {k: getattr(self, k) for k in self._STATE}
         state["window"] = list(self.window)
         state["turning_points"] = list(self.turning_points)
-        state["config"] = {"fw": list(self.fw), "bw": list(self.bw), "eval_every": self.eval_every,
-                           "eps": self.eps0, "alpha": self.alpha,
-                           "turning_points": self.max_turning_points, "window": self.window_size,
-                           "normalizer_periods": self.normalizer_periods}
+        state["config"] = {
+            "fw": list(self.fw),
+            "bw": list(self.bw),
+            "eval_every": self.eval_every,
+            "eps": self.eps0,
+            "alpha": self.alpha,
+            "turning_points": self.max_turning_points,
+            "window": self.window_size,
+            "normalizer_periods": self.normalizer_periods,
+        }
         state["kind"] = "pfq"
         return state
 
@@ -288,16 +323,16 @@ class Cyclic(Schedule):
 
     kind = "cyclic"
 
-    def __init__(self, low: int = 3, high: int = 8, *, cycles: int = 8, total_iters: int,
-                 g: int = 8):
+    def __init__(self, low: int = 3, high: int = 8, *, cycles: int = 8, total_iters: int, g: int = 8):
         self.low = check_bits("Cyclic low", low)
         self.high = check_bits("Cyclic high", high)
         self.g = check_bits("Cyclic g", g)
         if not self.low or not self.high or self.low > self.high:
             raise ConfigError(f"Cyclic bounds low = {low}, high = {high}: need 0 < low <= high")
         if cycles < 1 or total_iters < cycles:
-            raise ConfigError(f"Cyclic needs cycles >= 1 and total_iters >= cycles "
-                              f"(got {cycles}, {total_iters})")
+            raise ConfigError(
+                f"Cyclic needs cycles >= 1 and total_iters >= cycles (got {cycles}, {total_iters})"
+            )
         self.cycles = int(cycles)
         self.total_iters = int(total_iters)
         self.period = self.total_iters / self.cycles
@@ -325,12 +360,23 @@ class Cyclic(Schedule):
         return f"cyclic {self.low}..{self.high} bits over {self.cycles} cycles, g = {self.g}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "cyclic", "low": self.low, "high": self.high, "cycles": self.cycles,
-                "total_iters": self.total_iters, "g": self.g}
+        return {
+            "kind": "cyclic",
+            "low": self.low,
+            "high": self.high,
+            "cycles": self.cycles,
+            "total_iters": self.total_iters,
+            "g": self.g,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__init__(state["low"], state["high"], cycles=state["cycles"],
-                      total_iters=state["total_iters"], g=state["g"])
+        self.__init__(
+            state["low"],
+            state["high"],
+            cycles=state["cycles"],
+            total_iters=state["total_iters"],
+            g=state["g"],
+        )
 
 
 def cost_regularizer(cp, target: float, beta: float, relax: float, value: float | None = None):
@@ -363,8 +409,7 @@ class DFQ(Schedule):
 
     kind = "dfq"
 
-    def __init__(self, target_cp: float = 0.03, *, beta: float = 2.0, relax: float = 0.002,
-                 w: int = 8):
+    def __init__(self, target_cp: float = 0.03, *, beta: float = 2.0, relax: float = 0.002, w: int = 8):
         if not 0 < target_cp <= 1:
             raise ConfigError(f"DFQ target cp = {target_cp} must be a fraction in (0, 1]")
         self.target_cp = float(target_cp)
@@ -380,15 +425,21 @@ class DFQ(Schedule):
     def regularizer(self, model, mean: Callable[[float], float] | None = None):
         cp = model.gate_cp()
         value = float(cp.detach())
-        return cost_regularizer(cp, self.target_cp, self.beta, self.relax,
-                                value=mean(value) if mean is not None else value)
+        return cost_regularizer(
+            cp, self.target_cp, self.beta, self.relax, value=mean(value) if mean is not None else value
+        )
 
     def describe(self) -> str:
         return f"DFQ target cp {100 * self.target_cp:.2f}%, beta {self.beta}, w {self.w}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "dfq", "target_cp": self.target_cp, "beta": self.beta,
-                "relax": self.relax, "w": self.w}
+        return {
+            "kind": "dfq",
+            "target_cp": self.target_cp,
+            "beta": self.beta,
+            "relax": self.relax,
+            "w": self.w,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.target_cp = state["target_cp"]
@@ -401,14 +452,25 @@ class FracTrain(DFQ):
 
     kind = "fractrain"
 
-    def __init__(self, target_cp: float = 0.015, cp_step: float = 0.005, *, beta: float = 2.0,
-                 relax: float = 0.002, w: int = 8, eval_every: int = 100, eps: float = 0.05,
-                 alpha: float = 0.3, turning_points: int = 3):
+    def __init__(
+        self,
+        target_cp: float = 0.015,
+        cp_step: float = 0.005,
+        *,
+        beta: float = 2.0,
+        relax: float = 0.002,
+        w: int = 8,
+        eval_every: int = 100,
+        eps: float = 0.05,
+        alpha: float = 0.3,
+        turning_points: int = 3,
+    ):
         super().__init__(target_cp, beta=beta, relax=relax, w=w)
         self.cp0, self.cp_step = self.target_cp, float(cp_step)
         stages = (w,) * (turning_points + 1)
-        self.indicator = PFQ(stages, stages, eval_every=eval_every, eps=eps, alpha=alpha,
-                             turning_points=turning_points)
+        self.indicator = PFQ(
+            stages, stages, eval_every=eval_every, eps=eps, alpha=alpha, turning_points=turning_points
+        )
 
     def observe(self, iteration: int, loss: float) -> list[dict]:
         events = self.indicator.observe(iteration, loss)
@@ -419,12 +481,19 @@ class FracTrain(DFQ):
         return events
 
     def describe(self) -> str:
-        return (f"FracTrain target cp {100 * self.cp0:.2f}% + {100 * self.cp_step:.2f}% per PFQ "
-                f"turning point ({self.indicator.describe()})")
+        return (
+            f"FracTrain target cp {100 * self.cp0:.2f}% + {100 * self.cp_step:.2f}% per PFQ "
+            f"turning point ({self.indicator.describe()})"
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "kind": "fractrain", "cp0": self.cp0,
-                "cp_step": self.cp_step, "indicator": self.indicator.state_dict()}
+        return {
+            **super().state_dict(),
+            "kind": "fractrain",
+            "cp0": self.cp0,
+            "cp_step": self.cp_step,
+            "indicator": self.indicator.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -4,5 +4,12 @@ from .backend import KernelBackend, ReferenceBackend, get_backend
 from .modules import FracOp, PrecisionReader
 from .spec import Precision, SiteSpec
 
-__all__ = ["FracOp", "KernelBackend", "Precision", "PrecisionReader", "ReferenceBackend",
-           "SiteSpec", "get_backend"]
+__all__ = [
+    "FracOp",
+    "KernelBackend",
+    "Precision",
+    "PrecisionReader",
+    "ReferenceBackend",
+    "SiteSpec",
+    "get_backend",
+]

@@ -37,8 +37,21 @@ def is_full(prec) -> bool:
     return isinstance(prec, tuple) and Precision(*prec).is_full
 
 
-def sdpa_reference(qk: nn.Module, av: nn.Module, q, k, v, attn_mask, dropout_p, is_causal, scale,
-                   enable_gqa, prec_qk, prec_av, training_dropout: bool = True):
+def sdpa_reference(
+    qk: nn.Module,
+    av: nn.Module,
+    q,
+    k,
+    v,
+    attn_mask,
+    dropout_p,
+    is_causal,
+    scale,
+    enable_gqa,
+    prec_qk,
+    prec_av,
+    training_dropout: bool = True,
+):
     """``F.scaled_dot_product_attention``'s math (its documented reference implementation) with
     the two GEMMs run by ``qk(q, kᵀ, prec_qk)`` and ``av(p, v, prec_av)``."""
     L, S = q.size(-2), k.size(-2)
@@ -71,15 +84,15 @@ class AttentionSite(nn.Module):
         super().__init__()
         self.qk, self.av = qk, av
 
-    def forward(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, prec_qk,
-                prec_av):
+    def forward(self, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, prec_qk, prec_av):
         if is_full(prec_qk) and is_full(prec_av):
             kwargs = {"enable_gqa": True} if enable_gqa else {}
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                                  dropout_p=dropout_p, is_causal=is_causal,
-                                                  scale=scale, **kwargs)
-        return sdpa_reference(self.qk, self.av, q, k, v, attn_mask, dropout_p, is_causal, scale,
-                              enable_gqa, prec_qk, prec_av)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
+            )
+        return sdpa_reference(
+            self.qk, self.av, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, prec_qk, prec_av
+        )
 
 
 class BaddbmmSite(nn.Module):
@@ -124,10 +137,12 @@ def einsum_plan(equation: str, a_dims: int, b_dims: int) -> dict | None:
     if any(c not in out for c in m + n) or not contract:
         return None  # an index summed within one operand, or an outer product: not one GEMM
     prod = batch + m + n
-    return {"a": [a.index(c) for c in batch + m + contract],
-            "b": [b.index(c) for c in batch + contract + n],
-            "sizes": (len(batch), len(m), len(contract), len(n)),
-            "out": [prod.index(c) for c in out]}
+    return {
+        "a": [a.index(c) for c in batch + m + contract],
+        "b": [b.index(c) for c in batch + contract + n],
+        "sizes": (len(batch), len(m), len(contract), len(n)),
+        "out": [prod.index(c) for c in out],
+    }
 
 
 class EinsumSite(nn.Module):
@@ -145,8 +160,8 @@ class EinsumSite(nn.Module):
         nb, nm, nk, nn_ = plan["sizes"]
         a = a.permute(plan["a"])
         b = b.permute(plan["b"])
-        batch, m_sh, k_sh = a.shape[:nb], a.shape[nb:nb + nm], a.shape[nb + nm:]
-        n_sh = b.shape[nb + nk:]
+        batch, m_sh, k_sh = a.shape[:nb], a.shape[nb : nb + nm], a.shape[nb + nm :]
+        n_sh = b.shape[nb + nk :]
         a2 = a.reshape(*batch, math.prod(m_sh), math.prod(k_sh))
         b2 = b.reshape(*b.shape[:nb], math.prod(k_sh), math.prod(n_sh))
         y = self.mm(a2, b2, prec)
@@ -173,20 +188,37 @@ class MultiheadAttentionSite(nn.Module):
     def _weights(self):
         m, E = self.mha, self.mha.embed_dim
         if m._qkv_same_embed_dim:
-            ws = (m.in_proj_weight[:E], m.in_proj_weight[E:2 * E], m.in_proj_weight[2 * E:])
+            ws = (m.in_proj_weight[:E], m.in_proj_weight[E : 2 * E], m.in_proj_weight[2 * E :])
         else:
             ws = (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
         b = m.in_proj_bias
-        bs = (None,) * 3 if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+        bs = (None,) * 3 if b is None else (b[:E], b[E : 2 * E], b[2 * E :])
         return ws, bs
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False, *precs):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+        *precs,
+    ):
         m = self.mha
         if all(is_full(p) for p in precs):
-            return m(query, key, value, key_padding_mask=key_padding_mask,
-                     need_weights=need_weights, attn_mask=attn_mask,
-                     average_attn_weights=average_attn_weights, is_causal=is_causal)
+            return m(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
         pq, pk, pv, pqk, pav, pout = precs
         if m.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -196,8 +228,10 @@ class MultiheadAttentionSite(nn.Module):
         q = self.q(query, wq, bq, pq) if bq is not None else self.q(query, wq, pq)
         k = self.k(key, wk, bk, pk) if bk is not None else self.k(key, wk, pk)
         v = self.v(value, wv, bv, pv) if bv is not None else self.v(value, wv, pv)
-        q, k, v = (t.reshape(t.shape[0], N * H, m.head_dim).transpose(0, 1)
-                   .reshape(N, H, t.shape[0], m.head_dim) for t in (q, k, v))
+        q, k, v = (
+            t.reshape(t.shape[0], N * H, m.head_dim).transpose(0, 1).reshape(N, H, t.shape[0], m.head_dim)
+            for t in (q, k, v)
+        )
         mask = _merged_mask(attn_mask, key_padding_mask, N, H, L, S, query.dtype)
         if is_causal and mask is None:
             causal = True
@@ -210,15 +244,19 @@ class MultiheadAttentionSite(nn.Module):
             def av(p, v_, prec):
                 p_store.append(p)
                 return self.attn.av(p, v_, prec)
-            o = sdpa_reference(self.attn.qk, av, q, k, v, mask, dropout, causal, None, False,
-                               pqk, pav)
+
+            o = sdpa_reference(self.attn.qk, av, q, k, v, mask, dropout, causal, None, False, pqk, pav)
         else:
-            o = sdpa_reference(self.attn.qk, self.attn.av, q, k, v, mask, dropout, causal, None,
-                               False, pqk, pav)
+            o = sdpa_reference(
+                self.attn.qk, self.attn.av, q, k, v, mask, dropout, causal, None, False, pqk, pav
+            )
         o = o.permute(2, 0, 1, 3).reshape(L * N, E)
         out_b = m.out_proj.bias
-        o = self.out(o, m.out_proj.weight, out_b, pout) if out_b is not None \
+        o = (
+            self.out(o, m.out_proj.weight, out_b, pout)
+            if out_b is not None
             else self.out(o, m.out_proj.weight, pout)
+        )
         o = o.view(L, N, E)
         if m.batch_first:
             o = o.transpose(0, 1)
@@ -233,10 +271,12 @@ class MultiheadAttentionSite(nn.Module):
 def _merged_mask(attn_mask, key_padding_mask, N, H, L, S, dtype):
     """``attn_mask`` and ``key_padding_mask`` as one additive float mask of shape broadcastable to
     ``(N, H, L, S)`` (MultiheadAttention's semantics: True means "not allowed")."""
+
     def additive(mask):
         if mask.dtype == torch.bool:
             return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
         return mask.to(dtype)
+
     merged = None
     if attn_mask is not None:
         merged = additive(attn_mask)

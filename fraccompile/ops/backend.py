@@ -34,8 +34,8 @@ from .quantizers import (
 from .spec import CONV_FNS, SiteSpec
 
 # What a backend can do, for the passes that adapt the graph to it (instead of branching on names).
-INTEGER_KERNELS = "integer-kernels"   # saves integer codes, so an epilogue recompute is cheap
-CHANNELS_LAST = "channels-last"       # conv sites read and write channels-last
+INTEGER_KERNELS = "integer-kernels"  # saves integer codes, so an epilogue recompute is cheap
+CHANNELS_LAST = "channels-last"  # conv sites read and write channels-last
 
 
 class KernelBackend(ABC):  # noqa: B024  (every method has a default; subclasses override some)
@@ -47,8 +47,9 @@ class KernelBackend(ABC):  # noqa: B024  (every method has a default; subclasses
         reference backend."""
         return None
 
-    def run_site(self, call: SiteCall, x: torch.Tensor, w: torch.Tensor,
-                 b: torch.Tensor | None) -> torch.Tensor:
+    def run_site(
+        self, call: SiteCall, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+    ) -> torch.Tensor:
         """The output of one site call (``w``: the weight, or a matmul's second operand), its
         epilogue applied, differentiable w.r.t. ``x``, ``w``, ``b`` (and the epilogue norm's
         parameters) with the contract's gradients."""
@@ -65,8 +66,9 @@ class KernelBackend(ABC):  # noqa: B024  (every method has a default; subclasses
     # -- the three GEMMs on float operands (the reference's, and fallbacks of other backends) ----
     def forward(self, spec: SiteSpec, x, w, bias):
         if spec.kind == "conv":
-            return CONV_FNS[spec.conv_dims](x, w, bias, spec.stride, spec.gemm_padding(w.shape),
-                                            spec.dilation, spec.groups)
+            return CONV_FNS[spec.conv_dims](
+                x, w, bias, spec.stride, spec.gemm_padding(w.shape), spec.dilation, spec.groups
+            )
         if spec.kind == "linear":
             return F.linear(x, w, bias)
         return torch.matmul(x, w)
@@ -74,8 +76,18 @@ class KernelBackend(ABC):  # noqa: B024  (every method has a default; subclasses
     def _conv_backward(self, spec, dy, x, w, mask):
         n = spec.conv_dims
         return torch.ops.aten.convolution_backward(
-            dy, x, w, None, list(spec.stride), list(spec.gemm_padding(w.shape)), list(spec.dilation),
-            False, [0] * n, spec.groups, mask)
+            dy,
+            x,
+            w,
+            None,
+            list(spec.stride),
+            list(spec.gemm_padding(w.shape)),
+            list(spec.dilation),
+            False,
+            [0] * n,
+            spec.groups,
+            mask,
+        )
 
     def grad_input(self, spec: SiteSpec, dy, x, w):
         if spec.kind == "conv":
@@ -104,12 +116,16 @@ def quantize_operand(call: SiteCall, t: torch.Tensor, bits: int, which: str) -> 
     if not bits:
         return t
     if which == "w" and call.spec.kind != "matmul":
-        return STEQuantize.apply(t, functools.partial(
-            quantize_weight, bits=bits, scheme=call.scheme,
-            per_channel=call.weight_scale != "tensor"))
+        return STEQuantize.apply(
+            t,
+            functools.partial(
+                quantize_weight, bits=bits, scheme=call.scheme, per_channel=call.weight_scale != "tensor"
+            ),
+        )
     lo, hi = (call.x_range if which == "x" else call.y_range) or (None, None)
-    return STEQuantize.apply(t, functools.partial(quantize_activation, bits=bits,
-                                                  scheme=call.scheme, lo=lo, hi=hi))
+    return STEQuantize.apply(
+        t, functools.partial(quantize_activation, bits=bits, scheme=call.scheme, lo=lo, hi=hi)
+    )
 
 
 def finish(call: SiteCall, y: torch.Tensor) -> torch.Tensor:
@@ -136,10 +152,8 @@ class ReferenceBackend(KernelBackend):
         ``(N,)`` tensor of per-sample bits) in backward; ``w``: the full-precision weight, which
         ``weight_scale="gemm"`` quantizes again per input channel for the error backprop."""
         qw_eb = None
-        if call.weight_scale == "gemm" and w is not None and call.spec.kind != "matmul" \
-                and qw is not w:
-            qw_eb = quantize_weight_for_backprop(w.detach(), call.bits.w, call.scheme,
-                                                 call.spec.groups)
+        if call.weight_scale == "gemm" and w is not None and call.spec.kind != "matmul" and qw is not w:
+            qw_eb = quantize_weight_for_backprop(w.detach(), call.bits.w, call.scheme, call.spec.groups)
         spec = call.spec
         if spec.kind == "conv":
             if spec.pre_pad:
@@ -148,8 +162,7 @@ class ReferenceBackend(KernelBackend):
             extra = spec.same_extra_pad(tuple(qw.shape))
             if extra:
                 qx = F.pad(qx, extra)
-        return SiteGemm.apply(qx, qw, b, spec, g_bits, call.scheme, self, call.rounding_noise,
-                              qw_eb)
+        return SiteGemm.apply(qx, qw, b, spec, g_bits, call.scheme, self, call.rounding_noise, qw_eb)
 
     def run_routed(self, call: SiteCall, x, w, b) -> torch.Tensor:
         """Each sample at its own (a, g) from ``call.rows`` (without the epilogue): one shared
@@ -162,8 +175,9 @@ class ReferenceBackend(KernelBackend):
             return quantize_activation(t, bits, call.scheme, lo=lo, hi=hi)
 
         a_bits = d.row_bits("a")
-        qx = STEQuantize.apply(x, lambda t: quantize_rows(
-            t, a_bits, lambda k: qparams_from_range(lo, hi, k, call.scheme)))
+        qx = STEQuantize.apply(
+            x, lambda t: quantize_rows(t, a_bits, lambda k: qparams_from_range(lo, hi, k, call.scheme))
+        )
         qx = GateProbe.apply(qx, d.onehot, x.detach(), quantize_at, d.a)
         return self.gemm(call, qx, qw, b, d.row_bits("g"), w)
 
@@ -186,9 +200,12 @@ _BACKENDS: dict = {"reference": ReferenceBackend()}
 AUTO = "auto"
 
 
-def register_backend(name: str, factory: Callable[[dict], KernelBackend],
-                     unavailable: Callable[[], str | None] = lambda: None,
-                     options: bool = False) -> None:
+def register_backend(
+    name: str,
+    factory: Callable[[dict], KernelBackend],
+    unavailable: Callable[[], str | None] = lambda: None,
+    options: bool = False,
+) -> None:
     """Make ``name`` a backend: ``factory(options)`` builds it on first use (so registering
     imports nothing heavy); ``unavailable()`` returns why it cannot load on this machine (then
     its sites run on the reference backend with that reason); ``options``: whether it takes
@@ -241,6 +258,19 @@ def capabilities(config) -> frozenset[str]:
     return get_backend(config.backend, **config.backend_options).capabilities
 
 
-__all__ = ["AUTO", "CHANNELS_LAST", "INTEGER_KERNELS", "GateDecision", "KernelBackend",
-           "ReferenceBackend", "UnavailableBackend", "backend_names", "capabilities", "finish", "get_backend",
-           "quantize_operand", "register_backend", "resolve_auto"]
+__all__ = [
+    "AUTO",
+    "CHANNELS_LAST",
+    "INTEGER_KERNELS",
+    "GateDecision",
+    "KernelBackend",
+    "ReferenceBackend",
+    "UnavailableBackend",
+    "backend_names",
+    "capabilities",
+    "finish",
+    "get_backend",
+    "quantize_operand",
+    "register_backend",
+    "resolve_auto",
+]

@@ -89,9 +89,18 @@ def masked_relu(x: torch.Tensor) -> torch.Tensor:
 
 class SiteGemm(Function):
     @staticmethod
-    def forward(ctx, qx: torch.Tensor, qw: torch.Tensor, bias: torch.Tensor | None, spec: SiteSpec,
-                g_bits: int, scheme: str, backend: "KernelBackend", noise: str = "torch",
-                qw_eb: torch.Tensor | None = None):
+    def forward(
+        ctx,
+        qx: torch.Tensor,
+        qw: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: SiteSpec,
+        g_bits: int,
+        scheme: str,
+        backend: "KernelBackend",
+        noise: str = "torch",
+        qw_eb: torch.Tensor | None = None,
+    ):
         # qw_eb: the weight the error backprop reads when it is quantized differently
         # (weight_scale="gemm"); else qw
         ctx.save_for_backward(qx, qw, qw_eb)
@@ -108,8 +117,11 @@ class SiteGemm(Function):
             dyq = quantize_gradient_rows(dy, ctx.g_bits, ctx.scheme, noise=ctx.noise)
         else:
             dyq = quantize_gradient(dy, ctx.g_bits, ctx.scheme, noise=ctx.noise)
-        dx = backend.grad_input(spec, dyq, qx, qw if qw_eb is None else qw_eb) \
-            if ctx.needs_input_grad[0] else None
+        dx = (
+            backend.grad_input(spec, dyq, qx, qw if qw_eb is None else qw_eb)
+            if ctx.needs_input_grad[0]
+            else None
+        )
         dw = backend.grad_weight(spec, qx, dyq, qw) if ctx.needs_input_grad[1] else None
         db = backend.grad_bias(spec, dyq) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None, None
@@ -128,10 +140,16 @@ class GateProbe(Function):
     """
 
     @staticmethod
-    def forward(ctx, qx, onehot, x, quantize_at: Callable[[torch.Tensor, int], torch.Tensor],
-                candidates: tuple[int, ...],
-                quantized: Callable[[], torch.Tensor] | None = None,
-                probe: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    def forward(
+        ctx,
+        qx,
+        onehot,
+        x,
+        quantize_at: Callable[[torch.Tensor, int], torch.Tensor],
+        candidates: tuple[int, ...],
+        quantized: Callable[[], torch.Tensor] | None = None,
+        probe: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
         # ``quantized``: makes the per-sample quantized values when ``qx`` is not them (an integer
         # backend passes ``x`` through and keeps codes: they are dequantized in backward).
         # ``probe(x, dqx)``: a backend's fused form of the sums below, ``(N, len(candidates))``
@@ -148,7 +166,7 @@ class GateProbe(Function):
         if ctx.quantized is not None:
             qx = ctx.quantized()
         dims = list(range(1, x.dim()))
-        per_bits = {bits: (dqx * (ctx.quantize_at(x, bits) - qx)).sum(dims)
-                    for bits in set(ctx.candidates)}  # candidates often share an ``a``
-        return dqx, torch.stack([per_bits[b] for b in ctx.candidates], 1), None, None, None, None, \
-            None
+        per_bits = {
+            bits: (dqx * (ctx.quantize_at(x, bits) - qx)).sum(dims) for bits in set(ctx.candidates)
+        }  # candidates often share an ``a``
+        return dqx, torch.stack([per_bits[b] for b in ctx.candidates], 1), None, None, None, None, None

@@ -54,7 +54,7 @@ class RunningRange(nn.Module):
             lo, hi = _range_reducer(lo, hi)
         batch = torch.stack([lo, hi]).float()
         if not bool(torch.isfinite(batch).all()):  # a NaN/inf batch never enters the running
-            return lo, hi                          # range (the step itself is the caller's call)
+            return lo, hi  # range (the step itself is the caller's call)
         if bool(self.initialized):
             self.range.lerp_(batch, self.momentum)
         else:  # the first batch sets the range (SBM starts from zeros, which quantizes badly)
@@ -72,10 +72,19 @@ class FracOp(nn.Module):
     """One quantized-training site. ``forward(x, prec)`` for a module site (weights owned),
     ``forward(x, w, b, prec)`` for a functional conv/linear, ``forward(x, y, prec)`` for a matmul."""
 
-    def __init__(self, site: str, spec: SiteSpec, *, scheme: str, momentum: float,
-                 backend: str | KernelBackend = "reference", weight: nn.Parameter | None = None,
-                 bias: nn.Parameter | None = None, weight_scale: str = "channel",
-                 rounding_noise: str = "counter"):
+    def __init__(
+        self,
+        site: str,
+        spec: SiteSpec,
+        *,
+        scheme: str,
+        momentum: float,
+        backend: str | KernelBackend = "reference",
+        weight: nn.Parameter | None = None,
+        bias: nn.Parameter | None = None,
+        weight_scale: str = "channel",
+        rounding_noise: str = "counter",
+    ):
         super().__init__()
         self.site = site
         self.spec = spec
@@ -104,8 +113,10 @@ class FracOp(nn.Module):
             scale += f", rounding_noise={self.rounding_noise}"
         if self.epilogue_norm is not None or self.epilogue is not None:
             scale += f", epilogue={self.describe_epilogue()}"
-        return f"site={self.site!r}, op={self.spec.describe()}, scheme={self.scheme}{scale}, " \
-               f"backend={self.backend.name}"
+        return (
+            f"site={self.site!r}, op={self.spec.describe()}, scheme={self.scheme}{scale}, "
+            f"backend={self.backend.name}"
+        )
 
     def forward(self, x: torch.Tensor, *operands):
         *operands, prec = operands
@@ -126,12 +137,24 @@ class FracOp(nn.Module):
         one in eval."""
         return rng.observe(x) if self.training else rng.current()
 
-    def site_call(self, prec: Precision, x_range=None, y_range=None,
-                  rows: GateDecision | None = None) -> SiteCall:
+    def site_call(
+        self, prec: Precision, x_range=None, y_range=None, rows: GateDecision | None = None
+    ) -> SiteCall:
         """This site's :class:`SiteCall` at ``prec`` (what a backend receives)."""
-        return SiteCall(self.site, self.spec, prec, self.scheme, self.weight_scale,
-                        self.rounding_noise, self.weight_shape, x_range, y_range, rows,
-                        self.epilogue, self.epilogue_norm)
+        return SiteCall(
+            self.site,
+            self.spec,
+            prec,
+            self.scheme,
+            self.weight_scale,
+            self.rounding_noise,
+            self.weight_shape,
+            x_range,
+            y_range,
+            rows,
+            self.epilogue,
+            self.epilogue_norm,
+        )
 
     def backend_for(self, call: SiteCall) -> tuple[KernelBackend, str | None]:
         """``(backend that runs call, why not the configured one)``."""
@@ -154,11 +177,16 @@ class FracOp(nn.Module):
         rows = call.rows
         if rows is not None:
             rows = dataclasses.replace(rows, onehot=None, choice=None)
-        self.last_call = dataclasses.replace(call, x_range=None, y_range=None, rows=rows,
-                                             epilogue_norm=None)
+        self.last_call = dataclasses.replace(call, x_range=None, y_range=None, rows=rows, epilogue_norm=None)
 
-    def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-            prec: Precision, rows: GateDecision | None = None) -> torch.Tensor:
+    def run(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        prec: Precision,
+        rows: GateDecision | None = None,
+    ) -> torch.Tensor:
         """The site's output (its epilogue applied) at ``prec`` (with per-sample ``rows``)."""
         if prec.is_full and rows is None:
             return self.finish(self.spec.fp_forward(x, w, b))
@@ -167,24 +195,29 @@ class FracOp(nn.Module):
         y_range = None
         if self.spec.kind == "matmul" and prec.w:
             y_range = self._range(w, self.rhs_range)
-        call = self.site_call(prec, x_range if x_range and x_range[0] is not None else None,
-                              y_range if y_range and y_range[0] is not None else None, rows)
+        call = self.site_call(
+            prec,
+            x_range if x_range and x_range[0] is not None else None,
+            y_range if y_range and y_range[0] is not None else None,
+            rows,
+        )
         self._remember(call)
         backend, _ = self.backend_for(call)
         return backend.run_site(call, x, w, b)
 
-    def run_dense(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                  d: GateDecision) -> torch.Tensor:
+    def run_dense(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: GateDecision
+    ) -> torch.Tensor:
         """FracTrain's own execution of a gate: every candidate on the whole batch, mixed by the
         one-hot (reference semantics: it exists to reproduce that code, not to be fast)."""
         ref = get_backend("reference")
         lo_hi = self._range(x, self.act_range)
-        call = self.site_call(Precision(max(d.a), d.w, max(d.g)),
-                              lo_hi if lo_hi[0] is not None else None, rows=d)
+        call = self.site_call(
+            Precision(max(d.a), d.w, max(d.g)), lo_hi if lo_hi[0] is not None else None, rows=d
+        )
         self._remember(call)
         qw = quantize_operand(call, w, d.w, "w")
-        ys = [ref.gemm(call, quantize_operand(call, x, a, "x"), qw, b, g, w)
-              for a, g in zip(d.a, d.g)]
+        ys = [ref.gemm(call, quantize_operand(call, x, a, "x"), qw, b, g, w) for a, g in zip(d.a, d.g)]
         mix = d.onehot.reshape(d.onehot.shape + (1,) * (ys[0].dim() - 1))
         return self.finish((mix * torch.stack(ys, 1)).sum(1))
 

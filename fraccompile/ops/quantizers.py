@@ -47,12 +47,17 @@ def _i32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def noise_seed(generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> torch.Tensor:
+def noise_seed(generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 32-bit seed of one :func:`counter_noise` draw, from ``generator`` (torch's default one
     when None), as a one-element int32 tensor on ``device`` (no host sync on a GPU)."""
-    return torch.randint(-2**31, 2**31 - 1, (1,), generator=generator, dtype=torch.int32,
-                         device=device if generator is None else generator.device).to(device)
+    return torch.randint(
+        -(2**31),
+        2**31 - 1,
+        (1,),
+        generator=generator,
+        dtype=torch.int32,
+        device=device if generator is None else generator.device,
+    ).to(device)
 
 
 def counter_noise(shape, seed: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -72,11 +77,12 @@ def counter_noise(shape, seed: torch.Tensor, device: torch.device | str = "cpu")
     x.bitwise_xor_(x.bitwise_right_shift(15).bitwise_and_(0x1FFFF)).mul_(_i32(NOISE_MUL2))
     x.bitwise_xor_(x.bitwise_right_shift(16).bitwise_and_(0xFFFF))
     u = x.bitwise_right_shift_(32 - NOISE_BITS).bitwise_and_((1 << NOISE_BITS) - 1).float()
-    return u.mul_(2.0 ** -NOISE_BITS).view(tuple(shape))
+    return u.mul_(2.0**-NOISE_BITS).view(tuple(shape))
 
 
-def uniform_noise(shape, noise: str = "torch", generator: torch.Generator | None = None,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
+def uniform_noise(
+    shape, noise: str = "torch", generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Stochastic rounding's ``u ~ U[0, 1)`` (fp32) drawn the ``noise`` way."""
     if noise == "torch":
         return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
@@ -101,8 +107,9 @@ def _grid(bits: int, signed: bool) -> tuple[float, float]:
     return 0.0, float(2**bits - 1)
 
 
-def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: str,
-                       signed: bool | None = None) -> QParams:
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, scheme: str, signed: bool | None = None
+) -> QParams:
     """Quantization parameters covering ``[lo, hi]`` (tensors of any broadcastable shape).
 
     ``signed`` only matters for ``symmetric``: True/False force the signed/unsigned grid, None picks
@@ -147,8 +154,14 @@ def channel_range(w: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Te
     return lo.view(shape), hi.view(shape)
 
 
-def quantize_to_int(x: torch.Tensor, qp: QParams, *, stochastic: bool = False,
-                    generator: torch.Generator | None = None, noise: str = "torch") -> torch.Tensor:
+def quantize_to_int(
+    x: torch.Tensor,
+    qp: QParams,
+    *,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    noise: str = "torch",
+) -> torch.Tensor:
     """Integer codes (as a float tensor) of ``x`` on the grid ``qp``.
 
     Stochastic rounding is ``floor(t + u)`` with ``u ~ U[0, 1)`` drawn the ``noise`` way, i.e. SBM's
@@ -166,8 +179,14 @@ def dequantize(q: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32)
     return torch.addcmul(qp.zero, q, qp.scale).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, qp: QParams, *, stochastic: bool = False,
-                  generator: torch.Generator | None = None, noise: str = "torch") -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor,
+    qp: QParams,
+    *,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    noise: str = "torch",
+) -> torch.Tensor:
     """Round ``x`` onto the grid ``qp`` and map it back to ``x``'s dtype."""
     q = quantize_to_int(x, qp, stochastic=stochastic, generator=generator, noise=noise)
     return torch.addcmul(qp.zero, q, qp.scale, out=q).to(x.dtype)
@@ -178,8 +197,7 @@ def weight_range(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tenso
     return channel_range(w, 0) if per_channel else tensor_range(w)
 
 
-def quantize_weight(w: torch.Tensor, bits: int, scheme: str, per_channel: bool = True
-                    ) -> torch.Tensor:
+def quantize_weight(w: torch.Tensor, bits: int, scheme: str, per_channel: bool = True) -> torch.Tensor:
     """Per-output-channel (dim 0) range, or per-tensor with ``per_channel=False``; round to
     nearest (symmetric: the signed grid)."""
     if not bits:
@@ -194,15 +212,14 @@ def input_channel_range(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor,
     w = w.detach()
     oc, cg = w.shape[0], w.shape[1]
     grouped = w.reshape(groups, oc // groups, cg, -1).transpose(1, 2).reshape(groups, cg, -1)
-    lo, hi = torch.aminmax(grouped, dim=2)                      # (groups, cg)
+    lo, hi = torch.aminmax(grouped, dim=2)  # (groups, cg)
     shape = (1, cg) if groups == 1 else (oc, cg)
     if groups > 1:
         lo, hi = lo.repeat_interleave(oc // groups, 0), hi.repeat_interleave(oc // groups, 0)
     return (lo.reshape(*shape, *([1] * (w.dim() - 2))), hi.reshape(*shape, *([1] * (w.dim() - 2))))
 
 
-def quantize_weight_for_backprop(w: torch.Tensor, bits: int, scheme: str, groups: int = 1
-                                 ) -> torch.Tensor:
+def quantize_weight_for_backprop(w: torch.Tensor, bits: int, scheme: str, groups: int = 1) -> torch.Tensor:
     """``weight_scale="gemm"``: the weight as the error backprop reads it, quantized per input
     channel (round to nearest; symmetric: the signed grid)."""
     if not bits:
@@ -211,8 +228,9 @@ def quantize_weight_for_backprop(w: torch.Tensor, bits: int, scheme: str, groups
     return fake_quantize(w, qparams_from_range(lo, hi, bits, scheme, signed=True))
 
 
-def quantize_activation(x: torch.Tensor, bits: int, scheme: str,
-                        lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_activation(
+    x: torch.Tensor, bits: int, scheme: str, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-tensor range (the batch's, or a given running range in eval), round to nearest."""
     if not bits:
         return x
@@ -221,32 +239,51 @@ def quantize_activation(x: torch.Tensor, bits: int, scheme: str,
     return fake_quantize(x, qparams_from_range(lo, hi, bits, scheme))
 
 
-def quantize_gradient(g: torch.Tensor, bits: int, scheme: str,
-                      generator: torch.Generator | None = None,
-                      noise: str = "torch") -> torch.Tensor:
+def quantize_gradient(
+    g: torch.Tensor, bits: int, scheme: str, generator: torch.Generator | None = None, noise: str = "torch"
+) -> torch.Tensor:
     """Per-tensor range, stochastic rounding (symmetric: the signed grid)."""
     if not bits:
         return g
     lo, hi = tensor_range(g)
-    return fake_quantize(g, qparams_from_range(lo, hi, bits, scheme, signed=True), stochastic=True,
-                         generator=generator, noise=noise)
+    return fake_quantize(
+        g,
+        qparams_from_range(lo, hi, bits, scheme, signed=True),
+        stochastic=True,
+        generator=generator,
+        noise=noise,
+    )
 
 
-def quantize_rows(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochastic: bool = False,
-                  generator: torch.Generator | None = None, noise: str = "torch") -> torch.Tensor:
+def quantize_rows(
+    x: torch.Tensor,
+    row_bits: torch.Tensor,
+    qp_for_bits,
+    *,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    noise: str = "torch",
+) -> torch.Tensor:
     """Quantize each sample (row along dim 0) of ``x`` at its own precision ``row_bits[i]``, with
     ``qp_for_bits(bits)`` giving the grid (one shared range, so rows differ only in step size)."""
     out = torch.empty_like(x)
     for bits in torch.unique(row_bits).tolist():
         rows = (row_bits == bits).nonzero().flatten()
-        out[rows] = fake_quantize(x[rows], qp_for_bits(int(bits)), stochastic=stochastic,
-                                  generator=generator, noise=noise)
+        out[rows] = fake_quantize(
+            x[rows], qp_for_bits(int(bits)), stochastic=stochastic, generator=generator, noise=noise
+        )
     return out
 
 
-def quantize_gradient_rows(g: torch.Tensor, row_bits: torch.Tensor, scheme: str,
-                           noise: str = "torch") -> torch.Tensor:
+def quantize_gradient_rows(
+    g: torch.Tensor, row_bits: torch.Tensor, scheme: str, noise: str = "torch"
+) -> torch.Tensor:
     """Per-tensor range, stochastic rounding, each sample at its own precision."""
     lo, hi = tensor_range(g)
-    return quantize_rows(g, row_bits, lambda b: qparams_from_range(lo, hi, b, scheme, signed=True),
-                         stochastic=True, noise=noise)
+    return quantize_rows(
+        g,
+        row_bits,
+        lambda b: qparams_from_range(lo, hi, b, scheme, signed=True),
+        stochastic=True,
+        noise=noise,
+    )

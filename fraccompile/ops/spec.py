@@ -10,8 +10,15 @@ import torch.nn.functional as F
 
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 # The exact full-precision op of each op name (precision 0 must be bit-identical to the original).
-FP_OPS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d, "linear": F.linear,
-          "matmul": torch.matmul, "bmm": torch.bmm, "mm": torch.mm}
+FP_OPS = {
+    "conv1d": F.conv1d,
+    "conv2d": F.conv2d,
+    "conv3d": F.conv3d,
+    "linear": F.linear,
+    "matmul": torch.matmul,
+    "bmm": torch.bmm,
+    "mm": torch.mm,
+}
 
 
 class Precision(NamedTuple):
@@ -59,19 +66,29 @@ class SiteSpec:
         return int(self.op_name[-2]) if self.kind == "conv" else 0
 
     @classmethod
-    def conv(cls, n: int, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-             pre_pad=()) -> SiteSpec:
+    def conv(
+        cls, n: int, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", pre_pad=()
+    ) -> SiteSpec:
         pad = padding if isinstance(padding, str) else _tuple(padding, n)
-        return cls("conv", f"conv{n}d", _tuple(stride, n), pad, _tuple(dilation, n), int(groups),
-                   padding_mode, tuple(pre_pad))
+        return cls(
+            "conv",
+            f"conv{n}d",
+            _tuple(stride, n),
+            pad,
+            _tuple(dilation, n),
+            int(groups),
+            padding_mode,
+            tuple(pre_pad),
+        )
 
     # -- the original op, bit for bit ---------------------------------------------------------------
     def fp_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         fn = FP_OPS[self.op_name]
         if self.kind == "conv":
             if self.pre_pad:
-                x = F.pad(x, self.pre_pad, mode=self.padding_mode if self.padding_mode != "zeros"
-                          else "constant")
+                x = F.pad(
+                    x, self.pre_pad, mode=self.padding_mode if self.padding_mode != "zeros" else "constant"
+                )
             return fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
         if self.kind == "linear":
             return fn(x, w, b)

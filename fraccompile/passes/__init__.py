@@ -6,5 +6,16 @@ from .cost_annotation import CostAnnotation
 from .pipeline import PASSES, PIPELINES, check_order, get_pass, get_pipeline, run_passes
 from .quantize_insertion import QuantizeInsertion
 
-__all__ = ["PASSES", "PIPELINES", "CostAnnotation", "Pass", "PassResult", "QuantizeInsertion",
-           "SiteInfo", "check_order", "get_pass", "get_pipeline", "run_passes"]
+__all__ = [
+    "PASSES",
+    "PIPELINES",
+    "CostAnnotation",
+    "Pass",
+    "PassResult",
+    "QuantizeInsertion",
+    "SiteInfo",
+    "check_order",
+    "get_pass",
+    "get_pipeline",
+    "run_passes",
+]

@@ -36,17 +36,16 @@ class ChannelsLast(Pass):
         modified = False
         for node in list(gm.graph.nodes):
             info = node.meta.get(META_FP_LAYER)
-            if info is None or info.kind != "conv" or not node.args \
-                    or not isinstance(node.args[0], fx.Node):
+            if info is None or info.kind != "conv" or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
             x_shape, w_shape, _ = node.meta.get(META_CALL_SHAPES, ((), (), ()))
             if len(x_shape) != 4 or len(w_shape) != 4:
                 continue
             with gm.graph.inserting_before(node):
-                cl = gm.graph.call_method("contiguous", (node.args[0],),
-                                          {"memory_format": torch.channels_last})
-            cl.meta.update({k: v for k, v in node.args[0].meta.items()
-                            if k in (TENSOR_META, VAL)})
+                cl = gm.graph.call_method(
+                    "contiguous", (node.args[0],), {"memory_format": torch.channels_last}
+                )
+            cl.meta.update({k: v for k, v in node.args[0].meta.items() if k in (TENSOR_META, VAL)})
             node.args = (cl, *node.args[1:])
             modified = True
         return PassResult(gm, modified)

@@ -27,15 +27,18 @@ from .base import node_dtype, node_shape
 aten = torch.ops.aten
 
 _SDPA_SIG = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-                  "enable_gqa": False}
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 _BADDBMM_SIG = ("input", "batch1", "batch2", "beta", "alpha")
 _ADDMM_SIG = ("input", "mat1", "mat2", "beta", "alpha")
 _COMPOSITE_FUNCTIONS = {
-    F.scaled_dot_product_attention: "sdpa", aten.scaled_dot_product_attention.default: "sdpa",
-    torch.baddbmm: "baddbmm", aten.baddbmm.default: "baddbmm",
-    torch.addmm: "addmm", aten.addmm.default: "addmm",
-    torch.einsum: "einsum", aten.einsum.default: "einsum",
+    F.scaled_dot_product_attention: "sdpa",
+    aten.scaled_dot_product_attention.default: "sdpa",
+    torch.baddbmm: "baddbmm",
+    aten.baddbmm.default: "baddbmm",
+    torch.addmm: "addmm",
+    aten.addmm.default: "addmm",
+    torch.einsum: "einsum",
+    aten.einsum.default: "einsum",
 }
 _COMPOSITE_METHODS = {"baddbmm": "baddbmm", "addmm": "addmm"}
 
@@ -124,16 +127,18 @@ def match_composite(gm: fx.GraphModule, node: fx.Node, kinds) -> CompositeMatch 
     if op == "sdpa":
         return _match_sdpa(node)
     if op == "baddbmm":
-        a = (dict(zip(_BADDBMM_SIG, node.args)) | dict(node.kwargs))
+        a = dict(zip(_BADDBMM_SIG, node.args)) | dict(node.kwargs)
         b1, b2 = a.get("batch1"), a.get("batch2")
-        shapes = _matmul_shapes(b1, b2) if isinstance(b1, fx.Node) and isinstance(b2, fx.Node) \
-            else None
+        shapes = _matmul_shapes(b1, b2) if isinstance(b1, fx.Node) and isinstance(b2, fx.Node) else None
         if shapes is None:
             return not_site(node, "baddbmm operands without known shapes")
         out = node_shape(node) or ()
-        return CompositeMatch(node, "baddbmm", [a["input"], b1, b2, a.get("beta", 1),
-                                               a.get("alpha", 1)],
-                              [Part("", "matmul", SiteSpec("matmul", "bmm"), (*shapes, out))])
+        return CompositeMatch(
+            node,
+            "baddbmm",
+            [a["input"], b1, b2, a.get("beta", 1), a.get("alpha", 1)],
+            [Part("", "matmul", SiteSpec("matmul", "bmm"), (*shapes, out))],
+        )
     return _match_einsum(node)
 
 
@@ -147,17 +152,21 @@ def _match_sdpa(node: fx.Node) -> CompositeMatch | None:
     kt = (*qs[:-2], ks[-1], S)  # kᵀ, GQA heads repeated as q's
     scores = (*qs[:-2], L, S)
     out = node_shape(node) or (*qs[:-2], L, vs[-1])
-    parts = [Part("qk", "matmul", SiteSpec("matmul", "matmul"), (qs, kt, scores)),
-             Part("av", "matmul", SiteSpec("matmul", "matmul"), (scores, (*qs[:-2], S, vs[-1]),
-                                                                  out))]
-    return CompositeMatch(node, "sdpa", [q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"],
-                                         a["scale"], a["enable_gqa"]], parts)
+    parts = [
+        Part("qk", "matmul", SiteSpec("matmul", "matmul"), (qs, kt, scores)),
+        Part("av", "matmul", SiteSpec("matmul", "matmul"), (scores, (*qs[:-2], S, vs[-1]), out)),
+    ]
+    return CompositeMatch(
+        node,
+        "sdpa",
+        [q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["scale"], a["enable_gqa"]],
+        parts,
+    )
 
 
 def _match_einsum(node: fx.Node) -> CompositeMatch | None:
     equation, *operands = node.args
-    if node.target is aten.einsum.default or (len(operands) == 1 and isinstance(operands[0],
-                                                                                (list, tuple))):
+    if node.target is aten.einsum.default or (len(operands) == 1 and isinstance(operands[0], (list, tuple))):
         operands = list(operands[0])
     if node.kwargs.get("path") is not None or not isinstance(equation, str):
         return not_site(node, "einsum with a contraction path or a computed equation")
@@ -172,12 +181,13 @@ def _match_einsum(node: fx.Node) -> CompositeMatch | None:
     nb, nm, nk, nn_ = plan["sizes"]
     pa = [a_sh[i] for i in plan["a"]]
     pb = [b_sh[i] for i in plan["b"]]
-    M, K = _prod(pa[nb:nb + nm]), _prod(pa[nb + nm:])
-    N = _prod(pb[nb + nk:])
+    M, K = _prod(pa[nb : nb + nm]), _prod(pa[nb + nm :])
+    N = _prod(pb[nb + nk :])
     batch = tuple(pa[:nb])
     shapes = ((*batch, M, K), (*tuple(pb[:nb]), K, N), (*batch, M, N))
-    match = CompositeMatch(node, "einsum", list(operands),
-                           [Part("", "matmul", SiteSpec("matmul", "matmul"), shapes)])
+    match = CompositeMatch(
+        node, "einsum", list(operands), [Part("", "matmul", SiteSpec("matmul", "matmul"), shapes)]
+    )
     match.extra = {"equation": equation, "plan": plan}
     return match
 
@@ -189,10 +199,23 @@ def _prod(xs) -> int:
     return out
 
 
-_MHA_SIG = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
-            "average_attn_weights", "is_causal")
-_MHA_DEFAULTS = {"key_padding_mask": None, "need_weights": True, "attn_mask": None,
-                 "average_attn_weights": True, "is_causal": False}
+_MHA_SIG = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "average_attn_weights",
+    "is_causal",
+)
+_MHA_DEFAULTS = {
+    "key_padding_mask": None,
+    "need_weights": True,
+    "attn_mask": None,
+    "average_attn_weights": True,
+    "is_causal": False,
+}
 
 
 def _match_mha(node: fx.Node, mod: nn.MultiheadAttention, kinds) -> CompositeMatch | None:
@@ -212,11 +235,13 @@ def _match_mha(node: fx.Node, mod: nn.MultiheadAttention, kinds) -> CompositeMat
     H, D = mod.num_heads, mod.head_dim
     lin = SiteSpec("linear", "linear")
     mm = SiteSpec("matmul", "matmul")
-    parts = [Part("q", "linear", lin, ((L * N, E), (E, E), (L * N, E))),
-             Part("k", "linear", lin, ((S * N, mod.kdim), (E, mod.kdim), (S * N, E))),
-             Part("v", "linear", lin, ((S * N, mod.vdim), (E, mod.vdim), (S * N, E))),
-             Part("qk", "matmul", mm, ((N, H, L, D), (N, H, D, S), (N, H, L, S))),
-             Part("av", "matmul", mm, ((N, H, L, S), (N, H, S, D), (N, H, L, D))),
-             Part("out", "linear", lin, ((L * N, E), (E, E), (L * N, E)))]
+    parts = [
+        Part("q", "linear", lin, ((L * N, E), (E, E), (L * N, E))),
+        Part("k", "linear", lin, ((S * N, mod.kdim), (E, mod.kdim), (S * N, E))),
+        Part("v", "linear", lin, ((S * N, mod.vdim), (E, mod.vdim), (S * N, E))),
+        Part("qk", "matmul", mm, ((N, H, L, D), (N, H, D, S), (N, H, L, S))),
+        Part("av", "matmul", mm, ((N, H, L, S), (N, H, S, D), (N, H, L, D))),
+        Part("out", "linear", lin, ((L * N, E), (E, E), (L * N, E))),
+    ]
     ops = [a[k] for k in _MHA_SIG]
     return CompositeMatch(node, "mha", ops, parts, module=mod)

@@ -30,14 +30,51 @@ from ..meta_keys import (
 __all__ = ["GEMM_LIKE", "Fp32Op", "GemmCallRecorder", "find_fp32_ops", "op_name"]
 
 # names (function __name__, aten op name or method) of the GEMM-like ops
-GEMM_LIKE = frozenset({
-    "linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
-    "conv_transpose3d", "bilinear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm",
-    "addbmm", "baddbmm", "addmv", "mv", "einsum", "tensordot", "scaled_dot_product_attention",
-    "multi_head_attention_forward", "lstm", "gru", "rnn_tanh", "rnn_relu", "chain_matmul",
-    "multi_dot"})
-_GEMM_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                 nn.ConvTranspose3d, nn.Bilinear, nn.MultiheadAttention, nn.RNNBase)
+GEMM_LIKE = frozenset(
+    {
+        "linear",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "convolution",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "bilinear",
+        "matmul",
+        "__matmul__",
+        "__rmatmul__",
+        "mm",
+        "bmm",
+        "addmm",
+        "addbmm",
+        "baddbmm",
+        "addmv",
+        "mv",
+        "einsum",
+        "tensordot",
+        "scaled_dot_product_attention",
+        "multi_head_attention_forward",
+        "lstm",
+        "gru",
+        "rnn_tanh",
+        "rnn_relu",
+        "chain_matmul",
+        "multi_dot",
+    }
+)
+_GEMM_MODULES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Bilinear,
+    nn.MultiheadAttention,
+    nn.RNNBase,
+)
 _DEFAULT_REASONS = {
     "conv_transpose1d": "transposed convolution (not a FracTrain site)",
     "conv_transpose2d": "transposed convolution (not a FracTrain site)",
@@ -117,26 +154,42 @@ def find_fp32_ops(gm: fx.GraphModule) -> list[Fp32Op]:
             continue
         parts = node.meta.get(META_SITE_PARTS)
         if parts:
-            out += [Fp32Op(node.name, info.op, _module_path(node),
-                           "kept in full precision (FracConfig.full_precision)")
-                    for info, _ in parts if info.full_precision]
+            out += [
+                Fp32Op(
+                    node.name,
+                    info.op,
+                    _module_path(node),
+                    "kept in full precision (FracConfig.full_precision)",
+                )
+                for info, _ in parts
+                if info.full_precision
+            ]
             continue
         fp = node.meta.get(META_FP_LAYER)
         if fp is not None:
-            out.append(Fp32Op(node.name, fp.op, _module_path(node),
-                              "kept in full precision (FracConfig.full_precision)"))
+            out.append(
+                Fp32Op(
+                    node.name, fp.op, _module_path(node), "kept in full precision (FracConfig.full_precision)"
+                )
+            )
             continue
         name = _own_name(gm, node)
         if name is not None:
-            reason = node.meta.get(META_NOT_SITE) or _DEFAULT_REASONS.get(name) \
-                or "no site matches this call"
+            reason = node.meta.get(META_NOT_SITE) or _DEFAULT_REASONS.get(name) or "no site matches this call"
             out.append(Fp32Op(node.name, name, _module_path(node), reason))
             continue
         calls = node.meta.get(META_GEMM_CALLS)
         if calls:
-            out.append(Fp32Op(node.name, op_name(node.target) if node.op != "call_module"
-                              else type(gm.get_submodule(str(node.target))).__name__,
-                              _module_path(node), _leaf_reason(gm, node, calls)))
+            out.append(
+                Fp32Op(
+                    node.name,
+                    op_name(node.target)
+                    if node.op != "call_module"
+                    else type(gm.get_submodule(str(node.target))).__name__,
+                    _module_path(node),
+                    _leaf_reason(gm, node, calls),
+                )
+            )
     return out
 
 

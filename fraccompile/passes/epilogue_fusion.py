@@ -48,9 +48,15 @@ from .cost_annotation import site_macs
 
 _MODULES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu"}
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_FUNCTIONS = {F.gelu: "gelu", F.relu: "relu", F.silu: "silu", torch.relu: "relu",
-              torch.ops.aten.gelu.default: "gelu", torch.ops.aten.relu.default: "relu",
-              torch.ops.aten.silu.default: "silu"}
+_FUNCTIONS = {
+    F.gelu: "gelu",
+    F.relu: "relu",
+    F.silu: "silu",
+    torch.relu: "relu",
+    torch.ops.aten.gelu.default: "gelu",
+    torch.ops.aten.relu.default: "relu",
+    torch.ops.aten.silu.default: "silu",
+}
 _METHODS = {"relu": "relu"}
 
 
@@ -109,8 +115,7 @@ class EpilogueFusion(Pass):
             gm.graph.erase_node(user)
             modified = True
         for node in list(gm.graph.nodes):
-            if node.target is masked_relu or not node.args \
-                    or _activation(gm, node) != ("relu", ""):
+            if node.target is masked_relu or not node.args or _activation(gm, node) != ("relu", ""):
                 continue
             if _in_place(gm, node) and len(node.args[0].users) > 1:
                 continue  # others read the input after it was overwritten: keep the in-place op
@@ -125,8 +130,12 @@ class EpilogueFusion(Pass):
     @staticmethod
     def _single_use_site(gm: fx.GraphModule, node: fx.Node, calls: dict) -> FracOp | None:
         """The FracOp ``node`` calls, when it is called only there and its output has one user."""
-        if META_SITE not in node.meta or node.op != "call_module" or len(node.users) != 1 \
-                or calls[str(node.target)] != 1:
+        if (
+            META_SITE not in node.meta
+            or node.op != "call_module"
+            or len(node.users) != 1
+            or calls[str(node.target)] != 1
+        ):
             return None
         op = gm.get_submodule(str(node.target))
         return op if isinstance(op, FracOp) else None
@@ -140,8 +149,7 @@ class EpilogueFusion(Pass):
             if op is None or op.epilogue_norm is not None:
                 continue
             (bn,) = node.users
-            if bn.op != "call_module" or bn.args != (node,) or bn.kwargs \
-                    or calls[str(bn.target)] != 1:
+            if bn.op != "call_module" or bn.args != (node,) or bn.kwargs or calls[str(bn.target)] != 1:
                 continue
             norm = gm.get_submodule(str(bn.target))
             if type(norm) not in _NORMS or _hooked(norm):
@@ -151,8 +159,8 @@ class EpilogueFusion(Pass):
         for node, op, bn, norm in found:
             if node in kept:
                 node.meta[META_SITE].extra["epilogue"] = (
-                    f"{type(norm).__name__} not fused (recompute_budget "
-                    f"{self.config.recompute_budget:g})")
+                    f"{type(norm).__name__} not fused (recompute_budget {self.config.recompute_budget:g})"
+                )
                 continue
             user, act = _sole_activation(gm, bn)
             last = user if act is not None else bn
@@ -204,8 +212,9 @@ def _sole_activation(gm: fx.GraphModule, node: fx.Node):
 
 def _hooked(mod: nn.Module) -> bool:
     """A module with hooks keeps its call: fusing it away would skip them."""
-    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
-                or mod._backward_pre_hooks)
+    return bool(
+        mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
+    )
 
 
 def _in_place(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -47,10 +47,10 @@ class GatingInsertion(Pass):
         if not regions:
             return PassResult(gm, False)
         nodes = {n.name: n for n in gm.graph.nodes}
-        kinds = {n.meta[META_SITE].name: n.meta[META_SITE].kind
-                 for n in gm.graph.nodes if META_SITE in n.meta}
-        kinds.update({i.name: i.kind for n in gm.graph.nodes
-                      for i, _ in n.meta.get(META_SITE_PARTS, [])})
+        kinds = {
+            n.meta[META_SITE].name: n.meta[META_SITE].kind for n in gm.graph.nodes if META_SITE in n.meta
+        }
+        kinds.update({i.name: i.kind for n in gm.graph.nodes for i, _ in n.meta.get(META_SITE_PARTS, [])})
         dims = {}
         for r in regions:
             shape = node_shape(nodes[r.entry]) or ()
@@ -58,8 +58,7 @@ class GatingInsertion(Pass):
             dim = 1 if kinds[r.sites[0]] == "conv" else len(shape) - 1
             dims[r.name] = (shape[dim], dim)
         cfg = self.config
-        gm.add_submodule(GATES_MODULE, GateBank(dims, cfg.gate_a, cfg.gate_g, cfg.gate_hidden,
-                                                cfg.gate_mode))
+        gm.add_submodule(GATES_MODULE, GateBank(dims, cfg.gate_a, cfg.gate_g, cfg.gate_hidden, cfg.gate_mode))
         order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         prev = None
         for r in regions:
@@ -67,9 +66,9 @@ class GatingInsertion(Pass):
             if prev is not None and order.get(prev.name, -1) > order[anchor.name]:
                 anchor = prev
             with gm.graph.inserting_after(anchor):
-                gate = gm.graph.create_node("call_module", GATES_MODULE,
-                                            (r.name, nodes[r.entry], prev), {},
-                                            name=f"gate_{r.name}")
+                gate = gm.graph.create_node(
+                    "call_module", GATES_MODULE, (r.name, nodes[r.entry], prev), {}, name=f"gate_{r.name}"
+                )
             gate.meta[META_GATE] = r.name
             order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
             sites = set(r.sites)

@@ -18,13 +18,27 @@ from .gating_insertion import GatingInsertion
 from .quantize_insertion import QuantizeInsertion
 from .region_discovery import RegionDiscovery
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (QuantizeInsertion, CostAnnotation,
-                                                     RegionDiscovery, GatingInsertion,
-                                                     EpilogueFusion, ChannelsLast)}
+PASSES: dict[str, type[Pass]] = {
+    p.name: p
+    for p in (
+        QuantizeInsertion,
+        CostAnnotation,
+        RegionDiscovery,
+        GatingInsertion,
+        EpilogueFusion,
+        ChannelsLast,
+    )
+}
 PIPELINES: dict[str, tuple[str, ...]] = {
     "default": ("quantize-insertion", "cost-annotation", "epilogue-fusion", "channels-last"),
-    "dfq": ("quantize-insertion", "cost-annotation", "region-discovery", "gating-insertion",
-            "epilogue-fusion", "channels-last"),
+    "dfq": (
+        "quantize-insertion",
+        "cost-annotation",
+        "region-discovery",
+        "gating-insertion",
+        "epilogue-fusion",
+        "channels-last",
+    ),
 }
 
 
@@ -40,8 +54,7 @@ def get_pipeline(name: str, config: FracConfig | None = None) -> list[Pass]:
     try:
         names = PIPELINES[name]
     except KeyError:
-        raise PassError(f"unknown pipeline {name!r}: valid pipelines are "
-                        f"{', '.join(PIPELINES)}") from None
+        raise PassError(f"unknown pipeline {name!r}: valid pipelines are {', '.join(PIPELINES)}") from None
     passes = [get_pass(n, config) for n in names]
     check_order(passes, CAPTURED, what=f"pipeline {name!r}")
     return passes
@@ -57,8 +70,9 @@ def _missing_message(p: Pass, missing: set[str], what: str) -> str:
     return f"{what}: pass {p.name!r} requires " + "; ".join(parts)
 
 
-def check_order(passes: Iterable[Pass], have: Iterable[str] = CAPTURED,
-                what: str = "pass list") -> frozenset[str]:
+def check_order(
+    passes: Iterable[Pass], have: Iterable[str] = CAPTURED, what: str = "pass list"
+) -> frozenset[str]:
     """Walk ``passes`` from the graph properties ``have``; raise :class:`PassError` naming the
     first pass whose ``requires`` are not met and the pass that would ensure them. Returns the
     properties that hold after the last pass."""
@@ -75,8 +89,7 @@ def graph_properties(gm: fx.GraphModule) -> frozenset[str]:
     """The properties ``gm`` holds: those recorded by earlier passes (``gm.meta``), plus
     ``shapes`` when its nodes carry shape metadata (a captured graph)."""
     have = set(gm.meta.get(GM_PROPERTIES, ()))
-    if any(TENSOR_META in n.meta or VAL in n.meta for n in gm.graph.nodes
-           if n.op != "output"):
+    if any(TENSOR_META in n.meta or VAL in n.meta for n in gm.graph.nodes if n.op != "output"):
         have.add(SHAPES)
     return frozenset(have)
 

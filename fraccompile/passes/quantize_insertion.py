@@ -57,8 +57,17 @@ SITES_MODULE = "frac_sites"
 
 aten = torch.ops.aten
 _CONV_SIG = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_ATEN_CONVOLUTION_SIG = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
-                         "output_padding", "groups")
+_ATEN_CONVOLUTION_SIG = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+)
 _LINEAR_SIG = ("input", "weight", "bias")
 _MATMUL_SIG = ("input", "other")
 
@@ -125,11 +134,19 @@ def _match(gm: fx.GraphModule, node: fx.Node, kinds: tuple[str, ...]) -> _Match 
         mod = gm.get_submodule(node.target)
         x = node.args[0] if node.args else node.kwargs.get("input")
         if isinstance(mod, _CONV_MODULES) and "conv" in kinds:
-            n = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[next(c for c in _CONV_MODULES
-                                                               if isinstance(mod, c))]
+            n = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[
+                next(c for c in _CONV_MODULES if isinstance(mod, c))
+            ]
             if mod.padding_mode != "zeros":
-                spec = SiteSpec.conv(n, mod.stride, 0, mod.dilation, mod.groups, mod.padding_mode,
-                                     mod._reversed_padding_repeated_twice)
+                spec = SiteSpec.conv(
+                    n,
+                    mod.stride,
+                    0,
+                    mod.dilation,
+                    mod.groups,
+                    mod.padding_mode,
+                    mod._reversed_padding_repeated_twice,
+                )
             else:
                 spec = SiteSpec.conv(n, mod.stride, mod.padding, mod.dilation, mod.groups)
             return _Match(node, "conv", spec, "module", [x], mod)
@@ -164,8 +181,9 @@ def _match(gm: fx.GraphModule, node: fx.Node, kinds: tuple[str, ...]) -> _Match 
         return _Match(node, kind, SiteSpec("matmul", op_name), source, [x, w])
     if kind == "linear":
         b = args.get("bias")
-        return _Match(node, kind, SiteSpec("linear", "linear"), source,
-                      [x, w] + ([b] if b is not None else []))
+        return _Match(
+            node, kind, SiteSpec("linear", "linear"), source, [x, w] + ([b] if b is not None else [])
+        )
     try:
         if op_name == "convolution" and _constant(args.get("transposed", False)):
             return not_site(node, "transposed convolution (not a FracTrain site)")
@@ -199,8 +217,14 @@ def _site_name(m: _Match | CompositeMatch, used: dict[str, int]) -> str:
     path, cls = _module_path_of(m.node)
     if isinstance(m, CompositeMatch):
         base = f"{path}.{m.op}" if path else m.op
-    elif m.source == "aten" and cls in ("Conv1d", "Conv2d", "Conv3d", "Linear", "LazyLinear",
-                                        "NonDynamicallyQuantizableLinear"):
+    elif m.source == "aten" and cls in (
+        "Conv1d",
+        "Conv2d",
+        "Conv3d",
+        "Linear",
+        "LazyLinear",
+        "NonDynamicallyQuantizableLinear",
+    ):
         base = path  # an nn layer seen through torch.export keeps its module path as its name
     else:
         op = m.spec.op_name if m.kind != "conv" else f"conv{m.spec.conv_dims}d"
@@ -217,15 +241,26 @@ def _find(gm: fx.GraphModule, node: fx.Node, kinds) -> _Match | CompositeMatch |
     if m is not None:
         return m
     if node.op in ("call_function", "call_method") and node.target in (
-            torch.addmm, aten.addmm.default, "addmm"):
+        torch.addmm,
+        aten.addmm.default,
+        "addmm",
+    ):
         found = match_addmm(node, kinds)
         if found is None:
             return None
         x, w, b = found
-        return _Match(node, "linear", SiteSpec("linear", "addmm"),
-                      "method" if node.op == "call_method" else
-                      "aten" if node.target is aten.addmm.default else "functional",
-                      [x, w, b], transpose_weight=True)
+        return _Match(
+            node,
+            "linear",
+            SiteSpec("linear", "addmm"),
+            "method"
+            if node.op == "call_method"
+            else "aten"
+            if node.target is aten.addmm.default
+            else "functional",
+            [x, w, b],
+            transpose_weight=True,
+        )
     return match_composite(gm, node, kinds)
 
 
@@ -273,10 +308,17 @@ class QuantizeInsertion(Pass):
                 if isinstance(m, CompositeMatch):
                     for p in m.parts:
                         name = f"{m.name}.{p.suffix}" if p.suffix else m.name
-                        p.info = SiteInfo(name=name, kind=p.kind, op=_part_op(m, p),
-                                          source="composite", module_path="",
-                                          input_shape=p.shapes[0], weight_shape=p.shapes[1],
-                                          output_shape=p.shapes[2], backend=cfg.backend)
+                        p.info = SiteInfo(
+                            name=name,
+                            kind=p.kind,
+                            op=_part_op(m, p),
+                            source="composite",
+                            module_path="",
+                            input_shape=p.shapes[0],
+                            weight_shape=p.shapes[1],
+                            output_shape=p.shapes[2],
+                            backend=cfg.backend,
+                        )
                 matches.append(m)
         keep = _select_full_precision(_parts(matches), cfg.full_precision)
         site_names = list(dict.fromkeys(m.name for m in _parts(matches) if m.name not in keep))
@@ -289,8 +331,7 @@ class QuantizeInsertion(Pass):
         self._replaced: dict[fx.Node, fx.Node] = {}  # erased node -> its site node
         for m in matches:
             node = m.node
-            m.operands = [self._replaced.get(o, o) if isinstance(o, fx.Node) else o
-                          for o in m.operands]
+            m.operands = [self._replaced.get(o, o) if isinstance(o, fx.Node) else o for o in m.operands]
             if isinstance(m, CompositeMatch):
                 for p in m.parts:
                     p.info.full_precision = p.info.name in keep
@@ -299,9 +340,11 @@ class QuantizeInsertion(Pass):
                     self._rewrite_composite(gm, m, cfg)
                 continue
             weight = m.module.weight if m.module is not None else None
-            shapes = (node_shape(m.operands[0]) or (),
-                      tuple(weight.shape) if weight is not None else node_shape(m.operands[1]) or (),
-                      node_shape(node) or ())
+            shapes = (
+                node_shape(m.operands[0]) or (),
+                tuple(weight.shape) if weight is not None else node_shape(m.operands[1]) or (),
+                node_shape(node) or (),
+            )
             if m.transpose_weight:
                 shapes = (shapes[0], shapes[1][::-1], shapes[2])
             node.meta[META_CALL_SHAPES] = shapes
@@ -310,10 +353,17 @@ class QuantizeInsertion(Pass):
                 info.calls += 1
             else:
                 info = infos[m.name] = SiteInfo(
-                    name=m.name, kind=m.kind, op=m.spec.describe(), source=m.source,
+                    name=m.name,
+                    kind=m.kind,
+                    op=m.spec.describe(),
+                    source=m.source,
                     module_path=str(node.target) if m.source == "module" else "",
-                    input_shape=shapes[0], weight_shape=shapes[1], output_shape=shapes[2],
-                    full_precision=m.name in keep, backend=cfg.backend)
+                    input_shape=shapes[0],
+                    weight_shape=shapes[1],
+                    output_shape=shapes[2],
+                    full_precision=m.name in keep,
+                    backend=cfg.backend,
+                )
             if info.full_precision:
                 node.meta[META_FP_LAYER] = info
                 continue
@@ -325,14 +375,21 @@ class QuantizeInsertion(Pass):
         graph, node = gm.graph, m.node
         safe = m.name.replace(".", "_")
         with graph.inserting_before(node):
-            prec = graph.create_node("call_module", PRECISION_MODULE, (m.name,), {},
-                                     name=f"prec_{safe}")
+            prec = graph.create_node("call_module", PRECISION_MODULE, (m.name,), {}, name=f"prec_{safe}")
         prec.meta[META_PRECISION_NODE] = m.name
         if m.source == "module":
             if not isinstance(gm.get_submodule(node.target), FracOp):  # first call: swap it in
-                op = FracOp(m.name, m.spec, scheme=cfg.scheme, momentum=cfg.act_momentum,
-                            backend=_backend(cfg), weight=m.module.weight, bias=m.module.bias,
-                            weight_scale=cfg.weight_scale, rounding_noise=cfg.rounding_noise)
+                op = FracOp(
+                    m.name,
+                    m.spec,
+                    scheme=cfg.scheme,
+                    momentum=cfg.act_momentum,
+                    backend=_backend(cfg),
+                    weight=m.module.weight,
+                    bias=m.module.bias,
+                    weight_scale=cfg.weight_scale,
+                    rounding_noise=cfg.rounding_noise,
+                )
                 parent, _, leaf = str(node.target).rpartition(".")
                 setattr(gm.get_submodule(parent) if parent else gm, leaf, op)
             node.args, node.kwargs = (m.operands[0], prec), {}
@@ -346,8 +403,7 @@ class QuantizeInsertion(Pass):
             with graph.inserting_before(node):
                 operands[1] = graph.call_method("t", (operands[1],))
         with graph.inserting_before(node):
-            new = graph.create_node("call_module", target, (*operands, prec), {},
-                                    name=f"{safe}_site")
+            new = graph.create_node("call_module", target, (*operands, prec), {}, name=f"{safe}_site")
         new.meta.update(node.meta)
         new.meta[META_SITE] = info
         node.replace_all_uses_with(new)
@@ -356,9 +412,15 @@ class QuantizeInsertion(Pass):
 
     @staticmethod
     def _op(name: str, spec: SiteSpec, cfg) -> FracOp:
-        return FracOp(name, spec, scheme=cfg.scheme, momentum=cfg.act_momentum,
-                      backend=_backend(cfg), weight_scale=cfg.weight_scale,
-                      rounding_noise=cfg.rounding_noise)
+        return FracOp(
+            name,
+            spec,
+            scheme=cfg.scheme,
+            momentum=cfg.act_momentum,
+            backend=_backend(cfg),
+            weight_scale=cfg.weight_scale,
+            rounding_noise=cfg.rounding_noise,
+        )
 
     def _rewrite_composite(self, gm: fx.GraphModule, m: CompositeMatch, cfg) -> None:
         """The composite's node becomes a call of its site module, with one precision node per
@@ -371,8 +433,13 @@ class QuantizeInsertion(Pass):
                 precs.append((0, 0, 0))
                 continue
             with graph.inserting_before(node):
-                prec = graph.create_node("call_module", PRECISION_MODULE, (p.info.name,), {},
-                                         name=f"prec_{p.info.name.replace('.', '_')}")
+                prec = graph.create_node(
+                    "call_module",
+                    PRECISION_MODULE,
+                    (p.info.name,),
+                    {},
+                    name=f"prec_{p.info.name.replace('.', '_')}",
+                )
             prec.meta[META_PRECISION_NODE] = p.info.name
             precs.append(prec)
         ops = {p.suffix: self._op(p.info.name, p.spec, cfg) for p in m.parts}
@@ -383,16 +450,16 @@ class QuantizeInsertion(Pass):
         elif m.op == "einsum":
             module = EinsumSite(ops[""], m.extra["equation"], m.extra["plan"])
         else:
-            module = MultiheadAttentionSite(m.module, ops["q"], ops["k"], ops["v"],
-                                            AttentionSite(ops["qk"], ops["av"]), ops["out"])
+            module = MultiheadAttentionSite(
+                m.module, ops["q"], ops["k"], ops["v"], AttentionSite(ops["qk"], ops["av"]), ops["out"]
+            )
             module.mha_path = str(node.target)
         target = f"{SITES_MODULE}.{safe}"
         gm.add_submodule(target, module)
         for p in m.parts:
             p.info.module_path = f"{target}.{_child_path(m.op, p.suffix)}"
         with graph.inserting_before(node):
-            new = graph.create_node("call_module", target, (*m.operands, *precs), {},
-                                    name=f"{safe}_site")
+            new = graph.create_node("call_module", target, (*m.operands, *precs), {}, name=f"{safe}_site")
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         self._replaced[node] = new

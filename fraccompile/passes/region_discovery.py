@@ -96,8 +96,7 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
         sites = [s for s in site_of.get(node.name, ()) if s not in covered]
         if sites and node.name in g:
             covered.update(sites)
-            found.append((Region("", "site", node.all_input_nodes[0].name, node.name, sites),
-                          {node.name}))
+            found.append((Region("", "site", node.all_input_nodes[0].name, node.name, sites), {node.name}))
     found.sort(key=lambda rb: order[rb[0].exit])
     nodes = {n.name: n for n in gm.graph.nodes}
     for i, (region, body) in enumerate(found):

@@ -46,6 +46,7 @@ def cache_dir() -> pathlib.Path:
 
 def _make_tvm_backend(options: dict):
     from .backend import make_tvm_backend  # imports tvm
+
     return make_tvm_backend(options)
 
 

@@ -25,7 +25,7 @@ def _out_channel(spec: SiteSpec, v: torch.Tensor, dims: int) -> torch.Tensor:
 
 # the largest |code| of a dtype (wide codes: gradients of at most 16 bits)
 _CODE_BOUND = {torch.uint8: 255, torch.int8: 128}
-_EXACT = 2 ** 24  # fp32 holds every integer below this
+_EXACT = 2**24  # fp32 holds every integer below this
 
 
 def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -44,22 +44,21 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32) -
     if order is None:
         order = list(range(n))
         codes = codes.contiguous()
-    if set(order[:len(dims)]) == set(dims):      # summed dims outermost: column sums
-        kept_order, rows = order[len(dims):], True
-    elif set(order[n - len(dims):]) == set(dims):  # innermost: row sums
-        kept_order, rows = order[:n - len(dims)], False
-    else:                                       # neither: a byte copy with the summed dims last
+    if set(order[: len(dims)]) == set(dims):  # summed dims outermost: column sums
+        kept_order, rows = order[len(dims) :], True
+    elif set(order[n - len(dims) :]) == set(dims):  # innermost: row sums
+        kept_order, rows = order[: n - len(dims)], False
+    else:  # neither: a byte copy with the summed dims last
         order, kept_order, rows = keep + dims, keep, False
-        codes = codes.permute(*order).contiguous().permute(
-            *sorted(range(n), key=order.__getitem__))
+        codes = codes.permute(*order).contiguous().permute(*sorted(range(n), key=order.__getitem__))
     R = math.prod(codes.shape[d] for d in (dims if rows else keep))
     K = math.prod(codes.shape[d] for d in (keep if rows else dims))
     mat = codes.permute(*order).reshape(R, K)
-    length = mat.shape[0] if rows else mat.shape[1]     # the summed extent
-    step = max(1, (_EXACT - 1) // _CODE_BOUND.get(codes.dtype, 2 ** 16))
+    length = mat.shape[0] if rows else mat.shape[1]  # the summed extent
+    step = max(1, (_EXACT - 1) // _CODE_BOUND.get(codes.dtype, 2**16))
     total = None
     for lo in range(0, max(length, 1), step):
-        part = mat[lo:lo + step] if rows else mat[:, lo:lo + step]
+        part = mat[lo : lo + step] if rows else mat[:, lo : lo + step]
         part = part.float()
         ones = part.new_ones(part.shape[0] if rows else part.shape[1])
         sums = ones @ part if rows else part @ ones
@@ -78,8 +77,13 @@ def _code_sums(codes: torch.Tensor, dim) -> torch.Tensor:
 
 
 def _conv_shape_args(spec: SiteSpec, w_shape):
-    return (list(spec.stride), list(spec.gemm_padding(w_shape)), list(spec.dilation), False,
-            [0] * spec.conv_dims)
+    return (
+        list(spec.stride),
+        list(spec.gemm_padding(w_shape)),
+        list(spec.dilation),
+        False,
+        [0] * spec.conv_dims,
+    )
 
 
 def _window_code_sums(spec: SiteSpec, xq: IntCodes, w_shape) -> torch.Tensor:
@@ -98,8 +102,9 @@ def _window_code_sums(spec: SiteSpec, xq: IntCodes, w_shape) -> torch.Tensor:
     else:
         per_group = _exact_sums(codes.reshape(codes.shape[0], G, -1, *codes.shape[2:]), [2])
     ones = torch.ones((G, 1, *w_shape[2:]), device=codes.device)
-    sums = CONV_FNS[spec.conv_dims](per_group, ones, None, spec.stride,
-                                    spec.gemm_padding(w_shape), spec.dilation, G)
+    sums = CONV_FNS[spec.conv_dims](
+        per_group, ones, None, spec.stride, spec.gemm_padding(w_shape), spec.dilation, G
+    )
     return sums if G == 1 else sums.repeat_interleave(OC // G, dim=1)
 
 
@@ -113,12 +118,12 @@ def _value_sums(spec: SiteSpec, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
     if spec.kind == "matmul":
         return w.sum(-2, keepdim=True)
     ones = torch.ones((1, *x_shape[1:]), device=w.device)
-    return CONV_FNS[spec.conv_dims](ones, w, None, spec.stride, spec.gemm_padding(w_shape),
-                                    spec.dilation, spec.groups)
+    return CONV_FNS[spec.conv_dims](
+        ones, w, None, spec.stride, spec.gemm_padding(w_shape), spec.dilation, spec.groups
+    )
 
 
-def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bool
-              ) -> torch.Tensor:
+def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bool) -> torch.Tensor:
     """For every tap of a conv's kernel, the sum over the output positions ``o`` whose tap reads
     inside the image (input coordinate ``o·stride + tap·dilation - padding``): of the image ``t``
     ``(C, *in_sp)`` at those coordinates (``image``), or of the output map ``t`` ``(OC, *out_sp)``
@@ -129,13 +134,12 @@ def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bo
         index = [slice(None)]
         for d in range(n):
             first, st = tap[d] * spec.dilation[d] - pad[d], spec.stride[d]
-            lo = max(0, -(first // st))                       # ceil(-first / st)
+            lo = max(0, -(first // st))  # ceil(-first / st)
             hi = min(out_sp[d] - 1, (in_sp[d] - 1 - first) // st)
             if hi < lo:
                 index = None
                 break
-            index.append(slice(first + lo * st, first + hi * st + 1, st) if image
-                         else slice(lo, hi + 1))
+            index.append(slice(first + lo * st, first + hi * st + 1, st) if image else slice(lo, hi + 1))
         if index is not None:
             out[(slice(None), *tap)] = t[tuple(index)].sum(list(range(1, n + 1)))
     return out
@@ -153,8 +157,7 @@ def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape) -> torch.Te
     G, Cg = spec.groups, w_shape[1]
     out_sp = _out_sizes(spec, x_shape[2:], w_shape)
     # every sample pairs with the same taps: the batch sum first (exact), then one image
-    sums = _tap_sums(spec, _exact_sums(codes, [0]), x_shape[2:], out_sp, w_shape,
-                     image=True)                                # (C, *kernel)
+    sums = _tap_sums(spec, _exact_sums(codes, [0]), x_shape[2:], out_sp, w_shape, image=True)  # (C, *kernel)
     if G == 1:
         return sums.unsqueeze(0)
     return sums.reshape(G, Cg, *w_shape[2:]).repeat_interleave(w_shape[0] // G, dim=0)
@@ -167,8 +170,7 @@ def _gradient_sums(spec: SiteSpec, dyq: IntCodes, x_shape, w_shape) -> torch.Ten
     codes = dyq.codes
     if spec.kind == "linear":
         flat = codes.reshape(-1, codes.shape[-1])
-        return (_code_sums(flat, 0) * dyq.scale.reshape(-1) + flat.shape[0] * _zero(dyq)) \
-            .unsqueeze(-1)
+        return (_code_sums(flat, 0) * dyq.scale.reshape(-1) + flat.shape[0] * _zero(dyq)).unsqueeze(-1)
     if spec.kind == "matmul":
         sums = _code_sums(codes, -2).unsqueeze(-2) * dyq.scale  # (per sample where scale is)
         return sums if dyq.zero is None else sums + codes.shape[-2] * dyq.zero
@@ -185,8 +187,10 @@ def _zero(q: IntCodes) -> torch.Tensor:
 def _out_sizes(spec: SiteSpec, size, w_shape) -> list[int]:
     """Output spatial sizes of a conv on input spatial sizes ``size``."""
     pad, ks = spec.gemm_padding(w_shape), w_shape[2:]
-    return [(size[d] + 2 * pad[d] - spec.dilation[d] * (ks[d] - 1) - 1) // spec.stride[d] + 1
-            for d in range(spec.conv_dims)]
+    return [
+        (size[d] + 2 * pad[d] - spec.dilation[d] * (ks[d] - 1) - 1) // spec.stride[d] + 1
+        for d in range(spec.conv_dims)
+    ]
 
 
 def _channel_sums(codes: torch.Tensor, channel_dim: int) -> torch.Tensor:

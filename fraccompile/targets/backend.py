@@ -39,8 +39,8 @@ from .kernels import JitKernels, KernelRef, Recorder
 from .roles import SiteRoles
 from .site_gemm import IntSiteGemm
 
-MAX_BITS = 8       # a and w: the codes the int8 kernels (and what backward saves) hold
-MAX_G_BITS = 16    # g: wider gradient codes run as two 8-bit halves (see split_codes)
+MAX_BITS = 8  # a and w: the codes the int8 kernels (and what backward saves) hold
+MAX_G_BITS = 16  # g: wider gradient codes run as two 8-bit halves (see split_codes)
 MIN_GROUP_WIDTH = 8  # narrower groups waste most of the 16 int32 lanes of a VNNI instruction
 
 
@@ -63,6 +63,7 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
 
     def __reduce__(self):
         from ..ops.backend import get_backend
+
         return get_backend, (self.name, dict(self.options))
 
     @property
@@ -78,6 +79,7 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
     def cuda(self):
         if self._cuda is None:
             from .cuda_driver import CudaGemm
+
             self._cuda = CudaGemm()
         return self._cuda
 
@@ -112,15 +114,15 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
                 out.add_(q.offset)
             return torch.addcmul(q.zero, out, q.scale, out=out)
         n = q.codes.numel()
-        ref = KernelRef("dequant_codes", (str(q.codes.dtype).removeprefix("torch."),),
-                        serial=_serial(5 * n))
+        ref = KernelRef("dequant_codes", (str(q.codes.dtype).removeprefix("torch."),), serial=_serial(5 * n))
         zero = q.zero.reshape(1).float() if q.zero is not None else _ZERO
         grid = torch.cat([q.scale.reshape(1).float(), zero, _ZERO + float(q.offset)])
         self.kernel(ref)(q.codes.permute(*perm).reshape(-1), grid, out.permute(*perm).reshape(-1))
         return out
 
-    def _padded_codes(self, slot: str, shape, dim: int, padding, src: torch.Tensor,
-                      flip: int) -> torch.Tensor:
+    def _padded_codes(
+        self, slot: str, shape, dim: int, padding, src: torch.Tensor, flip: int
+    ) -> torch.Tensor:
         """A :meth:`scratch` uint8 buffer of ``shape`` holding the codes ``src`` in its interior
         (the two spatial dims from ``dim`` on, padded by ``padding``) and code 0 around them, all
         of it XORed with ``flip``: an implicit conv's input. Only the interior is written per
@@ -128,14 +130,18 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         padding or the flip changed (consecutive calls of one geometry, most sites of a stage,
         skip the strided fills)."""
         buf = self.scratch(slot, shape, torch.uint8)
-        (ph, pw), (H, W) = padding, src.shape[dim:dim + 2]
+        (ph, pw), (H, W) = padding, src.shape[dim : dim + 2]
         lead = (slice(None),) * dim
         state = self._local.__dict__.setdefault("borders", {})
         key = (buf.data_ptr(), tuple(shape), tuple(padding), flip)
         if state.get(slot) != key:
             rows = slice(ph, ph + H)
-            for border in (lead + (slice(0, ph),), lead + (slice(ph + H, None),),
-                           lead + (rows, slice(0, pw)), lead + (rows, slice(pw + W, None))):
+            for border in (
+                lead + (slice(0, ph),),
+                lead + (slice(ph + H, None),),
+                lead + (rows, slice(0, pw)),
+                lead + (rows, slice(pw + W, None)),
+            ):
                 buf[border].fill_(flip)
             state[slot] = key
         interior = buf[lead + (slice(ph, ph + H), slice(pw, pw + W))]
@@ -165,28 +171,33 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
     # -- what runs here ----------------------------------------------------------------------------
     def unsupported_reason(self, call: SiteCall) -> str | None:
         spec, weight_shape = call.spec, call.weight_shape
-        if spec.kind == "conv" and (spec.pre_pad or spec.padding == "same"
-                                    or spec.padding_mode != "zeros"):
+        if spec.kind == "conv" and (spec.pre_pad or spec.padding == "same" or spec.padding_mode != "zeros"):
             return "conv with pre-padding (padding_mode or padding='same') has no kernel"
-        if spec.kind == "conv" and spec.groups > 1 and weight_shape is not None \
-                and weight_shape[0] // spec.groups < MIN_GROUP_WIDTH:
-            return (f"grouped conv with {weight_shape[0] // spec.groups} output channel(s) per "
-                    f"group (depthwise): the GEMM form pads them to 16 lanes")
+        if (
+            spec.kind == "conv"
+            and spec.groups > 1
+            and weight_shape is not None
+            and weight_shape[0] // spec.groups < MIN_GROUP_WIDTH
+        ):
+            return (
+                f"grouped conv with {weight_shape[0] // spec.groups} output channel(s) per "
+                f"group (depthwise): the GEMM form pads them to 16 lanes"
+            )
         if call.rows is not None and call.rows.mode == "dense":
             return "dense gate mode computes every candidate on the reference backend"
         bits = call.bits
         if bits.is_full and call.rows is None:
             return None  # full precision runs the original op on every backend
-        for name, value, top in (("a", bits.a, MAX_BITS), ("w", bits.w, MAX_BITS),
-                                 ("g", bits.g, MAX_G_BITS)):
+        for name, value, top in (("a", bits.a, MAX_BITS), ("w", bits.w, MAX_BITS), ("g", bits.g, MAX_G_BITS)):
             if not 1 <= value <= top:
                 what = "full precision" if value == 0 else f"{value} bits"
                 return f"{name}={what}: integer kernels take 1..{top} bits for {name}"
         return None
 
     # -- one site ----------------------------------------------------------------------------------
-    def run_site(self, call: SiteCall, x: torch.Tensor, w: torch.Tensor,
-                 b: torch.Tensor | None) -> torch.Tensor:
+    def run_site(
+        self, call: SiteCall, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+    ) -> torch.Tensor:
         """``call``'s output from integer kernels: the operands' codes (the reference's, same
         quantizer), then :class:`IntSiteGemm`."""
         spec, prec, asym = call.spec, call.prec, call.scheme == "sbm"
@@ -195,45 +206,71 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         lo, hi = call.x_range or tensor_range(x)
         d = call.rows
         if d is None:
-            xq = _to_codes(x.detach(), qparams_from_range(lo, hi, prec.a, call.scheme),
-                           kernel=kernel, asymmetric=asym)
+            xq = _to_codes(
+                x.detach(), qparams_from_range(lo, hi, prec.a, call.scheme), kernel=kernel, asymmetric=asym
+            )
         else:
-            xq = _row_codes(x.detach(), d.row_bits("a"),
-                            lambda k: qparams_from_range(lo, hi, k, call.scheme), asymmetric=asym,
-                            kernel=kernel)
+            xq = _row_codes(
+                x.detach(),
+                d.row_bits("a"),
+                lambda k: qparams_from_range(lo, hi, k, call.scheme),
+                asymmetric=asym,
+                kernel=kernel,
+            )
         if spec.kind == "matmul":
             ylo, yhi = call.y_range or tensor_range(w)
-            wq = _to_codes(w.detach(), qparams_from_range(ylo, yhi, prec.w, call.scheme),
-                           kernel=kernel, asymmetric=asym)
+            wq = _to_codes(
+                w.detach(), qparams_from_range(ylo, yhi, prec.w, call.scheme), kernel=kernel, asymmetric=asym
+            )
         else:
             wlo, whi = weight_range(w, per_channel=call.weight_scale != "tensor")
-            wq = _to_codes(w.detach(), qparams_from_range(wlo, whi, prec.w, call.scheme,
-                                                          signed=True),
-                           kernel=kernel, asymmetric=asym)
+            wq = _to_codes(
+                w.detach(),
+                qparams_from_range(wlo, whi, prec.w, call.scheme, signed=True),
+                kernel=kernel,
+                asymmetric=asym,
+            )
         wq_eb = None
         if call.weight_scale == "gemm" and spec.kind != "matmul":  # EB's own: per input channel
             elo, ehi = input_channel_range(w, spec.groups)
-            wq_eb = _to_codes(w.detach(), qparams_from_range(elo, ehi, prec.w, call.scheme,
-                                                             signed=True),
-                              kernel=kernel, asymmetric=asym)
+            wq_eb = _to_codes(
+                w.detach(),
+                qparams_from_range(elo, ehi, prec.w, call.scheme, signed=True),
+                kernel=kernel,
+                asymmetric=asym,
+            )
         if d is not None:  # the gate's gradient, as the reference's GateProbe gives it
+
             def quantize_at(t: torch.Tensor, k: int) -> torch.Tensor:
                 return quantize_activation(t, k, call.scheme, lo=lo, hi=hi)
+
             probe = None if self.on_gpu(x) else self._gate_probe(d, call.scheme, lo, hi)
-            x = GateProbe.apply(x, d.onehot, x.detach(), quantize_at, d.a,
-                                xq.dequantize if probe is None else None, probe)
+            x = GateProbe.apply(
+                x, d.onehot, x.detach(), quantize_at, d.a, xq.dequantize if probe is None else None, probe
+            )
         norm = call.epilogue_norm
-        return IntSiteGemm.apply(x, w, b, xq, wq, call, self, getattr(norm, "weight", None),
-                                 getattr(norm, "bias", None), wq_eb)
+        return IntSiteGemm.apply(
+            x, w, b, xq, wq, call, self, getattr(norm, "weight", None), getattr(norm, "bias", None), wq_eb
+        )
 
     def _gate_probe(self, d: GateDecision, scheme: str, lo: torch.Tensor, hi: torch.Tensor):
         """GateProbe's sums for the routed decision ``d`` as one kernel pass (:mod:`.probe`):
         ``probe(x, dqx) -> (N, len(candidates))``, the input's grid spanning ``[lo, hi]``."""
         bits = sorted(set(d.a))
         qps = [qparams_from_range(lo, hi, b, scheme) for b in bits]
-        grids = torch.stack([torch.stack([qp.scale.reshape(()).float(), qp.zero.reshape(()).float(),
-                                          torch.tensor(float(qp.qmin)),
-                                          torch.tensor(float(qp.qmax))]) for qp in qps])
+        grids = torch.stack(
+            [
+                torch.stack(
+                    [
+                        qp.scale.reshape(()).float(),
+                        qp.zero.reshape(()).float(),
+                        torch.tensor(float(qp.qmin)),
+                        torch.tensor(float(qp.qmax)),
+                    ]
+                )
+                for qp in qps
+            ]
+        )
         where = self.where
         ref = KernelRef("gate_probe", (len(bits),))
 
@@ -254,6 +291,7 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
                 self.recorder.kernel(ref, where)
             self.kernel(ref)(xs.reshape(N, -1), gs.reshape(N, -1), grids, rows, out)
             return out[:, [bits.index(b) for b in d.a]]
+
         return probe
 
 
@@ -266,15 +304,17 @@ def make_tvm_backend(options: dict) -> TVMBackend:
     tuning = None
     if options.get("tuning_db"):
         from .tuning import TuningDB
+
         tuning = TuningDB(options["tuning_db"])
     if options.get("kernels"):
         from .export import ExportedKernels
-        provider = ExportedKernels(options["kernels"], bool(options.get("kernels_fallback")),
-                                   tuning=tuning)
+
+        provider = ExportedKernels(options["kernels"], bool(options.get("kernels_fallback")), tuning=tuning)
     else:
         provider = JitKernels(tuning=tuning)
     backend = TVMBackend(kernels=provider, options=sorted(options.items()))
     if options.get("kernels"):  # GPU tensors take their kernels from the same directory
         from .cuda_driver import CudaGemm
+
         backend._cuda = CudaGemm(library=provider.cuda_library)
     return backend

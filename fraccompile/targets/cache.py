@@ -86,8 +86,7 @@ class KernelCache:
 
     def get(self, shape: gemm.GemmShape):
         """The packed function ``main(A, B, C)`` for ``shape``: from memory, disk, or built."""
-        return self.get_named(shape.name, kernel_key(shape, self.host),
-                              lambda: gemm.build(shape, self.host))
+        return self.get_named(shape.name, kernel_key(shape, self.host), lambda: gemm.build(shape, self.host))
 
     def get_named(self, name: str, key: str, build):
         """The function ``main`` of the kernel ``name`` whose inputs hash to ``key``; ``build()``
@@ -111,13 +110,11 @@ class KernelCache:
 
     def _load_or_build(self, path: pathlib.Path, build):
         self._sweep()
-        if path.exists() and fileio.checksum_problem(path) is None \
-                and fileio.elf_problem(path) is None:
+        if path.exists() and fileio.checksum_problem(path) is None and fileio.elf_problem(path) is None:
             try:
                 return self._load(path)
             except Exception as e:  # a foreign file: rebuilt below, under the lock
-                log.warning("kernel cache: cannot load %s (%s); rebuilding", path,
-                            str(e).splitlines()[0])
+                log.warning("kernel cache: cannot load %s (%s); rebuilding", path, str(e).splitlines()[0])
         with contextlib.ExitStack() as stack:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
@@ -135,8 +132,10 @@ class KernelCache:
                     lib.export_library(str(tmp))
                 fileio.write_checksum(path)
             except Exception as e:
-                self._warn(f"cannot write a shared library ({e}); kernels are built in memory "
-                           "for this process only (and run on TVM's thread pool)")
+                self._warn(
+                    f"cannot write a shared library ({e}); kernels are built in memory "
+                    "for this process only (and run on TVM's thread pool)"
+                )
                 self._record_build(t0)
                 self._modules.append(lib)
                 return lib["main"]

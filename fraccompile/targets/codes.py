@@ -37,8 +37,15 @@ class IntCodes:
 
     __slots__ = ("codes", "scale", "signed", "zero", "qmax", "offset")
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, signed: bool,
-                 zero: torch.Tensor | None = None, qmax=None, offset: int = 0):
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        signed: bool,
+        zero: torch.Tensor | None = None,
+        qmax=None,
+        offset: int = 0,
+    ):
         self.codes, self.scale, self.signed, self.zero = codes, scale, signed, zero
         self.qmax = qmax  # the grid's top code (a float, or per sample like scale)
         # codes stored minus ``offset`` (the quantize kernel centers sbm codes into int8): the
@@ -164,8 +171,16 @@ def _jit_kernel(ref: KernelRef):
     return _JIT.get(ref)
 
 
-def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "torch",
-              kernel=_jit_kernel, asymmetric: bool = False, center: bool = True) -> IntCodes:
+def _to_codes(
+    x: torch.Tensor,
+    qp,
+    *,
+    stochastic: bool = False,
+    noise: str = "torch",
+    kernel=_jit_kernel,
+    asymmetric: bool = False,
+    center: bool = True,
+) -> IntCodes:
     """``x``'s integer codes on the grid ``qp`` — the reference quantizer's codes exactly, from one
     fused TVM kernel when the scale is per tensor (activations, gradients) and the codes are 8-bit,
     else torch. ``kernel`` maps a :class:`KernelRef` to its compiled function (None: torch, as for
@@ -177,8 +192,7 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
     signed = qp.qmin < 0
     dtype = _code_dtype(qp)
     zero = qp.zero if asymmetric else None
-    fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1 \
-        and dtype.itemsize == 1
+    fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1 and dtype.itemsize == 1
     perm = _dense_perm(x) if fused else None
     if perm is None:
         q = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
@@ -209,16 +223,29 @@ def _to_codes(x: torch.Tensor, qp, *, stochastic: bool = False, noise: str = "to
     elif stochastic:  # the reference's draws, in logical order, laid out like x
         args.append(uniform_noise(x.shape, noise).permute(*perm).reshape(-1))
     codes = torch.empty(flat.shape, dtype=dtype)
-    ref = KernelRef.quantize(str(dtype).removeprefix("torch."), stochastic, noise,
-                             serial=_serial(x.numel() * (9 if stochastic and not counter else 5)))
+    ref = KernelRef.quantize(
+        str(dtype).removeprefix("torch."),
+        stochastic,
+        noise,
+        serial=_serial(x.numel() * (9 if stochastic and not counter else 5)),
+    )
     kernel(ref)(*args, codes)
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
-    return IntCodes(codes.view(xd.shape).permute(*inverse), qp.scale, signed or bool(offset), zero,
-                    qp.qmax, offset)
+    return IntCodes(
+        codes.view(xd.shape).permute(*inverse), qp.scale, signed or bool(offset), zero, qp.qmax, offset
+    )
 
 
-def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochastic: bool = False,
-               noise: str = "torch", asymmetric: bool = False, kernel=None) -> IntCodes:
+def _row_codes(
+    x: torch.Tensor,
+    row_bits: torch.Tensor,
+    qp_for_bits,
+    *,
+    stochastic: bool = False,
+    noise: str = "torch",
+    asymmetric: bool = False,
+    kernel=None,
+) -> IntCodes:
     """Codes of ``x`` with sample ``i`` (dim 0) on the grid ``qp_for_bits(row_bits[i])`` (one
     shared range, so only the step differs): the reference's
     :func:`~fraccompile.ops.quantizers.quantize_rows`, group by group in the same order (the same
@@ -230,38 +257,59 @@ def _row_codes(x: torch.Tensor, row_bits: torch.Tensor, qp_for_bits, *, stochast
     widest = grids[max(grids)]
     dtype = _code_dtype(widest)
     perm = _dense_perm(x)
-    if (kernel is not None and (not stochastic or noise == "counter")
-            and x.dtype == torch.float32 and perm is not None and perm[0] == 0
-            and x.numel() < 2**31 and all(qp.scale.numel() == 1 for qp in grids.values())):
-        return _row_codes_fused(x, row_bits, groups, grids, perm, dtype, asymmetric, kernel,
-                                stochastic)
+    if (
+        kernel is not None
+        and (not stochastic or noise == "counter")
+        and x.dtype == torch.float32
+        and perm is not None
+        and perm[0] == 0
+        and x.numel() < 2**31
+        and all(qp.scale.numel() == 1 for qp in grids.values())
+    ):
+        return _row_codes_fused(x, row_bits, groups, grids, perm, dtype, asymmetric, kernel, stochastic)
     codes = torch.empty(x.shape, dtype=dtype, device=x.device)
     scale = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device)
     qmax = torch.empty_like(scale)
     for b, rows in groups:
         qp = grids[b]
         if kernel is not None and dtype.itemsize == 1:
-            codes[rows] = _to_codes(x[rows], qp, stochastic=stochastic, noise=noise,
-                                    kernel=kernel, asymmetric=asymmetric, center=False).codes
+            codes[rows] = _to_codes(
+                x[rows],
+                qp,
+                stochastic=stochastic,
+                noise=noise,
+                kernel=kernel,
+                asymmetric=asymmetric,
+                center=False,
+            ).codes
         else:
-            codes[rows] = quantize_to_int(x[rows], qp, stochastic=stochastic,
-                                          noise=noise).to(dtype)
+            codes[rows] = quantize_to_int(x[rows], qp, stochastic=stochastic, noise=noise).to(dtype)
         scale[rows] = qp.scale.reshape(1).float()
         qmax[rows] = qp.qmax
     return IntCodes(codes, scale, widest.qmin < 0, widest.zero if asymmetric else None, qmax)
 
 
-def _row_codes_fused(x, row_bits, groups, grids: dict, perm, dtype, asymmetric: bool, kernel,
-                     stochastic: bool) -> IntCodes:
+def _row_codes_fused(
+    x, row_bits, groups, grids: dict, perm, dtype, asymmetric: bool, kernel, stochastic: bool
+) -> IntCodes:
     """:func:`_row_codes` as one kernel pass with a grid per sample
     (:func:`.quantize.rows_definition`, or with counter noise
     :func:`.quantize.rows_counter_definition`, each group's seed drawn in the reference's
     order): the same codes, no gather or scatter per group."""
     bits = sorted(grids)
-    table = torch.stack([torch.stack([grids[b].scale.reshape(()).float(),
-                                      grids[b].zero.reshape(()).float(),
-                                      torch.tensor(float(grids[b].qmin)),
-                                      torch.tensor(float(grids[b].qmax))]) for b in bits])
+    table = torch.stack(
+        [
+            torch.stack(
+                [
+                    grids[b].scale.reshape(()).float(),
+                    grids[b].zero.reshape(()).float(),
+                    torch.tensor(float(grids[b].qmin)),
+                    torch.tensor(float(grids[b].qmax)),
+                ]
+            )
+            for b in bits
+        ]
+    )
     rows = table[torch.searchsorted(torch.tensor(bits), row_bits.cpu())].contiguous()
     xd = x.permute(*perm)
     N = x.shape[0]
@@ -269,8 +317,7 @@ def _row_codes_fused(x, row_bits, groups, grids: dict, perm, dtype, asymmetric: 
     name = str(dtype).removeprefix("torch.")
     serial = _serial(x.numel() * 5)
     if not stochastic:
-        kernel(KernelRef("quantize_rows", (name,), serial=serial))(
-            xd.reshape(N, -1), rows, codes.view(N, -1))
+        kernel(KernelRef("quantize_rows", (name,), serial=serial))(xd.reshape(N, -1), rows, codes.view(N, -1))
     else:  # the reference's draws: per group (ascending bits), its samples' ranks in it
         rank = torch.empty(N, dtype=torch.int32)
         seed = torch.empty(N, dtype=torch.int32)
@@ -282,12 +329,18 @@ def _row_codes_fused(x, row_bits, groups, grids: dict, perm, dtype, asymmetric: 
         else:  # channels-last: (N, spatial, C), the logical index n·C·S + c·S + s
             flat = xd.reshape(N, -1, x.shape[1])
         kernel(KernelRef("quantize_rows_counter", (name,), serial=serial))(
-            flat, rows, rank, seed, codes.view(flat.shape))
+            flat, rows, rank, seed, codes.view(flat.shape)
+        )
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
     shape = (N,) + (1,) * (x.dim() - 1)
     widest = grids[bits[-1]]
-    return IntCodes(codes.permute(*inverse), rows[:, 0].reshape(shape).clone(), widest.qmin < 0,
-                    widest.zero if asymmetric else None, rows[:, 3].reshape(shape).clone())
+    return IntCodes(
+        codes.permute(*inverse),
+        rows[:, 0].reshape(shape).clone(),
+        widest.qmin < 0,
+        widest.zero if asymmetric else None,
+        rows[:, 3].reshape(shape).clone(),
+    )
 
 
 class PackedCodes:
@@ -346,8 +399,7 @@ def pack_bytes(t: torch.Tensor, width: int, add: int, kernel) -> PackedCodes | N
     flat = t.permute(*perm).reshape(-1).view(torch.uint8)
     add %= 256
     data = torch.empty((flat.numel() + per - 1) // per, dtype=torch.uint8)
-    kernel(KernelRef("pack_codes", (width,), serial=_serial(flat.numel())))(
-        flat, _byte(add), data)
+    kernel(KernelRef("pack_codes", (width,), serial=_serial(flat.numel())))(flat, _byte(add), data)
     return PackedCodes(data, tuple(t.shape), tuple(perm), t.dtype, add, width)
 
 
@@ -356,8 +408,7 @@ def unpack_saved(data: torch.Tensor, meta: tuple, kernel) -> torch.Tensor:
     their layout."""
     shape, perm, dtype, add, width = meta
     flat = torch.empty(int(torch.Size(shape).numel()), dtype=torch.uint8)
-    kernel(KernelRef("unpack_codes", (width,), serial=_serial(flat.numel())))(
-        data, _byte(add), flat)
+    kernel(KernelRef("unpack_codes", (width,), serial=_serial(flat.numel())))(data, _byte(add), flat)
     inverse = sorted(range(len(perm)), key=perm.__getitem__)
     return flat.view(dtype).view([shape[p] for p in perm]).permute(*inverse)
 

@@ -83,8 +83,7 @@ def block(ow: int, oc: int) -> tuple[int, int] | None:
     return None if mb is None else (mb, nb)
 
 
-def forward_shape(x_shape, w_shape, stride, padding, dilation, out_sp,
-                  max_k: int) -> ConvShape | None:
+def forward_shape(x_shape, w_shape, stride, padding, dilation, out_sp, max_k: int) -> ConvShape | None:
     """The implicit-GEMM forward of a 2-D conv on channels-last codes ``x_shape (N, H, W, C)``,
     or None where it does not apply: ``C`` not a multiple of 4, no register block dividing the
     output width, or a reduction over ``max_k`` (the exact-sum limit)."""
@@ -94,8 +93,19 @@ def forward_shape(x_shape, w_shape, stride, padding, dilation, out_sp,
     if c % 4 or blk is None or k > max_k:
         return None
     (ph, pw), (mb, nb) = padding, blk
-    return ConvShape(n, h + 2 * ph, w + 2 * pw, c, *w_shape[2:], *stride, *dilation, *out_sp,
-                     -(-oc // (16 * nb)) * 16 * nb, mb, nb)
+    return ConvShape(
+        n,
+        h + 2 * ph,
+        w + 2 * pw,
+        c,
+        *w_shape[2:],
+        *stride,
+        *dilation,
+        *out_sp,
+        -(-oc // (16 * nb)) * 16 * nb,
+        mb,
+        nb,
+    )
 
 
 def definition(s: ConvShape, dequantize: bool = False, row_term: bool = False):
@@ -116,25 +126,30 @@ def definition(s: ConvShape, dequantize: bool = False, row_term: bool = False):
         lambda b, y, x, o: te.sum(
             X[b, y * s.sh + ri * s.dh, x * s.sw + rj * s.dw, rc].astype("int32")
             * B[o // 16, (ri * s.kw + rj) * c4 + rc // 4, o % 16, rc % 4].astype("int32"),
-            axis=[ri, rj, rc]),
-        name="C")
+            axis=[ri, rj, rc],
+        ),
+        name="C",
+    )
     if not dequantize:
         return te.create_prim_func([X, B, C]).with_attr("global_symbol", "main")
     cc = te.placeholder((s.ocp,), "int32", name="cc")
     scale = te.placeholder((s.ocp,), "float32", name="scale")
     bias = te.placeholder((s.ocp,), "float32", name="bias")
     if not row_term:
-        Y = te.compute((s.n, s.oh, s.ow, s.ocp),
-                       lambda b, y, x, o: (C[b, y, x, o] + cc[o]).astype("float32") * scale[o]
-                       + bias[o], name="Y")
+        Y = te.compute(
+            (s.n, s.oh, s.ow, s.ocp),
+            lambda b, y, x, o: (C[b, y, x, o] + cc[o]).astype("float32") * scale[o] + bias[o],
+            name="Y",
+        )
         return te.create_prim_func([X, B, cc, scale, bias, Y]).with_attr("global_symbol", "main")
     r = te.placeholder((s.n, s.oh, s.ow), "float32", name="r")
     t = te.placeholder((s.ocp,), "float32", name="t")
-    Y = te.compute((s.n, s.oh, s.ow, s.ocp),
-                   lambda b, y, x, o: (C[b, y, x, o] + cc[o]).astype("float32") * scale[o]
-                   + bias[o] + r[b, y, x] * t[o], name="Y")
-    return te.create_prim_func([X, B, cc, scale, bias, r, t, Y]).with_attr("global_symbol",
-                                                                           "main")
+    Y = te.compute(
+        (s.n, s.oh, s.ow, s.ocp),
+        lambda b, y, x, o: (C[b, y, x, o] + cc[o]).astype("float32") * scale[o] + bias[o] + r[b, y, x] * t[o],
+        name="Y",
+    )
+    return te.create_prim_func([X, B, cc, scale, bias, r, t, Y]).with_attr("global_symbol", "main")
 
 
 def schedule(*args, dequantize: bool = False, row_term: bool = False) -> s_tir.Schedule:
@@ -149,8 +164,7 @@ def schedule(*args, dequantize: bool = False, row_term: bool = False) -> s_tir.S
     oo, on, ol = sch.split(o, [None, s.nb, 16])
     rco, rci = sch.split(rc, [None, 4])
     sch.reorder(b, y, oo, xo, ri, rj, rco, xi, on, ol, rci)
-    vnni_block(sch, ol, xo, (b, y, oo), ri, (on, xi),
-               epilogue="Y" if dequantize or row_term else None)
+    vnni_block(sch, ol, xo, (b, y, oo), ri, (on, xi), epilogue="Y" if dequantize or row_term else None)
     return sch
 
 
@@ -196,8 +210,7 @@ def gc_block(c: int, oc: int) -> tuple[int, int]:
     return next(m for m in range(min(16, MAX_ACCUMULATORS // nb), 0, -1) if c % m == 0), nb
 
 
-def gc_shapes(x_shape, w_shape, stride, padding, dilation, out_sp,
-              max_k: int) -> list[GcShape] | None:
+def gc_shapes(x_shape, w_shape, stride, padding, dilation, out_sp, max_k: int) -> list[GcShape] | None:
     """The implicit-GEMM weight gradient of a 2-D conv on channels-last codes ``x_shape (N, H,
     W, C)``: one :class:`GcShape` per batch chunk, each chunk's positions within ``max_k`` (the
     exact-sum limit); None where it does not apply (a stride, an output width not a multiple of
@@ -210,8 +223,10 @@ def gc_shapes(x_shape, w_shape, stride, padding, dilation, out_sp,
     mb, nb = gc_block(c, oc)
     ocp = -(-oc // (16 * nb)) * 16 * nb
     chunk = min(n, max_k // per)
-    return [GcShape(min(chunk, n - b0), c, h + 2 * ph, w + 2 * pw, *w_shape[2:], *dilation,
-                    *out_sp, ocp, mb, nb) for b0 in range(0, n, chunk)]
+    return [
+        GcShape(min(chunk, n - b0), c, h + 2 * ph, w + 2 * pw, *w_shape[2:], *dilation, *out_sp, ocp, mb, nb)
+        for b0 in range(0, n, chunk)
+    ]
 
 
 def gc_definition(s: GcShape):
@@ -231,8 +246,10 @@ def gc_definition(s: GcShape):
         lambda i, j, c, o: te.sum(
             XT[rb, c, ry + i * s.dh, rx + j * s.dw].astype("int32")
             * B[o // 16, (rb * s.oh + ry) * ow4 + rx // 4, o % 16, rx % 4].astype("int32"),
-            axis=[rb, ry, rx]),
-        name="C")
+            axis=[rb, ry, rx],
+        ),
+        name="C",
+    )
     return te.create_prim_func([XT, B, C]).with_attr("global_symbol", "main")
 
 

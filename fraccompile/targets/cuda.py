@@ -69,9 +69,11 @@ DP4A_S8S8S32 = "fraccompile_dp4a_s8s8s32"
 
 
 @T.prim_func(s_tir=True)
-def _dp4a_desc(A: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
-               B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
-               C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local")) -> None:
+def _dp4a_desc(
+    A: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+    B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+    C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local"),
+) -> None:
     with T.sblock("root"):
         T.reads(C[0], A[0:4], B[0:4])
         T.writes(C[0])
@@ -82,14 +84,17 @@ def _dp4a_desc(A: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared
 
 
 @T.prim_func(s_tir=True)
-def _dp4a_impl(A: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
-               B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
-               C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local")) -> None:
+def _dp4a_impl(
+    A: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+    B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+    C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local"),
+) -> None:
     with T.sblock("root"):
         T.reads(C[0], A[0:4], B[0:4])
         T.writes(C[0])
-        C[0] += T.call_pure_extern("__dp4a", A.vload([0], "int8x4"), B.vload([0], "int8x4"),
-                                   T.int32(0), dtype="int32")
+        C[0] += T.call_pure_extern(
+            "__dp4a", A.vload([0], "int8x4"), B.vload([0], "int8x4"), T.int32(0), dtype="int32"
+        )
 
 
 def register_dp4a() -> str:
@@ -105,9 +110,9 @@ def register_dp4a() -> str:
 class CudaTile:
     bm: int = 128  # rows of C per thread block
     bn: int = 128  # columns of C per thread block
-    bk: int = 32   # bytes of K staged in shared memory per step (a multiple of 4)
-    tm: int = 8    # rows of C per thread
-    tn: int = 8    # columns of C per thread
+    bk: int = 32  # bytes of K staged in shared memory per step (a multiple of 4)
+    tm: int = 8  # rows of C per thread
+    tn: int = 8  # columns of C per thread
 
     def __post_init__(self):
         if min(self.bm, self.bn, self.tm, self.tn) < 1 or self.bk < 4 or self.bk % 4:
@@ -118,8 +123,10 @@ class CudaTile:
             raise ValueError(f"bad tile {self}: {self.threads} threads per block")
         step = 4 * self.threads  # bytes one cooperative copy step moves
         if (self.bm * self.bk) % step or (self.bn * self.bk) % step:
-            raise ValueError(f"bad tile {self}: the {self.threads} threads must copy the shared "
-                             "tiles in whole 4-byte steps")
+            raise ValueError(
+                f"bad tile {self}: the {self.threads} threads must copy the shared "
+                "tiles in whole 4-byte steps"
+            )
         if self.shared_bytes > MAX_SHARED_BYTES:
             raise ValueError(f"bad tile {self}: {self.shared_bytes} bytes of shared memory")
 
@@ -161,8 +168,7 @@ class CudaGemmShape:
     @property
     def name(self) -> str:
         t = self.tile
-        return (f"cuda_gemm_g{self.groups}_m{self.m}_n{self.n}_k{self.k}"
-                f"_t{t.bm}x{t.bn}x{t.bk}_{t.tm}x{t.tn}")
+        return f"cuda_gemm_g{self.groups}_m{self.m}_n{self.n}_k{self.k}_t{t.bm}x{t.bn}x{t.bk}_{t.tm}x{t.tn}"
 
 
 def _round_up(x: int, m: int) -> int:
@@ -185,8 +191,7 @@ def padded(groups: int, m: int, n: int, k: int, tile: CudaTile | None = None) ->
     """The padded shape for a ``(G, M, N, K)`` problem: M, N, K rounded up to ``bm``, ``bn``,
     ``bk`` (``bk`` is a multiple of 4, so K is too)."""
     tile = tile or default_tile(m, n, k)
-    return CudaGemmShape(groups, _round_up(m, tile.bm), _round_up(n, tile.bn),
-                         _round_up(k, tile.bk), tile)
+    return CudaGemmShape(groups, _round_up(m, tile.bm), _round_up(n, tile.bn), _round_up(k, tile.bk), tile)
 
 
 def source_hash() -> str:
@@ -208,7 +213,8 @@ def definition(shape: CudaGemmShape):
     C = te.compute(
         (g, m, n),
         lambda b, i, j: te.sum(A[b, i, r].astype("int32") * B[b, j, r].astype("int32"), axis=r),
-        name="C")
+        name="C",
+    )
     return te.create_prim_func([A, B, C]).with_attr("global_symbol", shape.name)
 
 
@@ -239,8 +245,9 @@ def schedule(shape: CudaGemmShape) -> s_tir.Schedule:
         sh = sch.cache_read(blk, idx, "shared")
         sch.compute_at(sh, ko)
         if idx == 1:  # B row n of the block tile at (n % tn) * threads_x + n // tn
-            sch.transform_layout(sh, ("write", 0), lambda b, n, kk: (
-                b, n // t.bn, n % t.tn, (n % t.bn) // t.tn, kk))
+            sch.transform_layout(
+                sh, ("write", 0), lambda b, n, kk: (b, n // t.bn, n % t.tn, (n % t.bn) // t.tn, kk)
+            )
         fused = sch.fuse(*sch.get_loops(sh)[-2:])
         _, wy, wx, v = sch.split(fused, [None, t.threads_y, t.threads_x, 4])
         sch.bind(wy, "threadIdx.y")
@@ -268,8 +275,7 @@ class Kernel:
     block: tuple[int, int, int]
 
 
-_SIGNATURE = re.compile(
-    r'extern "C" __global__ void (?:__launch_bounds__\((\d+)\) )?(\w+)\(([^)]*)\)\s*\{')
+_SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\((\d+)\) )?(\w+)\(([^)]*)\)\s*\{')
 
 
 def _launch_extents(sch: s_tir.Schedule) -> dict[str, int]:
@@ -305,8 +311,10 @@ def lower(shape: CudaGemmShape, arch: str = ARCHS[-1]) -> Kernel:
     block = tuple(ext.get(f"threadIdx.{a}", 1) for a in "xyz")
     threads = block[0] * block[1] * block[2]
     if threads != shape.tile.threads or (bounds and int(bounds) != threads):
-        raise RuntimeError(f"{shape.name}: block {block} does not match the tile "
-                           f"({shape.tile.threads} threads, __launch_bounds__ {bounds})")
+        raise RuntimeError(
+            f"{shape.name}: block {block} does not match the tile "
+            f"({shape.tile.threads} threads, __launch_bounds__ {bounds})"
+        )
     return Kernel(source, name, names, grid, block)
 
 

@@ -68,12 +68,20 @@ class _Driver:
         "cuCtxPushCurrent_v2": [ctypes.c_void_p],
         "cuCtxPopCurrent_v2": [ctypes.POINTER(ctypes.c_void_p)],
         "cuModuleLoadData": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p],
-        "cuModuleGetFunction": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p,
-                                ctypes.c_char_p],
-        "cuLaunchKernel": [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
-                           ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
-                           ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
-                           ctypes.POINTER(ctypes.c_void_p)],
+        "cuModuleGetFunction": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p],
+        "cuLaunchKernel": [
+            ctypes.c_void_p,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_void_p),
+        ],
     }
 
     def __init__(self, lib: ctypes.CDLL):
@@ -143,8 +151,7 @@ def arch_for(capability: tuple[int, int]) -> tuple[str, str]:
             return arch, "cubin"
     older = [a for a in ARCHS if int(a[3:]) // 10 < major]
     if not older:
-        raise ValueError(f"compute capability {capability[0]}.{capability[1]} is older than "
-                         f"{ARCHS[0]}")
+        raise ValueError(f"compute capability {capability[0]}.{capability[1]} is older than {ARCHS[0]}")
     return older[-1], "ptx"
 
 
@@ -158,8 +165,7 @@ def _tvm_version() -> str:
         return tvm.__version__
 
 
-def kernel_path(shape, arch: str, fmt: str, directory: pathlib.Path | None = None
-                ) -> pathlib.Path:
+def kernel_path(shape, arch: str, fmt: str, directory: pathlib.Path | None = None) -> pathlib.Path:
     from .cuda import source_hash
 
     text = "|".join([shape.name, arch, fmt, f"tvm{_tvm_version()}", source_hash()])
@@ -167,8 +173,7 @@ def kernel_path(shape, arch: str, fmt: str, directory: pathlib.Path | None = Non
     return (directory or cache_dir()) / f"{shape.name}-{arch}-{key}.{fmt}"
 
 
-def load_or_build(shape, arch: str, fmt: str = "cubin",
-                  directory: pathlib.Path | None = None) -> bytes:
+def load_or_build(shape, arch: str, fmt: str = "cubin", directory: pathlib.Path | None = None) -> bytes:
     """The compiled kernel for ``shape``: from the disk cache, or built with nvcc and stored
     (when the directory is writable; else only returned)."""
     from . import cuda
@@ -208,8 +213,16 @@ class _LoadedKernel:
         ptrs = [ctypes.c_void_p(buffers[p].data_ptr()) for p in self.params]
         args = (ctypes.c_void_p * len(ptrs))(*[ctypes.addressof(p) for p in ptrs])
         with _current(self.context):
-            driver()("cuLaunchKernel", self.function, *self.grid, *self.block, 0,
-                     ctypes.c_void_p(stream), args, None)
+            driver()(
+                "cuLaunchKernel",
+                self.function,
+                *self.grid,
+                *self.block,
+                0,
+                ctypes.c_void_p(stream),
+                args,
+                None,
+            )
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,8 +255,9 @@ class CudaGemm:
     ``max_k``: the K chunk length (at most :data:`MAX_K`); ``cache_dir``: where cubins are kept.
     """
 
-    def __init__(self, tile=None, max_k: int = MAX_K, cache_dir: str | os.PathLike | None = None,
-                 library=None):
+    def __init__(
+        self, tile=None, max_k: int = MAX_K, cache_dir: str | os.PathLike | None = None, library=None
+    ):
         """``library``: an exported CUDA library (:class:`.export.CudaLibrary`) to take kernels
         from instead of building them."""
         if not 1 <= max_k <= MAX_K:
@@ -268,8 +282,9 @@ class CudaGemm:
         """``a (G, M, K)`` and ``b (G, N, K)`` int8/uint8 codes on one device -> ``(G, M, N)``
         ``a @ bᵀ`` per group, exact (int32 or int64, see :meth:`out_dtype`)."""
         if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
-            raise ValueError(f"expected a (G, M, K) and b (G, N, K), got {tuple(a.shape)} and "
-                             f"{tuple(b.shape)}")
+            raise ValueError(
+                f"expected a (G, M, K) and b (G, N, K), got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
         for name, x in (("a", a), ("b", b)):
             if x.dtype not in _BOUND:
                 raise TypeError(f"{name}: dtype {x.dtype}, expected torch.int8 or torch.uint8")
@@ -285,12 +300,12 @@ class CudaGemm:
         out = None
         for k0 in range(0, K, self.max_k):
             kc = min(self.max_k, K - k0)
-            a_s, b_s = _to_s8(a[..., k0:k0 + kc]), _to_s8(b[..., k0:k0 + kc])
+            a_s, b_s = _to_s8(a[..., k0 : k0 + kc]), _to_s8(b[..., k0 : k0 + kc])
             part = self._chunk(a_s, b_s).to(out_dtype)
             if sb:  # a' · (b' + sb) = a'·b'ᵀ + sb · Σ_k a'
                 part += sb * a_s.sum(-1, dtype=out_dtype).unsqueeze(-1)
             if sa:  # (a' + sa) · b = a'·bᵀ + sa · Σ_k b
-                part += sa * b[..., k0:k0 + kc].sum(-1, dtype=out_dtype).unsqueeze(-2)
+                part += sa * b[..., k0 : k0 + kc].sum(-1, dtype=out_dtype).unsqueeze(-2)
             out = part if out is None else out.add_(part)
         return out
 
@@ -308,8 +323,8 @@ class CudaGemm:
         parts = []
         for g0 in range(0, G, step):
             gc = min(step, G - g0)
-            A = _pad(a[g0:g0 + gc], shape.m, shape.k)
-            B = _pad(b[g0:g0 + gc], shape.n, shape.k)
+            A = _pad(a[g0 : g0 + gc], shape.m, shape.k)
+            B = _pad(b[g0 : g0 + gc], shape.n, shape.k)
             parts.append(self._s8_gemm(A, B)[:, :M, :N])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -70,8 +70,11 @@ def tvm_backends(fmodel) -> list:
     from ..ops.modules import FracOp
     from .backend import TVMBackend
 
-    found = {id(m.backend): m.backend for m in fmodel.modules()
-             if isinstance(m, FracOp) and isinstance(m.backend, TVMBackend)}
+    found = {
+        id(m.backend): m.backend
+        for m in fmodel.modules()
+        if isinstance(m, FracOp) and isinstance(m.backend, TVMBackend)
+    }
     return list(found.values())
 
 
@@ -84,7 +87,8 @@ def record(fmodel, inputs) -> Recorder:
         raise KernelLibraryError(
             "no site of this model runs on the tvm backend"
             + (f" ({'; '.join(sorted(reasons))})" if reasons else "")
-            + ": compile it with FracConfig(backend='tvm', scheme='symmetric')")
+            + ": compile it with FracConfig(backend='tvm', scheme='symmetric')"
+        )
     model = copy.deepcopy(fmodel)
     model.precision.set(a=8, w=8, g=8)
     model.train()
@@ -94,8 +98,11 @@ def record(fmodel, inputs) -> Recorder:
         b.recorder = rec
     try:
         out = model(*inputs)
-        loss = sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else [out])
-                   if isinstance(o, torch.Tensor) and o.is_floating_point())
+        loss = sum(
+            o.float().sum()
+            for o in (out if isinstance(out, (tuple, list)) else [out])
+            if isinstance(o, torch.Tensor) and o.is_floating_point()
+        )
         loss.backward()
     finally:
         for b in backends:
@@ -133,48 +140,76 @@ def kernel_refs(rec: Recorder, provider) -> dict[KernelRef, dict]:
 
 
 def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
-    entry = {"function": ref.name, "kind": ref.kind, "target": target, "host": host_key,
-             "tvm": tvm.__version__, "source_hash": source_hash(),
-             "sites": [{"site": s, "role": r} for s, r in sorted(w for w in info["where"] if w)]}
+    entry = {
+        "function": ref.name,
+        "kind": ref.kind,
+        "target": target,
+        "host": host_key,
+        "tvm": tvm.__version__,
+        "source_hash": source_hash(),
+        "sites": [{"site": s, "role": r} for s, r in sorted(w for w in info["where"] if w)],
+    }
     if ref.kind == "gemm":
         s = ref.gemm_shape
-        entry.update(dtypes=DTYPES, precision="1..8 bits (u8/s8 codes)",
-                     shapes={"A": [s.groups, s.m, s.k], "B": [s.groups, s.n // 16, s.k // 4, 16, 4],
-                             "C": [s.groups, s.m, s.n]},
-                     tile=[s.tile.mb, s.tile.nb, s.tile.kb],
-                     problems=[list(p) for p in sorted(info["problems"])])
+        entry.update(
+            dtypes=DTYPES,
+            precision="1..8 bits (u8/s8 codes)",
+            shapes={
+                "A": [s.groups, s.m, s.k],
+                "B": [s.groups, s.n // 16, s.k // 4, 16, 4],
+                "C": [s.groups, s.m, s.n],
+            },
+            tile=[s.tile.mb, s.tile.nb, s.tile.kb],
+            problems=[list(p) for p in sorted(info["problems"])],
+        )
     elif ref.kind in ("conv", "conv_dq", "conv_dqz", "gc"):
         dtypes = DTYPES + ("->f32" if ref.kind in ("conv_dq", "conv_dqz") else "")
-        entry.update(dtypes=dtypes, precision="1..8 bits (u8/s8 codes)",
-                     shapes={"geometry": list(ref.args)})
+        entry.update(dtypes=dtypes, precision="1..8 bits (u8/s8 codes)", shapes={"geometry": list(ref.args)})
     elif ref.kind == "quantize":
         counter = ref.args[2:] == ("counter",)
         dims = ["n", "s", "c"] if counter else ["n"]
-        entry.update(dtypes=f"f32->{ref.args[0]}", precision="1..8 bits",
-                     shapes={"x": dims, "q": dims},
-                     rounding="stochastic, counter noise" if counter
-                     else "stochastic" if ref.args[1] else "nearest-even")
+        entry.update(
+            dtypes=f"f32->{ref.args[0]}",
+            precision="1..8 bits",
+            shapes={"x": dims, "q": dims},
+            rounding="stochastic, counter noise"
+            if counter
+            else "stochastic"
+            if ref.args[1]
+            else "nearest-even",
+        )
     elif ref.kind == "dequant":
-        entry.update(dtypes="s32->f32", precision="1..8 bits",
-                     shapes={"c": ["g", "mp", "np"], "out": ["g", "m", "n"]})
+        entry.update(
+            dtypes="s32->f32", precision="1..8 bits", shapes={"c": ["g", "mp", "np"], "out": ["g", "m", "n"]}
+        )
     elif ref.kind == "dequant_codes":
-        entry.update(dtypes=f"{ref.args[0]}->f32", precision="1..8 bits",
-                     shapes={"q": ["n"], "out": ["n"]})
+        entry.update(dtypes=f"{ref.args[0]}->f32", precision="1..8 bits", shapes={"q": ["n"], "out": ["n"]})
     elif ref.kind in ("pack_conv_a", "pack_conv_b"):
-        entry.update(dtypes="u8->u8" if ref.kind == "pack_conv_a" else "u8->s8",
-                     precision="1..8 bits", shapes={"geometry": list(ref.args)})
+        entry.update(
+            dtypes="u8->u8" if ref.kind == "pack_conv_a" else "u8->s8",
+            precision="1..8 bits",
+            shapes={"geometry": list(ref.args)},
+        )
     else:
-        entry.update(dtypes="u8->u8" if ref.kind == "pack_a" else "u8->s8",
-                     precision="1..8 bits", shapes={"layout": ref.args[0], "dims": "symbolic"})
+        entry.update(
+            dtypes="u8->u8" if ref.kind == "pack_a" else "u8->s8",
+            precision="1..8 bits",
+            shapes={"layout": ref.args[0], "dims": "symbolic"},
+        )
     return entry
 
 
-def _merge_manifest(out: pathlib.Path, target: str, section: dict, kernels: list, shapes,
-                    model: str) -> dict:
+def _merge_manifest(out: pathlib.Path, target: str, section: dict, kernels: list, shapes, model: str) -> dict:
     """The manifest of ``out`` with ``target``'s section and kernels replaced: exporting the other
     target into the same directory (same input shapes) keeps its section."""
-    manifest = {"format": FORMAT, "fraccompile": __version__, "model": model,
-                "input_shapes": shapes, "targets": {}, "kernels": []}
+    manifest = {
+        "format": FORMAT,
+        "fraccompile": __version__,
+        "model": model,
+        "input_shapes": shapes,
+        "targets": {},
+        "kernels": [],
+    }
     try:
         old = json.loads((out / MANIFEST).read_text())
         if old.get("format") == FORMAT and old.get("input_shapes") == shapes:
@@ -188,8 +223,7 @@ def _merge_manifest(out: pathlib.Path, target: str, section: dict, kernels: list
     return manifest
 
 
-def export(fmodel, inputs, out: str | os.PathLike, target: str = "cpu", tuning=None,
-           model: str = "") -> dict:
+def export(fmodel, inputs, out: str | os.PathLike, target: str = "cpu", tuning=None, model: str = "") -> dict:
     """Build every kernel ``fmodel`` needs on ``inputs`` for ``target`` (``cpu`` or ``cuda``) into
     ``out`` (see the module docstring); ``tuning`` is a :class:`~.tuning.TuningDB` whose tiles are
     used (CPU). Returns the manifest."""
@@ -216,11 +250,18 @@ def _build_cpu(rec: Recorder, out: pathlib.Path, tuning) -> tuple[dict, list]:
     path = out / library_name("cpu")
     with fileio.atomic_path(path, suffix=".so") as tmp:
         lib.export_library(str(tmp))
-    section = {"library": path.name, "sha256": fileio.sha256_file(path), "host": host.key,
-               "mcpu": host.mcpu, "isa": host.isa, "tvm": tvm.__version__,
-               "source_hash": source_hash(),
-               "problems": {_problem_key(p): ref.name for ref in refs if ref.kind == "gemm"
-                            for p in refs[ref]["problems"]}}
+    section = {
+        "library": path.name,
+        "sha256": fileio.sha256_file(path),
+        "host": host.key,
+        "mcpu": host.mcpu,
+        "isa": host.isa,
+        "tvm": tvm.__version__,
+        "source_hash": source_hash(),
+        "problems": {
+            _problem_key(p): ref.name for ref in refs if ref.kind == "gemm" for p in refs[ref]["problems"]
+        },
+    }
     return section, [_entry(ref, refs[ref], "cpu", host.key) for ref in refs]
 
 
@@ -242,8 +283,9 @@ def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
             shape = cuda.padded(G, M, N, min(MAX_K, K - k0))
             uses.setdefault(shape, set()).update(w for w in where if w)
     shapes = sorted(uses, key=lambda s: s.name)
-    mod = tvm.IRModule({s.name: cuda.schedule(s).mod["main"].with_attr("global_symbol", s.name)
-                        for s in shapes})
+    mod = tvm.IRModule(
+        {s.name: cuda.schedule(s).mod["main"].with_attr("global_symbol", s.name) for s in shapes}
+    )
     source = tvm.compile(mod, target=cuda.target(cuda.ARCHS[-1])).mod.imports[0].inspect_source()
     fatbin = cuda.compile_fatbin(source)
     path = out / CUDA_LIBRARY
@@ -254,18 +296,31 @@ def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
         name = f"{s.name}_kernel"
         if name not in source:
             raise KernelLibraryError(f"generated CUDA source lacks {name}")
-        table[s.name] = {"function": name, "params": list(params), "grid": list(grid),
-                         "block": list(block)}
-        kernels.append({"function": name, "kind": "gemm", "target": "cuda",
-                        "archs": list(cuda.ARCHS), "tvm": tvm.__version__,
-                        "source_hash": cuda.source_hash(), "dtypes": "s8s8s32",
-                        "precision": "1..8 bits (s8 codes; u8 shifted)",
-                        "shapes": {"A": [s.groups, s.m, s.k], "B": [s.groups, s.n, s.k],
-                                   "C": [s.groups, s.m, s.n]},
-                        "grid": list(grid), "block": list(block),
-                        "sites": [{"site": a, "role": b} for a, b in sorted(uses[s])]})
-    section = {"library": path.name, "sha256": fileio.sha256_file(path), "archs": list(cuda.ARCHS),
-               "tvm": tvm.__version__, "source_hash": cuda.source_hash(), "kernels": table}
+        table[s.name] = {"function": name, "params": list(params), "grid": list(grid), "block": list(block)}
+        kernels.append(
+            {
+                "function": name,
+                "kind": "gemm",
+                "target": "cuda",
+                "archs": list(cuda.ARCHS),
+                "tvm": tvm.__version__,
+                "source_hash": cuda.source_hash(),
+                "dtypes": "s8s8s32",
+                "precision": "1..8 bits (s8 codes; u8 shifted)",
+                "shapes": {"A": [s.groups, s.m, s.k], "B": [s.groups, s.n, s.k], "C": [s.groups, s.m, s.n]},
+                "grid": list(grid),
+                "block": list(block),
+                "sites": [{"site": a, "role": b} for a, b in sorted(uses[s])],
+            }
+        )
+    section = {
+        "library": path.name,
+        "sha256": fileio.sha256_file(path),
+        "archs": list(cuda.ARCHS),
+        "tvm": tvm.__version__,
+        "source_hash": cuda.source_hash(),
+        "kernels": table,
+    }
     return section, kernels
 
 
@@ -290,21 +345,23 @@ def _read_manifest(directory: pathlib.Path) -> dict:
     return manifest
 
 
-def _check_library(directory: pathlib.Path, info: dict, expected: dict,
-                   elf: bool = False) -> pathlib.Path:
+def _check_library(directory: pathlib.Path, info: dict, expected: dict, elf: bool = False) -> pathlib.Path:
     """The library ``info`` names, checked: the manifest's fields against ``expected``, its
     sha256, and (``elf``: a shared library to ``dlopen``) its ELF structure."""
     refuse = _refusal(directory)
     for field, mine in expected.items():
         if info.get(field) != mine:
-            raise refuse(f"built for {field} {info.get(field)!r}, this machine/install has "
-                         f"{mine!r}; export again here")
+            raise refuse(
+                f"built for {field} {info.get(field)!r}, this machine/install has {mine!r}; export again here"
+            )
     lib = directory / str(info.get("library", ""))
     if not lib.is_file():
         raise refuse(f"the library {lib.name} is missing")
     if fileio.sha256_file(lib) != info.get("sha256"):
-        raise refuse(f"{lib.name} does not match the sha256 in {MANIFEST} (modified or truncated "
-                     "after export); export again")
+        raise refuse(
+            f"{lib.name} does not match the sha256 in {MANIFEST} (modified or truncated "
+            "after export); export again"
+        )
     problem = fileio.elf_problem(lib) if elf else None
     if problem:
         raise refuse(f"{lib.name} is not a whole shared library ({problem}); export again")
@@ -320,8 +377,8 @@ class CudaLibrary:
         self.image = None
         if info is not None:
             from . import cuda
-            lib = _check_library(directory, info, {"tvm": tvm.__version__,
-                                                    "source_hash": cuda.source_hash()})
+
+            lib = _check_library(directory, info, {"tvm": tvm.__version__, "source_hash": cuda.source_hash()})
             self.image = lib.read_bytes()
 
     def kernel(self, shape, arch: str):
@@ -330,26 +387,38 @@ class CudaLibrary:
         if self.info is None:
             if self.fallback:
                 return None
-            raise refuse("no cuda target (export with --target cuda), and kernels_fallback is "
-                         "not set")
+            raise refuse("no cuda target (export with --target cuda), and kernels_fallback is not set")
         entry = self.info["kernels"].get(shape.name)
         if entry is None or arch not in self.info["archs"]:
-            what = (f"no CUDA kernel for {shape.name}" if entry is None
-                    else f"no code for {arch} (has {', '.join(self.info['archs'])})")
+            what = (
+                f"no CUDA kernel for {shape.name}"
+                if entry is None
+                else f"no code for {arch} (has {', '.join(self.info['archs'])})"
+            )
             if self.fallback:
                 log.warning("exported kernels: %s; building it", what)
                 return None
             raise refuse(f"{what}; export again for these shapes, or set kernels_fallback=True")
-        return (self.image, entry["function"], tuple(entry["params"]), tuple(entry["grid"]),
-                tuple(entry["block"]))
+        return (
+            self.image,
+            entry["function"],
+            tuple(entry["params"]),
+            tuple(entry["grid"]),
+            tuple(entry["block"]),
+        )
 
 
 class ExportedKernels:
     """A kernel provider over an exported directory (see the module docstring). The CPU library
     serves CPU tensors; :attr:`cuda_library` the CUDA GEMM of GPU tensors."""
 
-    def __init__(self, directory: str | os.PathLike, fallback: bool = False, tuning=None,
-                 host: HostTarget | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        fallback: bool = False,
+        tuning=None,
+        host: HostTarget | None = None,
+    ):
         self.directory = pathlib.Path(directory)
         self.host = host or detect()
         self.fallback = fallback
@@ -380,9 +449,17 @@ class ExportedKernels:
         return _refusal(self.directory)(what)
 
     def _open_cpu(self, info: dict):
-        lib = _check_library(self.directory, info, {
-            "tvm": tvm.__version__, "mcpu": self.host.mcpu, "isa": self.host.isa,
-            "source_hash": source_hash()}, elf=True)
+        lib = _check_library(
+            self.directory,
+            info,
+            {
+                "tvm": tvm.__version__,
+                "mcpu": self.host.mcpu,
+                "isa": self.host.isa,
+                "source_hash": source_hash(),
+            },
+            elf=True,
+        )
         try:
             module = tvm.runtime.load_module(str(lib))
         except Exception as e:
@@ -395,9 +472,11 @@ class ExportedKernels:
         if self.module is None:
             return self._refuse(f"no cpu target (export with --target cpu) for {what}{site}")
         shapes = (self.manifest or {}).get("input_shapes")
-        return self._refuse(f"no kernel for {what}{site}; the library was exported for input "
-                            f"shape(s) {shapes}: export again for these shapes, or set "
-                            "kernels_fallback=True to build what is missing")
+        return self._refuse(
+            f"no kernel for {what}{site}; the library was exported for input "
+            f"shape(s) {shapes}: export again for these shapes, or set "
+            "kernels_fallback=True to build what is missing"
+        )
 
     def gemm_shape(self, G: int, M: int, N: int, K: int, where=None) -> gemm.GemmShape:
         name = self.problems.get(_problem_key((G, M, N, K)))
@@ -423,11 +502,12 @@ class ExportedKernels:
         return fn
 
 
-_KIND_NAMES = {"conv": "the implicit-GEMM conv forward",
-               "conv_dq": "the implicit-GEMM conv forward with its dequantize epilogue",
-               "conv_dqz": "the implicit-GEMM conv forward with its dequantize epilogue and a "
-                           "weight zero point's term",
-               "gc": "the implicit-GEMM conv weight gradient"}
+_KIND_NAMES = {
+    "conv": "the implicit-GEMM conv forward",
+    "conv_dq": "the implicit-GEMM conv forward with its dequantize epilogue",
+    "conv_dqz": "the implicit-GEMM conv forward with its dequantize epilogue and a weight zero point's term",
+    "gc": "the implicit-GEMM conv weight gradient",
+}
 
 
 def _has(module, name: str) -> bool:

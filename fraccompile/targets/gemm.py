@@ -30,8 +30,8 @@ from .host import HostTarget, detect
 
 @dataclass(frozen=True)
 class Tile:
-    mb: int = 6   # rows of A per register block
-    nb: int = 4   # 16-wide column vectors per register block
+    mb: int = 6  # rows of A per register block
+    nb: int = 4  # 16-wide column vectors per register block
     kb: int = 32  # reduction block (a multiple of 4)
 
     def __post_init__(self):
@@ -72,8 +72,7 @@ def default_tile(m: int, n: int, k: int) -> Tile:
 
 def padded(groups: int, m: int, n: int, k: int, tile: Tile | None = None) -> GemmShape:
     tile = tile or default_tile(m, n, k)
-    return GemmShape(groups, _round_up(m, tile.mb), _round_up(n, 16 * tile.nb),
-                     _round_up(k, tile.kb), tile)
+    return GemmShape(groups, _round_up(m, tile.mb), _round_up(n, 16 * tile.nb), _round_up(k, tile.kb), tile)
 
 
 @functools.lru_cache(maxsize=None)  # read once per process: every cache lookup keys on it
@@ -93,9 +92,11 @@ def definition(shape: GemmShape):
     r = te.reduce_axis((0, k), name="k")
     C = te.compute(
         (g, m, n),
-        lambda b, i, j: te.sum(A[b, i, r].astype("int32")
-                               * B[b, j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r),
-        name="C")
+        lambda b, i, j: te.sum(
+            A[b, i, r].astype("int32") * B[b, j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r
+        ),
+        name="C",
+    )
     return te.create_prim_func([A, B, C]).with_attr("global_symbol", "main")
 
 
@@ -119,8 +120,9 @@ def schedule(shape: GemmShape, isa: str) -> s_tir.Schedule:
     return sch
 
 
-def vnni_block(sch: s_tir.Schedule, lanes, acc_at, parallel, reduction, unrolled,
-               epilogue: str | None = None) -> None:
+def vnni_block(
+    sch: s_tir.Schedule, lanes, acc_at, parallel, reduction, unrolled, epilogue: str | None = None
+) -> None:
     """The register block every VNNI kernel ends in, on loops already split and ordered so that
     ``lanes`` (16 output lanes) and the 4-element reduction under it are innermost: those two
     become one ``vpdpbusd`` (:mod:`.intrin`), the accumulators live in registers from the first

@@ -42,20 +42,27 @@ class IntegerGemms:
             return self.cuda.gemm(a, b)
         return self._gemm(*a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b))
 
-    def gemm_f32(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None, out: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+    def gemm_f32(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``(a @ bᵀ) * scale + bias`` in fp32, ``(G, M, N)``: :meth:`gemm`'s exact integer product
         dequantized (``scale``: one value or one per column ``N``; ``bias``: per column). On the
         CPU the sign corrections, the scale and the bias are one fused kernel pass; ``out``: a
         contiguous fp32 ``(G, M, N)`` to write into (e.g. a view of the caller's buffer)."""
         if self.on_gpu(a):
             return _dequantize(self.cuda.gemm(a, b), scale, bias, out)
-        return self._gemm(*a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b),
-                          dequant=(scale, bias, out))
+        return self._gemm(
+            *a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b), dequant=(scale, bias, out)
+        )
 
-    def _gemm(self, G: int, M: int, alpha: int, pack_a, N: int, K: int, beta: int,
-              pack_b, dequant=None) -> torch.Tensor:
+    def _gemm(
+        self, G: int, M: int, alpha: int, pack_a, N: int, K: int, beta: int, pack_b, dequant=None
+    ) -> torch.Tensor:
         """:meth:`gemm` with the operands given by packers ``pack_a(k0, kc, Mp, Kp)`` and
         ``pack_b(k0, kc, Np, Kp)``: reduction columns ``k0 .. k0+kc``, padded, sign-flipped by
         ``alpha`` / ``beta``, with a ones row at ``M`` / ``N`` when there is room. ``dequant``:
@@ -66,8 +73,15 @@ class IntegerGemms:
             for k0 in range(0, K, max_k):
                 kc = min(max_k, K - k0)
                 part = self._gemm(
-                    G, M, alpha, lambda j0, jc, mp, kp, k0=k0: pack_a(k0 + j0, jc, mp, kp),
-                    N, kc, beta, lambda j0, jc, np_, kp, k0=k0: pack_b(k0 + j0, jc, np_, kp))
+                    G,
+                    M,
+                    alpha,
+                    lambda j0, jc, mp, kp, k0=k0: pack_a(k0 + j0, jc, mp, kp),
+                    N,
+                    kc,
+                    beta,
+                    lambda j0, jc, np_, kp, k0=k0: pack_b(k0 + j0, jc, np_, kp),
+                )
                 out = part.long() if out is None else out.add_(part)
             return out if dequant is None else _dequantize(out, *dequant)
         # the sign corrections need B's row sums (A shifted) and A's (B shifted): an extra row of
@@ -81,8 +95,11 @@ class IntegerGemms:
         A = pack_a(0, K, shape.m, shape.k)
         Bp = pack_b(0, K, shape.n, shape.k)
         # the product is a temporary when the epilogue consumes it here, else the result
-        C = (self.scratch("c", (G, shape.m, shape.n), torch.int32) if dequant is not None
-             else torch.empty((G, shape.m, shape.n), dtype=torch.int32))
+        C = (
+            self.scratch("c", (G, shape.m, shape.n), torch.int32)
+            if dequant is not None
+            else torch.empty((G, shape.m, shape.n), dtype=torch.int32)
+        )
         self.kernel(KernelRef.gemm(shape))(A, Bp, C)
         if dequant is not None:  # C[m, n] + rc[m] + cc[n], the same sums as below, then scaled
             scale, bias, out = dequant
@@ -90,9 +107,9 @@ class IntegerGemms:
             cc = C[:, M, :N] * -alpha if alpha else C.new_zeros((G, N))
             return self._dequant(C, rc, cc, scale, bias, out, G, M, N)
         if alpha:  # row M: sum_k (b - beta)  ->  sum_k b = C[M] + beta*K
-            b_sums = C[:, M:M + 1, :N] + beta * K
-        if beta:   # column N: sum_k (a + alpha)  ->  sum_k a = C[:, :, N] - alpha*K
-            a_sums = C[:, :M, N:N + 1] - alpha * K
+            b_sums = C[:, M : M + 1, :N] + beta * K
+        if beta:  # column N: sum_k (a + alpha)  ->  sum_k a = C[:, :, N] - alpha*K
+            a_sums = C[:, :M, N : N + 1] - alpha * K
         C = C[:, :M, :N]
         if beta:
             C += beta * a_sums
@@ -118,9 +135,19 @@ class IntegerGemms:
         host = getattr(self.kernels, "host", None)
         return host is not None and host.isa == "avx512-vnni"
 
-    def _conv_implicit(self, spec: SiteSpec, xq: IntCodes, xl: torch.Tensor, wr: torch.Tensor,
-                       w_shape, out_sp, scale, bias, rows: torch.Tensor,
-                       row_term=None) -> bool | None:
+    def _conv_implicit(
+        self,
+        spec: SiteSpec,
+        xq: IntCodes,
+        xl: torch.Tensor,
+        wr: torch.Tensor,
+        w_shape,
+        out_sp,
+        scale,
+        bias,
+        rows: torch.Tensor,
+        row_term=None,
+    ) -> bool | None:
         """The forward of a 2-D conv as an implicit GEMM (:mod:`.conv`) into ``rows (N·OH·OW,
         OC)``: the codes ``xl (N, H, W, C)`` padded and sign-flipped once, no patch matrix. None
         (nothing done) where it does not apply: no VNNI, ``C`` not a multiple of 4, or no register
@@ -128,32 +155,42 @@ class IntegerGemms:
         OW)·t`` per channel, see :meth:`fw`) was added in the write-back."""
         if not self._vnni:
             return None
-        shape = conv.forward_shape(xl.shape, w_shape, spec.stride, spec.gemm_padding(w_shape),
-                                   spec.dilation, out_sp, MAX_K)
+        shape = conv.forward_shape(
+            xl.shape, w_shape, spec.stride, spec.gemm_padding(w_shape), spec.dilation, out_sp, MAX_K
+        )
         if shape is None:
             return None
         N, H, W, Cin = xl.shape
         OC, K = wr.shape[1:]
         (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
         # a tap outside the image reads code 0, flipped as the codes are
-        X = self._padded_codes("x", (N, shape.hp, shape.wp, Cin), 1, (ph, pw),
-                               xl.view(torch.uint8), flip)
-        _, pack_b = self._b_packer(wr)                              # w is signed: no flip
+        X = self._padded_codes("x", (N, shape.hp, shape.wp, Cin), 1, (ph, pw), xl.view(torch.uint8), flip)
+        _, pack_b = self._b_packer(wr)  # w is signed: no flip
         Bp = pack_b(0, K, shape.ocp, K)
         # A was shifted by +flip: subtract flip·(the weight row's code sum) per output channel
-        cc = (wr.sum(-1, dtype=torch.int32) * -flip if flip
-              else torch.zeros((1, OC), dtype=torch.int32))
+        cc = wr.sum(-1, dtype=torch.int32) * -flip if flip else torch.zeros((1, OC), dtype=torch.int32)
         M = N * math.prod(out_sp)
         if shape.ocp == OC:  # the dequantize in the kernel's write-back: fp32 rows, one pass
             ref = KernelRef("conv_dqz" if row_term is not None else "conv_dq", shape.args)
             if self.recorder is not None:
                 self.recorder.kernel(ref, self.where)
-            extra = () if row_term is None else (
-                row_term[0].reshape(N, *out_sp).contiguous(),
-                row_term[1].reshape(-1).float().expand(OC).contiguous())
-            self.kernel(ref)(X, Bp[0], cc[0], scale.reshape(-1).float().expand(OC).contiguous(),
-                             bias.float().contiguous() if bias is not None
-                             else torch.zeros(OC), *extra, rows.view(N, *out_sp, OC))
+            extra = (
+                ()
+                if row_term is None
+                else (
+                    row_term[0].reshape(N, *out_sp).contiguous(),
+                    row_term[1].reshape(-1).float().expand(OC).contiguous(),
+                )
+            )
+            self.kernel(ref)(
+                X,
+                Bp[0],
+                cc[0],
+                scale.reshape(-1).float().expand(OC).contiguous(),
+                bias.float().contiguous() if bias is not None else torch.zeros(OC),
+                *extra,
+                rows.view(N, *out_sp, OC),
+            )
             return row_term is not None
         C = self.scratch("c", (1, M, shape.ocp), torch.int32)
         ref = KernelRef("conv", shape.args)
@@ -163,8 +200,9 @@ class IntegerGemms:
         self._dequant(C, C.new_zeros((1, M)), cc, scale, bias, rows.view(1, M, OC), 1, M, OC)
         return False
 
-    def _gc_implicit(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, xl: torch.Tensor, w_shape,
-                     scale) -> torch.Tensor | None:
+    def _gc_implicit(
+        self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, xl: torch.Tensor, w_shape, scale
+    ) -> torch.Tensor | None:
         """The weight gradient of a stride-1 2-D conv as an implicit GEMM
         (:func:`.conv.gc_definition`): the codes ``xl (N, H, W, C)`` as padded, sign-flipped
         planes, ``dy`` packed as B, no patch matrix; the reduction over positions runs in batch
@@ -172,8 +210,13 @@ class IntegerGemms:
         None where it does not apply (no VNNI, a stride, an output width not a multiple of 4, or
         one image's positions over the exact-sum limit)."""
         OH, OW = dyq.codes.shape[2:]
-        shapes = conv.gc_shapes(xl.shape, w_shape, spec.stride, spec.gemm_padding(w_shape),
-                                spec.dilation, (OH, OW), MAX_K) if self._vnni else None
+        shapes = (
+            conv.gc_shapes(
+                xl.shape, w_shape, spec.stride, spec.gemm_padding(w_shape), spec.dilation, (OH, OW), MAX_K
+            )
+            if self._vnni
+            else None
+        )
         if shapes is None:
             return None
         N, H, W, Cin = xl.shape
@@ -181,19 +224,25 @@ class IntegerGemms:
         (ph, pw), flip = spec.gemm_padding(w_shape), 128 if xq.signed else 0
         # the transposing copy, then the flip in place over the dense planes (an XOR straight
         # into the strided interior goes through a temporary and a second copy)
-        XT = self._padded_codes("xt", (N, Cin, H + 2 * ph, W + 2 * pw), 2, (ph, pw),
-                                xl.view(torch.uint8).permute(0, 3, 1, 2), flip)
-        dy = dyq.codes.permute(0, 2, 3, 1).reshape(N * per, OC)    # (positions, OC)
+        XT = self._padded_codes(
+            "xt",
+            (N, Cin, H + 2 * ph, W + 2 * pw),
+            2,
+            (ph, pw),
+            xl.view(torch.uint8).permute(0, 3, 1, 2),
+            flip,
+        )
+        dy = dyq.codes.permute(0, 2, 3, 1).reshape(N * per, OC)  # (positions, OC)
         total, b0 = None, 0
         for shape in shapes:  # batch chunks
             nc = shape.n
-            _, pack_b = self._b_packer(dy[b0 * per:(b0 + nc) * per].t().unsqueeze(0))
+            _, pack_b = self._b_packer(dy[b0 * per : (b0 + nc) * per].t().unsqueeze(0))
             Bp = pack_b(0, nc * per, ocp, nc * per)
             ref = KernelRef("gc", shape.args)
             if self.recorder is not None:
                 self.recorder.kernel(ref, self.where)
             C = self.scratch("c", (*w_shape[2:], Cin, ocp), torch.int32)
-            self.kernel(ref)(XT[b0:b0 + nc], Bp[0], C)
+            self.kernel(ref)(XT[b0 : b0 + nc], Bp[0], C)
             if len(shapes) == 1 and not flip:  # one chunk's int32 sum is exact as it is
                 total = C
             else:
@@ -216,8 +265,9 @@ class IntegerGemms:
             ref = KernelRef("pack_conv_b", (*geo, k0, kc, np_ // 16, kp // 4))
             if self.recorder is not None:  # A = dyᵀ is always signed: only B's sign varies
                 m = self._variants[-1][1]
-                self.recorder.conv_pack(geo, k0, kc, [v for v in self._variants if v[1] == m],
-                                        self.where, side="b")
+                self.recorder.conv_pack(
+                    geo, k0, kc, [v for v in self._variants if v[1] == m], self.where, side="b"
+                )
             self.kernel(ref)(src, _flip(flip), out)
             return out.view(torch.int8)
 
@@ -236,8 +286,9 @@ class IntegerGemms:
             out = self.scratch("a", (1, mp, kp), torch.uint8)
             if self.recorder is not None:  # B = w is always signed: only A's sign varies
                 n = self._problem[2]
-                self.recorder.conv_pack(geo, k0, kc, [v for v in self._variants if v[2] == n],
-                                        self.where, side="a")
+                self.recorder.conv_pack(
+                    geo, k0, kc, [v for v in self._variants if v[2] == n], self.where, side="a"
+                )
             self.kernel(KernelRef("pack_conv_a", (*geo, mp, kp)))(src, _flip(flip), out.view(-1))
             return out
 
@@ -248,16 +299,18 @@ class IntegerGemms:
         128."""
         alpha = 128 if a.dtype == torch.int8 else 0
         a8 = a.view(torch.uint8)
-        return alpha, lambda k0, kc, mp, kp: _pack_a(a8[..., k0:k0 + kc], alpha, mp, kp,
-                                                     self.kernel, self.scratch)
+        return alpha, lambda k0, kc, mp, kp: _pack_a(
+            a8[..., k0 : k0 + kc], alpha, mp, kp, self.kernel, self.scratch
+        )
 
     def _b_packer(self, b: torch.Tensor):
         """``(beta, pack_b)`` for int8/uint8 codes ``b (G, N, K)``: unsigned codes are shifted by
         -128."""
         beta = 128 if b.dtype == torch.uint8 else 0
         b8 = b.view(torch.uint8)
-        return beta, lambda k0, kc, np_, kp: _pack_b(b8[..., k0:k0 + kc], beta, np_, kp,
-                                                     self.kernel, self.scratch)
+        return beta, lambda k0, kc, np_, kp: _pack_b(
+            b8[..., k0 : k0 + kc], beta, np_, kp, self.kernel, self.scratch
+        )
 
 
 def _conv2d_geometry(spec: SiteSpec, xl: torch.Tensor, w_shape) -> tuple[int, ...]:
@@ -265,8 +318,7 @@ def _conv2d_geometry(spec: SiteSpec, xl: torch.Tensor, w_shape) -> tuple[int, ..
     (the static arguments of the conv pack kernels)."""
     N, H, W, C = xl.shape
     (sh, sw), (dh, dw), (ph, pw) = spec.stride, spec.dilation, spec.gemm_padding(w_shape)
-    return (N, H, W, C, *w_shape[2:], sh, sw, ph, pw, dh, dw,
-            *_out_sizes(spec, (H, W), w_shape))
+    return (N, H, W, C, *w_shape[2:], sh, sw, ph, pw, dh, dw, *_out_sizes(spec, (H, W), w_shape))
 
 
 @functools.lru_cache(maxsize=None)  # read-only kernel arguments: made once, not per call
@@ -284,8 +336,7 @@ def _source(t: torch.Tensor, direct: str, transposed: str) -> tuple[str, torch.T
     return direct, t.contiguous()
 
 
-def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int, kernel=_jit_kernel,
-            scratch=None) -> torch.Tensor:
+def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int, kernel=_jit_kernel, scratch=None) -> torch.Tensor:
     """``A (G, mp, kp)`` u8 for the GEMM from the (G, M, K) byte view ``a`` (no copy when it is
     already that), into ``scratch("a", shape, dtype)`` when given (see
     :meth:`TVMBackend.scratch`)."""
@@ -298,8 +349,7 @@ def _pack_a(a: torch.Tensor, flip: int, mp: int, kp: int, kernel=_jit_kernel,
     return out
 
 
-def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int, kernel=_jit_kernel,
-            scratch=None) -> torch.Tensor:
+def _pack_b(b: torch.Tensor, flip: int, np_: int, kp: int, kernel=_jit_kernel, scratch=None) -> torch.Tensor:
     """``B (G, np/16, kp/4, 16, 4)`` s8 from the (G, N, K) byte view ``b`` (into ``scratch`` as
     :func:`_pack_a`)."""
     G = b.shape[0]
@@ -313,8 +363,9 @@ def _fresh(slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
-def _dequantize(C: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+def _dequantize(
+    C: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``C * scale + bias`` in fp32 with torch ops (the GPU's and long reductions' epilogue)."""
     y = torch.mul(C, scale.reshape(-1))
     if bias is not None:

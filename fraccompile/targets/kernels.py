@@ -27,11 +27,35 @@ from . import conv, gemm, pack, probe, quantize, subbyte
 from .cache import KernelCache
 from .host import HostTarget, detect
 
-KINDS = ("gemm", "conv", "conv_dq", "conv_dqz", "gc", "quantize", "dequant", "dequant_codes", "pack_a",
-         "pack_b", "pack_conv_a", "pack_conv_b", "pack_codes", "unpack_codes", "gate_probe",
-         "quantize_rows", "quantize_rows_counter")
-KERNEL_FILES = ("gemm.py", "conv.py", "intrin.py", "host.py", "pack.py", "quantize.py",
-                "subbyte.py", "probe.py")
+KINDS = (
+    "gemm",
+    "conv",
+    "conv_dq",
+    "conv_dqz",
+    "gc",
+    "quantize",
+    "dequant",
+    "dequant_codes",
+    "pack_a",
+    "pack_b",
+    "pack_conv_a",
+    "pack_conv_b",
+    "pack_codes",
+    "unpack_codes",
+    "gate_probe",
+    "quantize_rows",
+    "quantize_rows_counter",
+)
+KERNEL_FILES = (
+    "gemm.py",
+    "conv.py",
+    "intrin.py",
+    "host.py",
+    "pack.py",
+    "quantize.py",
+    "subbyte.py",
+    "probe.py",
+)
 
 
 @functools.lru_cache(maxsize=None)  # read once per process, as gemm.source_hash
@@ -66,8 +90,7 @@ class KernelRef:
         return cls("gemm", (shape.groups, shape.m, shape.n, shape.k, t.mb, t.nb, t.kb))
 
     @classmethod
-    def quantize(cls, dtype: str, stochastic: bool, noise: str = "torch",
-                 serial: bool = False) -> KernelRef:
+    def quantize(cls, dtype: str, stochastic: bool, noise: str = "torch", serial: bool = False) -> KernelRef:
         """The quantizer to ``dtype``; stochastic rounding reads drawn noise (``"torch"``) or
         computes it (``"counter"``)."""
         if stochastic and noise == "counter":
@@ -104,36 +127,51 @@ class KernelRef:
 
 
 # kind -> its schedule, for the non-GEMM kernels
-_BUILDERS = {"conv": conv.schedule,
-             "conv_dq": conv.dq_schedule,
-             "conv_dqz": conv.dqz_schedule,
-             "gc": conv.gc_schedule,
-             "quantize": quantize.schedule,
-             "dequant": quantize.dequant_schedule,
-             "dequant_codes": quantize.codes_schedule,
-             "pack_a": pack.a_schedule,
-             "pack_b": pack.b_schedule,
-             "pack_conv_a": pack.conv_a_schedule,
-             "pack_conv_b": pack.conv_b_schedule,
-             "pack_codes": subbyte.pack_schedule,
-             "unpack_codes": subbyte.unpack_schedule,
-             "gate_probe": probe.schedule,
-             "quantize_rows": quantize.rows_schedule,
-             "quantize_rows_counter": quantize.rows_counter_schedule}
+_BUILDERS = {
+    "conv": conv.schedule,
+    "conv_dq": conv.dq_schedule,
+    "conv_dqz": conv.dqz_schedule,
+    "gc": conv.gc_schedule,
+    "quantize": quantize.schedule,
+    "dequant": quantize.dequant_schedule,
+    "dequant_codes": quantize.codes_schedule,
+    "pack_a": pack.a_schedule,
+    "pack_b": pack.b_schedule,
+    "pack_conv_a": pack.conv_a_schedule,
+    "pack_conv_b": pack.conv_b_schedule,
+    "pack_codes": subbyte.pack_schedule,
+    "unpack_codes": subbyte.unpack_schedule,
+    "gate_probe": probe.schedule,
+    "quantize_rows": quantize.rows_schedule,
+    "quantize_rows_counter": quantize.rows_counter_schedule,
+}
 
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
-SERIAL_KINDS = ("quantize", "dequant", "dequant_codes", "pack_a", "pack_b", "pack_codes",
-                "unpack_codes", "quantize_rows", "quantize_rows_counter")
-_PARALLEL = ([KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
-             + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
-             + [KernelRef("dequant", ())]
-             + [KernelRef("dequant_codes", (d,)) for d in ("int8", "uint8")]
-             + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
-             + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")]
-             + [KernelRef(kind, (width,)) for kind in ("pack_codes", "unpack_codes")
-                for width in subbyte.WIDTHS]
-             + [KernelRef(kind, (d,)) for kind in ("quantize_rows", "quantize_rows_counter")
-                for d in ("int8", "uint8", "int32")])
+SERIAL_KINDS = (
+    "quantize",
+    "dequant",
+    "dequant_codes",
+    "pack_a",
+    "pack_b",
+    "pack_codes",
+    "unpack_codes",
+    "quantize_rows",
+    "quantize_rows_counter",
+)
+_PARALLEL = (
+    [KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
+    + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
+    + [KernelRef("dequant", ())]
+    + [KernelRef("dequant_codes", (d,)) for d in ("int8", "uint8")]
+    + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
+    + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")]
+    + [KernelRef(kind, (width,)) for kind in ("pack_codes", "unpack_codes") for width in subbyte.WIDTHS]
+    + [
+        KernelRef(kind, (d,))
+        for kind in ("quantize_rows", "quantize_rows_counter")
+        for d in ("int8", "uint8", "int32")
+    ]
+)
 GENERIC = tuple(_PARALLEL + [replace(r, serial=True) for r in _PARALLEL])
 
 
@@ -174,8 +212,7 @@ class JitKernels:
     :class:`~fraccompile.targets.tuning.TuningDB`) when it has one for this host, else the default
     tile."""
 
-    def __init__(self, cache: KernelCache | None = None, tuning=None,
-                 host: HostTarget | None = None):
+    def __init__(self, cache: KernelCache | None = None, tuning=None, host: HostTarget | None = None):
         self.host = host or detect()
         self._cache = cache
         self.tuning = tuning
@@ -198,8 +235,7 @@ class JitKernels:
                 fn = self.cache.get(ref.gemm_shape)
             else:
                 key = hashlib.sha256("|".join([self.host.key, ref.name, source_hash()]).encode())
-                fn = self.cache.get_named(ref.name, key.hexdigest()[:20],
-                                          lambda: self._build(ref))
+                fn = self.cache.get_named(ref.name, key.hexdigest()[:20], lambda: self._build(ref))
             self._fns[ref] = fn
         return fn
 

@@ -67,6 +67,7 @@ def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
                 out[g, m, k] = T.Select(m == M and k < K, T.uint8(1), T.uint8(0))
 
     if layout == "mk":
+
         @T.prim_func(s_tir=True)
         def main(src_h: T.handle, flip: T.Buffer((1,), "uint8"), out_h: T.handle):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
@@ -75,13 +76,16 @@ def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
             out = T.match_buffer(out_h, (G, Mp, Kp), "uint8")
             for gm in loop(G * Mp):
                 mk_row(src, flip, out, gm // Mp, gm % Mp, M, K, Kp)
+
         return main
 
     @T.macro
     def km_edge(src, flip, out, g, m, k, M, K):
-        out[g, m, k] = T.Select(m < M and k < K,
-                                T.bitwise_xor(src[g, T.min(k, K - 1), T.min(m, M - 1)], flip[0]),
-                                T.Select(m == M and k < K, T.uint8(1), T.uint8(0)))
+        out[g, m, k] = T.Select(
+            m < M and k < K,
+            T.bitwise_xor(src[g, T.min(k, K - 1), T.min(m, M - 1)], flip[0]),
+            T.Select(m == M and k < K, T.uint8(1), T.uint8(0)),
+        )
 
     @T.macro
     def km_tile(src, flip, out, tile, g, m0, k0, M, K, Mp, Kp):
@@ -108,9 +112,20 @@ def _a_definition(layout: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
             tile = T.alloc_buffer((TILE_K, TILE_M), "uint8", scope="local")
             for u in range(CHUNK):
                 if t * CHUNK + u < G * MT * KT:
-                    km_tile(src, flip, out, tile, (t * CHUNK + u) // (MT * KT),
-                            (t * CHUNK + u) // KT % MT * tm, (t * CHUNK + u) % KT * tk,
-                            M, K, Mp, Kp)
+                    km_tile(
+                        src,
+                        flip,
+                        out,
+                        tile,
+                        (t * CHUNK + u) // (MT * KT),
+                        (t * CHUNK + u) // KT % MT * tm,
+                        (t * CHUNK + u) % KT * tk,
+                        M,
+                        K,
+                        Mp,
+                        Kp,
+                    )
+
     return main
 
 
@@ -144,8 +159,10 @@ def _b_kn_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
     @T.macro  # per-iteration values as macro arguments: see _a_definition
     def kn_edge(src, flip, out, g, nb, kb, ni, ki, n, k, N, K):
         out[g, nb, kb, ni, ki] = T.Select(
-            n < N and k < K, T.bitwise_xor(src[g, T.min(k, K - 1), T.min(n, N - 1)], flip[0]),
-            T.Select(n == N and k < K, T.uint8(1), T.uint8(0)))
+            n < N and k < K,
+            T.bitwise_xor(src[g, T.min(k, K - 1), T.min(n, N - 1)], flip[0]),
+            T.Select(n == N and k < K, T.uint8(1), T.uint8(0)),
+        )
 
     @T.macro
     def kn_row(src, flip, out, rows, g, kb, N, K, NB):
@@ -172,8 +189,8 @@ def _b_kn_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
             rows = T.alloc_buffer((4, 16), "uint8", scope="local")
             for u in range(CHUNK):
                 if t * CHUNK + u < G * KB:
-                    kn_row(src, flip, out, rows, (t * CHUNK + u) // KB, (t * CHUNK + u) % KB,
-                           N, K, NB)
+                    kn_row(src, flip, out, rows, (t * CHUNK + u) // KB, (t * CHUNK + u) % KB, N, K, NB)
+
     return main
 
 
@@ -216,7 +233,7 @@ def _conv_b_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, k0, k
     ck = kh * kw * c
 
     def value(g, nb, kb, ni, ki):
-        row, col = nb * 16 + ni, kb * 4 + ki          # row: (i, j, channel); col: output position
+        row, col = nb * 16 + ni, kb * 4 + ki  # row: (i, j, channel); col: output position
         m = col + k0
         b, r = m // (oh * ow), m % (oh * ow)
         ij, ch = row // c, row % c
@@ -263,7 +280,8 @@ def _conv_a_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, mp, k
         if y >= 0 and y < h and z >= 0 and z < w:
             for ch in T.vectorized(c):
                 out[m * kp + (i * kw + j) * c + ch] = T.bitwise_xor(
-                    x[((b * h + y) * w + z) * c + ch], flip[0])
+                    x[((b * h + y) * w + z) * c + ch], flip[0]
+                )
         else:
             for ch in T.vectorized(c):
                 out[m * kp + (i * kw + j) * c + ch] = flip[0]
@@ -272,8 +290,7 @@ def _conv_a_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, mp, k
     def patch_row(x, flip, out, m, i, b, y, z0):
         if y >= 0 and y < h:
             for t in T.vectorized(kw * c):
-                out[m * kp + i * kw * c + t] = T.bitwise_xor(x[((b * h + y) * w + z0) * c + t],
-                                                             flip[0])
+                out[m * kp + i * kw * c + t] = T.bitwise_xor(x[((b * h + y) * w + z0) * c + t], flip[0])
         else:
             for t in T.vectorized(kw * c):
                 out[m * kp + i * kw * c + t] = flip[0]
@@ -291,16 +308,19 @@ def _conv_a_definition(n, h, w, c, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow, mp, k
             out[m * kp + k] = T.uint8(0)
 
     @T.prim_func(s_tir=True)
-    def main(x: T.Buffer((n * h * w * c,), "uint8"), flip: T.Buffer((1,), "uint8"),
-             out: T.Buffer((mp * kp,), "uint8")):
+    def main(
+        x: T.Buffer((n * h * w * c,), "uint8"),
+        flip: T.Buffer((1,), "uint8"),
+        out: T.Buffer((mp * kp,), "uint8"),
+    ):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         for m in T.parallel(mp):
             if m < M:
-                row(x, flip, out, m, m // (oh * ow), m % (oh * ow) // ow * sh - ph,
-                    m % ow * sw - pw)
+                row(x, flip, out, m, m // (oh * ow), m % (oh * ow) // ow * sh - ph, m % ow * sw - pw)
             else:
                 for k in range(kp):
                     out[m * kp + k] = T.Select(m == M and k < K, T.uint8(1), T.uint8(0))
+
     return main
 
 

@@ -39,12 +39,15 @@ def definition(K: int) -> tvm.tirx.PrimFunc:
 
     def term(x, g, grids, rows, n, k, s):
         v = x[n, s]
-        return g[n, s] * (_value(v, grids[k, 0], grids[k, 1], grids[k, 2], grids[k, 3])
-                          - _value(v, rows[n, 0], rows[n, 1], rows[n, 2], rows[n, 3]))
+        return g[n, s] * (
+            _value(v, grids[k, 0], grids[k, 1], grids[k, 2], grids[k, 3])
+            - _value(v, rows[n, 0], rows[n, 1], rows[n, 2], rows[n, 3])
+        )
 
     @T.prim_func(s_tir=True)
-    def main(x_h: T.handle, g_h: T.handle, grids: T.Buffer((K, 4), "float32"), rows_h: T.handle,
-             out_h: T.handle):
+    def main(
+        x_h: T.handle, g_h: T.handle, grids: T.Buffer((K, 4), "float32"), rows_h: T.handle, out_h: T.handle
+    ):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         N, S = T.int64(), T.int64()
         x = T.match_buffer(x_h, (N, S), "float32")
@@ -67,6 +70,7 @@ def definition(K: int) -> tvm.tirx.PrimFunc:
                 out[n, k] = T.float32(0)
                 for v in range(L):
                     out[n, k] = out[n, k] + acc[k, v]
+
     return main
 
 

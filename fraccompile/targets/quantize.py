@@ -44,14 +44,20 @@ def _let(value, body):
 def _counter_noise(index):
     """:func:`~fraccompile.ops.quantizers.counter_noise` of the uint32 ``index * NOISE_STEP ^
     seed``."""
+
     def xorshift(k, then):
         return lambda h: _let(h ^ (h >> T.uint32(k)), then)
 
     def finish(h):
-        return T.Cast("float32", h >> T.uint32(32 - NOISE_BITS)) * T.float32(2.0 ** -NOISE_BITS)
+        return T.Cast("float32", h >> T.uint32(32 - NOISE_BITS)) * T.float32(2.0**-NOISE_BITS)
 
-    rounds = xorshift(16, lambda h: _let(h * T.uint32(NOISE_MUL1), xorshift(
-        15, lambda h: _let(h * T.uint32(NOISE_MUL2), xorshift(16, finish)))))
+    rounds = xorshift(
+        16,
+        lambda h: _let(
+            h * T.uint32(NOISE_MUL1),
+            xorshift(15, lambda h: _let(h * T.uint32(NOISE_MUL2), xorshift(16, finish))),
+        ),
+    )
     return _let(index, rounds)
 
 
@@ -62,15 +68,26 @@ def counter_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFu
     loop = T.parallel if parallel else T.serial
 
     def code(x, scale, bounds, seed, n, s, c, N, S, C):
-        index = T.Cast("uint32", n * C * S + c * S + s) * T.uint32(NOISE_STEP) \
-            ^ T.Cast("uint32", seed[0])  # the index is below 2**31 (_to_codes checks)
-        return T.Cast(out_dtype, T.max(T.min(
-            T.floor((x[n, s, c] - bounds[2]) / scale[0] + _counter_noise(index)), bounds[1]),
-            bounds[0]) - bounds[3])
+        index = T.Cast("uint32", n * C * S + c * S + s) * T.uint32(NOISE_STEP) ^ T.Cast(
+            "uint32", seed[0]
+        )  # the index is below 2**31 (_to_codes checks)
+        return T.Cast(
+            out_dtype,
+            T.max(
+                T.min(T.floor((x[n, s, c] - bounds[2]) / scale[0] + _counter_noise(index)), bounds[1]),
+                bounds[0],
+            )
+            - bounds[3],
+        )
 
     @T.prim_func(s_tir=True)
-    def main(x_h: T.handle, scale: T.Buffer((1,), "float32"), bounds: T.Buffer((4,), "float32"),
-             seed: T.Buffer((1,), "int32"), q_h: T.handle):
+    def main(
+        x_h: T.handle,
+        scale: T.Buffer((1,), "float32"),
+        bounds: T.Buffer((4,), "float32"),
+        seed: T.Buffer((1,), "int32"),
+        q_h: T.handle,
+    ):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         N, S, C = T.int64(), T.int64(), T.int64()
         x = T.match_buffer(x_h, (N, S, C), "float32")
@@ -82,6 +99,7 @@ def counter_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFu
                         q[n, s, j * L + v] = code(x, scale, bounds, seed, n, s, j * L + v, N, S, C)
                 for c in range(C // L * L, C):
                     q[n, s, c] = code(x, scale, bounds, seed, n, s, c, N, S, C)
+
     return main
 
 
@@ -94,9 +112,15 @@ def definition(out_dtype: str, stochastic: bool, parallel: bool = True) -> tvm.t
     loop = T.parallel if parallel else T.serial
 
     if stochastic:
+
         @T.prim_func(s_tir=True)
-        def main(x_h: T.handle, scale: T.Buffer((1,), "float32"),
-                 bounds: T.Buffer((4,), "float32"), u_h: T.handle, q_h: T.handle):
+        def main(
+            x_h: T.handle,
+            scale: T.Buffer((1,), "float32"),
+            bounds: T.Buffer((4,), "float32"),
+            u_h: T.handle,
+            q_h: T.handle,
+        ):
             T.func_attr({"global_symbol": "main", "tirx.noalias": True})
             n = T.int64()
             x = T.match_buffer(x_h, (n,), "float32")
@@ -105,19 +129,32 @@ def definition(out_dtype: str, stochastic: bool, parallel: bool = True) -> tvm.t
             for b in loop(n // B):
                 for j in range(B // L):
                     for v in T.vectorized(L):
-                        q[b * B + j * L + v] = T.Cast(out_dtype, T.max(T.min(
-                            T.floor((x[b * B + j * L + v] - bounds[2]) / scale[0]
-                                    + u[b * B + j * L + v]),
-                            bounds[1]), bounds[0]) - bounds[3])
+                        q[b * B + j * L + v] = T.Cast(
+                            out_dtype,
+                            T.max(
+                                T.min(
+                                    T.floor(
+                                        (x[b * B + j * L + v] - bounds[2]) / scale[0] + u[b * B + j * L + v]
+                                    ),
+                                    bounds[1],
+                                ),
+                                bounds[0],
+                            )
+                            - bounds[3],
+                        )
             for i in range(n // B * B, n):
-                q[i] = T.Cast(out_dtype, T.max(T.min(
-                    T.floor((x[i] - bounds[2]) / scale[0] + u[i]), bounds[1]), bounds[0])
-                    - bounds[3])
+                q[i] = T.Cast(
+                    out_dtype,
+                    T.max(T.min(T.floor((x[i] - bounds[2]) / scale[0] + u[i]), bounds[1]), bounds[0])
+                    - bounds[3],
+                )
+
         return main
 
     @T.prim_func(s_tir=True)
-    def main(x_h: T.handle, scale: T.Buffer((1,), "float32"), bounds: T.Buffer((4,), "float32"),
-             q_h: T.handle):
+    def main(
+        x_h: T.handle, scale: T.Buffer((1,), "float32"), bounds: T.Buffer((4,), "float32"), q_h: T.handle
+    ):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         n = T.int64()
         x = T.match_buffer(x_h, (n,), "float32")
@@ -125,12 +162,20 @@ def definition(out_dtype: str, stochastic: bool, parallel: bool = True) -> tvm.t
         for b in loop(n // B):
             for j in range(B // L):
                 for v in T.vectorized(L):
-                    q[b * B + j * L + v] = T.Cast(out_dtype, T.max(T.min(
-                        T.nearbyint((x[b * B + j * L + v] - bounds[2]) / scale[0]), bounds[1]),
-                        bounds[0]) - bounds[3])
+                    q[b * B + j * L + v] = T.Cast(
+                        out_dtype,
+                        T.max(
+                            T.min(T.nearbyint((x[b * B + j * L + v] - bounds[2]) / scale[0]), bounds[1]),
+                            bounds[0],
+                        )
+                        - bounds[3],
+                    )
         for i in range(n // B * B, n):
-            q[i] = T.Cast(out_dtype, T.max(T.min(T.nearbyint((x[i] - bounds[2]) / scale[0]),
-                                                 bounds[1]), bounds[0]) - bounds[3])
+            q[i] = T.Cast(
+                out_dtype,
+                T.max(T.min(T.nearbyint((x[i] - bounds[2]) / scale[0]), bounds[1]), bounds[0]) - bounds[3],
+            )
+
     return main
 
 
@@ -143,8 +188,9 @@ def rows_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     loop = T.parallel if parallel else T.serial
 
     def code(x, rows, n, s):
-        return T.Cast(out_dtype, T.max(T.min(T.nearbyint((x[n, s] - rows[n, 1]) / rows[n, 0]),
-                                             rows[n, 3]), rows[n, 2]))
+        return T.Cast(
+            out_dtype, T.max(T.min(T.nearbyint((x[n, s] - rows[n, 1]) / rows[n, 0]), rows[n, 3]), rows[n, 2])
+        )
 
     @T.prim_func(s_tir=True)
     def main(x_h: T.handle, rows_h: T.handle, q_h: T.handle):
@@ -159,6 +205,7 @@ def rows_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
                     q[n, j * L + v] = code(x, rows, n, j * L + v)
             for s in range(S // L * L, S):
                 q[n, s] = code(x, rows, n, s)
+
     return main
 
 
@@ -172,11 +219,16 @@ def rows_counter_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.P
     loop = T.parallel if parallel else T.serial
 
     def code(x, rows, rank, seed, n, s, c, S, C):
-        index = T.Cast("uint32", T.Cast("int64", rank[n]) * C * S + c * S + s) \
-            * T.uint32(NOISE_STEP) ^ T.Cast("uint32", seed[n])
-        return T.Cast(out_dtype, T.max(T.min(
-            T.floor((x[n, s, c] - rows[n, 1]) / rows[n, 0] + _counter_noise(index)), rows[n, 3]),
-            rows[n, 2]))
+        index = T.Cast("uint32", T.Cast("int64", rank[n]) * C * S + c * S + s) * T.uint32(
+            NOISE_STEP
+        ) ^ T.Cast("uint32", seed[n])
+        return T.Cast(
+            out_dtype,
+            T.max(
+                T.min(T.floor((x[n, s, c] - rows[n, 1]) / rows[n, 0] + _counter_noise(index)), rows[n, 3]),
+                rows[n, 2],
+            ),
+        )
 
     @T.prim_func(s_tir=True)
     def main(x_h: T.handle, rows_h: T.handle, rank_h: T.handle, seed_h: T.handle, q_h: T.handle):
@@ -194,6 +246,7 @@ def rows_counter_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.P
                         q[n, s, j * L + v] = code(x, rows, rank, seed, n, s, j * L + v, S, C)
                 for c in range(C // L * L, C):
                     q[n, s, c] = code(x, rows, rank, seed, n, s, c, S, C)
+
     return main
 
 
@@ -205,8 +258,7 @@ def rows_schedule(out_dtype: str, parallel: bool = True) -> s_tir.Schedule:
     return s_tir.Schedule(rows_definition(out_dtype, parallel))
 
 
-def schedule(out_dtype: str, stochastic: bool, noise: str = "torch",
-             parallel: bool = True) -> s_tir.Schedule:
+def schedule(out_dtype: str, stochastic: bool, noise: str = "torch", parallel: bool = True) -> s_tir.Schedule:
     """The kernel as a schedule (its loops are already final), for export; ``noise="counter"``
     (stochastic only): :func:`counter_definition`; ``parallel=False``: on the calling thread."""
     if stochastic and noise == "counter":
@@ -217,8 +269,7 @@ def schedule(out_dtype: str, stochastic: bool, noise: str = "torch",
 @functools.lru_cache(maxsize=None)
 def kernel(out_dtype: str, stochastic: bool, noise: str = "torch", parallel: bool = True):
     """The compiled quantizer ``main(x, scale, bounds[, u | seed], q)``, built once per process."""
-    return tvm.compile(schedule(out_dtype, stochastic, noise, parallel).mod,
-                       target=detect().target())["main"]
+    return tvm.compile(schedule(out_dtype, stochastic, noise, parallel).mod, target=detect().target())["main"]
 
 
 def dequant_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
@@ -236,8 +287,7 @@ def dequant_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
         return T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + bias[n]
 
     @T.prim_func(s_tir=True)
-    def main(c_h: T.handle, rc_h: T.handle, cc_h: T.handle, s_h: T.handle, b_h: T.handle,
-             out_h: T.handle):
+    def main(c_h: T.handle, rc_h: T.handle, cc_h: T.handle, s_h: T.handle, b_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         G, Mp, Np, M, N = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         c = T.match_buffer(c_h, (G, Mp, Np), "int32")
@@ -249,10 +299,10 @@ def dequant_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
         for r in loop(G * M):
             for j in range(N // L):
                 for v in T.vectorized(L):
-                    out[r // M, r % M, j * L + v] = value(c, rc, cc, scale, bias, r // M, r % M,
-                                                          j * L + v)
+                    out[r // M, r % M, j * L + v] = value(c, rc, cc, scale, bias, r // M, r % M, j * L + v)
             for n in range(N // L * L, N):
                 out[r // M, r % M, n] = value(c, rc, cc, scale, bias, r // M, r % M, n)
+
     return main
 
 
@@ -275,10 +325,12 @@ def codes_definition(in_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
         for b in loop(n // B):
             for j in range(B // L):
                 for v in T.vectorized(L):
-                    out[b * B + j * L + v] = (T.Cast("float32", q[b * B + j * L + v]) + grid[2]) \
-                        * grid[0] + grid[1]
+                    out[b * B + j * L + v] = (T.Cast("float32", q[b * B + j * L + v]) + grid[2]) * grid[
+                        0
+                    ] + grid[1]
         for i in range(n // B * B, n):
             out[i] = (T.Cast("float32", q[i]) + grid[2]) * grid[0] + grid[1]
+
     return main
 
 

@@ -57,8 +57,16 @@ class SiteRoles:
     ``on_gpu`` and ``_dequantize_codes`` (:class:`.backend.TVMBackend`)."""
 
     # -- the three roles per op kind ---------------------------------------------------------------
-    def fw(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape,
-           bias: torch.Tensor | None = None, temporary: bool = False) -> torch.Tensor:
+    def fw(
+        self,
+        spec: SiteSpec,
+        xq: IntCodes,
+        wq: IntCodes,
+        x_shape,
+        w_shape,
+        bias: torch.Tensor | None = None,
+        temporary: bool = False,
+    ) -> torch.Tensor:
         """The site's output from the codes. ``temporary``: the caller consumes the result before
         the next GEMM call (a fused norm's input): a conv writes it into a :meth:`scratch`
         buffer.
@@ -78,20 +86,19 @@ class SiteRoles:
             # added in the implicit conv's write-back where it runs (else one pass after)
             r = _window_code_sums(spec, xq, w_shape).mul_(xq.scale)
             t = _out_channel(spec, wq.zero, r.dim())
-            y, taken = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, bias, temporary,
-                                     row_term=(r, t))
+            y, taken = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, bias, temporary, row_term=(r, t))
             if not taken:
                 y.addcmul_(r, t)
             return y
-        y, _ = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias,
-                             temporary)
+        y, _ = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias, temporary)
         if not late:
             return y
         if xq.per_row:
             y.mul_(xq.scale)
         if w_zero:  # sx·zw·(window sums of x's codes): one pass over y, no temporary of its size
-            y.addcmul_(_window_code_sums(spec, xq, w_shape).mul_(xq.scale),
-                       _out_channel(spec, wq.zero, y.dim()))
+            y.addcmul_(
+                _window_code_sums(spec, xq, w_shape).mul_(xq.scale), _out_channel(spec, wq.zero, y.dim())
+            )
         fixed = None  # the terms every sample shares, added in one pass
         if x_zero:  # zx·(sums of w's values)
             fixed = _value_sums(spec, wq, x_shape, w_shape) * xq.zero
@@ -102,8 +109,18 @@ class SiteRoles:
             y.add_(fixed)
         return y
 
-    def _fw_core(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape, scale,
-                 bias, temporary: bool, row_term=None) -> tuple[torch.Tensor, bool]:
+    def _fw_core(
+        self,
+        spec: SiteSpec,
+        xq: IntCodes,
+        wq: IntCodes,
+        x_shape,
+        w_shape,
+        scale,
+        bias,
+        temporary: bool,
+        row_term=None,
+    ) -> tuple[torch.Tensor, bool]:
         """``(y, taken)``: the scaled integer product plus ``bias``, and whether ``row_term``
         (a conv's, see :meth:`fw`) was added too."""
         if spec.kind == "linear":
@@ -116,43 +133,60 @@ class SiteRoles:
             return y.reshape(*batch, *y.shape[-2:]), False
         G, OC, n = spec.groups, w_shape[0], x_shape[0]
         xl = xq.codes.permute(0, *range(2, 2 + spec.conv_dims), 1)
-        wr = _weight_rows(wq.codes, G)                              # (G, OCg, k·Cg)
+        wr = _weight_rows(wq.codes, G)  # (G, OCg, k·Cg)
         out_sp = _out_sizes(spec, x_shape[2:], w_shape)
         # (N, O..., OC) in memory, an (N, OC, O...) tensor: channels-last, which the next conv
         # reads without a transpose
         d = len(out_sp)
-        strides = [math.prod(out_sp) * OC] + [math.prod(out_sp[i + 1:]) * OC for i in range(d)]
+        strides = [math.prod(out_sp) * OC] + [math.prod(out_sp[i + 1 :]) * OC for i in range(d)]
         if temporary and not self.on_gpu(xq.codes):
             y = self.scratch("y", (n, *out_sp, OC), torch.float32).permute(0, d + 1, *range(1, d + 1))
         else:
-            y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]),
-                                    device=xq.codes.device)
-        rows = y.permute(0, *range(2, 2 + d), 1)                    # (N, O..., OC), contiguous
+            y = torch.empty_strided((n, OC, *out_sp), (strides[0], 1, *strides[1:]), device=xq.codes.device)
+        rows = y.permute(0, *range(2, 2 + d), 1)  # (N, O..., OC), contiguous
         fused = d == 2 and G == 1 and not self.on_gpu(xl)
         if fused:  # the fused paths read channels-last codes: a byte copy when they are not
             xl = xl.contiguous()
-        taken = self._conv_implicit(spec, xq, xl, wr, w_shape, out_sp, scale, bias, rows,
-                                    row_term) if fused else None
+        taken = (
+            self._conv_implicit(spec, xq, xl, wr, w_shape, out_sp, scale, bias, rows, row_term)
+            if fused
+            else None
+        )
         if taken is not None:
             return y, taken
         if fused and wr.shape[-1] <= MAX_K_UNSIGNED:  # A packed from x: no im2col copy
             alpha = 128 if xq.signed else 0
-            self._gemm(1, rows.shape[0] * math.prod(out_sp), alpha,
-                       self._conv_a_packer(spec, xl, w_shape, alpha), OC, wr.shape[-1],
-                       *self._b_packer(wr), dequant=(scale, bias, rows.view(1, -1, OC)))
+            self._gemm(
+                1,
+                rows.shape[0] * math.prod(out_sp),
+                alpha,
+                self._conv_a_packer(spec, xl, w_shape, alpha),
+                OC,
+                wr.shape[-1],
+                *self._b_packer(wr),
+                dequant=(scale, bias, rows.view(1, -1, OC)),
+            )
             return y, False
-        cols, _ = _im2col(xq.codes, spec, w_shape)                 # (G, M, k·Cg)
+        cols, _ = _im2col(xq.codes, spec, w_shape)  # (G, M, k·Cg)
         if G == 1:
             self.gemm_f32(cols, wr, scale, bias, out=rows.view(1, -1, OC))
             return y, False
-        C = self.gemm(cols, wr).permute(1, 0, 2).reshape(-1, OC)   # (M, OC): scale per group
+        C = self.gemm(cols, wr).permute(1, 0, 2).reshape(-1, OC)  # (M, OC): scale per group
         torch.mul(C, scale, out=rows.view(-1, OC))
         if bias is not None:
             y.add_(bias.reshape(1, -1, *([1] * d)))
         return y, False
 
-    def eb(self, spec: SiteSpec, dyq: IntCodes, xq: IntCodes, wq: IntCodes, x_shape, w_shape,
-           column_scales: bool = False):
+    def eb(
+        self,
+        spec: SiteSpec,
+        dyq: IntCodes,
+        xq: IntCodes,
+        wq: IntCodes,
+        x_shape,
+        w_shape,
+        column_scales: bool = False,
+    ):
         """``dx``. An integer GEMM where the weight's scale factors out of the sum over output
         channels (a matmul, one weight scale per tensor, or ``column_scales``: one per input
         channel), else fp32 on the reference's dequantized operands (per-output-channel weight
@@ -171,14 +205,28 @@ class SiteRoles:
         n = spec.conv_dims
         # dx takes the layout of the (unused) input argument: x's, so that the elementwise
         # backward ops downstream (ReLU, BatchNorm, the residual sum) see one layout, not two
-        x_like = (torch.empty_like(xq.codes, dtype=dy.dtype) if _dense_perm(xq.codes) is not None
-                  else dy.new_empty(x_shape))
+        x_like = (
+            torch.empty_like(xq.codes, dtype=dy.dtype)
+            if _dense_perm(xq.codes) is not None
+            else dy.new_empty(x_shape)
+        )
         return torch.ops.aten.convolution_backward(
-            dy, x_like, w, None, list(spec.stride), list(spec.gemm_padding(w.shape)),
-            list(spec.dilation), False, [0] * n, spec.groups, [True, False, False])[0]
+            dy,
+            x_like,
+            w,
+            None,
+            list(spec.stride),
+            list(spec.gemm_padding(w.shape)),
+            list(spec.dilation),
+            False,
+            [0] * n,
+            spec.groups,
+            [True, False, False],
+        )[0]
 
-    def _eb_integer(self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape
-                    ) -> torch.Tensor | None:
+    def _eb_integer(
+        self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape
+    ) -> torch.Tensor | None:
         """:meth:`eb` as integer GEMMs (one per 8-bit part of ``dy``'s codes), or None where it
         does not apply (a conv with a zero point, or a conv geometry without an integer form)."""
         dyq, wq = centered(dyq), centered(wq)
@@ -188,8 +236,7 @@ class SiteRoles:
             if dyq.has_zero or wq.has_zero:  # their terms would need the transposed windows
                 return None
             for part in parts:
-                d = self._eb_implicit(spec, part, wq, x_shape, w_shape,
-                                      part.scale * wq.scale.reshape(-1))
+                d = self._eb_implicit(spec, part, wq, x_shape, w_shape, part.scale * wq.scale.reshape(-1))
                 if d is None:
                     return None
                 dx = d if dx is None else dx.add_(d)
@@ -201,31 +248,35 @@ class SiteRoles:
                 d = d.reshape(*_bcast_batch(x_shape, w_shape), *d.shape[-2:])
             else:
                 N = w_shape[0]
-                d = self.gemm_f32(part.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0),
-                                  part.scale * wq.scale.reshape(-1)
-                                  ).reshape(*dyq.codes.shape[:-1], -1)
+                d = self.gemm_f32(
+                    part.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0), part.scale * wq.scale.reshape(-1)
+                ).reshape(*dyq.codes.shape[:-1], -1)
             dx = d if dx is None else dx.add_(d)
         if dyq.per_row:
             dx.mul_(dyq.scale)
         if wq.has_zero:  # sd·zw·Σ_n qd
-            dx.addcmul_(_code_sums(dyq.codes, -1).unsqueeze(-1).mul_(dyq.scale),
-                        wq.zero.reshape(-1))
+            dx.addcmul_(_code_sums(dyq.codes, -1).unsqueeze(-1).mul_(dyq.scale), wq.zero.reshape(-1))
         if dyq.has_zero:  # zd·Σ_n w
             w = wq.dequantize()
-            dx.add_((w.sum(-1).unsqueeze(-2) if spec.kind == "matmul" else w.sum(0))
-                    * dyq.zero)
+            dx.add_((w.sum(-1).unsqueeze(-2) if spec.kind == "matmul" else w.sum(0)) * dyq.zero)
         return dx.sum_to_size(x_shape) if spec.kind == "matmul" else dx
 
-    def _eb_implicit(self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape,
-                     scale: torch.Tensor) -> torch.Tensor | None:
+    def _eb_implicit(
+        self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape, scale: torch.Tensor
+    ) -> torch.Tensor | None:
         """The error backprop of a stride-1, ungrouped 2-D conv with one weight scale, as the
         implicit-GEMM forward (:meth:`_conv_implicit`) of its transposed conv: ``dx`` is the conv
         of ``dy``, padded by ``d·(k-1) - p``, with the weights flipped in space and their two
         channel axes swapped; exact integer sums times ``scale(dy)·scale(w)``, channels-last.
         None where that does not apply (a stride, groups, per-channel scales, a padding over
         ``d·(k-1)``, no VNNI, or the forward kernel's own conditions on the channels and width)."""
-        if not self._vnni or spec.conv_dims != 2 or spec.groups != 1 \
-                or tuple(spec.stride) != (1, 1) or self.on_gpu(dyq.codes):
+        if (
+            not self._vnni
+            or spec.conv_dims != 2
+            or spec.groups != 1
+            or tuple(spec.stride) != (1, 1)
+            or self.on_gpu(dyq.codes)
+        ):
             return None
         (kh, kw), (ph, pw), (dh, dw) = w_shape[2:], spec.gemm_padding(w_shape), spec.dilation
         pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
@@ -235,12 +286,11 @@ class SiteRoles:
         OC = w_shape[0]
         wt = (C, OC, kh, kw)
         w_rows = _weight_rows(wq.codes.flip(2, 3).transpose(0, 1), 1)  # (1, C, kh·kw·OC)
-        dyl = dyq.codes.permute(0, 2, 3, 1).contiguous()              # (N, OH, OW, OC)
+        dyl = dyq.codes.permute(0, 2, 3, 1).contiguous()  # (N, OH, OW, OC)
         dx = torch.empty_strided((N, C, H, W), (H * W * C, 1, W * C, C))  # channels-last
         rows = dx.permute(0, 2, 3, 1)
         transposed = SiteSpec.conv(2, 1, pad, spec.dilation)
-        if self._conv_implicit(transposed, dyq, dyl, w_rows, wt, [H, W], scale, None,
-                               rows) is None:
+        if self._conv_implicit(transposed, dyq, dyl, w_rows, wt, [H, W], scale, None, rows) is None:
             return None
         return dx
 
@@ -288,10 +338,22 @@ class SiteRoles:
         dw = None
         for j in range(scales.shape[0]):
             rows = (group == j).nonzero().flatten()
-            sub_x = IntCodes(_take_rows(xq.codes, rows), scales[j, 0].reshape(1), xq.signed,
-                             xq.zero, _row_value(xq.qmax, rows), xq.offset)
-            sub_dy = IntCodes(_take_rows(dyq.codes, rows), scales[j, 1].reshape(1), dyq.signed,
-                              dyq.zero, _row_value(dyq.qmax, rows), dyq.offset)
+            sub_x = IntCodes(
+                _take_rows(xq.codes, rows),
+                scales[j, 0].reshape(1),
+                xq.signed,
+                xq.zero,
+                _row_value(xq.qmax, rows),
+                xq.offset,
+            )
+            sub_dy = IntCodes(
+                _take_rows(dyq.codes, rows),
+                scales[j, 1].reshape(1),
+                dyq.signed,
+                dyq.zero,
+                _row_value(dyq.qmax, rows),
+                dyq.offset,
+            )
             d = self.gc(spec, sub_x, sub_dy, (len(rows), *x_shape[1:]), w_shape)
             dw = d if dw is None else dw.add_(d)
         return dw
@@ -304,12 +366,12 @@ class SiteRoles:
         # which the pack kernel reads in 16-byte rows of x — no transpose of the activations
         if spec.kind == "linear":
             K, N = x_shape[-1], w_shape[0]
-            dyt = dyq.codes.reshape(-1, N).t().unsqueeze(0)        # (1, N, M)
-            xt = xq.codes.reshape(-1, K).t().unsqueeze(0)          # (1, K, M)
+            dyt = dyq.codes.reshape(-1, N).t().unsqueeze(0)  # (1, N, M)
+            xt = xq.codes.reshape(-1, K).t().unsqueeze(0)  # (1, K, M)
             return self.gemm_f32(dyt, xt, scale)[0]
         if spec.kind == "matmul":
             xb, dyb, _ = _matmul_batches(xq.codes, dyq.codes)
-            dw = self.gemm_f32(xb.mT, dyb.mT, scale)               # (G, K, N)
+            dw = self.gemm_f32(xb.mT, dyb.mT, scale)  # (G, K, N)
             return dw.reshape(*_bcast_batch(x_shape, w_shape), *dw.shape[-2:])
         G, OC = spec.groups, w_shape[0]
         n = spec.conv_dims
@@ -323,15 +385,21 @@ class SiteRoles:
             return dw
         if fused:  # B packed from x
             flip = 0 if xq.signed else 128
-            C = self._gemm(1, OC, *self._a_packer(dyl.permute(1, 2, 0)),  # A = dyᵀ (1, OC, M)
-                           w_shape[1] * math.prod(w_shape[2:]), dyl.shape[0], flip,
-                           self._conv_patch_packer(spec, xl, w_shape, flip),
-                           dequant=(scale, None, None))
+            C = self._gemm(
+                1,
+                OC,
+                *self._a_packer(dyl.permute(1, 2, 0)),  # A = dyᵀ (1, OC, M)
+                w_shape[1] * math.prod(w_shape[2:]),
+                dyl.shape[0],
+                flip,
+                self._conv_patch_packer(spec, xl, w_shape, flip),
+                dequant=(scale, None, None),
+            )
         else:
-            cols, _ = _im2col(xq.codes, spec, w_shape)              # (G, M, k·Cg)
+            cols, _ = _im2col(xq.codes, spec, w_shape)  # (G, M, k·Cg)
             C = self.gemm_f32(dyl.permute(1, 2, 0), cols.mT, scale)  # (G, OCg, k·Cg)
         ks = list(w_shape[2:])
-        dw = C.reshape(OC, *ks, w_shape[1])                         # (OC, k..., Cg)
+        dw = C.reshape(OC, *ks, w_shape[1])  # (OC, k..., Cg)
         return dw.permute(0, n + 1, *range(1, n + 1))
 
 
@@ -353,7 +421,7 @@ def _matmul_batches(x: torch.Tensor, y: torch.Tensor):
 def _weight_rows(codes: torch.Tensor, groups: int) -> torch.Tensor:
     """Conv weight codes ``(OC, Cg, k...)`` as GEMM rows ``(G, OCg, k·Cg)`` in im2col's order."""
     n = codes.dim() - 2
-    w = codes.permute(0, *range(2, 2 + n), 1)                      # (OC, k..., Cg)
+    w = codes.permute(0, *range(2, 2 + n), 1)  # (OC, k..., Cg)
     return w.reshape(groups, codes.shape[0] // groups, -1)
 
 
@@ -366,18 +434,23 @@ def _im2col(codes: torch.Tensor, spec: SiteSpec, w_shape) -> tuple[torch.Tensor,
     n = spec.conv_dims
     pad, ks = spec.gemm_padding(w_shape), list(w_shape[2:])
     N, C, *size = codes.shape
-    xl = codes.permute(0, *range(2, 2 + n), 1)                      # (N, S..., C) view
+    xl = codes.permute(0, *range(2, 2 + n), 1)  # (N, S..., C) view
     out_sp = _out_sizes(spec, size, w_shape)
     if any(pad):  # F.pad's spec runs from the last dim: C (none), then S_n .. S_1
         xl = F.pad(xl, [0, 0] + [p for d in reversed(range(n)) for p in (pad[d], pad[d])])
     st = xl.stride()
     patches = xl.as_strided(
         (N, *out_sp, *ks, C),
-        (st[0], *(st[1 + d] * spec.stride[d] for d in range(n)),
-         *(st[1 + d] * spec.dilation[d] for d in range(n)), st[-1]))
+        (
+            st[0],
+            *(st[1 + d] * spec.stride[d] for d in range(n)),
+            *(st[1 + d] * spec.dilation[d] for d in range(n)),
+            st[-1],
+        ),
+    )
     G = spec.groups
     M, kp = N * math.prod(out_sp), math.prod(ks)
-    cols = patches.reshape(M, kp * C)                               # the one copy
+    cols = patches.reshape(M, kp * C)  # the one copy
     if G == 1:
         return cols.view(1, M, kp * C), out_sp
     cols = cols.view(M, kp, G, C // G).permute(2, 0, 1, 3).reshape(G, M, kp * (C // G))

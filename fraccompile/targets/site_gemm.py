@@ -20,6 +20,7 @@ from .codes import IntCodes, _row_codes, _to_codes, centered, pack_bytes, pack_s
 if TYPE_CHECKING:
     from .backend import TVMBackend
 
+
 def _not_a_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` (the fw output: often a reshaped or channels-last view of the GEMM's buffer) as a
     tensor of its own on the same memory. Autograd refuses in-place ops (``ReLU(inplace=True)``)
@@ -27,15 +28,20 @@ def _not_a_view(t: torch.Tensor) -> torch.Tensor:
     if t._base is None:
         return t
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(
-        t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride()
+    )
 
 
 def _fast_norm(norm, epilogue) -> bool:
     """Whether ``norm`` (+ ``epilogue``) takes the saved-statistics path of :class:`IntSiteGemm`:
     an ``nn.BatchNorm`` whose forward is torch's own, in batch-statistics mode, followed by
     nothing or a ReLU."""
-    return (isinstance(norm, _BatchNorm) and type(norm).forward is _BatchNorm.forward
-            and norm.training and (epilogue is None or epilogue[0] == "relu"))
+    return (
+        isinstance(norm, _BatchNorm)
+        and type(norm).forward is _BatchNorm.forward
+        and norm.training
+        and (epilogue is None or epilogue[0] == "relu")
+    )
 
 
 def _batch_norm_forward(norm, y: torch.Tensor):
@@ -50,8 +56,15 @@ def _batch_norm_forward(norm, y: torch.Tensor):
             factor = 1.0 / float(norm.num_batches_tracked)
     track = norm.track_running_stats
     return torch.ops.aten.native_batch_norm(
-        y, norm.weight, norm.bias, norm.running_mean if track else None,
-        norm.running_var if track else None, True, factor, norm.eps)
+        y,
+        norm.weight,
+        norm.bias,
+        norm.running_mean if track else None,
+        norm.running_var if track else None,
+        True,
+        factor,
+        norm.eps,
+    )
 
 
 def _norm_backward(norm, batch_stats: bool, epilogue, y: torch.Tensor, gamma, beta, dz):
@@ -61,9 +74,16 @@ def _norm_backward(norm, batch_stats: bool, epilogue, y: torch.Tensor, gamma, be
     with torch.enable_grad():
         g = gamma.detach().requires_grad_() if gamma is not None else None
         b = beta.detach().requires_grad_() if beta is not None else None
-        z = F.batch_norm(y, None if batch_stats else norm.running_mean,
-                         None if batch_stats else norm.running_var, g, b, batch_stats, 0.0,
-                         norm.eps)
+        z = F.batch_norm(
+            y,
+            None if batch_stats else norm.running_mean,
+            None if batch_stats else norm.running_var,
+            g,
+            b,
+            batch_stats,
+            0.0,
+            norm.eps,
+        )
         z = apply_epilogue(epilogue, z)
         leaves = [t for t in (y, g, b) if t is not None]
         grads = iter(torch.autograd.grad(z, leaves, dz))
@@ -85,8 +105,19 @@ class IntSiteGemm(Function):
     backward recomputes it too and returns ``gamma``'s and ``beta``'s gradients."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, xq: IntCodes, wq: IntCodes, call: SiteCall, backend: TVMBackend,
-                gamma=None, beta=None, wq_eb: IntCodes | None = None):
+    def forward(
+        ctx,
+        x,
+        w,
+        bias,
+        xq: IntCodes,
+        wq: IntCodes,
+        call: SiteCall,
+        backend: TVMBackend,
+        gamma=None,
+        beta=None,
+        wq_eb: IntCodes | None = None,
+    ):
         spec, site, epilogue, norm = call.spec, call.site, call.epilogue, call.epilogue_norm
         backend.where = (site, "fw")
         shapes = (tuple(x.shape), tuple(w.shape))
@@ -102,7 +133,7 @@ class IntSiteGemm(Function):
         ctx.shapes = shapes
         ctx.has_bias = bias is not None
         if ctx.fast_norm:  # keep the batch statistics and the ReLU's mask: backward needs only
-            y, mean, invstd = _batch_norm_forward(norm, y)     # the recomputed GEMM output
+            y, mean, invstd = _batch_norm_forward(norm, y)  # the recomputed GEMM output
             stats = (mean, invstd)
             if epilogue is not None:
                 y = torch.relu_(y)  # the norm's own fresh output
@@ -122,10 +153,20 @@ class IntSiteGemm(Function):
         ctx.packed_mask = None if packed_mask is None else packed_mask.meta()
         if packed_mask is not None:
             mask = packed_mask.data
-        ctx.save_for_backward(packed.data if packed is not None else xq.codes, wq.codes, xq.scale,
-                              wq.scale, xq.zero, wq.zero,
-                              bias if fused else None, gamma, beta, *(stats or (None, None)), mask,
-                              *eb_tensors)
+        ctx.save_for_backward(
+            packed.data if packed is not None else xq.codes,
+            wq.codes,
+            xq.scale,
+            wq.scale,
+            xq.zero,
+            wq.zero,
+            bias if fused else None,
+            gamma,
+            beta,
+            *(stats or (None, None)),
+            mask,
+            *eb_tensors,
+        )
         if ctx.fast_norm or epilogue is None:
             return _not_a_view(y)
         return _not_a_view(apply_epilogue(epilogue, y))
@@ -148,23 +189,30 @@ class IntSiteGemm(Function):
             if dy.stride() != y.stride():  # one layout for the elementwise backward ops (on two
                 dy = backend._scratch_like("dy", y).copy_(dy)  # they take strided loops)
             if mask is not None:  # the mask as fp32 in a scratch buffer (see MaskedReLU)
-                dy = torch.ops.aten.threshold_backward(
-                    dy, backend._scratch_like("mask", y).copy_(mask), 0)
+                dy = torch.ops.aten.threshold_backward(dy, backend._scratch_like("mask", y).copy_(mask), 0)
             norm = ctx.norm
             track = norm.track_running_stats
             dy, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
-                dy, y, gamma, norm.running_mean if track else None,
-                norm.running_var if track else None, mean, invstd, True, norm.eps,
-                [True, gamma is not None, beta is not None])
+                dy,
+                y,
+                gamma,
+                norm.running_mean if track else None,
+                norm.running_var if track else None,
+                mean,
+                invstd,
+                True,
+                norm.eps,
+                [True, gamma is not None, beta is not None],
+            )
         elif ctx.norm is not None:  # recompute the GEMM's output and differentiate norm + activation
             backend.where = (ctx.site, "fw")
             y = _not_a_view(backend.fw(spec, xq, wq, *ctx.shapes, bias=bias)).requires_grad_()
-            dy, dgamma, dbeta = _norm_backward(ctx.norm, ctx.norm_batch_stats, ctx.epilogue, y,
-                                               gamma, beta, dy)
+            dy, dgamma, dbeta = _norm_backward(
+                ctx.norm, ctx.norm_batch_stats, ctx.epilogue, y, gamma, beta, dy
+            )
         elif ctx.epilogue is not None:  # dy is the activation's gradient: recompute its input
             backend.where = (ctx.site, "fw")
-            dy = epilogue_backward(ctx.epilogue, dy, backend.fw(spec, xq, wq, *ctx.shapes,
-                                                                bias=bias))
+            dy = epilogue_backward(ctx.epilogue, dy, backend.fw(spec, xq, wq, *ctx.shapes, bias=bias))
         backend.where = (ctx.site, "quantize")
         dyq = _gradient_codes(ctx.call, dy, backend.quantize_kernel(dy))
         dx = dw = None
@@ -201,7 +249,15 @@ def _gradient_codes(call: SiteCall, dy: torch.Tensor, kernel) -> IntCodes:
         return qparams_from_range(lo, hi, bits, call.scheme, signed=True)
 
     if call.rows is not None:
-        return _row_codes(dy, call.rows.row_bits("g"), grid, stochastic=True,
-                          noise=call.rounding_noise, asymmetric=asym, kernel=kernel)
-    return _to_codes(dy, grid(call.prec.g), stochastic=True, noise=call.rounding_noise,
-                     kernel=kernel, asymmetric=asym)
+        return _row_codes(
+            dy,
+            call.rows.row_bits("g"),
+            grid,
+            stochastic=True,
+            noise=call.rounding_noise,
+            asymmetric=asym,
+            kernel=kernel,
+        )
+    return _to_codes(
+        dy, grid(call.prec.g), stochastic=True, noise=call.rounding_noise, kernel=kernel, asymmetric=asym
+    )

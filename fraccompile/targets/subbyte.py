@@ -54,9 +54,11 @@ def pack_definition(width: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
     def tail_byte(q, add, i, n):
         value = None
         for t in range(per):
-            term = T.if_then_else(i * per + t < n,
-                                  T.bitwise_and(q[T.min(i * per + t, n - 1)] + add[0],
-                                                T.uint8(mask)), T.uint8(0))
+            term = T.if_then_else(
+                i * per + t < n,
+                T.bitwise_and(q[T.min(i * per + t, n - 1)] + add[0], T.uint8(mask)),
+                T.uint8(0),
+            )
             term = T.shift_left(term, T.uint8(t * width)) if t else term
             value = term if value is None else T.bitwise_or(value, term)
         return value
@@ -76,6 +78,7 @@ def pack_definition(width: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
             out[i] = byte(q, add, i)
         for i in range(full, m):
             out[i] = tail_byte(q, add, i, n)
+
     return main
 
 
@@ -103,6 +106,7 @@ def unpack_definition(width: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
                     out[b * B + j * L + v] = code(p, add, b * B + j * L + v)
         for i in range(n // B * B, n):
             out[i] = code(p, add, i)
+
     return main
 
 

@@ -101,8 +101,9 @@ def openmp_library() -> str | None:
             paths = {line.split(None, 5)[-1].strip() for line in maps if "/" in line}
     except OSError:
         return None
-    found = sorted(p for p in paths if os.path.basename(p).startswith(_OMP_NAMES)
-                   and ".so" in os.path.basename(p))
+    found = sorted(
+        p for p in paths if os.path.basename(p).startswith(_OMP_NAMES) and ".so" in os.path.basename(p)
+    )
     torch_own = [p for p in found if f"{os.sep}torch{os.sep}lib{os.sep}" in p]
     return (torch_own or found or [None])[0]
 
@@ -114,14 +115,14 @@ def _compile(path: pathlib.Path) -> None:
     with fileio.locked(path):
         if path.exists() and fileio.checksum_problem(path) is None:
             return
-        with tempfile.TemporaryDirectory(prefix=path.name + ".", suffix=".tmp",
-                                         dir=path.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=path.name + ".", suffix=".tmp", dir=path.parent) as tmp:
             src, out = os.path.join(tmp, "launch.c"), os.path.join(tmp, "launch.so")
             with open(src, "w") as f:
                 f.write(LAUNCHER_C)
             cc = os.environ.get("CC", "cc")
-            proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", out, src],
-                                  capture_output=True, text=True, timeout=120)
+            proc = subprocess.run(
+                [cc, "-O2", "-shared", "-fPIC", "-o", out, src], capture_output=True, text=True, timeout=120
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip()[:300]}")
             with fileio.atomic_path(path, suffix=".so") as dst:

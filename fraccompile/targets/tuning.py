@@ -84,20 +84,26 @@ class TuningDB:
         try:
             data = json.loads(self.path.read_text())
             if data.get("format") != FORMAT:
-                raise TuningDBError(f"format {data.get('format')!r}, this fraccompile reads "
-                                    f"{FORMAT}")
+                raise TuningDBError(f"format {data.get('format')!r}, this fraccompile reads {FORMAT}")
             out = {}
             for r in data["records"]:
-                rec = TuneRecord(**{**r, "problem": tuple(r["problem"]), "tile": tuple(r["tile"]),
-                                    "default_tile": tuple(r["default_tile"])})
+                rec = TuneRecord(
+                    **{
+                        **r,
+                        "problem": tuple(r["problem"]),
+                        "tile": tuple(r["tile"]),
+                        "default_tile": tuple(r["default_tile"]),
+                    }
+                )
                 gemm.Tile(*rec.tile)  # validates
                 out[_key(rec.host, rec.source, rec.problem)] = rec
             return out
         except TuningDBError as e:
             raise TuningDBError(f"tuning database {self.path}: {e}") from None
         except (ValueError, KeyError, TypeError) as e:
-            raise TuningDBError(f"tuning database {self.path} is damaged ({type(e).__name__}: "
-                                f"{e}); delete it to start over") from None
+            raise TuningDBError(
+                f"tuning database {self.path} is damaged ({type(e).__name__}: {e}); delete it to start over"
+            ) from None
 
     def get(self, host: HostTarget, problem) -> TuneRecord | None:
         return self.records.get(_key(host.key, gemm.source_hash(), tuple(problem)))
@@ -150,7 +156,7 @@ def candidates(problem, trials: int, seed: int = 0) -> list[gemm.Tile]:
     if (exact.m, exact.k) == (M, K):
         rest = [t for t in rest if M % t.mb == 0 and K % t.kb == 0]
     random.Random(seed).shuffle(rest)
-    return [default, *rest[:max(trials - 1, 0)]]
+    return [default, *rest[: max(trials - 1, 0)]]
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -168,8 +174,9 @@ class LocalRunner:
 
     name = "local"
 
-    def __init__(self, host: HostTarget | None = None, repeat: int = 5, min_repeat_ms: int = 40,
-                 confirm_ms: int = 100):
+    def __init__(
+        self, host: HostTarget | None = None, repeat: int = 5, min_repeat_ms: int = 40, confirm_ms: int = 100
+    ):
         self.host = host or detect()
         self.repeat, self.min_repeat_ms, self.confirm_ms = repeat, min_repeat_ms, confirm_ms
         self._built: dict[gemm.GemmShape, object] = {}  # the confirmation re-times two kernels
@@ -187,8 +194,13 @@ class LocalRunner:
         lib = self.build(shape)
         dev = tvm.cpu(0)
         args = [tvm.runtime.tensor(x, dev) for x in _operands(shape)]
-        f = lib.mod.time_evaluator("main", dev, number=1, repeat=self.repeat,
-                                   min_repeat_ms=self.confirm_ms if confirm else self.min_repeat_ms)
+        f = lib.mod.time_evaluator(
+            "main",
+            dev,
+            number=1,
+            repeat=self.repeat,
+            min_repeat_ms=self.confirm_ms if confirm else self.min_repeat_ms,
+        )
         return statistics.median(f(*args).results)
 
 
@@ -210,6 +222,7 @@ class RPCRunner(LocalRunner):
     def session(self):
         if self._session is None:
             from tvm import rpc
+
             tracker = rpc.connect_tracker(self.tracker_host, self.tracker_port)
             self._session = tracker.request(self.key, priority=1, session_timeout=600)
         return self._session
@@ -225,8 +238,13 @@ class RPCRunner(LocalRunner):
             rlib = self._loaded[shape] = remote.load_module(path.name)
         dev = remote.cpu(0)
         args = [tvm.runtime.tensor(x, dev) for x in _operands(shape)]
-        f = rlib.time_evaluator("main", dev, number=1, repeat=self.repeat,
-                                min_repeat_ms=self.confirm_ms if confirm else self.min_repeat_ms)
+        f = rlib.time_evaluator(
+            "main",
+            dev,
+            number=1,
+            repeat=self.repeat,
+            min_repeat_ms=self.confirm_ms if confirm else self.min_repeat_ms,
+        )
         return statistics.median(f(*args).results)
 
 
@@ -234,8 +252,10 @@ def parse_rpc(address: str) -> tuple[str, int, str]:
     """``HOST:PORT:KEY`` -> ``(host, port, key)``."""
     parts = address.rsplit(":", 2)
     if len(parts) != 3 or not parts[0] or not parts[2] or not parts[1].isdigit():
-        raise ValueError(f"--rpc {address!r} must be HOST:PORT:KEY (an RPC tracker and the key its "
-                         "servers registered under), e.g. 127.0.0.1:9190:cpu")
+        raise ValueError(
+            f"--rpc {address!r} must be HOST:PORT:KEY (an RPC tracker and the key its "
+            "servers registered under), e.g. 127.0.0.1:9190:cpu"
+        )
     return parts[0], int(parts[1]), parts[2]
 
 
@@ -250,8 +270,7 @@ class TuneResult:
     reused: bool  # found in the database: nothing was measured
 
 
-def tune_problem(problem, runner, trials: int, deadline: float | None = None,
-                 seed: int = 0) -> TuneRecord:
+def tune_problem(problem, runner, trials: int, deadline: float | None = None, seed: int = 0) -> TuneRecord:
     """Search ``problem``'s tiles (at most ``trials``, stopping at ``deadline``); the best one,
     confirmed against the default by alternating re-measurements."""
     t0 = time.perf_counter()
@@ -266,23 +285,41 @@ def tune_problem(problem, runner, trials: int, deadline: float | None = None,
     best = min(times, key=times.get)
     if best != default:  # confirm: the search's winner may be noise; keep it only if it still
         # wins by MARGIN in alternating re-measurements
-        pairs = [(runner.time(gemm.padded(*problem, default), confirm=True),
-                  runner.time(gemm.padded(*problem, best), confirm=True)) for _ in range(CONFIRM)]
+        pairs = [
+            (
+                runner.time(gemm.padded(*problem, default), confirm=True),
+                runner.time(gemm.padded(*problem, best), confirm=True),
+            )
+            for _ in range(CONFIRM)
+        ]
         times[default] = statistics.median([d for d, _ in pairs])
         times[best] = statistics.median([b for _, b in pairs])
         wins = sum(b < d for d, b in pairs)
         if times[best] > times[default] * (1 - MARGIN) or wins < CONFIRM - 1:
             best = default
     host = runner.host
-    return TuneRecord(host=host.key, source=gemm.source_hash(), problem=problem,
-                      tile=(best.mb, best.nb, best.kb),
-                      default_tile=(default.mb, default.nb, default.kb),
-                      gops=_gops(problem, times[best]), default_gops=_gops(problem, times[default]),
-                      trials=len(times), seconds=time.perf_counter() - t0)
+    return TuneRecord(
+        host=host.key,
+        source=gemm.source_hash(),
+        problem=problem,
+        tile=(best.mb, best.nb, best.kb),
+        default_tile=(default.mb, default.nb, default.kb),
+        gops=_gops(problem, times[best]),
+        default_gops=_gops(problem, times[default]),
+        trials=len(times),
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def tune(problems, db: TuningDB, runner=None, trials: int = 16, time_budget: float | None = None,
-         seed: int = 0, progress=None) -> list[TuneResult]:
+def tune(
+    problems,
+    db: TuningDB,
+    runner=None,
+    trials: int = 16,
+    time_budget: float | None = None,
+    seed: int = 0,
+    progress=None,
+) -> list[TuneResult]:
     """Tune every problem ``db`` does not hold yet for this host; returns one result per problem.
     ``progress(done_problem_index, result)`` is called after each; ``time_budget`` (seconds) stops
     the search early: problems left over keep the default tile and are not recorded."""
