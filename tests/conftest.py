@@ -64,3 +64,11 @@ def pytest_configure(config):
 
     if "FRACCOMPILE_CACHE_DIR" not in os.environ:
         os.environ["FRACCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fraccompile-test-kernels-")
+
+
+@pytest.fixture(scope="module")
+def tvm_backend():
+    """The tvm backend (tests that take it skip where TVM is unavailable by their own mark)."""
+    from fraccompile.ops.backend import get_backend
+
+    return get_backend("tvm")

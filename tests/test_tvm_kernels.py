@@ -1,0 +1,317 @@
+"""The TVM backend's kernels on their own: exact integer GEMMs (long reductions, signs, padding), the operand
+packers, the quantize and dequantize kernels against the reference quantizer, serial and parallel forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fraccompile
+from fraccompile import FracConfig
+from fraccompile.ops.backend import get_backend
+from fraccompile.ops.modules import FracOp
+from fraccompile.targets import tvm_unavailable_reason
+
+pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
+
+
+def _codes(shape, dtype, gen):
+    lo, hi = (0, 256) if dtype == torch.uint8 else (-127, 128)
+    return torch.randint(lo, hi, shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "g,m,n,k",
+    [(1, 1, 1, 1), (1, 7, 5, 3), (2, 37, 50, 23), (3, 64, 48, 96), (1, 130, 17, 257), (4, 5, 33, 1000)],
+)
+@pytest.mark.parametrize(
+    "a_dtype,b_dtype",
+    [
+        (torch.uint8, torch.int8),
+        (torch.int8, torch.int8),
+        (torch.uint8, torch.uint8),
+        (torch.int8, torch.uint8),
+    ],
+)
+def test_gemm_is_exact(tvm_backend, g, m, n, k, a_dtype, b_dtype):
+    gen = torch.Generator().manual_seed(g * 1000 + m + n + k)
+    a, b = _codes((g, m, k), a_dtype, gen), _codes((g, n, k), b_dtype, gen)
+    got = tvm_backend.gemm(a, b)
+    assert got.dtype in (torch.int32, torch.int64)
+    assert torch.equal(got.long(), a.long() @ b.long().mT)
+
+
+@pytest.mark.parametrize("g,m,n,k", [(1, 7, 5, 3), (2, 37, 50, 23), (1, 130, 17, 257)])
+@pytest.mark.parametrize(
+    "a_dtype,b_dtype",
+    [
+        (torch.uint8, torch.int8),
+        (torch.int8, torch.int8),
+        (torch.uint8, torch.uint8),
+        (torch.int8, torch.uint8),
+    ],
+)
+@pytest.mark.parametrize("per_column,bias", [(False, False), (True, True)])
+def test_gemm_f32_dequantizes_the_exact_product(tvm_backend, g, m, n, k, a_dtype, b_dtype, per_column, bias):
+    """The fused epilogue (sign corrections, scale per column, bias) against the exact product
+    in float64: within fp32 rounding, for every sign combination (the ones rows and columns)."""
+    gen = torch.Generator().manual_seed(g + m + n + k)
+    a, b = _codes((g, m, k), a_dtype, gen), _codes((g, n, k), b_dtype, gen)
+    scale = torch.rand(n if per_column else 1, generator=gen) + 0.5
+    bias_t = torch.randn(n, generator=gen) * 100 if bias else None
+    got = tvm_backend.gemm_f32(a, b, scale, bias_t)
+    want = (a.long() @ b.long().mT).double() * scale.double()
+    if bias:
+        want += bias_t.double()
+    assert got.dtype == torch.float32 and got.shape == (g, m, n)
+    assert ((got.double() - want).abs() <= 2e-7 * want.abs() + 1e-4).all()
+    out = torch.empty(g, m, n)
+    assert tvm_backend.gemm_f32(a, b, scale, bias_t, out=out) is out and torch.equal(out, got)
+
+
+def test_gemm_non_contiguous_operands(tvm_backend):
+    gen = torch.Generator().manual_seed(1)
+    a = _codes((2, 40, 30), torch.int8, gen)
+    b = _codes((2, 40, 24), torch.uint8, gen)
+    got = tvm_backend.gemm(a.mT, b.mT)  # (2, 30, 40) x (2, 24, 40)
+    assert torch.equal(got.long(), a.mT.long() @ b.long())
+
+
+def test_gemm_splits_long_reductions(tvm_backend, monkeypatch):
+    from fraccompile.targets import gemm_runtime
+
+    monkeypatch.setattr(gemm_runtime, "MAX_K", 64)  # exercise the int32-safe split with a small K
+    gen = torch.Generator().manual_seed(2)
+    a, b = _codes((1, 9, 200), torch.uint8, gen), _codes((1, 20, 200), torch.int8, gen)
+    got = tvm_backend.gemm(a, b)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, a.long() @ b.long().mT)
+
+
+def test_unsigned_by_unsigned_sums_past_int32_are_exact(tvm_backend):
+    """255·255·40000 > 2**31: two unsigned operands split K earlier than signed ones."""
+    a = torch.full((1, 3, 40_000), 255, dtype=torch.uint8)
+    b = torch.full((1, 2, 40_000), 255, dtype=torch.uint8)
+    got = tvm_backend.gemm(a, b)
+    assert torch.equal(got.long(), a.long() @ b.long().mT)
+
+
+@pytest.mark.parametrize("layout", ["mk", "km"])
+@pytest.mark.parametrize(
+    "G,M,K,Mp,Kp",
+    [
+        (1, 70, 130, 72, 132),
+        (2, 64, 64, 64, 64),
+        (3, 5, 7, 8, 12),
+        (1, 96, 200, 97, 200),
+        (1, 33, 65, 34, 128),
+    ],
+)
+@pytest.mark.parametrize("flip", [0, 128])
+def test_pack_a_layouts_padding_and_ones_row(layout, G, M, K, Mp, Kp, flip):
+    """The A pack against torch: inner tiles and rows (vector code), edges and the padding
+    (scalar code), the ones row at M, the sign flip."""
+    from fraccompile.targets import pack
+
+    src = torch.randint(0, 256, (G, M, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(M * K))
+    ref = torch.zeros((G, Mp, Kp), dtype=torch.uint8)
+    ref[:, :M, :K] = src ^ flip
+    if Mp > M:
+        ref[:, M, :K] = 1
+    out = torch.full((G, Mp, Kp), 7, dtype=torch.uint8)  # every byte must be written
+    stored = src if layout == "mk" else src.mT.contiguous()
+    pack.a_kernel(layout)(stored, torch.tensor([flip], dtype=torch.uint8), out)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+@pytest.mark.parametrize(
+    "G,N,K,NB,KB", [(1, 64, 128, 4, 32), (2, 37, 70, 3, 18), (1, 48, 64, 4, 17), (3, 5, 7, 1, 2)]
+)
+@pytest.mark.parametrize("flip", [0, 128])
+def test_pack_b_layouts_padding_and_ones_row(layout, G, N, K, NB, KB, flip):
+    """The B pack (16x4 blocks) against torch: inner blocks, edge blocks, the ones row at N."""
+    from fraccompile.targets import pack
+
+    src = torch.randint(0, 256, (G, N, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(N * K))
+    full = torch.zeros((G, NB * 16, KB * 4), dtype=torch.uint8)
+    full[:, :N, :K] = src ^ flip
+    if NB * 16 > N:
+        full[:, N, :K] = 1
+    ref = full.view(G, NB, 16, KB, 4).permute(0, 1, 3, 2, 4)
+    out = torch.full((G, NB, KB, 16, 4), 7, dtype=torch.uint8)  # every byte must be written
+    stored = src if layout == "nk" else src.mT.contiguous()
+    pack.b_kernel(layout)(stored, torch.tensor([flip], dtype=torch.uint8), out)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        # N, H, W, C, OC, (kh, kw), stride, padding, dilation
+        (2, 9, 7, 16, 8, (3, 3), (1, 1), (1, 1), (1, 1)),
+        (3, 11, 10, 5, 8, (3, 3), (2, 2), (2, 2), (2, 2)),
+        (2, 6, 8, 3, 8, (3, 1), (1, 2), (2, 0), (1, 1)),
+        (1, 5, 5, 8, 8, (1, 1), (1, 1), (0, 0), (1, 1)),
+        (2, 5, 4, 4, 8, (5, 5), (1, 1), (0, 3), (1, 1)),  # a kernel wider than the image
+    ],
+)
+@pytest.mark.parametrize("flip", [0, 128])
+def test_conv_a_pack_equals_im2col_then_pack(geometry, flip):
+    """The forward's conv A pack (channels-last codes -> padded, flipped im2col rows, ones row at
+    M) gives the bytes of the im2col copy followed by the A pack, for every padding of M and K."""
+    import torch.nn as nn
+
+    from fraccompile.targets import gemm_runtime as B
+    from fraccompile.targets import roles
+    from fraccompile.targets.kernels import KernelRef
+
+    N, H, W, C, OC, ks, stride, padding, dilation = geometry
+    conv = nn.Conv2d(C, OC, ks, stride=stride, padding=padding, dilation=dilation)
+    fm = fraccompile.compile(
+        nn.Sequential(conv), torch.randn(N, C, H, W), FracConfig(scheme="symmetric", full_precision=())
+    )
+    (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
+    gen = torch.Generator().manual_seed(sum(geometry[:4]))
+    xl = torch.randint(0, 256, (N, H, W, C), dtype=torch.uint8, generator=gen)
+    w_shape = tuple(conv.weight.shape)
+    cols, out_sp = roles._im2col(xl.permute(0, 3, 1, 2), op.spec, w_shape)
+    M, K = cols.shape[1:]
+    geo = B._conv2d_geometry(op.spec, xl, w_shape)
+    kernel = get_backend("tvm").kernel
+    for mp, kp in ((M, K + (-K) % 4), (M + 1, K + (-K) % 32), (M + 7, K + 64)):
+        got = torch.empty(1, mp, kp, dtype=torch.uint8)
+        kernel(KernelRef("pack_conv_a", (*geo, mp, kp)))(xl.reshape(-1), B._flip(flip), got.view(-1))
+        assert torch.equal(got, B._pack_a(cols, flip, mp, kp, kernel)), (mp, kp)
+
+
+def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
+    """The memory-bound kernels' serial forms (below PARALLEL_MIN_BYTES on TVM's thread pool)
+    compute the same bytes as their parallel forms; GEMMs have no serial form; on torch's OpenMP
+    threads every kernel runs parallel."""
+    from fraccompile.targets import backend as B
+    from fraccompile.targets import codes, threads
+    from fraccompile.targets.kernels import KernelRef
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 37, 5, 21, generator=gen).contiguous(memory_format=torch.channels_last)
+    qp = B.qparams_from_range(x.min(), x.max(), 8, "symmetric")
+    a = torch.randint(-127, 128, (2, 37, 70), dtype=torch.int8, generator=gen)
+    b = torch.randint(0, 256, (2, 50, 70), dtype=torch.uint8, generator=gen)
+    scale, bias = torch.rand(50, generator=gen), torch.randn(50, generator=gen)
+    backend = get_backend("tvm")
+    results, kinds = {}, []
+
+    def record(ref):
+        kinds.append((ref.kind, ref.serial))
+        return backend.kernels.get(ref)
+
+    def run():
+        torch.manual_seed(0)
+        return [
+            B._to_codes(x, qp, stochastic=True, noise=n, kernel=record).codes for n in ("torch", "counter")
+        ] + [
+            backend.gemm_f32(a, b, scale, bias),
+            backend.gemm_f32(a.mT.contiguous().mT, b, scale),
+            backend._dequantize_codes(B.IntCodes(a, scale[:1], True), "eb").clone(),
+        ]
+
+    monkeypatch.setattr(B.TVMBackend, "kernel", lambda self, ref: record(ref))
+    for openmp, threshold in ((False, 0), (False, 1 << 40), (True, 1 << 40)):
+        monkeypatch.setattr(threads, "on_openmp", lambda openmp=openmp: openmp)
+        monkeypatch.setattr(codes, "PARALLEL_MIN_BYTES", threshold)
+        kinds.clear()
+        results[openmp, threshold] = run()
+        assert {s for k, s in kinds if k != "gemm"} == {threshold > 0 and not openmp}
+        assert {s for k, s in kinds if k == "gemm"} == {False}
+    assert all(torch.equal(p, q) for p, q in zip(results[False, 0], results[False, 1 << 40]))
+    with pytest.raises(ValueError, match="serial"):
+        KernelRef("gemm", (1, 6, 64, 32, 6, 4, 32), serial=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [((3, 5, 7, 11), True), ((3, 5, 7, 11), False), ((2, 16, 33, 40), True), ((4099,), False)],
+)
+def test_codes_dequantize_kernel_is_the_reference(tvm_backend, dtype, shape, channels_last):
+    """The one-pass TVM dequantize of codes (EB's fp32 input) equals ``IntCodes.dequantize``
+    (torch's promotion and multiply) bit for bit, in either layout, with a tail past the
+    kernel's 4096-element blocks, and keeps the codes' layout."""
+    from fraccompile.targets.backend import IntCodes
+
+    gen = torch.Generator().manual_seed(3)
+    lo, hi = (-127, 128) if dtype == torch.int8 else (0, 256)
+    q = torch.randint(lo, hi, shape, dtype=dtype, generator=gen)
+    if channels_last:
+        q = q.contiguous(memory_format=torch.channels_last)
+    codes = IntCodes(q, torch.tensor(0.0123), dtype == torch.int8)
+    got = tvm_backend._dequantize_codes(codes, "eb")
+    assert torch.equal(got, codes.dequantize()) and got.stride() == q.stride()
+    # sbm: a zero point and a code offset (centered codes), within one rounding of the reference
+    asym = IntCodes(q, torch.tensor(0.0123), True, torch.tensor(-0.71), 255.0, 128)
+    got = tvm_backend._dequantize_codes(asym, "eb")
+    want = asym.dequantize()
+    assert got.stride() == q.stride()
+    assert ((got - want).abs() <= 2 * torch.finfo(torch.float32).eps * want.abs() + 1e-7).all()
+
+
+def test_kernel_without_vnni_is_exact():
+    """The generic (AVX2-only) schedule builds and computes the same products."""
+    from fraccompile.targets import gemm
+
+    shape = gemm.padded(2, 13, 40, 36)
+    host = gemm.detect()
+    lib = gemm.tvm.compile(gemm.schedule(shape, "avx2").mod, target=host.target())
+    gen = torch.Generator().manual_seed(3)
+    A = _codes((2, shape.m, shape.k), torch.uint8, gen)
+    B = _codes((2, shape.n, shape.k), torch.int8, gen)
+    Bp = B.view(2, shape.n // 16, 16, shape.k // 4, 4).permute(0, 1, 3, 2, 4).contiguous()
+    C = torch.empty(2, shape.m, shape.n, dtype=torch.int32)
+    lib["main"](A, Bp, C)
+    assert torch.equal(C.long(), A.long() @ B.long().mT)
+
+
+@pytest.mark.parametrize("stochastic,noise", [(False, "torch"), (True, "torch"), (True, "counter")])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 37, 3, 21)])
+def test_fused_quantize_gives_the_reference_codes(stochastic, noise, layout, shape):
+    """Counter noise: the kernel computes it per element from the logical index (16-lane vectors
+    and scalar tails: 9, 21 and 37 elements per row)."""
+    from fraccompile.ops.quantizers import qparams_from_range, quantize_to_int
+    from fraccompile.targets.backend import _to_codes
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(*shape, generator=gen)
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 2.5])  # ties: round half to even
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[:, :, ::2]
+    for signed in (True, False):
+        xs = x if signed else x.clamp_min(0)
+        qp = qparams_from_range(xs.min(), xs.max(), 8, "symmetric")
+        torch.manual_seed(9)
+        ref = quantize_to_int(xs, qp, stochastic=stochastic, noise=noise)
+        torch.manual_seed(9)
+        got = _to_codes(xs, qp, stochastic=stochastic, noise=noise)
+        assert got.codes.dtype == (torch.int8 if signed else torch.uint8)
+        assert torch.equal(got.codes.float(), ref)
+    # sbm: (x - zero) / scale in the kernel, codes stored centered (minus the grid's middle)
+    for bits in (8, 6, 3):
+        qp = qparams_from_range(x.min(), x.max(), bits, "sbm")
+        torch.manual_seed(9)
+        ref = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
+        torch.manual_seed(9)
+        got = _to_codes(x, qp, stochastic=stochastic, noise=noise, asymmetric=True)
+        if layout != "strided":  # (a layout the kernel cannot read takes torch's quantizer)
+            assert got.codes.dtype == torch.int8 and got.offset == 2 ** (bits - 1)
+        assert torch.equal(got.codes.float() + got.offset, ref)
+        assert torch.equal(got.dequantize(), torch.addcmul(qp.zero, ref, qp.scale))
+
+
+def test_bad_tile_is_refused():
+    from fraccompile.targets import gemm
+
+    with pytest.raises(ValueError, match="bad tile"):
+        gemm.Tile(mb=4, nb=2, kb=6)
