@@ -16,6 +16,20 @@ and data order) for every run.
                                                         # another seed (init, data order, augment)
     python bench/accuracy_cifar10.py --runs dfq --beta 8 --out bench/runs/acc_beta8
                                                         # the cost regularizer's weight (default 2)
+
+Longer runs (issue 21's convergence protocol): ``--epochs E`` sets the run length to E epochs of
+the training set (``ceil(E·50000/batch)`` iterations), evaluates once per epoch and scales PFQ's
+indicator period to a thirtieth of the run, as the default 20 of 600 is. Runs are resumable: a run
+whose folder holds ``final.json`` is done and skipped; one whose folder holds ``checkpoint.pt``
+continues from it exactly (``fit(resume=...)``: same data order and random draws). ``--stop-at N``
+ends every run of this call at iteration N (a sitting), to be continued by the same command
+without it. ``--backend tvm`` trains on the integer kernels (same codes as the reference backend,
+see docs/backends.md).
+
+    python bench/accuracy_cifar10.py --epochs 30 --runs sbm fractrain --backend tvm \
+        --rounding-noise counter --out bench/runs/conv30 --stop-at 3000   # a first sitting
+    python bench/accuracy_cifar10.py --epochs 30 --runs sbm fractrain --backend tvm \
+        --rounding-noise counter --out bench/runs/conv30                  # continue to the end
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import fraccompile
 from fraccompile.control import DFQ, PFQ, Cyclic, FracTrain, Static
 from fraccompile.data import ClassificationData
 from fraccompile.examples.resnet_cifar import resnet20
+from fraccompile.runlog import read_log
 from fraccompile.train import evaluate, fit
 
 ROOT = Path(__file__).resolve().parent
@@ -88,8 +103,24 @@ def main() -> None:
         "torch here, not the library's default counter: the recorded "
         "results were made with it",
     )
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="run length in epochs (sets --iters, --eval-every and --pfq-every, see above)",
+    )
+    parser.add_argument("--backend", default="reference", help="FracConfig.backend: reference, tvm or auto")
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="end every run at this iteration (resumable)"
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    if args.epochs is not None:
+        train_size = args.train_limit or 50_000
+        per_epoch = -(-train_size // args.batch)
+        args.iters = int(-(-args.epochs * train_size // args.batch))
+        args.eval_every = per_epoch
+        args.pfq_every = max(1, round(args.iters / 30))
     out = Path(args.out)
     header("Accuracy vs bit-cost, ResNet-20 on CIFAR-10")
     if not args.report_only:
@@ -103,6 +134,12 @@ def main() -> None:
             full.test_labels[: args.period_test],
         )
         for name in args.runs:
+            run_dir = out / name
+            if (run_dir / "final.json").exists():
+                print(f"== {name}: finished already ({run_dir / 'final.json'})")
+                continue
+            checkpoint = run_dir / "checkpoint.pt"
+            resume = checkpoint if checkpoint.exists() else None
             torch.manual_seed(args.seed)
             model = resnet20()
             gates = {"pipeline": "dfq", "gate_mode": "dense" if name == "dfq-dense" else "routed"}
@@ -110,11 +147,11 @@ def main() -> None:
                 model,
                 torch.zeros(args.batch, 3, 32, 32),
                 rounding_noise=args.rounding_noise,
+                backend=args.backend,
                 **(gates if name in DFQ_RUNS else {}),
             )
-            run_dir = out / name
             schedule = make_schedule(name, args.iters, args.pfq_every, args.beta)
-            print(f"== {name}: {schedule.describe()}")
+            print(f"== {name}: {schedule.describe()}" + (f", resuming {resume}" if resume else ""))
             result = fit(
                 fm,
                 periodic,
@@ -127,7 +164,12 @@ def main() -> None:
                 seed=args.seed,
                 model_name="ResNet-20",
                 console=Console(width=160),
+                resume=resume,
+                stop_at=args.stop_at,
             )
+            if result.iterations < args.iters:  # a sitting: continue with the same command
+                print(f"== {name}: stopped at iteration {result.iterations}; resumable")
+                continue
             final = evaluate(fm, full.test_batches(500))
             (run_dir / "final.json").write_text(
                 json.dumps(
@@ -135,8 +177,8 @@ def main() -> None:
                         **final,
                         "test_images": len(full.test_labels),
                         "iters": args.iters,
-                        "turning_points": [
-                            e["iter"] for e in result.events if e.get("event") == "turning_point"
+                        "turning_points": [  # from the log: every sitting's
+                            e["iter"] for e in read_log(run_dir).turning_points
                         ],
                         "cum_cost": fm.frac_meter.total,
                         "cum_sbm": fm.frac_meter.sbm,
