@@ -61,13 +61,13 @@ class IntegerGemms:
         )
 
     def _gemm(
-        self, G: int, M: int, alpha: int, pack_a, N: int, K: int, beta: int, pack_b, dequant=None
+        self, G: int, M: int, a_shift: int, pack_a, N: int, K: int, b_shift: int, pack_b, dequant=None
     ) -> torch.Tensor:
         """:meth:`gemm` with the operands given by packers ``pack_a(k0, kc, Mp, Kp)`` and
         ``pack_b(k0, kc, Np, Kp)``: reduction columns ``k0 .. k0+kc``, padded, sign-flipped by
-        ``alpha`` / ``beta``, with a ones row at ``M`` / ``N`` when there is room. ``dequant``:
+        ``a_shift`` / ``b_shift``, with a ones row at ``M`` / ``N`` when there is room. ``dequant``:
         ``(scale, bias, out)`` of :meth:`gemm_f32` (None: the int32 product)."""
-        max_k = MAX_K_UNSIGNED if beta and not alpha else MAX_K
+        max_k = MAX_K_UNSIGNED if b_shift and not a_shift else MAX_K
         if K > max_k:  # split the reduction so no int32 partial sum can overflow
             out = None
             for k0 in range(0, K, max_k):
@@ -75,18 +75,18 @@ class IntegerGemms:
                 part = self._gemm(
                     G,
                     M,
-                    alpha,
+                    a_shift,
                     lambda j0, jc, mp, kp, k0=k0: pack_a(k0 + j0, jc, mp, kp),
                     N,
                     kc,
-                    beta,
+                    b_shift,
                     lambda j0, jc, np_, kp, k0=k0: pack_b(k0 + j0, jc, np_, kp),
                 )
                 out = part.long() if out is None else out.add_(part)
             return out if dequant is None else _dequantize(out, *dequant)
         # the sign corrections need B's row sums (A shifted) and A's (B shifted): an extra row of
         # ones in A, resp. in B, makes the kernel return them with the product
-        problem = (G, M + 1 if alpha else M, N + 1 if beta else N, K)
+        problem = (G, M + 1 if a_shift else M, N + 1 if b_shift else N, K)
         if self.recorder is not None:  # the other signs: a ones row more or less on either side
             self._variants = [(G, M + i, N + j, K) for i in (0, 1) for j in (0, 1)]
             self._problem = problem
@@ -103,20 +103,20 @@ class IntegerGemms:
         self.kernel(KernelRef.gemm(shape))(A, Bp, C)
         if dequant is not None:  # C[m, n] + rc[m] + cc[n], the same sums as below, then scaled
             scale, bias, out = dequant
-            rc = (C[:, :M, N] - alpha * K) * beta if beta else C.new_zeros((G, M))
-            cc = C[:, M, :N] * -alpha if alpha else C.new_zeros((G, N))
+            rc = (C[:, :M, N] - a_shift * K) * b_shift if b_shift else C.new_zeros((G, M))
+            cc = C[:, M, :N] * -a_shift if a_shift else C.new_zeros((G, N))
             return self._dequant(C, rc, cc, scale, bias, out, G, M, N)
-        if alpha:  # row M: sum_k (b - beta)  ->  sum_k b = C[M] + beta*K
-            b_sums = C[:, M : M + 1, :N] + beta * K
-        if beta:  # column N: sum_k (a + alpha)  ->  sum_k a = C[:, :, N] - alpha*K
-            a_sums = C[:, :M, N : N + 1] - alpha * K
+        if a_shift:  # row M: sum_k (b - b_shift)  ->  sum_k b = C[M] + b_shift*K
+            b_sums = C[:, M : M + 1, :N] + b_shift * K
+        if b_shift:  # column N: sum_k (a + a_shift)  ->  sum_k a = C[:, :, N] - a_shift*K
+            a_sums = C[:, :M, N : N + 1] - a_shift * K
         C = C[:, :M, :N]
-        if beta:
-            C += beta * a_sums
-        if alpha:
-            C -= alpha * b_sums
-            if beta:
-                C += alpha * beta * K
+        if b_shift:
+            C += b_shift * a_sums
+        if a_shift:
+            C -= a_shift * b_sums
+            if b_shift:
+                C += a_shift * b_shift * K
         return C
 
     def _dequant(self, C, rc, cc, scale, bias, out, G: int, M: int, N: int) -> torch.Tensor:
@@ -295,21 +295,21 @@ class IntegerGemms:
         return pack_a
 
     def _a_packer(self, a: torch.Tensor):
-        """``(alpha, pack_a)`` for int8/uint8 codes ``a (G, M, K)``: signed codes are shifted by
+        """``(a_shift, pack_a)`` for int8/uint8 codes ``a (G, M, K)``: signed codes are shifted by
         128."""
-        alpha = 128 if a.dtype == torch.int8 else 0
+        a_shift = 128 if a.dtype == torch.int8 else 0
         a8 = a.view(torch.uint8)
-        return alpha, lambda k0, kc, mp, kp: _pack_a(
-            a8[..., k0 : k0 + kc], alpha, mp, kp, self.kernel, self.scratch
+        return a_shift, lambda k0, kc, mp, kp: _pack_a(
+            a8[..., k0 : k0 + kc], a_shift, mp, kp, self.kernel, self.scratch
         )
 
     def _b_packer(self, b: torch.Tensor):
-        """``(beta, pack_b)`` for int8/uint8 codes ``b (G, N, K)``: unsigned codes are shifted by
+        """``(b_shift, pack_b)`` for int8/uint8 codes ``b (G, N, K)``: unsigned codes are shifted by
         -128."""
-        beta = 128 if b.dtype == torch.uint8 else 0
+        b_shift = 128 if b.dtype == torch.uint8 else 0
         b8 = b.view(torch.uint8)
-        return beta, lambda k0, kc, np_, kp: _pack_b(
-            b8[..., k0 : k0 + kc], beta, np_, kp, self.kernel, self.scratch
+        return b_shift, lambda k0, kc, np_, kp: _pack_b(
+            b8[..., k0 : k0 + kc], b_shift, np_, kp, self.kernel, self.scratch
         )
 
 

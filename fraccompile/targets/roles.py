@@ -155,12 +155,12 @@ class SiteRoles:
         if taken is not None:
             return y, taken
         if fused and wr.shape[-1] <= MAX_K_UNSIGNED:  # A packed from x: no im2col copy
-            alpha = 128 if xq.signed else 0
+            a_shift = 128 if xq.signed else 0
             self._gemm(
                 1,
                 rows.shape[0] * math.prod(out_sp),
-                alpha,
-                self._conv_a_packer(spec, xl, w_shape, alpha),
+                a_shift,
+                self._conv_a_packer(spec, xl, w_shape, a_shift),
                 OC,
                 wr.shape[-1],
                 *self._b_packer(wr),
