@@ -5,10 +5,11 @@ Wraps the functions of the ``tvm`` backend (:mod:`fraccompile.targets.backend` a
 it is built from, :mod:`~fraccompile.targets.roles` and :mod:`~fraccompile.targets.gemm_runtime`)
 with timers (nested: ``gemm`` includes its packing, ``fw``/``gc``/``eb`` include their GEMMs),
 and every TVM kernel call (``kernel: gemm``, ``kernel: quantize``, ``kernel: pack_a`` ...: the
-compiled functions alone), and runs forward + backward steps (a=w=g=8, symmetric) after two
+compiled functions alone), and runs forward + backward steps (a=w=g=8; ``--scheme sbm``, FracTrain's
+quantizer, by default) after two
 warm-up steps: ResNet-20 at batch 128, or the Transformer (d_model 512) at batch 32 x 64 tokens.
 
-    python bench/step_breakdown.py [--repeats 3] [--model resnet20|transformer]
+    python bench/step_breakdown.py [--repeats 3] [--model resnet20|transformer] [--scheme sbm|symmetric]
         [--weight-scale channel|tensor] [--rounding-noise counter|torch]
         [--recompute activations|none|norms] [--recompute-budget F]
 """
@@ -40,14 +41,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", choices=("resnet20", "transformer"), default="resnet20")
-    parser.add_argument("--weight-scale", choices=("channel", "tensor"), default="channel")
+    parser.add_argument("--scheme", choices=("sbm", "symmetric"), default="sbm")
+    parser.add_argument("--weight-scale", choices=("channel", "tensor", "gemm"), default="channel")
     parser.add_argument("--rounding-noise", choices=("torch", "counter"), default="counter")
     parser.add_argument("--recompute", choices=("none", "activations", "norms"), default="activations")
     parser.add_argument("--recompute-budget", type=float, default=0.0)
     args = parser.parse_args()
     header(f"TVM backend: where a {args.model} training step goes")
     print(
-        f"FracConfig(a=8, w=8, g=8, scheme='symmetric', weight_scale={args.weight_scale!r}, "
+        f"FracConfig(a=8, w=8, g=8, scheme={args.scheme!r}, weight_scale={args.weight_scale!r}, "
         f"rounding_noise={args.rounding_noise!r}, recompute={args.recompute!r}, "
         f"recompute_budget={args.recompute_budget:g})"
     )
@@ -100,7 +102,7 @@ def main() -> None:
         a=8,
         w=8,
         g=8,
-        scheme="symmetric",
+        scheme=args.scheme,
         backend="tvm",
         weight_scale=args.weight_scale,
         rounding_noise=args.rounding_noise,

@@ -315,3 +315,67 @@ def test_bad_tile_is_refused():
 
     with pytest.raises(ValueError, match="bad tile"):
         gemm.Tile(mb=4, nb=2, kb=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 70), (128, 64), (5, 129), (300, 1000)])
+@pytest.mark.parametrize("serial", [False, True])
+def test_code_sums_kernel_is_exact(dtype, shape, serial):
+    """The column sums of byte codes (whole 64-lane blocks and the scalar tail) equal torch's
+    int64 sums, at the extreme codes too."""
+    from fraccompile.targets.kernels import JitKernels, KernelRef
+
+    gen = torch.Generator().manual_seed(shape[0] + shape[1])
+    q = _codes(shape, dtype, gen)
+    q[0] = 255 if dtype == torch.uint8 else -128
+    out = torch.full((shape[1],), -1, dtype=torch.int32)
+    name = "uint8" if dtype == torch.uint8 else "int8"
+    JitKernels().get(KernelRef("code_sums", (name,), serial=serial))(q, out)
+    assert torch.equal(out.long(), q.long().sum(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dims", [[0], [1], [0, 2, 3], [2, 3]])
+def test_exact_sums_with_the_kernel_equal_torch(monkeypatch, dtype, layout, dims):
+    """``_exact_sums`` gives torch's exact sums whichever path a layout takes (the column-sum
+    kernel where the summed dims are outermost, fp32 matrix-vector products otherwise), and the
+    kernel's row chunks (past int32's bound) add up exactly."""
+    from fraccompile.targets import affine
+
+    backend = get_backend("tvm")
+    gen = torch.Generator().manual_seed(len(dims))
+    lo, hi = {torch.int8: (-128, 128), torch.uint8: (0, 256), torch.int32: (-4095, 4096)}[dtype]
+    codes = torch.randint(lo, hi, (6, 5, 4, 3), generator=gen).to(dtype)
+    if layout == "channels_last":
+        codes = codes.contiguous(memory_format=torch.channels_last)
+    want = codes.long().sum(dims)
+    calls = []
+
+    def kernel(ref):
+        calls.append(ref.kind)
+        return backend.kernel(ref)
+
+    got = affine._exact_sums(codes, dims, torch.float64, kernel)
+    assert torch.equal(got.long(), want)
+    monkeypatch.setattr(affine, "MAX_SUM_ROWS", 4)  # several row chunks
+    assert torch.equal(affine._exact_sums(codes, dims, torch.float64, kernel).long(), want)
+    outermost = dims == [0] or (dims == [0, 2, 3] and layout == "channels_last")
+    assert bool(calls) == (outermost and dtype != torch.int32)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize(
+    "k,stride,padding,dilation", [(1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 2, 2, 2), (2, 2, 0, 1)]
+)
+def test_box_sums_equal_an_all_ones_conv(n, k, stride, padding, dilation):
+    """The window sums of the weight zero point's term (separable slice sums) equal a conv with
+    all-ones taps per group."""
+    from fraccompile.ops.spec import CONV_FNS
+    from fraccompile.targets.affine import _box_sums
+
+    gen = torch.Generator().manual_seed(n * 10 + k)
+    t = torch.randint(0, 4000, (2, 3, *([9] * n)), generator=gen).float()
+    args = ([k] * n, [stride] * n, [padding] * n, [dilation] * n)
+    want = CONV_FNS[n](t, torch.ones(3, 1, *args[0]), None, *args[1:], 3)
+    assert torch.equal(_box_sums(t, *args), want)

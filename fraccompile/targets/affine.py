@@ -11,7 +11,8 @@ import math
 import torch
 
 from ..ops.spec import CONV_FNS, SiteSpec
-from .codes import IntCodes, _dense_perm
+from .codes import IntCodes, _dense_perm, _serial
+from .kernels import KernelRef
 
 
 def _out_channel(spec: SiteSpec, v: torch.Tensor, dims: int) -> torch.Tensor:
@@ -26,17 +27,22 @@ def _out_channel(spec: SiteSpec, v: torch.Tensor, dims: int) -> torch.Tensor:
 # the largest |code| of a dtype (wide codes: gradients of at most 16 bits)
 _CODE_BOUND = {torch.uint8: 255, torch.int8: 128}
 _EXACT = 2**24  # fp32 holds every integer below this
+_BYTE_CODES = (torch.uint8, torch.int8)
+MAX_SUM_ROWS = (2**31 - 1) // 255  # rows of byte codes whose column sums int32 holds (sums.MAX_ROWS)
 
 
-def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, kernel=None) -> torch.Tensor:
     """Exact sums of integer codes over ``dims``, shaped as ``codes`` without them, in ``dtype``
     (fp32: exact below 2**24; float64 for larger sums).
 
     The codes are read in memory order as an ``(R, K)`` matrix whose rows or columns are the
-    summed dims, converted to fp32 and reduced by a matrix-vector product against ones, in chunks
-    whose partial sums stay below 2**24 (exact in fp32 whatever the order of the additions),
-    which are added in float64. torch's integer reductions run many times slower, worst over a
-    small innermost dim (a conv's channels)."""
+    summed dims. Where the summed dims are outermost (column sums: a batch sum) and ``kernel``
+    (the backend's kernel getter, None on the GPU) is given, byte codes go through the
+    :mod:`.sums` kernel: one pass into int32. Otherwise they are converted to fp32 and reduced
+    by a matrix-vector product against ones, in chunks whose partial sums stay below 2**24
+    (exact in fp32 whatever the order of the additions), which are added in float64. torch's
+    integer reductions run many times slower, worst over a small innermost dim (a conv's
+    channels)."""
     n = codes.dim()
     dims = sorted({d % n for d in dims})
     keep = [d for d in range(n) if d not in dims]
@@ -55,25 +61,43 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32) -
     K = math.prod(codes.shape[d] for d in (keep if rows else dims))
     mat = codes.permute(*order).reshape(R, K)
     length = mat.shape[0] if rows else mat.shape[1]  # the summed extent
-    step = max(1, (_EXACT - 1) // _CODE_BOUND.get(codes.dtype, 2**16))
-    total = None
-    for lo in range(0, max(length, 1), step):
-        part = mat[lo : lo + step] if rows else mat[:, lo : lo + step]
-        part = part.float()
-        ones = part.new_ones(part.shape[0] if rows else part.shape[1])
-        sums = ones @ part if rows else part @ ones
-        if length <= step:
-            total = sums
-        else:
-            total = sums.double() if total is None else total.add_(sums)
-    total = total.to(dtype)
+    if rows and kernel is not None and codes.dtype in _BYTE_CODES and not mat.is_cuda:
+        total = _column_sums(mat, kernel).to(dtype)
+    else:
+        step = max(1, (_EXACT - 1) // _CODE_BOUND.get(codes.dtype, 2**16))
+        total = None
+        for lo in range(0, max(length, 1), step):
+            part = mat[lo : lo + step] if rows else mat[:, lo : lo + step]
+            part = part.float()
+            ones = part.new_ones(part.shape[0] if rows else part.shape[1])
+            sums = ones @ part if rows else part @ ones
+            if length <= step:
+                total = sums
+            else:
+                total = sums.double() if total is None else total.add_(sums)
+        total = total.to(dtype)
     inverse = sorted(range(len(kept_order)), key=lambda i: kept_order[i])
     return total.view([codes.shape[d] for d in kept_order]).permute(*inverse)
 
 
-def _code_sums(codes: torch.Tensor, dim) -> torch.Tensor:
+def _column_sums(mat: torch.Tensor, kernel) -> torch.Tensor:
+    """``mat.sum(0)`` of byte codes ``(R, K)`` (contiguous), exact: int32 from the :mod:`.sums`
+    kernel, in row chunks whose sums int32 holds (int64 where there are several)."""
+    name = "uint8" if mat.dtype == torch.uint8 else "int8"
+    total = None
+    for lo in range(0, max(mat.shape[0], 1), MAX_SUM_ROWS):
+        part = mat[lo : lo + MAX_SUM_ROWS]
+        out = torch.empty(mat.shape[1], dtype=torch.int32)
+        kernel(KernelRef("code_sums", (name,), serial=_serial(part.numel())))(part, out)
+        if mat.shape[0] <= MAX_SUM_ROWS:
+            return out
+        total = out.long() if total is None else total.add_(out)
+    return total
+
+
+def _code_sums(codes: torch.Tensor, dim, kernel=None) -> torch.Tensor:
     """Exact sums of integer codes along ``dim``, as fp32."""
-    return _exact_sums(codes, [dim])
+    return _exact_sums(codes, [dim], kernel=kernel)
 
 
 def _conv_shape_args(spec: SiteSpec, w_shape):
@@ -101,11 +125,27 @@ def _window_code_sums(spec: SiteSpec, xq: IntCodes, w_shape) -> torch.Tensor:
         per_group = _exact_sums(codes, [1]).unsqueeze(1)
     else:
         per_group = _exact_sums(codes.reshape(codes.shape[0], G, -1, *codes.shape[2:]), [2])
-    ones = torch.ones((G, 1, *w_shape[2:]), device=codes.device)
-    sums = CONV_FNS[spec.conv_dims](
-        per_group, ones, None, spec.stride, spec.gemm_padding(w_shape), spec.dilation, G
-    )
+    sums = _box_sums(per_group, w_shape[2:], spec.stride, spec.gemm_padding(w_shape), spec.dilation)
     return sums if G == 1 else sums.repeat_interleave(OC // G, dim=1)
+
+
+def _box_sums(t: torch.Tensor, ksize, stride, padding, dilation) -> torch.Tensor:
+    """The sum over every conv window of ``t`` ``(N, G, *spatial)`` (zero padding): a conv with
+    all-ones taps, one channel per group, computed separably: per spatial dim, the sum of its
+    ``k`` strided slices (``Σ k`` additions instead of a ``Π k``-tap conv, which runs poorly on
+    one channel). fp32 sums of integers are exact below 2**24, in any order."""
+    n = len(ksize)
+    t = torch.nn.functional.pad(t, [p for d in reversed(range(n)) for p in (padding[d], padding[d])])
+    for d in range(n):
+        dim, span = 2 + d, dilation[d] * (ksize[d] - 1)
+        out = (t.shape[dim] - span - 1) // stride[d] + 1
+        total = None
+        for tap in range(ksize[d]):
+            first = tap * dilation[d]
+            index = (slice(None),) * dim + (slice(first, first + (out - 1) * stride[d] + 1, stride[d]),)
+            total = t[index].clone() if total is None else total.add_(t[index])
+        t = total
+    return t
 
 
 def _value_sums(spec: SiteSpec, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
@@ -145,37 +185,40 @@ def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bo
     return out
 
 
-def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape) -> torch.Tensor:
+def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape, kernel=None) -> torch.Tensor:
     """Per weight-gradient entry, the sum over output positions of the input codes it pairs
     with: ``Σ_m qx[m, k]`` (a conv: per tap, zero padding reading code 0), shaped to broadcast
     against ``dw``."""
     codes = xq.codes
     if spec.kind == "linear":
-        return _code_sums(codes.reshape(-1, x_shape[-1]), 0)
+        return _code_sums(codes.reshape(-1, x_shape[-1]), 0, kernel)
     if spec.kind == "matmul":
-        return _code_sums(codes, -2).unsqueeze(-1)
+        return _code_sums(codes, -2, kernel).unsqueeze(-1)
     G, Cg = spec.groups, w_shape[1]
     out_sp = _out_sizes(spec, x_shape[2:], w_shape)
     # every sample pairs with the same taps: the batch sum first (exact), then one image
-    sums = _tap_sums(spec, _exact_sums(codes, [0]), x_shape[2:], out_sp, w_shape, image=True)  # (C, *kernel)
+    batch = _exact_sums(codes, [0], kernel=kernel)
+    sums = _tap_sums(spec, batch, x_shape[2:], out_sp, w_shape, image=True)  # (C, *kernel)
     if G == 1:
         return sums.unsqueeze(0)
     return sums.reshape(G, Cg, *w_shape[2:]).repeat_interleave(w_shape[0] // G, dim=0)
 
 
-def _gradient_sums(spec: SiteSpec, dyq: IntCodes, x_shape, w_shape) -> torch.Tensor:
+def _gradient_sums(spec: SiteSpec, dyq: IntCodes, x_shape, w_shape, kernel=None) -> torch.Tensor:
     """Per weight-gradient entry, the sum of ``dy``'s values over the output positions it pairs
     with: ``Σ_m dy[m, n]`` (a conv: the positions whose tap lands inside the image), shaped to
     broadcast against ``dw``. From exact sums of the codes: ``s·Σq + count·z``."""
     codes = dyq.codes
     if spec.kind == "linear":
         flat = codes.reshape(-1, codes.shape[-1])
-        return (_code_sums(flat, 0) * dyq.scale.reshape(-1) + flat.shape[0] * _zero(dyq)).unsqueeze(-1)
+        return (_code_sums(flat, 0, kernel) * dyq.scale.reshape(-1) + flat.shape[0] * _zero(dyq)).unsqueeze(
+            -1
+        )
     if spec.kind == "matmul":
-        sums = _code_sums(codes, -2).unsqueeze(-2) * dyq.scale  # (per sample where scale is)
+        sums = _code_sums(codes, -2, kernel).unsqueeze(-2) * dyq.scale  # (per sample where scale is)
         return sums if dyq.zero is None else sums + codes.shape[-2] * dyq.zero
     out_sp = codes.shape[2:]
-    values = _code_sums(codes, 0) * dyq.scale.reshape(-1) + codes.shape[0] * _zero(dyq)
+    values = _code_sums(codes, 0, kernel) * dyq.scale.reshape(-1) + codes.shape[0] * _zero(dyq)
     sums = _tap_sums(spec, values, x_shape[2:], out_sp, w_shape, image=False)  # (OC, *kernel)
     return sums.unsqueeze(1)
 
@@ -193,8 +236,8 @@ def _out_sizes(spec: SiteSpec, size, w_shape) -> list[int]:
     ]
 
 
-def _channel_sums(codes: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _channel_sums(codes: torch.Tensor, channel_dim: int, kernel=None) -> torch.Tensor:
     """Exact sums of integer codes over every dim but ``channel_dim`` (the bias gradient, the
     sign-flip terms), as int64."""
     dims = [d for d in range(codes.dim()) if d != channel_dim % codes.dim()]
-    return _exact_sums(codes, dims, torch.float64).long()
+    return _exact_sums(codes, dims, torch.float64, kernel).long()

@@ -249,7 +249,7 @@ class IntegerGemms:
                 total = C.long() if total is None else total.add_(C)
             b0 += nc
         # A was shifted by +flip: subtract flip·(the sum of dy over positions) per output channel
-        total = total[..., :OC] - flip * _channel_sums(dyq.codes, 1) if flip else total[..., :OC]
+        total = total[..., :OC] - flip * _channel_sums(dyq.codes, 1, self.kernel) if flip else total[..., :OC]
         dw = (total.float() * scale).permute(3, 0, 1, 2).contiguous()  # (OC, kh, kw, C)
         return dw.permute(0, 3, 1, 2)
 

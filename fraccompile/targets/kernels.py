@@ -3,9 +3,9 @@
 A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
 quantizer of one dtype and rounding mode (per tensor, or per sample), the dequantize epilogue (of
 a GEMM's int32 product, or of a tensor's codes), an operand pack kernel of one layout, the
-sub-byte (un)packer of saved codes of one width, the gate probe of a routed site with K
-candidates, or the conv patch packer of one conv geometry. Its :attr:`~KernelRef.name` is the
-symbol it has in an exported library. Providers turn references into callables:
+sub-byte (un)packer of saved codes of one width, the exact column sums of byte codes, the gate
+probe of a routed site with K candidates, or the conv patch packer of one conv geometry. Its
+:attr:`~KernelRef.name` is the symbol it has in an exported library. Providers turn references into callables:
 
 * :class:`JitKernels` builds on first use, through the on-disk cache (GEMMs with the tile a tuning
   database chose for the problem when one is given);
@@ -23,7 +23,7 @@ import hashlib
 import pathlib
 from dataclasses import dataclass, replace
 
-from . import conv, gemm, pack, probe, quantize, subbyte
+from . import conv, gemm, pack, probe, quantize, subbyte, sums
 from .cache import KernelCache
 from .host import HostTarget, detect
 
@@ -45,6 +45,7 @@ KINDS = (
     "gate_probe",
     "quantize_rows",
     "quantize_rows_counter",
+    "code_sums",
 )
 KERNEL_FILES = (
     "gemm.py",
@@ -55,6 +56,7 @@ KERNEL_FILES = (
     "quantize.py",
     "subbyte.py",
     "probe.py",
+    "sums.py",
 )
 
 
@@ -144,6 +146,7 @@ _BUILDERS = {
     "gate_probe": probe.schedule,
     "quantize_rows": quantize.rows_schedule,
     "quantize_rows_counter": quantize.rows_counter_schedule,
+    "code_sums": sums.schedule,
 }
 
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
@@ -157,6 +160,7 @@ SERIAL_KINDS = (
     "unpack_codes",
     "quantize_rows",
     "quantize_rows_counter",
+    "code_sums",
 )
 _PARALLEL = (
     [KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
@@ -171,6 +175,7 @@ _PARALLEL = (
         for kind in ("quantize_rows", "quantize_rows_counter")
         for d in ("int8", "uint8", "int32")
     ]
+    + [KernelRef("code_sums", (d,)) for d in sums.DTYPES]
 )
 GENERIC = tuple(_PARALLEL + [replace(r, serial=True) for r in _PARALLEL])
 

@@ -315,9 +315,15 @@ class SiteRoles:
         zeros = [z for z in [dyq.zero] + [p.zero for p in parts] if z is not None]
         terms = []
         if zeros and any(bool((z != 0).any()) for z in zeros):  # zd·sx·Σqx
-            terms.append(_input_code_sums(spec, xq, x_shape, w_shape).mul_(xq.scale * sum(zeros)))
+            terms.append(
+                _input_code_sums(spec, xq, x_shape, w_shape, self.quantize_kernel(xq.codes)).mul_(
+                    xq.scale * sum(zeros)
+                )
+            )
         if xq.has_zero:  # zx·Σdy
-            terms.append(_gradient_sums(spec, dyq, x_shape, w_shape).mul_(xq.zero))
+            terms.append(
+                _gradient_sums(spec, dyq, x_shape, w_shape, self.quantize_kernel(dyq.codes)).mul_(xq.zero)
+            )
         if spec.kind != "matmul":
             for term in terms:
                 dw = dw + term

@@ -233,7 +233,9 @@ class IntSiteGemm(Function):
                 db = dyq.dequantize().sum([d for d in range(dy.dim()) if d != channel])
             else:  # exact code sums: s·Σq + count·z
                 c = centered(dyq) if dyq.offset else dyq
-                db = _channel_sums(c.codes, channel).float() * c.scale.reshape(-1)
+                db = _channel_sums(
+                    c.codes, channel, backend.quantize_kernel(c.codes)
+                ).float() * c.scale.reshape(-1)
                 if c.zero is not None:
                     db += c.codes.numel() // c.codes.shape[channel] * c.zero.reshape(-1)
         return dx, dw, db, None, None, None, None, dgamma, dbeta, None

@@ -1,0 +1,67 @@
+"""Exact column sums of byte codes into int32, in one pass: ``out[k] = Σ_r q[r, k]`` for ``q``
+``(R, K)`` int8 or uint8 (the zero-point terms of docs/contract.md, "Integer lowering": a weight
+gradient's batch sums of its input codes, the gradient's sums over positions, the sign-flip
+corrections).
+
+torch has no fast form of this: its integer reductions are many times slower than a pass over the
+bytes, and its fp32 path (convert, then a matrix-vector product against ones) writes and reads an
+fp32 copy four times the codes' size. Here the columns run in blocks of ``LANES`` (int32 vector
+registers) over the cores; each block streams down the rows. Columns past the last whole block
+are summed one at a time.
+
+int32 holds the exact sum of up to ``MAX_ROWS`` codes; callers split longer sums
+(:func:`fraccompile.targets.affine._exact_sums`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tvm
+import tvm.s_tir as s_tir
+from tvm.script import tirx as T
+
+from .host import detect
+
+DTYPES = ("int8", "uint8")
+LANES = 64  # int32 accumulators per block: 4 AVX-512 registers
+MAX_ROWS = (2**31 - 1) // 255  # |code| <= 255 (uint8) or 128 (int8): the int32 sum stays exact
+
+
+def definition(dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
+    """``main(q, out)``: ``q`` ``dtype`` ``(R, K)``, ``out`` int32 ``(K,)``, ``R <= MAX_ROWS``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"code sums take one of {DTYPES}, not {dtype!r}")
+    L = T.int64(LANES)
+    loop = T.parallel if parallel else T.serial
+
+    @T.prim_func(s_tir=True)
+    def main(q_h: T.handle, out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        R, K = T.int64(), T.int64()
+        q = T.match_buffer(q_h, (R, K), dtype)
+        out = T.match_buffer(out_h, (K,), "int32")
+        for b in loop(K // L):
+            acc = T.alloc_buffer((LANES,), "int32", scope="local")
+            for v in T.vectorized(L):
+                acc[v] = T.int32(0)
+            for r in range(R):
+                for v in T.vectorized(L):
+                    acc[v] = acc[v] + T.Cast("int32", q[r, b * L + v])
+            for v in T.vectorized(L):
+                out[b * L + v] = acc[v]
+        for k in range(K // L * L, K):
+            out[k] = T.int32(0)
+            for r in range(R):
+                out[k] = out[k] + T.Cast("int32", q[r, k])
+
+    return main
+
+
+def schedule(dtype: str, parallel: bool = True) -> s_tir.Schedule:
+    return s_tir.Schedule(definition(dtype, parallel))
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(dtype: str, parallel: bool = True):
+    return tvm.compile(schedule(dtype, parallel).mod, target=detect().target())["main"]
