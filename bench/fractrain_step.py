@@ -29,7 +29,9 @@ Variants (``--variants``, all by default; every one `sbm`, per-channel weights, 
 defaults otherwise): ``sbm8`` static a/w/g 8/8/8 (which is also PFQ's last stage, 8/8), ``pfq3``,
 ``pfq4``, ``pfq6`` the other PFQ stages FW/BW 3/6, 4/6, 6/8 (a = w = FW, g = BW) held static,
 ``pfq4n`` the 4/6 stage with ``recompute="norms"`` (tvm only: backward recomputes BatchNorm inputs
-from the codes, the memory-lean setting), ``dfq`` (``pipeline="dfq"``, routed gates,
+from the codes, the memory-lean setting), ``sbm8g`` and ``fractraing``: ``sbm8`` and ``fractrain``
+with ``weight_scale="gemm"`` (the error backprop reads the weight quantized per input channel: an
+integer GEMM on tvm), ``dfq`` (``pipeline="dfq"``, routed gates,
 ``DFQ(0.05)``: weights at 8 bits) and ``fractrain``
 (the same graph under ``FracTrain(0.045, 0.005)``, as ``fraccompile train --schedule fractrain``
 builds it). The gates choose per sample among FracTrain's 5 (a, g) candidates; here a forward hook
@@ -87,10 +89,18 @@ VARIANTS = {
     "pfq6": ("PFQ stage 6/8", 6, 6, 8, "default"),
     "dfq": ("DFQ routed", 8, 8, 8, "dfq"),
     "fractrain": ("FracTrain routed", 8, 8, 8, "dfq"),
+    "sbm8g": ("sbm 8/8/8, weight_scale gemm", 8, 8, 8, "default"),
+    "fractraing": ("FracTrain routed, weight_scale gemm", 8, 8, 8, "dfq"),
 }
+# variants that are another one with other FracConfig fields (its schedule and gate shares)
+BASE = {"sbm8g": "sbm8", "fractraing": "fractrain"}
 # FracConfig fields a variant sets beyond the defaults; variants that only mean something on the
 # integer kernels (``recompute``) have no reference-backend row
-OPTIONS = {"pfq4n": {"recompute": "norms"}}
+OPTIONS = {
+    "pfq4n": {"recompute": "norms"},
+    "sbm8g": {"weight_scale": "gemm"},
+    "fractraing": {"weight_scale": "gemm"},
+}
 TVM_ONLY = {"pfq4n"}
 BACKENDS = ("reference", "tvm")
 RUN_LOGS = {
@@ -239,14 +249,14 @@ def build(model_key: str, entry: str, base, x, shares: dict):
         **OPTIONS.get(variant, {}),
     )
     fmodel = fraccompile.compile(copy.deepcopy(base), x, config=cfg)
-    schedule = None
-    if variant == "dfq":
+    schedule, base_variant = None, BASE.get(variant, variant)
+    if base_variant == "dfq":
         schedule = DFQ(0.05)  # bench/accuracy_cifar10.py's DFQ run: --cp 5
-    elif variant == "fractrain":
+    elif base_variant == "fractrain":
         schedule = FracTrain(0.045, 0.005)  # its FracTrain run: --cp 4.5 --cp-step 0.5
     if schedule is not None:
         fmodel.use_schedule(schedule)
-        force_gate_shares(fmodel, shares[variant][0])
+        force_gate_shares(fmodel, shares[base_variant][0])
     return fmodel, x, schedule
 
 
@@ -432,7 +442,8 @@ def bench_model(args, model_key: str, shares: dict, variants: list[str], backend
             i["saved_error"] = error_text(err)
         model = runner.model
         if hasattr(model, "frac_gates") and model.frac_gates is not None:
-            i["gate_check"] = check_shares(model, shares[entry.split("/")[0]][0])
+            variant = entry.split("/")[0]
+            i["gate_check"] = check_shares(model, shares[BASE.get(variant, variant)][0])
         if hasattr(model, "sites"):
             quantized = [s for s in model.sites if not s.full_precision]
             i["sites"] = (sum(s.backend == "tvm" for s in quantized), len(quantized))
@@ -632,9 +643,9 @@ def main() -> None:
         "every variant: scheme sbm, per-channel weight ranges, @first_conv/@last_linear in fp32, "
         "the library's defaults otherwise; a step includes DFQ/FracTrain's cost regularizer"
     )
-    if any(v in variants for v in RUN_LOGS):
+    if any(BASE.get(v, v) in RUN_LOGS for v in variants):
         for v in RUN_LOGS:
-            if v in variants:
+            if any(BASE.get(u, u) == v for u in variants):
                 s, source = shares[v]
                 print(
                     f"gate shares of {VARIANTS[v][0]} over the 5 candidates (a/g 3/6 4/6 4/8 "

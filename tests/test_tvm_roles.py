@@ -248,6 +248,8 @@ def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(
     [
         (torch.nn.Linear(33, 19), (2, 5, 33), True),
         (C2(8, 16, 3, padding=1), (2, 8, 6, 8), True),  # the transposed conv: integer
+        (C2(12, 8, 3, padding=2, dilation=2), (3, 12, 9, 8), True),  # dilated, OC != C
+        (C2(8, 16, 1), (2, 8, 5, 7), True),  # 1x1, no padding
         (CONVS[1][0], CONVS[1][1], False),  # stride 2: fp32
         (C2(8, 16, 3, dilation=2, padding=2, groups=2), (2, 8, 9, 9), False),  # groups: fp32
     ],
@@ -256,8 +258,9 @@ def test_gemm_weight_scales_match_reference_and_run_eb_in_integers(
     module, shape, integer_eb, scheme, monkeypatch
 ):
     """weight_scale="gemm": the error backprop reads the weight quantized again per input
-    channel (its output columns), on both backends alike; on tvm that GEMM is integer (symmetric;
-    sbm's zero points per input channel keep a conv's in fp32)."""
+    channel (its output columns), on both backends alike; on tvm that GEMM is integer (with
+    sbm's zero points, a stride-1 conv's runs as the forward of its transposed conv, whose
+    zero-point terms are the forward's)."""
     from fraccompile.targets.backend import TVMBackend
 
     roles = []
@@ -272,8 +275,7 @@ def test_gemm_weight_scales_match_reference_and_run_eb_in_integers(
     torch.manual_seed(0)
     op, args = _module_site(copy.deepcopy(module), torch.randn(*shape), weight_scale="gemm", scheme=scheme)
     _compare(op, args, on_tvm=True)
-    expect = integer_eb and not (scheme == "sbm" and isinstance(module, C2))
-    assert any(roles) == expect, roles
+    assert any(roles) == integer_eb, roles
 
 
 def test_gemm_weight_scale_quantizes_backprop_weights_per_input_channel():
@@ -436,6 +438,40 @@ def test_routed_gate_roles_match_reference(module, shape, scheme):
             results[name].append(o.bias.grad)
     errs = [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
     assert max(errs) < TOL, errs
+
+
+@pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
+def test_routed_gemm_weight_scale_runs_eb_in_integers(scheme, monkeypatch):
+    """weight_scale="gemm" on a routed conv site with per-sample gradient grids up to 8 bits:
+    the error backprop is the integer forward of the transposed conv with per-row scales (and
+    sbm's zero points), within the tolerance of the reference backend."""
+    from fraccompile.targets.backend import TVMBackend
+
+    ran = []
+    eb_integer = TVMBackend._eb_integer
+
+    def counting(self, *args, **kwargs):
+        out = eb_integer(self, *args, **kwargs)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(TVMBackend, "_eb_integer", counting)
+    torch.manual_seed(4)
+    x = torch.randn(5, 8, 6, 8)
+    op, _ = _module_site(C2(8, 20, 3, padding=1), x, scheme=scheme, weight_scale="gemm")
+    results = {}
+    for name in ("reference", "tvm"):
+        o = copy.deepcopy(op)
+        o.backend = get_backend(name)
+        d, _ = _gated(o, [0, 3, 2, 3, 1])  # g = 6 or 8 bits per sample
+        xl = x.clone().requires_grad_()
+        y = o(xl, d)
+        torch.manual_seed(7)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+        results[name] = [y.detach(), xl.grad, o.weight.grad]
+    errs = [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
+    assert max(errs) < TOL, errs
+    assert ran == [True]
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "sbm"])

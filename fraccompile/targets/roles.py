@@ -233,8 +233,8 @@ class SiteRoles:
         parts = split_codes(dyq)
         dx = None
         if spec.kind == "conv":
-            if dyq.has_zero or wq.has_zero:  # their terms would need the transposed windows
-                return None
+            if dyq.has_zero or wq.has_zero:
+                return self._eb_transposed_fw(spec, dyq, wq, x_shape, w_shape)
             for part in parts:
                 d = self._eb_implicit(spec, part, wq, x_shape, w_shape, part.scale * wq.scale.reshape(-1))
                 if d is None:
@@ -260,6 +260,42 @@ class SiteRoles:
             w = wq.dequantize()
             dx.add_((w.sum(-1).unsqueeze(-2) if spec.kind == "matmul" else w.sum(0)) * dyq.zero)
         return dx.sum_to_size(x_shape) if spec.kind == "matmul" else dx
+
+    def _eb_transposed_fw(
+        self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape
+    ) -> torch.Tensor | None:
+        """The error backprop of a stride-1, ungrouped 2-D conv whose operands have zero points
+        (``sbm``), as :meth:`fw` of its transposed conv: ``dy`` is the input, padded by
+        ``d·(k-1) - p``, the weights flipped in space with their channel axes swapped, so the
+        weight's scales and zero points per input channel (``weight_scale="gemm"``) become the
+        transposed conv's per output channel and the forward's zero-point terms (window and
+        border-aware value sums) apply as they are. None where that does not apply (a stride,
+        groups, per-output-channel scales on the reduction axis, gradients over 8 bits, a padding
+        over ``d·(k-1)``, the GPU)."""
+        (kh, kw), (ph, pw), (dh, dw) = w_shape[2:], spec.gemm_padding(w_shape), spec.dilation
+        pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
+        if (
+            spec.conv_dims != 2
+            or spec.groups != 1
+            or tuple(spec.stride) != (1, 1)
+            or min(pad) < 0
+            or wq.scale.numel() not in (1, w_shape[1])
+            or (wq.zero is not None and wq.zero.numel() not in (1, w_shape[1]))
+            or dyq.wide
+            or self.on_gpu(dyq.codes)
+        ):
+            return None
+        N, C, H, W = x_shape
+        wt = IntCodes(
+            wq.codes.flip(2, 3).transpose(0, 1),
+            wq.scale.reshape(-1, 1, 1, 1),
+            wq.signed,
+            None if wq.zero is None else wq.zero.reshape(-1, 1, 1, 1),
+            wq.qmax,
+            wq.offset,
+        )
+        transposed = SiteSpec.conv(2, 1, pad, spec.dilation)
+        return self.fw(transposed, dyq, wt, dyq.codes.shape, (C, w_shape[0], kh, kw))
 
     def _eb_implicit(
         self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape, scale: torch.Tensor
