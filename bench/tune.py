@@ -27,6 +27,7 @@ from _common import header, print_table  # noqa: E402
 
 import fraccompile  # noqa: E402
 from fraccompile.examples import resnet_cifar, transformer_lm  # noqa: E402
+from fraccompile.kernel_tools import open_tuning_db, tuned_gemm_cells  # noqa: E402
 from fraccompile.targets import gemm  # noqa: E402
 from fraccompile.targets.export import record  # noqa: E402
 from fraccompile.targets.tuning import LocalRunner, TuningDB, tune  # noqa: E402
@@ -63,7 +64,7 @@ def remeasure(problem, tiles, runner, repeats: int) -> list[float]:
 def bench_models(args) -> None:
     runner = LocalRunner()
     tmp = tempfile.TemporaryDirectory(prefix="fraccompile-tune-") if args.db is None else None
-    db = TuningDB(args.db or tmp.name)
+    db = open_tuning_db(args.db or tmp.name)
     rows, speedups, total_s = [], [], 0.0
     for key in args.models.split(","):
         rec = model_problems(key)
@@ -86,10 +87,7 @@ def bench_models(args) -> None:
             rows.append(
                 [
                     MODELS[key][0],
-                    ",".join(map(str, r.problem)),
-                    sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),
-                    "x".join(map(str, r.default_tile)),
-                    "x".join(map(str, r.tile)),
+                    *tuned_gemm_cells(r, sites),
                     f"{gops(r.problem, d):.0f}",
                     f"{gops(r.problem, t):.0f}",
                     f"{d / t:.2f}x",

@@ -47,6 +47,12 @@ RecomputeBudgetOpt = Annotated[
         "keep instead of recomputing (those costliest to recompute are kept first)"
     ),
 ]
+# the FracConfig fields above, which `transform` and `train` take as options of the same name
+CONFIG_OPTIONS = ("backend", "scheme", "weight_scale", "rounding_noise", "recompute", "recompute_budget")
+# options every command that loads a model file takes
+ModelArg = Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")]
+DtypeOpt = Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")]
 
 
 def _one_line_errors(fn):
@@ -92,11 +98,11 @@ def transform(
         str, typer.Argument(metavar="PATH.py[:NAME]", help="model file; NAME is a class or factory")
     ],
     input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 8,3,32,32")],
-    config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
+    config: ConfigOpt = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("fraccompile_out"),
     leaf: Annotated[list[str], typer.Option(help="module class/path kept opaque (repeatable)")] = [],  # noqa: B006
     capture: Annotated[Optional[str], typer.Option(help="auto, fx or export")] = None,
-    dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
+    dtype: DtypeOpt = "auto",
     pipeline: Annotated[Optional[str], typer.Option(help="pass pipeline: default or dfq")] = None,
     backend: BackendOpt = None,
     scheme: SchemeOpt = None,
@@ -106,6 +112,7 @@ def transform(
     recompute_budget: RecomputeBudgetOpt = None,
 ) -> None:
     """Compile a model and write transformed.py, graph.json and report.md."""
+    options = dict(locals())
     from .api import compile as frac_compile
     from .loading import example_input, load_model, parse_shape
     from .report import coverage_table, sites_table, write_transform_outputs
@@ -114,15 +121,7 @@ def transform(
     cfg = _load_config(config, leaf, capture)
     if pipeline:
         cfg = cfg.replace(pipeline=pipeline)
-    cfg = _override(
-        cfg,
-        backend=backend,
-        scheme=scheme,
-        weight_scale=weight_scale,
-        rounding_noise=rounding_noise,
-        recompute=recompute,
-        recompute_budget=recompute_budget,
-    )
+    cfg = _override(cfg, options)
     _writable(out, "--out")
     model = load_model(model_spec)
     fmodel = frac_compile(copy.deepcopy(model), example_input(model, shape, dtype), cfg)
@@ -139,8 +138,10 @@ def transform(
         console.print(f"wrote {path}")
 
 
-def _override(cfg, **fields):
-    """``cfg`` with the command-line options that were given."""
+def _override(cfg, options: dict, **fields):
+    """``cfg`` with the command-line options that were given: those of :data:`CONFIG_OPTIONS` in
+    ``options`` (a command's parameters), and ``fields``."""
+    fields = {**{k: options[k] for k in CONFIG_OPTIONS}, **fields}
     given = {k: v for k, v in fields.items() if v is not None}
     return cfg.replace(**given) if given else cfg
 
@@ -223,7 +224,7 @@ def _make_data(spec: str, batch_size: int, block_size: int, train_limit, test_li
 @app.command()
 @_one_line_errors
 def train(
-    model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
+    model_spec: ModelArg,
     data: Annotated[str, typer.Option(help="cifar10:PATH|bundled or shakespeare:PATH")] = "cifar10:bundled",
     schedule: Annotated[str, typer.Option(help="static, pfq, cyclic, dfq or fractrain")] = "pfq",
     fw: Annotated[
@@ -254,7 +255,7 @@ def train(
         Optional[int],
         typer.Option(help="random test subset size (shakespeare: validation windows, default 256)"),
     ] = None,
-    config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
+    config: ConfigOpt = None,
     backend: BackendOpt = None,
     scheme: SchemeOpt = None,
     weight_scale: WeightScaleOpt = None,
@@ -331,6 +332,35 @@ def _train_worker(params: dict) -> None:
     record(_train)(**params)
 
 
+# `train`'s options that are FitConfig fields of the same name, and those run.json records
+FIT_OPTIONS = (
+    "iters",
+    "eval_every",
+    "lr",
+    "optimizer",
+    "lr_schedule",
+    "resume",
+    "seed",
+    "deterministic",
+    "max_nonfinite",
+    "distributed",
+)
+RUN_INFO = (
+    "data",
+    "schedule",
+    "fw",
+    "bw",
+    "batch_size",
+    "pfq_every",
+    "eps",
+    "alpha",
+    "cycles",
+    "cp",
+    "cp_step",
+    "beta",
+)
+
+
 def _train(
     model_spec,
     data,
@@ -372,6 +402,7 @@ def _train(
     distributed,
 ) -> None:
     """``train`` in this process (one of several under torchrun)."""
+    options = dict(locals())
     import os
 
     import torch
@@ -385,34 +416,11 @@ def _train(
     is_main = int(os.environ.get("RANK", "0")) == 0
     out_console = console if is_main else Console(quiet=True)
     fit_config = FitConfig(  # checks the options before any long work
-        iters=iters,
-        eval_every=eval_every,
-        lr=lr,
-        optimizer=optimizer,
-        lr_schedule=lr_schedule,
+        **{k: options[k] for k in FIT_OPTIONS},
         out_dir=out,
-        resume=resume,
-        seed=seed,
-        deterministic=deterministic,
         nonfinite=on_nonfinite,
-        max_nonfinite=max_nonfinite,
-        distributed=distributed,
         model_name=model_spec,
-        run_info={
-            "model": model_spec,
-            "data": data,
-            "schedule": schedule,
-            "fw": fw,
-            "bw": bw,
-            "batch_size": batch_size,
-            "pfq_every": pfq_every,
-            "eps": eps,
-            "alpha": alpha,
-            "cycles": cycles,
-            "cp": cp,
-            "cp_step": cp_step,
-            "beta": beta,
-        },
+        run_info={"model": model_spec, **{k: options[k] for k in RUN_INFO}},
     )
     _writable(out, "--out")
     saved = None
@@ -424,12 +432,7 @@ def _train(
     sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step, beta)
     cfg = _override(
         _load_config(config, [], None),
-        backend=backend,
-        scheme=scheme,
-        weight_scale=weight_scale,
-        rounding_noise=rounding_noise,
-        recompute=recompute,
-        recompute_budget=recompute_budget,
+        options,
         kernels=str(kernels) if kernels else None,
         tuning_db=str(tuning_db) if tuning_db else None,
     )
@@ -468,175 +471,6 @@ def _train(
 
     for path in render_report(out):
         console.print(f"wrote {path}")
-
-
-def _kernel_model(model_spec: str, input_shape: str, config, dtype: str, target: str):
-    """Load and compile a model for the tvm backend (scheme symmetric unless the config says
-    otherwise) and make its example input: the common part of ``tune`` and ``export``."""
-    from .api import compile as frac_compile
-    from .errors import ConfigError
-    from .loading import example_input, load_model, parse_shape
-
-    if target not in ("cpu", "cuda"):
-        raise ConfigError(f"--target {target!r}: choose cpu or cuda")
-    cfg = _load_config(config, [], None)
-    if config is None:
-        cfg = cfg.replace(scheme="symmetric")
-    cfg = cfg.replace(backend="tvm", kernels="", kernels_fallback=False)
-    model = load_model(model_spec)
-    x = example_input(model, parse_shape(input_shape), dtype)
-    return frac_compile(model, x, cfg), x
-
-
-@app.command()
-@_one_line_errors
-def tune(
-    model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
-    input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 128,3,32,32")],
-    db: Annotated[Path, typer.Option(help="tuning database directory (reused and extended)")] = Path(
-        "fraccompile_tuning"
-    ),
-    target: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    trials: Annotated[int, typer.Option(min=1, help="tiles measured per GEMM problem")] = 16,
-    time_budget: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
-    rpc: Annotated[
-        Optional[str], typer.Option(help="measure on an RPC tracker's server: HOST:PORT:KEY")
-    ] = None,
-    config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
-    dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
-    seed: Annotated[int, typer.Option(help="seed of the tile sampling")] = 0,
-) -> None:
-    """Tune every distinct integer GEMM of a compiled model for this machine (a measured search
-    over the kernel template's tiles); results go to --db, which later runs reuse."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    from .errors import ConfigError
-    from .targets import tvm_unavailable_reason
-
-    if target == "cuda":
-        raise ConfigError(
-            "--target cuda: tuning measures kernels on an NVIDIA GPU through "
-            "TVM's runtime, and the apache-tvm wheel has no CUDA runtime; the "
-            "CUDA kernels use their default tiles (see the README)"
-        )
-    reason = tvm_unavailable_reason()
-    if reason:
-        raise ConfigError(reason)
-    from .targets.export import record
-    from .targets.tuning import LocalRunner, RPCRunner, TuningDB, TuningDBError, parse_rpc, tune
-
-    _writable(db, "--db")
-    try:
-        if rpc:
-            parse_rpc(rpc)
-        database = TuningDB(db)
-    except (ValueError, TuningDBError) as err:
-        raise ConfigError(str(err)) from None
-    fmodel, x = _kernel_model(model_spec, input_shape, config, dtype, target)
-    rec = record(fmodel, x)
-    problems = sorted(rec.problems)
-    runner = RPCRunner(rpc) if rpc else LocalRunner()
-    console.print(
-        f"tuning {len(problems)} GEMM problems of {model_spec} ({trials} trials each, "
-        f"measured {'on ' + rpc if rpc else 'here'}; database {db})"
-    )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("tuning", total=len(problems))
-
-        def progress(i, result):
-            r = result.record
-            bar.update(
-                task,
-                advance=1,
-                description=f"G{r.problem[0]} M{r.problem[1]} "
-                f"N{r.problem[2]} K{r.problem[3]}: {r.gops:.0f} GOPS",
-            )
-
-        results = tune(problems, database, runner, trials, time_budget, seed, progress)
-    table = Table(title=f"tuned GEMMs ({database.path})")
-    for col in (
-        "G,M,N,K",
-        "sites",
-        "default tile",
-        "tuned tile",
-        "default GOPS",
-        "tuned GOPS",
-        "speedup",
-        "trials",
-        "seconds",
-        "",
-    ):
-        table.add_column(
-            col, justify="right" if "GOPS" in col or col in ("speedup", "trials", "seconds") else "left"
-        )
-    for res in results:
-        r = res.record
-        sites = sorted({s for s, _ in rec.problems[tuple(r.problem)] if s})
-        table.add_row(
-            ",".join(map(str, r.problem)),
-            sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),
-            "x".join(map(str, r.default_tile)),
-            "x".join(map(str, r.tile)),
-            f"{r.default_gops:.0f}",
-            f"{r.gops:.0f}",
-            f"{r.speedup:.2f}x",
-            str(r.trials),
-            f"{r.seconds:.1f}",
-            "reused" if res.reused else "new",
-        )
-    console.print(table)
-    new = [r for r in results if not r.reused]
-    skipped = len(problems) - len(results)
-    console.print(
-        f"{len(new)} tuned, {len(results) - len(new)} reused from the database"
-        + (f", {skipped} left at the default tile (time budget)" if skipped else "")
-    )
-
-
-@app.command()
-@_one_line_errors
-def export(
-    model_spec: Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")],
-    input_shape: Annotated[str, typer.Option(help="example input shape, e.g. 128,3,32,32")],
-    out: Annotated[Path, typer.Option(help="output directory (library + manifest.json)")] = Path(
-        "fraccompile_kernels"
-    ),
-    target: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    db: Annotated[Optional[Path], typer.Option(help="tuning database to take tiles from")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")] = None,
-    dtype: Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")] = "auto",
-) -> None:
-    """Build every kernel a compiled model needs into one shared library plus manifest.json;
-    train on it with FracConfig(backend="tvm", kernels=OUT)."""
-    from .errors import ConfigError
-    from .targets import tvm_unavailable_reason
-
-    reason = tvm_unavailable_reason()
-    if reason:
-        raise ConfigError(reason)
-    from .targets.export import export as export_kernels
-    from .targets.tuning import TuningDB, TuningDBError
-
-    _writable(out, "--out")
-    try:
-        database = TuningDB(db) if db is not None else None
-    except TuningDBError as err:
-        raise ConfigError(str(err)) from None
-    fmodel, x = _kernel_model(model_spec, input_shape, config, dtype, target)
-    manifest = export_kernels(fmodel, x, out, target=target, tuning=database, model=model_spec)
-    info = manifest["targets"][target]
-    kernels = [k for k in manifest["kernels"] if k["target"] == target]
-    where = info.get("host") or ", ".join(info.get("archs", []))
-    console.print(f"exported {len(kernels)} {target} kernels for {where}")
-    console.print(f"wrote {out / info['library']}")
-    console.print(f"wrote {out / 'manifest.json'}")
 
 
 @app.command()
@@ -681,5 +515,10 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+# `tune` and `export` register themselves on `app` (kernel tooling, in its own module)
+from . import cli_kernels  # noqa: E402, F401
+
+if __name__ == "__main__":  # python -m fraccompile.cli: the app of the imported module, which has them all
+    from fraccompile.cli import main as _main
+
+    _main()
