@@ -7,11 +7,11 @@ Your own loop::
     fmodel.frac_step(loss)          # cost accounting + schedule; returns turning-point events
 
 ``fit(fmodel, data, FitConfig(iters=...))`` (or ``fit(fmodel, data, iters=...)``) runs the loop:
-any optimizer (SGD by default), an LR schedule, periodic evaluation, a rich progress bar, a JSONL
-log (:mod:`fraccompile.runlog`), atomic checkpoints and exact resume
-(:mod:`fraccompile.checkpoint`). Under ``torchrun`` it trains with DistributedDataParallel (or
-FSDP2), every precision decision agreed between the processes (:mod:`fraccompile.distributed`,
-docs/distributed.md).
+any optimizer (SGD by default), an LR schedule, periodic evaluation (what a period counts and
+logs: :mod:`fraccompile.fitperiod`), a rich progress bar, a JSONL log (:mod:`fraccompile.runlog`),
+atomic checkpoints and exact resume (:mod:`fraccompile.checkpoint`). Under ``torchrun`` it trains
+with DistributedDataParallel (or FSDP2), every precision decision agreed between the processes
+(:mod:`fraccompile.distributed`, docs/distributed.md).
 
 ``data`` is any object with ``batches(epoch, start=0)`` (the epoch's training batches, starting at
 batch ``start``, the same on every call), ``steps_per_epoch`` and optionally ``test_batches()``
@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -57,67 +56,20 @@ from .checkpoint import (  # noqa: F401
 from .control.schedules import Schedule, as_schedule
 from .errors import FracCompileError
 from .fitconfig import LR_SCHEDULES, NONFINITE, FitConfig, lr_lambda, make_optimizer  # noqa: F401
+from .fitperiod import (  # noqa: F401  (usable on their own, from here as before)
+    Period,
+    correct_count,
+    default_loss,
+    evaluate,
+    period_line,
+    schedule_precision,
+)
 from .model import FracModel
 from .runlog import LogWriter
 
 
 class NonFiniteError(FracCompileError):
     """Training stopped on non-finite losses or gradients (see the module docstring)."""
-
-
-# -- pieces usable on their own --------------------------------------------------------------------
-def default_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the last dimension (classifiers and language models alike)."""
-    return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
-
-
-def correct_count(output: torch.Tensor, target: torch.Tensor) -> int:
-    return int((output.argmax(-1) == target).sum())
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, test_batches, loss_fn=default_loss, ctx: distributed.Context | None = None
-) -> dict[str, float]:
-    """Mean loss and top-1 accuracy over ``test_batches`` in eval mode. With a distributed
-    ``ctx`` (DDP), each process takes every ``world_size``-th batch and the sums are added up."""
-    was_training = model.training
-    model.eval()
-    shard = ctx is not None and ctx.parallel == "ddp"
-    if shard:
-        test_batches = islice(test_batches, ctx.rank, None, ctx.world_size)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    for x, y in test_batches:
-        out = model(x)
-        n = y.numel()
-        sums += torch.tensor([float(loss_fn(out, y)) * n, correct_count(out, y), n], dtype=torch.float64)
-    model.train(was_training)
-    if shard:
-        ctx.sum_(sums)
-    loss_sum, correct, count = sums.tolist()
-    if not count:
-        return {"test_loss": None, "test_acc": None}
-    return {"test_loss": loss_sum / count, "test_acc": correct / count}
-
-
-def schedule_precision(model: FracModel, ctx: distributed.Context | None = None) -> dict:
-    """The precision the schedule runs at now (or the most common one among the sites); DFQ:
-    the share-weighted mean bits of the gates' latest choices (over all processes with a
-    distributed ``ctx``)."""
-    gates = getattr(model, "frac_gates", None)
-    if gates is not None and gates.last:
-        rows = [r for r in model.cost().rows if not isinstance(r.a, int)]
-        if rows:
-            bits = [sum(getattr(r, k) for r in rows) / len(rows) for k in "awg"]
-            if ctx is not None:
-                bits = ctx.mean(bits)
-            return {k: round(v, 2) for k, v in zip("awg", bits)}
-    prec = as_schedule(model.frac_schedule).precision_at(model.frac_iteration)
-    if prec is None:
-        values = [p for _, p in model.precision.items()]
-        prec = max(set(values), key=values.count) if values else (0, 0, 0)
-    a, w, g = prec
-    return {"a": a, "w": w, "g": g}
 
 
 @dataclass
@@ -329,10 +281,7 @@ class _Run:
         }
 
     def _new_period(self) -> None:
-        self.period_loss, self.period_good, self.period_steps, self.period_t = 0.0, 0, 0, 0.0
-        self.period_hits = torch.zeros(2, dtype=torch.float64)  # correct, count
-        self.gate_shares: dict[str, torch.Tensor] = {}
-        self.gate_classes: dict[str, torch.Tensor] = {}  # per region: (classes, candidates)
+        self.period = Period()  # what the steps until the next period record count
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> FitResult:
@@ -413,8 +362,7 @@ class _Run:
         else:
             events = []
             _skipped_step(model)
-        self.period_t += time.perf_counter() - t0
-        self.period_steps += 1
+        self.period.count_step(time.perf_counter() - t0)
         if bad is not None:
             self.bad_in_row += 1
             self.skipped_total += 1
@@ -422,10 +370,7 @@ class _Run:
                 self._stop(it, bad)
         else:
             self.bad_in_row = 0
-            self.period_good += 1
-            self.period_loss += loss_value
-            self.period_hits += torch.tensor([correct_count(out.detach(), y), y.numel()], dtype=torch.float64)
-            self._count_gates(out, y)
+            self.period.count_applied(loss_value, out, y, getattr(model, "frac_gates", None))
         for event in events:
             event = {**event, "iter": it}
             self.log.write(event)
@@ -444,51 +389,15 @@ class _Run:
             f"cost {meter.total / max(meter.fp32, 1e-9):.1%} of fp32"
         )
 
-    def _count_gates(self, out, y) -> None:
-        """DFQ: each region's choice, as shares of the batch and per class."""
-        gates = getattr(self.model, "frac_gates", None)
-        if gates is None or not gates.last:
-            return
-        per_class = out.dim() == 2 and y.dim() == 1 and y.numel() == out.shape[0]
-        for region in gates.last:
-            share = gates.fractions(region).detach().cpu().double()
-            self.gate_shares[region] = self.gate_shares.get(region, 0) + share
-            if per_class:  # classification: which candidate each class's samples chose
-                onehot = gates.last[region].onehot.detach().double().cpu()
-                counts = self.gate_classes.get(region)
-                if counts is None:
-                    counts = torch.zeros(out.shape[1], onehot.shape[1], dtype=torch.float64)
-                self.gate_classes[region] = counts.index_add_(0, y.cpu(), onehot)
-
-    def _agree_meter(self) -> None:
-        """Every process's cost meter becomes their mean: the cost of the global batch (each
-        process counted its own gates' choices)."""
-        meter = self.model.frac_meter
-        state = meter.state_dict()
-        keys = sorted(k for k, v in state.items() if isinstance(v, (int, float)))
-        means = self.ctx.mean([float(state[k]) for k in keys])
-        meter.load_state_dict(
-            {k: (type(state[k])(round(v)) if isinstance(state[k], int) else v) for k, v in zip(keys, means)}
-        )
-
     def _period(self, it: int) -> None:
         """The period that ends at ``it``: agree, evaluate, log, checkpoint."""
-        model, ctx = self.model, self.ctx
+        model, ctx, period = self.model, self.ctx, self.period
         if ctx.active:
-            self._agree_meter()
-            ctx.sum_(self.period_hits)
-            for table, mean in ((self.gate_shares, True), (self.gate_classes, False)):
-                for region in sorted(table):
-                    ctx.sum_(table[region])
-                    if mean:
-                        table[region] /= ctx.world_size
-            _broadcast_buffers(model, ctx)  # rank 0's BatchNorm statistics (as DDP's forward)
-        meter = model.frac_meter
+            period.agree(model, ctx)
         prec = schedule_precision(model, ctx if ctx.active else None)
         cp = model.cost().cp
         if ctx.active:
             cp = ctx.mean_one(cp)
-        correct, count = self.period_hits.tolist()
         test = (
             evaluate(
                 self.module if ctx.parallel == "fsdp" else model,
@@ -499,40 +408,20 @@ class _Run:
             if hasattr(self.data, "test_batches")
             else {"test_loss": None, "test_acc": None}
         )
-        record = {
-            "event": "period",
-            "iter": it,
-            "epoch": it / self.data.steps_per_epoch,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": self.period_loss / self.period_good if self.period_good else None,
-            "train_acc": correct / count if count else None,
-            **test,
-            "precision": prec,
-            "cp": cp,
-            "cum_cost": meter.total,
-            "cum_fp32": meter.fp32,
-            "cum_sbm": meter.sbm,
-            "wall": time.perf_counter() - self.wall0,
-            "step_ms": 1000 * self.period_t / self.period_steps,
-            "skipped": self.period_steps - self.period_good,
-        }
-        if self.gate_shares:
-            gates = model.frac_gates
-            record["gates"] = {r: (s / self.period_good).tolist() for r, s in self.gate_shares.items()}
-            record["gate_candidates"] = [list(p) for p in zip(gates.a, gates.g)]
-        if self.gate_classes:
-            record["gate_classes"] = {r: c.round().int().tolist() for r, c in self.gate_classes.items()}
+        record = period.record(
+            it,
+            epoch=it / self.data.steps_per_epoch,
+            lr=self.optimizer.param_groups[0]["lr"],
+            test=test,
+            precision=prec,
+            cp=cp,
+            meter=model.frac_meter,
+            wall=time.perf_counter() - self.wall0,
+            gates=getattr(model, "frac_gates", None),
+        )
         self.log.write(record)
         self.result.periods.append(record)
-        loss_text = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
-        acc = record["test_acc"]
-        self.console.print(
-            f"iter {it:6d}  train loss {loss_text}  "
-            + (f"test acc {100 * acc:.2f}%  " if acc is not None else "")
-            + f"a/w/g {prec['a']}/{prec['w']}/{prec['g']}  "
-            f"cost {meter.total / meter.fp32:.1%} of fp32, {meter.total / meter.sbm:.1%} of SBM"
-            + (f"  ({record['skipped']} non-finite steps skipped)" if record["skipped"] else "")
-        )
+        self.console.print(period_line(record))
         self._new_period()
         if self.checkpoint is not None:
             self._save(it)
@@ -622,14 +511,6 @@ class _Run:
         if ctx.active:
             state.update(world_size=ctx.world_size, parallel=ctx.parallel, rng_ranks=rngs)
         save_checkpoint(state, self.checkpoint)
-
-
-def _broadcast_buffers(model, ctx: distributed.Context) -> None:
-    """Rank 0's buffers in every process (what DDP does before each forward)."""
-    import torch.distributed as dist
-
-    for b in model.buffers():
-        dist.broadcast(b.data, src=0)
 
 
 def _nonfinite(loss_value: float, model) -> str | None:
