@@ -273,6 +273,21 @@ def _plot_gates_by_class(log: RunLog, stats: GateStats, bits: dict[str, list[flo
     )
     FigureCanvasAgg(fig)
     ax = fig.subplots()
+    im = _bits_heatmap(
+        ax, data, lo, hi, [bits[r] for r in regions] if n_cls <= 16 and len(regions) <= 24 else []
+    )
+    ax.set_xticks(range(n_cls), [str(c) for c in range(n_cls)], fontsize=8)
+    ax.set_yticks(range(len(regions)), [_short(r) for r in regions], fontsize=8 if len(regions) <= 24 else 6)
+    ax.set_xlabel("class")
+    ax.set_ylabel("region")
+    ax.set_title(f"Mean activation bits chosen per class - {log.schedule}", fontsize=10)
+    fig.colorbar(im, ax=ax, label="mean a bits", fraction=0.05, pad=0.02)
+    fig.savefig(out)
+
+
+def _bits_heatmap(ax, data, lo: float, hi: float, labels: list[list[float]]):
+    """Mean bits (``data``, rows by columns, NaN masked) as a heat map from ``lo`` to ``hi`` bits;
+    each finite value of ``labels`` (the same rows, or none) is written in its cell."""
     im = ax.imshow(
         data,
         aspect="auto",
@@ -281,27 +296,14 @@ def _plot_gates_by_class(log: RunLog, stats: GateStats, bits: dict[str, list[flo
         vmin=lo,
         vmax=hi if hi > lo else lo + 1,
     )
-    ax.set_xticks(range(n_cls), [str(c) for c in range(n_cls)], fontsize=8)
-    ax.set_yticks(range(len(regions)), [_short(r) for r in regions], fontsize=8 if len(regions) <= 24 else 6)
-    if n_cls <= 16 and len(regions) <= 24:
-        for i, r in enumerate(regions):
-            for j, v in enumerate(bits[r]):
-                if not math.isnan(v):
-                    dark = (v - lo) / ((hi - lo) or 1) > 0.55
-                    ax.text(
-                        j,
-                        i,
-                        f"{v:.1f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if dark else "black",
-                    )
-    ax.set_xlabel("class")
-    ax.set_ylabel("region")
-    ax.set_title(f"Mean activation bits chosen per class - {log.schedule}", fontsize=10)
-    fig.colorbar(im, ax=ax, label="mean a bits", fraction=0.05, pad=0.02)
-    fig.savefig(out)
+    for i, row in enumerate(labels):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                dark = (v - lo) / ((hi - lo) or 1) > 0.55
+                ax.text(
+                    j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white" if dark else "black"
+                )
+    return im
 
 
 def _short(name: str, n: int = 24) -> str:
@@ -373,10 +375,8 @@ def _plot_gates(log: RunLog, stats: GateStats, out: Path) -> None:
     # (2) mean activation bits per region (rows) and period (columns)
     lo, hi = min(c[0] for c in cands), max(c[0] for c in cands)
     data = np.ma.masked_invalid(np.array([stats.a_bits[r] for r in regions], dtype=float))
-    heat_cmap = cmap.with_extremes(bad="lightgray")
-    im = ax_heat.imshow(
-        data, aspect="auto", interpolation="nearest", cmap=heat_cmap, vmin=lo, vmax=hi if hi > lo else lo + 1
-    )
+    labelled = n_col <= 16 and n_reg <= 16
+    im = _bits_heatmap(ax_heat, data, lo, hi, [stats.a_bits[r] for r in regions] if labelled else [])
     step = max(1, math.ceil(n_col / 12))
     ticks = list(range(0, n_col, step))
     ax_heat.set_xticks(ticks, [str(stats.iters[j]) for j in ticks], fontsize=8)
@@ -386,20 +386,6 @@ def _plot_gates(log: RunLog, stats: GateStats, out: Path) -> None:
         [_short(regions[i]) for i in range(0, n_reg, rstep)],
         fontsize=8 if n_reg <= 24 else 6,
     )
-    if n_col <= 16 and n_reg <= 16:
-        for i, r in enumerate(regions):
-            for j, v in enumerate(stats.a_bits[r]):
-                if not math.isnan(v):
-                    dark = (v - lo) / ((hi - lo) or 1) > 0.55
-                    ax_heat.text(
-                        j,
-                        i,
-                        f"{v:.1f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if dark else "black",
-                    )
     for tp in log.turning_points:  # the switch takes effect from the first period after it
         after = [j for j, it in enumerate(stats.iters) if it > tp["iter"]]
         if after and after[0] > 0:
