@@ -32,6 +32,14 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
+TVM_SYMMETRIC = ("--backend", "tvm", "--scheme", "symmetric")
+
+
+def transform_resnet(*args):
+    """``fraccompile transform examples/resnet_cifar.py --input-shape 2,3,32,32 ARGS``, in-process."""
+    return invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32", *args)
+
+
 @pytest.fixture(scope="module")
 def out_root(tmp_path_factory):
     return tmp_path_factory.mktemp("cli")
@@ -102,9 +110,7 @@ def test_transform_with_config_file(out_root):
     cfg = out_root / "a4.toml"
     cfg.write_text("[fraccompile]\na = 4\nw = 4\n")
     out = out_root / "with_config"
-    res = invoke(
-        "transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32", "--config", cfg, "--out", out
-    )
+    res = transform_resnet("--config", cfg, "--out", out)
     assert res.exit_code == 0, res.output
     assert "4/4/8" in res.stdout
     graph = check_outputs(out, 20, "fx", precision=(4, 4, 8))
@@ -147,68 +153,20 @@ def test_transform_config_options(out_root, option, value, bad):
     line naming the field and its choices."""
     flag = "--" + option.replace("_", "-")
     out = out_root / option
-    res = invoke(
-        "transform",
-        EXAMPLES / "resnet_cifar.py",
-        "--input-shape",
-        "2,3,32,32",
-        "--backend",
-        "tvm",
-        "--scheme",
-        "symmetric",
-        flag,
-        value,
-        "--out",
-        out,
-    )
+    res = transform_resnet(*TVM_SYMMETRIC, flag, value, "--out", out)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "graph.json").read_text())["config"][option] == value
-    bad_res = invoke(
-        "transform",
-        EXAMPLES / "resnet_cifar.py",
-        "--input-shape",
-        "2,3,32,32",
-        flag,
-        bad,
-        "--out",
-        out_root / f"bad_{option}",
-    )
+    bad_res = transform_resnet(flag, bad, "--out", out_root / f"bad_{option}")
     assert bad_res.exit_code != 0 and option in bad_res.output and value in bad_res.output
 
 
 def test_transform_shows_the_sites_epilogues(out_root):
-    res = invoke(
-        "transform",
-        EXAMPLES / "resnet_cifar.py",
-        "--input-shape",
-        "2,3,32,32",
-        "--backend",
-        "tvm",
-        "--scheme",
-        "symmetric",
-        "--recompute",
-        "norms",
-        "--out",
-        out_root / "norms",
-    )
+    res = transform_resnet(*TVM_SYMMETRIC, "--recompute", "norms", "--out", out_root / "norms")
     assert res.exit_code == 0, res.output
     assert "BatchNorm2d+relu" in (out_root / "norms" / "report.md").read_text()
     assert "BatchNorm2d+relu" in res.stdout
-    res = invoke(
-        "transform",
-        EXAMPLES / "resnet_cifar.py",
-        "--input-shape",
-        "2,3,32,32",
-        "--backend",
-        "tvm",
-        "--scheme",
-        "symmetric",
-        "--recompute",
-        "norms",
-        "--recompute-budget",
-        "0.4",
-        "--out",
-        out_root / "budget",
+    res = transform_resnet(
+        *TVM_SYMMETRIC, "--recompute", "norms", "--recompute-budget", "0.4", "--out", out_root / "budget"
     )
     assert res.exit_code == 0, res.output
     graph = json.loads((out_root / "budget" / "graph.json").read_text())
@@ -216,16 +174,7 @@ def test_transform_shows_the_sites_epilogues(out_root):
     report = (out_root / "budget" / "report.md").read_text()
     assert "BatchNorm2d not fused (recompute_budget 0.4)" in report
     assert "not fused" in res.stdout  # the console table folds the cell
-    bad = invoke(
-        "transform",
-        EXAMPLES / "resnet_cifar.py",
-        "--input-shape",
-        "2,3,32,32",
-        "--recompute-budget",
-        "0.4",
-        "--out",
-        out_root / "bad_budget",
-    )
+    bad = transform_resnet("--recompute-budget", "0.4", "--out", out_root / "bad_budget")
     assert bad.exit_code != 0 and "needs recompute='norms'" in bad.output
 
 
@@ -394,7 +343,7 @@ def test_more_bad_inputs_in_process(argv, needle):
 def test_bad_toml_and_not_python_in_process(out_root):
     bad = out_root / "syntax.toml"
     bad.write_text("a = = 4\n")
-    res = invoke("transform", EXAMPLES / "resnet_cifar.py", "--input-shape", "2,3,32,32", "--config", bad)
+    res = transform_resnet("--config", bad)
     assert res.exit_code == 2 and "TOML" in _error_line(res.stderr)
     res = invoke("transform", bad, "--input-shape", "2,3,32,32")
     assert res.exit_code == 2 and "not a Python file" in _error_line(res.stderr)
@@ -606,6 +555,7 @@ def test_demo_bad_scheme_is_one_line():
 def test_help_lists_the_commands():
     res = invoke("--help")
     assert res.exit_code == 0
-    assert "transform" in res.stdout and "demo" in res.stdout
+    for command in ("transform", "train", "tune", "export", "report", "demo"):  # a row each
+        assert re.search(rf"^\W*{command}\s{{2,}}\S", res.stdout, re.M), (command, res.stdout)
     res = invoke("transform", "--help")
     assert res.exit_code == 0 and "--input-shape" in res.stdout and "--leaf" in res.stdout

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import static_train_args
 
 import fraccompile
 from fraccompile import FracConfig
@@ -402,32 +403,17 @@ def test_cli_nproc_per_node_a_dying_process_and_resume(tmp_path, monkeypatch):
     (tmp_path / "net.py").write_text(KILLER_MODEL)
     FracConfig(leaf_modules=("Killer",)).save(tmp_path / "cfg.toml")
     out = tmp_path / "run"
-    args = [
-        "train",
+    args = static_train_args(
         f"{tmp_path / 'net.py'}:Net",
-        "--config",
-        str(tmp_path / "cfg.toml"),
-        "--schedule",
-        "static",
-        "--fw",
-        "8",
-        "--bw",
-        "8",
-        "--iters",
-        "10",
-        "--eval-every",
-        "2",
-        "--batch-size",
-        "8",
-        "--train-limit",
-        "64",
-        "--test-limit",
-        "8",
-        "--nproc-per-node",
-        "2",
-        "--out",
-        str(out),
-    ]
+        config=tmp_path / "cfg.toml",
+        iters=10,
+        eval_every=2,
+        batch_size=8,
+        train_limit=64,
+        test_limit=8,
+        nproc_per_node=2,
+        out=out,
+    )
     monkeypatch.setenv("KILL_RANK", "1")
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output

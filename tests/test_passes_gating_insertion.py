@@ -2,9 +2,11 @@
 region, right after the region's entry, feeding its sites' precision nodes, the LSTM state flowing
 from gate to gate."""
 
+import functools
+
 import pytest
 import torch
-from _pass_helpers import graph, seeded
+from _pass_helpers import ResidualNet, graph, seeded
 from torch import nn
 from torch.testing import FileCheck
 
@@ -14,28 +16,8 @@ from fraccompile.meta_keys import GATES, META_GATE, META_PRECISION_NODE
 from fraccompile.passes import get_pass, run_passes
 from fraccompile.passes.gating_insertion import GATES_MODULE
 
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
-class Before(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.block = Block(4)
-        self.fc = nn.Linear(4, 6)
-        self.head = nn.Linear(6, 2)
-
-    def forward(self, x):
-        h = self.block(torch.relu(self.stem(x))).mean((2, 3))
-        return self.head(torch.relu(self.fc(h)))
+# a kept stem, a residual block, a lone linear (6 outputs), a kept head
+Before = functools.partial(ResidualNet, hidden=6)
 
 
 X = torch.randn(2, 3, 6, 6)

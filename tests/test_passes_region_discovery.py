@@ -3,8 +3,7 @@ expected gateable regions of every example model."""
 
 import pytest
 import torch
-from _pass_helpers import graph, seeded
-from torch import nn
+from _pass_helpers import ResidualNet, graph, seeded
 
 import fraccompile
 from fraccompile.examples import (
@@ -18,30 +17,7 @@ from fraccompile.meta_keys import GM_REGIONS, META_REGION
 from fraccompile.passes import get_pass
 from fraccompile.passes.region_discovery import Region, find_regions
 
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
-class Before(nn.Module):
-    """A kept stem, a residual block with an identity shortcut, a lone linear, a kept head."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.block = Block(4)
-        self.fc = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = self.block(torch.relu(self.stem(x))).mean((2, 3))
-        return self.head(torch.relu(self.fc(h)))
+Before = ResidualNet  # a kept stem, a residual block with an identity shortcut, a lone linear, a kept head
 
 
 def test_expected_regions_and_tags():

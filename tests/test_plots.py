@@ -42,6 +42,30 @@ def _start(schedule: str, kind: str, iters: int = 100) -> dict:
     }
 
 
+def _period(k: int, i: int, cum: float, **fields) -> dict:
+    """The ``k``-th period record, ending at iteration ``i`` at cumulative cost ``cum``, in the
+    writer's key order; ``fields`` give (or replace) the rest."""
+    rec = {
+        "event": "period",
+        "iter": i,
+        "epoch": i / 50,
+        "lr": 0.1,
+        "train_loss": 2.0 / (k + 1),
+        "train_acc": None,
+        "test_loss": None,
+        "test_acc": None,
+        "precision": None,
+        "cp": None,
+        "cum_cost": cum,
+        "cum_fp32": i * FP32_STEP,
+        "cum_sbm": i * SBM_STEP,
+        "wall": float(i),
+        "step_ms": None,
+    }
+    rec.update(fields)
+    return rec
+
+
 def _run(iters: int, bits_at, accs, end: bool = True, step_cost=None) -> list[dict]:
     """Periods every 10 iterations; ``bits_at(i)`` gives (a, g) for iteration i."""
     recs, cum = [], 0.0
@@ -49,24 +73,17 @@ def _run(iters: int, bits_at, accs, end: bool = True, step_cost=None) -> list[di
         a, g = bits_at(i)
         cum += 10 * FP32_STEP * (a * a + g * a + a * g) / (3 * 32 * 32)
         recs.append(
-            {
-                "event": "period",
-                "iter": i,
-                "epoch": i / 50,
-                "lr": 0.1,
-                "train_loss": 2.0 / (k + 1),
-                "train_acc": None,
-                "test_loss": 2.2 / (k + 1),
-                "test_acc": accs[k],
-                "precision": {"a": a, "w": a, "g": g},
-                "cp": 0.1,
-                "cum_cost": cum,
-                "cum_fp32": i * FP32_STEP,
-                "cum_sbm": i * SBM_STEP,
-                "wall": float(i),
-                "step_ms": 10.0,
-                "dfq_histogram": {"4": 3},
-            }
+            _period(
+                k,
+                i,
+                cum,
+                test_loss=2.2 / (k + 1),
+                test_acc=accs[k],
+                precision={"a": a, "w": a, "g": g},
+                cp=0.1,
+                step_ms=10.0,
+                dfq_histogram={"4": 3},
+            )
         )
     if end:
         last = recs[-1]
@@ -336,28 +353,16 @@ def test_event_before_start_and_partial_last_line(tmp_path):
 
 
 GATE_CANDS = [[3, 6], [4, 6], [4, 8], [6, 8], [6, 12]]
+GATE_REGIONS = ["stem", "layer1.0", "layer2.0"]
 # per period (iterations 10, 20, 30, 35: the last one is short), per region: candidate shares
 GATE_SHARES = [
-    {
-        "stem": [0.5, 0.3, 0.1, 0.1, 0.0],
-        "layer1.0": [0.2, 0.2, 0.2, 0.2, 0.2],
-        "layer2.0": [0.0, 0.0, 0.25, 0.25, 0.5],
-    },
-    {
-        "stem": [0.6, 0.2, 0.1, 0.1, 0.0],
-        "layer1.0": [0.4, 0.3, 0.2, 0.1, 0.0],
-        "layer2.0": [0.0, 0.1, 0.2, 0.3, 0.4],
-    },
-    {
-        "stem": [0.1, 0.2, 0.3, 0.2, 0.2],
-        "layer1.0": [0.1, 0.1, 0.1, 0.3, 0.4],
-        "layer2.0": [0.05, 0.05, 0.1, 0.2, 0.6],
-    },
-    {
-        "stem": [0.0, 0.1, 0.2, 0.3, 0.4],
-        "layer1.0": [0.0, 0.0, 0.2, 0.3, 0.5],
-        "layer2.0": [0.0, 0.0, 0.0, 0.2, 0.8],
-    },
+    dict(zip(GATE_REGIONS, shares))
+    for shares in (
+        ([0.5, 0.3, 0.1, 0.1, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2], [0.0, 0.0, 0.25, 0.25, 0.5]),
+        ([0.6, 0.2, 0.1, 0.1, 0.0], [0.4, 0.3, 0.2, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3, 0.4]),
+        ([0.1, 0.2, 0.3, 0.2, 0.2], [0.1, 0.1, 0.1, 0.3, 0.4], [0.05, 0.05, 0.1, 0.2, 0.6]),
+        ([0.0, 0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.2, 0.3, 0.5], [0.0, 0.0, 0.0, 0.2, 0.8]),
+    )
 ]
 DFQ_ITERS = [10, 20, 30, 35]
 
@@ -373,25 +378,19 @@ def dfq_dir(tmp_path):
         cum += (i - prev) * FP32_STEP * (a * 8 + g * 8 + a * g) / (3 * 32 * 32)
         prev = i
         recs.append(
-            {
-                "event": "period",
-                "iter": i,
-                "epoch": i / 50,
-                "lr": 0.1,
-                "train_loss": 2.0 / (k + 1),
-                "train_acc": 0.2 + 0.1 * k,
-                "test_loss": 2.1 / (k + 1),
-                "test_acc": 0.25 + 0.1 * k,
-                "precision": {"a": round(a, 2), "w": 8, "g": round(g, 2)},
-                "cp": 0.02,
-                "cum_cost": cum,
-                "cum_fp32": i * FP32_STEP,
-                "cum_sbm": i * SBM_STEP,
-                "wall": float(i),
-                "step_ms": 12.0,
-                "gates": gates,
-                "gate_candidates": GATE_CANDS,
-            }
+            _period(
+                k,
+                i,
+                cum,
+                train_acc=0.2 + 0.1 * k,
+                test_loss=2.1 / (k + 1),
+                test_acc=0.25 + 0.1 * k,
+                precision={"a": round(a, 2), "w": 8, "g": round(g, 2)},
+                cp=0.02,
+                step_ms=12.0,
+                gates=gates,
+                gate_candidates=GATE_CANDS,
+            )
         )
     tp = {
         "event": "turning_point",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import static_train_args
 from torch import nn
 from typer.testing import CliRunner
 
@@ -225,33 +226,23 @@ def test_finite_json_and_read_jsonl(tmp_path):
 def checkpoint(tmp_path_factory):
     """A checkpoint the CLI wrote for examples/functional_model.py."""
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            str(EXAMPLES / "functional_model.py"),
-            "--schedule",
-            "static",
-            "--fw",
-            "8",
-            "--bw",
-            "8",
-            "--iters",
-            "2",
-            "--eval-every",
-            "2",
-            "--batch-size",
-            "8",
-            "--train-limit",
-            "16",
-            "--test-limit",
-            "8",
-            "--out",
-            str(out),
-        ],
+    args = static_train_args(
+        EXAMPLES / "functional_model.py",
+        iters=2,
+        eval_every=2,
+        batch_size=8,
+        train_limit=16,
+        test_limit=8,
+        out=out,
     )
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     return out / "checkpoint.pt"
+
+
+def _resume_cli(model: Path, checkpoint: Path, out: Path):
+    """``fraccompile train MODEL --out OUT --resume CHECKPOINT``, in-process."""
+    return CliRunner().invoke(app, ["train", str(model), "--out", str(out), "--resume", str(checkpoint)])
 
 
 def test_checkpoint_holds_tensors_and_plain_data_only(checkpoint):
@@ -297,17 +288,7 @@ def test_hostile_checkpoint_never_runs_its_payload(tmp_path, kind):
     with pytest.raises(CheckpointError, match="refused|not a checkpoint|damaged"):
         load_checkpoint(path)
     assert not marker.exists()
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            str(EXAMPLES / "functional_model.py"),
-            "--out",
-            str(tmp_path / "run"),
-            "--resume",
-            str(path),
-        ],
-    )
+    res = _resume_cli(EXAMPLES / "functional_model.py", path, tmp_path / "run")
     assert res.exit_code == 2 and res.stderr.startswith(PREFIX), res.output
     assert len(res.stderr.strip().splitlines()) == 1
     assert not marker.exists()
@@ -365,17 +346,7 @@ def test_damaged_checkpoint_is_refused_in_one_line_before_compiling(checkpoint, 
         raise AssertionError("compiled before checking the checkpoint")
 
     monkeypatch.setattr(fraccompile.api, "compile", no_compile)
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            str(EXAMPLES / "functional_model.py"),
-            "--out",
-            str(tmp_path / "run"),
-            "--resume",
-            str(path),
-        ],
-    )
+    res = _resume_cli(EXAMPLES / "functional_model.py", path, tmp_path / "run")
     assert res.exit_code == 2, res.output
     assert res.stderr.startswith(PREFIX) and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert str(path) in res.stderr
@@ -385,17 +356,7 @@ def test_checkpoint_of_another_model_is_refused(checkpoint, tmp_path, monkeypatc
     with pytest.raises(CheckpointError, match="does not fit this model: it lacks .*stem.weight"):
         _fit(_small(), data, resume=checkpoint)
     monkeypatch.setattr(fraccompile.api, "compile", lambda *a, **k: pytest.fail("compiled"))
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            str(EXAMPLES / "resnet_cifar.py"),
-            "--out",
-            str(tmp_path / "run"),
-            "--resume",
-            str(checkpoint),
-        ],
-    )
+    res = _resume_cli(EXAMPLES / "resnet_cifar.py", checkpoint, tmp_path / "run")
     assert res.exit_code == 2 and "does not fit this model" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1
 

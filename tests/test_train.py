@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import static_train_args
 from typer.testing import CliRunner
 
 import fraccompile
@@ -182,39 +183,20 @@ def test_cli_train_transformer_on_shakespeare_loss_falls(tmp_path):
         text_path = tmp_path / "text.txt"
         text_path.write_text("To be, or not to be, that is the question.\n" * 400)
     out = tmp_path / "lm"
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            str(REPO / "examples" / "transformer_lm.py"),
-            "--data",
-            f"shakespeare:{text_path}",
-            "--schedule",
-            "static",
-            "--fw",
-            "8",
-            "--bw",
-            "8",
-            "--iters",
-            "80",
-            "--eval-every",
-            "40",
-            "--batch-size",
-            "8",
-            "--block-size",
-            "32",
-            "--optimizer",
-            "adamw",
-            "--lr",
-            "0.003",
-            "--lr-schedule",
-            "constant",
-            "--test-limit",
-            "64",
-            "--out",
-            str(out),
-        ],
+    args = static_train_args(
+        REPO / "examples" / "transformer_lm.py",
+        data=f"shakespeare:{text_path}",
+        iters=80,
+        eval_every=40,
+        batch_size=8,
+        block_size=32,
+        optimizer="adamw",
+        lr="0.003",
+        lr_schedule="constant",
+        test_limit=64,
+        out=out,
     )
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     periods = [
         json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"period"' in line

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from _cli_helpers import static_train_args
 from typer.testing import CliRunner
 
 import fraccompile
@@ -598,30 +599,16 @@ def test_train_command_on_exported_kernels(model_file, tmp_path):
     out = tmp_path / "k"
     res = runner.invoke(app, ["export", str(model_file), "--input-shape", "4,3,32,32", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    common = [
-        "train",
-        str(model_file),
-        "--schedule",
-        "static",
-        "--fw",
-        "8",
-        "--bw",
-        "8",
-        "--iters",
-        "2",
-        "--eval-every",
-        "2",
-        "--test-limit",
-        "8",
-        "--train-limit",
-        "16",
-        "--backend",
-        "tvm",
-        "--scheme",
-        "symmetric",
-        "--kernels",
-        str(out),
-    ]
+    common = static_train_args(
+        model_file,
+        iters=2,
+        eval_every=2,
+        test_limit=8,
+        train_limit=16,
+        backend="tvm",
+        scheme="symmetric",
+        kernels=out,
+    )
     ok = runner.invoke(app, common + ["--batch-size", "4", "--out", str(tmp_path / "run")])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "run" / "log.jsonl").exists()

@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from _cli_helpers import static_train_args
 from _tvm_helpers import _tiny
 
 import fraccompile
@@ -123,33 +124,17 @@ def test_train_cli_on_the_tvm_backend(tmp_path):
     from fraccompile.cli import app
     from fraccompile.examples import resnet_cifar
 
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            resnet_cifar.__file__,
-            "--schedule",
-            "static",
-            "--fw",
-            "8",
-            "--bw",
-            "8",
-            "--backend",
-            "tvm",
-            "--scheme",
-            "symmetric",
-            "--iters",
-            "2",
-            "--eval-every",
-            "2",
-            "--batch-size",
-            "8",
-            "--test-limit",
-            "16",
-            "--out",
-            str(tmp_path),
-        ],
+    args = static_train_args(
+        resnet_cifar.__file__,
+        backend="tvm",
+        scheme="symmetric",
+        iters=2,
+        eval_every=2,
+        batch_size=8,
+        test_limit=16,
+        out=tmp_path,
     )
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["config"]["backend"] == "tvm" and run["config"]["scheme"] == "symmetric"
