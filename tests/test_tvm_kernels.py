@@ -379,3 +379,26 @@ def test_box_sums_equal_an_all_ones_conv(n, k, stride, padding, dilation):
     args = ([k] * n, [stride] * n, [padding] * n, [dilation] * n)
     want = CONV_FNS[n](t, torch.ones(3, 1, *args[0]), None, *args[1:], 3)
     assert torch.equal(_box_sums(t, *args), want)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize(
+    "k,stride,padding,dilation",
+    [(1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 1, 1), (3, 3, 4, 2), (2, 2, 0, 1)],
+)
+def test_border_slices_cover_exactly_the_positions_with_outside_taps(n, k, stride, padding, dilation):
+    """The positions where a conv's border-aware value sums differ from the interior's (some tap
+    reads the zero padding): covered once each by the border slices, and nothing else."""
+    from fraccompile.ops.spec import CONV_FNS, SiteSpec
+    from fraccompile.targets.affine import _border_slices
+
+    size, w_shape = (7,) * n, (2, 3, *([k] * n))
+    w = torch.rand(w_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) + 0.1
+    args = ([stride] * n, [padding] * n, [dilation] * n)
+    values = CONV_FNS[n](torch.ones(1, 3, *size, dtype=torch.float64), w, None, *args, 1)
+    interior = w.sum(list(range(1, n + 2))).reshape(1, -1, *[1] * n)
+    covered = torch.zeros_like(values)
+    for index in _border_slices(SiteSpec.conv(n, *args), size, w_shape):
+        covered[index] += 1
+    assert covered.max() <= 1
+    assert torch.equal((values - interior).abs() > 1e-9, covered > 0)

@@ -163,6 +163,31 @@ def _value_sums(spec: SiteSpec, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
     )
 
 
+def _border_slices(spec: SiteSpec, in_sp, w_shape) -> list[tuple]:
+    """Indices ``(..., *spatial slices)`` of a conv output that together cover, once each, the
+    positions where some tap reads outside the image (zero padding), and nothing else: per
+    spatial dim, the positions before the first and after the last whose window lies inside,
+    with the dims before it held to that inside range."""
+    pad, ks, n = spec.gemm_padding(w_shape), w_shape[2:], spec.conv_dims
+    out_sp = _out_sizes(spec, in_sp, w_shape)
+    inside = []
+    for d in range(n):
+        # output o reads o·stride - pad + tap·dilation: inside for every tap from
+        # ceil(pad / stride) to floor((size - 1 + pad - dilation·(k - 1)) / stride)
+        lo = min(-(-pad[d] // spec.stride[d]), out_sp[d])
+        last = (in_sp[d] - 1 + pad[d] - spec.dilation[d] * (ks[d] - 1)) // spec.stride[d]
+        inside.append((lo, max(lo, min(last + 1, out_sp[d]))))
+    out = []
+    for d in range(n):
+        held = tuple(slice(*inside[e]) for e in range(d))
+        rest = (slice(None),) * (n - d - 1)
+        lo, hi = inside[d]
+        for part in (slice(0, lo), slice(hi, out_sp[d])):
+            if part.stop > part.start:
+                out.append((slice(None), slice(None), *held, part, *rest))
+    return out
+
+
 def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bool) -> torch.Tensor:
     """For every tap of a conv's kernel, the sum over the output positions ``o`` whose tap reads
     inside the image (input coordinate ``o·stride + tap·dilation - padding``): of the image ``t``

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..ops.spec import SiteSpec
 from .affine import (
+    _border_slices,
     _code_sums,
     _gradient_sums,
     _input_code_sums,
@@ -81,14 +82,25 @@ class SiteRoles:
         x_zero, w_zero = xq.has_zero, wq.has_zero
         late = xq.per_row or x_zero or w_zero
         scale = _scalar_scale(xq) * wq.scale.reshape(-1)
-        if late and w_zero and not (xq.per_row or x_zero) and spec.kind == "conv":
+        if late and w_zero and not xq.per_row and spec.kind == "conv":
             # the weight zero point's term is rank one: (window sums)[position]·zw[channel],
-            # added in the implicit conv's write-back where it runs (else one pass after)
+            # added in the implicit conv's write-back where it runs (else one pass after); x's
+            # zero point's term zx·Σw is the same for every sample and, away from the borders,
+            # per channel: a bias, plus a correction on the border positions alone
             r = _window_code_sums(spec, xq, w_shape).mul_(xq.scale)
             t = _out_channel(spec, wq.zero, r.dim())
+            border = None
+            if x_zero:
+                values = _value_sums(spec, wq, x_shape, w_shape) * xq.zero  # (1, OC, *out)
+                inner = wq.dequantize().sum(list(range(1, len(w_shape)))) * xq.zero.reshape(-1)
+                border = values - inner.reshape(1, -1, *([1] * spec.conv_dims))
+                bias = inner if bias is None else bias + inner
             y, taken = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, bias, temporary, row_term=(r, t))
             if not taken:
                 y.addcmul_(r, t)
+            if border is not None:
+                for index in _border_slices(spec, x_shape[2:], w_shape):
+                    y[index] += border[index]
             return y
         y, _ = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias, temporary)
         if not late:
