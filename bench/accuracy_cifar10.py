@@ -1,6 +1,8 @@
 """Accuracy against bit-cost on real CIFAR-10: fp32, static 8/8/8 (SBM), PFQ, CPT, DFQ and
 FracTrain (PFQ + DFQ, routed gates) training of ResNet-20 under one fixed protocol sized for about
-an hour on 2 CPU cores (``--runs dfq-dense`` adds DFQ with dense gates, about 5x slower).
+an hour on 2 CPU cores (``--runs dfq-dense`` adds DFQ with dense gates, about 5x slower;
+``--runs sbm-gemm`` static 8/8/8 with ``weight_scale="gemm"``, the error backprop's weight
+quantized per input channel, which runs as an integer GEMM on ``--backend tvm``).
 
 Protocol (defaults): the full CIFAR-10 training set (50,000 JPEG-decoded images from
 ../shared/data/cifar10-jpeg.npz), random crop (padding 4) + horizontal flip, batch 128, SGD
@@ -52,14 +54,14 @@ from fraccompile.train import evaluate, fit
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = ROOT.parent.parent / "shared" / "data" / "cifar10-jpeg.npz"
-RUNS = ("fp32", "sbm", "pfq", "cpt", "dfq", "fractrain", "dfq-dense")
+RUNS = ("fp32", "sbm", "pfq", "cpt", "dfq", "fractrain", "dfq-dense", "sbm-gemm")
 DFQ_RUNS = ("dfq", "fractrain", "dfq-dense")
 
 
 def make_schedule(name: str, iters: int, pfq_every: int, beta: float = 2.0):
     if name == "fp32":
         return Static(0, 0, 0)
-    if name == "sbm":
+    if name in ("sbm", "sbm-gemm"):
         return Static(8, 8, 8)
     if name == "pfq":
         return PFQ((3, 4, 6, 8), (6, 6, 8, 8), eval_every=pfq_every, eps=0.05, alpha=0.3)
@@ -149,6 +151,7 @@ def main() -> None:
                 rounding_noise=args.rounding_noise,
                 backend=args.backend,
                 **(gates if name in DFQ_RUNS else {}),
+                **({"weight_scale": "gemm"} if name == "sbm-gemm" else {}),
             )
             schedule = make_schedule(name, args.iters, args.pfq_every, args.beta)
             print(f"== {name}: {schedule.describe()}" + (f", resuming {resume}" if resume else ""))
