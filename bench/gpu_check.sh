@@ -13,8 +13,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python -c "import fraccompile, tvm, pytest" 2>/dev/null || python -m pip install -q -e ".[test]"
 python - <<'PY'
 import sys, torch
-from fraccompile.targets.cuda_driver import gpu_unavailable_reason
-from fraccompile.targets.cuda import nvcc_unavailable_reason
+from fraccompile.targets.runtime.cuda_driver import gpu_unavailable_reason
+from fraccompile.targets.kernels.cuda import nvcc_unavailable_reason
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 for what, reason in (("GPU", gpu_unavailable_reason()), ("nvcc", nvcc_unavailable_reason())):
     if reason:

@@ -27,7 +27,7 @@ per-GEMM medians):
 * exact: the dp4a result equals an fp64 matmul of the same codes (exact at these sizes).
 
 Times are CUDA-event medians over ``--repeats`` calls after warm-up (kernel builds with nvcc are
-cached on disk, see :mod:`fraccompile.targets.cuda_driver`).
+cached on disk, see :mod:`fraccompile.targets.runtime.cuda_driver`).
 
     python bench/gpu_kernels.py [--repeats 20] [--verbose]
 """
@@ -44,7 +44,7 @@ import time
 import torch
 from _common import machine, print_table
 
-from fraccompile.targets.cuda_driver import CudaGemm, cache_dir, gpu_unavailable_reason
+from fraccompile.targets.runtime.cuda_driver import CudaGemm, cache_dir, gpu_unavailable_reason
 
 D_MODEL, BATCH, BLOCK = 512, 128, 64
 LINEARS = [
@@ -90,7 +90,7 @@ def _version(dist: str) -> str:
 
 
 def nvcc_version() -> str:
-    from fraccompile.targets import cuda
+    from fraccompile.targets.kernels import cuda
 
     reason = cuda.nvcc_unavailable_reason()
     if reason:
@@ -161,7 +161,7 @@ def main() -> int:
     if reason is not None:
         print(f"no GPU: skipped ({reason})")
         return 0
-    from fraccompile.targets import cuda
+    from fraccompile.targets.kernels import cuda
 
     have_nvcc = cuda.nvcc_unavailable_reason() is None
     header()

@@ -29,7 +29,7 @@ from _common import header, print_table  # noqa: E402
 
 import fraccompile  # noqa: E402
 from fraccompile.examples import transformer_lm  # noqa: E402
-from fraccompile.targets.cuda_driver import gpu_unavailable_reason  # noqa: E402
+from fraccompile.targets.runtime.cuda_driver import gpu_unavailable_reason  # noqa: E402
 
 
 def step_ms(model, x, y, repeats: int, autocast: bool = False) -> float:

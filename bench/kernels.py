@@ -16,7 +16,7 @@ Columns, each total ops (2·G·M·N·K per GEMM, summed over the model's sites) 
 the per-GEMM median times:
 
 * kernel: the TVM kernel alone on operands already padded and packed: for an ungrouped 2-D conv's
-  FW and (stride 1) GC the implicit-GEMM conv kernels the backend runs (``targets/conv.py``; the
+  FW and (stride 1) GC the implicit-GEMM conv kernels the backend runs (``targets/kernels/conv.py``; the
   ops counted are still the GEMM's; FW in its int32 form, where the backend runs the form with
   the dequantize in the write-back, ``conv_dq``, when no output channel is padding), else the
   GEMM;
@@ -45,13 +45,13 @@ import time
 from dataclasses import dataclass
 
 # fraccompile.targets sets TVM_NUM_THREADS before importing tvm: import it before any torch work
-from fraccompile.targets import gemm as tgemm  # isort: skip
+from fraccompile.targets.kernels import gemm as tgemm  # isort: skip
 from fraccompile.targets.backend import IntCodes, TVMBackend  # isort: skip
-from fraccompile.targets.gemm_runtime import MAX_K  # isort: skip
-from fraccompile.targets.cache import KernelCache, cache_dir  # isort: skip
-from fraccompile.targets import conv as tconv  # isort: skip
-from fraccompile.targets import threads  # isort: skip
-from fraccompile.targets.kernels import KernelRef  # isort: skip
+from fraccompile.targets.backend.gemm_runtime import MAX_K  # isort: skip
+from fraccompile.targets.runtime.cache import KernelCache, cache_dir  # isort: skip
+from fraccompile.targets.kernels import conv as tconv  # isort: skip
+from fraccompile.targets.runtime import threads  # isort: skip
+from fraccompile.targets.runtime.library import KernelRef  # isort: skip
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +203,7 @@ def chunks(K: int) -> list[int]:
 
 
 def implicit_shapes(g: Gemm, backend: TVMBackend) -> list | None:
-    """The implicit-GEMM conv kernel shapes (:mod:`fraccompile.targets.conv`) the backend runs for
+    """The implicit-GEMM conv kernel shapes (:mod:`fraccompile.targets.kernels.conv`) the backend runs for
     a 2-D conv role on channels-last codes, else None (it runs the GEMM of ``g``)."""
     if g.kind != "conv" or g.G != 1 or len(g.conv[2]) != 2 or not backend._vnni:
         return None

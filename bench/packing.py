@@ -19,7 +19,7 @@ import argparse
 import statistics
 import time
 
-from fraccompile.targets import pack, quantize  # isort: skip  (sets TVM's thread count first)
+from fraccompile.targets.kernels import pack, quantize  # isort: skip  (sets TVM's thread count first)
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ def im2col_per_offset(x: torch.Tensor) -> torch.Tensor:
 
 def im2col_strided(x: torch.Tensor) -> torch.Tensor:
     """The same patches as one strided view of the padded codes, materialized by one copy (the
-    method of ``fraccompile.targets.roles._im2col``)."""
+    method of ``fraccompile.targets.backend.roles._im2col``)."""
     N, H, W, C = x.shape
     xp = F.pad(x, (0, 0, 1, 1, 1, 1))
     s = xp.stride()

@@ -23,7 +23,7 @@ sets an environment variable in every child, e.g. ``OMP_WAIT_POLICY=PASSIVE`` (t
 threads sleep instead of spinning between ops) or ``TVM_THREAD_POOL_SPIN_COUNT=300000`` (TVM's
 default spinning, which fraccompile turns off unless the variable is set) or
 ``FRACCOMPILE_THREADS=tvm`` (the kernels' parallel loops on TVM's thread pool instead of torch's
-OpenMP threads, see ``fraccompile/targets/threads.py``). ``--weight-scale
+OpenMP threads, see ``fraccompile/targets/runtime/threads.py``). ``--weight-scale
 tensor`` compiles the reference and tvm rows with ``FracConfig(weight_scale="tensor")`` (one
 weight range per tensor: the tvm backend's linear error backprop becomes an integer GEMM), and
 ``--rounding-noise torch|counter`` sets ``FracConfig.rounding_noise`` (default ``counter``, the
@@ -109,7 +109,7 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
 
     import fraccompile
     from fraccompile.ops.modules import FracOp
-    from fraccompile.targets import threads
+    from fraccompile.targets.runtime import threads
 
     model, x, y, loss_fn = make_case(key)
     info: dict = {}

@@ -1,8 +1,9 @@
 """Where a TVM-backend training step goes: wall time per backend function and per kind of TVM
 kernel, ResNet-20 or the Transformer example.
 
-Wraps the functions of the ``tvm`` backend (:mod:`fraccompile.targets.backend` and the modules
-it is built from, :mod:`~fraccompile.targets.roles` and :mod:`~fraccompile.targets.gemm_runtime`)
+Wraps the functions of the ``tvm`` backend (:mod:`fraccompile.targets.backend.tvm_backend` and the
+modules it is built from, :mod:`~fraccompile.targets.backend.roles` and
+:mod:`~fraccompile.targets.backend.gemm_runtime`)
 with timers (nested: ``gemm`` includes its packing, ``fw``/``gc``/``eb`` include their GEMMs),
 and every TVM kernel call (``kernel: gemm``, ``kernel: quantize``, ``kernel: pack_a`` ...: the
 compiled functions alone), and runs forward + backward steps (a=w=g=8; ``--scheme sbm``, FracTrain's
@@ -22,7 +23,8 @@ import functools
 import time
 
 from fraccompile.targets import backend as B  # isort: skip  (sets TVM's thread count first)
-from fraccompile.targets import gemm_runtime, roles, threads  # isort: skip
+from fraccompile.targets.backend import gemm_runtime, roles, tvm_backend  # isort: skip
+from fraccompile.targets.runtime import threads  # isort: skip
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,12 @@ from fraccompile.examples import transformer_lm
 from fraccompile.examples.resnet_cifar import resnet20
 
 # each function in the module whose code calls it (a module global: patched where it is looked up)
-FUNCTIONS = ((B, "_to_codes"), (roles, "_im2col"), (gemm_runtime, "_pack_a"), (gemm_runtime, "_pack_b"))
+FUNCTIONS = (
+    (tvm_backend, "_to_codes"),
+    (roles, "_im2col"),
+    (gemm_runtime, "_pack_a"),
+    (gemm_runtime, "_pack_b"),
+)
 METHODS = ("run_site", "fw", "eb", "gc", "_gemm")
 
 

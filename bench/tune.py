@@ -28,9 +28,10 @@ from _common import header, print_table  # noqa: E402
 import fraccompile  # noqa: E402
 from fraccompile.examples import resnet_cifar, transformer_lm  # noqa: E402
 from fraccompile.kernel_tools import open_tuning_db, tuned_gemm_cells  # noqa: E402
-from fraccompile.targets import gemm  # noqa: E402
-from fraccompile.targets.export import record  # noqa: E402
-from fraccompile.targets.tuning import LocalRunner, TuningDB, tune  # noqa: E402
+from fraccompile.targets.kernels import gemm  # noqa: E402
+from fraccompile.targets.runtime.tuning_db import TuningDB  # noqa: E402
+from fraccompile.targets.tools.export import record  # noqa: E402
+from fraccompile.targets.tools.tuning import LocalRunner, tune  # noqa: E402
 
 MODELS = {
     "resnet20": ("ResNet-20", resnet_cifar.resnet20, lambda: torch.randn(128, 3, 32, 32)),
@@ -130,8 +131,8 @@ def bench_metaschedule(args) -> None:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from fraccompile.targets.host import detect
-    from fraccompile.targets.tuning import _operands
+    from fraccompile.targets.runtime.host import detect
+    from fraccompile.targets.tools.tuning import _operands
 
     host = detect()
     n = args.metaschedule

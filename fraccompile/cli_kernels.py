@@ -62,8 +62,8 @@ def tune(
             "CUDA kernels use their default tiles (see the README)"
         )
     require_tvm()
-    from .targets.export import record
-    from .targets.tuning import LocalRunner, RPCRunner, tune
+    from .targets.tools.export import record
+    from .targets.tools.tuning import LocalRunner, RPCRunner, tune
 
     _writable(db, "--db")
     database = open_tuning_db(db, rpc)
@@ -138,7 +138,7 @@ def export(
     from .kernel_tools import kernel_model, open_tuning_db, require_tvm
 
     require_tvm()
-    from .targets.export import export as export_kernels
+    from .targets.tools.export import export as export_kernels
 
     _writable(out, "--out")
     database = open_tuning_db(db) if db is not None else None

@@ -188,7 +188,7 @@ def teardown(ctx: Context) -> None:
 def split_threads(local_processes: int) -> int:
     """Give this process its share of the cores: ``$FRACCOMPILE_NUM_THREADS``, else the cores it
     may run on divided by the processes on this machine (at least 1). Sets torch's intra-op
-    threads, which also run the TVM kernels' parallel loops (:mod:`fraccompile.targets.threads`),
+    threads, which also run the TVM kernels' parallel loops (:mod:`fraccompile.targets.runtime.threads`),
     and ``TVM_NUM_THREADS`` for TVM's own pool (``FRACCOMPILE_THREADS=tvm``)."""
     n = _env_int(THREADS_ENV, 0)
     if n < 1:

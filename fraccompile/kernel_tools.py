@@ -1,8 +1,8 @@
 """The library side of the kernel tools, ``fraccompile tune`` and ``fraccompile export`` (and of
 ``bench/tune.py``): a model compiled for the integer kernels with its example input, a tuning
 database opened with its problems reported as :class:`~fraccompile.errors.ConfigError`, and the
-cells that name a tuned GEMM in a table. The tools themselves are :mod:`fraccompile.targets.tuning`
-and :mod:`fraccompile.targets.export`.
+cells that name a tuned GEMM in a table. The tools themselves are :mod:`fraccompile.targets.tools.tuning`
+and :mod:`fraccompile.targets.tools.export`.
 
 TVM is imported only when a function needs it (through :mod:`fraccompile.targets`), so importing
 this module stays cheap and works where TVM is missing.
@@ -45,10 +45,11 @@ def kernel_model(model_spec: str, input_shape: str, config: Optional[os.PathLike
 
 
 def open_tuning_db(directory: os.PathLike | str, rpc: Optional[str] = None):
-    """The :class:`~fraccompile.targets.tuning.TuningDB` in ``directory`` (empty if there is
+    """The :class:`~fraccompile.targets.runtime.tuning_db.TuningDB` in ``directory`` (empty if there is
     none yet); with ``rpc``, its ``HOST:PORT:KEY`` is checked first. A malformed address or a
     database that cannot be read is a :class:`ConfigError`."""
-    from .targets.tuning import TuningDB, parse_rpc
+    from .targets.runtime.tuning_db import TuningDB
+    from .targets.tools.tuning import parse_rpc
 
     try:
         if rpc:
@@ -61,7 +62,7 @@ def open_tuning_db(directory: os.PathLike | str, rpc: Optional[str] = None):
 def tuned_gemm_cells(record, sites: list[str]) -> list[str]:
     """A tuned GEMM's first cells in a table: its problem ``G,M,N,K``, the ``sites`` that run it
     (the first one and how many more), the default tile and the tuned one (``MBxNBxKB``).
-    ``record`` is a :class:`~fraccompile.targets.tuning.TuneRecord`."""
+    ``record`` is a :class:`~fraccompile.targets.runtime.tuning_db.TuneRecord`."""
     return [
         ",".join(map(str, record.problem)),
         sites[0] + (f" +{len(sites) - 1}" if len(sites) > 1 else ""),

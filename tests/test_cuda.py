@@ -1,4 +1,4 @@
-"""The CUDA dp4a GEMM (fraccompile.targets.cuda) and its driver-API launcher (.cuda_driver).
+"""The CUDA dp4a GEMM (fraccompile.targets.kernels.cuda) and its driver-API launcher (.cuda_driver).
 
 Without a GPU: the generated CUDA C, nvcc's cubins for sm_80/sm_90 (ELF header and arch), the
 padding and launch geometry, the disk cache, and ``CudaGemm``'s sign shifts, K split and padding
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fraccompile.targets import tvm_unavailable_reason
-from fraccompile.targets.cuda_driver import (
+from fraccompile.targets.runtime.cuda_driver import (
     MAX_K,
     CUDAError,
     CudaGemm,
@@ -43,7 +43,7 @@ DTYPES = [
 
 @pytest.fixture(scope="module")
 def cuda():
-    from fraccompile.targets import cuda
+    from fraccompile.targets.kernels import cuda
 
     return cuda
 
@@ -173,7 +173,7 @@ def test_compile_ptx(cuda):
 
 
 def test_cubin_disk_cache(cuda, tmp_path, monkeypatch):
-    from fraccompile.targets import cuda_driver
+    from fraccompile.targets.runtime import cuda_driver
 
     needs_nvcc(cuda)
     s = cuda.padded(1, 32, 32, 32)
@@ -459,7 +459,7 @@ def test_cuda_gemm_through_the_driver_path(cuda, emulated, tmp_path, monkeypatch
     whose launch runs the emulated kernel."""
     from types import SimpleNamespace
 
-    from fraccompile.targets import cuda_driver
+    from fraccompile.targets.runtime import cuda_driver
 
     needs_nvcc(cuda)
     fake = FakeDriver(emulated, cuda_driver.load_or_build(emulated.shape, "sm_90", "cubin", tmp_path))
@@ -491,7 +491,7 @@ def test_gpu_unavailable_reason_without_a_gpu():
 def test_gpu_unavailable_reason_on_a_gpu():
     """With a GPU: no reason on compute capability 8.0 and newer (the driver loads), and the
     reason names the capability on older ones; the arch chosen for it is one we build."""
-    from fraccompile.targets.cuda import ARCHS
+    from fraccompile.targets.kernels.cuda import ARCHS
 
     reason = gpu_unavailable_reason()
     major, minor = torch.cuda.get_device_capability()
@@ -505,7 +505,7 @@ def test_gpu_unavailable_reason_on_a_gpu():
 
 def test_importing_fraccompile_does_not_import_tvm():
     code = (
-        "import sys, fraccompile, fraccompile.targets, fraccompile.targets.cuda_driver as d; "
+        "import sys, fraccompile, fraccompile.targets, fraccompile.targets.runtime.cuda_driver as d; "
         "d.gpu_unavailable_reason(); d.CudaGemm(); "
         "assert 'tvm' not in sys.modules, 'tvm imported'"
     )
@@ -516,7 +516,7 @@ def test_importing_fraccompile_does_not_import_tvm():
 def _gpu_reason():
     reason = gpu_unavailable_reason()
     if reason is None:
-        from fraccompile.targets import cuda
+        from fraccompile.targets.kernels import cuda
 
         reason = cuda.nvcc_unavailable_reason()
     return reason

@@ -448,7 +448,7 @@ CACHE_CHILD = textwrap.dedent("""
     import json, logging, torch, fraccompile
     from torch import nn
     from fraccompile.data import ClassificationData
-    from fraccompile.targets.export import tvm_backends
+    from fraccompile.targets.tools.export import tvm_backends
     from fraccompile.train import fit
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(),

@@ -1,6 +1,6 @@
 """The tvm backend's one-pass kernels of DFQ-routed sites: the input's codes with a grid per sample
 (bit for bit the reference's group-by-group codes), and the fused gate probe
-(fraccompile/targets/probe.py) against GateProbe's torch sums ``Σ dqx·(q_k(x) - qx)`` per sample
+(fraccompile/targets/kernels/probe.py) against GateProbe's torch sums ``Σ dqx·(q_k(x) - qx)`` per sample
 and candidate, in any layout of ``x`` and ``dqx``."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_fused_gate_probe_matches_torch(scheme, shape, x_layout, g_layout):
 )
 def test_per_sample_codes_in_one_pass_equal_group_by_group(scheme, shape, layout):
     from fraccompile.ops.backend import get_backend
-    from fraccompile.targets.codes import _row_codes
+    from fraccompile.targets.backend.codes import _row_codes
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=gen) * 3
@@ -100,7 +100,7 @@ def test_per_sample_gradient_codes_in_one_pass_take_the_reference_draws(scheme, 
     """Stochastic rounding with counter noise per sample: one pass, the same codes as the
     reference's group-by-group quantizer with its seeds (12-bit codes too)."""
     from fraccompile.ops.backend import get_backend
-    from fraccompile.targets.codes import _row_codes
+    from fraccompile.targets.backend.codes import _row_codes
 
     gen = torch.Generator().manual_seed(2)
     dy = torch.randn(*shape, generator=gen)

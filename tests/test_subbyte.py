@@ -29,7 +29,7 @@ def kernel():
 @pytest.mark.parametrize("width", [1, 2, 4])
 @pytest.mark.parametrize("n", [1, 3, 8, 4096 * 8 + 5, 100_003])
 def test_pack_kernel_round_trip_and_layout(kernel, width, n):
-    from fraccompile.targets.codes import pack_bytes, unpack_saved
+    from fraccompile.targets.backend.codes import pack_bytes, unpack_saved
 
     gen = torch.Generator().manual_seed(n + width)
     lo = -(1 << (width - 1))
@@ -47,7 +47,7 @@ def test_pack_kernel_round_trip_and_layout(kernel, width, n):
 
 
 def _grid_codes(scheme: str, bits: int, signed: bool, channels_last: bool, kernel):
-    from fraccompile.targets.codes import _to_codes
+    from fraccompile.targets.backend.codes import _to_codes
 
     gen = torch.Generator().manual_seed(bits)
     x = torch.randn(4, 8, 5, 6, generator=gen)
@@ -64,7 +64,7 @@ def _grid_codes(scheme: str, bits: int, signed: bool, channels_last: bool, kerne
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_saved_codes_round_trip_every_grid(kernel, scheme, signed, bits, channels_last):
-    from fraccompile.targets.codes import code_bounds, pack_saved, sub_byte_width, unpack_saved
+    from fraccompile.targets.backend.codes import code_bounds, pack_saved, sub_byte_width, unpack_saved
 
     if scheme == "symmetric" and signed and bits == 1:
         pytest.skip("a signed symmetric grid needs 2 bits")
@@ -84,7 +84,7 @@ def test_saved_codes_round_trip_every_grid(kernel, scheme, signed, bits, channel
 
 
 def test_no_kernel_provider_keeps_bytes():
-    from fraccompile.targets.codes import pack_saved
+    from fraccompile.targets.backend.codes import pack_saved
 
     q = _grid_codes("sbm", 4, None, False, None)
     assert pack_saved(q, None) is None
@@ -109,7 +109,7 @@ def test_packed_step_keeps_fewer_bytes_and_same_gradients(bits, monkeypatch):
     saved bytes than the same step with packing switched off, and identical outputs and
     gradients (packing is lossless)."""
     from fraccompile.examples.resnet_cifar import CifarResNet
-    from fraccompile.targets import site_gemm
+    from fraccompile.targets.backend import site_gemm
 
     torch.manual_seed(0)
     base = CifarResNet(8)

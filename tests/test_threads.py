@@ -1,4 +1,4 @@
-"""The CPU kernels' parallel loops on torch's OpenMP threads (fraccompile/targets/threads.py)."""
+"""The CPU kernels' parallel loops on torch's OpenMP threads (fraccompile/targets/runtime/threads.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str
 
 @pytest.fixture
 def threads(monkeypatch):
-    from fraccompile.targets import threads
+    from fraccompile.targets.runtime import threads
 
     monkeypatch.delenv(threads.ENV, raising=False)
     threads._launcher.cache_clear()
@@ -58,7 +58,7 @@ def test_launcher_runs_every_task_once_and_passes_errors_back(threads):
 
 _SMALL_TEAM = textwrap.dedent("""
     import ctypes, json, torch
-    from fraccompile.targets import threads
+    from fraccompile.targets.runtime import threads
     lam = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
     launch = ctypes.CFUNCTYPE(ctypes.c_int, lam, ctypes.c_void_p, ctypes.c_int)(
         threads._launcher()[0])
@@ -99,8 +99,8 @@ def test_launcher_team_follows_torch_set_num_threads(threads):
 
 
 def test_cached_kernel_is_adopted_and_exact(threads, tmp_path):
-    from fraccompile.targets import gemm
-    from fraccompile.targets.cache import KernelCache
+    from fraccompile.targets.kernels import gemm
+    from fraccompile.targets.runtime.cache import KernelCache
 
     cache = KernelCache(tmp_path)
     shape = gemm.padded(3, 40, 48, 64)  # several parallel tasks: (group, n-block, m-block)
@@ -126,8 +126,8 @@ def test_cached_kernel_is_adopted_and_exact(threads, tmp_path):
 
 
 def test_mode_tvm_keeps_tvm_pool_and_bad_mode_is_refused(threads, monkeypatch, tmp_path):
-    from fraccompile.targets import gemm
-    from fraccompile.targets.cache import KernelCache
+    from fraccompile.targets.kernels import gemm
+    from fraccompile.targets.runtime.cache import KernelCache
 
     monkeypatch.setenv(threads.ENV, "tvm")
     assert not threads.on_openmp() and "FRACCOMPILE_THREADS=tvm" in threads.pool()
@@ -141,7 +141,7 @@ def test_mode_tvm_keeps_tvm_pool_and_bad_mode_is_refused(threads, monkeypatch, t
 
 
 def test_openmp_library_is_torchs():
-    from fraccompile.targets import threads
+    from fraccompile.targets.runtime import threads
 
     path = threads.openmp_library()
     assert path is not None and os.path.basename(path).startswith(("libgomp", "libiomp5", "libomp"))
@@ -153,7 +153,7 @@ _STEP = textwrap.dedent("""
     import fraccompile
     from fraccompile import FracConfig
     from fraccompile.examples.resnet_cifar import resnet20
-    from fraccompile.targets import threads
+    from fraccompile.targets.runtime import threads
     torch.manual_seed(0)
     model = resnet20(num_classes=10)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))

@@ -70,7 +70,7 @@ def _small(model_file, **cfg):
 
 @pytest.fixture(scope="module")
 def exported(model_file, tmp_path_factory):
-    from fraccompile.targets.export import export
+    from fraccompile.targets.tools.export import export
 
     out = tmp_path_factory.mktemp("kernels")
     fm, _, x = _small(model_file)
@@ -80,7 +80,8 @@ def exported(model_file, tmp_path_factory):
 
 # -- the search space and the database ---------------------------------------------------------------
 def test_space_fits_the_register_file_and_starts_with_the_default():
-    from fraccompile.targets import gemm, tuning
+    from fraccompile.targets.kernels import gemm
+    from fraccompile.targets.tools import tuning
 
     problem = (1, 100, 70, 301)
     tiles = tuning.space(problem)
@@ -100,7 +101,7 @@ class FakeRunner:
     """Times from a formula (no building): tile 2x2x16 is fastest, the default 1.0 s."""
 
     def __init__(self, fast=(2, 2, 16), ratio=0.5):
-        from fraccompile.targets.host import detect
+        from fraccompile.targets.runtime.host import detect
 
         self.host, self.fast, self.ratio, self.calls = detect(), fast, ratio, 0
 
@@ -111,17 +112,19 @@ class FakeRunner:
 
 
 def _space_with(problem, tile):
-    from fraccompile.targets import gemm, tuning
+    from fraccompile.targets.kernels import gemm
+    from fraccompile.targets.tools import tuning
 
     return gemm.Tile(*tile) in tuning.candidates(problem, 10_000)
 
 
 def test_tune_keeps_the_faster_tile_and_the_database_is_reused(tmp_path):
-    from fraccompile.targets import tuning
+    from fraccompile.targets.runtime.tuning_db import TuningDB
+    from fraccompile.targets.tools import tuning
 
     problems = [(1, 40, 48, 64), (1, 24, 32, 96)]
     assert all(_space_with(p, (2, 2, 16)) for p in problems)
-    db = tuning.TuningDB(tmp_path)
+    db = TuningDB(tmp_path)
     runner = FakeRunner()
     size = len(tuning.space(problems[0]))
     results = tuning.tune(problems, db, runner, trials=size)
@@ -130,7 +133,7 @@ def test_tune_keeps_the_faster_tile_and_the_database_is_reused(tmp_path):
         assert r.record.tile == (2, 2, 16) and r.record.speedup > 1.5
         assert r.record.trials == len(tuning.candidates(r.record.problem, size))
     # a new process reads it back; a second call measures nothing it already has
-    db2 = tuning.TuningDB(tmp_path)
+    db2 = TuningDB(tmp_path)
     assert db2.tile(runner.host, problems[0]).kb == 16
     runner2 = FakeRunner()
     again = tuning.tune(problems + [(1, 8, 16, 32)], db2, runner2, trials=4)
@@ -139,7 +142,7 @@ def test_tune_keeps_the_faster_tile_and_the_database_is_reused(tmp_path):
 
 
 def test_tune_never_records_a_tile_slower_than_the_default(tmp_path):
-    from fraccompile.targets import tuning
+    from fraccompile.targets.tools import tuning
 
     problem = (1, 40, 48, 64)
     trials = len(tuning.candidates(problem, 10_000))
@@ -164,9 +167,10 @@ def test_real_measurement_and_tuned_tiles_reach_the_backend(tmp_path, model_file
     """A measured search on a real kernel; a backend given the database pads with the tuned tile
     and stays exact."""
     from fraccompile.ops.backend import get_backend
-    from fraccompile.targets import tuning
+    from fraccompile.targets.runtime.tuning_db import TuningDB
+    from fraccompile.targets.tools import tuning
 
-    db = tuning.TuningDB(tmp_path)
+    db = TuningDB(tmp_path)
     problem = (1, 33, 40, 72)
     res = tuning.tune([problem], db, tuning.LocalRunner(repeat=2, min_repeat_ms=5), trials=3)[0]
     rec = res.record
@@ -184,18 +188,18 @@ def test_real_measurement_and_tuned_tiles_reach_the_backend(tmp_path, model_file
 
 
 def test_damaged_database_is_refused(tmp_path):
-    from fraccompile.targets import tuning
+    from fraccompile.targets.runtime import tuning_db
 
-    (tmp_path / tuning.DB_FILE).write_text("{not json")
-    with pytest.raises(tuning.TuningDBError, match="damaged"):
-        tuning.TuningDB(tmp_path)
-    (tmp_path / tuning.DB_FILE).write_text(json.dumps({"format": 99, "records": []}))
-    with pytest.raises(tuning.TuningDBError, match="format 99"):
-        tuning.TuningDB(tmp_path)
+    (tmp_path / tuning_db.DB_FILE).write_text("{not json")
+    with pytest.raises(tuning_db.TuningDBError, match="damaged"):
+        tuning_db.TuningDB(tmp_path)
+    (tmp_path / tuning_db.DB_FILE).write_text(json.dumps({"format": 99, "records": []}))
+    with pytest.raises(tuning_db.TuningDBError, match="format 99"):
+        tuning_db.TuningDB(tmp_path)
 
 
 def test_bad_rpc_address_is_refused():
-    from fraccompile.targets.tuning import parse_rpc
+    from fraccompile.targets.tools.tuning import parse_rpc
 
     assert parse_rpc("127.0.0.1:9190:cpu") == ("127.0.0.1", 9190, "cpu")
     for bad in ("127.0.0.1:9190", "host:port:key", ":9190:k"):
@@ -206,7 +210,7 @@ def test_bad_rpc_address_is_refused():
 # -- export -----------------------------------------------------------------------------------------
 def test_manifest_describes_every_kernel(exported):
     out, manifest = exported
-    from fraccompile.targets.kernels import source_hash
+    from fraccompile.targets.runtime.library import source_hash
 
     info = manifest["targets"]["cpu"]
     assert (out / info["library"]).is_file() and info["source_hash"] == source_hash()
@@ -243,7 +247,7 @@ CHILD = textwrap.dedent("""
     import fraccompile
     from fraccompile import FracConfig
     from fraccompile.loading import load_model
-    from fraccompile.targets.export import tvm_backends
+    from fraccompile.targets.tools.export import tvm_backends
     model_file, kernels, state, out = sys.argv[1:5]
     model = load_model(model_file)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -301,7 +305,7 @@ def _edit_manifest(path, **fields):
 def _other_cpu() -> str:
     """An LLVM CPU name that is not this machine's (the project's machines are Intel Xeons and AMD
     Zen 4 / Zen 5)."""
-    from fraccompile.targets.host import detect
+    from fraccompile.targets.runtime.host import detect
 
     return next(c for c in ("znver4", "sapphirerapids") if c != detect().mcpu)
 
@@ -316,8 +320,8 @@ def _other_cpu() -> str:
     ],
 )
 def test_manifest_of_another_target_or_version_is_refused(exported, tmp_path, field, value, match):
-    from fraccompile.targets.export import ExportedKernels, KernelLibraryError
-    from fraccompile.targets.host import detect
+    from fraccompile.targets.runtime.host import detect
+    from fraccompile.targets.tools.export import ExportedKernels, KernelLibraryError
 
     if field == "mcpu":
         value = _other_cpu()
@@ -331,7 +335,7 @@ def test_manifest_of_another_target_or_version_is_refused(exported, tmp_path, fi
 
 
 def test_tampered_missing_or_damaged_files_are_refused(exported, tmp_path):
-    from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+    from fraccompile.targets.tools.export import ExportedKernels, KernelLibraryError
 
     d = _copy_export(exported, tmp_path)
     lib = d / "kernels-cpu.so"
@@ -349,7 +353,7 @@ def test_tampered_missing_or_damaged_files_are_refused(exported, tmp_path):
     (d / "manifest.json").unlink()
     with pytest.raises(KernelLibraryError, match="no manifest.json"):
         ExportedKernels(d)
-    from fraccompile.targets import cuda
+    from fraccompile.targets.kernels import cuda
 
     lib = ExportedKernels(exported[0]).cuda_library  # a cpu-only export has no GPU kernels
     with pytest.raises(KernelLibraryError, match="no cuda target"):
@@ -360,7 +364,7 @@ def test_truncated_library_is_refused_even_when_the_manifest_hash_matches(export
     """dlopen of a truncated library dies of SIGBUS, past any except: its ELF structure is checked
     before, whatever the manifest says."""
     from fraccompile import fileio
-    from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+    from fraccompile.targets.tools.export import ExportedKernels, KernelLibraryError
 
     d = _copy_export(exported, tmp_path)
     lib = d / "kernels-cpu.so"
@@ -386,7 +390,7 @@ def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, mode
 
 
 def test_other_input_shapes_are_refused_naming_the_site(exported, model_file):
-    from fraccompile.targets.export import KernelLibraryError
+    from fraccompile.targets.tools.export import KernelLibraryError
 
     out, _ = exported
     fm, model, _ = _small(model_file, kernels=str(out))
@@ -417,7 +421,7 @@ def test_pickled_model_keeps_its_kernel_library(exported, model_file):
     out, _ = exported
     fm, _, x = _small(model_file, kernels=str(out))
     copy_ = pickle.loads(pickle.dumps(fm))
-    from fraccompile.targets.export import tvm_backends
+    from fraccompile.targets.tools.export import tvm_backends
 
     (backend,) = tvm_backends(copy_)
     assert backend is tvm_backends(fm)[0] and dict(backend.options)["kernels"] == str(out)
@@ -466,7 +470,9 @@ def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
     from tvm import rpc
     from tvm.rpc.tracker import Tracker
 
-    from fraccompile.targets import gemm, tuning
+    from fraccompile.targets.kernels import gemm
+    from fraccompile.targets.runtime.tuning_db import TuningDB
+    from fraccompile.targets.tools import tuning
 
     tracker = Tracker("127.0.0.1", port=9190, port_end=9990, silent=True)
     server = rpc.Server(
@@ -480,7 +486,7 @@ def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
     try:
         runner = tuning.RPCRunner(f"127.0.0.1:{tracker.port}:fctest", repeat=2, min_repeat_ms=5)
         assert 0 < runner.time(gemm.padded(1, 64, 64, 64)) < 1
-        db = tuning.TuningDB(tmp_path)
+        db = TuningDB(tmp_path)
         res = tuning.tune([(1, 24, 32, 40)], db, runner, trials=2)
         assert res[0].record.gops > 0 and not res[0].reused
     finally:
@@ -490,7 +496,7 @@ def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
 
 # -- the CUDA target (code generation and nvcc; running needs a GPU) ---------------------------------
 def _nvcc_reason():
-    from fraccompile.targets import cuda
+    from fraccompile.targets.kernels import cuda
 
     return cuda.nvcc_unavailable_reason()
 
@@ -500,7 +506,7 @@ def exported_both(exported, tmp_path_factory, model_file):
     """The cpu export plus a cuda export into the same directory."""
     import shutil
 
-    from fraccompile.targets.export import export
+    from fraccompile.targets.tools.export import export
 
     if _nvcc_reason():
         pytest.skip(_nvcc_reason())
@@ -511,8 +517,8 @@ def exported_both(exported, tmp_path_factory, model_file):
 
 
 def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
-    from fraccompile.targets import cuda
-    from fraccompile.targets.export import ExportedKernels
+    from fraccompile.targets.kernels import cuda
+    from fraccompile.targets.tools.export import ExportedKernels
 
     out, manifest = exported_both
     assert set(manifest["targets"]) == {"cpu", "cuda"}
@@ -536,7 +542,7 @@ def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
         assert image == fatbin and fn == entry["function"]
         assert (grid, block, params) == cuda.launch_config(shape)[:2] + (cuda.launch_config(shape)[3],)
     missing = cuda.padded(1, 8, 8, 4096)
-    from fraccompile.targets.export import KernelLibraryError
+    from fraccompile.targets.tools.export import KernelLibraryError
 
     with pytest.raises(KernelLibraryError, match="no CUDA kernel for " + missing.name):
         provider.cuda_library.kernel(missing, "sm_90")
@@ -546,7 +552,7 @@ def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
 def _assert_cpu_gemms_run_exactly(provider) -> None:
     """Every GEMM problem of the provider's CPU section runs from its library (an export builds
     nothing: ``get`` refuses what the library lacks) and gives the exact integer product."""
-    from fraccompile.targets.kernels import KernelRef
+    from fraccompile.targets.runtime.library import KernelRef
 
     assert provider.problems
     gen = torch.Generator().manual_seed(0)
@@ -562,7 +568,7 @@ def _assert_cpu_gemms_run_exactly(provider) -> None:
 
 
 def test_exported_cpu_gemms_run_exactly(exported):
-    from fraccompile.targets.export import ExportedKernels
+    from fraccompile.targets.tools.export import ExportedKernels
 
     _assert_cpu_gemms_run_exactly(ExportedKernels(exported[0]))
 
@@ -570,7 +576,7 @@ def test_exported_cpu_gemms_run_exactly(exported):
 def test_tampered_fatbin_is_refused(exported_both, tmp_path):
     import shutil
 
-    from fraccompile.targets.export import ExportedKernels, KernelLibraryError
+    from fraccompile.targets.tools.export import ExportedKernels, KernelLibraryError
 
     out, _ = exported_both
     d = tmp_path / "k"
@@ -620,7 +626,7 @@ def test_train_command_on_exported_kernels(model_file, tmp_path):
 def test_cuda_only_export_refuses_cpu_tensors(exported_both, model_file, tmp_path):
     import shutil
 
-    from fraccompile.targets.export import KernelLibraryError
+    from fraccompile.targets.tools.export import KernelLibraryError
 
     out, _ = exported_both
     d = tmp_path / "k"
@@ -635,7 +641,7 @@ def test_cuda_only_export_refuses_cpu_tensors(exported_both, model_file, tmp_pat
 
 
 def _gpu_reason():
-    from fraccompile.targets.cuda_driver import gpu_unavailable_reason
+    from fraccompile.targets.runtime.cuda_driver import gpu_unavailable_reason
 
     return gpu_unavailable_reason() or _nvcc_reason()
 
@@ -644,7 +650,7 @@ def _gpu_reason():
 def test_gpu_step_on_the_exported_fatbin_builds_nothing(exported_both, model_file, monkeypatch):
     """On a GPU, a model compiled on an export runs its GEMMs from the fatbin (nvcc is never
     called) and gives the JIT GPU backend's loss and gradients."""
-    from fraccompile.targets import cuda
+    from fraccompile.targets.kernels import cuda
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

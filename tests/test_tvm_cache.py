@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str
 _CHILD = textwrap.dedent("""
     import json, sys, time
     import torch
-    from fraccompile.targets import gemm
-    from fraccompile.targets.cache import KernelCache
+    from fraccompile.targets.kernels import gemm
+    from fraccompile.targets.runtime.cache import KernelCache
     cache = KernelCache()
     shape = gemm.padded(1, 30, 20, 40)
     t0 = time.perf_counter()
@@ -74,8 +74,8 @@ def test_concurrent_builders_do_not_corrupt_the_cache(tmp_path):
 
 
 def test_damaged_cache_file_is_rebuilt(tmp_path):
-    from fraccompile.targets import gemm
-    from fraccompile.targets.cache import KernelCache
+    from fraccompile.targets.kernels import gemm
+    from fraccompile.targets.runtime.cache import KernelCache
 
     cache = KernelCache(tmp_path)
     shape = gemm.padded(1, 8, 16, 8)

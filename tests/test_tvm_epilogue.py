@@ -314,7 +314,7 @@ def test_fused_batchnorm_backward_uses_saved_statistics(model, slow_calls, monke
     """A fused BatchNorm followed by nothing or a ReLU keeps its batch statistics and the ReLU's
     1-byte mask, and backward calls ``native_batch_norm_backward`` on the recomputed GEMM output;
     other activations (GELU) recompute the norm under autograd (bit identity: the test above)."""
-    from fraccompile.targets import site_gemm as B
+    from fraccompile.targets.backend import site_gemm as B
 
     calls, slow = [], B._norm_backward
 

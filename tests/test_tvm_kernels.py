@@ -78,7 +78,7 @@ def test_gemm_non_contiguous_operands(tvm_backend):
 
 
 def test_gemm_splits_long_reductions(tvm_backend, monkeypatch):
-    from fraccompile.targets import gemm_runtime
+    from fraccompile.targets.backend import gemm_runtime
 
     monkeypatch.setattr(gemm_runtime, "MAX_K", 64)  # exercise the int32-safe split with a small K
     gen = torch.Generator().manual_seed(2)
@@ -111,7 +111,7 @@ def test_unsigned_by_unsigned_sums_past_int32_are_exact(tvm_backend):
 def test_pack_a_layouts_padding_and_ones_row(layout, G, M, K, Mp, Kp, flip):
     """The A pack against torch: inner tiles and rows (vector code), edges and the padding
     (scalar code), the ones row at M, the sign flip."""
-    from fraccompile.targets import pack
+    from fraccompile.targets.kernels import pack
 
     src = torch.randint(0, 256, (G, M, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(M * K))
     ref = torch.zeros((G, Mp, Kp), dtype=torch.uint8)
@@ -131,7 +131,7 @@ def test_pack_a_layouts_padding_and_ones_row(layout, G, M, K, Mp, Kp, flip):
 @pytest.mark.parametrize("flip", [0, 128])
 def test_pack_b_layouts_padding_and_ones_row(layout, G, N, K, NB, KB, flip):
     """The B pack (16x4 blocks) against torch: inner blocks, edge blocks, the ones row at N."""
-    from fraccompile.targets import pack
+    from fraccompile.targets.kernels import pack
 
     src = torch.randint(0, 256, (G, N, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(N * K))
     full = torch.zeros((G, NB * 16, KB * 4), dtype=torch.uint8)
@@ -162,9 +162,9 @@ def test_conv_a_pack_equals_im2col_then_pack(geometry, flip):
     M) gives the bytes of the im2col copy followed by the A pack, for every padding of M and K."""
     import torch.nn as nn
 
-    from fraccompile.targets import gemm_runtime as B
-    from fraccompile.targets import roles
-    from fraccompile.targets.kernels import KernelRef
+    from fraccompile.targets.backend import gemm_runtime as B
+    from fraccompile.targets.backend import roles
+    from fraccompile.targets.runtime.library import KernelRef
 
     N, H, W, C, OC, ks, stride, padding, dilation = geometry
     conv = nn.Conv2d(C, OC, ks, stride=stride, padding=padding, dilation=dilation)
@@ -189,13 +189,15 @@ def test_serial_kernels_equal_the_parallel_ones(monkeypatch):
     """The memory-bound kernels' serial forms (below PARALLEL_MIN_BYTES on TVM's thread pool)
     compute the same bytes as their parallel forms; GEMMs have no serial form; on torch's OpenMP
     threads every kernel runs parallel."""
+    from fraccompile.ops.quantizers import qparams_from_range
     from fraccompile.targets import backend as B
-    from fraccompile.targets import codes, threads
-    from fraccompile.targets.kernels import KernelRef
+    from fraccompile.targets.backend import codes
+    from fraccompile.targets.runtime import threads
+    from fraccompile.targets.runtime.library import KernelRef
 
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(3, 37, 5, 21, generator=gen).contiguous(memory_format=torch.channels_last)
-    qp = B.qparams_from_range(x.min(), x.max(), 8, "symmetric")
+    qp = qparams_from_range(x.min(), x.max(), 8, "symmetric")
     a = torch.randint(-127, 128, (2, 37, 70), dtype=torch.int8, generator=gen)
     b = torch.randint(0, 256, (2, 50, 70), dtype=torch.uint8, generator=gen)
     scale, bias = torch.rand(50, generator=gen), torch.randn(50, generator=gen)
@@ -258,7 +260,7 @@ def test_codes_dequantize_kernel_is_the_reference(tvm_backend, dtype, shape, cha
 
 def test_kernel_without_vnni_is_exact():
     """The generic (AVX2-only) schedule builds and computes the same products."""
-    from fraccompile.targets import gemm
+    from fraccompile.targets.kernels import gemm
 
     shape = gemm.padded(2, 13, 40, 36)
     host = gemm.detect()
@@ -311,7 +313,7 @@ def test_fused_quantize_gives_the_reference_codes(stochastic, noise, layout, sha
 
 
 def test_bad_tile_is_refused():
-    from fraccompile.targets import gemm
+    from fraccompile.targets.kernels import gemm
 
     with pytest.raises(ValueError, match="bad tile"):
         gemm.Tile(mb=4, nb=2, kb=6)
@@ -323,7 +325,7 @@ def test_bad_tile_is_refused():
 def test_code_sums_kernel_is_exact(dtype, shape, serial):
     """The column sums of byte codes (whole 64-lane blocks and the scalar tail) equal torch's
     int64 sums, at the extreme codes too."""
-    from fraccompile.targets.kernels import JitKernels, KernelRef
+    from fraccompile.targets.runtime.library import JitKernels, KernelRef
 
     gen = torch.Generator().manual_seed(shape[0] + shape[1])
     q = _codes(shape, dtype, gen)
@@ -341,7 +343,7 @@ def test_exact_sums_with_the_kernel_equal_torch(monkeypatch, dtype, layout, dims
     """``_exact_sums`` gives torch's exact sums whichever path a layout takes (the column-sum
     kernel where the summed dims are outermost, fp32 matrix-vector products otherwise), and the
     kernel's row chunks (past int32's bound) add up exactly."""
-    from fraccompile.targets import affine
+    from fraccompile.targets.backend import affine
 
     backend = get_backend("tvm")
     gen = torch.Generator().manual_seed(len(dims))
@@ -372,7 +374,7 @@ def test_box_sums_equal_an_all_ones_conv(n, k, stride, padding, dilation):
     """The window sums of the weight zero point's term (separable slice sums) equal a conv with
     all-ones taps per group."""
     from fraccompile.ops.spec import CONV_FNS
-    from fraccompile.targets.affine import _box_sums
+    from fraccompile.targets.backend.affine import _box_sums
 
     gen = torch.Generator().manual_seed(n * 10 + k)
     t = torch.randint(0, 4000, (2, 3, *([9] * n)), generator=gen).float()
@@ -390,7 +392,7 @@ def test_border_slices_cover_exactly_the_positions_with_outside_taps(n, k, strid
     """The positions where a conv's border-aware value sums differ from the interior's (some tap
     reads the zero padding): covered once each by the border slices, and nothing else."""
     from fraccompile.ops.spec import CONV_FNS, SiteSpec
-    from fraccompile.targets.affine import _border_slices
+    from fraccompile.targets.backend.affine import _border_slices
 
     size, w_shape = (7,) * n, (2, 3, *([k] * n))
     w = torch.rand(w_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) + 0.1

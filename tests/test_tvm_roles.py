@@ -135,7 +135,7 @@ def test_implicit_conv_borders_survive_geometry_and_sign_changes():
 
 def _kinds_asked(monkeypatch) -> list[str]:
     """The kinds of the kernels the JIT provider is asked for from now on, in order."""
-    from fraccompile.targets.kernels import JitKernels
+    from fraccompile.targets.runtime.library import JitKernels
 
     kinds, get = [], JitKernels.get
 
@@ -176,7 +176,7 @@ def test_conv_input_gradient_keeps_the_input_layout(channels_last):
     ],
 )
 def test_bias_gradient_code_sums_are_exact(shape, dim, channels_last):
-    from fraccompile.targets.affine import _channel_sums
+    from fraccompile.targets.backend.affine import _channel_sums
 
     gen = torch.Generator().manual_seed(0)
     c = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
@@ -219,7 +219,7 @@ def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(
     weights per tensor too); the error backprop of a linear site becomes an integer GEMM, and
     that of a stride-1 2-D conv the implicit-GEMM forward of its transposed conv."""
     from fraccompile.targets.backend import TVMBackend
-    from fraccompile.targets.kernels import JitKernels
+    from fraccompile.targets.runtime.library import JitKernels
 
     roles = []
     gemm, get = TVMBackend._gemm, JitKernels.get
@@ -356,7 +356,7 @@ def test_sbm_matmul_roles_match_reference(xs, ys, bits):
 def test_wide_gradient_codes_split_exactly_and_per_sample_sums_group():
     """The exact pieces: wide codes as two 8-bit halves add back to the codes, and a weight
     gradient over samples with per-sample scales equals the one of the dequantized values."""
-    from fraccompile.targets.codes import IntCodes, split_codes
+    from fraccompile.targets.backend.codes import IntCodes, split_codes
 
     gen = torch.Generator().manual_seed(0)
     for signed, top in ((True, 32767), (False, 65535), (True, 2047)):
@@ -371,8 +371,8 @@ def test_wide_gradient_halves_split_long_reductions_exactly(tvm_backend, monkeyp
     """16-bit gradient codes at the largest values, through reductions longer than the int32-safe
     limit (made small here): each 8-bit half splits K on its own and the halves add up to the
     exact product."""
-    from fraccompile.targets import gemm_runtime
-    from fraccompile.targets.codes import IntCodes, split_codes
+    from fraccompile.targets.backend import gemm_runtime
+    from fraccompile.targets.backend.codes import IntCodes, split_codes
 
     monkeypatch.setattr(gemm_runtime, "MAX_K", 64)
     monkeypatch.setattr(gemm_runtime, "MAX_K_UNSIGNED", 48)

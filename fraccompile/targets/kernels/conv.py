@@ -7,10 +7,10 @@ Forward:
 ``C[b, y, x, o] = sum_{i, j, c} X[b, y·sh + i·dh, x·sw + j·dw, c] · B[o, (i, j, c)]`` with ``X``
 u8 ``(N, Hp, Wp, C)`` (the codes, sign-flipped and padded by the caller), ``B`` the conv weights
 as the GEMM's packed s8 operand ``(OCp/16, kh·kw·C/4, 16, 4)`` (reduction order taps, then
-channels, as :func:`fraccompile.targets.roles._im2col`) and ``C`` s32 ``(N, OH, OW, OCp)``: the
+channels, as :func:`fraccompile.targets.backend.roles._im2col`) and ``C`` s32 ``(N, OH, OW, OCp)``: the
 rows of the GEMM ``C = patches · Bᵀ``, in the order the output is laid out channels-last.
 
-The schedule is :func:`fraccompile.targets.gemm.schedule`'s: a register block of ``mb`` output
+The schedule is :func:`fraccompile.targets.kernels.gemm.schedule`'s: a register block of ``mb`` output
 positions along a row times ``nb`` vectors of 16 output channels, the reduction innermost in
 steps of 4 channels, each step one ``vpdpbusd`` per accumulator through the same tensor
 intrinsic. Four consecutive channels of one tap at one position are 4 contiguous bytes of ``X``,
@@ -37,7 +37,7 @@ MAX_ACCUMULATORS = 24  # of the 32 zmm registers, as the GEMM's 6x4 block
 class _Args:
     @property
     def args(self) -> tuple:
-        """The fields in order: a :class:`~fraccompile.targets.kernels.KernelRef`'s arguments."""
+        """The fields in order: a :class:`~fraccompile.targets.runtime.library.KernelRef`'s arguments."""
         return tuple(getattr(self, f) for f in self.__dataclass_fields__)
 
 
@@ -112,7 +112,7 @@ def definition(s: ConvShape, dequantize: bool = False, row_term: bool = False):
     """The int32 product ``C`` (``main(X, B, C)``); with ``dequantize`` the output is fp32
     ``Y[b, y, x, o] = float(C[b, y, x, o] + cc[o]) · scale[o] + bias[o]`` instead
     (``main(X, B, cc, scale, bias, Y)``), the backend's dequantize epilogue
-    (:func:`fraccompile.targets.quantize.dequant_definition` with no row term). ``row_term``
+    (:func:`fraccompile.targets.kernels.quantize.dequant_definition` with no row term). ``row_term``
     adds a rank-one term ``r[b, y, x] · t[o]`` (``main(X, B, cc, scale, bias, r, t, Y)``): a
     weight zero point's, ``sx·Σ_window qx`` per output position times ``zw`` per channel."""
     X = te.placeholder((s.n, s.hp, s.wp, s.c), "uint8", name="X")

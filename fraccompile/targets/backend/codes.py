@@ -2,7 +2,7 @@
 code offset), the fused quantizer call (:func:`_to_codes`, per-sample grids :func:`_row_codes`),
 and the views of codes the integer GEMMs take (:func:`split_codes` into 8-bit halves,
 :func:`centered` asymmetric codes, :func:`signed_b`). The quantization contract is
-docs/contract.md; the kernels are :mod:`.quantize`."""
+docs/contract.md; the kernels are :mod:`..kernels.quantize`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import functools
 
 import torch
 
-from ..ops.quantizers import noise_seed, quantize_to_int, uniform_noise
-from . import threads
-from .kernels import JitKernels, KernelRef
+from ...ops.quantizers import noise_seed, quantize_to_int, uniform_noise
+from ..runtime import threads
+from ..runtime.library import JitKernels, KernelRef
 
-# On TVM's thread pool (see :mod:`.threads`) the memory-bound kernels (quantize, dequantize,
+# On TVM's thread pool (see :mod:`..runtime.threads`) the memory-bound kernels (quantize, dequantize,
 # packing) run on the calling thread below this many bytes moved: a parallel launch after torch ops
 # waits for a TVM worker whose core a spinning OpenMP thread holds (``bench/step_breakdown.py``
 # measures it). On torch's OpenMP threads (the default) the hand-over costs little and they always
@@ -293,8 +293,8 @@ def _row_codes_fused(
     x, row_bits, groups, grids: dict, perm, dtype, asymmetric: bool, kernel, stochastic: bool
 ) -> IntCodes:
     """:func:`_row_codes` as one kernel pass with a grid per sample
-    (:func:`.quantize.rows_definition`, or with counter noise
-    :func:`.quantize.rows_counter_definition`, each group's seed drawn in the reference's
+    (:func:`..kernels.quantize.rows_definition`, or with counter noise
+    :func:`..kernels.quantize.rows_counter_definition`, each group's seed drawn in the reference's
     order): the same codes, no gather or scatter per group."""
     bits = sorted(grids)
     table = torch.stack(
@@ -344,7 +344,7 @@ def _row_codes_fused(
 
 
 class PackedCodes:
-    """Codes kept for backward at ``width`` bits each (:mod:`.subbyte`): ``data`` (uint8, in the
+    """Codes kept for backward at ``width`` bits each (:mod:`..kernels.subbyte`): ``data`` (uint8, in the
     codes' memory order) and what :func:`unpack_saved` needs to restore them exactly."""
 
     __slots__ = ("data", "shape", "perm", "dtype", "add", "width")

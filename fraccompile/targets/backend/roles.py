@@ -1,10 +1,10 @@
 """The three roles of a site computed from its integer codes (:class:`SiteRoles`): ``fw`` the
 forward, ``eb`` the error backprop (``grad_input``) and ``gc`` the weight gradient
 (``grad_weight``), per op kind, on the integer GEMMs of :mod:`.gemm_runtime`; mixed into
-:class:`.backend.TVMBackend` and called by :class:`.site_gemm.IntSiteGemm`; with the operand
+:class:`.tvm_backend.TVMBackend` and called by :class:`.site_gemm.IntSiteGemm`; with the operand
 layouts they hand to the GEMMs (im2col patches, weight rows, broadcast matmul batches).
 
-Roles, as one batched GEMM ``C[g] = A[g]·B[g]ᵀ`` with A u8 and B s8 (see :mod:`.gemm`):
+Roles, as one batched GEMM ``C[g] = A[g]·B[g]ᵀ`` with A u8 and B s8 (see :mod:`..kernels.gemm`):
 
 ============  =====================================  ==============================================
 role          linear / conv (im2col ``cols``)        matmul ``x @ y``
@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..ops.spec import SiteSpec
+from ...ops.spec import SiteSpec
 from .affine import (
     _border_slices,
     _code_sums,
@@ -55,7 +55,7 @@ from .gemm_runtime import MAX_K_UNSIGNED
 class SiteRoles:
     """Forward / error backprop / weight gradient of a site from its codes, for the class that
     mixes it in after :class:`.gemm_runtime.IntegerGemms` (its GEMMs) and provides ``scratch``,
-    ``on_gpu`` and ``_dequantize_codes`` (:class:`.backend.TVMBackend`)."""
+    ``on_gpu`` and ``_dequantize_codes`` (:class:`.tvm_backend.TVMBackend`)."""
 
     # -- the three roles per op kind ---------------------------------------------------------------
     def fw(

@@ -21,7 +21,7 @@ import tvm.s_tir as s_tir
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from .host import detect
+from ..runtime.host import detect
 
 
 def _vars(*names):
@@ -210,7 +210,7 @@ def b_kernel(layout: str, parallel: bool = True):
 
 def a_schedule(layout: str, parallel: bool = True) -> s_tir.Schedule:
     """The A pack as a schedule (its loops are already final), for export; ``parallel=False``:
-    every loop on the calling thread (see :data:`fraccompile.targets.codes.PARALLEL_MIN_BYTES`)."""
+    every loop on the calling thread (see :data:`fraccompile.targets.backend.codes.PARALLEL_MIN_BYTES`)."""
     return s_tir.Schedule(_a_definition(layout, parallel))
 
 

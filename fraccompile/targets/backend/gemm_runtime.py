@@ -1,10 +1,10 @@
 """The integer GEMMs and implicit convs a backend runs (:class:`IntegerGemms`), on the scratch
-buffers and kernel provider of the class that mixes it in (:class:`.backend.TVMBackend`), and the
+buffers and kernel provider of the class that mixes it in (:class:`.tvm_backend.TVMBackend`), and the
 operand packers they use.
 
-One batched GEMM ``C[g] = A[g]·B[g]ᵀ`` with A u8 and B s8 (see :mod:`.gemm`), its operands given
+One batched GEMM ``C[g] = A[g]·B[g]ᵀ`` with A u8 and B s8 (see :mod:`..kernels.gemm`), its operands given
 by packers (a dense code tensor, the im2col patches of channels-last conv codes); the implicit-GEMM
-convs of :mod:`.conv` (forward and weight gradient) read padded codes instead of a patch matrix.
+convs of :mod:`..kernels.conv` (forward and weight gradient) read padded codes instead of a patch matrix.
 :mod:`.roles` expresses a site's forward, error backprop and weight gradient with these.
 
 Signs: a signed A (activations with negatives, gradients) is shifted by +128 into u8 (an XOR of
@@ -18,11 +18,11 @@ import math
 
 import torch
 
-from ..ops.spec import SiteSpec
-from . import conv
+from ...ops.spec import SiteSpec
+from ..kernels import conv
+from ..runtime.library import KernelRef
 from .affine import _channel_sums, _out_sizes
 from .codes import IntCodes, _jit_kernel, _serial
-from .kernels import KernelRef
 
 MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
 MAX_K_UNSIGNED = 33_025  # both operands unsigned: the sum itself (<= 255²·K) must fit
@@ -148,7 +148,7 @@ class IntegerGemms:
         rows: torch.Tensor,
         row_term=None,
     ) -> bool | None:
-        """The forward of a 2-D conv as an implicit GEMM (:mod:`.conv`) into ``rows (N·OH·OW,
+        """The forward of a 2-D conv as an implicit GEMM (:mod:`..kernels.conv`) into ``rows (N·OH·OW,
         OC)``: the codes ``xl (N, H, W, C)`` padded and sign-flipped once, no patch matrix. None
         (nothing done) where it does not apply: no VNNI, ``C`` not a multiple of 4, or no register
         block dividing the output width; else whether ``row_term`` (``(r, t)``: ``r (N, 1, OH,
@@ -204,7 +204,7 @@ class IntegerGemms:
         self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, xl: torch.Tensor, w_shape, scale
     ) -> torch.Tensor | None:
         """The weight gradient of a stride-1 2-D conv as an implicit GEMM
-        (:func:`.conv.gc_definition`): the codes ``xl (N, H, W, C)`` as padded, sign-flipped
+        (:func:`..kernels.conv.gc_definition`): the codes ``xl (N, H, W, C)`` as padded, sign-flipped
         planes, ``dy`` packed as B, no patch matrix; the reduction over positions runs in batch
         chunks that keep the int32 sums exact.
         None where it does not apply (no VNNI, a stride, an output width not a multiple of 4, or

@@ -33,7 +33,7 @@ import pathlib
 import subprocess
 import tempfile
 
-from .. import fileio
+from ... import fileio
 from . import cache_dir
 
 log = logging.getLogger("fraccompile.targets")

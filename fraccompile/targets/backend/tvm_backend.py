@@ -22,20 +22,20 @@ import threading
 
 import torch
 
-from ..ops.backend import CHANNELS_LAST, INTEGER_KERNELS, ReferenceBackend
-from ..ops.contract import GateDecision, SiteCall
-from ..ops.functions import GateProbe
-from ..ops.quantizers import (
+from ...ops.backend import CHANNELS_LAST, INTEGER_KERNELS, ReferenceBackend
+from ...ops.contract import GateDecision, SiteCall
+from ...ops.functions import GateProbe
+from ...ops.quantizers import (
     input_channel_range,
     qparams_from_range,
     quantize_activation,
     tensor_range,
     weight_range,
 )
-from .cache import KernelCache
+from ..runtime.cache import KernelCache
+from ..runtime.library import JitKernels, KernelRef, Recorder
 from .codes import _ZERO, IntCodes, _dense_perm, _row_codes, _serial, _to_codes
 from .gemm_runtime import IntegerGemms
-from .kernels import JitKernels, KernelRef, Recorder
 from .roles import SiteRoles
 from .site_gemm import IntSiteGemm
 
@@ -62,7 +62,7 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         self._local = threading.local()  # per-thread scratch buffers (see scratch())
 
     def __reduce__(self):
-        from ..ops.backend import get_backend
+        from ...ops.backend import get_backend
 
         return get_backend, (self.name, dict(self.options))
 
@@ -78,7 +78,7 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
     @property
     def cuda(self):
         if self._cuda is None:
-            from .cuda_driver import CudaGemm
+            from ..runtime.cuda_driver import CudaGemm
 
             self._cuda = CudaGemm()
         return self._cuda
@@ -254,7 +254,7 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         )
 
     def _gate_probe(self, d: GateDecision, scheme: str, lo: torch.Tensor, hi: torch.Tensor):
-        """GateProbe's sums for the routed decision ``d`` as one kernel pass (:mod:`.probe`):
+        """GateProbe's sums for the routed decision ``d`` as one kernel pass (:mod:`..kernels.probe`):
         ``probe(x, dqx) -> (N, len(candidates))``, the input's grid spanning ``[lo, hi]``."""
         bits = sorted(set(d.a))
         qps = [qparams_from_range(lo, hi, b, scheme) for b in bits]
@@ -303,18 +303,18 @@ def make_tvm_backend(options: dict) -> TVMBackend:
         raise ValueError(f"unknown tvm backend option(s) {sorted(unknown)}")
     tuning = None
     if options.get("tuning_db"):
-        from .tuning import TuningDB
+        from ..runtime.tuning_db import TuningDB
 
         tuning = TuningDB(options["tuning_db"])
     if options.get("kernels"):
-        from .export import ExportedKernels
+        from ..tools.export import ExportedKernels
 
         provider = ExportedKernels(options["kernels"], bool(options.get("kernels_fallback")), tuning=tuning)
     else:
         provider = JitKernels(tuning=tuning)
     backend = TVMBackend(kernels=provider, options=sorted(options.items()))
     if options.get("kernels"):  # GPU tensors take their kernels from the same directory
-        from .cuda_driver import CudaGemm
+        from ..runtime.cuda_driver import CudaGemm
 
         backend._cuda = CudaGemm(library=provider.cuda_library)
     return backend

@@ -10,7 +10,7 @@ flat length in memory order, so any layout round-trips:
 * ``unpack_codes(width)``: ``q[i] = ((p[i / per] >> ((i % per)·width)) & mask) - add``.
 
 Codes outside the ``width``-bit window after ``+ add`` do not round-trip: the caller packs only
-codes whose grid fits (:func:`fraccompile.targets.codes.pack_saved`). Written out like
+codes whose grid fits (:func:`fraccompile.targets.backend.codes.pack_saved`). Written out like
 :mod:`.quantize`: blocks of whole vectors in parallel, a scalar tail.
 """
 
@@ -22,7 +22,7 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm.script import tirx as T
 
-from .host import detect
+from ..runtime.host import detect
 
 WIDTHS = (1, 2, 4)
 BLOCK = 4096  # packed bytes per parallel task

@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from ..ops.spec import CONV_FNS, SiteSpec
+from ...ops.spec import CONV_FNS, SiteSpec
+from ..runtime.library import KernelRef
 from .codes import IntCodes, _dense_perm, _serial
-from .kernels import KernelRef
 
 
 def _out_channel(spec: SiteSpec, v: torch.Tensor, dims: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, k
     The codes are read in memory order as an ``(R, K)`` matrix whose rows or columns are the
     summed dims. Where the summed dims are outermost (column sums: a batch sum) and ``kernel``
     (the backend's kernel getter, None on the GPU) is given, byte codes go through the
-    :mod:`.sums` kernel: one pass into int32. Otherwise they are converted to fp32 and reduced
+    :mod:`..kernels.sums` kernel: one pass into int32. Otherwise they are converted to fp32 and reduced
     by a matrix-vector product against ones, in chunks whose partial sums stay below 2**24
     (exact in fp32 whatever the order of the additions), which are added in float64. torch's
     integer reductions run many times slower, worst over a small innermost dim (a conv's
@@ -81,7 +81,7 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, k
 
 
 def _column_sums(mat: torch.Tensor, kernel) -> torch.Tensor:
-    """``mat.sum(0)`` of byte codes ``(R, K)`` (contiguous), exact: int32 from the :mod:`.sums`
+    """``mat.sum(0)`` of byte codes ``(R, K)`` (contiguous), exact: int32 from the :mod:`..kernels.sums`
     kernel, in row chunks whose sums int32 holds (int64 where there are several)."""
     name = "uint8" if mat.dtype == torch.uint8 else "int8"
     total = None

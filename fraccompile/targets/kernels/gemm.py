@@ -24,8 +24,8 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm import te
 
+from ..runtime.host import HostTarget, detect
 from . import intrin
-from .host import HostTarget, detect
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,9 @@ def padded(groups: int, m: int, n: int, k: int, tile: Tile | None = None) -> Gem
 def source_hash() -> str:
     """Hash of the code that defines the kernels: part of every cache key."""
     h = hashlib.sha256()
-    here = pathlib.Path(__file__).parent
-    for name in ("gemm.py", "intrin.py", "host.py"):
-        h.update((here / name).read_bytes())
+    targets = pathlib.Path(__file__).parent.parent
+    for name in ("kernels/gemm.py", "kernels/intrin.py", "runtime/host.py"):
+        h.update((targets / name).read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -22,7 +22,7 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm.script import tirx as T
 
-from .host import detect
+from ..runtime.host import detect
 
 LANES = 16  # one AVX-512 vector of fp32
 

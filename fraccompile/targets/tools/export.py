@@ -1,6 +1,6 @@
 """Exported kernels: every kernel a compiled model needs, in one library per target with a manifest.
 
-``export`` runs one training step of the model with a :class:`~.kernels.Recorder` on its ``tvm``
+``export`` runs one training step of the model with a :class:`~..runtime.library.Recorder` on its ``tvm``
 backend (every site at 8 bits, so sites a schedule starts in full precision are included) to learn
 the GEMM problems and kernels it calls, and writes::
 
@@ -10,7 +10,7 @@ the GEMM problems and kernels it calls, and writes::
                               ones row to the GEMM), the quantizers and the pack kernels
     DIR/kernels-cuda.fatbin   --target cuda: the dp4a GEMMs (cubins for sm_80 and sm_90, PTX of
                               sm_90); the pip TVM has no CUDA runtime, so the CUDA driver loads it
-                              (:mod:`.cuda_driver`)
+                              (:mod:`..runtime.cuda_driver`)
     DIR/manifest.json         per target: the library's sha256, TVM version, kernel-source hash
                               (and CPU/instruction set, or archs); per kernel: function name,
                               kind, shapes, dtypes, precision, target, and the sites and roles
@@ -38,12 +38,13 @@ from collections.abc import Callable
 import torch
 import tvm
 
-from .. import __version__, fileio
-from ..errors import FracCompileError
-from . import gemm, threads
-from .cache import DTYPES
-from .host import HostTarget, detect
-from .kernels import GENERIC, JitKernels, KernelRef, Recorder, source_hash
+from ... import __version__, fileio
+from ...errors import FracCompileError
+from ..kernels import gemm
+from ..runtime import threads
+from ..runtime.cache import DTYPES
+from ..runtime.host import HostTarget, detect
+from ..runtime.library import GENERIC, JitKernels, KernelRef, Recorder, source_hash
 
 log = logging.getLogger("fraccompile.targets")
 MANIFEST = "manifest.json"
@@ -67,8 +68,8 @@ def _problem_key(problem) -> str:
 # -- enumerating a model's kernels --------------------------------------------------------------------
 def tvm_backends(fmodel) -> list:
     """The TVM backends the sites of ``fmodel`` run on."""
-    from ..ops.modules import FracOp
-    from .backend import TVMBackend
+    from ...ops.modules import FracOp
+    from ..backend import TVMBackend
 
     found = {
         id(m.backend): m.backend
@@ -225,7 +226,7 @@ def _merge_manifest(out: pathlib.Path, target: str, section: dict, kernels: list
 
 def export(fmodel, inputs, out: str | os.PathLike, target: str = "cpu", tuning=None, model: str = "") -> dict:
     """Build every kernel ``fmodel`` needs on ``inputs`` for ``target`` (``cpu`` or ``cuda``) into
-    ``out`` (see the module docstring); ``tuning`` is a :class:`~.tuning.TuningDB` whose tiles are
+    ``out`` (see the module docstring); ``tuning`` is a :class:`~..runtime.tuning_db.TuningDB` whose tiles are
     used (CPU). Returns the manifest."""
     if target not in TARGETS:
         raise KernelLibraryError(f"export target {target!r}: choose {' or '.join(TARGETS)}")
@@ -267,11 +268,11 @@ def _build_cpu(rec: Recorder, out: pathlib.Path, tuning) -> tuple[dict, list]:
 
 def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
     """The CUDA GEMMs of ``rec``'s problems (signs are corrected around the s8·s8 kernel, so a
-    problem's base shape is all it needs; K in the chunks :class:`.cuda_driver.CudaGemm` uses),
-    all in one CUDA source compiled by nvcc into one fatbin for every arch of :data:`.cuda.ARCHS`
+    problem's base shape is all it needs; K in the chunks :class:`..runtime.cuda_driver.CudaGemm` uses),
+    all in one CUDA source compiled by nvcc into one fatbin for every arch of :data:`..kernels.cuda.ARCHS`
     (plus PTX of the newest, which the driver compiles for newer GPUs)."""
-    from . import cuda
-    from .cuda_driver import MAX_K
+    from ..kernels import cuda
+    from ..runtime.cuda_driver import MAX_K
 
     reason = cuda.nvcc_unavailable_reason()
     if reason:
@@ -369,14 +370,14 @@ def _check_library(directory: pathlib.Path, info: dict, expected: dict, elf: boo
 
 
 class CudaLibrary:
-    """The CUDA kernels of an exported directory, for :class:`.cuda_driver.CudaGemm`. ``info``
+    """The CUDA kernels of an exported directory, for :class:`..runtime.cuda_driver.CudaGemm`. ``info``
     None: the directory has no CUDA target (refused at the first GPU GEMM unless ``fallback``)."""
 
     def __init__(self, directory: pathlib.Path, info: dict | None, fallback: bool = False):
         self.directory, self.info, self.fallback = directory, info, fallback
         self.image = None
         if info is not None:
-            from . import cuda
+            from ..kernels import cuda
 
             lib = _check_library(directory, info, {"tvm": tvm.__version__, "source_hash": cuda.source_hash()})
             self.image = lib.read_bytes()

@@ -28,8 +28,8 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm.script import tirx as T
 
-from ..ops.quantizers import NOISE_BITS, NOISE_MUL1, NOISE_MUL2, NOISE_STEP
-from .host import detect
+from ...ops.quantizers import NOISE_BITS, NOISE_MUL1, NOISE_MUL2, NOISE_STEP
+from ..runtime.host import detect
 
 BLOCK = 4096  # elements per parallel task: 64 vectors of 64 lanes
 

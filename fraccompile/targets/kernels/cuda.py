@@ -5,7 +5,7 @@
 (row-major ``(G, M, K)`` and ``(G, N, K)``), and ``C`` s32 ``(G, M, N)``. The same contract as the
 CPU kernel (:mod:`.gemm`) but both operands signed: ``dp4a.s32.s32`` multiplies four s8 pairs and
 adds them to an s32. Exact while ``128·128·K < 2**31``; the caller
-(:class:`.cuda_driver.CudaGemm`) splits ``K`` and shifts u8 operands into s8. Shapes are padded to
+(:class:`..runtime.cuda_driver.CudaGemm`) splits ``K`` and shifts u8 operands into s8. Shapes are padded to
 the tile by the caller (zeros add nothing), so one kernel is built per padded shape and tile.
 
 Schedule (one thread block per ``bm × bn`` tile of C, ``(bm/tm) × (bn/tn)`` threads):
@@ -35,7 +35,7 @@ which parses every bundled intrinsic (over a minute of TVMScript on 2 cores with
 
 TVM 0.27's pip wheel has no CUDA runtime: ``tvm.compile`` still generates the CUDA C (the device
 module's ``inspect_source()``), and :func:`compile_cubin` runs ``nvcc`` on it; the cubin is
-launched by :mod:`.cuda_driver` through the CUDA driver API. (``tvm.support.nvcc.compile_cuda``
+launched by :mod:`..runtime.cuda_driver` through the CUDA driver API. (``tvm.support.nvcc.compile_cuda``
 exists in this version, ``tvm.contrib.nvcc`` does not; it is not used because it queries a GPU for
 the compute version unless a target scope is entered, and adds fast-math and verbose ptxas flags.)
 """

@@ -10,7 +10,7 @@ registers) over the cores; each block streams down the rows. Columns past the la
 are summed one at a time.
 
 int32 holds the exact sum of up to ``MAX_ROWS`` codes; callers split longer sums
-(:func:`fraccompile.targets.affine._exact_sums`).
+(:func:`fraccompile.targets.backend.affine._exact_sums`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm.script import tirx as T
 
-from .host import detect
+from ..runtime.host import detect
 
 DTYPES = ("int8", "uint8")
 LANES = 64  # int32 accumulators per block: 4 AVX-512 registers

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.contract import SiteCall
-from ..ops.functions import apply_epilogue, epilogue_backward
-from ..ops.quantizers import qparams_from_range, tensor_range
+from ...ops.contract import SiteCall
+from ...ops.functions import apply_epilogue, epilogue_backward
+from ...ops.quantizers import qparams_from_range, tensor_range
 from .affine import _channel_sums
 from .codes import IntCodes, _row_codes, _to_codes, centered, pack_bytes, pack_saved, unpack_saved
 
 if TYPE_CHECKING:
-    from .backend import TVMBackend
+    from .tvm_backend import TVMBackend
 
 
 def _not_a_view(t: torch.Tensor) -> torch.Tensor:

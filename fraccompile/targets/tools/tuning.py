@@ -1,6 +1,6 @@
 """Tuning the GEMM template for a machine: a measured search over its tiles, kept in a database.
 
-Every site role is one batched GEMM (:mod:`.gemm`) whose schedule has three free parameters, the
+Every site role is one batched GEMM (:mod:`..kernels.gemm`) whose schedule has three free parameters, the
 tile ``(mb, nb, kb)``: rows of A and 16-lane column vectors of B per register block, and the
 reduction block. :func:`tune` measures candidate tiles of each GEMM problem ``(G, M, N, K)`` (the
 default tile first), keeps the fastest, and re-measures it against the default before recording it,
@@ -14,113 +14,31 @@ to 120 s), where this search found a fast kernel in seconds (``python bench/tune
 --metaschedule 256``, docs/benchmarks.md); its space is also mostly schedules the VNNI template
 already rules out.
 
-The database is ``<dir>/tuning.json``: one record per (host target key, kernel-source hash,
-problem), written atomically under a lock, so later runs reuse it and a second ``tune`` call only
-measures problems it has not seen. Measurements run in this process or, with an RPC tracker, on a
-remote server (:class:`RPCRunner`).
+The database (:class:`~..runtime.tuning_db.TuningDB`, ``<dir>/tuning.json``) is read by the
+kernel providers at run time, so it lives in the runtime layer; ``tune`` only measures problems it
+has not seen. Measurements run in this process or, with an RPC tracker, on a remote server
+(:class:`RPCRunner`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import random
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
 
-from .. import fileio
-from . import gemm
-from .host import HostTarget, detect
+from ..kernels import gemm
+from ..runtime.host import HostTarget, detect
+from ..runtime.tuning_db import TuneRecord, TuningDB
 
-DB_FILE = "tuning.json"
-FORMAT = 1
 CONFIRM = 5  # alternating default/winner re-measurements before a tuned tile is recorded: the
 MARGIN = 0.03  # winner must be this much faster in their medians, and faster in all but one pair
 MAX_ZMM = 32  # mb·nb accumulators + nb B vectors + 1 broadcast A must fit in the zmm registers
-
-
-class TuningDBError(ValueError):
-    """A tuning database that cannot be read (damaged or of another format)."""
-
-
-@dataclass
-class TuneRecord:
-    host: str
-    source: str
-    problem: tuple[int, int, int, int]
-    tile: tuple[int, int, int]
-    default_tile: tuple[int, int, int]
-    gops: float
-    default_gops: float
-    trials: int
-    seconds: float
-
-    @property
-    def speedup(self) -> float:
-        return self.gops / self.default_gops if self.default_gops else 1.0
-
-
-def _key(host_key: str, source: str, problem) -> str:
-    return f"{host_key}|{source}|{','.join(map(str, problem))}"
-
-
-class TuningDB:
-    """The tiles chosen per GEMM problem for each host (see the module docstring)."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = pathlib.Path(directory)
-        self.path = self.directory / DB_FILE
-        self.records: dict[str, TuneRecord] = self._read()
-
-    def _read(self) -> dict[str, TuneRecord]:
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text())
-            if data.get("format") != FORMAT:
-                raise TuningDBError(f"format {data.get('format')!r}, this fraccompile reads {FORMAT}")
-            out = {}
-            for r in data["records"]:
-                rec = TuneRecord(
-                    **{
-                        **r,
-                        "problem": tuple(r["problem"]),
-                        "tile": tuple(r["tile"]),
-                        "default_tile": tuple(r["default_tile"]),
-                    }
-                )
-                gemm.Tile(*rec.tile)  # validates
-                out[_key(rec.host, rec.source, rec.problem)] = rec
-            return out
-        except TuningDBError as e:
-            raise TuningDBError(f"tuning database {self.path}: {e}") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise TuningDBError(
-                f"tuning database {self.path} is damaged ({type(e).__name__}: {e}); delete it to start over"
-            ) from None
-
-    def get(self, host: HostTarget, problem) -> TuneRecord | None:
-        return self.records.get(_key(host.key, gemm.source_hash(), tuple(problem)))
-
-    def tile(self, host: HostTarget, problem) -> gemm.Tile | None:
-        rec = self.get(host, problem)
-        return gemm.Tile(*rec.tile) if rec is not None else None
-
-    def put(self, rec: TuneRecord) -> None:
-        """Add ``rec`` and write the database (merged with what other processes wrote since)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fileio.remove_stale_temps(self.directory, DB_FILE)  # of writers killed mid-write
-        with fileio.locked(self.path):
-            self.records = {**self._read(), **self.records}
-            self.records[_key(rec.host, rec.source, rec.problem)] = rec
-            data = {"format": FORMAT, "records": [asdict(r) for r in self.records.values()]}
-            fileio.atomic_write(self.path, json.dumps(data, indent=1))
 
 
 # -- the search space -------------------------------------------------------------------------------

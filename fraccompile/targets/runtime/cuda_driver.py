@@ -1,4 +1,4 @@
-"""Running the TVM-generated CUDA GEMM (:mod:`.cuda`) from PyTorch, through the CUDA driver API.
+"""Running the TVM-generated CUDA GEMM (:mod:`..kernels.cuda`) from PyTorch, through the CUDA driver API.
 
 TVM 0.27's pip wheel has no CUDA runtime, so it cannot load its own CUDA modules. This module is
 the launcher: ``libcuda.so.1`` through ctypes (no other dependency), ``cuModuleLoadData`` of the
@@ -21,7 +21,7 @@ Kernels are compiled for the device's architecture (sm_80 for compute capability
 9.x; on a newer GPU the sm_90 PTX, which the driver JIT-compiles) and cached on disk under
 ``$FRACCOMPILE_CACHE_DIR`` (else ``$XDG_CACHE_HOME/fraccompile/kernels`` or
 ``~/.cache/fraccompile/kernels``) as ``<shape name>-<arch>-<key>.cubin``, the key hashing the
-shape, arch, format, TVM version and the source hash of :mod:`.cuda`; files are written to a
+shape, arch, format, TVM version and the source hash of :mod:`..kernels.cuda`; files are written to a
 temporary file and renamed (:func:`fraccompile.fileio.atomic_write`), so a reader sees no file or
 a whole one.
 """
@@ -38,7 +38,7 @@ import threading
 
 import torch
 
-from .. import fileio
+from ... import fileio
 from . import cache_dir
 
 MAX_K = 65_536  # |sum of K s8·s8 products| <= 128·128·65536 = 2**30
@@ -143,7 +143,7 @@ def arch_for(capability: tuple[int, int]) -> tuple[str, str]:
     """``(arch, format)`` to build for a device of compute capability ``(major, minor)``: the
     cubin of its own major version (a cubin runs on later minor versions), else the PTX of the
     newest older arch, which the driver JIT-compiles."""
-    from .cuda import ARCHS
+    from ..kernels.cuda import ARCHS
 
     major = capability[0]
     for arch in ARCHS:
@@ -166,7 +166,7 @@ def _tvm_version() -> str:
 
 
 def kernel_path(shape, arch: str, fmt: str, directory: pathlib.Path | None = None) -> pathlib.Path:
-    from .cuda import source_hash
+    from ..kernels.cuda import source_hash
 
     text = "|".join([shape.name, arch, fmt, f"tvm{_tvm_version()}", source_hash()])
     key = hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -176,7 +176,7 @@ def kernel_path(shape, arch: str, fmt: str, directory: pathlib.Path | None = Non
 def load_or_build(shape, arch: str, fmt: str = "cubin", directory: pathlib.Path | None = None) -> bytes:
     """The compiled kernel for ``shape``: from the disk cache, or built with nvcc and stored
     (when the directory is writable; else only returned)."""
-    from . import cuda
+    from ..kernels import cuda
 
     path = kernel_path(shape, arch, fmt, directory)
     try:
@@ -251,14 +251,15 @@ class _current:
 class CudaGemm:
     """Exact integer GEMMs ``a @ bᵀ`` per group on a CUDA GPU, with the TVM dp4a kernel.
 
-    ``tile``: force one :class:`.cuda.CudaTile` (default: :func:`.cuda.default_tile` per problem);
+    ``tile``: force one :class:`..kernels.cuda.CudaTile` (default:
+    :func:`..kernels.cuda.default_tile` per problem);
     ``max_k``: the K chunk length (at most :data:`MAX_K`); ``cache_dir``: where cubins are kept.
     """
 
     def __init__(
         self, tile=None, max_k: int = MAX_K, cache_dir: str | os.PathLike | None = None, library=None
     ):
-        """``library``: an exported CUDA library (:class:`.export.CudaLibrary`) to take kernels
+        """``library``: an exported CUDA library (:class:`..tools.export.CudaLibrary`) to take kernels
         from instead of building them."""
         if not 1 <= max_k <= MAX_K:
             raise ValueError(f"max_k={max_k}: must be in 1..{MAX_K}")
@@ -269,7 +270,7 @@ class CudaGemm:
 
     # the padded shape of one kernel call (pure Python, imports tvm via .cuda)
     def padded_shape(self, groups: int, m: int, n: int, k: int):
-        from .cuda import padded
+        from ..kernels.cuda import padded
 
         return padded(groups, m, n, k, self.tile)
 
@@ -352,7 +353,7 @@ class CudaGemm:
         return kernel
 
     def _load(self, index: int, shape) -> _LoadedKernel:
-        from . import cuda
+        from ..kernels import cuda
 
         arch, fmt = arch_for(torch.cuda.get_device_capability(index))
         if self.library is not None:

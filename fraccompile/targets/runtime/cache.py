@@ -2,9 +2,9 @@
 
 A kernel is stored as ``<dir>/<name>-<key hash>.so``. For a GEMM (named by its padded shape and
 tile) the hash covers the target (CPU name, instruction set, TVM version), the shape and tile, the
-dtypes and the hash of the GEMM source (:func:`fraccompile.targets.gemm.source_hash`); for the
+dtypes and the hash of the GEMM source (:func:`fraccompile.targets.kernels.gemm.source_hash`); for the
 quantize, dequantize and pack kernels, the target, the kernel's name and the hash of every kernel
-source (:func:`fraccompile.targets.kernels.source_hash`). The directory is
+source (:func:`fraccompile.targets.runtime.library.source_hash`). The directory is
 ``$FRACCOMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fraccompile/kernels``, else
 ``~/.cache/fraccompile/kernels``.
 
@@ -22,7 +22,7 @@ adopted when its ELF structure is whole. The first kernel a process asks for rem
 builds left in the directory (temporary files, build directories).
 
 Loading a library also points its parallel loops at torch's OpenMP threads
-(:mod:`fraccompile.targets.threads`).
+(:mod:`fraccompile.targets.runtime.threads`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 
 import tvm
 
-from .. import fileio
-from . import cache_dir, gemm, threads
+from ... import fileio
+from ..kernels import gemm
+from . import cache_dir, threads
 from .host import HostTarget, detect
 
 log = logging.getLogger("fraccompile.targets")
@@ -67,8 +68,8 @@ class KernelCache:
 
     :meth:`get` serves a GEMM shape; :meth:`get_named` any kernel, given its name, the key of what
     it was built from and how to build it (the pack and quantize kernels, see
-    :class:`fraccompile.targets.kernels.JitKernels`). Each library loaded from disk has its parallel
-    loops pointed at torch's OpenMP threads (:func:`fraccompile.targets.threads.adopt`)."""
+    :class:`fraccompile.targets.runtime.library.JitKernels`). Each library loaded from disk has its parallel
+    loops pointed at torch's OpenMP threads (:func:`fraccompile.targets.runtime.threads.adopt`)."""
 
     def __init__(self, directory: str | os.PathLike | None = None, host: HostTarget | None = None):
         self.host = host or detect()

@@ -9,7 +9,7 @@ probe of a routed site with K candidates, or the conv patch packer of one conv g
 
 * :class:`JitKernels` builds on first use, through the on-disk cache (GEMMs with the tile a tuning
   database chose for the problem when one is given);
-* :class:`fraccompile.targets.export.ExportedKernels` reads an exported library and builds nothing.
+* :class:`fraccompile.targets.tools.export.ExportedKernels` reads an exported library and builds nothing.
 
 A :class:`Recorder` attached to the backend notes each GEMM problem and conv patch packer a run
 asks for, with the site and role that asked: ``fraccompile tune`` and ``fraccompile export``
@@ -23,7 +23,7 @@ import hashlib
 import pathlib
 from dataclasses import dataclass, replace
 
-from . import conv, gemm, pack, probe, quantize, subbyte, sums
+from ..kernels import conv, gemm, pack, probe, quantize, subbyte, sums
 from .cache import KernelCache
 from .host import HostTarget, detect
 
@@ -47,16 +47,19 @@ KINDS = (
     "quantize_rows_counter",
     "code_sums",
 )
+# The sources of every CPU kernel, relative to fraccompile/targets/: the definitions in kernels/
+# (all but cuda.py, whose cubins have their own hash, kernels.cuda.source_hash) and the host
+# target they are built for.
 KERNEL_FILES = (
-    "gemm.py",
-    "conv.py",
-    "intrin.py",
-    "host.py",
-    "pack.py",
-    "quantize.py",
-    "subbyte.py",
-    "probe.py",
-    "sums.py",
+    "kernels/gemm.py",
+    "kernels/conv.py",
+    "kernels/intrin.py",
+    "runtime/host.py",
+    "kernels/pack.py",
+    "kernels/quantize.py",
+    "kernels/subbyte.py",
+    "kernels/probe.py",
+    "kernels/sums.py",
 )
 
 
@@ -64,16 +67,16 @@ KERNEL_FILES = (
 def source_hash() -> str:
     """Hash of the code of every CPU kernel (the GEMMs, packers and quantizers)."""
     h = hashlib.sha256()
-    here = pathlib.Path(__file__).parent
+    targets = pathlib.Path(__file__).parent.parent
     for name in KERNEL_FILES:
-        h.update((here / name).read_bytes())
+        h.update((targets / name).read_bytes())
     return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class KernelRef:
     """``serial``: the same kernel with its parallel loop run on the calling thread (the
-    memory-bound kernels below a size, see :data:`fraccompile.targets.codes.PARALLEL_MIN_BYTES`;
+    memory-bound kernels below a size, see :data:`fraccompile.targets.backend.codes.PARALLEL_MIN_BYTES`;
     not for GEMMs)."""
 
     kind: str
@@ -214,7 +217,7 @@ class Recorder:
 
 class JitKernels:
     """Builds kernels on first use. GEMM problems take the tile of ``tuning`` (a
-    :class:`~fraccompile.targets.tuning.TuningDB`) when it has one for this host, else the default
+    :class:`~fraccompile.targets.runtime.tuning_db.TuningDB`) when it has one for this host, else the default
     tile."""
 
     def __init__(self, cache: KernelCache | None = None, tuning=None, host: HostTarget | None = None):

@@ -1,0 +1,13 @@
+"""Kernel definitions: the TE/TIR compute definitions and schedules of every kernel, built by the
+runtime layer.
+
+``gemm`` (the u8·s8→s32 GEMM every site role lowers to), ``conv`` (implicit-GEMM conv forward and
+weight gradient), ``pack`` (operand packing), ``quantize`` (the fused quantizer, the dequantize
+epilogues), ``subbyte`` (1/2/4-bit storage of saved codes), ``probe`` (a routed site's gate
+gradient), ``sums`` (exact column sums of codes), ``intrin`` (the ``vpdpbusd`` tensor intrinsic),
+``cuda`` (the dp4a GEMM for NVIDIA GPUs and its nvcc build).
+
+Imports: tvm, :mod:`fraccompile.ops` (the quantizer's constants), and of ``fraccompile.targets``
+only these modules and :mod:`..runtime.host` (the target a kernel is built for). This file
+imports nothing.
+"""

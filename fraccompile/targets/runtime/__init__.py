@@ -1,0 +1,28 @@
+"""Runtime: where the compiled kernels come from and how they run.
+
+``host`` (the CPU, its TVM target, TVM's thread settings made before tvm is imported), ``cache``
+(the on-disk kernel cache), ``library`` (kernel names, :class:`~.library.KernelRef`; the provider
+that builds on first use, :class:`~.library.JitKernels`; the :class:`~.library.Recorder` of what
+a run asks for), ``tuning_db`` (the tiles ``fraccompile tune`` chose), ``threads`` (the
+kernels' parallel loops on torch's OpenMP threads), ``cuda_driver`` (cubins launched through the
+CUDA driver API).
+
+Imports: of ``fraccompile.targets`` only these modules and :mod:`..kernels`, never the backend or
+the tools. This file imports nothing, and neither ``threads`` nor ``cuda_driver`` imports tvm.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+
+def cache_dir() -> pathlib.Path:
+    """Where compiled kernels are cached (CPU libraries and CUDA cubins):
+    ``$FRACCOMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fraccompile/kernels``, else
+    ``~/.cache/fraccompile/kernels``."""
+    env = os.environ.get("FRACCOMPILE_CACHE_DIR")
+    if env:
+        return pathlib.Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "fraccompile" / "kernels"
