@@ -320,8 +320,8 @@ def _other_cpu() -> str:
     ],
 )
 def test_manifest_of_another_target_or_version_is_refused(exported, tmp_path, field, value, match):
+    from fraccompile.targets.runtime.exported import ExportedKernels, KernelLibraryError
     from fraccompile.targets.runtime.host import detect
-    from fraccompile.targets.tools.export import ExportedKernels, KernelLibraryError
 
     if field == "mcpu":
         value = _other_cpu()
@@ -335,7 +335,7 @@ def test_manifest_of_another_target_or_version_is_refused(exported, tmp_path, fi
 
 
 def test_tampered_missing_or_damaged_files_are_refused(exported, tmp_path):
-    from fraccompile.targets.tools.export import ExportedKernels, KernelLibraryError
+    from fraccompile.targets.runtime.exported import ExportedKernels, KernelLibraryError
 
     d = _copy_export(exported, tmp_path)
     lib = d / "kernels-cpu.so"
@@ -364,7 +364,7 @@ def test_truncated_library_is_refused_even_when_the_manifest_hash_matches(export
     """dlopen of a truncated library dies of SIGBUS, past any except: its ELF structure is checked
     before, whatever the manifest says."""
     from fraccompile import fileio
-    from fraccompile.targets.tools.export import ExportedKernels, KernelLibraryError
+    from fraccompile.targets.runtime.exported import ExportedKernels, KernelLibraryError
 
     d = _copy_export(exported, tmp_path)
     lib = d / "kernels-cpu.so"
@@ -390,7 +390,7 @@ def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, mode
 
 
 def test_other_input_shapes_are_refused_naming_the_site(exported, model_file):
-    from fraccompile.targets.tools.export import KernelLibraryError
+    from fraccompile.targets.runtime.exported import KernelLibraryError
 
     out, _ = exported
     fm, model, _ = _small(model_file, kernels=str(out))
@@ -518,7 +518,7 @@ def exported_both(exported, tmp_path_factory, model_file):
 
 def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
     from fraccompile.targets.kernels import cuda
-    from fraccompile.targets.tools.export import ExportedKernels
+    from fraccompile.targets.runtime.exported import ExportedKernels
 
     out, manifest = exported_both
     assert set(manifest["targets"]) == {"cpu", "cuda"}
@@ -542,7 +542,7 @@ def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
         assert image == fatbin and fn == entry["function"]
         assert (grid, block, params) == cuda.launch_config(shape)[:2] + (cuda.launch_config(shape)[3],)
     missing = cuda.padded(1, 8, 8, 4096)
-    from fraccompile.targets.tools.export import KernelLibraryError
+    from fraccompile.targets.runtime.exported import KernelLibraryError
 
     with pytest.raises(KernelLibraryError, match="no CUDA kernel for " + missing.name):
         provider.cuda_library.kernel(missing, "sm_90")
@@ -568,7 +568,7 @@ def _assert_cpu_gemms_run_exactly(provider) -> None:
 
 
 def test_exported_cpu_gemms_run_exactly(exported):
-    from fraccompile.targets.tools.export import ExportedKernels
+    from fraccompile.targets.runtime.exported import ExportedKernels
 
     _assert_cpu_gemms_run_exactly(ExportedKernels(exported[0]))
 
@@ -576,7 +576,7 @@ def test_exported_cpu_gemms_run_exactly(exported):
 def test_tampered_fatbin_is_refused(exported_both, tmp_path):
     import shutil
 
-    from fraccompile.targets.tools.export import ExportedKernels, KernelLibraryError
+    from fraccompile.targets.runtime.exported import ExportedKernels, KernelLibraryError
 
     out, _ = exported_both
     d = tmp_path / "k"
@@ -626,7 +626,7 @@ def test_train_command_on_exported_kernels(model_file, tmp_path):
 def test_cuda_only_export_refuses_cpu_tensors(exported_both, model_file, tmp_path):
     import shutil
 
-    from fraccompile.targets.tools.export import KernelLibraryError
+    from fraccompile.targets.runtime.exported import KernelLibraryError
 
     out, _ = exported_both
     d = tmp_path / "k"

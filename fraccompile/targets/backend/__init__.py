@@ -6,8 +6,8 @@
 implicit convs and operand packers), ``roles`` (a site's forward / error backprop / weight
 gradient from codes, per op kind), ``site_gemm`` (the autograd Function of a site).
 
-Imports: of ``fraccompile.targets`` these modules, :mod:`..runtime` and :mod:`..kernels`; the
-factory opens an exported kernel library through :mod:`..tools.export`.
+Imports: of ``fraccompile.targets`` only these modules, :mod:`..runtime` and :mod:`..kernels`,
+never the tools.
 """
 
 from __future__ import annotations

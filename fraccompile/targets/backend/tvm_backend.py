@@ -307,7 +307,7 @@ def make_tvm_backend(options: dict) -> TVMBackend:
 
         tuning = TuningDB(options["tuning_db"])
     if options.get("kernels"):
-        from ..tools.export import ExportedKernels
+        from ..runtime.exported import ExportedKernels
 
         provider = ExportedKernels(options["kernels"], bool(options.get("kernels_fallback")), tuning=tuning)
     else:

@@ -3,9 +3,9 @@
 ``host`` (the CPU, its TVM target, TVM's thread settings made before tvm is imported), ``cache``
 (the on-disk kernel cache), ``library`` (kernel names, :class:`~.library.KernelRef`; the provider
 that builds on first use, :class:`~.library.JitKernels`; the :class:`~.library.Recorder` of what
-a run asks for), ``tuning_db`` (the tiles ``fraccompile tune`` chose), ``threads`` (the
-kernels' parallel loops on torch's OpenMP threads), ``cuda_driver`` (cubins launched through the
-CUDA driver API).
+a run asks for), ``exported`` (the provider over an exported kernel library), ``tuning_db`` (the
+tiles ``fraccompile tune`` chose), ``threads`` (the kernels' parallel loops on torch's OpenMP
+threads), ``cuda_driver`` (cubins launched through the CUDA driver API).
 
 Imports: of ``fraccompile.targets`` only these modules and :mod:`..kernels`, never the backend or
 the tools. This file imports nothing, and neither ``threads`` nor ``cuda_driver`` imports tvm.

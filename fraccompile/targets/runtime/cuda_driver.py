@@ -259,7 +259,7 @@ class CudaGemm:
     def __init__(
         self, tile=None, max_k: int = MAX_K, cache_dir: str | os.PathLike | None = None, library=None
     ):
-        """``library``: an exported CUDA library (:class:`..tools.export.CudaLibrary`) to take kernels
+        """``library``: an exported CUDA library (:class:`.exported.CudaLibrary`) to take kernels
         from instead of building them."""
         if not 1 <= max_k <= MAX_K:
             raise ValueError(f"max_k={max_k}: must be in 1..{MAX_K}")

@@ -9,7 +9,7 @@ probe of a routed site with K candidates, or the conv patch packer of one conv g
 
 * :class:`JitKernels` builds on first use, through the on-disk cache (GEMMs with the tile a tuning
   database chose for the problem when one is given);
-* :class:`fraccompile.targets.tools.export.ExportedKernels` reads an exported library and builds nothing.
+* :class:`fraccompile.targets.runtime.exported.ExportedKernels` reads an exported library and builds nothing.
 
 A :class:`Recorder` attached to the backend notes each GEMM problem and conv patch packer a run
 asks for, with the site and role that asked: ``fraccompile tune`` and ``fraccompile export``
