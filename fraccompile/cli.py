@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import copy
-import functools
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
+from .cli_common import (  # noqa: F401  (app and console: importable from here too)
+    ConfigOpt,
+    DtypeOpt,
+    ModelArg,
+    _one_line_errors,
+    _writable,
+    app,
+    console,
+)
 from .errors import FracCompileError
 from .meta_keys import GM_CAPTURE
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="FracTrain quantized training as a PyTorch graph compiler.",
-)
-# A wide console when piped, so the site table is not folded into unreadable cells.
-console = Console(width=None if sys.stdout.isatty() else 160)
 
 # FracConfig fields that `transform` and `train` both take from the command line
 BackendOpt = Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")]
 SchemeOpt = Annotated[Optional[str], typer.Option(help="sbm or symmetric")]
 WeightScaleOpt = Annotated[
-    Optional[str], typer.Option(help="weight ranges per output channel (default) or per tensor")
+    Optional[str],
+    typer.Option(
+        help="weight ranges per output channel (default), per tensor, or gemm (the error backprop's "
+        "weight quantized again per input channel)"
+    ),
 ]
 RoundingNoiseOpt = Annotated[
     Optional[str],
@@ -49,34 +51,6 @@ RecomputeBudgetOpt = Annotated[
 ]
 # the FracConfig fields above, which `transform` and `train` take as options of the same name
 CONFIG_OPTIONS = ("backend", "scheme", "weight_scale", "rounding_noise", "recompute", "recompute_budget")
-# options every command that loads a model file takes
-ModelArg = Annotated[str, typer.Argument(metavar="PATH.py[:NAME]")]
-ConfigOpt = Annotated[Optional[Path], typer.Option(help="FracConfig TOML file")]
-DtypeOpt = Annotated[str, typer.Option(help="input dtype: auto, float32 or int64")]
-
-
-def _one_line_errors(fn):
-    """Turn a FracCompileError (bad input) into one actionable line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FracCompileError as err:
-            print(f"fraccompile: error: {err}", file=sys.stderr)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _writable(path: Path, option: str) -> None:
-    """Refuse an output directory that cannot be written, before any long work."""
-    from .errors import ConfigError
-    from .fileio import dir_problem
-
-    problem = dir_problem(path)
-    if problem:
-        raise ConfigError(f"{option} {path}: {problem}")
 
 
 def _load_config(path: Optional[Path], leaf: list[str], capture: Optional[str]):

@@ -1,7 +1,7 @@
 """The kernel-tooling commands of ``fraccompile``, ``tune`` and ``export`` (docs/tuning-export.md),
-registered on :data:`fraccompile.cli.app` (which imports this module). What they do is in
-:mod:`fraccompile.kernel_tools` and :mod:`fraccompile.targets`; this module reads the options and
-prints."""
+registered on :data:`fraccompile.cli_common.app` (:mod:`fraccompile.cli` imports this module).
+What they do is in :mod:`fraccompile.kernel_tools` and :mod:`fraccompile.targets`; this module
+reads the options and prints."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import ConfigOpt, DtypeOpt, ModelArg, _one_line_errors, _writable, app, console
+from .cli_common import ConfigOpt, DtypeOpt, ModelArg, _one_line_errors, _writable, app, console
 
 KernelShapeOpt = Annotated[str, typer.Option(help="example input shape, e.g. 128,3,32,32")]
 TargetOpt = Annotated[str, typer.Option(help="cpu or cuda")]

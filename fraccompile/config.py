@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .ops.quantizers import ROUNDING_NOISES  # noqa: F401  (stochastic rounding's noise; ops owns it)
 
 CONFIG_VERSION = 1
 SCHEMES = ("sbm", "symmetric")
 WEIGHT_SCALES = ("channel", "tensor", "gemm")
-ROUNDING_NOISES = ("torch", "counter")  # stochastic rounding noise (fraccompile.ops.quantizers)
 RECOMPUTE_LEVELS = ("none", "activations", "norms")  # passes/epilogue_fusion.py
 BACKENDS = ("reference", "tvm", "auto")  # the built-in ones; others register (ops.backend)
 CAPTURE_METHODS = ("auto", "fx", "export")

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..config import ROUNDING_NOISES
+ROUNDING_NOISES = ("torch", "counter")  # FracConfig.rounding_noise: the source of the rounding noise
 
 # Floor of the quantization step, only there to avoid dividing by zero: a zero-range (constant)
 # tensor then quantizes exactly. SBM floors at 1e-8, which flushes tensors whose whole range is below
