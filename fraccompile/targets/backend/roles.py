@@ -214,7 +214,6 @@ class SiteRoles:
             return dy.matmul(w)
         if spec.kind == "matmul":
             return dy.matmul(w.mT).sum_to_size(x_shape)
-        n = spec.conv_dims
         # dx takes the layout of the (unused) input argument: x's, so that the elementwise
         # backward ops downstream (ReLU, BatchNorm, the residual sum) see one layout, not two
         x_like = (
@@ -222,19 +221,7 @@ class SiteRoles:
             if _dense_perm(xq.codes) is not None
             else dy.new_empty(x_shape)
         )
-        return torch.ops.aten.convolution_backward(
-            dy,
-            x_like,
-            w,
-            None,
-            list(spec.stride),
-            list(spec.gemm_padding(w.shape)),
-            list(spec.dilation),
-            False,
-            [0] * n,
-            spec.groups,
-            [True, False, False],
-        )[0]
+        return self._conv_backward(spec, dy, x_like, w, [True, False, False])[0]
 
     def _eb_integer(
         self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape
@@ -392,22 +379,7 @@ class SiteRoles:
         dw = None
         for j in range(scales.shape[0]):
             rows = (group == j).nonzero().flatten()
-            sub_x = IntCodes(
-                _take_rows(xq.codes, rows),
-                scales[j, 0].reshape(1),
-                xq.signed,
-                xq.zero,
-                _row_value(xq.qmax, rows),
-                xq.offset,
-            )
-            sub_dy = IntCodes(
-                _take_rows(dyq.codes, rows),
-                scales[j, 1].reshape(1),
-                dyq.signed,
-                dyq.zero,
-                _row_value(dyq.qmax, rows),
-                dyq.offset,
-            )
+            sub_x, sub_dy = (_group_codes(q, rows, scales[j, i]) for i, q in enumerate((xq, dyq)))
             d = self.gc(spec, sub_x, sub_dy, (len(rows), *x_shape[1:]), w_shape)
             dw = d if dw is None else dw.add_(d)
         return dw
@@ -455,6 +427,13 @@ class SiteRoles:
         ks = list(w_shape[2:])
         dw = C.reshape(OC, *ks, w_shape[1])  # (OC, k..., Cg)
         return dw.permute(0, n + 1, *range(1, n + 1))
+
+
+def _group_codes(q: IntCodes, rows: torch.Tensor, scale: torch.Tensor) -> IntCodes:
+    """The samples ``rows`` of per-sample codes ``q``, which share the one ``scale``."""
+    return IntCodes(
+        _take_rows(q.codes, rows), scale.reshape(1), q.signed, q.zero, _row_value(q.qmax, rows), q.offset
+    )
 
 
 def _bcast_batch(x_shape, y_shape) -> tuple[int, ...]:
