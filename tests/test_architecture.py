@@ -184,3 +184,18 @@ def test_a_registered_backend_is_a_config_choice_and_receives_site_calls(monkeyp
         assert "counting" in str(err)  # the error lists the registered backends
     else:
         raise AssertionError("an unknown backend was accepted")
+
+
+def test_every_subpackage_is_installed():
+    """pyproject's explicit package list names every package under fraccompile/ (a new
+    subpackage left out would be missing from a wheel and an editable install alike)."""
+    import tomllib
+
+    import pytest
+
+    pyproject = PKG.parent / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("fraccompile is installed from a wheel, not a source tree")
+    listed = set(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(PKG.parent).parts) for p in PKG.rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
