@@ -10,15 +10,16 @@ Roles, as one batched GEMM ``C[g] = A[g]·B[g]ᵀ`` with A u8 and B s8 (see :mod
 role          linear / conv (im2col ``cols``)        matmul ``x @ y``
 ============  =====================================  ==============================================
 forward FW    A = x codes, B = w codes               A = x, B = yᵀ
-backprop EB   fp32 GEMM on the dequantized codes     A = dy, B = y         (``dx``)
+backprop EB   see below                              A = dy, B = y         (``dx``)
 weight GC     A = dyᵀ, B = xᵀ (colsᵀ) → ``dw``      A = xᵀ, B = dyᵀ       (``dy`` of ``y``)
 ============  =====================================  ==============================================
 
-EB of a weight site is not an integer GEMM: the weights have one scale per output channel, and EB
-sums over output channels, so the scales cannot be taken out of the sum; it runs as an fp32 GEMM
-on exactly the reference backend's operands (per-channel weight ranges: docs/contract.md). With
-``FracConfig(weight_scale="tensor")`` a linear site's EB is an integer GEMM (A = dy, B = wᵀ); a
-conv's stays fp32 (its transposed conv would need a col2im, and im2col already dominates).
+EB of a weight site with per-output-channel weight ranges (the default) is not an integer GEMM:
+EB sums over output channels, so their scales cannot be taken out of the sum; it runs in fp32 on
+exactly the reference backend's operands (docs/contract.md). With ``weight_scale="tensor"`` or
+``"gemm"`` (the weight's scales on EB's output axis) a linear site's EB is an integer GEMM
+(A = dy, B = wᵀ), and a stride-1 2-D conv's the integer forward of its transposed conv (zero
+points included); strided and grouped convs stay fp32.
 """
 
 from __future__ import annotations
