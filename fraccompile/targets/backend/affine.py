@@ -1,7 +1,8 @@
 """The terms an integer GEMM adds to its exact product when its operands have zero points
 (``sbm``): row sums of one operand's codes, sums of the other's values, and for convs their
-window, tap and border forms (docs/contract.md, "Integer lowering"). Exact integer sums are
-taken as fp32 (exact below 2**24)."""
+window, tap and border forms (docs/contract.md, "Integer lowering"). Exact integer sums of codes
+over the batch or the positions come from the ``code_sums`` kernel (int32); the others are taken
+as fp32 (exact below 2**24)."""
 
 from __future__ import annotations
 
