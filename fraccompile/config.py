@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .ops.quantizers import ROUNDING_NOISES  # noqa: F401  (stochastic rounding's noise; ops owns it)
+from .ops.quantizers import ROUNDING_NOISES  # stochastic rounding's noise sources (ops owns them)
 
 CONFIG_VERSION = 1
 SCHEMES = ("sbm", "symmetric")

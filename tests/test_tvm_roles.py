@@ -242,6 +242,22 @@ def test_per_tensor_weight_scale_matches_reference_and_runs_eb_in_integers(
     assert ("eb" in roles) == integer_eb
 
 
+def _integer_eb_calls(monkeypatch) -> list[bool]:
+    """Per error-backprop call of the tvm backend from now on, whether it ran in integers."""
+    from fraccompile.targets.backend import TVMBackend
+
+    ran = []
+    eb_integer = TVMBackend._eb_integer
+
+    def counting(self, *args, **kwargs):
+        out = eb_integer(self, *args, **kwargs)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(TVMBackend, "_eb_integer", counting)
+    return ran
+
+
 @pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
 @pytest.mark.parametrize(
     "module,shape,integer_eb",
@@ -261,17 +277,7 @@ def test_gemm_weight_scales_match_reference_and_run_eb_in_integers(
     channel (its output columns), on both backends alike; on tvm that GEMM is integer (with
     sbm's zero points, a stride-1 conv's runs as the forward of its transposed conv, whose
     zero-point terms are the forward's)."""
-    from fraccompile.targets.backend import TVMBackend
-
-    roles = []
-    eb_integer = TVMBackend._eb_integer
-
-    def counting(self, *args, **kwargs):
-        out = eb_integer(self, *args, **kwargs)
-        roles.append(out is not None)
-        return out
-
-    monkeypatch.setattr(TVMBackend, "_eb_integer", counting)
+    roles = _integer_eb_calls(monkeypatch)
     torch.manual_seed(0)
     op, args = _module_site(copy.deepcopy(module), torch.randn(*shape), weight_scale="gemm", scheme=scheme)
     _compare(op, args, on_tvm=True)
@@ -445,17 +451,7 @@ def test_routed_gemm_weight_scale_runs_eb_in_integers(scheme, monkeypatch):
     """weight_scale="gemm" on a routed conv site with per-sample gradient grids up to 8 bits:
     the error backprop is the integer forward of the transposed conv with per-row scales (and
     sbm's zero points), within the tolerance of the reference backend."""
-    from fraccompile.targets.backend import TVMBackend
-
-    ran = []
-    eb_integer = TVMBackend._eb_integer
-
-    def counting(self, *args, **kwargs):
-        out = eb_integer(self, *args, **kwargs)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(TVMBackend, "_eb_integer", counting)
+    ran = _integer_eb_calls(monkeypatch)
     torch.manual_seed(4)
     x = torch.randn(5, 8, 6, 8)
     op, _ = _module_site(C2(8, 20, 3, padding=1), x, scheme=scheme, weight_scale="gemm")

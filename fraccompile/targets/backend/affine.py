@@ -12,6 +12,7 @@ import math
 import torch
 
 from ...ops.spec import CONV_FNS, SiteSpec
+from ..kernels.sums import MAX_ROWS as MAX_SUM_ROWS  # rows of byte codes whose column sums int32 holds
 from ..runtime.library import KernelRef
 from .codes import IntCodes, _dense_perm, _serial
 
@@ -29,7 +30,6 @@ def _out_channel(spec: SiteSpec, v: torch.Tensor, dims: int) -> torch.Tensor:
 _CODE_BOUND = {torch.uint8: 255, torch.int8: 128}
 _EXACT = 2**24  # fp32 holds every integer below this
 _BYTE_CODES = (torch.uint8, torch.int8)
-MAX_SUM_ROWS = (2**31 - 1) // 255  # rows of byte codes whose column sums int32 holds (sums.MAX_ROWS)
 
 
 def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, kernel=None) -> torch.Tensor:
@@ -61,10 +61,10 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, k
     R = math.prod(codes.shape[d] for d in (dims if rows else keep))
     K = math.prod(codes.shape[d] for d in (keep if rows else dims))
     mat = codes.permute(*order).reshape(R, K)
-    length = mat.shape[0] if rows else mat.shape[1]  # the summed extent
     if rows and kernel is not None and codes.dtype in _BYTE_CODES and not mat.is_cuda:
         total = _column_sums(mat, kernel).to(dtype)
     else:
+        length = mat.shape[0] if rows else mat.shape[1]  # the summed extent
         step = max(1, (_EXACT - 1) // _CODE_BOUND.get(codes.dtype, 2**16))
         total = None
         for lo in range(0, max(length, 1), step):
@@ -85,15 +85,12 @@ def _column_sums(mat: torch.Tensor, kernel) -> torch.Tensor:
     """``mat.sum(0)`` of byte codes ``(R, K)`` (contiguous), exact: int32 from the :mod:`..kernels.sums`
     kernel, in row chunks whose sums int32 holds (int64 where there are several)."""
     name = "uint8" if mat.dtype == torch.uint8 else "int8"
-    total = None
+    sums = []
     for lo in range(0, max(mat.shape[0], 1), MAX_SUM_ROWS):
         part = mat[lo : lo + MAX_SUM_ROWS]
-        out = torch.empty(mat.shape[1], dtype=torch.int32)
-        kernel(KernelRef("code_sums", (name,), serial=_serial(part.numel())))(part, out)
-        if mat.shape[0] <= MAX_SUM_ROWS:
-            return out
-        total = out.long() if total is None else total.add_(out)
-    return total
+        sums.append(torch.empty(mat.shape[1], dtype=torch.int32))
+        kernel(KernelRef("code_sums", (name,), serial=_serial(part.numel())))(part, sums[-1])
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum(0, dtype=torch.int64)
 
 
 def _code_sums(codes: torch.Tensor, dim, kernel=None) -> torch.Tensor:
