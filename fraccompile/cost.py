@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from .ops.spec import Precision
 
 FULL = 32
+# what a DFQ cost target is a fraction of: fp32 training of the whole model, or of the gated sites
+CP_SCOPES = ("model", "gated")
 
 
 def _bits(b: int) -> int:

@@ -12,7 +12,7 @@ from torch import fx
 
 from .config import FracConfig
 from .control.controller import PrecisionController
-from .cost import CostMeter, CostReport, cost_report, mixed_site_cost, site_cost
+from .cost import CP_SCOPES, CostMeter, CostReport, cost_report, mixed_site_cost, site_cost
 from .meta_keys import GM_FP32_OPS, META_FP_LAYER, META_GATE, META_PRECISION_NODE, META_SITE, META_SITE_PARTS
 from .ops.modules import FracOp
 from .ops.spec import Precision
@@ -177,23 +177,33 @@ class FracModel(fx.GraphModule):
                 rows.append(site_cost(s.name, s.macs, s.precision, s.full_precision))
         return CostReport(tuple(rows))
 
-    def gate_cp(self) -> torch.Tensor:
+    def gate_cp(self, scope: str = "model") -> torch.Tensor:
         """The expected cost ratio ``cp`` of the latest forward as a differentiable function of the
-        gates' decisions (straight-through), for the DFQ cost regularizer."""
+        gates' decisions (straight-through), for the DFQ cost regularizer.
+
+        ``scope="model"``: against fp32 training of the whole model, the sites no gate feeds (the
+        fp32 first and last layers, say) counted at their precision. ``scope="gated"``: against
+        fp32 training of the gated sites alone, as FracTrain's code counts its ``cp`` (so its
+        targets, e.g. 1.5%, mean the same here)."""
+        if scope not in CP_SCOPES:
+            raise ValueError(f"gate_cp scope {scope!r}: choose {' or '.join(CP_SCOPES)}")
         bank, regions = self._gates(), self._site_regions()
         if bank is None or not bank.last:
             raise RuntimeError("gate_cp() needs a model compiled with pipeline='dfq' and a forward")
         total, fixed = 0.0, 0.0
         terms = []
         for s in self.sites:
-            total += 3 * s.macs
             region = regions.get(s.name)
             if region in bank.last:
+                total += 3 * s.macs
                 w = s.precision.w or 32
                 per_candidate = torch.tensor([(a * w + g * w + a * g) / 1024 for a, g in zip(bank.a, bank.g)])
                 terms.append(s.macs * (bank.fractions(region) * per_candidate).sum())
-            else:
+            elif scope == "model":
+                total += 3 * s.macs
                 fixed += site_cost(s.name, s.macs, s.precision).total
+        if not terms:
+            raise RuntimeError("gate_cp() found no gated site in the latest forward")
         return (sum(terms) + fixed) / total
 
     def _gates(self):
