@@ -147,14 +147,17 @@ def _make_schedule(
     cp: float = 3.0,
     cp_step: float = 0.5,
     beta: float = 2.0,
+    weight_bits: int = 8,
+    cp_scope: str = "model",
 ):
     from .control import DFQ, PFQ, Cyclic, FracTrain, Static
     from .errors import ConfigError
 
+    gated = {"beta": beta, "w": weight_bits, "cp_scope": cp_scope}
     if kind == "dfq":
-        return DFQ(cp / 100, beta=beta)
+        return DFQ(cp / 100, **gated)
     if kind == "fractrain":
-        return FracTrain(cp / 100, cp_step / 100, beta=beta, eval_every=pfq_every, eps=eps, alpha=alpha)
+        return FracTrain(cp / 100, cp_step / 100, eval_every=pfq_every, eps=eps, alpha=alpha, **gated)
     fws, bws = _int_list("--fw", fw), _int_list("--bw", bw)
     if kind == "static":
         return Static(fws[0], fws[0], bws[0])
@@ -222,6 +225,14 @@ def train(
     cp: Annotated[float, typer.Option(help="dfq/fractrain: target cost, % of fp32")] = 3.0,
     cp_step: Annotated[float, typer.Option(help="fractrain: target raise per turning point, %")] = 0.5,
     beta: Annotated[float, typer.Option(help="dfq/fractrain: cost regularizer weight")] = 2.0,
+    weight_bits: Annotated[int, typer.Option(help="dfq/fractrain: the weights' bits")] = 8,
+    cp_scope: Annotated[
+        str,
+        typer.Option(
+            help="dfq/fractrain: --cp is a % of fp32 training of the whole model (model) or of the "
+            "gated layers alone (gated, as FracTrain's code counts it)"
+        ),
+    ] = "model",
     gate_mode: Annotated[str, typer.Option(help="dfq/fractrain: routed or dense")] = "routed",
     block_size: Annotated[int, typer.Option(min=2, help="shakespeare: context length")] = 64,
     train_limit: Annotated[Optional[int], typer.Option(help="random training subset size")] = None,
@@ -332,6 +343,8 @@ RUN_INFO = (
     "cp",
     "cp_step",
     "beta",
+    "weight_bits",
+    "cp_scope",
 )
 
 
@@ -356,6 +369,8 @@ def _train(
     cp,
     cp_step,
     beta,
+    weight_bits,
+    cp_scope,
     gate_mode,
     block_size,
     train_limit,
@@ -403,7 +418,9 @@ def _train(
             saved = load_checkpoint(resume)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None
-    sched = _make_schedule(schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step, beta)
+    sched = _make_schedule(
+        schedule, fw, bw, iters, pfq_every, eps, alpha, cycles, cp, cp_step, beta, weight_bits, cp_scope
+    )
     cfg = _override(
         _load_config(config, [], None),
         options,

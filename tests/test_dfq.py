@@ -107,6 +107,44 @@ def test_expected_cost_and_its_gradient():
     assert fm.cost().cp == pytest.approx(static.cost().cp)
 
 
+def test_gated_cp_scope_counts_the_gated_sites_alone():
+    """``cp_scope="gated"`` is FracTrain's code's cp: over the gated sites only, so the cheapest
+    candidate (3/6) at 4-bit weights is (3·4 + 6·4 + 3·6) / (3·32·32) whatever the ungated layers
+    cost; the model scope adds those at their precision, as cost() counts them."""
+    fm, _ = _pair(resnet_cifar.resnet20, torch.randn(8, 3, 32, 32))
+    fm.precision.set(w=4)
+    fm.frac_gates.forced = 0
+    fm(torch.randn(8, 3, 32, 32))
+    gated = fm.gate_cp("gated")
+    assert gated.item() == pytest.approx((3 * 4 + 6 * 4 + 3 * 6) / 3072, rel=1e-6)
+    rows = fm.cost().rows
+    regions = fm._site_regions()
+    ungated = [r for r in rows if r.name not in regions]
+    assert [r.name for r in ungated] == ["conv1", "fc"]  # the fp32 first and last layers
+    gated_macs = sum(r.macs for r in rows if r.name in regions)
+    model = (gated.item() * 3 * gated_macs + sum(r.total for r in ungated)) / (3 * sum(r.macs for r in rows))
+    assert fm.gate_cp("model").item() == pytest.approx(model, rel=1e-6)
+    assert fm.gate_cp().item() == pytest.approx(fm.cost().cp, rel=1e-6)
+    with pytest.raises(ValueError, match="scope"):
+        fm.gate_cp("layers")
+    # the schedule's regularizer reads its own scope: just above the gated target, s = +0.1
+    dfq = DFQ(gated.item() - 0.001, w=4, cp_scope="gated", relax=0.002)
+    assert dfq.regularizer(fm).item() == pytest.approx(0.1 * 2.0 * gated.item(), rel=1e-6)
+    assert "of the gated layers" in dfq.describe()
+    with pytest.raises(fraccompile.ConfigError, match="cp_scope"):
+        DFQ(0.03, cp_scope="layers")
+
+
+def test_cp_scope_survives_a_checkpoint():
+    sched = FracTrain(0.015, 0.005, w=4, cp_scope="gated")
+    other = FracTrain()
+    other.load_state_dict(sched.state_dict())
+    assert (other.cp_scope, other.w, other.cp0) == ("gated", 4, 0.015)
+    old = {k: v for k, v in sched.state_dict().items() if k != "cp_scope"}  # saved before cp_scope
+    other.load_state_dict(old)
+    assert other.cp_scope == "model"
+
+
 def test_cost_regularizer_signs():
     target, relax = 0.03, 0.002
     assert cost_regularizer(0.05, target, 2.0, relax) == pytest.approx(2.0 * 0.05)
@@ -152,6 +190,44 @@ def test_fit_with_dfq_logs_gate_shares(tmp_path):
     paths = render_report(tmp_path)
     assert "gates_by_class.png" in [p.name for p in paths]
     assert "## Gates per class" in (tmp_path / "summary.md").read_text()
+
+
+def test_train_cli_sets_the_weight_bits_and_cp_scope(tmp_path):
+    import json
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "examples/functional_model.py",
+            "--schedule",
+            "fractrain",
+            "--weight-bits",
+            "4",
+            "--cp-scope",
+            "gated",
+            "--cp",
+            "1.5",
+            "--iters",
+            "2",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "8",
+            "--train-limit",
+            "16",
+            "--test-limit",
+            "8",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    start, *events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert start["schedule"].startswith("FracTrain target cp 1.50% of the gated layers")
+    assert [e["precision"]["w"] for e in events if e["event"] == "period"] == [4.0]
+    bad = CliRunner().invoke(app, ["train", "examples/functional_model.py", "--schedule", "dfq", "--cp-scope", "x"])
+    assert bad.exit_code != 0 and "cp_scope" in bad.output
 
 
 def test_transform_shows_gates(tmp_path):

@@ -215,7 +215,7 @@ def test_dfq_regularizer_sign_comes_from_the_agreed_cost():
     cp = torch.tensor(0.05, requires_grad=True)
 
     class Model:
-        def gate_cp(self):
+        def gate_cp(self, scope="model"):
             return cp
 
     dfq = DFQ(0.03, beta=2.0, relax=0.002)
