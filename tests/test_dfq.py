@@ -226,7 +226,8 @@ def test_train_cli_sets_the_weight_bits_and_cp_scope(tmp_path):
     start, *events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert start["schedule"].startswith("FracTrain target cp 1.50% of the gated layers")
     assert [e["precision"]["w"] for e in events if e["event"] == "period"] == [4.0]
-    bad = CliRunner().invoke(app, ["train", "examples/functional_model.py", "--schedule", "dfq", "--cp-scope", "x"])
+    bad_args = ["train", "examples/functional_model.py", "--schedule", "dfq", "--cp-scope", "x"]
+    bad = CliRunner().invoke(app, bad_args)
     assert bad.exit_code != 0 and "cp_scope" in bad.output
 
 
