@@ -27,7 +27,9 @@ and data order) for every run.
 
 Longer runs (issue 21's convergence protocol): ``--epochs E`` sets the run length to E epochs of
 the training set (``ceil(E·50000/batch)`` iterations), evaluates once per epoch and scales PFQ's
-indicator period to a thirtieth of the run, as the default 20 of 600 is. Runs are resumable: a run
+indicator period to a thirtieth of the run, as the default 20 of 600 is (``--pfq-periods 164``: to
+the paper's share, one epoch of its 64,000 iterations; a 30-epoch cosine run's loss falls too
+steadily over whole epochs for the indicator to fire at a period of one epoch). Runs are resumable: a run
 whose folder holds ``final.json`` is done and skipped; one whose folder holds ``checkpoint.pt``
 continues from it exactly (``fit(resume=...)``: same data order and random draws). ``--stop-at N``
 ends every run of this call at iteration N (a sitting), to be continued by the same command
@@ -96,6 +98,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--pfq-every", type=int, default=20, help="PFQ indicator period")
+    parser.add_argument(
+        "--pfq-periods",
+        type=int,
+        default=30,
+        help="with --epochs: PFQ's indicator period is the run length over this (30; the paper's "
+        "CIFAR runs: one epoch of 64,000 iterations, 164)",
+    )
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--period-test", type=int, default=1000)
     parser.add_argument("--out", default=str(ROOT / "runs" / "accuracy_cifar10"))
@@ -133,7 +142,7 @@ def main() -> None:
         per_epoch = -(-train_size // args.batch)
         args.iters = int(-(-args.epochs * train_size // args.batch))
         args.eval_every = per_epoch
-        args.pfq_every = max(1, round(args.iters / 30))
+        args.pfq_every = max(1, round(args.iters / args.pfq_periods))
     out = Path(args.out)
     header("Accuracy vs bit-cost, ResNet-20 on CIFAR-10")
     if not args.report_only:

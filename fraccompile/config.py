@@ -121,7 +121,7 @@ class FracConfig:
     rounding_noise: str = "counter"
     full_precision: tuple[str, ...] = (FIRST_CONV, LAST_LINEAR)
     ops: tuple[str, ...] = OP_KINDS
-    backend: str = "reference"
+    backend: str = "auto"
     capture: str = "auto"
     leaf_modules: tuple[str, ...] = ()
     pipeline: str = "default"
