@@ -14,6 +14,7 @@ from .config import FracConfig
 from .control.controller import PrecisionController
 from .cost import CP_SCOPES, CostMeter, CostReport, cost_report, mixed_site_cost, site_cost
 from .meta_keys import GM_FP32_OPS, META_FP_LAYER, META_GATE, META_PRECISION_NODE, META_SITE, META_SITE_PARTS
+from .ops.backend import CHANNELS_LAST, capabilities
 from .ops.modules import FracOp
 from .ops.spec import Precision
 from .passes.base import SiteInfo
@@ -61,6 +62,15 @@ class FracModel(fx.GraphModule):
     @property
     def precision(self) -> PrecisionController:
         return self.get_submodule(PRECISION_MODULE).controller
+
+    @property
+    def fp32_memory_format(self) -> torch.memory_format:
+        """The memory format this model's fp32 convs run in: ``torch.channels_last`` where its
+        backend's conv sites read and write channels-last (``tvm``; ``auto`` where it picks tvm: the
+        channels-last pass then converts the convs kept in fp32), else ``torch.contiguous_format``.
+        At precision 0 the compiled model computes bit for bit what the original computes in this
+        format: ``model.to(memory_format=f)`` on an input ``x.contiguous(memory_format=f)``."""
+        return torch.channels_last if CHANNELS_LAST in capabilities(self.frac_config) else torch.contiguous_format
 
     def _infos(self) -> list[SiteInfo]:
         return _site_infos(self.graph)

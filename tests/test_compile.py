@@ -9,7 +9,9 @@ from torch import nn
 
 import fraccompile
 from fraccompile import CaptureError, ConfigError, PassError, ShapeError
+from fraccompile.examples import resnet_cifar
 from fraccompile.ops import FracOp
+from fraccompile.ops.backend import resolve_auto
 from fraccompile.passes import PASSES, PIPELINES, get_pass, get_pipeline
 
 
@@ -17,12 +19,21 @@ def _loss(out):
     return out.float().pow(2).mean()
 
 
+def in_layout(model, x, fm):
+    """``model`` and ``x`` in the memory format ``fm``'s fp32 convs run in (channels-last on the
+    default ``auto`` backend where it picks tvm)."""
+    fmt = fm.fp32_memory_format
+    return model.to(memory_format=fmt), x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
+
 def test_full_precision_is_bit_identical(example):
-    """All precisions 0: outputs and every parameter gradient equal the original's exactly."""
+    """All precisions 0: outputs and every parameter gradient equal the original's exactly, the
+    original run in the compiled model's fp32 layout."""
     name, model, x, kwargs, _ = example
     model.train()
     fm = fraccompile.compile(copy.deepcopy(model), x, a=0, w=0, g=0, **kwargs)
     assert len(fm.precision) > 0
+    model, x = in_layout(model, x, fm)
     torch.manual_seed(1)
     y_ref = model(x)
     _loss(y_ref).backward()
@@ -36,6 +47,20 @@ def test_full_precision_is_bit_identical(example):
     for key, p in ref_params.items():
         assert p.grad is not None, key
         assert torch.equal(params[key].grad, p.grad), key
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_precision_zero_layout_follows_the_backend(backend):
+    """On ``reference`` precision 0 is the original NCHW model bit for bit; where ``auto`` picks
+    tvm the fp32 convs run channels-last, which changes fp32 rounding (so the promise names the
+    layout)."""
+    torch.manual_seed(0)
+    model, x = resnet_cifar.resnet20(), torch.randn(2, 3, 32, 32)
+    fm = fraccompile.compile(copy.deepcopy(model), x, a=0, w=0, g=0, backend=backend)
+    on_tvm = backend == "auto" and resolve_auto() == "tvm"
+    expected = torch.channels_last if on_tvm else torch.contiguous_format
+    assert fm.fp32_memory_format == expected
+    assert torch.equal(fm(x), model.to(memory_format=expected)(x.contiguous(memory_format=expected)))
 
 
 def test_every_layer_becomes_a_site(example):
@@ -211,6 +236,7 @@ def test_shared_module_called_twice_is_one_site():
     (site,) = [s for s in fm.sites if not s.full_precision]
     assert site.name == "conv" and site.calls == 2
     assert site.macs == 2 * (2 * 8 * 8 * 8) * 8 * 9
+    model, x = in_layout(model, x, fm)
     assert torch.equal(fm(x), model(x))
 
 

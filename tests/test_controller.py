@@ -159,7 +159,15 @@ def resnet():
     model = resnet20()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     fm = fraccompile.compile(copy.deepcopy(model), x)
+    model, x = in_fp32_layout(model, x, fm)
     return model, fm, x
+
+
+def in_fp32_layout(model, x, fm):
+    """The original model and input in the layout ``fm``'s fp32 convs run in, where precision 0
+    is bit-identical (channels-last where the default ``auto`` backend picks tvm)."""
+    fmt = fm.fp32_memory_format
+    return model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
 
 
 def _outputs(model, x):
@@ -281,4 +289,5 @@ def test_compile_with_config_sets_initial_precision():
     fm = fraccompile.compile(copy.deepcopy(model), x, a=0, w=0, g=0)
     model.eval()
     fm.eval()
+    model, x = in_fp32_layout(model, x, fm)
     assert torch.equal(_outputs(fm, x), _outputs(model, x))

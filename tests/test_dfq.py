@@ -14,6 +14,10 @@ from fraccompile.examples import functional_model, resnet_cifar, transformer_lm
 
 
 def _pair(factory, x, **kw):
+    """The model compiled with DFQ gates and without, on the reference backend unless ``kw`` says
+    otherwise: these tests state DFQ's semantics (the contract); the dense mode always runs there,
+    and tests/test_routed_kernels.py holds the tvm backend's routed sites to it."""
+    kw.setdefault("backend", "reference")
     torch.manual_seed(0)
     model = factory()
     return (

@@ -52,7 +52,7 @@ def test_values_are_the_nchw_graphs(monkeypatch):
 
 def test_without_the_capability_the_graph_is_unchanged():
     before = graph(seeded(Before), X, passes=["quantize-insertion"])
-    after = graph(seeded(Before), X, passes=PASSES)  # the reference backend
+    after = graph(seeded(Before), X, passes=PASSES, config=FracConfig(backend="reference"))
     assert after.code == before.code and "contiguous" not in after.code
 
 

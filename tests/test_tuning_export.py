@@ -407,7 +407,7 @@ def test_other_input_shapes_are_refused_naming_the_site(exported, model_file):
 
 def test_kernel_options_need_the_tvm_backend():
     with pytest.raises(fraccompile.errors.ConfigError, match="needs backend='tvm'"):
-        FracConfig(kernels="somewhere")
+        FracConfig(backend="reference", kernels="somewhere")
     with pytest.raises(fraccompile.errors.ConfigError, match="kernels_fallback"):
         FracConfig(backend="tvm", kernels_fallback="yes")
     cfg = FracConfig(backend="tvm", kernels="k", tuning_db="db", kernels_fallback=True)

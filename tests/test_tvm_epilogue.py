@@ -338,7 +338,9 @@ def test_epilogue_fusion_needs_the_tvm_backend_and_follows_torch_export():
     torch.manual_seed(0)
     x = torch.randn(5, 33)
     model = torch.nn.Sequential(torch.nn.Linear(33, 20), torch.nn.GELU(), torch.nn.Linear(20, 4))
-    ref = fraccompile.compile(copy.deepcopy(model), x, FracConfig(scheme="symmetric", full_precision=()))
+    ref = fraccompile.compile(
+        copy.deepcopy(model), x, FracConfig(scheme="symmetric", backend="reference", full_precision=())
+    )
     assert not [o for o in ref.modules() if isinstance(o, FracOp) and o.epilogue]
     exported = fraccompile.compile(
         copy.deepcopy(model),
