@@ -22,7 +22,9 @@ from .errors import FracCompileError
 from .meta_keys import GM_CAPTURE
 
 # FracConfig fields that `transform` and `train` both take from the command line
-BackendOpt = Annotated[Optional[str], typer.Option(help="reference or tvm (integer kernels)")]
+BackendOpt = Annotated[
+    Optional[str], typer.Option(help="auto (the default: tvm where it runs), tvm (integer kernels) or reference")
+]
 SchemeOpt = Annotated[Optional[str], typer.Option(help="sbm or symmetric")]
 WeightScaleOpt = Annotated[
     Optional[str],

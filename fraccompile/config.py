@@ -81,8 +81,10 @@ class FracConfig:
         backend: ``"reference"`` (torch on fake-quantized values), ``"tvm"`` (integer TVM kernels
             for the sites that can run them — either scheme, ``a``/``w`` of 1..8 bits, ``g`` of
             1..16, DFQ-routed sites; the others run on the reference backend with the reason in
-            ``.sites``) or ``"auto"`` (``tvm`` where TVM imports and builds for this host, else
-            ``reference``). docs/backends.md has what runs where.
+            ``.sites``) or ``"auto"`` (the default: ``tvm`` where TVM imports and builds for this
+            host, else ``reference``). docs/backends.md has what runs where, and the one visible
+            difference: on ``tvm`` the fp32 convs run channels-last
+            (:attr:`FracModel.fp32_memory_format`).
         capture: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
         leaf_modules: module class names or module paths that tracing keeps opaque.
         pipeline: name of the pass pipeline (see ``fraccompile.passes.PIPELINES``).

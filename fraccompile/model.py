@@ -70,7 +70,9 @@ class FracModel(fx.GraphModule):
         channels-last pass then converts the convs kept in fp32), else ``torch.contiguous_format``.
         At precision 0 the compiled model computes bit for bit what the original computes in this
         format: ``model.to(memory_format=f)`` on an input ``x.contiguous(memory_format=f)``."""
-        return torch.channels_last if CHANNELS_LAST in capabilities(self.frac_config) else torch.contiguous_format
+        if CHANNELS_LAST in capabilities(self.frac_config):
+            return torch.channels_last
+        return torch.contiguous_format
 
     def _infos(self) -> list[SiteInfo]:
         return _site_infos(self.graph)
