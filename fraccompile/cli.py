@@ -23,7 +23,7 @@ from .meta_keys import GM_CAPTURE
 
 # FracConfig fields that `transform` and `train` both take from the command line
 BackendOpt = Annotated[
-    Optional[str], typer.Option(help="auto (the default: tvm where it runs), tvm (integer kernels) or reference")
+    Optional[str], typer.Option(help="auto (default: tvm where it runs), tvm (integer kernels) or reference")
 ]
 SchemeOpt = Annotated[Optional[str], typer.Option(help="sbm or symmetric")]
 WeightScaleOpt = Annotated[
