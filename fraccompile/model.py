@@ -206,13 +206,15 @@ class FracModel(fx.GraphModule):
         terms = []
         for s in self.sites:
             region = regions.get(s.name)
-            if region in bank.last:
-                total += 3 * s.macs
+            gated = region in bank.last
+            if not gated and scope == "gated":
+                continue
+            total += 3 * s.macs
+            if gated:
                 w = s.precision.w or 32
                 per_candidate = torch.tensor([(a * w + g * w + a * g) / 1024 for a, g in zip(bank.a, bank.g)])
                 terms.append(s.macs * (bank.fractions(region) * per_candidate).sum())
-            elif scope == "model":
-                total += 3 * s.macs
+            else:
                 fixed += site_cost(s.name, s.macs, s.precision).total
         if not terms:
             raise RuntimeError("gate_cp() found no gated site in the latest forward")

@@ -34,6 +34,24 @@ def _site_roles(op: FracOp, args, backend_name: str, seed: int = 3):
     return [y.detach()] + grads, o.backend_for(o.last_call)[0].name
 
 
+def site_calls(fm, x, keep=lambda op: True) -> list:
+    """``(site module, its call's arguments)`` for each site call of one forward of ``fm`` on
+    ``x`` (the sites ``keep`` accepts); the hooks are removed before returning, so running the
+    sites again adds nothing."""
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: calls.append((mod, args)))
+        for m in fm.modules()
+        if isinstance(m, FracOp) and keep(m)
+    ]
+    try:
+        fm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
 def _compare(op, args, on_tvm: bool = False):
     """Every role of ``op`` on both backends, within the tolerance; ``on_tvm``: and the tvm run
     did run on integer kernels (no fallback)."""

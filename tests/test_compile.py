@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _layout_helpers import in_fp32_layout
 from torch import nn
 
 import fraccompile
@@ -19,13 +20,6 @@ def _loss(out):
     return out.float().pow(2).mean()
 
 
-def in_layout(model, x, fm):
-    """``model`` and ``x`` in the memory format ``fm``'s fp32 convs run in (channels-last on the
-    default ``auto`` backend where it picks tvm)."""
-    fmt = fm.fp32_memory_format
-    return model.to(memory_format=fmt), x.contiguous(memory_format=fmt) if x.dim() == 4 else x
-
-
 def test_full_precision_is_bit_identical(example):
     """All precisions 0: outputs and every parameter gradient equal the original's exactly, the
     original run in the compiled model's fp32 layout."""
@@ -33,7 +27,7 @@ def test_full_precision_is_bit_identical(example):
     model.train()
     fm = fraccompile.compile(copy.deepcopy(model), x, a=0, w=0, g=0, **kwargs)
     assert len(fm.precision) > 0
-    model, x = in_layout(model, x, fm)
+    model, x = in_fp32_layout(model, x, fm)
     torch.manual_seed(1)
     y_ref = model(x)
     _loss(y_ref).backward()
@@ -236,7 +230,7 @@ def test_shared_module_called_twice_is_one_site():
     (site,) = [s for s in fm.sites if not s.full_precision]
     assert site.name == "conv" and site.calls == 2
     assert site.macs == 2 * (2 * 8 * 8 * 8) * 8 * 9
-    model, x = in_layout(model, x, fm)
+    model, x = in_fp32_layout(model, x, fm)
     assert torch.equal(fm(x), model(x))
 
 

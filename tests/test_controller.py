@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _layout_helpers import in_fp32_layout
 
 import fraccompile
 from fraccompile import ConfigError, Precision, PrecisionController
@@ -161,13 +162,6 @@ def resnet():
     fm = fraccompile.compile(copy.deepcopy(model), x)
     model, x = in_fp32_layout(model, x, fm)
     return model, fm, x
-
-
-def in_fp32_layout(model, x, fm):
-    """The original model and input in the layout ``fm``'s fp32 convs run in, where precision 0
-    is bit-identical (channels-last where the default ``auto`` backend picks tvm)."""
-    fmt = fm.fp32_memory_format
-    return model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
 
 
 def _outputs(model, x):

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _tvm_helpers import C2, TOL, _compare, _gated, _MatMul, _tiny, rel
+from _tvm_helpers import C2, TOL, _compare, _gated, _MatMul, _tiny, rel, site_calls
 
 import fraccompile
 from fraccompile import FracConfig
@@ -478,16 +478,7 @@ def test_every_site_of_each_example_matches_reference(example, scheme):
     which test_tvm_epilogue.py compares)."""
     _, model, x, kwargs, _ = example
     cfg = FracConfig(a=8, w=8, g=8, scheme=scheme, backend="reference", **kwargs)
-    fm = fraccompile.compile(model, x, cfg)
-    calls = []
-    hooks = [
-        m.register_forward_hook(lambda mod, args, out: calls.append((mod, args)))
-        for m in fm.modules()
-        if isinstance(m, FracOp)
-    ]
-    fm(x)
-    for h in hooks:
-        h.remove()
+    calls = site_calls(fraccompile.compile(model, x, cfg), x)
     assert calls
     for op, args in calls:
         _compare(op, args)
