@@ -1,8 +1,8 @@
-"""GEMM throughput on an NVIDIA GPU: TVM dp4a kernel vs torch bf16 matmul and torch._int_mm.
+"""GEMM throughput on an NVIDIA GPU: TVM mma and dp4a kernels vs torch bf16 matmul and torch._int_mm.
 
-The TVM dp4a kernel (:class:`CudaGemm`) next to torch's bf16 matmul and ``torch._int_mm``
-(int8 × int8 -> int32, cuBLASLt), on the GEMMs of the three roles of a Transformer's linear
-layers and on 4096³.
+The TVM kernels (:class:`CudaGemm`: tensor-core mma, the default, and dp4a) next to torch's
+bf16 matmul and ``torch._int_mm`` (int8 × int8 -> int32, cuBLASLt), on the GEMMs of the three
+roles of a Transformer's linear layers and on 4096³.
 
 The Transformer: d_model 512, batch 128, block 64, so R = 128·64 = 8192 token rows; per block the
 q, k, v and output projections (512 -> 512, 4 of them), fc1 (512 -> 2048) and fc2 (2048 -> 512).
@@ -19,12 +19,13 @@ GC    dW = dyᵀ·x             out, in, R
 Columns (GOPS = 2·M·N·K / median time; per role: total ops over the count-weighted sum of the
 per-GEMM medians):
 
-* dp4a kernel: the TVM kernel alone (``CudaGemm._s8_gemm``) on int8 operands already padded;
-* CudaGemm u8·s8: ``CudaGemm.gemm`` on uint8 A and int8 B codes, end to end (shift of A,
+* mma kernel, dp4a kernel: the TVM kernel alone (``CudaGemm._s8_gemm``, with the zeroing of C
+  for a split-K mma shape) on int8 operands already padded;
+* CudaGemm u8·s8: ``CudaGemm.gemm`` (mma) on uint8 A and int8 B codes, end to end (shift of A,
   padding, the kernel, the sign correction);
 * torch bf16: ``a @ b.mT`` in bfloat16 (tensor cores);
 * int_mm: ``torch._int_mm(a, b.mT)`` on int8 (tensor cores);
-* exact: the dp4a result equals an fp64 matmul of the same codes (exact at these sizes).
+* exact: the mma and dp4a results equal an fp64 matmul of the same codes (exact at these sizes).
 
 Times are CUDA-event medians over ``--repeats`` calls after warm-up (kernel builds with nvcc are
 cached on disk, see :mod:`fraccompile.targets.runtime.cuda_driver`).
@@ -102,7 +103,7 @@ def nvcc_version() -> str:
 
 def header() -> None:
     props = torch.cuda.get_device_properties(0)
-    print("# GEMM throughput on the GPU: TVM dp4a kernel vs torch bf16 and torch._int_mm")
+    print("# GEMM throughput on the GPU: TVM mma and dp4a kernels vs torch bf16 and torch._int_mm")
     print(f"command: python {' '.join(sys.argv)}")
     print(
         f"machine: {props.name} (compute capability {props.major}.{props.minor}, "
@@ -114,28 +115,32 @@ def header() -> None:
     print()
 
 
-def measure(gemm: CudaGemm, M: int, N: int, K: int, repeats: int, have_nvcc: bool) -> dict:
-    """Median ms of each column for one ``M × N × K`` GEMM, and whether dp4a was exact."""
+def measure(gemms: dict, M: int, N: int, K: int, repeats: int, have_nvcc: bool) -> dict:
+    """Median ms of each column for one ``M × N × K`` GEMM, and whether mma and dp4a were exact."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     a = torch.randint(-128, 128, (1, M, K), dtype=torch.int8, device=dev, generator=gen)
     b = torch.randint(-128, 128, (1, N, K), dtype=torch.int8, device=dev, generator=gen)
-    out: dict = {}
+    out: dict = {"build_s": 0.0}
     if have_nvcc:
-        shape = gemm.padded_shape(1, M, N, K)
-        ap = torch.zeros((1, shape.m, shape.k), dtype=torch.int8, device=dev)
-        bp = torch.zeros((1, shape.n, shape.k), dtype=torch.int8, device=dev)
-        ap[:, :M, :K], bp[:, :N, :K] = a, b
-        t0 = time.perf_counter()
-        c = gemm._s8_gemm(ap, bp)[:, :M, :N]  # builds (or loads) the kernel
-        torch.cuda.synchronize()
-        out["build_s"] = time.perf_counter() - t0
         ref = (a[0].double() @ b[0].double().mT).round().long()
-        out["exact"] = bool(torch.equal(c[0].long(), ref))
-        out["dp4a"] = median_ms(lambda: gemm._s8_gemm(ap, bp), repeats)
+        exact = []
+        for kind, gemm in gemms.items():
+            shape = gemm.padded_shape(1, M, N, K)
+            ap = torch.zeros((1, shape.m, shape.k), dtype=torch.int8, device=dev)
+            bp = torch.zeros((1, shape.n, shape.k), dtype=torch.int8, device=dev)
+            ap[:, :M, :K], bp[:, :N, :K] = a, b
+            t0 = time.perf_counter()
+            c = gemm._s8_gemm(ap, bp, shape)[:, :M, :N]  # builds (or loads) the kernel
+            torch.cuda.synchronize()
+            out["build_s"] += time.perf_counter() - t0
+            exact.append(bool(torch.equal(c[0].long(), ref)))
+            out[kind] = median_ms(lambda g=gemm, s=shape, x=ap, y=bp: g._s8_gemm(x, y, s), repeats)
+            del ap, bp, c
+        out["exact"] = all(exact)
         au = torch.bitwise_xor(a, -128).view(torch.uint8)
-        out["cudagemm"] = median_ms(lambda: gemm.gemm(au, b), repeats)
-        del ap, bp, au, c, ref
+        out["cudagemm"] = median_ms(lambda: gemms["mma"].gemm(au, b), repeats)
+        del au, ref
     a2, b2 = a[0], b[0]
     abf, bbf = a2.to(torch.bfloat16), b2.to(torch.bfloat16)
     out["bf16"] = median_ms(lambda: abf @ bbf.mT, repeats)
@@ -166,15 +171,15 @@ def main() -> int:
     have_nvcc = cuda.nvcc_unavailable_reason() is None
     header()
     if not have_nvcc:
-        print(f"dp4a columns skipped: {cuda.nvcc_unavailable_reason()}\n")
+        print(f"mma and dp4a columns skipped: {cuda.nvcc_unavailable_reason()}\n")
 
-    gemm = CudaGemm()
+    gemms = {"mma": CudaGemm(kernel="mma"), "dp4a": CudaGemm(kernel="dp4a")}
     work = [(role, name, M, N, K, n) for role, name, M, N, K, n in transformer_gemms()]
     work.append(("square", f"{SQUARE}^3", SQUARE, SQUARE, SQUARE, 1))
-    cols = ("dp4a", "cudagemm", "bf16", "int_mm")
+    cols = ("mma", "dp4a", "cudagemm", "bf16", "int_mm")
     results = {}
     for role, name, M, N, K, _ in work:
-        results[(role, name)] = measure(gemm, M, N, K, args.repeats, have_nvcc)
+        results[(role, name)] = measure(gemms, M, N, K, args.repeats, have_nvcc)
 
     rows, detail = [], []
     for role in (*ROLES, "square"):
@@ -205,7 +210,14 @@ def main() -> int:
                     {True: "yes", False: "NO", None: "-"}[res.get("exact")],
                 ]
             )
-    heads = ["GOPS dp4a kernel", "GOPS CudaGemm u8·s8", "GOPS torch bf16", "GOPS int_mm", "exact"]
+    heads = [
+        "GOPS mma kernel",
+        "GOPS dp4a kernel",
+        "GOPS CudaGemm u8·s8",
+        "GOPS torch bf16",
+        "GOPS int_mm",
+        "exact",
+    ]
     print(
         f"Transformer d_model {D_MODEL}, batch {BATCH}, block {BLOCK} (R = {BATCH * BLOCK} "
         f"rows); linear layers of one block; median of {args.repeats} calls per GEMM"
@@ -214,7 +226,7 @@ def main() -> int:
     if args.verbose:
         print()
         print_table(["role", "layer", "MxNxK", "count", *heads], detail)
-    builds = [r["build_s"] for r in results.values() if "build_s" in r]
+    builds = [r["build_s"] for r in results.values() if r.get("build_s")]
     if builds:
         print(
             f"\nkernels ({cache_dir()}): first call per shape (nvcc build or disk load) "

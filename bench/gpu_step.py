@@ -1,6 +1,7 @@
 """Training-step time of the Transformer example (d_model 512) on an NVIDIA GPU: fp32 eager, bf16
-autocast eager, and the fraccompile ``tvm`` backend at 8/8/8 (symmetric: int8 codes, the TVM dp4a
-GEMM for every integer role of every site; the torch quantizer on the GPU).
+autocast eager, and the fraccompile ``tvm`` backend at 8/8/8 (symmetric: int8 codes, the TVM
+integer GEMM (tensor-core mma on compute capability 8.0+) for every integer role of every site;
+the torch quantizer on the GPU).
 
     python bench/gpu_step.py [--repeats 10] [--batch 32] [--profile]
 
@@ -69,7 +70,7 @@ def main() -> None:
     if reason:
         print(f"no GPU: skipped ({reason})")
         return
-    header("Transformer d512 training step on the GPU: fp32, bf16 autocast, TVM dp4a backend")
+    header("Transformer d512 training step on the GPU: fp32, bf16 autocast, TVM (mma) backend")
     print(f"GPU: {torch.cuda.get_device_name()}")
     torch.manual_seed(0)
     base = transformer_lm.model_d512()
@@ -86,7 +87,7 @@ def main() -> None:
         fm = fraccompile.compile(copy.deepcopy(base), tokens[:, :-1], cfg).cuda()
         ms = step_ms(fm, x, y, args.repeats)
         what = (
-            f"{sum(s.backend == 'tvm' for s in fm.sites)} sites on dp4a"
+            f"{sum(s.backend == 'tvm' for s in fm.sites)} sites on the TVM GEMM"
             if backend == "tvm"
             else "fake-quant fp32"
         )

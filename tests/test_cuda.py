@@ -1,4 +1,6 @@
 """The CUDA dp4a GEMM (fraccompile.targets.kernels.cuda) and its driver-API launcher (.cuda_driver).
+The tensor-core (mma) kernel, CudaGemm's default on compute capability 8.0+, is tested in
+test_cuda_mma.py; the GPU tests here run the dp4a kernel explicitly (``CudaGemm(kernel="dp4a")``).
 
 Without a GPU: the generated CUDA C, nvcc's cubins for sm_80/sm_90 (ELF header and arch), the
 padding and launch geometry, the disk cache, and ``CudaGemm``'s sign shifts, K split and padding
@@ -231,21 +233,19 @@ def test_generated_kernel_is_exact_in_emulation(cuda, tmp_path, G, M, N, K, tile
 
 
 class StandInGemm(CudaGemm):
-    """``CudaGemm`` with the kernel call replaced: a torch reference, or the emulated kernel.
-    Checks what the kernel is given: contiguous int8 operands padded to the tile."""
+    """``CudaGemm`` with the kernel call replaced: a torch reference, or the emulated kernel
+    ``run``. Checks what the kernel is given: contiguous int8 operands padded to its shape."""
 
-    def __init__(self, kernel=None, **kw):
+    def __init__(self, run=None, **kw):
         super().__init__(**kw)
-        self.kernel, self.calls = kernel, []
+        self.run, self.calls = run, []
 
-    def _s8_gemm(self, a, b):
-        G, Mp, Kp = a.shape
-        shape = self.padded_shape(G, Mp, b.shape[1], Kp)
-        assert (shape.m, shape.n, shape.k) == (Mp, b.shape[1], Kp)
+    def _s8_gemm(self, a, b, shape):
+        assert (shape.groups, shape.m, shape.n, shape.k) == (*a.shape[:2], b.shape[1], a.shape[2])
         assert a.dtype == b.dtype == torch.int8 and a.is_contiguous() and b.is_contiguous()
         self.calls.append(shape)
-        if self.kernel is not None:
-            return self.kernel(a, b)
+        if self.run is not None:
+            return self.run(a, b)
         c = reference(a, b)
         assert c.abs().max() < 2**31
         return c.int()
@@ -315,7 +315,7 @@ def test_cuda_gemm_with_the_emulated_kernel(cuda, emulated, a_dtype, b_dtype):
     code with its launch geometry and parameter order. Every case pads to one kernel shape."""
     gen = torch.Generator().manual_seed(7)
     a, b = codes((2, 37, 45), a_dtype, gen), codes((2, 70, 45), b_dtype, gen)
-    gemm = StandInGemm(emulated, max_k=32)
+    gemm = StandInGemm(emulated, max_k=32, kernel="dp4a")
     c = gemm.gemm(a, b)
     assert c.dtype == torch.int64 and torch.equal(c, reference(a, b))
     assert gemm.calls == [emulated.shape] * 2
@@ -408,7 +408,7 @@ def test_cuda_gemm_through_the_driver_path(cuda, emulated, tmp_path, monkeypatch
         gen = torch.Generator().manual_seed(3)
         for a_dtype, b_dtype in DTYPES:
             a, b = codes((2, 50, 40), a_dtype, gen), codes((2, 99, 40), b_dtype, gen)
-            gemm = CudaGemm(max_k=32, cache_dir=tmp_path)
+            gemm = CudaGemm(max_k=32, cache_dir=tmp_path, kernel="dp4a")
             assert torch.equal(gemm.gemm(a, b), reference(a, b))
     finally:
         cuda_driver._primary_context.cache_clear()
@@ -469,7 +469,7 @@ gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU and nvc
 def test_gpu_exact(a_dtype, b_dtype, G, M, N, K):
     gen = torch.Generator().manual_seed(0)
     a, b = codes((G, M, K), a_dtype, gen), codes((G, N, K), b_dtype, gen)
-    c = CudaGemm().gemm(a.cuda(), b.cuda())
+    c = CudaGemm(kernel="dp4a").gemm(a.cuda(), b.cuda())
     assert c.is_cuda and c.dtype == torch.int32
     assert torch.equal(c.cpu().long(), reference(a, b))
 
@@ -480,7 +480,7 @@ def test_gpu_k_split_and_strided_operands(a_dtype, b_dtype):
     gen = torch.Generator().manual_seed(1)
     a = codes((2, 100, 33), a_dtype, gen).mT  # (2, 33, 100)
     b = codes((2, 21, 100), b_dtype, gen)
-    c = CudaGemm(max_k=40).gemm(a.cuda(), b.cuda())
+    c = CudaGemm(max_k=40, kernel="dp4a").gemm(a.cuda(), b.cuda())
     assert c.dtype == torch.int64 and torch.equal(c.cpu(), reference(a, b))
 
 
@@ -491,7 +491,7 @@ def test_gpu_extremes_and_stream():
     b = torch.full((1, 2, k), -128, dtype=torch.int8)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        c = CudaGemm().gemm(a.cuda(), b.cuda())
+        c = CudaGemm(kernel="dp4a").gemm(a.cuda(), b.cuda())
     s.synchronize()
     assert torch.equal(c.cpu().long(), reference(a, b))
 

@@ -517,7 +517,8 @@ def exported_both(exported, tmp_path_factory, model_file):
 
 
 def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
-    from fraccompile.targets.kernels import cuda
+    from fraccompile.targets.kernels import cuda, cuda_mma
+    from fraccompile.targets.runtime.cuda_driver import CudaGemm
     from fraccompile.targets.runtime.exported import ExportedKernels
 
     out, manifest = exported_both
@@ -525,27 +526,36 @@ def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
     info = manifest["targets"]["cuda"]
     fatbin = (out / info["library"]).read_bytes()
     assert fatbin[:4] == bytes.fromhex("50ed55ba")  # the fatbin magic
-    assert info["archs"] == ["sm_80", "sm_90"] and info["source_hash"] == cuda.source_hash()
+    assert info["archs"] == ["sm_80", "sm_90"] and info["source_hash"] == cuda_mma.source_hash()
+    assert info["kernel"] == "mma"  # the tensor-core kernels CudaGemm runs on these archs
     kernels = [k for k in manifest["kernels"] if k["target"] == "cuda"]
     assert len(kernels) == len(info["kernels"]) >= 3
     assert {s["role"] for k in kernels for s in k["sites"]} == {"fw", "eb", "gc"}
     assert any(k["target"] == "cpu" for k in manifest["kernels"])
     # a backend on this directory: CPU kernels from the .so, GPU kernels from the fatbin, with the
-    # launch geometry TVM's schedule gives
+    # launch geometry TVM's schedule gives, and C to zero for the split-K kernels
     provider = ExportedKernels(out)
+    assert provider.cuda_library.kind == "mma"
+    assert CudaGemm(library=provider.cuda_library).kind_for(torch.device("cuda", 0)) == "mma"
     _assert_cpu_gemms_run_exactly(provider)
     for name, entry in info["kernels"].items():
-        g, m, n, k, *_ = [int(p[1:]) for p in name.split("_")[2:6]] + [0]
-        shape = cuda.padded(g, m, n, k)
+        g, m, n, k, s = [int(p[1:]) for p in name.split("_")[2:7]]
+        shape = cuda_mma.padded(g, m, n, k, split_k=s)
         assert shape.name == name
         image, fn, params, grid, block = provider.cuda_library.kernel(shape, "sm_80")
         assert image == fatbin and fn == entry["function"]
-        assert (grid, block, params) == cuda.launch_config(shape)[:2] + (cuda.launch_config(shape)[3],)
-    missing = cuda.padded(1, 8, 8, 4096)
+        assert (grid, block, params, tuple(entry["zero"])) == (*cuda_mma.launch_config(shape)[:2],) + (
+            cuda_mma.launch_config(shape)[3],
+            shape.zero,
+        )
+    missing = cuda_mma.padded(1, 8, 8, 4096)
     from fraccompile.targets.runtime.exported import KernelLibraryError
 
     with pytest.raises(KernelLibraryError, match="no CUDA kernel for " + missing.name):
         provider.cuda_library.kernel(missing, "sm_90")
+    dp4a = cuda.padded(1, 8, 8, 64)
+    with pytest.raises(KernelLibraryError, match="the export holds mma kernels, this is a dp4a one"):
+        provider.cuda_library.kernel(dp4a, "sm_90")
     assert ExportedKernels(out, fallback=True).cuda_library.kernel(missing, "sm_90") is None
 
 

@@ -6,7 +6,7 @@ before it (the rule is in docs/architecture.md and tests/test_architecture.py):
 
 * :mod:`.kernels` — the kernel definitions in TE/TIR: the integer GEMM, implicit-GEMM convs,
   operand packing, the fused quantizer, sub-byte storage, the gate probe, exact column sums, the
-  VNNI tensor intrinsic, the CUDA dp4a GEMM;
+  VNNI tensor intrinsic, the CUDA GEMMs (dp4a and tensor-core mma);
 * :mod:`.runtime` — where compiled kernels come from and how they run: the host and its TVM target,
   the on-disk cache, kernel names and providers (built on first use, or from an exported library;
   tiles from a tuning database), parallel loops on torch's OpenMP threads, the CUDA driver;

@@ -1,4 +1,6 @@
-"""Running the TVM-generated CUDA GEMM (:mod:`..kernels.cuda`) from PyTorch, through the CUDA driver API.
+"""Running the TVM-generated CUDA GEMMs from PyTorch, through the CUDA driver API: the tensor-core
+kernel (:mod:`..kernels.cuda_mma`, ``mma.sync``, the default on compute capability 8.0 and newer)
+and the ``dp4a`` kernel (:mod:`..kernels.cuda`, ``CudaGemm(kernel="dp4a")``).
 
 TVM 0.27's pip wheel has no CUDA runtime, so it cannot load its own CUDA modules. This module is
 the launcher: ``libcuda.so.1`` through ctypes (no other dependency), ``cuModuleLoadData`` of the
@@ -15,13 +17,18 @@ torch's current stream with the ``data_ptr()`` of torch CUDA tensors. Modules ar
 * K is split into chunks of at most ``max_k`` (65536: ``|a'·b'ᵀ| <= 128·128·65536 = 2**30``),
   each chunk padded with zeros to the tile;
 * the result is int32 when ``K <= max_k`` and it provably fits (``|a|max · |b|max · K < 2**31``:
-  always for int8 × int8 and uint8 × int8, uint8 × uint8 only up to K = 33025), else int64.
+  always for int8 × int8 and uint8 × int8, uint8 × uint8 only up to K = 33025), else int64;
+* the mma kernel splits K across thread blocks for problems with few output tiles and a long
+  reduction (:func:`..kernels.cuda_mma.split_k_for`); its blocks add their int32 partial sums
+  into C with ``atomicAdd``, so C is zeroed (``torch.zeros``, on the current stream) before such
+  a launch. Integer addition is exact in any order.
 
 Kernels are compiled for the device's architecture (sm_80 for compute capability 8.x, sm_90 for
 9.x; on a newer GPU the sm_90 PTX, which the driver JIT-compiles) and cached on disk under
 ``$FRACCOMPILE_CACHE_DIR`` (else ``$XDG_CACHE_HOME/fraccompile/kernels`` or
 ``~/.cache/fraccompile/kernels``) as ``<shape name>-<arch>-<key>.cubin``, the key hashing the
-shape, arch, format, TVM version and the source hash of :mod:`..kernels.cuda`; files are written to a
+kernel kind, shape, arch, format, TVM version and the source hash of the kind's module (shape
+names differ between the kinds too: ``cuda_gemm_…`` and ``cuda_mma_…``); files are written to a
 temporary file and renamed (:func:`fraccompile.fileio.atomic_write`), so a reader sees no file or
 a whole one.
 """
@@ -29,6 +36,7 @@ a whole one.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -45,6 +53,7 @@ MAX_K = 65_536  # |sum of K s8·s8 products| <= 128·128·65536 = 2**30
 _INT32_LIMIT = 2**31
 _BOUND = {torch.int8: 128, torch.uint8: 255}  # largest |code|
 _MAX_GRID_YZ = 65_535
+KERNELS = ("auto", "mma", "dp4a")  # CudaGemm(kernel=...): auto is mma on compute capability >= 8.0
 
 
 class CUDAError(RuntimeError):
@@ -165,17 +174,33 @@ def _tvm_version() -> str:
         return tvm.__version__
 
 
-def kernel_path(shape, arch: str, fmt: str, directory: pathlib.Path | None = None) -> pathlib.Path:
-    from ..kernels.cuda import source_hash
+def kernels_module(shape):
+    """The module that generates ``shape``'s kernel: :mod:`..kernels.cuda_mma` for an mma shape,
+    else :mod:`..kernels.cuda` (dp4a)."""
+    if kind_of(shape) == "mma":
+        from ..kernels import cuda_mma as module
+    else:
+        from ..kernels import cuda as module
+    return module
 
-    text = "|".join([shape.name, arch, fmt, f"tvm{_tvm_version()}", source_hash()])
+
+def kind_of(shape) -> str:
+    """``"mma"`` or ``"dp4a"``: the kernel kind of a padded shape."""
+    return getattr(shape, "kind", "dp4a")
+
+
+def kernel_path(shape, arch: str, fmt: str, directory: pathlib.Path | None = None) -> pathlib.Path:
+    kind = kind_of(shape)
+    text = "|".join(
+        [kind, shape.name, arch, fmt, f"tvm{_tvm_version()}", kernels_module(shape).source_hash()]
+    )
     key = hashlib.sha256(text.encode()).hexdigest()[:20]
     return (directory or cache_dir()) / f"{shape.name}-{arch}-{key}.{fmt}"
 
 
 def load_or_build(shape, arch: str, fmt: str = "cubin", directory: pathlib.Path | None = None) -> bytes:
-    """The compiled kernel for ``shape``: from the disk cache, or built with nvcc and stored
-    (when the directory is writable; else only returned)."""
+    """The compiled kernel for ``shape`` (either kind): from the disk cache, or built with nvcc
+    and stored (when the directory is writable; else only returned)."""
     from ..kernels import cuda
 
     path = kernel_path(shape, arch, fmt, directory)
@@ -185,7 +210,7 @@ def load_or_build(shape, arch: str, fmt: str = "cubin", directory: pathlib.Path 
             return data
     except OSError:
         pass
-    data = cuda.compile_source(cuda.generate_source(shape, arch), arch, fmt)
+    data = cuda.compile_source(kernels_module(shape).generate_source(shape, arch), arch, fmt)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fileio.atomic_write(path, data)
@@ -249,27 +274,67 @@ class _current:
 
 # -- the GEMM --------------------------------------------------------------------------------------
 class CudaGemm:
-    """Exact integer GEMMs ``a @ bᵀ`` per group on a CUDA GPU, with the TVM dp4a kernel.
+    """Exact integer GEMMs ``a @ bᵀ`` per group on a CUDA GPU, with a TVM kernel.
 
-    ``tile``: force one :class:`..kernels.cuda.CudaTile` (default:
-    :func:`..kernels.cuda.default_tile` per problem);
+    ``kernel``: ``"mma"`` (tensor cores, :mod:`..kernels.cuda_mma`), ``"dp4a"``
+    (:mod:`..kernels.cuda`) or ``"auto"``: the kind of the exported ``library`` if one is given,
+    else mma on compute capability 8.0 and newer, dp4a below;
+    ``tile``: force one tile (a :class:`..kernels.cuda_mma.MmaTile` or
+    :class:`..kernels.cuda.CudaTile`, which also fixes the kind; default: the module's
+    ``default_tile`` per problem); ``split_k``: force the mma kernel's K split (default:
+    :func:`..kernels.cuda_mma.split_k_for` per problem; 1: never);
     ``max_k``: the K chunk length (at most :data:`MAX_K`); ``cache_dir``: where cubins are kept.
     """
 
     def __init__(
-        self, tile=None, max_k: int = MAX_K, cache_dir: str | os.PathLike | None = None, library=None
+        self,
+        tile=None,
+        max_k: int = MAX_K,
+        cache_dir: str | os.PathLike | None = None,
+        library=None,
+        kernel: str = "auto",
+        split_k: int | None = None,
     ):
         """``library``: an exported CUDA library (:class:`.exported.CudaLibrary`) to take kernels
         from instead of building them."""
         if not 1 <= max_k <= MAX_K:
             raise ValueError(f"max_k={max_k}: must be in 1..{MAX_K}")
-        self.tile, self.max_k, self.library = tile, max_k, library
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
+        if tile is not None:
+            tile_kind = "mma" if hasattr(tile, "wm") else "dp4a"
+            if kernel not in ("auto", tile_kind):
+                raise ValueError(f"kernel={kernel!r} with a {tile_kind} tile {tile}")
+            kernel = tile_kind
+        if split_k is not None and (kernel == "dp4a" or split_k < 1):
+            raise ValueError(f"split_k={split_k}: only the mma kernel splits K, into at least 1 piece")
+        self.tile, self.max_k, self.library, self.kernel, self.split_k = tile, max_k, library, kernel, split_k
         self.cache_dir = pathlib.Path(cache_dir) if cache_dir else None
         self._kernels: dict[tuple, _LoadedKernel] = {}
         self._lock = threading.Lock()
 
-    # the padded shape of one kernel call (pure Python, imports tvm via .cuda)
-    def padded_shape(self, groups: int, m: int, n: int, k: int):
+    def kind_for(self, device: torch.device) -> str:
+        """The kernel kind for operands on ``device`` (see the class docstring; a non-CUDA device,
+        as in tests with a stand-in kernel, gets mma)."""
+        if self.kernel != "auto":
+            return self.kernel
+        library_kind = getattr(self.library, "kind", None)
+        if library_kind is not None:
+            return library_kind
+        if device.type != "cuda":
+            return "mma"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return "mma" if torch.cuda.get_device_capability(index) >= (8, 0) else "dp4a"
+
+    # the padded shape of one kernel call (pure Python, imports tvm via the kernels module)
+    def padded_shape(self, groups: int, m: int, n: int, k: int, kind: str | None = None):
+        """The padded shape of a ``(G, M, N, K)`` call of the ``kind`` kernel (default: this
+        GEMM's kind, mma for auto)."""
+        kind = kind or (self.kernel if self.kernel != "auto" else "mma")
+        if kind == "mma":
+            from ..kernels.cuda_mma import padded
+
+            return padded(groups, m, n, k, self.tile, self.split_k)
         from ..kernels.cuda import padded
 
         return padded(groups, m, n, k, self.tile)
@@ -311,32 +376,36 @@ class CudaGemm:
         return out
 
     def _chunk(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a'·b'ᵀ`` (int32) of int8 operands with ``K <= max_k``: padded to the tile, run by
-        :meth:`_s8_gemm` in group slices that keep every buffer under 2**31 elements (the
-        kernels index in int32) and the grid within 65535 groups."""
+        """``a'·b'ᵀ`` (int32) of int8 operands with ``K <= max_k``: padded to the tile (and K
+        split) of the whole problem, run by :meth:`_s8_gemm` in group slices that keep every
+        buffer index under 2**31 (the kernels index in int32; the mma kernel's split-K indexes
+        ``split_k`` partial outputs) and the grid within 65535 groups (times the K split)."""
         G, M, K = a.shape
         N = b.shape[1]
-        shape = self.padded_shape(1, M, N, K)
-        per_group = max(shape.m * shape.k, shape.n * shape.k, shape.m * shape.n)
+        shape = self.padded_shape(G, M, N, K, self.kind_for(a.device))
+        split = getattr(shape, "split_k", 1)
+        per_group = max(shape.m * shape.k, shape.n * shape.k, split * shape.m * shape.n)
         if per_group >= _INT32_LIMIT:
             raise ValueError(f"one group of {M}x{N}x{K} is too large for the kernels")
-        step = min(_MAX_GRID_YZ, (_INT32_LIMIT - 1) // per_group)
+        step = min(_MAX_GRID_YZ // split, (_INT32_LIMIT - 1) // per_group)
         parts = []
         for g0 in range(0, G, step):
             gc = min(step, G - g0)
             A = _pad(a[g0 : g0 + gc], shape.m, shape.k)
             B = _pad(b[g0 : g0 + gc], shape.n, shape.k)
-            parts.append(self._s8_gemm(A, B)[:, :M, :N])
+            call = shape if gc == G else dataclasses.replace(shape, groups=gc)
+            parts.append(self._s8_gemm(A, B, call)[:, :M, :N])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _s8_gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _s8_gemm(self, a: torch.Tensor, b: torch.Tensor, shape) -> torch.Tensor:
         """The raw kernel call: ``a (G, Mp, Kp)`` and ``b (G, Np, Kp)`` contiguous int8 padded to
-        the tile (:meth:`padded_shape`) -> int32 ``(G, Mp, Np)``. Tests replace this method to
-        check the rest of :meth:`gemm` without a GPU."""
-        G, Mp, Kp = a.shape
-        Np = b.shape[1]
-        c = torch.empty((G, Mp, Np), dtype=torch.int32, device=a.device)
-        kernel = self._kernel(a.device, self.padded_shape(G, Mp, Np, Kp))
+        ``shape`` (:meth:`padded_shape`) -> int32 ``(G, Mp, Np)``; C is zeroed first when the
+        kernel adds into it (``shape.zero``: split-K). Tests replace this method to check the
+        rest of :meth:`gemm` without a GPU."""
+        c = (torch.zeros if "C" in getattr(shape, "zero", ()) else torch.empty)(
+            (shape.groups, shape.m, shape.n), dtype=torch.int32, device=a.device
+        )
+        kernel = self._kernel(a.device, shape)
         stream = torch.cuda.current_stream(a.device).cuda_stream
         kernel.launch({"A": a, "B": b, "C": c}, stream)
         return c
@@ -353,8 +422,6 @@ class CudaGemm:
         return kernel
 
     def _load(self, index: int, shape) -> _LoadedKernel:
-        from ..kernels import cuda
-
         arch, fmt = arch_for(torch.cuda.get_device_capability(index))
         if self.library is not None:
             found = self.library.kernel(shape, arch)
@@ -362,7 +429,7 @@ class CudaGemm:
                 image, name, params, grid, block = found
                 return _LoadedKernel(index, image, name, params, grid, block)
         image = load_or_build(shape, arch, fmt, self.cache_dir)
-        grid, block, name, params = cuda.launch_config(shape, arch)
+        grid, block, name, params = kernels_module(shape).launch_config(shape, arch)[:4]
         return _LoadedKernel(index, image, name, params, grid, block)
 
 

@@ -7,9 +7,9 @@ The directory holds::
                               with the GEMMs in every sign variant of each problem (a tensor's
                               codes are unsigned when a batch has no negative value, which adds a
                               ones row to the GEMM), the quantizers and the pack kernels
-    DIR/kernels-cuda.fatbin   --target cuda: the dp4a GEMMs (cubins for sm_80 and sm_90, PTX of
-                              sm_90); the pip TVM has no CUDA runtime, so the CUDA driver loads it
-                              (:mod:`.cuda_driver`)
+    DIR/kernels-cuda.fatbin   --target cuda: the tensor-core (mma) GEMMs (cubins for sm_80 and
+                              sm_90, PTX of sm_90); the pip TVM has no CUDA runtime, so the CUDA
+                              driver loads it (:mod:`.cuda_driver`)
     DIR/manifest.json         per target: the library's sha256, TVM version, kernel-source hash
                               (and CPU/instruction set, or archs); per kernel: function name,
                               kind, shapes, dtypes, precision, target, and the sites and roles
@@ -108,19 +108,28 @@ def _check_library(directory: pathlib.Path, info: dict, expected: dict, elf: boo
 
 class CudaLibrary:
     """The CUDA kernels of an exported directory, for :class:`.cuda_driver.CudaGemm`. ``info``
-    None: the directory has no CUDA target (refused at the first GPU GEMM unless ``fallback``)."""
+    None: the directory has no CUDA target (refused at the first GPU GEMM unless ``fallback``).
+    :attr:`kind` is the kernel kind the export holds (``"mma"``, or ``"dp4a"`` for exports
+    that predate the mma kernel and name none), None without a CUDA target."""
 
     def __init__(self, directory: pathlib.Path, info: dict | None, fallback: bool = False):
         self.directory, self.info, self.fallback = directory, info, fallback
         self.image = None
+        self.kind = None if info is None else info.get("kernel", "dp4a")
         if info is not None:
-            from ..kernels import cuda
+            if self.kind == "mma":
+                from ..kernels import cuda_mma as kernels
+            else:
+                from ..kernels import cuda as kernels
 
-            lib = _check_library(directory, info, {"tvm": tvm.__version__, "source_hash": cuda.source_hash()})
+            lib = _check_library(
+                directory, info, {"tvm": tvm.__version__, "source_hash": kernels.source_hash()}
+            )
             self.image = lib.read_bytes()
 
     def kernel(self, shape, arch: str):
-        """``(image, name, params, grid, block)`` of ``shape``'s kernel, or None: build it."""
+        """``(image, name, params, grid, block)`` of ``shape``'s kernel, or None: build it. A
+        kernel that adds into C (split-K mma) needs C zeroed: ``shape.zero`` says so."""
         refuse = _refusal(self.directory)
         if self.info is None:
             if self.fallback:
@@ -128,8 +137,14 @@ class CudaLibrary:
             raise refuse("no cuda target (export with --target cuda), and kernels_fallback is not set")
         entry = self.info["kernels"].get(shape.name)
         if entry is None or arch not in self.info["archs"]:
+            kind = getattr(shape, "kind", "dp4a")
             what = (
                 f"no CUDA kernel for {shape.name}"
+                + (
+                    f" (the export holds {self.kind} kernels, this is a {kind} one)"
+                    if kind != self.kind
+                    else ""
+                )
                 if entry is None
                 else f"no code for {arch} (has {', '.join(self.info['archs'])})"
             )

@@ -186,10 +186,19 @@ def _merge_manifest(out: pathlib.Path, target: str, section: dict, kernels: list
     return manifest
 
 
-def export(fmodel, inputs, out: str | os.PathLike, target: str = "cpu", tuning=None, model: str = "") -> dict:
+def export(
+    fmodel,
+    inputs,
+    out: str | os.PathLike,
+    target: str = "cpu",
+    tuning=None,
+    model: str = "",
+    cuda_kernel: str = "mma",
+) -> dict:
     """Build every kernel ``fmodel`` needs on ``inputs`` for ``target`` (``cpu`` or ``cuda``) into
     ``out`` (see the module docstring); ``tuning`` is a :class:`~..runtime.tuning_db.TuningDB` whose tiles are
-    used (CPU). Returns the manifest."""
+    used (CPU); ``cuda_kernel``: the CUDA GEMM kind, ``"mma"`` (tensor cores) or ``"dp4a"``.
+    Returns the manifest."""
     if target not in TARGETS:
         raise KernelLibraryError(f"export target {target!r}: choose {' or '.join(TARGETS)}")
     rec = record(fmodel, inputs)
@@ -199,7 +208,7 @@ def export(fmodel, inputs, out: str | os.PathLike, target: str = "cpu", tuning=N
         fileio.remove_stale_temps(out, name)
     shapes = [list(t.shape) for t in (inputs if isinstance(inputs, tuple) else (inputs,))]
     if target == "cuda":
-        section, kernels = _build_cuda(rec, out)
+        section, kernels = _build_cuda(rec, out, cuda_kernel)
     else:
         section, kernels = _build_cpu(rec, out, tuning)
     return _merge_manifest(out, target, section, kernels, shapes, model)
@@ -228,13 +237,19 @@ def _build_cpu(rec: Recorder, out: pathlib.Path, tuning) -> tuple[dict, list]:
     return section, [_entry(ref, refs[ref], "cpu", host.key) for ref in refs]
 
 
-def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
+def _build_cuda(rec: Recorder, out: pathlib.Path, kernel: str = "mma") -> tuple[dict, list]:
     """The CUDA GEMMs of ``rec``'s problems (signs are corrected around the s8·s8 kernel, so a
-    problem's base shape is all it needs; K in the chunks :class:`..runtime.cuda_driver.CudaGemm` uses),
-    all in one CUDA source compiled by nvcc into one fatbin for every arch of :data:`..kernels.cuda.ARCHS`
-    (plus PTX of the newest, which the driver compiles for newer GPUs)."""
-    from ..kernels import cuda
+    problem's base shape is all it needs; K in the chunks, and for the ``kernel`` kind ``"mma"``
+    the K split, :class:`..runtime.cuda_driver.CudaGemm` uses), all in one CUDA source compiled
+    by nvcc into one fatbin for every arch of :data:`..kernels.cuda.ARCHS` (plus PTX of the
+    newest, which the driver compiles for newer GPUs). ``kernel``: ``"mma"`` (tensor cores, what
+    ``CudaGemm`` runs on these archs) or ``"dp4a"``."""
+    from ..kernels import cuda, cuda_mma
     from ..runtime.cuda_driver import MAX_K
+
+    if kernel not in ("mma", "dp4a"):
+        raise KernelLibraryError(f"CUDA kernel {kernel!r}: choose mma or dp4a")
+    gen = cuda_mma if kernel == "mma" else cuda  # the kernels' module
 
     reason = cuda.nvcc_unavailable_reason()
     if reason:
@@ -243,23 +258,33 @@ def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
     for problem, where in rec.problems.items():
         G, M, N, K = rec.variants[problem][0]  # no ones rows: the base problem
         for k0 in range(0, K, MAX_K):
-            shape = cuda.padded(G, M, N, min(MAX_K, K - k0))
+            shape = gen.padded(G, M, N, min(MAX_K, K - k0))
             uses.setdefault(shape, set()).update(w for w in where if w)
     shapes = sorted(uses, key=lambda s: s.name)
-    mod = tvm.IRModule(
-        {s.name: cuda.schedule(s).mod["main"].with_attr("global_symbol", s.name) for s in shapes}
-    )
-    source = tvm.compile(mod, target=cuda.target(cuda.ARCHS[-1])).mod.imports[0].inspect_source()
+    if kernel == "mma":
+        source = gen.combined_source(shapes, cuda.ARCHS[-1])
+    else:
+        mod = tvm.IRModule(
+            {s.name: cuda.schedule(s).mod["main"].with_attr("global_symbol", s.name) for s in shapes}
+        )
+        source = tvm.compile(mod, target=cuda.target(cuda.ARCHS[-1])).mod.imports[0].inspect_source()
     fatbin = cuda.compile_fatbin(source)
     path = out / CUDA_LIBRARY
     fileio.atomic_write(path, fatbin)
     kernels, table = [], {}
     for s in shapes:
-        grid, block, _, params = cuda.launch_config(s)
+        grid, block, _, params = gen.launch_config(s)[:4]
+        zero = list(getattr(s, "zero", ()))  # buffers to zero before the launch (split-K C)
         name = f"{s.name}_kernel"
         if name not in source:
             raise KernelLibraryError(f"generated CUDA source lacks {name}")
-        table[s.name] = {"function": name, "params": list(params), "grid": list(grid), "block": list(block)}
+        table[s.name] = {
+            "function": name,
+            "params": list(params),
+            "grid": list(grid),
+            "block": list(block),
+            "zero": zero,
+        }
         kernels.append(
             {
                 "function": name,
@@ -267,12 +292,14 @@ def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
                 "target": "cuda",
                 "archs": list(cuda.ARCHS),
                 "tvm": tvm.__version__,
-                "source_hash": cuda.source_hash(),
+                "source_hash": gen.source_hash(),
+                "cuda_kernel": kernel,
                 "dtypes": "s8s8s32",
                 "precision": "1..8 bits (s8 codes; u8 shifted)",
                 "shapes": {"A": [s.groups, s.m, s.k], "B": [s.groups, s.n, s.k], "C": [s.groups, s.m, s.n]},
                 "grid": list(grid),
                 "block": list(block),
+                "zero": zero,
                 "sites": [{"site": a, "role": b} for a, b in sorted(uses[s])],
             }
         )
@@ -280,8 +307,9 @@ def _build_cuda(rec: Recorder, out: pathlib.Path) -> tuple[dict, list]:
         "library": path.name,
         "sha256": fileio.sha256_file(path),
         "archs": list(cuda.ARCHS),
+        "kernel": kernel,
         "tvm": tvm.__version__,
-        "source_hash": cuda.source_hash(),
+        "source_hash": gen.source_hash(),
         "kernels": table,
     }
     return section, kernels
