@@ -16,13 +16,13 @@ import ctypes
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 
 import pytest
 import torch
 from _cuda_emulator import EmulatedKernel
+from _cuda_helpers import DTYPES, codes, elf_arch, needs_nvcc, reference
 
 from fraccompile.targets import tvm_unavailable_reason
 from fraccompile.targets.runtime.cuda_driver import (
@@ -36,34 +36,12 @@ from fraccompile.targets.runtime.cuda_driver import (
 
 pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
 
-DTYPES = [
-    (torch.int8, torch.int8),
-    (torch.uint8, torch.int8),
-    (torch.int8, torch.uint8),
-    (torch.uint8, torch.uint8),
-]
-
 
 @pytest.fixture(scope="module")
 def cuda():
     from fraccompile.targets.kernels import cuda
 
     return cuda
-
-
-def needs_nvcc(cuda):
-    reason = cuda.nvcc_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-def codes(shape, dtype, gen):
-    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
-    return torch.randint(lo, hi, shape, dtype=dtype, generator=gen)
-
-
-def reference(a, b):
-    return a.long() @ b.long().mT
 
 
 # -- shapes, tiles, generated source ---------------------------------------------------------------
@@ -148,21 +126,14 @@ def test_arch_for_capabilities():
 
 
 # -- nvcc ------------------------------------------------------------------------------------------
-def _elf_arch(cubin: bytes) -> int:
-    """The SM version in a CUDA ELF's ``e_flags`` (bits 8-15 for the ELF ABI of CUDA 12+)."""
-    assert cubin[:4] == b"\x7fELF" and cubin[4] == 2  # ELF64
-    (machine,) = struct.unpack_from("<H", cubin, 18)
-    assert machine == 190  # EM_CUDA
-    (flags,) = struct.unpack_from("<I", cubin, 48)
-    return (flags >> 8) & 0xFF
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_compile_cubin(cuda, arch):
-    needs_nvcc(cuda)
+    needs_nvcc()
     cubin = cuda.compile_cubin(cuda.padded(1, 128, 128, 512), arch)
     assert cubin[:4] == b"\x7fELF"
-    assert _elf_arch(cubin) == int(arch[3:])
+    assert elf_arch(cubin) == int(arch[3:])
     if shutil.which("cuobjdump"):
         out = subprocess.run(["cuobjdump", "--list-elf", "-"], input=cubin, capture_output=True)
         if out.returncode == 0:
@@ -170,7 +141,7 @@ def test_compile_cubin(cuda, arch):
 
 
 def test_compile_ptx(cuda):
-    needs_nvcc(cuda)
+    needs_nvcc()
     ptx = cuda.compile_ptx(cuda.padded(1, 128, 128, 512), "sm_90").decode()
     assert ".target sm_90" in ptx and "dp4a.s32.s32" in ptx
 
@@ -178,7 +149,7 @@ def test_compile_ptx(cuda):
 def test_cubin_disk_cache(cuda, tmp_path, monkeypatch):
     from fraccompile.targets.runtime import cuda_driver
 
-    needs_nvcc(cuda)
+    needs_nvcc()
     s = cuda.padded(1, 32, 32, 32)
     first = cuda_driver.load_or_build(s, "sm_80", "cubin", tmp_path)
     files = list(tmp_path.iterdir())
@@ -397,7 +368,7 @@ def test_cuda_gemm_through_the_driver_path(cuda, emulated, tmp_path, monkeypatch
 
     from fraccompile.targets.runtime import cuda_driver
 
-    needs_nvcc(cuda)
+    needs_nvcc()
     fake = FakeDriver(emulated, cuda_driver.load_or_build(emulated.shape, "sm_90", "cubin", tmp_path))
     monkeypatch.setattr(cuda_driver, "driver", lambda: fake)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))

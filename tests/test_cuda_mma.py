@@ -11,25 +11,18 @@ before a split-K launch). With a GPU: exact results against torch.
 
 import ctypes
 import re
-import struct
 import subprocess
 from types import SimpleNamespace
 
 import pytest
 import torch
 from _cuda_emulator import EmulatedKernel
+from _cuda_helpers import DTYPES, codes, elf_arch, needs_nvcc, reference
 
 from fraccompile.targets import tvm_unavailable_reason
 from fraccompile.targets.runtime.cuda_driver import MAX_K, CudaGemm, gpu_unavailable_reason
 
 pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
-
-DTYPES = [
-    (torch.int8, torch.int8),
-    (torch.uint8, torch.int8),
-    (torch.int8, torch.uint8),
-    (torch.uint8, torch.uint8),
-]
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +30,6 @@ def mma():
     from fraccompile.targets.kernels import cuda_mma
 
     return cuda_mma
-
-
-def needs_nvcc(mma):
-    reason = mma.cuda.nvcc_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-def codes(shape, dtype, gen):
-    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
-    return torch.randint(lo, hi, shape, dtype=dtype, generator=gen)
-
-
-def reference(a, b):
-    return a.long() @ b.long().mT
 
 
 # -- tiles, shapes, K split ------------------------------------------------------------------------
@@ -160,20 +138,13 @@ def test_combined_source_holds_every_kernel(mma):
 
 
 # -- nvcc ------------------------------------------------------------------------------------------
-def _elf_arch(cubin: bytes) -> int:
-    """The SM version in a CUDA ELF's ``e_flags`` (bits 8-15 for the ELF ABI of CUDA 12+)."""
-    assert cubin[:4] == b"\x7fELF" and cubin[4] == 2  # ELF64
-    (machine,) = struct.unpack_from("<H", cubin, 18)
-    assert machine == 190  # EM_CUDA
-    (flags,) = struct.unpack_from("<I", cubin, 48)
-    return (flags >> 8) & 0xFF
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_compile_cubin(mma, arch):
-    needs_nvcc(mma)
+    needs_nvcc()
     cubin = mma.compile_cubin(mma.padded(1, 512, 512, 8192), arch)
-    assert _elf_arch(cubin) == int(arch[3:])
+    assert elf_arch(cubin) == int(arch[3:])
     ptx = mma.compile_source(mma.generate_source(mma.padded(1, 128, 128, 512), arch), arch, "ptx").decode()
     assert f".target {arch}" in ptx and "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in ptx
 
@@ -182,7 +153,7 @@ def test_compile_cubin(mma, arch):
 def test_ptxas_keeps_the_fragments_in_registers(mma, tmp_path, split):
     """The default tile compiles without local memory: no stack frame, no spills (a fragment
     indexed by lane, or an unrolling that defeats nvcc, shows up here first)."""
-    needs_nvcc(mma)
+    needs_nvcc()
     src = tmp_path / "k.cu"
     src.write_text(mma.generate_source(mma.padded(1, 512, 512, 8192, split_k=split), "sm_80"))
     cmd = [mma.cuda.nvcc_path(), "--cubin", "-O3", "-arch=sm_80", "-w", "-Xptxas", "-v"]
@@ -195,7 +166,7 @@ def test_cubin_cache_keys_on_the_kernel_kind(mma, tmp_path, monkeypatch):
     from fraccompile.targets.kernels import cuda
     from fraccompile.targets.runtime import cuda_driver
 
-    needs_nvcc(mma)
+    needs_nvcc()
     s, d = mma.padded(1, 32, 32, 64), cuda.padded(1, 32, 32, 64)
     assert cuda_driver.kind_of(s) == "mma" and cuda_driver.kind_of(d) == "dp4a"
     assert mma.source_hash() != cuda.source_hash()
@@ -205,7 +176,7 @@ def test_cubin_cache_keys_on_the_kernel_kind(mma, tmp_path, monkeypatch):
     assert [f.name for f in tmp_path.iterdir()] == [
         cuda_driver.kernel_path(s, "sm_80", "cubin", tmp_path).name
     ]
-    assert _elf_arch(first) == 80
+    assert elf_arch(first) == 80
 
     def no_nvcc(*args):
         raise AssertionError("rebuilt a cached kernel")
@@ -376,7 +347,7 @@ def test_cuda_gemm_through_the_driver_path(mma, emulated_split, tmp_path, monkey
     torch.empty would hold the previous call's sums), and a fake driver running the emulation."""
     from fraccompile.targets.runtime import cuda_driver
 
-    needs_nvcc(mma)
+    needs_nvcc()
     fake = FakeDriver(
         emulated_split, cuda_driver.load_or_build(emulated_split.shape, "sm_90", "cubin", tmp_path)
     )

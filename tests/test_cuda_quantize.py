@@ -15,11 +15,11 @@ no FMA, so nothing is contracted).
 
 import ctypes
 import re
-import struct
 
 import pytest
 import torch
 from _cuda_emulator import EmulatedKernel
+from _cuda_helpers import elf_arch, needs_nvcc
 
 from fraccompile.ops.quantizers import (
     channel_range,
@@ -40,14 +40,6 @@ def cq():
     from fraccompile.targets.kernels import cuda_quantize
 
     return cuda_quantize
-
-
-def needs_nvcc():
-    from fraccompile.targets.kernels import cuda
-
-    reason = cuda.nvcc_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
 
 
 # -- the emulated kernels --------------------------------------------------------------------------
@@ -198,19 +190,11 @@ def test_generated_source(cq):
     assert partial.count("__syncthreads()") == 9 and "CUDART_INF_F" in partial
 
 
-def _elf_arch(cubin: bytes) -> int:
-    assert cubin[:4] == b"\x7fELF" and cubin[4] == 2
-    (machine,) = struct.unpack_from("<H", cubin, 18)
-    assert machine == 190  # EM_CUDA
-    (flags,) = struct.unpack_from("<I", cubin, 48)
-    return (flags >> 8) & 0xFF
-
-
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_compile_cubin(cq, arch):
     needs_nvcc()
     cubin = cq.compile_cubin(arch)
-    assert _elf_arch(cubin) == int(arch[3:])
+    assert elf_arch(cubin) == int(arch[3:])
     for k in cq.KERNELS:
         assert k.name.encode() in cubin
 
