@@ -219,8 +219,7 @@ def _store(fold: int = 0):
                     T.writes(C[v0, v1])
                     C[v0, v1] = W[lane, index]
 
-    atomic = fold > 0
-    fold = fold or 1
+    atomic, fold = fold > 0, fold or 1
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle) -> None:
@@ -422,10 +421,11 @@ def definition(shape: MmaGemmShape):
     return te.create_prim_func([A, B, C]).with_attr("global_symbol", shape.name)
 
 
-def schedule(shape: MmaGemmShape) -> s_tir.Schedule:
-    """The tensor-core schedule of the module docstring."""
+def schedule(shape: MmaGemmShape, func=None) -> s_tir.Schedule:
+    """The tensor-core schedule of the module docstring, of :func:`definition` or ``func`` (one
+    of the same form: :func:`.cuda_conv.definition`, whose ``A`` is a gather from the input)."""
     t, names = shape.tile, register_intrinsics()
-    sch = s_tir.Schedule(definition(shape))
+    sch = s_tir.Schedule(definition(shape) if func is None else func)
     blk = sch.get_sblock("C")
     *lead, i, j, k = sch.get_loops(blk)
     i, i_frag = sch.split(i, [None, 16])

@@ -1,0 +1,373 @@
+"""The implicit-GEMM tensor-core conv (fraccompile.targets.kernels.cuda_conv), its launcher
+(fraccompile.targets.runtime.cuda_conv.CudaConv) and the backend's GPU conv forward on it.
+
+Without a GPU: shapes and bad geometries, the generated CUDA C (mma.sync, ldmatrix, the gather
+from X as 16-byte vector loads), nvcc's cubins for sm_80/sm_90 (ELF arch; ptxas keeps the
+fragments in registers), the kernel run on the CPU by the emulator (``tests/_cuda_emulator.py``)
+exact against torch's conv in float64 (strides, padding, dilation, 1x1 and 3x3, odd sizes,
+channel padding, split-K, extreme codes), CudaConv's operand preparation and sign correction
+with the emulated kernel, its driver path with a fake libcuda, bad inputs refused, and the
+backend's conv forward on CUDA tensors (stood in by CPU tensors and torch kernels) equal to its
+im2col + GEMM path bit for bit. With a GPU: exact results against torch.
+"""
+
+import ctypes
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _cuda_emulator import EmulatedKernel
+from _cuda_helpers import codes, elf_arch, needs_nvcc
+
+from fraccompile.targets import tvm_unavailable_reason
+from fraccompile.targets.runtime.cuda_conv import CudaConv, padded_input
+from fraccompile.targets.runtime.cuda_driver import MAX_K, gpu_unavailable_reason
+
+pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
+
+
+@pytest.fixture(scope="module")
+def cc():
+    from fraccompile.targets.kernels import cuda_conv
+
+    return cuda_conv
+
+
+def reference(x, w, stride, padding, dilation):
+    """The exact conv of codes ``x (N, H, W, C)`` and ``w (OC, kh, kw, C)`` (zero padding = code
+    0) as int64 ``(N·OH·OW, OC)``: float64 holds every sum exactly."""
+    y = F.conv2d(
+        x.permute(0, 3, 1, 2).double(),
+        w.permute(0, 3, 1, 2).double(),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    return y.permute(0, 2, 3, 1).reshape(-1, w.shape[0]).long()
+
+
+# -- shapes ----------------------------------------------------------------------------------------
+def test_padded_shape(cc):
+    g = cc.ConvGeometry(2, 7, 7, 32, 3, 3, 2, 1, 1, 2)
+    assert (g.oh, g.ow, g.rows, g.depth) == (3, 3, 18, 288)
+    s = cc.padded(g, 20)
+    assert (s.m, s.n, s.k, s.split_k, s.zero, s.groups) == (32, 32, 320, 1, (), 1)
+    assert s.name == "cuda_conv_n2_h7_w7_c32_k3x3_s2x1_d1x2_m32_n32_k320_s1_t32x32x64_w32x32"
+    # a ResNet stage conv (batch 32, 32x32, 16 channels): 128-row blocks, no K split
+    s = cc.padded(cc.ConvGeometry(32, 34, 34, 16, 3, 3), 16)
+    assert (s.m, s.n, s.k, s.split_k) == (32 * 32 * 32, 32, 192, 1) and s.tile.bm == 128
+    # few pixels and a long reduction: K split (the caller zeroes C)
+    s = cc.padded(cc.ConvGeometry(1, 6, 6, 512, 3, 3), 512)
+    assert s.split_k > 1 and s.zero == ("C",) and s.k % (s.split_k * s.tile.bk) == 0
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((1, 5, 5, 3, 3, 3), "multiple of 16"),
+        ((1, 2, 5, 16, 3, 3), "does not fit"),
+        ((1, 5, 5, 16, 3, 3, 0, 1), "at least 1"),
+        ((1, 5, 5, 16, 0, 3), "positive"),
+        ((1 << 12, 1 << 8, 1 << 8, 16, 1, 1), "int32 indexing"),
+    ],
+)
+def test_bad_geometries_are_refused(cc, args, match):
+    with pytest.raises(ValueError, match=match):
+        cc.ConvGeometry(*args)
+
+
+def test_unpadded_shapes_are_refused(cc):
+    g = cc.ConvGeometry(1, 5, 5, 16, 3, 3)
+    s = cc.padded(g, 16)
+    with pytest.raises(ValueError, match="not padded"):
+        cc.MmaConvShape(g, s.m, s.n, s.k - 32, s.tile)
+    with pytest.raises(ValueError, match="smaller than"):
+        cc.MmaConvShape(g, s.m, s.n, 64, s.tile)
+    with pytest.raises(ValueError, match="oc=0"):
+        cc.padded(g, 0)
+
+
+# -- generated code --------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_generated_source_gathers_with_vector_loads(cc, arch):
+    s = cc.padded(cc.ConvGeometry(2, 9, 9, 48, 3, 3, 2, 2, 1, 1), 64)
+    src = cc.generate_source(s, arch)
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in src
+    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in src
+    assert "= *(int4*)(X_ptr + " in src and "X_ptr[" not in src  # 16-byte gathers only
+    assert "A_ptr" not in src and "atomicAdd(" not in src  # no im2col buffer; no K split
+    grid, block, name, params, zero = cc.launch_config(s, arch)
+    assert name == f"{s.name}_kernel" and sorted(params) == ["B", "C", "X"] and zero == ()
+    assert grid == (s.m // s.tile.bm, s.n // s.tile.bn, 1) and block == (32, s.tile.warps, 1)
+    split = cc.padded(s.geometry, 64, split_k=3)
+    assert cc.launch_config(split)[0][2] == 3 and "atomicAdd(" in cc.generate_source(split)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_compile_cubin(cc, arch):
+    needs_nvcc()
+    cubin = cc.compile_cubin(cc.padded(cc.ConvGeometry(8, 18, 18, 64, 3, 3), 64), arch)
+    assert elf_arch(cubin) == int(arch[3:])
+
+
+@pytest.mark.parametrize("oc,split", [(128, 1), (128, 4)])
+def test_ptxas_keeps_the_fragments_in_registers(cc, tmp_path, oc, split):
+    """The default 128 x 128 tile (and split-K) with the gather: no stack frame, no spills."""
+    needs_nvcc()
+    s = cc.padded(cc.ConvGeometry(8, 18, 18, 64, 3, 3), oc, split_k=split)
+    assert (s.tile.bm, s.tile.bn) == (128, 128)
+    src = tmp_path / "k.cu"
+    src.write_text(cc.generate_source(s, "sm_80"))
+    cmd = [cc.cuda.nvcc_path(), "--cubin", "-O3", "-arch=sm_80", "-w", "-Xptxas", "-v"]
+    out = subprocess.run([*cmd, "-o", str(tmp_path / "k.cubin"), str(src)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in out.stderr, out.stderr
+
+
+# -- the generated kernel, run on the CPU ----------------------------------------------------------
+class Emulated(EmulatedKernel):
+    """The conv kernel generated for ``shape``, run by the emulator on the kernel's operands."""
+
+    def __init__(self, cc, shape, workdir):
+        self.shape = shape
+        grid, block, name, params, self.zero = cc.launch_config(shape)
+        super().__init__(cc.generate_source(shape), name, grid, block, params, workdir, shape.name)
+
+    def __call__(self, x, b, c=None):
+        s, g = self.shape, self.shape.geometry
+        assert x.dtype == b.dtype == torch.int8 and x.is_contiguous() and b.is_contiguous()
+        assert x.shape == (g.n, g.hp, g.wp, g.c) and b.shape == (1, s.n, s.k)
+        if c is None:  # garbage the kernel must overwrite, or zeros where it adds
+            c = torch.full((1, s.m, s.n), 0 if "C" in self.zero else -1, dtype=torch.int32)
+        bufs = {"X": x, "B": b, "C": c}
+        self.launch([bufs[p].data_ptr() for p in self.params])
+        return c
+
+
+class StandInConv(CudaConv):
+    """CudaConv with the kernel call replaced by ``run`` (the emulated kernel, or a torch
+    stand-in); records the shapes it is called with."""
+
+    def __init__(self, run, **kw):
+        super().__init__(**kw)
+        self.run, self.calls = run, []
+
+    def _s8_conv(self, x, b, shape):
+        g = shape.geometry
+        assert x.shape == (g.n, g.hp, g.wp, g.c) and b.shape == (1, shape.n, shape.k)
+        self.calls.append(shape)
+        return self.run(x, b, shape)
+
+
+def torch_kernel(x, b, shape):
+    """The kernel's contract in torch (int64): ``C = patches(X) · Bᵀ``, padded as the kernel's C."""
+    g = shape.geometry
+    w = b[0, :, : g.depth].reshape(shape.n, g.kh, g.kw, g.c)
+    y = reference(x, w, (g.sh, g.sw), (0, 0), (g.dh, g.dw))
+    c = torch.full((1, shape.m, shape.n), -7, dtype=torch.int32)
+    c[0, : g.rows] = y.int()
+    return c
+
+
+# (N, H, W, C, OC, k, stride, padding, dilation, x dtype, tile, split_k): a few small problems, each
+# a separate kernel compiled by g++ and run block by block (seconds on 2 cores)
+EMULATED = [
+    (2, 5, 5, 16, 16, 3, 1, 1, 1, torch.int8, None, None),  # 3x3, stride 1, "same" padding
+    (1, 7, 6, 3, 20, 3, 2, 1, 1, torch.uint8, None, None),  # stride 2, odd sizes, 3 channels
+    (3, 3, 5, 32, 40, 1, 1, 0, 1, torch.int8, None, None),  # 1x1: x read in place, no copy
+    (1, 6, 7, 16, 8, 3, (1, 2), (2, 1), (2, 1), torch.uint8, None, None),  # mixed strides, dilation
+    (2, 4, 4, 48, 32, 3, 1, 1, 1, torch.int8, (32, 32, 64, 32, 32), 2),  # split-K: adds into C
+]
+
+
+@pytest.mark.parametrize("N,H,W,C,OC,k,stride,padding,dilation,dtype,tile,split", EMULATED)
+def test_emulated_conv_is_exact(
+    cc, tmp_path, N, H, W, C, OC, k, stride, padding, dilation, dtype, tile, split
+):
+    """CudaConv.forward with the generated kernel emulated: the padded, shifted input, the weight
+    operand, the kernel's gather and tensor-core GEMM, the sign correction; exact against torch."""
+    from fraccompile.targets.kernels.cuda_mma import MmaTile
+
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    gen = torch.Generator().manual_seed(N * 100 + C)
+    x, w = codes((N, H, W, C), dtype, gen), codes((OC, k, k, C), torch.int8, gen)
+    x[0, 0, 0, :] = 255 if dtype == torch.uint8 else -128  # extreme codes at a corner (padded taps)
+    w[0] = -128
+    tile = MmaTile(*tile) if tile else None
+    conv = CudaConv(tile=tile, split_k=split)
+    shape = conv.shape(x.shape, w.shape, stride, padding, dilation)
+    kernel = Emulated(cc, shape, tmp_path)
+    run = StandInConv(lambda X, B, s: kernel(X, B), tile=tile, split_k=split)
+    y = run.forward(x, w, stride, padding, dilation)
+    assert y.dtype == torch.int32 and y.shape == (shape.geometry.rows, OC)
+    assert torch.equal(y.long(), reference(x, w, stride, padding, dilation))
+    assert run.calls == [shape] and shape.split_k == (split or 1)
+    if split:  # the split-K kernel adds into C: a second launch on the same C doubles it
+        X, B = (
+            padded_input(x, padding, shape.geometry.c),
+            torch.zeros((1, shape.n, shape.k), dtype=torch.int8),
+        )
+        B[0, :OC, : shape.geometry.depth] = w.reshape(OC, -1)
+        c = kernel(X, B)
+        assert torch.equal(
+            kernel(X, B, c)[0, : shape.geometry.rows, :OC].long(),
+            2 * reference(x, w, stride, padding, dilation),
+        )
+
+
+def test_emulated_extreme_codes_over_the_whole_reduction(cc, tmp_path):
+    """Every code extreme (uint8 255 and int8 -128 against -128 and 127): the largest sums of the
+    s8 kernel plus the shift's correction, padded taps included."""
+    x = torch.full((1, 4, 4, 64), 255, dtype=torch.uint8)
+    w = torch.full((2, 3, 3, 64), -128, dtype=torch.int8)
+    w[1] = 127
+    conv = CudaConv()
+    shape = conv.shape(x.shape, w.shape, (1, 1), (1, 1), (1, 1))
+    kernel = Emulated(cc, shape, tmp_path)
+    run = StandInConv(lambda X, B, s: kernel(X, B))
+    y = run.forward(x, w, padding=(1, 1))
+    assert torch.equal(y.long(), reference(x, w, 1, 1, 1)) and y[5, 0] == 255 * -128 * 9 * 64
+    y = run.forward(x.view(torch.int8) * 0 - 128, w, padding=(1, 1))
+    assert y[5, 0] == 128 * 128 * 9 * 64
+
+
+# -- the launcher ----------------------------------------------------------------------------------
+def test_padded_input():
+    x = torch.tensor([[[[0, 255, 128]]]], dtype=torch.uint8)  # (1, 1, 1, 3)
+    X = padded_input(x, (1, 0), 16)
+    assert X.dtype == torch.int8 and X.shape == (1, 3, 1, 16) and X.is_contiguous()
+    assert X[0, 1, 0, :3].tolist() == [-128, 127, 0] and set(X[0, 0].flatten().tolist()) == {-128}
+    assert set(X[0, 1, 0, 3:].tolist()) == {-128}
+    s = torch.zeros((2, 3, 3, 32), dtype=torch.int8)
+    assert padded_input(s, (0, 0), 32) is s  # nothing to change: no copy
+    assert padded_input(s[:, :, :, :16], (0, 0), 16).is_contiguous()  # a strided view is copied
+    assert padded_input(s, (1, 1), 32).eq(0).all()
+
+
+I8, U8 = torch.int8, torch.uint8
+
+
+@pytest.mark.parametrize(
+    "x,w,kw,exc,match",
+    [
+        (((1, 4, 4, 3), I8), ((2, 3, 3, 4), I8), {}, ValueError, "expected x"),
+        (((4, 4, 3), I8), ((2, 3, 3, 3), I8), {}, ValueError, "expected x"),
+        (((1, 4, 4, 3), torch.float32), ((2, 3, 3, 3), I8), {}, TypeError, "x: dtype"),
+        (((1, 4, 4, 3), I8), ((2, 3, 3, 3), U8), {}, TypeError, "w: dtype"),
+        (((1, 4, 4, 3), I8), ((2, 3, 3, 3), I8), {"stride": (0, 1)}, ValueError, "stride"),
+        (((1, 4, 4, 3), I8), ((2, 3, 3, 3), I8), {"padding": (-1, 0)}, ValueError, "padding"),
+        (((1, 4, 4, 3), I8), ((2, 3, 3, 3), I8), {"dilation": (1,)}, ValueError, "dilation"),
+        (((0, 4, 4, 3), I8), ((2, 3, 3, 3), I8), {}, ValueError, "empty"),
+        (((1, 4, 4, 8192), I8), ((1, 3, 3, 8192), I8), {}, ValueError, f"over {MAX_K}"),
+        (((1, 2, 2, 16), I8), ((1, 3, 3, 16), I8), {}, ValueError, "does not fit"),
+    ],
+)
+def test_bad_inputs_are_refused(x, w, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        StandInConv(torch_kernel).forward(torch.zeros(x[0], dtype=x[1]), torch.zeros(w[0], dtype=w[1]), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_forward_with_a_torch_kernel(dtype):
+    """The operands CudaConv hands to the kernel (padded input, weight rows padded per tap)
+    give the conv through the kernel's contract: channels not a multiple of 16, 5x5, stride 3."""
+    gen = torch.Generator().manual_seed(5)
+    x, w = codes((2, 11, 9, 21), dtype, gen), codes((7, 5, 5, 21), torch.int8, gen)
+    xl = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # channels-last view of NCHW
+    y = StandInConv(torch_kernel).forward(xl[:, :, 1:], w, (3, 3), (2, 1), (1, 1))
+    assert torch.equal(y.long(), reference(x[:, :, 1:], w, 3, (2, 1), 1))
+
+
+class FakeDriver:
+    """Stands in for libcuda and runs a launch with the emulated kernel, after checking the
+    launch geometry, the cubin and (for split-K) that C was zeroed."""
+
+    def __init__(self, emulated, image):
+        self.emulated, self.image, self.calls = emulated, image, []
+
+    def __call__(self, name, *args):
+        self.calls.append(name)
+        if name == "cuDeviceGet":
+            args[0]._obj.value = args[1]
+        elif name in ("cuDevicePrimaryCtxRetain", "cuModuleLoadData", "cuModuleGetFunction"):
+            assert name != "cuModuleLoadData" or args[1].raw == self.image + b"\0"
+            assert name != "cuModuleGetFunction" or args[2] == self.emulated.name.encode()
+            args[0]._obj.value = 0x111
+        elif name == "cuLaunchKernel":
+            grid, block, params = tuple(args[1:4]), tuple(args[4:7]), args[9]
+            assert (grid, block) == (self.emulated.grid, self.emulated.block)
+            ptrs = [ctypes.cast(params[i], ctypes.POINTER(ctypes.c_void_p)).contents.value for i in range(3)]
+            s = self.emulated.shape
+            c = ptrs[self.emulated.params.index("C")]
+            assert set((ctypes.c_int32 * (s.m * s.n)).from_address(c)) == {0}, "C not zeroed"
+            self.emulated.launch(ptrs)
+        elif name not in ("cuCtxPushCurrent_v2", "cuCtxPopCurrent_v2"):
+            raise AssertionError(name)
+
+
+def test_forward_through_the_driver_path(cc, tmp_path, monkeypatch):
+    """CudaConv's GPU path on the CPU with the split-K kernel: the nvcc-built cubin through the
+    disk cache (built once), the launch geometry and parameter order (X, B, C), C zeroed."""
+    from fraccompile.targets.kernels import cuda, cuda_mma
+    from fraccompile.targets.runtime import cuda_conv as runtime
+    from fraccompile.targets.runtime import cuda_driver
+
+    needs_nvcc()
+    tile = cuda_mma.MmaTile(32, 32, 64, 32, 32)
+    conv = CudaConv(tile=tile, split_k=2, cache_dir=tmp_path)
+    gen = torch.Generator().manual_seed(9)
+    x, w = codes((1, 5, 5, 16), torch.uint8, gen), codes((24, 3, 3, 16), torch.int8, gen)
+    shape = conv.shape(x.shape, w.shape, (1, 1), (1, 1), (1, 1))
+    emulated = Emulated(cc, shape, tmp_path)
+    fake = FakeDriver(emulated, runtime.load_or_build(shape, "sm_90", "cubin", tmp_path))
+    assert [p.name for p in tmp_path.glob("*.cubin")] == [runtime.kernel_path(shape, "sm_90", "cubin").name]
+    monkeypatch.setattr(cuda_driver, "driver", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: SimpleNamespace(cuda_stream=5))
+    monkeypatch.setattr(cuda, "compile_source", lambda *a: pytest.fail("rebuilt a cached kernel"))
+    cuda_driver._primary_context.cache_clear()
+    try:
+        for _ in range(2):
+            assert torch.equal(conv.forward(x, w, padding=(1, 1)).long(), reference(x, w, 1, 1, 1))
+    finally:
+        cuda_driver._primary_context.cache_clear()
+    assert fake.calls.count("cuModuleLoadData") == 1 and fake.calls.count("cuLaunchKernel") == 2
+
+
+# -- on a GPU --------------------------------------------------------------------------------------
+def _gpu_reason():
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        from fraccompile.targets.kernels import cuda
+
+        reason = cuda.nvcc_unavailable_reason()
+    return reason
+
+
+gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU and nvcc: {_gpu_reason()}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize(
+    "N,H,W,C,OC,k,stride,padding,dilation",
+    [
+        (1, 1, 1, 1, 1, 1, 1, 0, 1),
+        (2, 9, 7, 3, 16, 3, 1, 1, 1),
+        (32, 32, 32, 16, 16, 3, 1, 1, 1),
+        (8, 16, 16, 32, 64, 3, 2, 1, 1),
+        (4, 8, 8, 64, 64, 1, 2, 0, 1),
+        (2, 10, 10, 24, 40, 3, 1, 2, 2),
+        (1, 4, 4, 512, 512, 3, 1, 1, 1),  # split-K
+    ],
+)
+def test_gpu_exact(dtype, N, H, W, C, OC, k, stride, padding, dilation):
+    gen = torch.Generator().manual_seed(0)
+    x, w = codes((N, H, W, C), dtype, gen), codes((OC, k, k, C), torch.int8, gen)
+    pair = (stride,) * 2, (padding,) * 2, (dilation,) * 2
+    y = CudaConv().forward(x.cuda(), w.cuda(), *pair)
+    assert y.is_cuda and torch.equal(y.cpu().long(), reference(x, w, stride, padding, dilation))
