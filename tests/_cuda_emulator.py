@@ -47,7 +47,7 @@ static inline int __dp4a(int a, int b, int c) {
   return c;
 }
 static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
-static inline int min(int a, int b) { return a < b ? a : b; }  // CUDA's integer min
+using std::min;  // CUDA's min of two ints (or floats)
 
 // -- warps: lane t % 32 of warp t / 32, a barrier of the warp's threads and a scratch per warp ---
 struct WarpScratch { uintptr_t addr[32]; uint32_t reg[32][8]; };

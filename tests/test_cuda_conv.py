@@ -338,6 +338,62 @@ def test_forward_through_the_driver_path(cc, tmp_path, monkeypatch):
     assert fake.calls.count("cuModuleLoadData") == 1 and fake.calls.count("cuLaunchKernel") == 2
 
 
+# -- the backend's conv forward on CUDA tensors -----------------------------------------------------
+def _backend_on_gpu(monkeypatch, library=None):
+    """A fresh tvm backend that takes CPU tensors for CUDA ones, with torch stand-ins for the
+    kernels: the GEMM's (``CudaGemm._s8_gemm``) and the conv's (:func:`torch_kernel`)."""
+    from fraccompile.targets.backend.tvm_backend import TVMBackend, make_tvm_backend
+    from fraccompile.targets.runtime.cuda_driver import CudaGemm
+
+    class TorchGemm(CudaGemm):
+        def _s8_gemm(self, a, b, shape):
+            return (a.long() @ b.long().mT).int()
+
+    monkeypatch.setattr(TVMBackend, "on_gpu", staticmethod(lambda t: True))
+    be = make_tvm_backend({})
+    be._cuda = TorchGemm(library=library)
+    be._cuda_conv = StandInConv(torch_kernel)
+    return be
+
+
+@pytest.mark.parametrize(
+    "dtype,stride,padding,dilation,zero",
+    [
+        (torch.uint8, 1, 1, 1, False),
+        (torch.int8, 2, 1, 1, False),
+        (torch.uint8, (2, 1), (0, 2), (1, 2), False),
+        (torch.int8, 1, 1, 1, True),  # weight zero points (sbm): the terms added after the product
+    ],
+)
+def test_backend_conv_forward_runs_on_the_conv_kernel(monkeypatch, dtype, stride, padding, dilation, zero):
+    """The backend's GPU conv forward on CudaConv gives its im2col + CudaGemm result bit for bit
+    (the same integers, the same dequantize), and a GEMM serving an exported library (which holds
+    no conv kernels) keeps im2col."""
+    from fraccompile.ops.spec import SiteSpec
+    from fraccompile.targets.backend.codes import IntCodes
+
+    gen = torch.Generator().manual_seed(11)
+    N, C, H, W, OC = 2, 5, 7, 6, 12
+    xc = codes((N, H, W, C), dtype, gen).permute(0, 3, 1, 2)  # NCHW, channels-last in memory
+    wc = codes((OC, C, 3, 3), torch.int8, gen)
+    xq = IntCodes(
+        xc, torch.tensor([0.05]), dtype == torch.int8, None, 255.0 if dtype == torch.uint8 else 127.0
+    )
+    scale = torch.rand((OC, 1, 1, 1), generator=gen) * 0.01 + 0.001
+    wzero = (torch.rand((OC, 1, 1, 1), generator=gen) - 0.5) * 0.1 if zero else None
+    wq = IntCodes(wc, scale, True, wzero, 127.0)
+    bias = torch.randn(OC, generator=gen)
+    spec = SiteSpec.conv(2, stride, padding, dilation)
+    be = _backend_on_gpu(monkeypatch)
+    y = be.fw(spec, xq, wq, xc.shape, wc.shape, bias)
+    assert be._cuda_conv.calls and be._cuda_conv.calls[0].geometry.c == 16
+    im2col = _backend_on_gpu(monkeypatch, library=SimpleNamespace(kind="mma"))
+    y2 = im2col.fw(spec, xq, wq, xc.shape, wc.shape, bias)
+    assert im2col._cuda_conv.calls == [] and torch.equal(y, y2)
+    ref = F.conv2d(xq.dequantize(), wq.dequantize(), bias, spec.stride, spec.padding, spec.dilation)
+    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
 # -- on a GPU --------------------------------------------------------------------------------------
 def _gpu_reason():
     reason = gpu_unavailable_reason()

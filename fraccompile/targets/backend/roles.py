@@ -180,6 +180,8 @@ class SiteRoles:
                 dequant=(scale, bias, rows.view(1, -1, OC)),
             )
             return y, False
+        if d == 2 and G == 1 and self.on_gpu(xl) and self._gpu_conv(spec, xl, wr, w_shape, scale, bias, rows):
+            return y, False  # the implicit-GEMM tensor-core conv: no im2col copy
         cols, _ = _im2col(xq.codes, spec, w_shape)  # (G, M, k·Cg)
         if G == 1:
             self.gemm_f32(cols, wr, scale, bias, out=rows.view(1, -1, OC))
@@ -189,6 +191,33 @@ class SiteRoles:
         if bias is not None:
             y.add_(bias.reshape(1, -1, *([1] * d)))
         return y, False
+
+    def _gpu_conv(self, spec: SiteSpec, xl, wr, w_shape, scale, bias, rows) -> bool:
+        """The forward of a 2-D ungrouped conv of CUDA codes ``xl (N, H, W, C)`` on the
+        implicit-GEMM tensor-core kernel (:class:`..runtime.cuda_conv.CudaConv`) into ``rows``: the
+        integers of im2col + :meth:`gemm` (padding = code 0, uint8 codes corrected exactly),
+        dequantized as :meth:`gemm_f32` does on the GPU. False (nothing done) where it does not
+        apply: codes wider than 8 bits, a reduction over the kernel's limit, or a GEMM serving an
+        exported library (which holds no conv kernel) or running dp4a."""
+        from ..runtime.cuda_conv import MAX_K, CudaConv
+        from .gemm_runtime import _dequantize
+
+        gemm = self.cuda
+        if (
+            xl.dtype not in (torch.int8, torch.uint8)
+            or wr.dtype != torch.int8
+            or wr.shape[-1] > MAX_K
+            or gemm.library is not None
+            or gemm.kind_for(xl.device) != "mma"
+        ):
+            return False
+        conv = getattr(self, "_cuda_conv", None)
+        if conv is None:
+            conv = self._cuda_conv = CudaConv(cache_dir=gemm.cache_dir)
+        w = wr.reshape(w_shape[0], *w_shape[2:], w_shape[1])  # (OC, kh, kw, C)
+        C = conv.forward(xl, w, spec.stride, spec.gemm_padding(w_shape), spec.dilation)  # (M, OC)
+        _dequantize(C, scale, bias, rows.view(C.shape))
+        return True
 
     def eb(
         self,
