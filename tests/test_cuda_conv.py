@@ -394,6 +394,42 @@ def test_backend_conv_forward_runs_on_the_conv_kernel(monkeypatch, dtype, stride
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "dilation,padding,wide,column", [(1, 1, False, False), (2, 1, True, False), (1, 0, False, True)]
+)
+def test_backend_conv_error_backprop_runs_on_the_conv_kernel(monkeypatch, dilation, padding, wide, column):
+    """A stride-1 conv's integer error backprop on CUDA tensors (one weight scale, or one per
+    input channel: ``weight_scale="gemm"``) is the conv kernel's forward of the transposed conv:
+    exact integer sums, per 8-bit part of wide gradient codes (the low part unsigned), against
+    the fp32 backprop of the dequantized operands; strided convs keep their fp32 backprop."""
+    from fraccompile.ops.spec import SiteSpec
+    from fraccompile.targets.backend.codes import IntCodes
+
+    gen = torch.Generator().manual_seed(13)
+    N, C, H, W, OC, k = 2, 6, 6, 5, 9, 3
+    wc = codes((OC, C, k, k), torch.int8, gen)
+    wscale = torch.rand((1, C, 1, 1), generator=gen) * 0.01 + 0.001 if column else torch.tensor([0.02])
+    wq = IntCodes(wc, wscale, True, None, 127.0)
+    xq = IntCodes(codes((N, C, H, W), torch.int8, gen), torch.tensor([0.1]), True, None, 127.0)
+    spec = SiteSpec.conv(2, 1, padding, dilation)
+    OH, OW = (H + 2 * padding - dilation * (k - 1) - 1) + 1, (W + 2 * padding - dilation * (k - 1) - 1) + 1
+    lo, hi = (-3000, 3000) if wide else (-128, 128)
+    dyc = torch.randint(lo, hi, (N, OC, OH, OW), generator=gen, dtype=torch.int32 if wide else torch.int8)
+    dyq = IntCodes(dyc, torch.tensor([1e-3]), True, None, float(hi - 1))
+    be = _backend_on_gpu(monkeypatch)
+    dx = be.eb(spec, dyq, xq, wq, (N, C, H, W), wc.shape, column_scales=column)
+    assert len(be._cuda_conv.calls) == (2 if wide else 1)
+    ref = torch.nn.grad.conv2d_input(
+        (N, C, H, W), wq.dequantize().double(), dyq.dequantize().double(), 1, padding, dilation
+    )
+    assert dx.shape == ref.shape and torch.allclose(dx.double(), ref, rtol=1e-5, atol=1e-6)
+    size = [2 * (o - 1) + 1 + dilation * (k - 1) - 2 * padding for o in (OH, OW)]
+    strided, x2 = _backend_on_gpu(monkeypatch), (N, C, *size)  # the same dy, stride 2
+    xq = IntCodes(codes(x2, torch.int8, gen), torch.tensor([0.1]), True, None, 127.0)
+    dx = strided.eb(SiteSpec.conv(2, 2, padding, dilation), dyq, xq, wq, x2, wc.shape)
+    assert strided._cuda_conv.calls == [] and dx.shape == x2
+
+
 # -- on a GPU --------------------------------------------------------------------------------------
 def _gpu_reason():
     reason = gpu_unavailable_reason()

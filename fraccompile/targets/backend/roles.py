@@ -333,15 +333,11 @@ class SiteRoles:
         implicit-GEMM forward (:meth:`_conv_implicit`) of its transposed conv: ``dx`` is the conv
         of ``dy``, padded by ``d·(k-1) - p``, with the weights flipped in space and their two
         channel axes swapped; exact integer sums times ``scale(dy)·scale(w)``, channels-last.
-        None where that does not apply (a stride, groups, per-channel scales, a padding over
-        ``d·(k-1)``, no VNNI, or the forward kernel's own conditions on the channels and width)."""
-        if (
-            not self._vnni
-            or spec.conv_dims != 2
-            or spec.groups != 1
-            or tuple(spec.stride) != (1, 1)
-            or self.on_gpu(dyq.codes)
-        ):
+        On CUDA tensors the forward is the tensor-core conv (:meth:`_gpu_conv`). None where that
+        does not apply (a stride, groups, per-channel scales, a padding over ``d·(k-1)``, no VNNI
+        on the CPU, or the forward kernel's own conditions)."""
+        gpu = self.on_gpu(dyq.codes)
+        if not (self._vnni or gpu) or spec.conv_dims != 2 or spec.groups != 1 or tuple(spec.stride) != (1, 1):
             return None
         (kh, kw), (ph, pw), (dh, dw) = w_shape[2:], spec.gemm_padding(w_shape), spec.dilation
         pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
@@ -351,10 +347,14 @@ class SiteRoles:
         OC = w_shape[0]
         wt = (C, OC, kh, kw)
         w_rows = _weight_rows(wq.codes.flip(2, 3).transpose(0, 1), 1)  # (1, C, kh·kw·OC)
-        dyl = dyq.codes.permute(0, 2, 3, 1).contiguous()  # (N, OH, OW, OC)
-        dx = torch.empty_strided((N, C, H, W), (H * W * C, 1, W * C, C))  # channels-last
+        dyl = dyq.codes.permute(0, 2, 3, 1)  # (N, OH, OW, OC)
+        # dx: channels-last, on dy's device
+        dx = torch.empty_strided((N, C, H, W), (H * W * C, 1, W * C, C), device=dyl.device)
         rows = dx.permute(0, 2, 3, 1)
         transposed = SiteSpec.conv(2, 1, pad, spec.dilation)
+        if gpu:
+            return dx if self._gpu_conv(transposed, dyl, w_rows, wt, scale, None, rows) else None
+        dyl = dyl.contiguous()
         if self._conv_implicit(transposed, dyq, dyl, w_rows, wt, [H, W], scale, None, rows) is None:
             return None
         return dx
