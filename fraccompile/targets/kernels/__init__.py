@@ -6,8 +6,9 @@ weight gradient), ``pack`` (operand packing), ``quantize`` (the fused quantizer,
 epilogues), ``subbyte`` (1/2/4-bit storage of saved codes), ``probe`` (a routed site's gate
 gradient), ``sums`` (exact column sums of codes), ``intrin`` (the ``vpdpbusd`` tensor intrinsic),
 ``cuda`` (the dp4a GEMM for NVIDIA GPUs and its nvcc build), ``cuda_mma`` (the tensor-core GEMM
-for NVIDIA GPUs, with split-K), ``cuda_quantize`` (range, grid and quantize kernels for CUDA
-tensors, no host decisions; not wired into the backend yet).
+for NVIDIA GPUs, with split-K), ``cuda_conv`` (2-D convs as implicit GEMMs on ``cuda_mma``'s
+schedule), ``cuda_quantize`` (range, grid and quantize kernels for CUDA tensors, no host
+decisions; not wired into the backend yet).
 
 Imports: tvm, :mod:`fraccompile.ops` (the quantizer's constants), and of ``fraccompile.targets``
 only these modules and :mod:`..runtime.host` (the target a kernel is built for). This file
