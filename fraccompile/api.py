@@ -67,6 +67,8 @@ def compile(
         )
     _attach_missing_state(frac, model)
     _keep_non_persistent(frac, model)
+    if config.cuda_graphs:
+        frac.enable_cuda_graphs()
     frac.train(model.training)
     return frac
 

@@ -113,6 +113,12 @@ class FracConfig:
             while they fit. 0 (default) recomputes every one; 1 none.
         kernels_fallback: with ``kernels``, build what the library lacks or cannot serve (with a
             warning) instead of refusing.
+        cuda_graphs: capture the compiled model's forward and backward on CUDA tensors in CUDA
+            graphs (``torch.cuda.make_graphed_callables``) and replay them at every training step
+            with the same input shapes and precisions; a precision or shape change captures again
+            (:mod:`fraccompile.cuda_graphs`, docs/cuda.md). Forward passes in eval mode or without
+            autograd run as usual; a training step on CPU tensors is refused. Not with pipeline
+            ``dfq`` (the gates decide per sample, from the data, outside the graph).
     """
 
     a: int = 8
@@ -137,6 +143,7 @@ class FracConfig:
     kernels_fallback: bool = False
     recompute: str = "activations"
     recompute_budget: float = 0.0
+    cuda_graphs: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -213,6 +220,16 @@ class FracConfig:
         if not isinstance(self.kernels_fallback, bool):
             raise ConfigError(
                 f"FracConfig.kernels_fallback = {self.kernels_fallback!r} must be true or false"
+            )
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"FracConfig.cuda_graphs = {self.cuda_graphs!r} must be true or false")
+        if self.cuda_graphs and self.pipeline == "dfq":
+            raise ConfigError(
+                "FracConfig.cuda_graphs = True cannot be used with pipeline='dfq': the DFQ gates "
+                "choose each sample's precision from the data (routed sites group the batch by "
+                "precision, a data-dependent shape) and their decisions feed the cost regularizer "
+                "and the cost accounting outside the forward, which a replayed CUDA graph cannot "
+                "follow; use cuda_graphs=False with DFQ/FracTrain"
             )
         if self.version != CONFIG_VERSION:
             raise ConfigError(

@@ -22,6 +22,7 @@ from .passes.coverage import Fp32Op
 from .passes.quantize_insertion import PRECISION_MODULE, SITES_MODULE
 
 EVAL_GRAPH = "_frac_eval"  # instance attribute: the GraphModule that runs in eval mode, if any
+CUDA_GRAPHS = "_frac_cuda_graphs"  # instance attribute: the CudaGraphs of cuda_graphs=True, if any
 
 
 @dataclass(frozen=True)
@@ -114,18 +115,44 @@ class FracModel(fx.GraphModule):
 
     def recompile(self):
         result = super().recompile()
-        if self.__dict__.get(EVAL_GRAPH) is not None:
+        if self.__dict__.get(EVAL_GRAPH) is not None or self.__dict__.get(CUDA_GRAPHS) is not None:
             cls = type(self)
             graph_forward = cls.forward
 
             @functools.wraps(graph_forward)
             def forward(self, *args, **kwargs):
                 if not self.training:
-                    return self.__dict__[EVAL_GRAPH](*args, **kwargs)
+                    eval_gm = self.__dict__.get(EVAL_GRAPH)
+                    if eval_gm is not None:
+                        return eval_gm(*args, **kwargs)
+                else:
+                    graphs = self.__dict__.get(CUDA_GRAPHS)
+                    if graphs is not None and torch.is_grad_enabled():
+                        return graphs(self, graph_forward, args, kwargs)
                 return graph_forward(self, *args, **kwargs)
 
             cls.forward = forward
         return result
+
+    # -- CUDA graphs (FracConfig.cuda_graphs) -----------------------------------------------------
+    def enable_cuda_graphs(self) -> None:
+        """Graph this model's training steps on CUDA tensors (:mod:`fraccompile.cuda_graphs`);
+        :func:`fraccompile.compile` calls it for ``FracConfig(cuda_graphs=True)``. Raises
+        ``ConfigError`` for a model whose step can never be graphed (DFQ gates)."""
+        from .cuda_graphs import CudaGraphs, refusal_reason
+        from .errors import ConfigError
+
+        why = refusal_reason(self)
+        if why is not None:
+            raise ConfigError(f"FracConfig.cuda_graphs = True cannot graph this model: {why}")
+        self.__dict__[CUDA_GRAPHS] = CudaGraphs()
+        self.recompile()
+
+    @property
+    def cuda_graphs(self):
+        """The model's :class:`~fraccompile.cuda_graphs.CudaGraphs` (captures, replays, why graphs
+        were dropped), or None without ``FracConfig(cuda_graphs=True)``."""
+        return self.__dict__.get(CUDA_GRAPHS)
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
@@ -297,6 +324,8 @@ class FracModel(fx.GraphModule):
             res.__dict__[EVAL_GRAPH] = eval_gm
             _share_state(res, eval_gm)
             res.recompile()
+        if self.__dict__.get(CUDA_GRAPHS) is not None:  # a fresh one: graphs are not copied
+            res.enable_cuda_graphs()
         return res
 
 

@@ -155,6 +155,12 @@ class _Run:
         np.random.seed(seed)
         random.seed(seed)
         self.data = distributed.shard_data(data, ctx)
+        if ctx.active and getattr(model, "cuda_graphs", None) is not None:
+            raise FracCompileError(
+                "FracConfig.cuda_graphs = True is not supported in distributed training yet: DDP "
+                "all-reduces gradients and FSDP2 swaps parameter storage inside the backward, which "
+                "the graphed step does not hold; compile with cuda_graphs=False for torchrun"
+            )
         if isinstance(optimizer, torch.optim.Optimizer) and ctx.parallel == "fsdp":
             raise FracCompileError(
                 "with FSDP2 pass optimizer as a function of the parameters "

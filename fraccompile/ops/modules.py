@@ -53,13 +53,13 @@ class RunningRange(nn.Module):
         if _range_reducer is not None:
             lo, hi = _range_reducer(lo, hi)
         batch = torch.stack([lo, hi]).float()
-        if not bool(torch.isfinite(batch).all()):  # a NaN/inf batch never enters the running
-            return lo, hi  # range (the step itself is the caller's call)
-        if bool(self.initialized):
-            self.range.lerp_(batch, self.momentum)
-        else:  # the first batch sets the range (SBM starts from zeros, which quantizes badly)
-            self.range.copy_(batch)
-            self.initialized.fill_(True)
+        # On the device, never read on the host (so a CUDA graph can hold it): a NaN/inf batch
+        # never enters the running range (the step itself is the caller's call); the first finite
+        # batch sets it (SBM starts from zeros, which quantizes badly), later ones move it.
+        finite = torch.isfinite(batch).all()
+        moved = torch.where(self.initialized, torch.lerp(self.range, batch, self.momentum), batch)
+        self.range.copy_(torch.where(finite, moved, self.range))
+        self.initialized.logical_or_(finite)
         return lo, hi
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
