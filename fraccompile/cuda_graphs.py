@@ -224,7 +224,8 @@ class CudaGraphs:
                 f"{type(model).__name__} (forward and backward) in a CUDA graph failed "
                 f"({_first_line(err)}). Most likely an op of the step reads a GPU value on the "
                 f"host (a host sync such as .item() or bool(tensor): docs/cuda.md lists those "
-                f"left on each backend), which a CUDA graph cannot hold; {OFF_HINT}"
+                f"left on each backend), which a CUDA graph cannot hold; {OFF_HINT}. Start a new "
+                f"process for that: a failed capture can leave this one's CUDA state unusable"
             ) from err
         finally:
             with torch.no_grad():
