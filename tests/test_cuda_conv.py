@@ -105,6 +105,23 @@ def test_generated_source_gathers_with_vector_loads(cc, arch):
     assert cc.launch_config(split)[0][2] == 3 and "atomicAdd(" in cc.generate_source(split)
 
 
+def test_generated_weight_gradient_source(cc):
+    """The weight gradient's kernel: A = dyᵀ, B gathered from X byte by byte (16 pixels of a
+    tap are not contiguous), split along the pixels with atomic adds."""
+    s = cc.padded_gc(cc.ConvGeometry(32, 34, 34, 16, 3, 3), 16)
+    assert (s.m, s.n, s.role, s.kind) == (32, 256, "gc", "mma_conv_gc") and s.split_k > 1
+    assert s.k >= 32 * 32 * 32 and s.name.startswith("cuda_convgc_n32_h34_w34_c16_k3x3")
+    src = cc.generate_source(s)
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in src and "atomicAdd(" in src
+    assert "= X_ptr[" in src and "*(int4*)(X_ptr" not in src and "*(int4*)(A_ptr" in src
+    grid, block, name, params, zero = cc.launch_config(s)
+    assert sorted(params) == ["A", "C", "X"] and zero == ("C",) and grid[2] == s.split_k
+    with pytest.raises(ValueError, match="smaller than"):
+        cc.MmaConvShape(s.geometry, s.m, 128, s.k, s.tile, s.split_k, "gc")
+    with pytest.raises(ValueError, match="bad conv shape"):
+        cc.MmaConvShape(s.geometry, s.m, s.n, s.k, s.tile, s.split_k, "eb")
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_compile_cubin(cc, arch):
     needs_nvcc()
@@ -112,11 +129,12 @@ def test_compile_cubin(cc, arch):
     assert elf_arch(cubin) == int(arch[3:])
 
 
-@pytest.mark.parametrize("oc,split", [(128, 1), (128, 4)])
-def test_ptxas_keeps_the_fragments_in_registers(cc, tmp_path, oc, split):
+@pytest.mark.parametrize("role,split", [("fw", 1), ("fw", 4), ("gc", None)])
+def test_ptxas_keeps_the_fragments_in_registers(cc, tmp_path, role, split):
     """The default 128 x 128 tile (and split-K) with the gather: no stack frame, no spills."""
     needs_nvcc()
-    s = cc.padded(cc.ConvGeometry(8, 18, 18, 64, 3, 3), oc, split_k=split)
+    pad = cc.padded if role == "fw" else cc.padded_gc
+    s = pad(cc.ConvGeometry(8, 18, 18, 64, 3, 3), 128, split_k=split)
     assert (s.tile.bm, s.tile.bn) == (128, 128)
     src = tmp_path / "k.cu"
     src.write_text(cc.generate_source(s, "sm_80"))
@@ -135,13 +153,15 @@ class Emulated(EmulatedKernel):
         grid, block, name, params, self.zero = cc.launch_config(shape)
         super().__init__(cc.generate_source(shape), name, grid, block, params, workdir, shape.name)
 
-    def __call__(self, x, b, c=None):
+    def __call__(self, x, operand, c=None):
+        """``operand``: B (the weights) of the forward, A (dyᵀ) of the weight gradient."""
         s, g = self.shape, self.shape.geometry
-        assert x.dtype == b.dtype == torch.int8 and x.is_contiguous() and b.is_contiguous()
-        assert x.shape == (g.n, g.hp, g.wp, g.c) and b.shape == (1, s.n, s.k)
+        assert x.dtype == operand.dtype == torch.int8 and x.is_contiguous() and operand.is_contiguous()
+        rows, name = (s.n, "B") if s.role == "fw" else (s.m, "A")
+        assert x.shape == (g.n, g.hp, g.wp, g.c) and operand.shape == (1, rows, s.k)
         if c is None:  # garbage the kernel must overwrite, or zeros where it adds
             c = torch.full((1, s.m, s.n), 0 if "C" in self.zero else -1, dtype=torch.int32)
-        bufs = {"X": x, "B": b, "C": c}
+        bufs = {"X": x, name: operand, "C": c}
         self.launch([bufs[p].data_ptr() for p in self.params])
         return c
 
@@ -154,21 +174,43 @@ class StandInConv(CudaConv):
         super().__init__(**kw)
         self.run, self.calls = run, []
 
-    def _s8_conv(self, x, b, shape):
+    def _s8_conv(self, x, operand, shape):
         g = shape.geometry
-        assert x.shape == (g.n, g.hp, g.wp, g.c) and b.shape == (1, shape.n, shape.k)
+        rows = shape.n if shape.role == "fw" else shape.m  # B (weights) or A (dyᵀ)
+        assert x.shape == (g.n, g.hp, g.wp, g.c) and operand.shape == (1, rows, shape.k)
+        assert x.dtype == operand.dtype == torch.int8 and x.is_contiguous() and operand.is_contiguous()
         self.calls.append(shape)
-        return self.run(x, b, shape)
+        return self.run(x, operand, shape)
 
 
-def torch_kernel(x, b, shape):
-    """The kernel's contract in torch (int64): ``C = patches(X) · Bᵀ``, padded as the kernel's C."""
+def torch_kernel(x, operand, shape):
+    """The kernel's contract in torch (int64), padded as the kernel's C: ``C = patches(X)·Bᵀ``
+    (forward) or ``C = A·patches(X)`` (weight gradient, A = dyᵀ)."""
     g = shape.geometry
-    w = b[0, :, : g.depth].reshape(shape.n, g.kh, g.kw, g.c)
-    y = reference(x, w, (g.sh, g.sw), (0, 0), (g.dh, g.dw))
     c = torch.full((1, shape.m, shape.n), -7, dtype=torch.int32)
-    c[0, : g.rows] = y.int()
+    if shape.role == "fw":
+        w = operand[0, :, : g.depth].reshape(shape.n, g.kh, g.kw, g.c)
+        c[0, : g.rows] = reference(x, w, (g.sh, g.sw), (0, 0), (g.dh, g.dw)).int()
+    else:
+        dy = operand[0, :, : g.rows].t().reshape(g.n, g.oh, g.ow, shape.m)
+        c[0, :, : g.depth] = (
+            gc_reference(x, dy, (g.kh, g.kw), (g.sh, g.sw), 0, (g.dh, g.dw)).reshape(shape.m, -1).int()
+        )
     return c
+
+
+def gc_reference(x, dy, kernel_size, stride, padding, dilation):
+    """The exact weight gradient ``Σ dy·x`` of codes ``x (N, H, W, C)``, ``dy (N, OH, OW, OC)`` as
+    int64 ``(OC, kh, kw, C)`` (float64 holds every sum exactly)."""
+    dw = torch.nn.grad.conv2d_weight(
+        x.permute(0, 3, 1, 2).double(),
+        (dy.shape[3], x.shape[3], *kernel_size),
+        dy.permute(0, 3, 1, 2).double(),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    return dw.permute(0, 2, 3, 1).long()
 
 
 # (N, H, W, C, OC, k, stride, padding, dilation, x dtype, tile, split_k): a few small problems, each
@@ -232,6 +274,62 @@ def test_emulated_extreme_codes_over_the_whole_reduction(cc, tmp_path):
     assert torch.equal(y.long(), reference(x, w, 1, 1, 1)) and y[5, 0] == 255 * -128 * 9 * 64
     y = run.forward(x.view(torch.int8) * 0 - 128, w, padding=(1, 1))
     assert y[5, 0] == 128 * 128 * 9 * 64
+
+
+# (N, H, W, C, OC, k, stride, padding, dilation, x dtype, split_k, max_k) of the weight gradient
+EMULATED_GC = [
+    (2, 5, 5, 16, 16, 3, 1, 1, 1, torch.int8, None, None),  # 3x3, stride 1, padding
+    (1, 7, 6, 3, 20, 3, 2, 1, 1, torch.uint8, None, None),  # stride 2, odd sizes, 3 channels
+    (3, 3, 5, 32, 24, 1, 1, 0, 1, torch.uint8, 2, None),  # 1x1, split-K
+    (3, 4, 3, 16, 8, 3, (1, 2), (2, 1), (2, 1), torch.int8, None, 10),  # 3 batch chunks of 1 image
+]
+
+
+@pytest.mark.parametrize("N,H,W,C,OC,k,stride,padding,dilation,dtype,split,max_k", EMULATED_GC)
+def test_emulated_weight_gradient_is_exact(
+    cc, tmp_path, N, H, W, C, OC, k, stride, padding, dilation, dtype, split, max_k
+):
+    """CudaConv.weight_grad with the generated kernel (B gathered from the codes, A = dyᵀ)
+    emulated: exact against torch, the pixels summed over batch chunks where ``max_k`` says."""
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+    gen = torch.Generator().manual_seed(N * 10 + C)
+    x = codes((N, H, W, C), dtype, gen)
+    conv = CudaConv(split_k=split, max_k=max_k or MAX_K)
+    g = conv.shape(x.shape, (OC, k, k, C), stride, padding, dilation, "gc").geometry
+    dy = codes((N, g.oh, g.ow, OC), torch.int8, gen)
+    dy[0, 0, 0, :], x[0, -1, -1, :] = -128, 255 if dtype == torch.uint8 else -128  # extremes
+    kernels = {}
+
+    def run(X, A, shape):
+        if shape not in kernels:
+            kernels[shape] = Emulated(cc, shape, tmp_path)
+        return kernels[shape](X, A)
+
+    dw = StandInConv(run, split_k=split, max_k=max_k or MAX_K).weight_grad(
+        x, dy, (k, k), stride, padding, dilation
+    )
+    assert dw.dtype == (torch.int64 if max_k else torch.int32) and dw.shape == (OC, k, k, C)
+    assert torch.equal(dw.long(), gc_reference(x, dy, (k, k), stride, padding, dilation))
+    assert all(s.role == "gc" and s.split_k == (split or 1) for s in kernels) and len(kernels) == 1
+
+
+def test_weight_gradient_with_a_torch_kernel():
+    """weight_grad's operands through the kernel's contract: uint8 codes (shift and 128·Σdy),
+    channels-last views of NCHW codes, uneven batch chunks (2 + 2 + 1 images)."""
+    gen = torch.Generator().manual_seed(2)
+    x = codes((5, 9, 8, 21), torch.uint8, gen).permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    dy = codes((5, 5, 4, 7), torch.int8, gen).permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    conv = StandInConv(torch_kernel, max_k=2 * 5 * 4 + 3)
+    dw = conv.weight_grad(x, dy, (3, 3), (2, 2), (1, 1), (1, 1))
+    assert torch.equal(dw, gc_reference(x, dy, (3, 3), 2, 1, 1))
+    assert [s.geometry.n for s in conv.calls] == [2, 2, 1]
+    with pytest.raises(ValueError, match="the conv's output is 5 x 4"):
+        conv.weight_grad(x, dy[:, :4], (3, 3), (2, 2), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="dy: expected int8"):
+        conv.weight_grad(x, dy.view(torch.uint8), (3, 3), (2, 2), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="20 output pixels per image is over 19"):
+        StandInConv(torch_kernel, max_k=19).weight_grad(x, dy, (3, 3), (2, 2), (1, 1), (1, 1))
 
 
 # -- the launcher ----------------------------------------------------------------------------------
@@ -430,6 +528,47 @@ def test_backend_conv_error_backprop_runs_on_the_conv_kernel(monkeypatch, dilati
     assert strided._cuda_conv.calls == [] and dx.shape == x2
 
 
+@pytest.mark.parametrize(
+    "dtype,stride,padding,dilation,wide",
+    [
+        (torch.uint8, 1, 1, 1, False),
+        (torch.int8, 2, 1, 1, True),
+        (torch.uint8, (1, 2), (2, 0), (2, 1), False),
+    ],
+)
+def test_backend_conv_weight_gradient_runs_on_the_conv_kernel(
+    monkeypatch, dtype, stride, padding, dilation, wide
+):
+    """The backend's GPU conv weight gradient on CudaConv.weight_grad gives its im2col + CudaGemm
+    result bit for bit (uint8 and int8 activation codes, wide gradient codes as two parts)."""
+    from fraccompile.ops.spec import SiteSpec
+    from fraccompile.targets.backend.codes import IntCodes
+
+    gen = torch.Generator().manual_seed(17)
+    N, C, H, W, OC, k = 3, 5, 7, 6, 10, 3
+    spec = SiteSpec.conv(2, stride, padding, dilation)
+    xc = codes((N, H, W, C), dtype, gen).permute(0, 3, 1, 2)
+    xq = IntCodes(
+        xc, torch.tensor([0.05]), dtype == torch.int8, None, 255.0 if dtype == torch.uint8 else 127.0
+    )
+    out = F.conv2d(
+        torch.zeros(N, C, H, W), torch.zeros(OC, C, k, k), None, spec.stride, spec.padding, spec.dilation
+    )
+    lo, hi = (-3000, 3000) if wide else (-128, 128)
+    dyc = torch.randint(lo, hi, out.shape, generator=gen, dtype=torch.int32 if wide else torch.int8)
+    dyq = IntCodes(dyc, torch.tensor([1e-3]), True, None, float(hi - 1))
+    w_shape = (OC, C, k, k)
+    be = _backend_on_gpu(monkeypatch)
+    dw = be.gc(spec, xq, dyq, xc.shape, w_shape)
+    assert len(be._cuda_conv.calls) == (2 if wide else 1) and be._cuda_conv.calls[0].role == "gc"
+    im2col = _backend_on_gpu(monkeypatch, library=SimpleNamespace(kind="mma"))
+    assert torch.equal(dw, im2col.gc(spec, xq, dyq, xc.shape, w_shape)) and im2col._cuda_conv.calls == []
+    ref = torch.nn.grad.conv2d_weight(
+        xq.dequantize().double(), w_shape, dyq.dequantize().double(), spec.stride, spec.padding, spec.dilation
+    )
+    assert torch.allclose(dw.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 # -- on a GPU --------------------------------------------------------------------------------------
 def _gpu_reason():
     reason = gpu_unavailable_reason()
@@ -443,23 +582,61 @@ def _gpu_reason():
 gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU and nvcc: {_gpu_reason()}")
 
 
+GPU_CASES = [
+    (1, 1, 1, 1, 1, 1, 1, 0, 1),
+    (2, 9, 7, 3, 16, 3, 1, 1, 1),
+    (32, 32, 32, 16, 16, 3, 1, 1, 1),
+    (8, 16, 16, 32, 64, 3, 2, 1, 1),
+    (4, 8, 8, 64, 64, 1, 2, 0, 1),
+    (2, 10, 10, 24, 40, 3, 1, 2, 2),
+    (1, 4, 4, 512, 512, 3, 1, 1, 1),  # split-K (forward)
+    (128, 32, 32, 16, 16, 3, 1, 1, 1),  # weight gradient: two batch chunks of 64 images
+]
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
-@pytest.mark.parametrize(
-    "N,H,W,C,OC,k,stride,padding,dilation",
-    [
-        (1, 1, 1, 1, 1, 1, 1, 0, 1),
-        (2, 9, 7, 3, 16, 3, 1, 1, 1),
-        (32, 32, 32, 16, 16, 3, 1, 1, 1),
-        (8, 16, 16, 32, 64, 3, 2, 1, 1),
-        (4, 8, 8, 64, 64, 1, 2, 0, 1),
-        (2, 10, 10, 24, 40, 3, 1, 2, 2),
-        (1, 4, 4, 512, 512, 3, 1, 1, 1),  # split-K
-    ],
-)
+@pytest.mark.parametrize("N,H,W,C,OC,k,stride,padding,dilation", GPU_CASES)
 def test_gpu_exact(dtype, N, H, W, C, OC, k, stride, padding, dilation):
+    """Forward and weight gradient on the GPU, exact against torch."""
     gen = torch.Generator().manual_seed(0)
     x, w = codes((N, H, W, C), dtype, gen), codes((OC, k, k, C), torch.int8, gen)
     pair = (stride,) * 2, (padding,) * 2, (dilation,) * 2
-    y = CudaConv().forward(x.cuda(), w.cuda(), *pair)
+    conv = CudaConv()
+    y = conv.forward(x.cuda(), w.cuda(), *pair)
     assert y.is_cuda and torch.equal(y.cpu().long(), reference(x, w, stride, padding, dilation))
+    g = conv.shape(x.shape, w.shape, *pair, "gc").geometry
+    dy = codes((N, g.oh, g.ow, OC), torch.int8, gen)
+    dw = conv.weight_grad(x.cuda(), dy.cuda(), (k, k), *pair)
+    assert torch.equal(dw.cpu().long(), gc_reference(x, dy, (k, k), *pair))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_gpu_backend_conv_roles(dtype):
+    """On a GPU the backend's conv forward and weight gradient on the conv kernel equal its
+    im2col + GEMM results bit for bit (a CudaGemm serving a library keeps im2col); the stride-1
+    integer error backprop is close to the fp32 one."""
+    from fraccompile.ops.spec import SiteSpec
+    from fraccompile.targets.backend.codes import IntCodes
+    from fraccompile.targets.backend.tvm_backend import make_tvm_backend
+    from fraccompile.targets.runtime.cuda_driver import CudaGemm
+
+    gen = torch.Generator().manual_seed(3)
+    N, C, H, W, OC = 8, 16, 12, 12, 32
+    xc = codes((N, H, W, C), dtype, gen).permute(0, 3, 1, 2).cuda()
+    xq = IntCodes(xc, torch.tensor([0.05]).cuda(), dtype == torch.int8, None, 127.0)
+    wq = IntCodes(
+        codes((OC, C, 3, 3), torch.int8, gen).cuda(), torch.tensor([0.01]).cuda(), True, None, 127.0
+    )
+    dyq = IntCodes(
+        codes((N, OC, H, W), torch.int8, gen).cuda(), torch.tensor([1e-3]).cuda(), True, None, 127.0
+    )
+    spec, shapes = SiteSpec.conv(2, 1, 1), (xc.shape, wq.codes.shape)
+    conv, im2col = make_tvm_backend({}), make_tvm_backend({})
+    im2col._cuda = CudaGemm(library=SimpleNamespace(kind="mma", kernel=lambda *a: None))
+    assert torch.equal(conv.fw(spec, xq, wq, *shapes), im2col.fw(spec, xq, wq, *shapes))
+    assert torch.equal(conv.gc(spec, xq, dyq, *shapes), im2col.gc(spec, xq, dyq, *shapes))
+    assert conv._cuda_conv._kernels and getattr(im2col, "_cuda_conv", None) is None
+    dx = conv.eb(spec, dyq, xq, wq, *shapes)
+    assert torch.allclose(dx, im2col.eb(spec, dyq, xq, wq, *shapes), rtol=1e-5, atol=1e-6)

@@ -197,27 +197,52 @@ class SiteRoles:
         implicit-GEMM tensor-core kernel (:class:`..runtime.cuda_conv.CudaConv`) into ``rows``: the
         integers of im2col + :meth:`gemm` (padding = code 0, uint8 codes corrected exactly),
         dequantized as :meth:`gemm_f32` does on the GPU. False (nothing done) where it does not
-        apply: codes wider than 8 bits, a reduction over the kernel's limit, or a GEMM serving an
-        exported library (which holds no conv kernel) or running dp4a."""
-        from ..runtime.cuda_conv import MAX_K, CudaConv
+        apply (see :meth:`_conv_launcher`; or a reduction over the kernel's limit)."""
         from .gemm_runtime import _dequantize
 
-        gemm = self.cuda
-        if (
-            xl.dtype not in (torch.int8, torch.uint8)
-            or wr.dtype != torch.int8
-            or wr.shape[-1] > MAX_K
-            or gemm.library is not None
-            or gemm.kind_for(xl.device) != "mma"
-        ):
+        conv = self._conv_launcher(xl, wr)
+        if conv is None or wr.shape[-1] > conv.max_k:
             return False
-        conv = getattr(self, "_cuda_conv", None)
-        if conv is None:
-            conv = self._cuda_conv = CudaConv(cache_dir=gemm.cache_dir)
         w = wr.reshape(w_shape[0], *w_shape[2:], w_shape[1])  # (OC, kh, kw, C)
         C = conv.forward(xl, w, spec.stride, spec.gemm_padding(w_shape), spec.dilation)  # (M, OC)
         _dequantize(C, scale, bias, rows.view(C.shape))
         return True
+
+    def _gpu_conv_gc(self, spec: SiteSpec, xl, dyq: IntCodes, w_shape, scale) -> torch.Tensor | None:
+        """The weight gradient of a 2-D ungrouped conv of CUDA codes ``xl (N, H, W, C)`` on the
+        implicit-GEMM tensor-core kernel (:meth:`..runtime.cuda_conv.CudaConv.weight_grad`): the
+        integers of im2col + :meth:`gemm`, dequantized as :meth:`gemm_f32` does, ``(1, OC,
+        kh·kw·C)``. None where it does not apply (see :meth:`_conv_launcher`; or one image's
+        output pixels over the kernel's limit)."""
+        from .gemm_runtime import _dequantize
+
+        conv = self._conv_launcher(xl, dyq.codes)
+        if conv is None or math.prod(dyq.codes.shape[2:]) > conv.max_k:
+            return None
+        dy = dyq.codes.permute(0, 2, 3, 1)  # (N, OH, OW, OC)
+        padding = spec.gemm_padding(w_shape)
+        dw = conv.weight_grad(xl, dy, w_shape[2:], spec.stride, padding, spec.dilation)
+        return _dequantize(dw.reshape(1, w_shape[0], -1), scale)
+
+    def _conv_launcher(self, x: torch.Tensor, other: torch.Tensor):
+        """The implicit-GEMM conv launcher (:class:`..runtime.cuda_conv.CudaConv`) for CUDA codes
+        ``x`` (int8/uint8) with ``other`` (int8: weights or gradients), beside the GEMM's; None
+        where it does not apply: other dtypes, or a GEMM serving an exported library (which holds
+        no conv kernel) or running dp4a."""
+        from ..runtime.cuda_conv import CudaConv
+
+        gemm = self.cuda
+        if (
+            x.dtype not in (torch.int8, torch.uint8)
+            or other.dtype != torch.int8
+            or gemm.library is not None
+            or gemm.kind_for(x.device) != "mma"
+        ):
+            return None
+        conv = getattr(self, "_cuda_conv", None)
+        if conv is None:
+            conv = self._cuda_conv = CudaConv(cache_dir=gemm.cache_dir)
+        return conv
 
     def eb(
         self,
@@ -451,9 +476,11 @@ class SiteRoles:
                 self._conv_patch_packer(spec, xl, w_shape, flip),
                 dequant=(scale, None, None),
             )
-        else:
-            cols, _ = _im2col(xq.codes, spec, w_shape)  # (G, M, k·Cg)
-            C = self.gemm_f32(dyl.permute(1, 2, 0), cols.mT, scale)  # (G, OCg, k·Cg)
+        else:  # on the GPU: the implicit-GEMM conv's weight gradient where it applies
+            C = self._gpu_conv_gc(spec, xl, dyq, w_shape, scale) if n == 2 and G == 1 else None
+            if C is None:
+                cols, _ = _im2col(xq.codes, spec, w_shape)  # (G, M, k·Cg)
+                C = self.gemm_f32(dyl.permute(1, 2, 0), cols.mT, scale)  # (G, OCg, k·Cg)
         ks = list(w_shape[2:])
         dw = C.reshape(OC, *ks, w_shape[1])  # (OC, k..., Cg)
         return dw.permute(0, n + 1, *range(1, n + 1))

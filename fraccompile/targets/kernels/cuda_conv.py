@@ -1,9 +1,10 @@
-"""2-D int8 convs as implicit GEMMs on NVIDIA tensor cores: the forward of a conv (groups 1, any
-stride and dilation) on channels-last codes, scheduled exactly as the tensor-core GEMM of
-:mod:`.cuda_mma` (its tile, tensor intrinsics, split-K and code generation), except that the A
-tile is gathered from the input as it is copied into shared memory: no im2col matrix exists.
+"""2-D int8 convs as implicit GEMMs on NVIDIA tensor cores: the forward and the weight gradient of
+a conv (groups 1, any stride and dilation) on channels-last codes, scheduled exactly as the
+tensor-core GEMM of :mod:`.cuda_mma` (its tile, tensor intrinsics, split-K and code generation),
+except that the operand holding the taps is gathered from the input as it is copied into shared
+memory: no im2col matrix exists.
 
-Contract (all s8, C s32; one kernel per :class:`MmaConvShape`)::
+Forward contract (all s8, C s32; one kernel per :class:`MmaConvShape`)::
 
     C[m, o] = sum_{i, j, c} X[b, y·sh + i·dh, x·sw + j·dw, c] · B[o, (i·kw + j)·Cp + c]
 
@@ -33,10 +34,18 @@ vector load per piece (checked on the generated source). Rows past ``M`` and tap
 padding's weights are 0 or its rows are discarded. Everything after the shared-memory copy
 (``ldmatrix``, ``mma.sync``, the write-back) is :func:`.cuda_mma.schedule`'s.
 
-The error backprop of a stride-1 conv is this forward on the output gradient, padded by
-``d·(k - 1) - p``, with the weights flipped in space and their channel axes swapped; the weight
-gradient (a reduction over the pixels, whose gather is not 16-byte contiguous) is not here.
-The kernel has not been run on a GPU: the tests run it in the CPU emulator of CUDA threads.
+Weight gradient (``role`` ``"gc"``, :func:`padded_gc`): ``C[o, (i·kw + j)·Cp + c] = sum_m
+A[o, m] · X[pixel m + tap (i, j), c]``, the GEMM ``(OC, kh·kw·Cp, N·OH·OW)`` with ``A`` the output
+gradient's codes transposed, ``(1, Mp, Kp)`` (OC rows, pixels zero-padded), and ``B`` the same
+gather from the same padded ``X`` with the roles of its indices swapped: row = tap and channel,
+column = pixel. Its long K (the pixels) is split as :func:`.cuda_mma.split_k_for` chooses, the
+blocks adding into C. 16 consecutive pixels of one tap are not contiguous in ``X``, so this copy
+is 16 byte loads per 16-byte piece (each with its own index arithmetic), not one vector load.
+Exact while ``128·128·N·OH·OW < 2**31``: the caller sums batch chunks.
+
+The error backprop of a stride-1 conv is the forward on the output gradient, padded by
+``d·(k - 1) - p``, with the weights flipped in space and their channel axes swapped. The kernels
+have not been run on a GPU: the tests run them in the CPU emulator of CUDA threads.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from tvm import te
 from . import cuda, cuda_mma
 from .cuda_mma import ARCHS, MmaTile
 
+ROLES = ("fw", "gc")  # the forward; the weight gradient
 CHANNEL_ALIGN = 16  # channels padded to a multiple of this: one 16-byte load per piece of a row
 _INDEX_LIMIT = 2**31  # the kernels index their buffers in int32
 
@@ -119,8 +129,10 @@ class ConvGeometry:
 
 @dataclass(frozen=True)
 class MmaConvShape:
-    """A conv forward padded to its tile: ``m`` (output pixels), ``n`` (output channels) and ``k``
-    (``kh·kw·c``) rounded up as :func:`.cuda_mma.padded` rounds a GEMM's; :func:`padded`."""
+    """A conv's GEMM padded to its tile, rounded up as :func:`.cuda_mma.padded` rounds a GEMM's:
+    for the forward (``role`` ``"fw"``, :func:`padded`) ``m`` output pixels, ``n`` output
+    channels, ``k`` the taps ``kh·kw·c``; for the weight gradient (``"gc"``, :func:`padded_gc`)
+    ``m`` output channels, ``n`` taps, ``k`` output pixels."""
 
     geometry: ConvGeometry
     m: int
@@ -128,26 +140,32 @@ class MmaConvShape:
     k: int
     tile: MmaTile
     split_k: int = 1
+    role: str = "fw"
 
-    kind = "mma_conv"
     groups = 1  # one GEMM (what cuda_mma.schedule reads)
 
     def __post_init__(self):
         g, t = self.geometry, self.tile
-        if min(self.m, self.n, self.k) < 1 or self.split_k < 1:
+        if min(self.m, self.n, self.k) < 1 or self.split_k < 1 or self.role not in ROLES:
             raise ValueError(f"bad conv shape {self}")
-        if self.m < g.rows or self.k < g.depth:
-            raise ValueError(f"conv shape {self}: m or k smaller than the conv's {g.rows} x {g.depth}")
+        pixels, taps = (self.m, self.k) if self.role == "fw" else (self.k, self.n)
+        if pixels < g.rows or taps < g.depth:
+            raise ValueError(f"conv shape {self}: smaller than the conv's {g.rows} pixels x {g.depth} taps")
         if self.m % t.bm or self.n % t.bn or self.k % (t.bk * self.split_k):
             raise ValueError(f"conv shape {self} is not padded to its tile and K split (use padded())")
         if max(self.n * self.k, self.split_k * self.m * self.n) >= _INDEX_LIMIT:
             raise ValueError(f"conv shape {self}: too large for int32 indexing")
 
     @property
+    def kind(self) -> str:
+        return "mma_conv" if self.role == "fw" else "mma_conv_gc"
+
+    @property
     def name(self) -> str:
         t = self.tile
         return (
-            f"cuda_conv_{self.geometry.name}_m{self.m}_n{self.n}_k{self.k}_s{self.split_k}"
+            f"cuda_{'conv' if self.role == 'fw' else 'convgc'}_{self.geometry.name}"
+            f"_m{self.m}_n{self.n}_k{self.k}_s{self.split_k}"
             f"_t{t.bm}x{t.bn}x{t.bk}_w{t.wm}x{t.wn}"
         )
 
@@ -166,6 +184,15 @@ def padded(geometry: ConvGeometry, oc: int, tile: MmaTile | None = None, split_k
     return MmaConvShape(geometry, gemm.m, gemm.n, gemm.k, gemm.tile, gemm.split_k)
 
 
+def padded_gc(geometry: ConvGeometry, oc: int, tile: MmaTile | None = None, split_k: int | None = None):
+    """The :class:`MmaConvShape` of the weight gradient of a conv with ``oc`` output channels: the
+    GEMM ``(oc, kh·kw·c, N·OH·OW)``, usually split along its long K (the pixels)."""
+    if oc < 1:
+        raise ValueError(f"oc={oc}: must be positive")
+    gemm = cuda_mma.padded(1, oc, geometry.depth, geometry.rows, tile, split_k)
+    return MmaConvShape(geometry, gemm.m, gemm.n, gemm.k, gemm.tile, gemm.split_k, "gc")
+
+
 def source_hash() -> str:
     """Hash of the code that defines the kernel (this module, :mod:`.cuda_mma` whose schedule it
     uses, and :mod:`.cuda`): part of every cubin cache key."""
@@ -176,22 +203,29 @@ def source_hash() -> str:
 
 # -- the definition and schedule -------------------------------------------------------------------
 def definition(shape: MmaConvShape):
-    """``C[s, 0, m, o]``: the partial sums over the ``split_k`` pieces of K (as
-    :func:`.cuda_mma.definition`), of ``A[0, m, k]``, the gather stage from ``X`` (module
-    docstring), and ``B``; ``main(X, B, C)``."""
+    """``C[s, 0, i, j]``: the partial sums over the ``split_k`` pieces of K (as
+    :func:`.cuda_mma.definition`) of ``A[0, i, k]·B[0, j, k]``, where the operand that holds the
+    taps is a gather stage from ``X`` (``A`` for the forward, ``main(X, B, C)``; ``B`` for the
+    weight gradient, ``main(A, X, C)`` with ``A`` the output gradient, transposed)."""
     g, s = shape.geometry, shape.split_k
     X = te.placeholder((g.n, g.hp, g.wp, g.c), "int8", name="X")
-    B = te.placeholder((1, shape.n, shape.k), "int8", name="B")
     lo = tvm.tirx.min
     taps, per_image = g.kh * g.kw, g.oh * g.ow
 
-    def gather(_, m, k):
-        m = lo(m, g.rows - 1)  # padding rows read the last pixel (their C rows are discarded)
-        b, y, x = m // per_image, m // g.ow % g.oh, m % g.ow
-        tap = lo(k // g.c, taps - 1)  # K padding reads the last tap (its weights are 0)
+    def gather(pixel, k):
+        pixel = lo(pixel, g.rows - 1)  # padding pixels read the last one (see the module docstring)
+        b, y, x = pixel // per_image, pixel // g.ow % g.oh, pixel % g.ow
+        tap = lo(k // g.c, taps - 1)  # padding taps read the last one
         return X[b, y * g.sh + tap // g.kw * g.dh, x * g.sw + tap % g.kw * g.dw, k % g.c]
 
-    A = te.compute((1, shape.m, shape.k), gather, name="A")
+    if shape.role == "fw":
+        A = te.compute((1, shape.m, shape.k), lambda _, m, k: gather(m, k), name="A")
+        B = te.placeholder((1, shape.n, shape.k), "int8", name="B")
+        args = [X, B]
+    else:
+        A = te.placeholder((1, shape.m, shape.k), "int8", name="A")
+        B = te.compute((1, shape.n, shape.k), lambda _, j, k: gather(k, j), name="B")
+        args = [A, X]
     kc = shape.k // s
     r = te.reduce_axis((0, kc), name="k")
     C = te.compute(
@@ -201,14 +235,16 @@ def definition(shape: MmaConvShape):
         ),
         name="C",
     )
-    return te.create_prim_func([X, B, C]).with_attr("global_symbol", shape.name)
+    return te.create_prim_func([*args, C]).with_attr("global_symbol", shape.name)
 
 
 def schedule(shape: MmaConvShape) -> s_tir.Schedule:
     """:func:`.cuda_mma.schedule` of :func:`definition`, with the gather stage inlined into the
-    shared-memory copy of the A tile."""
+    shared-memory copy of its tile."""
     sch = cuda_mma.schedule(shape, definition(shape))
-    sch.compute_inline(sch.get_sblock("A"))
+    sch.compute_inline(sch.get_sblock("A" if shape.role == "fw" else "B"))
+    if shape.role == "gc":  # 16 pixels of a tap are 16 bytes apart: 16 loads, not one vector
+        sch.unroll(sch.get_loops(sch.get_sblock("B_shared"))[-1])
     return sch
 
 
@@ -225,7 +261,7 @@ def lower(shape: MmaConvShape, arch: str = ARCHS[-1]) -> cuda.Kernel:
         raise RuntimeError(f"expected one kernel in the generated source, found {len(kernels)}")
     bounds, name, params = kernels[0].groups()
     names = tuple(p.split()[-1].removesuffix("_ptr") for p in params.split(","))
-    if sorted(names) != ["B", "C", "X"]:
+    if sorted(names) != sorted(["X", "C", "B" if shape.role == "fw" else "A"]):
         raise RuntimeError(f"unexpected kernel parameters {params!r}")
     ext = cuda._launch_extents(sch)
     grid = tuple(ext.get(f"blockIdx.{a}", 1) for a in "xyz")
@@ -239,7 +275,7 @@ def lower(shape: MmaConvShape, arch: str = ARCHS[-1]) -> cuda.Kernel:
         )
     if "mma.sync.aligned.m16n8k32" not in source:
         raise RuntimeError(f"{shape.name}: the generated source has no mma.sync")
-    if "= *(int4*)(X_ptr + " not in source or "X_ptr[" in source:
+    if shape.role == "fw" and ("= *(int4*)(X_ptr + " not in source or "X_ptr[" in source):
         raise RuntimeError(f"{shape.name}: the gather from X is not made of 16-byte vector loads")
     return cuda.Kernel(source, name, names, grid, block)
 

@@ -92,23 +92,33 @@ class CudaConv:
     (default: :func:`..kernels.cuda_mma.padded`'s choice per problem); ``cache_dir``: where cubins
     are kept."""
 
-    def __init__(self, tile=None, split_k: int | None = None, cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        tile=None,
+        split_k: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        max_k: int = MAX_K,
+    ):
         if split_k is not None and split_k < 1:
             raise ValueError(f"split_k={split_k}: must be at least 1")
-        self.tile, self.split_k = tile, split_k
+        if not 1 <= max_k <= MAX_K:
+            raise ValueError(f"max_k={max_k}: must be in 1..{MAX_K}")
+        self.tile, self.split_k, self.max_k = tile, split_k, max_k
         self.cache_dir = pathlib.Path(cache_dir) if cache_dir else None
         self._kernels: dict[tuple, _LoadedKernel] = {}
         self._lock = threading.Lock()
 
-    def shape(self, x_shape, w_shape, stride, padding, dilation):
+    def shape(self, x_shape, w_shape, stride, padding, dilation, role: str = "fw"):
         """The padded kernel shape (:class:`..kernels.cuda_conv.MmaConvShape`) of a conv of codes
-        ``x_shape (N, H, W, C)`` with weights ``w_shape (OC, kh, kw, C)``."""
+        ``x_shape (N, H, W, C)`` with weights ``w_shape (OC, kh, kw, C)``: its forward, or (``role``
+        ``"gc"``) its weight gradient."""
         from ..kernels import cuda_conv
 
         N, H, W, C = x_shape
         (ph, pw), cp = padding, -(-C // CHANNEL_ALIGN) * CHANNEL_ALIGN
         geometry = cuda_conv.ConvGeometry(N, H + 2 * ph, W + 2 * pw, cp, *w_shape[1:3], *stride, *dilation)
-        return cuda_conv.padded(geometry, w_shape[0], self.tile, self.split_k)
+        pad = cuda_conv.padded if role == "fw" else cuda_conv.padded_gc
+        return pad(geometry, w_shape[0], self.tile, self.split_k)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
         """``x (N, H, W, C)`` int8/uint8 codes (channels-last, any strides) and ``w (OC, kh, kw,
@@ -126,8 +136,44 @@ class CudaConv:
             out += 128 * w.reshape(OC, -1).sum(-1, dtype=torch.int32)
         return out
 
+    def weight_grad(
+        self, x: torch.Tensor, dy: torch.Tensor, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1)
+    ) -> torch.Tensor:
+        """``x (N, H, W, C)`` int8/uint8 codes and the output gradient's ``dy (N, OH, OW, OC)`` int8
+        codes (channels-last, any strides) -> the exact weight gradient of the codes, ``Σ dy·x``
+        over the batch and output pixels per ``(OC, kh, kw, C)``: int32 when the pixels are one
+        kernel call (at most ``max_k``), else int64, summed over batch chunks of at most
+        ``max_k`` pixels (each call split along the pixels as :func:`..kernels.cuda_mma.padded`
+        chooses)."""
+        if dy.dim() != 4 or dy.dtype != torch.int8 or dy.shape[0] != x.shape[0]:
+            raise ValueError(f"dy: expected int8 (N, OH, OW, OC) codes, got {dy.dtype} {tuple(dy.shape)}")
+        N, OC, (kh, kw) = x.shape[0], dy.shape[3], kernel_size
+        w_shape = (OC, kh, kw, x.shape[3])
+        self._check(x, torch.empty(w_shape, dtype=torch.int8, device="meta"), stride, padding, dilation, dy)
+        g = self.shape((1, *x.shape[1:]), w_shape, stride, padding, dilation, "gc").geometry  # one image
+        C = x.shape[3]
+        if (g.oh, g.ow) != tuple(dy.shape[1:3]):
+            raise ValueError(f"dy {tuple(dy.shape)}: the conv's output is {g.oh} x {g.ow}")
+        per = g.oh * g.ow
+        if per > self.max_k:
+            raise ValueError(
+                f"{per} output pixels per image is over {self.max_k}: split the reduction (im2col)"
+            )
+        X, chunk, total = padded_input(x, padding, g.c), self.max_k // per, None
+        for b0 in range(0, N, chunk):
+            nb = min(chunk, N - b0)
+            part = self.shape((nb, *x.shape[1:]), w_shape, stride, padding, dilation, "gc")
+            A = torch.zeros((1, part.m, part.k), dtype=torch.int8, device=dy.device)
+            A[0, :OC, : nb * per] = dy[b0 : b0 + nb].reshape(nb * per, OC).t()
+            c = self._s8_conv(X[b0 : b0 + nb], A, part)[0, :OC, : g.depth].view(OC, kh * kw, g.c)[..., :C]
+            c = c.reshape(w_shape)
+            total = c if nb == N else c.long() if total is None else total.add_(c)
+        if x.dtype == torch.uint8:  # the codes were shifted by -128: add 128·Σ dy per channel
+            total += 128 * dy.sum((0, 1, 2), dtype=total.dtype).reshape(OC, 1, 1, 1)
+        return total
+
     @staticmethod
-    def _check(x, w, stride, padding, dilation) -> None:
+    def _check(x, w, stride, padding, dilation, dy=None) -> None:
         if x.dim() != 4 or w.dim() != 4 or x.shape[3] != w.shape[3]:
             raise ValueError(
                 f"expected x (N, H, W, C) and w (OC, kh, kw, C), got {tuple(x.shape)} and {tuple(w.shape)}"
@@ -136,26 +182,29 @@ class CudaConv:
             raise TypeError(f"x: dtype {x.dtype}, expected torch.int8 or torch.uint8")
         if w.dtype != torch.int8:
             raise TypeError(f"w: dtype {w.dtype}, expected torch.int8 (shift unsigned weights first)")
-        if x.device != w.device:
+        if dy is None and x.device != w.device:
             raise ValueError(f"x on {x.device}, w on {w.device}")
+        if dy is not None and x.device != dy.device:
+            raise ValueError(f"x on {x.device}, dy on {dy.device}")
         for name, v, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
             if len(v) != 2 or min(v) < least:
                 raise ValueError(f"{name}={tuple(v)}: expected two values of at least {least}")
         if min(x.shape) < 1 or min(w.shape) < 1:
             raise ValueError(f"empty conv: x {tuple(x.shape)}, w {tuple(w.shape)}")
-        if w[0].numel() > MAX_K:
+        if dy is None and w[0].numel() > MAX_K:
             raise ValueError(f"kh·kw·C = {w[0].numel()} is over {MAX_K}: split the reduction (im2col)")
 
-    def _s8_conv(self, x: torch.Tensor, b: torch.Tensor, shape) -> torch.Tensor:
-        """The raw kernel call: ``x`` and ``b`` the kernel's int8 operands for ``shape`` -> int32
+    def _s8_conv(self, x: torch.Tensor, operand: torch.Tensor, shape) -> torch.Tensor:
+        """The raw kernel call: ``x`` and the other int8 operand (B, the weights, for the forward;
+        A, the transposed output gradient, for the weight gradient) for ``shape`` -> int32
         ``(1, Mp, Np)``, zeroed first when the kernel adds into it (split-K). Tests replace this
-        method to check the rest of :meth:`forward` without a GPU."""
+        method to check the rest of :meth:`forward` and :meth:`weight_grad` without a GPU."""
         c = (torch.zeros if "C" in shape.zero else torch.empty)(
             (1, shape.m, shape.n), dtype=torch.int32, device=x.device
         )
         kernel = self._kernel(x.device, shape)
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        kernel.launch({"X": x, "B": b, "C": c}, stream)
+        kernel.launch({"X": x, "B" if shape.role == "fw" else "A": operand, "C": c}, stream)
         return c
 
     def _kernel(self, device: torch.device, shape) -> _LoadedKernel:
