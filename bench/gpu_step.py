@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import header, print_table  # noqa: E402
+from _common import machine, print_table  # noqa: E402
 
 import fraccompile  # noqa: E402
 
@@ -225,6 +226,20 @@ def profile_launches(step: Callable[[], None], steps: int = 2, table: bool = Fal
     return kernels, calls, None if drv.count is None else drv.count / steps
 
 
+def header() -> None:
+    """The title, the command, the machine (the GPU) and the host, as bench/gpu_kernels.py prints
+    them."""
+    props = torch.cuda.get_device_properties(0)
+    print("# Training step on the GPU: fp32, bf16 autocast and fraccompile, with and without CUDA graphs")
+    print(f"command: {' '.join(shlex.quote(a) for a in ['python'] + sys.argv)}")
+    print(
+        f"machine: {props.name} (compute capability {props.major}.{props.minor}, "
+        f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), "
+        f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+    )
+    print(f"host: {machine()}")
+
+
 # -- the table ----------------------------------------------------------------------------------------
 def _ratio(ref: float | None, ms: float | None) -> str:
     return f"{ref / ms:.2f}x" if ref and ms else "n/a"
@@ -332,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"no GPU: skipped ({reason})")
         return 0
-    header("Training step on the GPU: fp32, bf16 autocast and fraccompile, with and without CUDA graphs")
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    header()
     print_results(run(models, args), args)
     return 0
 
