@@ -21,22 +21,27 @@ speed relative to bf16 autocast and to fp32 (their time over the row's); and per
 torch.profiler run of 2 more steps: ``GPU kernels`` (kernels that ran on the GPU: the profiler's
 CUDA-device kernel events, graph replays included, memcpy/memset not), ``launch calls`` (host calls
 that launch work: the profiler's cudaLaunchKernel*/cuLaunchKernel*/cudaGraphLaunch events; a graph
-replay is one call) and ``fc launches`` (cuLaunchKernel calls through fraccompile's own driver,
-counted in Python: they are in ``launch calls`` only where the profiler records driver calls).
+replay is one call, a graphed step has two: forward and backward) and ``fc launches``
+(cuLaunchKernel calls through fraccompile's own driver, counted in Python: they are in ``launch
+calls`` only where the profiler records driver calls).
 
 ``--budget``: seconds after which the remaining modes are ``skipped (time budget)``; a line per
 mode is printed as it finishes (so a run cut short keeps them), the tables at the end. The
-fraccompile ``+ cuda_graphs`` modes run after all the others. ``--profile`` adds torch.profiler's table of
-the tvm mode's steps by self CPU time. Prints "no GPU: skipped" and exits 0 without a GPU.
+fraccompile ``+ cuda_graphs`` modes run in a child process each (a failed capture may leave its
+process's CUDA state unusable), after the tvm mode has built the kernels. ``--profile`` adds
+torch.profiler's table of the tvm mode's steps by self CPU time. Prints "no GPU: skipped" and
+exits 0 without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -60,6 +65,7 @@ LAUNCH_APIS = (
     "cudaGraphLaunch",
     "cuGraphLaunch",
 )
+RESULT = "RESULT "  # how a --child process prints its result
 COLUMNS = ("mode", "step ms", "vs bf16", "vs fp32", "GPU kernels", "launch calls", "fc launches")
 
 
@@ -274,22 +280,45 @@ def measure(name: str, mode: Mode, args, inputs) -> dict:
     return out
 
 
+def measure_in_child(name: str, mode: Mode, args, deadline: float) -> dict:
+    """:func:`measure` in a new process (``--child``): a capture that fails may leave its
+    process's CUDA state unusable, and the rows after it must not pay for that. The kernels the
+    parent built are on disk by then, so the child builds nothing new."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{name}:{mode.name}"]
+    cmd += ["--batch", str(args.batch), "--block", str(args.block), "--repeats", str(args.repeats)]
+    left = deadline - time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=None if left == float("inf") else left
+        )
+    except subprocess.TimeoutExpired:
+        return {"ms": None, "counts": ["", "", ""], "note": "stopped (time budget)"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT) :])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"ms": None, "counts": ["", "", ""], "note": f"failed (exit {proc.returncode}): {tail}"}
+
+
 def run(models: list[str], args) -> dict[str, list[tuple[Mode, dict]]]:
-    """Every mode of every model; fraccompile's cuda_graphs modes last (a failed capture may leave
-    the GPU unusable for what follows). Prints a line per mode as it finishes."""
+    """Every mode of every model, in order; fraccompile's cuda_graphs modes in a child process
+    (:func:`measure_in_child`). Prints a line per mode as it finishes."""
     deadline = time.monotonic() + (args.budget or float("inf"))
-    inputs = {name: (*_inputs(name, args.batch, args.block), _base(name)) for name in models}
-    todo = [(n, m) for n in models for m in modes_for(n) if not (m.graphs and m.kind != "plain")]
-    todo += [(n, m) for n in models for m in modes_for(n) if m.graphs and m.kind != "plain"]
     results: dict[str, list[tuple[Mode, dict]]] = {n: [] for n in models}
-    for name, mode in todo:
-        if time.monotonic() > deadline:
-            res = {"ms": None, "counts": ["", "", ""], "note": "skipped (time budget)"}
-        else:
-            res = measure(name, mode, args, inputs[name])
-        ms = "-" if res["ms"] is None else f"{res['ms']:.2f} ms"
-        print(f"  {name} / {mode.name}: {ms} {' '.join(res['counts'])} {res['note']}".rstrip(), flush=True)
-        results[name].append((mode, res))
+    for name in models:
+        inputs = (*_inputs(name, args.batch, args.block), _base(name))
+        for mode in modes_for(name):
+            if time.monotonic() > deadline:
+                res = {"ms": None, "counts": ["", "", ""], "note": "skipped (time budget)"}
+            elif mode.graphs and mode.kind != "plain":
+                res = measure_in_child(name, mode, args, deadline)
+            else:
+                res = measure(name, mode, args, inputs)
+            ms = "-" if res["ms"] is None else f"{res['ms']:.2f} ms"
+            print(
+                f"  {name} / {mode.name}: {ms} {' '.join(res['counts'])} {res['note']}".rstrip(), flush=True
+            )
+            results[name].append((mode, res))
     return results
 
 
@@ -332,11 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.0, help="seconds; 0 = no limit")
     parser.add_argument("--profile", action="store_true", help="torch.profiler's table of the tvm mode")
     parser.add_argument("--dry-run", action="store_true", help="list the modes and exit (no GPU needed)")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)  # MODEL:MODE, see measure_in_child
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}")
+    if args.child:  # (measure_in_child): one mode, its result as one JSON line
+        name, _, mode_name = args.child.partition(":")
+        mode = next(m for m in modes_for(name) if m.name == mode_name)
+        print(
+            RESULT
+            + json.dumps(measure(name, mode, args, (*_inputs(name, args.batch, args.block), _base(name))))
+        )
+        return 0
     if args.dry_run:
         for name in models:
             print(f"{name}: " + "; ".join(m.name for m in modes_for(name)))

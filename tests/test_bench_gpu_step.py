@@ -77,13 +77,23 @@ def test_run_order_budget_and_tables(gs, monkeypatch, capsys):
         ms = {"fp32 eager": 10.0, "bf16 autocast": 5.0}.get(mode.name, 20.0)
         return {"ms": ms, "counts": ["100", "90", "0"], "note": ""}
 
+    def fake_child(name, mode, args, deadline):
+        measured.append((name, "child: " + mode.name))
+        return fake_measure(name, mode, args, None)
+
     monkeypatch.setattr(gs, "measure", fake_measure)
+    monkeypatch.setattr(gs, "measure_in_child", fake_child)
     monkeypatch.setattr(gs, "_base", lambda name: None)
     args = SimpleNamespace(batch=4, block=8, repeats=3, budget=0.0)
     results = gs.run(["transformer"], args)
     names = [n for _, n in measured]
-    assert names[-1] == "fraccompile tvm 8/8/8 + cuda_graphs"  # captures last
-    assert sorted(names) == sorted(m.name for m in gs.modes_for("transformer"))
+    # every mode once, in order, fraccompile's capture in a child process right after tvm's
+    assert names[-3:] == [
+        "fraccompile tvm 8/8/8",
+        "child: fraccompile tvm 8/8/8 + cuda_graphs",
+        "fraccompile tvm 8/8/8 + cuda_graphs",
+    ]
+    assert [n for n in names if not n.startswith("child")] == [m.name for m in gs.modes_for("transformer")]
     gs.print_results(results, args)
     out = capsys.readouterr().out
     assert "| fp32 eager " in out and "| 1.00x " in out  # fp32 against itself
@@ -105,3 +115,17 @@ def test_dry_run_and_no_gpu_exit(gs, capsys):
     assert capsys.readouterr().out.startswith("no GPU: skipped")
     with pytest.raises(SystemExit):
         gs.main(["--models", "vgg"])
+
+
+def test_a_child_process_reports_its_mode_as_json(gs):
+    """The --child protocol end to end; without a GPU the mode fails in the child (no CUDA), which
+    the parent reports as that mode's note."""
+    mode = gs.modes_for("resnet20")[-1]
+    assert mode.graphs and mode.kind == "tvm"
+    args = SimpleNamespace(batch=2, block=4, repeats=1)
+    res = gs.measure_in_child("resnet20", mode, args, deadline=float("inf"))
+    assert set(res) == {"ms", "counts", "note"}
+    if not torch.cuda.is_available():
+        assert res["ms"] is None and res["note"].startswith("failed: ")
+    timed_out = gs.measure_in_child("resnet20", mode, args, deadline=0.0)
+    assert timed_out["note"] == "stopped (time budget)"

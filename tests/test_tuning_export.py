@@ -604,6 +604,38 @@ def test_backend_on_an_export_takes_gpu_kernels_from_it(exported_both):
     backend = get_backend("tvm", kernels=str(out))
     assert backend.cuda.library.info is not None
     assert backend.cuda.library.directory == out
+    assert backend.cuda_quant.library is backend.cuda.library
+
+
+def test_cuda_export_holds_the_quantization_kernels(exported_both, tmp_path, monkeypatch):
+    """The cuda section's ``quantize`` entry: every quantization kernel in a second fatbin, which
+    the GPU quantizer loads instead of building it (nvcc is not called); a damaged one is refused,
+    and an export without the entry (made before it) has them built on first use."""
+    import json
+    import shutil
+
+    from fraccompile.targets.kernels import cuda, cuda_quantize
+    from fraccompile.targets.runtime.cuda_quant import CudaQuant
+    from fraccompile.targets.runtime.exported import ExportedKernels, KernelLibraryError
+
+    out, manifest = exported_both
+    entry = manifest["targets"]["cuda"]["quantize"]
+    fatbin = (out / entry["library"]).read_bytes()
+    assert fatbin[:4] == bytes.fromhex("50ed55ba") and entry["source_hash"] == cuda_quantize.source_hash()
+    assert entry["kernels"] == [k.name for k in cuda_quantize.KERNELS]
+    library = ExportedKernels(out).cuda_library
+    monkeypatch.setattr(cuda, "compile_source", lambda *a: pytest.fail("nvcc called"))
+    assert CudaQuant(library=library, cache_dir=tmp_path / "c").image("sm_80", "cubin") == fatbin
+    assert library.quantize_image("sm_75") is None  # (an arch it was not built for)
+    d = tmp_path / "k"
+    shutil.copytree(out, d)
+    (d / entry["library"]).write_bytes(fatbin[:-16])
+    with pytest.raises(KernelLibraryError, match="does not match the sha256"):
+        ExportedKernels(d).cuda_library.quantize_image("sm_90")
+    m = json.loads((d / "manifest.json").read_text())
+    del m["targets"]["cuda"]["quantize"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert ExportedKernels(d).cuda_library.quantize_image("sm_90") is None
 
 
 def test_train_command_on_exported_kernels(model_file, tmp_path):

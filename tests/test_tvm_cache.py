@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,23 +90,41 @@ def test_damaged_cache_file_is_rebuilt(tmp_path):
 class _StandInGemm:
     """Stands in for the CUDA GEMM on CPU tensors: exact, and counts its calls."""
 
+    max_k = 65_536
+
     def __init__(self):
         self.calls = 0
 
-    def gemm(self, a, b):
+    def padded_shape(self, groups, m, n, k, kind=None):
+        return SimpleNamespace(groups=groups, m=m, n=n, k=k)
+
+    def kind_for(self, device):
+        return "mma"
+
+    def gemm(self, a, b, a_offset=None, b_offset=None, padded=None):
+        from fraccompile.targets.runtime.cuda_driver import offset_terms
+
         self.calls += 1
-        return a.long() @ b.long().mT
+        return a.long() @ b.long().mT + offset_terms(a, b, a_offset, b_offset, torch.int64)
 
 
-def test_gpu_path_glue_matches_reference_with_a_stand_in_gemm(monkeypatch):
-    """The device path of the backend (torch quantizer, no CPU pack kernels, the CUDA GEMM for
-    every integer role) run on CPU tensors with an exact stand-in GEMM: same loss and gradients
-    as the reference backend. On a GPU the stand-in is the TVM dp4a kernel (tests/test_cuda.py)."""
+def test_gpu_path_glue_matches_reference_with_a_stand_in_gemm(monkeypatch, tmp_path):
+    """The device path of the backend (the CUDA quantization kernels, here in the CPU emulator of
+    tests/_cuda_quant_helpers.py; no CPU pack kernels; the CUDA GEMM for every integer role) run
+    on CPU tensors with an exact stand-in GEMM: same loss and gradients as the reference backend.
+    On a GPU the stand-in is the TVM kernel (tests/test_cuda.py, tests/test_cuda_backend.py)."""
+    from _cuda_quant_helpers import EmulatedQuantKernels
+
     from fraccompile.targets.backend import TVMBackend
+    from fraccompile.targets.kernels import cuda_quantize
 
     monkeypatch.setattr(TVMBackend, "on_gpu", staticmethod(lambda t: True))
+    for name in [n for n in dir(TVMBackend) if n.startswith("_gpu_conv")]:  # (im2col convs here)
+        monkeypatch.setattr(TVMBackend, name, lambda *args, **kwargs: None)
     backend = TVMBackend()
     backend._cuda = _StandInGemm()
+    emu = EmulatedQuantKernels(cuda_quantize, tmp_path)
+    backend._cuda_quant = SimpleNamespace(launcher=lambda device: emu)
     torch.manual_seed(0)
 
     class Net(torch.nn.Module):

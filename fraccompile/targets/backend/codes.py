@@ -33,9 +33,15 @@ class IntCodes:
     or one per sample (dim 0 of an activation or gradient of a DFQ-routed site). ``zero`` is None
     (symmetric codes) or broadcasts likewise (``sbm``: the range's minimum). Codes are uint8/int8,
     or int32 for gradients wider than 8 bits (computed as two 8-bit halves, :func:`split_codes`).
+
+    ``device_grid``: the grid came from the GPU quantizer (:mod:`.device_codes`) and stays data:
+    ``offset`` (and ``qmax``) may be tensors broadcasting like ``scale``, and nothing here reads
+    their values on the host (:attr:`has_zero` is True whenever there is a zero point).
+    ``operand``: None, or the GPU GEMM's padded operand ``(1, Rp, Kp)`` int8 the codes are a view
+    of (written by the quantize kernel with zeros around them), which the GEMM takes as it is.
     """
 
-    __slots__ = ("codes", "scale", "signed", "zero", "qmax", "offset")
+    __slots__ = ("codes", "scale", "signed", "zero", "qmax", "offset", "device_grid", "operand")
 
     def __init__(
         self,
@@ -44,21 +50,34 @@ class IntCodes:
         signed: bool,
         zero: torch.Tensor | None = None,
         qmax=None,
-        offset: int = 0,
+        offset: int | torch.Tensor = 0,
+        device_grid: bool = False,
+        operand: torch.Tensor | None = None,
     ):
         self.codes, self.scale, self.signed, self.zero = codes, scale, signed, zero
         self.qmax = qmax  # the grid's top code (a float, or per sample like scale)
         # codes stored minus ``offset`` (the quantize kernel centers sbm codes into int8): the
         # grid's code is ``codes + offset``
         self.offset = offset
+        self.device_grid = device_grid
+        self.operand = operand
+
+    @property
+    def has_offset(self) -> bool:
+        """Whether the codes are stored minus an offset (a device offset counts, whatever its
+        value)."""
+        return isinstance(self.offset, torch.Tensor) or bool(self.offset)
+
+    def grid_codes(self) -> torch.Tensor:
+        """The grid's codes ``codes + offset`` as fp32 (exact)."""
+        return self.codes.float() + self.offset if self.has_offset else self.codes.float()
 
     def dequantize(self) -> torch.Tensor:
         # the reference's fake-quantized value: addcmul(zero, q, scale) in fp32 (the integer
         # operand is promoted to fp32 inside the one multiply: no fp32 copy of the codes)
         if self.zero is None:
-            return torch.mul(self.codes, self.scale)
-        codes = self.codes.float() + self.offset if self.offset else self.codes.float()
-        return torch.addcmul(self.zero, codes, self.scale)
+            return torch.mul(self.grid_codes() if self.has_offset else self.codes, self.scale)
+        return torch.addcmul(self.zero, self.grid_codes(), self.scale)
 
     @property
     def per_row(self) -> bool:
@@ -67,7 +86,9 @@ class IntCodes:
 
     @property
     def has_zero(self) -> bool:
-        return self.zero is not None and bool((self.zero != 0).any())
+        if self.zero is None:
+            return False
+        return self.device_grid or bool((self.zero != 0).any())
 
     @property
     def wide(self) -> bool:
@@ -111,14 +132,27 @@ def split_codes(q: IntCodes) -> list[IntCodes]:
     return [IntCodes(hi, scale * 256.0, q.signed), IntCodes(lo, scale, False)]
 
 
-def centered(q: IntCodes) -> IntCodes:
+def centered(q: IntCodes, keep_offset: bool = False) -> IntCodes:
     """Unsigned asymmetric codes moved to the middle of their grid, ``codes - m`` with
     ``m = (qmax + 1) / 2`` (per sample where the grid is) and the zero point ``zero + m·scale``:
     the same values up to fp32 rounding of the zero, but the integer product no longer carries a
     large offset that the zero point's term must cancel (which costs fp32 precision). Codes
-    without a (non-zero) zero point are returned as they are."""
+    without a (non-zero) zero point are returned as they are.
+
+    Codes of the GPU quantizer carry a device ``offset``: with ``keep_offset`` (a GEMM that
+    corrects it exactly, :meth:`.gemm_runtime.IntegerGemms.gemm_f32`'s ``offsets``) symmetric
+    ones are returned as they are; otherwise, and always with a zero point (``sbm``), the zero
+    point takes the offset (``zero + offset·scale``, on the device)."""
+    if isinstance(q.offset, torch.Tensor):
+        if keep_offset and q.zero is None:
+            return q
+        shift = q.scale * q.offset
+        zero = shift if q.zero is None else q.zero + shift
+        return IntCodes(q.codes, q.scale, True, zero, q.qmax, 0, q.device_grid, q.operand)
     if q.offset:  # centered already (by the quantize kernel): the zero point takes the offset
-        return IntCodes(q.codes, q.scale, True, q.zero + q.scale * float(q.offset), q.qmax)
+        shift = q.scale * float(q.offset)
+        zero = shift if q.zero is None else q.zero + shift
+        return IntCodes(q.codes, q.scale, True, zero, q.qmax, 0, q.device_grid, q.operand)
     if q.signed or q.qmax is None or not q.has_zero:
         return q
     m = (torch.as_tensor(q.qmax, dtype=torch.float32) + 1) / 2
@@ -361,7 +395,7 @@ class PackedCodes:
 def code_bounds(q: IntCodes) -> tuple[int, int] | None:
     """The smallest and largest code ``q``'s grid allows, as stored (minus ``offset``); None when
     the grid is unknown. Per-sample grids give the widest."""
-    if q.qmax is None:
+    if q.qmax is None or q.device_grid:  # (a device grid's bounds are not read on the host)
         return None
     top = int(q.qmax.max()) if isinstance(q.qmax, torch.Tensor) else int(q.qmax)
     if q.offset:

@@ -49,13 +49,22 @@ class IntegerGemms:
         scale: torch.Tensor,
         bias: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        offsets: tuple | None = None,
+        operands: tuple | None = None,
     ) -> torch.Tensor:
         """``(a @ bᵀ) * scale + bias`` in fp32, ``(G, M, N)``: :meth:`gemm`'s exact integer product
         dequantized (``scale``: one value or one per column ``N``; ``bias``: per column). On the
         CPU the sign corrections, the scale and the bias are one fused kernel pass; ``out``: a
-        contiguous fp32 ``(G, M, N)`` to write into (e.g. a view of the caller's buffer)."""
+        contiguous fp32 ``(G, M, N)`` to write into (e.g. a view of the caller's buffer).
+        ``offsets``: ``(a's, b's)`` per-row device code offsets of GPU codes (None each for none;
+        see :meth:`..runtime.cuda_driver.CudaGemm.gemm`), corrected exactly in the GEMM;
+        ``operands``: ``(a's, b's)`` padded GEMM operands ``a`` and ``b`` are views of
+        (:attr:`.codes.IntCodes.operand`), taken as they are when both are given."""
         if self.on_gpu(a):
-            return _dequantize(self.cuda.gemm(a, b), scale, bias, out)
+            c = self.cuda.gemm(a, b, *(offsets or (None, None)), padded=operands)
+            return _dequantize(c, scale, bias, out)
+        if offsets is not None and any(o is not None for o in offsets):
+            raise ValueError("device code offsets on CPU tensors")
         return self._gemm(
             *a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b), dequant=(scale, bias, out)
         )

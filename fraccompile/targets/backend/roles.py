@@ -77,7 +77,8 @@ class SiteRoles:
         per output channel); then per-sample scales (rows), and the zero points' terms:
         ``x·w = sx·sw·Σqx·qw + sx·zw·Σqx + zx·Σw`` (for a conv the sums run over each output
         position's window, and ``Σw`` over the taps inside the image)."""
-        xq, wq = centered(xq), centered(wq)
+        keep = self.on_gpu(xq.codes) and spec.kind != "conv"  # device offsets: the GEMM's
+        xq, wq = centered(xq, keep), centered(wq, keep)
         if spec.kind == "conv":
             wq = signed_b(wq)  # the conv kernels take the weight as signed B
         x_zero, w_zero = xq.has_zero, wq.has_zero
@@ -138,11 +139,15 @@ class SiteRoles:
         (a conv's, see :meth:`fw`) was added too."""
         if spec.kind == "linear":
             K = x_shape[-1]
-            y = self.gemm_f32(xq.codes.reshape(1, -1, K), wq.codes.unsqueeze(0), scale, bias)
+            offsets = (_gemm_offset(xq, x_shape[:-1], False), _gemm_offset(wq, ()))
+            a, b = xq.codes.reshape(1, -1, K), wq.codes.unsqueeze(0)
+            operands = (xq.operand, wq.operand)  # (GPU: written padded by the quantize kernel)
+            y = self.gemm_f32(a, b, scale, bias, offsets=offsets, operands=operands)
             return y.reshape(*x_shape[:-1], w_shape[0]), False
         if spec.kind == "matmul":
             xb, yb, batch = _matmul_batches(xq.codes, wq.codes)
-            y = self.gemm_f32(xb, yb.mT, scale)
+            offsets = (_gemm_offset(xq, batch, True), _gemm_offset(wq, batch, True))
+            y = self.gemm_f32(xb, yb.mT, scale, offsets=offsets)
             return y.reshape(*batch, *y.shape[-2:]), False
         G, OC, n = spec.groups, w_shape[0], x_shape[0]
         xl = xq.codes.permute(0, *range(2, 2 + spec.conv_dims), 1)
@@ -283,7 +288,8 @@ class SiteRoles:
     ) -> torch.Tensor | None:
         """:meth:`eb` as integer GEMMs (one per 8-bit part of ``dy``'s codes), or None where it
         does not apply (a conv with a zero point, or a conv geometry without an integer form)."""
-        dyq, wq = centered(dyq), centered(wq)
+        keep = self.on_gpu(dyq.codes) and spec.kind != "conv"  # device offsets: the GEMM's
+        dyq, wq = centered(dyq, keep), centered(wq, keep)
         parts = split_codes(dyq)
         dx = None
         if spec.kind == "conv":
@@ -297,13 +303,17 @@ class SiteRoles:
             return dx.mul_(dyq.scale) if dyq.per_row else dx
         for part in parts:
             if spec.kind == "matmul":
-                dyb, yb, _ = _matmul_batches(part.codes, wq.codes)
-                d = self.gemm_f32(dyb, yb, part.scale * wq.scale)  # (G, M, K)
+                dyb, yb, batch = _matmul_batches(part.codes, wq.codes)
+                offsets = (None, _gemm_offset(wq, batch, True))
+                d = self.gemm_f32(dyb, yb, part.scale * wq.scale, offsets=offsets)  # (G, M, K)
                 d = d.reshape(*_bcast_batch(x_shape, w_shape), *d.shape[-2:])
             else:
                 N = w_shape[0]
                 d = self.gemm_f32(
-                    part.codes.reshape(1, -1, N), wq.codes.t().unsqueeze(0), part.scale * wq.scale.reshape(-1)
+                    part.codes.reshape(1, -1, N),
+                    wq.codes.t().unsqueeze(0),
+                    part.scale * wq.scale.reshape(-1),
+                    offsets=(None, _gemm_offset(wq, ())),
                 ).reshape(*dyq.codes.shape[:-1], -1)
             dx = d if dx is None else dx.add_(d)
         if dyq.per_row:
@@ -394,7 +404,8 @@ class SiteRoles:
         rows = xq.per_row or dyq.per_row
         if rows and spec.kind != "matmul":
             return self._gc_grouped(spec, xq, dyq, x_shape, w_shape)
-        xq, dyq = centered(xq), centered(dyq)
+        keep = self.on_gpu(xq.codes) and spec.kind != "conv"  # device offsets: the GEMM's
+        xq, dyq = centered(xq, keep), centered(dyq, keep)
         parts = split_codes(dyq)
         if spec.kind == "conv":  # the implicit weight gradient takes dy as signed B
             parts = [signed_b(p) for p in parts]
@@ -404,7 +415,7 @@ class SiteRoles:
             dw = d if dw is None else dw.add_(d)
         zeros = [z for z in [dyq.zero] + [p.zero for p in parts] if z is not None]
         terms = []
-        if zeros and any(bool((z != 0).any()) for z in zeros):  # zd·sx·Σqx
+        if zeros and (dyq.device_grid or any(bool((z != 0).any()) for z in zeros)):  # zd·sx·Σqx
             terms.append(
                 _input_code_sums(spec, xq, x_shape, w_shape, self.quantize_kernel(xq.codes)).mul_(
                     xq.scale * sum(zeros)
@@ -449,10 +460,11 @@ class SiteRoles:
             K, N = x_shape[-1], w_shape[0]
             dyt = dyq.codes.reshape(-1, N).t().unsqueeze(0)  # (1, N, M)
             xt = xq.codes.reshape(-1, K).t().unsqueeze(0)  # (1, K, M)
-            return self.gemm_f32(dyt, xt, scale)[0]
+            return self.gemm_f32(dyt, xt, scale, offsets=(None, _gemm_offset(xq, ())))[0]
         if spec.kind == "matmul":
-            xb, dyb, _ = _matmul_batches(xq.codes, dyq.codes)
-            dw = self.gemm_f32(xb.mT, dyb.mT, scale)  # (G, K, N)
+            xb, dyb, batch = _matmul_batches(xq.codes, dyq.codes)
+            offsets = (_gemm_offset(xq, batch, True), None)
+            dw = self.gemm_f32(xb.mT, dyb.mT, scale, offsets=offsets)  # (G, K, N)
             return dw.reshape(*_bcast_batch(x_shape, w_shape), *dw.shape[-2:])
         G, OC = spec.groups, w_shape[0]
         n = spec.conv_dims
@@ -488,9 +500,34 @@ class SiteRoles:
 
 def _group_codes(q: IntCodes, rows: torch.Tensor, scale: torch.Tensor) -> IntCodes:
     """The samples ``rows`` of per-sample codes ``q``, which share the one ``scale``."""
+    if q.device_grid:  # the grid's fields stay on the device: the group's entries as tensors
+        first = rows[:1]
+        offset = q.offset.reshape(-1)[first].reshape(()) if isinstance(q.offset, torch.Tensor) else q.offset
+        zero = q.zero.reshape(-1)[first].reshape(()) if q.zero is not None and q.zero.numel() > 1 else q.zero
+        qmax = q.qmax.reshape(-1)[first].reshape(()) if isinstance(q.qmax, torch.Tensor) else q.qmax
+        return IntCodes(_take_rows(q.codes, rows), scale.reshape(1), q.signed, zero, qmax, offset, True)
     return IntCodes(
         _take_rows(q.codes, rows), scale.reshape(1), q.signed, q.zero, _row_value(q.qmax, rows), q.offset
     )
+
+
+def _gemm_offset(q: IntCodes, lead, groups: bool = False) -> torch.Tensor | None:
+    """The GEMM operand's per-row code offset of ``q`` (a device offset, kept by
+    :func:`.codes.centered`; None for none): broadcast over the operand's leading dims ``lead``
+    (one value, or one per sample along dim 0) and shaped to the GEMM's ``(G, rows)``: the rows
+    (``groups`` False: ``(1, Π lead)``) or the groups (``groups``: ``(Π lead, 1)``, a matmul's
+    broadcast batch)."""
+    if not isinstance(q.offset, torch.Tensor):
+        return None
+    off = q.offset
+    if off.numel() == 1:
+        return off.reshape(1, 1)
+    lead = tuple(lead)
+    if groups and len(lead) != off.dim() - 2:  # the samples must lead the broadcast batch
+        raise ValueError(f"per-sample offsets {tuple(off.shape)} for a batch {lead}")
+    off = off.reshape(off.shape[: len(lead)] if off.dim() >= len(lead) else off.shape)
+    full = torch.broadcast_to(off.reshape(off.shape[0], *([1] * (len(lead) - 1))), lead).reshape(-1)
+    return full.reshape(-1, 1) if groups else full.reshape(1, -1)
 
 
 def _bcast_batch(x_shape, y_shape) -> tuple[int, ...]:

@@ -128,6 +128,7 @@ class IntSiteGemm(Function):
         ctx.fast_norm = fast_norm
         ctx.signs, ctx.qmax = (xq.signed, wq.signed), (xq.qmax, wq.qmax)
         ctx.offsets = (xq.offset, wq.offset)
+        ctx.device_grids = (xq.device_grid, wq.device_grid)
         ctx.call, ctx.spec, ctx.backend, ctx.site = call, spec, backend, site
         ctx.epilogue, ctx.norm = epilogue, norm
         ctx.shapes = shapes
@@ -142,7 +143,7 @@ class IntSiteGemm(Function):
             # nn.BatchNorm's own choice of batch or running statistics, kept for the recompute
             ctx.norm_batch_stats = norm.training or norm.running_mean is None
             y = norm(y)
-        ctx.eb_weight = None if wq_eb is None else (wq_eb.signed, wq_eb.qmax, wq_eb.offset)
+        ctx.eb_weight = None if wq_eb is None else (wq_eb.signed, wq_eb.qmax, wq_eb.offset, wq_eb.device_grid)
         eb_tensors = (None,) * 3 if wq_eb is None else (wq_eb.codes, wq_eb.scale, wq_eb.zero)
         # the input's codes at the bits their grid needs (4-bit codes two per byte ...), the ReLU
         # mask at one bit
@@ -178,8 +179,8 @@ class IntSiteGemm(Function):
             xc = unpack_saved(xc, ctx.packed, ctx.backend.quantize_kernel(xc))
         if ctx.packed_mask is not None:
             mask = unpack_saved(mask, ctx.packed_mask, ctx.backend.quantize_kernel(mask))
-        xq = IntCodes(xc, xs, ctx.signs[0], xz, ctx.qmax[0], ctx.offsets[0])
-        wq = IntCodes(wc, ws, ctx.signs[1], wz, ctx.qmax[1], ctx.offsets[1])
+        xq = IntCodes(xc, xs, ctx.signs[0], xz, ctx.qmax[0], ctx.offsets[0], ctx.device_grids[0])
+        wq = IntCodes(wc, ws, ctx.signs[1], wz, ctx.qmax[1], ctx.offsets[1], ctx.device_grids[1])
         spec, backend = ctx.spec, ctx.backend
         x_shape, w_shape = ctx.shapes
         dgamma = dbeta = None
@@ -214,7 +215,7 @@ class IntSiteGemm(Function):
             backend.where = (ctx.site, "fw")
             dy = epilogue_backward(ctx.epilogue, dy, backend.fw(spec, xq, wq, *ctx.shapes, bias=bias))
         backend.where = (ctx.site, "quantize")
-        dyq = _gradient_codes(ctx.call, dy, backend.quantize_kernel(dy))
+        dyq = backend.gradient_codes(ctx.call, dy)
         dx = dw = None
         if ctx.needs_input_grad[0]:
             backend.where = (ctx.site, "eb")
@@ -232,7 +233,7 @@ class IntSiteGemm(Function):
             if dyq.per_row:
                 db = dyq.dequantize().sum([d for d in range(dy.dim()) if d != channel])
             else:  # exact code sums: s·Σq + count·z
-                c = centered(dyq) if dyq.offset else dyq
+                c = centered(dyq) if dyq.has_offset else dyq
                 db = _channel_sums(
                     c.codes, channel, backend.quantize_kernel(c.codes)
                 ).float() * c.scale.reshape(-1)

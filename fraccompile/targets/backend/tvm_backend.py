@@ -37,7 +37,7 @@ from ..runtime.library import JitKernels, KernelRef, Recorder
 from .codes import _ZERO, IntCodes, _dense_perm, _row_codes, _serial, _to_codes
 from .gemm_runtime import IntegerGemms
 from .roles import SiteRoles
-from .site_gemm import IntSiteGemm
+from .site_gemm import IntSiteGemm, _gradient_codes
 
 MAX_BITS = 8  # a and w: the codes the int8 kernels (and what backward saves) hold
 MAX_G_BITS = 16  # g: wider gradient codes run as two 8-bit halves (see split_codes)
@@ -59,6 +59,7 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         self.recorder: Recorder | None = None  # set by tune/export to enumerate a run's kernels
         self.where: tuple[str, str] | None = None  # (site, role) being computed, for messages
         self._cuda = None  # the CUDA GEMM, created for the first GPU tensor
+        self._cuda_quant = None  # the CUDA quantization kernels (runtime.cuda_quant.CudaQuant)
         self._local = threading.local()  # per-thread scratch buffers (see scratch())
 
     def __reduce__(self):
@@ -83,6 +84,16 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
             self._cuda = CudaGemm()
         return self._cuda
 
+    @property
+    def cuda_quant(self):
+        """The quantization kernels of GPU tensors (:class:`..runtime.cuda_quant.CudaQuant`; tests
+        put an object whose ``launcher(device)`` is an emulator here)."""
+        if self._cuda_quant is None:
+            from ..runtime.cuda_quant import CudaQuant
+
+            self._cuda_quant = CudaQuant(library=getattr(self._cuda, "library", None))
+        return self._cuda_quant
+
     def scratch(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """A buffer of ``shape`` for a temporary that one GEMM call consumes: its packed A
         (``slot`` ``"a"``), packed B (``"b"``), int32 product before the epilogue (``"c"``), padded
@@ -106,12 +117,12 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         torch), else those torch ops."""
         out = self._scratch_like(slot, q.codes)
         perm = _dense_perm(q.codes)
-        if perm is None or self.on_gpu(q.codes) or q.scale.numel() != 1 or q.wide:
-            if q.zero is None:
-                return out.copy_(q.codes).mul_(q.scale)
-            out.copy_(q.codes)  # the reference's addcmul, the same fp32 operations
-            if q.offset:
+        if perm is None or self.on_gpu(q.codes) or q.scale.numel() != 1 or q.wide or q.device_grid:
+            out.copy_(q.codes)  # the reference's mul / addcmul, the same fp32 operations
+            if q.has_offset:  # the grid's codes (exact in fp32)
                 out.add_(q.offset)
+            if q.zero is None:
+                return out.mul_(q.scale)
             return torch.addcmul(q.zero, out, q.scale, out=out)
         n = q.codes.numel()
         ref = KernelRef("dequant_codes", (str(q.codes.dtype).removeprefix("torch."),), serial=_serial(5 * n))
@@ -202,6 +213,14 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         quantizer), then :class:`IntSiteGemm`."""
         spec, prec, asym = call.spec, call.prec, call.scheme == "sbm"
         self.where = (call.site, "quantize")
+        if self.on_gpu(x):  # the quantization kernels of CUDA tensors: no host sync
+            from .device_codes import site_codes
+
+            xq, wq, wq_eb, x = site_codes(self, call, x, w)
+            norm = call.epilogue_norm
+            return IntSiteGemm.apply(
+                x, w, b, xq, wq, call, self, getattr(norm, "weight", None), getattr(norm, "bias", None), wq_eb
+            )
         kernel = self.quantize_kernel(x)
         lo, hi = call.x_range or tensor_range(x)
         d = call.rows
@@ -252,6 +271,15 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         return IntSiteGemm.apply(
             x, w, b, xq, wq, call, self, getattr(norm, "weight", None), getattr(norm, "bias", None), wq_eb
         )
+
+    def gradient_codes(self, call: SiteCall, dy: torch.Tensor) -> IntCodes:
+        """``dy``'s codes (the reference's ``quantize_gradient``, per sample for a routed site):
+        the quantization kernels on the GPU, else :func:`.site_gemm._gradient_codes`."""
+        if self.on_gpu(dy):
+            from .device_codes import gradient_codes
+
+            return gradient_codes(self, call, dy)
+        return _gradient_codes(call, dy, self.quantize_kernel(dy))
 
     def _gate_probe(self, d: GateDecision, scheme: str, lo: torch.Tensor, hi: torch.Tensor):
         """GateProbe's sums for the routed decision ``d`` as one kernel pass (:mod:`..kernels.probe`):
@@ -315,6 +343,8 @@ def make_tvm_backend(options: dict) -> TVMBackend:
     backend = TVMBackend(kernels=provider, options=sorted(options.items()))
     if options.get("kernels"):  # GPU tensors take their kernels from the same directory
         from ..runtime.cuda_driver import CudaGemm
+        from ..runtime.cuda_quant import CudaQuant
 
         backend._cuda = CudaGemm(library=provider.cuda_library)
+        backend._cuda_quant = CudaQuant(library=provider.cuda_library)
     return backend

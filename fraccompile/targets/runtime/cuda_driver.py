@@ -18,6 +18,10 @@ torch's current stream with the ``data_ptr()`` of torch CUDA tensors. Modules ar
   each chunk padded with zeros to the tile;
 * the result is int32 when ``K <= max_k`` and it provably fits (``|a|max · |b|max · K < 2**31``:
   always for int8 × int8 and uint8 × int8, uint8 × uint8 only up to K = 33025), else int64;
+* codes stored minus per-row offsets (the GPU quantizer's, :mod:`..kernels.cuda_quantize`: int8
+  with the offset as device data) are corrected exactly on the device
+  (``a_offset``/``b_offset`` of :meth:`CudaGemm.gemm`, :func:`offset_terms`), and operands the
+  quantize kernel wrote already padded are taken as they are (:meth:`CudaGemm.gemm_padded`);
 * the mma kernel splits K across thread blocks for problems with few output tiles and a long
   reduction (:func:`..kernels.cuda_mma.split_k_for`); its blocks add their int32 partial sums
   into C with ``atomicAdd``, so C is zeroed (``torch.zeros``, on the current stream) before such
@@ -344,9 +348,22 @@ class CudaGemm:
         fits = _BOUND[a_dtype] * _BOUND[b_dtype] * k < _INT32_LIMIT
         return torch.int32 if k <= self.max_k and fits else torch.int64
 
-    def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def gemm(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        a_offset: torch.Tensor | None = None,
+        b_offset: torch.Tensor | None = None,
+        padded: tuple | None = None,
+    ) -> torch.Tensor:
         """``a (G, M, K)`` and ``b (G, N, K)`` int8/uint8 codes on one device -> ``(G, M, N)``
-        ``a @ bᵀ`` per group, exact (int32 or int64, see :meth:`out_dtype`)."""
+        ``a @ bᵀ`` per group, exact (int32 or int64, see :meth:`out_dtype`). ``a_offset`` /
+        ``b_offset``: device int tensors broadcasting to ``(G, M)`` / ``(G, N)`` (codes stored
+        minus a per-row offset, :mod:`..kernels.cuda_quantize`): the product of ``a + a_offset``
+        and ``b + b_offset``, corrected exactly on the device (:func:`offset_terms`).
+        ``padded``: ``(A, B)``, the operands padded to this problem's kernel shape that ``a`` and
+        ``b`` are views of (zeros around them; the quantize kernel writes them so): taken as
+        they are (:meth:`gemm_padded`) when both are given and the shape matches."""
         if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
             raise ValueError(
                 f"expected a (G, M, K) and b (G, N, K), got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -358,9 +375,21 @@ class CudaGemm:
             raise ValueError(f"a on {a.device}, b on {b.device}")
         G, M, K = a.shape
         N = b.shape[1]
-        out_dtype = self.out_dtype(a.dtype, b.dtype, K)
+        out_dtype = self.out_dtype(
+            torch.uint8 if a_offset is not None else a.dtype,
+            torch.uint8 if b_offset is not None else b.dtype,
+            K,
+        )
         if min(G, M, N) == 0 or K == 0:
             return torch.zeros((G, M, N), dtype=out_dtype, device=a.device)
+        if padded is not None and None not in padded and K <= self.max_k:
+            shape = self.padded_shape(G, M, N, K, self.kind_for(a.device))
+            A, B = padded
+            if tuple(A.shape) == (G, shape.m, shape.k) and tuple(B.shape) == (G, shape.n, shape.k):
+                return self.gemm_padded(A, B, shape, M, N, K, a_offset, b_offset).to(out_dtype)
+        if a_offset is not None or b_offset is not None:
+            out = self.gemm(a, b).to(out_dtype)
+            return out.add_(offset_terms(a, b, a_offset, b_offset, out_dtype))
         sa = 128 if a.dtype == torch.uint8 else 0
         sb = 128 if b.dtype == torch.uint8 else 0
         out = None
@@ -374,6 +403,42 @@ class CudaGemm:
                 part += sa * b[..., k0 : k0 + kc].sum(-1, dtype=out_dtype).unsqueeze(-2)
             out = part if out is None else out.add_(part)
         return out
+
+    def gemm_padded(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        shape,
+        m: int,
+        n: int,
+        k: int,
+        a_offset: torch.Tensor | None = None,
+        b_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`gemm` of operands already in the kernel's layout: ``a (G, Mp, Kp)`` and ``b (G,
+        Np, Kp)`` contiguous int8 padded with zeros to ``shape`` (:meth:`padded_shape` of the
+        problem ``(G, m, n, k)``, one kernel call: ``k <= max_k``), as the quantize kernel writes
+        them; no shift, pad or copy. ``(G, m, n)``, offsets corrected as in :meth:`gemm` (the
+        padding's zeros add nothing to the sums; the offsets' ``K`` term counts ``k`` only)."""
+        G, Mp, Kp = a.shape
+        if (
+            a.dtype != torch.int8
+            or b.dtype != torch.int8
+            or not (a.is_contiguous() and b.is_contiguous())
+            or (G, Mp, Kp) != (shape.groups, shape.m, shape.k)
+            or tuple(b.shape) != (shape.groups, shape.n, shape.k)
+        ):
+            raise ValueError(
+                f"expected contiguous int8 operands padded to {shape}, got {tuple(a.shape)} "
+                f"{a.dtype} and {tuple(b.shape)} {b.dtype}"
+            )
+        if k > self.max_k:
+            raise ValueError(f"K = {k}: one kernel call takes at most max_k = {self.max_k}")
+        c = self._s8_gemm(a, b, shape)[:, :m, :n]
+        if a_offset is None and b_offset is None:
+            return c
+        out_dtype = self.out_dtype(torch.uint8, torch.uint8, k)
+        return c.to(out_dtype).add_(offset_terms(a[:, :m], b[:, :n], a_offset, b_offset, out_dtype, k))
 
     def _chunk(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a'·b'ᵀ`` (int32) of int8 operands with ``K <= max_k``: padded to the tile (and K
@@ -431,6 +496,33 @@ class CudaGemm:
         image = load_or_build(shape, arch, fmt, self.cache_dir)
         grid, block, name, params = kernels_module(shape).launch_config(shape, arch)[:4]
         return _LoadedKernel(index, image, name, params, grid, block)
+
+
+def offset_terms(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_offset: torch.Tensor | None,
+    b_offset: torch.Tensor | None,
+    dtype: torch.dtype,
+    k: int | None = None,
+) -> torch.Tensor:
+    """What codes stored minus per-row offsets lack of the exact product:
+    ``(a + oa)·(b + ob)ᵀ - a·bᵀ = oa·Σ_k b + ob·Σ_k a + K·oa·ob`` per group, ``(G, M, N)`` in
+    ``dtype``, all on the device (integer sums and products, no host read). ``oa`` broadcasts to
+    ``(G, M)``, ``ob`` to ``(G, N)``; ``k``: the problem's reduction length (default ``a``'s)."""
+    G, M, K = a.shape
+    N = b.shape[1]
+    k = K if k is None else k
+    out = torch.zeros((G, M, N), dtype=dtype, device=a.device)
+    oa = None if a_offset is None else a_offset.to(dtype).expand(G, M)
+    ob = None if b_offset is None else b_offset.to(dtype).expand(G, N)
+    if oa is not None:
+        out.add_(oa.unsqueeze(-1) * b.sum(-1, dtype=dtype).unsqueeze(-2))
+    if ob is not None:
+        out.add_(a.sum(-1, dtype=dtype).unsqueeze(-1) * ob.unsqueeze(-2))
+    if oa is not None and ob is not None:
+        out.add_(oa.unsqueeze(-1) * ob.unsqueeze(-2) * k)
+    return out
 
 
 def _to_s8(x: torch.Tensor) -> torch.Tensor:

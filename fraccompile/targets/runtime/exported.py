@@ -10,6 +10,10 @@ The directory holds::
     DIR/kernels-cuda.fatbin   --target cuda: the tensor-core (mma) GEMMs (cubins for sm_80 and
                               sm_90, PTX of sm_90); the pip TVM has no CUDA runtime, so the CUDA
                               driver loads it (:mod:`.cuda_driver`)
+    DIR/kernels-cuda-quantize.fatbin
+                              --target cuda: the quantization kernels of CUDA tensors (range,
+                              grids, codes; :mod:`..kernels.cuda_quantize`), the cuda section's
+                              ``quantize`` entry; an export without it has them built on first use
     DIR/manifest.json         per target: the library's sha256, TVM version, kernel-source hash
                               (and CPU/instruction set, or archs); per kernel: function name,
                               kind, shapes, dtypes, precision, target, and the sites and roles
@@ -47,6 +51,7 @@ from .library import JitKernels, KernelRef, source_hash
 log = logging.getLogger("fraccompile.targets")
 MANIFEST = "manifest.json"
 CUDA_LIBRARY = "kernels-cuda.fatbin"
+CUDA_QUANTIZE_LIBRARY = "kernels-cuda-quantize.fatbin"
 FORMAT = 1
 
 
@@ -114,7 +119,7 @@ class CudaLibrary:
 
     def __init__(self, directory: pathlib.Path, info: dict | None, fallback: bool = False):
         self.directory, self.info, self.fallback = directory, info, fallback
-        self.image = None
+        self.image = self._quantize = None
         self.kind = None if info is None else info.get("kernel", "dp4a")
         if info is not None:
             if self.kind == "mma":
@@ -126,6 +131,20 @@ class CudaLibrary:
                 directory, info, {"tvm": tvm.__version__, "source_hash": kernels.source_hash()}
             )
             self.image = lib.read_bytes()
+
+    def quantize_image(self, arch: str) -> bytes | None:
+        """The fatbin of the quantization kernels (:mod:`..runtime.cuda_quant` loads it), or None
+        where the export holds none for ``arch`` (an export that predates them, or no CUDA
+        target): they are built on first use. A damaged or mismatched file is refused."""
+        entry = (self.info or {}).get("quantize")
+        if entry is None or arch not in entry.get("archs", ()):
+            return None
+        if self._quantize is None:
+            from ..kernels import cuda_quantize
+
+            expected = {"tvm": tvm.__version__, "source_hash": cuda_quantize.source_hash()}
+            self._quantize = _check_library(self.directory, entry, expected).read_bytes()
+        return self._quantize
 
     def kernel(self, shape, arch: str):
         """``(image, name, params, grid, block)`` of ``shape``'s kernel, or None: build it. A

@@ -311,5 +311,25 @@ def _build_cuda(rec: Recorder, out: pathlib.Path, kernel: str = "mma") -> tuple[
         "tvm": tvm.__version__,
         "source_hash": gen.source_hash(),
         "kernels": table,
+        "quantize": _build_cuda_quantize(out),
     }
     return section, kernels
+
+
+def _build_cuda_quantize(out: pathlib.Path) -> dict:
+    """The quantization kernels of CUDA tensors (:mod:`..kernels.cuda_quantize`: every variant,
+    symbolic shapes, so one module serves every model) as a second fatbin, and its manifest
+    entry (the cuda section's ``quantize``)."""
+    from ..kernels import cuda, cuda_quantize
+    from ..runtime.exported import CUDA_QUANTIZE_LIBRARY
+
+    path = out / CUDA_QUANTIZE_LIBRARY
+    fileio.atomic_write(path, cuda.compile_fatbin(cuda_quantize.generate_source()))
+    return {
+        "library": path.name,
+        "sha256": fileio.sha256_file(path),
+        "archs": list(cuda.ARCHS),
+        "tvm": tvm.__version__,
+        "source_hash": cuda_quantize.source_hash(),
+        "kernels": [k.name for k in cuda_quantize.KERNELS],
+    }
