@@ -180,6 +180,7 @@ class StandInConv(CudaConv):
         rows = shape.n if shape.role == "fw" else shape.m  # B (weights) or A (dyᵀ)
         assert x.shape == (g.n, g.hp, g.wp, g.c) and operand.shape == (1, rows, shape.k)
         assert x.dtype == operand.dtype == torch.int8 and x.is_contiguous() and operand.is_contiguous()
+        assert x.data_ptr() % 16 == 0 and operand.data_ptr() % 16 == 0  # the kernels' vector loads
         self.calls.append(shape)
         return self.run(x, operand, shape)
 

@@ -153,7 +153,7 @@ class MmaConvShape:
             raise ValueError(f"conv shape {self}: smaller than the conv's {g.rows} pixels x {g.depth} taps")
         if self.m % t.bm or self.n % t.bn or self.k % (t.bk * self.split_k):
             raise ValueError(f"conv shape {self} is not padded to its tile and K split (use padded())")
-        if max(self.n * self.k, self.split_k * self.m * self.n) >= _INDEX_LIMIT:
+        if max(self.m * self.k, self.n * self.k, self.split_k * self.m * self.n) >= _INDEX_LIMIT:
             raise ValueError(f"conv shape {self}: too large for int32 indexing")
 
     @property
