@@ -12,7 +12,8 @@ A graph is valid for one *signature*, and is never replayed under another:
   at capture): when they change (a PFQ turning point, ``fmodel.precision.set``), every graph is
   dropped and the next step captures again;
 * the parameters and buffers (their addresses: ``.to()`` or ``load_state_dict(assign=True)``
-  replaces them) and which parameters require gradients: same;
+  replaces them), which parameters require gradients, and the submodules' train/eval modes:
+  same;
 * the inputs' shapes, strides, dtypes and devices, and the autocast state: a new signature is
   captured beside the others, and the :data:`MAX_GRAPHS` most recently used ones are kept (a
   full batch and an epoch's shorter last batch both replay).
@@ -77,10 +78,12 @@ def precision_key(model) -> tuple:
 
 
 def state_key(model: nn.Module) -> tuple:
-    """The parameters and buffers a graph reads and writes (their addresses), and which
-    parameters get gradients."""
+    """The parameters and buffers a graph reads and writes (their addresses), which parameters
+    get gradients, and each submodule's train/eval mode (a BatchNorm frozen in eval mode inside a
+    model in training mode, say)."""
     params = tuple((p.data_ptr(), p.requires_grad) for p in model.parameters())
-    return params, tuple(b.data_ptr() for b in model.buffers())
+    modes = tuple(m.training for m in model.modules())
+    return params, tuple(b.data_ptr() for b in model.buffers()), modes
 
 
 def autocast_key(device_type: str) -> tuple:
@@ -196,7 +199,11 @@ class CudaGraphs:
         generation = (precision_key(model), state_key(model))
         if generation != self.generation:
             if self.generation is not None:
-                changed = "precision" if generation[0] != self.generation[0] else "parameters or buffers"
+                changed = (
+                    "precision"
+                    if generation[0] != self.generation[0]
+                    else "parameters, buffers or submodule modes"
+                )
                 self.invalidate(f"the {changed} changed")
             self.generation = generation
         graphed = self.graphs.get(inputs)

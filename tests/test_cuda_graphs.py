@@ -191,17 +191,22 @@ def test_a_shape_change_captures_beside_and_the_oldest_is_dropped(fake):
     assert stats.invalidations == []
 
 
-def test_replaced_parameters_invalidate_the_graph(fake):
+def test_replaced_parameters_or_a_frozen_submodule_invalidate_the_graph(fake):
     _, graphed = _pair()
     x, _ = _batch()
     graphed(x).sum().backward()
     graphed.load_state_dict(copy.deepcopy(graphed.state_dict()), assign=True)
     graphed(x).sum().backward()
     stats = graphed.cuda_graphs
-    assert stats.captures == 2 and stats.invalidations == ["the parameters or buffers changed"]
+    assert stats.captures == 2
+    assert stats.invalidations == ["the parameters, buffers or submodule modes changed"]
     graphed.precision.set(a=6)
     graphed(x).sum().backward()
     assert stats.invalidations[-1] == "the precision changed"
+    norm = next(m for m in graphed.modules() if isinstance(m, nn.BatchNorm2d))
+    norm.eval()  # frozen statistics inside a model in training mode: another graph
+    graphed(x).sum().backward()
+    assert stats.captures == 4 and "submodule modes" in stats.invalidations[-1]
 
 
 def test_a_failed_capture_names_the_option_and_leaves_the_buffers(monkeypatch):
