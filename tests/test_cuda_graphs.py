@@ -4,6 +4,7 @@ a GPU the capture is replaced by a fake graph (``_make_graphed``) that computes 
 and shapes it was captured with, as a real graph would; the GPU tests at the end skip without one.
 """
 
+import contextlib
 import copy
 import pickle
 
@@ -259,6 +260,39 @@ def test_fit_trains_through_the_graphs(fake):
     for a, b in zip(results[0][1].values(), results[1][1].values()):
         assert torch.equal(a, b)
     assert fm.cuda_graphs.captures == 1 and fm.cuda_graphs.replays == 5
+
+
+class _HostRead(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Python-level reads of a tensor's value on the host (what a CUDA graph cannot hold) raise."""
+
+    def refuse(*args, **kwargs):
+        raise _HostRead("host read inside the step")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "unique"):
+            mp.setattr(torch.Tensor, name, refuse)
+        for name in ("unique", "nonzero"):
+            mp.setattr(torch, name, refuse)
+        yield
+
+
+@pytest.mark.parametrize("scheme,reads", [("sbm", False), ("symmetric", True)])
+def test_reference_backend_step_host_reads(scheme, reads):
+    """What docs/cuda.md says is left to capture on the reference backend: a training step
+    (forward and backward, 8-bit gradients with counter noise) reads nothing on the host with
+    ``sbm`` (the running ranges included); ``symmetric`` still decides signedness on the host."""
+    model, _ = _pair(scheme=scheme, g=8)
+    x, y = _batch()
+    model(x)  # the first batch initializes the running ranges (no read either way)
+    expect = pytest.raises(_HostRead) if reads else contextlib.nullcontext()
+    with expect, _no_host_reads():
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters()) or reads
 
 
 # -- on a GPU --------------------------------------------------------------------------------------
