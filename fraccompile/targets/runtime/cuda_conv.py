@@ -80,9 +80,10 @@ def padded_input(x: torch.Tensor, padding, channels: int) -> torch.Tensor:
         (N, H + 2 * ph, W + 2 * pw, channels), -128 if flip else 0, dtype=torch.int8, device=x.device
     )
     inner = out[:, ph : ph + H, pw : pw + W, :C]
-    inner.copy_(x.view(torch.int8))
-    if flip:
-        inner.bitwise_xor_(-128)  # u8 code - 128, as int8
+    if flip:  # u8 code - 128, as int8: the top bit flipped on the way in
+        torch.bitwise_xor(x.view(torch.int8), -128, out=inner)
+    else:
+        inner.copy_(x)
     return out
 
 
