@@ -314,13 +314,14 @@ def test_gpu_graphed_steps_equal_eager_on_the_reference_backend():
     assert (graphed.cuda_graphs.captures, graphed.cuda_graphs.replays) == (1, 3)
 
 
-def test_gpu_tvm_backend_captures_or_says_how_to_turn_it_off():
+@pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
+def test_gpu_tvm_backend_captures_or_says_how_to_turn_it_off(scheme):
     _needs_gpu()
     from fraccompile.targets.runtime.cuda_driver import gpu_unavailable_reason
 
     if gpu_unavailable_reason():
         pytest.skip(gpu_unavailable_reason())
-    eager, graphed = (m.cuda() for m in _pair(backend="tvm", scheme="symmetric", g=8))
+    eager, graphed = (m.cuda() for m in _pair(backend="tvm", scheme=scheme, g=8))
     x, y = (t.cuda() for t in _batch())
     try:
         out = graphed(x)
