@@ -379,6 +379,17 @@ def test_quant_runtime_launches_on_the_current_stream(monkeypatch, tmp_path):
     launch("fraccompile_q_range_kernel", (3, 1, 1), (256, 1, 1), [t, 7])
     assert calls[-3:] == ["cuLaunchKernel", ((3, 1, 1), (256, 1, 1), 5), (t.data_ptr(), 7)]
     assert cuda_quant.CudaQuant(cache_dir=tmp_path).image("sm_90", "cubin") == b"CUBIN" and len(builds) == 1
+    # an export without the quantization kernels, and no nvcc: the error says to export again
+
+    def no_nvcc(*args):
+        raise RuntimeError("nvcc not found")
+
+    monkeypatch.setattr(cuda, "compile_source", no_nvcc)
+    old_export = SimpleNamespace(quantize_image=lambda arch: None, directory="DIR")
+    with pytest.raises(
+        RuntimeError, match="not in the exported library in DIR .*nvcc not found.*export again"
+    ):
+        cuda_quant.CudaQuant(library=old_export, cache_dir=tmp_path / "empty").image("sm_90", "cubin")
 
 
 # -- on a GPU --------------------------------------------------------------------------------------

@@ -23,13 +23,16 @@ from .codes import IntCodes, _dense_perm
 MAX_BYTE_BITS = 8  # wider grids store int32 codes
 
 
-def _bits(values, device: torch.device, cache: dict = {}) -> torch.Tensor:  # noqa: B006 (a cache)
+_BITS: dict = {}
+
+
+def _bits(value: int, device: torch.device) -> torch.Tensor:
     """The int32 device tensor of a bit width (made once per value and device: a host-to-device
     copy, kept out of the step)."""
-    key = (values, str(device))
-    t = cache.get(key)
+    key = (value, str(device))
+    t = _BITS.get(key)
     if t is None:
-        t = cache[key] = torch.tensor([values], dtype=torch.int32, device=device)
+        t = _BITS[key] = torch.tensor([value], dtype=torch.int32, device=device)
     return t
 
 

@@ -110,9 +110,21 @@ class CudaQuant:
         self._lock = threading.Lock()
 
     def image(self, arch: str, fmt: str) -> bytes:
+        """The module for ``arch``: the export's, else the cached or built one."""
         found = getattr(self.library, "quantize_image", None)
         data = found(arch) if found is not None else None
-        return data if data is not None else load_or_build(arch, fmt, self.cache_dir)
+        if data is not None:
+            return data
+        try:
+            return load_or_build(arch, fmt, self.cache_dir)
+        except RuntimeError as e:
+            if self.library is None:
+                raise
+            raise RuntimeError(
+                f"the CUDA quantization kernels are not in the exported library in "
+                f"{getattr(self.library, 'directory', '?')} (exported before they were, or without "
+                f"a cuda target) and building them failed: {e}; export again with --target cuda"
+            ) from e
 
     def launcher(self, device: torch.device):
         """The ``Launcher`` of ``device`` (loads the module on first use)."""
