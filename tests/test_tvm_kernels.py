@@ -69,6 +69,29 @@ def test_gemm_f32_dequantizes_the_exact_product(tvm_backend, g, m, n, k, a_dtype
     assert tvm_backend.gemm_f32(a, b, scale, bias_t, out=out) is out and torch.equal(out, got)
 
 
+@pytest.mark.parametrize("a_dtype,b_dtype", [(torch.uint8, torch.int8), (torch.int8, torch.uint8)])
+@pytest.mark.parametrize("split", [False, True])
+def test_gemm_f32_adds_a_rank_one_term_in_the_epilogue(tvm_backend, monkeypatch, a_dtype, b_dtype, split):
+    """``row_term`` (an ``sbm`` weight zero point's ``p[m]·t[n]``) in the dequantize pass: the
+    TVM ``dequant_rank1`` kernel, or torch's epilogue where K is split; within fp32 rounding of
+    the float64 result, and nothing else added when it is absent."""
+    from fraccompile.targets.backend import gemm_runtime
+
+    if split:
+        monkeypatch.setattr(gemm_runtime, "MAX_K", 64)
+    gen = torch.Generator().manual_seed(5)
+    g, m, n, k = 2, 37, 50, 150
+    a, b = _codes((g, m, k), a_dtype, gen), _codes((g, n, k), b_dtype, gen)
+    scale, bias = torch.rand(n, generator=gen) + 0.5, torch.randn(n, generator=gen) * 10
+    p, t = torch.randn(g, m, generator=gen) * 100, torch.randn(n, generator=gen)
+    got = tvm_backend.gemm_f32(a, b, scale, bias, row_term=(p, t))
+    plain = tvm_backend.gemm_f32(a, b, scale, bias)
+    exact = (a.long() @ b.long().mT).double() * scale.double() + bias.double()
+    want = exact + p.double().unsqueeze(-1) * t.double()
+    assert ((got.double() - want).abs() <= 1e-6 * exact.abs() + 1e-4).all()
+    assert ((plain.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-4).all()
+
+
 def test_gemm_non_contiguous_operands(tvm_backend):
     gen = torch.Generator().manual_seed(1)
     a = _codes((2, 40, 30), torch.int8, gen)
@@ -306,10 +329,55 @@ def test_fused_quantize_gives_the_reference_codes(stochastic, noise, layout, sha
         ref = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
         torch.manual_seed(9)
         got = _to_codes(x, qp, stochastic=stochastic, noise=noise, asymmetric=True)
-        if layout != "strided":  # (a layout the kernel cannot read takes torch's quantizer)
-            assert got.codes.dtype == torch.int8 and got.offset == 2 ** (bits - 1)
+        # (a strided view is copied once and quantized by the kernel too)
+        assert got.codes.dtype == torch.int8 and got.offset == 2 ** (bits - 1)
         assert torch.equal(got.codes.float() + got.offset, ref)
         assert torch.equal(got.dequantize(), torch.addcmul(qp.zero, ref, qp.scale))
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
+@pytest.mark.parametrize("shape", [(6, 3, 3, 3), (5, 70), (4, 131)])
+def test_per_channel_weight_codes_are_one_kernel_pass_with_the_reference_codes(scheme, shape):
+    """A weight's per-output-channel grid (FracTrain's default) runs the per-row quantize kernel
+    instead of torch's five passes; the codes are the reference's, ties (half to even) and a
+    constant channel (the scale's floor) included."""
+    from fraccompile.ops.quantizers import qparams_from_range, quantize_to_int, weight_range
+    from fraccompile.targets.backend import codes
+
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(*shape, generator=gen) * torch.linspace(0.1, 3.0, shape[0]).reshape(
+        -1, *[1] * (len(shape) - 1)
+    )
+    w[1] = 0.25  # a constant channel
+    refs = []
+
+    def record(ref):
+        refs.append(ref.kind)
+        return codes._jit_kernel(ref)
+
+    for bits in (8, 4, 3):
+        lo, hi = weight_range(w)
+        qp = qparams_from_range(lo, hi, bits, scheme, signed=True)
+        w_ties = torch.where(
+            torch.arange(w.numel()).reshape(w.shape) % 7 == 0,
+            (torch.round(w / qp.scale) + 0.5) * qp.scale + qp.zero,
+            w,
+        )
+        for x in (w, w_ties):
+            refs.clear()
+            got = codes._to_codes(x, qp, kernel=record, asymmetric=scheme == "sbm")
+            assert refs == ["quantize_rows"]
+            assert got.codes.dtype == (torch.int8 if scheme == "symmetric" else torch.uint8)
+            assert torch.equal(got.codes.float(), quantize_to_int(x, qp))
+            assert got.offset == 0 and got.scale is qp.scale
+    # a layout the kernel cannot read (not contiguous): torch's quantizer, the same codes
+    lo, hi = weight_range(w)
+    qp = qparams_from_range(lo, hi, 8, scheme, signed=True)
+    strided = w.transpose(0, -1).contiguous().transpose(0, -1)
+    refs.clear()
+    got = codes._to_codes(strided, qp, kernel=record, asymmetric=scheme == "sbm")
+    assert "quantize_rows" not in refs
+    assert torch.equal(got.codes.float(), quantize_to_int(w, qp))
 
 
 def test_bad_tile_is_refused():

@@ -226,8 +226,13 @@ def _to_codes(
     signed = qp.qmin < 0
     dtype = _code_dtype(qp)
     zero = qp.zero if asymmetric else None
+    if kernel is not None and not stochastic and _channel_grid(x, qp, dtype):
+        return _channel_codes(x, qp, dtype, zero, kernel)
     fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1 and dtype.itemsize == 1
     perm = _dense_perm(x) if fused else None
+    if fused and perm is None:  # a strided view (e.g. a slice of q/k/v): one copy, then one pass
+        x = x.contiguous()
+        perm = list(range(x.dim()))
     if perm is None:
         q = quantize_to_int(x, qp, stochastic=stochastic, noise=noise)
         return IntCodes(q.to(dtype), qp.scale, signed, zero, qp.qmax)
@@ -268,6 +273,45 @@ def _to_codes(
     return IntCodes(
         codes.view(xd.shape).permute(*inverse), qp.scale, signed or bool(offset), zero, qp.qmax, offset
     )
+
+
+def _channel_grid(x: torch.Tensor, qp, dtype: torch.dtype) -> bool:
+    """Whether ``qp`` is one grid per slice of dim 0 of a contiguous fp32 ``x`` (a weight's
+    per-output-channel grid) with 8-bit codes: :func:`_channel_codes` quantizes it in one pass."""
+    n = x.shape[0] if x.dim() else 0
+    per_row = (n,) + (1,) * (x.dim() - 1)
+    return (
+        n > 1
+        and x.dtype == torch.float32
+        and dtype.itemsize == 1
+        and x.is_contiguous()
+        and x.numel() < 2**31
+        and tuple(qp.scale.shape) == per_row
+        and qp.zero.numel() in (1, n)
+    )
+
+
+def _channel_codes(x: torch.Tensor, qp, dtype: torch.dtype, zero, kernel) -> IntCodes:
+    """Round-to-nearest codes of ``x`` with one grid per output channel (dim 0), in one pass of
+    the per-row quantize kernel (:func:`..kernels.quantize.rows_definition`, a row per channel):
+    the reference's ``clamp(round((x - zero) / scale), qmin, qmax)`` element for element, so the
+    codes are :func:`~fraccompile.ops.quantizers.quantize_to_int`'s (torch's form takes five
+    passes over fp32 temporaries). The codes are not centered, as torch's path leaves them."""
+    n = x.shape[0]
+    scale = qp.scale.reshape(n).float()
+    rows = torch.stack(
+        [
+            scale,
+            qp.zero.reshape(-1).float().expand(n),
+            scale.new_full((n,), float(qp.qmin)),
+            scale.new_full((n,), float(qp.qmax)),
+        ],
+        1,
+    )
+    codes = torch.empty(x.shape, dtype=dtype)
+    ref = KernelRef("quantize_rows", (str(dtype).removeprefix("torch."),), serial=_serial(x.numel() * 5))
+    kernel(ref)(x.reshape(n, -1), rows, codes.view(n, -1))
+    return IntCodes(codes, qp.scale, qp.qmin < 0, zero, qp.qmax)
 
 
 def _row_codes(

@@ -51,6 +51,7 @@ class IntegerGemms:
         out: torch.Tensor | None = None,
         offsets: tuple | None = None,
         operands: tuple | None = None,
+        row_term: tuple | None = None,
     ) -> torch.Tensor:
         """``(a @ bᵀ) * scale + bias`` in fp32, ``(G, M, N)``: :meth:`gemm`'s exact integer product
         dequantized (``scale``: one value or one per column ``N``; ``bias``: per column). On the
@@ -59,14 +60,20 @@ class IntegerGemms:
         ``offsets``: ``(a's, b's)`` per-row device code offsets of GPU codes (None each for none;
         see :meth:`..runtime.cuda_driver.CudaGemm.gemm`), corrected exactly in the GEMM;
         ``operands``: ``(a's, b's)`` padded GEMM operands ``a`` and ``b`` are views of
-        (:attr:`.codes.IntCodes.operand`), taken as they are when both are given."""
+        (:attr:`.codes.IntCodes.operand`), taken as they are when both are given.
+        ``row_term``: ``(p (G, M), t (N,))`` fp32, a rank-one term ``p[g, m]·t[n]`` added before
+        the bias (on the CPU in the same kernel pass)."""
         if self.on_gpu(a):
             c = self.cuda.gemm(a, b, *(offsets or (None, None)), padded=operands)
-            return _dequantize(c, scale, bias, out)
+            return _dequantize(c, scale, bias, out, row_term)
         if offsets is not None and any(o is not None for o in offsets):
             raise ValueError("device code offsets on CPU tensors")
         return self._gemm(
-            *a.shape[:2], *self._a_packer(a), *b.shape[1:], *self._b_packer(b), dequant=(scale, bias, out)
+            *a.shape[:2],
+            *self._a_packer(a),
+            *b.shape[1:],
+            *self._b_packer(b),
+            dequant=(scale, bias, out, row_term),
         )
 
     def _gemm(
@@ -75,7 +82,7 @@ class IntegerGemms:
         """:meth:`gemm` with the operands given by packers ``pack_a(k0, kc, Mp, Kp)`` and
         ``pack_b(k0, kc, Np, Kp)``: reduction columns ``k0 .. k0+kc``, padded, sign-flipped by
         ``a_shift`` / ``b_shift``, with a ones row at ``M`` / ``N`` when there is room. ``dequant``:
-        ``(scale, bias, out)`` of :meth:`gemm_f32` (None: the int32 product)."""
+        ``(scale, bias, out[, row_term])`` of :meth:`gemm_f32` (None: the int32 product)."""
         max_k = MAX_K_UNSIGNED if b_shift and not a_shift else MAX_K
         if K > max_k:  # split the reduction so no int32 partial sum can overflow
             out = None
@@ -111,10 +118,10 @@ class IntegerGemms:
         )
         self.kernel(KernelRef.gemm(shape))(A, Bp, C)
         if dequant is not None:  # C[m, n] + rc[m] + cc[n], the same sums as below, then scaled
-            scale, bias, out = dequant
+            scale, bias, out, *row_term = dequant
             rc = (C[:, :M, N] - a_shift * K) * b_shift if b_shift else C.new_zeros((G, M))
             cc = C[:, M, :N] * -a_shift if a_shift else C.new_zeros((G, N))
-            return self._dequant(C, rc, cc, scale, bias, out, G, M, N)
+            return self._dequant(C, rc, cc, scale, bias, out, G, M, N, *row_term)
         if a_shift:  # row M: sum_k (b - b_shift)  ->  sum_k b = C[M] + b_shift*K
             b_sums = C[:, M : M + 1, :N] + b_shift * K
         if b_shift:  # column N: sum_k (a + a_shift)  ->  sum_k a = C[:, :, N] - a_shift*K
@@ -128,14 +135,19 @@ class IntegerGemms:
                 C += a_shift * b_shift * K
         return C
 
-    def _dequant(self, C, rc, cc, scale, bias, out, G: int, M: int, N: int) -> torch.Tensor:
+    def _dequant(self, C, rc, cc, scale, bias, out, G: int, M: int, N: int, row_term=None) -> torch.Tensor:
         """``out[g, m, n] = (C[g, m, n] + rc[g, m] + cc[g, n]) · scale[n] + bias[n]`` in fp32, one
-        TVM kernel pass (``C`` may be padded past ``M`` and ``N``)."""
+        TVM kernel pass (``C`` may be padded past ``M`` and ``N``); ``row_term`` ``(p, t)`` adds
+        ``p[g, m]·t[n]`` before the bias in the same pass."""
         scale = scale.reshape(-1).float().expand(N).contiguous()
         bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
         out = out if out is not None else torch.empty((G, M, N))
-        ref = KernelRef("dequant", (), serial=_serial(G * M * N * 8))
-        self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), scale, bias, out)
+        extra = ()
+        if row_term is not None:
+            p, t = row_term
+            extra = (p.float().reshape(G, M).contiguous(), t.reshape(-1).float().expand(N).contiguous())
+        ref = KernelRef("dequant", ("rank1",) if extra else (), serial=_serial(G * M * N * 8))
+        self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), scale, bias, *extra, out)
         return out
 
     @property
@@ -373,10 +385,17 @@ def _fresh(slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _dequantize(
-    C: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+    C: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    row_term: tuple | None = None,
 ) -> torch.Tensor:
-    """``C * scale + bias`` in fp32 with torch ops (the GPU's and long reductions' epilogue)."""
+    """``C * scale + p·t + bias`` in fp32 with torch ops (the GPU's and long reductions' epilogue;
+    ``row_term``: ``(p (G, M), t (N,))`` or None)."""
     y = torch.mul(C, scale.reshape(-1))
+    if row_term is not None:
+        y.addcmul_(row_term[0].unsqueeze(-1), row_term[1].reshape(-1))
     if bias is not None:
         y.add_(bias)
     return y if out is None else out.copy_(y)

@@ -104,6 +104,13 @@ class SiteRoles:
                 for index in _border_slices(spec, x_shape[2:], w_shape):
                     y[index] += border[index]
             return y
+        if late and spec.kind == "linear" and not xq.per_row and not self.on_gpu(xq.codes):
+            # the zero points' terms in the dequantize pass: zw's rank one, (x's code sums)·zw
+            fixed = _value_sums(spec, wq, x_shape, w_shape) * xq.zero if x_zero else None
+            fixed = bias if fixed is None else fixed if bias is None else fixed + bias
+            r = _window_code_sums(spec, xq, w_shape).mul_(xq.scale).reshape(1, -1) if w_zero else None
+            term = None if r is None else (r, wq.zero)
+            return self._fw_core(spec, xq, wq, x_shape, w_shape, scale, fixed, temporary, row_term=term)[0]
         y, _ = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias, temporary)
         if not late:
             return y
@@ -136,14 +143,14 @@ class SiteRoles:
         row_term=None,
     ) -> tuple[torch.Tensor, bool]:
         """``(y, taken)``: the scaled integer product plus ``bias``, and whether ``row_term``
-        (a conv's, see :meth:`fw`) was added too."""
+        (see :meth:`fw`: a conv's, or a linear's ``(p (1, M), t)``) was added too."""
         if spec.kind == "linear":
             K = x_shape[-1]
             offsets = (_gemm_offset(xq, x_shape[:-1], False), _gemm_offset(wq, ()))
             a, b = xq.codes.reshape(1, -1, K), wq.codes.unsqueeze(0)
             operands = (xq.operand, wq.operand)  # (GPU: written padded by the quantize kernel)
-            y = self.gemm_f32(a, b, scale, bias, offsets=offsets, operands=operands)
-            return y.reshape(*x_shape[:-1], w_shape[0]), False
+            y = self.gemm_f32(a, b, scale, bias, offsets=offsets, operands=operands, row_term=row_term)
+            return y.reshape(*x_shape[:-1], w_shape[0]), row_term is not None
         if spec.kind == "matmul":
             xb, yb, batch = _matmul_batches(xq.codes, wq.codes)
             offsets = (_gemm_offset(xq, batch, True), _gemm_offset(wq, batch, True))
@@ -426,8 +433,8 @@ class SiteRoles:
                 _gradient_sums(spec, dyq, x_shape, w_shape, self.quantize_kernel(dyq.codes)).mul_(xq.zero)
             )
         if spec.kind != "matmul":
-            for term in terms:
-                dw = dw + term
+            for term in terms:  # rank-one terms: in place where they broadcast into dw
+                dw = dw.add_(term) if torch.broadcast_shapes(dw.shape, term.shape) == dw.shape else dw + term
             return dw
         # a matmul's products and terms are per batch entry, then summed over broadcast ones
         for q in (xq, dyq):

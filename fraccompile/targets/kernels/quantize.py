@@ -272,19 +272,60 @@ def kernel(out_dtype: str, stochastic: bool, noise: str = "torch", parallel: boo
     return tvm.compile(schedule(out_dtype, stochastic, noise, parallel).mod, target=detect().target())["main"]
 
 
-def dequant_definition(parallel: bool = True) -> tvm.tirx.PrimFunc:
+def dequant_definition(rank1: bool = False, parallel: bool = True) -> tvm.tirx.PrimFunc:
     """``main(c, rc, cc, scale, bias, out)``: the GEMM's epilogue in one pass,
     ``out[g, m, n] = float(c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + bias[n]``.
 
     ``c`` is the kernel's padded int32 output ``(G, Mp, Np)``; ``rc``/``cc`` the int32 sign
     corrections of each row and column (int32 sums wrap, so their order does not matter: the true
     sum fits), ``scale`` and ``bias`` per output column, ``out`` fp32 ``(G, M, N)``. It replaces
-    four torch passes over the output (correction, int-to-float copy, scale, bias)."""
+    four torch passes over the output (correction, int-to-float copy, scale, bias).
+
+    ``rank1``: ``main(c, rc, cc, scale, bias, p, t, out)`` adds a rank-one term ``p[g, m]·t[n]``
+    (fp32) before the bias: an ``sbm`` weight's zero point times the row sums of the other
+    operand's codes, which otherwise takes two more passes over the output."""
     L = T.int64(16)
     loop = T.parallel if parallel else T.serial
 
-    def value(c, rc, cc, scale, bias, g, m, n):
-        return T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + bias[n]
+    def value(c, rc, cc, scale, bias, g, m, n, p=None, t=None):
+        y = T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n]
+        if p is not None:
+            y = y + p[g, m] * t[n]
+        return y + bias[n]
+
+    if rank1:
+
+        @T.prim_func(s_tir=True)
+        def main(
+            c_h: T.handle,
+            rc_h: T.handle,
+            cc_h: T.handle,
+            s_h: T.handle,
+            b_h: T.handle,
+            p_h: T.handle,
+            t_h: T.handle,
+            out_h: T.handle,
+        ):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            G, Mp, Np, M, N = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            c = T.match_buffer(c_h, (G, Mp, Np), "int32")
+            rc = T.match_buffer(rc_h, (G, M), "int32")
+            cc = T.match_buffer(cc_h, (G, N), "int32")
+            scale = T.match_buffer(s_h, (N,), "float32")
+            bias = T.match_buffer(b_h, (N,), "float32")
+            p = T.match_buffer(p_h, (G, M), "float32")
+            t = T.match_buffer(t_h, (N,), "float32")
+            out = T.match_buffer(out_h, (G, M, N), "float32")
+            for r in loop(G * M):
+                for j in range(N // L):
+                    for v in T.vectorized(L):
+                        out[r // M, r % M, j * L + v] = value(
+                            c, rc, cc, scale, bias, r // M, r % M, j * L + v, p, t
+                        )
+                for n in range(N // L * L, N):
+                    out[r // M, r % M, n] = value(c, rc, cc, scale, bias, r // M, r % M, n, p, t)
+
+        return main
 
     @T.prim_func(s_tir=True)
     def main(c_h: T.handle, rc_h: T.handle, cc_h: T.handle, s_h: T.handle, b_h: T.handle, out_h: T.handle):
@@ -338,11 +379,12 @@ def codes_schedule(in_dtype: str, parallel: bool = True) -> s_tir.Schedule:
     return s_tir.Schedule(codes_definition(in_dtype, parallel))
 
 
-def dequant_schedule(parallel: bool = True) -> s_tir.Schedule:
-    return s_tir.Schedule(dequant_definition(parallel))
+def dequant_schedule(*variant: str, parallel: bool = True) -> s_tir.Schedule:
+    """``variant``: ``()``, or ``("rank1",)`` (:func:`dequant_definition`'s ``rank1``)."""
+    return s_tir.Schedule(dequant_definition(variant == ("rank1",), parallel))
 
 
 @functools.lru_cache(maxsize=None)
 def dequant_kernel(parallel: bool = True):
     """The compiled :func:`dequant_definition`, built once per process."""
-    return tvm.compile(dequant_schedule(parallel).mod, target=detect().target())["main"]
+    return tvm.compile(dequant_schedule(parallel=parallel).mod, target=detect().target())["main"]

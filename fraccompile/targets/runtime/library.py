@@ -168,7 +168,7 @@ SERIAL_KINDS = (
 _PARALLEL = (
     [KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
     + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
-    + [KernelRef("dequant", ())]
+    + [KernelRef("dequant", ()), KernelRef("dequant", ("rank1",))]
     + [KernelRef("dequant_codes", (d,)) for d in ("int8", "uint8")]
     + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
     + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")]
