@@ -311,6 +311,44 @@ def test_gpu_branch_step_reads_nothing_on_the_host(gpu_backend, cfg, compile_on)
         bool(torch.ones(1) > 0)
 
 
+def test_gpu_branch_fused_norm_step_reads_nothing_on_the_host(gpu_backend):
+    """``recompute="norms"``: a conv's BatchNorm and ReLU fused into its site (the batch
+    statistics kept, the GEMM recomputed in backward from the codes), on the GPU branch with
+    every host read refused; the loss and gradients are the reference's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        C2(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(288, 5),
+    )
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))
+    cfg = dict(scheme="symmetric", recompute="norms")
+
+    def step(backend, guard=contextlib.nullcontext):
+        m = copy.deepcopy(model)
+        on = "reference" if backend is None else "tvm"  # (tvm: the norm fused into the site)
+        fm = fraccompile.compile(m, x, FracConfig(backend=on, full_precision=(), **cfg))
+        if backend is not None:
+            for op in fm.modules():
+                if isinstance(op, FracOp):
+                    op.backend = backend
+            assert any(getattr(op, "epilogue_norm", None) is not None for op in fm.modules())
+        torch.manual_seed(1)
+        with guard():
+            loss = F.cross_entropy(fm(x), y)
+            loss.backward()
+        return loss.detach(), [p.grad for p in m.parameters()]
+
+    step(gpu_backend)  # warm the caches
+    loss, grads = step(gpu_backend, _no_host_reads)
+    ref_loss, ref_grads = step(None)
+    assert rel(ref_loss, loss) < TOL
+    for r, g in zip(ref_grads, grads):
+        assert rel(r, g) < TOL
+
+
 @pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
 @pytest.mark.parametrize(
     "module,shape", [(C2(4, 8, 3, padding=1), (5, 4, 6, 6)), (torch.nn.Linear(13, 9), (5, 3, 13))]
