@@ -389,7 +389,7 @@ class CudaGemm:
                 return self.gemm_padded(A, B, shape, M, N, K, a_offset, b_offset).to(out_dtype)
         if a_offset is not None or b_offset is not None:
             out = self.gemm(a, b).to(out_dtype)
-            return out.add_(offset_terms(a, b, a_offset, b_offset, out_dtype))
+            return add_offset_terms(out, a, b, a_offset, b_offset)
         sa = 128 if a.dtype == torch.uint8 else 0
         sb = 128 if b.dtype == torch.uint8 else 0
         out = None
@@ -438,7 +438,7 @@ class CudaGemm:
         if a_offset is None and b_offset is None:
             return c
         out_dtype = self.out_dtype(torch.uint8, torch.uint8, k)
-        return c.to(out_dtype).add_(offset_terms(a[:, :m], b[:, :n], a_offset, b_offset, out_dtype, k))
+        return add_offset_terms(c.to(out_dtype), a[:, :m], b[:, :n], a_offset, b_offset, k)
 
     def _chunk(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a'·b'ᵀ`` (int32) of int8 operands with ``K <= max_k``: padded to the tile (and K
@@ -508,20 +508,36 @@ def offset_terms(
 ) -> torch.Tensor:
     """What codes stored minus per-row offsets lack of the exact product:
     ``(a + oa)·(b + ob)ᵀ - a·bᵀ = oa·Σ_k b + ob·Σ_k a + K·oa·ob`` per group, ``(G, M, N)`` in
-    ``dtype``, all on the device (integer sums and products, no host read). ``oa`` broadcasts to
-    ``(G, M)``, ``ob`` to ``(G, N)``; ``k``: the problem's reduction length (default ``a``'s)."""
+    ``dtype`` (:func:`add_offset_terms` into zeros)."""
+    out = torch.zeros((a.shape[0], a.shape[1], b.shape[1]), dtype=dtype, device=a.device)
+    return add_offset_terms(out, a, b, a_offset, b_offset, k)
+
+
+def add_offset_terms(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_offset: torch.Tensor | None,
+    b_offset: torch.Tensor | None,
+    k: int | None = None,
+) -> torch.Tensor:
+    """``out += oa·(Σ_k b + K·ob) + ob·Σ_k a`` in place (:func:`offset_terms`' terms), in
+    ``out``'s integer dtype, all on the device (integer sums and products, no host read): at
+    most two passes over ``out``. ``oa`` broadcasts to ``(G, M)``, ``ob`` to ``(G, N)``; ``k``:
+    the problem's reduction length (default ``a``'s)."""
     G, M, K = a.shape
     N = b.shape[1]
     k = K if k is None else k
-    out = torch.zeros((G, M, N), dtype=dtype, device=a.device)
+    dtype = out.dtype
     oa = None if a_offset is None else a_offset.to(dtype).expand(G, M)
     ob = None if b_offset is None else b_offset.to(dtype).expand(G, N)
     if oa is not None:
-        out.add_(oa.unsqueeze(-1) * b.sum(-1, dtype=dtype).unsqueeze(-2))
+        b_sums = b.sum(-1, dtype=dtype)
+        if ob is not None:
+            b_sums.add_(ob * k)
+        out.addcmul_(oa.unsqueeze(-1), b_sums.unsqueeze(-2))
     if ob is not None:
-        out.add_(a.sum(-1, dtype=dtype).unsqueeze(-1) * ob.unsqueeze(-2))
-    if oa is not None and ob is not None:
-        out.add_(oa.unsqueeze(-1) * ob.unsqueeze(-2) * k)
+        out.addcmul_(a.sum(-1, dtype=dtype).unsqueeze(-1), ob.unsqueeze(-2))
     return out
 
 
