@@ -169,6 +169,13 @@ def test_per_sample_codes_are_quantize_rows(emu, scheme):
         )
         assert q.codes.dtype == torch.int32 and q.scale.shape == (5, 1, 1)
         assert torch.equal(q.dequantize(), want)
+    # rounding to nearest into a padded GEMM operand (rows = samples · 4, K = 9): zeros around
+    x8 = x[:, :, :8].contiguous()
+    want = quantize_rows(x8, row_bits.clamp(max=8), lambda b: qparams_from_range(lo, hi, b, scheme))
+    out = torch.full((24, 16), 77, dtype=torch.int8)
+    q = device_row_codes(x8, row_bits.clamp(max=8), emu, scheme, None, minmax_of(lo, hi), widest=8, out=out)
+    assert torch.equal(q.dequantize(), want) and q.operand.shape == (1, 24, 16)
+    assert not out[20:].any() and not out[:, 8:].any()
 
 
 # -- the GEMM's exact offset correction ------------------------------------------------------------
@@ -376,6 +383,8 @@ def test_gpu_branch_routed_site_matches_reference(gpu_backend, module, shape, sc
         results[name] = [y.detach(), xl.grad, o.weight.grad, probs.grad, o.bias.grad]
     errs = [rel(r, g) for r, g in zip(results["reference"], results["gpu"])]
     assert max(errs) < TOL, errs
+    if isinstance(module, torch.nn.Linear):  # per-sample codes written into the padded operand
+        assert gpu_backend._cuda.padded == 1
 
 
 # -- the runtime's launch convention ---------------------------------------------------------------

@@ -95,13 +95,14 @@ def device_row_codes(
     *,
     widest: int,
     stochastic: bool = False,
+    out: torch.Tensor | None = None,
 ) -> IntCodes:
     """A routed site's per-sample codes (:func:`~fraccompile.ops.quantizers.quantize_rows`): sample
     ``i`` on the grid of ``row_bits[i]`` bits over the shared range ``minmax``; ``widest``: the
     largest candidate (int32 codes above 8 bits). Rounding to nearest reads nothing on the host.
     Stochastic rounding takes counter noise with the reference's seeds: one drawn per precision
     present, in ascending order, so the host reads which precisions are present (one read: the
-    generator's draws depend on it)."""
+    generator's draws depend on it). ``out``: as for :func:`device_codes` (rounding to nearest)."""
     x = x.detach().float()
     xd, perm = _layout(x, True)
     n = x.shape[0]
@@ -115,10 +116,13 @@ def device_row_codes(
         for b in torch.unique(bits).tolist():  # (the one host read)
             seed = torch.where(bits == b, noise_seed(device=x.device), seed)
     shape = (n,) + (1,) * (x.dim() - 1)
-    codes = _quantize(
-        xd, perm, grid, launch, stochastic, "counter", widest > MAX_BYTE_BITS, n, None, x.shape, rank, seed
-    )
-    return _int_codes(codes, grid, shape, scheme, signed, None)
+    if out is not None and (stochastic or perm != list(range(x.dim()))):
+        out = None  # (the padded operand takes the row-major (rows, K) view of rounding to nearest)
+    wide = widest > MAX_BYTE_BITS
+    codes = _quantize(xd, perm, grid, launch, stochastic, "counter", wide, n, out, x.shape, rank, seed)
+    q = _int_codes(codes, grid, shape, scheme, signed, None)
+    q.operand = None if out is None else out.unsqueeze(0)
+    return q
 
 
 def _tensor_minmax(xd: torch.Tensor, rows: int, launch) -> torch.Tensor:
@@ -149,7 +153,9 @@ def _quantize(xd, perm, grid, launch, stochastic, noise, wide, rows, out, shape,
         else:
             kwargs.update(rounding="counter", seed=noise_seed(device=xd.device))
     else:
-        view = xd.reshape(rows, -1) if rows > 1 else xd.reshape(-1, xd.shape[-1] if xd.dim() else 1)
+        # (rows, K) for a GEMM operand (``out``) or one grid; else a row per grid
+        rowwise = out is None and rows > 1
+        view = xd.reshape(rows, -1) if rowwise else xd.reshape(-1, xd.shape[-1] if xd.dim() else 1)
         if stochastic:  # the reference's torch.rand draw, in logical order, laid out like x
             u = torch.rand(shape, device=xd.device, dtype=torch.float32).permute(*perm)
             kwargs.update(rounding="torch", u=u.reshape(view.shape))
@@ -207,14 +213,15 @@ def site_codes(backend, call, x: torch.Tensor, w: torch.Tensor):
     d = call.rows
     minmax = minmax_of(*call.x_range) if call.x_range is not None else None
     out_x = out_w = None
-    if spec.kind == "linear" and d is None:  # the forward GEMM's operands, written in place
+    if spec.kind == "linear":  # the forward GEMM's operands, written in place
         out_x, out_w = _linear_operands(backend.cuda, x, w)
     if d is None:
         xq = device_codes(x, launch, prec.a, scheme, None, minmax=minmax, out=out_x)
     else:
         if minmax is None:
             minmax = _tensor_minmax(_layout(x.detach().float(), False)[0], 1, launch)
-        xq = device_row_codes(x, _row_bits(d, "a", x.device), launch, scheme, None, minmax, widest=max(d.a))
+        bits = _row_bits(d, "a", x.device)
+        xq = device_row_codes(x, bits, launch, scheme, None, minmax, widest=max(d.a), out=out_x)
     if spec.kind == "matmul":
         ymm = minmax_of(*call.y_range) if call.y_range is not None else None
         wq = device_codes(w, launch, prec.w, scheme, None, minmax=ymm)
