@@ -12,7 +12,9 @@ rounding of the reference (the integer sums here are exact).
 quantizes a site call's operands and dispatches it to :class:`.site_gemm.IntSiteGemm`; the three
 roles per op kind come from :class:`.roles.SiteRoles`, the integer GEMMs, implicit convs and
 operand packers (and the sign shifts of u8 × s8) from :class:`.gemm_runtime.IntegerGemms`.
-Only the quantized codes (int8/uint8) are saved for backward, not fp32 copies.
+CUDA tensors are quantized by the CUDA quantization kernels (:mod:`.device_codes`, their grids
+kept on the device, no host read). Only the quantized codes (int8/uint8) are saved for backward,
+not fp32 copies.
 """
 
 from __future__ import annotations
