@@ -491,3 +491,30 @@ def test_gpu_step_matches_reference(scheme):
     assert rel(out["reference"][0], out["tvm"][0]) < 1e-4
     for r, g in zip(out["reference"][1], out["tvm"][1]):
         assert rel(r, g) < 1e-4
+
+
+@gpu
+@pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
+def test_gpu_step_has_no_host_syncs(scheme):
+    """After a warm-up step, a training step of the conv + linear + matmul model on the GPU runs
+    with torch's sync debug mode set to raise on any synchronizing CUDA call (``.item()``,
+    ``nonzero``, a pageable host-to-device copy ...), which the CPU tests cannot see."""
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(4, 3, 6, 6).cuda(), torch.randint(0, 5, (4,)).cuda()
+    fm = fraccompile.compile(
+        model, x.cpu(), FracConfig(scheme=scheme, backend="tvm", full_precision=("out",))
+    )
+    fm = fm.cuda()
+
+    def step():
+        F.cross_entropy(fm(x), y).backward()
+
+    step()  # builds and loads the kernels, fills the per-value caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
