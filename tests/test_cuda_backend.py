@@ -269,6 +269,9 @@ def test_gpu_branch_step_matches_reference(gpu_backend, emu, cfg):
     assert gpu_backend._cuda.padded == 1  # fc's forward: no copy of its operands
 
 
+_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "unique")
+
+
 class _HostRead(AssertionError):
     pass
 
@@ -282,7 +285,7 @@ def _no_host_reads():
         raise _HostRead("host read inside the step")
 
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "unique"):
+        for name in _READS:
             mp.setattr(torch.Tensor, name, refuse)
         for name in ("unique", "nonzero"):
             mp.setattr(torch, name, refuse)
@@ -353,6 +356,56 @@ def test_gpu_branch_fused_norm_step_reads_nothing_on_the_host(gpu_backend):
     assert rel(ref_loss, loss) < TOL
     for r, g in zip(ref_grads, grads):
         assert rel(r, g) < TOL
+
+
+@contextlib.contextmanager
+def _recorded_host_reads(log: list):
+    """The host reads of :func:`_no_host_reads`, run as usual but each recorded in ``log`` as the
+    name of the function of ``fraccompile`` that made it."""
+    import sys
+
+    def wrap(original):
+        def read(*args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and "fraccompile" not in frame.f_code.co_filename:
+                frame = frame.f_back
+            log.append(frame.f_code.co_name if frame is not None else "?")
+            return original(*args, **kwargs)
+
+        return read
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _READS:
+            mp.setattr(torch.Tensor, name, wrap(getattr(torch.Tensor, name)))
+        for name in ("unique", "nonzero"):
+            mp.setattr(torch, name, wrap(getattr(torch, name)))
+        yield
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
+@pytest.mark.parametrize(
+    "module,shape", [(C2(4, 8, 3, padding=1), (5, 4, 6, 6)), (torch.nn.Linear(13, 9), (5, 3, 13))]
+)
+def test_gpu_branch_routed_site_reads_only_its_groups(gpu_backend, module, shape, scheme):
+    """A DFQ-routed site's step on the GPU branch reads on the host only what docs/cuda.md lists:
+    the precisions present in the gradient (its counter seeds, :func:`device_row_codes`) and the
+    weight gradient's groups of samples (``_gc_grouped``); the forward reads nothing."""
+    torch.manual_seed(4)
+    x = torch.randn(*shape).relu().requires_grad_()
+    fm = fraccompile.compile(
+        torch.nn.Sequential(copy.deepcopy(module)), x, FracConfig(scheme=scheme, full_precision=())
+    )
+    (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
+    op.backend = gpu_backend
+    d, _ = _gated(op, [0, 4, 2, 4, 1])
+    op(x, d)  # warm the per-value caches
+    forward, backward = [], []
+    with _recorded_host_reads(forward):
+        y = op(x, d)
+    with _recorded_host_reads(backward):
+        y.backward(torch.ones_like(y))
+    assert forward == []
+    assert set(backward) == {"device_row_codes", "_gc_grouped"}, backward
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
