@@ -1,5 +1,5 @@
 """What the CUDA kernel tests share: operand dtypes and codes, the exact reference GEMM, the nvcc
-skip and the SM version of a cubin."""
+skip, the GPU-only marker and the SM version of a cubin."""
 
 import struct
 
@@ -29,6 +29,22 @@ def needs_nvcc():
     reason = nvcc_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
+
+
+def gpu_reason() -> str | None:
+    """Why the GPU-only tests skip on this machine (no usable GPU, or no nvcc), or None."""
+    from fraccompile.targets.runtime.cuda_driver import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        from fraccompile.targets.kernels.cuda import nvcc_unavailable_reason
+
+        reason = nvcc_unavailable_reason()
+    return reason
+
+
+# the GPU-only tests: skipped, with the reason, where there is no GPU or no nvcc
+gpu = pytest.mark.skipif(gpu_reason() is not None, reason=f"needs a GPU and nvcc: {gpu_reason()}")
 
 
 def elf_arch(cubin: bytes) -> int:

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 from _cuda_emulator import EmulatedKernel
-from _cuda_helpers import DTYPES, codes, elf_arch, needs_nvcc, reference
+from _cuda_helpers import DTYPES, codes, elf_arch, gpu, needs_nvcc, reference
 
 from fraccompile.targets import tvm_unavailable_reason
 from fraccompile.targets.runtime.cuda_driver import (
@@ -420,16 +420,6 @@ def test_importing_fraccompile_does_not_import_tvm():
 
 
 # -- on a GPU --------------------------------------------------------------------------------------
-def _gpu_reason():
-    reason = gpu_unavailable_reason()
-    if reason is None:
-        from fraccompile.targets.kernels import cuda
-
-        reason = cuda.nvcc_unavailable_reason()
-    return reason
-
-
-gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU and nvcc: {_gpu_reason()}")
 
 
 @gpu

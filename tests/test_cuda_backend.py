@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from _cuda_helpers import gpu
 from _cuda_quant_helpers import EmulatedQuantKernels
 from _tvm_helpers import C2, TOL, _gated, rel
 
@@ -492,18 +493,6 @@ def test_quant_runtime_launches_on_the_current_stream(monkeypatch, tmp_path):
 
 
 # -- on a GPU --------------------------------------------------------------------------------------
-def _gpu_reason():
-    from fraccompile.targets.runtime.cuda_driver import gpu_unavailable_reason
-
-    reason = gpu_unavailable_reason()
-    if reason is None:
-        from fraccompile.targets.kernels import cuda
-
-        reason = cuda.nvcc_unavailable_reason()
-    return reason
-
-
-gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU and nvcc: {_gpu_reason()}")
 
 
 @gpu

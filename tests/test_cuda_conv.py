@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _cuda_emulator import EmulatedKernel
-from _cuda_helpers import codes, elf_arch, needs_nvcc
+from _cuda_helpers import codes, elf_arch, gpu, needs_nvcc
 
 from fraccompile.targets import tvm_unavailable_reason
 from fraccompile.targets.runtime.cuda_conv import CudaConv, padded_input
-from fraccompile.targets.runtime.cuda_driver import MAX_K, gpu_unavailable_reason
+from fraccompile.targets.runtime.cuda_driver import MAX_K
 
 pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
 
@@ -590,16 +590,6 @@ def test_backend_conv_weight_gradient_runs_on_the_conv_kernel(
 
 
 # -- on a GPU --------------------------------------------------------------------------------------
-def _gpu_reason():
-    reason = gpu_unavailable_reason()
-    if reason is None:
-        from fraccompile.targets.kernels import cuda
-
-        reason = cuda.nvcc_unavailable_reason()
-    return reason
-
-
-gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU and nvcc: {_gpu_reason()}")
 
 
 GPU_CASES = [

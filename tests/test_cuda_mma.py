@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from _cuda_emulator import EmulatedKernel
-from _cuda_helpers import DTYPES, codes, elf_arch, needs_nvcc, reference
+from _cuda_helpers import DTYPES, codes, elf_arch, gpu, needs_nvcc, reference
 
 from fraccompile.targets import tvm_unavailable_reason
-from fraccompile.targets.runtime.cuda_driver import MAX_K, CudaGemm, gpu_unavailable_reason
+from fraccompile.targets.runtime.cuda_driver import MAX_K, CudaGemm
 
 pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
 
@@ -370,16 +370,6 @@ def test_cuda_gemm_through_the_driver_path(mma, emulated_split, tmp_path, monkey
 
 
 # -- on a GPU --------------------------------------------------------------------------------------
-def _gpu_reason():
-    reason = gpu_unavailable_reason()
-    if reason is None:
-        from fraccompile.targets.kernels import cuda
-
-        reason = cuda.nvcc_unavailable_reason()
-    return reason
-
-
-gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"needs a GPU and nvcc: {_gpu_reason()}")
 
 
 @gpu
