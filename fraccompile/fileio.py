@@ -101,6 +101,26 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = Tr
     return path
 
 
+def cached_bytes(path: str | os.PathLike, build) -> bytes:
+    """The non-empty bytes at ``path`` (a disk cache entry), else ``build()``'s, stored there
+    atomically when the directory is writable (a read-only cache only returns them: the next
+    process builds again)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        if data:
+            return data
+    except OSError:
+        pass
+    data = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+    except OSError:
+        pass
+    return data
+
+
 @contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on ``<path>.lock`` (created if missing) for the ``with`` block."""

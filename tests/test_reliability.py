@@ -411,6 +411,25 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_uses_the_umask(tmp_path)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["a.json"]
 
 
+def test_cached_bytes_builds_once_rebuilds_an_empty_entry_and_survives_a_read_only_cache(tmp_path):
+    """The disk cache of the CUDA kernels (cubins of the GEMMs, convs and quantizers)."""
+    builds = []
+
+    def build():
+        builds.append(1)
+        return b"cubin %d" % len(builds)
+
+    path = tmp_path / "cache" / "k.cubin"
+    assert fileio.cached_bytes(path, build) == b"cubin 1" and path.read_bytes() == b"cubin 1"
+    assert fileio.cached_bytes(path, build) == b"cubin 1" and len(builds) == 1  # from the cache
+    path.write_bytes(b"")  # an empty entry (a crash before the atomic write existed) is rebuilt
+    assert fileio.cached_bytes(path, build) == b"cubin 2" and path.read_bytes() == b"cubin 2"
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")  # a cache directory that cannot be created
+    assert fileio.cached_bytes(blocked / "k.cubin", build) == b"cubin 3"
+    assert blocked.read_text() == "not a directory"
+
+
 def test_checksum_and_elf_checks(tmp_path):
     import _ctypes  # an extension module: a shared library every Python has
 

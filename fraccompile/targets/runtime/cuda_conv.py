@@ -51,20 +51,10 @@ def load_or_build(shape, arch: str, fmt: str = "cubin", directory: pathlib.Path 
     (when the directory is writable; else only returned)."""
     from ..kernels import cuda, cuda_conv
 
-    path = kernel_path(shape, arch, fmt, directory)
-    try:
-        data = path.read_bytes()
-        if data:
-            return data
-    except OSError:
-        pass
-    data = cuda.compile_source(cuda_conv.generate_source(shape, arch), arch, fmt)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fileio.atomic_write(path, data)
-    except OSError:
-        pass  # read-only cache: the kernel is rebuilt by the next process
-    return data
+    return fileio.cached_bytes(
+        kernel_path(shape, arch, fmt, directory),
+        lambda: cuda.compile_source(cuda_conv.generate_source(shape, arch), arch, fmt),
+    )
 
 
 def padded_input(x: torch.Tensor, padding, channels: int) -> torch.Tensor:

@@ -46,20 +46,10 @@ def load_or_build(arch: str, fmt: str = "cubin", directory: pathlib.Path | None 
     with nvcc and stored (when the directory is writable; else only returned)."""
     from ..kernels import cuda, cuda_quantize
 
-    path = kernel_path(arch, fmt, directory)
-    try:
-        data = path.read_bytes()
-        if data:
-            return data
-    except OSError:
-        pass
-    data = cuda.compile_source(cuda_quantize.generate_source(None, arch), arch, fmt)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fileio.atomic_write(path, data)
-    except OSError:
-        pass  # read-only cache: the next process builds it again
-    return data
+    return fileio.cached_bytes(
+        kernel_path(arch, fmt, directory),
+        lambda: cuda.compile_source(cuda_quantize.generate_source(None, arch), arch, fmt),
+    )
 
 
 class _LoadedModule:
