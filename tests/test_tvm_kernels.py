@@ -281,6 +281,37 @@ def test_codes_dequantize_kernel_is_the_reference(tvm_backend, dtype, shape, cha
     assert ((got - want).abs() <= 2 * torch.finfo(torch.float32).eps * want.abs() + 1e-7).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize(
+    "shape,channels_last", [((6, 5, 3, 3), False), ((4, 16, 9, 11), True), ((7, 131), False)]
+)
+def test_row_grid_dequantize_kernel_is_the_reference(tvm_backend, monkeypatch, dtype, shape, channels_last):
+    """Codes with one grid per row of dim 0 (a weight's output channels, a routed gradient's
+    samples) dequantized by ``dequant_rows`` in one pass: bit for bit without a zero point,
+    within one rounding with one (a zero point per row, or one shared, and an offset)."""
+    from fraccompile.targets.backend import IntCodes
+
+    gen = torch.Generator().manual_seed(8)
+    lo, hi = (-127, 128) if dtype == torch.int8 else (0, 256)
+    q = torch.randint(lo, hi, shape, dtype=dtype, generator=gen)
+    if channels_last:
+        q = q.contiguous(memory_format=torch.channels_last)
+    rows = (shape[0],) + (1,) * (len(shape) - 1)
+    scale = torch.rand(rows, generator=gen) * 0.1 + 1e-3
+    kinds = []
+    kernel = tvm_backend.kernel
+    monkeypatch.setattr(type(tvm_backend), "kernel", lambda self, ref: kinds.append(ref.kind) or kernel(ref))
+    codes = IntCodes(q, scale, dtype == torch.int8)
+    got = tvm_backend._dequantize_codes(codes, "w")
+    assert kinds == ["dequant_rows"] and got.stride() == q.stride()
+    assert torch.equal(got, codes.dequantize())
+    eps = torch.finfo(torch.float32).eps
+    for zero, offset in ((torch.randn(rows, generator=gen), 0), (torch.tensor(-0.71), 128)):
+        asym = IntCodes(q, scale, True, zero, 255.0, offset)
+        got, want = tvm_backend._dequantize_codes(asym, "w"), asym.dequantize()
+        assert ((got - want).abs() <= 2 * eps * want.abs() + 1e-7).all()
+
+
 def test_kernel_without_vnni_is_exact():
     """The generic (AVX2-only) schedule builds and computes the same products."""
     from fraccompile.targets.kernels import gemm

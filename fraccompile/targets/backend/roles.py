@@ -274,9 +274,8 @@ class SiteRoles:
             dx = self._eb_integer(spec, dyq, wq, x_shape, w_shape)
             if dx is not None:
                 return dx
-        # fp32 on the reference's operands (dy's in a scratch buffer: the fp32 op consumes it)
-        dy = self._dequantize_codes(dyq, "eb")
-        w = wq.dequantize()
+        # fp32 on the reference's operands (in scratch buffers: the fp32 op consumes them)
+        dy, w = self._dequantize_codes(dyq, "eb"), self._dequantize_codes(wq, "w")
         if spec.kind == "linear":
             return dy.matmul(w)
         if spec.kind == "matmul":

@@ -46,6 +46,17 @@ MAX_G_BITS = 16  # g: wider gradient codes run as two 8-bit halves (see split_co
 MIN_GROUP_WIDTH = 8  # narrower groups waste most of the 16 int32 lanes of a VNNI instruction
 
 
+def _row_grid(q: IntCodes) -> bool:
+    """Whether ``q``'s grid is one per row of dim 0 (scale ``(N, 1, ...)``, the zero point one
+    value or one per row, an integer offset): what the ``dequant_rows`` kernel takes."""
+    n = q.codes.shape[0]
+    return (
+        tuple(q.scale.shape) == (n,) + (1,) * (q.codes.dim() - 1)
+        and (q.zero is None or q.zero.numel() in (1, n))
+        and isinstance(q.offset, int)
+    )
+
+
 class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
     """Integer kernels built with TVM (falls back to :class:`ReferenceBackend` per site)."""
 
@@ -115,11 +126,21 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
     def _dequantize_codes(self, q: IntCodes, slot: str) -> torch.Tensor:
         """``q``'s fp32 values (:meth:`IntCodes.dequantize`: bit for bit without a zero point,
         within one rounding with one) in the :meth:`scratch` ``slot``, laid out as the codes: one
-        TVM pass for a per-tensor scale on the CPU (a copy and one or two arithmetic passes in
-        torch), else those torch ops."""
+        TVM pass on the CPU for a per-tensor scale, or one per row of dim 0 (a weight's output
+        channels, a routed gradient's samples), where torch takes a copy and one or two
+        arithmetic passes; else those torch ops."""
         out = self._scratch_like(slot, q.codes)
         perm = _dense_perm(q.codes)
-        if perm is None or self.on_gpu(q.codes) or q.scale.numel() != 1 or q.wide or q.device_grid:
+        cpu = perm is not None and not self.on_gpu(q.codes) and not q.wide and not q.device_grid
+        if cpu and q.per_row and perm[0] == 0 and _row_grid(q):
+            N = q.codes.shape[0]
+            zero = q.zero.reshape(-1).float().expand(N) if q.zero is not None else q.scale.new_zeros(N)
+            rows = torch.stack([q.scale.reshape(N).float(), zero, zero.new_full((N,), float(q.offset))], 1)
+            name = str(q.codes.dtype).removeprefix("torch.")
+            ref = KernelRef("dequant_rows", (name,), serial=_serial(5 * q.codes.numel()))
+            self.kernel(ref)(q.codes.permute(*perm).reshape(N, -1), rows, out.permute(*perm).reshape(N, -1))
+            return out
+        if not cpu or q.per_row:
             out.copy_(q.codes)  # the reference's mul / addcmul, the same fp32 operations
             if q.has_offset:  # the grid's codes (exact in fp32)
                 out.add_(q.offset)

@@ -375,6 +375,39 @@ def codes_definition(in_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     return main
 
 
+def rows_codes_definition(in_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
+    """``main(q, rows, out)``: :func:`codes_definition` with one grid per row, ``q``/``out``
+    ``(N, S)`` in memory order and ``rows (N, 3)`` = (scale, zero point, code offset) of each row:
+    the fp32 values of codes whose scale is per output channel (a weight, for an fp32 error
+    backprop) or per sample (a DFQ-routed gradient) in one pass; torch takes a conversion and
+    one or two arithmetic passes."""
+    L = T.int64(64)
+    loop = T.parallel if parallel else T.serial
+
+    def value(q, rows, n, s):
+        return (T.Cast("float32", q[n, s]) + rows[n, 2]) * rows[n, 0] + rows[n, 1]
+
+    @T.prim_func(s_tir=True)
+    def main(q_h: T.handle, rows_h: T.handle, out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        N, S = T.int64(), T.int64()
+        q = T.match_buffer(q_h, (N, S), in_dtype)
+        rows = T.match_buffer(rows_h, (N, 3), "float32")
+        out = T.match_buffer(out_h, (N, S), "float32")
+        for n in loop(N):
+            for j in range(S // L):
+                for v in T.vectorized(L):
+                    out[n, j * L + v] = value(q, rows, n, j * L + v)
+            for s in range(S // L * L, S):
+                out[n, s] = value(q, rows, n, s)
+
+    return main
+
+
+def rows_codes_schedule(in_dtype: str, parallel: bool = True) -> s_tir.Schedule:
+    return s_tir.Schedule(rows_codes_definition(in_dtype, parallel))
+
+
 def codes_schedule(in_dtype: str, parallel: bool = True) -> s_tir.Schedule:
     return s_tir.Schedule(codes_definition(in_dtype, parallel))
 

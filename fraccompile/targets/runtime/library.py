@@ -36,6 +36,7 @@ KINDS = (
     "quantize",
     "dequant",
     "dequant_codes",
+    "dequant_rows",
     "pack_a",
     "pack_b",
     "pack_conv_a",
@@ -140,6 +141,7 @@ _BUILDERS = {
     "quantize": quantize.schedule,
     "dequant": quantize.dequant_schedule,
     "dequant_codes": quantize.codes_schedule,
+    "dequant_rows": quantize.rows_codes_schedule,
     "pack_a": pack.a_schedule,
     "pack_b": pack.b_schedule,
     "pack_conv_a": pack.conv_a_schedule,
@@ -157,6 +159,7 @@ SERIAL_KINDS = (
     "quantize",
     "dequant",
     "dequant_codes",
+    "dequant_rows",
     "pack_a",
     "pack_b",
     "pack_codes",
@@ -169,7 +172,7 @@ _PARALLEL = (
     [KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
     + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
     + [KernelRef("dequant", ()), KernelRef("dequant", ("rank1",))]
-    + [KernelRef("dequant_codes", (d,)) for d in ("int8", "uint8")]
+    + [KernelRef(kind, (d,)) for kind in ("dequant_codes", "dequant_rows") for d in ("int8", "uint8")]
     + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
     + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")]
     + [KernelRef(kind, (width,)) for kind in ("pack_codes", "unpack_codes") for width in subbyte.WIDTHS]
