@@ -230,8 +230,8 @@ class IntSiteGemm(Function):
         db = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             channel = 1 if spec.kind == "conv" else dy.dim() - 1
-            if dyq.per_row:
-                db = dyq.dequantize().sum([d for d in range(dy.dim()) if d != channel])
+            if dyq.per_row:  # (the error backprop is done with its scratch buffer)
+                db = backend._dequantize_codes(dyq, "eb").sum([d for d in range(dy.dim()) if d != channel])
             else:  # exact code sums: s·Σq + count·z
                 c = centered(dyq) if dyq.has_offset else dyq
                 db = _channel_sums(
