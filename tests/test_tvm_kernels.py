@@ -312,6 +312,28 @@ def test_row_grid_dequantize_kernel_is_the_reference(tvm_backend, monkeypatch, d
         assert ((got - want).abs() <= 2 * eps * want.abs() + 1e-7).all()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_centered_per_sample_codes_are_exact_int8(channels_last):
+    """Unsigned ``sbm`` codes with a grid per sample (a routed site's 3-, 4- and 8-bit samples)
+    centered into int8 in one uint8 pass: ``codes - (qmax + 1) / 2`` exactly, the same values."""
+    from fraccompile.targets.backend.codes import IntCodes, centered
+
+    gen = torch.Generator().manual_seed(2)
+    qmax = torch.tensor([7.0, 15.0, 255.0, 15.0]).reshape(4, 1, 1, 1)
+    q = (torch.rand(4, 6, 5, 3, generator=gen) * (qmax + 1)).floor().clamp(max=qmax).to(torch.uint8)
+    q[:, 0, 0, 0] = qmax.reshape(-1).to(torch.uint8)  # each sample's top code
+    q[:, 0, 0, 1] = 0
+    if channels_last:
+        q = q.contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(4, 1, 1, 1, generator=gen) + 0.1
+    codes = IntCodes(q, scale, False, torch.tensor(-0.4), qmax)
+    got = centered(codes)
+    m = (qmax + 1) / 2
+    assert got.codes.dtype == torch.int8 and got.signed
+    assert torch.equal(got.codes.long(), q.long() - m.long())
+    assert torch.allclose(got.dequantize(), codes.dequantize(), rtol=1e-5, atol=1e-4)  # (the zero rounds)
+
+
 def test_kernel_without_vnni_is_exact():
     """The generic (AVX2-only) schedule builds and computes the same products."""
     from fraccompile.targets.kernels import gemm

@@ -162,6 +162,10 @@ def centered(q: IntCodes, keep_offset: bool = False) -> IntCodes:
             return IntCodes(q.codes.bitwise_xor(128).view(torch.int8), q.scale, True, zero)
         return IntCodes(q.codes.view(torch.int8) - int(m), q.scale, True, zero)  # codes < 128
     wide = bool((m > 128).any())
+    if not wide and q.codes.dtype == torch.uint8:  # per sample: one uint8 pass, c - m wraps to int8
+        return IntCodes(
+            torch.sub(q.codes, m.to(torch.uint8).to(q.codes.device)).view(torch.int8), q.scale, True, zero
+        )
     codes = q.codes.to(torch.int32) - m.to(torch.int32).to(q.codes.device)
     return IntCodes(codes if wide else codes.to(torch.int8), q.scale, True, zero)
 
