@@ -48,6 +48,9 @@ static inline int __dp4a(int a, int b, int c) {
 }
 static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 using std::min;  // CUDA's min of two ints (or floats)
+// IEEE round-to-nearest fp32 operations (x86-64 g++ without -march emits no FMA: no contraction)
+#define __fmul_rn(a, b) ((float)(a) * (float)(b))
+#define __fadd_rn(a, b) ((float)(a) + (float)(b))
 
 // -- warps: lane t % 32 of warp t / 32, a barrier of the warp's threads and a scratch per warp ---
 struct WarpScratch { uintptr_t addr[32]; uint32_t reg[32][8]; };

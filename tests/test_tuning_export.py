@@ -517,7 +517,7 @@ def exported_both(exported, tmp_path_factory, model_file):
 
 
 def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
-    from fraccompile.targets.kernels import cuda, cuda_mma
+    from fraccompile.targets.kernels import cuda, cuda_epilogue, cuda_mma
     from fraccompile.targets.runtime.cuda_driver import CudaGemm
     from fraccompile.targets.runtime.exported import ExportedKernels
 
@@ -538,16 +538,22 @@ def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
     assert provider.cuda_library.kind == "mma"
     assert CudaGemm(library=provider.cuda_library).kind_for(torch.device("cuda", 0)) == "mma"
     _assert_cpu_gemms_run_exactly(provider)
+    fused = 0
     for name, entry in info["kernels"].items():
         g, m, n, k, s = [int(p[1:]) for p in name.split("_")[2:7]]
-        shape = cuda_mma.padded(g, m, n, k, split_k=s)
+        shape, module = cuda_mma.padded(g, m, n, k, split_k=s), cuda_mma
+        if name.startswith("cuda_mmadq_"):  # the same GEMM with the dequantize fused
+            rows, cols = map(int, name.rsplit("_o", 1)[1].split("x"))
+            shape, module, fused = cuda_epilogue.MmaEpilogueShape(shape, rows, cols), cuda_epilogue, fused + 1
+            assert shape.split_k == 1 and provider.cuda_library.has_kernel(shape, "sm_80")
         assert shape.name == name
         image, fn, params, grid, block = provider.cuda_library.kernel(shape, "sm_80")
         assert image == fatbin and fn == entry["function"]
-        assert (grid, block, params, tuple(entry["zero"])) == (*cuda_mma.launch_config(shape)[:2],) + (
-            cuda_mma.launch_config(shape)[3],
+        assert (grid, block, params, tuple(entry["zero"])) == (*module.launch_config(shape)[:2],) + (
+            module.launch_config(shape)[3],
             shape.zero,
         )
+    assert fused >= 1 and info["epilogue"] == {"source_hash": cuda_epilogue.source_hash()}
     missing = cuda_mma.padded(1, 8, 8, 4096)
     from fraccompile.targets.runtime.exported import KernelLibraryError
 
@@ -595,6 +601,37 @@ def test_tampered_fatbin_is_refused(exported_both, tmp_path):
     lib.write_bytes(lib.read_bytes()[:-16])
     with pytest.raises(KernelLibraryError, match="kernels-cuda.fatbin does not match the sha256"):
         ExportedKernels(d)
+
+
+def test_export_without_fused_kernels_falls_back_to_the_plain_ones(exported_both, tmp_path, monkeypatch):
+    """An export made before the fused-dequantize kernels (no ``epilogue`` entry): the fused path
+    declines (the plain kernel + torch dequantize serve), nothing is refused or built."""
+    import json
+    import shutil
+
+    from fraccompile.targets.kernels import cuda_epilogue, cuda_mma
+    from fraccompile.targets.runtime import cuda_epilogue as fused
+    from fraccompile.targets.runtime.cuda_driver import CudaGemm
+    from fraccompile.targets.runtime.exported import ExportedKernels
+
+    out, _ = exported_both
+    d = tmp_path / "k"
+    shutil.copytree(out, d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    names = [n for n in manifest["targets"]["cuda"]["kernels"] if n.startswith("cuda_mmadq_")]
+    g, m, n, k = [int(p[1:]) for p in names[0].split("_")[2:6]]
+    rows, cols = map(int, names[0].rsplit("_o", 1)[1].split("x"))
+    shape = cuda_epilogue.MmaEpilogueShape(cuda_mma.padded(g, m, n, k, split_k=1), rows, cols)
+    assert ExportedKernels(d).cuda_library.has_kernel(shape, "sm_90")
+    del manifest["targets"]["cuda"]["epilogue"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    library = ExportedKernels(d).cuda_library
+    assert not library.has_kernel(shape, "sm_90") and library.has_kernel(shape.gemm, "sm_90")
+    monkeypatch.setattr(fused, "runs_kernels", lambda t: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    a, b = torch.zeros((g, rows, k), dtype=torch.int8), torch.zeros((g, cols, k), dtype=torch.int8)
+    assert fused.gemm_f32(CudaGemm(library=library), a, b, torch.ones(1)) is None
 
 
 def test_backend_on_an_export_takes_gpu_kernels_from_it(exported_both):

@@ -62,8 +62,15 @@ class IntegerGemms:
         ``operands``: ``(a's, b's)`` padded GEMM operands ``a`` and ``b`` are views of
         (:attr:`.codes.IntCodes.operand`), taken as they are when both are given.
         ``row_term``: ``(p (G, M), t (N,))`` fp32, a rank-one term ``p[g, m]·t[n]`` added before
-        the bias (on the CPU in the same kernel pass)."""
+        the bias (on the CPU in the same kernel pass). On the GPU, one tensor-core kernel with
+        the dequantize in its write-back where it applies (:func:`..runtime.cuda_epilogue.gemm_f32`),
+        else the GEMM then torch ops."""
         if self.on_gpu(a):
+            from ..runtime import cuda_epilogue
+
+            y = cuda_epilogue.gemm_f32(self.cuda, a, b, scale, bias, out, offsets, operands, row_term)
+            if y is not None:
+                return y
             c = self.cuda.gemm(a, b, *(offsets or (None, None)), padded=operands)
             return _dequantize(c, scale, bias, out, row_term)
         if offsets is not None and any(o is not None for o in offsets):

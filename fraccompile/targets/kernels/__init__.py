@@ -6,7 +6,8 @@ weight gradient), ``pack`` (operand packing), ``quantize`` (the fused quantizer,
 epilogues), ``subbyte`` (1/2/4-bit storage of saved codes), ``probe`` (a routed site's gate
 gradient), ``sums`` (exact column sums of codes), ``intrin`` (the ``vpdpbusd`` tensor intrinsic),
 ``cuda`` (the dp4a GEMM for NVIDIA GPUs and its nvcc build), ``cuda_mma`` (the tensor-core GEMM
-for NVIDIA GPUs, with split-K), ``cuda_conv`` (2-D convs as implicit GEMMs on ``cuda_mma``'s
+for NVIDIA GPUs, with split-K), ``cuda_epilogue`` (``cuda_mma``'s GEMM with the dequantize fused
+in its write-back), ``cuda_conv`` (2-D convs as implicit GEMMs on ``cuda_mma``'s
 schedule), ``cuda_quantize`` (range, grid and quantize kernels for CUDA tensors, no host
 decisions; not wired into the backend yet).
 

@@ -21,14 +21,12 @@ Schedule (one thread block per ``bm × bn`` tile of C; ``(bm/wm) · (bn/wn)`` wa
 * the accumulators go to C (scalar stores of the m16n8 accumulator layout), or with ``split_k`` S
   > 1 are added to C with ``atomicAdd``: the reduction over K is cut into S consecutive
   pieces, ``blockIdx.z = s·G + g`` runs piece ``s``, and the caller zeroes C before the launch
-  (:attr:`MmaGemmShape.zero`). Integer addition is exact and commutative, so the order in which
-  blocks add is irrelevant. This fills the GPU for the weight gradient (few output tiles, long K).
+  (:attr:`MmaGemmShape.zero`). Integer addition is exact and commutative, so the order of the
+  blocks' adds is irrelevant: this fills the GPU for the weight gradient (few tiles, long K).
 
-The default tile is 128 × 128 × 64 with 8 warps of 64 × 32 (256 threads, 64 accumulators per
-lane, 20 KiB of shared memory; ptxas for sm_80: 89 registers, no stack, no spills); smaller
-problems get 64- or 32-wide blocks. No cp.async or double buffering yet (the tests' CPU emulator
-would run cp.async synchronously, so it could not check a pipeline's waits). The kernel has not
-been measured on a GPU yet.
+Default tile 128 × 128 × 64, 8 warps of 64 × 32 (256 threads, 64 accumulators per lane, 20 KiB
+shared; ptxas sm_80: 89 registers, no stack or spills); 64- or 32-wide blocks for small problems.
+No cp.async yet; not measured on a GPU. :mod:`.cuda_epilogue`: the dequantize in the write-back.
 
 The tensor intrinsics are TVM's (``tvm/s_tir/tensor_intrin/cuda.py``: ``mma_ldmatrix_i8_a``,
 ``mma_ldmatrix_i8_b_trans``, ``mma_i8i8i32_trans_b``, ``mma_fill_16x16_i32`` and the plain-store
@@ -421,9 +419,10 @@ def definition(shape: MmaGemmShape):
     return te.create_prim_func([A, B, C]).with_attr("global_symbol", shape.name)
 
 
-def schedule(shape: MmaGemmShape, func=None) -> s_tir.Schedule:
+def schedule(shape: MmaGemmShape, func=None, store=None) -> s_tir.Schedule:
     """The tensor-core schedule of the module docstring, of :func:`definition` or ``func`` (one
-    of the same form: :func:`.cuda_conv.definition`, whose ``A`` is a gather from the input)."""
+    of the same form: :func:`.cuda_conv.definition`, whose ``A`` is a gather from the input);
+    ``store(sch, acc)``: the intrinsic for the write-back ``acc`` instead (:mod:`.cuda_epilogue`)."""
     t, names = shape.tile, register_intrinsics()
     sch = s_tir.Schedule(definition(shape) if func is None else func)
     blk = sch.get_sblock("C")
@@ -484,7 +483,8 @@ def schedule(shape: MmaGemmShape, func=None) -> s_tir.Schedule:
     sch.tensorize(sch.get_loops(frags[1])[-2], names["ldmatrix_b"])
     sch.tensorize(sch.get_loops(blk)[-3], names["mma"])
     sch.tensorize(sch.get_loops(sch.get_sblock("C_init"))[-2], names["fill"])
-    store = register_atomic_store(shape.groups * shape.m * shape.n) if shape.split_k > 1 else names["store"]
+    atomic = shape.split_k > 1 and register_atomic_store(shape.groups * shape.m * shape.n)
+    store = store(sch, acc) if store is not None else atomic or names["store"]
     sch.tensorize(sch.get_loops(acc)[-2], store)
     for loop in unrolled:
         sch.unroll(loop)

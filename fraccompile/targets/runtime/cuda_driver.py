@@ -25,7 +25,9 @@ torch's current stream with the ``data_ptr()`` of torch CUDA tensors. Modules ar
 * the mma kernel splits K across thread blocks for problems with few output tiles and a long
   reduction (:func:`..kernels.cuda_mma.split_k_for`); its blocks add their int32 partial sums
   into C with ``atomicAdd``, so C is zeroed (``torch.zeros``, on the current stream) before such
-  a launch. Integer addition is exact in any order.
+  a launch. Integer addition is exact in any order;
+* :mod:`.cuda_epilogue` launches, through :meth:`CudaGemm._launch`, the mma kernel with the
+  dequantize fused in its write-back (:mod:`..kernels.cuda_epilogue`), cached and loaded alike.
 
 Kernels are compiled for the device's architecture (sm_80 for compute capability 8.x, sm_90 for
 9.x; on a newer GPU the sm_90 PTX, which the driver JIT-compiles) and cached on disk under
@@ -180,9 +182,12 @@ def _tvm_version() -> str:
 
 def kernels_module(shape):
     """The module that generates ``shape``'s kernel: :mod:`..kernels.cuda_mma` for an mma shape,
-    else :mod:`..kernels.cuda` (dp4a)."""
+    :mod:`..kernels.cuda_epilogue` for one with the dequantize fused, else :mod:`..kernels.cuda`
+    (dp4a)."""
     if kind_of(shape) == "mma":
         from ..kernels import cuda_mma as module
+    elif kind_of(shape) == "mma_epilogue":
+        from ..kernels import cuda_epilogue as module
     else:
         from ..kernels import cuda as module
     return module
@@ -470,10 +475,14 @@ class CudaGemm:
         c = (torch.zeros if "C" in getattr(shape, "zero", ()) else torch.empty)(
             (shape.groups, shape.m, shape.n), dtype=torch.int32, device=a.device
         )
-        kernel = self._kernel(a.device, shape)
-        stream = torch.cuda.current_stream(a.device).cuda_stream
-        kernel.launch({"A": a, "B": b, "C": c}, stream)
+        self._launch(shape, {"A": a, "B": b, "C": c})
         return c
+
+    def _launch(self, shape, buffers: dict[str, torch.Tensor]) -> None:
+        """Launch ``shape``'s kernel on ``buffers`` (by parameter name) on the current stream
+        (also :func:`.cuda_epilogue.gemm_f32`'s; tests replace it)."""
+        device = buffers["A"].device
+        self._kernel(device, shape).launch(buffers, torch.cuda.current_stream(device).cuda_stream)
 
     def _kernel(self, device: torch.device, shape) -> _LoadedKernel:
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -8,8 +8,10 @@ The directory holds::
                               codes are unsigned when a batch has no negative value, which adds a
                               ones row to the GEMM), the quantizers and the pack kernels
     DIR/kernels-cuda.fatbin   --target cuda: the tensor-core (mma) GEMMs (cubins for sm_80 and
-                              sm_90, PTX of sm_90); the pip TVM has no CUDA runtime, so the CUDA
-                              driver loads it (:mod:`.cuda_driver`)
+                              sm_90, PTX of sm_90), and of those without a K split the variant
+                              with the dequantize fused (the cuda section's ``epilogue`` entry);
+                              the pip TVM has no CUDA runtime, so the CUDA driver loads it
+                              (:mod:`.cuda_driver`)
     DIR/kernels-cuda-quantize.fatbin
                               --target cuda: the quantization kernels of CUDA tensors (range,
                               grids, codes; :mod:`..kernels.cuda_quantize`), the cuda section's
@@ -145,6 +147,20 @@ class CudaLibrary:
             expected = {"tvm": tvm.__version__, "source_hash": cuda_quantize.source_hash()}
             self._quantize = _check_library(self.directory, entry, expected).read_bytes()
         return self._quantize
+
+    def has_kernel(self, shape, arch: str) -> bool:
+        """Whether the export holds ``shape``'s kernel for ``arch``, without refusing or building:
+        asked for the GEMMs with the dequantize fused (:mod:`..kernels.cuda_epilogue`), which are
+        used only where an export wrote them (its ``epilogue`` entry, with the current source
+        hash); elsewhere the plain kernel and a separate dequantize serve."""
+        info = self.info
+        if info is None or arch not in info["archs"] or shape.name not in info["kernels"]:
+            return False
+        if getattr(shape, "kind", None) != "mma_epilogue":
+            return True
+        from ..kernels import cuda_epilogue
+
+        return (info.get("epilogue") or {}).get("source_hash") == cuda_epilogue.source_hash()
 
     def kernel(self, shape, arch: str):
         """``(image, name, params, grid, block)`` of ``shape``'s kernel, or None: build it. A

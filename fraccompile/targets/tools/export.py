@@ -244,7 +244,7 @@ def _build_cuda(rec: Recorder, out: pathlib.Path, kernel: str = "mma") -> tuple[
     by nvcc into one fatbin for every arch of :data:`..kernels.cuda.ARCHS` (plus PTX of the
     newest, which the driver compiles for newer GPUs). ``kernel``: ``"mma"`` (tensor cores, what
     ``CudaGemm`` runs on these archs) or ``"dp4a"``."""
-    from ..kernels import cuda, cuda_mma
+    from ..kernels import cuda, cuda_epilogue, cuda_mma
     from ..runtime.cuda_driver import MAX_K
 
     if kernel not in ("mma", "dp4a"):
@@ -260,9 +260,12 @@ def _build_cuda(rec: Recorder, out: pathlib.Path, kernel: str = "mma") -> tuple[
         for k0 in range(0, K, MAX_K):
             shape = gen.padded(G, M, N, min(MAX_K, K - k0))
             uses.setdefault(shape, set()).update(w for w in where if w)
+            if kernel == "mma" and K <= MAX_K and shape.split_k == 1:  # the dequantize fused too
+                fused = cuda_epilogue.MmaEpilogueShape(shape, M, N)
+                uses.setdefault(fused, set()).update(w for w in where if w)
     shapes = sorted(uses, key=lambda s: s.name)
     if kernel == "mma":
-        source = gen.combined_source(shapes, cuda.ARCHS[-1])
+        source = cuda_epilogue.combined_source(shapes, cuda.ARCHS[-1])
     else:
         mod = tvm.IRModule(
             {s.name: cuda.schedule(s).mod["main"].with_attr("global_symbol", s.name) for s in shapes}
@@ -273,7 +276,8 @@ def _build_cuda(rec: Recorder, out: pathlib.Path, kernel: str = "mma") -> tuple[
     fileio.atomic_write(path, fatbin)
     kernels, table = [], {}
     for s in shapes:
-        grid, block, _, params = gen.launch_config(s)[:4]
+        module = cuda_epilogue if getattr(s, "kind", None) == cuda_epilogue.KIND else gen
+        grid, block, _, params = module.launch_config(s)[:4]
         zero = list(getattr(s, "zero", ()))  # buffers to zero before the launch (split-K C)
         name = f"{s.name}_kernel"
         if name not in source:
@@ -288,15 +292,23 @@ def _build_cuda(rec: Recorder, out: pathlib.Path, kernel: str = "mma") -> tuple[
         kernels.append(
             {
                 "function": name,
-                "kind": "gemm",
+                "kind": "gemm_dequant" if module is cuda_epilogue else "gemm",
                 "target": "cuda",
                 "archs": list(cuda.ARCHS),
                 "tvm": tvm.__version__,
-                "source_hash": gen.source_hash(),
+                "source_hash": module.source_hash(),
                 "cuda_kernel": kernel,
-                "dtypes": "s8s8s32",
+                "dtypes": "s8s8f32" if module is cuda_epilogue else "s8s8s32",
                 "precision": "1..8 bits (s8 codes; u8 shifted)",
-                "shapes": {"A": [s.groups, s.m, s.k], "B": [s.groups, s.n, s.k], "C": [s.groups, s.m, s.n]},
+                "shapes": {
+                    "A": [s.groups, s.m, s.k],
+                    "B": [s.groups, s.n, s.k],
+                    **(
+                        {"out": [s.groups, s.rows, s.cols]}
+                        if module is cuda_epilogue
+                        else {"C": [s.groups, s.m, s.n]}
+                    ),
+                },
                 "grid": list(grid),
                 "block": list(block),
                 "zero": zero,
@@ -313,6 +325,8 @@ def _build_cuda(rec: Recorder, out: pathlib.Path, kernel: str = "mma") -> tuple[
         "kernels": table,
         "quantize": _build_cuda_quantize(out),
     }
+    if kernel == "mma":  # the fused kernels' own source hash (CudaLibrary.has_kernel checks it)
+        section["epilogue"] = {"source_hash": cuda_epilogue.source_hash()}
     return section, kernels
 
 
