@@ -14,6 +14,8 @@ of C++ functions (:func:`replace_inline_ptx`) in which every lane deposits its o
 per-warp scratch, waits on a per-warp barrier of 32, computes its own registers from the whole
 warp's operands with the fragment layouts of the PTX ISA, and waits again; ``__shfl_sync`` works
 the same way. Shared-memory addresses (``__cvta_generic_to_shared``) are plain pointers here.
+``cp.async`` (in TVM's ``__device__`` wrappers, which are compiled too) copies at once and its
+commit and wait groups do nothing: a pipeline's waits cannot be checked here.
 Inline PTX the emulator does not know is refused with its text, not run wrongly.
 """
 
@@ -38,6 +40,8 @@ static U3 blockIdx;
 static std::barrier<>* block_barrier;
 #define __global__
 #define __launch_bounds__(n)
+#define __forceinline__ inline
+#define __device__
 #define __restrict__ __restrict
 #define __syncthreads() block_barrier->arrive_and_wait()
 struct alignas(8) int2 { int x, y; };
@@ -175,7 +179,20 @@ def _emulation(template, outputs, inputs):
             f"{{ void* const d[] = {{{d}}}; const uint32_t a[] = {{{a}}}, b[] = {{{b}}}, c[] = {{{c}}}; "
             "emu_mma_m16n8k32_s8(d, a, b, c); }"
         )
+    cp = re.fullmatch(r"cp\.async\.c[ag]\.shared\.global(\.L2::\d+B)? \[%0\], \[%1\], %2;", template)
+    if cp and not outputs and len(inputs) == 3:  # synchronous: a pipeline's waits are not checked
+        return f"std::memcpy((void*)({inputs[0]}), (const void*)({inputs[1]}), {inputs[2]});"
+    if re.fullmatch(r"cp\.async\.(commit_group|wait_group \d+|wait_all);", template) and not inputs + outputs:
+        return ";  /* cp.async group: every copy above already ran */"
     raise ValueError(f"the emulator cannot run this inline PTX: {template!r}")
+
+
+def device_helpers(source):
+    """The ``__forceinline__ __device__`` functions TVM writes before the kernels (its ``cp.async``
+    wrappers), their inline PTX replaced as the kernels' is."""
+    head = source[: source.index('extern "C" __global__')]
+    funcs = re.findall(r"__forceinline__ __device__ \w+ \w+\([^)]*\) \{.*?\n\}", head, re.S)
+    return "\n".join(replace_inline_ptx(f.replace("asm volatile(", "__asm__ __volatile__(")) for f in funcs)
 
 
 def replace_inline_ptx(body):
@@ -230,6 +247,7 @@ class EmulatedKernel:
         (gx, gy, gz), (bx, by, bz) = self.grid, self.block
         code = (
             _SHIM
+            + device_helpers(source)
             + body
             + f"""
 extern "C" void emulate(void** args) {{

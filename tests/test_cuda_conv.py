@@ -2,7 +2,7 @@
 (fraccompile.targets.runtime.cuda_conv.CudaConv) and the backend's GPU conv forward on it.
 
 Without a GPU: shapes and bad geometries, the generated CUDA C (mma.sync, ldmatrix, the gather
-from X as 16-byte vector loads), nvcc's cubins for sm_80/sm_90 (ELF arch; ptxas keeps the
+from X as 16-byte cp.async copies), nvcc's cubins for sm_80/sm_90 (ELF arch; ptxas keeps the
 fragments in registers), the kernel run on the CPU by the emulator (``tests/_cuda_emulator.py``)
 exact against torch's conv in float64 (strides, padding, dilation, 1x1 and 3x3, odd sizes,
 channel padding, split-K, extreme codes), CudaConv's operand preparation and sign correction
@@ -13,6 +13,7 @@ im2col + GEMM path bit for bit. With a GPU: exact results against torch.
 
 import contextlib
 import ctypes
+import re
 import subprocess
 from types import SimpleNamespace
 
@@ -97,7 +98,8 @@ def test_generated_source_gathers_with_vector_loads(cc, arch):
     src = cc.generate_source(s, arch)
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in src
     assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in src
-    assert "= *(int4*)(X_ptr + " in src and "X_ptr[" not in src  # 16-byte gathers only
+    # 16-byte gathers only, as cp.async copies into the next shared stage
+    assert re.search(r"cp_async\w*_16\w*\(A_shared_ptr, [^;]*, X_ptr, ", src) and "X_ptr[" not in src
     assert "A_ptr" not in src and "atomicAdd(" not in src  # no im2col buffer; no K split
     grid, block, name, params, zero = cc.launch_config(s, arch)
     assert name == f"{s.name}_kernel" and sorted(params) == ["B", "C", "X"] and zero == ()
@@ -114,7 +116,8 @@ def test_generated_weight_gradient_source(cc):
     assert s.k >= 32 * 32 * 32 and s.name.startswith("cuda_convgc_n32_h34_w34_c16_k3x3")
     src = cc.generate_source(s)
     assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in src and "atomicAdd(" in src
-    assert "= X_ptr[" in src and "*(int4*)(X_ptr" not in src and "*(int4*)(A_ptr" in src
+    assert "= X_ptr[" in src and "*(int4*)(X_ptr" not in src  # X byte by byte, synchronously
+    assert re.search(r"cp_async\w*_16\w*\(A_shared_ptr, [^;]*, A_ptr, ", src)  # dyᵀ by cp.async
     grid, block, name, params, zero = cc.launch_config(s)
     assert sorted(params) == ["A", "C", "X"] and zero == ("C",) and grid[2] == s.split_k
     with pytest.raises(ValueError, match="smaller than"):

@@ -126,6 +126,10 @@ def test_generated_source_uses_ldmatrix_and_mma(mma, arch):
     assert not re.search(r"_shared_warp_ptr \+ [^;]*threadIdx", src)
     assert "__shfl_sync" not in src
     assert re.search(r"int C_warp_ptr\[64\]", src)  # 64 x 32 warp tile: 64 accumulators per lane
+    # two shared stages: the next step's tiles by 16-byte cp.async, one commit group per step
+    assert "cp.async.cg.shared.global [%0], [%1], %2;" in src and '"n"(16)' in src
+    assert "cp.async.commit_group" in src and "cp.async.wait_group 1" in src
+    assert mma.MmaTile().shared_bytes == 2 * (128 + 128) * 80 == 40960
 
 
 def test_combined_source_holds_every_kernel(mma):
@@ -243,9 +247,11 @@ def test_split_k_adds_into_c(mma, tmp_path):
 def test_emulator_refuses_inline_ptx_it_does_not_know():
     from _cuda_emulator import replace_inline_ptx
 
-    body = 'void k() { __asm__ __volatile__("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(a), "l"(b)); }'
-    with pytest.raises(ValueError, match="cannot run this inline PTX: 'cp.async.cg.shared.global"):
+    body = 'void k() { __asm__ __volatile__("cp.async.bulk.shared.global [%0], [%1], 16;" :: "r"(a)); }'
+    with pytest.raises(ValueError, match="cannot run this inline PTX: 'cp.async.bulk.shared.global"):
         replace_inline_ptx(body)
+    cp = '__asm__ __volatile__("cp.async.cg.shared.global [%0], [%1], %2;" :: "r"(a), "l"(b), "n"(16));'
+    assert replace_inline_ptx(cp) == "std::memcpy((void*)(a), (const void*)(b), 16);"  # synchronous
     ldm = (
         '__asm__ __volatile__("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16" "{%0, %1}, [%2];"'
         ' : "=r"(x[0]), "=r"(x[1]) : "r"(p));'

@@ -29,7 +29,7 @@ limit). How the gather works: the GEMM's ``A[m, k]`` is a TE stage
 ``k`` (tap ``k // Cp``, channel ``k % Cp``), inlined into the cooperative copy of the A tile
 into shared memory (:func:`schedule`). Since ``Cp`` is a multiple of 16, each 16-byte piece of a
 shared row is 16 consecutive channels of one tap of one pixel, so the copy stays one 16-byte
-vector load per piece (checked on the generated source). Rows past ``M`` and taps past
+``cp.async`` per piece (checked on the generated source). Rows past ``M`` and taps past
 ``kh·kw`` (the K padding) are clamped to the last row and tap: they read valid memory, and the
 padding's weights are 0 or its rows are discarded. Everything after the shared-memory copy
 (``ldmatrix``, ``mma.sync``, the write-back) is :func:`.cuda_mma.schedule`'s.
@@ -40,7 +40,8 @@ gradient's codes transposed, ``(1, Mp, Kp)`` (OC rows, pixels zero-padded), and 
 gather from the same padded ``X`` with the roles of its indices swapped: row = tap and channel,
 column = pixel. Its long K (the pixels) is split as :func:`.cuda_mma.split_k_for` chooses, the
 blocks adding into C. 16 consecutive pixels of one tap are not contiguous in ``X``, so this copy
-is 16 byte loads per 16-byte piece (each with its own index arithmetic), not one vector load.
+is 16 byte loads per 16-byte piece (each with its own index arithmetic, synchronous in the
+two-stage pipeline), not one ``cp.async``.
 Exact while ``128·128·N·OH·OW < 2**31``: the caller sums batch chunks.
 
 The error backprop of a stride-1 conv is the forward on the output gradient, padded by
@@ -53,6 +54,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pathlib
+import re
 from dataclasses import dataclass
 
 import tvm
@@ -63,7 +65,8 @@ from . import cuda, cuda_mma
 from .cuda_mma import ARCHS, MmaTile
 
 ROLES = ("fw", "gc")  # the forward; the weight gradient
-CHANNEL_ALIGN = 16  # channels padded to a multiple of this: one 16-byte load per piece of a row
+_GATHER = re.compile(r"cp_async\w*_16\w*\(A_shared_ptr, [^;]*, X_ptr, ")  # 16-byte cp.async from X
+CHANNEL_ALIGN = 16  # channels padded to a multiple of this: one 16-byte copy per piece of a row
 _INDEX_LIMIT = 2**31  # the kernels index their buffers in int32
 
 
@@ -253,7 +256,7 @@ def schedule(shape: MmaConvShape) -> s_tir.Schedule:
 def lower(shape: MmaConvShape, arch: str = ARCHS[-1]) -> cuda.Kernel:
     """Schedule ``shape`` and generate its CUDA C with TVM (through :func:`.cuda_mma.tirx_source`),
     with the launch geometry read from the schedule and checked against the tile, and the A
-    tile's gather checked to be 16-byte vector loads of ``X``."""
+    tile's gather checked to be 16-byte ``cp.async`` copies from ``X``."""
     sch = schedule(shape)
     source = cuda_mma.tirx_source(sch.mod, arch)
     kernels = list(cuda._SIGNATURE.finditer(source))
@@ -275,8 +278,8 @@ def lower(shape: MmaConvShape, arch: str = ARCHS[-1]) -> cuda.Kernel:
         )
     if "mma.sync.aligned.m16n8k32" not in source:
         raise RuntimeError(f"{shape.name}: the generated source has no mma.sync")
-    if shape.role == "fw" and ("= *(int4*)(X_ptr + " not in source or "X_ptr[" in source):
-        raise RuntimeError(f"{shape.name}: the gather from X is not made of 16-byte vector loads")
+    if shape.role == "fw" and (not _GATHER.search(source) or "X_ptr[" in source):
+        raise RuntimeError(f"{shape.name}: the gather from X is not made of 16-byte copies (cp.async)")
     return cuda.Kernel(source, name, names, grid, block)
 
 

@@ -9,11 +9,11 @@ Schedule (one thread block per ``bm × bn`` tile of C; ``(bm/wm) · (bn/wn)`` wa
 ``threadIdx.y`` the warp):
 
 * grid ``(M/bm, N/bn, S·G)`` = ``blockIdx.(x, y, z)`` over (m-block, n-block, (K split, group));
-* ``k`` in steps of ``bk`` bytes: all threads copy the ``bm × bk`` tile of A and the ``bn × bk``
-  tile of B into shared memory with 16-byte vector loads and stores (consecutive lanes read
-  consecutive 16-byte pieces of a row), sync; shared rows are padded to 16 mod 32 bytes
-  (``storage_align``), so the eight 16-byte rows one ``ldmatrix`` phase reads fall in distinct
-  banks;
+* ``k`` in steps of ``bk`` bytes, two shared stages (TVM's software pipeline): while step ``k``
+  computes, all threads copy the ``bm × bk`` tile of A and the ``bn × bk`` tile of B of step
+  ``k + 1`` into the other stage with 16-byte ``cp.async`` (consecutive lanes, consecutive pieces
+  of a row), commit, wait for step ``k``'s group, sync; shared rows are padded to 16 mod 32 bytes
+  (``storage_align``): the eight 16-byte rows one ``ldmatrix`` phase reads hit distinct banks;
 * per 32 bytes of ``k`` each warp loads its ``wm/16`` fragments of A and ``wn/16`` of B with
   ``ldmatrix.m8n8.x4.b16`` (one 16 × 32 s8 fragment per instruction; B is stored N × K, the
   ``.col`` operand of mma, so no transpose is needed) and runs ``2 · (wm/16) · (wn/16)``
@@ -24,17 +24,16 @@ Schedule (one thread block per ``bm × bn`` tile of C; ``(bm/wm) · (bn/wn)`` wa
   (:attr:`MmaGemmShape.zero`). Integer addition is exact and commutative, so the order of the
   blocks' adds is irrelevant: this fills the GPU for the weight gradient (few tiles, long K).
 
-Default tile 128 × 128 × 64, 8 warps of 64 × 32 (256 threads, 64 accumulators per lane, 20 KiB
-shared; ptxas sm_80: 89 registers, no stack or spills); 64- or 32-wide blocks for small problems.
-No cp.async yet; not measured on a GPU. :mod:`.cuda_epilogue`: the dequantize in the write-back.
+Default tile 128 × 128 × 64, 8 warps of 64 × 32 (256 threads, 64 accumulators per lane, 40 KiB
+shared in two stages; ptxas sm_80: 102 registers, no stack or spills); 64- or 32-wide blocks for
+small problems. Not measured on a GPU. :mod:`.cuda_epilogue`: the dequantize in the write-back.
 
 The tensor intrinsics are TVM's (``tvm/s_tir/tensor_intrin/cuda.py``: ``mma_ldmatrix_i8_a``,
 ``mma_ldmatrix_i8_b_trans``, ``mma_i8i8i32_trans_b``, ``mma_fill_16x16_i32`` and the plain-store
 variant of ``mma_store_16x16_i32_global_``), restated under fraccompile's names: importing that
-file registers all of its intrinsics (about 8 s on 2 cores; the whole package over a minute). Two
-small TIR passes run before and after TVM's ``LowerWarpMemory`` (:func:`_pipeline`): the s8
-fragments are indexed per lane (TVM 0.27 leaves them lane-indexed, which nvcc puts in local
-memory), and the accumulator stores read the lane's own registers without a shuffle.
+file registers all of its intrinsics (about 8 s on 2 cores). Two TIR passes run around TVM's
+``LowerWarpMemory`` (:func:`_pipeline`): s8 fragments indexed per lane (TVM 0.27 leaves them
+lane-indexed: local memory), accumulator stores read the lane's own registers, no shuffle.
 """
 
 from __future__ import annotations
@@ -67,8 +66,7 @@ def _frag_layout(i, j):
 
 
 def _acc_layout(i, j):
-    """16 × 16 s32 accumulator element ``(i, j)`` -> ``(lane, index)``
-    (``shared_16x16_to_ldmatrix_32x8_layout``)."""
+    """16 × 16 s32 accumulator ``(i, j)`` -> ``(lane, index)`` (``shared_16x16_to_ldmatrix_32x8_layout``)."""
     return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + j % 2
 
 
@@ -310,7 +308,7 @@ class MmaTile:
     @property
     def shared_bytes(self) -> int:
         factor, offset = SHARED_ROW_ALIGN
-        return (self.bm + self.bn) * (self.bk + (offset - self.bk) % factor)
+        return 2 * (self.bm + self.bn) * (self.bk + (offset - self.bk) % factor)  # two stages
 
 
 @dataclass(frozen=True)
@@ -343,8 +341,7 @@ class MmaGemmShape:
 
     @property
     def zero(self) -> tuple[str, ...]:
-        """The buffers the caller must zero before each launch: C when the kernel adds into it
-        (split-K)."""
+        """The buffers the caller zeroes before each launch: C when the kernel adds into it (split-K)."""
         return ("C",) if self.split_k > 1 else ()
 
 
@@ -488,6 +485,9 @@ def schedule(shape: MmaGemmShape, func=None, store=None) -> s_tir.Schedule:
     sch.tensorize(sch.get_loops(acc)[-2], store)
     for loop in unrolled:
         sch.unroll(loop)
+    # two shared stages: step k+1's tiles copied by cp.async (tirx_source) while step k computes
+    for key, value in (("stage", [0, 0, 1]), ("order", [0, 1, 2]), ("async_stages", [0])):
+        sch.annotate(ko, f"software_pipeline_{key}", value)
     return sch
 
 
@@ -559,8 +559,7 @@ drop_self_shuffles = _call_pass("FraccompileDropSelfShuffles", _own_lane)
 
 
 def _pipeline():
-    """TVM's s_tir pipeline with our passes around its device finalization (``LowerWarpMemory``,
-    ``StmtSimplify``, ``LowerIntrin``)."""
+    """TVM's s_tir pipeline, our passes around its device finalization (``LowerWarpMemory`` ...)."""
     pipeline, host, _ = tvm.tirx.get_tir_pipeline("s_tir")
     t = tvm.tirx.transform
     passes = [lower_fragments, t.LowerWarpMemory(), t.StmtSimplify(), drop_self_shuffles, t.LowerIntrin()]
@@ -571,14 +570,15 @@ tvm.tirx.compilation_pipeline.register_tir_pipeline("fraccompile_mma", _pipeline
 
 
 def tirx_source(mod, arch: str) -> str:
-    """The CUDA C TVM generates for a scheduled module, through :func:`_pipeline`."""
-    lib = tvm.compile(mod, target=target(arch), tir_pipeline="fraccompile_mma")
+    """The CUDA C TVM generates for a scheduled module, through :func:`_pipeline`, with the
+    software pipeline's global→shared copies as ``cp.async`` (``tirx.use_async_copy``)."""
+    with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
+        lib = tvm.compile(mod, target=target(arch), tir_pipeline="fraccompile_mma")
     return lib.mod.imports[0].inspect_source()
 
 
 def combined_source(shapes, arch: str = ARCHS[-1]) -> str:
-    """The CUDA C of several kernels in one source (``fraccompile export``'s fatbin), each named
-    ``<shape name>_kernel``."""
+    """The CUDA C of several kernels in one source (an export's fatbin), each ``<shape name>_kernel``."""
     fns = {s.name: schedule(s).mod["main"].with_attr("global_symbol", s.name) for s in shapes}
     return tirx_source(tvm.IRModule(fns), arch)
 
