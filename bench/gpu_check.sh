@@ -33,7 +33,8 @@ PY
 status=0
 # (the CUDA-graph tests last: a capture that fails may leave the process's GPU state unusable)
 timeout "$(cap 150)" python -m pytest -q tests/test_cuda.py tests/test_cuda_mma.py tests/test_cuda_quantize.py \
-    tests/test_tuning_export.py::test_gpu_step_on_the_exported_fatbin_builds_nothing || status=$?
+    tests/test_tuning_export.py::test_gpu_step_on_the_exported_fatbin_builds_nothing \
+    tests/test_cuda_epilogue.py::test_gpu_fused_against_unfused || status=$?
 # the GPU tests of the device quantization path (a step under torch's sync debug mode), the
 # tensor-core convs and CUDA graphs (their emulator tests run in CI)
 timeout "$(cap 60)" python -m pytest -q -k "gpu and not branch" tests/test_cuda_backend.py tests/test_cuda_conv.py \

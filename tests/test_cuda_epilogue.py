@@ -6,8 +6,9 @@ Without a GPU: shapes and refusals, the generated CUDA C for sm_80/sm_90 (mma.sy
 shuffles, the fp32 operations as ``__fmul_rn``/``__fadd_rn``), cubins and ptxas with no spills, the
 kernel run by the CPU emulator of CUDA threads against a float64 reference of the formula (and bit
 for bit against fp32 in the same operation order), the runtime's corrections, fallbacks and
-exported-library check with a torch stand-in for the launch, and gemm_f32 fused against gemm_f32
-unfused. With a GPU: the fused kernel against the unfused path.
+exported-library check with a torch stand-in for the launch, gemm_f32 fused against gemm_f32
+unfused, and a training step on the GPU branch with the fused path (no host reads, the reference
+backend's loss and gradients). With a GPU: the fused kernel against the unfused path.
 """
 
 import subprocess
@@ -355,6 +356,46 @@ def test_integer_gemms_gpu_branch_uses_the_fused_kernel(fused_on_cpu, monkeypatc
     per_row = (torch.full((1, 64), 128), None)
     _close(backend.gemm_f32(a, b, scale, bias, offsets=per_row), ref)
     assert len(gemm.fused) == 1 and gemm.plain == 2
+
+
+@pytest.fixture(scope="module")
+def quant_emu(tmp_path_factory):
+    """The CUDA quantization kernels in the emulator (as ``test_cuda_backend``'s ``emu``)."""
+    from _cuda_quant_helpers import EmulatedQuantKernels
+
+    from fraccompile.targets.kernels import cuda_quantize
+
+    return EmulatedQuantKernels(cuda_quantize, tmp_path_factory.mktemp("emu"))
+
+
+@pytest.mark.parametrize(
+    "cfg", [dict(scheme="symmetric"), dict(scheme="sbm", weight_scale="gemm", g=12)], ids=["sym", "sbm"]
+)
+def test_gpu_branch_step_with_the_fused_kernel(fused_on_cpu, monkeypatch, quant_emu, cfg):
+    """A training step of the conv + linear + matmul model of ``test_cuda_backend`` on the GPU
+    branch (emulated quantization kernels, im2col convs) with the fused GEMM's torch stand-in:
+    the linear and matmul GEMMs run fused, nothing is read on the host, and the loss and
+    gradients are the reference backend's."""
+    from _tvm_helpers import TOL, rel
+    from test_cuda_backend import Net, _no_host_reads, _step
+
+    from fraccompile.targets.backend import TVMBackend
+
+    monkeypatch.setattr(TVMBackend, "on_gpu", staticmethod(lambda t: True))
+    for name in [n for n in dir(TVMBackend) if n.startswith("_gpu_conv")]:
+        monkeypatch.setattr(TVMBackend, name, lambda *args, **kwargs: None)
+    backend = TVMBackend()
+    backend._cuda, backend._cuda_quant = StandIn(), SimpleNamespace(launcher=lambda device: quant_emu)
+    gemm = backend._cuda
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))
+    _step(model, x, y, cfg, backend, compile_on="tvm")  # warm the per-value caches
+    loss, grads = _step(model, x, y, cfg, backend, guard=_no_host_reads, compile_on="tvm")
+    ref_loss, ref_grads = _step(model, x, y, cfg)
+    assert gemm.fused and rel(ref_loss, loss) < TOL
+    for r, g in zip(ref_grads, grads):
+        assert rel(r, g) < TOL
 
 
 # -- on a GPU --------------------------------------------------------------------------------------
