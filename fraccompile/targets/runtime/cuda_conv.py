@@ -27,13 +27,12 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import threading
 
 import torch
 
 from ... import fileio
 from . import cache_dir
-from .cuda_driver import MAX_K, _LoadedKernel, _tvm_version, arch_for
+from .cuda_driver import MAX_K, KernelsPerDevice, _LoadedKernel, _tvm_version, arch_for
 
 CHANNEL_ALIGN = 16  # :data:`..kernels.cuda_conv.CHANNEL_ALIGN` (kept here: no tvm import)
 
@@ -77,7 +76,7 @@ def padded_input(x: torch.Tensor, padding, channels: int) -> torch.Tensor:
     return out
 
 
-class CudaConv:
+class CudaConv(KernelsPerDevice):
     """Exact integer 2-D convs of codes on a CUDA GPU (compute capability 8.0 and newer) with the
     implicit-GEMM tensor-core kernel. ``tile`` / ``split_k``: force the kernel's tile and K split
     (default: :func:`..kernels.cuda_mma.padded`'s choice per problem); ``cache_dir``: where cubins
@@ -96,8 +95,7 @@ class CudaConv:
             raise ValueError(f"max_k={max_k}: must be in 1..{MAX_K}")
         self.tile, self.split_k, self.max_k = tile, split_k, max_k
         self.cache_dir = pathlib.Path(cache_dir) if cache_dir else None
-        self._kernels: dict[tuple, _LoadedKernel] = {}
-        self._lock = threading.Lock()
+        super().__init__()
 
     def shape(self, x_shape, w_shape, stride, padding, dilation, role: str = "fw"):
         """The padded kernel shape (:class:`..kernels.cuda_conv.MmaConvShape`) of a conv of codes
@@ -197,17 +195,6 @@ class CudaConv:
         stream = torch.cuda.current_stream(x.device).cuda_stream
         kernel.launch({"X": x, "B" if shape.role == "fw" else "A": operand, "C": c}, stream)
         return c
-
-    def _kernel(self, device: torch.device, shape) -> _LoadedKernel:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, shape)
-        kernel = self._kernels.get(key)
-        if kernel is None:
-            with self._lock:
-                kernel = self._kernels.get(key)
-                if kernel is None:
-                    kernel = self._kernels[key] = self._load(index, shape)
-        return kernel
 
     def _load(self, index: int, shape) -> _LoadedKernel:
         from ..kernels import cuda_conv

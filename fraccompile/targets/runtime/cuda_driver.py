@@ -212,20 +212,10 @@ def load_or_build(shape, arch: str, fmt: str = "cubin", directory: pathlib.Path 
     and stored (when the directory is writable; else only returned)."""
     from ..kernels import cuda
 
-    path = kernel_path(shape, arch, fmt, directory)
-    try:
-        data = path.read_bytes()
-        if data:
-            return data
-    except OSError:
-        pass
-    data = cuda.compile_source(kernels_module(shape).generate_source(shape, arch), arch, fmt)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fileio.atomic_write(path, data)
-    except OSError:
-        pass  # read-only cache: the kernel is rebuilt by the next process
-    return data
+    return fileio.cached_bytes(
+        kernel_path(shape, arch, fmt, directory),
+        lambda: cuda.compile_source(kernels_module(shape).generate_source(shape, arch), arch, fmt),
+    )
 
 
 # -- loaded kernels --------------------------------------------------------------------------------
@@ -281,8 +271,31 @@ class _current:
         driver()("cuCtxPopCurrent_v2", ctypes.byref(ctypes.c_void_p()))
 
 
+class KernelsPerDevice:
+    """Loaded kernels per (device, shape), each loaded once under a lock by the subclass's
+    ``_load(device_index, shape)`` (:class:`CudaGemm`, :class:`.cuda_conv.CudaConv`)."""
+
+    def __init__(self):
+        self._kernels: dict[tuple, _LoadedKernel] = {}
+        self._lock = threading.Lock()
+
+    def _kernel(self, device: torch.device, shape) -> _LoadedKernel:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, shape)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            with self._lock:
+                kernel = self._kernels.get(key)
+                if kernel is None:
+                    kernel = self._kernels[key] = self._load(index, shape)
+        return kernel
+
+    def _load(self, index: int, shape) -> _LoadedKernel:
+        raise NotImplementedError
+
+
 # -- the GEMM --------------------------------------------------------------------------------------
-class CudaGemm:
+class CudaGemm(KernelsPerDevice):
     """Exact integer GEMMs ``a @ bᵀ`` per group on a CUDA GPU, with a TVM kernel.
 
     ``kernel``: ``"mma"`` (tensor cores, :mod:`..kernels.cuda_mma`), ``"dp4a"``
@@ -319,8 +332,7 @@ class CudaGemm:
             raise ValueError(f"split_k={split_k}: only the mma kernel splits K, into at least 1 piece")
         self.tile, self.max_k, self.library, self.kernel, self.split_k = tile, max_k, library, kernel, split_k
         self.cache_dir = pathlib.Path(cache_dir) if cache_dir else None
-        self._kernels: dict[tuple, _LoadedKernel] = {}
-        self._lock = threading.Lock()
+        super().__init__()
 
     def kind_for(self, device: torch.device) -> str:
         """The kernel kind for operands on ``device`` (see the class docstring; a non-CUDA device,
@@ -483,17 +495,6 @@ class CudaGemm:
         (also :func:`.cuda_epilogue.gemm_f32`'s; tests replace it)."""
         device = buffers["A"].device
         self._kernel(device, shape).launch(buffers, torch.cuda.current_stream(device).cuda_stream)
-
-    def _kernel(self, device: torch.device, shape) -> _LoadedKernel:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, shape)
-        kernel = self._kernels.get(key)
-        if kernel is None:
-            with self._lock:
-                kernel = self._kernels.get(key)
-                if kernel is None:
-                    kernel = self._kernels[key] = self._load(index, shape)
-        return kernel
 
     def _load(self, index: int, shape) -> _LoadedKernel:
         arch, fmt = arch_for(torch.cuda.get_device_capability(index))
