@@ -40,6 +40,11 @@ see docs/backends.md).
         --rounding-noise counter --out bench/runs/conv30 --stop-at 3000   # a first sitting
     python bench/accuracy_cifar10.py --epochs 30 --runs sbm fractrain --backend tvm \
         --rounding-noise counter --out bench/runs/conv30                  # continue to the end
+
+``--lr-schedule piecewise`` replaces the cosine decay with the paper's step schedule (x0.1 at 50%
+and 75% of the run): under a cosine decay the loss falls steadily to the end, so PFQ's indicator
+either never fires (periods of an epoch) or fires on the noise of short periods; constant-LR
+phases give it the plateaus it was designed to detect.
 """
 
 from __future__ import annotations
@@ -131,6 +136,13 @@ def main() -> None:
         default=None,
         help="run length in epochs (sets --iters, --eval-every and --pfq-every, see above)",
     )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "piecewise"),
+        default="cosine",
+        help="cosine decay over the run, or piecewise (x0.1 at 50%% and 75%% of it, the paper's "
+        "CIFAR recipe, whose constant phases give PFQ's indicator plateaus to find)",
+    )
     parser.add_argument("--backend", default="reference", help="FracConfig.backend: reference, tvm or auto")
     parser.add_argument(
         "--stop-at", type=int, default=None, help="end every run at this iteration (resumable)"
@@ -180,6 +192,7 @@ def main() -> None:
                 periodic,
                 iters=args.iters,
                 lr=args.lr,
+                lr_schedule=args.lr_schedule,
                 schedule=schedule,
                 eval_every=args.eval_every,
                 out_dir=run_dir,
