@@ -228,13 +228,6 @@ def test_manifest_describes_every_kernel(exported):
     for k in gemms:
         assert k["dtypes"] == "u8s8s32" and k["function"].startswith("gemm_")
         assert set(k["shapes"]) == {"A", "B", "C"} and k["problems"]
-    from fraccompile.targets.runtime.host import detect
-
-    if detect().isa == "avx512-vnni":  # the linears' GEMMs dequantize in their write-back
-        fused = [k for k in manifest["kernels"] if k["kind"] == "gemm_dq"]
-        assert fused and {s["site"] for k in fused for s in k["sites"]} >= {"proj"}
-        for k in fused:
-            assert k["dtypes"] == "u8s8s32->f32" and set(k["shapes"]) == {"A", "B", "Y"}
     # the library loads with TVM alone and holds every function the manifest names
     lib = tvm.runtime.load_module(str(out / info["library"]))
     for k in manifest["kernels"]:

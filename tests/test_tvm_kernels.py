@@ -92,58 +92,6 @@ def test_gemm_f32_adds_a_rank_one_term_in_the_epilogue(tvm_backend, monkeypatch,
     assert ((plain.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-4).all()
 
 
-@pytest.mark.parametrize("g,m,n,k", [(1, 8, 16, 40), (2, 12, 64, 200), (3, 24, 48, 64)])
-@pytest.mark.parametrize("a_dtype", [torch.int8, torch.uint8])
-@pytest.mark.parametrize(
-    "rank1,bias,transposed", [(False, False, False), (True, True, False), (True, True, True)]
-)
-def test_gemm_with_the_dequantize_in_its_write_back_is_the_two_pass_result(
-    tvm_backend, g, m, n, k, a_dtype, rank1, bias, transposed
-):
-    """``gemm_dq`` (the dequantize in the GEMM's register write-back, the column corrections of a
-    signed A from B's code sums instead of a ones row): bit for bit the GEMM + ``dequant`` pass it
-    replaces, and within fp32 rounding of the exact product; ``gemm_f32`` takes it where M and N
-    need no padding and B is signed."""
-    if not tvm_backend._vnni:
-        pytest.skip("gemm_dq is the VNNI kernel's write-back")
-    gen = torch.Generator().manual_seed(g * 100 + m + n + k)
-    a = _codes((g, m, k), a_dtype, gen)
-    b = _codes((g, k, n), torch.int8, gen).mT if transposed else _codes((g, n, k), torch.int8, gen)
-    scale, bias_t = torch.rand(n, generator=gen) + 0.5, torch.randn(n, generator=gen) * 10 if bias else None
-    row_term = (torch.randn(g, m, generator=gen) * 100, torch.randn(n, generator=gen)) if rank1 else None
-    fused = tvm_backend._gemm_dq(a, b, scale, bias_t, None, row_term)
-    assert fused is not None and fused.shape == (g, m, n)
-    two_pass = tvm_backend._gemm(
-        g,
-        m,
-        *tvm_backend._a_packer(a),
-        n,
-        k,
-        *tvm_backend._b_packer(b),
-        dequant=(scale, bias_t, None, row_term),
-    )
-    assert torch.equal(fused, two_pass)
-    exact = (a.long() @ b.long().mT).double() * scale.double()
-    if bias:
-        exact += bias_t.double()
-    if rank1:
-        exact += row_term[0].double().unsqueeze(-1) * row_term[1].double()
-    assert ((fused.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-4).all()
-    out = torch.empty(g, m, n)
-    assert tvm_backend.gemm_f32(a, b, scale, bias_t, out=out, row_term=row_term) is out
-    assert torch.equal(out, fused)
-    # M padded by the tile: written past the returned rows with one group, else not taken
-    rows = m - 1
-    part = tvm_backend._gemm_dq(
-        a[:, :rows], b, scale, bias_t, None, row_term and (row_term[0][:, :rows], row_term[1])
-    )
-    if g == 1:
-        assert part.is_contiguous() and torch.equal(part, fused[:, :rows])
-    else:
-        assert part is None
-    assert tvm_backend._gemm_dq(a, b.view(torch.uint8), scale, bias_t, None, row_term) is None  # B unsigned
-
-
 def test_gemm_non_contiguous_operands(tvm_backend):
     gen = torch.Generator().manual_seed(1)
     a = _codes((2, 40, 30), torch.int8, gen)

@@ -21,7 +21,7 @@ import torch
 from ...ops.spec import SiteSpec
 from ..kernels import conv
 from ..runtime.library import KernelRef
-from .affine import _channel_sums, _exact_sums, _out_sizes
+from .affine import _channel_sums, _out_sizes
 from .codes import IntCodes, _jit_kernel, _serial
 
 MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
@@ -75,9 +75,6 @@ class IntegerGemms:
             return _dequantize(c, scale, bias, out, row_term)
         if offsets is not None and any(o is not None for o in offsets):
             raise ValueError("device code offsets on CPU tensors")
-        y = self._gemm_dq(a, b, scale, bias, out, row_term)
-        if y is not None:
-            return y
         return self._gemm(
             *a.shape[:2],
             *self._a_packer(a),
@@ -144,56 +141,6 @@ class IntegerGemms:
             if b_shift:
                 C += a_shift * b_shift * K
         return C
-
-    def _gemm_dq(self, a, b, scale, bias, out, row_term) -> torch.Tensor | None:
-        """:meth:`gemm_f32` as one ``gemm_dq`` kernel (:func:`..kernels.gemm.dq_schedule`): the
-        dequantize in the GEMM's write-back, no int32 product in memory and no second pass. It
-        applies on VNNI when ``b`` is signed (no row correction), one kernel call takes ``K``, and
-        the tile does not pad ``N`` (nor ``M``, unless there is one group and no ``out``: the
-        padded rows are written past the returned view); else None (nothing done). A signed ``a``'s
-        +128 shift is undone by ``cc = -128·Σ_k b`` per column, from ``b``'s exact code sums
-        (where :meth:`_gemm` reads them off a ones row of A). The same values as :meth:`_gemm`
-        with its ``dequant`` pass, bit for bit."""
-        G, M, K = a.shape
-        N = b.shape[1]
-        if not self._vnni or b.dtype != torch.int8 or K > MAX_K:
-            return None
-        if out is not None and not (out.is_contiguous() and out.dtype == torch.float32):
-            return None
-        shape = self.kernels.gemm_shape(G, M, N, K, where=self.where)
-        if shape.n != N or (shape.m != M and (G != 1 or out is not None)):
-            return None
-        a_shift, pack_a = self._a_packer(a)
-        if self.recorder is not None:  # the unfused GEMM's problems too: other batches' signs
-            self.recorder.problem(
-                (G, M, N, K), [(G, M + i, N + j, K) for i in (0, 1) for j in (0, 1)], self.where
-            )
-        ref = KernelRef.gemm_dq(shape, rank1=row_term is not None)
-        if self.recorder is not None:
-            self.recorder.kernel(ref, self.where)
-        if a_shift:
-            cc = _exact_sums(b, [2], kernel=self.kernel).to(torch.int32).mul_(-a_shift)
-        else:
-            cc = torch.zeros((G, N), dtype=torch.int32)
-        A = pack_a(0, K, shape.m, shape.k)
-        Bp = self._b_packer(b)[1](0, K, N, shape.k)
-        extra = ()
-        if row_term is not None:
-            p = row_term[0].float().reshape(G, M)
-            if shape.m != M:  # the padded rows' term: zeros
-                p = torch.nn.functional.pad(p, (0, shape.m - M))
-            extra = (p.contiguous(), row_term[1].reshape(-1).float().expand(N).contiguous())
-        y = out.view(G, M, N) if out is not None else torch.empty((G, shape.m, N))
-        self.kernel(ref)(
-            A,
-            Bp,
-            cc,
-            scale.reshape(-1).float().expand(N).contiguous(),
-            bias.float().contiguous() if bias is not None else torch.zeros(N),
-            *extra,
-            y,
-        )
-        return out if out is not None else y[:, :M]
 
     def _dequant(self, C, rc, cc, scale, bias, out, G: int, M: int, N: int, row_term=None) -> torch.Tensor:
         """``out[g, m, n] = (C[g, m, n] + rc[g, m] + cc[g, n]) · scale[n] + bias[n]`` in fp32, one

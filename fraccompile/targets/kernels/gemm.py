@@ -5,11 +5,6 @@ callers keep ``K`` under 2**31 / (255·128)). ``B`` is passed packed as ``(G, N/
 the layout the 16x4 VNNI instruction reads in one load. Shapes are padded to the tile sizes by the
 caller (zeros in A and B add nothing), so one kernel is built per padded shape and tile.
 
-The ``gemm_dq`` form (:func:`dq_schedule`) writes fp32 instead of the int32 product: the backend's
-dequantize epilogue (:func:`fraccompile.targets.kernels.quantize.dequant_definition`, in the same
-order of operations) applied to the accumulators as they leave the registers, for problems whose
-``M`` and ``N`` need no padding and whose column corrections come as a vector (no ones row).
-
 Schedule (VNNI): the ``m`` axis in blocks of ``mb`` rows and ``n`` in ``nb`` vectors of 16, so the
 ``mb × nb`` int32x16 accumulators live in registers (24 of the 32 zmm registers at 6×4); ``k`` in
 blocks of ``kb`` (32: it led 6x4x64 in same-run sweeps on 1024³; the machine's speed drifts
@@ -90,11 +85,7 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def definition(shape: GemmShape, dequantize: bool = False, rank1: bool = False):
-    """``main(A, B, C)``; with ``dequantize`` the fp32 ``Y[g, m, n] = float(C[g, m, n] + cc[g, n]) ·
-    scale[n] + bias[n]`` instead (``main(A, B, cc, scale, bias, Y)``), and with ``rank1`` also
-    ``+ p[g, m]·t[n]`` before the bias (``main(A, B, cc, scale, bias, p, t, Y)``): the
-    ``dequant`` kernel's value with no row correction."""
+def definition(shape: GemmShape):
     g, m, n, k = shape.groups, shape.m, shape.n, shape.k
     A = te.placeholder((g, m, k), "uint8", name="A")
     B = te.placeholder((g, n // 16, k // 4, 16, 4), "int8", name="B")
@@ -106,33 +97,12 @@ def definition(shape: GemmShape, dequantize: bool = False, rank1: bool = False):
         ),
         name="C",
     )
-    if not dequantize:
-        return te.create_prim_func([A, B, C]).with_attr("global_symbol", "main")
-    cc = te.placeholder((g, n), "int32", name="cc")
-    scale = te.placeholder((n,), "float32", name="scale")
-    bias = te.placeholder((n,), "float32", name="bias")
-    extra = (
-        [te.placeholder((g, m), "float32", name="p"), te.placeholder((n,), "float32", name="t")]
-        if rank1
-        else []
-    )
-
-    def value(b, i, j):
-        y = (C[b, i, j] + cc[b, j]).astype("float32") * scale[j]
-        if rank1:
-            y = y + extra[0][b, i] * extra[1][j]
-        return y + bias[j]
-
-    Y = te.compute((g, m, n), value, name="Y")
-    return te.create_prim_func([A, B, cc, scale, bias, *extra, Y]).with_attr("global_symbol", "main")
+    return te.create_prim_func([A, B, C]).with_attr("global_symbol", "main")
 
 
-def schedule(shape: GemmShape, isa: str, dequantize: bool = False, rank1: bool = False) -> s_tir.Schedule:
-    """The scheduled GEMM; ``dequantize``/``rank1``: the fp32 form of :func:`definition`, its
-    epilogue inlined into the register block's write-back on VNNI (no int32 product in memory),
-    a second loop nest otherwise."""
+def schedule(shape: GemmShape, isa: str) -> s_tir.Schedule:
     t = shape.tile
-    sch = s_tir.Schedule(definition(shape, dequantize, rank1))
+    sch = s_tir.Schedule(definition(shape))
     blk = sch.get_sblock("C")
     b, i, j, kk = sch.get_loops(blk)
     io, ii = sch.split(i, [None, t.mb])
@@ -140,7 +110,7 @@ def schedule(shape: GemmShape, isa: str, dequantize: bool = False, rank1: bool =
     ko, kin, ki = sch.split(kk, [None, t.kb // 4, 4])
     sch.reorder(b, jo, io, ko, kin, ii, jn, ji, ki)
     if isa == "avx512-vnni":
-        vnni_block(sch, ji, io, (b, jo, io), ko, (jn, ii), epilogue="Y" if dequantize else None)
+        vnni_block(sch, ji, io, (b, jo, io), ko, (jn, ii))
     else:  # no integer dot instruction: k outside, LLVM vectorizes the 16 contiguous lanes of n
         sch.reorder(b, jo, io, ko, kin, ki, ii, jn, ji)
         sch.parallel(sch.fuse(b, jo, io))
@@ -171,13 +141,6 @@ def vnni_block(
     for loop in unrolled:
         sch.unroll(loop)
     sch.vectorize(sch.get_loops(acc)[-1])
-
-
-def dq_schedule(args: tuple, isa: str) -> s_tir.Schedule:
-    """:func:`schedule` with ``dequantize`` for the kernel kind ``gemm_dq``, whose args are
-    ``(G, M, N, K, mb, nb, kb, rank1)``."""
-    g, m, n, k, mb, nb, kb, rank1 = args
-    return schedule(GemmShape(g, m, n, k, Tile(mb, nb, kb)), isa, dequantize=True, rank1=bool(rank1))
 
 
 def scheduled(shape: GemmShape, isa: str, name: str = "main"):

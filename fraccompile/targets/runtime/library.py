@@ -1,7 +1,6 @@
 """Every kernel the ``tvm`` backend calls, by name, and where the compiled code comes from.
 
-A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile (with
-its int32 product, or dequantized to fp32 in its write-back), the
+A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
 quantizer of one dtype and rounding mode (per tensor, or per sample), the dequantize epilogue (of
 a GEMM's int32 product, or of a tensor's codes), an operand pack kernel of one layout, the
 sub-byte (un)packer of saved codes of one width, the exact column sums of byte codes, the gate
@@ -30,7 +29,6 @@ from .host import HostTarget, detect
 
 KINDS = (
     "gemm",
-    "gemm_dq",
     "conv",
     "conv_dq",
     "conv_dqz",
@@ -98,13 +96,6 @@ class KernelRef:
         return cls("gemm", (shape.groups, shape.m, shape.n, shape.k, t.mb, t.nb, t.kb))
 
     @classmethod
-    def gemm_dq(cls, shape: gemm.GemmShape, rank1: bool = False) -> KernelRef:
-        """The GEMM of ``shape`` with the dequantize epilogue in its write-back (``rank1``: with
-        the rank-one term), :func:`..kernels.gemm.dq_schedule`."""
-        t = shape.tile
-        return cls("gemm_dq", (shape.groups, shape.m, shape.n, shape.k, t.mb, t.nb, t.kb, int(bool(rank1))))
-
-    @classmethod
     def quantize(cls, dtype: str, stochastic: bool, noise: str = "torch", serial: bool = False) -> KernelRef:
         """The quantizer to ``dtype``; stochastic rounding reads drawn noise (``"torch"``) or
         computes it (``"counter"``)."""
@@ -130,8 +121,6 @@ class KernelRef:
     def schedule(self, isa: str):
         if self.kind == "gemm":
             return gemm.schedule(self.gemm_shape, isa)
-        if self.kind == "gemm_dq":
-            return gemm.dq_schedule(self.args, isa)
         return _BUILDERS[self.kind](*self.args, **self._parallel)
 
     @property

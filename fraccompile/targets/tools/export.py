@@ -125,15 +125,6 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
             tile=[s.tile.mb, s.tile.nb, s.tile.kb],
             problems=[list(p) for p in sorted(info["problems"])],
         )
-    elif ref.kind == "gemm_dq":
-        g, m, n, k, mb, nb, kb, rank1 = ref.args
-        entry.update(
-            dtypes=DTYPES + "->f32",
-            precision="1..8 bits (u8/s8 codes)",
-            shapes={"A": [g, m, k], "B": [g, n // 16, k // 4, 16, 4], "Y": [g, m, n]},
-            tile=[mb, nb, kb],
-            rank1=bool(rank1),
-        )
     elif ref.kind in ("conv", "conv_dq", "conv_dqz", "gc"):
         dtypes = DTYPES + ("->f32" if ref.kind in ("conv_dq", "conv_dqz") else "")
         entry.update(dtypes=dtypes, precision="1..8 bits (u8/s8 codes)", shapes={"geometry": list(ref.args)})
