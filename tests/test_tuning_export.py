@@ -64,7 +64,7 @@ def _small(model_file, **cfg):
     torch.manual_seed(0)
     model = load_model(str(model_file))
     x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(1))
-    config = FracConfig(backend="tvm", scheme="symmetric", **cfg)
+    config = FracConfig(**{"backend": "tvm", "scheme": "symmetric", **cfg})
     return fraccompile.compile(model, x, config), model, x
 
 
@@ -376,6 +376,28 @@ def test_truncated_library_is_refused_even_when_the_manifest_hash_matches(export
         r"\(truncated",
     ):
         ExportedKernels(d)
+
+
+def test_sbm_export_holds_its_row_sum_kernels_and_trains_like_the_jit_backend(model_file, tmp_path):
+    """``sbm``'s zero-point terms take the row sums of channels-last codes from a kernel of each
+    row length: the export records them per site, and a step on the library alone equals the JIT
+    backend's."""
+    from fraccompile.targets.tools.export import export, tvm_backends
+
+    fm, _, x = _small(model_file, scheme="sbm")
+    manifest = export(fm, x, tmp_path / "k", model="small")
+    rows = [k for k in manifest["kernels"] if k["kind"] == "row_sums"]
+    assert {k["function"] for k in rows} >= {"row_sums_uint8_16"}  # conv's 16 input channels
+    assert all(k["sites"] for k in rows)
+    exp, _, _ = _small(model_file, scheme="sbm", kernels=str(tmp_path / "k"))
+    exp.load_state_dict(fm.state_dict())
+    loss, grads = _step(fm, x)
+    loss_e, grads_e = _step(exp, x)
+    cache = tvm_backends(exp)[0].cache.stats
+    assert cache.built + cache.loaded == 0  # every kernel came from the library
+    assert torch.equal(loss_e, loss)
+    for name, g in grads.items():
+        assert torch.equal(grads_e[name], g), name
 
 
 def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, model_file, tmp_path, caplog):

@@ -457,13 +457,40 @@ def test_code_sums_kernel_is_exact(dtype, shape, serial):
     assert torch.equal(out.long(), q.long().sum(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("shape", [(0, 16), (1, 1), (63, 3), (130, 16), (65, 27), (7, 1024)])
+@pytest.mark.parametrize("serial", [False, True])
+def test_row_sums_kernel_is_exact(dtype, shape, serial):
+    """The row sums of byte codes (a row length fixed per kernel, blocks of rows with a partial
+    last block) equal torch's int64 sums as fp32, at the extreme codes too."""
+    from fraccompile.targets.runtime.library import JitKernels, KernelRef
+
+    gen = torch.Generator().manual_seed(shape[0] + shape[1])
+    q = _codes(shape, dtype, gen)
+    if shape[0]:
+        q[0] = 255 if dtype == torch.uint8 else -128
+    out = torch.full((shape[0],), -1.0)
+    name = "uint8" if dtype == torch.uint8 else "int8"
+    JitKernels().get(KernelRef("row_sums", (name, shape[1]), serial=serial))(q, out)
+    assert torch.equal(out.long(), q.long().sum(1))
+
+
+def test_row_sums_kernel_refuses_rows_past_its_bound():
+    from fraccompile.targets.kernels import sums
+
+    with pytest.raises(ValueError, match="rows of 1 to 1024"):
+        sums.row_definition("uint8", sums.MAX_ROW_LENGTH + 1)
+    with pytest.raises(ValueError, match="one of"):
+        sums.row_definition("int16", 16)
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dims", [[0], [1], [0, 2, 3], [2, 3]])
 def test_exact_sums_with_the_kernel_equal_torch(monkeypatch, dtype, layout, dims):
     """``_exact_sums`` gives torch's exact sums whichever path a layout takes (the column-sum
-    kernel where the summed dims are outermost, fp32 matrix-vector products otherwise), and the
-    kernel's row chunks (past int32's bound) add up exactly."""
+    kernel where the summed dims are outermost, and the
+    kernel's row chunks (past int32's bound) add up exactly; the row-sum kernel otherwise)."""
     from fraccompile.targets.backend import affine
 
     backend = get_backend("tvm")
@@ -484,7 +511,10 @@ def test_exact_sums_with_the_kernel_equal_torch(monkeypatch, dtype, layout, dims
     monkeypatch.setattr(affine, "MAX_SUM_ROWS", 4)  # several row chunks
     assert torch.equal(affine._exact_sums(codes, dims, torch.float64, kernel).long(), want)
     outermost = dims == [0] or (dims == [0, 2, 3] and layout == "channels_last")
-    assert bool(calls) == (outermost and dtype != torch.int32)
+    if dtype == torch.int32:
+        assert calls == []
+    else:  # byte codes: the column sums kernel, else the row sums kernel (after a copy where needed)
+        assert set(calls) == {"code_sums" if outermost else "row_sums"}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

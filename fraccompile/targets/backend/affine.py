@@ -12,6 +12,7 @@ import math
 import torch
 
 from ...ops.spec import CONV_FNS, SiteSpec
+from ..kernels.sums import MAX_ROW_LENGTH
 from ..kernels.sums import MAX_ROWS as MAX_SUM_ROWS  # rows of byte codes whose column sums int32 holds
 from ..runtime.library import KernelRef
 from .codes import IntCodes, _dense_perm, _serial
@@ -39,7 +40,8 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, k
     The codes are read in memory order as an ``(R, K)`` matrix whose rows or columns are the
     summed dims. Where the summed dims are outermost (column sums: a batch sum) and ``kernel``
     (the backend's kernel getter, None on the GPU) is given, byte codes go through the
-    :mod:`..kernels.sums` kernel: one pass into int32. Otherwise they are converted to fp32 and reduced
+    :mod:`..kernels.sums` kernel: one pass into int32; where they are innermost (row sums: a
+    channels-last conv's channel sums), through its row-sums kernel of that row length. Otherwise they are converted to fp32 and reduced
     by a matrix-vector product against ones, in chunks whose partial sums stay below 2**24
     (exact in fp32 whatever the order of the additions), which are added in float64. torch's
     integer reductions run many times slower, worst over a small innermost dim (a conv's
@@ -61,8 +63,14 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, k
     R = math.prod(codes.shape[d] for d in (dims if rows else keep))
     K = math.prod(codes.shape[d] for d in (keep if rows else dims))
     mat = codes.permute(*order).reshape(R, K)
-    if rows and kernel is not None and codes.dtype in _BYTE_CODES and not mat.is_cuda:
+    fast = kernel is not None and codes.dtype in _BYTE_CODES and not mat.is_cuda
+    if rows and fast:
         total = _column_sums(mat, kernel).to(dtype)
+    elif fast and 0 < K <= MAX_ROW_LENGTH and mat.is_contiguous():
+        name = "uint8" if mat.dtype == torch.uint8 else "int8"
+        total = torch.empty(R, dtype=torch.float32)
+        kernel(KernelRef("row_sums", (name, K), serial=_serial(mat.numel())))(mat, total)
+        total = total.to(dtype)
     else:
         length = mat.shape[0] if rows else mat.shape[1]  # the summed extent
         step = max(1, (_EXACT - 1) // _CODE_BOUND.get(codes.dtype, 2**16))
@@ -108,21 +116,20 @@ def _conv_shape_args(spec: SiteSpec, w_shape):
     )
 
 
-def _window_code_sums(spec: SiteSpec, xq: IntCodes, w_shape) -> torch.Tensor:
+def _window_code_sums(spec: SiteSpec, xq: IntCodes, w_shape, kernel=None) -> torch.Tensor:
     """Per output row, the sum of the input codes it reads: ``Σ_k qx`` (a conv: over its window,
-    per group, zero padding reading code 0), shaped to broadcast against the output."""
-    if spec.kind == "linear":
-        return _code_sums(xq.codes, -1).unsqueeze(-1)
-    if spec.kind == "matmul":
-        return _code_sums(xq.codes, -1).unsqueeze(-1)
+    per group, zero padding reading code 0), shaped to broadcast against the output. ``kernel``:
+    as :func:`_exact_sums`."""
+    if spec.kind in ("linear", "matmul"):
+        return _code_sums(xq.codes, -1, kernel).unsqueeze(-1)
     G, OC = spec.groups, w_shape[0]
     codes = xq.codes
     # the channel sums first (exact), then one box filter per group: a pass over the codes
     # instead of a C-channel convolution
     if G == 1:
-        per_group = _exact_sums(codes, [1]).unsqueeze(1)
+        per_group = _exact_sums(codes, [1], kernel=kernel).unsqueeze(1)
     else:
-        per_group = _exact_sums(codes.reshape(codes.shape[0], G, -1, *codes.shape[2:]), [2])
+        per_group = _exact_sums(codes.reshape(codes.shape[0], G, -1, *codes.shape[2:]), [2], kernel=kernel)
     sums = _box_sums(per_group, w_shape[2:], spec.stride, spec.gemm_padding(w_shape), spec.dilation)
     return sums if G == 1 else sums.repeat_interleave(OC // G, dim=1)
 

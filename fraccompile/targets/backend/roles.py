@@ -89,7 +89,7 @@ class SiteRoles:
             # added in the implicit conv's write-back where it runs (else one pass after); x's
             # zero point's term zx·Σw is the same for every sample and, away from the borders,
             # per channel: a bias, plus a correction on the border positions alone
-            r = _window_code_sums(spec, xq, w_shape).mul_(xq.scale)
+            r = _window_code_sums(spec, xq, w_shape, self.quantize_kernel(xq.codes)).mul_(xq.scale)
             t = _out_channel(spec, wq.zero, r.dim())
             border = None
             if x_zero:
@@ -108,7 +108,11 @@ class SiteRoles:
             # the zero points' terms in the dequantize pass: zw's rank one, (x's code sums)·zw
             fixed = _value_sums(spec, wq, x_shape, w_shape) * xq.zero if x_zero else None
             fixed = bias if fixed is None else fixed if bias is None else fixed + bias
-            r = _window_code_sums(spec, xq, w_shape).mul_(xq.scale).reshape(1, -1) if w_zero else None
+            r = (
+                _window_code_sums(spec, xq, w_shape, self.kernel).mul_(xq.scale).reshape(1, -1)
+                if w_zero
+                else None
+            )
             term = None if r is None else (r, wq.zero)
             return self._fw_core(spec, xq, wq, x_shape, w_shape, scale, fixed, temporary, row_term=term)[0]
         y, _ = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias, temporary)
@@ -118,7 +122,8 @@ class SiteRoles:
             y.mul_(xq.scale)
         if w_zero:  # sx·zw·(window sums of x's codes): one pass over y, no temporary of its size
             y.addcmul_(
-                _window_code_sums(spec, xq, w_shape).mul_(xq.scale), _out_channel(spec, wq.zero, y.dim())
+                _window_code_sums(spec, xq, w_shape, self.quantize_kernel(xq.codes)).mul_(xq.scale),
+                _out_channel(spec, wq.zero, y.dim()),
             )
         fixed = None  # the terms every sample shares, added in one pass
         if x_zero:  # zx·(sums of w's values)
@@ -325,7 +330,8 @@ class SiteRoles:
         if dyq.per_row:
             dx.mul_(dyq.scale)
         if wq.has_zero:  # sd·zw·Σ_n qd
-            dx.addcmul_(_code_sums(dyq.codes, -1).unsqueeze(-1).mul_(dyq.scale), wq.zero.reshape(-1))
+            sums = _code_sums(dyq.codes, -1, self.quantize_kernel(dyq.codes))
+            dx.addcmul_(sums.unsqueeze(-1).mul_(dyq.scale), wq.zero.reshape(-1))
         if dyq.has_zero:  # zd·Σ_n w
             w = wq.dequantize()
             dx.add_((w.sum(-1).unsqueeze(-2) if spec.kind == "matmul" else w.sum(0)) * dyq.zero)

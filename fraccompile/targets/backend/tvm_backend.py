@@ -35,7 +35,7 @@ from ...ops.quantizers import (
     weight_range,
 )
 from ..runtime.cache import KernelCache
-from ..runtime.library import JitKernels, KernelRef, Recorder
+from ..runtime.library import RECORDED_KINDS, JitKernels, KernelRef, Recorder
 from .codes import _ZERO, IntCodes, _dense_perm, _row_codes, _serial, _to_codes
 from .gemm_runtime import IntegerGemms
 from .roles import SiteRoles
@@ -199,7 +199,10 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         return None if self.on_gpu(x) else self.kernel
 
     def kernel(self, ref: KernelRef):
-        """The compiled function of ``ref`` from this backend's provider."""
+        """The compiled function of ``ref`` from this backend's provider (noted on the recorder
+        where its kind is one a run records by name)."""
+        if self.recorder is not None and ref.kind in RECORDED_KINDS:
+            self.recorder.kernel(ref, self.where)
         return self.kernels.get(ref, self.where)
 
     # -- what runs here ----------------------------------------------------------------------------

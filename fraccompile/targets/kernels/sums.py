@@ -1,7 +1,8 @@
-"""Exact column sums of byte codes into int32, in one pass: ``out[k] = Σ_r q[r, k]`` for ``q``
-``(R, K)`` int8 or uint8 (the zero-point terms of docs/contract.md, "Integer lowering": a weight
-gradient's batch sums of its input codes, the gradient's sums over positions, the sign-flip
-corrections).
+"""Exact sums of byte codes in one pass: column sums into int32, ``out[k] = Σ_r q[r, k]``, and
+row sums into fp32, ``out[r] = Σ_k q[r, k]``, for ``q`` ``(R, K)`` int8 or uint8 (the zero-point
+terms of docs/contract.md, "Integer lowering": a weight gradient's batch sums of its input codes,
+the gradient's sums over positions, the sign-flip corrections; the channel sums of channels-last
+codes that a conv's window sums start from).
 
 torch has no fast form of this: its integer reductions are many times slower than a pass over the
 bytes, and its fp32 path (convert, then a matrix-vector product against ones) writes and reads an
@@ -11,6 +12,12 @@ are summed one at a time.
 
 int32 holds the exact sum of up to ``MAX_ROWS`` codes; callers split longer sums
 (:func:`fraccompile.targets.backend.affine._exact_sums`).
+
+Row sums are short (a conv's channels: 3 to a few hundred), so the row length ``K`` is a constant
+of the kernel: its fully unrolled sum of consecutive bytes is what LLVM turns into vector code
+(with ``K`` a runtime value the loop stays scalar, several times slower). Rows up to
+``MAX_ROW_LENGTH`` codes (an unrolled body of that size; longer rows take torch's route); the sum
+is written as fp32, exact for any row that long (``1024 * 255 < 2**24``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from ..runtime.host import detect
 DTYPES = ("int8", "uint8")
 LANES = 64  # int32 accumulators per block: 4 AVX-512 registers
 MAX_ROWS = (2**31 - 1) // 255  # |code| <= 255 (uint8) or 128 (int8): the int32 sum stays exact
+MAX_ROW_LENGTH = 1024  # the unrolled row; its sum stays below 2**24: exact in fp32
+ROW_BLOCK = 64  # rows per parallel task
 
 
 def definition(dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
@@ -56,6 +65,36 @@ def definition(dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
                 out[k] = out[k] + T.Cast("int32", q[r, k])
 
     return main
+
+
+def row_definition(dtype: str, K: int, parallel: bool = True) -> tvm.tirx.PrimFunc:
+    """``main(q, out)``: ``q`` ``dtype`` ``(R, K)`` (``K`` fixed), ``out`` fp32 ``(R,)``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"code sums take one of {DTYPES}, not {dtype!r}")
+    if not 1 <= K <= MAX_ROW_LENGTH:
+        raise ValueError(f"row sums take rows of 1 to {MAX_ROW_LENGTH} codes, not {K}")
+    KK, RB = T.int64(K), T.int64(ROW_BLOCK)
+    loop = T.parallel if parallel else T.serial
+
+    @T.prim_func(s_tir=True)
+    def main(q_h: T.handle, out_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        R = T.int64()
+        q = T.match_buffer(q_h, (R, KK), dtype)
+        out = T.match_buffer(out_h, (R,), "float32")
+        for b in loop((R + RB - 1) // RB):
+            for i in range(T.min(RB, R - b * RB)):
+                acc = T.alloc_buffer((1,), "int32", scope="local")
+                acc[0] = T.int32(0)
+                for k in T.unroll(KK):
+                    acc[0] = acc[0] + T.Cast("int32", q[b * RB + i, k])
+                out[b * RB + i] = T.Cast("float32", acc[0])
+
+    return main
+
+
+def row_schedule(dtype: str, K: int, parallel: bool = True) -> s_tir.Schedule:
+    return s_tir.Schedule(row_definition(dtype, K, parallel))
 
 
 def schedule(dtype: str, parallel: bool = True) -> s_tir.Schedule:

@@ -4,7 +4,8 @@ A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded sh
 quantizer of one dtype and rounding mode (per tensor, or per sample), the dequantize epilogue (of
 a GEMM's int32 product, or of a tensor's codes), an operand pack kernel of one layout, the
 sub-byte (un)packer of saved codes of one width, the exact column sums of byte codes, the gate
-probe of a routed site with K candidates, or the conv patch packer of one conv geometry. Its
+probe of a routed site with K candidates, the exact row sums of byte codes of one row length, or
+the conv patch packer of one conv geometry. Its
 :attr:`~KernelRef.name` is the symbol it has in an exported library. Providers turn references into callables:
 
 * :class:`JitKernels` builds on first use, through the on-disk cache (GEMMs with the tile a tuning
@@ -47,6 +48,7 @@ KINDS = (
     "quantize_rows",
     "quantize_rows_counter",
     "code_sums",
+    "row_sums",
 )
 # The sources of every CPU kernel, relative to fraccompile/targets/: the definitions in kernels/
 # (all but cuda.py, whose cubins have their own hash, kernels.cuda.source_hash) and the host
@@ -152,9 +154,10 @@ _BUILDERS = {
     "quantize_rows": quantize.rows_schedule,
     "quantize_rows_counter": quantize.rows_counter_schedule,
     "code_sums": sums.schedule,
+    "row_sums": sums.row_schedule,
 }
 
-# The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
+# The kinds with a serial form (memory-bound passes).
 SERIAL_KINDS = (
     "quantize",
     "dequant",
@@ -167,7 +170,12 @@ SERIAL_KINDS = (
     "quantize_rows",
     "quantize_rows_counter",
     "code_sums",
+    "row_sums",
 )
+# Kernels of one shape parameter, which a run records by name for export (besides the GEMMs and
+# conv packers, which the backend records itself)
+RECORDED_KINDS = ("row_sums",)
+# The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
 _PARALLEL = (
     [KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
     + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
