@@ -40,12 +40,12 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, k
     The codes are read in memory order as an ``(R, K)`` matrix whose rows or columns are the
     summed dims. Where the summed dims are outermost (column sums: a batch sum) and ``kernel``
     (the backend's kernel getter, None on the GPU) is given, byte codes go through the
-    :mod:`..kernels.sums` kernel: one pass into int32; where they are innermost (row sums: a
-    channels-last conv's channel sums), through its row-sums kernel of that row length. Otherwise they are converted to fp32 and reduced
-    by a matrix-vector product against ones, in chunks whose partial sums stay below 2**24
-    (exact in fp32 whatever the order of the additions), which are added in float64. torch's
-    integer reductions run many times slower, worst over a small innermost dim (a conv's
-    channels)."""
+    :mod:`..kernels.sums` kernel: one pass into int32; otherwise (row sums: a channels-last
+    conv's channel sums), rows of up to ``MAX_ROW_LENGTH`` codes through its row-sums kernel of
+    that row length. The rest are converted to fp32 and reduced by a matrix-vector product
+    against ones, in chunks whose partial sums stay below 2**24 (exact in fp32 whatever the order
+    of the additions), which are added in float64. torch's integer reductions run many times
+    slower, worst over a small innermost dim (a conv's channels)."""
     n = codes.dim()
     dims = sorted({d % n for d in dims})
     keep = [d for d in range(n) if d not in dims]
