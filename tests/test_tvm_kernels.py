@@ -458,11 +458,14 @@ def test_code_sums_kernel_is_exact(dtype, shape, serial):
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
-@pytest.mark.parametrize("shape", [(0, 16), (1, 1), (63, 3), (130, 16), (65, 27), (7, 1024)])
+@pytest.mark.parametrize(
+    "shape", [(0, 16), (1, 1), (63, 3), (130, 16), (65, 27), (7, 1024), (9, 2048), (3, 2500)]
+)
 @pytest.mark.parametrize("serial", [False, True])
 def test_row_sums_kernel_is_exact(dtype, shape, serial):
-    """The row sums of byte codes (a row length fixed per kernel, blocks of rows with a partial
-    last block) equal torch's int64 sums as fp32, at the extreme codes too."""
+    """The row sums of byte codes (a row length fixed per kernel: one unrolled chunk, whole
+    chunks, chunks and a rest; blocks of rows with a partial last block) equal torch's int64 sums
+    as fp32, at the extreme codes too."""
     from fraccompile.targets.runtime.library import JitKernels, KernelRef
 
     gen = torch.Generator().manual_seed(shape[0] + shape[1])
@@ -478,7 +481,7 @@ def test_row_sums_kernel_is_exact(dtype, shape, serial):
 def test_row_sums_kernel_refuses_rows_past_its_bound():
     from fraccompile.targets.kernels import sums
 
-    with pytest.raises(ValueError, match="rows of 1 to 1024"):
+    with pytest.raises(ValueError, match="rows of 1 to 16384"):
         sums.row_definition("uint8", sums.MAX_ROW_LENGTH + 1)
     with pytest.raises(ValueError, match="one of"):
         sums.row_definition("int16", 16)

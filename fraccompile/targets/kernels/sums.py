@@ -13,11 +13,12 @@ are summed one at a time.
 int32 holds the exact sum of up to ``MAX_ROWS`` codes; callers split longer sums
 (:func:`fraccompile.targets.backend.affine._exact_sums`).
 
-Row sums are short (a conv's channels: 3 to a few hundred), so the row length ``K`` is a constant
-of the kernel: its fully unrolled sum of consecutive bytes is what LLVM turns into vector code
-(with ``K`` a runtime value the loop stays scalar, several times slower). Rows up to
-``MAX_ROW_LENGTH`` codes (an unrolled body of that size; longer rows take torch's route); the sum
-is written as fp32, exact for any row that long (``1024 * 255 < 2**24``).
+Row sums are short (a conv's channels: 3 to a few hundred; a linear's features: up to a few
+thousand), so the row length ``K`` is a constant of the kernel: an unrolled sum of consecutive
+bytes is what LLVM turns into vector code (with ``K`` a runtime value the loop stays scalar,
+several times slower). A row runs in unrolled chunks of ``ROW_CHUNK`` codes and an unrolled rest.
+Rows up to ``MAX_ROW_LENGTH`` codes (longer ones take torch's route); the sum is written as fp32,
+exact for any row that long (``16384 * 255 < 2**24``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from ..runtime.host import detect
 DTYPES = ("int8", "uint8")
 LANES = 64  # int32 accumulators per block: 4 AVX-512 registers
 MAX_ROWS = (2**31 - 1) // 255  # |code| <= 255 (uint8) or 128 (int8): the int32 sum stays exact
-MAX_ROW_LENGTH = 1024  # the unrolled row; its sum stays below 2**24: exact in fp32
+MAX_ROW_LENGTH = 16384  # a row's sum stays below 2**24: exact in fp32
+ROW_CHUNK = 1024  # the unrolled body: a row in whole chunks of this many codes, then the rest
 ROW_BLOCK = 64  # rows per parallel task
 
 
@@ -73,7 +75,8 @@ def row_definition(dtype: str, K: int, parallel: bool = True) -> tvm.tirx.PrimFu
         raise ValueError(f"code sums take one of {DTYPES}, not {dtype!r}")
     if not 1 <= K <= MAX_ROW_LENGTH:
         raise ValueError(f"row sums take rows of 1 to {MAX_ROW_LENGTH} codes, not {K}")
-    KK, RB = T.int64(K), T.int64(ROW_BLOCK)
+    chunk = min(K, ROW_CHUNK)
+    KK, RB, C, tail = T.int64(K), T.int64(ROW_BLOCK), T.int64(chunk), T.int64(K % chunk)
     loop = T.parallel if parallel else T.serial
 
     @T.prim_func(s_tir=True)
@@ -86,8 +89,11 @@ def row_definition(dtype: str, K: int, parallel: bool = True) -> tvm.tirx.PrimFu
             for i in range(T.min(RB, R - b * RB)):
                 acc = T.alloc_buffer((1,), "int32", scope="local")
                 acc[0] = T.int32(0)
-                for k in T.unroll(KK):
-                    acc[0] = acc[0] + T.Cast("int32", q[b * RB + i, k])
+                for c in range(KK // C):  # whole chunks, each unrolled
+                    for k in T.unroll(C):
+                        acc[0] = acc[0] + T.Cast("int32", q[b * RB + i, c * C + k])
+                for k in T.unroll(tail):
+                    acc[0] = acc[0] + T.Cast("int32", q[b * RB + i, KK - tail + k])
                 out[b * RB + i] = T.Cast("float32", acc[0])
 
     return main
