@@ -438,8 +438,12 @@ class SiteRoles:
                 _gradient_sums(spec, dyq, x_shape, w_shape, self.quantize_kernel(dyq.codes)).mul_(xq.zero)
             )
         if spec.kind != "matmul":
-            for term in terms:  # rank-one terms: in place where they broadcast into dw
-                dw = dw.add_(term) if torch.broadcast_shapes(dw.shape, term.shape) == dw.shape else dw + term
+            for term in terms:  # rank-one terms: in place where they broadcast into dw (checked
+                # here: torch.broadcast_shapes goes through torch's slow Python reference code)
+                fits = term.dim() <= dw.dim() and all(
+                    a in (1, b) for a, b in zip(term.shape[::-1], dw.shape[::-1])
+                )
+                dw = dw.add_(term) if fits else dw + term
             return dw
         # a matmul's products and terms are per batch entry, then summed over broadcast ones
         for q in (xq, dyq):
