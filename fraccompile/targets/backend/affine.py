@@ -67,9 +67,9 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, k
     if rows and fast:
         total = _column_sums(mat, kernel).to(dtype)
     elif fast and 0 < K <= MAX_ROW_LENGTH and mat.is_contiguous():
-        name = "uint8" if mat.dtype == torch.uint8 else "int8"
         total = torch.empty(R, dtype=torch.float32)
-        kernel(KernelRef("row_sums", (name, K), serial=_serial(mat.numel())))(mat, total)
+        ref = KernelRef("row_sums", (_byte_name(mat), K), serial=_serial(mat.numel()))
+        kernel(ref)(mat, total)
         total = total.to(dtype)
     else:
         length = mat.shape[0] if rows else mat.shape[1]  # the summed extent
@@ -92,13 +92,18 @@ def _exact_sums(codes: torch.Tensor, dims, dtype: torch.dtype = torch.float32, k
 def _column_sums(mat: torch.Tensor, kernel) -> torch.Tensor:
     """``mat.sum(0)`` of byte codes ``(R, K)`` (contiguous), exact: int32 from the :mod:`..kernels.sums`
     kernel, in row chunks whose sums int32 holds (int64 where there are several)."""
-    name = "uint8" if mat.dtype == torch.uint8 else "int8"
+    name = _byte_name(mat)
     sums = []
     for lo in range(0, max(mat.shape[0], 1), MAX_SUM_ROWS):
         part = mat[lo : lo + MAX_SUM_ROWS]
         sums.append(torch.empty(mat.shape[1], dtype=torch.int32))
         kernel(KernelRef("code_sums", (name,), serial=_serial(part.numel())))(part, sums[-1])
     return sums[0] if len(sums) == 1 else torch.stack(sums).sum(0, dtype=torch.int64)
+
+
+def _byte_name(codes: torch.Tensor) -> str:
+    """The kernel dtype name of byte codes."""
+    return "uint8" if codes.dtype == torch.uint8 else "int8"
 
 
 def _code_sums(codes: torch.Tensor, dim, kernel=None) -> torch.Tensor:

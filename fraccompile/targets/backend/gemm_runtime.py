@@ -200,8 +200,6 @@ class IntegerGemms:
         M = N * math.prod(out_sp)
         if shape.ocp == OC:  # the dequantize in the kernel's write-back: fp32 rows, one pass
             ref = KernelRef("conv_dqz" if row_term is not None else "conv_dq", shape.args)
-            if self.recorder is not None:
-                self.recorder.kernel(ref, self.where)
             extra = (
                 ()
                 if row_term is None
@@ -222,8 +220,6 @@ class IntegerGemms:
             return row_term is not None
         C = self.scratch("c", (1, M, shape.ocp), torch.int32)
         ref = KernelRef("conv", shape.args)
-        if self.recorder is not None:
-            self.recorder.kernel(ref, self.where)
         self.kernel(ref)(X, Bp[0], C.view(N, *out_sp, shape.ocp))
         self._dequant(C, C.new_zeros((1, M)), cc, scale, bias, rows.view(1, M, OC), 1, M, OC)
         return False
@@ -267,8 +263,6 @@ class IntegerGemms:
             _, pack_b = self._b_packer(dy[b0 * per : (b0 + nc) * per].t().unsqueeze(0))
             Bp = pack_b(0, nc * per, ocp, nc * per)
             ref = KernelRef("gc", shape.args)
-            if self.recorder is not None:
-                self.recorder.kernel(ref, self.where)
             C = self.scratch("c", (*w_shape[2:], Cin, ocp), torch.int32)
             self.kernel(ref)(XT[b0 : b0 + nc], Bp[0], C)
             if len(shapes) == 1 and not flip:  # one chunk's int32 sum is exact as it is

@@ -172,9 +172,10 @@ SERIAL_KINDS = (
     "code_sums",
     "row_sums",
 )
-# Kernels of one shape parameter, which a run records by name for export (besides the GEMMs and
-# conv packers, which the backend records itself)
-RECORDED_KINDS = ("row_sums",)
+# The kernels of one shape that the backend's kernel getter records by name for export, with the
+# site and role that asked (the GEMMs and conv packers are recorded as problems and geometries,
+# whose kernels export re-derives per tile and sign variant)
+RECORDED_KINDS = ("conv", "conv_dq", "conv_dqz", "gc", "row_sums")
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
 _PARALLEL = (
     [KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
@@ -218,7 +219,8 @@ class Recorder:
         self.variants[key] = tuple(sorted(set(variants) | {key}))
 
     def kernel(self, ref, where) -> None:
-        """A kernel whose arguments do not depend on a GEMM tile (the implicit-GEMM convs)."""
+        """A kernel whose arguments do not depend on a GEMM tile (the implicit-GEMM convs, the
+        row sums, a routed site's gate probe)."""
         self.kernels.setdefault(ref, set()).add(where)
 
     def conv_pack(self, geometry, k0, kc, variants, where, side: str = "b") -> None:
