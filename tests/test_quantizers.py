@@ -22,6 +22,7 @@ from fraccompile.ops.quantizers import (
     channel_range,
     dequantize,
     fake_quantize,
+    input_channel_range,
     qparams_from_range,
     quantize_activation,
     quantize_gradient,
@@ -199,6 +200,41 @@ def test_quantize_weight_is_per_output_channel(w, bits, scheme):
                 rel_tol=4 * EPS32,
                 abs_tol=max(fp_slack(wc), MIN_SCALE),
             )
+
+
+@pytest.mark.parametrize(
+    "shape, groups",
+    [
+        ((7, 5), 1),
+        ((2048, 512), 1),
+        ((16, 8, 3, 3), 1),
+        ((12, 3, 3, 3), 4),
+        ((8, 1, 3, 3), 8),
+        ((6, 4, 5), 2),
+    ],
+)
+def test_weight_ranges_are_the_per_channel_extremes(shape, groups):
+    """Per output channel and per input channel (per group), the ranges are exactly the
+    extremes ``torch.aminmax`` finds over that channel's entries, a NaN included."""
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    w.view(-1)[3] = float("nan")  # channel 0's row, input channel 0 (or 1 for 1-D rows)
+    lo, hi = channel_range(w, 0)
+    ref = torch.aminmax(w.reshape(shape[0], -1), dim=1)
+    assert lo.shape == hi.shape == (shape[0],) + (1,) * (w.dim() - 1)
+    assert torch.equal(lo.flatten().nan_to_num(7.0), ref.min.nan_to_num(7.0))
+    assert torch.equal(hi.flatten().nan_to_num(7.0), ref.max.nan_to_num(7.0))
+    lo, hi = input_channel_range(w, groups)
+    oc, cg = shape[0], shape[1]
+    assert lo.shape == hi.shape == ((1 if groups == 1 else oc), cg) + (1,) * (w.dim() - 2)
+    for o in range(lo.shape[0]):
+        g = o // (oc // groups) if groups > 1 else 0
+        block = w[g * (oc // groups) : (g + 1) * (oc // groups)]  # the group's output channels
+        for c in range(cg):
+            entries = block[:, c].reshape(-1)
+            expect = torch.aminmax(entries)
+            assert torch.equal(lo[o, c].reshape(()).nan_to_num(7.0), expect.min.nan_to_num(7.0)), (o, c)
+            assert torch.equal(hi[o, c].reshape(()).nan_to_num(7.0), expect.max.nan_to_num(7.0)), (o, c)
 
 
 def test_quantize_weight_channel_scales_differ():

@@ -144,11 +144,18 @@ def tensor_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
+def _min_max(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` along ``dim``: the values of ``torch.aminmax(t, dim=dim)`` (NaN included),
+    through ``amin`` and ``amax``, whose reductions are vectorized where ``aminmax``'s with a
+    ``dim`` is not (about ten times slower on a 2048x512 weight)."""
+    return t.amin(dim), t.amax(dim)
+
+
 def channel_range(w: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(min, max)`` along ``dim`` (output channels of a weight), shaped to broadcast."""
     w = w.detach()
     moved = w.movedim(dim, 0).reshape(w.shape[dim], -1)
-    lo, hi = torch.aminmax(moved, dim=1)
+    lo, hi = _min_max(moved, 1)
     shape = [1] * w.dim()
     shape[dim] = w.shape[dim]
     return lo.view(shape), hi.view(shape)
@@ -211,8 +218,10 @@ def input_channel_range(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor,
     error backprop's non-reduction axis, shaped to broadcast against ``w``."""
     w = w.detach()
     oc, cg = w.shape[0], w.shape[1]
-    grouped = w.reshape(groups, oc // groups, cg, -1).transpose(1, 2).reshape(groups, cg, -1)
-    lo, hi = torch.aminmax(grouped, dim=2)  # (groups, cg)
+    # over the output channels first (the outer dim: a reduction vectorized along the rest, no
+    # transposed copy), then over the taps
+    lo, hi = _min_max(w.reshape(groups, oc // groups, cg, -1), 1)
+    lo, hi = lo.amin(-1), hi.amax(-1)  # (groups, cg)
     shape = (1, cg) if groups == 1 else (oc, cg)
     if groups > 1:
         lo, hi = lo.repeat_interleave(oc // groups, 0), hi.repeat_interleave(oc // groups, 0)

@@ -158,13 +158,13 @@ def _box_sums(t: torch.Tensor, ksize, stride, padding, dilation) -> torch.Tensor
     return t
 
 
-def _value_sums(spec: SiteSpec, wq: IntCodes, x_shape, w_shape) -> torch.Tensor:
+def _value_sums(spec: SiteSpec, wq: IntCodes, x_shape, w_shape, kernel=None) -> torch.Tensor:
     """Per output column, the sum of the weight's (second operand's) values it reads: ``Σ_k w``
     (a conv: over the taps inside the image at each output position, the same for every
     sample), shaped to broadcast against the output. A linear's from its codes' exact sums,
-    ``sw·Σ_k q + K·zw`` (no fp32 copy of the weight)."""
+    ``sw·Σ_k q + K·zw`` (no fp32 copy of the weight; ``kernel``: as :func:`_exact_sums`)."""
     if spec.kind == "linear" and isinstance(wq.offset, int) and not wq.offset and not wq.wide:
-        sums = _code_sums(wq.codes, -1) * wq.scale.reshape(-1)
+        sums = _code_sums(wq.codes, -1, kernel) * wq.scale.reshape(-1)
         return sums if wq.zero is None else sums.add_(wq.zero.reshape(-1), alpha=wq.codes.shape[-1])
     w = wq.dequantize()
     if spec.kind == "linear":

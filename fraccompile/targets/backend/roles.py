@@ -106,7 +106,7 @@ class SiteRoles:
             return y
         if late and spec.kind == "linear" and not xq.per_row and not self.on_gpu(xq.codes):
             # the zero points' terms in the dequantize pass: zw's rank one, (x's code sums)·zw
-            fixed = _value_sums(spec, wq, x_shape, w_shape) * xq.zero if x_zero else None
+            fixed = _value_sums(spec, wq, x_shape, w_shape, self.kernel) * xq.zero if x_zero else None
             fixed = bias if fixed is None else fixed if bias is None else fixed + bias
             r = (
                 _window_code_sums(spec, xq, w_shape, self.kernel).mul_(xq.scale).reshape(1, -1)
@@ -127,7 +127,7 @@ class SiteRoles:
             )
         fixed = None  # the terms every sample shares, added in one pass
         if x_zero:  # zx·(sums of w's values)
-            fixed = _value_sums(spec, wq, x_shape, w_shape) * xq.zero
+            fixed = _value_sums(spec, wq, x_shape, w_shape, self.quantize_kernel(wq.codes)) * xq.zero
         if bias is not None:
             b = _out_channel(spec, bias, y.dim())
             fixed = b if fixed is None else fixed + b
