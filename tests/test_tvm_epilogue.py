@@ -200,6 +200,51 @@ def test_masked_relu_gradient_in_either_layout(x_last, g_last):
     assert torch.equal(ours, ref) and ours.stride() == t.stride()
 
 
+@pytest.mark.parametrize(
+    "shape, x_last, g_last, dtype",
+    [
+        ((8, 16, 6, 6), True, True, torch.float32),
+        ((8, 16, 6, 6), True, False, torch.float32),
+        ((8, 16, 6, 6), False, False, torch.float32),
+        ((3, 70000), False, False, torch.float32),
+        ((2, 5, 3, 4), True, True, torch.float64),
+    ],
+)
+def test_masked_relu_backward_runs_the_tvm_kernel(monkeypatch, shape, x_last, g_last, dtype):
+    """Once the tvm backend exists, MaskedReLU's backward is its one-pass kernel wherever the
+    gradient is an fp32 CPU tensor (brought to the mask's layout first), torch's route otherwise;
+    the gradient equals torch's ReLU's bit for bit either way."""
+    from fraccompile.ops import functions
+    from fraccompile.ops.functions import masked_relu
+    from fraccompile.targets.backend.tvm_backend import TVMBackend
+
+    backend = get_backend("tvm")
+    assert functions._mask_grad == backend.mask_grad
+    kinds = []
+    kernel = TVMBackend.kernel
+
+    def recording(self, ref):
+        kinds.append(ref.kind)
+        return kernel(self, ref)
+
+    monkeypatch.setattr(TVMBackend, "kernel", recording)
+    fmt = {True: torch.channels_last, False: torch.contiguous_format}
+    torch.manual_seed(0)
+    t = torch.randn(shape, dtype=dtype)
+    g = torch.randn(shape, dtype=dtype)
+    if len(shape) == 4:
+        t, g = t.contiguous(memory_format=fmt[x_last]), g.contiguous(memory_format=fmt[g_last])
+    row = (0,) * (len(shape) - 1)  # the first few entries of one row, in either layout
+    t[row][:3] = torch.tensor([0.0, -0.0, float("nan")], dtype=dtype)
+    g[row][:2] = torch.tensor([float("nan"), -0.0], dtype=dtype)
+    t.requires_grad_()
+    (ours,) = torch.autograd.grad(masked_relu(t), t, g)
+    (ref,) = torch.autograd.grad(torch.relu(t), t, g)
+    assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(torch.signbit(ours), torch.signbit(ref)) and ours.stride() == t.stride()
+    assert kinds == (["mask_grad"] if dtype == torch.float32 else [])
+
+
 class _NormNoAffine(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -488,6 +488,26 @@ def test_row_sums_kernel_is_exact(dtype, shape, serial):
     assert torch.equal(out.long(), q.long().sum(1))
 
 
+@pytest.mark.parametrize(
+    "n, serial", [(1, False), (63, True), (16384, False), (2 * 16384 + 65, False), (5000, True)]
+)
+def test_mask_grad_kernel_is_threshold_backward(n, serial):
+    """MaskedReLU's backward kernel: ``dy`` where the mask is set, +0.0 elsewhere, bit for bit
+    threshold_backward's (NaN, infinities and -0.0 of ``dy`` included), over whole parallel
+    blocks, vectors and a scalar rest."""
+    from fraccompile.targets.runtime.library import JitKernels, KernelRef
+
+    gen = torch.Generator().manual_seed(n)
+    dy = torch.randn(n, generator=gen)
+    dy[: min(n, 4)] = torch.tensor([float("nan"), -0.0, float("-inf"), float("inf")])[: min(n, 4)]
+    mask = (torch.rand(n, generator=gen) > 0.5).to(torch.uint8)
+    mask[: min(n, 2)] = 1
+    out = torch.full((n,), 7.0)
+    JitKernels().get(KernelRef("mask_grad", (), serial=serial))(dy, mask, out)
+    ref = torch.ops.aten.threshold_backward(dy, mask.float(), 0)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+
+
 def test_row_sums_kernel_refuses_rows_past_its_bound():
     from fraccompile.targets.kernels import sums
 

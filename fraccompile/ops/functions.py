@@ -54,6 +54,19 @@ class STEQuantize(Function):
         return grad, None
 
 
+# A backend's one-pass form of MaskedReLU's backward, ``fn(dy, mask) -> dx`` or None where it does
+# not apply to those tensors: registered by the backend whose graphs hold MaskedReLU (the tvm
+# backend, when it is created). Without one, torch's threshold_backward over an fp32 copy of the
+# mask. Both give the same values, bit for bit.
+_mask_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+
+
+def register_mask_grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None) -> None:
+    """Make ``fn`` the backward of :class:`MaskedReLU` (None: torch's)."""
+    global _mask_grad
+    _mask_grad = fn
+
+
 class MaskedReLU(Function):
     """``relu(x)`` that keeps a 1-byte mask for backward instead of its fp32 output (autograd's
     ReLU keeps the output). The gradient is ``threshold_backward``'s: 0 where the output is
@@ -78,6 +91,9 @@ class MaskedReLU(Function):
         # uint8 operand costs the op itself.
         if dy.stride() != mask.stride():
             dy = torch.empty_like(mask, dtype=dy.dtype).copy_(dy)
+        dx = _mask_grad(dy, mask) if _mask_grad is not None else None
+        if dx is not None:
+            return dx
         return torch.ops.aten.threshold_backward(dy, torch.empty_like(dy).copy_(mask), 0)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ...ops.backend import CHANNELS_LAST, INTEGER_KERNELS, ReferenceBackend
 from ...ops.contract import GateDecision, SiteCall
-from ...ops.functions import GateProbe
+from ...ops.functions import GateProbe, register_mask_grad
 from ...ops.quantizers import (
     input_channel_range,
     qparams_from_range,
@@ -74,6 +74,7 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         self._cuda = None  # the CUDA GEMM, created for the first GPU tensor
         self._cuda_quant = None  # the CUDA quantization kernels (runtime.cuda_quant.CudaQuant)
         self._local = threading.local()  # per-thread scratch buffers (see scratch())
+        register_mask_grad(self.mask_grad)  # the backward of the ReLUs its graphs keep a mask for
 
     def __reduce__(self):
         from ...ops.backend import get_backend
@@ -106,6 +107,31 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
 
             self._cuda_quant = CudaQuant(library=getattr(self._cuda, "library", None))
         return self._cuda_quant
+
+    def mask_grad(self, dy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """:class:`~fraccompile.ops.functions.MaskedReLU`'s backward, ``dy`` where ``mask`` is set
+        and 0 elsewhere, in one kernel pass (:mod:`..kernels.masks`): for an fp32 CPU gradient laid
+        out as its uint8 mask, dense; None otherwise (torch's route)."""
+        perm = _dense_perm(mask)
+        if (
+            perm is None
+            or not mask.numel()
+            or self.on_gpu(dy)
+            or dy.dtype != torch.float32
+            or mask.dtype != torch.uint8
+            or dy.shape != mask.shape
+            or dy.stride() != mask.stride()
+        ):
+            return None
+        out = torch.empty_like(dy)  # a dense tensor's strides are kept
+
+        def flat(t):
+            return t.permute(*perm).reshape(-1)  # a view: memory order
+
+        self.kernel(KernelRef("mask_grad", (), serial=_serial(9 * dy.numel())))(
+            flat(dy), flat(mask), flat(out)
+        )
+        return out
 
     def scratch(self, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """A buffer of ``shape`` for a temporary that one GEMM call consumes: its packed A

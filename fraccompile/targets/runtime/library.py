@@ -24,7 +24,7 @@ import hashlib
 import pathlib
 from dataclasses import dataclass, replace
 
-from ..kernels import conv, gemm, pack, probe, quantize, subbyte, sums
+from ..kernels import conv, gemm, masks, pack, probe, quantize, subbyte, sums
 from .cache import KernelCache
 from .host import HostTarget, detect
 
@@ -49,6 +49,7 @@ KINDS = (
     "quantize_rows_counter",
     "code_sums",
     "row_sums",
+    "mask_grad",
 )
 # The sources of every CPU kernel, relative to fraccompile/targets/: the definitions in kernels/
 # (all but cuda.py, whose cubins have their own hash, kernels.cuda.source_hash) and the host
@@ -63,6 +64,7 @@ KERNEL_FILES = (
     "kernels/subbyte.py",
     "kernels/probe.py",
     "kernels/sums.py",
+    "kernels/masks.py",
 )
 
 
@@ -155,6 +157,7 @@ _BUILDERS = {
     "quantize_rows_counter": quantize.rows_counter_schedule,
     "code_sums": sums.schedule,
     "row_sums": sums.row_schedule,
+    "mask_grad": masks.schedule,
 }
 
 # The kinds with a serial form (memory-bound passes).
@@ -171,6 +174,7 @@ SERIAL_KINDS = (
     "quantize_rows_counter",
     "code_sums",
     "row_sums",
+    "mask_grad",
 )
 # The kernels of one shape that the backend's kernel getter records by name for export, with the
 # site and role that asked (the GEMMs and conv packers are recorded as problems and geometries,
@@ -191,6 +195,7 @@ _PARALLEL = (
         for d in ("int8", "uint8", "int32")
     ]
     + [KernelRef("code_sums", (d,)) for d in sums.DTYPES]
+    + [KernelRef("mask_grad", ())]
 )
 GENERIC = tuple(_PARALLEL + [replace(r, serial=True) for r in _PARALLEL])
 

@@ -147,6 +147,10 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
         )
     elif ref.kind == "dequant_codes":
         entry.update(dtypes=f"{ref.args[0]}->f32", precision="1..8 bits", shapes={"q": ["n"], "out": ["n"]})
+    elif ref.kind == "mask_grad":
+        entry.update(
+            dtypes="f32,u8->f32", precision="fp32", shapes={"dy": ["n"], "mask": ["n"], "out": ["n"]}
+        )
     elif ref.kind in ("pack_conv_a", "pack_conv_b"):
         entry.update(
             dtypes="u8->u8" if ref.kind == "pack_conv_a" else "u8->s8",
