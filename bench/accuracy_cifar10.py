@@ -44,7 +44,9 @@ see docs/backends.md).
 ``--lr-schedule piecewise`` replaces the cosine decay with the paper's step schedule (x0.1 at 50%
 and 75% of the run): under a cosine decay the loss falls steadily to the end, so PFQ's indicator
 either never fires (periods of an epoch) or fires on the noise of short periods; constant-LR
-phases give it the plateaus it was designed to detect.
+phases give it the plateaus it was designed to detect. ``--pfq-eps`` and ``--pfq-alpha`` set the
+indicator's first threshold and its decay after the first two turning points (the paper's 0.05 and
+0.3; ``--pfq-alpha 1`` keeps one threshold), for the PFQ and FracTrain runs.
 """
 
 from __future__ import annotations
@@ -71,13 +73,15 @@ RUNS = ("fp32", "sbm", "pfq", "cpt", "dfq", "fractrain", "dfq-dense", "sbm-gemm"
 DFQ_RUNS = ("dfq", "fractrain", "dfq-dense", "fractrain-paper")
 
 
-def make_schedule(name: str, iters: int, pfq_every: int, beta: float = 2.0):
+def make_schedule(
+    name: str, iters: int, pfq_every: int, beta: float = 2.0, eps: float = 0.05, alpha: float = 0.3
+):
     if name == "fp32":
         return Static(0, 0, 0)
     if name in ("sbm", "sbm-gemm"):
         return Static(8, 8, 8)
     if name == "pfq":
-        return PFQ((3, 4, 6, 8), (6, 6, 8, 8), eval_every=pfq_every, eps=0.05, alpha=0.3)
+        return PFQ((3, 4, 6, 8), (6, 6, 8, 8), eval_every=pfq_every, eps=eps, alpha=alpha)
     if name == "cpt":
         return Cyclic(3, 8, cycles=8, total_iters=iters, g=8)
     # cp counts the fp32 first conv and last linear too: ResNet-20's floor with the cheapest
@@ -85,11 +89,11 @@ def make_schedule(name: str, iters: int, pfq_every: int, beta: float = 2.0):
     if name in ("dfq", "dfq-dense"):
         return DFQ(0.05, beta=beta)
     if name == "fractrain":
-        return FracTrain(0.045, 0.005, beta=beta, eval_every=pfq_every, eps=0.05, alpha=0.3)
+        return FracTrain(0.045, 0.005, beta=beta, eval_every=pfq_every, eps=eps, alpha=alpha)
     if name == "fractrain-paper":  # the paper code's CIFAR setting: 4-bit weights, cp of the gated
         # layers (the fp32 first and last layers not counted), 1.5% + 0.5% per turning point
         return FracTrain(
-            0.015, 0.005, w=4, cp_scope="gated", beta=beta, eval_every=pfq_every, eps=0.05, alpha=0.3
+            0.015, 0.005, w=4, cp_scope="gated", beta=beta, eval_every=pfq_every, eps=eps, alpha=alpha
         )
     raise ValueError(name)
 
@@ -109,6 +113,15 @@ def main() -> None:
         default=30,
         help="with --epochs: PFQ's indicator period is the run length over this (30; the paper's "
         "CIFAR runs: one epoch of 64,000 iterations, 164)",
+    )
+    parser.add_argument(
+        "--pfq-eps", type=float, default=0.05, help="PFQ's first turning-point threshold (the paper's 0.05)"
+    )
+    parser.add_argument(
+        "--pfq-alpha",
+        type=float,
+        default=0.3,
+        help="PFQ's threshold decay after the first and second turning points (0.3; 1: one threshold)",
     )
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--period-test", type=int, default=1000)
@@ -185,7 +198,9 @@ def main() -> None:
                 **(gates if name in DFQ_RUNS else {}),
                 **({"weight_scale": "gemm"} if name == "sbm-gemm" else {}),
             )
-            schedule = make_schedule(name, args.iters, args.pfq_every, args.beta)
+            schedule = make_schedule(
+                name, args.iters, args.pfq_every, args.beta, args.pfq_eps, args.pfq_alpha
+            )
             print(f"== {name}: {schedule.describe()}" + (f", resuming {resume}" if resume else ""))
             result = fit(
                 fm,
