@@ -508,6 +508,31 @@ def test_mask_grad_kernel_is_threshold_backward(n, serial):
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
 
 
+@pytest.mark.parametrize(
+    "hw, c, pad, flip", [((9, 12), 16, (1, 1), 128), ((8, 8), 32, (1, 2), 0), ((5, 7), 4, (0, 0), 128)]
+)
+def test_padded_planes_kernel_equals_the_torch_copy(monkeypatch, tvm_backend, hw, c, pad, flip):
+    """A weight gradient's padded input planes from channels-last codes (``pad_planes``: one
+    transposing kernel pass) hold exactly what torch's strided copy and XOR write, border
+    included; a source that is not channels-last takes torch's route."""
+    from fraccompile.targets.backend.tvm_backend import TVMBackend
+
+    kinds = []
+    kernel = TVMBackend.kernel
+    monkeypatch.setattr(TVMBackend, "kernel", lambda self, ref: kinds.append(ref.kind) or kernel(self, ref))
+    gen = torch.Generator().manual_seed(c)
+    (H, W), (ph, pw) = hw, pad
+    nhwc = _codes((3, H, W, c), torch.uint8, gen)
+    shape = (3, c, H + 2 * ph, W + 2 * pw)
+    expect = torch.full(shape, flip, dtype=torch.uint8)
+    expect[:, :, ph : ph + H, pw : pw + W] = nhwc.permute(0, 3, 1, 2) ^ flip
+    got = tvm_backend._padded_codes("xt", shape, 2, pad, nhwc.permute(0, 3, 1, 2), flip).clone()
+    assert torch.equal(got, expect) and kinds == ["pad_planes"]
+    kinds.clear()
+    dense = tvm_backend._padded_codes("xt", shape, 2, pad, nhwc.permute(0, 3, 1, 2).contiguous(), flip)
+    assert torch.equal(dense, expect) and kinds == []
+
+
 def test_row_sums_kernel_refuses_rows_past_its_bound():
     from fraccompile.targets.kernels import sums
 

@@ -188,7 +188,8 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         of it XORed with ``flip``: an implicit conv's input. Only the interior is written per
         call; the borders (``0 ^ flip``) are rewritten only when the buffer, its shape, the
         padding or the flip changed (consecutive calls of one geometry, most sites of a stage,
-        skip the strided fills)."""
+        skip the strided fills). Planes (``dim`` 2) of channels-last codes on the CPU are written
+        by one transposing kernel (``pad_planes``); other interiors by torch's copy and XOR."""
         buf = self.scratch(slot, shape, torch.uint8)
         (ph, pw), (H, W) = padding, src.shape[dim : dim + 2]
         lead = (slice(None),) * dim
@@ -204,6 +205,12 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
             ):
                 buf[border].fill_(flip)
             state[slot] = key
+        planes = dim == 2 and src.dim() == 4 and tuple(shape) == (*src.shape[:2], H + 2 * ph, W + 2 * pw)
+        if planes and not self.on_gpu(src) and src.permute(0, 2, 3, 1).is_contiguous():
+            # planes from channels-last codes (a weight gradient's): one transposing kernel pass
+            ref = KernelRef("pad_planes", (H, W, src.shape[1], ph, pw))
+            self.kernel(ref)(src.permute(0, 2, 3, 1), buf, flip)
+            return buf
         interior = buf[lead + (slice(ph, ph + H), slice(pw, pw + W))]
         interior.copy_(src)
         if flip:

@@ -328,3 +328,31 @@ def conv_a_schedule(*shape_args) -> s_tir.Schedule:
     """The conv A pack (its loops are final). ``shape_args``: N, H, W, C, kh, kw, stride, padding,
     dilation (per axis), OH, OW and the padded extents ``mp``, ``kp``."""
     return s_tir.Schedule(_conv_a_definition(*shape_args))
+
+
+def _planes_definition(h: int, w: int, c: int, ph: int, pw: int) -> tvm.tirx.PrimFunc:
+    """``main(src, out, flip)``: the interior of ``out (N, C, H + 2·ph, W + 2·pw)`` u8 from the
+    channels-last codes ``src (N, H, W, C)``, XORed with ``flip``: the padded planes an
+    implicit-GEMM weight gradient reads (:func:`fraccompile.targets.kernels.conv.gc_definition`).
+    The border is the caller's (written once per geometry). Each (sample, row) writes its ``C``
+    plane rows, ``W`` codes each, in vectors; torch's transposing byte copy and XOR take several
+    times longer."""
+    hp, wp = h + 2 * ph, w + 2 * pw
+
+    @T.prim_func(s_tir=True)
+    def main(src_h: T.handle, out_h: T.handle, flip: T.uint8):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        N = T.int64()
+        src = T.match_buffer(src_h, (N, h, w, c), "uint8")
+        out = T.match_buffer(out_h, (N, c, hp, wp), "uint8")
+        for ny in T.parallel(N * h):
+            for ch in range(c):
+                for x in T.vectorized(w):
+                    out[ny // h, ch, ny % h + ph, x + pw] = src[ny // h, ny % h, x, ch] ^ flip
+
+    return main
+
+
+def planes_schedule(h: int, w: int, c: int, ph: int, pw: int) -> s_tir.Schedule:
+    """The padded-planes kernel of one geometry (kind ``pad_planes``)."""
+    return s_tir.Schedule(_planes_definition(h, w, c, ph, pw))

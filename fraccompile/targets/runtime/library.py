@@ -50,6 +50,7 @@ KINDS = (
     "code_sums",
     "row_sums",
     "mask_grad",
+    "pad_planes",
 )
 # The sources of every CPU kernel, relative to fraccompile/targets/: the definitions in kernels/
 # (all but cuda.py, whose cubins have their own hash, kernels.cuda.source_hash) and the host
@@ -158,6 +159,7 @@ _BUILDERS = {
     "code_sums": sums.schedule,
     "row_sums": sums.row_schedule,
     "mask_grad": masks.schedule,
+    "pad_planes": pack.planes_schedule,
 }
 
 # The kinds with a serial form (memory-bound passes).
@@ -177,9 +179,10 @@ SERIAL_KINDS = (
     "mask_grad",
 )
 # The kernels of one shape that the backend's kernel getter records by name for export, with the
-# site and role that asked (the GEMMs and conv packers are recorded as problems and geometries,
-# whose kernels export re-derives per tile and sign variant)
-RECORDED_KINDS = ("conv", "conv_dq", "conv_dqz", "gc", "row_sums")
+# site and role that asked: implicit convs, weight-gradient convs and their padded planes, row
+# sums (the GEMMs and conv packers are recorded as problems and geometries, whose kernels export
+# re-derives per tile and sign variant)
+RECORDED_KINDS = ("conv", "conv_dq", "conv_dqz", "gc", "row_sums", "pad_planes")
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
 _PARALLEL = (
     [KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]

@@ -151,6 +151,8 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
         entry.update(
             dtypes="f32,u8->f32", precision="fp32", shapes={"dy": ["n"], "mask": ["n"], "out": ["n"]}
         )
+    elif ref.kind == "pad_planes":
+        entry.update(dtypes="u8->u8", precision="1..8 bits", shapes={"geometry": list(ref.args)})
     elif ref.kind in ("pack_conv_a", "pack_conv_b"):
         entry.update(
             dtypes="u8->u8" if ref.kind == "pack_conv_a" else "u8->s8",
