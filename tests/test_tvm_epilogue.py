@@ -218,8 +218,8 @@ def test_masked_relu_backward_runs_the_tvm_kernel(monkeypatch, shape, x_last, g_
     from fraccompile.ops.functions import masked_relu
     from fraccompile.targets.backend.tvm_backend import TVMBackend
 
-    backend = get_backend("tvm")
-    assert functions._mask_grad == backend.mask_grad
+    get_backend("tvm")  # a tvm backend exists: one of them (the last created) serves
+    assert isinstance(getattr(functions._mask_grad, "__self__", None), TVMBackend)
     kinds = []
     kernel = TVMBackend.kernel
 

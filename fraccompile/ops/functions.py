@@ -55,9 +55,9 @@ class STEQuantize(Function):
 
 
 # A backend's one-pass form of MaskedReLU's backward, ``fn(dy, mask) -> dx`` or None where it does
-# not apply to those tensors: registered by the backend whose graphs hold MaskedReLU (the tvm
-# backend, when it is created). Without one, torch's threshold_backward over an fp32 copy of the
-# mask. Both give the same values, bit for bit.
+# not apply to those tensors: registered by the backend whose graphs hold MaskedReLU (each tvm
+# backend when it is created; the last one serves). Without one, torch's threshold_backward over
+# an fp32 copy of the mask. Both give the same values, bit for bit.
 _mask_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
 
 
