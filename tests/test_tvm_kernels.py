@@ -592,6 +592,43 @@ def test_box_sums_equal_an_all_ones_conv(n, k, stride, padding, dilation):
     assert torch.equal(_box_sums(t, *args), want)
 
 
+@pytest.mark.parametrize(
+    "ks, stride, padding, dilation, size",
+    [
+        ((3, 3), (1, 1), (1, 1), (1, 1), (7, 6)),
+        ((3, 3), (2, 2), (1, 1), (1, 1), (8, 7)),
+        ((5, 1), (1, 1), (3, 0), (2, 1), (6, 5)),
+        ((1, 1), (2, 1), (0, 0), (1, 1), (5, 4)),
+        ((3,), (1,), (2,), (1,), (9,)),
+        ((2, 3, 2), (1, 1, 1), (1, 0, 1), (1, 2, 1), (4, 6, 3)),
+        ((3, 3), (1, 1), (4, 4), (1, 1), (2, 3)),  # taps that never read inside the image
+    ],
+)
+def test_tap_sums_are_the_per_tap_sums_over_positions(ks, stride, padding, dilation, size):
+    """The zero-point terms' per-tap sums (prefix-sum differences, or strided slices with a
+    stride) equal the sums taken position by position from their definition, in both forms:
+    of the image at the coordinates a tap reads, and of the output map where it reads inside."""
+    import itertools
+
+    from fraccompile.ops.spec import SiteSpec
+    from fraccompile.targets.backend.affine import _out_sizes, _tap_sums
+
+    n = len(ks)
+    spec = SiteSpec.conv(n, stride, padding, dilation)
+    w_shape = (2, 3, *ks)
+    out_sp = _out_sizes(spec, size, w_shape)
+    gen = torch.Generator().manual_seed(sum(size))
+    for image in (True, False):
+        t = torch.randint(0, 30000, (3, *(size if image else out_sp)), generator=gen).float()
+        want = torch.zeros(3, *ks, dtype=torch.float64)
+        for tap in itertools.product(*(range(k) for k in ks)):
+            for o in itertools.product(*(range(s) for s in out_sp)):
+                at = [o[d] * stride[d] + tap[d] * dilation[d] - padding[d] for d in range(n)]
+                if all(0 <= at[d] < size[d] for d in range(n)):
+                    want[(slice(None), *tap)] += t[(slice(None), *(at if image else o))].double()
+        assert torch.equal(_tap_sums(spec, t, size, out_sp, w_shape, image).double(), want), image
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize(
     "k,stride,padding,dilation",

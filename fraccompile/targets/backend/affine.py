@@ -6,6 +6,7 @@ as fp32 (exact below 2**24)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -206,20 +207,56 @@ def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bo
     """For every tap of a conv's kernel, the sum over the output positions ``o`` whose tap reads
     inside the image (input coordinate ``o·stride + tap·dilation - padding``): of the image ``t``
     ``(C, *in_sp)`` at those coordinates (``image``), or of the output map ``t`` ``(OC, *out_sp)``
-    at those positions. Returns ``(len(t), *kernel)``: one strided slice sum per tap."""
-    n, pad = spec.conv_dims, spec.gemm_padding(w_shape)
-    out = t.new_zeros((t.shape[0], *w_shape[2:]))
-    for tap in itertools.product(*(range(k) for k in w_shape[2:])):
-        index = [slice(None)]
-        for d in range(n):
-            first, st = tap[d] * spec.dilation[d] - pad[d], spec.stride[d]
+    at those positions. Returns ``(len(t), *kernel)`` in ``t``'s dtype.
+
+    Each tap's sum covers a box of ``t`` (per dim a range; strided in the image where the conv
+    has a stride): boxes are differences of float64 prefix sums, one dim at a time, for all taps
+    at once (exact for integer-valued ``t``); strided boxes are summed one strided slice per
+    tap."""
+    n, pad, ks = spec.conv_dims, spec.gemm_padding(w_shape), w_shape[2:]
+    ranges = []  # per dim: per tap, the range [lo, hi) of t's coordinates it sums (empty: lo == hi)
+    for d in range(n):
+        st, size = spec.stride[d], t.shape[1 + d]
+        lo_hi = []
+        for tap in range(ks[d]):
+            first = tap * spec.dilation[d] - pad[d]
             lo = max(0, -(first // st))  # ceil(-first / st)
             hi = min(out_sp[d] - 1, (in_sp[d] - 1 - first) // st)
             if hi < lo:
-                index = None
+                lo_hi.append((0, 0))
+            else:
+                lo_hi.append((first + lo * st, first + hi * st + 1) if image else (lo, hi + 1))
+        ranges.append((lo_hi, st if image else 1, size))
+    if any(st != 1 for _, st, _ in ranges):
+        return _tap_sums_sliced(t, ranges, ks)
+    # separably, per spatial dim: prefix sums along it, then each tap's range as the difference
+    # of two of them (float64: exact for integer-valued t); a dim's taps replace its extent
+    out = t.double()
+    for d, (lo_hi, _, _) in enumerate(ranges):
+        lo, hi = _range_index(tuple(lo_hi))
+        P = torch.nn.functional.pad(out.cumsum(1 + d), [0, 0] * (n - 1 - d) + [1, 0])
+        out = P.index_select(1 + d, hi).sub_(P.index_select(1 + d, lo))
+    return out.to(t.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _range_index(lo_hi: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The start and end indices of ranges ``[lo, hi)``, as index tensors (one pair per geometry)."""
+    return torch.tensor([r[0] for r in lo_hi]), torch.tensor([r[1] for r in lo_hi])
+
+
+def _tap_sums_sliced(t: torch.Tensor, ranges, ks) -> torch.Tensor:
+    """:func:`_tap_sums` over strided ranges, one strided slice sum per tap."""
+    n = len(ks)
+    out = t.new_zeros((t.shape[0], *ks))
+    for tap in itertools.product(*(range(k) for k in ks)):
+        index = [slice(None)]
+        for d in range(n):
+            (lo, hi), st = ranges[d][0][tap[d]], ranges[d][1]
+            if hi <= lo:
                 break
-            index.append(slice(first + lo * st, first + hi * st + 1, st) if image else slice(lo, hi + 1))
-        if index is not None:
+            index.append(slice(lo, hi, st))
+        else:
             out[(slice(None), *tap)] = t[tuple(index)].sum(list(range(1, n + 1)))
     return out
 
