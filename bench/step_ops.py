@@ -29,8 +29,8 @@ import time
 import fraccompile.targets.backend  # noqa: F401  isort: skip  (sets TVM's thread count first)
 
 import torch
-import torch.nn.functional as F
 from _common import header, print_table
+from fractrain_step import make_case  # the same models, inputs and losses
 from torch.profiler import profile
 
 import fraccompile
@@ -74,22 +74,6 @@ SHARED = (
 SITES = "fraccompile sites (TVM kernels, Python)"
 
 
-def make_case(key: str, batch: int):
-    from fraccompile.examples import resnet_cifar, transformer_lm
-
-    torch.manual_seed(0)
-    if key.startswith("resnet"):
-        model = getattr(resnet_cifar, key)()
-        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-        return model, x, y, F.cross_entropy
-    tokens = torch.randint(0, 65, (batch, 65))
-
-    def loss_fn(logits, y):
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
-
-    return transformer_lm.model_d512(), tokens[:, :-1], tokens[:, 1:], loss_fn
-
-
 def kind_of(name: str) -> str:
     if name in KINDS:
         return KINDS[name]
@@ -125,16 +109,8 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
     batch = args.batch or (32 if args.model == "transformer" else 128)
     header(f"The torch ops of a {args.model} step (batch {batch}): tvm against its fp32 baseline")
-    cfg = fraccompile.FracConfig(
-        a=8,
-        w=8,
-        g=8,
-        scheme=args.scheme,
-        backend="tvm",
-        weight_scale=args.weight_scale,
-        rounding_noise="counter",
-        recompute=args.recompute,
-    )
+    options = {k: getattr(args, k) for k in ("scheme", "weight_scale", "recompute")}
+    cfg = fraccompile.FracConfig(a=8, w=8, g=8, backend="tvm", rounding_noise="counter", **options)
     print(f"{cfg!r}\n")
     model, x, y, loss_fn = make_case(args.model, batch)
     conv = args.model.startswith("resnet")
