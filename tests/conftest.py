@@ -75,8 +75,8 @@ def tvm_backend():
 
 
 # The longest instances of the per-example tests, kept out of the default run (`-m slow` runs
-# them): MobileNetV2's 51 sites take about 50 s through these two; its compile on the tvm
-# backend stays in the default run (test_tvm_fallbacks, test_examples, test_cli).
+# them): MobileNetV2's (51 sites) through these two; its compile on the tvm backend stays in the
+# default run (test_tvm_fallbacks, test_examples, test_cli).
 _SLOW_INSTANCES = {
     "test_quantized_training_step_runs_and_changes_output[mobilenetv2]",
     "test_full_precision_is_bit_identical[mobilenetv2]",

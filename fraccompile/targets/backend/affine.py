@@ -210,9 +210,9 @@ def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bo
     at those positions. Returns ``(len(t), *kernel)`` in ``t``'s dtype.
 
     Each tap's sum covers a box of ``t`` (per dim a range; strided in the image where the conv
-    has a stride): boxes are differences of float64 prefix sums, one dim at a time, for all taps
-    at once (exact for integer-valued ``t``); strided boxes are summed one strided slice per
-    tap."""
+    has a stride): on the CPU, boxes are differences of float64 prefix sums, one dim at a time,
+    for all taps at once (exact for integer-valued ``t``); strided boxes, and GPU tensors, are
+    summed one slice per tap."""
     n, pad, ks = spec.conv_dims, spec.gemm_padding(w_shape), w_shape[2:]
     ranges = []  # per dim: per tap, the range [lo, hi) of t's coordinates it sums (empty: lo == hi)
     for d in range(n):
@@ -227,7 +227,7 @@ def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bo
             else:
                 lo_hi.append((first + lo * st, first + hi * st + 1) if image else (lo, hi + 1))
         ranges.append((lo_hi, st if image else 1, size))
-    if any(st != 1 for _, st, _ in ranges):
+    if any(st != 1 for _, st, _ in ranges) or t.device.type != "cpu":  # (no host index on a GPU)
         return _tap_sums_sliced(t, ranges, ks)
     # separably, per spatial dim: prefix sums along it, then each tap's range as the difference
     # of two of them (float64: exact for integer-valued t); a dim's taps replace its extent
