@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import statistics
 import time
 
@@ -30,7 +29,7 @@ import fraccompile.targets.backend  # noqa: F401  isort: skip  (sets TVM's threa
 
 import torch
 from _common import header, print_table
-from fractrain_step import make_case  # the same models, inputs and losses
+from fractrain_step import build, make_case  # the same models, inputs, losses and baselines
 from torch.profiler import profile
 
 import fraccompile
@@ -113,13 +112,10 @@ def main() -> None:
     cfg = fraccompile.FracConfig(a=8, w=8, g=8, backend="tvm", rounding_noise="counter", **options)
     print(f"{cfg!r}\n")
     model, x, y, loss_fn = make_case(args.model, batch)
-    conv = args.model.startswith("resnet")
-    base = copy.deepcopy(model)
-    xb = x
-    if conv:
-        base, xb = base.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    baseline = "fp32-cl" if args.model.startswith("resnet") else "fp32"
+    base, xb, _ = build(args.model, baseline, model, x, {})  # a copy, channels-last for convnets
     fm = fraccompile.compile(model, x, config=cfg)
-    cases = {"fp32-cl" if conv else "fp32": (base, xb), "tvm": (fm, x)}
+    cases = {baseline: (base, xb), "tvm": (fm, x)}
     steps = {}
     for name, (m, inp) in cases.items():
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)

@@ -529,6 +529,8 @@ def test_padded_planes_kernel_equals_the_torch_copy(monkeypatch, tvm_backend, hw
     got = tvm_backend._padded_codes("xt", shape, 2, pad, nhwc.permute(0, 3, 1, 2), flip).clone()
     assert torch.equal(got, expect) and kinds == ["pad_planes"]
     kinds.clear()
+    # junk in the interior the torch route must overwrite (the border stays valid)
+    tvm_backend.scratch("xt", shape, torch.uint8)[:, :, ph : ph + H, pw : pw + W].fill_(0x55)
     dense = tvm_backend._padded_codes("xt", shape, 2, pad, nhwc.permute(0, 3, 1, 2).contiguous(), flip)
     assert torch.equal(dense, expect) and kinds == []
 

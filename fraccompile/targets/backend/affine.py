@@ -216,7 +216,7 @@ def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bo
     n, pad, ks = spec.conv_dims, spec.gemm_padding(w_shape), w_shape[2:]
     ranges = []  # per dim: per tap, the range [lo, hi) of t's coordinates it sums (empty: lo == hi)
     for d in range(n):
-        st, size = spec.stride[d], t.shape[1 + d]
+        st = spec.stride[d]
         lo_hi = []
         for tap in range(ks[d]):
             first = tap * spec.dilation[d] - pad[d]
@@ -226,13 +226,13 @@ def _tap_sums(spec: SiteSpec, t: torch.Tensor, in_sp, out_sp, w_shape, image: bo
                 lo_hi.append((0, 0))
             else:
                 lo_hi.append((first + lo * st, first + hi * st + 1) if image else (lo, hi + 1))
-        ranges.append((lo_hi, st if image else 1, size))
-    if any(st != 1 for _, st, _ in ranges) or t.device.type != "cpu":  # (no host index on a GPU)
+        ranges.append((lo_hi, st if image else 1))
+    if any(st != 1 for _, st in ranges) or t.device.type != "cpu":  # (no host index on a GPU)
         return _tap_sums_sliced(t, ranges, ks)
     # separably, per spatial dim: prefix sums along it, then each tap's range as the difference
     # of two of them (float64: exact for integer-valued t); a dim's taps replace its extent
     out = t.double()
-    for d, (lo_hi, _, _) in enumerate(ranges):
+    for d, (lo_hi, _) in enumerate(ranges):
         lo, hi = _range_index(tuple(lo_hi))
         P = torch.nn.functional.pad(out.cumsum(1 + d), [0, 0] * (n - 1 - d) + [1, 0])
         out = P.index_select(1 + d, hi).sub_(P.index_select(1 + d, lo))
@@ -246,7 +246,8 @@ def _range_index(lo_hi: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _tap_sums_sliced(t: torch.Tensor, ranges, ks) -> torch.Tensor:
-    """:func:`_tap_sums` over strided ranges, one strided slice sum per tap."""
+    """:func:`_tap_sums` over ``ranges`` (per dim: per tap ``(lo, hi)``, and the step), one
+    strided slice sum per tap."""
     n = len(ks)
     out = t.new_zeros((t.shape[0], *ks))
     for tap in itertools.product(*(range(k) for k in ks)):
