@@ -4,6 +4,7 @@ tracker."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import subprocess
@@ -219,6 +220,15 @@ def test_manifest_describes_every_kernel(exported):
     assert info["tvm"] == tvm.__version__
     kinds = {k["kind"] for k in manifest["kernels"]}
     assert kinds >= {"gemm", "conv", "gc", "quantize", "pack_a", "pack_b", "pack_conv_a", "pack_conv_b"}
+    from fraccompile.targets.runtime.host import detect
+
+    # the linears' forward dequantizes in the GEMM's write-back (on VNNI hosts)
+    assert ("gemm_dq" in kinds) == (detect().isa == "avx512-vnni")
+    fused = collections.Counter(
+        (s["site"], s["role"]) for k in manifest["kernels"] if k["kind"] == "gemm_dq" for s in k["sites"]
+    )
+    if fused:  # either sign of A (another batch may be unsigned): 4 rows (tile 4x2) and 4 + 1 (6x2)
+        assert fused[("proj", "fw")] == 2
     for kind, role in (("conv", "fw"), ("gc", "gc")):
         convs = [k for k in manifest["kernels"] if k["kind"] == kind]
         assert {s["role"] for k in convs for s in k["sites"]} == {role}

@@ -92,6 +92,61 @@ def test_gemm_f32_adds_a_rank_one_term_in_the_epilogue(tvm_backend, monkeypatch,
     assert ((plain.double() - exact).abs() <= 1e-6 * exact.abs() + 1e-4).all()
 
 
+@pytest.mark.parametrize(
+    "g,m,n,k", [(1, 8, 32, 40), (2, 12, 64, 100), (3, 3, 16, 7), (1, 64, 48, 1000), (2, 64, 32, 50)]
+)
+@pytest.mark.parametrize(
+    "a_dtype,b_dtype",
+    [
+        (torch.uint8, torch.int8),
+        (torch.int8, torch.int8),
+        (torch.uint8, torch.uint8),
+        (torch.int8, torch.uint8),
+    ],
+)
+@pytest.mark.parametrize("row_term,transposed", [(False, False), (True, False), (True, True)])
+def test_gemm_with_the_dequantize_in_its_write_back_is_bit_identical(
+    tvm_backend, monkeypatch, g, m, n, k, a_dtype, b_dtype, row_term, transposed
+):
+    """Where the tile pads no column, ``gemm_f32`` on a VNNI host is one ``gemm_dq`` kernel (sign
+    corrections from the operands' row sums, not ones rows; padded rows dropped): the same bits as
+    the GEMM then the dequantize pass, for every sign combination, with a rank-one term, on
+    transposed views. Padded columns, and several groups with padded rows or transposed operands,
+    keep the two passes."""
+    from fraccompile.targets.backend import gemm_runtime
+
+    gen = torch.Generator().manual_seed(g * 7 + m + n + k)
+    if transposed:
+        a, b = _codes((g, k, m), a_dtype, gen).mT, _codes((g, k, n), b_dtype, gen).mT
+    else:
+        a, b = _codes((g, m, k), a_dtype, gen), _codes((g, n, k), b_dtype, gen)
+    scale, bias = torch.rand(n, generator=gen) + 0.5, torch.randn(n, generator=gen) * 10
+    term = (torch.randn(g, m, generator=gen) * 100, torch.randn(n, generator=gen)) if row_term else None
+    kinds = []
+    kernel = type(tvm_backend).kernel
+    monkeypatch.setattr(
+        type(tvm_backend), "kernel", lambda self, ref: kinds.append(ref.kind) or kernel(self, ref)
+    )
+    got = tvm_backend.gemm_f32(a, b, scale, bias, row_term=term)
+    signed_a = a_dtype == torch.int8  # its tile is that of the problem with a ones row more
+    padded_rows = tvm_backend.kernels.gemm_shape(g, m + signed_a, n, k).m != m
+    sums = a_dtype == torch.int8 or b_dtype == torch.uint8  # sign corrections: an operand's row sums
+    fused = tvm_backend._vnni and not (g > 1 and (transposed and sums or padded_rows))  # a copy, strided rows
+    assert ("gemm_dq" in kinds) == fused and ("dequant" in kinds) != fused
+    monkeypatch.setattr(gemm_runtime.IntegerGemms, "_gemm_dq", lambda self, *args: None)
+    assert torch.equal(got, tvm_backend.gemm_f32(a, b, scale, bias, row_term=term))
+    exact = (a.long() @ b.long().mT).double() * scale.double() + bias.double()
+    want = exact + (term[0].double().unsqueeze(-1) * term[1].double() if row_term else 0)
+    assert ((got.double() - want).abs() <= 1e-6 * exact.abs() + 1e-4).all()
+    monkeypatch.undo()
+    kinds.clear()
+    monkeypatch.setattr(
+        type(tvm_backend), "kernel", lambda self, ref: kinds.append(ref.kind) or kernel(self, ref)
+    )
+    tvm_backend.gemm_f32(a, _codes((g, n + 1, k), b_dtype, gen), scale[:1])  # n + 1 pads the tile
+    assert "gemm_dq" not in kinds and "dequant" in kinds
+
+
 def test_gemm_non_contiguous_operands(tvm_backend):
     gen = torch.Generator().manual_seed(1)
     a = _codes((2, 40, 30), torch.int8, gen)

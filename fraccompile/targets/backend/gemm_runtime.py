@@ -19,9 +19,9 @@ import math
 import torch
 
 from ...ops.spec import SiteSpec
-from ..kernels import conv
+from ..kernels import conv, gemm
 from ..runtime.library import KernelRef
-from .affine import _channel_sums, _out_sizes
+from .affine import _channel_sums, _exact_sums, _out_sizes
 from .codes import IntCodes, _jit_kernel, _serial
 
 MAX_K = 65_536  # |C'| <= 255·128·K must stay below 2**31
@@ -75,6 +75,9 @@ class IntegerGemms:
             return _dequantize(c, scale, bias, out, row_term)
         if offsets is not None and any(o is not None for o in offsets):
             raise ValueError("device code offsets on CPU tensors")
+        y = self._gemm_dq(a, b, scale, bias, out, row_term)
+        if y is not None:
+            return y
         return self._gemm(
             *a.shape[:2],
             *self._a_packer(a),
@@ -82,6 +85,55 @@ class IntegerGemms:
             *self._b_packer(b),
             dequant=(scale, bias, out, row_term),
         )
+
+    def _gemm_dq(self, a, b, scale, bias, out, row_term) -> torch.Tensor | None:
+        """:meth:`gemm_f32` on the CPU as one kernel, the dequantize in the GEMM's write-back
+        (:func:`..kernels.gemm.definition`'s epilogue), where it applies: an AVX-512 VNNI host, a
+        reduction within the exact-sum limit, and a tile that pads no column. Where the tile pads
+        rows, the kernel writes a taller output whose first ``M`` rows are returned (one group and
+        no ``out`` only, so the result stays contiguous). The sign corrections come from the
+        operands' row sums instead of ones rows in the product. None where it does not apply."""
+        G, M, K = a.shape
+        N = b.shape[1]
+        a_shift, b_shift = (128 if a.dtype == torch.int8 else 0), (128 if b.dtype == torch.uint8 else 0)
+        if not self._vnni or K > (MAX_K_UNSIGNED if b_shift and not a_shift else MAX_K):
+            return None
+        # the tile of the problem the int32 path runs for a signed A (a ones row more): A is
+        # copied to flip its signs either way, so a tile that pads rows costs no extra copy, and
+        # tuned tiles carry over
+        problem = (G, M + 1 if a_shift else M, N, K)
+        if self.recorder is not None:  # noted with the true M: export builds it for either sign
+            # of A (another batch's codes may be unsigned) at its provider's tiles
+            # (:func:`..tools.export.kernel_refs`)
+            self.recorder.problem(problem, [(G, M, N, K), (G, M + 1, N, K)], self.where)
+            true = gemm.GemmShape(G, M, N, K, gemm.default_tile(M, N, K))
+            self.recorder.kernel(KernelRef.gemm_dq(true, row_term is not None), self.where)
+        shape = self.kernels.gemm_shape(*problem, where=self.where)
+        Mp = shape.m
+        if shape.n != N or (Mp != M and (G > 1 or out is not None)):
+            return None
+        # C' = sum (a + α)(b - β) = C - β·Σa + α·Σb - αβK: add back β·Σa per row, -α·(Σb - βK) per column
+        a_sums = _row_sums(a, self.kernel) if b_shift else None
+        b_sums = _row_sums(b, self.kernel) if a_shift else None
+        if (b_shift and a_sums is None) or (a_shift and b_sums is None):
+            return None  # the ones rows give these sums for free
+        _, pack_a = self._a_packer(a)
+        _, pack_b = self._b_packer(b)
+        A, Bp = pack_a(0, K, Mp, shape.k), pack_b(0, K, N, shape.k)
+        rc = torch.zeros((G, Mp), dtype=torch.int32)
+        if b_shift:
+            rc[:, :M] = a_sums.mul_(b_shift)
+        cc = (b_sums - b_shift * K).mul_(-a_shift) if a_shift else torch.zeros((G, N), dtype=torch.int32)
+        scale = scale.reshape(-1).float().expand(N).contiguous()
+        bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
+        y = out if out is not None else torch.empty((G, Mp, N))
+        extra = ()
+        if row_term is not None:
+            p = torch.zeros((G, Mp))
+            p[:, :M] = row_term[0].reshape(G, M)
+            extra = (p, row_term[1].reshape(-1).float().expand(N).contiguous())
+        self.kernel(KernelRef.gemm_dq(shape, row_term is not None))(A, Bp, rc, cc, scale, bias, *extra, y)
+        return y if Mp == M else y[:, :M]
 
     def _gemm(
         self, G: int, M: int, a_shift: int, pack_a, N: int, K: int, b_shift: int, pack_b, dequant=None
@@ -333,6 +385,51 @@ class IntegerGemms:
         return b_shift, lambda k0, kc, np_, kp: _pack_b(
             b8[..., k0 : k0 + kc], b_shift, np_, kp, self.kernel, self.scratch
         )
+
+
+def _gemm_offset(q: IntCodes, lead, groups: bool = False) -> torch.Tensor | None:
+    """The GEMM operand's per-row code offset of ``q`` (a device offset, kept by
+    :func:`.codes.centered`; None for none): broadcast over the operand's leading dims ``lead``
+    (one value, or one per sample along dim 0) and shaped to the GEMM's ``(G, rows)``: the rows
+    (``groups`` False: ``(1, Π lead)``) or the groups (``groups``: ``(Π lead, 1)``, a matmul's
+    broadcast batch)."""
+    if not isinstance(q.offset, torch.Tensor):
+        return None
+    off = q.offset
+    if off.numel() == 1:
+        return off.reshape(1, 1)
+    lead = tuple(lead)
+    if groups and len(lead) != off.dim() - 2:  # the samples must lead the broadcast batch
+        raise ValueError(f"per-sample offsets {tuple(off.shape)} for a batch {lead}")
+    off = off.reshape(off.shape[: len(lead)] if off.dim() >= len(lead) else off.shape)
+    full = torch.broadcast_to(off.reshape(off.shape[0], *([1] * (len(lead) - 1))), lead).reshape(-1)
+    return full.reshape(-1, 1) if groups else full.reshape(1, -1)
+
+
+def _bcast_batch(x_shape, y_shape) -> tuple[int, ...]:
+    return tuple(torch.broadcast_shapes(tuple(x_shape[:-2]), tuple(y_shape[:-2])))
+
+
+def _matmul_batches(x: torch.Tensor, y: torch.Tensor):
+    """``x (..., M, K)`` and ``y (..., K, N)`` broadcast and flattened to ``(G, M, K)``,
+    ``(G, K, N)``; also returns the batch shape."""
+    if x.dim() < 2 or y.dim() < 2:
+        raise ValueError("matmul kernels need operands of at least 2 dimensions")
+    batch = _bcast_batch(x.shape, y.shape)
+    xb = x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+    yb = y.expand(*batch, *y.shape[-2:]).reshape(-1, *y.shape[-2:])
+    return xb, yb, batch
+
+
+def _row_sums(t: torch.Tensor, kernel) -> torch.Tensor | None:
+    """``Σ_k t[g, r, k]`` of byte codes ``t (G, R, K)`` as int32 ``(G, R)``, where one sums-kernel
+    pass over the codes gives it: ``t`` dense, or one group's transposed view (column sums); else
+    None (it would take a copy)."""
+    if t.is_contiguous():
+        return _exact_sums(t, [2], torch.int32, kernel)
+    if t.shape[0] == 1 and t.mT.is_contiguous():
+        return _exact_sums(t.mT[0], [0], torch.int32, kernel).unsqueeze(0)
+    return None
 
 
 def _conv2d_geometry(spec: SiteSpec, xl: torch.Tensor, w_shape) -> tuple[int, ...]:

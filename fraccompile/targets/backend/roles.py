@@ -50,7 +50,7 @@ from .codes import (
     signed_b,
     split_codes,
 )
-from .gemm_runtime import MAX_K_UNSIGNED
+from .gemm_runtime import MAX_K_UNSIGNED, _bcast_batch, _gemm_offset, _matmul_batches
 
 
 class SiteRoles:
@@ -312,6 +312,24 @@ class SiteRoles:
                     return None
                 dx = d if dx is None else dx.add_(d)
             return dx.mul_(dyq.scale) if dyq.per_row else dx
+        one_pass = len(parts) == 1 and not dyq.per_row and not self.on_gpu(dyq.codes)
+        if spec.kind == "linear" and (wq.has_zero or dyq.has_zero) and one_pass:
+            # the zero points' terms in the dequantize pass, as in :meth:`fw`: zw's rank one
+            # sd·(dy's code sums)·zw, and zd·Σ_n w per column as the bias
+            N = w_shape[0]
+            term = None
+            if wq.has_zero:
+                sums = _code_sums(dyq.codes, -1, self.quantize_kernel(dyq.codes)).reshape(1, -1)
+                term = (sums.mul_(dyq.scale), wq.zero.reshape(-1))
+            d = self.gemm_f32(
+                parts[0].codes.reshape(1, -1, N),
+                wq.codes.t().unsqueeze(0),
+                parts[0].scale * wq.scale.reshape(-1),
+                wq.dequantize().sum(0) * dyq.zero if dyq.has_zero else None,
+                offsets=(None, _gemm_offset(wq, ())),
+                row_term=term,
+            )
+            return d.reshape(*dyq.codes.shape[:-1], -1)
         for part in parts:
             if spec.kind == "matmul":
                 dyb, yb, batch = _matmul_batches(part.codes, wq.codes)
@@ -525,40 +543,6 @@ def _group_codes(q: IntCodes, rows: torch.Tensor, scale: torch.Tensor) -> IntCod
     return IntCodes(
         _take_rows(q.codes, rows), scale.reshape(1), q.signed, q.zero, _row_value(q.qmax, rows), q.offset
     )
-
-
-def _gemm_offset(q: IntCodes, lead, groups: bool = False) -> torch.Tensor | None:
-    """The GEMM operand's per-row code offset of ``q`` (a device offset, kept by
-    :func:`.codes.centered`; None for none): broadcast over the operand's leading dims ``lead``
-    (one value, or one per sample along dim 0) and shaped to the GEMM's ``(G, rows)``: the rows
-    (``groups`` False: ``(1, Π lead)``) or the groups (``groups``: ``(Π lead, 1)``, a matmul's
-    broadcast batch)."""
-    if not isinstance(q.offset, torch.Tensor):
-        return None
-    off = q.offset
-    if off.numel() == 1:
-        return off.reshape(1, 1)
-    lead = tuple(lead)
-    if groups and len(lead) != off.dim() - 2:  # the samples must lead the broadcast batch
-        raise ValueError(f"per-sample offsets {tuple(off.shape)} for a batch {lead}")
-    off = off.reshape(off.shape[: len(lead)] if off.dim() >= len(lead) else off.shape)
-    full = torch.broadcast_to(off.reshape(off.shape[0], *([1] * (len(lead) - 1))), lead).reshape(-1)
-    return full.reshape(-1, 1) if groups else full.reshape(1, -1)
-
-
-def _bcast_batch(x_shape, y_shape) -> tuple[int, ...]:
-    return tuple(torch.broadcast_shapes(tuple(x_shape[:-2]), tuple(y_shape[:-2])))
-
-
-def _matmul_batches(x: torch.Tensor, y: torch.Tensor):
-    """``x (..., M, K)`` and ``y (..., K, N)`` broadcast and flattened to ``(G, M, K)``,
-    ``(G, K, N)``; also returns the batch shape."""
-    if x.dim() < 2 or y.dim() < 2:
-        raise ValueError("matmul kernels need operands of at least 2 dimensions")
-    batch = _bcast_batch(x.shape, y.shape)
-    xb = x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
-    yb = y.expand(*batch, *y.shape[-2:]).reshape(-1, *y.shape[-2:])
-    return xb, yb, batch
 
 
 def _weight_rows(codes: torch.Tensor, groups: int) -> torch.Tensor:

@@ -5,6 +5,11 @@ callers keep ``K`` under 2**31 / (255·128)). ``B`` is passed packed as ``(G, N/
 the layout the 16x4 VNNI instruction reads in one load. Shapes are padded to the tile sizes by the
 caller (zeros in A and B add nothing), so one kernel is built per padded shape and tile.
 
+With an ``epilogue`` (:func:`definition`) the kernel writes the dequantized fp32 product instead of
+the int32 one: the backend's dequantize pass
+(:func:`fraccompile.targets.kernels.quantize.dequant_definition`, the same expression) applied to
+the accumulators as they leave the registers, so the int32 product never goes to memory.
+
 Schedule (VNNI): the ``m`` axis in blocks of ``mb`` rows and ``n`` in ``nb`` vectors of 16, so the
 ``mb × nb`` int32x16 accumulators live in registers (24 of the 32 zmm registers at 6×4); ``k`` in
 blocks of ``kb`` (32: it led 6x4x64 in same-run sweeps on 1024³; the machine's speed drifts
@@ -85,7 +90,17 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def definition(shape: GemmShape):
+EPILOGUES = ("dq", "dqz")
+
+
+def definition(shape: GemmShape, epilogue: str | None = None):
+    """``main(A, B, C)``: the int32 product. ``epilogue`` ``"dq"``: ``main(A, B, rc, cc, scale,
+    bias, Y)`` with ``Y[g, m, n] = float(C[g, m, n] + rc[g, m] + cc[g, n]) · scale[n] + bias[n]``
+    (fp32; ``rc``/``cc`` int32 sign corrections, ``scale``/``bias`` per column); ``"dqz"``: also
+    ``+ p[g, m]·t[n]`` before the bias (``main(A, B, rc, cc, scale, bias, p, t, Y)``), an ``sbm``
+    weight zero point's term. ``Y`` has the padded shape: the caller keeps the rows it asked for."""
+    if epilogue is not None and epilogue not in EPILOGUES:
+        raise ValueError(f"GEMM epilogue {epilogue!r}: choose one of {EPILOGUES}")
     g, m, n, k = shape.groups, shape.m, shape.n, shape.k
     A = te.placeholder((g, m, k), "uint8", name="A")
     B = te.placeholder((g, n // 16, k // 4, 16, 4), "int8", name="B")
@@ -97,12 +112,32 @@ def definition(shape: GemmShape):
         ),
         name="C",
     )
-    return te.create_prim_func([A, B, C]).with_attr("global_symbol", "main")
+    if epilogue is None:
+        return te.create_prim_func([A, B, C]).with_attr("global_symbol", "main")
+    rc = te.placeholder((g, m), "int32", name="rc")
+    cc = te.placeholder((g, n), "int32", name="cc")
+    scale = te.placeholder((n,), "float32", name="scale")
+    bias = te.placeholder((n,), "float32", name="bias")
+    extra, term = [], None
+    if epilogue == "dqz":
+        p = te.placeholder((g, m), "float32", name="p")
+        t = te.placeholder((n,), "float32", name="t")
+        extra, term = [p, t], lambda b, i, j: p[b, i] * t[j]
+
+    def value(b, i, j):  # the order of quantize.dequant_definition's expression: the same bits
+        y = (C[b, i, j] + rc[b, i] + cc[b, j]).astype("float32") * scale[j]
+        return (y if term is None else y + term(b, i, j)) + bias[j]
+
+    Y = te.compute((g, m, n), value, name="Y")
+    return te.create_prim_func([A, B, rc, cc, scale, bias, *extra, Y]).with_attr("global_symbol", "main")
 
 
-def schedule(shape: GemmShape, isa: str) -> s_tir.Schedule:
+def schedule(shape: GemmShape, isa: str, epilogue: str | None = None) -> s_tir.Schedule:
+    """The scheduled GEMM (``epilogue``: see :func:`definition`; VNNI only)."""
     t = shape.tile
-    sch = s_tir.Schedule(definition(shape))
+    if epilogue is not None and isa != "avx512-vnni":
+        raise ValueError(f"the GEMM with a dequantize epilogue is built for avx512-vnni, not {isa}")
+    sch = s_tir.Schedule(definition(shape, epilogue))
     blk = sch.get_sblock("C")
     b, i, j, kk = sch.get_loops(blk)
     io, ii = sch.split(i, [None, t.mb])
@@ -110,7 +145,7 @@ def schedule(shape: GemmShape, isa: str) -> s_tir.Schedule:
     ko, kin, ki = sch.split(kk, [None, t.kb // 4, 4])
     sch.reorder(b, jo, io, ko, kin, ii, jn, ji, ki)
     if isa == "avx512-vnni":
-        vnni_block(sch, ji, io, (b, jo, io), ko, (jn, ii))
+        vnni_block(sch, ji, io, (b, jo, io), ko, (jn, ii), epilogue="Y" if epilogue else None)
     else:  # no integer dot instruction: k outside, LLVM vectorizes the 16 contiguous lanes of n
         sch.reorder(b, jo, io, ko, kin, ki, ii, jn, ji)
         sch.parallel(sch.fuse(b, jo, io))

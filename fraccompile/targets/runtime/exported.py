@@ -291,6 +291,7 @@ class ExportedKernels:
 
 
 _KIND_NAMES = {
+    "gemm_dq": "the GEMM with its dequantize epilogue",
     "conv": "the implicit-GEMM conv forward",
     "conv_dq": "the implicit-GEMM conv forward with its dequantize epilogue",
     "conv_dqz": "the implicit-GEMM conv forward with its dequantize epilogue and a weight zero point's term",

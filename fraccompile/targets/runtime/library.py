@@ -1,6 +1,7 @@
 """Every kernel the ``tvm`` backend calls, by name, and where the compiled code comes from.
 
-A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile, the
+A :class:`KernelRef` names one distinct kernel: an integer GEMM of one padded shape and tile (with
+or without its dequantize in the write-back), the
 quantizer of one dtype and rounding mode (per tensor, or per sample), the dequantize epilogue (of
 a GEMM's int32 product, or of a tensor's codes), an operand pack kernel of one layout, the
 sub-byte (un)packer of saved codes of one width, the exact column sums of byte codes, the gate
@@ -30,6 +31,7 @@ from .host import HostTarget, detect
 
 KINDS = (
     "gemm",
+    "gemm_dq",
     "conv",
     "conv_dq",
     "conv_dqz",
@@ -101,6 +103,12 @@ class KernelRef:
         return cls("gemm", (shape.groups, shape.m, shape.n, shape.k, t.mb, t.nb, t.kb))
 
     @classmethod
+    def gemm_dq(cls, shape: gemm.GemmShape, row_term: bool = False) -> KernelRef:
+        """The GEMM of ``shape`` writing its dequantized fp32 product (:func:`..kernels.gemm.definition`'s
+        ``"dq"`` epilogue, ``"dqz"`` with a ``row_term``)."""
+        return cls("gemm_dq", (*cls.gemm(shape).args, "dqz" if row_term else "dq"))
+
+    @classmethod
     def quantize(cls, dtype: str, stochastic: bool, noise: str = "torch", serial: bool = False) -> KernelRef:
         """The quantizer to ``dtype``; stochastic rounding reads drawn noise (``"torch"``) or
         computes it (``"counter"``)."""
@@ -110,13 +118,15 @@ class KernelRef:
 
     @property
     def gemm_shape(self) -> gemm.GemmShape:
-        g, m, n, k, mb, nb, kb = self.args
+        g, m, n, k, mb, nb, kb = self.args[:7]
         return gemm.GemmShape(g, m, n, k, gemm.Tile(mb, nb, kb))
 
     @property
     def name(self) -> str:
         if self.kind == "gemm":
             return self.gemm_shape.name
+        if self.kind == "gemm_dq":
+            return f"{self.gemm_shape.name}_{self.args[7]}"
         serial = ["serial"] if self.serial else []
         if self.kind == "quantize":
             dtype, stochastic, *noise = self.args
@@ -126,6 +136,8 @@ class KernelRef:
     def schedule(self, isa: str):
         if self.kind == "gemm":
             return gemm.schedule(self.gemm_shape, isa)
+        if self.kind == "gemm_dq":
+            return gemm.schedule(self.gemm_shape, isa, self.args[7])
         return _BUILDERS[self.kind](*self.args, **self._parallel)
 
     @property
@@ -181,8 +193,9 @@ SERIAL_KINDS = (
 # The kernels of one shape that the backend's kernel getter records by name for export, with the
 # site and role that asked: implicit convs, weight-gradient convs and their padded planes, row
 # sums (the GEMMs and conv packers are recorded as problems and geometries, whose kernels export
-# re-derives per tile and sign variant)
-RECORDED_KINDS = ("conv", "conv_dq", "conv_dqz", "gc", "row_sums", "pad_planes")
+# re-derives per tile and sign variant; so are the GEMMs with a dequantize epilogue, whose tile
+# export re-derives too)
+RECORDED_KINDS = ("gemm_dq", "conv", "conv_dq", "conv_dqz", "gc", "row_sums", "pad_planes")
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
 _PARALLEL = (
     [KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
@@ -224,7 +237,7 @@ class Recorder:
 
     def problem(self, key, variants, where) -> None:
         self.problems.setdefault(key, set()).add(where)
-        self.variants[key] = tuple(sorted(set(variants) | {key}))
+        self.variants[key] = tuple(sorted(set(variants) | set(self.variants.get(key, ())) | {key}))
 
     def kernel(self, ref, where) -> None:
         """A kernel whose arguments do not depend on a GEMM tile (the implicit-GEMM convs, the

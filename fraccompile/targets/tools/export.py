@@ -96,6 +96,13 @@ def kernel_refs(rec: Recorder, provider) -> dict[KernelRef, dict]:
             else:
                 add(KernelRef("pack_conv_b", (*geo, k0, kc, shape.n // 16, shape.k // 4)), where)
     for ref, where in rec.kernels.items():
+        if ref.kind == "gemm_dq":  # noted with the problem's true M: for either sign of A, at the
+            G, M, N, K = ref.args[:4]  # tile ``provider`` picks, where the backend would run it
+            for rows in (M, M + 1):  # (a signed A's tile is its problem's with a ones row more)
+                shape = provider.gemm_shape(G, rows, N, K)
+                if shape.n == N and (shape.m == M or G == 1):
+                    add(KernelRef.gemm_dq(shape, ref.args[7] == "dqz"), where)
+            continue
         add(ref, where)
     for ref in GENERIC:
         add(ref, ())
@@ -124,6 +131,19 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
             },
             tile=[s.tile.mb, s.tile.nb, s.tile.kb],
             problems=[list(p) for p in sorted(info["problems"])],
+        )
+    elif ref.kind == "gemm_dq":
+        s = ref.gemm_shape
+        entry.update(
+            dtypes=DTYPES + "->f32",
+            precision="1..8 bits (u8/s8 codes)",
+            shapes={
+                "A": [s.groups, s.m, s.k],
+                "B": [s.groups, s.n // 16, s.k // 4, 16, 4],
+                "Y": [s.groups, s.m, s.n],
+            },
+            tile=[s.tile.mb, s.tile.nb, s.tile.kb],
+            epilogue=ref.args[7],
         )
     elif ref.kind in ("conv", "conv_dq", "conv_dqz", "gc"):
         dtypes = DTYPES + ("->f32" if ref.kind in ("conv_dq", "conv_dqz") else "")
