@@ -59,10 +59,10 @@ def sdpa_reference(
     if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
         k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
         v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
-    s = qk(q, k.transpose(-2, -1), prec_qk) * factor
+    s = qk(q, k.transpose(-2, -1), prec_qk) * factor  # a fresh tensor: masked in place
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~causal, float("-inf"))
+        s.masked_fill_(~causal, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             s = s.masked_fill(~attn_mask, float("-inf"))

@@ -98,10 +98,10 @@ class IntegerGemms:
         a_shift, b_shift = (128 if a.dtype == torch.int8 else 0), (128 if b.dtype == torch.uint8 else 0)
         if not self._vnni or K > (MAX_K_UNSIGNED if b_shift and not a_shift else MAX_K):
             return None
-        # the tile of the problem the int32 path runs for a signed A (a ones row more): A is
-        # copied to flip its signs either way, so a tile that pads rows costs no extra copy, and
-        # tuned tiles carry over
-        problem = (G, M + 1 if a_shift else M, N, K)
+        # one group: the tile of the problem the int32 path runs for a signed A (a ones row
+        # more; A is copied to flip its signs either way, so a tile that pads rows costs no extra
+        # copy, and tuned tiles carry over); several: the problem's own, which must pad no row
+        problem = (G, M + 1 if a_shift and G == 1 else M, N, K)
         if self.recorder is not None:  # noted with the true M: export builds it for either sign
             # of A (another batch's codes may be unsigned) at its provider's tiles
             # (:func:`..tools.export.kernel_refs`)
