@@ -192,9 +192,9 @@ SERIAL_KINDS = (
 )
 # The kernels of one shape that the backend's kernel getter records by name for export, with the
 # site and role that asked: implicit convs, weight-gradient convs and their padded planes, row
-# sums (the GEMMs and conv packers are recorded as problems and geometries, whose kernels export
-# re-derives per tile and sign variant; so are the GEMMs with a dequantize epilogue, whose tile
-# export re-derives too)
+# sums, and the GEMMs with a dequantize epilogue (noted with their problem's own sizes: export
+# picks the tile for each sign of A). The plain GEMMs and conv packers are recorded as problems
+# and geometries, whose kernels export re-derives per tile and sign variant.
 RECORDED_KINDS = ("gemm_dq", "conv", "conv_dq", "conv_dqz", "gc", "row_sums", "pad_planes")
 # The symbolic-shape kernels every model may call, whatever its shapes, in both forms.
 _PARALLEL = (
