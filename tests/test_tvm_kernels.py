@@ -15,6 +15,15 @@ from fraccompile.targets import tvm_unavailable_reason
 pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
 
 
+# the GEMM operands' code dtypes: every combination of signs
+SIGNS = [
+    (torch.uint8, torch.int8),
+    (torch.int8, torch.int8),
+    (torch.uint8, torch.uint8),
+    (torch.int8, torch.uint8),
+]
+
+
 def _codes(shape, dtype, gen):
     lo, hi = (0, 256) if dtype == torch.uint8 else (-127, 128)
     return torch.randint(lo, hi, shape, generator=gen).to(dtype)
@@ -24,15 +33,7 @@ def _codes(shape, dtype, gen):
     "g,m,n,k",
     [(1, 1, 1, 1), (1, 7, 5, 3), (2, 37, 50, 23), (3, 64, 48, 96), (1, 130, 17, 257), (4, 5, 33, 1000)],
 )
-@pytest.mark.parametrize(
-    "a_dtype,b_dtype",
-    [
-        (torch.uint8, torch.int8),
-        (torch.int8, torch.int8),
-        (torch.uint8, torch.uint8),
-        (torch.int8, torch.uint8),
-    ],
-)
+@pytest.mark.parametrize("a_dtype,b_dtype", SIGNS)
 def test_gemm_is_exact(tvm_backend, g, m, n, k, a_dtype, b_dtype):
     gen = torch.Generator().manual_seed(g * 1000 + m + n + k)
     a, b = _codes((g, m, k), a_dtype, gen), _codes((g, n, k), b_dtype, gen)
@@ -42,15 +43,7 @@ def test_gemm_is_exact(tvm_backend, g, m, n, k, a_dtype, b_dtype):
 
 
 @pytest.mark.parametrize("g,m,n,k", [(1, 7, 5, 3), (2, 37, 50, 23), (1, 130, 17, 257)])
-@pytest.mark.parametrize(
-    "a_dtype,b_dtype",
-    [
-        (torch.uint8, torch.int8),
-        (torch.int8, torch.int8),
-        (torch.uint8, torch.uint8),
-        (torch.int8, torch.uint8),
-    ],
-)
+@pytest.mark.parametrize("a_dtype,b_dtype", SIGNS)
 @pytest.mark.parametrize("per_column,bias", [(False, False), (True, True)])
 def test_gemm_f32_dequantizes_the_exact_product(tvm_backend, g, m, n, k, a_dtype, b_dtype, per_column, bias):
     """The fused epilogue (sign corrections, scale per column, bias) against the exact product
@@ -95,15 +88,7 @@ def test_gemm_f32_adds_a_rank_one_term_in_the_epilogue(tvm_backend, monkeypatch,
 @pytest.mark.parametrize(
     "g,m,n,k", [(1, 8, 32, 40), (2, 12, 64, 100), (3, 3, 16, 7), (1, 64, 48, 1000), (2, 64, 32, 50)]
 )
-@pytest.mark.parametrize(
-    "a_dtype,b_dtype",
-    [
-        (torch.uint8, torch.int8),
-        (torch.int8, torch.int8),
-        (torch.uint8, torch.uint8),
-        (torch.int8, torch.uint8),
-    ],
-)
+@pytest.mark.parametrize("a_dtype,b_dtype", SIGNS)
 @pytest.mark.parametrize("row_term,transposed", [(False, False), (True, False), (True, True)])
 def test_gemm_with_the_dequantize_in_its_write_back_is_bit_identical(
     tvm_backend, monkeypatch, g, m, n, k, a_dtype, b_dtype, row_term, transposed

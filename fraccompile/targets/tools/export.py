@@ -119,31 +119,19 @@ def _entry(ref: KernelRef, info: dict, target: str, host_key: str) -> dict:
         "source_hash": source_hash(),
         "sites": [{"site": s, "role": r} for s, r in sorted(w for w in info["where"] if w)],
     }
-    if ref.kind == "gemm":
-        s = ref.gemm_shape
+    if ref.kind in ("gemm", "gemm_dq"):
+        s, fused = ref.gemm_shape, ref.kind == "gemm_dq"
+        problems = [list(p) for p in sorted(info["problems"])]
         entry.update(
-            dtypes=DTYPES,
+            dtypes=DTYPES + ("->f32" if fused else ""),
             precision="1..8 bits (u8/s8 codes)",
             shapes={
                 "A": [s.groups, s.m, s.k],
                 "B": [s.groups, s.n // 16, s.k // 4, 16, 4],
-                "C": [s.groups, s.m, s.n],
+                "Y" if fused else "C": [s.groups, s.m, s.n],
             },
             tile=[s.tile.mb, s.tile.nb, s.tile.kb],
-            problems=[list(p) for p in sorted(info["problems"])],
-        )
-    elif ref.kind == "gemm_dq":
-        s = ref.gemm_shape
-        entry.update(
-            dtypes=DTYPES + "->f32",
-            precision="1..8 bits (u8/s8 codes)",
-            shapes={
-                "A": [s.groups, s.m, s.k],
-                "B": [s.groups, s.n // 16, s.k // 4, 16, 4],
-                "Y": [s.groups, s.m, s.n],
-            },
-            tile=[s.tile.mb, s.tile.nb, s.tile.kb],
-            epilogue=ref.args[7],
+            **({"epilogue": ref.args[7]} if fused else {"problems": problems}),
         )
     elif ref.kind in ("conv", "conv_dq", "conv_dqz", "gc"):
         dtypes = DTYPES + ("->f32" if ref.kind in ("conv_dq", "conv_dqz") else "")
