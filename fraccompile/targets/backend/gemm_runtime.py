@@ -124,14 +124,11 @@ class IntegerGemms:
         if b_shift:
             rc[:, :M] = a_sums.mul_(b_shift)
         cc = (b_sums - b_shift * K).mul_(-a_shift) if a_shift else torch.zeros((G, N), dtype=torch.int32)
-        scale = scale.reshape(-1).float().expand(N).contiguous()
-        bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
         y = out if out is not None else torch.empty((G, Mp, N))
-        extra = ()
-        if row_term is not None:
-            p = torch.zeros((G, Mp))
-            p[:, :M] = row_term[0].reshape(G, M)
-            extra = (p, row_term[1].reshape(-1).float().expand(N).contiguous())
+        if row_term is not None and Mp != M:  # the term's rows padded as the product's
+            p = row_term[0].reshape(G, M)
+            row_term = (torch.cat([p, p.new_zeros(G, Mp - M)], 1), row_term[1])
+        scale, bias, extra = _epilogue_args(scale, bias, row_term, G, Mp, N)
         self.kernel(KernelRef.gemm_dq(shape, row_term is not None))(A, Bp, rc, cc, scale, bias, *extra, y)
         return y if Mp == M else y[:, :M]
 
@@ -198,13 +195,8 @@ class IntegerGemms:
         """``out[g, m, n] = (C[g, m, n] + rc[g, m] + cc[g, n]) · scale[n] + bias[n]`` in fp32, one
         TVM kernel pass (``C`` may be padded past ``M`` and ``N``); ``row_term`` ``(p, t)`` adds
         ``p[g, m]·t[n]`` before the bias in the same pass."""
-        scale = scale.reshape(-1).float().expand(N).contiguous()
-        bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
+        scale, bias, extra = _epilogue_args(scale, bias, row_term, G, M, N)
         out = out if out is not None else torch.empty((G, M, N))
-        extra = ()
-        if row_term is not None:
-            p, t = row_term
-            extra = (p.float().reshape(G, M).contiguous(), t.reshape(-1).float().expand(N).contiguous())
         ref = KernelRef("dequant", ("rank1",) if extra else (), serial=_serial(G * M * N * 8))
         self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), scale, bias, *extra, out)
         return out
@@ -419,6 +411,17 @@ def _matmul_batches(x: torch.Tensor, y: torch.Tensor):
     xb = x.expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
     yb = y.expand(*batch, *y.shape[-2:]).reshape(-1, *y.shape[-2:])
     return xb, yb, batch
+
+
+def _epilogue_args(scale, bias, row_term, G: int, M: int, N: int) -> tuple:
+    """The dequantize epilogue's fp32 arguments: ``scale`` and ``bias`` per column, and
+    ``row_term`` ``(p (G, M), t)`` as ``(p, t per column)`` (empty without one)."""
+    scale = scale.reshape(-1).float().expand(N).contiguous()
+    bias = bias.float().contiguous() if bias is not None else scale.new_zeros(N)
+    if row_term is None:
+        return scale, bias, ()
+    p, t = row_term
+    return scale, bias, (p.float().reshape(G, M).contiguous(), t.reshape(-1).float().expand(N).contiguous())
 
 
 def _row_sums(t: torch.Tensor, kernel) -> torch.Tensor | None:
