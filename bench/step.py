@@ -7,6 +7,8 @@ update. Each (model, mode) runs in a fresh child process (``sys.executable``), w
 * step ms: the median over ``--repeats`` steps after 2 warm-up steps (the TVM kernels are built
   or loaded from the on-disk cache in the first one);
 * peak RSS: ``ru_maxrss`` of the child at the end (imports, model, warm-up and timed steps);
+* page faults per step (in the notes under the table): the child's minor faults (``ru_minflt``)
+  over the timed steps, per step: pages the kernel mapped in on first touch;
 * saved for backward: the bytes of the distinct storages autograd saves during one forward (and
   the loss), parameters excluded (``torch.autograd.graph.saved_tensors_hooks``).
 
@@ -23,9 +25,13 @@ sets an environment variable in every child, e.g. ``OMP_WAIT_POLICY=PASSIVE`` (t
 threads sleep instead of spinning between ops) or ``TVM_THREAD_POOL_SPIN_COUNT=300000`` (TVM's
 default spinning, which fraccompile turns off unless the variable is set) or
 ``FRACCOMPILE_THREADS=tvm`` (the kernels' parallel loops on TVM's thread pool instead of torch's
-OpenMP threads, see ``fraccompile/targets/runtime/threads.py``). ``--weight-scale
-tensor`` compiles the reference and tvm rows with ``FracConfig(weight_scale="tensor")`` (one
-weight range per tensor: the tvm backend's linear error backprop becomes an integer GEMM), and
+OpenMP threads, see ``fraccompile/targets/runtime/threads.py``), ``FRACCOMPILE_MALLOC=system`` (glibc's
+default thresholds in the tvm children too, see ``fraccompile/targets/runtime/memory.py``) or
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647`` (glibc keeps freed memory in
+every child, fp32 ones included: the like-for-like comparison, since a tvm child sets that
+itself). ``--weight-scale tensor`` compiles the reference and tvm rows with
+``FracConfig(weight_scale="tensor")`` (one weight range per tensor: the tvm backend's linear
+error backprop becomes an integer GEMM), and
 ``--rounding-noise torch|counter`` sets ``FracConfig.rounding_noise`` (default ``counter``, the
 library's: stochastic rounding's noise from a counter-based hash, which the tvm backend computes
 inside its quantize kernel; ``torch`` draws ``torch.rand``). ``--recompute
@@ -141,12 +147,17 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
         step()
         warm.append(1000 * (time.perf_counter() - t0))
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(1000 * (time.perf_counter() - t0))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     info.update(
-        step_ms=statistics.median(times), warmup_ms=warm, saved_mb=saved_bytes(model, x, y, loss_fn) / 2**20
+        step_ms=statistics.median(times),
+        warmup_ms=warm,
+        saved_mb=saved_bytes(model, x, y, loss_fn) / 2**20,
+        faults_per_step=faults / repeats,
     )
     if not mode.startswith("fp32"):
         sites = model.sites
@@ -171,6 +182,9 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
                 "loaded": sum(s.loaded - s.built for s in st),
                 "pool": threads.pool(),
             }
+    from fraccompile.targets.runtime import memory
+
+    info["freed_memory"] = memory.policy()
     info["rss_mb"] = peak_rss_mb()
     return info
 
@@ -308,6 +322,7 @@ def main() -> None:
                     f"{k['loaded']} loaded from the disk cache; parallel loops on "
                     f"{k['pool']}"
                 )
+            note += f"; page faults per step {r['faults_per_step']:.0f}; freed memory: {r['freed_memory']}"
             notes.append(note)
     print(
         f"median ms per step over {args.repeats} steps (after 2 warm-up steps); each row in a fresh process"

@@ -34,6 +34,7 @@ from ...ops.quantizers import (
     tensor_range,
     weight_range,
 )
+from ..runtime import memory
 from ..runtime.cache import KernelCache
 from ..runtime.library import RECORDED_KINDS, JitKernels, KernelRef, Recorder
 from .codes import _ZERO, IntCodes, _dense_perm, _row_codes, _serial, _to_codes
@@ -75,6 +76,7 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         self._cuda_quant = None  # the CUDA quantization kernels (runtime.cuda_quant.CudaQuant)
         self._local = threading.local()  # per-thread scratch buffers (see scratch())
         register_mask_grad(self.mask_grad)  # the backward of the ReLUs its graphs keep a mask for
+        memory.keep_freed_memory()  # the next step reuses this one's freed pages (once per process)
 
     def __reduce__(self):
         from ...ops.backend import get_backend

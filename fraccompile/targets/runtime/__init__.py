@@ -7,11 +7,12 @@ a run asks for), ``exported`` (the provider over an exported kernel library), ``
 tiles ``fraccompile tune`` chose), ``threads`` (the kernels' parallel loops on torch's OpenMP
 threads), ``cuda_driver`` (cubins launched through the CUDA driver API), ``cuda_conv`` (the
 implicit-GEMM conv launched the same way), ``cuda_epilogue`` (the dequantized GEMM in one fused
-kernel where it applies), ``cuda_quant`` (the CUDA quantization kernels, the same way).
+kernel where it applies), ``cuda_quant`` (the CUDA quantization kernels, the same way),
+``memory`` (freed memory kept for the next step: glibc's thresholds, set once per process).
 
 Imports: of ``fraccompile.targets`` only these modules and :mod:`..kernels`, never the backend or
 the tools. This file imports nothing, and none of ``threads``, ``cuda_driver``, ``cuda_conv``,
-``cuda_epilogue`` and ``cuda_quant`` imports tvm at import time.
+``cuda_epilogue``, ``cuda_quant`` and ``memory`` imports tvm at import time.
 """
 
 from __future__ import annotations
