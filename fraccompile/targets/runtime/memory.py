@@ -60,7 +60,7 @@ def keep_freed_memory() -> str:
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD):
             _state = f"kept (glibc heap up to {MMAP_THRESHOLD >> 20} MiB blocks, trimmed above 2 GiB free)"
-        else:  # (a preloaded allocator's mallopt, or an old glibc)
+        else:  # (a C library whose mallopt refuses these values)
             _state = "the C library's defaults (mallopt refused the thresholds)"
     log.debug("freed memory: %s", _state)
     return _state
