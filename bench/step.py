@@ -115,7 +115,7 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
 
     import fraccompile
     from fraccompile.ops.modules import FracOp
-    from fraccompile.targets.runtime import threads
+    from fraccompile.targets.runtime import memory, threads
 
     model, x, y, loss_fn = make_case(key)
     info: dict = {}
@@ -182,8 +182,6 @@ def child(key: str, mode: str, repeats: int, fields: dict | None = None) -> dict
                 "loaded": sum(s.loaded - s.built for s in st),
                 "pool": threads.pool(),
             }
-    from fraccompile.targets.runtime import memory
-
     info["freed_memory"] = memory.policy()
     info["rss_mb"] = peak_rss_mb()
     return info
