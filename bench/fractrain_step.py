@@ -31,7 +31,9 @@ defaults otherwise): ``sbm8`` static a/w/g 8/8/8 (which is also PFQ's last stage
 ``pfq4n`` the 4/6 stage with ``recompute="norms"`` (tvm only: backward recomputes BatchNorm inputs
 from the codes, the memory-lean setting), ``sbm8g`` and ``fractraing``: ``sbm8`` and ``fractrain``
 with ``weight_scale="gemm"`` (the error backprop reads the weight quantized per input channel: an
-integer GEMM on tvm), ``dfq`` (``pipeline="dfq"``, routed gates,
+integer GEMM on tvm), ``sbm8gk`` ``sbm8g`` with ``recompute_budget=1`` (tvm only: backward keeps
+the fp32 inputs of the activations after sites, a GELU's, instead of recomputing the site's GEMM;
+ReLUs keep their 1-byte masks), ``dfq`` (``pipeline="dfq"``, routed gates,
 ``DFQ(0.05)``: weights at 8 bits) and ``fractrain``
 (the same graph under ``FracTrain(0.045, 0.005)``, as ``fraccompile train --schedule fractrain``
 builds it). The gates choose per sample among FracTrain's 5 (a, g) candidates; here a forward hook
@@ -91,17 +93,19 @@ VARIANTS = {
     "fractrain": ("FracTrain routed", 8, 8, 8, "dfq"),
     "sbm8g": ("sbm 8/8/8, weight_scale gemm", 8, 8, 8, "default"),
     "fractraing": ("FracTrain routed, weight_scale gemm", 8, 8, 8, "dfq"),
+    "sbm8gk": ("sbm 8/8/8, gemm, recompute_budget 1", 8, 8, 8, "default"),
 }
 # variants that are another one with other FracConfig fields (its schedule and gate shares)
-BASE = {"sbm8g": "sbm8", "fractraing": "fractrain"}
+BASE = {"sbm8g": "sbm8", "fractraing": "fractrain", "sbm8gk": "sbm8"}
 # FracConfig fields a variant sets beyond the defaults; variants that only mean something on the
 # integer kernels (``recompute``) have no reference-backend row
 OPTIONS = {
     "pfq4n": {"recompute": "norms"},
     "sbm8g": {"weight_scale": "gemm"},
     "fractraing": {"weight_scale": "gemm"},
+    "sbm8gk": {"weight_scale": "gemm", "recompute_budget": 1.0},
 }
-TVM_ONLY = {"pfq4n"}
+TVM_ONLY = {"pfq4n", "sbm8gk"}
 BACKENDS = ("reference", "tvm")
 RUN_LOGS = {
     "dfq": "bench/results/accuracy_cifar10/dfq/log.jsonl",

@@ -37,8 +37,8 @@ library's: stochastic rounding's noise from a counter-based hash, which the tvm 
 inside its quantize kernel; ``torch`` draws ``torch.rand``). ``--recompute
 none|activations|norms`` sets ``FracConfig.recompute`` (what the tvm backend's backward
 recomputes from int8 codes instead of keeping fp32; default ``activations``), and
-``--recompute-budget F`` (with ``norms``) ``FracConfig.recompute_budget``: the fraction of the
-BatchNorm inputs that backward keeps instead of recomputing.
+``--recompute-budget F`` (with ``activations`` or ``norms``) ``FracConfig.recompute_budget``: the
+fraction of what those recomputes would free that backward keeps instead of recomputing.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def main() -> None:
         "--recompute-budget",
         type=float,
         default=0.0,
-        help="FracConfig.recompute_budget of the compiled rows (with norms)",
+        help="FracConfig.recompute_budget of the compiled rows (with activations or norms)",
     )
     parser.add_argument(
         "--pairs",

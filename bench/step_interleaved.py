@@ -12,7 +12,8 @@ step and the median and quartiles of its per-round ratio to fp32.
         [--channels-last] [--weight-scale channel|tensor] [VARIANT ...]
 
 A VARIANT is ``RECOMPUTE[:BUDGET]`` of the compiled model (a=w=g=8, symmetric, tvm backend):
-``activations`` (the default), ``none``, ``norms`` or ``norms:0.4`` (``recompute_budget`` 0.4);
+``activations`` (the default), ``none``, ``norms``, ``norms:0.4`` (``recompute_budget`` 0.4) or
+``activations:1``;
 default: ``activations norms norms:0.4``. ``--channels-last`` (ResNet-20): the model and its input
 in ``torch.channels_last`` memory format, for fp32 and the variants alike (oneDNN's fp32 convs on
 these cores are much faster channels-last than NCHW). ``--weight-scale`` sets

@@ -47,8 +47,8 @@ RecomputeOpt = Annotated[
 RecomputeBudgetOpt = Annotated[
     Optional[float],
     typer.Option(
-        help="tvm, with --recompute norms: fraction (0..1) of the BatchNorm inputs that backward may "
-        "keep instead of recomputing (those costliest to recompute are kept first)"
+        help="tvm, with --recompute activations or norms: fraction (0..1) of what backward would keep "
+        "for them unfused that it may keep instead of recomputing (the costliest to recompute first)"
     ),
 ]
 # the FracConfig fields above, which `transform` and `train` take as options of the same name

@@ -107,10 +107,12 @@ class FracConfig:
             backward), and the other ReLUs save a 1-byte mask instead of their output (free).
             ``"norms"``: also a BatchNorm right after a site (and the activation after it): one
             more forward GEMM and BatchNorm per such site.
-        recompute_budget: with ``recompute="norms"``, the fraction (0..1) of those BatchNorms'
-            fp32 inputs that backward may still keep instead of recomputing them: the norms whose
-            recompute costs the most per byte saved (the longest GEMM reductions) are kept first,
-            while they fit. 0 (default) recomputes every one; 1 none.
+        recompute_budget: with ``recompute="activations"`` or ``"norms"``, the fraction (0..1)
+            of what backward would keep for those activations and BatchNorms unfused (fp32
+            inputs, a ReLU's 1-byte mask) that it may still keep instead of recomputing: the
+            sites whose recompute costs the most per byte kept (the longest GEMM reductions) stay
+            unfused first, while they fit. 0 (default) recomputes every one; 1 none (with
+            ``"activations"``, the graph of ``"none"`` but for the ReLUs' masks).
         kernels_fallback: with ``kernels``, build what the library lacks or cannot serve (with a
             warning) instead of refusing.
         cuda_graphs: capture the compiled model's forward and backward on CUDA tensors in CUDA
@@ -211,10 +213,10 @@ class FracConfig:
                 f"FracConfig.recompute_budget = {budget!r} is out of range: "
                 "allowed 0 <= recompute_budget <= 1"
             )
-        if budget and self.recompute != "norms":
+        if budget and self.recompute == "none":
             raise ConfigError(
-                f"FracConfig.recompute_budget = {budget!r} needs recompute='norms' "
-                f"(recompute is {self.recompute!r})"
+                f"FracConfig.recompute_budget = {budget!r} needs recompute='activations' or "
+                "'norms' (recompute is 'none': nothing is recomputed)"
             )
         object.__setattr__(self, "recompute_budget", float(budget))
         if not isinstance(self.kernels_fallback, bool):

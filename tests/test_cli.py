@@ -174,8 +174,9 @@ def test_transform_shows_the_sites_epilogues(out_root):
     report = (out_root / "budget" / "report.md").read_text()
     assert "BatchNorm2d not fused (recompute_budget 0.4)" in report
     assert "not fused" in res.stdout  # the console table folds the cell
-    bad = transform_resnet("--recompute-budget", "0.4", "--out", out_root / "bad_budget")
-    assert bad.exit_code != 0 and "needs recompute='norms'" in bad.output
+    bad_args = ("--recompute", "none", "--recompute-budget", "0.4", "--out", out_root / "bad_budget")
+    bad = transform_resnet(*bad_args)
+    assert bad.exit_code != 0 and "needs recompute='activations' or" in bad.output
 
 
 # -- bad input: one line on stderr -----------------------------------------------------------------

@@ -83,11 +83,14 @@ def test_bad_recompute_budget_raises(value):
     assert "0 <= recompute_budget <= 1" in str(info.value)
 
 
-def test_recompute_budget_needs_norms():
-    with pytest.raises(ConfigError, match=r"recompute_budget = 0\.5 needs recompute='norms'"):
-        FracConfig(recompute_budget=0.5)
-    assert FracConfig(recompute="norms", recompute_budget=1).recompute_budget == 1.0
-    assert isinstance(FracConfig(recompute="norms", recompute_budget=1).recompute_budget, float)
+def test_recompute_budget_needs_something_recomputed():
+    needs = r"recompute_budget = 0\.5 needs recompute='activations' or 'norms'"
+    with pytest.raises(ConfigError, match=needs):
+        FracConfig(recompute="none", recompute_budget=0.5)
+    assert FracConfig(recompute="none", recompute_budget=0).recompute_budget == 0.0
+    for level in ("activations", "norms"):
+        assert FracConfig(recompute=level, recompute_budget=1).recompute_budget == 1.0
+        assert isinstance(FracConfig(recompute=level, recompute_budget=1).recompute_budget, float)
 
 
 @pytest.mark.parametrize("ops", [("conv", "attention"), ("bmm",), ("Linear",)])

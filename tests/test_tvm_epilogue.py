@@ -355,6 +355,51 @@ def test_recompute_budget_keeps_the_costliest_norms_and_stays_bit_identical(budg
     assert saved - saved_all >= 4 * 4 * sum(size[n] for n in kept) * 3 / 4
 
 
+class _ActBudgetNet(torch.nn.Module):
+    """Three linear -> activation sites. Bytes backward keeps per sample when unfused, and the
+    recompute's MACs per such byte: fc1 + GELU 32 fp32 inputs (128 B) at K = 8 (2 per byte),
+    fc2 + ReLU a 32-byte mask at K = 32 (32 per byte), fc3 + SiLU 16 fp32 inputs (64 B) at
+    K = 32 (8 per byte); 224 B in all."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 32)
+        self.fc3, self.head = torch.nn.Linear(32, 16), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(F.silu(self.fc3(F.relu(self.fc2(F.gelu(self.fc1(x)))))))
+
+
+@pytest.mark.parametrize(
+    "budget,kept",
+    [(0.1, set()), (0.2, {"fc2"}), (0.5, {"fc2", "fc3"}), (1.0, {"fc1", "fc2", "fc3"})],
+)
+def test_recompute_budget_keeps_the_costliest_activations_and_stays_bit_identical(budget, kept):
+    """``recompute_budget`` with ``recompute="activations"``: the sites with the most MACs per
+    byte kept stay unfused first while their bytes fit in that fraction of 224 (at 0.2 the ReLU's
+    mask, 32 B of 44.8; at 0.5 also the SiLU's 64 B, the GELU's 128 B no longer fit in 112). Loss
+    and gradients equal every activation fused, bit for bit; backward keeps the unfused ones'
+    bytes on top."""
+    torch.manual_seed(0)
+    model, x = _ActBudgetNet(), torch.randn(16, 8)
+    loss, grads, saved, fused = _fused_run(model, x, recompute_budget=budget)
+    loss0, grads0, saved0, fused0 = _fused_run(model, x)
+    assert torch.equal(loss, loss0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
+    assert set(fused0) == {"fc1", "fc2", "fc3"} and set(fused) == set(fused0) - kept
+    fm = fraccompile.compile(
+        copy.deepcopy(model),
+        x,
+        FracConfig(scheme="symmetric", backend="tvm", full_precision=(), recompute_budget=budget),
+    )
+    epi = {s.name: s.epilogue for s in fm.sites}
+    names = {"fc1": "gelu", "fc2": "relu", "fc3": "silu"}
+    assert all(epi[n] == f"{names[n]} not fused (recompute_budget {budget:g})" for n in kept)
+    assert all(epi[n] == names[n] for n in set(names) - kept)
+    size = {"fc1": 128, "fc2": 32, "fc3": 64}
+    assert sum(size[n] for n in kept) <= budget * 224
+    assert saved - saved0 >= 16 * sum(size[n] for n in kept) * 3 / 4, (saved, saved0)
+
+
 @pytest.mark.parametrize("model,slow_calls", [(_BNBlock(), 0), (_NormNoAffine(), 1)])
 def test_fused_batchnorm_backward_uses_saved_statistics(model, slow_calls, monkeypatch):
     """A fused BatchNorm followed by nothing or a ReLU keeps its batch statistics and the ReLU's

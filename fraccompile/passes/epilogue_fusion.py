@@ -22,8 +22,9 @@ With ``FracConfig(recompute="norms")`` a BatchNorm right after a site (and an ac
 after the BatchNorm) joins the epilogue too: ``z = act(bn(site(x)))`` becomes ``z = site(x)`` with
 ``FracOp.epilogue_norm`` set to the BatchNorm module (which stays where it is in the module tree,
 with its parameters and running statistics), and backward recomputes both.
-``FracConfig.recompute_budget`` leaves some of those BatchNorms unfused (:func:`kept_norms`): the
-ones whose recompute costs the most per byte, up to that fraction of all their input bytes.
+``FracConfig.recompute_budget`` leaves some of the fused activations and BatchNorms unfused
+(:func:`kept_sites`): those whose recompute costs the most per byte kept, up to that fraction of
+all the bytes backward would keep for them unfused (fp32 inputs; a ReLU's 1-byte mask).
 
 The pass runs for a backend with the ``INTEGER_KERNELS`` capability
 (:func:`fraccompile.ops.backend.capabilities`: ``tvm``) unless ``recompute="none"``. It leaves alone sites
@@ -99,15 +100,33 @@ class EpilogueFusion(Pass):
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        norms = self._norm_candidates(gm, calls) if self.config.recompute == "norms" else []
+        acts = self._activation_candidates(gm, calls)
+        budget = self.config.recompute_budget
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        sized = [(node, 4) for node, *_ in norms] + [(node, _kept_bytes(a)) for node, _, _, a in acts]
+        kept = kept_sites(sorted(sized, key=lambda s: order[s[0]]), budget)
         modified = False
-        if self.config.recompute == "norms":
-            modified |= self._fuse_norms(gm, calls)
-        for node in list(gm.graph.nodes):
-            op = self._single_use_site(gm, node, calls)
-            if op is None or op.epilogue is not None or op.epilogue_norm is not None:
+        for node, op, bn, norm in norms:
+            if node in kept:
+                node.meta[META_SITE].extra["epilogue"] = (
+                    f"{type(norm).__name__} not fused (recompute_budget {budget:g})"
+                )
                 continue
-            user, act = _sole_activation(gm, node)
-            if act is None:
+            user, act = _sole_activation(gm, bn)
+            last = user if act is not None else bn
+            object.__setattr__(op, "epilogue_norm", norm)  # not a submodule: no second owner
+            op.epilogue_norm_path = str(bn.target)  # fraccompile.compile keeps it there
+            op.epilogue = act
+            node.meta[META_SITE].extra["epilogue"] = op.describe_epilogue()
+            last.replace_all_uses_with(node)
+            if last is not bn:
+                gm.graph.erase_node(last)
+            gm.graph.erase_node(bn)
+            modified = True
+        for node, op, user, act in acts:
+            if node in kept:
+                node.meta[META_SITE].extra["epilogue"] = f"{act[0]} not fused (recompute_budget {budget:g})"
                 continue
             op.epilogue = act
             node.meta[META_SITE].extra["epilogue"] = op.describe_epilogue()
@@ -140,11 +159,11 @@ class EpilogueFusion(Pass):
         op = gm.get_submodule(str(node.target))
         return op if isinstance(op, FracOp) else None
 
-    def _fuse_norms(self, gm: fx.GraphModule, calls: dict) -> bool:
-        """site -> BatchNorm [-> activation] into the site's epilogue (all of them, or those that
-        ``FracConfig.recompute_budget`` does not keep)."""
+    def _norm_candidates(self, gm: fx.GraphModule, calls: dict) -> list:
+        """``(site node, FracOp, BatchNorm node, BatchNorm)`` for every site whose only user is a
+        BatchNorm called once, in graph order."""
         found = []
-        for node in list(gm.graph.nodes):
+        for node in gm.graph.nodes:
             op = self._single_use_site(gm, node, calls)
             if op is None or op.epilogue_norm is not None:
                 continue
@@ -155,49 +174,53 @@ class EpilogueFusion(Pass):
             if type(norm) not in _NORMS or _hooked(norm):
                 continue
             found.append((node, op, bn, norm))
-        kept = kept_norms([node for node, *_ in found], self.config.recompute_budget)
-        for node, op, bn, norm in found:
-            if node in kept:
-                node.meta[META_SITE].extra["epilogue"] = (
-                    f"{type(norm).__name__} not fused (recompute_budget {self.config.recompute_budget:g})"
-                )
+        return found
+
+    def _activation_candidates(self, gm: fx.GraphModule, calls: dict) -> list:
+        """``(site node, FracOp, activation node, (name, approximation))`` for every site whose
+        only user is a fusable activation of it, in graph order."""
+        found = []
+        for node in gm.graph.nodes:
+            op = self._single_use_site(gm, node, calls)
+            if op is None or op.epilogue is not None or op.epilogue_norm is not None:
                 continue
-            user, act = _sole_activation(gm, bn)
-            last = user if act is not None else bn
-            object.__setattr__(op, "epilogue_norm", norm)  # not a submodule: no second owner
-            op.epilogue_norm_path = str(bn.target)  # fraccompile.compile keeps it there
-            op.epilogue = act
-            node.meta[META_SITE].extra["epilogue"] = op.describe_epilogue()
-            last.replace_all_uses_with(node)
-            if last is not bn:
-                gm.graph.erase_node(last)
-            gm.graph.erase_node(bn)
-        return bool(found) and len(kept) < len(found)
+            user, act = _sole_activation(gm, node)
+            if act is not None:
+                found.append((node, op, user, act))
+        return found
 
 
-def kept_norms(sites: list[fx.Node], budget: float) -> set[fx.Node]:
-    """The sites whose BatchNorm keeps its fp32 input (not fused) under ``budget``: the fraction
-    of all these norms' input bytes that backward may keep. Recomputing a norm's input costs one
-    forward GEMM: ``K`` multiply-accumulates per fp32 element saved (``K`` the reduction length,
-    ``Cin/groups·kh·kw`` of a conv), so the norms with the largest ``K`` are kept first, while
-    their inputs fit. In ResNet-20 the first stage's convs have a quarter of the last stage's
-    ``K`` and most of the bytes. Sites without propagated shapes are fused (not counted)."""
+def kept_sites(sites: list[tuple[fx.Node, int]], budget: float) -> set[fx.Node]:
+    """The sites whose output backward keeps (their BatchNorm or activation not fused) under
+    ``budget``, from ``(site node, bytes per element kept)`` in graph order: the fraction of all
+    these bytes that backward may keep. Recomputing an output costs one forward GEMM: ``K``
+    multiply-accumulates per element (``K`` the reduction length, ``Cin/groups·kh·kw`` of a
+    conv), so the sites with the most MACs per byte kept go first, while their bytes fit. In
+    ResNet-20 the first stage's convs have a quarter of the last stage's ``K`` and most of the
+    bytes; in the Transformer the FFN's GELU input is the only candidate. Sites without
+    propagated shapes are fused (not counted)."""
     if budget <= 0:
         return set()
     sized = []
-    for node in sites:
+    for node, nbytes in sites:
         x, w, out = node.meta.get(META_CALL_SHAPES, ((), (), ()))
         numel = math.prod(out) if out else 0
         if numel:
             k = site_macs(node.meta[META_SITE].kind, x, w, out) / numel
-            sized.append((k, numel, node))
-    room = budget * sum(numel for _, numel, _ in sized)
+            sized.append((k / nbytes, numel * nbytes, node))
+    room = budget * sum(size for _, size, _ in sized)
     kept = set()
-    for _, numel, node in sorted(sized, key=lambda s: -s[0]):  # stable: graph order on ties
-        if numel <= room:
+    for _, size, node in sorted(sized, key=lambda s: -s[0]):  # stable: graph order on ties
+        if size <= room:
             kept.add(node)
-            room -= numel
+            room -= size
     return kept
+
+
+def _kept_bytes(act: tuple[str, str]) -> int:
+    """Bytes per element backward keeps for an unfused activation: a ReLU's 1-byte mask
+    (:func:`~fraccompile.ops.functions.masked_relu`), another's fp32 input."""
+    return 1 if act[0] == "relu" else 4
 
 
 def _sole_activation(gm: fx.GraphModule, node: fx.Node):
