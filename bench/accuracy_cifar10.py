@@ -2,7 +2,8 @@
 FracTrain (PFQ + DFQ, routed gates) training of ResNet-20 under one fixed protocol sized for about
 an hour on 2 CPU cores (``--runs dfq-dense`` adds DFQ with dense gates, about 5x slower;
 ``--runs sbm-gemm`` static 8/8/8 with ``weight_scale="gemm"``, the error backprop's weight
-quantized per input channel, which runs as an integer GEMM on ``--backend tvm``;
+quantized per input channel, which runs as an integer GEMM on ``--backend tvm``; ``--weight-scale
+gemm`` gives every run that mode, e.g. ``--runs fractrain-paper --weight-scale gemm``;
 ``--runs fractrain-paper`` FracTrain as the paper's code sets it for CIFAR: 4-bit weights and cost
 targets of 1.5% + 0.5% per turning point counted over the gated layers, ``cp_scope="gated"``).
 
@@ -158,6 +159,12 @@ def main() -> None:
     )
     parser.add_argument("--backend", default="reference", help="FracConfig.backend: reference, tvm or auto")
     parser.add_argument(
+        "--weight-scale",
+        choices=("channel", "gemm"),
+        default="channel",
+        help="FracConfig.weight_scale of every run (the sbm-gemm run is always gemm)",
+    )
+    parser.add_argument(
         "--stop-at", type=int, default=None, help="end every run at this iteration (resumable)"
     )
     parser.add_argument("--report-only", action="store_true")
@@ -196,7 +203,7 @@ def main() -> None:
                 rounding_noise=args.rounding_noise,
                 backend=args.backend,
                 **(gates if name in DFQ_RUNS else {}),
-                **({"weight_scale": "gemm"} if name == "sbm-gemm" else {}),
+                weight_scale="gemm" if name == "sbm-gemm" else args.weight_scale,
             )
             schedule = make_schedule(
                 name, args.iters, args.pfq_every, args.beta, args.pfq_eps, args.pfq_alpha
