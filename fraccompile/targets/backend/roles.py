@@ -115,6 +115,8 @@ class SiteRoles:
             )
             term = None if r is None else (r, wq.zero)
             return self._fw_core(spec, xq, wq, x_shape, w_shape, scale, fixed, temporary, row_term=term)[0]
+        if xq.per_row and spec.kind != "matmul" and not self.on_gpu(xq.codes):
+            return self._fw_rows(spec, xq, wq, x_shape, w_shape, scale, bias, temporary)
         y, _ = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias, temporary)
         if not late:
             return y
@@ -134,6 +136,31 @@ class SiteRoles:
         if fixed is not None:
             y.add_(fixed)
         return y
+
+    def _fw_rows(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape, scale, bias, temporary):
+        """:meth:`fw` with per-sample scales ``sx`` (a DFQ-routed site) on the CPU: the kernel's
+        write-back gives ``sw·Σqx·qw + zw·Σqx`` (the weight zero point's term, window code sums
+        times ``zw``, before the sample's scale), and one pass applies ``sx`` and adds what every
+        sample shares: ``y = sx·(...) + zx·Σw + bias``."""
+        term = None
+        if wq.has_zero:
+            r = _window_code_sums(spec, xq, w_shape, self.quantize_kernel(xq.codes))
+            if spec.kind == "linear":
+                term = (r.reshape(1, -1), wq.zero.reshape(-1))
+            else:
+                term = (r, _out_channel(spec, wq.zero, r.dim()))
+        y, taken = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None, temporary, row_term=term)
+        if term is not None and not taken:
+            y.addcmul_(*term)
+        fixed = None
+        if xq.has_zero:  # zx·(sums of w's values)
+            fixed = _value_sums(spec, wq, x_shape, w_shape, self.quantize_kernel(wq.codes)) * xq.zero
+        if bias is not None:
+            b = _out_channel(spec, bias, y.dim())
+            fixed = b if fixed is None else fixed + b
+        if fixed is None:
+            return y.mul_(xq.scale)
+        return torch.addcmul(fixed, y, xq.scale, out=y)
 
     def _fw_core(
         self,
@@ -298,14 +325,14 @@ class SiteRoles:
         self, spec: SiteSpec, dyq: IntCodes, wq: IntCodes, x_shape, w_shape
     ) -> torch.Tensor | None:
         """:meth:`eb` as integer GEMMs (one per 8-bit part of ``dy``'s codes), or None where it
-        does not apply (a conv with a zero point, or a conv geometry without an integer form)."""
+        does not apply (a conv geometry without an integer form)."""
         keep = self.on_gpu(dyq.codes) and spec.kind != "conv"  # device offsets: the GEMM's
         dyq, wq = centered(dyq, keep), centered(wq, keep)
+        if spec.kind == "conv" and (dyq.has_zero or wq.has_zero):
+            return self._eb_transposed_fw(spec, dyq, wq, x_shape, w_shape)
         parts = split_codes(dyq)
         dx = None
         if spec.kind == "conv":
-            if dyq.has_zero or wq.has_zero:
-                return self._eb_transposed_fw(spec, dyq, wq, x_shape, w_shape)
             for part in parts:
                 d = self._eb_implicit(spec, part, wq, x_shape, w_shape, part.scale * wq.scale.reshape(-1))
                 if d is None:
@@ -364,8 +391,10 @@ class SiteRoles:
         weight's scales and zero points per input channel (``weight_scale="gemm"``) become the
         transposed conv's per output channel and the forward's zero-point terms (window and
         border-aware value sums) apply as they are. None where that does not apply (a stride,
-        groups, per-output-channel scales on the reduction axis, gradients over 8 bits, a padding
-        over ``d·(k-1)``, the GPU)."""
+        groups, per-output-channel scales on the reduction axis, a padding over ``d·(k-1)``,
+        gradients over 8 bits, the GPU). Gradients over 8 bits could run as two such forwards, one
+        per 8-bit half of their codes, but that measured slower than the fp32 conv (docs/tvm.md,
+        "The error backprop with per-channel weight ranges stays fp32")."""
         (kh, kw), (ph, pw), (dh, dw) = w_shape[2:], spec.gemm_padding(w_shape), spec.dilation
         pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
         if (
