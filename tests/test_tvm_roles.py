@@ -268,6 +268,8 @@ def _integer_eb_calls(monkeypatch) -> list[bool]:
         (C2(8, 16, 1), (2, 8, 5, 7), True),  # 1x1, no padding
         (CONVS[1][0], CONVS[1][1], False),  # stride 2: fp32
         (C2(8, 16, 3, dilation=2, padding=2, groups=2), (2, 8, 9, 9), False),  # groups: fp32
+        (torch.nn.Conv1d(4, 6, 3, padding=1, dilation=2), (2, 4, 9), False),  # 1-D: fp32
+        (torch.nn.Conv3d(4, 8, 3, padding=1), (2, 4, 5, 5, 5), False),  # 3-D: fp32
     ],
 )
 def test_gemm_weight_scales_match_reference_and_run_eb_in_integers(

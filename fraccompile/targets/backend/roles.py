@@ -395,11 +395,12 @@ class SiteRoles:
         gradients over 8 bits, the GPU). Gradients over 8 bits could run as two such forwards, one
         per 8-bit half of their codes, but that measured slower than the fp32 conv (docs/tvm.md,
         "The error backprop with per-channel weight ranges stays fp32")."""
+        if spec.conv_dims != 2:
+            return None
         (kh, kw), (ph, pw), (dh, dw) = w_shape[2:], spec.gemm_padding(w_shape), spec.dilation
         pad = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
         if (
-            spec.conv_dims != 2
-            or spec.groups != 1
+            spec.groups != 1
             or tuple(spec.stride) != (1, 1)
             or min(pad) < 0
             or wq.scale.numel() not in (1, w_shape[1])
