@@ -112,6 +112,19 @@ def _row_value(v, rows: torch.Tensor):
     return v.reshape(-1)[rows[0]].item() if isinstance(v, torch.Tensor) else v
 
 
+def _group_codes(q: IntCodes, rows: torch.Tensor, scale: torch.Tensor) -> IntCodes:
+    """The samples ``rows`` of per-sample codes ``q``, which share the one ``scale``."""
+    if q.device_grid:  # the grid's fields stay on the device: the group's entries as tensors
+        first = rows[:1]
+        offset = q.offset.reshape(-1)[first].reshape(()) if isinstance(q.offset, torch.Tensor) else q.offset
+        zero = q.zero.reshape(-1)[first].reshape(()) if q.zero is not None and q.zero.numel() > 1 else q.zero
+        qmax = q.qmax.reshape(-1)[first].reshape(()) if isinstance(q.qmax, torch.Tensor) else q.qmax
+        return IntCodes(_take_rows(q.codes, rows), scale.reshape(1), q.signed, zero, qmax, offset, True)
+    return IntCodes(
+        _take_rows(q.codes, rows), scale.reshape(1), q.signed, q.zero, _row_value(q.qmax, rows), q.offset
+    )
+
+
 def _scalar_scale(q: IntCodes) -> torch.Tensor:
     """The part of ``q``'s scale that is one value (1 where it is per row)."""
     return q.scale.reshape(1) if not q.per_row else q.scale.new_ones(1)

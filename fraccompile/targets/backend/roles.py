@@ -43,9 +43,8 @@ from .affine import (
 from .codes import (
     IntCodes,
     _dense_perm,
-    _row_value,
+    _group_codes,
     _scalar_scale,
-    _take_rows,
     centered,
     signed_b,
     split_codes,
@@ -560,19 +559,6 @@ class SiteRoles:
         ks = list(w_shape[2:])
         dw = C.reshape(OC, *ks, w_shape[1])  # (OC, k..., Cg)
         return dw.permute(0, n + 1, *range(1, n + 1))
-
-
-def _group_codes(q: IntCodes, rows: torch.Tensor, scale: torch.Tensor) -> IntCodes:
-    """The samples ``rows`` of per-sample codes ``q``, which share the one ``scale``."""
-    if q.device_grid:  # the grid's fields stay on the device: the group's entries as tensors
-        first = rows[:1]
-        offset = q.offset.reshape(-1)[first].reshape(()) if isinstance(q.offset, torch.Tensor) else q.offset
-        zero = q.zero.reshape(-1)[first].reshape(()) if q.zero is not None and q.zero.numel() > 1 else q.zero
-        qmax = q.qmax.reshape(-1)[first].reshape(()) if isinstance(q.qmax, torch.Tensor) else q.qmax
-        return IntCodes(_take_rows(q.codes, rows), scale.reshape(1), q.signed, zero, qmax, offset, True)
-    return IntCodes(
-        _take_rows(q.codes, rows), scale.reshape(1), q.signed, q.zero, _row_value(q.qmax, rows), q.offset
-    )
 
 
 def _weight_rows(codes: torch.Tensor, groups: int) -> torch.Tensor:
