@@ -126,15 +126,20 @@ class SiteRoles:
                 _window_code_sums(spec, xq, w_shape, self.quantize_kernel(xq.codes)).mul_(xq.scale),
                 _out_channel(spec, wq.zero, y.dim()),
             )
-        fixed = None  # the terms every sample shares, added in one pass
-        if x_zero:  # zx·(sums of w's values)
+        fixed = self._shared_terms(spec, xq, wq, x_shape, w_shape, bias, y.dim())
+        return y if fixed is None else y.add_(fixed)
+
+    def _shared_terms(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape, bias, ndim: int):
+        """What every sample's output shares, to add in one pass (None: nothing): x's zero point's
+        term ``zx·Σw`` (border-aware sums of w's values) plus the bias, shaped for an ``ndim``-d
+        output."""
+        fixed = None
+        if xq.has_zero:
             fixed = _value_sums(spec, wq, x_shape, w_shape, self.quantize_kernel(wq.codes)) * xq.zero
         if bias is not None:
-            b = _out_channel(spec, bias, y.dim())
+            b = _out_channel(spec, bias, ndim)
             fixed = b if fixed is None else fixed + b
-        if fixed is not None:
-            y.add_(fixed)
-        return y
+        return fixed
 
     def _fw_rows(self, spec: SiteSpec, xq: IntCodes, wq: IntCodes, x_shape, w_shape, scale, bias, temporary):
         """:meth:`fw` with per-sample scales ``sx`` (a DFQ-routed site) on the CPU: the kernel's
@@ -151,12 +156,7 @@ class SiteRoles:
         y, taken = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None, temporary, row_term=term)
         if term is not None and not taken:
             y.addcmul_(*term)
-        fixed = None
-        if xq.has_zero:  # zx·(sums of w's values)
-            fixed = _value_sums(spec, wq, x_shape, w_shape, self.quantize_kernel(wq.codes)) * xq.zero
-        if bias is not None:
-            b = _out_channel(spec, bias, y.dim())
-            fixed = b if fixed is None else fixed + b
+        fixed = self._shared_terms(spec, xq, wq, x_shape, w_shape, bias, y.dim())
         if fixed is None:
             return y.mul_(xq.scale)
         return torch.addcmul(fixed, y, xq.scale, out=y)
