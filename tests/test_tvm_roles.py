@@ -423,12 +423,21 @@ def test_auto_backend_picks_tvm_here_and_reports_per_site(monkeypatch):
     "module,shape",
     [(CONVS[0][0], (5, 5, 11, 9)), (CONVS[8][0], (5, 8, 6, 8)), (torch.nn.Linear(33, 19), (5, 4, 33))],
 )
-def test_routed_gate_roles_match_reference(module, shape, scheme):
+def test_routed_gate_roles_match_reference(module, shape, scheme, monkeypatch):
     """A DFQ-routed site with mixed per-sample decisions (a in 3..6, g in 6..12): per-row scales
     in the forward and error backprop, one weight-gradient accumulation per candidate group, and
-    the gate's gradient (GateProbe) within the tolerance of the reference backend."""
+    the gate's gradient (GateProbe) within the tolerance of the reference backend. The weight
+    gradient's zero-point terms go through the per-tap sums once for the batch, not per group."""
+    from fraccompile.targets.backend import routed
+
+    taps = []
+    for name in ("_input_taps", "_gradient_taps"):
+        fn = getattr(routed, name)
+        monkeypatch.setattr(routed, name, lambda *a, _fn=fn, _name=name: taps.append(_name) or _fn(*a))
     torch.manual_seed(4)
     x = torch.randn(*shape).relu()
+    if scheme == "sbm":  # a negative range minimum: a zero point on x too
+        x = x - 0.25
     op, _ = _module_site(copy.deepcopy(module), x, scheme=scheme)
     choice = [0, 4, 2, 4, 1]
     results = {}
@@ -446,6 +455,11 @@ def test_routed_gate_roles_match_reference(module, shape, scheme):
             results[name].append(o.bias.grad)
     errs = [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
     assert max(errs) < TOL, errs
+    # sbm: zero points on x and dy (both terms); symmetric: the 12-bit dy's low byte as a
+    # conv's signed B carries one (the x term). A linear's x term needs no tap sums.
+    conv = isinstance(module, torch.nn.Conv2d)
+    expected = {"_input_taps": int(conv), "_gradient_taps": int(scheme == "sbm")}
+    assert {n: taps.count(n) for n in expected} == expected, taps
 
 
 @pytest.mark.parametrize("scheme", ["sbm", "symmetric"])

@@ -271,10 +271,16 @@ def _input_code_sums(spec: SiteSpec, xq: IntCodes, x_shape, w_shape, kernel=None
         return _code_sums(codes.reshape(-1, x_shape[-1]), 0, kernel)
     if spec.kind == "matmul":
         return _code_sums(codes, -2, kernel).unsqueeze(-1)
+    # every sample pairs with the same taps: the batch sum first (exact), then one image
+    return _input_taps(spec, _exact_sums(codes, [0], kernel=kernel), x_shape, w_shape)
+
+
+def _input_taps(spec: SiteSpec, batch: torch.Tensor, x_shape, w_shape) -> torch.Tensor:
+    """A conv's :func:`_input_code_sums` from the sum ``batch`` ``(C, *spatial)`` of its samples'
+    codes (or any weighted sum of them: every sample pairs with the same taps), in ``batch``'s
+    dtype."""
     G, Cg = spec.groups, w_shape[1]
     out_sp = _out_sizes(spec, x_shape[2:], w_shape)
-    # every sample pairs with the same taps: the batch sum first (exact), then one image
-    batch = _exact_sums(codes, [0], kernel=kernel)
     sums = _tap_sums(spec, batch, x_shape[2:], out_sp, w_shape, image=True)  # (C, *kernel)
     if G == 1:
         return sums.unsqueeze(0)
@@ -285,18 +291,28 @@ def _gradient_sums(spec: SiteSpec, dyq: IntCodes, x_shape, w_shape, kernel=None)
     """Per weight-gradient entry, the sum of ``dy``'s values over the output positions it pairs
     with: ``Σ_m dy[m, n]`` (a conv: the positions whose tap lands inside the image), shaped to
     broadcast against ``dw``. From exact sums of the codes: ``s·Σq + count·z``."""
-    codes = dyq.codes
-    if spec.kind == "linear":
-        flat = codes.reshape(-1, codes.shape[-1])
-        return (_code_sums(flat, 0, kernel) * dyq.scale.reshape(-1) + flat.shape[0] * _zero(dyq)).unsqueeze(
-            -1
-        )
     if spec.kind == "matmul":
+        codes = dyq.codes
         sums = _code_sums(codes, -2, kernel).unsqueeze(-2) * dyq.scale  # (per sample where scale is)
         return sums if dyq.zero is None else sums + codes.shape[-2] * dyq.zero
-    out_sp = codes.shape[2:]
-    values = _code_sums(codes, 0, kernel) * dyq.scale.reshape(-1) + codes.shape[0] * _zero(dyq)
-    sums = _tap_sums(spec, values, x_shape[2:], out_sp, w_shape, image=False)  # (OC, *kernel)
+    return _gradient_taps(spec, _gradient_values(spec, dyq, kernel), x_shape, w_shape)
+
+
+def _gradient_values(spec: SiteSpec, dyq: IntCodes, kernel=None) -> torch.Tensor:
+    """The sum over samples (a linear: over rows) of ``dy``'s values, ``s·Σq + count·z`` from
+    exact code sums: ``(OC, *out_spatial)`` for a conv, ``(N,)`` for a linear."""
+    codes = dyq.codes
+    if spec.kind == "linear":
+        codes = codes.reshape(-1, codes.shape[-1])
+    return _code_sums(codes, 0, kernel) * dyq.scale.reshape(-1) + codes.shape[0] * _zero(dyq)
+
+
+def _gradient_taps(spec: SiteSpec, values: torch.Tensor, x_shape, w_shape) -> torch.Tensor:
+    """:func:`_gradient_sums` of a conv or linear from :func:`_gradient_values` (or any weighted
+    sum of them over groups of samples), in ``values``' dtype."""
+    if spec.kind == "linear":
+        return values.unsqueeze(-1)
+    sums = _tap_sums(spec, values, x_shape[2:], values.shape[1:], w_shape, image=False)  # (OC, *kernel)
     return sums.unsqueeze(1)
 
 

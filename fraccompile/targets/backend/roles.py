@@ -43,16 +43,16 @@ from .affine import (
 from .codes import (
     IntCodes,
     _dense_perm,
-    _group_codes,
     _scalar_scale,
     centered,
     signed_b,
     split_codes,
 )
 from .gemm_runtime import MAX_K_UNSIGNED, _bcast_batch, _gemm_offset, _matmul_batches
+from .routed import RoutedGradients
 
 
-class SiteRoles:
+class SiteRoles(RoutedGradients):
     """Forward / error backprop / weight gradient of a site from its codes, for the class that
     mixes it in after :class:`.gemm_runtime.IntegerGemms` (its GEMMs) and provides ``scratch``,
     ``on_gpu`` and ``_dequantize_codes`` (:class:`.tvm_backend.TVMBackend`)."""
@@ -499,19 +499,6 @@ class SiteRoles:
         for term in terms:
             dw = dw + term
         return dw.sum_to_size(w_shape)
-
-    def _gc_grouped(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
-        """:meth:`gc` summed over the groups of samples whose (x, dy) scales are equal."""
-        n = x_shape[0]
-        keys = torch.stack([xq.scale.reshape(-1).expand(n), dyq.scale.reshape(-1).expand(n)], 1)
-        scales, group = torch.unique(keys, dim=0, return_inverse=True)
-        dw = None
-        for j in range(scales.shape[0]):
-            rows = (group == j).nonzero().flatten()
-            sub_x, sub_dy = (_group_codes(q, rows, scales[j, i]) for i, q in enumerate((xq, dyq)))
-            d = self.gc(spec, sub_x, sub_dy, (len(rows), *x_shape[1:]), w_shape)
-            dw = d if dw is None else dw.add_(d)
-        return dw
 
     def _gc_core(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
         """The integer part of :meth:`gc` for 8-bit codes with scales per tensor (per sample: 1,
