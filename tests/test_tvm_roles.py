@@ -462,6 +462,21 @@ def test_routed_gate_roles_match_reference(module, shape, scheme, monkeypatch):
     assert {n: taps.count(n) for n in expected} == expected, taps
 
 
+def test_scale_groups_are_the_unique_scale_pairs():
+    """The routed weight gradient's groups of samples: torch.unique over the (sx, sd) rows, each
+    side per sample or one value."""
+    from fraccompile.targets.backend.routed import _scale_groups
+
+    g = torch.Generator().manual_seed(0)
+    sx = torch.tensor([0.5, 0.25, 0.125])[torch.randint(0, 3, (40,), generator=g)].reshape(40, 1, 1, 1)
+    sd = torch.tensor([3e-3, 1e-3])[torch.randint(0, 2, (40,), generator=g)].reshape(40, 1, 1, 1)
+    for a, b in ((sx, sd), (sx, torch.tensor([2e-3])), (torch.tensor([0.5]), sd)):
+        keys = torch.stack([a.reshape(-1).expand(40), b.reshape(-1).expand(40)], 1)
+        want, got = torch.unique(keys, dim=0, return_inverse=True), _scale_groups(a, b, 40)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(_scale_groups(sx, sd, 40)[0]) == 6
+
+
 @pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
 def test_routed_gemm_weight_scale_runs_eb_in_integers(scheme, monkeypatch):
     """weight_scale="gemm" on a routed conv site with per-sample gradient grids up to 8 bits:

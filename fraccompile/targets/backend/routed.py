@@ -23,9 +23,7 @@ class RoutedGradients:
 
     def _gc_grouped(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
         """:meth:`gc` summed over the groups of samples whose (x, dy) scales are equal."""
-        n = x_shape[0]
-        keys = torch.stack([xq.scale.reshape(-1).expand(n), dyq.scale.reshape(-1).expand(n)], 1)
-        scales, group = torch.unique(keys, dim=0, return_inverse=True)
+        scales, group = _scale_groups(xq.scale, dyq.scale, x_shape[0])
         members = [(group == j).nonzero().flatten() for j in range(scales.shape[0])]
         if xq.device_grid or dyq.device_grid or spec.kind not in ("conv", "linear"):
             dw = None  # each group through gc, its zero points' terms included
@@ -71,6 +69,17 @@ class RoutedGradients:
         for term in terms:  # rank-one terms that broadcast into dw
             dw.add_(term)
         return dw.float()
+
+
+def _scale_groups(sx: torch.Tensor, sd: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct ``(sx, sd)`` pairs of ``n`` samples' scales (one value, or one per sample),
+    in ascending order, as ``(G, 2)``, and each sample's group: ``torch.unique`` over the pairs,
+    from three 1-D uniques (several times faster than one over the rows of an ``(n, 2)``
+    tensor)."""
+    ux, ix = torch.unique(sx.reshape(-1).expand(n), return_inverse=True)
+    ud, idd = torch.unique(sd.reshape(-1).expand(n), return_inverse=True)
+    pairs, group = torch.unique(ix * len(ud) + idd, return_inverse=True)
+    return torch.stack([ux[pairs // len(ud)], ud[pairs % len(ud)]], 1), group
 
 
 def _group_zero(q: IntCodes, rows: torch.Tensor) -> torch.Tensor:
