@@ -19,13 +19,14 @@ from .codes import IntCodes, _group_codes, _take_rows, centered, signed_b, split
 
 class RoutedGradients:
     """``_gc_grouped`` for :meth:`.roles.SiteRoles.gc` (which provides ``gc``, ``_gc_core``,
-    ``quantize_kernel`` and ``on_gpu``)."""
+    ``quantize_kernel`` and ``on_gpu``). On the GPU each group goes through ``gc`` whole, its
+    terms included."""
 
     def _gc_grouped(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
         """:meth:`gc` summed over the groups of samples whose (x, dy) scales are equal."""
         scales, group = _scale_groups(xq.scale, dyq.scale, x_shape[0])
         members = [(group == j).nonzero().flatten() for j in range(scales.shape[0])]
-        if xq.device_grid or dyq.device_grid or spec.kind not in ("conv", "linear"):
+        if self.on_gpu(xq.codes) or spec.kind not in ("conv", "linear"):
             dw = None  # each group through gc, its zero points' terms included
             for j, rows in enumerate(members):
                 sub_x, sub_dy = (_group_codes(q, rows, scales[j, i]) for i, q in enumerate((xq, dyq)))
