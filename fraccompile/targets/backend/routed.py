@@ -25,7 +25,9 @@ class RoutedGradients:
     def _gc_grouped(self, spec: SiteSpec, xq: IntCodes, dyq: IntCodes, x_shape, w_shape):
         """:meth:`gc` summed over the groups of samples whose (x, dy) scales are equal."""
         scales, group = _scale_groups(xq.scale, dyq.scale, x_shape[0])
-        members = [(group == j).nonzero().flatten() for j in range(scales.shape[0])]
+        members = []  # (a loop, not a comprehension: the host reads stay in this function)
+        for j in range(scales.shape[0]):
+            members.append((group == j).nonzero().flatten())
         if self.on_gpu(xq.codes) or spec.kind not in ("conv", "linear"):
             dw = None  # each group through gc, its zero points' terms included
             for j, rows in enumerate(members):
