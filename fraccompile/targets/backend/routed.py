@@ -52,12 +52,8 @@ class RoutedGradients:
                 dw = d if dw is None else dw.add_(d)
             zd = _group_zero(dyq, rows) + sum(p.zero for p in parts if p.zero is not None)
             if bool(zd != 0):  # zd·sx·Σqx: the group's code sums (exact) with its weight
-                sums = _exact_sums(
-                    qx.codes.reshape(-1, x_shape[-1]) if spec.kind == "linear" else qx.codes,
-                    [0],
-                    kernel=kernel,
-                )
-                sums = sums.double().mul_(float(zd * sx))
+                codes = qx.codes.reshape(-1, x_shape[-1]) if spec.kind == "linear" else qx.codes
+                sums = _exact_sums(codes, [0], torch.float64, kernel).mul_(float(zd * sx))
                 x_terms = sums if x_terms is None else x_terms.add_(sums)
             zx = _group_zero(xq, rows)
             if bool(zx != 0):  # zx·Σdy: the group's dy values (s·Σq + count·z) with its weight
