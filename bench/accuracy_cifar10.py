@@ -228,6 +228,8 @@ def main() -> None:
             if result.iterations < args.iters:  # a sitting: continue with the same command
                 print(f"== {name}: stopped at iteration {result.iterations}; resumable")
                 continue
+            if name == "cpt":  # evaluated at its upper precision (the schedule's, once trained)
+                schedule.apply(fm.precision, args.iters)
             final = evaluate(fm, full.test_batches(500))
             (run_dir / "final.json").write_text(
                 json.dumps(

@@ -152,6 +152,7 @@ def test_cyclic_follows_the_cpt_cosine():
     assert c.bits_at(0) == 3 and c.bits_at(50) == 3  # each cycle restarts at the low bound
     assert c.bits_at(25) == math.ceil(3 + 2.5 * (1 - math.cos(math.pi / 2)))  # 6
     assert c.bits_at(49) == 8
+    assert c.bits_at(99) == 8 and c.bits_at(100) == 8  # after training: the upper precision
     seq = [c.bits_at(t) for t in range(50)]
     assert seq == sorted(seq)  # rises monotonically within a cycle
     ctrl = PrecisionController(["x"])

@@ -320,7 +320,9 @@ class PFQ(Schedule):
 class Cyclic(Schedule):
     """CPT (cyclic precision training): within each of ``cycles`` equal cycles over ``total_iters``
     iterations, the forward precision (activations and weights) rises from ``low`` to ``high`` along
-    a cosine, ``ceil(low + (high - low) * (1 - cos(pi * t / T)) / 2)``; gradients stay at ``g``."""
+    a cosine, ``ceil(low + (high - low) * (1 - cos(pi * t / T)) / 2)``; gradients stay at ``g``.
+    From ``total_iters`` on (the model after training, where CPT is evaluated) the precision is
+    ``high``."""
 
     kind = "cyclic"
 
@@ -339,6 +341,8 @@ class Cyclic(Schedule):
         self.period = self.total_iters / self.cycles
 
     def bits_at(self, iteration: int) -> int:
+        if iteration >= self.total_iters:  # training is over: the last cycle ended at the upper
+            return self.high  # precision, which CPT is evaluated at
         t = math.fmod(iteration, self.period)
         value = self.low + 0.5 * (self.high - self.low) * (1 - math.cos(math.pi * t / self.period))
         return min(self.high, math.ceil(value - 1e-9))
