@@ -19,8 +19,9 @@ cap() {  # cap SECONDS: the smaller of SECONDS and the time left of the total bu
     echo $((left < $1 ? left : $1))
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-# the package, and the test tools; torch stays as installed (a CUDA build is needed here)
-python -c "import fraccompile, tvm, pytest" 2>/dev/null || python -m pip install -q -e ".[test]"
+# the package (installed: its examples are a mapped subpackage), and the test tools; torch stays as
+# installed (a CUDA build is needed here)
+python -c "import fraccompile.examples, tvm, pytest" 2>/dev/null || python -m pip install -q -e ".[test]"
 python - <<'PY'
 import sys, torch
 from fraccompile.targets.runtime.cuda_driver import gpu_unavailable_reason

@@ -548,6 +548,29 @@ def exported_both(exported, tmp_path_factory, model_file):
     return out, export(fm, x, out, target="cuda", model="small")
 
 
+# the im2col GEMMs (G, M, N, K) of the small model's convs on CUDA tensors: forwards (N·OH·OW rows,
+# OC columns, C·kh·kw deep) and weight gradients (OC rows, C·kh·kw columns, N·OH·OW deep)
+CONV_GPU_GEMMS = {
+    (1, 256, 16, 144): {("conv", "fw")},
+    (1, 256, 18, 144): {("conv2", "fw")},
+    (1, 64, 16, 162): {("conv3", "fw")},
+    (1, 16, 144, 256): {("conv", "gc")},
+    (1, 18, 144, 256): {("conv2", "gc")},
+    (1, 16, 162, 64): {("conv3", "gc")},
+}
+
+
+def test_recording_notes_the_gemms_cuda_convs_run(model_file):
+    """On the CPU a conv's forward and weight gradient take conv kernels with no GEMM of their
+    own; on an exported CUDA library they run as im2col + GEMM, so the recording notes those
+    GEMMs for ``export --target cuda`` (on an H200, a GPU step on an export that lacked them
+    stopped at the first conv)."""
+    from fraccompile.targets.tools.export import record
+
+    fm, _, x = _small(model_file)
+    assert record(fm, x).gpu_problems == CONV_GPU_GEMMS
+
+
 def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
     from fraccompile.targets.kernels import cuda, cuda_epilogue, cuda_mma
     from fraccompile.targets.runtime.cuda_driver import CudaGemm
@@ -586,6 +609,8 @@ def test_cuda_export_writes_a_fatbin_and_keeps_the_cpu_section(exported_both):
             shape.zero,
         )
     assert fused >= 1 and info["epilogue"] == {"source_hash": cuda_epilogue.source_hash()}
+    for G, M, N, K in CONV_GPU_GEMMS:  # the convs' GEMMs on CUDA tensors are in the fatbin
+        assert cuda_mma.padded(G, M, N, K).name in info["kernels"]
     missing = cuda_mma.padded(1, 8, 8, 4096)
     from fraccompile.targets.runtime.exported import KernelLibraryError
 

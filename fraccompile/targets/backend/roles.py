@@ -203,6 +203,7 @@ class SiteRoles(RoutedGradients):
         fused = d == 2 and G == 1 and not self.on_gpu(xl)
         if fused:  # the fused paths read channels-last codes: a byte copy when they are not
             xl = xl.contiguous()
+            self._note_gpu_gemm(1, rows.shape[0] * math.prod(out_sp), OC, wr.shape[-1])
         taken = (
             self._conv_implicit(spec, xq, xl, wr, w_shape, out_sp, scale, bias, rows, row_term)
             if fused
@@ -234,6 +235,12 @@ class SiteRoles(RoutedGradients):
         if bias is not None:
             y.add_(bias.reshape(1, -1, *([1] * d)))
         return y, False
+
+    def _note_gpu_gemm(self, G: int, M: int, N: int, K: int) -> None:
+        """Note on the recorder the im2col GEMM that CUDA tensors run on an exported library
+        where this CPU run took a conv kernel (``export --target cuda`` builds it)."""
+        if self.recorder is not None:
+            self.recorder.gpu_problem((G, M, N, K), self.where)
 
     def _gpu_conv(self, spec: SiteSpec, xl, wr, w_shape, scale, bias, rows) -> bool:
         """The forward of a 2-D ungrouped conv of CUDA codes ``xl (N, H, W, C)`` on the
@@ -523,6 +530,7 @@ class SiteRoles(RoutedGradients):
         fused = n == 2 and G == 1 and not self.on_gpu(xl)
         if fused:  # as in fw: channels-last codes (a byte copy when they are not)
             xl = xl.contiguous()
+            self._note_gpu_gemm(1, OC, w_shape[1] * math.prod(w_shape[2:]), dyl.shape[0])
         dw = self._gc_implicit(spec, xq, dyq, xl, w_shape, scale) if fused else None
         if dw is not None:
             return dw

@@ -226,7 +226,10 @@ class Recorder:
       ``"a"`` packs a forward GEMM's A, ``"b"`` a weight gradient's B (their packed extents depend
       on the GEMM tile, so they are re-derived per variant when exporting);
     * ``kernels``: the other kernels asked for by name (:class:`KernelRef`), e.g. the
-      implicit-GEMM conv forwards.
+      implicit-GEMM conv forwards;
+    * ``gpu_problems``: GEMM problems ``(G, M, N, K)`` that CUDA tensors run where this run took a
+      CPU kernel with no GEMM of its own (a conv's forward and weight gradient run as im2col +
+      GEMM on an exported CUDA library); only ``export --target cuda`` builds them.
     """
 
     def __init__(self):
@@ -234,10 +237,14 @@ class Recorder:
         self.variants: dict[tuple, tuple] = {}
         self.conv_packs: dict[tuple, set] = {}
         self.kernels: dict = {}
+        self.gpu_problems: dict[tuple, set] = {}
 
     def problem(self, key, variants, where) -> None:
         self.problems.setdefault(key, set()).add(where)
         self.variants[key] = tuple(sorted(set(variants) | set(self.variants.get(key, ())) | {key}))
+
+    def gpu_problem(self, key, where) -> None:
+        self.gpu_problems.setdefault(tuple(key), set()).add(where)
 
     def kernel(self, ref, where) -> None:
         """A kernel whose arguments do not depend on a GEMM tile (the implicit-GEMM convs, the

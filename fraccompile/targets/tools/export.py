@@ -269,8 +269,8 @@ def _build_cuda(rec: Recorder, out: pathlib.Path, kernel: str = "mma") -> tuple[
     if reason:
         raise KernelLibraryError(f"export --target cuda needs nvcc: {reason}")
     uses: dict = {}
-    for problem, where in rec.problems.items():
-        G, M, N, K = rec.variants[problem][0]  # no ones rows: the base problem
+    problems = [(rec.variants[p][0], where) for p, where in rec.problems.items()]  # no ones rows
+    for (G, M, N, K), where in problems + list(rec.gpu_problems.items()):
         for k0 in range(0, K, MAX_K):
             shape = gen.padded(G, M, N, min(MAX_K, K - k0))
             uses.setdefault(shape, set()).update(w for w in where if w)
