@@ -419,8 +419,8 @@ def _row_codes_fused(
         for _, members in groups:
             rank[members] = torch.arange(len(members), dtype=torch.int32)
             seed[members] = noise_seed()
-        if perm == list(range(x.dim())):
-            flat = xd.reshape(N, -1, 1) if x.dim() > 1 else xd.reshape(N, 1, 1)
+        if perm == list(range(x.dim())):  # (N, 1, M): the sample's elements as C, the vector axis
+            flat = xd.reshape(N, 1, -1)
         else:  # channels-last: (N, spatial, C), the logical index n·C·S + c·S + s
             flat = xd.reshape(N, -1, x.shape[1])
         kernel(KernelRef("quantize_rows_counter", (name,), serial=serial))(
