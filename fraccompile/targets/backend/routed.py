@@ -50,14 +50,14 @@ class RoutedGradients:
             for part in parts:  # summed in float64 with the terms: they cancel much of it
                 d = self._gc_core(spec, qx, part, (len(rows), *x_shape[1:]), w_shape).double()
                 dw = d if dw is None else dw.add_(d)
-            zd = _group_zero(dyq, rows) + sum(p.zero for p in parts if p.zero is not None)
+            qd.zero = _group_zero(dyq, rows)
+            zd = qd.zero + sum(p.zero for p in parts if p.zero is not None)
             if bool(zd != 0):  # zd·sx·Σqx: the group's code sums (exact) with its weight
                 codes = qx.codes.reshape(-1, x_shape[-1]) if spec.kind == "linear" else qx.codes
                 sums = _exact_sums(codes, [0], torch.float64, kernel).mul_(float(zd * sx))
                 x_terms = sums if x_terms is None else x_terms.add_(sums)
             zx = _group_zero(xq, rows)
             if bool(zx != 0):  # zx·Σdy: the group's dy values (s·Σq + count·z) with its weight
-                qd.zero = _group_zero(dyq, rows)
                 values = _gradient_values(spec, qd, kernel).double().mul_(float(zx))
                 dy_terms = values if dy_terms is None else dy_terms.add_(values)
         terms = []
