@@ -162,7 +162,8 @@ def main() -> None:
         "--weight-scale",
         choices=("channel", "gemm"),
         default="channel",
-        help="FracConfig.weight_scale of every run (the sbm-gemm run is always gemm)",
+        help="FracConfig.weight_scale of every run (the sbm-gemm run is always gemm); channel, "
+        "FracTrain's own, by default here, gemm in the library",
     )
     parser.add_argument(
         "--stop-at", type=int, default=None, help="end every run at this iteration (resumable)"

@@ -25,8 +25,9 @@ timed. Per entry:
   gated sites report their last call), over all quantized sites; the distinct fallback reasons are
   listed under the table.
 
-Variants (``--variants``, all by default; every one `sbm`, per-channel weights, the library's
-defaults otherwise): ``sbm8`` static a/w/g 8/8/8 (which is also PFQ's last stage, 8/8), ``pfq3``,
+Variants (``--variants``, all by default; every one `sbm`, per-channel weight ranges for every
+GEMM (``weight_scale="channel"``, FracTrain's own) unless named ``gemm``, the library's defaults
+otherwise): ``sbm8`` static a/w/g 8/8/8 (which is also PFQ's last stage, 8/8), ``pfq3``,
 ``pfq4``, ``pfq6`` the other PFQ stages FW/BW 3/6, 4/6, 6/8 (a = w = FW, g = BW) held static,
 ``pfq4n`` the 4/6 stage with ``recompute="norms"`` (tvm only: backward recomputes BatchNorm inputs
 from the codes, the memory-lean setting), ``sbm8g`` and ``fractraing``: ``sbm8`` and ``fractrain``
@@ -250,7 +251,7 @@ def build(model_key: str, entry: str, base, x, shares: dict):
         backend=backend,
         pipeline=pipeline,
         gate_mode="routed",
-        **OPTIONS.get(variant, {}),
+        **{"weight_scale": "channel", **OPTIONS.get(variant, {})},
     )
     fmodel = fraccompile.compile(copy.deepcopy(base), x, config=cfg)
     schedule, base_variant = None, BASE.get(variant, variant)

@@ -29,8 +29,8 @@ SchemeOpt = Annotated[Optional[str], typer.Option(help="sbm or symmetric")]
 WeightScaleOpt = Annotated[
     Optional[str],
     typer.Option(
-        help="weight ranges per output channel (default), per tensor, or gemm (the error backprop's "
-        "weight quantized again per input channel)"
+        help="gemm (default: per output channel, and again per input channel for the error "
+        "backprop), channel (per output channel for every GEMM, FracTrain's) or tensor"
     ),
 ]
 RoundingNoiseOpt = Annotated[

@@ -62,14 +62,15 @@ class FracConfig:
             every site; 0 keeps that tensor in full precision. The controller changes them later.
         scheme: ``"sbm"`` (FracTrain's asymmetric min/max quantizer) or ``"symmetric"`` (zero point
             0, maps onto int8 kernels).
-        weight_scale: ``"channel"`` (one range per output channel, FracTrain's and the default),
-            ``"tensor"`` (one range per weight tensor) or ``"gemm"`` (each GEMM its own: per output
-            channel in the forward, and for the error backprop the weight quantized again per
-            input channel, torchao's INT8 mixed-precision training recipe; opt-in: on the 30-epoch
-            CIFAR-10 protocol it matched ``"channel"`` for SBM and lost 0.3 points for FracTrain's
-            4-bit weights on one seed, docs/benchmarks.md). With ``"tensor"`` or ``"gemm"`` the error
-            backprop on the ``tvm`` backend is an integer GEMM too (per-output-channel ranges sit
-            on its reduction axis, so with ``"channel"`` it runs in fp32; docs/contract.md).
+        weight_scale: ``"gemm"`` (the default: each GEMM quantizes the weight along its own
+            non-reduction axis, per output channel in the forward and again per input channel for
+            the error backprop, torchao's INT8 mixed-precision training recipe), ``"channel"``
+            (one range per output channel for every GEMM, FracTrain's own) or ``"tensor"`` (one
+            range per weight tensor). With ``"gemm"`` or ``"tensor"`` the error backprop on the
+            ``tvm`` backend is an integer GEMM too; with ``"channel"`` the ranges sit on its
+            reduction axis, so it runs in fp32 (docs/contract.md). On the 30-epoch CIFAR-10
+            protocol ``"gemm"`` trained as ``"channel"`` does, within two seeds' spread, for SBM
+            and for FracTrain (docs/benchmarks.md).
         rounding_noise: where stochastic rounding of gradients draws its uniform noise:
             ``"counter"`` (the default: a counter-based hash of each element's index, seeded from
             torch's generator; the ``tvm`` backend computes it inside its quantize kernel instead
@@ -128,7 +129,7 @@ class FracConfig:
     w: int = 8
     g: int = 8
     scheme: str = "sbm"
-    weight_scale: str = "channel"
+    weight_scale: str = "gemm"
     rounding_noise: str = "counter"
     full_precision: tuple[str, ...] = (FIRST_CONV, LAST_LINEAR)
     ops: tuple[str, ...] = OP_KINDS

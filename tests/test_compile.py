@@ -245,10 +245,18 @@ def test_shared_module_called_twice_is_one_site():
     ],
 )
 @pytest.mark.parametrize("noise", ["counter", "torch"])
-def test_conv_variants_match_reference_semantics(conv, noise):
+@pytest.mark.parametrize("weight_scale", ["gemm", "channel"])
+def test_conv_variants_match_reference_semantics(conv, noise, weight_scale):
     """Quantized site == conv(fake-quant x, fake-quant w); dx, dw from the stochastically
-    quantized dy (same RNG) — checked against a hand-written reference."""
-    from fraccompile.ops.quantizers import quantize_activation, quantize_gradient, quantize_weight
+    quantized dy (same RNG) — checked against a hand-written reference. dx reads the weight as
+    the error backprop quantizes it: per input channel (``"gemm"``, the default) or the forward's
+    per-output-channel codes (``"channel"``)."""
+    from fraccompile.ops.quantizers import (
+        quantize_activation,
+        quantize_gradient,
+        quantize_weight,
+        quantize_weight_for_backprop,
+    )
 
     dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(conv)]
     x = torch.randn(2, conv.in_channels, *([9] * dims), requires_grad=True)
@@ -264,7 +272,14 @@ def test_conv_variants_match_reference_semantics(conv, noise):
 
     model = Wrap()
     fm = fraccompile.compile(
-        copy.deepcopy(model), x.detach(), a=4, w=4, g=6, full_precision=(), rounding_noise=noise
+        copy.deepcopy(model),
+        x.detach(),
+        a=4,
+        w=4,
+        g=6,
+        full_precision=(),
+        rounding_noise=noise,
+        weight_scale=weight_scale,
     )
     y = fm(x)
     dy = torch.randn_like(y)
@@ -278,8 +293,15 @@ def test_conv_variants_match_reference_semantics(conv, noise):
     torch.manual_seed(3)
     dyq = quantize_gradient(dy, 6, "sbm", noise=noise)
     yr.backward(dyq)
+    w_eb = wr.detach()
+    if weight_scale == "gemm":
+        w_eb = quantize_weight_for_backprop(conv.weight.detach(), 4, "sbm", conv.groups)
+        if conv.groups != conv.in_channels:  # (a depthwise conv's two grids are the same)
+            assert not torch.equal(w_eb, wr.detach())
+    xe = xr.detach().requires_grad_()
+    conv._conv_forward(xe, w_eb, conv.bias).backward(dyq)
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, xe.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw, wr.grad, rtol=1e-5, atol=1e-5)
 
 

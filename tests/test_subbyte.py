@@ -113,7 +113,9 @@ def test_packed_step_keeps_fewer_bytes_and_same_gradients(bits, monkeypatch):
 
     torch.manual_seed(0)
     base = CifarResNet(8)
-    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    # a batch whose activations outweigh the weights' codes (kept as bytes, two copies with the
+    # default weight_scale="gemm"), as in training
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
     cfg = FracConfig(a=bits, w=bits, g=8, scheme="sbm", backend="tvm", recompute="norms")
 
     def step(no_packing: bool):
