@@ -16,10 +16,10 @@ weight GC     A = dyᵀ, B = xᵀ (colsᵀ) → ``dw``      A = xᵀ, B = dyᵀ 
 
 EB of a weight site with per-output-channel weight ranges (``weight_scale="channel"``) is not an
 integer GEMM: EB sums over output channels, so their scales cannot be taken out of the sum; it
-runs in fp32 on exactly the reference backend's operands (docs/contract.md). With ``weight_scale="tensor"`` or
-``"gemm"`` (the weight's scales on EB's output axis) a linear site's EB is an integer GEMM
-(A = dy, B = wᵀ), and a stride-1 2-D conv's the integer forward of its transposed conv (zero
-points included); strided and grouped convs stay fp32.
+runs in fp32 on exactly the reference backend's operands (docs/contract.md). With ``"gemm"``
+(the default) or ``"tensor"`` (the weight's scales on EB's output axis) a linear site's EB is an
+integer GEMM (A = dy, B = wᵀ), and a stride-1 2-D conv's the integer forward of its transposed
+conv (zero points included); strided and grouped convs stay fp32.
 """
 
 from __future__ import annotations
