@@ -8,8 +8,9 @@ meet are exactly these fields plus the quantization contract in ``docs/contract.
 
 * ``prec``: the site's bits (``a``, ``w``, ``g``; 0 keeps that tensor in full precision);
 * ``scheme``: ``"sbm"`` (asymmetric codes with a float zero point) or ``"symmetric"``;
-* ``weight_scale``: one weight range per output channel (``"channel"``), per tensor, or each GEMM
-  its own (``"gemm"``: the error backprop reads the weight quantized again per input channel);
+* ``weight_scale``: each GEMM its own weight ranges (``"gemm"``, the default: per output channel
+  for the forward, and the error backprop reads the weight quantized again per input channel),
+  one range per output channel for every GEMM (``"channel"``), or one per tensor;
 * ``rounding_noise``: how the gradient's stochastic rounding draws its noise;
 * ``x_range`` / ``y_range``: the grid ranges of the input and, for a matmul, of its second operand
   (the batch's in training, the running one in eval; None: the batch's, computed by the backend);
@@ -60,7 +61,7 @@ class SiteCall:
     spec: SiteSpec
     prec: Precision
     scheme: str = "sbm"
-    weight_scale: str = "channel"
+    weight_scale: str = "gemm"
     rounding_noise: str = "counter"
     weight_shape: tuple[int, ...] | None = None
     x_range: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -82,7 +82,7 @@ class FracOp(nn.Module):
         backend: str | KernelBackend = "reference",
         weight: nn.Parameter | None = None,
         bias: nn.Parameter | None = None,
-        weight_scale: str = "channel",
+        weight_scale: str = "gemm",
         rounding_noise: str = "counter",
     ):
         super().__init__()
@@ -108,7 +108,7 @@ class FracOp(nn.Module):
             self.rhs_range = RunningRange(momentum)
 
     def extra_repr(self) -> str:
-        scale = "" if self.weight_scale == "channel" else f", weight_scale={self.weight_scale}"
+        scale = "" if self.weight_scale == "gemm" else f", weight_scale={self.weight_scale}"
         if self.rounding_noise != "counter":
             scale += f", rounding_noise={self.rounding_noise}"
         if self.epilogue_norm is not None or self.epilogue is not None:
