@@ -390,8 +390,7 @@ def _recorded_host_reads(log: list):
 def test_gpu_branch_routed_site_reads_only_its_groups(gpu_backend, module, shape, scheme):
     """A DFQ-routed site's step on the GPU branch reads on the host only what docs/cuda.md lists:
     the precisions present in the gradient (its counter seeds, :func:`device_row_codes`) and the
-    weight gradient's groups of samples (``_scale_groups``, ``_gc_grouped``); the forward reads
-    nothing."""
+    weight gradient's groups of samples (``_scale_groups``); the forward reads nothing."""
     torch.manual_seed(4)
     x = torch.randn(*shape).relu().requires_grad_()
     fm = fraccompile.compile(
@@ -407,7 +406,7 @@ def test_gpu_branch_routed_site_reads_only_its_groups(gpu_backend, module, shape
     with _recorded_host_reads(backward):
         y.backward(torch.ones_like(y))
     assert forward == []
-    assert set(backward) == {"device_row_codes", "_gc_grouped", "_scale_groups"}, backward
+    assert set(backward) == {"device_row_codes", "_scale_groups"}, backward
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "sbm"])

@@ -463,8 +463,9 @@ def test_routed_gate_roles_match_reference(module, shape, scheme, monkeypatch):
 
 
 def test_scale_groups_are_the_unique_scale_pairs():
-    """The routed weight gradient's groups of samples: torch.unique over the (sx, sd) rows, each
-    side per sample or one value."""
+    """The routed weight gradient's groups of samples: the rows of torch.unique over the (sx, sd)
+    pairs, in its order, each with the samples whose pair it is; each side per sample or one
+    value."""
     from fraccompile.targets.backend.routed import _scale_groups
 
     g = torch.Generator().manual_seed(0)
@@ -472,8 +473,12 @@ def test_scale_groups_are_the_unique_scale_pairs():
     sd = torch.tensor([3e-3, 1e-3])[torch.randint(0, 2, (40,), generator=g)].reshape(40, 1, 1, 1)
     for a, b in ((sx, sd), (sx, torch.tensor([2e-3])), (torch.tensor([0.5]), sd)):
         keys = torch.stack([a.reshape(-1).expand(40), b.reshape(-1).expand(40)], 1)
-        want, got = torch.unique(keys, dim=0, return_inverse=True), _scale_groups(a, b, 40)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        want, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        got, members = _scale_groups(a, b, 40)
+        assert torch.equal(got, want) and got.dtype == a.dtype
+        assert len(members) == len(want)
+        for j, rows in enumerate(members):
+            assert torch.equal(rows, (inverse == j).nonzero().flatten())
     assert len(_scale_groups(sx, sd, 40)[0]) == 6
 
 
