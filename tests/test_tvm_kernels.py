@@ -473,6 +473,49 @@ def test_per_channel_weight_codes_are_one_kernel_pass_with_the_reference_codes(s
     assert torch.equal(got.codes.float(), quantize_to_int(w, qp))
 
 
+@pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
+@pytest.mark.parametrize("shape", [(20, 200), (7, 64), (3, 5)])
+def test_per_input_channel_weight_codes_are_one_kernel_pass_with_the_reference_codes(scheme, shape):
+    """A linear weight's per-input-channel grid (``weight_scale="gemm"``'s error backprop) runs
+    the per-column quantize kernel instead of torch's five passes; the codes are the reference's,
+    ties (half to even) and a constant column included, over column counts on and off the
+    kernel's 64-wide vectors. A conv weight (4-D) keeps torch's quantizer, the same codes."""
+    from fraccompile.ops.quantizers import input_channel_range, qparams_from_range, quantize_to_int
+    from fraccompile.targets.backend import codes
+
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(*shape, generator=gen) * torch.linspace(0.1, 3.0, shape[1])
+    w[:, 1] = 0.25  # a constant input channel
+    refs = []
+
+    def record(ref):
+        refs.append(ref.kind)
+        return codes._jit_kernel(ref)
+
+    for bits in (8, 4, 3):
+        lo, hi = input_channel_range(w)
+        qp = qparams_from_range(lo, hi, bits, scheme, signed=True)
+        w_ties = torch.where(
+            torch.arange(w.numel()).reshape(w.shape) % 7 == 0,
+            (torch.round(w / qp.scale) + 0.5) * qp.scale + qp.zero,
+            w,
+        )
+        for x in (w, w_ties):
+            refs.clear()
+            got = codes._to_codes(x, qp, kernel=record, asymmetric=scheme == "sbm")
+            assert refs == ["quantize_cols"]
+            assert got.codes.dtype == (torch.int8 if scheme == "symmetric" else torch.uint8)
+            assert torch.equal(got.codes.float(), quantize_to_int(x, qp))
+            assert got.offset == 0 and got.scale is qp.scale
+    conv = torch.randn(6, 4, 3, 3, generator=gen)
+    lo, hi = input_channel_range(conv)
+    qp = qparams_from_range(lo, hi, 8, scheme, signed=True)
+    refs.clear()
+    got = codes._to_codes(conv, qp, kernel=record, asymmetric=scheme == "sbm")
+    assert "quantize_cols" not in refs
+    assert torch.equal(got.codes.float(), quantize_to_int(conv, qp))
+
+
 def test_bad_tile_is_refused():
     from fraccompile.targets.kernels import gemm
 

@@ -245,6 +245,8 @@ def _to_codes(
     zero = qp.zero if asymmetric else None
     if kernel is not None and not stochastic and _channel_grid(x, qp, dtype):
         return _channel_codes(x, qp, dtype, zero, kernel)
+    if kernel is not None and not stochastic and _column_grid(x, qp, dtype):
+        return _column_codes(x, qp, dtype, zero, kernel)
     fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1 and dtype.itemsize == 1
     perm = _dense_perm(x) if fused else None
     if fused and perm is None:  # a strided view (e.g. a slice of q/k/v): one copy, then one pass
@@ -328,6 +330,43 @@ def _channel_codes(x: torch.Tensor, qp, dtype: torch.dtype, zero, kernel) -> Int
     codes = torch.empty(x.shape, dtype=dtype)
     ref = KernelRef("quantize_rows", (str(dtype).removeprefix("torch."),), serial=_serial(x.numel() * 5))
     kernel(ref)(x.reshape(n, -1), rows, codes.view(n, -1))
+    return IntCodes(codes, qp.scale, qp.qmin < 0, zero, qp.qmax)
+
+
+def _column_grid(x: torch.Tensor, qp, dtype: torch.dtype) -> bool:
+    """Whether ``qp`` is one grid per column of a contiguous 2-D fp32 ``x`` (a linear weight's
+    per-input-channel grid, ``weight_scale="gemm"``'s error backprop) with 8-bit codes:
+    :func:`_column_codes` quantizes it in one pass."""
+    if x.dim() != 2 or x.shape[1] < 2:
+        return False
+    n = x.shape[1]
+    return (
+        x.dtype == torch.float32
+        and dtype.itemsize == 1
+        and x.is_contiguous()
+        and x.numel() < 2**31
+        and tuple(qp.scale.shape) == (1, n)
+        and qp.zero.numel() in (1, n)
+    )
+
+
+def _column_codes(x: torch.Tensor, qp, dtype: torch.dtype, zero, kernel) -> IntCodes:
+    """:func:`_channel_codes` with one grid per column: one pass of the per-column quantize kernel
+    (:func:`..kernels.quantize.cols_definition`), the reference's codes element for element, not
+    centered."""
+    n = x.shape[1]
+    scale = qp.scale.reshape(n).float()
+    cols = torch.stack(
+        [
+            scale,
+            qp.zero.reshape(-1).float().expand(n),
+            scale.new_full((n,), float(qp.qmin)),
+            scale.new_full((n,), float(qp.qmax)),
+        ]
+    )
+    codes = torch.empty(x.shape, dtype=dtype)
+    ref = KernelRef("quantize_cols", (str(dtype).removeprefix("torch."),), serial=_serial(x.numel() * 5))
+    kernel(ref)(x, cols, codes)
     return IntCodes(codes, qp.scale, qp.qmin < 0, zero, qp.qmax)
 
 

@@ -209,6 +209,36 @@ def rows_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     return main
 
 
+def cols_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
+    """``main(x, cols, q)``: round to nearest with one grid per column, ``x``/``q`` ``(R, C)`` in
+    memory order, ``cols`` ``(4, C)`` = the (scale, zero, qmin, qmax) rows of the columns: a linear
+    weight's codes with one grid per input channel (``weight_scale="gemm"``'s error backprop) in
+    one pass, the arithmetic per element :func:`rows_definition`'s."""
+    L = T.int64(64)
+    loop = T.parallel if parallel else T.serial
+
+    def code(x, cols, r, c):
+        return T.Cast(
+            out_dtype, T.max(T.min(T.nearbyint((x[r, c] - cols[1, c]) / cols[0, c]), cols[3, c]), cols[2, c])
+        )
+
+    @T.prim_func(s_tir=True)
+    def main(x_h: T.handle, cols_h: T.handle, q_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        R, C = T.int64(), T.int64()
+        x = T.match_buffer(x_h, (R, C), "float32")
+        cols = T.match_buffer(cols_h, (4, C), "float32")
+        q = T.match_buffer(q_h, (R, C), out_dtype)
+        for r in loop(R):
+            for j in range(C // L):
+                for v in T.vectorized(L):
+                    q[r, j * L + v] = code(x, cols, r, j * L + v)
+            for c in range(C // L * L, C):
+                q[r, c] = code(x, cols, r, c)
+
+    return main
+
+
 def rows_counter_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     """``main(x, rows, rank, seed, q)``: stochastic rounding with counter noise and one grid per
     sample (:func:`rows_definition`'s ``rows``), ``x``/``q`` ``(N, S, C)`` in memory order as
@@ -256,6 +286,10 @@ def rows_counter_schedule(out_dtype: str, parallel: bool = True) -> s_tir.Schedu
 
 def rows_schedule(out_dtype: str, parallel: bool = True) -> s_tir.Schedule:
     return s_tir.Schedule(rows_definition(out_dtype, parallel))
+
+
+def cols_schedule(out_dtype: str, parallel: bool = True) -> s_tir.Schedule:
+    return s_tir.Schedule(cols_definition(out_dtype, parallel))
 
 
 def schedule(out_dtype: str, stochastic: bool, noise: str = "torch", parallel: bool = True) -> s_tir.Schedule:

@@ -49,6 +49,7 @@ KINDS = (
     "gate_probe",
     "quantize_rows",
     "quantize_rows_counter",
+    "quantize_cols",
     "code_sums",
     "row_sums",
     "mask_grad",
@@ -168,6 +169,7 @@ _BUILDERS = {
     "gate_probe": probe.schedule,
     "quantize_rows": quantize.rows_schedule,
     "quantize_rows_counter": quantize.rows_counter_schedule,
+    "quantize_cols": quantize.cols_schedule,
     "code_sums": sums.schedule,
     "row_sums": sums.row_schedule,
     "mask_grad": masks.schedule,
@@ -186,6 +188,7 @@ SERIAL_KINDS = (
     "unpack_codes",
     "quantize_rows",
     "quantize_rows_counter",
+    "quantize_cols",
     "code_sums",
     "row_sums",
     "mask_grad",
@@ -210,6 +213,7 @@ _PARALLEL = (
         for kind in ("quantize_rows", "quantize_rows_counter")
         for d in ("int8", "uint8", "int32")
     ]
+    + [KernelRef("quantize_cols", (d,)) for d in ("int8", "uint8")]
     + [KernelRef("code_sums", (d,)) for d in sums.DTYPES]
     + [KernelRef("mask_grad", ())]
 )
