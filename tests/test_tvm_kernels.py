@@ -428,20 +428,13 @@ def test_fused_quantize_gives_the_reference_codes(stochastic, noise, layout, sha
         assert torch.equal(got.dequantize(), torch.addcmul(qp.zero, ref, qp.scale))
 
 
-@pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
-@pytest.mark.parametrize("shape", [(6, 3, 3, 3), (5, 70), (4, 131)])
-def test_per_channel_weight_codes_are_one_kernel_pass_with_the_reference_codes(scheme, shape):
-    """A weight's per-output-channel grid (FracTrain's default) runs the per-row quantize kernel
-    instead of torch's five passes; the codes are the reference's, ties (half to even) and a
-    constant channel (the scale's floor) included."""
-    from fraccompile.ops.quantizers import qparams_from_range, quantize_to_int, weight_range
+def _weight_grid_codes_match(w, range_of, kind: str, scheme: str) -> None:
+    """``w``'s codes on the grids ``range_of`` gives it, at 8, 4 and 3 bits, with and without
+    values on ties (half to even): one call of the ``kind`` kernel each, the reference's codes,
+    not centered."""
+    from fraccompile.ops.quantizers import qparams_from_range, quantize_to_int
     from fraccompile.targets.backend import codes
 
-    gen = torch.Generator().manual_seed(11)
-    w = torch.randn(*shape, generator=gen) * torch.linspace(0.1, 3.0, shape[0]).reshape(
-        -1, *[1] * (len(shape) - 1)
-    )
-    w[1] = 0.25  # a constant channel
     refs = []
 
     def record(ref):
@@ -449,7 +442,7 @@ def test_per_channel_weight_codes_are_one_kernel_pass_with_the_reference_codes(s
         return codes._jit_kernel(ref)
 
     for bits in (8, 4, 3):
-        lo, hi = weight_range(w)
+        lo, hi = range_of(w)
         qp = qparams_from_range(lo, hi, bits, scheme, signed=True)
         w_ties = torch.where(
             torch.arange(w.numel()).reshape(w.shape) % 7 == 0,
@@ -459,10 +452,33 @@ def test_per_channel_weight_codes_are_one_kernel_pass_with_the_reference_codes(s
         for x in (w, w_ties):
             refs.clear()
             got = codes._to_codes(x, qp, kernel=record, asymmetric=scheme == "sbm")
-            assert refs == ["quantize_rows"]
+            assert refs == [kind]
             assert got.codes.dtype == (torch.int8 if scheme == "symmetric" else torch.uint8)
             assert torch.equal(got.codes.float(), quantize_to_int(x, qp))
             assert got.offset == 0 and got.scale is qp.scale
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
+@pytest.mark.parametrize("shape", [(6, 3, 3, 3), (5, 70), (4, 131)])
+def test_per_channel_weight_codes_are_one_kernel_pass_with_the_reference_codes(scheme, shape):
+    """A weight's per-output-channel grid (every weight's forward grid) runs the per-row
+    quantize kernel instead of torch's five passes; the codes are the reference's, ties (half to
+    even) and a constant channel (the scale's floor) included."""
+    from fraccompile.ops.quantizers import qparams_from_range, quantize_to_int, weight_range
+    from fraccompile.targets.backend import codes
+
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(*shape, generator=gen) * torch.linspace(0.1, 3.0, shape[0]).reshape(
+        -1, *[1] * (len(shape) - 1)
+    )
+    w[1] = 0.25  # a constant channel
+    _weight_grid_codes_match(w, weight_range, "quantize_rows", scheme)
+    refs = []
+
+    def record(ref):
+        refs.append(ref.kind)
+        return codes._jit_kernel(ref)
+
     # a layout the kernel cannot read (not contiguous): torch's quantizer, the same codes
     lo, hi = weight_range(w)
     qp = qparams_from_range(lo, hi, 8, scheme, signed=True)
@@ -486,27 +502,13 @@ def test_per_input_channel_weight_codes_are_one_kernel_pass_with_the_reference_c
     gen = torch.Generator().manual_seed(12)
     w = torch.randn(*shape, generator=gen) * torch.linspace(0.1, 3.0, shape[1])
     w[:, 1] = 0.25  # a constant input channel
+    _weight_grid_codes_match(w, input_channel_range, "quantize_cols", scheme)
     refs = []
 
     def record(ref):
         refs.append(ref.kind)
         return codes._jit_kernel(ref)
 
-    for bits in (8, 4, 3):
-        lo, hi = input_channel_range(w)
-        qp = qparams_from_range(lo, hi, bits, scheme, signed=True)
-        w_ties = torch.where(
-            torch.arange(w.numel()).reshape(w.shape) % 7 == 0,
-            (torch.round(w / qp.scale) + 0.5) * qp.scale + qp.zero,
-            w,
-        )
-        for x in (w, w_ties):
-            refs.clear()
-            got = codes._to_codes(x, qp, kernel=record, asymmetric=scheme == "sbm")
-            assert refs == ["quantize_cols"]
-            assert got.codes.dtype == (torch.int8 if scheme == "symmetric" else torch.uint8)
-            assert torch.equal(got.codes.float(), quantize_to_int(x, qp))
-            assert got.offset == 0 and got.scale is qp.scale
     conv = torch.randn(6, 4, 3, 3, generator=gen)
     lo, hi = input_channel_range(conv)
     qp = qparams_from_range(lo, hi, 8, scheme, signed=True)

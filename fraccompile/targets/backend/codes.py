@@ -317,16 +317,7 @@ def _channel_codes(x: torch.Tensor, qp, dtype: torch.dtype, zero, kernel) -> Int
     codes are :func:`~fraccompile.ops.quantizers.quantize_to_int`'s (torch's form takes five
     passes over fp32 temporaries). The codes are not centered, as torch's path leaves them."""
     n = x.shape[0]
-    scale = qp.scale.reshape(n).float()
-    rows = torch.stack(
-        [
-            scale,
-            qp.zero.reshape(-1).float().expand(n),
-            scale.new_full((n,), float(qp.qmin)),
-            scale.new_full((n,), float(qp.qmax)),
-        ],
-        1,
-    )
+    rows = _grid_params(qp, n, 1)
     codes = torch.empty(x.shape, dtype=dtype)
     ref = KernelRef("quantize_rows", (str(dtype).removeprefix("torch."),), serial=_serial(x.numel() * 5))
     kernel(ref)(x.reshape(n, -1), rows, codes.view(n, -1))
@@ -354,20 +345,19 @@ def _column_codes(x: torch.Tensor, qp, dtype: torch.dtype, zero, kernel) -> IntC
     """:func:`_channel_codes` with one grid per column: one pass of the per-column quantize kernel
     (:func:`..kernels.quantize.cols_definition`), the reference's codes element for element, not
     centered."""
-    n = x.shape[1]
-    scale = qp.scale.reshape(n).float()
-    cols = torch.stack(
-        [
-            scale,
-            qp.zero.reshape(-1).float().expand(n),
-            scale.new_full((n,), float(qp.qmin)),
-            scale.new_full((n,), float(qp.qmax)),
-        ]
-    )
+    cols = _grid_params(qp, x.shape[1], 0)
     codes = torch.empty(x.shape, dtype=dtype)
     ref = KernelRef("quantize_cols", (str(dtype).removeprefix("torch."),), serial=_serial(x.numel() * 5))
     kernel(ref)(x, cols, codes)
     return IntCodes(codes, qp.scale, qp.qmin < 0, zero, qp.qmax)
+
+
+def _grid_params(qp, n: int, dim: int) -> torch.Tensor:
+    """The (scale, zero, qmin, qmax) of ``n`` grids (``qp`` holds ``n`` scales and one or ``n``
+    zero points) stacked along ``dim``: ``(n, 4)`` rows or ``(4, n)`` columns, fp32."""
+    scale = qp.scale.reshape(n).float()
+    bounds = [scale.new_full((n,), float(b)) for b in (qp.qmin, qp.qmax)]
+    return torch.stack([scale, qp.zero.reshape(-1).float().expand(n), *bounds], dim)
 
 
 def _row_codes(

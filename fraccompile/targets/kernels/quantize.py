@@ -184,29 +184,7 @@ def rows_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     memory order, ``rows`` ``(N, 4)`` = (scale, zero, qmin, qmax) of each sample: the codes of a
     DFQ-routed site's input in one pass (the reference quantizes group by group, gathering and
     scattering the samples of each precision; the arithmetic per element is the same)."""
-    L = T.int64(64)
-    loop = T.parallel if parallel else T.serial
-
-    def code(x, rows, n, s):
-        return T.Cast(
-            out_dtype, T.max(T.min(T.nearbyint((x[n, s] - rows[n, 1]) / rows[n, 0]), rows[n, 3]), rows[n, 2])
-        )
-
-    @T.prim_func(s_tir=True)
-    def main(x_h: T.handle, rows_h: T.handle, q_h: T.handle):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        N, S = T.int64(), T.int64()
-        x = T.match_buffer(x_h, (N, S), "float32")
-        rows = T.match_buffer(rows_h, (N, 4), "float32")
-        q = T.match_buffer(q_h, (N, S), out_dtype)
-        for n in loop(N):
-            for j in range(S // L):
-                for v in T.vectorized(L):
-                    q[n, j * L + v] = code(x, rows, n, j * L + v)
-            for s in range(S // L * L, S):
-                q[n, s] = code(x, rows, n, s)
-
-    return main
+    return _grid_definition(out_dtype, parallel, per_column=False)
 
 
 def cols_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
@@ -214,27 +192,38 @@ def cols_definition(out_dtype: str, parallel: bool = True) -> tvm.tirx.PrimFunc:
     memory order, ``cols`` ``(4, C)`` = the (scale, zero, qmin, qmax) rows of the columns: a linear
     weight's codes with one grid per input channel (``weight_scale="gemm"``'s error backprop) in
     one pass, the arithmetic per element :func:`rows_definition`'s."""
+    return _grid_definition(out_dtype, parallel, per_column=True)
+
+
+def _grid_definition(out_dtype: str, parallel: bool, per_column: bool) -> tvm.tirx.PrimFunc:
+    """:func:`rows_definition` (a grid per row of ``x``, ``g`` ``(N, 4)``) or, ``per_column``,
+    :func:`cols_definition` (a grid per column, ``g`` ``(4, S)``, read as vectors along the row)."""
     L = T.int64(64)
     loop = T.parallel if parallel else T.serial
 
-    def code(x, cols, r, c):
-        return T.Cast(
-            out_dtype, T.max(T.min(T.nearbyint((x[r, c] - cols[1, c]) / cols[0, c]), cols[3, c]), cols[2, c])
-        )
+    def grid(g, k, n, s):  # parameter k (scale, zero, qmin, qmax) of element (n, s)'s grid
+        return g[k, s] if per_column else g[n, k]
+
+    def grid_shape(N, S):
+        return (4, S) if per_column else (N, 4)
+
+    def code(x, g, n, s):
+        value = T.nearbyint((x[n, s] - grid(g, 1, n, s)) / grid(g, 0, n, s))
+        return T.Cast(out_dtype, T.max(T.min(value, grid(g, 3, n, s)), grid(g, 2, n, s)))
 
     @T.prim_func(s_tir=True)
-    def main(x_h: T.handle, cols_h: T.handle, q_h: T.handle):
+    def main(x_h: T.handle, g_h: T.handle, q_h: T.handle):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        R, C = T.int64(), T.int64()
-        x = T.match_buffer(x_h, (R, C), "float32")
-        cols = T.match_buffer(cols_h, (4, C), "float32")
-        q = T.match_buffer(q_h, (R, C), out_dtype)
-        for r in loop(R):
-            for j in range(C // L):
+        N, S = T.int64(), T.int64()
+        x = T.match_buffer(x_h, (N, S), "float32")
+        g = T.match_buffer(g_h, grid_shape(N, S), "float32")
+        q = T.match_buffer(q_h, (N, S), out_dtype)
+        for n in loop(N):
+            for j in range(S // L):
                 for v in T.vectorized(L):
-                    q[r, j * L + v] = code(x, cols, r, j * L + v)
-            for c in range(C // L * L, C):
-                q[r, c] = code(x, cols, r, c)
+                    q[n, j * L + v] = code(x, g, n, j * L + v)
+            for s in range(S // L * L, S):
+                q[n, s] = code(x, g, n, s)
 
     return main
 
