@@ -243,10 +243,9 @@ def _to_codes(
     signed = qp.qmin < 0
     dtype = _code_dtype(qp)
     zero = qp.zero if asymmetric else None
-    if kernel is not None and not stochastic and _channel_grid(x, qp, dtype):
-        return _channel_codes(x, qp, dtype, zero, kernel)
-    if kernel is not None and not stochastic and _column_grid(x, qp, dtype):
-        return _column_codes(x, qp, dtype, zero, kernel)
+    axis = None if kernel is None or stochastic else _grid_axis(x, qp, dtype)
+    if axis is not None:
+        return _grid_codes(x, qp, dtype, zero, kernel, axis)
     fused = kernel is not None and x.dtype == torch.float32 and qp.scale.numel() == 1 and dtype.itemsize == 1
     perm = _dense_perm(x) if fused else None
     if fused and perm is None:  # a strided view (e.g. a slice of q/k/v): one copy, then one pass
@@ -294,70 +293,40 @@ def _to_codes(
     )
 
 
-def _channel_grid(x: torch.Tensor, qp, dtype: torch.dtype) -> bool:
-    """Whether ``qp`` is one grid per slice of dim 0 of a contiguous fp32 ``x`` (a weight's
-    per-output-channel grid) with 8-bit codes: :func:`_channel_codes` quantizes it in one pass."""
-    n = x.shape[0] if x.dim() else 0
-    per_row = (n,) + (1,) * (x.dim() - 1)
-    return (
-        n > 1
-        and x.dtype == torch.float32
-        and dtype.itemsize == 1
-        and x.is_contiguous()
-        and x.numel() < 2**31
-        and tuple(qp.scale.shape) == per_row
-        and qp.zero.numel() in (1, n)
-    )
+def _grid_axis(x: torch.Tensor, qp, dtype: torch.dtype) -> int | None:
+    """The axis along which ``qp`` is one grid per slice of a contiguous fp32 ``x`` with 8-bit
+    codes, which :func:`_grid_codes` quantizes in one pass: 0, one per slice of dim 0 (a weight's
+    per-output-channel grid), or 1, one per column of a 2-D ``x`` (a linear weight's
+    per-input-channel grid, ``weight_scale="gemm"``'s error backprop); else None."""
+    if x.dtype != torch.float32 or dtype.itemsize != 1 or not x.is_contiguous() or x.numel() >= 2**31:
+        return None
+    for axis in (0, 1) if x.dim() == 2 else (0,):
+        n = x.shape[axis] if x.dim() > axis else 0
+        grid = tuple(n if d == axis else 1 for d in range(x.dim()))
+        if n > 1 and tuple(qp.scale.shape) == grid and qp.zero.numel() in (1, n):
+            return axis
+    return None
 
 
-def _channel_codes(x: torch.Tensor, qp, dtype: torch.dtype, zero, kernel) -> IntCodes:
-    """Round-to-nearest codes of ``x`` with one grid per output channel (dim 0), in one pass of
-    the per-row quantize kernel (:func:`..kernels.quantize.rows_definition`, a row per channel):
-    the reference's ``clamp(round((x - zero) / scale), qmin, qmax)`` element for element, so the
-    codes are :func:`~fraccompile.ops.quantizers.quantize_to_int`'s (torch's form takes five
-    passes over fp32 temporaries). The codes are not centered, as torch's path leaves them."""
-    n = x.shape[0]
-    rows = _grid_params(qp, n, 1)
-    codes = torch.empty(x.shape, dtype=dtype)
-    ref = KernelRef("quantize_rows", (str(dtype).removeprefix("torch."),), serial=_serial(x.numel() * 5))
-    kernel(ref)(x.reshape(n, -1), rows, codes.view(n, -1))
-    return IntCodes(codes, qp.scale, qp.qmin < 0, zero, qp.qmax)
-
-
-def _column_grid(x: torch.Tensor, qp, dtype: torch.dtype) -> bool:
-    """Whether ``qp`` is one grid per column of a contiguous 2-D fp32 ``x`` (a linear weight's
-    per-input-channel grid, ``weight_scale="gemm"``'s error backprop) with 8-bit codes:
-    :func:`_column_codes` quantizes it in one pass."""
-    if x.dim() != 2 or x.shape[1] < 2:
-        return False
-    n = x.shape[1]
-    return (
-        x.dtype == torch.float32
-        and dtype.itemsize == 1
-        and x.is_contiguous()
-        and x.numel() < 2**31
-        and tuple(qp.scale.shape) == (1, n)
-        and qp.zero.numel() in (1, n)
-    )
-
-
-def _column_codes(x: torch.Tensor, qp, dtype: torch.dtype, zero, kernel) -> IntCodes:
-    """:func:`_channel_codes` with one grid per column: one pass of the per-column quantize kernel
-    (:func:`..kernels.quantize.cols_definition`), the reference's codes element for element, not
-    centered."""
-    cols = _grid_params(qp, x.shape[1], 0)
-    codes = torch.empty(x.shape, dtype=dtype)
-    ref = KernelRef("quantize_cols", (str(dtype).removeprefix("torch."),), serial=_serial(x.numel() * 5))
-    kernel(ref)(x, cols, codes)
-    return IntCodes(codes, qp.scale, qp.qmin < 0, zero, qp.qmax)
-
-
-def _grid_params(qp, n: int, dim: int) -> torch.Tensor:
-    """The (scale, zero, qmin, qmax) of ``n`` grids (``qp`` holds ``n`` scales and one or ``n``
-    zero points) stacked along ``dim``: ``(n, 4)`` rows or ``(4, n)`` columns, fp32."""
+def _grid_codes(x: torch.Tensor, qp, dtype: torch.dtype, zero, kernel, axis: int) -> IntCodes:
+    """Round-to-nearest codes of ``x`` with one grid per slice along ``axis`` (:func:`_grid_axis`),
+    in one pass of the per-row quantize kernel (``quantize_rows``, a row per output channel) or
+    the per-column one (``quantize_cols``; :func:`..kernels.quantize.rows_definition`,
+    :func:`~..kernels.quantize.cols_definition`): the reference's ``clamp(round((x - zero) /
+    scale), qmin, qmax)`` element for element, so the codes are
+    :func:`~fraccompile.ops.quantizers.quantize_to_int`'s (torch's form takes five passes over fp32
+    temporaries). The codes are not centered, as torch's path leaves them."""
+    n = x.shape[axis]
+    flat = x.reshape(n, -1) if axis == 0 else x
     scale = qp.scale.reshape(n).float()
     bounds = [scale.new_full((n,), float(b)) for b in (qp.qmin, qp.qmax)]
-    return torch.stack([scale, qp.zero.reshape(-1).float().expand(n), *bounds], dim)
+    # (scale, zero, qmin, qmax) per grid: (n, 4) rows, or (4, n) read as vectors along a row
+    grids = torch.stack([scale, qp.zero.reshape(-1).float().expand(n), *bounds], 1 - axis)
+    codes = torch.empty(x.shape, dtype=dtype)
+    kind = "quantize_rows" if axis == 0 else "quantize_cols"
+    ref = KernelRef(kind, (str(dtype).removeprefix("torch."),), serial=_serial(x.numel() * 5))
+    kernel(ref)(flat, grids, codes.view(flat.shape))
+    return IntCodes(codes, qp.scale, qp.qmin < 0, zero, qp.qmax)
 
 
 def _row_codes(
