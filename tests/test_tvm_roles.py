@@ -361,6 +361,31 @@ def test_sbm_matmul_roles_match_reference(xs, ys, bits):
     _compare(op, (x, y, bits), on_tvm=True)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_sbm_matmul_zero_point_terms_come_from_one_gemm_and_one_pass(tvm_backend, monkeypatch, transposed):
+    """Attention's matmuls under ``sbm`` (a transposed, strided operand as ``q @ k.mT``; a
+    non-negative one as softmax's output): each role is one GEMM whose ones rows give the code
+    sums and one ``affine`` dequantize pass, within the tolerance of the reference."""
+    from fraccompile.targets.backend import tvm_backend as tb
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 9, 16).softmax(-1) if not transposed else torch.randn(2, 3, 9, 16)
+    y = torch.randn(2, 3, 7, 16).mT if transposed else torch.randn(2, 3, 16, 7)
+    fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme="sbm", full_precision=()))
+    (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
+    passes = []
+    kernel = tb.TVMBackend.kernel
+
+    def noting(self, ref):
+        if ref.kind == "dequant":
+            passes.append((ref.args, self.where[1]))
+        return kernel(self, ref)
+
+    monkeypatch.setattr(tb.TVMBackend, "kernel", noting)
+    _compare(op, (x, y, (8, 8, 8)), on_tvm=True)
+    assert sorted(passes) == [(("affine",), role) for role in ("eb", "fw", "gc")]
+
+
 def test_wide_gradient_codes_split_exactly_and_per_sample_sums_group():
     """The exact pieces: wide codes as two 8-bit halves add back to the codes, and a weight
     gradient over samples with per-sample scales equals the one of the dequantized values."""

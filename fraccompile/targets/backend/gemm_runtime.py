@@ -132,6 +132,65 @@ class IntegerGemms:
         self.kernel(KernelRef.gemm_dq(shape, row_term is not None))(A, Bp, rc, cc, scale, bias, *extra, y)
         return y if Mp == M else y[:, :M]
 
+    def affine_matmul(
+        self, aq: IntCodes, bq: IntCodes, ta: bool = False, tb: bool = False
+    ) -> torch.Tensor | None:
+        """``op(a) @ op(b)`` of two affine operands (``op``: transposed where ``ta``/``tb``), batch
+        dims broadcast, by :meth:`affine_gemm`: a matmul site's forward (``x @ y``), error backprop
+        (``dy @ yᵀ``) and weight gradient (``xᵀ @ dy``), before any sum over broadcast entries.
+        None where :meth:`affine_gemm` does not apply."""
+        ab, bb, batch = _matmul_batches(aq.codes, bq.codes)
+        y = self.affine_gemm(aq, ab.mT if ta else ab, bq, bb if tb else bb.mT)
+        return None if y is None else y.reshape(*batch, *y.shape[-2:])
+
+    def affine_gemm(
+        self, aq: IntCodes, a: torch.Tensor, bq: IntCodes, b: torch.Tensor
+    ) -> torch.Tensor | None:
+        """``Σ_k (za + sa·a[g, m, k])·(zb + sb·b[g, n, k])`` in fp32 ``(G, M, N)``: the product of
+        two affine operands, byte codes ``a (G, M, K)`` and ``b (G, N, K)`` with the per-tensor scale
+        and zero point (None: 0) of ``aq`` and ``bq`` (no code offset: :func:`.codes.centered`).
+        Expanded, ``sa·sb·Σab + sa·zb·Σa + za·sb·Σb + K·za·zb``: one GEMM gives the integer
+        product and both operands' code sums (a ones row in A at ``M`` and in B at ``N``), one
+        dequantize pass (variant ``"affine"``) adds the row and the column terms. It serves a
+        matmul site's three roles, whose operands are all per tensor. None where it does not
+        apply: GPU codes, no zero point (the plain GEMM serves), per-sample scales, codes wider
+        than a byte or with an offset, a reduction past the exact int32 limit."""
+        if self.on_gpu(a) or aq.per_row or bq.per_row or aq.has_offset or bq.has_offset:
+            return None
+        if not (aq.has_zero or bq.has_zero):
+            return None
+        if a.element_size() != 1 or b.element_size() != 1:
+            return None
+        G, M, K = a.shape
+        N = b.shape[1]
+        a_shift, pack_a = self._a_packer(a)
+        b_shift, pack_b = self._b_packer(b)
+        if K > (MAX_K_UNSIGNED if b_shift and not a_shift else MAX_K):
+            return None
+        sum_a = _row_sums(a, self.kernel)  # (a ones column in B where a is not dense)
+        problem = (G, M + 1, N + (sum_a is None), K)
+        if self.recorder is not None:
+            self.recorder.problem(problem, [problem], self.where)
+        shape = self.kernels.gemm_shape(*problem, where=self.where)
+        C = self.scratch("c", (G, shape.m, shape.n), torch.int32)
+        self.kernel(KernelRef.gemm(shape))(pack_a(0, K, shape.m, shape.k), pack_b(0, K, shape.n, shape.k), C)
+        # the ones rows: C[:, :M, N] = Σ(a + α), C[:, M, :N] = Σ(b - β); Σab = C + βΣa - αΣb + αβK
+        sum_a = C[:, :M, N] - a_shift * K if sum_a is None else sum_a
+        sum_b = C[:, M, :N] + b_shift * K
+        rc = sum_a * b_shift
+        cc = sum_b * -a_shift + a_shift * b_shift * K
+        sa, sb = aq.scale.reshape(1).float(), bq.scale.reshape(1).float()
+        za = None if aq.zero is None else aq.zero.reshape(1).float()
+        zb = None if bq.zero is None else bq.zero.reshape(1).float()
+        p = sum_a.float().mul_(sa * zb) if zb is not None else C.new_zeros((G, M), dtype=torch.float32)
+        q = sum_b.float().mul_(za * sb) if za is not None else C.new_zeros((G, N), dtype=torch.float32)
+        if za is not None and zb is not None:
+            q.add_(za * zb * K)
+        out = torch.empty((G, M, N))
+        ref = KernelRef("dequant", ("affine",), serial=_serial(G * M * N * 8))
+        self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), (sa * sb).expand(N).contiguous(), p, q, out)
+        return out
+
     def _gemm(
         self, G: int, M: int, a_shift: int, pack_a, N: int, K: int, b_shift: int, pack_b, dequant=None
     ) -> torch.Tensor:

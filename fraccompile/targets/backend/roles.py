@@ -19,7 +19,9 @@ integer GEMM: EB sums over output channels, so their scales cannot be taken out 
 runs in fp32 on exactly the reference backend's operands (docs/contract.md). With ``"gemm"``
 (the default) or ``"tensor"`` (the weight's scales on EB's output axis) a linear site's EB is an
 integer GEMM (A = dy, B = wᵀ), and a stride-1 2-D conv's the integer forward of its transposed
-conv (zero points included); strided and grouped convs stay fp32.
+conv (zero points included); strided and grouped convs stay fp32. A matmul's operands are per
+tensor: with zero points (``sbm``) each role is one GEMM plus one pass that adds their terms
+(:meth:`.gemm_runtime.IntegerGemms.affine_gemm`).
 """
 
 from __future__ import annotations
@@ -40,14 +42,7 @@ from .affine import (
     _value_sums,
     _window_code_sums,
 )
-from .codes import (
-    IntCodes,
-    _dense_perm,
-    _scalar_scale,
-    centered,
-    signed_b,
-    split_codes,
-)
+from .codes import IntCodes, _dense_perm, _scalar_scale, centered, signed_b, split_codes
 from .gemm_runtime import MAX_K_UNSIGNED, _bcast_batch, _gemm_offset, _matmul_batches
 from .routed import RoutedGradients
 
@@ -116,6 +111,8 @@ class SiteRoles(RoutedGradients):
             return self._fw_core(spec, xq, wq, x_shape, w_shape, scale, fixed, temporary, row_term=term)[0]
         if xq.per_row and spec.kind != "matmul" and not self.on_gpu(xq.codes):
             return self._fw_rows(spec, xq, wq, x_shape, w_shape, scale, bias, temporary)
+        if spec.kind == "matmul" and late and (y := self.affine_matmul(xq, wq)) is not None:
+            return y  # the zero points' terms from the GEMM's own code sums, in one pass
         y, _ = self._fw_core(spec, xq, wq, x_shape, w_shape, scale, None if late else bias, temporary)
         if not late:
             return y
@@ -363,6 +360,8 @@ class SiteRoles(RoutedGradients):
                 row_term=term,
             )
             return d.reshape(*dyq.codes.shape[:-1], -1)
+        if spec.kind == "matmul" and one_pass and (dx := self.affine_matmul(dyq, wq, tb=True)) is not None:
+            return dx.sum_to_size(x_shape)  # as in fw
         for part in parts:
             if spec.kind == "matmul":
                 dyb, yb, batch = _matmul_batches(part.codes, wq.codes)
@@ -475,6 +474,12 @@ class SiteRoles(RoutedGradients):
         parts = split_codes(dyq)
         if spec.kind == "conv":  # the implicit weight gradient takes dy as signed B
             parts = [signed_b(p) for p in parts]
+        if (
+            spec.kind == "matmul"
+            and len(parts) == 1
+            and (dw := self.affine_matmul(xq, dyq, ta=True)) is not None
+        ):
+            return dw.sum_to_size(w_shape)  # as in fw
         dw = None
         for part in parts:
             d = self._gc_core(spec, xq, part, x_shape, w_shape)

@@ -295,7 +295,7 @@ def kernel(out_dtype: str, stochastic: bool, noise: str = "torch", parallel: boo
     return tvm.compile(schedule(out_dtype, stochastic, noise, parallel).mod, target=detect().target())["main"]
 
 
-def dequant_definition(rank1: bool = False, parallel: bool = True) -> tvm.tirx.PrimFunc:
+def dequant_definition(variant: str = "", parallel: bool = True) -> tvm.tirx.PrimFunc:
     """``main(c, rc, cc, scale, bias, out)``: the GEMM's epilogue in one pass,
     ``out[g, m, n] = float(c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + bias[n]``.
 
@@ -304,9 +304,14 @@ def dequant_definition(rank1: bool = False, parallel: bool = True) -> tvm.tirx.P
     sum fits), ``scale`` and ``bias`` per output column, ``out`` fp32 ``(G, M, N)``. It replaces
     four torch passes over the output (correction, int-to-float copy, scale, bias).
 
-    ``rank1``: ``main(c, rc, cc, scale, bias, p, t, out)`` adds a rank-one term ``p[g, m]·t[n]``
-    (fp32) before the bias: an ``sbm`` weight's zero point times the row sums of the other
-    operand's codes, which otherwise takes two more passes over the output."""
+    ``variant`` ``"rank1"``: ``main(c, rc, cc, scale, bias, p, t, out)`` adds a rank-one term
+    ``p[g, m]·t[n]`` (fp32) before the bias: an ``sbm`` weight's zero point times the row sums of
+    the other operand's codes, which otherwise takes two more passes over the output.
+    ``"affine"``: ``main(c, rc, cc, scale, p, q, out)``, ``float(c + rc + cc)·scale[n] + p[g, m]
+    + q[g, n]``: the zero points' terms of a product of two affine operands, one per row and one
+    per column of each group (:meth:`..backend.gemm_runtime.IntegerGemms.affine_gemm`)."""
+    if variant not in ("", "rank1", "affine"):
+        raise ValueError(f"dequantize variant {variant!r}: choose '', 'rank1' or 'affine'")
     L = T.int64(16)
     loop = T.parallel if parallel else T.serial
 
@@ -316,7 +321,42 @@ def dequant_definition(rank1: bool = False, parallel: bool = True) -> tvm.tirx.P
             y = y + p[g, m] * t[n]
         return y + bias[n]
 
-    if rank1:
+    def affine(c, rc, cc, scale, p, q, g, m, n):
+        return T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + p[g, m] + q[g, n]
+
+    if variant == "affine":
+
+        @T.prim_func(s_tir=True)
+        def main(
+            c_h: T.handle,
+            rc_h: T.handle,
+            cc_h: T.handle,
+            s_h: T.handle,
+            p_h: T.handle,
+            q_h: T.handle,
+            out_h: T.handle,
+        ):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            G, Mp, Np, M, N = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            c = T.match_buffer(c_h, (G, Mp, Np), "int32")
+            rc = T.match_buffer(rc_h, (G, M), "int32")
+            cc = T.match_buffer(cc_h, (G, N), "int32")
+            scale = T.match_buffer(s_h, (N,), "float32")
+            p = T.match_buffer(p_h, (G, M), "float32")
+            q = T.match_buffer(q_h, (G, N), "float32")
+            out = T.match_buffer(out_h, (G, M, N), "float32")
+            for r in loop(G * M):
+                for j in range(N // L):
+                    for v in T.vectorized(L):
+                        out[r // M, r % M, j * L + v] = affine(
+                            c, rc, cc, scale, p, q, r // M, r % M, j * L + v
+                        )
+                for n in range(N // L * L, N):
+                    out[r // M, r % M, n] = affine(c, rc, cc, scale, p, q, r // M, r % M, n)
+
+        return main
+
+    if variant == "rank1":
 
         @T.prim_func(s_tir=True)
         def main(
@@ -436,8 +476,8 @@ def codes_schedule(in_dtype: str, parallel: bool = True) -> s_tir.Schedule:
 
 
 def dequant_schedule(*variant: str, parallel: bool = True) -> s_tir.Schedule:
-    """``variant``: ``()``, or ``("rank1",)`` (:func:`dequant_definition`'s ``rank1``)."""
-    return s_tir.Schedule(dequant_definition(variant == ("rank1",), parallel))
+    """``variant``: ``()``, ``("rank1",)`` or ``("affine",)`` (:func:`dequant_definition`)."""
+    return s_tir.Schedule(dequant_definition(variant[0] if variant else "", parallel))
 
 
 @functools.lru_cache(maxsize=None)

@@ -203,7 +203,7 @@ RECORDED_KINDS = ("gemm_dq", "conv", "conv_dq", "conv_dqz", "gc", "row_sums", "p
 _PARALLEL = (
     [KernelRef.quantize(d, s) for d in ("int8", "uint8") for s in (False, True)]
     + [KernelRef.quantize(d, True, "counter") for d in ("int8", "uint8")]
-    + [KernelRef("dequant", ()), KernelRef("dequant", ("rank1",))]
+    + [KernelRef("dequant", v) for v in ((), ("rank1",), ("affine",))]
     + [KernelRef(kind, (d,)) for kind in ("dequant_codes", "dequant_rows") for d in ("int8", "uint8")]
     + [KernelRef("pack_a", (layout,)) for layout in ("mk", "km")]
     + [KernelRef("pack_b", (layout,)) for layout in ("nk", "kn")]
