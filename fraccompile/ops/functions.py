@@ -23,25 +23,39 @@ if TYPE_CHECKING:
     from .backend import KernelBackend
 
 
-def apply_epilogue(epilogue: tuple[str, str] | None, y: torch.Tensor) -> torch.Tensor:
-    """``y`` through a site's epilogue activation (``FracOp.epilogue``), as an autograd op."""
+def apply_epilogue(epilogue: tuple[str, str] | None, y: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``y`` through a site's epilogue activation (``FracOp.epilogue``), as an autograd op;
+    ``inplace``: into ``y`` itself (a fresh buffer no one else reads: the same values, bit for bit,
+    without a new output's first-touch cost)."""
     if epilogue is None:
         return y
     name, approximate = epilogue
     if name == "gelu":
+        if inplace:
+            return torch.ops.aten.gelu_(y, approximate=approximate)
         return F.gelu(y, approximate=approximate)
-    return F.relu(y) if name == "relu" else F.silu(y)
+    return F.relu(y, inplace=inplace) if name == "relu" else F.silu(y, inplace=inplace)
 
 
-def epilogue_backward(epilogue: tuple[str, str], dz: torch.Tensor, y: torch.Tensor):
+def epilogue_backward(
+    epilogue: tuple[str, str], dz: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None
+):
     """The gradient w.r.t. ``y`` of :func:`apply_epilogue` at ``y``: the aten op autograd calls
-    for it (so the result is the unfused graph's, bit for bit)."""
+    for it (so the result is the unfused graph's, bit for bit); ``out``: written there (its
+    ``out=`` form; ``y`` itself may be ``out``: an elementwise op)."""
     name, approximate = epilogue
+    aten = torch.ops.aten
     if name == "gelu":
-        return torch.ops.aten.gelu_backward(dz, y, approximate=approximate)
+        if out is not None:
+            return aten.gelu_backward.grad_input(dz, y, approximate=approximate, grad_input=out)
+        return aten.gelu_backward(dz, y, approximate=approximate)
     if name == "relu":  # autograd passes relu's output; (output > 0) == (input > 0)
-        return torch.ops.aten.threshold_backward(dz, y, 0)
-    return torch.ops.aten.silu_backward(dz, y)
+        if out is not None:
+            return aten.threshold_backward.grad_input(dz, y, 0, grad_input=out)
+        return aten.threshold_backward(dz, y, 0)
+    if out is not None:
+        return aten.silu_backward.grad_input(dz, y, grad_input=out)
+    return aten.silu_backward(dz, y)
 
 
 class STEQuantize(Function):

@@ -170,7 +170,7 @@ class IntSiteGemm(Function):
         )
         if ctx.fast_norm or epilogue is None:
             return _not_a_view(y)
-        return _not_a_view(apply_epilogue(epilogue, y))
+        return _not_a_view(apply_epilogue(epilogue, y, inplace=True))  # (y: the GEMM's, fresh)
 
     @staticmethod
     def backward(ctx, dy):
@@ -213,7 +213,8 @@ class IntSiteGemm(Function):
             )
         elif ctx.epilogue is not None:  # dy is the activation's gradient: recompute its input
             backend.where = (ctx.site, "fw")
-            dy = epilogue_backward(ctx.epilogue, dy, backend.fw(spec, xq, wq, *ctx.shapes, bias=bias))
+            y = backend.fw(spec, xq, wq, *ctx.shapes, bias=bias)
+            dy = epilogue_backward(ctx.epilogue, dy, y, out=y if y.shape == dy.shape else None)
         backend.where = (ctx.site, "quantize")
         dyq = backend.gradient_codes(ctx.call, dy)
         dx = dw = None
