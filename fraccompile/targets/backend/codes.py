@@ -41,7 +41,7 @@ class IntCodes:
     of (written by the quantize kernel with zeros around them), which the GEMM takes as it is.
     """
 
-    __slots__ = ("codes", "scale", "signed", "zero", "qmax", "offset", "device_grid", "operand")
+    __slots__ = ("codes", "scale", "signed", "zero", "qmax", "offset", "device_grid", "operand", "_has_zero")
 
     def __init__(
         self,
@@ -61,6 +61,7 @@ class IntCodes:
         self.offset = offset
         self.device_grid = device_grid
         self.operand = operand
+        self._has_zero = None  # (zero, :attr:`has_zero`): read once per zero point (a host sync)
 
     @property
     def has_offset(self) -> bool:
@@ -88,7 +89,9 @@ class IntCodes:
     def has_zero(self) -> bool:
         if self.zero is None:
             return False
-        return self.device_grid or bool((self.zero != 0).any())
+        if self._has_zero is None or self._has_zero[0] is not self.zero:
+            self._has_zero = (self.zero, self.device_grid or bool((self.zero != 0).any()))
+        return self._has_zero[1]
 
     @property
     def wide(self) -> bool:

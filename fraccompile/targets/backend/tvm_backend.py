@@ -145,11 +145,18 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         mapped by the allocator and zeroed by page faults on first touch, every step (measurably
         slower than reused buffers in ``bench/step_breakdown.py``)."""
         store = self._local.__dict__.setdefault("scratch", {})
-        nbytes = math.prod(shape) * dtype.itemsize
+        views = self._local.__dict__.setdefault("scratch_views", {})
+        key = (slot, tuple(shape), dtype)
         buf = store.get(slot)
+        cached = views.get(key)  # the view made last time, while the slot keeps its buffer
+        if cached is not None and cached[0] is buf:
+            return cached[1]
+        nbytes = math.prod(shape) * dtype.itemsize
         if buf is None or buf.numel() < nbytes:
             buf = store[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        return buf[:nbytes].view(dtype).view(shape)
+        view = buf[:nbytes].view(dtype).view(shape)
+        views[key] = (buf, view)
+        return view
 
     def _dequantize_codes(self, q: IntCodes, slot: str) -> torch.Tensor:
         """``q``'s fp32 values (:meth:`IntCodes.dequantize`: bit for bit without a zero point,
