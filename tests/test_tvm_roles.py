@@ -90,9 +90,10 @@ def test_conv_roles_match_reference(idx, channels_last, signed_input, monkeypatc
 
 def test_implicit_conv_borders_survive_geometry_and_sign_changes():
     """The implicit convs re-zero the padded borders of their scratch codes only when the
-    geometry or the buffer changed, or a sign flip overwrote them: a sequence of convs on one
-    backend (same padded shape with another padding, signed codes in between) gives exactly
-    what a fresh backend gives for each call."""
+    geometry or the buffer changed, or a sign flip overwrote them, and for more samples than
+    last time only the new ones: a sequence of convs on one backend (same padded shape with
+    another padding, signed codes in between, batches growing and shrinking in one buffer)
+    gives exactly what a fresh backend gives for each call."""
     from fraccompile.ops.quantizers import qparams_from_range, tensor_range
     from fraccompile.ops.spec import SiteSpec
     from fraccompile.targets.backend import TVMBackend, _to_codes
@@ -105,9 +106,18 @@ def test_implicit_conv_borders_survive_geometry_and_sign_changes():
     cases = {  # both pad to 8 x 10 planes: the same buffer, other borders
         "p1": (SiteSpec.conv(2, 1, 1), (2, 8, 6, 8)),
         "p2": (SiteSpec.conv(2, 1, 2, dilation=2), (2, 8, 4, 6)),
+        "p1n3": (SiteSpec.conv(2, 1, 1), (3, 8, 6, 8)),
+        "p2n1": (SiteSpec.conv(2, 1, 2, dilation=2), (1, 8, 4, 6)),
+        "p2n3": (SiteSpec.conv(2, 1, 2, dilation=2), (3, 8, 4, 6)),
     }
     shared = TVMBackend()
     for name, signed in [
+        ("p1n3", False),  # the buffer sized for 3 samples, then 1, 3 (2 more), 2 (none) ...
+        ("p2n1", False),
+        ("p2n3", False),
+        ("p2", False),
+        ("p2n1", True),
+        ("p2n3", True),
         ("p1", False),
         ("p1", False),
         ("p2", False),

@@ -348,7 +348,10 @@ def _row_codes(
     random draws), with a per-sample scale ``(N, 1, ...)``; each group through the fused
     quantizer (``kernel``, see :func:`_to_codes`) when the codes are 8-bit. Rounding to nearest
     (the activations) draws nothing: one kernel pass with a grid per sample."""
-    groups = [(int(b), (row_bits == b).nonzero().flatten()) for b in torch.unique(row_bits)]
+    members: dict[int, list[int]] = {}  # each width's samples, grouped on the host (one read)
+    for i, b in enumerate(row_bits.reshape(-1).tolist()):
+        members.setdefault(int(b), []).append(i)
+    groups = [(b, torch.tensor(members[b], device=row_bits.device)) for b in sorted(members)]
     grids = {b: qp_for_bits(b) for b, _ in groups}
     widest = grids[max(grids)]
     dtype = _code_dtype(widest)

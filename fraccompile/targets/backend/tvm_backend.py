@@ -195,16 +195,20 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
         """A :meth:`scratch` uint8 buffer of ``shape`` holding the codes ``src`` in its interior
         (the two spatial dims from ``dim`` on, padded by ``padding``) and code 0 around them, all
         of it XORed with ``flip``: an implicit conv's input. Only the interior is written per
-        call; the borders (``0 ^ flip``) are rewritten only when the buffer, its shape, the
-        padding or the flip changed (consecutive calls of one geometry, most sites of a stage,
-        skip the strided fills). Planes (``dim`` 2) of channels-last codes on the CPU are written
+        call; the borders (``0 ^ flip``) are rewritten only when the buffer, its shape past the
+        samples, the padding or the flip changed, and for more samples only those past the ones
+        already written (consecutive calls of one geometry, most sites of a stage, skip the
+        strided fills). Planes (``dim`` 2) of channels-last codes on the CPU are written
         by one transposing kernel (``pad_planes``); other interiors by torch's copy and XOR."""
         buf = self.scratch(slot, shape, torch.uint8)
         (ph, pw), (H, W) = padding, src.shape[dim : dim + 2]
-        lead = (slice(None),) * dim
         state = self._local.__dict__.setdefault("borders", {})
-        key = (buf.data_ptr(), tuple(shape), tuple(padding), flip)
-        if state.get(slot) != key:
+        # the borders stay valid for the samples (dim 0) written last time under the same key:
+        # a routed site's groups of different sizes rewrite only those past the last count
+        key = (buf.data_ptr(), tuple(shape[1:]), tuple(padding), flip)
+        valid = state[slot][1] if slot in state and state[slot][0] == key else 0
+        if valid < shape[0]:
+            lead = (slice(valid, None),) + (slice(None),) * (dim - 1)  # the samples past them
             rows = slice(ph, ph + H)
             for border in (
                 lead + (slice(0, ph),),
@@ -213,14 +217,14 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
                 lead + (rows, slice(pw + W, None)),
             ):
                 buf[border].fill_(flip)
-            state[slot] = key
+            state[slot] = (key, shape[0])
         planes = dim == 2 and src.dim() == 4 and tuple(shape) == (*src.shape[:2], H + 2 * ph, W + 2 * pw)
         if planes and not self.on_gpu(src) and src.permute(0, 2, 3, 1).is_contiguous():
             # planes from channels-last codes (a weight gradient's): one transposing kernel pass
             ref = KernelRef("pad_planes", (H, W, src.shape[1], ph, pw))
             self.kernel(ref)(src.permute(0, 2, 3, 1), buf, flip)
             return buf
-        interior = buf[lead + (slice(ph, ph + H), slice(pw, pw + W))]
+        interior = buf[(slice(None),) * dim + (slice(ph, ph + H), slice(pw, pw + W))]
         interior.copy_(src)
         if flip:
             interior.bitwise_xor_(flip)
