@@ -410,6 +410,38 @@ def test_sbm_export_holds_its_row_sum_kernels_and_trains_like_the_jit_backend(mo
         assert torch.equal(grads_e[name], g), name
 
 
+class _Attention(torch.nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x):
+        att = (self.q(x) @ self.k(x).mT).softmax(-1)
+        return att @ self.v(x)
+
+
+def test_sbm_attention_export_holds_its_matmul_kernels_and_trains_like_the_jit_backend(tmp_path):
+    """An ``sbm`` attention's matmuls (their GEMMs carry ones rows for the zero points' code sums,
+    and an ``affine`` dequantize pass): the export holds every kernel they call, and a step on
+    the library alone equals the JIT backend's."""
+    from fraccompile.targets.tools.export import export, tvm_backends
+
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(2, 9, 16)
+    cfg = dict(backend="tvm", scheme="sbm", full_precision=())
+    fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(**cfg))
+    export(fm, x, tmp_path / "k", model="attention")
+    exp = fraccompile.compile(copy.deepcopy(model), x, FracConfig(**cfg, kernels=str(tmp_path / "k")))
+    exp.load_state_dict(fm.state_dict())
+    loss, grads = _step(fm, x)
+    loss_e, grads_e = _step(exp, x)
+    cache = tvm_backends(exp)[0].cache.stats
+    assert cache.built + cache.loaded == 0  # every kernel came from the library
+    assert torch.equal(loss_e, loss)
+    for name, g in grads.items():
+        assert torch.equal(grads_e[name], g), name
+
+
 def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, model_file, tmp_path, caplog):
     d = _copy_export(exported, tmp_path)
     other = _other_cpu()

@@ -11,7 +11,9 @@ What it buys is memory. Autograd keeps the activation's fp32 input for its backw
 keeps nothing beyond the int8 codes it saves anyway, and the ``tvm`` backend recomputes the
 pre-activation output from those codes in backward (one more forward GEMM of that site) before
 applying the activation's own backward op (``aten.gelu_backward`` …, the one autograd calls).
-Values and gradients are those of the unfused graph, bit for bit. On other backends, and whenever
+Values and gradients are those of the unfused graph, bit for bit. Both run in place on the GEMM's
+fresh output (the forward's activation, and the backward op's result written over the recomputed
+pre-activation): the same elementwise kernels, without a new tensor's first touch. On other backends, and whenever
 a site runs off the integer kernels, the epilogue is the activation applied to the output, so
 autograd sees the unfused graph.
 
