@@ -13,9 +13,9 @@ pre-activation output from those codes in backward (one more forward GEMM of tha
 applying the activation's own backward op (``aten.gelu_backward`` …, the one autograd calls).
 Values and gradients are those of the unfused graph, bit for bit. Both run in place on the GEMM's
 fresh output (the forward's activation, and the backward op's result written over the recomputed
-pre-activation): the same elementwise kernels, without a new tensor's first touch. On other backends, and whenever
-a site runs off the integer kernels, the epilogue is the activation applied to the output, so
-autograd sees the unfused graph.
+pre-activation): the same elementwise kernels, without a new tensor's first touch. On other
+backends, and whenever a site runs off the integer kernels, the epilogue is the activation applied
+to the output, so autograd sees the unfused graph.
 
 On the ``tvm`` backend a site saves int8 codes of its input, not the fp32 tensor, so once the
 activations stop saving theirs too, the fp32 tensor is freed after the forward use.
