@@ -153,6 +153,8 @@ class TVMBackend(SiteRoles, IntegerGemms, ReferenceBackend):
             return cached[1]
         nbytes = math.prod(shape) * dtype.itemsize
         if buf is None or buf.numel() < nbytes:
+            for stale in [k for k in views if k[0] == slot]:  # (they would keep the old buffer)
+                del views[stale]
             buf = store[slot] = torch.empty(nbytes, dtype=torch.uint8)
         view = buf[:nbytes].view(dtype).view(shape)
         views[key] = (buf, view)
