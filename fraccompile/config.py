@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .ops.quantizers import ROUNDING_NOISES  # stochastic rounding's noise sources (ops owns them)
+from .ops.quantizers import DEFAULT_WEIGHT_SCALE, ROUNDING_NOISES, WEIGHT_SCALES  # (ops owns them)
 
 CONFIG_VERSION = 1
 SCHEMES = ("sbm", "symmetric")
-WEIGHT_SCALES = ("channel", "tensor", "gemm")
 RECOMPUTE_LEVELS = ("none", "activations", "norms")  # passes/epilogue_fusion.py
 BACKENDS = ("reference", "tvm", "auto")  # the built-in ones; others register (ops.backend)
 CAPTURE_METHODS = ("auto", "fx", "export")
@@ -129,7 +128,7 @@ class FracConfig:
     w: int = 8
     g: int = 8
     scheme: str = "sbm"
-    weight_scale: str = "gemm"
+    weight_scale: str = DEFAULT_WEIGHT_SCALE
     rounding_noise: str = "counter"
     full_precision: tuple[str, ...] = (FIRST_CONV, LAST_LINEAR)
     ops: tuple[str, ...] = OP_KINDS

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .quantizers import DEFAULT_WEIGHT_SCALE
 from .spec import Precision, SiteSpec
 
 
@@ -61,7 +62,7 @@ class SiteCall:
     spec: SiteSpec
     prec: Precision
     scheme: str = "sbm"
-    weight_scale: str = "gemm"
+    weight_scale: str = DEFAULT_WEIGHT_SCALE
     rounding_noise: str = "counter"
     weight_shape: tuple[int, ...] | None = None
     x_range: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -20,7 +20,7 @@ from torch import nn
 from .backend import KernelBackend, finish, get_backend, quantize_operand
 from .contract import GateDecision, SiteCall
 from .functions import apply_epilogue, epilogue_backward  # noqa: F401  (re-exported)
-from .quantizers import tensor_range
+from .quantizers import DEFAULT_WEIGHT_SCALE, tensor_range
 from .spec import Precision, SiteSpec
 
 RangeReducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -82,7 +82,7 @@ class FracOp(nn.Module):
         backend: str | KernelBackend = "reference",
         weight: nn.Parameter | None = None,
         bias: nn.Parameter | None = None,
-        weight_scale: str = "gemm",
+        weight_scale: str = DEFAULT_WEIGHT_SCALE,
         rounding_noise: str = "counter",
     ):
         super().__init__()
@@ -108,7 +108,7 @@ class FracOp(nn.Module):
             self.rhs_range = RunningRange(momentum)
 
     def extra_repr(self) -> str:
-        scale = "" if self.weight_scale == "gemm" else f", weight_scale={self.weight_scale}"
+        scale = "" if self.weight_scale == DEFAULT_WEIGHT_SCALE else f", weight_scale={self.weight_scale}"
         if self.rounding_noise != "counter":
             scale += f", rounding_noise={self.rounding_noise}"
         if self.epilogue_norm is not None or self.epilogue is not None:

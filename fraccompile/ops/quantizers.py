@@ -30,6 +30,9 @@ from typing import NamedTuple
 import torch
 
 ROUNDING_NOISES = ("torch", "counter")  # FracConfig.rounding_noise: the source of the rounding noise
+# FracConfig.weight_scale: where a weight's grids sit (docs/contract.md); "gemm" the default
+WEIGHT_SCALES = ("channel", "tensor", "gemm")
+DEFAULT_WEIGHT_SCALE = "gemm"
 
 # Floor of the quantization step, only there to avoid dividing by zero: a zero-range (constant)
 # tensor then quantizes exactly. SBM floors at 1e-8, which flushes tensors whose whole range is below
