@@ -541,6 +541,43 @@ def test_routed_gemm_weight_scale_runs_eb_in_integers(scheme, monkeypatch):
     assert ran == [True]
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_routed_sbm_matmul_takes_one_affine_pass_with_per_sample_scales(transposed, monkeypatch):
+    """A routed attention matmul under ``sbm``: per-sample grids of the first operand and of the
+    gradient (3 to 8 bits) become per-batch-entry scales and zero points of the one GEMM and
+    ``affine`` pass per role, within the tolerance of the reference backend (the gate's gradient
+    too)."""
+    from fraccompile.targets.backend import tvm_backend as tb
+
+    torch.manual_seed(5)
+    x = torch.randn(5, 3, 9, 16)
+    y = torch.randn(5, 3, 7, 16).mT if transposed else torch.randn(5, 3, 16, 7)
+    fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme="sbm", full_precision=()))
+    (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
+    passes = []
+    kernel = tb.TVMBackend.kernel
+
+    def noting(self, ref):
+        if ref.kind == "dequant":
+            passes.append((ref.args, self.where[1]))
+        return kernel(self, ref)
+
+    monkeypatch.setattr(tb.TVMBackend, "kernel", noting)
+    results = {}
+    for name in ("reference", "tvm"):
+        o = copy.deepcopy(op)
+        o.backend = get_backend(name)
+        d, probs = _gated(o, [0, 3, 2, 3, 1])  # a = 3..6, g = 6 or 8 bits per sample
+        xl, yl = x.clone().requires_grad_(), y.detach().clone().requires_grad_()
+        out = o(xl, yl, d)
+        torch.manual_seed(7)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
+        results[name] = [out.detach(), xl.grad, yl.grad, probs.grad]
+    errs = [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
+    assert max(errs) < TOL, errs
+    assert sorted(passes) == [(("affine",), role) for role in ("eb", "fw", "gc")]
+
+
 @pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
 def test_every_site_of_each_example_matches_reference(example, scheme):
     """Each site of each example model, on the inputs it sees in the model: output, input/weight/

@@ -138,36 +138,37 @@ class IntegerGemms:
         """``op(a) @ op(b)`` of two affine operands (``op``: transposed where ``ta``/``tb``), batch
         dims broadcast, by :meth:`affine_gemm`: a matmul site's forward (``x @ y``), error backprop
         (``dy @ yᵀ``) and weight gradient (``xᵀ @ dy``), before any sum over broadcast entries.
-        None where :meth:`affine_gemm` does not apply."""
+        Scales and zero points are per tensor or per sample (a routed site's: dim 0, the leading
+        batch dim), so per batch entry. None where :meth:`affine_gemm` does not apply: GPU codes,
+        no zero point (the plain GEMM serves), codes wider than a byte or with an offset, per-sample
+        values of an operand without the leading batch dim."""
+        if self.on_gpu(aq.codes) or aq.has_offset or bq.has_offset or not (aq.has_zero or bq.has_zero):
+            return None
+        if aq.codes.element_size() != 1 or bq.codes.element_size() != 1:
+            return None
         ab, bb, batch = _matmul_batches(aq.codes, bq.codes)
-        y = self.affine_gemm(aq, ab.mT if ta else ab, bq, bb if tb else bb.mT)
+        entries = [_per_entry(v, q.codes.dim(), batch) for q in (aq, bq) for v in (q.scale, q.zero)]
+        if any(e is False for e in entries):
+            return None
+        y = self.affine_gemm(ab.mT if ta else ab, bb if tb else bb.mT, *entries)
         return None if y is None else y.reshape(*batch, *y.shape[-2:])
 
-    def affine_gemm(
-        self, aq: IntCodes, a: torch.Tensor, bq: IntCodes, b: torch.Tensor
-    ) -> torch.Tensor | None:
+    def affine_gemm(self, a: torch.Tensor, b: torch.Tensor, sa, za, sb, zb) -> torch.Tensor | None:
         """``Σ_k (za + sa·a[g, m, k])·(zb + sb·b[g, n, k])`` in fp32 ``(G, M, N)``: the product of
-        two affine operands, byte codes ``a (G, M, K)`` and ``b (G, N, K)`` with the per-tensor scale
-        and zero point (None: 0) of ``aq`` and ``bq`` (no code offset: :func:`.codes.centered`).
+        two affine operands, byte codes ``a (G, M, K)`` and ``b (G, N, K)`` (no code offset:
+        :func:`.codes.centered`), with a scale and a zero point (None: 0) per group, fp32 ``(G,)``.
         Expanded, ``sa·sb·Σab + sa·zb·Σa + za·sb·Σb + K·za·zb``: one GEMM gives the integer
-        product and both operands' code sums (a ones row in A at ``M`` and in B at ``N``), one
-        dequantize pass (variant ``"affine"``) adds the row and the column terms. It serves a
-        matmul site's three roles, whose operands are all per tensor. None where it does not
-        apply: GPU codes, no zero point (the plain GEMM serves), per-sample scales, codes wider
-        than a byte or with an offset, a reduction past the exact int32 limit."""
-        if self.on_gpu(a) or aq.per_row or bq.per_row or aq.has_offset or bq.has_offset:
-            return None
-        if not (aq.has_zero or bq.has_zero):
-            return None
-        if a.element_size() != 1 or b.element_size() != 1:
-            return None
+        product and B's code sums (a ones row in A at ``M``); A's come from the ``row_sums`` kernel
+        where A is dense, else from a ones row in B at ``N``; one dequantize pass (variant
+        ``"affine"``) scales each group and adds the row and the column terms. None past the exact
+        int32 limit of the reduction."""
         G, M, K = a.shape
         N = b.shape[1]
         a_shift, pack_a = self._a_packer(a)
         b_shift, pack_b = self._b_packer(b)
         if K > (MAX_K_UNSIGNED if b_shift and not a_shift else MAX_K):
             return None
-        sum_a = _row_sums(a, self.kernel)  # (a ones column in B where a is not dense)
+        sum_a = _row_sums(a, self.kernel)
         problem = (G, M + 1, N + (sum_a is None), K)
         if self.recorder is not None:
             self.recorder.problem(problem, [problem], self.where)
@@ -179,16 +180,21 @@ class IntegerGemms:
         sum_b = C[:, M, :N] + b_shift * K
         rc = sum_a * b_shift
         cc = sum_b * -a_shift + a_shift * b_shift * K
-        sa, sb = aq.scale.reshape(1).float(), bq.scale.reshape(1).float()
-        za = None if aq.zero is None else aq.zero.reshape(1).float()
-        zb = None if bq.zero is None else bq.zero.reshape(1).float()
-        p = sum_a.float().mul_(sa * zb) if zb is not None else C.new_zeros((G, M), dtype=torch.float32)
-        q = sum_b.float().mul_(za * sb) if za is not None else C.new_zeros((G, N), dtype=torch.float32)
+        p = (
+            sum_a.float().mul_((sa * zb).unsqueeze(1))
+            if zb is not None
+            else C.new_zeros((G, M), dtype=torch.float32)
+        )
+        q = (
+            sum_b.float().mul_((za * sb).unsqueeze(1))
+            if za is not None
+            else C.new_zeros((G, N), dtype=torch.float32)
+        )
         if za is not None and zb is not None:
-            q.add_(za * zb * K)
+            q.add_((za * zb * K).unsqueeze(1))
         out = torch.empty((G, M, N))
         ref = KernelRef("dequant", ("affine",), serial=_serial(G * M * N * 8))
-        self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), (sa * sb).expand(N).contiguous(), p, q, out)
+        self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), (sa * sb).contiguous(), p, q, out)
         return out
 
     def _gemm(
@@ -455,6 +461,20 @@ def _gemm_offset(q: IntCodes, lead, groups: bool = False) -> torch.Tensor | None
     off = off.reshape(off.shape[: len(lead)] if off.dim() >= len(lead) else off.shape)
     full = torch.broadcast_to(off.reshape(off.shape[0], *([1] * (len(lead) - 1))), lead).reshape(-1)
     return full.reshape(-1, 1) if groups else full.reshape(1, -1)
+
+
+def _per_entry(v: torch.Tensor | None, ndim: int, batch) -> torch.Tensor | None | bool:
+    """A matmul operand's scale or zero point ``v`` (None, one value, or one per sample: dim 0 of
+    an ``ndim``-d operand, ``(N, 1, ...)``) as fp32 per entry of the broadcast ``batch``, ``(G,)``;
+    False where per-sample values do not lead the batch (an operand without all its batch dims)."""
+    if v is None:
+        return None
+    G = math.prod(batch)
+    if v.numel() == 1:
+        return v.reshape(1).float().expand(G)
+    if ndim - 2 != len(batch) or v.shape[0] != batch[0] or v.numel() != batch[0]:
+        return False
+    return v.reshape(-1, *([1] * (len(batch) - 1))).float().expand(*batch).reshape(G)
 
 
 def _bcast_batch(x_shape, y_shape) -> tuple[int, ...]:

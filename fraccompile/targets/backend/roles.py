@@ -360,8 +360,9 @@ class SiteRoles(RoutedGradients):
                 row_term=term,
             )
             return d.reshape(*dyq.codes.shape[:-1], -1)
-        if spec.kind == "matmul" and one_pass and (dx := self.affine_matmul(dyq, wq, tb=True)) is not None:
-            return dx.sum_to_size(x_shape)  # as in fw
+        matmul8 = spec.kind == "matmul" and len(parts) == 1  # (8-bit codes: as in fw)
+        if matmul8 and (dx := self.affine_matmul(dyq, wq, tb=True)) is not None:
+            return dx.sum_to_size(x_shape)
         for part in parts:
             if spec.kind == "matmul":
                 dyb, yb, batch = _matmul_batches(part.codes, wq.codes)
@@ -474,12 +475,9 @@ class SiteRoles(RoutedGradients):
         parts = split_codes(dyq)
         if spec.kind == "conv":  # the implicit weight gradient takes dy as signed B
             parts = [signed_b(p) for p in parts]
-        if (
-            spec.kind == "matmul"
-            and len(parts) == 1
-            and (dw := self.affine_matmul(xq, dyq, ta=True)) is not None
-        ):
-            return dw.sum_to_size(w_shape)  # as in fw
+        matmul8 = spec.kind == "matmul" and len(parts) == 1  # (8-bit codes: as in fw)
+        if matmul8 and (dw := self.affine_matmul(xq, dyq, ta=True)) is not None:
+            return dw.sum_to_size(w_shape)
         dw = None
         for part in parts:
             d = self._gc_core(spec, xq, part, x_shape, w_shape)

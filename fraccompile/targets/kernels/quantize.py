@@ -307,9 +307,9 @@ def dequant_definition(variant: str = "", parallel: bool = True) -> tvm.tirx.Pri
     ``variant`` ``"rank1"``: ``main(c, rc, cc, scale, bias, p, t, out)`` adds a rank-one term
     ``p[g, m]·t[n]`` (fp32) before the bias: an ``sbm`` weight's zero point times the row sums of
     the other operand's codes, which otherwise takes two more passes over the output.
-    ``"affine"``: ``main(c, rc, cc, scale, p, q, out)``, ``float(c + rc + cc)·scale[n] + p[g, m]
-    + q[g, n]``: the zero points' terms of a product of two affine operands, one per row and one
-    per column of each group (:meth:`..backend.gemm_runtime.IntegerGemms.affine_gemm`)."""
+    ``"affine"``: ``main(c, rc, cc, scale, p, q, out)``, ``float(c + rc + cc)·scale[g] + p[g, m]
+    + q[g, n]``: a product of two affine operands, its scale per group and the zero points' terms
+    per row and per column of each group (:meth:`..backend.gemm_runtime.IntegerGemms.affine_gemm`)."""
     if variant not in ("", "rank1", "affine"):
         raise ValueError(f"dequantize variant {variant!r}: choose '', 'rank1' or 'affine'")
     L = T.int64(16)
@@ -322,7 +322,7 @@ def dequant_definition(variant: str = "", parallel: bool = True) -> tvm.tirx.Pri
         return y + bias[n]
 
     def affine(c, rc, cc, scale, p, q, g, m, n):
-        return T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n] + p[g, m] + q[g, n]
+        return T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[g] + p[g, m] + q[g, n]
 
     if variant == "affine":
 
@@ -341,7 +341,7 @@ def dequant_definition(variant: str = "", parallel: bool = True) -> tvm.tirx.Pri
             c = T.match_buffer(c_h, (G, Mp, Np), "int32")
             rc = T.match_buffer(rc_h, (G, M), "int32")
             cc = T.match_buffer(cc_h, (G, N), "int32")
-            scale = T.match_buffer(s_h, (N,), "float32")
+            scale = T.match_buffer(s_h, (G,), "float32")
             p = T.match_buffer(p_h, (G, M), "float32")
             q = T.match_buffer(q_h, (G, N), "float32")
             out = T.match_buffer(out_h, (G, M, N), "float32")
