@@ -578,6 +578,29 @@ def test_routed_sbm_matmul_takes_one_affine_pass_with_per_sample_scales(transpos
     assert sorted(passes) == [(("affine",), role) for role in ("eb", "fw", "gc")]
 
 
+@pytest.mark.parametrize("scheme", ["sbm", "symmetric"])
+def test_routed_2d_matmul_groups_its_rows_for_the_weight_gradient(scheme):
+    """A routed 2-D matmul's samples are the rows of its first operand, on its second operand's
+    gradient's reduction axis (not batch entries): that gradient sums groups of rows sharing their
+    scales, as a linear's does, and every role matches the reference backend."""
+    torch.manual_seed(6)
+    x, y = torch.randn(5, 16), torch.randn(16, 7)
+    fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme=scheme, full_precision=()))
+    (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
+    results = {}
+    for name in ("reference", "tvm"):
+        o = copy.deepcopy(op)
+        o.backend = get_backend(name)
+        d, probs = _gated(o, [0, 3, 2, 3, 1])
+        xl, yl = x.clone().requires_grad_(), y.clone().requires_grad_()
+        out = o(xl, yl, d)
+        torch.manual_seed(7)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
+        results[name] = [out.detach(), xl.grad, yl.grad, probs.grad]
+    errs = [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
+    assert max(errs) < TOL, errs
+
+
 @pytest.mark.parametrize("scheme", ["symmetric", "sbm"])
 def test_every_site_of_each_example_matches_reference(example, scheme):
     """Each site of each example model, on the inputs it sees in the model: output, input/weight/

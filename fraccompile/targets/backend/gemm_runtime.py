@@ -472,8 +472,8 @@ def _per_entry(v: torch.Tensor | None, ndim: int, batch) -> torch.Tensor | None 
     G = math.prod(batch)
     if v.numel() == 1:
         return v.reshape(1).float().expand(G)
-    if ndim - 2 != len(batch) or v.shape[0] != batch[0] or v.numel() != batch[0]:
-        return False
+    if not batch or ndim - 2 != len(batch) or v.shape[0] != batch[0] or v.numel() != batch[0]:
+        return False  # (a 2-D operand's samples are its rows, not a batch entry)
     return v.reshape(-1, *([1] * (len(batch) - 1))).float().expand(*batch).reshape(G)
 
 

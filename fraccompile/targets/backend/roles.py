@@ -468,7 +468,7 @@ class SiteRoles(RoutedGradients):
         GEMM per 8-bit part of ``dy``'s codes, then the zero points' terms:
         ``Σ dy·x = sd·sx·Σqd·qx + zd·sx·Σqx + zx·Σdy``."""
         rows = xq.per_row or dyq.per_row
-        if rows and spec.kind != "matmul":
+        if rows and (spec.kind != "matmul" or len(x_shape) == 2):  # (a 2-D matmul's samples: rows)
             return self._gc_grouped(spec, xq, dyq, x_shape, w_shape)
         keep = self.on_gpu(xq.codes) and spec.kind != "conv"  # device offsets: the GEMM's
         xq, dyq = centered(xq, keep), centered(dyq, keep)
