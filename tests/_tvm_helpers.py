@@ -63,6 +63,42 @@ def _compare(op, args, on_tvm: bool = False):
     return errs
 
 
+def routed_matmul_errors(op: FracOp, x: torch.Tensor, y: torch.Tensor, choice) -> list[float]:
+    """Relative errors, ``tvm`` against the reference backend, of a routed matmul site ``op`` under
+    the gate decisions ``choice`` (see :func:`_gated`): its output, both operands' gradients and
+    the gate's gradient (each backend on a copy, with the same gradient and rounding draws)."""
+    from fraccompile.ops.spec import Precision
+
+    results = {}
+    for name in ("reference", "tvm"):
+        o = copy.deepcopy(op)
+        o.backend = get_backend(name)
+        d, probs = _gated(o, choice)
+        xl, yl = x.clone().requires_grad_(), y.detach().clone().requires_grad_()
+        out = o(xl, yl, d)
+        assert o.kernel_status(Precision(8, 8, 8))[0] == name
+        torch.manual_seed(7)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
+        results[name] = [out.detach(), xl.grad, yl.grad, probs.grad]
+    return [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
+
+
+def dequant_passes(monkeypatch) -> list:
+    """``(variant, role)`` of every dequantize kernel the tvm backends fetch from now on."""
+    from fraccompile.targets.backend import tvm_backend as tb
+
+    passes = []
+    kernel = tb.TVMBackend.kernel
+
+    def noting(self, ref):
+        if ref.kind == "dequant":
+            passes.append((ref.args, self.where[1]))
+        return kernel(self, ref)
+
+    monkeypatch.setattr(tb.TVMBackend, "kernel", noting)
+    return passes
+
+
 C2 = torch.nn.Conv2d
 
 

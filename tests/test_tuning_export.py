@@ -388,18 +388,11 @@ def test_truncated_library_is_refused_even_when_the_manifest_hash_matches(export
         ExportedKernels(d)
 
 
-def test_sbm_export_holds_its_row_sum_kernels_and_trains_like_the_jit_backend(model_file, tmp_path):
-    """``sbm``'s zero-point terms take the row sums of channels-last codes from a kernel of each
-    row length: the export records them per site, and a step on the library alone equals the JIT
-    backend's."""
-    from fraccompile.targets.tools.export import export, tvm_backends
+def _library_step_equals_jit(fm, exp, x):
+    """A step of ``exp`` (compiled on an exported library) takes every kernel from the library
+    and equals ``fm``'s on the JIT backend (same weights), loss and gradients bit for bit."""
+    from fraccompile.targets.tools.export import tvm_backends
 
-    fm, _, x = _small(model_file, scheme="sbm")
-    manifest = export(fm, x, tmp_path / "k", model="small")
-    rows = [k for k in manifest["kernels"] if k["kind"] == "row_sums"]
-    assert {k["function"] for k in rows} >= {"row_sums_uint8_16"}  # conv's 16 input channels
-    assert all(k["sites"] for k in rows)
-    exp, _, _ = _small(model_file, scheme="sbm", kernels=str(tmp_path / "k"))
     exp.load_state_dict(fm.state_dict())
     loss, grads = _step(fm, x)
     loss_e, grads_e = _step(exp, x)
@@ -408,6 +401,21 @@ def test_sbm_export_holds_its_row_sum_kernels_and_trains_like_the_jit_backend(mo
     assert torch.equal(loss_e, loss)
     for name, g in grads.items():
         assert torch.equal(grads_e[name], g), name
+
+
+def test_sbm_export_holds_its_row_sum_kernels_and_trains_like_the_jit_backend(model_file, tmp_path):
+    """``sbm``'s zero-point terms take the row sums of channels-last codes from a kernel of each
+    row length: the export records them per site, and a step on the library alone equals the JIT
+    backend's."""
+    from fraccompile.targets.tools.export import export
+
+    fm, _, x = _small(model_file, scheme="sbm")
+    manifest = export(fm, x, tmp_path / "k", model="small")
+    rows = [k for k in manifest["kernels"] if k["kind"] == "row_sums"]
+    assert {k["function"] for k in rows} >= {"row_sums_uint8_16"}  # conv's 16 input channels
+    assert all(k["sites"] for k in rows)
+    exp, _, _ = _small(model_file, scheme="sbm", kernels=str(tmp_path / "k"))
+    _library_step_equals_jit(fm, exp, x)
 
 
 class _Attention(torch.nn.Module):
@@ -424,7 +432,7 @@ def test_sbm_attention_export_holds_its_matmul_kernels_and_trains_like_the_jit_b
     """An ``sbm`` attention's matmuls (their GEMMs carry ones rows for the zero points' code sums,
     and an ``affine`` dequantize pass): the export holds every kernel they call, and a step on
     the library alone equals the JIT backend's."""
-    from fraccompile.targets.tools.export import export, tvm_backends
+    from fraccompile.targets.tools.export import export
 
     torch.manual_seed(0)
     model, x = _Attention(), torch.randn(2, 9, 16)
@@ -432,14 +440,7 @@ def test_sbm_attention_export_holds_its_matmul_kernels_and_trains_like_the_jit_b
     fm = fraccompile.compile(copy.deepcopy(model), x, FracConfig(**cfg))
     export(fm, x, tmp_path / "k", model="attention")
     exp = fraccompile.compile(copy.deepcopy(model), x, FracConfig(**cfg, kernels=str(tmp_path / "k")))
-    exp.load_state_dict(fm.state_dict())
-    loss, grads = _step(fm, x)
-    loss_e, grads_e = _step(exp, x)
-    cache = tvm_backends(exp)[0].cache.stats
-    assert cache.built + cache.loaded == 0  # every kernel came from the library
-    assert torch.equal(loss_e, loss)
-    for name, g in grads.items():
-        assert torch.equal(grads_e[name], g), name
+    _library_step_equals_jit(fm, exp, x)
 
 
 def test_refusal_surfaces_at_compile_and_fallback_only_when_asked(exported, model_file, tmp_path, caplog):

@@ -8,14 +8,22 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _tvm_helpers import C2, TOL, _compare, _gated, _MatMul, _site_roles, rel, site_calls
+from _tvm_helpers import (
+    C2,
+    TOL,
+    _compare,
+    _MatMul,
+    _site_roles,
+    rel,
+    routed_matmul_errors,
+    site_calls,
+)
 
 import fraccompile
 from fraccompile import FracConfig
 from fraccompile.examples import transformer_lm
 from fraccompile.ops.backend import get_backend
 from fraccompile.ops.modules import FracOp
-from fraccompile.ops.spec import Precision
 from fraccompile.targets import tvm_unavailable_reason
 
 pytestmark = pytest.mark.skipif(tvm_unavailable_reason() is not None, reason=str(tvm_unavailable_reason()))
@@ -475,16 +483,5 @@ def test_routed_gate_matmul_roles_match_reference(scheme, ys):
     x, y = torch.randn(5, 3, 9, 16).relu(), torch.randn(*ys)
     fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme=scheme, full_precision=()))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
-    results = {}
-    for name in ("reference", "tvm"):
-        o = copy.deepcopy(op)
-        o.backend = get_backend(name)
-        d, probs = _gated(o, [0, 4, 2, 4, 1])
-        xl, yl = x.clone().requires_grad_(), y.clone().requires_grad_()
-        out = o(xl, yl, d)
-        assert o.kernel_status(Precision(8, 8, 8))[0] == name
-        torch.manual_seed(7)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
-        results[name] = [out.detach(), xl.grad, yl.grad, probs.grad]
-    errs = [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
+    errs = routed_matmul_errors(op, x, y, [0, 4, 2, 4, 1])
     assert max(errs) < TOL, errs

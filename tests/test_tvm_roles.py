@@ -9,7 +9,18 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _tvm_helpers import C2, TOL, _compare, _gated, _MatMul, _tiny, rel, site_calls
+from _tvm_helpers import (
+    C2,
+    TOL,
+    _compare,
+    _gated,
+    _MatMul,
+    _tiny,
+    dequant_passes,
+    rel,
+    routed_matmul_errors,
+    site_calls,
+)
 
 import fraccompile
 from fraccompile import FracConfig
@@ -376,22 +387,12 @@ def test_sbm_matmul_zero_point_terms_come_from_one_gemm_and_one_pass(tvm_backend
     """Attention's matmuls under ``sbm`` (a transposed, strided operand as ``q @ k.mT``; a
     non-negative one as softmax's output): each role is one GEMM whose ones rows give the code
     sums and one ``affine`` dequantize pass, within the tolerance of the reference."""
-    from fraccompile.targets.backend import tvm_backend as tb
-
     torch.manual_seed(2)
     x = torch.randn(2, 3, 9, 16).softmax(-1) if not transposed else torch.randn(2, 3, 9, 16)
     y = torch.randn(2, 3, 7, 16).mT if transposed else torch.randn(2, 3, 16, 7)
     fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme="sbm", full_precision=()))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
-    passes = []
-    kernel = tb.TVMBackend.kernel
-
-    def noting(self, ref):
-        if ref.kind == "dequant":
-            passes.append((ref.args, self.where[1]))
-        return kernel(self, ref)
-
-    monkeypatch.setattr(tb.TVMBackend, "kernel", noting)
+    passes = dequant_passes(monkeypatch)
     _compare(op, (x, y, (8, 8, 8)), on_tvm=True)
     assert sorted(passes) == [(("affine",), role) for role in ("eb", "fw", "gc")]
 
@@ -547,33 +548,13 @@ def test_routed_sbm_matmul_takes_one_affine_pass_with_per_sample_scales(transpos
     gradient (3 to 8 bits) become per-batch-entry scales and zero points of the one GEMM and
     ``affine`` pass per role, within the tolerance of the reference backend (the gate's gradient
     too)."""
-    from fraccompile.targets.backend import tvm_backend as tb
-
     torch.manual_seed(5)
     x = torch.randn(5, 3, 9, 16)
     y = torch.randn(5, 3, 7, 16).mT if transposed else torch.randn(5, 3, 16, 7)
     fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme="sbm", full_precision=()))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
-    passes = []
-    kernel = tb.TVMBackend.kernel
-
-    def noting(self, ref):
-        if ref.kind == "dequant":
-            passes.append((ref.args, self.where[1]))
-        return kernel(self, ref)
-
-    monkeypatch.setattr(tb.TVMBackend, "kernel", noting)
-    results = {}
-    for name in ("reference", "tvm"):
-        o = copy.deepcopy(op)
-        o.backend = get_backend(name)
-        d, probs = _gated(o, [0, 3, 2, 3, 1])  # a = 3..6, g = 6 or 8 bits per sample
-        xl, yl = x.clone().requires_grad_(), y.detach().clone().requires_grad_()
-        out = o(xl, yl, d)
-        torch.manual_seed(7)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
-        results[name] = [out.detach(), xl.grad, yl.grad, probs.grad]
-    errs = [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
+    passes = dequant_passes(monkeypatch)
+    errs = routed_matmul_errors(op, x, y, [0, 3, 2, 3, 1])  # a = 3..6, g = 6 or 8 bits per sample
     assert max(errs) < TOL, errs
     assert sorted(passes) == [(("affine",), role) for role in ("eb", "fw", "gc")]
 
@@ -587,17 +568,7 @@ def test_routed_2d_matmul_groups_its_rows_for_the_weight_gradient(scheme):
     x, y = torch.randn(5, 16), torch.randn(16, 7)
     fm = fraccompile.compile(_MatMul(torch.matmul), (x, y), FracConfig(scheme=scheme, full_precision=()))
     (op,) = [m for m in fm.modules() if isinstance(m, FracOp)]
-    results = {}
-    for name in ("reference", "tvm"):
-        o = copy.deepcopy(op)
-        o.backend = get_backend(name)
-        d, probs = _gated(o, [0, 3, 2, 3, 1])
-        xl, yl = x.clone().requires_grad_(), y.clone().requires_grad_()
-        out = o(xl, yl, d)
-        torch.manual_seed(7)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
-        results[name] = [out.detach(), xl.grad, yl.grad, probs.grad]
-    errs = [rel(r, g) for r, g in zip(results["reference"], results["tvm"])]
+    errs = routed_matmul_errors(op, x, y, [0, 3, 2, 3, 1])
     assert max(errs) < TOL, errs
 
 

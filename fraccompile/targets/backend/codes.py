@@ -332,6 +332,16 @@ def _grid_codes(x: torch.Tensor, qp, dtype: torch.dtype, zero, kernel, axis: int
     return IntCodes(codes, qp.scale, qp.qmin < 0, zero, qp.qmax)
 
 
+def _host_groups(keys: list, device) -> list[tuple]:
+    """The distinct ``keys`` (read on the host once, a batch's worth) in ascending order, each with
+    the ascending indices where it occurs, an int64 tensor on ``device``: what ``torch.unique`` and
+    a ``nonzero`` per key give, without a host sync per key."""
+    members: dict = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    return [(key, torch.tensor(members[key], device=device)) for key in sorted(members)]
+
+
 def _row_codes(
     x: torch.Tensor,
     row_bits: torch.Tensor,
@@ -348,10 +358,7 @@ def _row_codes(
     random draws), with a per-sample scale ``(N, 1, ...)``; each group through the fused
     quantizer (``kernel``, see :func:`_to_codes`) when the codes are 8-bit. Rounding to nearest
     (the activations) draws nothing: one kernel pass with a grid per sample."""
-    members: dict[int, list[int]] = {}  # each width's samples, grouped on the host (one read)
-    for i, b in enumerate(row_bits.reshape(-1).tolist()):
-        members.setdefault(int(b), []).append(i)
-    groups = [(b, torch.tensor(members[b], device=row_bits.device)) for b in sorted(members)]
+    groups = _host_groups([int(b) for b in row_bits.reshape(-1).tolist()], row_bits.device)
     grids = {b: qp_for_bits(b) for b, _ in groups}
     widest = grids[max(grids)]
     dtype = _code_dtype(widest)

@@ -156,7 +156,7 @@ class IntegerGemms:
     def affine_gemm(self, a: torch.Tensor, b: torch.Tensor, sa, za, sb, zb) -> torch.Tensor | None:
         """``Σ_k (za + sa·a[g, m, k])·(zb + sb·b[g, n, k])`` in fp32 ``(G, M, N)``: the product of
         two affine operands, byte codes ``a (G, M, K)`` and ``b (G, N, K)`` (no code offset:
-        :func:`.codes.centered`), with a scale and a zero point (None: 0) per group, fp32 ``(G,)``.
+        :func:`.codes.centered`), with a scale and a zero point per group, fp32 ``(G,)``.
         Expanded, ``sa·sb·Σab + sa·zb·Σa + za·sb·Σb + K·za·zb``: one GEMM gives the integer
         product and B's code sums (a ones row in A at ``M``); A's come from the ``row_sums`` kernel
         where A is dense, else from a ones row in B at ``N``; one dequantize pass (variant
@@ -180,21 +180,12 @@ class IntegerGemms:
         sum_b = C[:, M, :N] + b_shift * K
         rc = sum_a * b_shift
         cc = sum_b * -a_shift + a_shift * b_shift * K
-        p = (
-            sum_a.float().mul_((sa * zb).unsqueeze(1))
-            if zb is not None
-            else C.new_zeros((G, M), dtype=torch.float32)
-        )
-        q = (
-            sum_b.float().mul_((za * sb).unsqueeze(1))
-            if za is not None
-            else C.new_zeros((G, N), dtype=torch.float32)
-        )
-        if za is not None and zb is not None:
-            q.add_((za * zb * K).unsqueeze(1))
+        # the row term sa·zb·Σa as p·t, the column term za·sb·Σb + K·za·zb as the bias
+        bias = sum_b.float().mul_((za * sb).unsqueeze(1)).add_((za * zb * K).unsqueeze(1))
         out = torch.empty((G, M, N))
         ref = KernelRef("dequant", ("affine",), serial=_serial(G * M * N * 8))
-        self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), (sa * sb).contiguous(), p, q, out)
+        p = sum_a.float().contiguous()
+        self.kernel(ref)(C, rc.contiguous(), cc.contiguous(), sa * sb, bias, p, sa * zb, out)
         return out
 
     def _gemm(
@@ -463,13 +454,13 @@ def _gemm_offset(q: IntCodes, lead, groups: bool = False) -> torch.Tensor | None
     return full.reshape(-1, 1) if groups else full.reshape(1, -1)
 
 
-def _per_entry(v: torch.Tensor | None, ndim: int, batch) -> torch.Tensor | None | bool:
-    """A matmul operand's scale or zero point ``v`` (None, one value, or one per sample: dim 0 of
+def _per_entry(v: torch.Tensor | None, ndim: int, batch) -> torch.Tensor | bool:
+    """A matmul operand's scale or zero point ``v`` (None: 0, one value, or one per sample: dim 0 of
     an ``ndim``-d operand, ``(N, 1, ...)``) as fp32 per entry of the broadcast ``batch``, ``(G,)``;
     False where per-sample values do not lead the batch (an operand without all its batch dims)."""
-    if v is None:
-        return None
     G = math.prod(batch)
+    if v is None:  # no zero point: 0
+        return torch.zeros(G)
     if v.numel() == 1:
         return v.reshape(1).float().expand(G)
     if not batch or ndim - 2 != len(batch) or v.shape[0] != batch[0] or v.numel() != batch[0]:

@@ -14,7 +14,7 @@ import torch
 
 from ...ops.spec import SiteSpec
 from .affine import _exact_sums, _gradient_taps, _gradient_values, _input_taps
-from .codes import IntCodes, _group_codes, _take_rows, centered, signed_b, split_codes
+from .codes import IntCodes, _group_codes, _host_groups, _take_rows, centered, signed_b, split_codes
 
 
 class RoutedGradients:
@@ -73,12 +73,9 @@ def _scale_groups(sx: torch.Tensor, sd: torch.Tensor, n: int) -> tuple[torch.Ten
     group): grouped on the host from the ``n`` values, read once (a batch's worth of floats), in
     place of three ``torch.unique`` calls and a ``nonzero`` per group."""
     keys = list(zip(sx.reshape(-1).expand(n).tolist(), sd.reshape(-1).expand(n).tolist()))
-    rows: dict[tuple[float, float], list[int]] = {}
-    for i, key in enumerate(keys):
-        rows.setdefault(key, []).append(i)
-    pairs = sorted(rows)
-    scales = torch.tensor(pairs, dtype=sx.dtype, device=sx.device)
-    return scales, [torch.tensor(rows[p], device=sx.device) for p in pairs]
+    groups = _host_groups(keys, sx.device)
+    scales = torch.tensor([pair for pair, _ in groups], dtype=sx.dtype, device=sx.device)
+    return scales, [rows for _, rows in groups]
 
 
 def _group_zero(q: IntCodes, rows: torch.Tensor) -> torch.Tensor:

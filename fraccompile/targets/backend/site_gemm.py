@@ -214,7 +214,7 @@ class IntSiteGemm(Function):
         elif ctx.epilogue is not None:  # dy is the activation's gradient: recompute its input
             backend.where = (ctx.site, "fw")
             y = backend.fw(spec, xq, wq, *ctx.shapes, bias=bias)
-            dy = epilogue_backward(ctx.epilogue, dy, y, out=y if y.shape == dy.shape else None)
+            dy = epilogue_backward(ctx.epilogue, dy, y, out=y)  # (y: recomputed, fresh)
         backend.where = (ctx.site, "quantize")
         dyq = backend.gradient_codes(ctx.call, dy)
         dx = dw = None

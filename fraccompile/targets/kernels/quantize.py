@@ -307,56 +307,26 @@ def dequant_definition(variant: str = "", parallel: bool = True) -> tvm.tirx.Pri
     ``variant`` ``"rank1"``: ``main(c, rc, cc, scale, bias, p, t, out)`` adds a rank-one term
     ``p[g, m]·t[n]`` (fp32) before the bias: an ``sbm`` weight's zero point times the row sums of
     the other operand's codes, which otherwise takes two more passes over the output.
-    ``"affine"``: ``main(c, rc, cc, scale, p, q, out)``, ``float(c + rc + cc)·scale[g] + p[g, m]
-    + q[g, n]``: a product of two affine operands, its scale per group and the zero points' terms
-    per row and per column of each group (:meth:`..backend.gemm_runtime.IntegerGemms.affine_gemm`)."""
+    ``"affine"``: the same arguments per group, ``scale[g]``, ``t[g]`` and ``bias[g, n]``: a
+    product of two affine operands with its scales and zero points per batch entry, the terms
+    ``p·t`` per row and ``bias`` per column of each group
+    (:meth:`..backend.gemm_runtime.IntegerGemms.affine_gemm`)."""
     if variant not in ("", "rank1", "affine"):
         raise ValueError(f"dequantize variant {variant!r}: choose '', 'rank1' or 'affine'")
     L = T.int64(16)
     loop = T.parallel if parallel else T.serial
+    per_group = variant == "affine"
+
+    def col(v, g, n):  # a per-column value (scale, t), or per group ("affine")
+        return v[g] if per_group else v[n]
 
     def value(c, rc, cc, scale, bias, g, m, n, p=None, t=None):
-        y = T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[n]
+        y = T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * col(scale, g, n)
         if p is not None:
-            y = y + p[g, m] * t[n]
-        return y + bias[n]
+            y = y + p[g, m] * col(t, g, n)
+        return y + (bias[g, n] if per_group else bias[n])
 
-    def affine(c, rc, cc, scale, p, q, g, m, n):
-        return T.Cast("float32", c[g, m, n] + rc[g, m] + cc[g, n]) * scale[g] + p[g, m] + q[g, n]
-
-    if variant == "affine":
-
-        @T.prim_func(s_tir=True)
-        def main(
-            c_h: T.handle,
-            rc_h: T.handle,
-            cc_h: T.handle,
-            s_h: T.handle,
-            p_h: T.handle,
-            q_h: T.handle,
-            out_h: T.handle,
-        ):
-            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-            G, Mp, Np, M, N = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-            c = T.match_buffer(c_h, (G, Mp, Np), "int32")
-            rc = T.match_buffer(rc_h, (G, M), "int32")
-            cc = T.match_buffer(cc_h, (G, N), "int32")
-            scale = T.match_buffer(s_h, (G,), "float32")
-            p = T.match_buffer(p_h, (G, M), "float32")
-            q = T.match_buffer(q_h, (G, N), "float32")
-            out = T.match_buffer(out_h, (G, M, N), "float32")
-            for r in loop(G * M):
-                for j in range(N // L):
-                    for v in T.vectorized(L):
-                        out[r // M, r % M, j * L + v] = affine(
-                            c, rc, cc, scale, p, q, r // M, r % M, j * L + v
-                        )
-                for n in range(N // L * L, N):
-                    out[r // M, r % M, n] = affine(c, rc, cc, scale, p, q, r // M, r % M, n)
-
-        return main
-
-    if variant == "rank1":
+    if variant:
 
         @T.prim_func(s_tir=True)
         def main(
@@ -374,10 +344,10 @@ def dequant_definition(variant: str = "", parallel: bool = True) -> tvm.tirx.Pri
             c = T.match_buffer(c_h, (G, Mp, Np), "int32")
             rc = T.match_buffer(rc_h, (G, M), "int32")
             cc = T.match_buffer(cc_h, (G, N), "int32")
-            scale = T.match_buffer(s_h, (N,), "float32")
-            bias = T.match_buffer(b_h, (N,), "float32")
+            scale = T.match_buffer(s_h, (G,) if per_group else (N,), "float32")
+            bias = T.match_buffer(b_h, (G, N) if per_group else (N,), "float32")
             p = T.match_buffer(p_h, (G, M), "float32")
-            t = T.match_buffer(t_h, (N,), "float32")
+            t = T.match_buffer(t_h, (G,) if per_group else (N,), "float32")
             out = T.match_buffer(out_h, (G, M, N), "float32")
             for r in loop(G * M):
                 for j in range(N // L):
